@@ -1,17 +1,47 @@
-"""dwcp: keeps a blocking application's network link alive."""
+"""dwcp: keeps a blocking application's network link alive.
+
+A ``Manager`` monitors a transport and optional protocol layers on a background thread,
+recovers what breaks with exponential backoff, and guards every send with a circuit breaker.
+"""
 
 from loguru import logger as _logger
 
 from dwcp.components import Layer, Transport
 from dwcp.errors import CircuitOpenError, DWCPError, TransportError
+from dwcp.events import (
+    BreakerStateChanged,
+    ComponentUnhealthy,
+    Event,
+    RecoveryAttempt,
+    RecoveryFailed,
+    RecoveryStarted,
+    RecoverySucceeded,
+    SendRejected,
+)
+from dwcp.health import ComponentHealth, HealthSnapshot, MetricsSnapshot
+from dwcp.manager import Manager
+from dwcp.recovery import RecoveryPolicy
 
-# A library must stay silent until the application asks for its logs.
+# A library stays silent until the application asks for its logs: logger.enable("dwcp").
 _logger.disable("dwcp")
 
 __all__ = [
+    "BreakerStateChanged",
     "CircuitOpenError",
+    "ComponentHealth",
+    "ComponentUnhealthy",
     "DWCPError",
+    "Event",
+    "HealthSnapshot",
     "Layer",
+    "Manager",
+    "MetricsSnapshot",
+    "RecoveryAttempt",
+    "RecoveryFailed",
+    "RecoveryPolicy",
+    "RecoveryStarted",
+    "RecoverySucceeded",
+    "SendRejected",
     "Transport",
     "TransportError",
 ]

@@ -1,0 +1,167 @@
+"""Typed, immutable events and their delivery to listeners on a thread of their own."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from loguru import logger
+
+__all__ = [
+    "BreakerStateChanged",
+    "ComponentUnhealthy",
+    "Event",
+    "Listener",
+    "RecoveryAttempt",
+    "RecoveryFailed",
+    "RecoveryStarted",
+    "RecoverySucceeded",
+    "SendRejected",
+]
+
+
+@dataclass(frozen=True)
+class ComponentUnhealthy:
+    """A health check failed, raised, or timed out."""
+
+    component: str
+    error: str
+
+
+@dataclass(frozen=True)
+class RecoveryStarted:
+    """A recovery cycle began for a component."""
+
+    component: str
+    error: str | None
+
+
+@dataclass(frozen=True)
+class RecoveryAttempt:
+    """An attempt is about to wait ``backoff`` seconds and then act."""
+
+    component: str
+    attempt: int
+    backoff: float
+
+
+@dataclass(frozen=True)
+class RecoverySucceeded:
+    """The component passed its health check after an attempt."""
+
+    component: str
+    attempts: int
+    downtime: float
+
+
+@dataclass(frozen=True)
+class RecoveryFailed:
+    """Every attempt failed; the component is marked failed."""
+
+    component: str
+    attempts: int
+    error: str | None
+
+
+@dataclass(frozen=True)
+class BreakerStateChanged:
+    """The circuit breaker moved from one state to another."""
+
+    old: str
+    new: str
+
+
+@dataclass(frozen=True)
+class SendRejected:
+    """A send was refused by the open (or busy half-open) breaker."""
+
+    state: str
+
+
+Event = (
+    ComponentUnhealthy
+    | RecoveryStarted
+    | RecoveryAttempt
+    | RecoverySucceeded
+    | RecoveryFailed
+    | BreakerStateChanged
+    | SendRejected
+)
+Listener = Callable[[Event], None]
+
+_STOP = object()
+
+
+class _Dispatcher:
+    """Delivers events to listeners from one named thread, so no listener runs under a lock,
+    on the send path, or in the monitor; a full queue drops the event and counts it."""
+
+    def __init__(self, maxsize: int = 10_000) -> None:
+        self._listeners: tuple[Listener, ...] = ()
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[object] = queue.Queue(maxsize)
+        self._thread: threading.Thread | None = None
+        self.dropped = 0
+        self.listener_errors = 0
+
+    @property
+    def active(self) -> bool:
+        """Whether anyone listens; publishers skip building events when nobody does."""
+        return bool(self._listeners)
+
+    def add(self, listener: Listener) -> None:
+        if not callable(listener):
+            raise TypeError(f"listener must be callable, got {type(listener).__name__}")
+        with self._lock:
+            self._listeners = (*self._listeners, listener)
+
+    def open(self) -> None:
+        """Start the delivery thread; events published before this are not kept."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="dwcp-events", daemon=True)
+                self._thread.start()
+
+    def remove(self, listener: Listener) -> None:
+        with self._lock:
+            listeners = list(self._listeners)
+            try:
+                listeners.remove(listener)
+            except ValueError:
+                raise ValueError("listener is not registered") from None
+            self._listeners = tuple(listeners)
+
+    def publish(self, event: Event) -> None:
+        if not self._listeners or self._thread is None:
+            return
+        try:
+            self._queue.put_nowait(event)
+        except queue.Full:
+            self.dropped += 1
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Deliver what is queued, then stop and join the thread."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self._queue.put(_STOP)
+        thread.join(timeout)
+        if thread.is_alive():
+            logger.warning("Event listener thread did not stop in time; a listener is hung")
+
+    def _run(self) -> None:
+        while True:
+            event = self._queue.get()
+            if event is _STOP:
+                return
+            for listener in self._listeners:
+                try:
+                    listener(event)  # type: ignore[arg-type]
+                except Exception as exc:  # noqa: BLE001 - one bad listener must not starve the rest
+                    self.listener_errors += 1
+                    logger.opt(exception=exc).bind(listener=repr(listener)).error(
+                        "Event listener raised"
+                    )

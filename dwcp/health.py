@@ -1,0 +1,66 @@
+"""Immutable snapshots of what the manager knows: component health and counters."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal
+
+__all__ = ["ComponentHealth", "ComponentStatus", "HealthSnapshot", "MetricsSnapshot"]
+
+ComponentStatus = Literal["healthy", "unhealthy", "recovering", "failed"]
+
+
+@dataclass(frozen=True)
+class ComponentHealth:
+    """One component's status, its last error and how long it has been in that status."""
+
+    name: str
+    status: ComponentStatus
+    last_error: str | None
+    seconds_in_status: float
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the component's last check passed."""
+        return self.status == "healthy"
+
+
+@dataclass(frozen=True)
+class HealthSnapshot:
+    """Every component's health plus the breaker state, taken at one moment."""
+
+    components: Mapping[str, ComponentHealth]
+    breaker_state: str
+
+    @property
+    def healthy(self) -> bool:
+        """All components healthy and the breaker not open."""
+        return self.breaker_state != "open" and all(c.healthy for c in self.components.values())
+
+
+@dataclass(frozen=True)
+class MetricsSnapshot:
+    """Counters since construction; downtime is seconds from first failed check to recovery."""
+
+    health_checks: int
+    component_checks: int
+    recovery_attempts: int
+    recoveries_succeeded: int
+    recoveries_failed: int
+    breaker_state_changes: int
+    breaker_rejections: int
+    sends: int
+    sent_bytes: int
+    send_errors: int
+    downtime_seconds: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+    component_status: Mapping[str, ComponentStatus] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+
+    @property
+    def recovery_success_rate(self) -> float | None:
+        """Succeeded recovery cycles over finished ones, or None before the first one ends."""
+        done = self.recoveries_succeeded + self.recoveries_failed
+        return self.recoveries_succeeded / done if done else None

@@ -1,0 +1,711 @@
+"""The Manager: starts the components, monitors them, recovers them, and guards every send."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType, TracebackType
+from typing import TYPE_CHECKING, Any
+
+from loguru import logger
+
+from dwcp.breaker import NOT_INITIALIZED, OPEN, Breaker
+from dwcp.errors import DWCPError, TransportError
+from dwcp.events import (
+    BreakerStateChanged,
+    ComponentUnhealthy,
+    Listener,
+    RecoveryAttempt,
+    RecoveryFailed,
+    RecoveryStarted,
+    RecoverySucceeded,
+    SendRejected,
+    _Dispatcher,
+)
+from dwcp.health import ComponentHealth, ComponentStatus, HealthSnapshot, MetricsSnapshot
+from dwcp.recovery import RecoveryPolicy, run_recovery
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+__all__ = ["Manager"]
+
+_LAYER_SLOTS = ("compression", "prediction", "sync", "consensus")
+_TRANSPORT_METHODS = ("start", "close", "send", "health_check")
+_LAYER_METHODS = ("start", "stop", "is_healthy")
+_BYTES_LIKE = (bytes, bytearray, memoryview)
+# What counts against the breaker: the peer or the network failed.  Caller errors
+# (TypeError, ValueError), interrupts and our own "not started" never do.
+_PEER_FAILURES = (OSError, TransportError)
+
+
+def _seconds(name: str, value: object, *, allow_zero: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
+    seconds = float(value)
+    if (
+        math.isnan(seconds)
+        or math.isinf(seconds)
+        or seconds < 0
+        or (seconds == 0 and not allow_zero)
+    ):
+        bound = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be a finite {bound} number of seconds, got {value!r}")
+    return seconds
+
+
+def _count(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")
+    return value
+
+
+def _require_methods(slot: str, obj: object, methods: tuple[str, ...]) -> None:
+    missing = [m for m in methods if not callable(getattr(obj, m, None))]
+    if missing:
+        raise TypeError(
+            f"{slot} {type(obj).__name__} lacks the method(s) {', '.join(missing)} "
+            f"(a {slot} needs {', '.join(methods)})"
+        )
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class _Waiter:
+    """Wakes whoever waits on a batch of checks when the last one ends, or on shutdown."""
+
+    def __init__(self, outstanding: int) -> None:
+        self.event = threading.Event()
+        self._outstanding = outstanding
+        self._lock = threading.Lock()
+        if outstanding == 0:
+            self.event.set()
+
+    def one_done(self) -> None:
+        with self._lock:
+            self._outstanding -= 1
+            if self._outstanding <= 0:
+                self.event.set()
+
+
+@dataclass(eq=False)
+class _Check:
+    waiter: _Waiter
+    done: bool = False
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class _Cycle:
+    done: threading.Event = field(default_factory=threading.Event)
+    recovered: bool = False
+
+
+@dataclass(eq=False)
+class _Component:
+    name: str
+    obj: Any
+    is_transport: bool
+    since: float
+    status: ComponentStatus = "healthy"
+    last_error: str | None = None
+    down_since: float | None = None
+    downtime: float = 0.0
+    check: _Check | None = None
+    cycle: _Cycle | None = None
+
+
+@dataclass
+class _Counters:
+    health_checks: int = 0
+    component_checks: int = 0
+    recovery_attempts: int = 0
+    recoveries_succeeded: int = 0
+    recoveries_failed: int = 0
+    sends: int = 0
+    sent_bytes: int = 0
+    send_errors: int = 0
+
+
+class Manager:
+    """Supervises a transport and optional layers: health monitoring, recovery, circuit breaker.
+
+    Configure it with constructor arguments, then ``start()`` it (or use it as a context
+    manager) and send through ``send_with_circuit_breaker``.  Times are seconds.
+    """
+
+    def __init__(
+        self,
+        transport: Any = None,
+        *,
+        compression: Any = None,
+        prediction: Any = None,
+        sync: Any = None,
+        consensus: Any = None,
+        enabled: bool = True,
+        health_interval: float = 10.0,
+        health_check_timeout: float = 5.0,
+        max_retries: int = 3,
+        initial_backoff: float = 1.0,
+        max_failures: int = 5,
+        reset_timeout: float = 30.0,
+    ) -> None:
+        self._interval = _seconds("health_interval", health_interval, allow_zero=False)
+        self._check_timeout = _seconds(
+            "health_check_timeout", health_check_timeout, allow_zero=False
+        )
+        self._policy = RecoveryPolicy(
+            attempts=_count("max_retries", max_retries),
+            initial_backoff=_seconds("initial_backoff", initial_backoff, allow_zero=True),
+        )
+        self._enabled = bool(enabled)
+        self._clock: Callable[[], float] = time.monotonic
+
+        now = self._clock()
+        self._components: dict[str, _Component] = {}
+        if transport is not None:
+            _require_methods("transport", transport, _TRANSPORT_METHODS)
+            self._components["transport"] = _Component("transport", transport, True, now)
+        layers = {
+            "compression": compression,
+            "prediction": prediction,
+            "sync": sync,
+            "consensus": consensus,
+        }
+        for slot in _LAYER_SLOTS:
+            layer = layers[slot]
+            if layer is not None:
+                _require_methods(slot, layer, _LAYER_METHODS)
+                self._components[slot] = _Component(slot, layer, False, now)
+        self._transport = transport
+
+        self._events = _Dispatcher()
+        self._breaker = Breaker(
+            max_failures=_count("max_failures", max_failures),
+            reset_timeout=_seconds("reset_timeout", reset_timeout, allow_zero=False),
+            on_transition=self._on_breaker_transition,
+        )
+
+        self._lock = threading.RLock()
+        self._stats_lock = threading.Lock()
+        self._counters = _Counters()
+        # "idle" -> "starting" -> "started" -> "stopping" -> "idle"; a manager can be restarted.
+        self._phase = "idle"
+        # Read without the lock on the send path; only ever replaced as a whole.
+        self._started = False
+        self._stop = threading.Event()
+        self._stopped = threading.Event()
+        self._stopped.set()
+        self._monitor: threading.Thread | None = None
+        self._recoveries: set[threading.Thread] = set()
+        self._waiters: set[_Waiter] = set()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    @property
+    def is_started(self) -> bool:
+        """Whether ``start()`` completed and ``stop()`` has not begun."""
+        return self._started
+
+    def start(self) -> None:
+        """Start the transport and layers in order, then the monitoring thread."""
+        if not self._enabled:
+            return
+        with self._lock:
+            if self._phase != "idle":
+                raise DWCPError(f"manager is already {self._phase}", code="ALREADY_STARTED")
+            self._phase = "starting"
+            self._stopped.clear()
+        started: list[_Component] = []
+        try:
+            for component in self._components.values():
+                self._start_component(component)
+                started.append(component)
+        except BaseException:
+            for component in reversed(started):
+                self._shutdown_component(component)
+            with self._lock:
+                self._phase = "idle"
+                self._stopped.set()
+            raise
+        with self._lock:
+            now = self._clock()
+            for component in self._components.values():
+                component.status, component.last_error, component.since = "healthy", None, now
+                component.down_since = None
+            self._events.open()
+            self._monitor = threading.Thread(
+                target=self._monitor_loop, args=(self._stop,), name="dwcp-monitor", daemon=True
+            )
+            self._phase = "started"
+            self._started = True
+            self._monitor.start()
+        logger.bind(components=list(self._components)).info("DWCP manager started")
+
+    def stop(self) -> None:
+        """Stop monitoring and recovery, join their threads, stop layers, close the transport.
+
+        Idempotent; a second concurrent call waits for the first to finish.
+        """
+        with self._lock:
+            phase = self._phase
+            stopped = self._stopped
+            if phase == "started":
+                self._phase = "stopping"
+                self._started = False
+                self._stop.set()
+                for waiter in self._waiters:
+                    waiter.event.set()
+                threads = [t for t in (self._monitor, *self._recoveries) if t is not None]
+        if phase == "stopping":
+            stopped.wait()
+        if phase != "started":
+            return
+        # Joined without the lock: these threads take it on their way out.
+        join_timeout = self._check_timeout + 1.0
+        for thread in threads:
+            thread.join(join_timeout)
+            if thread.is_alive():
+                logger.bind(thread=thread.name).warning(
+                    "Thread did not stop in time; a component call is hung and was abandoned"
+                )
+        for component in reversed(list(self._components.values())):
+            self._shutdown_component(component)
+        self._events.close()
+        with self._lock:
+            self._monitor = None
+            self._stop = threading.Event()
+            self._phase = "idle"
+            self._stopped.set()
+        logger.info("DWCP manager stopped")
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- the send path --------------------------------------------------------------------------
+
+    def send_with_circuit_breaker(self, data: bytes | bytearray | memoryview) -> None:
+        """Send ``data`` through the transport, guarded by the circuit breaker.
+
+        Raises ``CircuitOpenError`` when the breaker rejects the call, ``TransportError`` when
+        the transport fails (counted by the breaker), ``DWCPError`` (``NOT_STARTED``,
+        ``NO_TRANSPORT``) and ``TypeError`` for calls that never reach the transport.
+        """
+        if not self._started:
+            raise DWCPError("manager is not started", code="NOT_STARTED")
+        transport = self._transport
+        if transport is None:
+            raise DWCPError("manager has no transport to send through", code="NO_TRANSPORT")
+        if not isinstance(data, _BYTES_LIKE):
+            raise TypeError(f"data must be bytes-like, got {type(data).__name__}")
+        breaker = self._breaker
+        try:
+            ticket = breaker.admit()
+        except DWCPError:
+            if self._events.active:
+                self._events.publish(SendRejected(breaker.state))
+            raise
+        try:
+            transport.send(data)
+        except _PEER_FAILURES as exc:
+            breaker.record_failure(ticket)
+            with self._stats_lock:
+                self._counters.send_errors += 1
+            if isinstance(exc, TransportError):
+                raise
+            raise TransportError(f"send failed: {_describe(exc)}") from exc
+        except BaseException:
+            breaker.release(ticket)
+            raise
+        breaker.record_success(ticket)
+        with self._stats_lock:
+            counters = self._counters
+            counters.sends += 1
+            counters.sent_bytes += len(data) if not isinstance(data, memoryview) else data.nbytes
+
+    @property
+    def circuit_breaker_state(self) -> str:
+        """``closed``, ``open``, ``half-open``, or ``not_initialized`` without a transport."""
+        if self._transport is None:
+            return NOT_INITIALIZED
+        return self._breaker.state
+
+    # -- health ---------------------------------------------------------------------------------
+
+    def check_component_health(self) -> Mapping[str, ComponentHealth]:
+        """Run one check pass now, hand unhealthy components to recovery, return their health."""
+        self._run_pass(self._stop)
+        return self.health().components
+
+    def attempt_component_recovery(self, name: str, error: BaseException | None = None) -> bool:
+        """Run one recovery cycle for ``name`` here (or wait for the one in flight).
+
+        Returns whether the component ended healthy.
+        """
+        with self._lock:
+            component = self._component(name)
+            if not self._started:
+                raise DWCPError("manager is not started", code="NOT_STARTED")
+            cycle = component.cycle
+            owner = cycle is None
+            if cycle is None:
+                cycle = self._begin_cycle(component, _describe(error) if error else None)
+            stop = self._stop
+        if owner:
+            self._recover(component, cycle, stop)
+        else:
+            cycle.done.wait()
+        return cycle.recovered
+
+    def health(self) -> HealthSnapshot:
+        """A snapshot of every component's status and the breaker state."""
+        breaker_state = self.circuit_breaker_state  # outside our lock: it may notify listeners
+        now = self._clock()
+        with self._lock:
+            components = {
+                c.name: ComponentHealth(c.name, c.status, c.last_error, now - c.since)
+                for c in self._components.values()
+            }
+        return HealthSnapshot(MappingProxyType(components), breaker_state)
+
+    def metrics(self) -> MetricsSnapshot:
+        """A snapshot of the counters, downtime per component and current statuses."""
+        now = self._clock()
+        with self._lock:
+            downtime = {
+                c.name: c.downtime + (now - c.down_since if c.down_since is not None else 0.0)
+                for c in self._components.values()
+            }
+            statuses = {c.name: c.status for c in self._components.values()}
+            with self._stats_lock:
+                counters = _Counters(**vars(self._counters))
+        return MetricsSnapshot(
+            health_checks=counters.health_checks,
+            component_checks=counters.component_checks,
+            recovery_attempts=counters.recovery_attempts,
+            recoveries_succeeded=counters.recoveries_succeeded,
+            recoveries_failed=counters.recoveries_failed,
+            breaker_state_changes=self._breaker.transitions,
+            breaker_rejections=self._breaker.rejections,
+            sends=counters.sends,
+            sent_bytes=counters.sent_bytes,
+            send_errors=counters.send_errors,
+            downtime_seconds=MappingProxyType(downtime),
+            component_status=MappingProxyType(statuses),
+        )
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener(event)`` for every event, from the manager's event thread."""
+        self._events.add(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        """Stop calling ``listener``; raises ``ValueError`` if it was not added."""
+        self._events.remove(listener)
+
+    # -- internals: monitoring ------------------------------------------------------------------
+
+    def _component(self, name: str) -> _Component:
+        try:
+            return self._components[name]
+        except KeyError:
+            known = ", ".join(self._components) or "none"
+            raise ValueError(f"unknown component {name!r} (configured: {known})") from None
+
+    def _monitor_loop(self, stop: threading.Event) -> None:
+        while not stop.wait(self._interval):
+            try:
+                self._run_pass(stop)
+            except Exception as exc:  # noqa: BLE001
+                # The loop must outlive any bug in a pass; log it and go on.
+                logger.opt(exception=exc).error("Health monitoring pass failed")
+
+    def _run_pass(self, stop: threading.Event) -> None:
+        """Check every component (in parallel, each bounded by the timeout), then recover."""
+        with self._lock:
+            components = list(self._components.values())
+            self._counters.health_checks += 1
+        results = self._run_checks(components, stop)
+        to_recover: list[tuple[_Component, _Cycle, str]] = []
+        unhealthy: list[tuple[str, str, ComponentStatus]] = []
+        with self._lock:
+            now = self._clock()
+            recover = self._started and not stop.is_set()
+            for component in components:
+                error = results[component.name]
+                if error is None:
+                    if component.cycle is None and component.status != "healthy":
+                        self._mark_healthy(component, now)
+                    continue
+                component.last_error = error
+                if component.down_since is None:
+                    component.down_since = now
+                if component.cycle is not None:
+                    continue  # its recovery cycle decides what happens next
+                if recover:
+                    cycle = self._begin_cycle(component, error)
+                    to_recover.append((component, cycle, error))
+                elif component.status == "healthy":
+                    self._set_status(component, "unhealthy", now)
+                unhealthy.append((component.name, error, component.status))
+            stop_for_recovery = self._stop
+        for name, error, _status in unhealthy:
+            text = (
+                "Transport layer unhealthy"
+                if name == "transport"
+                else "Component health check failed"
+            )
+            bound = logger.bind(component=name, error=error)
+            (bound.warning if name == "transport" else bound.error)(text)
+            self._events.publish(ComponentUnhealthy(name, error))
+        for component, cycle, _error in to_recover:
+            self._spawn_recovery(component, cycle, stop_for_recovery)
+
+    def _run_checks(
+        self, components: list[_Component], stop: threading.Event
+    ) -> dict[str, str | None]:
+        """Run each component's check on its own thread; give up on those past the timeout.
+
+        A component whose previous check is still hung is not checked again in parallel.
+        """
+        results: dict[str, str | None] = {}
+        jobs: list[tuple[_Component, _Check]] = []
+        with self._lock:
+            fresh = [c for c in components if c.check is None]
+            waiter = _Waiter(len(fresh))
+            self._waiters.add(waiter)
+            if stop.is_set():
+                waiter.event.set()
+            for component in components:
+                if component.check is not None:
+                    results[component.name] = "previous health check is still running"
+                    continue
+                job = _Check(waiter)
+                component.check = job
+                jobs.append((component, job))
+            self._counters.component_checks += len(jobs)
+        try:
+            for component, job in jobs:
+                # Daemon: a check that never returns is abandoned, never joined, and must not
+                # keep the interpreter alive.
+                threading.Thread(
+                    target=self._check_thread,
+                    args=(component, job),
+                    name=f"dwcp-health-{component.name}",
+                    daemon=True,
+                ).start()
+            waiter.event.wait(self._check_timeout)
+        finally:
+            with self._lock:
+                self._waiters.discard(waiter)
+                for component, job in jobs:
+                    if job.done:
+                        results[component.name] = job.error
+                    elif stop.is_set():
+                        results[component.name] = "health check interrupted by shutdown"
+                    else:
+                        results[component.name] = (
+                            f"health check timed out after {self._check_timeout:g}s"
+                        )
+        return results
+
+    def _check_thread(self, component: _Component, job: _Check) -> None:
+        error: str | None
+        try:
+            if component.is_transport:
+                component.obj.health_check()
+                error = None
+            else:
+                healthy = component.obj.is_healthy()
+                error = None if healthy else "is_healthy() returned False"
+        except BaseException as exc:  # noqa: BLE001 - any failure of a check means unhealthy
+            error = _describe(exc)
+        with self._lock:
+            job.error, job.done = error, True
+            if component.check is job:
+                component.check = None
+        job.waiter.one_done()
+
+    # -- internals: recovery --------------------------------------------------------------------
+
+    def _begin_cycle(self, component: _Component, error: str | None) -> _Cycle:
+        # Caller holds the lock: registering the cycle here is what prevents overlapping ones.
+        cycle = _Cycle()
+        component.cycle = cycle
+        if component.down_since is None:
+            component.down_since = self._clock()
+        if error is not None:
+            component.last_error = error
+        self._set_status(component, "recovering", self._clock())
+        return cycle
+
+    def _spawn_recovery(self, component: _Component, cycle: _Cycle, stop: threading.Event) -> None:
+        thread = threading.Thread(
+            target=self._recover,
+            args=(component, cycle, stop),
+            name=f"dwcp-recovery-{component.name}",
+            daemon=True,
+        )
+        with self._lock:
+            if stop.is_set():
+                self._end_cycle(component, cycle, recovered=False, cancelled=True)
+                return
+            self._recoveries.add(thread)
+        thread.start()
+
+    def _recover(self, component: _Component, cycle: _Cycle, stop: threading.Event) -> None:
+        name = component.name
+        log = logger.bind(component=name)
+        log.bind(error=component.last_error).info("Attempting component recovery")
+        self._events.publish(RecoveryStarted(name, component.last_error))
+
+        def sleep(seconds: float) -> bool:
+            return not stop.wait(seconds)
+
+        def action() -> None:
+            if stop.is_set():
+                raise DWCPError("manager is stopping", code="NOT_STARTED")
+            with self._lock:
+                self._counters.recovery_attempts += 1
+            obj = component.obj
+            if component.is_transport:
+                try:
+                    obj.close()
+                except Exception as exc:  # noqa: BLE001
+                    # A transport that fails to close may still start; the start decides.
+                    log.bind(error=_describe(exc)).debug("Transport close failed during recovery")
+                obj.start()
+            else:
+                obj.stop()
+                obj.start()
+
+        def verify() -> None:
+            error = self._run_checks([component], stop)[name]
+            if error is not None:
+                raise RuntimeError(f"health check after restart failed: {error}")
+
+        def on_attempt(attempt: int, backoff: float) -> None:
+            log.bind(attempt=attempt, backoff=backoff).info("Recovery attempt")
+            self._events.publish(RecoveryAttempt(name, attempt, backoff))
+
+        def on_failure(attempt: int, exc: BaseException) -> None:
+            log.bind(attempt=attempt, error=_describe(exc)).warning("Recovery attempt failed")
+
+        outcome = None
+        try:
+            outcome = run_recovery(
+                action,
+                verify,
+                self._policy,
+                sleep=sleep,
+                on_attempt=on_attempt,
+                on_failure=on_failure,
+            )
+        finally:
+            recovered = outcome is not None and outcome.recovered
+            cancelled = outcome is None or outcome.cancelled or stop.is_set()
+            with self._lock:
+                downtime = self._end_cycle(
+                    component, cycle, recovered=recovered, cancelled=cancelled
+                )
+                self._recoveries.discard(threading.current_thread())
+        assert outcome is not None
+        if recovered:
+            if component.is_transport:
+                # The peer is back: let the next send be the trial instead of waiting out
+                # the reset timeout.
+                self._breaker.half_open()
+            log.bind(attempt=outcome.attempts, downtime=downtime).info(
+                "Component recovered successfully"
+            )
+            self._events.publish(RecoverySucceeded(name, outcome.attempts, downtime))
+        elif not cancelled:
+            error = _describe(outcome.error) if outcome.error else None
+            log.bind(attempt=outcome.attempts, error=error).error(
+                "Component recovery failed after all attempts"
+            )
+            self._events.publish(RecoveryFailed(name, outcome.attempts, error))
+
+    def _end_cycle(
+        self, component: _Component, cycle: _Cycle, *, recovered: bool, cancelled: bool
+    ) -> float:
+        # Caller holds the lock.  Returns the downtime this outage lasted (0 if still down).
+        now = self._clock()
+        downtime = 0.0
+        if recovered:
+            downtime = self._mark_healthy(component, now)
+            self._counters.recoveries_succeeded += 1
+        elif cancelled:
+            self._set_status(component, "unhealthy", now)
+        else:
+            self._set_status(component, "failed", now)
+            self._counters.recoveries_failed += 1
+        component.cycle = None
+        cycle.recovered = recovered
+        cycle.done.set()
+        return downtime
+
+    def _mark_healthy(self, component: _Component, now: float) -> float:
+        downtime = 0.0
+        if component.down_since is not None:
+            downtime = now - component.down_since
+            component.downtime += downtime
+            component.down_since = None
+        component.last_error = None
+        self._set_status(component, "healthy", now)
+        return downtime
+
+    @staticmethod
+    def _set_status(component: _Component, status: ComponentStatus, now: float) -> None:
+        if component.status != status:
+            component.status, component.since = status, now
+
+    # -- internals: components and breaker ------------------------------------------------------
+
+    @staticmethod
+    def _start_component(component: _Component) -> None:
+        try:
+            component.obj.start()
+        except DWCPError:
+            raise
+        except OSError as exc:
+            raise TransportError(f"{component.name} failed to start: {_describe(exc)}") from exc
+        except Exception as exc:
+            raise DWCPError(
+                f"{component.name} failed to start: {_describe(exc)}", code="START_FAILED"
+            ) from exc
+
+    @staticmethod
+    def _shutdown_component(component: _Component) -> None:
+        try:
+            if component.is_transport:
+                component.obj.close()
+            else:
+                component.obj.stop()
+        except Exception as exc:  # noqa: BLE001 - shutdown goes on through every component
+            logger.bind(component=component.name, error=_describe(exc)).warning(
+                "Component failed to stop cleanly"
+            )
+
+    def _on_breaker_transition(self, old: str, new: str) -> None:
+        bound = logger.bind(state=new, previous=old)
+        (bound.warning if new == OPEN else bound.info)("Circuit breaker state changed")
+        self._events.publish(BreakerStateChanged(old, new))
