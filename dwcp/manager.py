@@ -98,7 +98,7 @@ class _Waiter:
 
 @dataclass(eq=False)
 class _Check:
-    waiter: _Waiter
+    waiters: list[_Waiter]
     done: bool = False
     error: str | None = None
 
@@ -441,7 +441,8 @@ class Manager:
     def _run_pass(self, stop: threading.Event) -> None:
         """Check every component (in parallel, each bounded by the timeout), then recover."""
         with self._lock:
-            components = list(self._components.values())
+            # A component in a recovery cycle is verified by that cycle, not by the monitor.
+            components = [c for c in self._components.values() if c.cycle is None]
             self._counters.health_checks += 1
         results = self._run_checks(components, stop)
         to_recover: list[tuple[_Component, _Cycle, str]] = []
@@ -498,7 +499,7 @@ class Manager:
                 if component.check is not None:
                     results[component.name] = "previous health check is still running"
                     continue
-                job = _Check(waiter)
+                job = _Check([waiter])
                 component.check = job
                 jobs.append((component, job))
             self._counters.component_checks += len(jobs)
@@ -542,7 +543,24 @@ class Manager:
             job.error, job.done = error, True
             if component.check is job:
                 component.check = None
-        job.waiter.one_done()
+            waiters = list(job.waiters)
+        for waiter in waiters:
+            waiter.one_done()
+
+    def _await_check_in_flight(self, component: _Component, stop: threading.Event) -> None:
+        """Wait (at most the check timeout) for a check started before us to end."""
+        with self._lock:
+            job = component.check
+            if job is None:
+                return
+            waiter = _Waiter(1)
+            job.waiters.append(waiter)
+            self._waiters.add(waiter)
+            if stop.is_set():
+                waiter.event.set()
+        waiter.event.wait(self._check_timeout)
+        with self._lock:
+            self._waiters.discard(waiter)
 
     # -- internals: recovery --------------------------------------------------------------------
 
@@ -598,6 +616,9 @@ class Manager:
                 obj.start()
 
         def verify() -> None:
+            # A monitor check that began before the restart says nothing about it: let it
+            # end, then check afresh.
+            self._await_check_in_flight(component, stop)
             error = self._run_checks([component], stop)[name]
             if error is not None:
                 raise RuntimeError(f"health check after restart failed: {error}")
@@ -624,7 +645,11 @@ class Manager:
             cancelled = outcome is None or outcome.cancelled or stop.is_set()
             with self._lock:
                 downtime = self._end_cycle(
-                    component, cycle, recovered=recovered, cancelled=cancelled
+                    component,
+                    cycle,
+                    recovered=recovered,
+                    cancelled=cancelled,
+                    error=outcome.error if outcome is not None else None,
                 )
                 self._recoveries.discard(threading.current_thread())
         assert outcome is not None
@@ -645,7 +670,13 @@ class Manager:
             self._events.publish(RecoveryFailed(name, outcome.attempts, error))
 
     def _end_cycle(
-        self, component: _Component, cycle: _Cycle, *, recovered: bool, cancelled: bool
+        self,
+        component: _Component,
+        cycle: _Cycle,
+        *,
+        recovered: bool,
+        cancelled: bool,
+        error: BaseException | None = None,
     ) -> float:
         # Caller holds the lock.  Returns the downtime this outage lasted (0 if still down).
         now = self._clock()
@@ -658,6 +689,8 @@ class Manager:
         else:
             self._set_status(component, "failed", now)
             self._counters.recoveries_failed += 1
+        if error is not None and not recovered:
+            component.last_error = _describe(error)
         component.cycle = None
         cycle.recovered = recovered
         cycle.done.set()

@@ -1,0 +1,135 @@
+"""Shared fakes and helpers: fakes are real objects with switches, never mocks of our own code."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+import dwcp
+
+
+def wait_until(
+    condition: Callable[[], object], timeout: float = 5.0, interval: float = 0.002
+) -> None:
+    """Poll ``condition`` until it is truthy; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        # A short poll interval, bounded by the deadline above, not a guess at thread timing.
+        threading.Event().wait(interval)
+
+
+class FakeTransport:
+    """An in-memory transport whose health and send behaviour a test switches."""
+
+    def __init__(self) -> None:
+        self.healthy = True
+        self.fail_sends: BaseException | None = None
+        self.send_gate: threading.Event | None = None
+        self.started = 0
+        self.closed = 0
+        self.start_error: BaseException | None = None
+        self.sent: list[bytes] = []
+        self.send_calls = 0
+        self.calls: list[str] = []
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        with self._lock:
+            self.calls.append("start")
+            self.started += 1
+        if self.start_error is not None:
+            raise self.start_error
+
+    def close(self) -> None:
+        with self._lock:
+            self.calls.append("close")
+            self.closed += 1
+
+    def send(self, data: bytes | bytearray | memoryview) -> None:
+        with self._lock:
+            self.send_calls += 1
+        if self.send_gate is not None:
+            self.send_gate.wait(10)
+        if self.fail_sends is not None:
+            raise self.fail_sends
+        with self._lock:
+            self.sent.append(bytes(data))
+
+    def health_check(self) -> None:
+        with self._lock:
+            self.calls.append("health_check")
+        if not self.healthy:
+            raise ConnectionError("peer unreachable")
+
+
+class FakeLayer:
+    """A protocol layer with a switchable health and a record of lifecycle calls."""
+
+    def __init__(self, name: str = "layer") -> None:
+        self.name = name
+        self.healthy = True
+        self.heal_on_restart = False
+        self.hang: threading.Event | None = None
+        self.calls: list[str] = []
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        with self._lock:
+            self.calls.append("start")
+            if self.heal_on_restart and "stop" in self.calls:
+                self.healthy = True
+
+    def stop(self) -> None:
+        with self._lock:
+            self.calls.append("stop")
+
+    def is_healthy(self) -> bool:
+        if self.hang is not None:
+            self.hang.wait()
+        return self.healthy
+
+
+@pytest.fixture
+def transport() -> FakeTransport:
+    return FakeTransport()
+
+
+@pytest.fixture
+def make_manager() -> Iterator[Callable[..., dwcp.Manager]]:
+    """Build managers with fast timings; every one is stopped at teardown."""
+    made: list[dwcp.Manager] = []
+
+    def make(transport: object = None, **kwargs: object) -> dwcp.Manager:
+        options: dict[str, object] = {
+            "health_interval": 3600.0,  # ticks are driven by the test unless it asks otherwise
+            "health_check_timeout": 1.0,
+            "initial_backoff": 0.001,
+            "reset_timeout": 30.0,
+        }
+        options.update(kwargs)
+        manager = dwcp.Manager(transport, **options)  # type: ignore[arg-type]
+        made.append(manager)
+        return manager
+
+    yield make
+    for manager in made:
+        manager.stop()
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_threads() -> Iterator[None]:
+    """Every test must leave no dwcp thread behind (tests release what they hang)."""
+    yield
+
+    def leaked() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name.startswith("dwcp-")]
+
+    try:
+        wait_until(lambda: not leaked(), timeout=5.0)
+    except AssertionError:
+        raise AssertionError(f"threads left running: {leaked()}") from None

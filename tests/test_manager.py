@@ -1,0 +1,375 @@
+"""Manager lifecycle, configuration and the breaker as seen through the public API."""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from datetime import timedelta
+
+import pytest
+from freezegun import freeze_time
+
+import dwcp
+from tests.conftest import FakeLayer, FakeTransport, wait_until
+
+MakeManager = Callable[..., dwcp.Manager]
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("health_interval", 0),
+        ("health_interval", -1.0),
+        ("health_interval", math.nan),
+        ("health_check_timeout", 0),
+        ("health_check_timeout", math.inf),
+        ("initial_backoff", -0.5),
+        ("max_retries", 0),
+        ("max_failures", 0),
+        ("reset_timeout", 0),
+        ("reset_timeout", -30.0),
+    ],
+)
+def test_invalid_values_raise_value_error_naming_the_parameter(name: str, value: float) -> None:
+    with pytest.raises(ValueError, match=name):
+        dwcp.Manager(FakeTransport(), **{name: value})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("health_interval", "10"), ("max_retries", 2.5), ("max_failures", True)],
+)
+def test_wrong_types_raise_type_error_naming_the_parameter(name: str, value: object) -> None:
+    with pytest.raises(TypeError, match=name):
+        dwcp.Manager(FakeTransport(), **{name: value})  # type: ignore[arg-type]
+
+
+def test_zero_backoff_is_allowed() -> None:
+    dwcp.Manager(FakeTransport(), initial_backoff=0)
+
+
+def test_component_missing_methods_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="transport .* health_check"):
+        dwcp.Manager(object())
+    with pytest.raises(TypeError, match="compression .* is_healthy"):
+        dwcp.Manager(compression=object())
+
+
+# -- lifecycle -------------------------------------------------------------------------------
+
+
+def test_start_runs_components_in_order_and_stop_reverses_it(make_manager: MakeManager) -> None:
+    order: list[str] = []
+
+    class Recording(FakeLayer):
+        def start(self) -> None:
+            order.append(f"start {self.name}")
+
+        def stop(self) -> None:
+            order.append(f"stop {self.name}")
+
+    class RecordingTransport(FakeTransport):
+        def start(self) -> None:
+            order.append("start transport")
+
+        def close(self) -> None:
+            order.append("close transport")
+
+    layers = {slot: Recording(slot) for slot in ("compression", "prediction", "sync", "consensus")}
+    manager = make_manager(RecordingTransport(), **layers)
+    manager.start()
+    assert manager.is_started
+    manager.stop()
+    assert not manager.is_started
+    assert order == [
+        "start transport",
+        "start compression",
+        "start prediction",
+        "start sync",
+        "start consensus",
+        "stop consensus",
+        "stop sync",
+        "stop prediction",
+        "stop compression",
+        "close transport",
+    ]
+
+
+def test_starting_twice_raises_already_started(make_manager: MakeManager) -> None:
+    manager = make_manager(FakeTransport())
+    manager.start()
+    with pytest.raises(dwcp.DWCPError) as info:
+        manager.start()
+    assert info.value.code == "ALREADY_STARTED"
+
+
+def test_disabled_manager_does_nothing_on_start(make_manager: MakeManager) -> None:
+    transport = FakeTransport()
+    manager = make_manager(transport, enabled=False)
+    manager.start()
+    assert not manager.is_started
+    assert transport.started == 0
+    assert not [t for t in threading.enumerate() if t.name == "dwcp-monitor"]
+    with pytest.raises(dwcp.DWCPError) as info:
+        manager.send_with_circuit_breaker(b"x")
+    assert info.value.code == "NOT_STARTED"
+
+
+def test_context_manager_starts_and_stops(transport: FakeTransport) -> None:
+    with dwcp.Manager(transport) as manager:
+        assert manager.is_started
+    assert not manager.is_started
+    assert transport.closed == 1
+
+
+def test_stop_is_idempotent_and_safe_before_start(make_manager: MakeManager) -> None:
+    manager = make_manager(FakeTransport())
+    manager.stop()
+    manager.start()
+    stoppers = [threading.Thread(target=manager.stop) for _ in range(4)]
+    for t in stoppers:
+        t.start()
+    for t in stoppers:
+        t.join(5)
+    assert not manager.is_started
+    manager.stop()
+
+
+def test_transport_that_fails_to_start_leaves_nothing_running(make_manager: MakeManager) -> None:
+    transport = FakeTransport()
+    transport.start_error = ConnectionRefusedError(111, "Connection refused")
+    layer = FakeLayer()
+    manager = make_manager(transport, compression=layer)
+    with pytest.raises(dwcp.TransportError) as info:
+        manager.start()
+    assert isinstance(info.value.__cause__, ConnectionRefusedError)
+    assert not manager.is_started and layer.calls == []
+    transport.start_error = None
+    manager.start()
+    assert manager.is_started
+
+
+def test_layer_that_fails_to_start_stops_the_ones_already_started(
+    make_manager: MakeManager,
+) -> None:
+    class Broken(FakeLayer):
+        def start(self) -> None:
+            raise RuntimeError("no such codec")
+
+    transport, compression = FakeTransport(), FakeLayer()
+    manager = make_manager(transport, compression=compression, sync=Broken())
+    with pytest.raises(dwcp.DWCPError, match="sync failed to start") as info:
+        manager.start()
+    assert info.value.code == "START_FAILED"
+    assert compression.calls == ["start", "stop"] and transport.closed == 1
+
+
+def test_hundred_start_stop_cycles_leave_no_threads(make_manager: MakeManager) -> None:
+    baseline = threading.active_count()
+    manager = make_manager(FakeTransport(), compression=FakeLayer(), health_interval=0.001)
+    for _ in range(100):
+        manager.start()
+        manager.send_with_circuit_breaker(b"ping")
+        manager.stop()
+    wait_until(lambda: threading.active_count() == baseline)
+
+
+# -- the send path ---------------------------------------------------------------------------
+
+
+def test_fifth_failure_raises_its_own_error_sixth_is_rejected(make_manager: MakeManager) -> None:
+    transport = FakeTransport()
+    manager = make_manager(transport)
+    manager.start()
+    transport.fail_sends = ConnectionResetError(104, "Connection reset by peer")
+    for _ in range(5):
+        with pytest.raises(dwcp.TransportError) as info:
+            manager.send_with_circuit_breaker(b"x")
+        assert isinstance(info.value.__cause__, ConnectionResetError)
+    assert manager.circuit_breaker_state == "open"
+    assert transport.send_calls == 5
+    transport.fail_sends = None
+    with pytest.raises(dwcp.CircuitOpenError) as rejected:
+        manager.send_with_circuit_breaker(b"x")
+    assert rejected.value.code == "CIRCUIT_OPEN"
+    assert transport.send_calls == 5 and transport.sent == []
+    metrics = manager.metrics()
+    assert metrics.send_errors == 5 and metrics.breaker_rejections == 1
+
+
+def test_caller_errors_and_interrupts_never_count(make_manager: MakeManager) -> None:
+    transport = FakeTransport()
+    manager = make_manager(transport, max_failures=1)
+    with pytest.raises(dwcp.DWCPError) as not_started:
+        manager.send_with_circuit_breaker(b"x")
+    assert not_started.value.code == "NOT_STARTED"
+    manager.start()
+    for bad in ("text", 42, None, [1, 2]):
+        with pytest.raises(TypeError, match="bytes-like"):
+            manager.send_with_circuit_breaker(bad)  # type: ignore[arg-type]
+    transport.fail_sends = KeyboardInterrupt()
+    with pytest.raises(KeyboardInterrupt):
+        manager.send_with_circuit_breaker(b"x")
+    transport.fail_sends = ValueError("message larger than max_message_size")
+    with pytest.raises(ValueError):
+        manager.send_with_circuit_breaker(b"x")
+    assert manager.circuit_breaker_state == "closed"
+    transport.fail_sends = None
+    manager.send_with_circuit_breaker(bytearray(b"ab"))
+    manager.send_with_circuit_breaker(memoryview(b"cde"))
+    assert transport.sent == [b"ab", b"cde"]
+    assert manager.metrics().sent_bytes == 5
+
+
+def test_missing_transport_is_reported_and_never_counts(make_manager: MakeManager) -> None:
+    manager = make_manager(None, compression=FakeLayer(), max_failures=1)
+    manager.start()
+    assert manager.circuit_breaker_state == "not_initialized"
+    for _ in range(3):
+        with pytest.raises(dwcp.DWCPError) as info:
+            manager.send_with_circuit_breaker(b"x")
+        assert info.value.code == "NO_TRANSPORT"
+
+
+def test_half_open_read_before_any_call_then_trial_closes(make_manager: MakeManager) -> None:
+    with freeze_time("2026-01-01 00:00:00") as clock:
+        transport = FakeTransport()
+        manager = make_manager(transport)
+        manager.start()
+        transport.fail_sends = OSError("down")
+        for _ in range(5):
+            with pytest.raises(dwcp.TransportError):
+                manager.send_with_circuit_breaker(b"x")
+        clock.tick(timedelta(seconds=29))
+        assert manager.circuit_breaker_state == "open"
+        clock.tick(timedelta(seconds=1))
+        assert manager.circuit_breaker_state == "half-open"
+        transport.fail_sends = None
+        manager.send_with_circuit_breaker(b"trial")
+        assert manager.circuit_breaker_state == "closed"
+
+
+def test_half_open_admits_one_trial_while_it_is_in_flight(make_manager: MakeManager) -> None:
+    transport = FakeTransport()
+    manager = make_manager(transport, max_failures=1)
+    manager.start()
+    transport.fail_sends = OSError("down")
+    with pytest.raises(dwcp.TransportError):
+        manager.send_with_circuit_breaker(b"x")
+    manager._breaker.half_open()  # what a verified transport recovery does
+    transport.fail_sends = None
+    gate = transport.send_gate = threading.Event()
+    trial = threading.Thread(target=manager.send_with_circuit_breaker, args=(b"trial",))
+    trial.start()
+    wait_until(lambda: manager._breaker._trial_in_flight)
+    for _ in range(3):
+        with pytest.raises(dwcp.CircuitOpenError):
+            manager.send_with_circuit_breaker(b"other")
+    gate.set()
+    trial.join(5)
+    assert manager.circuit_breaker_state == "closed"
+    assert transport.sent == [b"trial"]
+
+
+def test_senders_are_not_serialised(make_manager: MakeManager) -> None:
+    """Four sends that each wait for the other three can only finish if they run together."""
+    barrier = threading.Barrier(4)
+
+    class Rendezvous(FakeTransport):
+        def send(self, data: bytes | bytearray | memoryview) -> None:
+            barrier.wait(5)  # BrokenBarrierError (an error, not a hang) if sends were serialised
+            super().send(data)
+
+    transport = Rendezvous()
+    manager = make_manager(transport)
+    manager.start()
+    errors: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            manager.send_with_circuit_breaker(b"x")
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert errors == [] and len(transport.sent) == 4
+
+
+def test_hung_send_blocks_nobody(make_manager: MakeManager) -> None:
+    hang = threading.Event()
+    entered = threading.Event()
+
+    class Sticky(FakeTransport):
+        def send(self, data: bytes | bytearray | memoryview) -> None:
+            if data == b"hang":
+                entered.set()
+                hang.wait(30)
+                return
+            super().send(data)
+
+    transport = Sticky()
+    manager = make_manager(transport)
+    manager.start()
+    stuck = threading.Thread(target=manager.send_with_circuit_breaker, args=(b"hang",))
+    stuck.start()
+    try:
+        assert entered.wait(5)
+        for _ in range(10):
+            manager.send_with_circuit_breaker(b"ok")
+        assert manager.circuit_breaker_state == "closed"
+        assert manager.health().healthy
+        stopper = threading.Thread(target=manager.stop)
+        stopper.start()
+        stopper.join(5)
+        assert not stopper.is_alive()
+        assert len(transport.sent) == 10
+    finally:
+        hang.set()
+        stuck.join(5)
+
+
+def test_eight_thread_load_exact_counts(make_manager: MakeManager) -> None:
+    """Every call is accounted exactly once: a transport error or a rejection, never both."""
+    transport = FakeTransport()
+    manager = make_manager(transport, max_failures=5)
+    manager.start()
+    transport.fail_sends = ConnectionResetError("reset")
+    attempts_per_thread = 250
+    counts = {"transport_error": 0, "rejected": 0}
+    lock = threading.Lock()
+    barrier = threading.Barrier(8)
+
+    def worker() -> None:
+        barrier.wait(5)
+        for _ in range(attempts_per_thread):
+            try:
+                manager.send_with_circuit_breaker(b"x")
+            except dwcp.CircuitOpenError:
+                kind = "rejected"
+            except dwcp.TransportError:
+                kind = "transport_error"
+            with lock:
+                counts[kind] += 1
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    metrics = manager.metrics()
+    assert counts["transport_error"] + counts["rejected"] == 8 * attempts_per_thread
+    assert metrics.send_errors == counts["transport_error"]
+    assert metrics.breaker_rejections == counts["rejected"]
+    # The breaker opened once, on the 5th counted failure; in-flight calls admitted before it
+    # opened may still fail (at most one per other thread) but cannot re-trip it.
+    assert metrics.breaker_state_changes == 1
+    assert 5 <= counts["transport_error"] <= 5 + 7
+    assert manager.circuit_breaker_state == "open"

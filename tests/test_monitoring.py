@@ -1,0 +1,372 @@
+"""The monitor thread and recovery cycles, through the Manager with fakes and real threads."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+import dwcp
+from tests.conftest import FakeLayer, FakeTransport, wait_until
+
+MakeManager = Callable[..., dwcp.Manager]
+
+
+class Events:
+    """Collects manager events; waiting on them replaces sleeping."""
+
+    def __init__(self) -> None:
+        self.items: list[dwcp.Event] = []
+        self._cond = threading.Condition()
+
+    def __call__(self, event: dwcp.Event) -> None:
+        with self._cond:
+            self.items.append(event)
+            self._cond.notify_all()
+
+    def of(self, kind: type) -> list[dwcp.Event]:
+        with self._cond:
+            return [e for e in self.items if isinstance(e, kind)]
+
+    def wait_for(self, kind: type, count: int = 1, timeout: float = 5.0) -> list[dwcp.Event]:
+        with self._cond:
+            ok = self._cond.wait_for(lambda: len(self.of(kind)) >= count, timeout)
+        assert ok, f"no {count} x {kind.__name__} within {timeout}s; saw {self.items}"
+        return self.of(kind)
+
+
+# -- monitoring ------------------------------------------------------------------------------
+
+
+def test_one_named_monitor_thread_first_check_after_one_interval(
+    make_manager: MakeManager,
+) -> None:
+    checked = threading.Event()
+    checked_at: list[float] = []
+
+    class Timed(FakeTransport):
+        def health_check(self) -> None:
+            checked_at.append(time.monotonic())
+            checked.set()
+
+    manager = make_manager(Timed(), health_interval=0.2)
+    started = time.monotonic()
+    manager.start()
+    assert [t.name for t in threading.enumerate()].count("dwcp-monitor") == 1
+    assert checked.wait(5)
+    assert checked_at[0] - started >= 0.2
+    wait_until(lambda: manager.metrics().health_checks >= 2)
+
+
+def test_stop_interrupts_the_interval_wait(make_manager: MakeManager) -> None:
+    manager = make_manager(FakeTransport(), health_interval=3600)
+    manager.start()
+    began = time.monotonic()
+    manager.stop()
+    assert time.monotonic() - began < 0.5
+
+
+def test_check_pass_reports_each_component(make_manager: MakeManager) -> None:
+    layer = FakeLayer()
+    layer.healthy = False
+    manager = make_manager(FakeTransport(), compression=layer, prediction=FakeLayer())
+    health = manager.check_component_health()
+    assert set(health) == {"transport", "compression", "prediction"}
+    assert health["transport"].status == "healthy"
+    assert health["compression"].status == "unhealthy"  # not started: nobody recovers it
+    assert health["compression"].last_error == "is_healthy() returned False"
+
+
+def test_hung_check_is_bounded_and_not_repeated(make_manager: MakeManager) -> None:
+    hang = threading.Event()
+    hung, other = FakeLayer(), FakeLayer()
+    hung.hang = hang
+    calls: list[int] = []
+    original = hung.is_healthy
+
+    def counting() -> bool:
+        calls.append(1)
+        return original()
+
+    hung.is_healthy = counting  # type: ignore[method-assign]
+    transport = FakeTransport()
+    manager = make_manager(
+        transport, compression=hung, sync=other, health_check_timeout=0.2, initial_backoff=3600
+    )
+    try:
+        began = time.monotonic()
+        health = manager.check_component_health()
+        elapsed = time.monotonic() - began
+        assert elapsed < 0.2 + 0.5
+        assert health["compression"].last_error == "health check timed out after 0.2s"
+        assert health["transport"].healthy and health["sync"].healthy
+        health = manager.check_component_health()
+        assert health["compression"].last_error == "previous health check is still running"
+        assert len(calls) == 1
+    finally:
+        hang.set()
+    wait_until(lambda: manager.check_component_health()["compression"].healthy)
+
+
+def test_hung_check_does_not_stall_stop(make_manager: MakeManager) -> None:
+    hang = threading.Event()
+    layer = FakeLayer()
+    layer.hang = hang
+    manager = make_manager(
+        FakeTransport(), compression=layer, health_interval=0.01, health_check_timeout=30
+    )
+    manager.start()
+    try:
+        wait_until(lambda: any(t.name == "dwcp-health-compression" for t in threading.enumerate()))
+        began = time.monotonic()
+        manager.stop()
+        assert time.monotonic() - began < 0.5
+    finally:
+        hang.set()
+
+
+def test_loop_survives_an_exception_in_a_pass(
+    make_manager: MakeManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manager = make_manager(FakeTransport(), health_interval=0.01)
+    real = manager._run_checks
+    failures = [0]
+
+    def flaky(*args: object, **kwargs: object) -> object:
+        if failures[0] < 3:
+            failures[0] += 1
+            raise RuntimeError("bug in a pass")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(manager, "_run_checks", flaky)
+    manager.start()
+    wait_until(lambda: manager.metrics().component_checks >= 3)
+    assert failures[0] == 3
+    assert [t.name for t in threading.enumerate()].count("dwcp-monitor") == 1
+
+
+def test_check_that_raises_marks_unhealthy_with_the_error(make_manager: MakeManager) -> None:
+    class Raising(FakeLayer):
+        def is_healthy(self) -> bool:
+            raise ZeroDivisionError("codec table corrupt")
+
+    manager = make_manager(compression=Raising())
+    health = manager.check_component_health()
+    assert health["compression"].last_error == "ZeroDivisionError: codec table corrupt"
+
+
+# -- recovery --------------------------------------------------------------------------------
+
+
+def test_transport_recovery_closes_then_starts_the_same_object(make_manager: MakeManager) -> None:
+    transport = FakeTransport()
+    manager = make_manager(transport)
+    manager.start()
+    transport.calls.clear()
+    assert manager.attempt_component_recovery("transport")
+    assert transport.calls == ["close", "start", "health_check"]
+    assert manager.metrics().recoveries_succeeded == 1
+
+
+def test_layer_recovery_stops_then_starts_and_rechecks(make_manager: MakeManager) -> None:
+    layer = FakeLayer()
+    layer.healthy = False
+    layer.heal_on_restart = True
+    manager = make_manager(FakeTransport(), consensus=layer)
+    manager.start()
+    layer.calls.clear()
+    assert manager.attempt_component_recovery("consensus", RuntimeError("quorum lost"))
+    assert layer.calls == ["stop", "start"]
+    assert manager.health().components["consensus"].status == "healthy"
+
+
+def test_success_requires_the_health_recheck(make_manager: MakeManager) -> None:
+    transport = FakeTransport()
+    transport.healthy = False  # restarts "work" but the peer stays unreachable
+    events = Events()
+    manager = make_manager(transport, max_retries=3)
+    manager.add_listener(events)
+    manager.start()
+    assert not manager.attempt_component_recovery("transport")
+    assert transport.calls.count("start") == 1 + 3
+    health = manager.health().components["transport"]
+    assert health.status == "failed"
+    assert "peer unreachable" in (health.last_error or "")
+    metrics = manager.metrics()
+    assert metrics.recovery_attempts == 3
+    assert metrics.recoveries_failed == 1 and metrics.recovery_success_rate == 0.0
+    failed = events.wait_for(dwcp.RecoveryFailed)
+    assert failed[0].attempts == 3  # type: ignore[union-attr]
+    attempts = events.wait_for(dwcp.RecoveryAttempt, 3)
+    assert [e.backoff for e in attempts] == [0.001, 0.002, 0.004]  # type: ignore[union-attr]
+
+
+def test_unknown_component_and_not_started(make_manager: MakeManager) -> None:
+    manager = make_manager(FakeTransport())
+    with pytest.raises(ValueError, match="unknown component 'sync'"):
+        manager.attempt_component_recovery("sync")
+    with pytest.raises(dwcp.DWCPError) as info:
+        manager.attempt_component_recovery("transport")
+    assert info.value.code == "NOT_STARTED"
+
+
+def test_one_cycle_in_flight_per_component(make_manager: MakeManager) -> None:
+    transport = FakeTransport()
+    manager = make_manager(transport, initial_backoff=0.2)
+    manager.start()
+    transport.healthy = False
+    manager.check_component_health()  # hands transport to a recovery thread
+    assert manager.health().components["transport"].status == "recovering"
+    for _ in range(5):
+        manager.check_component_health()  # must not start overlapping cycles
+    recovery_threads = [t for t in threading.enumerate() if t.name == "dwcp-recovery-transport"]
+    assert len(recovery_threads) == 1
+    transport.healthy = True
+    # A caller asking for recovery now waits for the cycle in flight instead of starting one.
+    assert manager.attempt_component_recovery("transport")
+    assert manager.metrics().recoveries_succeeded == 1
+    assert transport.calls.count("start") == 2
+
+
+def test_failed_component_gets_a_new_cycle_on_a_later_tick(make_manager: MakeManager) -> None:
+    transport = FakeTransport()
+    transport.healthy = False
+    manager = make_manager(transport)
+    manager.start()
+    assert not manager.attempt_component_recovery("transport")
+    assert manager.health().components["transport"].status == "failed"
+    transport.healthy = True
+    manager.check_component_health()
+    assert manager.health().components["transport"].status == "healthy"
+    transport.healthy = False
+    manager.check_component_health()
+    wait_until(lambda: manager.metrics().recoveries_failed == 2)
+
+
+def test_monitor_detects_and_recovers_a_transport(make_manager: MakeManager) -> None:
+    transport = FakeTransport()
+    events = Events()
+    manager = make_manager(transport, health_interval=0.02, initial_backoff=0.01)
+    manager.add_listener(events)
+    manager.start()
+    transport.healthy = False
+    events.wait_for(dwcp.ComponentUnhealthy)
+    events.wait_for(dwcp.RecoveryAttempt, 2)
+    transport.healthy = True
+    succeeded = events.wait_for(dwcp.RecoverySucceeded)
+    assert succeeded[0].component == "transport"  # type: ignore[union-attr]
+    assert manager.metrics().downtime_seconds["transport"] > 0
+
+
+def test_verified_transport_recovery_half_opens_an_open_breaker(make_manager: MakeManager) -> None:
+    transport = FakeTransport()
+    manager = make_manager(transport, max_failures=2, reset_timeout=3600)
+    manager.start()
+    transport.fail_sends = OSError("down")
+    for _ in range(2):
+        with pytest.raises(dwcp.TransportError):
+            manager.send_with_circuit_breaker(b"x")
+    assert manager.circuit_breaker_state == "open"
+    transport.fail_sends = None
+    assert manager.attempt_component_recovery("transport")
+    assert manager.circuit_breaker_state == "half-open"
+    manager.send_with_circuit_breaker(b"trial")
+    assert manager.circuit_breaker_state == "closed"
+
+
+def test_failed_recovery_leaves_the_breaker_open(make_manager: MakeManager) -> None:
+    transport = FakeTransport()
+    manager = make_manager(transport, max_failures=1, reset_timeout=3600)
+    manager.start()
+    transport.fail_sends = OSError("down")
+    with pytest.raises(dwcp.TransportError):
+        manager.send_with_circuit_breaker(b"x")
+    transport.healthy = False
+    assert not manager.attempt_component_recovery("transport")
+    assert manager.circuit_breaker_state == "open"
+
+
+def test_stop_during_a_long_backoff_is_prompt_and_starts_no_attempt(
+    make_manager: MakeManager,
+) -> None:
+    transport = FakeTransport()
+    events = Events()
+    manager = make_manager(transport, initial_backoff=1.0)  # attempts wait 1 s, 2 s, 4 s
+    manager.add_listener(events)
+    manager.start()
+    transport.healthy = False
+    manager.check_component_health()
+    events.wait_for(dwcp.RecoveryAttempt)
+    began = time.monotonic()
+    manager.stop()
+    assert time.monotonic() - began < 0.5
+    assert transport.calls.count("start") == 1  # no attempt ran
+    assert manager.health().components["transport"].status == "unhealthy"
+
+
+def test_stop_during_the_4s_backoff_with_the_real_schedule(make_manager: MakeManager) -> None:
+    """Attempts 1 and 2 fail after the 1 s and 2 s waits; stop() lands in the 4 s one."""
+    transport = FakeTransport()
+    events = Events()
+    manager = make_manager(transport, initial_backoff=1.0)
+    manager.add_listener(events)
+    manager.start()
+    transport.healthy = False
+    manager.check_component_health()
+    third = events.wait_for(dwcp.RecoveryAttempt, 3, timeout=10)[2]
+    assert third.backoff == 4.0  # type: ignore[union-attr]
+    began = time.monotonic()
+    manager.stop()
+    assert time.monotonic() - began < 0.5
+    assert transport.calls.count("start") == 1 + 2  # attempts 1 and 2 ran, 3 never did
+    assert manager.metrics().recoveries_failed == 0  # cancelled, not failed
+
+
+def test_no_attempt_after_stop_even_when_the_backoff_would_end(make_manager: MakeManager) -> None:
+    transport = FakeTransport()
+    events = Events()
+    manager = make_manager(transport, initial_backoff=0.3)
+    manager.add_listener(events)
+    manager.start()
+    transport.healthy = False
+    manager.check_component_health()
+    events.wait_for(dwcp.RecoveryAttempt)
+    manager.stop()
+    starts = transport.calls.count("start")
+    transport.healthy = True
+    assert not any(t.name.startswith("dwcp-recovery") for t in threading.enumerate())
+    assert transport.calls.count("start") == starts == 1
+
+
+def test_thousand_failure_recovery_cycles_leak_no_threads(make_manager: MakeManager) -> None:
+    baseline = threading.active_count()
+    layer = FakeLayer()
+    layer.heal_on_restart = True
+    manager = make_manager(compression=layer, initial_backoff=0)
+    manager.start()
+    for _ in range(1000):
+        layer.healthy = False
+        assert manager.attempt_component_recovery("compression")
+    metrics = manager.metrics()
+    assert metrics.recoveries_succeeded == 1000 and metrics.recovery_attempts == 1000
+    manager.stop()
+    wait_until(lambda: threading.active_count() == baseline)
+
+
+def test_listener_that_raises_does_not_stop_the_others(make_manager: MakeManager) -> None:
+    events = Events()
+
+    def broken(event: dwcp.Event) -> None:
+        raise RuntimeError("listener bug")
+
+    manager = make_manager(FakeTransport())
+    manager.add_listener(broken)
+    manager.add_listener(events)
+    manager.start()
+    assert manager.attempt_component_recovery("transport")
+    events.wait_for(dwcp.RecoverySucceeded)
+    manager.remove_listener(broken)
+    with pytest.raises(ValueError):
+        manager.remove_listener(broken)
