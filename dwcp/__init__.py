@@ -10,6 +10,7 @@ from dwcp.components import Layer, Transport
 from dwcp.errors import CircuitOpenError, DWCPError, TransportError
 from dwcp.events import (
     BreakerStateChanged,
+    ComponentEscalated,
     ComponentUnhealthy,
     Event,
     RecoveryAttempt,
@@ -28,6 +29,7 @@ _logger.disable("dwcp")
 __all__ = [
     "BreakerStateChanged",
     "CircuitOpenError",
+    "ComponentEscalated",
     "ComponentHealth",
     "ComponentUnhealthy",
     "DWCPError",

@@ -11,6 +11,7 @@ from loguru import logger
 
 __all__ = [
     "BreakerStateChanged",
+    "ComponentEscalated",
     "ComponentUnhealthy",
     "Event",
     "Listener",
@@ -28,6 +29,15 @@ class ComponentUnhealthy:
 
     component: str
     error: str
+
+
+@dataclass(frozen=True)
+class ComponentEscalated:
+    """The component exceeded its restart intensity; no cycle runs until a reset or cool-down."""
+
+    component: str
+    max_cycles: int
+    window: float
 
 
 @dataclass(frozen=True)
@@ -82,6 +92,7 @@ class SendRejected:
 
 Event = (
     ComponentUnhealthy
+    | ComponentEscalated
     | RecoveryStarted
     | RecoveryAttempt
     | RecoverySucceeded

@@ -16,6 +16,7 @@ from dwcp.breaker import NOT_INITIALIZED, OPEN, Breaker
 from dwcp.errors import DWCPError, TransportError
 from dwcp.events import (
     BreakerStateChanged,
+    ComponentEscalated,
     ComponentUnhealthy,
     Listener,
     RecoveryAttempt,
@@ -26,7 +27,7 @@ from dwcp.events import (
     _Dispatcher,
 )
 from dwcp.health import ComponentHealth, ComponentStatus, HealthSnapshot, MetricsSnapshot
-from dwcp.recovery import RecoveryPolicy, run_recovery
+from dwcp.recovery import Admission, RecoveryPolicy, RestartSupervisor, run_recovery
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -105,6 +106,7 @@ class _Check:
 
 @dataclass(eq=False)
 class _Cycle:
+    policy: RecoveryPolicy
     done: threading.Event = field(default_factory=threading.Event)
     recovered: bool = False
 
@@ -115,6 +117,7 @@ class _Component:
     obj: Any
     is_transport: bool
     since: float
+    supervisor: RestartSupervisor
     status: ComponentStatus = "healthy"
     last_error: str | None = None
     down_since: float | None = None
@@ -157,6 +160,7 @@ class Manager:
         initial_backoff: float = 1.0,
         max_failures: int = 5,
         reset_timeout: float = 30.0,
+        recovery: Mapping[str, RecoveryPolicy] | None = None,
     ) -> None:
         self._interval = _seconds("health_interval", health_interval, allow_zero=False)
         self._check_timeout = _seconds(
@@ -169,11 +173,10 @@ class Manager:
         self._enabled = bool(enabled)
         self._clock: Callable[[], float] = time.monotonic
 
-        now = self._clock()
-        self._components: dict[str, _Component] = {}
+        objects: dict[str, tuple[Any, bool]] = {}
         if transport is not None:
             _require_methods("transport", transport, _TRANSPORT_METHODS)
-            self._components["transport"] = _Component("transport", transport, True, now)
+            objects["transport"] = (transport, True)
         layers = {
             "compression": compression,
             "prediction": prediction,
@@ -184,7 +187,13 @@ class Manager:
             layer = layers[slot]
             if layer is not None:
                 _require_methods(slot, layer, _LAYER_METHODS)
-                self._components[slot] = _Component(slot, layer, False, now)
+                objects[slot] = (layer, False)
+        policies = self._policies(recovery, objects)
+        now = self._clock()
+        self._components: dict[str, _Component] = {
+            name: _Component(name, obj, is_transport, now, RestartSupervisor(policies[name]))
+            for name, (obj, is_transport) in objects.items()
+        }
         self._transport = transport
 
         self._events = _Dispatcher()
@@ -207,6 +216,20 @@ class Manager:
         self._monitor: threading.Thread | None = None
         self._recoveries: set[threading.Thread] = set()
         self._waiters: set[_Waiter] = set()
+
+    def _policies(
+        self, recovery: Mapping[str, RecoveryPolicy] | None, objects: Mapping[str, object]
+    ) -> dict[str, RecoveryPolicy]:
+        overrides = dict(recovery or {})
+        for name, policy in overrides.items():
+            if name not in objects:
+                known = ", ".join(objects) or "none"
+                raise ValueError(f"recovery names unknown component {name!r} (configured: {known})")
+            if not isinstance(policy, RecoveryPolicy):
+                raise TypeError(
+                    f"recovery[{name!r}] must be a RecoveryPolicy, got {type(policy).__name__}"
+                )
+        return {name: overrides.get(name, self._policy) for name in objects}
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -365,14 +388,27 @@ class Manager:
                 raise DWCPError("manager is not started", code="NOT_STARTED")
             cycle = component.cycle
             owner = cycle is None
+            admission: Admission = "run"
             if cycle is None:
-                cycle = self._begin_cycle(component, _describe(error) if error else None)
+                cycle, admission = self._begin_cycle(component, _describe(error) if error else None)
             stop = self._stop
+        if cycle is None:
+            self._announce_escalation(component, admission)
+            return False
         if owner:
             self._recover(component, cycle, stop)
         else:
             cycle.done.wait()
         return cycle.recovered
+
+    def reset_component(self, name: str) -> None:
+        """Clear a component's escalation and restart history so recovery may run again."""
+        with self._lock:
+            component = self._component(name)
+            component.supervisor.reset()
+            if component.status == "failed":
+                self._set_status(component, "unhealthy", self._clock())
+        logger.bind(component=name).info("Component reset")
 
     def health(self) -> HealthSnapshot:
         """A snapshot of every component's status and the breaker state."""
@@ -445,7 +481,8 @@ class Manager:
             components = [c for c in self._components.values() if c.cycle is None]
             self._counters.health_checks += 1
         results = self._run_checks(components, stop)
-        to_recover: list[tuple[_Component, _Cycle, str]] = []
+        to_recover: list[tuple[_Component, _Cycle]] = []
+        escalated: list[_Component] = []
         unhealthy: list[tuple[str, str, ComponentStatus]] = []
         with self._lock:
             now = self._clock()
@@ -462,8 +499,11 @@ class Manager:
                 if component.cycle is not None:
                     continue  # its recovery cycle decides what happens next
                 if recover:
-                    cycle = self._begin_cycle(component, error)
-                    to_recover.append((component, cycle, error))
+                    cycle, admission = self._begin_cycle(component, error)
+                    if cycle is not None:
+                        to_recover.append((component, cycle))
+                    elif admission == "escalate":
+                        escalated.append(component)
                 elif component.status == "healthy":
                     self._set_status(component, "unhealthy", now)
                 unhealthy.append((component.name, error, component.status))
@@ -477,7 +517,9 @@ class Manager:
             bound = logger.bind(component=name, error=error)
             (bound.warning if name == "transport" else bound.error)(text)
             self._events.publish(ComponentUnhealthy(name, error))
-        for component, cycle, _error in to_recover:
+        for component in escalated:
+            self._announce_escalation(component, "escalate")
+        for component, cycle in to_recover:
             self._spawn_recovery(component, cycle, stop_for_recovery)
 
     def _run_checks(
@@ -564,16 +606,37 @@ class Manager:
 
     # -- internals: recovery --------------------------------------------------------------------
 
-    def _begin_cycle(self, component: _Component, error: str | None) -> _Cycle:
-        # Caller holds the lock: registering the cycle here is what prevents overlapping ones.
-        cycle = _Cycle()
-        component.cycle = cycle
+    def _begin_cycle(
+        self, component: _Component, error: str | None
+    ) -> tuple[_Cycle | None, Admission]:
+        """Register a cycle unless restart intensity forbids it (caller holds the lock).
+
+        Registering here, under the lock, is what prevents overlapping cycles.
+        """
+        now = self._clock()
         if component.down_since is None:
-            component.down_since = self._clock()
+            component.down_since = now
         if error is not None:
             component.last_error = error
-        self._set_status(component, "recovering", self._clock())
-        return cycle
+        admission = component.supervisor.admit(now)
+        if admission != "run":
+            self._set_status(component, "failed", now)
+            return None, admission
+        cycle = _Cycle(component.supervisor.cycle_policy())
+        component.cycle = cycle
+        self._set_status(component, "recovering", now)
+        return cycle, admission
+
+    def _announce_escalation(self, component: _Component, admission: Admission) -> None:
+        if admission != "escalate":
+            return
+        policy = component.supervisor.policy
+        logger.bind(
+            component=component.name, cycles=policy.max_cycles, window=policy.cycle_window
+        ).error("Component restart intensity exceeded; escalating")
+        self._events.publish(
+            ComponentEscalated(component.name, policy.max_cycles or 0, policy.cycle_window)
+        )
 
     def _spawn_recovery(self, component: _Component, cycle: _Cycle, stop: threading.Event) -> None:
         thread = threading.Thread(
@@ -635,7 +698,7 @@ class Manager:
             outcome = run_recovery(
                 action,
                 verify,
-                self._policy,
+                cycle.policy,
                 sleep=sleep,
                 on_attempt=on_attempt,
                 on_failure=on_failure,
@@ -683,6 +746,7 @@ class Manager:
         downtime = 0.0
         if recovered:
             downtime = self._mark_healthy(component, now)
+            component.supervisor.recovered(now)
             self._counters.recoveries_succeeded += 1
         elif cancelled:
             self._set_status(component, "unhealthy", now)
