@@ -6,12 +6,18 @@ adapter keeps pybreaker's storage and state transitions (``open``/``half_open``/
 ``opened_at``, the failure counter) but splits a call into *admit*, the I/O itself (no lock
 held), and *record*.  Each admission carries the breaker's generation, which changes on every
 transition, so a slow call that started before the breaker moved on cannot change the new
-state.  Half-open admits exactly one trial call at a time.
+state.  Half-open admits exactly one trial call at a time (per process).
+
+Decisions are taken under a small lock on a local mirror of the state; writes to pybreaker's
+storage happen after the lock is released, in decision order.  With shared storage (Redis)
+those writes are network calls, and the mirror is refreshed from the storage at most every
+``sync_interval`` seconds, so other processes' decisions arrive within that delay.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
@@ -19,13 +25,12 @@ import pybreaker
 
 from dwcp.errors import CircuitOpenError
 
-__all__ = ["CLOSED", "HALF_OPEN", "NOT_INITIALIZED", "OPEN", "Breaker", "BreakerState"]
+__all__ = ["CLOSED", "HALF_OPEN", "NOT_INITIALIZED", "OPEN", "Breaker"]
 
 CLOSED = pybreaker.STATE_CLOSED
 OPEN = pybreaker.STATE_OPEN
 HALF_OPEN = pybreaker.STATE_HALF_OPEN
 NOT_INITIALIZED = "not_initialized"
-BreakerState = str
 
 TransitionHook = Callable[[str, str], None]
 
@@ -47,7 +52,9 @@ class Breaker:
         storage: pybreaker.CircuitBreakerStorage | None = None,
         name: str = "dwcp",
         on_transition: TransitionHook | None = None,
+        sync_interval: float = 0.05,
     ) -> None:
+        self._shared = storage is not None
         self._storage = storage or pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED)
         self._cb = pybreaker.CircuitBreaker(
             fail_max=max_failures,
@@ -55,13 +62,21 @@ class Breaker:
             state_storage=self._storage,
             name=name,
         )
+        self._max_failures = max_failures
         self._reset_after = timedelta(seconds=reset_timeout)
         self._lock = threading.Lock()
+        # Serialises storage writes and notifications so they happen in decision order.
+        self._write_lock = threading.Lock()
         self._state: str = self._storage.state
+        self._opened_at: datetime | None = self._storage.opened_at
+        # Consecutive failures: authoritative for local storage, a cached copy when shared.
+        self._failures = int(self._storage.counter)
         self._generation = 0
         self._trial_in_flight = False
-        self._pending: list[tuple[str, str]] = []
+        self._pending: list[tuple[str, str, bool]] = []
         self._on_transition = on_transition
+        self._sync_interval = sync_interval
+        self._next_sync = 0.0
         self.transitions = 0
         self.rejections = 0
 
@@ -69,6 +84,8 @@ class Breaker:
 
     def admit(self) -> int:
         """Return a ticket for one guarded call, or raise ``CircuitOpenError``."""
+        if self._shared:
+            self._sync()
         with self._lock:
             if self._state == CLOSED:
                 return self._generation
@@ -85,15 +102,22 @@ class Breaker:
         # Racy read on purpose: in the common case (closed, no failures counted) nothing needs
         # writing, and skipping the lock keeps the send path short.  Any interleaving with a
         # concurrent failure is a valid ordering of the two calls.
-        if self._state == CLOSED and self._storage.counter == 0:
+        if self._state == CLOSED and self._failures == 0:
             return
+        reset_shared = False
         with self._lock:
             if ticket != self._generation:
                 return
             if self._state == HALF_OPEN:
                 self._move(CLOSED)
-            elif self._state == CLOSED:
-                self._storage.reset_counter()
+            elif self._state == CLOSED and self._failures:
+                self._failures = 0
+                if self._shared:
+                    reset_shared = True
+                else:
+                    self._storage.reset_counter()
+        if reset_shared:
+            self._storage.reset_counter()
         self._flush()
 
     def record_failure(self, ticket: int) -> None:
@@ -103,10 +127,14 @@ class Breaker:
                 return
             if self._state == HALF_OPEN:
                 self._move(OPEN)
-            elif self._state == CLOSED:
+            elif self._state == CLOSED and not self._shared:
+                # The local count decides; pybreaker's memory storage is kept in step with it.
+                self._failures += 1
                 self._storage.increment_counter()
-                if self._storage.counter >= self._cb.fail_max:
+                if self._failures >= self._max_failures:
                     self._move(OPEN)
+        if self._shared:
+            self._record_shared_failure(ticket)
         self._flush()
 
     def release(self, ticket: int) -> None:
@@ -118,8 +146,10 @@ class Breaker:
     # -- state ------------------------------------------------------------------------------
 
     @property
-    def state(self) -> BreakerState:
+    def state(self) -> str:
         """The current state; an open breaker whose reset timeout elapsed reads ``half-open``."""
+        if self._shared:
+            self._sync()
         with self._lock:
             if self._state == OPEN and self._reset_elapsed():
                 self._move(HALF_OPEN)
@@ -130,7 +160,7 @@ class Breaker:
     @property
     def failure_count(self) -> int:
         """Consecutive failures counted towards the threshold."""
-        return int(self._storage.counter)
+        return self._failures
 
     def half_open(self) -> None:
         """Move an open breaker to half-open now, so the next send is a trial (after recovery)."""
@@ -152,31 +182,69 @@ class Breaker:
         return self._generation
 
     def _reset_elapsed(self) -> bool:
-        opened_at = self._storage.opened_at
+        opened_at = self._opened_at
         return opened_at is None or _utcnow() >= opened_at + self._reset_after
 
-    def _move(self, new: str) -> None:
-        # Caller holds self._lock.  pybreaker's transition methods update storage, stamp
-        # opened_at and reset the counters exactly as its own state machine would.
+    def _move(self, new: str, *, write: bool = True) -> None:
+        # Caller holds self._lock.  The mirror changes now; the storage write and the
+        # notification wait for _flush(), outside the lock.
         old = self._state
-        if new == OPEN:
-            self._cb.open()
-        elif new == HALF_OPEN:
-            self._cb.half_open()
-        else:
-            self._cb.close()
         self._state = new
+        if new == OPEN:
+            self._opened_at = _utcnow()
+        self._failures = 0
         self._generation += 1
         self._trial_in_flight = False
         self.transitions += 1
-        self._pending.append((old, new))
+        self._pending.append((old, new, write))
 
     def _flush(self) -> None:
-        # Listeners run outside the lock: take the queued transitions, then call out.
         if not self._pending:
             return
+        with self._write_lock:
+            with self._lock:
+                pending, self._pending = self._pending, []
+            for old, new, write in pending:
+                if write:
+                    # pybreaker's own transitions: they stamp opened_at, reset the counters and
+                    # store the state exactly as its state machine would.
+                    {OPEN: self._cb.open, HALF_OPEN: self._cb.half_open, CLOSED: self._cb.close}[
+                        new
+                    ]()
+                if self._on_transition is not None:
+                    self._on_transition(old, new)
+
+    def _record_shared_failure(self, ticket: int) -> None:
+        # Shared storage: the counter lives in Redis and adds up failures from every process.
+        self._storage.increment_counter()
+        count = int(self._storage.counter)
         with self._lock:
-            pending, self._pending = self._pending, []
-        if self._on_transition is not None:
-            for old, new in pending:
-                self._on_transition(old, new)
+            if ticket != self._generation or self._state != CLOSED:
+                return
+            self._failures = count
+            if count >= self._max_failures:
+                self._move(OPEN)
+
+    def _sync(self) -> None:
+        """Adopt state that other processes stored, at most every ``sync_interval`` seconds."""
+        now = time.monotonic()
+        if now < self._next_sync:
+            return
+        self._next_sync = now + self._sync_interval
+        with self._lock:
+            generation = self._generation
+        state = self._storage.state
+        opened_at = self._storage.opened_at
+        failures = int(self._storage.counter)
+        with self._lock:
+            # A local decision made while we read (or not yet written) is newer than what we read.
+            if generation != self._generation or self._pending:
+                return
+            self._failures = failures
+            if opened_at is not None and (self._opened_at is None or opened_at > self._opened_at):
+                self._opened_at = opened_at
+            if state != self._state and state in (CLOSED, OPEN, HALF_OPEN):
+                self._move(state, write=False)
+                if state == OPEN and opened_at is not None:
+                    self._opened_at = opened_at
+        self._flush()

@@ -33,6 +33,9 @@ class HealthSnapshot:
 
     components: Mapping[str, ComponentHealth]
     breaker_state: str
+    #: Where the breaker state lives: "local", "shared" (Redis), or "fallback" (Redis
+    #: unreachable, local state in use until it answers again).
+    breaker_storage: str = "local"
 
     @property
     def healthy(self) -> bool:
@@ -58,6 +61,8 @@ class MetricsSnapshot:
     component_status: Mapping[str, ComponentStatus] = field(
         default_factory=lambda: MappingProxyType({})
     )
+    breaker_storage: str = "local"
+    breaker_storage_errors: int = 0
 
     @property
     def recovery_success_rate(self) -> float | None:

@@ -28,6 +28,7 @@ from dwcp.events import (
 )
 from dwcp.health import ComponentHealth, ComponentStatus, HealthSnapshot, MetricsSnapshot
 from dwcp.recovery import Admission, RecoveryPolicy, RestartSupervisor, run_recovery
+from dwcp.shared import FailoverStorage, connect
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -161,6 +162,8 @@ class Manager:
         max_failures: int = 5,
         reset_timeout: float = 30.0,
         recovery: Mapping[str, RecoveryPolicy] | None = None,
+        breaker_storage: object = None,
+        breaker_name: str = "dwcp",
     ) -> None:
         self._interval = _seconds("health_interval", health_interval, allow_zero=False)
         self._check_timeout = _seconds(
@@ -197,9 +200,18 @@ class Manager:
         self._transport = transport
 
         self._events = _Dispatcher()
+        max_failures = _count("max_failures", max_failures)
+        reset_timeout = _seconds("reset_timeout", reset_timeout, allow_zero=False)
+        if not isinstance(breaker_name, str) or not breaker_name:
+            raise ValueError(f"breaker_name must be a non-empty string, got {breaker_name!r}")
+        self._shared_storage: FailoverStorage | None = None
+        if breaker_storage is not None:
+            self._shared_storage = FailoverStorage(connect(breaker_storage), breaker_name)
         self._breaker = Breaker(
-            max_failures=_count("max_failures", max_failures),
-            reset_timeout=_seconds("reset_timeout", reset_timeout, allow_zero=False),
+            max_failures=max_failures,
+            reset_timeout=reset_timeout,
+            storage=self._shared_storage,
+            name=breaker_name,
             on_transition=self._on_breaker_transition,
         )
 
@@ -419,7 +431,13 @@ class Manager:
                 c.name: ComponentHealth(c.name, c.status, c.last_error, now - c.since)
                 for c in self._components.values()
             }
-        return HealthSnapshot(MappingProxyType(components), breaker_state)
+        return HealthSnapshot(MappingProxyType(components), breaker_state, self._storage_mode())
+
+    def _storage_mode(self) -> str:
+        shared = self._shared_storage
+        if shared is None:
+            return "local"
+        return "shared" if shared.shared else "fallback"
 
     def metrics(self) -> MetricsSnapshot:
         """A snapshot of the counters, downtime per component and current statuses."""
@@ -445,6 +463,8 @@ class Manager:
             send_errors=counters.send_errors,
             downtime_seconds=MappingProxyType(downtime),
             component_status=MappingProxyType(statuses),
+            breaker_storage=self._storage_mode(),
+            breaker_storage_errors=self._shared_storage.errors if self._shared_storage else 0,
         )
 
     # -- events ---------------------------------------------------------------------------------

@@ -1,0 +1,209 @@
+"""One breaker shared through a real redis-server by several manager processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+import dwcp
+from tests.conftest import FakeTransport, wait_until
+
+REDIS = shutil.which("redis-server")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    """A throw-away redis-server on loopback with no persistence."""
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        assert REDIS is not None
+        self._proc = subprocess.Popen(
+            [
+                REDIS,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        import redis
+
+        client = redis.Redis.from_url(self.url, socket_timeout=0.5)
+
+        def answers() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.RedisError:
+                return False
+
+        wait_until(answers, timeout=10)
+        client.close()
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            proc.terminate()
+            proc.wait(10)
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    if REDIS is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed; .ci/run installs it")
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+def _fail_in_process(url: str, name: str, failures: int, results: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    """Runs in a child process: a manager of its own whose sends all fail."""
+    transport = FakeTransport()
+    manager = dwcp.Manager(
+        transport, breaker_storage=url, breaker_name=name, max_failures=5, reset_timeout=3600
+    )
+    manager.start()
+    transport.fail_sends = ConnectionRefusedError("peer down")
+    outcomes = []
+    try:
+        for _ in range(failures):
+            try:
+                manager.send_with_circuit_breaker(b"x")
+            except dwcp.CircuitOpenError:
+                outcomes.append("rejected")
+            except dwcp.TransportError:
+                outcomes.append("failed")
+    finally:
+        manager.stop()
+    results.put((outcomes, manager.circuit_breaker_state))
+
+
+def _run_child(url: str, name: str, failures: int) -> tuple[list[str], str]:
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    proc = ctx.Process(target=_fail_in_process, args=(url, name, failures, results))
+    proc.start()
+    outcome = results.get(timeout=60)
+    proc.join(30)
+    assert proc.exitcode == 0
+    return outcome  # type: ignore[no-any-return]
+
+
+def test_failures_from_several_processes_add_up_and_open_everywhere(
+    redis_server: RedisServer,
+) -> None:
+    name = "shared-test-1"
+    observer = dwcp.Manager(
+        FakeTransport(), breaker_storage=redis_server.url, breaker_name=name, reset_timeout=3600
+    )
+    observer.start()
+    try:
+        assert observer.health().breaker_storage == "shared"
+        assert _run_child(redis_server.url, name, 2) == (["failed", "failed"], "closed")
+        assert _run_child(redis_server.url, name, 2) == (["failed", "failed"], "closed")
+        assert observer.circuit_breaker_state == "closed"
+        # The fifth failure overall, in a third process, opens the shared breaker.
+        outcomes, state = _run_child(redis_server.url, name, 2)
+        assert outcomes == ["failed", "rejected"] and state == "open"
+        wait_until(lambda: observer.circuit_breaker_state == "open")
+        with pytest.raises(dwcp.CircuitOpenError):
+            observer.send_with_circuit_breaker(b"x")
+    finally:
+        observer.stop()
+
+
+def test_reset_timeout_is_shared(redis_server: RedisServer) -> None:
+    name = "shared-test-2"
+    make = lambda: dwcp.Manager(  # noqa: E731
+        FakeTransport(),
+        breaker_storage=redis_server.url,
+        breaker_name=name,
+        max_failures=1,
+        reset_timeout=1.0,
+    )
+    first, second = make(), make()
+    first.start()
+    second.start()
+    try:
+        first._transport.fail_sends = OSError("down")  # type: ignore[attr-defined]
+        with pytest.raises(dwcp.TransportError):
+            first.send_with_circuit_breaker(b"x")
+        wait_until(lambda: second.circuit_breaker_state == "open")
+        # Both half-open once the shared reset timeout passes (Redis keeps whole seconds).
+        wait_until(lambda: second.circuit_breaker_state == "half-open", timeout=5)
+        second.send_with_circuit_breaker(b"trial")
+        wait_until(lambda: first.circuit_breaker_state == "closed")
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_unreachable_redis_falls_back_to_local_state_and_returns(
+    redis_server: RedisServer,
+) -> None:
+    transport = FakeTransport()
+    manager = dwcp.Manager(
+        transport,
+        breaker_storage=redis_server.url,
+        breaker_name="shared-test-3",
+        max_failures=3,
+        reset_timeout=3600,
+    )
+    manager.start()
+    try:
+        manager.send_with_circuit_breaker(b"before")
+        redis_server.stop()
+        # Sends keep working on local state while Redis is gone, and the breaker still works.
+        wait_until(lambda: _send_ok(manager) and manager.health().breaker_storage == "fallback")
+        assert manager.metrics().breaker_storage_errors > 0
+        assert manager.metrics().breaker_storage == "fallback"
+        transport.fail_sends = OSError("down")
+        for _ in range(3):
+            with pytest.raises(dwcp.TransportError):
+                manager.send_with_circuit_breaker(b"x")
+        with pytest.raises(dwcp.CircuitOpenError):
+            manager.send_with_circuit_breaker(b"x")
+        redis_server.start()
+        wait_until(lambda: manager.health().breaker_storage == "shared", timeout=10)
+    finally:
+        manager.stop()
+
+
+def _send_ok(manager: dwcp.Manager) -> bool:
+    manager.send_with_circuit_breaker(b"during")
+    return True
+
+
+def test_bad_storage_arguments_are_clear() -> None:
+    with pytest.raises(ValueError, match="redis://"):
+        dwcp.Manager(FakeTransport(), breaker_storage="http://127.0.0.1:6379")
+    with pytest.raises(TypeError, match="breaker_storage"):
+        dwcp.Manager(FakeTransport(), breaker_storage=42)
+    with pytest.raises(ValueError, match="breaker_name"):
+        dwcp.Manager(FakeTransport(), breaker_storage="redis://127.0.0.1:1", breaker_name="")
