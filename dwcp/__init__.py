@@ -19,7 +19,7 @@ from dwcp.events import (
     RecoverySucceeded,
     SendRejected,
 )
-from dwcp.health import ComponentHealth, HealthSnapshot, MetricsSnapshot
+from dwcp.health import ComponentHealth, ComponentMetrics, HealthSnapshot, MetricsSnapshot
 from dwcp.manager import Manager
 from dwcp.recovery import RecoveryPolicy
 
@@ -31,6 +31,7 @@ __all__ = [
     "CircuitOpenError",
     "ComponentEscalated",
     "ComponentHealth",
+    "ComponentMetrics",
     "ComponentUnhealthy",
     "DWCPError",
     "Event",

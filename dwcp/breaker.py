@@ -78,6 +78,8 @@ class Breaker:
         self._sync_interval = sync_interval
         self._next_sync = 0.0
         self.transitions = 0
+        #: Transitions counted by (from, to) state, e.g. ("closed", "open").
+        self.transition_counts: dict[tuple[str, str], int] = {}
         self.rejections = 0
 
     # -- the send path -------------------------------------------------------------------
@@ -196,6 +198,8 @@ class Breaker:
         self._generation += 1
         self._trial_in_flight = False
         self.transitions += 1
+        key = (old, new)
+        self.transition_counts[key] = self.transition_counts.get(key, 0) + 1
         self._pending.append((old, new, write))
 
     def _flush(self) -> None:

@@ -7,7 +7,13 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
 
-__all__ = ["ComponentHealth", "ComponentStatus", "HealthSnapshot", "MetricsSnapshot"]
+__all__ = [
+    "ComponentHealth",
+    "ComponentMetrics",
+    "ComponentStatus",
+    "HealthSnapshot",
+    "MetricsSnapshot",
+]
 
 ComponentStatus = Literal["healthy", "unhealthy", "recovering", "failed"]
 
@@ -44,6 +50,19 @@ class HealthSnapshot:
 
 
 @dataclass(frozen=True)
+class ComponentMetrics:
+    """One component's recovery counters, downtime and current status."""
+
+    status: ComponentStatus
+    checks: int
+    check_failures: int
+    recovery_attempts: int
+    recoveries_succeeded: int
+    recoveries_failed: int
+    downtime_seconds: float
+
+
+@dataclass(frozen=True)
 class MetricsSnapshot:
     """Counters since construction; downtime is seconds from first failed check to recovery."""
 
@@ -63,6 +82,12 @@ class MetricsSnapshot:
     )
     breaker_storage: str = "local"
     breaker_storage_errors: int = 0
+    #: Breaker transitions by (from, to) state.
+    breaker_transitions: Mapping[tuple[str, str], int] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    components: Mapping[str, ComponentMetrics] = field(default_factory=lambda: MappingProxyType({}))
+    events_dropped: int = 0
 
     @property
     def recovery_success_rate(self) -> float | None:

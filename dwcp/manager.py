@@ -26,7 +26,13 @@ from dwcp.events import (
     SendRejected,
     _Dispatcher,
 )
-from dwcp.health import ComponentHealth, ComponentStatus, HealthSnapshot, MetricsSnapshot
+from dwcp.health import (
+    ComponentHealth,
+    ComponentMetrics,
+    ComponentStatus,
+    HealthSnapshot,
+    MetricsSnapshot,
+)
 from dwcp.recovery import Admission, RecoveryPolicy, RestartSupervisor, run_recovery
 from dwcp.shared import FailoverStorage, connect
 
@@ -125,6 +131,11 @@ class _Component:
     downtime: float = 0.0
     check: _Check | None = None
     cycle: _Cycle | None = None
+    checks: int = 0
+    check_failures: int = 0
+    attempts: int = 0
+    succeeded: int = 0
+    failed: int = 0
 
 
 @dataclass
@@ -249,6 +260,12 @@ class Manager:
     def is_started(self) -> bool:
         """Whether ``start()`` completed and ``stop()`` has not begun."""
         return self._started
+
+    @property
+    def monitor_alive(self) -> bool:
+        """Whether the health-monitoring thread is running."""
+        monitor = self._monitor
+        return monitor is not None and monitor.is_alive()
 
     def start(self) -> None:
         """Start the transport and layers in order, then the monitoring thread."""
@@ -448,6 +465,19 @@ class Manager:
                 for c in self._components.values()
             }
             statuses = {c.name: c.status for c in self._components.values()}
+            per_component = {
+                c.name: ComponentMetrics(
+                    status=c.status,
+                    checks=c.checks,
+                    check_failures=c.check_failures,
+                    recovery_attempts=c.attempts,
+                    recoveries_succeeded=c.succeeded,
+                    recoveries_failed=c.failed,
+                    downtime_seconds=downtime[c.name],
+                )
+                for c in self._components.values()
+            }
+            transitions = dict(self._breaker.transition_counts)
             with self._stats_lock:
                 counters = _Counters(**vars(self._counters))
         return MetricsSnapshot(
@@ -465,6 +495,9 @@ class Manager:
             component_status=MappingProxyType(statuses),
             breaker_storage=self._storage_mode(),
             breaker_storage_errors=self._shared_storage.errors if self._shared_storage else 0,
+            breaker_transitions=MappingProxyType(transitions),
+            components=MappingProxyType(per_component),
+            events_dropped=self._events.dropped,
         )
 
     # -- events ---------------------------------------------------------------------------------
@@ -580,6 +613,7 @@ class Manager:
             with self._lock:
                 self._waiters.discard(waiter)
                 for component, job in jobs:
+                    component.checks += 1
                     if job.done:
                         results[component.name] = job.error
                     elif stop.is_set():
@@ -588,6 +622,8 @@ class Manager:
                         results[component.name] = (
                             f"health check timed out after {self._check_timeout:g}s"
                         )
+                    if results[component.name] is not None:
+                        component.check_failures += 1
         return results
 
     def _check_thread(self, component: _Component, job: _Check) -> None:
@@ -686,6 +722,7 @@ class Manager:
                 raise DWCPError("manager is stopping", code="NOT_STARTED")
             with self._lock:
                 self._counters.recovery_attempts += 1
+                component.attempts += 1
             obj = component.obj
             if component.is_transport:
                 try:
@@ -768,11 +805,13 @@ class Manager:
             downtime = self._mark_healthy(component, now)
             component.supervisor.recovered(now)
             self._counters.recoveries_succeeded += 1
+            component.succeeded += 1
         elif cancelled:
             self._set_status(component, "unhealthy", now)
         else:
             self._set_status(component, "failed", now)
             self._counters.recoveries_failed += 1
+            component.failed += 1
         if error is not None and not recovered:
             component.last_error = _describe(error)
         component.cycle = None

@@ -370,3 +370,25 @@ def test_listener_that_raises_does_not_stop_the_others(make_manager: MakeManager
     manager.remove_listener(broken)
     with pytest.raises(ValueError):
         manager.remove_listener(broken)
+
+
+def test_metrics_per_component_and_per_transition(make_manager: MakeManager) -> None:
+    transport, layer = FakeTransport(), FakeLayer()
+    manager = make_manager(transport, compression=layer, max_failures=1)
+    manager.start()
+    assert manager.monitor_alive
+    layer.healthy = False
+    manager.check_component_health()
+    wait_until(lambda: manager.metrics().components["compression"].recoveries_failed == 1)
+    transport.fail_sends = OSError("down")
+    with pytest.raises(dwcp.TransportError):
+        manager.send_with_circuit_breaker(b"x")
+    assert manager.attempt_component_recovery("transport")
+    metrics = manager.metrics()
+    compression = metrics.components["compression"]
+    assert compression.status == "failed"
+    assert compression.recovery_attempts == 3 and compression.check_failures == 1 + 3
+    assert metrics.components["transport"].recoveries_succeeded == 1
+    assert dict(metrics.breaker_transitions) == {("closed", "open"): 1, ("open", "half-open"): 1}
+    manager.stop()
+    assert not manager.monitor_alive

@@ -140,7 +140,7 @@ def test_failures_from_several_processes_add_up_and_open_everywhere(
 
 def test_reset_timeout_is_shared(redis_server: RedisServer) -> None:
     name = "shared-test-2"
-    make = lambda: dwcp.Manager(  # noqa: E731
+    make = lambda: dwcp.Manager(
         FakeTransport(),
         breaker_storage=redis_server.url,
         breaker_name=name,
