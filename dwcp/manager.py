@@ -154,7 +154,9 @@ class Manager:
     """Supervises a transport and optional layers: health monitoring, recovery, circuit breaker.
 
     Configure it with constructor arguments, then ``start()`` it (or use it as a context
-    manager) and send through ``send_with_circuit_breaker``.  Times are seconds.
+    manager) and send through ``send_with_circuit_breaker``.  Times are seconds.  Besides the
+    four phase slots, ``layers`` registers further named layers, checked and recovered the
+    same way after them.
     """
 
     def __init__(
@@ -165,6 +167,7 @@ class Manager:
         prediction: Any = None,
         sync: Any = None,
         consensus: Any = None,
+        layers: Mapping[str, Any] | None = None,
         enabled: bool = True,
         health_interval: float = 10.0,
         health_check_timeout: float = 5.0,
@@ -191,17 +194,24 @@ class Manager:
         if transport is not None:
             _require_methods("transport", transport, _TRANSPORT_METHODS)
             objects["transport"] = (transport, True)
-        layers = {
+        slots = {
             "compression": compression,
             "prediction": prediction,
             "sync": sync,
             "consensus": consensus,
         }
         for slot in _LAYER_SLOTS:
-            layer = layers[slot]
+            layer = slots[slot]
             if layer is not None:
                 _require_methods(slot, layer, _LAYER_METHODS)
                 objects[slot] = (layer, False)
+        for name, layer in (layers or {}).items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"layers keys must be non-empty strings, got {name!r}")
+            if name in objects or name in ("transport", *_LAYER_SLOTS):
+                raise ValueError(f"layers name {name!r} clashes with a built-in component slot")
+            _require_methods(f"layer {name!r}", layer, _LAYER_METHODS)
+            objects[name] = (layer, False)
         policies = self._policies(recovery, objects)
         now = self._clock()
         self._components: dict[str, _Component] = {
@@ -584,6 +594,8 @@ class Manager:
         """
         results: dict[str, str | None] = {}
         jobs: list[tuple[_Component, _Check]] = []
+        # The timeout bounds the whole batch, starting threads included.
+        deadline = time.monotonic() + self._check_timeout
         with self._lock:
             fresh = [c for c in components if c.check is None]
             waiter = _Waiter(len(fresh))
@@ -608,7 +620,7 @@ class Manager:
                     name=f"dwcp-health-{component.name}",
                     daemon=True,
                 ).start()
-            waiter.event.wait(self._check_timeout)
+            waiter.event.wait(max(0.0, deadline - time.monotonic()))
         finally:
             with self._lock:
                 self._waiters.discard(waiter)

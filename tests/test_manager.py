@@ -373,3 +373,27 @@ def test_eight_thread_load_exact_counts(make_manager: MakeManager) -> None:
     assert metrics.breaker_state_changes == 1
     assert 5 <= counts["transport_error"] <= 5 + 7
     assert manager.circuit_breaker_state == "open"
+
+
+def test_extra_named_layers_are_checked_and_recovered(make_manager: MakeManager) -> None:
+    extra = FakeLayer("cache")
+    extra.heal_on_restart = True
+    manager = make_manager(FakeTransport(), compression=FakeLayer(), layers={"cache": extra})
+    manager.start()
+    assert list(manager.health().components) == ["transport", "compression", "cache"]
+    extra.healthy = False
+    assert manager.attempt_component_recovery("cache")
+    assert extra.calls == ["start", "stop", "start"]
+
+
+@pytest.mark.parametrize(
+    ("layers", "error", "match"),
+    [
+        ({"sync": FakeLayer()}, ValueError, "clashes"),
+        ({"": FakeLayer()}, ValueError, "non-empty"),
+        ({"cache": object()}, TypeError, "layer 'cache'"),
+    ],
+)
+def test_extra_layers_are_validated(layers: dict[str, object], error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        dwcp.Manager(FakeTransport(), layers=layers)

@@ -1,0 +1,47 @@
+"""``python -m benchmarks [--quick] [--json PATH] [--plot PATH] [--only N ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+
+from benchmarks import scenarios
+from benchmarks.harness import Result, format_table
+
+SCENARIOS = {
+    "2": scenarios.concurrency,
+    "4": scenarios.shutdown,
+    "6": scenarios.scale,
+    "7": scenarios.soak,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a short run (about a minute)")
+    parser.add_argument("--json", default="benchmarks/results.json", help="where to write results")
+    parser.add_argument("--only", nargs="*", choices=sorted(SCENARIOS), help="scenario numbers")
+    args = parser.parse_args(argv)
+    results: list[Result] = []
+    began = time.perf_counter()
+    for key in args.only or sorted(SCENARIOS):
+        print(f"running scenario {key} ...", file=sys.stderr, flush=True)
+        results.extend(SCENARIOS[key](args.quick))
+    print(format_table(results))
+    for r in results:
+        if r.notes:
+            print(f"  {r.scenario}: {r.notes}")
+    machine = (
+        f"{platform.machine()}, {platform.python_implementation()} {platform.python_version()}"
+    )
+    print(f"machine: {machine}; took {time.perf_counter() - began:.0f} s")
+    with open(args.json, "w") as out:
+        json.dump({"machine": machine, "results": [r.as_dict() for r in results]}, out, indent=2)
+    return 0 if all(r.met for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
