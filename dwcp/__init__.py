@@ -20,8 +20,10 @@ from dwcp.events import (
     SendRejected,
 )
 from dwcp.health import ComponentHealth, ComponentMetrics, HealthSnapshot, MetricsSnapshot
+from dwcp.http import HealthServer
 from dwcp.manager import Manager
 from dwcp.recovery import RecoveryPolicy
+from dwcp.webhook import WebhookNotifier
 
 # A library stays silent until the application asks for its logs: logger.enable("dwcp").
 _logger.disable("dwcp")
@@ -35,6 +37,7 @@ __all__ = [
     "ComponentUnhealthy",
     "DWCPError",
     "Event",
+    "HealthServer",
     "HealthSnapshot",
     "Layer",
     "Manager",
@@ -47,4 +50,5 @@ __all__ = [
     "SendRejected",
     "Transport",
     "TransportError",
+    "WebhookNotifier",
 ]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from loguru import logger
 
@@ -29,6 +30,8 @@ class ComponentUnhealthy:
 
     component: str
     error: str
+    #: When it happened (``time.time()``); not part of equality.
+    timestamp: float = field(default_factory=time.time, compare=False)
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,8 @@ class ComponentEscalated:
     component: str
     max_cycles: int
     window: float
+    #: When it happened (``time.time()``); not part of equality.
+    timestamp: float = field(default_factory=time.time, compare=False)
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,8 @@ class RecoveryStarted:
 
     component: str
     error: str | None
+    #: When it happened (``time.time()``); not part of equality.
+    timestamp: float = field(default_factory=time.time, compare=False)
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,8 @@ class RecoveryAttempt:
     component: str
     attempt: int
     backoff: float
+    #: When it happened (``time.time()``); not part of equality.
+    timestamp: float = field(default_factory=time.time, compare=False)
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,8 @@ class RecoverySucceeded:
     component: str
     attempts: int
     downtime: float
+    #: When it happened (``time.time()``); not part of equality.
+    timestamp: float = field(default_factory=time.time, compare=False)
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,8 @@ class RecoveryFailed:
     component: str
     attempts: int
     error: str | None
+    #: When it happened (``time.time()``); not part of equality.
+    timestamp: float = field(default_factory=time.time, compare=False)
 
 
 @dataclass(frozen=True)
@@ -81,6 +94,8 @@ class BreakerStateChanged:
 
     old: str
     new: str
+    #: When it happened (``time.time()``); not part of equality.
+    timestamp: float = field(default_factory=time.time, compare=False)
 
 
 @dataclass(frozen=True)
@@ -88,6 +103,8 @@ class SendRejected:
     """A send was refused by the open (or busy half-open) breaker."""
 
     state: str
+    #: When it happened (``time.time()``); not part of equality.
+    timestamp: float = field(default_factory=time.time, compare=False)
 
 
 Event = (

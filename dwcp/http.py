@@ -1,0 +1,287 @@
+"""A small HTTP server exposing a Manager's liveness, readiness, health and metrics.
+
+Endpoints (GET only; any other method gets 405, any other path 404):
+
+``/livez``
+    200 while the manager's monitoring thread is alive, 503 otherwise.
+``/readyz``
+    200 when the manager is started, the transport (or, without one, every component) is
+    healthy and the circuit breaker is not open; 503 otherwise.
+``/healthz``
+    A JSON document (see ``health_document``) with the same status code as ``/readyz``.
+``/metrics``
+    The Prometheus exposition of ``dwcp.prometheus.DWCPCollector`` when ``prometheus_client``
+    is installed, 404 with an explanation when it is not.
+
+Handlers only read the manager's snapshots, so no lock is ever held while a socket is
+written.  Request logs go to loguru at debug level, never to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from loguru import logger
+
+from dwcp.errors import DWCPError
+from dwcp.health import HealthSnapshot
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+    from dwcp.manager import Manager
+
+__all__ = ["HealthServer", "health_document"]
+
+_THREAD_NAME = "dwcp-http"
+# How often serve_forever looks at its shutdown flag; it bounds how long stop() takes.
+_POLL_INTERVAL = 0.05
+# A client that connects and then says nothing must not pin a handler thread for ever.
+_REQUEST_TIMEOUT = 10.0
+_TEXT = "text/plain; charset=utf-8"
+_JSON = "application/json"
+_METRICS_MISSING = (
+    b"Prometheus metrics need the optional prometheus_client package: "
+    b"pip install 'dwcp[prometheus]'\n"
+)
+
+
+def _monitor_alive(manager: Manager) -> bool:
+    """Whether the manager's monitoring thread is running."""
+    # Prefer a public property once the Manager has one; until then read the thread.
+    public = getattr(manager, "monitor_alive", None)
+    if isinstance(public, bool):
+        return public
+    thread = getattr(manager, "_monitor", None)
+    return isinstance(thread, threading.Thread) and thread.is_alive()
+
+
+def _utc_timestamp() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _ready(started: bool, health: HealthSnapshot) -> bool:
+    components = health.components
+    needed = [components["transport"]] if "transport" in components else components.values()
+    return started and health.breaker_state != "open" and all(c.healthy for c in needed)
+
+
+def health_document(manager: Manager) -> tuple[bool, dict[str, Any]]:
+    """Return whether ``manager`` is ready and the ``/healthz`` document describing it.
+
+    ``status`` is ``healthy`` when the manager is started, every component is healthy and the
+    breaker is not open; ``ready`` is the ``/readyz`` verdict (the transport alone decides).
+    """
+    started = manager.is_started
+    health = manager.health()
+    metrics = manager.metrics()
+    ready = _ready(started, health)
+    rate = metrics.recovery_success_rate
+    document: dict[str, Any] = {
+        "status": "healthy" if started and health.healthy else "unhealthy",
+        "ready": ready,
+        "started": started,
+        "monitor_alive": _monitor_alive(manager),
+        "timestamp": _utc_timestamp(),
+        "breaker": {"state": health.breaker_state},
+        "components": {
+            name: {
+                "status": c.status,
+                "last_error": c.last_error,
+                "seconds_in_status": round(c.seconds_in_status, 3),
+            }
+            for name, c in health.components.items()
+        },
+        "metrics": {
+            "health_checks": metrics.health_checks,
+            "component_checks": metrics.component_checks,
+            "recovery_attempts": metrics.recovery_attempts,
+            "recoveries_succeeded": metrics.recoveries_succeeded,
+            "recoveries_failed": metrics.recoveries_failed,
+            "recovery_success_rate": None if rate is None else round(rate, 4),
+            "breaker_state_changes": metrics.breaker_state_changes,
+            "breaker_rejections": metrics.breaker_rejections,
+            "sends": metrics.sends,
+            "sent_bytes": metrics.sent_bytes,
+            "send_errors": metrics.send_errors,
+            "downtime_seconds": {k: round(v, 3) for k, v in metrics.downtime_seconds.items()},
+        },
+    }
+    return ready, document
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # Hand-off to the handlers: set once before serving, read-only afterwards.
+    manager: Manager
+    metrics: Any  # the dwcp.prometheus registry, or None without prometheus_client
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver prints tracebacks to stderr; a library logs instead.  Clients that hang
+        # up mid-response are routine for probes, hence debug.
+        logger.opt(exception=True).bind(client=str(client_address)).debug(
+            "HTTP request handling failed"
+        )
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    timeout = _REQUEST_TIMEOUT
+    server_version = "dwcp"
+
+    def do_GET(self) -> None:
+        try:
+            code, content_type, body = self._route(urlsplit(self.path).path)
+        except Exception as exc:  # noqa: BLE001 - a probe gets a 500, never a dropped connection
+            logger.opt(exception=exc).bind(request=self.requestline).error("HTTP handler failed")
+            code, content_type, body = 500, _TEXT, b"internal error; see the application log\n"
+        self._reply(code, content_type, body)
+
+    def _route(self, path: str) -> tuple[int, str, bytes]:
+        manager = self.server.manager
+        if path == "/livez":
+            alive = _monitor_alive(manager)
+            return (200, _TEXT, b"ok\n") if alive else (503, _TEXT, b"monitor not running\n")
+        if path == "/readyz":
+            ready = _ready(manager.is_started, manager.health())
+            return (200, _TEXT, b"ready\n") if ready else (503, _TEXT, b"not ready\n")
+        if path == "/healthz":
+            ready, document = health_document(manager)
+            return 200 if ready else 503, _JSON, (json.dumps(document, indent=2) + "\n").encode()
+        if path == "/metrics":
+            registry = self.server.metrics
+            if registry is None:
+                return 404, _TEXT, _METRICS_MISSING
+            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+            return 200, CONTENT_TYPE_LATEST, generate_latest(registry)
+        return 404, _TEXT, b"not found; try /livez, /readyz, /healthz or /metrics\n"
+
+    def _not_allowed(self) -> None:
+        self._reply(405, _TEXT, b"method not allowed; only GET\n", allow="GET")
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _not_allowed
+
+    def _reply(self, code: int, content_type: str, body: bytes, *, allow: str = "") -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        if allow:
+            self.send_header("Allow", allow)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        # http.server passes HTTPStatus members for its own errors; log the number.
+        status = int(code) if isinstance(code, int) else code
+        logger.bind(client=self.client_address[0], request=self.requestline, status=status).debug(
+            "HTTP request"
+        )
+
+    def log_message(self, format: str, *args: Any) -> None:
+        # Everything else http.server would print to stderr (errors, timeouts).
+        logger.bind(client=self.client_address[0], detail=format % args).debug(
+            "HTTP server message"
+        )
+
+
+def _metrics_registry(manager: Manager) -> Any:
+    try:
+        from prometheus_client import CollectorRegistry
+
+        from dwcp.prometheus import register_metrics
+    except ImportError:
+        return None
+    registry = CollectorRegistry()
+    register_metrics(manager, registry)
+    return registry
+
+
+class HealthServer:
+    """Serves ``/livez``, ``/readyz``, ``/healthz`` and ``/metrics`` for a Manager.
+
+    ``start()`` binds (``port=0`` picks a free port; read ``address`` or ``url``) and serves on
+    a thread named ``dwcp-http``; ``stop()`` shuts it down and joins it.
+    """
+
+    def __init__(self, manager: Manager, host: str = "127.0.0.1", port: int = 0) -> None:
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ValueError(f"port must be an int from 0 to 65535, got {port!r}")
+        self._manager = manager
+        self._host = host
+        self._port = port
+        self._lock = threading.Lock()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound ``(host, port)``; raises ``DWCPError`` (``NOT_STARTED``) before ``start()``."""
+        server = self._server
+        if server is None:
+            raise DWCPError("health server is not started", code="NOT_STARTED")
+        host, port = server.server_address[:2]
+        return str(host), int(port)
+
+    @property
+    def url(self) -> str:
+        """The base URL, such as ``http://127.0.0.1:8080``."""
+        host, port = self.address
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def start(self) -> None:
+        """Bind the socket and serve on a background thread."""
+        with self._lock:
+            if self._server is not None:
+                raise DWCPError("health server is already started", code="ALREADY_STARTED")
+            server_class = _Server6 if ":" in self._host else _Server
+            server = server_class((self._host, self._port), _Handler)
+            server.manager = self._manager
+            server.metrics = _metrics_registry(self._manager)
+            thread = threading.Thread(
+                target=server.serve_forever,
+                kwargs={"poll_interval": _POLL_INTERVAL},
+                name=_THREAD_NAME,
+                daemon=True,
+            )
+            self._server, self._thread = server, thread
+            thread.start()
+        logger.bind(url=self.url).info("Health server started")
+
+    def stop(self) -> None:
+        """Stop serving, join the thread and close the socket; idempotent."""
+        with self._lock:
+            server, self._server = self._server, None
+            thread, self._thread = self._thread, None
+        if server is None or thread is None:
+            return
+        # Outside the lock: shutdown() waits for serve_forever to notice, up to one poll.
+        server.shutdown()
+        thread.join()
+        server.server_close()
+        logger.info("Health server stopped")
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -1,0 +1,169 @@
+"""``python -m dwcp status`` against a live HealthServer on 127.0.0.1."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import dwcp
+from dwcp.cli import COMMANDS, Command, _duration, build_parser, health_url, main
+from dwcp.http import HealthServer
+from tests.conftest import FakeLayer, FakeTransport
+
+MakeManager = Callable[..., dwcp.Manager]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def transport() -> FakeTransport:
+    return FakeTransport()
+
+
+@pytest.fixture
+def manager(make_manager: MakeManager, transport: FakeTransport) -> dwcp.Manager:
+    manager = make_manager(transport, compression=FakeLayer(), initial_backoff=0.01, max_retries=1)
+    manager.start()
+    return manager
+
+
+@pytest.fixture
+def server(manager: dwcp.Manager) -> Iterator[HealthServer]:
+    with HealthServer(manager) as server:
+        yield server
+
+
+def test_status_of_a_healthy_manager(
+    server: HealthServer, manager: dwcp.Manager, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manager.send_with_circuit_breaker(b"hello")
+    assert main(["status", server.url]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("DWCP healthy (ready)")
+    assert f"{server.url}/healthz" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
+    assert rows["COMPONENT"] == ["COMPONENT", "STATUS", "SINCE", "LAST", "ERROR"]
+    assert rows["transport"][1:2] == ["healthy"] and rows["transport"][-1] == "-"
+    assert rows["compression"][1] == "healthy"
+    assert "Circuit breaker: closed (transitions 0, rejections 0)" in out
+    assert "Sends:           1 ok (5 bytes), 0 errors" in out
+
+
+def test_status_of_an_unhealthy_manager(
+    server: HealthServer,
+    manager: dwcp.Manager,
+    transport: FakeTransport,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    transport.healthy = False
+    assert manager.attempt_component_recovery("transport") is False
+    assert main(["status", server.url]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("DWCP UNHEALTHY (not ready)")
+    transport_row = next(line for line in out.splitlines() if line.startswith("transport"))
+    assert "failed" in transport_row and "peer unreachable" in transport_row
+    assert "Recoveries:      0 succeeded, 1 failed, 1 attempts (0% success)" in out
+    assert "Downtime:        transport" in out
+
+
+def test_json_prints_the_raw_document(
+    server: HealthServer,
+    manager: dwcp.Manager,
+    transport: FakeTransport,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["status", "--json", server.url]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["status"] == "healthy"
+    assert set(document["components"]) == {"transport", "compression"}
+
+    transport.healthy = False
+    manager.attempt_component_recovery("transport")
+    assert main(["status", server.url + "/healthz", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["status"] == "unhealthy"
+
+
+def test_unreachable_server_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    assert main(["status", f"http://127.0.0.1:{port}", "--timeout", "2"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert f"dwcp status: cannot reach http://127.0.0.1:{port}/healthz" in captured.err
+
+
+@pytest.mark.parametrize(("path", "reason"), [("/nope", "HTTP 404"), ("/livez", "health document")])
+def test_a_url_that_is_not_a_health_document_exits_2(
+    server: HealthServer, path: str, reason: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["status", server.url + path]) == 2
+    assert reason in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("http://127.0.0.1:8080", "http://127.0.0.1:8080/healthz"),
+        ("http://127.0.0.1:8080/", "http://127.0.0.1:8080/healthz"),
+        ("127.0.0.1:8080", "http://127.0.0.1:8080/healthz"),
+        ("http://h:1/custom/health", "http://h:1/custom/health"),
+        ("https://h/?x=1", "https://h/healthz?x=1"),
+    ],
+)
+def test_health_url(given: str, expected: str) -> None:
+    assert health_url(given) == expected
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0.042, "0.04s"), (12.34, "12.3s"), (75, "1m15s"), (7322, "2h02m"), (200_000, "2d07h")],
+)
+def test_duration(seconds: float, text: str) -> None:
+    assert _duration(seconds) == text
+
+
+def test_a_subcommand_is_required(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as excinfo:
+        main([])
+    assert excinfo.value.code == 2
+    assert "status" in capsys.readouterr().err
+
+
+def test_the_registry_takes_another_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    def configure(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--peers", type=int, default=1)
+
+    def run(args: argparse.Namespace) -> int:
+        print(f"demo with {args.peers} peers")
+        return 0
+
+    parser = build_parser((*COMMANDS, Command("demo", "run a demo", configure, run)))
+    args = parser.parse_args(["demo", "--peers", "3"])
+    assert args.run(args) == 0
+    assert capsys.readouterr().out == "demo with 3 peers\n"
+
+
+def test_python_dash_m_dwcp_status(server: HealthServer) -> None:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "dwcp", "status", server.url],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("DWCP healthy")
+    assert "transport" in result.stdout

@@ -1,0 +1,236 @@
+"""The Prometheus collector, read back through the text exposition a scraper would parse."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import REGISTRY
+
+import dwcp
+from dwcp.prometheus import DWCPCollector, register_metrics
+from tests.conftest import FakeLayer, FakeTransport, wait_until
+
+MakeManager = Callable[..., dwcp.Manager]
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def scrape(registry: CollectorRegistry) -> Samples:
+    text = generate_latest(registry).decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+def one_hot(samples: Samples, name: str, label: str, **fixed: str) -> str:
+    """The single label value whose sample is 1, checking every other one is 0."""
+    hot = [
+        dict(labels)[label]
+        for (n, labels), v in samples.items()
+        if n == name and all(dict(labels).get(k) == x for k, x in fixed.items()) and v == 1.0
+    ]
+    rest = [
+        v
+        for (n, labels), v in samples.items()
+        if n == name and all(dict(labels).get(k) == x for k, x in fixed.items()) and v != 1.0
+    ]
+    assert len(hot) == 1 and all(v == 0.0 for v in rest), (name, fixed, samples)
+    return hot[0]
+
+
+def transitions(samples: Samples) -> dict[tuple[str, str], float]:
+    """The non-zero breaker transitions by (from, to)."""
+    found = {}
+    for (name, labels), v in samples.items():
+        if name == "dwcp_breaker_transitions_total" and v:
+            found[(dict(labels)["from_state"], dict(labels)["to_state"])] = v
+    return found
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+def test_fresh_manager_exposes_every_metric(
+    make_manager: MakeManager, registry: CollectorRegistry
+) -> None:
+    manager = make_manager(FakeTransport(), compression=FakeLayer())
+    register_metrics(manager, registry)
+    manager.start()
+    samples = scrape(registry)
+
+    for name in (
+        "dwcp_health_checks_total",
+        "dwcp_component_checks_total",
+        "dwcp_breaker_rejections_total",
+        "dwcp_sends_total",
+        "dwcp_sent_bytes_total",
+        "dwcp_send_errors_total",
+    ):
+        assert value(samples, name) == 0.0, name
+    assert transitions(samples) == {}
+    for component in ("transport", "compression"):
+        assert value(samples, "dwcp_recovery_attempts_total", component=component) == 0.0
+        for result in ("succeeded", "failed"):
+            labels = {"component": component, "result": result}
+            assert value(samples, "dwcp_recoveries_total", **labels) == 0.0
+        assert value(samples, "dwcp_component_up", component=component) == 1.0
+        assert value(samples, "dwcp_component_downtime_seconds_total", component=component) == 0
+        assert one_hot(samples, "dwcp_component_status", "status", component=component) == (
+            "healthy"
+        )
+    assert one_hot(samples, "dwcp_breaker_state", "state") == "closed"
+
+
+def test_values_follow_a_scripted_failure_and_recovery(
+    make_manager: MakeManager, registry: CollectorRegistry
+) -> None:
+    transport = FakeTransport()
+    manager = make_manager(
+        transport, health_interval=3600, initial_backoff=0.01, max_retries=2, max_failures=2
+    )
+    register_metrics(manager, registry)
+    manager.start()
+    manager.send_with_circuit_breaker(b"hello")
+
+    # The peer goes away: two failed sends open the breaker, the third is rejected.
+    transport.healthy = False
+    transport.fail_sends = ConnectionError("peer unreachable")
+    for _ in range(2):
+        with pytest.raises(dwcp.TransportError):
+            manager.send_with_circuit_breaker(b"lost")
+    with pytest.raises(dwcp.CircuitOpenError):
+        manager.send_with_circuit_breaker(b"rejected")
+    manager.check_component_health()
+    wait_until(lambda: manager.metrics().recoveries_failed == 1)
+
+    down = scrape(registry)
+    assert value(down, "dwcp_health_checks_total") == 1
+    assert value(down, "dwcp_component_up", component="transport") == 0
+    assert one_hot(down, "dwcp_component_status", "status", component="transport") == "failed"
+    assert value(down, "dwcp_recovery_attempts_total", component="transport") == 2
+    assert value(down, "dwcp_recoveries_total", component="transport", result="failed") == 1
+    assert value(down, "dwcp_recoveries_total", component="transport", result="succeeded") == 0
+    assert value(down, "dwcp_component_downtime_seconds_total", component="transport") > 0
+    assert one_hot(down, "dwcp_breaker_state", "state") == "open"
+    assert transitions(down) == {("closed", "open"): 1}
+    assert value(down, "dwcp_breaker_rejections_total") == 1
+    assert value(down, "dwcp_sends_total") == 1
+    assert value(down, "dwcp_sent_bytes_total") == 5
+    assert value(down, "dwcp_send_errors_total") == 2
+
+    # The peer is back: a verified recovery, then a trial send closes the breaker.
+    transport.healthy = True
+    transport.fail_sends = None
+    assert manager.attempt_component_recovery("transport") is True
+
+    up = scrape(registry)
+    assert value(up, "dwcp_component_up", component="transport") == 1
+    assert one_hot(up, "dwcp_component_status", "status", component="transport") == "healthy"
+    assert value(up, "dwcp_recovery_attempts_total", component="transport") == 3
+    assert value(up, "dwcp_recoveries_total", component="transport", result="succeeded") == 1
+    assert value(up, "dwcp_recoveries_total", component="transport", result="failed") == 1
+    assert one_hot(up, "dwcp_breaker_state", "state") == "half-open"
+    assert transitions(up) == {("closed", "open"): 1, ("open", "half-open"): 1}
+    downtime = value(up, "dwcp_component_downtime_seconds_total", component="transport")
+    assert downtime >= value(down, "dwcp_component_downtime_seconds_total", component="transport")
+
+    manager.send_with_circuit_breaker(b"again")
+    after = scrape(registry)
+    assert one_hot(after, "dwcp_breaker_state", "state") == "closed"
+    assert transitions(after) == {
+        ("closed", "open"): 1,
+        ("open", "half-open"): 1,
+        ("half-open", "closed"): 1,
+    }
+    assert value(after, "dwcp_sends_total") == 2
+    assert value(after, "dwcp_sent_bytes_total") == 10
+    # Downtime stops growing once the component recovered.
+    assert value(after, "dwcp_component_downtime_seconds_total", component="transport") == (
+        downtime
+    )
+
+
+def test_layer_status_is_labelled_per_component(
+    make_manager: MakeManager, registry: CollectorRegistry
+) -> None:
+    layer = FakeLayer()
+    manager = make_manager(FakeTransport(), sync=layer, initial_backoff=0.01, max_retries=1)
+    register_metrics(manager, registry)
+    manager.start()
+    layer.healthy = False
+    assert manager.attempt_component_recovery("sync") is False
+
+    samples = scrape(registry)
+    assert value(samples, "dwcp_component_up", component="sync") == 0
+    assert value(samples, "dwcp_component_up", component="transport") == 1
+    assert one_hot(samples, "dwcp_component_status", "status", component="sync") == "failed"
+
+
+def test_breaker_state_is_all_zero_without_a_transport(
+    make_manager: MakeManager, registry: CollectorRegistry
+) -> None:
+    manager = make_manager(None, compression=FakeLayer())
+    register_metrics(manager, registry)
+    samples = scrape(registry)
+    assert [v for (n, _), v in samples.items() if n == "dwcp_breaker_state"] == [0.0] * 3
+
+
+def test_register_metrics_uses_the_default_registry(make_manager: MakeManager) -> None:
+    collector = register_metrics(make_manager(FakeTransport()))
+    try:
+        assert isinstance(collector, DWCPCollector)
+        assert b"dwcp_component_up" in generate_latest(REGISTRY)
+    finally:
+        REGISTRY.unregister(collector)
+
+
+def test_registering_twice_on_one_registry_is_refused(
+    make_manager: MakeManager, registry: CollectorRegistry
+) -> None:
+    register_metrics(make_manager(FakeTransport()), registry)
+    with pytest.raises(ValueError, match="Duplicated timeseries"):
+        register_metrics(make_manager(FakeTransport()), registry)
+
+
+def test_registration_does_not_call_into_the_manager() -> None:
+    class Unreadable:
+        def metrics(self) -> object:
+            raise AssertionError("collect() ran at registration")
+
+        health = metrics
+
+    # auto_describe makes the registry ask for names; describe() answers without snapshots.
+    register_metrics(Unreadable(), CollectorRegistry(auto_describe=True))  # type: ignore[arg-type]
+
+
+def test_missing_prometheus_client_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [m for m in sys.modules if m.split(".")[0] == "prometheus_client"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)
+    monkeypatch.delitem(sys.modules, "dwcp.prometheus")
+    with pytest.raises(ImportError, match=r"pip install 'dwcp\[prometheus\]'"):
+        importlib.import_module("dwcp.prometheus")
+
+
+def test_importing_dwcp_does_not_import_prometheus_client() -> None:
+    code = "import sys, dwcp; sys.exit('prometheus_client' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, timeout=30, check=False
+    )
+    assert result.returncode == 0, result.stderr.decode()

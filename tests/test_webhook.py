@@ -1,0 +1,393 @@
+"""Webhook alerts against a real local HTTP receiver that is up, down, slow, or failing."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+import dwcp
+from dwcp.events import SendRejected
+from dwcp.webhook import EVENT_KINDS, WebhookNotifier, _alert
+from tests.conftest import FakeTransport, wait_until
+
+MakeManager = Callable[..., dwcp.Manager]
+MakeNotifier = Callable[..., WebhookNotifier]
+
+
+class Receiver:
+    """A webhook endpoint on 127.0.0.1 that records alerts and answers as the test scripts.
+
+    ``answers`` are status codes given in order (then 200); with ``gate`` set, each request
+    waits on it before answering, which makes the receiver slow without any sleeping.
+    """
+
+    def __init__(self) -> None:
+        self.answers: list[int] = []
+        self.gate: threading.Event | None = None
+        self.received: list[tuple[dict[str, Any], dict[str, str]]] = []
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                with receiver._lock:
+                    receiver.received.append(
+                        (json.loads(body), {k.lower(): v for k, v in self.headers.items()})
+                    )
+                    code = receiver.answers.pop(0) if receiver.answers else 200
+                    gate = receiver.gate
+                if gate is not None:
+                    gate.wait(10)
+                self.send_response(code)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request: object, client_address: object) -> None:
+                pass  # the notifier hung up on a slow answer: expected here
+
+        self._server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hooks/secret-token"
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="receiver"
+        )
+        self._thread.start()
+
+    def payloads(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [payload for payload, _ in self.received]
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.received)
+
+    def close(self) -> None:
+        if self.gate is not None:
+            self.gate.set()
+        self._server.shutdown()
+        self._thread.join()
+        self._server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    server = Receiver()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def closed_port_url() -> str:
+    """A loopback URL nothing listens on: bind a port, then let it go."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/hook"
+
+
+@pytest.fixture
+def make_notifier() -> Iterator[MakeNotifier]:
+    """Build notifiers with quick retries; every one is closed (thread joined) at teardown."""
+    made: list[WebhookNotifier] = []
+
+    def make(url: str, **kwargs: Any) -> WebhookNotifier:
+        options: dict[str, Any] = {"retry_backoff": 0.01, "timeout": 2.0}
+        options.update(kwargs)
+        notifier = WebhookNotifier(url, **options)
+        made.append(notifier)
+        return notifier
+
+    yield make
+    for notifier in made:
+        notifier.close(timeout=2.0)
+
+
+def failed(component: str = "transport") -> dwcp.RecoveryFailed:
+    return dwcp.RecoveryFailed(component, 3, "ConnectionError: peer unreachable")
+
+
+# -- the payload -------------------------------------------------------------------------------
+
+
+def test_alert_payload_and_headers(receiver: Receiver, make_notifier: MakeNotifier) -> None:
+    notifier = make_notifier(receiver.url)
+    notifier.start()
+    notifier(failed())
+    wait_until(lambda: notifier.delivered == 1)
+
+    [(payload, headers)] = receiver.received
+    assert payload == {
+        "event": "recovery_failed",
+        "component": "transport",
+        "timestamp": payload["timestamp"],
+        "details": {"attempts": 3, "error": "ConnectionError: peer unreachable"},
+        "source": "dwcp",
+    }
+    stamp = datetime.fromisoformat(payload["timestamp"].replace("Z", "+00:00"))
+    assert stamp.utcoffset() == timedelta(0)
+    assert abs(datetime.now(timezone.utc) - stamp) < timedelta(minutes=1)
+    assert headers["content-type"] == "application/json"
+    assert headers["x-dwcp-event"] == "recovery_failed"
+    assert (notifier.failed, notifier.dropped) == (0, 0)
+
+
+def test_every_event_kind_maps_to_documented_details() -> None:
+    assert _alert(dwcp.RecoveryFailed("sync", 3, None)) == (
+        "recovery_failed",
+        "sync",
+        {"attempts": 3, "error": None},
+    )
+    assert _alert(dwcp.RecoverySucceeded("transport", 2, 1.23456)) == (
+        "recovery_succeeded",
+        "transport",
+        {"attempts": 2, "downtime_seconds": 1.235},
+    )
+    assert _alert(dwcp.RecoveryStarted("transport", "boom")) == (
+        "recovery_started",
+        "transport",
+        {"error": "boom"},
+    )
+    assert _alert(dwcp.ComponentUnhealthy("compression", "boom")) == (
+        "component_unhealthy",
+        "compression",
+        {"error": "boom"},
+    )
+    assert _alert(dwcp.BreakerStateChanged("closed", "open")) == (
+        "breaker_opened",
+        "transport",
+        {"from_state": "closed", "to_state": "open"},
+    )
+    assert _alert(dwcp.BreakerStateChanged("half-open", "closed")) == (
+        "breaker_closed",
+        "transport",
+        {"from_state": "half-open", "to_state": "closed"},
+    )
+    assert _alert(dwcp.BreakerStateChanged("open", "half-open")) is None
+    assert _alert(dwcp.RecoveryAttempt("transport", 1, 1.0)) is None
+    assert _alert(SendRejected("open")) is None
+
+
+def test_only_selected_kinds_are_posted(receiver: Receiver, make_notifier: MakeNotifier) -> None:
+    notifier = make_notifier(receiver.url)
+    notifier.start()
+    notifier(dwcp.RecoverySucceeded("transport", 1, 0.5))  # not selected by default
+    notifier(dwcp.BreakerStateChanged("closed", "open"))
+    notifier(failed())
+    wait_until(lambda: notifier.delivered == 2)
+    assert [p["event"] for p in receiver.payloads()] == ["breaker_opened", "recovery_failed"]
+
+
+def test_all_kinds_can_be_selected(receiver: Receiver, make_notifier: MakeNotifier) -> None:
+    notifier = make_notifier(receiver.url, events=EVENT_KINDS)
+    notifier.start()
+    for event in (
+        dwcp.ComponentUnhealthy("transport", "down"),
+        dwcp.RecoveryStarted("transport", "down"),
+        failed(),
+        dwcp.BreakerStateChanged("closed", "open"),
+        dwcp.RecoverySucceeded("transport", 1, 0.5),
+        dwcp.BreakerStateChanged("half-open", "closed"),
+    ):
+        notifier(event)
+    wait_until(lambda: notifier.delivered == 6)
+    assert {p["event"] for p in receiver.payloads()} == set(EVENT_KINDS)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"events": ("recovery_failed", "nope")}, ValueError, "valid names are recovery_failed"),
+        ({"events": ()}, ValueError, "valid names are"),
+        ({"events": "recovery_failed"}, TypeError, "not a single str"),
+        ({"timeout": 0}, ValueError, "timeout"),
+        ({"queue_size": 0}, ValueError, "queue_size"),
+        ({"retry_attempts": 0}, ValueError, "retry_attempts"),
+        ({"retry_backoff": -1}, ValueError, "retry_backoff"),
+    ],
+)
+def test_configuration_is_validated(
+    kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        WebhookNotifier("http://127.0.0.1:9/hook", **kwargs)
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:9/hook", "ftp://example.invalid/x", "http://"])
+def test_url_must_be_absolute_http(url: str) -> None:
+    with pytest.raises(ValueError, match="url"):
+        WebhookNotifier(url)
+
+
+# -- delivery and retries ----------------------------------------------------------------------
+
+
+def test_a_5xx_is_retried_until_accepted(receiver: Receiver, make_notifier: MakeNotifier) -> None:
+    receiver.answers = [500, 503]
+    notifier = make_notifier(receiver.url, retry_attempts=3)
+    notifier.start()
+    notifier(failed())
+    wait_until(lambda: notifier.delivered == 1)
+    assert receiver.count() == 3
+    assert notifier.failed == 0
+
+
+def test_5xx_on_every_attempt_fails_the_alert(
+    receiver: Receiver, make_notifier: MakeNotifier
+) -> None:
+    receiver.answers = [500, 500, 500]
+    notifier = make_notifier(receiver.url, retry_attempts=3)
+    notifier.start()
+    notifier(failed())
+    wait_until(lambda: notifier.failed == 1)
+    assert (receiver.count(), notifier.delivered) == (3, 0)
+
+
+def test_a_4xx_is_not_retried(receiver: Receiver, make_notifier: MakeNotifier) -> None:
+    receiver.answers = [400]
+    notifier = make_notifier(receiver.url, retry_attempts=3)
+    notifier.start()
+    notifier(failed())
+    notifier(failed("sync"))  # the next alert goes through: the worker moved on
+    wait_until(lambda: notifier.delivered == 1)
+    assert notifier.failed == 1
+    assert [p["component"] for p in receiver.payloads()] == ["transport", "sync"]
+
+
+def test_a_receiver_that_is_down_fails_after_the_retries(
+    closed_port_url: str, make_notifier: MakeNotifier
+) -> None:
+    notifier = make_notifier(closed_port_url, retry_attempts=2)
+    notifier.start()
+    notifier(failed())
+    wait_until(lambda: notifier.failed == 1)
+    assert notifier.delivered == 0
+
+
+def test_a_slow_receiver_times_out(receiver: Receiver, make_notifier: MakeNotifier) -> None:
+    receiver.gate = threading.Event()
+    notifier = make_notifier(receiver.url, timeout=0.2, retry_attempts=1)
+    notifier.start()
+    notifier(failed())
+    wait_until(lambda: notifier.failed == 1)
+    assert receiver.count() == 1
+
+
+# -- the queue ---------------------------------------------------------------------------------
+
+
+def test_a_full_queue_drops_the_oldest_alert(
+    receiver: Receiver, make_notifier: MakeNotifier
+) -> None:
+    notifier = make_notifier(receiver.url, queue_size=2)
+    for component in ("transport", "compression", "sync"):
+        notifier(failed(component))  # not started yet: alerts wait in the queue
+    assert (notifier.pending, notifier.dropped) == (2, 1)
+    notifier.start()
+    wait_until(lambda: notifier.delivered == 2)
+    assert [p["component"] for p in receiver.payloads()] == ["compression", "sync"]
+
+
+def test_the_caller_never_waits_for_delivery(
+    receiver: Receiver, make_notifier: MakeNotifier
+) -> None:
+    receiver.gate = threading.Event()
+    notifier = make_notifier(receiver.url, queue_size=3, timeout=10.0)
+    notifier.start()
+    notifier(failed())
+    wait_until(lambda: receiver.count() == 1)  # the worker is now stuck in that POST
+
+    calls = threading.Thread(target=lambda: [notifier(failed("sync")) for _ in range(10)])
+    calls.start()
+    calls.join(5)
+    assert not calls.is_alive()
+    assert (notifier.pending, notifier.dropped) == (3, 7)
+
+    receiver.gate.set()
+    notifier.close(timeout=5)
+    assert notifier.delivered == 4
+
+
+# -- close -------------------------------------------------------------------------------------
+
+
+def test_close_delivers_what_is_queued(receiver: Receiver, make_notifier: MakeNotifier) -> None:
+    notifier = make_notifier(receiver.url)
+    for component in ("transport", "sync", "consensus"):
+        notifier(failed(component))
+    notifier.start()
+    notifier.close(timeout=5)
+    assert notifier.delivered == 3
+    assert [t for t in threading.enumerate() if t.name == "dwcp-webhook"] == []
+    notifier.close()  # idempotent
+
+    notifier(failed())  # after close: dropped, not queued
+    assert (notifier.pending, notifier.dropped) == (0, 1)
+
+
+def test_close_cuts_a_backoff_short(receiver: Receiver, make_notifier: MakeNotifier) -> None:
+    receiver.answers = [500]
+    notifier = make_notifier(receiver.url, retry_attempts=3, retry_backoff=30.0)
+    notifier.start()
+    notifier(failed())
+    notifier(failed("sync"))
+    wait_until(lambda: receiver.count() == 1)  # the worker now backs off for 30 s
+
+    began = time.monotonic()
+    notifier.close(timeout=0.1)
+    assert time.monotonic() - began < 3.0
+    assert (notifier.delivered, notifier.failed, notifier.dropped) == (0, 1, 1)
+    assert [t for t in threading.enumerate() if t.name == "dwcp-webhook"] == []
+
+
+def test_start_twice_is_refused_and_restart_works(
+    receiver: Receiver, make_notifier: MakeNotifier
+) -> None:
+    notifier = make_notifier(receiver.url)
+    notifier.start()
+    with pytest.raises(dwcp.DWCPError) as excinfo:
+        notifier.start()
+    assert excinfo.value.code == "ALREADY_STARTED"
+    notifier.close()
+    with notifier:
+        notifier(failed())
+    assert notifier.delivered == 1
+
+
+# -- with a manager ----------------------------------------------------------------------------
+
+
+def test_manager_events_reach_the_webhook(
+    receiver: Receiver, make_notifier: MakeNotifier, make_manager: MakeManager
+) -> None:
+    transport = FakeTransport()
+    manager = make_manager(transport, initial_backoff=0.01, max_retries=2, max_failures=1)
+    notifier = make_notifier(receiver.url)
+    manager.add_listener(notifier)
+    notifier.start()
+    manager.start()
+
+    transport.healthy = False
+    transport.fail_sends = ConnectionError("reset")
+    with pytest.raises(dwcp.TransportError):
+        manager.send_with_circuit_breaker(b"x")
+    assert manager.attempt_component_recovery("transport") is False
+    wait_until(lambda: notifier.delivered == 2)
+
+    by_kind = {p["event"]: p for p in receiver.payloads()}
+    assert set(by_kind) == {"breaker_opened", "recovery_failed"}
+    assert by_kind["recovery_failed"]["details"]["attempts"] == 2
+    assert by_kind["breaker_opened"]["details"] == {"from_state": "closed", "to_state": "open"}
