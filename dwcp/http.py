@@ -53,16 +53,6 @@ _METRICS_MISSING = (
 )
 
 
-def _monitor_alive(manager: Manager) -> bool:
-    """Whether the manager's monitoring thread is running."""
-    # Prefer a public property once the Manager has one; until then read the thread.
-    public = getattr(manager, "monitor_alive", None)
-    if isinstance(public, bool):
-        return public
-    thread = getattr(manager, "_monitor", None)
-    return isinstance(thread, threading.Thread) and thread.is_alive()
-
-
 def _utc_timestamp() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -88,7 +78,7 @@ def health_document(manager: Manager) -> tuple[bool, dict[str, Any]]:
         "status": "healthy" if started and health.healthy else "unhealthy",
         "ready": ready,
         "started": started,
-        "monitor_alive": _monitor_alive(manager),
+        "monitor_alive": manager.monitor_alive,
         "timestamp": _utc_timestamp(),
         "breaker": {"state": health.breaker_state},
         "components": {
@@ -151,7 +141,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _route(self, path: str) -> tuple[int, str, bytes]:
         manager = self.server.manager
         if path == "/livez":
-            alive = _monitor_alive(manager)
+            alive = manager.monitor_alive
             return (200, _TEXT, b"ok\n") if alive else (503, _TEXT, b"monitor not running\n")
         if path == "/readyz":
             ready = _ready(manager.is_started, manager.health())

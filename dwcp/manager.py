@@ -33,6 +33,7 @@ from dwcp.health import (
     HealthSnapshot,
     MetricsSnapshot,
 )
+from dwcp.http import HealthServer
 from dwcp.recovery import Admission, RecoveryPolicy, RestartSupervisor, run_recovery
 from dwcp.shared import FailoverStorage, connect
 
@@ -178,6 +179,8 @@ class Manager:
         recovery: Mapping[str, RecoveryPolicy] | None = None,
         breaker_storage: object = None,
         breaker_name: str = "dwcp",
+        health_port: int | None = None,
+        health_host: str = "127.0.0.1",
     ) -> None:
         self._interval = _seconds("health_interval", health_interval, allow_zero=False)
         self._check_timeout = _seconds(
@@ -221,6 +224,10 @@ class Manager:
         self._transport = transport
 
         self._events = _Dispatcher()
+        # Validated now (HealthServer checks the port), bound in start().
+        self._health_server = (
+            HealthServer(self, health_host, health_port) if health_port is not None else None
+        )
         max_failures = _count("max_failures", max_failures)
         reset_timeout = _seconds("reset_timeout", reset_timeout, allow_zero=False)
         if not isinstance(breaker_name, str) or not breaker_name:
@@ -272,6 +279,14 @@ class Manager:
         return self._started
 
     @property
+    def health_url(self) -> str | None:
+        """Base URL of the built-in health server while it runs (``health_port`` set), else None."""
+        server = self._health_server
+        if server is None or not self._started:
+            return None
+        return server.url
+
+    @property
     def monitor_alive(self) -> bool:
         """Whether the health-monitoring thread is running."""
         monitor = self._monitor
@@ -288,12 +303,22 @@ class Manager:
             self._stopped.clear()
         started: list[_Component] = []
         try:
+            if self._health_server is not None:
+                try:
+                    self._health_server.start()
+                except OSError as exc:
+                    raise DWCPError(
+                        f"health server could not listen: {_describe(exc)}",
+                        code="HEALTH_SERVER_FAILED",
+                    ) from exc
             for component in self._components.values():
                 self._start_component(component)
                 started.append(component)
         except BaseException:
             for component in reversed(started):
                 self._shutdown_component(component)
+            if self._health_server is not None:
+                self._health_server.stop()
             with self._lock:
                 self._phase = "idle"
                 self._stopped.set()
@@ -341,6 +366,8 @@ class Manager:
                 )
         for component in reversed(list(self._components.values())):
             self._shutdown_component(component)
+        if self._health_server is not None:
+            self._health_server.stop()
         self._events.close()
         with self._lock:
             self._monitor = None
