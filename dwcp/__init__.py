@@ -23,6 +23,7 @@ from dwcp.health import ComponentHealth, ComponentMetrics, HealthSnapshot, Metri
 from dwcp.http import HealthServer
 from dwcp.manager import Manager
 from dwcp.recovery import RecoveryPolicy
+from dwcp.transport import MultiStreamReceiver, MultiStreamTCPTransport
 from dwcp.webhook import WebhookNotifier
 
 # A library stays silent until the application asks for its logs: logger.enable("dwcp").
@@ -42,6 +43,8 @@ __all__ = [
     "Layer",
     "Manager",
     "MetricsSnapshot",
+    "MultiStreamReceiver",
+    "MultiStreamTCPTransport",
     "RecoveryAttempt",
     "RecoveryFailed",
     "RecoveryPolicy",

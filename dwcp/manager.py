@@ -414,6 +414,11 @@ class Manager:
         try:
             transport.send(data)
         except _PEER_FAILURES as exc:
+            if getattr(exc, "code", None) == "NOT_STARTED":
+                # A closed transport (recovery could not restart it) never touched the
+                # network: not a verdict on the peer, so the breaker does not count it.
+                breaker.release(ticket)
+                raise
             breaker.record_failure(ticket)
             with self._stats_lock:
                 self._counters.send_errors += 1

@@ -397,3 +397,14 @@ def test_extra_named_layers_are_checked_and_recovered(make_manager: MakeManager)
 def test_extra_layers_are_validated(layers: dict[str, object], error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         dwcp.Manager(FakeTransport(), layers=layers)
+
+
+def test_transport_not_started_does_not_count(make_manager: MakeManager) -> None:
+    transport = FakeTransport()
+    manager = make_manager(transport, max_failures=1)
+    manager.start()
+    transport.fail_sends = dwcp.TransportError("transport is not started", code="NOT_STARTED")
+    for _ in range(3):
+        with pytest.raises(dwcp.TransportError):
+            manager.send_with_circuit_breaker(b"x")
+    assert manager.circuit_breaker_state == "closed"

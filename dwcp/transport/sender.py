@@ -1,0 +1,639 @@
+"""The sending side: one logical link striped over several TCP connections."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import socket
+import struct
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, NoReturn
+
+from loguru import logger
+
+from dwcp.errors import TransportError
+from dwcp.transport import wire
+
+if TYPE_CHECKING:  # typing.Self is 3.11+ and setup.cfg still allows 3.10
+    from typing_extensions import Self
+
+__all__ = ["MultiStreamTCPTransport"]
+
+Buffer = bytes | bytearray | memoryview
+
+_crc32 = zlib.crc32
+_monotonic = time.monotonic
+_pack_header = wire.DATA_HEADER.pack
+_MAGIC = wire.MAGIC
+_VERSION = wire.VERSION
+_DATA = wire.FRAME_DATA
+# Up to this size, copying header + payload into one buffer for a single sendall() is
+# cheaper than sendmsg()'s scatter list; above it the copy costs more than it saves.
+_COPY_LIMIT = 16 * 1024
+# A lock wait shorter than this does not shorten the socket timeout (saves a syscall).
+_TIMEOUT_SLACK = 0.001
+
+
+def _seconds(name: str, value: float | timedelta) -> float:
+    seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds or a timedelta")
+    if not seconds > 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return float(seconds)
+
+
+def _bounded_int(name: str, value: int, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in {low}..{high}, got {value}")
+    return value
+
+
+def set_kernel_timeout(sock: socket.socket, option: int, seconds: float) -> float:
+    """Set SO_SNDTIMEO or SO_RCVTIMEO of a blocking socket to ``seconds``; return the value.
+
+    A blocking socket with a kernel timeout costs one syscall per send or receive, where
+    Python's ``settimeout()`` adds a poll() before each and halves small-message throughput.
+    When it expires the call fails with BlockingIOError (or returns a partial count).
+    """
+    seconds = max(seconds, _TIMEOUT_SLACK)
+    if sys.platform == "win32":
+        sock.setsockopt(socket.SOL_SOCKET, option, max(int(seconds * 1000), 1))
+    else:
+        whole = int(seconds)
+        timeval = struct.pack("@ll", whole, int((seconds - whole) * 1_000_000))
+        sock.setsockopt(socket.SOL_SOCKET, option, timeval)
+    return seconds
+
+
+def _set_send_timeout(sock: socket.socket, seconds: float) -> float:
+    return set_kernel_timeout(sock, socket.SO_SNDTIMEO, seconds)
+
+
+def _close_quietly(sock: socket.socket) -> None:
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+class _Stream:
+    """One TCP connection of a session; ``lock`` keeps each frame contiguous on the wire."""
+
+    __slots__ = ("index", "jobs", "lock", "sock", "threads", "timeout")
+
+    def __init__(self, index: int, sock: socket.socket, timeout: float) -> None:
+        self.index = index
+        self.sock = sock
+        self.lock = threading.Lock()
+        self.timeout = timeout
+        self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self.threads: list[threading.Thread] = []
+
+
+class _Batch:
+    """Completion of the chunk shares that writer threads write for one large message."""
+
+    __slots__ = ("_lock", "_remaining", "done", "error")
+
+    def __init__(self, shares: int) -> None:
+        self._lock = threading.Lock()
+        self._remaining = shares
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        if shares == 0:
+            self.done.set()
+
+    def finish(self, error: BaseException | None) -> None:
+        with self._lock:
+            if error is not None and self.error is None:
+                self.error = error
+            self._remaining -= 1
+            last = self._remaining == 0
+        if last:
+            self.done.set()
+
+
+class _AckWaiter:
+    __slots__ = ("acked", "event")
+
+    def __init__(self) -> None:
+        self.acked = False
+        self.event = threading.Event()
+
+
+# (batch, message id, whole message, first chunk index, step, chunk count, chunk size, deadline)
+_Job = tuple[_Batch, int, memoryview, int, int, int, int, float]
+
+
+class _Session:
+    """Everything one ``start()`` creates; ``close()`` or a failure retires it as a whole.
+
+    A stream failure breaks the whole session: a message id that never reaches the receiver
+    leaves a gap it cannot deliver past, so later sends on the session would be lost anyway.
+    """
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        socks: Sequence[socket.socket],
+        *,
+        session_id: bytes,
+        send_timeout: float,
+        acknowledged: bool,
+        checksum: bool,
+    ) -> None:
+        self.address = address
+        self.checksum = checksum
+        self.flags = 0 if checksum else wire.FLAG_UNCHECKED
+        self.session_id = session_id
+        self.send_timeout = send_timeout
+        self.acknowledged = acknowledged
+        self.streams = [_Stream(i, s, send_timeout) for i, s in enumerate(socks)]
+        self.count = len(self.streams)
+        self.ids = itertools.count()
+        self.broken: str | None = None
+        self.closing = False
+        self._state_lock = threading.Lock()
+        self._acks: dict[int, _AckWaiter] = {}
+        self._log = logger.bind(peer=f"{address[0]}:{address[1]}", session=session_id.hex())
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def run_threads(self) -> None:
+        """Start one writer (for striped chunks) and one reader (acks, EOF) per stream."""
+        for stream in self.streams:
+            writer = threading.Thread(
+                target=self._writer_loop,
+                args=(stream,),
+                name=f"dwcp-transport-writer-{stream.index}",
+                daemon=True,
+            )
+            reader = threading.Thread(
+                target=self._reader_loop,
+                args=(stream,),
+                name=f"dwcp-transport-reader-{stream.index}",
+                daemon=True,
+            )
+            stream.threads = [writer, reader]
+            writer.start()
+            reader.start()
+
+    def shutdown(self) -> None:
+        """Stop every stream and join the session's threads (used by ``close()``)."""
+        self.closing = True
+        for stream in self.streams:
+            stream.jobs.put(None)
+            self._shutdown_socket(stream.sock)
+        current = threading.current_thread()
+        for stream in self.streams:
+            for thread in stream.threads:
+                if thread is not current:
+                    thread.join()
+            _close_quietly(stream.sock)
+        self._fail_waiters()
+
+    @staticmethod
+    def _shutdown_socket(sock: socket.socket) -> None:
+        # shutdown() (unlike close()) is safe while other threads block on the socket, and
+        # wakes them: a blocked recv returns b"", a blocked send fails.
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def break_(self, reason: str) -> None:
+        """Mark the session broken (first reason wins) and abort every stream."""
+        with self._state_lock:
+            if self.broken is not None or self.closing:
+                return
+            self.broken = reason
+        self._log.bind(reason=reason).warning("Transport stream failed")
+        for stream in self.streams:
+            self._shutdown_socket(stream.sock)
+        self._fail_waiters()
+
+    def _fail_waiters(self) -> None:
+        with self._state_lock:
+            waiters = list(self._acks.values())
+            self._acks.clear()
+        for waiter in waiters:
+            waiter.event.set()
+
+    def _raise_broken(self) -> NoReturn:
+        raise TransportError(f"transport broken: {self.broken or 'closed'}; restart it")
+
+    def _fail(self, stream: _Stream, what: str, exc: BaseException | None) -> NoReturn:
+        reason = f"stream {stream.index}: {what}" + (f" ({exc})" if exc is not None else "")
+        self.break_(reason)
+        raise TransportError(reason) from exc
+
+    # -- sending ------------------------------------------------------------------------
+
+    def _write(
+        self, stream: _Stream, header: bytes, payload: Buffer, size: int, deadline: float
+    ) -> None:
+        """Write one frame under the stream lock; every byte reaches the kernel or we raise."""
+        lock = stream.lock
+        if not lock.acquire(timeout=max(deadline - _monotonic(), 0.0)):
+            self._fail(stream, "stalled: stream busy past send_timeout", None)
+        try:
+            sock = stream.sock
+            # When a lock wait used part of send_timeout, the kernel gets only the rest;
+            # the uncontended case finds the timeout unchanged and skips the syscall.
+            left = deadline - _monotonic()
+            timeout = self.send_timeout if left > self.send_timeout - _TIMEOUT_SLACK else left
+            if timeout != stream.timeout:
+                stream.timeout = _set_send_timeout(sock, timeout)
+            if size <= _COPY_LIMIT:
+                sock.sendall(header + payload)
+            else:
+                sent = sock.sendmsg([header, payload])
+                if sent < len(header) + size:
+                    self._send_rest(stream, header, payload, sent, deadline)
+        except (BlockingIOError, TimeoutError) as exc:
+            self._fail(stream, "stalled: send_timeout expired", exc)
+        except OSError as exc:
+            self._fail(stream, "send failed", exc)
+        finally:
+            lock.release()
+
+    def _send_rest(
+        self, stream: _Stream, header: bytes, payload: Buffer, sent: int, deadline: float
+    ) -> None:
+        """Finish a partially sent frame, the kernel timeout tracking the send's deadline."""
+        sock = stream.sock
+        for part in (memoryview(header), memoryview(payload).cast("B")):
+            if sent >= len(part):
+                sent -= len(part)
+                continue
+            part = part[sent:]
+            sent = 0
+            while part:
+                left = deadline - _monotonic()
+                if left <= 0:
+                    raise TimeoutError("send_timeout expired")
+                stream.timeout = _set_send_timeout(sock, left)
+                part = part[sock.send(part) :]
+
+    def _expect_ack(self, message_id: int) -> _AckWaiter:
+        waiter = _AckWaiter()
+        with self._state_lock:
+            self._acks[message_id] = waiter
+        return waiter
+
+    def _await_ack(self, message_id: int, waiter: _AckWaiter, deadline: float) -> None:
+        if not waiter.event.wait(max(deadline - _monotonic(), 0.0)):
+            with self._state_lock:
+                self._acks.pop(message_id, None)
+            self.break_(f"no acknowledgement for message {message_id} within send_timeout")
+        if not waiter.acked:
+            self._raise_broken()
+
+    def send_small(self, data: Buffer, size: int) -> None:
+        """Send a message that fits one chunk as one frame on the next stream (round robin)."""
+        if self.broken is not None or self.closing:
+            self._raise_broken()
+        deadline = _monotonic() + self.send_timeout
+        message_id = next(self.ids)
+        stream = self.streams[message_id % self.count]
+        header = _pack_header(
+            _MAGIC, _VERSION, _DATA, self.flags, message_id, 0, 1, size, size, size,
+            _crc32(data) if self.checksum else 0,
+        )  # fmt: skip
+        if self.acknowledged:
+            waiter = self._expect_ack(message_id)
+            self._write(stream, header, data, size, deadline)
+            self._await_ack(message_id, waiter, deadline)
+        else:
+            self._write(stream, header, data, size, deadline)
+            if self.broken is not None:
+                # Another stream failed meanwhile; the receiver may never get past the gap.
+                self._raise_broken()
+
+    def send_large(self, view: memoryview, size: int, chunk_size: int) -> None:
+        """Split a message into chunks striped over the streams and write them in parallel."""
+        if self.broken is not None or self.closing:
+            self._raise_broken()
+        deadline = _monotonic() + self.send_timeout
+        chunks = -(-size // chunk_size)
+        message_id = next(self.ids)
+        first = message_id % self.count
+        shares = min(chunks, self.count)
+        waiter = self._expect_ack(message_id) if self.acknowledged else None
+        batch = _Batch(shares - 1)
+        for share in range(1, shares):
+            stream = self.streams[(first + share) % self.count]
+            stream.jobs.put((batch, message_id, view, share, shares, chunks, chunk_size, deadline))
+        try:
+            self._write_share(
+                self.streams[first], message_id, view, 0, shares, chunks, chunk_size, deadline
+            )
+        finally:
+            # Writers read ``view``: never return to the caller while they may still do so.
+            if not batch.done.wait(max(deadline - _monotonic(), 0.0)):
+                self.break_("stalled: chunk writers exceeded send_timeout")
+                self._raise_broken()
+        if batch.error is not None:
+            raise TransportError(f"transport broken: {batch.error}") from batch.error
+        if waiter is not None:
+            self._await_ack(message_id, waiter, deadline)
+        elif self.broken is not None:
+            self._raise_broken()
+
+    def _write_share(
+        self,
+        stream: _Stream,
+        message_id: int,
+        view: memoryview,
+        first_chunk: int,
+        step: int,
+        chunks: int,
+        chunk_size: int,
+        deadline: float,
+    ) -> None:
+        total = len(view)
+        for index in range(first_chunk, chunks, step):
+            if self.broken is not None:
+                self._raise_broken()
+            payload = view[index * chunk_size : (index + 1) * chunk_size]
+            length = len(payload)
+            header = _pack_header(
+                _MAGIC, _VERSION, _DATA, self.flags, message_id, index, chunks, chunk_size,
+                total, length, _crc32(payload) if self.checksum else 0,
+            )  # fmt: skip
+            self._write(stream, header, payload, length, deadline)
+
+    def _writer_loop(self, stream: _Stream) -> None:
+        while True:
+            job = stream.jobs.get()
+            if job is None:
+                return
+            batch, message_id, view, first, step, chunks, chunk_size, deadline = job
+            error: BaseException | None = None
+            try:
+                self._write_share(
+                    stream, message_id, view, first, step, chunks, chunk_size, deadline
+                )
+            except TransportError as exc:
+                error = exc
+            except Exception as exc:  # noqa: BLE001 - a bug must fail the send, not kill the writer
+                self._log.opt(exception=exc).error("Transport writer failed")
+                self.break_(f"stream {stream.index}: writer error {exc!r}")
+                error = exc
+            finally:
+                del view, job
+            batch.finish(error)
+
+    # -- receiving (acks and connection loss) -------------------------------------------
+
+    def _reader_loop(self, stream: _Stream) -> None:
+        """Read ACK frames; also notices at once when the receiver drops the connection."""
+        sock = stream.sock
+        buf = bytearray(wire.ACK.size)
+        view = memoryview(buf)
+        got = 0
+        try:
+            while True:
+                n = sock.recv_into(view[got:])  # blocks until data, EOF or shutdown()
+                if n == 0:
+                    if not self.closing:
+                        self.break_(f"stream {stream.index}: receiver closed the connection")
+                    return
+                got += n
+                if got < len(buf):
+                    continue
+                got = 0
+                try:
+                    message_id = wire.parse_ack(bytes(buf))
+                except wire.ProtocolError as exc:
+                    self.break_(f"stream {stream.index}: {exc}")
+                    return
+                if not self.acknowledged:
+                    self.break_(f"stream {stream.index}: unexpected ack")
+                    return
+                with self._state_lock:
+                    waiter = self._acks.pop(message_id, None)
+                if waiter is not None:
+                    waiter.acked = True
+                    waiter.event.set()
+        except OSError as exc:
+            if not self.closing:
+                self.break_(f"stream {stream.index}: receive failed ({exc})")
+        except Exception as exc:  # noqa: BLE001 - never die silently
+            self._log.opt(exception=exc).error("Transport reader failed")
+            self.break_(f"stream {stream.index}: reader error {exc!r}")
+
+
+class MultiStreamTCPTransport:
+    """Sends messages to one ``MultiStreamReceiver`` over ``streams`` parallel TCP connections.
+
+    Small messages go whole on one stream (round robin); larger ones are cut into
+    ``chunk_size`` chunks written in parallel on all streams. Message ids order delivery, so
+    the receiver hands messages to the application in the order ``send`` allocated them.
+    ``send`` is thread-safe. Any stream failure breaks the transport until ``close()`` and
+    ``start()`` (what recovery does) open a fresh session.
+    """
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        *,
+        streams: int = 4,
+        chunk_size: int = 262144,
+        connect_timeout: float | timedelta = 5.0,
+        send_timeout: float | timedelta = 10.0,
+        max_message_size: int = wire.DEFAULT_MAX_MESSAGE_SIZE,
+        acknowledged: bool = False,
+        checksum: bool = True,
+    ) -> None:
+        if (
+            not isinstance(address, tuple)
+            or len(address) != 2
+            or not isinstance(address[0], str)
+            or isinstance(address[1], bool)
+            or not isinstance(address[1], int)
+        ):
+            raise TypeError("address must be a (host, port) tuple")
+        if not 0 < address[1] < 65536:
+            raise ValueError(f"address port must be in 1..65535, got {address[1]}")
+        self._address = address
+        self._streams = _bounded_int("streams", streams, 1, wire.MAX_STREAMS)
+        self._chunk_size = _bounded_int(
+            "chunk_size", chunk_size, wire.MIN_CHUNK_SIZE, wire.MAX_TOTAL_LENGTH
+        )
+        self._connect_timeout = _seconds("connect_timeout", connect_timeout)
+        self._send_timeout = _seconds("send_timeout", send_timeout)
+        self._max_message_size = _bounded_int(
+            "max_message_size", max_message_size, 0, wire.MAX_TOTAL_LENGTH
+        )
+        if not isinstance(acknowledged, bool):
+            raise TypeError("acknowledged must be a bool")
+        self._acknowledged = acknowledged
+        if not isinstance(checksum, bool):
+            raise TypeError("checksum must be a bool")
+        self._checksum = checksum
+        self._lifecycle = threading.Lock()
+        self._session: _Session | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The receiver's (host, port)."""
+        return self._address
+
+    @property
+    def started(self) -> bool:
+        """Whether ``start()`` succeeded and ``close()`` has not been called since."""
+        return self._session is not None
+
+    def __repr__(self) -> str:
+        session = self._session
+        state = "closed" if session is None else ("broken" if session.broken else "started")
+        return (
+            f"<MultiStreamTCPTransport {self._address[0]}:{self._address[1]} "
+            f"streams={self._streams} {state}>"
+        )
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        """Open ``streams`` connections as one new session; a no-op when already started.
+
+        A started transport is not reconnected even when broken: ``close()`` first (as the
+        manager's recovery does). Raises TransportError when any connection or handshake
+        fails, after closing the connections it did open.
+        """
+        with self._lifecycle:
+            if self._session is not None:
+                return
+            session_id = os.urandom(wire.SESSION_ID_SIZE)
+            socks = self._connect(session_id)
+            session = _Session(
+                self._address,
+                socks,
+                session_id=session_id,
+                send_timeout=self._send_timeout,
+                acknowledged=self._acknowledged,
+                checksum=self._checksum,
+            )
+            session.run_threads()
+            self._session = session
+        logger.bind(
+            peer=f"{self._address[0]}:{self._address[1]}",
+            session=session_id.hex(),
+            streams=self._streams,
+        ).info("Transport started")
+
+    def _connect(self, session_id: bytes) -> list[socket.socket]:
+        socks: list[socket.socket] = []
+        deadline = _monotonic() + self._connect_timeout
+        try:
+            for index in range(self._streams):
+                sock = socket.create_connection(
+                    self._address, timeout=max(deadline - _monotonic(), _TIMEOUT_SLACK)
+                )
+                socks.append(sock)
+                # Small frames must leave at once: Nagle plus delayed ACKs would add tens of
+                # milliseconds per acknowledged send.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.sendall(
+                    wire.pack_handshake(
+                        session_id, index, self._streams, acknowledged=self._acknowledged
+                    )
+                )
+            # Handshakes go out first and answers are read after, so connecting N streams
+            # costs about one round trip, not N.
+            for sock in socks:
+                sock.settimeout(max(deadline - _monotonic(), _TIMEOUT_SLACK))
+                status = wire.parse_welcome(_recv_exactly(sock, wire.WELCOME.size))
+                if status != wire.STATUS_ACCEPTED:
+                    raise TransportError(f"receiver refused the session (status {status})")
+                sock.settimeout(None)
+                _set_send_timeout(sock, self._send_timeout)
+        except OSError as exc:
+            for sock in socks:
+                _close_quietly(sock)
+            raise TransportError(
+                f"cannot connect to {self._address[0]}:{self._address[1]}: {exc}"
+            ) from exc
+        except (wire.ProtocolError, TransportError) as exc:
+            for sock in socks:
+                _close_quietly(sock)
+            if isinstance(exc, TransportError):
+                raise
+            raise TransportError(f"handshake failed: {exc}") from exc
+        return socks
+
+    def close(self) -> None:
+        """Close every connection and join the transport's threads; idempotent."""
+        with self._lifecycle:
+            session, self._session = self._session, None
+        if session is None:
+            return
+        session.shutdown()
+        logger.bind(
+            peer=f"{self._address[0]}:{self._address[1]}", session=session.session_id.hex()
+        ).info("Transport closed")
+
+    def send(self, data: Buffer) -> None:
+        """Hand every byte of ``data`` to the kernel (and, if acknowledged, to the peer).
+
+        TypeError and ValueError (not bytes-like, over ``max_message_size``) are raised
+        before any I/O. TransportError: not started (code ``NOT_STARTED``), broken, or a
+        stream failed or stalled past ``send_timeout``; a partial send never returns.
+        """
+        kind = type(data)
+        if kind is not bytes and kind is not bytearray:
+            if isinstance(data, memoryview):
+                data = data.cast("B") if data.c_contiguous else data.tobytes()
+            elif not isinstance(data, (bytes, bytearray)):
+                raise TypeError(f"send() needs a bytes-like object, not {kind.__name__}")
+        size = len(data)
+        if size > self._max_message_size:
+            raise ValueError(
+                f"message of {size} bytes exceeds max_message_size {self._max_message_size}"
+            )
+        session = self._session
+        if session is None:
+            raise TransportError("transport not started", code="NOT_STARTED")
+        if size <= self._chunk_size:
+            session.send_small(data, size)
+        else:
+            session.send_large(memoryview(data).cast("B"), size, self._chunk_size)
+
+    def health_check(self) -> None:
+        """Return when every stream is up; raise TransportError saying why not.
+
+        Any dead stream breaks the session (see ``_Session``), so this raises as soon as one
+        stream failed since the last ``start()``, stricter than "fewer than half alive".
+        """
+        session = self._session
+        if session is None:
+            raise TransportError("transport not started", code="NOT_STARTED")
+        if session.broken is not None:
+            raise TransportError(f"transport broken: {session.broken}")
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    """Read exactly ``size`` bytes (a handshake answer); EOF first is a ConnectionError."""
+    parts = []
+    while size:
+        part = sock.recv(size)
+        if not part:
+            raise ConnectionError("connection closed during handshake")
+        parts.append(part)
+        size -= len(part)
+    return b"".join(parts)

@@ -1,0 +1,413 @@
+"""MultiStreamReceiver against hand-written (often hostile) peers on loopback sockets."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from dwcp.transport import MultiStreamReceiver, MultiStreamTCPTransport, wire
+
+TIMEOUT = 5.0
+IDLE = 1.0
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+
+    def __call__(self, data: bytes) -> None:
+        self.messages.append(data)
+
+
+@pytest.fixture
+def hostile_receiver_factory() -> Iterator[Callable[..., tuple[MultiStreamReceiver, Inbox]]]:
+    """Receivers with a short idle timeout; all stopped afterwards."""
+    started: list[MultiStreamReceiver] = []
+
+    def make(**kwargs: Any) -> tuple[MultiStreamReceiver, Inbox]:
+        inbox = Inbox()
+        kwargs.setdefault("idle_timeout", IDLE)
+        receiver = MultiStreamReceiver(on_message=inbox, **kwargs)
+        receiver.start()
+        started.append(receiver)
+        return receiver, inbox
+
+    yield make
+    for receiver in started:
+        receiver.stop()
+
+
+@pytest.fixture
+def raw_connections() -> Iterator[Callable[[tuple[str, int]], socket.socket]]:
+    """Open raw client sockets; all closed afterwards."""
+    opened: list[socket.socket] = []
+
+    def connect(address: tuple[str, int]) -> socket.socket:
+        sock = socket.create_connection(address, timeout=TIMEOUT)
+        opened.append(sock)
+        return sock
+
+    yield connect
+    for sock in opened:
+        sock.close()
+
+
+@pytest.fixture
+def bystander(
+    hostile_receiver_factory: Callable[..., tuple[MultiStreamReceiver, Inbox]],
+) -> Iterator[tuple[MultiStreamReceiver, Inbox, MultiStreamTCPTransport]]:
+    """A receiver with one healthy session that must survive whatever the test sends."""
+    receiver, inbox = hostile_receiver_factory()
+    transport = MultiStreamTCPTransport(receiver.address, chunk_size=1024, acknowledged=True)
+    transport.start()
+    transport.send(b"before" * 500)
+    yield receiver, inbox, transport
+    transport.close()
+
+
+def still_healthy(
+    receiver: MultiStreamReceiver, inbox: Inbox, transport: MultiStreamTCPTransport
+) -> None:
+    transport.send(b"after")
+    transport.health_check()
+    assert inbox.messages[0] == b"before" * 500
+    assert inbox.messages[-1] == b"after"
+
+
+def handshake(
+    sock: socket.socket, session: bytes, index: int = 0, count: int = 1, ack: bool = False
+) -> int:
+    sock.sendall(wire.pack_handshake(session, index, count, acknowledged=ack))
+    return wire.parse_welcome(sock.recv(wire.WELCOME.size, socket.MSG_WAITALL))
+
+
+def closed_by_peer(sock: socket.socket, timeout: float = TIMEOUT) -> bool:
+    """Read and discard until the receiver closes the connection (True) or ``timeout``."""
+    sock.settimeout(timeout)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if not sock.recv(65536):
+                return True
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    return False
+
+
+def frame(message_id: int, data: bytes, chunk_size: int = 1024) -> bytes:
+    return b"".join(wire.encode_message(message_id, data, chunk_size))
+
+
+# -- hostile input ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        os.urandom(64),
+        b"GET / HTTP/1.1\r\nHost: example\r\n\r\n",
+        wire.HANDSHAKE.pack(b"DWCQ", 1, wire.FRAME_HELLO, 0, os.urandom(16), 0, 1),
+        wire.HANDSHAKE.pack(wire.MAGIC, 7, wire.FRAME_HELLO, 0, os.urandom(16), 0, 1),
+        wire.HANDSHAKE.pack(wire.MAGIC, 1, wire.FRAME_HELLO, 0, os.urandom(16), 0, 200),
+    ],
+    ids=["random", "http", "bad-magic", "bad-version", "absurd-stream-count"],
+)
+def test_bad_handshake_closes_the_connection(
+    bystander: tuple[MultiStreamReceiver, Inbox, MultiStreamTCPTransport],
+    raw_connections: Callable[[tuple[str, int]], socket.socket],
+    garbage: bytes,
+) -> None:
+    receiver, inbox, transport = bystander
+    sock = raw_connections(receiver.address)
+    sock.sendall(garbage)
+    assert closed_by_peer(sock)
+    still_healthy(receiver, inbox, transport)
+
+
+def _header(magic: bytes = wire.MAGIC, **fields: int) -> bytes:
+    """A DATA header of the valid one-chunk message 0 ``hello``, with ``fields`` overridden."""
+    values = {"version": 1, "type": wire.FRAME_DATA, "flags": 0, "message_id": 0}
+    values.update({"index": 0, "count": 1, "size": 5, "total": 5, "length": 5})
+    values["crc"] = zlib.crc32(b"hello")
+    values.update(fields)
+    return wire.DATA_HEADER.pack(magic, *values.values())
+
+
+@pytest.mark.parametrize(
+    "bad_frame",
+    [
+        os.urandom(wire.DATA_HEADER.size + 100),
+        _header(b"XXXX") + b"hello",
+        _header(version=2) + b"hello",
+        _header(total=2**32 - 1, size=2**32 - 1, length=2**32 - 1),
+        _header(count=4_000_000_000, size=1024, total=5, length=5),
+        _header(crc=12345) + b"hello",
+        _header(type=wire.FRAME_ACK) + b"hello",
+        _header() + b"hello" + _header() + b"hello",  # the same message id twice
+    ],
+    ids=[
+        "random",
+        "bad-magic",
+        "bad-version",
+        "absurd-length",
+        "absurd-count",
+        "wrong-checksum",
+        "wrong-type",
+        "duplicate-id",
+    ],
+)
+def test_bad_frames_close_the_session_and_nothing_else(
+    bystander: tuple[MultiStreamReceiver, Inbox, MultiStreamTCPTransport],
+    raw_connections: Callable[[tuple[str, int]], socket.socket],
+    bad_frame: bytes,
+) -> None:
+    receiver, inbox, transport = bystander
+    session = os.urandom(16)
+    good, bad = raw_connections(receiver.address), raw_connections(receiver.address)
+    assert handshake(good, session, 0, 2) == wire.STATUS_ACCEPTED
+    assert handshake(bad, session, 1, 2) == wire.STATUS_ACCEPTED
+    delivered = receiver.delivered_count
+    with contextlib.suppress(OSError):  # the receiver may close before we finish writing
+        bad.sendall(bad_frame)
+    assert closed_by_peer(bad)
+    assert closed_by_peer(good)  # the whole session goes
+    assert wait_for(lambda: receiver.session_count == 1)  # only the bystander's is left
+    # Only a valid message before the bad frame (the duplicate case) may get through.
+    expected = [b"hello"] if bad_frame.startswith(_header() + b"hello") else []
+    assert receiver.delivered_count == delivered + len(expected)
+    assert inbox.messages[1:] == expected
+    still_healthy(receiver, inbox, transport)
+
+
+def test_conflicting_chunks_close_the_session(
+    bystander: tuple[MultiStreamReceiver, Inbox, MultiStreamTCPTransport],
+    raw_connections: Callable[[tuple[str, int]], socket.socket],
+) -> None:
+    receiver, inbox, transport = bystander
+    sock = raw_connections(receiver.address)
+    handshake(sock, os.urandom(16))
+    first, _ = wire.encode_message(0, b"a" * 1500, 1024)
+    other = wire.encode_message(0, b"b" * 3000, 1024)[1]  # same id, different layout
+    sock.sendall(first + other)
+    assert closed_by_peer(sock)
+    assert b"a" * 1500 not in inbox.messages
+    still_healthy(receiver, inbox, transport)
+
+
+def test_duplicate_chunk_closes_the_session(
+    bystander: tuple[MultiStreamReceiver, Inbox, MultiStreamTCPTransport],
+    raw_connections: Callable[[tuple[str, int]], socket.socket],
+) -> None:
+    receiver, inbox, transport = bystander
+    sock = raw_connections(receiver.address)
+    handshake(sock, os.urandom(16))
+    first, _ = wire.encode_message(0, b"a" * 1500, 1024)
+    sock.sendall(first + first)
+    assert closed_by_peer(sock)
+    still_healthy(receiver, inbox, transport)
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [b"", b"DWCP\x01", wire.pack_handshake(os.urandom(16), 0, 1, acknowledged=False)],
+    ids=["nothing", "partial-handshake", "handshake-only"],
+)
+def test_silent_connections_are_closed_after_idle_timeout(
+    hostile_receiver_factory: Callable[..., tuple[MultiStreamReceiver, Inbox]],
+    raw_connections: Callable[[tuple[str, int]], socket.socket],
+    sent: bytes,
+) -> None:
+    receiver, _ = hostile_receiver_factory(idle_timeout=0.3)
+    sock = raw_connections(receiver.address)
+    sock.sendall(sent)
+    began = time.monotonic()
+    assert closed_by_peer(sock)
+    assert 0.2 < time.monotonic() - began < 3.0
+
+
+def test_half_sent_frame_is_closed_while_a_busy_session_lives(
+    hostile_receiver_factory: Callable[..., tuple[MultiStreamReceiver, Inbox]],
+    raw_connections: Callable[[tuple[str, int]], socket.socket],
+) -> None:
+    receiver, inbox = hostile_receiver_factory(idle_timeout=0.3)
+    transport = MultiStreamTCPTransport(receiver.address, acknowledged=True)
+    transport.start()
+    try:
+        sock = raw_connections(receiver.address)
+        handshake(sock, os.urandom(16))
+        sock.sendall(frame(0, b"x" * 100)[:60])  # header and part of the payload
+        sock.settimeout(0.05)
+        sent, closed = 0, False
+        deadline = time.monotonic() + TIMEOUT
+        while not closed and time.monotonic() < deadline:
+            transport.send(b"%d" % sent)  # keeps the healthy session busy meanwhile
+            sent += 1
+            with contextlib.suppress(TimeoutError):
+                closed = sock.recv(100) == b""
+        assert closed
+        transport.send(b"last")
+        transport.health_check()
+        assert inbox.messages == [b"%d" % n for n in range(sent)] + [b"last"]
+    finally:
+        transport.close()
+
+
+# -- ordering and reassembly ------------------------------------------------------------------
+
+
+def test_out_of_order_messages_and_chunks_are_delivered_in_order(
+    hostile_receiver_factory: Callable[..., tuple[MultiStreamReceiver, Inbox]],
+    raw_connections: Callable[[tuple[str, int]], socket.socket],
+) -> None:
+    receiver, inbox = hostile_receiver_factory()
+    session = os.urandom(16)
+    streams = [raw_connections(receiver.address) for _ in range(2)]
+    for index, sock in enumerate(streams):
+        handshake(sock, session, index, 2)
+    big = os.urandom(3000)
+    chunks = wire.encode_message(1, big, 1024)
+    streams[1].sendall(frame(2, b"two"))
+    streams[0].sendall(chunks[2] + chunks[0])
+    streams[1].sendall(chunks[1])
+    streams[0].sendall(frame(0, b"zero"))
+    assert receiver.wait_delivered(3, TIMEOUT)
+    assert inbox.messages == [b"zero", big, b"two"]
+
+
+def test_incomplete_messages_are_dropped_at_session_end(
+    hostile_receiver_factory: Callable[..., tuple[MultiStreamReceiver, Inbox]],
+    raw_connections: Callable[[tuple[str, int]], socket.socket],
+) -> None:
+    receiver, inbox = hostile_receiver_factory()
+    sock = raw_connections(receiver.address)
+    handshake(sock, os.urandom(16))
+    first_chunk = wire.encode_message(1, b"z" * 2000, 1024)[0]
+    sock.sendall(frame(0, b"whole") + first_chunk + frame(2, b"behind a gap"))
+    assert receiver.wait_delivered(1, TIMEOUT)
+    sock.shutdown(socket.SHUT_WR)  # a clean end, between frames
+    assert closed_by_peer(sock)
+    assert wait_for(lambda: receiver.session_count == 0)
+    assert inbox.messages == [b"whole"]
+
+
+def test_reorder_buffer_limit_closes_a_stuck_session(
+    hostile_receiver_factory: Callable[..., tuple[MultiStreamReceiver, Inbox]],
+    raw_connections: Callable[[tuple[str, int]], socket.socket],
+) -> None:
+    receiver, inbox = hostile_receiver_factory(max_buffered_bytes=64 * 1024, idle_timeout=0.3)
+    sock = raw_connections(receiver.address)
+    handshake(sock, os.urandom(16))
+    # Message 0 never comes; later ones pile up until the budget is spent.
+    with contextlib.suppress(OSError):
+        for message_id in range(1, 200):
+            sock.sendall(frame(message_id, b"q" * 1000))
+    assert closed_by_peer(sock)
+    assert inbox.messages == []
+
+
+def test_many_empty_messages_ahead_are_bounded_too(
+    hostile_receiver_factory: Callable[..., tuple[MultiStreamReceiver, Inbox]],
+    raw_connections: Callable[[tuple[str, int]], socket.socket],
+) -> None:
+    receiver, _ = hostile_receiver_factory(max_buffered_bytes=64 * 1024, idle_timeout=0.3)
+    sock = raw_connections(receiver.address)
+    handshake(sock, os.urandom(16))
+    with contextlib.suppress(OSError):
+        sock.sendall(b"".join(frame(message_id, b"") for message_id in range(1, 2000)))
+    assert closed_by_peer(sock)
+
+
+# -- sessions ---------------------------------------------------------------------------------
+
+
+def test_session_limit_and_duplicate_streams_are_refused(
+    hostile_receiver_factory: Callable[..., tuple[MultiStreamReceiver, Inbox]],
+    raw_connections: Callable[[tuple[str, int]], socket.socket],
+) -> None:
+    receiver, _ = hostile_receiver_factory(max_sessions=1)
+    session = os.urandom(16)
+    first = raw_connections(receiver.address)
+    assert handshake(first, session, 0, 2) == wire.STATUS_ACCEPTED
+    duplicate = raw_connections(receiver.address)
+    duplicate.sendall(wire.pack_handshake(session, 0, 2, acknowledged=False))
+    assert closed_by_peer(duplicate)
+    disagreeing = raw_connections(receiver.address)
+    disagreeing.sendall(wire.pack_handshake(session, 1, 3, acknowledged=False))
+    assert closed_by_peer(disagreeing)
+    other = raw_connections(receiver.address)
+    assert handshake(other, os.urandom(16)) == wire.STATUS_BUSY
+    assert closed_by_peer(other)
+    assert receiver.session_count == 1  # the refusals did not touch the first session
+
+
+def test_stop_closes_every_connection_promptly_and_restarts_on_the_same_port(
+    hostile_receiver_factory: Callable[..., tuple[MultiStreamReceiver, Inbox]],
+    raw_connections: Callable[[tuple[str, int]], socket.socket],
+) -> None:
+    receiver, inbox = hostile_receiver_factory(idle_timeout=None)
+    address = receiver.address
+    silent = raw_connections(address)
+    joined = raw_connections(address)
+    handshake(joined, os.urandom(16))
+    joined.sendall(frame(0, b"x" * 100)[:50])
+    began = time.monotonic()
+    receiver.stop()
+    assert time.monotonic() - began < 2.0
+    assert closed_by_peer(silent) and closed_by_peer(joined)
+    assert not [t for t in threading.enumerate() if t.name.startswith("dwcp-receiver")]
+    receiver.stop()  # idempotent
+    receiver.start()
+    assert receiver.address == address
+    sock = raw_connections(address)
+    handshake(sock, os.urandom(16))
+    sock.sendall(frame(0, b"again"))
+    assert receiver.wait_delivered(1, TIMEOUT)
+    assert inbox.messages == [b"again"]
+
+
+def test_acknowledgements_come_back_on_the_first_chunks_stream(
+    hostile_receiver_factory: Callable[..., tuple[MultiStreamReceiver, Inbox]],
+    raw_connections: Callable[[tuple[str, int]], socket.socket],
+) -> None:
+    receiver, _ = hostile_receiver_factory()
+    session = os.urandom(16)
+    streams = [raw_connections(receiver.address) for _ in range(2)]
+    for index, sock in enumerate(streams):
+        handshake(sock, session, index, 2, ack=True)
+    chunk0, chunk1 = wire.encode_message(0, b"k" * 2000, 1024)
+    streams[0].sendall(chunk1)
+    streams[1].sendall(chunk0)
+    assert wire.parse_ack(streams[1].recv(wire.ACK.size, socket.MSG_WAITALL)) == 0
+
+
+def test_constructor_validation() -> None:
+    with pytest.raises(TypeError, match="on_message"):
+        MultiStreamReceiver(on_message=None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="idle_timeout"):
+        MultiStreamReceiver(on_message=print, idle_timeout=0)
+    with pytest.raises(ValueError, match="max_sessions"):
+        MultiStreamReceiver(on_message=print, max_sessions=0)
+    with pytest.raises(ValueError, match="max_message_size"):
+        MultiStreamReceiver(on_message=print, max_message_size=-1)
+    with pytest.raises(RuntimeError, match="not started"):
+        _ = MultiStreamReceiver(on_message=print).address
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        pause.wait(0.005)
+    return True

@@ -1,0 +1,544 @@
+"""MultiStreamTCPTransport against a real MultiStreamReceiver (or a raw socket) on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from dwcp import DWCPError, TransportError
+from dwcp.transport import MultiStreamReceiver, MultiStreamTCPTransport, wire
+
+CHUNK = 1024
+DELIVERY_TIMEOUT = 10.0
+
+
+class Inbox:
+    """Collects delivered messages; ``on_message`` is called serially per session."""
+
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+
+    def __call__(self, data: bytes) -> None:
+        self.messages.append(data)
+
+
+ReceiverFactory = Callable[..., tuple[MultiStreamReceiver, Inbox]]
+TransportFactory = Callable[..., MultiStreamTCPTransport]
+
+
+@pytest.fixture
+def receiver_factory() -> Iterator[ReceiverFactory]:
+    """Start receivers collecting into an Inbox; stop them all afterwards."""
+    started: list[MultiStreamReceiver] = []
+
+    def make(**kwargs: Any) -> tuple[MultiStreamReceiver, Inbox]:
+        inbox = Inbox()
+        receiver = MultiStreamReceiver(on_message=kwargs.pop("on_message", inbox), **kwargs)
+        receiver.start()
+        started.append(receiver)
+        return receiver, inbox
+
+    yield make
+    for receiver in started:
+        receiver.stop()
+
+
+@pytest.fixture
+def transport_factory() -> Iterator[TransportFactory]:
+    """Build (not start) transports with small chunks; close them all afterwards."""
+    made: list[MultiStreamTCPTransport] = []
+
+    def make(address: tuple[str, int], **kwargs: Any) -> MultiStreamTCPTransport:
+        kwargs.setdefault("chunk_size", CHUNK)
+        kwargs.setdefault("send_timeout", 5.0)
+        transport = MultiStreamTCPTransport(address, **kwargs)
+        made.append(transport)
+        return transport
+
+    yield make
+    for transport in made:
+        transport.close()
+
+
+@pytest.fixture
+def link(
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory
+) -> tuple[MultiStreamTCPTransport, MultiStreamReceiver, Inbox]:
+    receiver, inbox = receiver_factory()
+    transport = transport_factory(receiver.address)
+    transport.start()
+    return transport, receiver, inbox
+
+
+class RawPeer:
+    """A hand-rolled server that answers handshakes, then misbehaves as told.
+
+    ``mode``: "stall" never reads; "reset" reads ``read_bytes`` of data then resets the
+    connection; "drain" reads everything and never acknowledges.
+    """
+
+    def __init__(self, mode: str, *, read_bytes: int = 0) -> None:
+        self.mode = mode
+        self.read_bytes = read_bytes
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        # Small buffers make a non-reading peer push back after little data.
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.address: tuple[str, int] = self.listener.getsockname()[:2]
+        self.connections: list[socket.socket] = []
+        self.done = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._accept = threading.Thread(target=self._accept_loop, name="raw-peer-accept")
+        self._accept.start()
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections.append(conn)
+            thread = threading.Thread(target=self._serve, args=(conn,), name="raw-peer-conn")
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            conn.recv(wire.HANDSHAKE.size, socket.MSG_WAITALL)
+            conn.sendall(wire.pack_welcome(wire.STATUS_ACCEPTED))
+            if self.mode == "stall":
+                self.done.wait()
+            elif self.mode == "reset":
+                got = 0
+                while got < self.read_bytes:
+                    got += len(conn.recv(self.read_bytes - got)) or self.read_bytes
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
+            elif self.mode == "drain":
+                while conn.recv(65536):
+                    pass
+
+    def close(self) -> None:
+        self.done.set()
+        self.listener.close()
+        # Closing a listening socket does not wake accept() everywhere; a connection does.
+        with contextlib.suppress(OSError):
+            socket.create_connection(self.address, timeout=1).close()
+        self._accept.join()
+        for conn in self.connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        for thread in self._threads:
+            thread.join()
+        for conn in self.connections:
+            conn.close()
+
+
+@pytest.fixture
+def raw_peer() -> Iterator[Callable[..., RawPeer]]:
+    peers: list[RawPeer] = []
+
+    def make(mode: str, **kwargs: int) -> RawPeer:
+        peer = RawPeer(mode, **kwargs)
+        peers.append(peer)
+        return peer
+
+    yield make
+    for peer in peers:
+        peer.close()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = DELIVERY_TIMEOUT) -> bool:
+    """Poll ``condition`` until true or ``timeout``; returns its last value."""
+    deadline = time.monotonic() + timeout
+    stop = threading.Event()
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        stop.wait(0.005)
+    return True
+
+
+def unhealthy(transport: MultiStreamTCPTransport) -> bool:
+    try:
+        transport.health_check()
+    except TransportError:
+        return True
+    return False
+
+
+def transport_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("dwcp-transport")]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# -- delivery ---------------------------------------------------------------------------------
+
+SHAPES = {
+    "empty": 0,
+    "small": 10,
+    "exactly-chunk": CHUNK,
+    "chunk-plus-one": CHUNK + 1,
+    "fewer-chunks-than-streams": 2 * CHUNK + 5,
+    "many-chunks": 37 * CHUNK + 3,
+    "megabyte": 1 << 20,
+}
+
+
+@pytest.mark.parametrize("streams", [1, 3, 4])
+def test_messages_arrive_intact_in_order_exactly_once(
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory, streams: int
+) -> None:
+    receiver, inbox = receiver_factory()
+    transport = transport_factory(receiver.address, streams=streams)
+    transport.start()
+    messages = [os.urandom(size) for size in SHAPES.values()] * 3
+    for message in messages:
+        transport.send(message)
+    assert receiver.wait_delivered(len(messages), DELIVERY_TIMEOUT)
+    assert inbox.messages == messages
+    transport.health_check()
+
+
+def test_bytes_like_inputs(
+    link: tuple[MultiStreamTCPTransport, MultiStreamReceiver, Inbox],
+) -> None:
+    transport, receiver, inbox = link
+    block = bytes(range(256)) * 20
+    transport.send(bytearray(block))
+    transport.send(memoryview(block)[::2])  # not contiguous
+    transport.send(memoryview(block).cast("I"))  # not bytes-formatted
+    assert receiver.wait_delivered(3, DELIVERY_TIMEOUT)
+    assert inbox.messages == [block, block[::2], block]
+
+
+def test_concurrent_senders_each_keep_their_order(
+    link: tuple[MultiStreamTCPTransport, MultiStreamReceiver, Inbox],
+) -> None:
+    transport, receiver, inbox = link
+    threads, per_thread = 6, 150
+    start = threading.Barrier(threads)
+
+    def sender(number: int) -> None:
+        start.wait()
+        for seq in range(per_thread):
+            padding = b"x" * (3 * CHUNK if seq % 10 == 0 else seq)  # mix in striped messages
+            transport.send(b"%d:%d:" % (number, seq) + padding)
+
+    workers = [threading.Thread(target=sender, args=(n,)) for n in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert receiver.wait_delivered(threads * per_thread, DELIVERY_TIMEOUT)
+    seen: dict[int, list[int]] = {n: [] for n in range(threads)}
+    for message in inbox.messages:
+        number, seq, _ = message.split(b":", 2)
+        seen[int(number)].append(int(seq))
+    assert seen == {n: list(range(per_thread)) for n in range(threads)}
+
+
+def test_acknowledged_send_returns_after_delivery(
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory
+) -> None:
+    receiver, inbox = receiver_factory()
+    transport = transport_factory(receiver.address, acknowledged=True)
+    transport.start()
+    for size in SHAPES.values():
+        message = os.urandom(size)
+        transport.send(message)
+        assert inbox.messages[-1] == message  # no waiting: delivery happened before return
+    assert receiver.delivered_count == len(SHAPES)
+
+
+def test_acknowledged_concurrent_senders(
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory
+) -> None:
+    receiver, inbox = receiver_factory()
+    transport = transport_factory(receiver.address, acknowledged=True)
+    transport.start()
+
+    def sender(number: int) -> None:
+        for _ in range(40):
+            transport.send(b"%d" % number * 700)
+
+    workers = [threading.Thread(target=sender, args=(n,)) for n in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert len(inbox.messages) == 160
+    assert sorted(set(inbox.messages)) == [b"%d" % n * 700 for n in range(4)]
+
+
+def test_unchecked_frames_are_delivered(
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory
+) -> None:
+    receiver, inbox = receiver_factory()
+    transport = transport_factory(receiver.address, checksum=False)
+    transport.start()
+    messages = [os.urandom(10), os.urandom(5 * CHUNK)]
+    for message in messages:
+        transport.send(message)
+    assert receiver.wait_delivered(2, DELIVERY_TIMEOUT)
+    assert inbox.messages == messages
+
+
+def test_handler_exception_does_not_stop_delivery(
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory
+) -> None:
+    delivered: list[bytes] = []
+
+    def flaky(data: bytes) -> None:
+        delivered.append(data)
+        if data == b"boom":
+            raise RuntimeError("application bug")
+
+    receiver, _ = receiver_factory(on_message=flaky)
+    transport = transport_factory(receiver.address, acknowledged=True)
+    transport.start()
+    transport.send(b"boom")
+    transport.send(b"fine")
+    assert delivered == [b"boom", b"fine"]
+    transport.health_check()
+
+
+# -- lifecycle and argument checks ------------------------------------------------------------
+
+
+def test_send_before_start_and_after_close(
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory
+) -> None:
+    receiver, _ = receiver_factory()
+    transport = transport_factory(receiver.address)
+    with pytest.raises(TransportError) as not_started:
+        transport.send(b"x")
+    assert not_started.value.code == "NOT_STARTED"
+    transport.start()
+    transport.send(b"x")
+    transport.close()
+    with pytest.raises(TransportError):
+        transport.send(b"x")
+    with pytest.raises(TransportError):
+        transport.health_check()
+    transport.close()  # idempotent
+    assert transport_threads() == []
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [("text", TypeError), (12, TypeError), (None, TypeError), (b"x" * 4097, ValueError)],
+)
+def test_caller_errors_do_not_touch_the_network(
+    link: tuple[MultiStreamTCPTransport, MultiStreamReceiver, Inbox],
+    transport_factory: TransportFactory,
+    data: Any,
+    error: type[Exception],
+) -> None:
+    _, receiver, inbox = link
+    # Not started: a caller error must still win over the "not started" TransportError.
+    idle = transport_factory(receiver.address, max_message_size=4096)
+    with pytest.raises(error):
+        idle.send(data)
+    limited = transport_factory(receiver.address, max_message_size=4096)
+    limited.start()
+    with pytest.raises(error):
+        limited.send(data)
+    limited.health_check()
+    limited.send(b"after")  # the failed call consumed no message id: this one is delivered
+    assert receiver.wait_delivered(1, DELIVERY_TIMEOUT)
+    assert inbox.messages == [b"after"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"streams": 0}, "streams"),
+        ({"streams": 33}, "streams"),
+        ({"chunk_size": 1023}, "chunk_size"),
+        ({"connect_timeout": 0}, "connect_timeout"),
+        ({"send_timeout": -1.0}, "send_timeout"),
+        ({"max_message_size": -1}, "max_message_size"),
+        ({"max_message_size": 2**32}, "max_message_size"),
+    ],
+)
+def test_constructor_rejects_bad_values(kwargs: dict[str, Any], name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        MultiStreamTCPTransport(("127.0.0.1", 9), **kwargs)
+
+
+def test_constructor_rejects_bad_types() -> None:
+    with pytest.raises(TypeError, match="address"):
+        MultiStreamTCPTransport("127.0.0.1:9")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="streams"):
+        MultiStreamTCPTransport(("127.0.0.1", 9), streams=2.0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="acknowledged"):
+        MultiStreamTCPTransport(("127.0.0.1", 9), acknowledged=1)  # type: ignore[arg-type]
+
+
+def test_start_twice_is_a_no_op_and_close_then_start_reconnects(
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory
+) -> None:
+    receiver, inbox = receiver_factory()
+    transport = transport_factory(receiver.address)
+    transport.start()
+    transport.start()
+    assert receiver.session_count == 1
+    transport.send(b"first")
+    transport.close()
+    transport.start()
+    transport.send(b"second" * 1000)
+    assert receiver.wait_delivered(2, DELIVERY_TIMEOUT)
+    assert inbox.messages == [b"first", b"second" * 1000]
+    transport.health_check()
+
+
+def test_context_managers(receiver_factory: ReceiverFactory) -> None:
+    inbox = Inbox()
+    with MultiStreamReceiver(on_message=inbox) as receiver:
+        with MultiStreamTCPTransport(receiver.address, acknowledged=True) as transport:
+            transport.send(b"hello")
+        assert inbox.messages == [b"hello"]
+    assert not [t for t in threading.enumerate() if t.name.startswith("dwcp-")]
+
+
+# -- failures -------------------------------------------------------------------------------
+
+
+def test_connection_refused_raises_transport_error(transport_factory: TransportFactory) -> None:
+    transport = transport_factory(("127.0.0.1", free_port()), connect_timeout=2.0)
+    with pytest.raises(TransportError) as refused:
+        transport.start()
+    assert isinstance(refused.value.__cause__, OSError)
+    assert isinstance(refused.value, DWCPError)
+    assert not transport.started
+    assert transport_threads() == []
+
+
+def test_busy_receiver_refuses_the_session(
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory
+) -> None:
+    receiver, _ = receiver_factory(max_sessions=1)
+    transport_factory(receiver.address).start()
+    second = transport_factory(receiver.address)
+    with pytest.raises(TransportError, match="refused"):
+        second.start()
+    assert not second.started
+
+
+def test_peer_resetting_mid_message_fails_the_send(
+    raw_peer: Callable[..., RawPeer], transport_factory: TransportFactory
+) -> None:
+    peer = raw_peer("reset", read_bytes=1000)
+    transport = transport_factory(peer.address, chunk_size=256 * 1024, send_timeout=5.0)
+    transport.start()
+    with pytest.raises(TransportError):
+        transport.send(b"\0" * (32 << 20))
+    assert unhealthy(transport)
+    with pytest.raises(TransportError):
+        transport.send(b"later")
+
+
+def test_receiver_closing_mid_message_never_half_delivers(
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory
+) -> None:
+    receiver, inbox = receiver_factory(max_message_size=1 << 20)
+    transport = transport_factory(receiver.address)
+    transport.start()
+    transport.send(b"before")
+    with contextlib.suppress(TransportError):  # may already be in the kernel when cut
+        transport.send(os.urandom(4 << 20))  # over the receiver's limit: session closed
+    assert wait_until(lambda: unhealthy(transport))
+    assert receiver.wait_delivered(1, DELIVERY_TIMEOUT)
+    assert inbox.messages == [b"before"]
+
+
+def test_stalled_peer_fails_the_send_within_send_timeout(
+    raw_peer: Callable[..., RawPeer], transport_factory: TransportFactory
+) -> None:
+    peer = raw_peer("stall")
+    transport = transport_factory(peer.address, chunk_size=256 * 1024, send_timeout=0.5)
+    transport.start()
+    began = time.monotonic()
+    with pytest.raises(TransportError, match="stalled"):
+        transport.send(b"\0" * (64 << 20))
+    assert time.monotonic() - began < 2.0
+    assert unhealthy(transport)
+
+
+def test_stalled_peer_fails_small_sends_too(
+    raw_peer: Callable[..., RawPeer], transport_factory: TransportFactory
+) -> None:
+    peer = raw_peer("stall")
+    transport = transport_factory(peer.address, streams=2, send_timeout=0.3)
+    transport.start()
+    message = b"\0" * 1000
+    began = time.monotonic()
+    with pytest.raises(TransportError, match="stalled"):
+        for _ in range(200_000):  # far more than any socket buffer holds
+            transport.send(message)
+    assert time.monotonic() - began < 10.0
+
+
+def test_missing_acknowledgement_fails_the_send(
+    raw_peer: Callable[..., RawPeer], transport_factory: TransportFactory
+) -> None:
+    peer = raw_peer("drain")
+    transport = transport_factory(peer.address, acknowledged=True, send_timeout=0.3)
+    transport.start()
+    began = time.monotonic()
+    with pytest.raises(TransportError, match="acknowledgement"):
+        transport.send(b"hello")
+    assert 0.25 < time.monotonic() - began < 2.0
+    assert unhealthy(transport)
+
+
+def test_peer_restart_then_recovery_by_close_and_start(
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory
+) -> None:
+    receiver, inbox = receiver_factory()
+    transport = transport_factory(receiver.address)
+    transport.start()
+    transport.send(b"one")
+    assert receiver.wait_delivered(1, DELIVERY_TIMEOUT)
+    receiver.stop()
+    assert wait_until(lambda: unhealthy(transport))
+    with pytest.raises(TransportError):
+        transport.send(b"lost")
+    receiver.start()  # same port, SO_REUSEADDR
+    transport.close()
+    transport.start()
+    transport.health_check()
+    transport.send(b"two")
+    assert receiver.wait_delivered(2, DELIVERY_TIMEOUT)
+    assert inbox.messages == [b"one", b"two"]
+
+
+def test_health_check_cases(
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory
+) -> None:
+    receiver, _ = receiver_factory()
+    transport = transport_factory(receiver.address)
+    with pytest.raises(TransportError, match="not started"):
+        transport.health_check()
+    transport.start()
+    transport.health_check()
+    receiver.stop()  # every stream dies: far fewer than half alive
+    assert wait_until(lambda: unhealthy(transport))
+    with pytest.raises(TransportError, match="broken"):
+        transport.health_check()
+    transport.close()
+    with pytest.raises(TransportError, match="not started"):
+        transport.health_check()
