@@ -12,8 +12,11 @@ from benchmarks import scenarios
 from benchmarks.harness import Result, format_table
 
 SCENARIOS = {
+    "1": scenarios.send_overhead,
     "2": scenarios.concurrency,
+    "3": scenarios.multistream,
     "4": scenarios.shutdown,
+    "5": scenarios.time_to_recover,
     "6": scenarios.scale,
     "7": scenarios.soak,
 }

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import gc
 import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -11,6 +16,7 @@ from collections.abc import Callable
 import pybreaker
 
 import dwcp
+from dwcp.transport import MultiStreamReceiver, MultiStreamTCPTransport
 from benchmarks.harness import Result, alternate, percentile, throughput
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -265,3 +271,242 @@ def soak(quick: bool) -> list[Result]:
             notes=f"threads {threads_before} -> {threads_after}; {cycles / elapsed:,.0f} cycles/s",
         )
     ]
+
+
+# -- 1. send overhead ----------------------------------------------------------------------------
+
+
+class Sink:
+    """The draining peer process (benchmarks/sink.py), started and stopped around a scenario."""
+
+    def __init__(self, rate_limit: float | None = None) -> None:
+        args = [sys.executable, "-m", "benchmarks.sink"]
+        if rate_limit is not None:
+            args += ["--rate-limit", str(rate_limit)]
+        self._proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert self._proc.stdout is not None
+        raw, dwcp_port, stats = self._proc.stdout.readline().split()
+        self.raw = ("127.0.0.1", int(raw))
+        self.dwcp = ("127.0.0.1", int(dwcp_port))
+        self._stats = ("127.0.0.1", int(stats))
+
+    def received(self) -> int:
+        """Total bytes the sink has read so far."""
+        with socket.create_connection(self._stats) as conn:
+            data = b""
+            while len(data) < 8:
+                part = conn.recv(8 - len(data))
+                if not part:
+                    raise RuntimeError("sink closed its stats connection")
+                data += part
+        return int.from_bytes(data, "big")
+
+    def wait_received(self, total: int, timeout: float = 120.0) -> None:
+        """Poll until the sink has read ``total`` bytes."""
+        _wait_until(lambda: self.received() >= total, timeout)
+
+    def close(self) -> None:
+        assert self._proc.stdin is not None
+        self._proc.stdin.close()
+        try:
+            self._proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait(5)
+
+
+def _raw_connection(address: tuple[str, int]) -> socket.socket:
+    sock = socket.create_connection(address)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _bytes_per_second(send: Callable[[bytes], object], payload: bytes, count: int) -> float:
+    began = time.perf_counter()
+    for _ in range(count):
+        send(payload)
+    return count * len(payload) / (time.perf_counter() - began)
+
+
+def send_overhead(quick: bool) -> list[Result]:
+    """Manager over a one-stream transport versus raw sendall, to the same draining reader."""
+    targets = {1024: 0.5, 64 * 1024: 0.9, 1024 * 1024: 0.9}
+    budget = 32 * 2**20 if quick else 128 * 2**20  # bytes per sample
+    rounds = 5 if quick else 9
+    results = []
+    sink = Sink()
+    try:
+        for size, target in targets.items():
+            payload = os.urandom(size)
+            count = max(200, min(200_000, budget // size))
+            raw = _raw_connection(sink.raw)
+            for checksum in (True, False):
+                transport = MultiStreamTCPTransport(
+                    sink.dwcp, streams=1, checksum=checksum, max_message_size=4 * size
+                )
+                manager = dwcp.Manager(transport, health_interval=3600)
+                manager.start()
+                try:
+                    ours, reference, _, _ = alternate(
+                        lambda: _bytes_per_second(
+                            manager.send_with_circuit_breaker, payload, count
+                        ),
+                        lambda: _bytes_per_second(raw.sendall, payload, count),
+                        rounds=rounds,
+                    )
+                finally:
+                    manager.stop()
+                label = "checksum on" if checksum else "checksum off"
+                results.append(
+                    Result(
+                        scenario=f"1. send overhead, {_size(size)}, 1 stream, {label}",
+                        metric="MB/s",
+                        ours=ours / 1e6,
+                        reference=reference / 1e6,
+                        target=f">= {target}x raw sendall",
+                        met=ours / reference >= target,
+                    )
+                )
+            raw.close()
+    finally:
+        sink.close()
+    return results
+
+
+def _size(size: int) -> str:
+    return f"{size // 2**20} MiB" if size >= 2**20 else f"{size // 1024} KiB"
+
+
+# -- 3. multi-stream -----------------------------------------------------------------------------
+
+
+def multistream(quick: bool) -> list[Result]:
+    """4 streams versus 1 for 4 MiB messages: plain loopback, then per-connection rate limits."""
+    size = 4 * 2**20
+    payload = os.urandom(size)
+    results = []
+    for label, rate, target, count in (
+        ("loopback", None, 1.3, 40 if quick else 120),
+        ("per-connection limit 50 MB/s (WAN per-flow emulation)", 50e6, 3.5, 12 if quick else 25),
+    ):
+        sink = Sink(rate_limit=rate)
+        try:
+            one = _manager_for(sink.dwcp, streams=1, size=size)
+            four = _manager_for(sink.dwcp, streams=4, size=size)
+            try:
+                ours, reference, _, _ = alternate(
+                    lambda: _delivered_per_second(sink, four, payload, count),
+                    lambda: _delivered_per_second(sink, one, payload, count),
+                    rounds=3 if quick else 5,
+                )
+            finally:
+                one.stop()
+                four.stop()
+        finally:
+            sink.close()
+        results.append(
+            Result(
+                scenario=f"3. 4 streams vs 1, 4 MiB, {label}",
+                metric="MB/s",
+                ours=ours / 1e6,
+                reference=reference / 1e6,
+                target=f">= {target}x 1 stream",
+                met=ours / reference >= target,
+            )
+        )
+    return results
+
+
+def _delivered_per_second(sink: Sink, manager: dwcp.Manager, payload: bytes, count: int) -> float:
+    """Bytes per second from the first send until the sink has read every byte."""
+    expected = sink.received() + count * len(payload)
+    began = time.perf_counter()
+    for _ in range(count):
+        manager.send_with_circuit_breaker(payload)
+    sink.wait_received(expected)
+    return count * len(payload) / (time.perf_counter() - began)
+
+
+def _manager_for(address: tuple[str, int], *, streams: int, size: int) -> dwcp.Manager:
+    transport = MultiStreamTCPTransport(
+        address, streams=streams, max_message_size=2 * size, send_timeout=60
+    )
+    manager = dwcp.Manager(transport, health_interval=3600)
+    manager.start()
+    return manager
+
+
+# -- 5. time to recover --------------------------------------------------------------------------
+
+
+def time_to_recover(quick: bool) -> list[Result]:
+    """From the peer coming back to the breaker closing, against interval + longest backoff."""
+    interval, initial_backoff, retries = 0.5, 0.1, 3
+    bound = (interval + initial_backoff * 2 ** (retries - 1)) * 1.1
+    samples = []
+    rng = random.Random(7)
+    for _ in range(5 if quick else 15):
+        samples.append(_one_recovery(interval, initial_backoff, retries, rng.uniform(0, 1.5)))
+    worst = max(samples)
+    return [
+        Result(
+            scenario="5. time to recover (peer back -> breaker closed)",
+            metric="seconds (worst)",
+            ours=worst,
+            reference=bound,
+            target="<= interval + longest backoff + 10%",
+            met=worst <= bound,
+            unit=" s",
+            notes=f"median {statistics.median(samples):.3f} s over {len(samples)} outages; "
+            f"health_interval {interval} s, backoff {initial_backoff} s x2, {retries} attempts",
+        )
+    ]
+
+
+def _one_recovery(interval: float, initial_backoff: float, retries: int, outage: float) -> float:
+    receiver = MultiStreamReceiver(on_message=lambda data: None)
+    receiver.start()
+    address = receiver.address
+    transport = MultiStreamTCPTransport(address, streams=2, connect_timeout=1, send_timeout=1)
+    manager = dwcp.Manager(
+        transport,
+        health_interval=interval,
+        initial_backoff=initial_backoff,
+        max_retries=retries,
+        max_failures=3,
+        reset_timeout=3600,
+    )
+    closed = threading.Event()
+    stop = threading.Event()
+
+    def listen(event: dwcp.Event) -> None:
+        if isinstance(event, dwcp.BreakerStateChanged) and event.new == "closed":
+            closed.set()
+
+    def sender() -> None:
+        # A steady trickle of sends, as an application would make; failures are expected.
+        while not stop.wait(0.005):
+            try:
+                manager.send_with_circuit_breaker(b"tick")
+            except dwcp.DWCPError:
+                pass
+
+    manager.add_listener(listen)
+    manager.start()
+    thread = threading.Thread(target=sender, name="bench-trickle")
+    thread.start()
+    try:
+        receiver.stop()
+        _wait_until(lambda: manager.circuit_breaker_state == "open")
+        stop.wait(outage)
+        receiver = MultiStreamReceiver(address, on_message=lambda data: None)
+        receiver.start()
+        back = time.perf_counter()
+        if not closed.wait(30):
+            raise RuntimeError("the breaker never closed")
+        return time.perf_counter() - back
+    finally:
+        stop.set()
+        thread.join()
+        manager.stop()
+        receiver.stop()
