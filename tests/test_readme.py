@@ -10,7 +10,7 @@ README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
 def _block_after(heading: str, language: str) -> str:
     section = README.split(f"## {heading}", 1)[1]
-    match = re.search(rf"```{language}\n(.*?)```", section, re.S)
+    match = re.search(rf"```{language}\n(.*?)```", section, re.DOTALL)
     assert match, f"no {language} block under {heading}"
     return match.group(1)
 
