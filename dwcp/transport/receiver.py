@@ -6,6 +6,7 @@ import collections
 import itertools
 import selectors
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING
 from loguru import logger
 
 from dwcp.transport import wire
-from dwcp.transport.sender import set_kernel_timeout
+from dwcp.transport.sender import TLSChannel, _seconds, set_kernel_timeout
 
 if TYPE_CHECKING:  # typing.Self is 3.11+ and setup.cfg still allows 3.10
     from typing_extensions import Self
@@ -53,7 +54,7 @@ class _Reader:
     __slots__ = ("_buf", "_end", "_sock", "_start", "_view")
 
     def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
+        self._sock: socket.socket | TLSChannel = sock
         self._buf = bytearray(_READ_BUFFER)
         self._view = memoryview(self._buf)
         self._start = 0
@@ -102,6 +103,10 @@ class _Reader:
             got += part
         return got
 
+    def use_tls(self, tls: TLSChannel) -> None:
+        """Read decrypted bytes from now on (nothing is buffered before the handshake)."""
+        self._sock = tls
+
     def close(self) -> None:
         self._view.release()
 
@@ -109,13 +114,14 @@ class _Reader:
 class _Connection:
     """One accepted socket and the thread that reads it."""
 
-    __slots__ = ("index", "peer", "reader", "session", "sock", "thread", "write_lock")
+    __slots__ = ("index", "peer", "reader", "session", "sock", "thread", "tls", "write_lock")
 
     def __init__(self, sock: socket.socket, peer: str) -> None:
         self.sock = sock
         self.peer = peer
         self.reader = _Reader(sock)
         self.write_lock = threading.Lock()
+        self.tls: TLSChannel | None = None
         self.session: _Session | None = None
         self.index = -1
         self.thread: threading.Thread | None = None
@@ -127,6 +133,9 @@ class _Connection:
             pass
 
     def write(self, data: bytes) -> None:
+        if self.tls is not None:
+            self.tls.sendall(data)
+            return
         with self.write_lock:
             self.sock.sendall(data)
 
@@ -191,6 +200,12 @@ class MultiStreamReceiver:
     message, in the sender's message-id order, never concurrently for one session.
     Malformed or hostile input closes that connection and its session, and nothing else.
     Per session, reassembly memory stays under ``max_buffered_bytes + max_message_size``.
+
+    With ``ssl_context`` (a ``PROTOCOL_TLS_SERVER`` context holding the receiver's
+    certificate) every connection must complete a TLS handshake within
+    ``tls_handshake_timeout`` before its DWCP handshake; a context with ``verify_mode =
+    CERT_REQUIRED`` and a CA also requires a client certificate (mutual TLS). A failed
+    handshake closes only that connection.
     """
 
     def __init__(
@@ -202,11 +217,22 @@ class MultiStreamReceiver:
         max_sessions: int = 16,
         idle_timeout: float | timedelta | None = 300.0,
         max_buffered_bytes: int | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        tls_handshake_timeout: float | timedelta = 10.0,
     ) -> None:
         if not callable(on_message):
             raise TypeError("on_message must be callable")
         if not isinstance(address, tuple) or len(address) != 2:
             raise TypeError("address must be a (host, port) tuple")
+        if ssl_context is not None:
+            if not isinstance(ssl_context, ssl.SSLContext):
+                raise TypeError("ssl_context must be an ssl.SSLContext or None")
+            if ssl_context.protocol == ssl.PROTOCOL_TLS_CLIENT:
+                raise ValueError(
+                    "ssl_context is a client context; build it for PROTOCOL_TLS_SERVER"
+                )
+        self._ssl_context = ssl_context
+        self._tls_handshake_timeout = _seconds("tls_handshake_timeout", tls_handshake_timeout)
         self._requested = address
         self._on_message = on_message
         self._max_message_size = _bounded_int(
@@ -315,7 +341,9 @@ class MultiStreamReceiver:
                 daemon=True,
             )
             self._accept_thread.start()
-        logger.bind(address=f"{host}:{port}").info("Receiver started")
+        logger.bind(address=f"{host}:{port}", tls=self._ssl_context is not None).info(
+            "Receiver started"
+        )
 
     def stop(self) -> None:
         """Close the listener and every connection, and join every thread; idempotent."""
@@ -408,6 +436,10 @@ class MultiStreamReceiver:
     def _serve(self, conn: _Connection) -> None:
         session: _Session | None = None
         try:
+            # Here, not on the accept thread: a client that never speaks TLS stalls only
+            # its own connection.
+            if self._ssl_context is not None and not self._start_tls(conn, self._ssl_context):
+                return
             session = self._handshake(conn)
             if session is not None:
                 self._read_frames(conn, session)
@@ -418,6 +450,8 @@ class MultiStreamReceiver:
             self._abort(conn, conn.session, str(exc))
         except (BlockingIOError, TimeoutError):  # SO_RCVTIMEO expired
             self._abort(conn, conn.session, "idle timeout")
+        except ssl.SSLError as exc:
+            self._abort(conn, conn.session, f"TLS error: {exc}")
         except OSError as exc:
             self._abort(conn, conn.session, f"socket error: {exc}")
         except Exception as exc:  # noqa: BLE001 - a bug closes the session, not the receiver
@@ -428,6 +462,24 @@ class MultiStreamReceiver:
                 self._connections.discard(conn)
             conn.reader.close()
             conn.sock.close()
+
+    def _start_tls(self, conn: _Connection, context: ssl.SSLContext) -> bool:
+        """Run the TLS handshake; on failure close the connection, say why, return False."""
+        try:
+            tls = TLSChannel.handshake(
+                conn.sock, context, server_side=True, timeout=self._tls_handshake_timeout
+            )
+        except TimeoutError:
+            self._abort(conn, None, "TLS handshake timed out")
+            return False
+        except OSError as exc:  # ssl.SSLError included: refused certificate, not TLS at all
+            self._abort(conn, None, f"TLS handshake failed: {exc}")
+            return False
+        # Blocking again, so the kernel timeouts set on accepting (idle_timeout) apply.
+        conn.sock.settimeout(None)
+        conn.tls = tls
+        conn.reader.use_tls(tls)
+        return True
 
     def _handshake(self, conn: _Connection) -> _Session | None:
         raw = conn.reader.read(wire.HANDSHAKE.size)

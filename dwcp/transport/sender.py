@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import os
 import queue
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -13,7 +15,7 @@ import time
 import zlib
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, cast
 
 from loguru import logger
 
@@ -38,6 +40,8 @@ _DATA = wire.FRAME_DATA
 _COPY_LIMIT = 16 * 1024
 # A lock wait shorter than this does not shorten the socket timeout (saves a syscall).
 _TIMEOUT_SLACK = 0.001
+# Ciphertext read per recv(); a TLS record is at most about 16 KiB.
+_TLS_READ_SIZE = 64 * 1024
 
 
 def _seconds(name: str, value: float | timedelta) -> float:
@@ -85,15 +89,172 @@ def _close_quietly(sock: socket.socket) -> None:
         pass
 
 
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` names this machine: 127.0.0.0/8, ::1 or "localhost" (nothing resolved)."""
+    name = host.lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def _remaining(deadline: float) -> float:
+    left = deadline - _monotonic()
+    if left <= 0:
+        raise TimeoutError("TLS handshake timed out")
+    return left
+
+
+class TLSChannel:
+    """TLS over a blocking socket, safe for one reading thread and several writing threads.
+
+    OpenSSL forbids using one connection from two threads at once, and ``ssl.SSLSocket``
+    does not serialise them (a reader blocked in ``recv`` while a writer sends corrupts the
+    connection). So this drives an ``SSLObject`` through memory buffers under a short lock
+    and does the socket I/O itself, outside the lock. It also keeps the kernel send timeout
+    working: a blocking ``SSLSocket`` retries a timed-out write forever.
+
+    Writers hold ``write_lock`` from ``encrypt()`` until its records are on the socket, so
+    records leave in the order they were sealed.
+    """
+
+    __slots__ = ("_incoming", "_lock", "_obj", "_outgoing", "_raw", "sock", "write_lock")
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        obj: ssl.SSLObject,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+    ) -> None:
+        self.sock = sock
+        self.write_lock = threading.Lock()
+        self._obj = obj
+        self._incoming = incoming
+        self._outgoing = outgoing
+        self._lock = threading.Lock()
+        self._raw = bytearray(_TLS_READ_SIZE)
+
+    @classmethod
+    def handshake(
+        cls,
+        sock: socket.socket,
+        context: ssl.SSLContext,
+        *,
+        server_side: bool,
+        server_hostname: str | None = None,
+        timeout: float,
+    ) -> TLSChannel:
+        """Run the TLS handshake on ``sock`` within ``timeout`` seconds.
+
+        Leaves ``sock`` in timeout mode (``settimeout(None)`` makes it blocking again).
+        Raises ssl.SSLError when the peer or its certificate is refused (after telling the
+        peer why), TimeoutError, or another OSError when the connection fails.
+        """
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        obj = context.wrap_bio(
+            incoming, outgoing, server_side=server_side, server_hostname=server_hostname
+        )
+        channel = cls(sock, obj, incoming, outgoing)
+        deadline = _monotonic() + timeout
+        raw = channel._raw
+        try:
+            while True:
+                try:
+                    obj.do_handshake()
+                    done = True
+                except ssl.SSLWantReadError:
+                    done = False
+                except ssl.SSLError:
+                    alert = outgoing.read()
+                    if alert:
+                        try:
+                            sock.sendall(alert)
+                        except OSError:
+                            pass  # the peer learns nothing more; our own error wins
+                    raise
+                records = outgoing.read()
+                if records:
+                    sock.settimeout(_remaining(deadline))
+                    sock.sendall(records)
+                if done:
+                    break
+                sock.settimeout(_remaining(deadline))
+                got = sock.recv_into(raw)
+                if got:
+                    incoming.write(memoryview(raw)[:got])
+                else:
+                    incoming.write_eof()  # do_handshake() then raises SSLEOFError
+        except TimeoutError as exc:
+            raise TimeoutError("TLS handshake timed out") from exc
+        return channel
+
+    def encrypt(self, *parts: Buffer) -> bytes:
+        """Return the TLS records that carry ``parts``; see the class doc on ``write_lock``."""
+        with self._lock:
+            for part in parts:
+                self._obj.write(part)
+            return self._outgoing.read()
+
+    def sendall(self, data: Buffer) -> None:
+        """Encrypt and send ``data`` (bounded by the socket's kernel send timeout)."""
+        with self.write_lock:
+            self.sock.sendall(self.encrypt(data))
+
+    def recv_into(self, buffer: memoryview, nbytes: int = 0, flags: int = 0) -> int:
+        """Decrypt into ``buffer``; return the byte count, 0 at end of stream.
+
+        ``flags`` is accepted for signature compatibility with ``socket.recv_into`` and
+        ignored. The peer closing TCP without a TLS close_notify also counts as end of
+        stream: DWCP frames carry their own lengths, so a cut inside one is still detected.
+        """
+        size = nbytes or len(buffer)
+        if not size:
+            return 0
+        while True:
+            with self._lock:
+                try:
+                    # Given a buffer, read() returns a count (typeshed says bytes).
+                    got = cast(int, self._obj.read(size, buffer))
+                except ssl.SSLWantReadError:
+                    got = -1
+                except ssl.SSLZeroReturnError:
+                    got = 0
+                reply = self._outgoing.pending
+            if reply:
+                # Reading produced records (a TLS 1.3 key update answer, say): send them in
+                # turn with the writers' records.
+                with self.write_lock:
+                    with self._lock:
+                        records = self._outgoing.read()
+                    self.sock.sendall(records)
+            if got >= 0:
+                return got
+            count = self.sock.recv_into(self._raw)  # blocks outside the lock
+            if not count:
+                return 0
+            with self._lock:
+                self._incoming.write(memoryview(self._raw)[:count])
+
+
 class _Stream:
     """One TCP connection of a session; ``lock`` keeps each frame contiguous on the wire."""
 
-    __slots__ = ("index", "jobs", "lock", "sock", "threads", "timeout")
+    __slots__ = ("index", "jobs", "lock", "sock", "threads", "timeout", "tls")
 
-    def __init__(self, index: int, sock: socket.socket, timeout: float) -> None:
+    def __init__(
+        self, index: int, sock: socket.socket, tls: TLSChannel | None, timeout: float
+    ) -> None:
         self.index = index
         self.sock = sock
-        self.lock = threading.Lock()
+        self.tls = tls
+        # With TLS, the channel's own lock: its reader may need to send records too.
+        self.lock = threading.Lock() if tls is None else tls.write_lock
         self.timeout = timeout
         self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self.threads: list[threading.Thread] = []
@@ -144,7 +305,7 @@ class _Session:
     def __init__(
         self,
         address: tuple[str, int],
-        socks: Sequence[socket.socket],
+        connections: Sequence[tuple[socket.socket, TLSChannel | None]],
         *,
         session_id: bytes,
         send_timeout: float,
@@ -157,7 +318,9 @@ class _Session:
         self.session_id = session_id
         self.send_timeout = send_timeout
         self.acknowledged = acknowledged
-        self.streams = [_Stream(i, s, send_timeout) for i, s in enumerate(socks)]
+        self.streams = [
+            _Stream(i, sock, tls, send_timeout) for i, (sock, tls) in enumerate(connections)
+        ]
         self.count = len(self.streams)
         self.ids = itertools.count()
         self.broken: str | None = None
@@ -253,7 +416,18 @@ class _Session:
             timeout = self.send_timeout if left > self.send_timeout - _TIMEOUT_SLACK else left
             if timeout != stream.timeout:
                 stream.timeout = _set_send_timeout(sock, timeout)
-            if size <= _COPY_LIMIT:
+            tls = stream.tls
+            if tls is not None:
+                # Records go out on the plain socket, so the kernel timeout bounds them too.
+                records = (
+                    tls.encrypt(header + payload)
+                    if size <= _COPY_LIMIT
+                    else tls.encrypt(header, payload)
+                )
+                sent = sock.send(records)
+                if sent < len(records):
+                    self._send_rest(stream, b"", records, sent, deadline)
+            elif size <= _COPY_LIMIT:
                 sock.sendall(header + payload)
             else:
                 sent = sock.sendmsg([header, payload])
@@ -261,6 +435,8 @@ class _Session:
                     self._send_rest(stream, header, payload, sent, deadline)
         except (BlockingIOError, TimeoutError) as exc:
             self._fail(stream, "stalled: send_timeout expired", exc)
+        except ssl.SSLError as exc:
+            self._fail(stream, "TLS error", exc)
         except OSError as exc:
             self._fail(stream, "send failed", exc)
         finally:
@@ -397,13 +573,13 @@ class _Session:
 
     def _reader_loop(self, stream: _Stream) -> None:
         """Read ACK frames; also notices at once when the receiver drops the connection."""
-        sock = stream.sock
+        recv_into = stream.sock.recv_into if stream.tls is None else stream.tls.recv_into
         buf = bytearray(wire.ACK.size)
         view = memoryview(buf)
         got = 0
         try:
             while True:
-                n = sock.recv_into(view[got:])  # blocks until data, EOF or shutdown()
+                n = recv_into(view[got:])  # blocks until data, EOF or shutdown()
                 if n == 0:
                     if not self.closing:
                         self.break_(f"stream {stream.index}: receiver closed the connection")
@@ -441,6 +617,11 @@ class MultiStreamTCPTransport:
     the receiver hands messages to the application in the order ``send`` allocated them.
     ``send`` is thread-safe. Any stream failure breaks the transport until ``close()`` and
     ``start()`` (what recovery does) open a fresh session.
+
+    With ``ssl_context`` every connection runs TLS, handshaken before the DWCP handshake;
+    the context decides what is verified (``ssl.create_default_context()`` checks the
+    receiver's certificate and that it names ``server_hostname``, by default the host of
+    ``address``). Load a client certificate into it for receivers that require one.
     """
 
     def __init__(
@@ -454,6 +635,8 @@ class MultiStreamTCPTransport:
         max_message_size: int = wire.DEFAULT_MAX_MESSAGE_SIZE,
         acknowledged: bool = False,
         checksum: bool = True,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
     ) -> None:
         if (
             not isinstance(address, tuple)
@@ -481,6 +664,8 @@ class MultiStreamTCPTransport:
         if not isinstance(checksum, bool):
             raise TypeError("checksum must be a bool")
         self._checksum = checksum
+        self._ssl_context = ssl_context
+        self._server_hostname = _check_tls_options(address, ssl_context, server_hostname)
         self._lifecycle = threading.Lock()
         self._session: _Session | None = None
 
@@ -535,11 +720,14 @@ class MultiStreamTCPTransport:
             peer=f"{self._address[0]}:{self._address[1]}",
             session=session_id.hex(),
             streams=self._streams,
+            tls=self._ssl_context is not None,
         ).info("Transport started")
 
-    def _connect(self, session_id: bytes) -> list[socket.socket]:
+    def _connect(self, session_id: bytes) -> list[tuple[socket.socket, TLSChannel | None]]:
+        connections: list[tuple[socket.socket, TLSChannel | None]] = []
         socks: list[socket.socket] = []
         deadline = _monotonic() + self._connect_timeout
+        peer = f"{self._address[0]}:{self._address[1]}"
         try:
             for index in range(self._streams):
                 sock = socket.create_connection(
@@ -549,33 +737,48 @@ class MultiStreamTCPTransport:
                 # Small frames must leave at once: Nagle plus delayed ACKs would add tens of
                 # milliseconds per acknowledged send.
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.sendall(
-                    wire.pack_handshake(
-                        session_id, index, self._streams, acknowledged=self._acknowledged
-                    )
+                hello = wire.pack_handshake(
+                    session_id, index, self._streams, acknowledged=self._acknowledged
                 )
+                if self._ssl_context is None:
+                    connections.append((sock, None))
+                    sock.sendall(hello)
+                else:
+                    channel = TLSChannel.handshake(
+                        sock,
+                        self._ssl_context,
+                        server_side=False,
+                        server_hostname=self._server_hostname,
+                        timeout=max(deadline - _monotonic(), _TIMEOUT_SLACK),
+                    )
+                    connections.append((sock, channel))
+                    channel.sendall(hello)
             # Handshakes go out first and answers are read after, so connecting N streams
-            # costs about one round trip, not N.
-            for sock in socks:
+            # costs about one round trip, not N (plus the TLS handshakes, one at a time).
+            for sock, tls in connections:
                 sock.settimeout(max(deadline - _monotonic(), _TIMEOUT_SLACK))
-                status = wire.parse_welcome(_recv_exactly(sock, wire.WELCOME.size))
+                status = wire.parse_welcome(_recv_exactly(tls or sock, wire.WELCOME.size))
                 if status != wire.STATUS_ACCEPTED:
                     raise TransportError(f"receiver refused the session (status {status})")
                 sock.settimeout(None)
                 _set_send_timeout(sock, self._send_timeout)
+        except ssl.SSLError as exc:
+            # Also a client certificate the receiver refused: TLS 1.3 tells the client only
+            # after its side of the handshake, so the refusal arrives instead of WELCOME.
+            for sock in socks:
+                _close_quietly(sock)
+            raise TransportError(f"TLS with {peer} failed: {exc}") from exc
         except OSError as exc:
             for sock in socks:
                 _close_quietly(sock)
-            raise TransportError(
-                f"cannot connect to {self._address[0]}:{self._address[1]}: {exc}"
-            ) from exc
+            raise TransportError(f"cannot connect to {peer}: {exc}") from exc
         except (wire.ProtocolError, TransportError) as exc:
             for sock in socks:
                 _close_quietly(sock)
             if isinstance(exc, TransportError):
                 raise
             raise TransportError(f"handshake failed: {exc}") from exc
-        return socks
+        return connections
 
     def close(self) -> None:
         """Close every connection and join the transport's threads; idempotent."""
@@ -627,13 +830,41 @@ class MultiStreamTCPTransport:
             raise TransportError(f"transport broken: {session.broken}")
 
 
-def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+def _recv_exactly(source: socket.socket | TLSChannel, size: int) -> bytes:
     """Read exactly ``size`` bytes (a handshake answer); EOF first is a ConnectionError."""
-    parts = []
-    while size:
-        part = sock.recv(size)
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        part = source.recv_into(view[got:])
         if not part:
             raise ConnectionError("connection closed during handshake")
-        parts.append(part)
-        size -= len(part)
-    return b"".join(parts)
+        got += part
+    return bytes(buf)
+
+
+def _check_tls_options(
+    address: tuple[str, int], context: ssl.SSLContext | None, server_hostname: str | None
+) -> str | None:
+    """Validate the TLS arguments, warn about unsafe choices; return the name to verify."""
+    peer = f"{address[0]}:{address[1]}"
+    if server_hostname is not None and not isinstance(server_hostname, str):
+        raise TypeError("server_hostname must be a str or None")
+    if context is None:
+        if server_hostname is not None:
+            raise ValueError("server_hostname needs ssl_context")
+        if not is_loopback_host(address[0]):
+            logger.bind(peer=peer).warning(
+                "Plaintext transport to a non-loopback address; pass ssl_context to encrypt"
+            )
+        return None
+    if not isinstance(context, ssl.SSLContext):
+        raise TypeError("ssl_context must be an ssl.SSLContext or None")
+    if context.protocol == ssl.PROTOCOL_TLS_SERVER:
+        raise ValueError("ssl_context is a server context; build it for PROTOCOL_TLS_CLIENT")
+    name = address[0] if server_hostname is None else server_hostname
+    if not name or name.startswith("."):
+        raise ValueError(f"server_hostname must be a host name, got {name!r}")
+    if context.verify_mode == ssl.CERT_NONE:
+        logger.bind(peer=peer).warning("TLS without server verification")
+    return name
