@@ -28,7 +28,7 @@ from loguru import logger
 
 from dwcp import TransportError
 from dwcp.transport import MultiStreamReceiver, MultiStreamTCPTransport, wire
-from dwcp.transport.sender import is_loopback_host
+from dwcp.transport._io import is_loopback_host
 from tests.conftest import wait_until
 
 CHUNK = 1024

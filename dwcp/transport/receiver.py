@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from loguru import logger
 
 from dwcp.transport import wire
-from dwcp.transport.sender import TLSChannel, _seconds, set_kernel_timeout
+from dwcp.transport._io import TLSChannel, _seconds, set_kernel_timeout
 
 if TYPE_CHECKING:  # typing.Self is 3.11+ and setup.cfg still allows 3.10
     from typing_extensions import Self
