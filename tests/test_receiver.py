@@ -7,7 +7,6 @@ import os
 import socket
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -138,7 +137,7 @@ def _header(magic: bytes = wire.MAGIC, **fields: int) -> bytes:
     """A DATA header of the valid one-chunk message 0 ``hello``, with ``fields`` overridden."""
     values = {"version": 1, "type": wire.FRAME_DATA, "flags": 0, "message_id": 0}
     values.update({"index": 0, "count": 1, "size": 5, "total": 5, "length": 5})
-    values["crc"] = zlib.crc32(b"hello")
+    values["crc"] = wire.checksum_of(b"hello")
     values.update(fields)
     return wire.DATA_HEADER.pack(magic, *values.values())
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import struct
-import zlib
 from pathlib import Path
 
 import pytest
@@ -29,7 +28,7 @@ def data_header(**fields: int) -> bytes:
         "size": 5,
         "total": 5,
         "length": 5,
-        "crc": zlib.crc32(b"hello"),
+        "crc": wire.checksum_of(b"hello"),
     }
     values.update(fields)
     magic = b"XXXX" if values.pop("magic") else wire.MAGIC
@@ -183,4 +182,5 @@ def test_document_sizes_match_the_structs() -> None:
     assert struct.calcsize("!4sBBH") == 8  # the common prefix
     assert f"1 <= N <= {wire.MAX_STREAMS}" in text
     assert f"{wire.MIN_CHUNK_SIZE} <= size" in text
-    assert "36 10 a6 86" in text and zlib.crc32(b"hello") == 0x3610A686
+    assert "9a 71 bb 4c" in text and wire.checksum_of(b"hello") == 0x9A71BB4C
+    assert wire.checksum_of(b"123456789") == 0xE3069283  # the CRC-32C check value

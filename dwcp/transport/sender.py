@@ -9,7 +9,6 @@ import socket
 import ssl
 import threading
 import time
-import zlib
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, NoReturn
@@ -35,7 +34,7 @@ if TYPE_CHECKING:  # typing.Self is 3.11+ and setup.cfg still allows 3.10
 __all__ = ["MultiStreamTCPTransport"]
 
 
-_crc32 = zlib.crc32
+_checksum = wire.checksum_of
 _monotonic = time.monotonic
 _pack_header = wire.DATA_HEADER.pack
 _MAGIC = wire.MAGIC
@@ -287,7 +286,7 @@ class _Session:
         stream = self.streams[message_id % self.count]
         header = _pack_header(
             _MAGIC, _VERSION, _DATA, self.flags, message_id, 0, 1, size, size, size,
-            _crc32(data) if self.checksum else 0,
+            _checksum(data) if self.checksum else 0,
         )  # fmt: skip
         if self.acknowledged:
             waiter = self._expect_ack(message_id)
@@ -348,7 +347,7 @@ class _Session:
             length = len(payload)
             header = _pack_header(
                 _MAGIC, _VERSION, _DATA, self.flags, message_id, index, chunks, chunk_size,
-                total, length, _crc32(payload) if self.checksum else 0,
+                total, length, _checksum(payload) if self.checksum else 0,
             )  # fmt: skip
             self._write(stream, header, payload, length, deadline)
 
