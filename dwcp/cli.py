@@ -6,6 +6,9 @@ subcommand is two functions and one more entry in the tuple.
 
 ``status URL`` reads a ``HealthServer``'s ``/healthz`` document and prints it as a table.
 Exit codes: 0 healthy, 1 unhealthy, 2 unreachable or not a health document.
+
+``demo`` runs a receiver and a manager on 127.0.0.1, stops the receiver for a while and
+prints what the breaker, the monitor and recovery do about it (see ``dwcp.demo``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+
+from dwcp import demo
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
 
@@ -178,6 +183,12 @@ COMMANDS: tuple[Command, ...] = (
         "show the health of a running dwcp manager from its HealthServer",
         _configure_status,
         _run_status,
+    ),
+    Command(
+        "demo",
+        "watch the manager ride out a receiver outage on 127.0.0.1",
+        demo.configure,
+        demo.run,
     ),
 )
 

@@ -414,11 +414,8 @@ class Manager:
         try:
             transport.send(data)
         except _PEER_FAILURES as exc:
-            if getattr(exc, "code", None) == "NOT_STARTED":
-                # A closed transport (recovery could not restart it) never touched the
-                # network: not a verdict on the peer, so the breaker does not count it.
-                breaker.release(ticket)
-                raise
+            # A transport that recovery closed and could not restart fails too: while the
+            # manager runs, that is the peer being down, so it counts like any other failure.
             breaker.record_failure(ticket)
             with self._stats_lock:
                 self._counters.send_errors += 1

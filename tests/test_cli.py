@@ -142,13 +142,13 @@ def test_the_registry_takes_another_subcommand(capsys: pytest.CaptureFixture[str
         parser.add_argument("--peers", type=int, default=1)
 
     def run(args: argparse.Namespace) -> int:
-        print(f"demo with {args.peers} peers")
+        print(f"example with {args.peers} peers")
         return 0
 
-    parser = build_parser((*COMMANDS, Command("demo", "run a demo", configure, run)))
-    args = parser.parse_args(["demo", "--peers", "3"])
+    parser = build_parser((*COMMANDS, Command("example", "run an example", configure, run)))
+    args = parser.parse_args(["example", "--peers", "3"])
     assert args.run(args) == 0
-    assert capsys.readouterr().out == "demo with 3 peers\n"
+    assert capsys.readouterr().out == "example with 3 peers\n"
 
 
 def test_python_dash_m_dwcp_status(server: HealthServer) -> None:

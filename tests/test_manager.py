@@ -399,12 +399,14 @@ def test_extra_layers_are_validated(layers: dict[str, object], error: type, matc
         dwcp.Manager(FakeTransport(), layers=layers)
 
 
-def test_transport_not_started_does_not_count(make_manager: MakeManager) -> None:
+def test_a_transport_left_closed_by_recovery_counts(make_manager: MakeManager) -> None:
+    """The manager's own "not started" never counts; a closed transport while running does."""
     transport = FakeTransport()
-    manager = make_manager(transport, max_failures=1)
+    manager = make_manager(transport, max_failures=2)
     manager.start()
     transport.fail_sends = dwcp.TransportError("transport is not started", code="NOT_STARTED")
-    for _ in range(3):
+    for _ in range(2):
         with pytest.raises(dwcp.TransportError):
             manager.send_with_circuit_breaker(b"x")
-    assert manager.circuit_breaker_state == "closed"
+    assert manager.circuit_breaker_state == "open"
+    assert manager.metrics().send_errors == 2
