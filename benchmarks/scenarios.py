@@ -331,13 +331,15 @@ def _bytes_per_second(send: Callable[[bytes], object], payload: bytes, count: in
 def send_overhead(quick: bool) -> list[Result]:
     """Manager over a one-stream transport versus raw sendall, to the same draining reader."""
     targets = {1024: 0.5, 64 * 1024: 0.9, 1024 * 1024: 0.9}
-    budget = 32 * 2**20 if quick else 128 * 2**20  # bytes per sample
-    rounds = 5 if quick else 9
+    # Each sample moves about 0.1-0.3 s worth of bytes: long enough to average out scheduler
+    # noise, short enough that many alternating rounds fit.
+    budget = 512 * 2**20 if quick else 1024 * 2**20
+    rounds = 5 if quick else 11
     results = []
     sink = Sink()
     try:
         for size, target in targets.items():
-            count = max(200, min(200_000, budget // size))
+            count = max(200, min(50_000 if quick else 100_000, budget // size))
             for checksum in (True, False):
                 results.append(_overhead_row(sink, size, target, checksum, count, rounds))
     finally:
@@ -390,9 +392,9 @@ def _size(size: int) -> str:
 
 def multistream(quick: bool) -> list[Result]:
     """4 streams versus 1 for 4 MiB messages: plain loopback, then per-connection rate limits."""
-    rounds = 3 if quick else 5
+    rounds = 3 if quick else 7
     return [
-        _multistream_row("loopback", None, 1.3, 40 if quick else 120, rounds),
+        _multistream_row("loopback", None, 1.3, 150 if quick else 400, rounds),
         _multistream_row(
             "per-connection limit 50 MB/s (WAN per-flow emulation)",
             50e6,
