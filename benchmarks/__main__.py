@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a short run (about a minute)")
     parser.add_argument("--json", default="benchmarks/results.json", help="where to write results")
+    parser.add_argument(
+        "--plot", default="benchmarks/throughput.png", help="PNG of throughput by message size"
+    )
     parser.add_argument("--only", nargs="*", choices=sorted(SCENARIOS), help="scenario numbers")
     args = parser.parse_args(argv)
     results: list[Result] = []
@@ -43,7 +46,38 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine}; took {time.perf_counter() - began:.0f} s")
     with open(args.json, "w") as out:
         json.dump({"machine": machine, "results": [r.as_dict() for r in results]}, out, indent=2)
+    _plot(results, args.plot)
     return 0 if all(r.met for r in results) else 1
+
+
+def _plot(results: list[Result], path: str) -> None:
+    """Throughput against message size for scenario 1, when matplotlib is installed."""
+    rows = [r for r in results if "size" in r.extra]
+    if not rows:
+        return
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no plot written)")
+        return
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for checksum, style in ((True, "o-"), (False, "s--")):
+        points = sorted((r.extra["size"], r.ours) for r in rows if r.extra["checksum"] is checksum)
+        label = f"Manager, 1 stream, checksum {'on' if checksum else 'off'}"
+        axes.plot(*zip(*points), style, label=label)
+    raw = sorted({r.extra["size"]: r.reference for r in rows}.items())
+    axes.plot(*zip(*raw), "k^:", label="raw socket.sendall")
+    axes.set_xscale("log", base=2)
+    axes.set_xlabel("message size (bytes)")
+    axes.set_ylabel("throughput (MB/s, median)")
+    axes.set_title("dwcp send path vs raw sendall, loopback, side by side")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    print(f"plot written to {path}")
 
 
 if __name__ == "__main__":

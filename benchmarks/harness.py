@@ -22,9 +22,14 @@ class Result:
     unit: str = ""
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Median of the per-round ratios when measured in alternating pairs; each pair ran
+    #: back to back, so this ratio is the one least moved by the machine's drift.
+    paired_ratio: float | None = None
 
     @property
     def ratio(self) -> float | None:
+        if self.paired_ratio is not None:
+            return self.paired_ratio
         if self.reference in (None, 0):
             return None
         return self.ours / self.reference  # type: ignore[operator]
@@ -33,6 +38,11 @@ class Result:
         data = asdict(self)
         data["ratio"] = self.ratio
         return data
+
+
+def paired_ratio(ours: list[float], reference: list[float]) -> float:
+    """Median of ours/reference over samples taken back to back."""
+    return statistics.median(o / r for o, r in zip(ours, reference))
 
 
 def alternate(
