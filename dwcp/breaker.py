@@ -88,6 +88,12 @@ class Breaker:
         """Return a ticket for one guarded call, or raise ``CircuitOpenError``."""
         if self._shared:
             self._sync()
+        # Closed needs no lock.  _move() stores the state before the generation, so reading
+        # the generation first can only yield an older ticket than the state seen (its
+        # result is then ignored as stale), never a newer one.
+        generation = self._generation
+        if self._state == CLOSED:
+            return generation
         with self._lock:
             if self._state == CLOSED:
                 return self._generation

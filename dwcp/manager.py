@@ -146,7 +146,7 @@ class _Counters:
     recovery_attempts: int = 0
     recoveries_succeeded: int = 0
     recoveries_failed: int = 0
-    sends: int = 0
+    sends: int = 0  # summed from the per-thread tallies when a snapshot is taken
     sent_bytes: int = 0
     send_errors: int = 0
 
@@ -246,6 +246,9 @@ class Manager:
         self._lock = threading.RLock()
         self._stats_lock = threading.Lock()
         self._counters = _Counters()
+        # Successful sends and their bytes, one [sends, bytes] list per sending thread.
+        self._thread_tally = threading.local()
+        self._tallies: list[list[int]] = []
         # "idle" -> "starting" -> "started" -> "stopping" -> "idle"; a manager can be restarted.
         self._phase = "idle"
         # Read without the lock on the send path; only ever replaced as a whole.
@@ -426,10 +429,20 @@ class Manager:
             breaker.release(ticket)
             raise
         breaker.record_success(ticket)
+        # Per-thread tallies: each has a single writer, so no lock on the send path.
+        try:
+            tally = self._thread_tally.value
+        except AttributeError:
+            tally = self._new_tally()
+        tally[0] += 1
+        tally[1] += data.nbytes if type(data) is memoryview else len(data)
+
+    def _new_tally(self) -> list[int]:
+        tally = [0, 0]
         with self._stats_lock:
-            counters = self._counters
-            counters.sends += 1
-            counters.sent_bytes += len(data) if not isinstance(data, memoryview) else data.nbytes
+            self._tallies.append(tally)
+        self._thread_tally.value = tally
+        return tally
 
     @property
     def circuit_breaker_state(self) -> str:
@@ -519,6 +532,8 @@ class Manager:
             transitions = dict(self._breaker.transition_counts)
             with self._stats_lock:
                 counters = _Counters(**vars(self._counters))
+                counters.sends = sum(tally[0] for tally in self._tallies)
+                counters.sent_bytes = sum(tally[1] for tally in self._tallies)
         return MetricsSnapshot(
             health_checks=counters.health_checks,
             component_checks=counters.component_checks,
