@@ -410,3 +410,23 @@ def test_a_transport_left_closed_by_recovery_counts(make_manager: MakeManager) -
             manager.send_with_circuit_breaker(b"x")
     assert manager.circuit_breaker_state == "open"
     assert manager.metrics().send_errors == 2
+
+
+def test_send_counters_are_exact_across_threads(make_manager: MakeManager) -> None:
+    manager = make_manager(FakeTransport())
+    manager.start()
+    barrier = threading.Barrier(8)
+
+    def worker(size: int) -> None:
+        barrier.wait(5)
+        for _ in range(500):
+            manager.send_with_circuit_breaker(b"x" * size)
+
+    threads = [threading.Thread(target=worker, args=(i + 1,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    metrics = manager.metrics()
+    assert metrics.sends == 8 * 500
+    assert metrics.sent_bytes == 500 * sum(range(1, 9))
