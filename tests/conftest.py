@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
 import dwcp
+from dwcp.transport import MultiStreamReceiver, MultiStreamTCPTransport
 
 
 def wait_until(
@@ -133,3 +136,70 @@ def _no_leaked_threads() -> Iterator[None]:
         wait_until(lambda: not leaked(), timeout=5.0)
     except AssertionError:
         raise AssertionError(f"threads left running: {leaked()}") from None
+
+
+# -- transport fixtures (real loopback sockets) -----------------------------------------------
+
+
+class Inbox:
+    """Collects delivered messages; ``on_message`` is called serially per session."""
+
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+
+    def __call__(self, data: bytes) -> None:
+        self.messages.append(data)
+
+
+ReceiverFactory = Callable[..., tuple[MultiStreamReceiver, Inbox]]
+TransportFactory = Callable[..., MultiStreamTCPTransport]
+
+
+@pytest.fixture
+def receiver_factory() -> Iterator[ReceiverFactory]:
+    """Start receivers collecting into an Inbox on 127.0.0.1; stop them all afterwards."""
+    started: list[MultiStreamReceiver] = []
+
+    def make(**kwargs: Any) -> tuple[MultiStreamReceiver, Inbox]:
+        inbox = Inbox()
+        receiver = MultiStreamReceiver(on_message=kwargs.pop("on_message", inbox), **kwargs)
+        receiver.start()
+        started.append(receiver)
+        return receiver, inbox
+
+    yield make
+    for receiver in started:
+        receiver.stop()
+
+
+@pytest.fixture
+def transport_factory() -> Iterator[TransportFactory]:
+    """Build (not start) transports with 1 KiB chunks; close them all afterwards."""
+    made: list[MultiStreamTCPTransport] = []
+
+    def make(address: tuple[str, int], **kwargs: Any) -> MultiStreamTCPTransport:
+        kwargs.setdefault("chunk_size", 1024)
+        kwargs.setdefault("connect_timeout", 5.0)
+        kwargs.setdefault("send_timeout", 5.0)
+        transport = MultiStreamTCPTransport(address, **kwargs)
+        made.append(transport)
+        return transport
+
+    yield make
+    for transport in made:
+        transport.close()
+
+
+@pytest.fixture
+def raw_connections() -> Iterator[Callable[[tuple[str, int]], socket.socket]]:
+    """Open raw client sockets; all closed afterwards."""
+    opened: list[socket.socket] = []
+
+    def connect(address: tuple[str, int]) -> socket.socket:
+        sock = socket.create_connection(address, timeout=5.0)
+        opened.append(sock)
+        return sock
+
+    yield connect
+    for sock in opened:
+        sock.close()

@@ -13,50 +13,23 @@ from typing import Any
 import pytest
 
 from dwcp.transport import MultiStreamReceiver, MultiStreamTCPTransport, wire
+from tests.conftest import Inbox, ReceiverFactory
 
 TIMEOUT = 5.0
 IDLE = 1.0
 
 
-class Inbox:
-    def __init__(self) -> None:
-        self.messages: list[bytes] = []
-
-    def __call__(self, data: bytes) -> None:
-        self.messages.append(data)
-
-
 @pytest.fixture
-def hostile_receiver_factory() -> Iterator[Callable[..., tuple[MultiStreamReceiver, Inbox]]]:
-    """Receivers with a short idle timeout; all stopped afterwards."""
-    started: list[MultiStreamReceiver] = []
+def hostile_receiver_factory(
+    receiver_factory: ReceiverFactory,
+) -> Callable[..., tuple[MultiStreamReceiver, Inbox]]:
+    """Receivers with a short idle timeout, so stalled peers are cut off within the test."""
 
     def make(**kwargs: Any) -> tuple[MultiStreamReceiver, Inbox]:
-        inbox = Inbox()
         kwargs.setdefault("idle_timeout", IDLE)
-        receiver = MultiStreamReceiver(on_message=inbox, **kwargs)
-        receiver.start()
-        started.append(receiver)
-        return receiver, inbox
+        return receiver_factory(**kwargs)
 
-    yield make
-    for receiver in started:
-        receiver.stop()
-
-
-@pytest.fixture
-def raw_connections() -> Iterator[Callable[[tuple[str, int]], socket.socket]]:
-    """Open raw client sockets; all closed afterwards."""
-    opened: list[socket.socket] = []
-
-    def connect(address: tuple[str, int]) -> socket.socket:
-        sock = socket.create_connection(address, timeout=TIMEOUT)
-        opened.append(sock)
-        return sock
-
-    yield connect
-    for sock in opened:
-        sock.close()
+    return make
 
 
 @pytest.fixture

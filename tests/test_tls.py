@@ -29,7 +29,7 @@ from loguru import logger
 from dwcp import TransportError
 from dwcp.transport import MultiStreamReceiver, MultiStreamTCPTransport, wire
 from dwcp.transport._io import is_loopback_host
-from tests.conftest import wait_until
+from tests.conftest import Inbox, ReceiverFactory, TransportFactory, wait_until
 
 CHUNK = 1024
 TIMEOUT = 10.0
@@ -178,65 +178,6 @@ def client_context(
 
 
 # -- fixtures ---------------------------------------------------------------------------------
-
-
-class Inbox:
-    def __init__(self) -> None:
-        self.messages: list[bytes] = []
-
-    def __call__(self, data: bytes) -> None:
-        self.messages.append(data)
-
-
-ReceiverFactory = Callable[..., tuple[MultiStreamReceiver, Inbox]]
-TransportFactory = Callable[..., MultiStreamTCPTransport]
-
-
-@pytest.fixture
-def receiver_factory() -> Iterator[ReceiverFactory]:
-    started: list[MultiStreamReceiver] = []
-
-    def make(**kwargs: Any) -> tuple[MultiStreamReceiver, Inbox]:
-        inbox = Inbox()
-        receiver = MultiStreamReceiver(on_message=inbox, **kwargs)
-        receiver.start()
-        started.append(receiver)
-        return receiver, inbox
-
-    yield make
-    for receiver in started:
-        receiver.stop()
-
-
-@pytest.fixture
-def transport_factory() -> Iterator[TransportFactory]:
-    made: list[MultiStreamTCPTransport] = []
-
-    def make(address: tuple[str, int], **kwargs: Any) -> MultiStreamTCPTransport:
-        kwargs.setdefault("chunk_size", CHUNK)
-        kwargs.setdefault("connect_timeout", 5.0)
-        kwargs.setdefault("send_timeout", 5.0)
-        transport = MultiStreamTCPTransport(address, **kwargs)
-        made.append(transport)
-        return transport
-
-    yield make
-    for transport in made:
-        transport.close()
-
-
-@pytest.fixture
-def raw_connections() -> Iterator[Callable[[tuple[str, int]], socket.socket]]:
-    opened: list[socket.socket] = []
-
-    def connect(address: tuple[str, int]) -> socket.socket:
-        sock = socket.create_connection(address, timeout=TIMEOUT)
-        opened.append(sock)
-        return sock
-
-    yield connect
-    for sock in opened:
-        sock.close()
 
 
 @pytest.fixture

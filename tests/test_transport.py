@@ -15,57 +15,10 @@ import pytest
 
 from dwcp import DWCPError, TransportError
 from dwcp.transport import MultiStreamReceiver, MultiStreamTCPTransport, wire
+from tests.conftest import Inbox, ReceiverFactory, TransportFactory
 
 CHUNK = 1024
 DELIVERY_TIMEOUT = 10.0
-
-
-class Inbox:
-    """Collects delivered messages; ``on_message`` is called serially per session."""
-
-    def __init__(self) -> None:
-        self.messages: list[bytes] = []
-
-    def __call__(self, data: bytes) -> None:
-        self.messages.append(data)
-
-
-ReceiverFactory = Callable[..., tuple[MultiStreamReceiver, Inbox]]
-TransportFactory = Callable[..., MultiStreamTCPTransport]
-
-
-@pytest.fixture
-def receiver_factory() -> Iterator[ReceiverFactory]:
-    """Start receivers collecting into an Inbox; stop them all afterwards."""
-    started: list[MultiStreamReceiver] = []
-
-    def make(**kwargs: Any) -> tuple[MultiStreamReceiver, Inbox]:
-        inbox = Inbox()
-        receiver = MultiStreamReceiver(on_message=kwargs.pop("on_message", inbox), **kwargs)
-        receiver.start()
-        started.append(receiver)
-        return receiver, inbox
-
-    yield make
-    for receiver in started:
-        receiver.stop()
-
-
-@pytest.fixture
-def transport_factory() -> Iterator[TransportFactory]:
-    """Build (not start) transports with small chunks; close them all afterwards."""
-    made: list[MultiStreamTCPTransport] = []
-
-    def make(address: tuple[str, int], **kwargs: Any) -> MultiStreamTCPTransport:
-        kwargs.setdefault("chunk_size", CHUNK)
-        kwargs.setdefault("send_timeout", 5.0)
-        transport = MultiStreamTCPTransport(address, **kwargs)
-        made.append(transport)
-        return transport
-
-    yield make
-    for transport in made:
-        transport.close()
 
 
 @pytest.fixture
