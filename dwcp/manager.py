@@ -355,6 +355,8 @@ class Manager:
                 for waiter in self._waiters:
                     waiter.event.set()
                 threads = [t for t in (self._monitor, *self._recoveries) if t is not None]
+                # Cycles run by attempt_component_recovery() live in callers' threads.
+                cycles = [c.cycle for c in self._components.values() if c.cycle is not None]
         if phase == "stopping":
             stopped.wait()
         if phase != "started":
@@ -367,6 +369,10 @@ class Manager:
                 logger.bind(thread=thread.name).warning(
                     "Thread did not stop in time; a component call is hung and was abandoned"
                 )
+        # No cycle may restart a component after we close it.
+        for cycle in cycles:
+            if not cycle.done.wait(join_timeout):
+                logger.warning("Recovery cycle did not end in time; a component call is hung")
         for component in reversed(list(self._components.values())):
             self._shutdown_component(component)
         if self._health_server is not None:
@@ -636,6 +642,9 @@ class Manager:
 
         A component whose previous check is still hung is not checked again in parallel.
         """
+        if stop.is_set():
+            # Shutting down: touch no component (stop() is about to close them).
+            return {c.name: "health check interrupted by shutdown" for c in components}
         results: dict[str, str | None] = {}
         jobs: list[tuple[_Component, _Check]] = []
         # The timeout bounds the whole batch, starting threads included.

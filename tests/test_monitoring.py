@@ -392,3 +392,30 @@ def test_metrics_per_component_and_per_transition(make_manager: MakeManager) -> 
     assert dict(metrics.breaker_transitions) == {("closed", "open"): 1, ("open", "half-open"): 1}
     manager.stop()
     assert not manager.monitor_alive
+
+
+def test_stop_waits_for_a_cycle_run_in_a_callers_thread(make_manager: MakeManager) -> None:
+    """A recovery in the caller's thread cannot revive the transport after stop() closed it."""
+    entered, release = threading.Event(), threading.Event()
+
+    class SlowStart(FakeTransport):
+        def start(self) -> None:
+            if self.started:  # the restart inside recovery, not the first start
+                entered.set()
+                release.wait(5)
+            super().start()
+
+    transport = SlowStart()
+    manager = make_manager(transport, initial_backoff=0)
+    manager.start()
+    caller = threading.Thread(target=manager.attempt_component_recovery, args=("transport",))
+    caller.start()
+    assert entered.wait(5)
+    stopper = threading.Thread(target=manager.stop)
+    stopper.start()
+    wait_until(lambda: not manager.is_started)
+    assert transport.closed == 1  # recovery's own close(); stop() has not closed it yet
+    release.set()
+    stopper.join(5)
+    caller.join(5)
+    assert transport.calls[-1] == "close"  # stop() closed it last, after the restart
