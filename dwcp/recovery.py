@@ -63,7 +63,7 @@ class RecoveryPolicy:
         if math.isinf(self.initial_backoff) or math.isinf(self.jitter):
             raise ValueError("initial_backoff and jitter must be finite")
 
-    def wait_strategy(self) -> tenacity.wait.wait_base:
+    def _wait_strategy(self) -> tenacity.wait.wait_base:
         """The tenacity wait strategy giving the backoff before attempt number n (from 1)."""
         base = tenacity.wait_exponential(
             multiplier=self.initial_backoff, exp_base=self.multiplier, max=self.max_backoff
@@ -182,7 +182,7 @@ def run_recovery(
     return without raising.  ``on_attempt(number, backoff)`` runs before each wait and
     ``on_failure(number, error)`` after each failed attempt.
     """
-    wait = policy.wait_strategy()
+    wait = policy._wait_strategy()
     last_error: list[BaseException] = []
 
     def back_off(state: tenacity.RetryCallState) -> None:
