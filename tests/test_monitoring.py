@@ -419,3 +419,31 @@ def test_stop_waits_for_a_cycle_run_in_a_callers_thread(make_manager: MakeManage
     stopper.join(5)
     caller.join(5)
     assert transport.calls[-1] == "close"  # stop() closed it last, after the restart
+
+
+def test_a_stuck_listener_stalls_neither_sends_nor_recovery(make_manager: MakeManager) -> None:
+    stuck = threading.Event()
+    release = threading.Event()
+
+    def slow(event: dwcp.Event) -> None:
+        stuck.set()
+        release.wait(10)
+
+    transport = FakeTransport()
+    manager = make_manager(transport, max_failures=1)
+    manager.add_listener(slow)
+    manager.start()
+    try:
+        transport.fail_sends = OSError("down")
+        with pytest.raises(dwcp.TransportError):
+            manager.send_with_circuit_breaker(b"x")  # opens the breaker: an event
+        assert stuck.wait(5)
+        for _ in range(100):  # each rejection is another event for the stuck listener
+            with pytest.raises(dwcp.CircuitOpenError):
+                manager.send_with_circuit_breaker(b"x")
+        transport.fail_sends = None
+        assert manager.attempt_component_recovery("transport")
+        manager.send_with_circuit_breaker(b"trial")
+        assert manager.circuit_breaker_state == "closed"
+    finally:
+        release.set()
