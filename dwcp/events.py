@@ -129,7 +129,9 @@ class _Dispatcher:
     def __init__(self, maxsize: int = 10_000) -> None:
         self._listeners: tuple[Listener, ...] = ()
         self._lock = threading.Lock()
+        self._maxsize = maxsize
         self._queue: queue.Queue[object] = queue.Queue(maxsize)
+        self._abandon = threading.Event()
         self._thread: threading.Thread | None = None
         self.dropped = 0
         self.listener_errors = 0
@@ -149,7 +151,16 @@ class _Dispatcher:
         """Start the delivery thread; events published before this are not kept."""
         with self._lock:
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="dwcp-events", daemon=True)
+                # A fresh queue per run: a thread abandoned by close() (a hung listener)
+                # keeps the old one and can never take this run's events.
+                self._queue = queue.Queue(self._maxsize)
+                self._abandon = threading.Event()
+                self._thread = threading.Thread(
+                    target=self._run,
+                    args=(self._queue, self._abandon),
+                    name="dwcp-events",
+                    daemon=True,
+                )
                 self._thread.start()
 
     def remove(self, listener: Listener) -> None:
@@ -173,16 +184,23 @@ class _Dispatcher:
         """Deliver what is queued, then stop and join the thread."""
         with self._lock:
             thread, self._thread = self._thread, None
+            events, abandon = self._queue, self._abandon
         if thread is None:
             return
-        self._queue.put(_STOP)
-        thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        try:
+            # Blocks only while the queue is full, that is while a listener is stuck.
+            events.put(_STOP, timeout=timeout)
+        except queue.Full:
+            # No room for the sentinel: the thread ends after the event it is stuck in.
+            abandon.set()
+        thread.join(max(0.0, deadline - time.monotonic()))
         if thread.is_alive():
             logger.warning("Event listener thread did not stop in time; a listener is hung")
 
-    def _run(self) -> None:
-        while True:
-            event = self._queue.get()
+    def _run(self, events: queue.Queue[object], abandon: threading.Event) -> None:
+        while not abandon.is_set():
+            event = events.get()
             if event is _STOP:
                 return
             for listener in self._listeners:
