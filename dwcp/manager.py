@@ -412,7 +412,10 @@ class Manager:
         if transport is None:
             raise DWCPError("manager has no transport to send through", code="NO_TRANSPORT")
         if not isinstance(data, _BYTES_LIKE):
-            raise TypeError(f"data must be bytes-like, got {type(data).__name__}")
+            raise TypeError(
+                f"data must be bytes, bytearray or memoryview, got {type(data).__name__} "
+                "(wrap other buffers in memoryview())"
+            )
         breaker = self._breaker
         try:
             ticket = breaker.admit()
