@@ -77,7 +77,6 @@ class Breaker:
         self._on_transition = on_transition
         self._sync_interval = sync_interval
         self._next_sync = 0.0
-        self.transitions = 0
         #: Transitions counted by (from, to) state, e.g. ("closed", "open").
         self.transition_counts: dict[tuple[str, str], int] = {}
         self.rejections = 0
@@ -203,7 +202,6 @@ class Breaker:
         self._failures = 0
         self._generation += 1
         self._trial_in_flight = False
-        self.transitions += 1
         key = (old, new)
         self.transition_counts[key] = self.transition_counts.get(key, 0) + 1
         self._pending.append((old, new, write))

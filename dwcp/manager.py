@@ -549,7 +549,7 @@ class Manager:
             recovery_attempts=counters.recovery_attempts,
             recoveries_succeeded=counters.recoveries_succeeded,
             recoveries_failed=counters.recoveries_failed,
-            breaker_state_changes=self._breaker.transitions,
+            breaker_state_changes=sum(transitions.values()),
             breaker_rejections=self._breaker.rejections,
             sends=counters.sends,
             sent_bytes=counters.sent_bytes,
