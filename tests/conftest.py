@@ -26,6 +26,21 @@ def wait_until(
         threading.Event().wait(interval)
 
 
+def closed_by_peer(sock: socket.socket, timeout: float = 10.0) -> bool:
+    """Read and discard until the peer closes the connection (True) or ``timeout``."""
+    sock.settimeout(timeout)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if not sock.recv(65536):
+                return True
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    return False
+
+
 class FakeTransport:
     """An in-memory transport whose health and send behaviour a test switches."""
 

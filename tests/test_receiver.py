@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from dwcp.transport import MultiStreamReceiver, MultiStreamTCPTransport, wire
-from tests.conftest import Inbox, ReceiverFactory
+from tests.conftest import Inbox, ReceiverFactory, closed_by_peer
 
 TIMEOUT = 5.0
 IDLE = 1.0
@@ -59,21 +59,6 @@ def handshake(
 ) -> int:
     sock.sendall(wire.pack_handshake(session, index, count, acknowledged=ack))
     return wire.parse_welcome(sock.recv(wire.WELCOME.size, socket.MSG_WAITALL))
-
-
-def closed_by_peer(sock: socket.socket, timeout: float = TIMEOUT) -> bool:
-    """Read and discard until the receiver closes the connection (True) or ``timeout``."""
-    sock.settimeout(timeout)
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            if not sock.recv(65536):
-                return True
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
-    return False
 
 
 def frame(message_id: int, data: bytes, chunk_size: int = 1024) -> bytes:

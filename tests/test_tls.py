@@ -29,7 +29,7 @@ from loguru import logger
 from dwcp import TransportError
 from dwcp.transport import MultiStreamReceiver, MultiStreamTCPTransport, wire
 from dwcp.transport._io import is_loopback_host
-from tests.conftest import Inbox, ReceiverFactory, TransportFactory, wait_until
+from tests.conftest import Inbox, ReceiverFactory, TransportFactory, closed_by_peer, wait_until
 
 CHUNK = 1024
 TIMEOUT = 10.0
@@ -245,21 +245,6 @@ def bystander_factory(
     yield make
     for bystander in running:
         bystander.stop()
-
-
-def closed_by_peer(sock: socket.socket, timeout: float = TIMEOUT) -> bool:
-    """Read and discard until the peer closes the connection (True) or ``timeout``."""
-    sock.settimeout(timeout)
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            if not sock.recv(65536):
-                return True
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
-    return False
 
 
 def tls_refusals(logs: list[tuple[str, dict[str, Any]]]) -> list[str]:
