@@ -38,16 +38,17 @@ def _bounded_int(name: str, value: int, low: int, high: int) -> int:
     return value
 
 
-def set_kernel_timeout(sock: socket.socket, option: int, seconds: float) -> float:
+def set_kernel_timeout(sock: socket.socket, option: int, seconds: float | None) -> float:
     """Set SO_SNDTIMEO or SO_RCVTIMEO of a blocking socket to ``seconds``; return the value.
 
     A blocking socket with a kernel timeout costs one syscall per send or receive, where
     Python's ``settimeout()`` adds a poll() before each and halves small-message throughput.
     When it expires the call fails with BlockingIOError (or returns a partial count).
+    ``None`` removes the timeout (and returns 0.0).
     """
-    seconds = max(seconds, _TIMEOUT_SLACK)
+    seconds = 0.0 if seconds is None else max(seconds, _TIMEOUT_SLACK)
     if sys.platform == "win32":
-        sock.setsockopt(socket.SOL_SOCKET, option, max(int(seconds * 1000), 1))
+        sock.setsockopt(socket.SOL_SOCKET, option, int(seconds * 1000) if seconds else 0)
     else:
         whole = int(seconds)
         timeval = struct.pack("@ll", whole, int((seconds - whole) * 1_000_000))

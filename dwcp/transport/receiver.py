@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import collections
+import errno
 import itertools
 import selectors
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -16,7 +18,8 @@ from typing import TYPE_CHECKING
 from loguru import logger
 
 from dwcp.transport import wire
-from dwcp.transport._io import TLSChannel, _seconds, set_kernel_timeout
+from dwcp.transport._io import TLSChannel, _bounded_int, _seconds, set_kernel_timeout
+from dwcp.transport._reassembly import Closed, Frame, Ready, Reassembly
 
 if TYPE_CHECKING:  # typing.Self is 3.11+ and setup.cfg still allows 3.10
     from typing_extensions import Self
@@ -24,107 +27,65 @@ if TYPE_CHECKING:  # typing.Self is 3.11+ and setup.cfg still allows 3.10
 __all__ = ["MultiStreamReceiver"]
 
 
-# Bookkeeping a pending message costs beyond its payload (dict slot, entry object), so a
-# flood of empty messages is bounded by the same byte budget as large ones.
-_ENTRY_OVERHEAD = 256
-# Message ids may run at most this far ahead of the next one to deliver.
-_ID_WINDOW = 1 << 24
 # Ids of ended sessions remembered to refuse a late stream joining a dead session.
 _ENDED_SESSIONS_KEPT = 1024
 _STOP_JOIN_TIMEOUT = 5.0
-_ACCEPT_ERROR_BACKOFF = 0.1
-# Bounds a WELCOME or ACK write to a sender that stopped reading.
+# Out of descriptors (or memory) the listener is left alone this long, doubling up to the
+# cap, so the accept loop neither spins nor floods the log.
+_ACCEPT_BACKOFF = 0.05
+_ACCEPT_BACKOFF_MAX = 1.0
+_ACCEPT_LOG_EVERY = 10.0
+# How often the accept thread looks for sessions whose streams failed to join in time.
+_HOUSEKEEPING = 0.5
+# Bounds a WELCOME, ACK or PONG write to a sender that stopped reading.
 _WRITE_TIMEOUT = 10.0
+# Small frames are parsed out of one buffer of this size, many per recv().
 _READ_BUFFER = 256 * 1024
+# A payload at least this large is read straight into its own bytes, not via the buffer.
+_LARGE = 32 * 1024
+# A large payload is read in pieces of at most this size: a header alone never makes the
+# receiver allocate more than this before the bytes are there.
+_PIECE = 1 << 20
+# Deliveries between releases of their budget (and flushes of their ACKs).
+_DELIVERY_BATCH = 64
 _MSG_WAITALL = getattr(socket, "MSG_WAITALL", 0)
+_ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
-
-class _Closed(Exception):
-    """The session was closed by another thread; the reader just leaves."""
-
-
-class _Reader:
-    """Exact-length reads from a blocking socket.
-
-    Small frames are parsed out of one bulk ``recv_into``; a large payload goes straight
-    into its destination with MSG_WAITALL, one wake-up instead of dozens, which matters
-    when several reader threads share the GIL.
-    """
-
-    __slots__ = ("_buf", "_end", "_sock", "_start", "_view")
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock: socket.socket | TLSChannel = sock
-        self._buf = bytearray(_READ_BUFFER)
-        self._view = memoryview(self._buf)
-        self._start = 0
-        self._end = 0
-
-    def read(self, size: int) -> bytes:
-        """Return ``size`` bytes, fewer only when the peer closed the connection first."""
-        if self._end - self._start < size:
-            if size > len(self._buf):
-                out = bytearray(size)
-                with memoryview(out) as view:
-                    got = self.readinto(view)
-                return bytes(out) if got == size else bytes(out[:got])
-            self._fill(size)
-            size = min(size, self._end - self._start)
-        start = self._start
-        self._start = start + size
-        return bytes(self._view[start : start + size])
-
-    def _fill(self, size: int) -> None:
-        buf, start, end = self._buf, self._start, self._end
-        if start:
-            left = end - start
-            # From a memoryview the move is one memcpy, safe only without overlap.
-            buf[:left] = self._view[start:end] if left <= start else buf[start:end]
-            end = left
-            self._start = 0
-        while end < size:
-            got = self._sock.recv_into(self._view[end:])
-            if not got:
-                break
-            end += got
-        self._end = end
-
-    def readinto(self, target: memoryview) -> int:
-        """Fill ``target``; return how many bytes arrived (fewer only at end of stream)."""
-        size = len(target)
-        got = min(self._end - self._start, size)
-        if got:
-            target[:got] = self._view[self._start : self._start + got]
-            self._start += got
-        while got < size:
-            part = self._sock.recv_into(target[got:], 0, _MSG_WAITALL)
-            if not part:
-                break
-            got += part
-        return got
-
-    def use_tls(self, tls: TLSChannel) -> None:
-        """Read decrypted bytes from now on (nothing is buffered before the handshake)."""
-        self._sock = tls
-
-    def close(self) -> None:
-        self._view.release()
+_HEADER = wire.DATA_HEADER.size
+_HEADER_CRC_AT = _HEADER - 4
+# The DATA header read with its 8-byte prefix as one integer, so one comparison checks the
+# magic, version, type and flags of a well-formed frame.
+_DATA_FAST = struct.Struct("!QQIIIIII")
+_PREFIX_CHECKED = int.from_bytes(
+    wire.PREFIX.pack(wire.MAGIC, wire.VERSION, wire.FRAME_DATA, 0), "big"
+)
+_PREFIX_UNCHECKED = _PREFIX_CHECKED | wire.FLAG_UNCHECKED
+_PING_SIZE = wire.PING.size
 
 
 class _Connection:
     """One accepted socket and the thread that reads it."""
 
-    __slots__ = ("index", "peer", "reader", "session", "sock", "thread", "tls", "write_lock")
+    __slots__ = (
+        "index",
+        "peer",
+        "recv_timeout",
+        "session",
+        "sock",
+        "thread",
+        "tls",
+        "write_lock",
+    )
 
     def __init__(self, sock: socket.socket, peer: str) -> None:
         self.sock = sock
         self.peer = peer
-        self.reader = _Reader(sock)
         self.write_lock = threading.Lock()
         self.tls: TLSChannel | None = None
         self.session: _Session | None = None
         self.index = -1
         self.thread: threading.Thread | None = None
+        self.recv_timeout: float | None = None
 
     def shutdown(self) -> None:
         try:
@@ -139,73 +100,64 @@ class _Connection:
         with self.write_lock:
             self.sock.sendall(data)
 
-
-class _Pending:
-    """A message being reassembled, then waiting for its turn to be delivered."""
-
-    __slots__ = (
-        "ack_conn",
-        "buf",
-        "chunk_size",
-        "chunks_left",
-        "cost",
-        "count",
-        "payload",
-        "seen",
-        "total",
-    )
-
-    def __init__(self, header: wire.DataHeader, cost: int) -> None:
-        self.count = header.chunk_count
-        self.chunk_size = header.chunk_size
-        self.total = header.total_length
-        self.chunks_left = header.chunk_count
-        self.cost = cost
-        multi = header.chunk_count > 1
-        # Lengths were validated by parse_data_header before we allocate from them.
-        self.buf = bytearray(header.total_length) if multi else None
-        self.seen = bytearray(header.chunk_count) if multi else None
-        self.payload: bytes | None = None
-        self.ack_conn: _Connection | None = None
+    def set_recv_timeout(self, seconds: float | None) -> None:
+        """Set the kernel receive timeout (None: none), skipping the syscall when it would
+        change by less than 5 %."""
+        current = self.recv_timeout
+        if seconds == current:
+            return
+        if seconds is not None and current is not None and abs(current - seconds) <= 0.05 * seconds:
+            return
+        set_kernel_timeout(self.sock, socket.SO_RCVTIMEO, seconds)
+        self.recv_timeout = seconds
 
 
 class _Session:
     """The receiving state of one sender session (all its streams)."""
 
-    def __init__(self, session_id: bytes, stream_count: int, acknowledged: bool) -> None:
-        self.id = session_id
-        self.name = session_id.hex()
-        self.stream_count = stream_count
-        self.acknowledged = acknowledged
+    def __init__(self, hello: wire.Handshake, max_buffered: int, created: float) -> None:
+        self.id = hello.session_id
+        self.name = hello.session_id.hex()
+        self.stream_count = hello.stream_count
+        self.acknowledged = hello.acknowledged
+        # The sender pings this often; a reader waiting for room says "alive" as often.
+        self.heartbeat = hello.keepalive_ms / 1000 if hello.keepalive_ms else None
+        self.created = created
+        self.reassembly = Reassembly(hello.stream_count, max_buffered=max_buffered)
         # Guarded by the receiver's lock.
-        self.connections: list[_Connection | None] = [None] * stream_count
+        self.connections: list[_Connection | None] = [None] * hello.stream_count
+        self.joined = 0
         self.open_streams = 0
-        # Guarded by ``lock``; ``cond`` (same lock) wakes readers waiting for buffer room.
-        self.lock = threading.Lock()
-        self.cond = threading.Condition(self.lock)
-        self.next_id = 0
-        self.pending: dict[int, _Pending] = {}
-        self.ready: dict[int, _Pending] = {}
-        self.buffered = 0
-        self.progress = 0
-        self.waiting = 0
-        self.delivering = False
-        self.closed = False
+        self.delivery: threading.Thread | None = None
+        self.aborted = False
 
 
 class MultiStreamReceiver:
     """Accepts ``MultiStreamTCPTransport`` sessions and calls ``on_message`` for each message.
 
-    ``on_message(data)`` runs on a receiver thread, exactly once per complete, verified
-    message, in the sender's message-id order, never concurrently for one session.
+    ``on_message(data)`` runs on the session's delivery thread, exactly once per complete,
+    verified message, in the sender's message-id order, never concurrently for one session.
     Malformed or hostile input closes that connection and its session, and nothing else.
-    Per session, reassembly memory stays under ``max_buffered_bytes + max_message_size``.
 
-    With ``ssl_context`` (a ``PROTOCOL_TLS_SERVER`` context holding the receiver's
-    certificate) every connection must complete a TLS handshake within
-    ``tls_handshake_timeout`` before its DWCP handshake; a context with ``verify_mode =
-    CERT_REQUIRED`` and a CA also requires a client certificate (mutual TLS). A failed
-    handshake closes only that connection.
+    Memory: a session holds at most ``max_buffered_bytes + max_message_size`` of message
+    data (plus 64 bytes a chunk) and 256 KiB of read buffer a stream; the receiver at most
+    ``max_sessions`` times that. Memory follows bytes received: a header alone reserves
+    budget but allocates at most 1 MiB, for at most ``frame_timeout``.
+
+    Parameters:
+        address: (host, port) to listen on; port 0 picks a free one, IPv6 hosts work.
+        on_message: called with each message's bytes.
+        max_message_size: the largest message accepted; larger ones close the session.
+        max_sessions: sender sessions served at once; more are answered BUSY.
+        idle_timeout: a connection silent this long is closed (senders ping while idle),
+            and so is a session whose reassembly makes no progress this long; None: never.
+        max_buffered_bytes: per session, the message bytes held before readers wait.
+        ssl_context: a ``PROTOCOL_TLS_SERVER`` context: every connection runs TLS (mutual
+            TLS when it requires client certificates).
+        tls_handshake_timeout: bound on each TLS handshake.
+        handshake_timeout: bound on receiving a connection's HELLO.
+        join_timeout: every stream a session announced must connect within this.
+        frame_timeout: a frame whose first bytes arrived must be complete within this.
     """
 
     def __init__(
@@ -215,14 +167,23 @@ class MultiStreamReceiver:
         on_message: Callable[[bytes], object],
         max_message_size: int = wire.DEFAULT_MAX_MESSAGE_SIZE,
         max_sessions: int = 16,
-        idle_timeout: float | timedelta | None = 300.0,
-        max_buffered_bytes: int | None = None,
+        idle_timeout: float | timedelta | None = 60.0,
+        max_buffered_bytes: int = 32 * 1024 * 1024,
         ssl_context: ssl.SSLContext | None = None,
         tls_handshake_timeout: float | timedelta = 10.0,
+        handshake_timeout: float | timedelta = 10.0,
+        join_timeout: float | timedelta = 10.0,
+        frame_timeout: float | timedelta = 30.0,
     ) -> None:
         if not callable(on_message):
             raise TypeError("on_message must be callable")
-        if not isinstance(address, tuple) or len(address) != 2:
+        if (
+            not isinstance(address, tuple)
+            or len(address) != 2
+            or not isinstance(address[0], str)
+            or isinstance(address[1], bool)
+            or not isinstance(address[1], int)
+        ):
             raise TypeError("address must be a (host, port) tuple")
         if ssl_context is not None:
             if not isinstance(ssl_context, ssl.SSLContext):
@@ -233,48 +194,33 @@ class MultiStreamReceiver:
                 )
         self._ssl_context = ssl_context
         self._tls_handshake_timeout = _seconds("tls_handshake_timeout", tls_handshake_timeout)
+        self._handshake_timeout = _seconds("handshake_timeout", handshake_timeout)
+        self._join_timeout = _seconds("join_timeout", join_timeout)
+        self._frame_timeout = _seconds("frame_timeout", frame_timeout)
         self._requested = address
         self._on_message = on_message
         self._max_message_size = _bounded_int(
             "max_message_size", max_message_size, 0, wire.MAX_TOTAL_LENGTH
         )
         self._max_sessions = _bounded_int("max_sessions", max_sessions, 1, 1 << 16)
-        if max_buffered_bytes is None:
-            max_buffered_bytes = 2 * max(self._max_message_size, 1 << 20)
         self._max_buffered = _bounded_int("max_buffered_bytes", max_buffered_bytes, 1, 1 << 62)
-        if idle_timeout is not None:
-            seconds = (
-                idle_timeout.total_seconds()
-                if isinstance(idle_timeout, timedelta)
-                else idle_timeout
-            )
-            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-                raise TypeError("idle_timeout must be seconds, a timedelta, or None")
-            if not seconds > 0:
-                raise ValueError(f"idle_timeout must be > 0 or None, got {idle_timeout!r}")
-            idle_timeout = float(seconds)
-        self._idle_timeout: float | None = idle_timeout
+        self._idle_timeout = None if idle_timeout is None else _seconds("idle_timeout", idle_timeout)
         self._max_connections = self._max_sessions * wire.MAX_STREAMS
 
         self._lock = threading.Lock()
         self._bound: tuple[str, int] | None = None
         self._running = False
-        self._listener: socket.socket | None = None
         self._wake: tuple[socket.socket, socket.socket] | None = None
         self._accept_thread: threading.Thread | None = None
         self._sessions: dict[bytes, _Session] = {}
         self._ended: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self._connections: set[_Connection] = set()
-        # Every reader thread until joined: a thread leaves ``_connections`` while still
-        # finishing, and stop() must join it all the same.
-        self._readers: list[threading.Thread] = []
-        self._conn_numbers = itertools.count(1)
+        # Every thread until joined: a thread leaves ``_connections`` (or its session ends)
+        # while still finishing, and stop() must join it all the same.
+        self._threads: list[threading.Thread] = []
+        self._numbers = itertools.count(1)
         self._delivered = 0
-        self._delivered_waiters = 0
-        # A plain lock for the per-message increment; the condition (same lock) is only
-        # notified when someone waits in wait_delivered().
-        self._delivered_lock = threading.Lock()
-        self._delivered_cond = threading.Condition(self._delivered_lock)
+        self._delivered_cond = threading.Condition(threading.Lock())
 
     # -- public surface ---------------------------------------------------------------------
 
@@ -299,11 +245,12 @@ class MultiStreamReceiver:
     def wait_delivered(self, count: int, timeout: float) -> bool:
         """Wait until ``delivered_count >= count``; return False if ``timeout`` passes first."""
         with self._delivered_cond:
-            self._delivered_waiters += 1
-            try:
-                return self._delivered_cond.wait_for(lambda: self._delivered >= count, timeout)
-            finally:
-                self._delivered_waiters -= 1
+            return self._delivered_cond.wait_for(lambda: self._delivered >= count, timeout)
+
+    def __repr__(self) -> str:
+        where = "not started" if self._bound is None else f"{self._bound[0]}:{self._bound[1]}"
+        state = "running" if self._running else "stopped"
+        return f"<MultiStreamReceiver {where} {state} sessions={len(self._sessions)}>"
 
     def __enter__(self) -> Self:
         self.start()
@@ -317,12 +264,14 @@ class MultiStreamReceiver:
         with self._lock:
             if self._running:
                 return
-            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            host, port = self._bound or self._requested
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            listener = socket.socket(family, socket.SOCK_STREAM)
             try:
                 # Lets a restarted receiver bind its port again while old connections linger
                 # in TIME_WAIT (the "peer restarts" case).
                 listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                listener.bind(self._bound or self._requested)
+                listener.bind((host, port))
                 listener.listen(128)
                 listener.setblocking(False)
             except OSError:
@@ -330,7 +279,6 @@ class MultiStreamReceiver:
                 raise
             host, port = listener.getsockname()[:2]
             self._bound = (host, port)
-            self._listener = listener
             self._wake = socket.socketpair()
             self._sessions.clear()
             self._running = True
@@ -346,7 +294,11 @@ class MultiStreamReceiver:
         )
 
     def stop(self) -> None:
-        """Close the listener and every connection, and join every thread; idempotent."""
+        """Close the listener and every connection, and join every thread; idempotent.
+
+        Messages not yet handed to ``on_message`` are dropped; every thread is joined within
+        one deadline (only an ``on_message`` that does not return can hold one past it).
+        """
         with self._lock:
             if not self._running:
                 return
@@ -357,22 +309,21 @@ class MultiStreamReceiver:
         wake[1].send(b"x")
         accept_thread.join()
         for session in sessions:
-            self._close_session(session)
+            self._close_session(session, drain=False)
         with self._lock:
             connections = list(self._connections)
-            readers, self._readers = self._readers, []
+            threads, self._threads = self._threads, []
         for conn in connections:
             conn.shutdown()
         deadline = time.monotonic() + _STOP_JOIN_TIMEOUT
-        for thread in readers:
+        for thread in threads:
             thread.join(max(deadline - time.monotonic(), 0.0))
             if thread.is_alive():
-                # Only user code (on_message) can hold a reader this long.
                 logger.bind(thread=thread.name).warning("Receiver thread did not stop")
         for sock in wake:
             sock.close()
         with self._lock:
-            self._wake = self._accept_thread = self._listener = None
+            self._wake = self._accept_thread = None
         logger.bind(address=f"{self.address[0]}:{self.address[1]}").info("Receiver stopped")
 
     # -- accepting --------------------------------------------------------------------------
@@ -381,9 +332,22 @@ class MultiStreamReceiver:
         selector = selectors.DefaultSelector()
         selector.register(listener, selectors.EVENT_READ)
         selector.register(wake, selectors.EVENT_READ)
+        backoff = 0.0
+        paused_until = 0.0
+        suppressed = 0
+        logged_at = -_ACCEPT_LOG_EVERY
         try:
             while True:
-                for key, _ in selector.select():
+                now = time.monotonic()
+                if paused_until and now >= paused_until:
+                    selector.register(listener, selectors.EVENT_READ)
+                    paused_until = 0.0
+                timeout = _HOUSEKEEPING if not paused_until else min(
+                    _HOUSEKEEPING, paused_until - now
+                )
+                events = selector.select(timeout)
+                self._expire_joins()
+                for key, _ in events:
                     if key.fileobj is wake:
                         return
                     try:
@@ -391,11 +355,22 @@ class MultiStreamReceiver:
                     except (BlockingIOError, InterruptedError):
                         continue
                     except OSError as exc:
-                        # E.g. out of file descriptors: back off instead of spinning.
-                        logger.bind(error=str(exc)).warning("Receiver accept failed")
-                        if selector.select(_ACCEPT_ERROR_BACKOFF):
-                            break
-                        continue
+                        if exc.errno not in _ACCEPT_RESOURCE_ERRORS:
+                            raise
+                        # Out of descriptors: the pending connection stays queued, so the
+                        # listener stays readable; stop watching it for a while instead of
+                        # spinning on it, and log at a bounded rate.
+                        backoff = min(max(backoff * 2, _ACCEPT_BACKOFF), _ACCEPT_BACKOFF_MAX)
+                        selector.unregister(listener)
+                        paused_until = time.monotonic() + backoff
+                        suppressed += 1
+                        if time.monotonic() - logged_at >= _ACCEPT_LOG_EVERY:
+                            logger.bind(error=str(exc), backoff=backoff, times=suppressed).warning(
+                                "Receiver accept failed; backing off"
+                            )
+                            logged_at, suppressed = time.monotonic(), 0
+                        break
+                    backoff = 0.0
                     self._admit_connection(sock, f"{addr[0]}:{addr[1]}")
         except Exception as exc:  # noqa: BLE001 - the accept thread must not die silently
             logger.opt(exception=exc).error("Receiver accept loop failed")
@@ -403,20 +378,28 @@ class MultiStreamReceiver:
             selector.close()
             listener.close()
 
+    def _expire_joins(self) -> None:
+        """Close sessions whose announced streams did not all connect within join_timeout."""
+        now = time.monotonic()
+        with self._lock:
+            late = [
+                s
+                for s in self._sessions.values()
+                if s.joined < s.stream_count and now - s.created > self._join_timeout
+            ]
+        for session in late:
+            logger.bind(
+                session=session.name, joined=session.joined, announced=session.stream_count
+            ).warning("Receiver closed session: streams did not join within join_timeout")
+            self._close_session(session, drain=False)
+
     def _admit_connection(self, sock: socket.socket, peer: str) -> None:
         with self._lock:
             full = len(self._connections) >= self._max_connections
             if not full:
                 conn = _Connection(sock, peer)
                 self._connections.add(conn)
-                conn.thread = threading.Thread(
-                    target=self._serve,
-                    args=(conn,),
-                    name=f"dwcp-receiver-conn-{next(self._conn_numbers)}",
-                    daemon=True,
-                )
-                self._readers = [t for t in self._readers if t.is_alive()]
-                self._readers.append(conn.thread)
+                conn.thread = self._thread(self._serve, conn, "conn")
         if full:
             logger.bind(peer=peer, reason="too many connections").warning(
                 "Receiver closed connection"
@@ -424,12 +407,19 @@ class MultiStreamReceiver:
             sock.close()
             return
         sock.setblocking(True)
-        if self._idle_timeout is not None:
-            set_kernel_timeout(sock, socket.SO_RCVTIMEO, self._idle_timeout)
         set_kernel_timeout(sock, socket.SO_SNDTIMEO, _WRITE_TIMEOUT)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        assert conn.thread is not None
         conn.thread.start()
+
+    def _thread(self, target: Callable[..., object], arg: object, kind: str) -> threading.Thread:
+        """A named thread for the receiver to join on stop(); caller holds the lock."""
+        thread = threading.Thread(
+            target=target, args=(arg,), name=f"dwcp-receiver-{kind}-{next(self._numbers)}",
+            daemon=True,
+        )  # fmt: skip
+        self._threads = [t for t in self._threads if t.is_alive() or t.ident is None]
+        self._threads.append(thread)
+        return thread
 
     # -- per-connection reading -------------------------------------------------------------
 
@@ -444,7 +434,7 @@ class MultiStreamReceiver:
             if session is not None:
                 self._read_frames(conn, session)
                 self._stream_ended(session)
-        except _Closed:
+        except Closed:
             pass
         except wire.ProtocolError as exc:
             self._abort(conn, conn.session, str(exc))
@@ -460,7 +450,6 @@ class MultiStreamReceiver:
         finally:
             with self._lock:
                 self._connections.discard(conn)
-            conn.reader.close()
             conn.sock.close()
 
     def _start_tls(self, conn: _Connection, context: ssl.SSLContext) -> bool:
@@ -475,254 +464,359 @@ class MultiStreamReceiver:
         except OSError as exc:  # ssl.SSLError included: refused certificate, not TLS at all
             self._abort(conn, None, f"TLS handshake failed: {exc}")
             return False
-        # Blocking again, so the kernel timeouts set on accepting (idle_timeout) apply.
+        # Blocking again: kernel timeouts bound each read from here on.
         conn.sock.settimeout(None)
         conn.tls = tls
-        conn.reader.use_tls(tls)
         return True
 
+    def _read_exactly(self, conn: _Connection, size: int, deadline: float, what: str) -> bytes:
+        """Read ``size`` bytes before ``deadline``; ProtocolError on EOF or when it passes."""
+        buf = bytearray(size)
+        view = memoryview(buf)
+        recv_into = conn.tls.recv_into if conn.tls is not None else conn.sock.recv_into
+        got = 0
+        while got < size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise wire.ProtocolError(f"{what} not complete within its deadline")
+            conn.set_recv_timeout(left)
+            try:
+                part = recv_into(view[got:])
+            except (BlockingIOError, TimeoutError):
+                raise wire.ProtocolError(f"{what} not complete within its deadline") from None
+            if not part:
+                raise wire.ProtocolError(f"connection closed during {what}")
+            got += part
+        return bytes(buf)
+
     def _handshake(self, conn: _Connection) -> _Session | None:
-        raw = conn.reader.read(wire.HANDSHAKE.size)
-        if len(raw) < wire.HANDSHAKE.size:
-            raise wire.ProtocolError("connection closed during handshake")
-        hello = wire.parse_handshake(raw)
+        # One deadline for the whole HELLO: a peer trickling a byte a second cannot hold
+        # its connection longer than that.
+        deadline = time.monotonic() + self._handshake_timeout
+        prefix = self._read_exactly(conn, wire.PREFIX.size, deadline, "handshake")
+        frame_type, _ = wire.parse_prefix(prefix)
+        if frame_type != wire.FRAME_HELLO:
+            raise wire.ProtocolError("connection must start with HELLO")
+        rest = self._read_exactly(conn, wire.HANDSHAKE.size - wire.PREFIX.size, deadline, "HELLO")
+        hello = wire.parse_handshake(prefix + rest)
         reject: str | None = None
-        busy = False
+        status = wire.STATUS_REFUSED
         with self._lock:
             if not self._running:
-                raise _Closed
+                raise Closed
             session = self._sessions.get(hello.session_id)
             if hello.session_id in self._ended:
                 reject = "session already ended"
             elif session is None:
                 if len(self._sessions) >= self._max_sessions:
-                    reject, busy = "too many sessions", True
+                    reject, status = "too many sessions", wire.STATUS_BUSY
                 else:
-                    session = _Session(hello.session_id, hello.stream_count, hello.acknowledged)
+                    session = _Session(hello, self._max_buffered, time.monotonic())
                     self._sessions[hello.session_id] = session
             elif (session.stream_count, session.acknowledged) != (
                 hello.stream_count,
                 hello.acknowledged,
             ):
                 reject = "handshake disagrees with its session"
+            elif session.aborted:
+                reject = "session is closing"
             elif session.connections[hello.stream_index] is not None:
                 reject = f"stream {hello.stream_index} already connected"
             if reject is None:
                 assert session is not None
                 session.connections[hello.stream_index] = conn
+                session.joined += 1
                 session.open_streams += 1
                 conn.session, conn.index = session, hello.stream_index
+                if session.delivery is None:
+                    session.delivery = self._thread(self._deliver_loop, session, "deliver")
+                    session.delivery.start()
         if reject is not None:
             # Only this connection is refused: a stranger must not be able to close a
             # session by replaying its id.
             logger.bind(peer=conn.peer, reason=reject, session=hello.session_id.hex()).warning(
                 "Receiver closed connection"
             )
-            if busy:
-                conn.write(wire.pack_welcome(wire.STATUS_BUSY))
+            conn.write(wire.pack_welcome(status))
             return None
         conn.write(wire.pack_welcome(wire.STATUS_ACCEPTED))
         return session
 
     def _read_frames(self, conn: _Connection, session: _Session) -> None:
-        read, readinto = conn.reader.read, conn.reader.readinto
-        header_size = wire.DATA_HEADER.size
-        parse, verify = wire.parse_data_header, wire.verify_checksum
+        """Parse frames in batches out of one buffer; hand each batch over under one lock.
+
+        Payloads of ``_LARGE`` bytes or more are read straight into their own bytes objects
+        (after their budget is reserved), and the header after one is read alone, so large
+        messages are copied once from the kernel and never through the buffer.
+        """
+        sock, tls = conn.sock, conn.tls
+        recv_into = tls.recv_into if tls is not None else sock.recv_into
+        buf = bytearray(_READ_BUFFER)
+        view = memoryview(buf)
+        size = len(buf)
+        start = end = 0
+        reassembly = session.reassembly
+        stream = conn.index
         limit = self._max_message_size
+        unpack = _DATA_FAST.unpack_from
+        crc = wire.checksum_of
+        monotonic = time.monotonic
+        idle, frame_timeout = self._idle_timeout, self._frame_timeout
+        batch: list[Frame] = []
+        append = batch.append
+        exact = False  # read the next header alone: a large frame may follow
+        partial_since: float | None = None  # when the frame at ``start`` began to arrive
+        conn.set_recv_timeout(idle)
         while True:
-            raw = read(header_size)
-            if not raw:
-                return  # clean end of stream, between frames
-            if len(raw) < header_size:
-                raise wire.ProtocolError("connection closed inside a frame header")
-            header = parse(raw, limit)
-            length = header.payload_length
-            if header.chunk_count == 1 and self._claim_turn(session, header.message_id):
-                # Fast path: the next message in order, whole in one frame, goes straight
-                # to on_message without a reassembly entry.
-                payload = read(length)
-                if len(payload) < length:
-                    raise wire.ProtocolError("connection closed inside a frame")
-                verify(header, payload)
-                self._deliver_one(session, header.message_id, payload, conn)
-                self._deliver(session)
-                continue
-            entry = self._reserve(session, header, conn)
-            if entry.buf is None:
-                payload = read(length)
-                if len(payload) < length:
-                    raise wire.ProtocolError("connection closed inside a frame")
-                verify(header, payload)
-                entry.payload = payload
-                turn = self._complete(session, header.message_id, entry)
+            consumed = False
+            while end - start >= 8:
+                if buf[start + 5] != wire.FRAME_DATA:
+                    used = self._control_frame(conn, view, start, end)
+                    if not used:
+                        break
+                    start += used
+                    consumed = True
+                    continue
+                if end - start < _HEADER:
+                    break
+                prefix, mid, index, count, total, length, pcrc, hcrc = unpack(buf, start)
+                if crc(view[start : start + _HEADER_CRC_AT]) != hcrc:
+                    wire.parse_prefix(view[start : start + 8])  # a clearer error if it is one
+                    raise wire.ProtocolError("DATA header checksum mismatch")
+                checked = prefix == _PREFIX_CHECKED
+                if not checked and prefix != _PREFIX_UNCHECKED:
+                    wire.parse_prefix(view[start : start + 8])
+                    raise wire.ProtocolError(f"unknown frame flags {prefix & 0xFFFF:#06x}")
+                if count != 1 or length != total or total > limit or (pcrc and not checked):
+                    wire.check_data_fields(
+                        prefix & 0xFFFF, index, count, total, length, pcrc, limit
+                    )
+                body = start + _HEADER
+                if body + length > end:
+                    if length < _LARGE:
+                        exact = False
+                        break  # the rest comes with the next bulk read
+                    if batch:
+                        self._push(conn, session, batch)
+                        batch.clear()
+                    frame = Frame(mid, index, count, total, b"", length)
+                    self._read_large(
+                        conn, session, frame, view[body:end], checked, pcrc,
+                        (partial_since or monotonic()) + frame_timeout,
+                    )  # fmt: skip
+                    start = end = 0
+                    exact, consumed, partial_since = True, True, None
+                    break
+                if checked and crc(view[body : body + length]) != pcrc:
+                    raise wire.ProtocolError(f"checksum mismatch in message {mid} chunk {index}")
+                start = body + length
+                append(Frame(mid, index, count, total, bytes(view[body:start]), length))
+                consumed = True
+            if batch:
+                self._push(conn, session, batch)
+                batch.clear()
+            if start == end:
+                start = end = 0
+                partial_since = None
             else:
-                offset = header.offset
-                view = memoryview(entry.buf)[offset : offset + length]
-                try:
-                    if readinto(view) < length:
-                        raise wire.ProtocolError("connection closed inside a frame")
-                    verify(header, view)
-                finally:
-                    view.release()
-                turn = self._chunk_done(session, header.message_id, entry)
-            if turn:
-                self._deliver(session)
+                if consumed or partial_since is None:
+                    partial_since = monotonic()
+                if start:
+                    left = end - start
+                    # From a memoryview the move is one memcpy, safe only without overlap.
+                    buf[:left] = view[start:end] if left <= start else buf[start:end]
+                    start, end = 0, left
+            if partial_since is None:
+                conn.set_recv_timeout(idle)
+            else:
+                left_s = partial_since + frame_timeout - monotonic()
+                if left_s <= 0:
+                    raise wire.ProtocolError("frame not complete within frame_timeout")
+                conn.set_recv_timeout(left_s if idle is None else min(idle, left_s))
+            want = _HEADER - end if exact and end < _HEADER else size - end
+            got = recv_into(view[end : end + want])
+            if not got:
+                if end:
+                    raise wire.ProtocolError("connection closed inside a frame")
+                return  # clean end of stream, between frames
+            end += got
 
-    # -- reassembly and ordering (state under session.cond) ---------------------------------
-
-    def _claim_turn(self, session: _Session, mid: int) -> bool:
-        """Take the delivery turn for ``mid`` if it is next and nobody else delivers."""
-        with session.lock:
-            if session.closed:
-                raise _Closed
-            if mid != session.next_id or session.delivering or mid in session.pending:
-                return False  # the general path sorts it out (or reports the duplicate)
-            session.delivering = True
-            session.next_id += 1
-            session.progress += 1
-            return True
-
-    def _reserve(self, session: _Session, header: wire.DataHeader, conn: _Connection) -> _Pending:
-        """Find or create the entry for a frame's message, within the session's limits."""
-        mid = header.message_id
-        with session.lock:
-            if session.closed:
-                raise _Closed
-            entry = session.pending.get(mid)
-            if entry is None:
-                if mid < session.next_id or mid in session.ready:
-                    raise wire.ProtocolError(f"message {mid} received twice")
-                if mid >= session.next_id + _ID_WINDOW:
-                    raise wire.ProtocolError(f"message id {mid} too far ahead")
-                cost = header.total_length + header.chunk_count + _ENTRY_OVERHEAD
-                self._wait_for_room(session, mid, cost)
-                entry = _Pending(header, cost)
-                session.pending[mid] = entry
-                session.buffered += cost
-            elif entry.seen is None:
-                raise wire.ProtocolError(f"message {mid} received twice")
-            elif (entry.count, entry.chunk_size, entry.total) != (
-                header.chunk_count,
-                header.chunk_size,
-                header.total_length,
-            ):
-                raise wire.ProtocolError(f"chunk of message {mid} disagrees with its first chunk")
-            if entry.seen is not None:
-                if entry.seen[header.chunk_index]:
-                    raise wire.ProtocolError(f"chunk {header.chunk_index} of {mid} received twice")
-                entry.seen[header.chunk_index] = 1
-            if header.chunk_index == 0:
-                entry.ack_conn = conn
-            return entry
-
-    def _wait_for_room(self, session: _Session, mid: int, cost: int) -> None:
-        """Block (backpressure) while the session's buffers are full; caller holds the lock.
-
-        The next message to deliver is always admitted, so the session can make progress.
-        Without any progress for ``idle_timeout`` the reorder window is hopeless: give up.
-        """
-        while session.buffered + cost > self._max_buffered and mid != session.next_id:
-            progress = session.progress
-            session.waiting += 1
-            try:
-                session.cond.wait(self._idle_timeout)
-            finally:
-                session.waiting -= 1
-            if session.closed:
-                raise _Closed
-            if session.progress == progress and session.buffered + cost > self._max_buffered:
-                raise wire.ProtocolError("reassembly buffer limit exceeded")
-
-    def _chunk_done(self, session: _Session, mid: int, entry: _Pending) -> bool:
-        with session.lock:
-            if session.closed:
-                raise _Closed
-            entry.chunks_left -= 1
-            if entry.chunks_left:
-                return False
-        # The last chunk's reader copies outside the lock; nobody else touches ``buf`` now.
-        assert entry.buf is not None
-        entry.payload = bytes(entry.buf)
-        entry.buf = None
-        return self._complete(session, mid, entry)
-
-    def _complete(self, session: _Session, mid: int, entry: _Pending) -> bool:
-        """Move a whole message to the ready set; True when this thread must deliver."""
-        with session.lock:
-            if session.closed:
-                raise _Closed
-            del session.pending[mid]
-            session.ready[mid] = entry
-            session.progress += 1
-            if session.waiting:
-                session.cond.notify_all()
-            if session.delivering or mid != session.next_id:
-                return False
-            session.delivering = True
-            return True
-
-    def _deliver(self, session: _Session) -> None:
-        """Deliver ready messages in id order until the next one is missing.
-
-        Only one thread per session delivers at a time (``delivering``); others leave their
-        completed messages in ``ready`` for it, so no lock is held across ``on_message``.
-        """
-        while True:
-            with session.lock:
-                entry = None if session.closed else session.ready.pop(session.next_id, None)
-                if entry is None:
-                    session.delivering = False
-                    return
-                mid = session.next_id
-                session.next_id += 1
-                session.buffered -= entry.cost
-                session.progress += 1
-                if session.waiting:
-                    session.cond.notify_all()
-            payload, entry.payload = entry.payload, None
-            assert payload is not None
-            self._deliver_one(session, mid, payload, entry.ack_conn)
-
-    def _deliver_one(
-        self, session: _Session, mid: int, payload: bytes, ack_conn: _Connection | None
-    ) -> None:
-        try:
-            self._on_message(payload)
-        except Exception as exc:  # noqa: BLE001 - the application's bug must not kill the session
-            logger.bind(session=session.name, message_id=mid).opt(exception=exc).error(
-                "Message handler failed"
+    def _control_frame(self, conn: _Connection, view: memoryview, start: int, end: int) -> int:
+        """Handle a non-DATA frame at ``start``; return its size, or 0 if it is incomplete."""
+        frame_type, _ = wire.parse_prefix(view[start : start + 8])
+        if frame_type != wire.FRAME_PING:
+            raise wire.ProtocolError(
+                f"unexpected frame type {frame_type:#04x} in a session (only DATA and PING)"
             )
-        with self._delivered_lock:
-            self._delivered += 1
-            if self._delivered_waiters:
-                self._delivered_cond.notify_all()
-        if session.acknowledged and ack_conn is not None:
+        if end - start < _PING_SIZE:
+            return 0
+        token = wire.parse_ping(view[start : start + _PING_SIZE])
+        conn.write(wire.pack_pong(token))
+        return _PING_SIZE
+
+    def _push(self, conn: _Connection, session: _Session, batch: list[Frame]) -> None:
+        """Hand a batch to reassembly, waiting (and saying "alive") while it has no room."""
+        reassembly = session.reassembly
+        taken = reassembly.push(conn.index, batch)
+        while taken < len(batch):
+            self._wait_for_room(conn, session, batch[taken])
+            taken += reassembly.push(conn.index, batch[taken:])
+
+    def _wait_for_room(self, conn: _Connection, session: _Session, frame: Frame) -> None:
+        """Backpressure: block while the session's budget is full.
+
+        While waiting, answer the sender's keepalive unprompted (its PINGs queue unread
+        behind this frame). Without any progress for ``idle_timeout`` the session is stuck
+        on its peer (a hostile one holding budget with messages it never completes): close.
+        """
+        reassembly = session.reassembly
+        step = session.heartbeat or self._idle_timeout
+        progress, since = reassembly.progress, time.monotonic()
+        while not reassembly.wait_for_room(frame, step):
+            if reassembly.progress != progress:
+                progress, since = reassembly.progress, time.monotonic()
+            elif self._idle_timeout is not None and (
+                time.monotonic() - since >= self._idle_timeout
+            ):
+                raise wire.ProtocolError("reassembly made no progress within idle_timeout")
+            if session.heartbeat:
+                conn.write(wire.pack_pong(0))
+
+    def _read_large(
+        self,
+        conn: _Connection,
+        session: _Session,
+        frame: Frame,
+        head: memoryview,
+        checked: bool,
+        checksum: int,
+        deadline: float,
+    ) -> None:
+        """Reserve budget for a large frame, then read its payload in bounded pieces."""
+        reassembly = session.reassembly
+        if not reassembly.reserve(conn.index, frame):
+            self._wait_for_room(conn, session, frame)
+            while not reassembly.reserve(conn.index, frame):
+                self._wait_for_room(conn, session, frame)
+            deadline = time.monotonic() + self._frame_timeout  # waiting was ours, not theirs
+        crc = wire.checksum_of
+        pieces: list[bytes | bytearray] = []
+        value = 0
+        if len(head):
+            first = bytes(head)
+            pieces.append(first)
+            value = crc(first)
+        left = frame.length - len(head)
+        while left:
+            piece = self._recv_piece(conn, min(left, _PIECE), deadline)
+            if checked:
+                value = crc(piece, value)
+            pieces.append(piece)
+            left -= len(piece)
+        if checked and value != checksum:
+            raise wire.ProtocolError(
+                f"checksum mismatch in message {frame.message_id} chunk {frame.chunk_index}"
+            )
+        reassembly.store(frame._replace(payload=pieces))
+
+    def _recv_piece(self, conn: _Connection, size: int, deadline: float) -> bytes | bytearray:
+        """Read ``size`` bytes into a new object, straight from the kernel where possible."""
+        left_s = deadline - time.monotonic()
+        if left_s <= 0:
+            raise wire.ProtocolError("frame not complete within frame_timeout")
+        conn.set_recv_timeout(left_s)
+        if conn.tls is None:
             try:
-                ack_conn.write(wire.pack_ack(mid))
-            except OSError as exc:
-                # The sender times out waiting and breaks its side; keep delivering.
-                logger.bind(session=session.name, message_id=mid, error=str(exc)).warning(
-                    "Receiver could not acknowledge message"
-                )
+                piece = conn.sock.recv(size, _MSG_WAITALL)
+            except (BlockingIOError, TimeoutError):
+                raise wire.ProtocolError("frame not complete within frame_timeout") from None
+            if len(piece) == size:
+                return piece
+            if not piece:
+                raise wire.ProtocolError("connection closed inside a frame")
+            # Interrupted or timed out part-way: finish the piece the slow way.
+            return piece + self._read_exactly(conn, size - len(piece), deadline, "frame")
+        buf = bytearray(size)
+        with memoryview(buf) as view:
+            got = 0
+            while got < size:
+                part = conn.tls.recv_into(view[got:])
+                if not part:
+                    raise wire.ProtocolError("connection closed inside a frame")
+                got += part
+        return buf
+
+    # -- delivery ---------------------------------------------------------------------------
+
+    def _deliver_loop(self, session: _Session) -> None:
+        """The session's delivery thread: hand whole messages to on_message, in id order.
+
+        Readers never run user code, so a slow ``on_message`` slows every stream alike
+        (through the budget) instead of starving the stream whose reader happened to
+        deliver.
+        """
+        reassembly = session.reassembly
+        on_message = self._on_message
+        try:
+            while True:
+                batch = reassembly.take(None)
+                if batch is None:
+                    return
+                for at in range(0, len(batch), _DELIVERY_BATCH):
+                    self._deliver_some(session, batch[at : at + _DELIVERY_BATCH], on_message)
+        except Exception as exc:  # noqa: BLE001 - never die silently
+            logger.opt(exception=exc).error("Receiver delivery failed")
+        finally:
+            self._session_finished(session)
+
+    def _deliver_some(
+        self, session: _Session, batch: list[Ready], on_message: Callable[[bytes], object]
+    ) -> None:
+        cost = 0
+        acks: dict[int, list[bytes]] = {}
+        for ready in batch:
+            pieces = ready.pieces
+            payload = pieces[0] if len(pieces) == 1 and type(pieces[0]) is bytes else (
+                b"".join(pieces)
+            )  # fmt: skip
+            try:
+                on_message(payload)  # type: ignore[arg-type]
+            except Exception as exc:  # noqa: BLE001 - the application's bug must not end the session
+                logger.bind(session=session.name, message_id=ready.message_id).opt(
+                    exception=exc
+                ).error("Message handler failed")
+            cost += ready.cost
+            if session.acknowledged:
+                acks.setdefault(ready.ack_stream, []).append(wire.pack_ack(ready.message_id))
+        with self._delivered_cond:
+            self._delivered += len(batch)
+            self._delivered_cond.notify_all()
+        session.reassembly.done(cost)
+        if acks and not session.reassembly.closed:
+            for stream, frames in acks.items():
+                conn = session.connections[stream]
+                if conn is None:
+                    continue
+                try:
+                    conn.write(b"".join(frames))
+                except OSError as exc:
+                    # The sender times out waiting and breaks its side; keep delivering.
+                    logger.bind(session=session.name, error=str(exc)).warning(
+                        "Receiver could not acknowledge messages"
+                    )
 
     # -- ending sessions --------------------------------------------------------------------
 
     def _stream_ended(self, session: _Session) -> None:
         """A stream closed cleanly; the session ends when all its streams have."""
-        with self._lock:
-            session.open_streams -= 1
-            if session.open_streams:
-                return
-        with session.lock:
-            left = len(session.pending) + len(session.ready)
-        if left:
-            logger.bind(session=session.name, undelivered=left).warning(
+        dropped = session.reassembly.end_stream()
+        if dropped:
+            logger.bind(session=session.name, undelivered=dropped).warning(
                 "Session ended with incomplete messages"
             )
-        self._close_session(session)
 
     def _abort(self, conn: _Connection, session: _Session | None, reason: str) -> None:
-        if session is not None and session.closed:
+        if session is not None and session.aborted:
             return  # another thread closed it and said why
         if not self._running:
             return  # stop() is closing everything
@@ -732,10 +826,22 @@ class MultiStreamReceiver:
         if session is None:
             conn.shutdown()
         else:
-            self._close_session(session)
+            self._close_session(session, drain=True)
 
-    def _close_session(self, session: _Session) -> None:
-        """Forget a session, drop its undelivered messages and shut all its connections."""
+    def _close_session(self, session: _Session, *, drain: bool) -> None:
+        """Stop a session's input and shut all its connections (delivery may drain)."""
+        with self._lock:
+            session.aborted = True
+            connections = [c for c in session.connections if c is not None]
+            started = session.delivery is not None
+        session.reassembly.close(drain=drain)
+        for conn in connections:
+            conn.shutdown()
+        if not started:
+            self._session_finished(session)
+
+    def _session_finished(self, session: _Session) -> None:
+        """Forget a session once nothing more will be delivered for it."""
         with self._lock:
             if self._sessions.get(session.id) is session:
                 del self._sessions[session.id]
@@ -743,19 +849,5 @@ class MultiStreamReceiver:
             while len(self._ended) > _ENDED_SESSIONS_KEPT:
                 self._ended.popitem(last=False)
             connections = [c for c in session.connections if c is not None]
-        with session.lock:
-            session.closed = True
-            session.pending.clear()
-            session.ready.clear()
-            session.buffered = 0
-            session.cond.notify_all()
         for conn in connections:
             conn.shutdown()
-
-
-def _bounded_int(name: str, value: int, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be in {low}..{high}, got {value}")
-    return value

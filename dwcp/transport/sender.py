@@ -7,6 +7,7 @@ import os
 import queue
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Sequence
@@ -37,19 +38,53 @@ __all__ = ["MultiStreamTCPTransport"]
 _checksum = wire.checksum_of
 _writev = getattr(os, "writev", None)  # POSIX only; elsewhere socket.sendmsg()
 _monotonic = time.monotonic
-_pack_header = wire.DATA_HEADER.pack
+# The DATA header without its own CRC, then the CRC: packed in two steps so the header CRC
+# is computed over exactly the bytes that precede it.
+_pack_head = struct.Struct("!4sBBHQIIIII").pack
+_pack_u32 = struct.Struct("!I").pack
 _MAGIC = wire.MAGIC
 _VERSION = wire.VERSION
 _DATA = wire.FRAME_DATA
-# Up to this size, copying header + payload into one buffer for a single sendall() is
-# cheaper than sendmsg()'s scatter list; above it the copy costs more than it saves.
+# Up to this size, copying header + payload into one buffer for a single send() is
+# cheaper than writev()'s scatter list; above it the copy costs more than it saves.
 _COPY_LIMIT = 16 * 1024
+_FRAME = wire.ACK.size  # ACK and PONG, the frames a receiver sends in a session, are 20 bytes
+assert wire.PING.size == _FRAME
+
+
+def _data_header(
+    flags: int, mid: int, index: int, count: int, total: int, payload: Buffer, checksum: bool
+) -> bytes:
+    head = _pack_head(
+        _MAGIC, _VERSION, _DATA, flags, mid, index, count, total, len(payload),
+        _checksum(payload) if checksum else 0,
+    )  # fmt: skip
+    return head + _pack_u32(_checksum(head))
 
 
 class _Stream:
-    """One TCP connection of a session; ``lock`` keeps each frame contiguous on the wire."""
+    """One TCP connection of a session and its write order.
 
-    __slots__ = ("fd", "index", "jobs", "lock", "sock", "threads", "timeout", "tls")
+    Frames go out on a stream in ticket order: tickets are issued with message ids under
+    the session's order lock, so every stream carries its messages in id order, which is
+    what lets the receiver bound its memory without ever deadlocking (see _reassembly).
+    """
+
+    __slots__ = (
+        "fd",
+        "index",
+        "issued",
+        "jobs",
+        "ping_sent",
+        "serving",
+        "sock",
+        "threads",
+        "timeout",
+        "tls",
+        "turn",
+        "waiters",
+        "writes",
+    )
 
     def __init__(
         self, index: int, sock: socket.socket, tls: TLSChannel | None, timeout: float
@@ -58,11 +93,17 @@ class _Stream:
         self.sock = sock
         self.fd = sock.fileno()
         self.tls = tls
-        # With TLS, the channel's own lock: its reader may need to send records too.
-        self.lock = threading.Lock() if tls is None else tls.write_lock
         self.timeout = timeout
         self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self.threads: list[threading.Thread] = []
+        # ``issued``, the next ticket, is guarded by the session's order lock; ``serving``,
+        # the ticket allowed to write now, and ``waiters`` by ``turn``.
+        self.turn = threading.Condition(threading.Lock())
+        self.issued = 0
+        self.serving = 0
+        self.waiters = 0
+        self.writes = 0  # frames written, so the keepalive can tell an idle stream
+        self.ping_sent: float | None = None  # when an unanswered PING went out
 
 
 class _Batch:
@@ -96,8 +137,9 @@ class _AckWaiter:
         self.event = threading.Event()
 
 
-# (batch, message id, whole message, first chunk index, step, chunk count, chunk size, deadline)
-_Job = tuple[_Batch, int, memoryview, int, int, int, int, float]
+# (batch, ticket, message id, whole message, first chunk index, step, chunk count,
+#  chunk size, deadline)
+_Job = tuple[_Batch, int, int, memoryview, int, int, int, int, float]
 
 
 class _Session:
@@ -116,6 +158,8 @@ class _Session:
         send_timeout: float,
         acknowledged: bool,
         checksum: bool,
+        keepalive_interval: float | None,
+        keepalive_timeout: float,
     ) -> None:
         self.address = address
         self.checksum = checksum
@@ -123,13 +167,19 @@ class _Session:
         self.session_id = session_id
         self.send_timeout = send_timeout
         self.acknowledged = acknowledged
+        self.keepalive_interval = keepalive_interval
+        self.keepalive_timeout = keepalive_timeout
         self.streams = [
             _Stream(i, sock, tls, send_timeout) for i, (sock, tls) in enumerate(connections)
         ]
         self.count = len(self.streams)
-        self.ids = itertools.count()
+        # Message ids and stream tickets are handed out together under this lock.
+        self._order = threading.Lock()
+        self.next_id = 0
         self.broken: str | None = None
         self.closing = False
+        self._stopped = threading.Event()
+        self._keepalive: threading.Thread | None = None
         self._state_lock = threading.Lock()
         self._acks: dict[int, _AckWaiter] = {}
         self._log = logger.bind(peer=f"{address[0]}:{address[1]}", session=session_id.hex())
@@ -137,7 +187,8 @@ class _Session:
     # -- lifecycle ----------------------------------------------------------------------
 
     def run_threads(self) -> None:
-        """Start one writer (for striped chunks) and one reader (acks, EOF) per stream."""
+        """Start one writer (striped chunks) and one reader (ACK, PONG, EOF) per stream,
+        and the keepalive thread."""
         for stream in self.streams:
             writer = threading.Thread(
                 target=self._writer_loop,
@@ -154,22 +205,32 @@ class _Session:
             stream.threads = [writer, reader]
             writer.start()
             reader.start()
+        if self.keepalive_interval is not None:
+            self._keepalive = threading.Thread(
+                target=self._keepalive_loop, name="dwcp-transport-keepalive", daemon=True
+            )
+            self._keepalive.start()
 
     def shutdown(self) -> None:
         """Stop every stream and join the session's threads (used by ``close()``)."""
         self.closing = True
+        self._stopped.set()
         for stream in self.streams:
             stream.jobs.put(None)
             self._shutdown_socket(stream.sock)
+        self._wake_all()
         current = threading.current_thread()
+        threads = [t for s in self.streams for t in s.threads]
+        if self._keepalive is not None:
+            threads.append(self._keepalive)
+        for thread in threads:
+            if thread is not current:
+                thread.join()
         for stream in self.streams:
-            for thread in stream.threads:
-                if thread is not current:
-                    thread.join()
-            # Under the frame lock: a caller still inside _write() (woken by the shutdown
-            # above) finishes before the descriptor is released, and none can use the old
-            # number afterwards, which the kernel may hand to another socket.
-            with stream.lock:
+            # Under the turn: a caller still inside _write() (woken by the shutdown above)
+            # finishes before the descriptor is released, and none can use the old number
+            # afterwards, which the kernel may hand to another socket.
+            with stream.turn:
                 stream.fd = -1
                 _close_quietly(stream.sock)
         self._fail_waiters()
@@ -189,10 +250,17 @@ class _Session:
             if self.broken is not None or self.closing:
                 return
             self.broken = reason
-        self._log.bind(reason=reason).warning("Transport stream failed")
+        self._log.bind(reason=reason).warning(f"Transport stream failed: {reason}")
+        self._stopped.set()
         for stream in self.streams:
             self._shutdown_socket(stream.sock)
+        self._wake_all()
         self._fail_waiters()
+
+    def _wake_all(self) -> None:
+        for stream in self.streams:
+            with stream.turn:
+                stream.turn.notify_all()
 
     def _fail_waiters(self) -> None:
         with self._state_lock:
@@ -209,63 +277,89 @@ class _Session:
         self.break_(reason)
         raise TransportError(reason) from exc
 
+    # -- write order --------------------------------------------------------------------
+
+    def _take_turn(self, stream: _Stream, ticket: int, deadline: float) -> None:
+        """Wait until ``ticket`` may write on ``stream``; the wait counts against the send."""
+        if stream.serving == ticket:
+            return  # uncontended: no lock, no clock
+        with stream.turn:
+            stream.waiters += 1
+            try:
+                while stream.serving != ticket:
+                    if self.broken is not None or self.closing:
+                        self._raise_broken()
+                    left = deadline - _monotonic()
+                    if left <= 0:
+                        # The ticket can never be served now: the session cannot keep its
+                        # order, so it ends here (as any stall does).
+                        break
+                    stream.turn.wait(left)
+            finally:
+                stream.waiters -= 1
+        if stream.serving != ticket:
+            self._fail(stream, "stalled: stream busy past send_timeout", None)
+
+    @staticmethod
+    def _end_turn(stream: _Stream) -> None:
+        with stream.turn:
+            stream.serving += 1
+            if stream.waiters:
+                stream.turn.notify_all()
+
     # -- sending ------------------------------------------------------------------------
 
-    def _write(
-        self, stream: _Stream, header: bytes, payload: Buffer, size: int, deadline: float
-    ) -> None:
-        """Write one frame under the stream lock; every byte reaches the kernel or we raise."""
-        lock = stream.lock
-        # The uncontended case (the common one) skips the clock and the timed wait.
-        contended = not lock.acquire(False)
-        if contended and not lock.acquire(timeout=max(deadline - _monotonic(), 0.0)):
-            self._fail(stream, "stalled: stream busy past send_timeout", None)
+    def _write(self, stream: _Stream, frame: Buffer, payload: Buffer | None, deadline: float) -> None:
+        """Write one frame (``frame``, then ``payload`` if given) during the caller's turn.
+
+        Every byte reaches the kernel by ``deadline`` or we raise: the kernel send timeout
+        follows the deadline, and a partial write goes on with what is left of it.
+        """
+        sock = stream.sock
         try:
-            sock = stream.sock
-            if contended or stream.timeout != self.send_timeout:
-                # When a lock wait used part of send_timeout, the kernel gets only the rest;
-                # the next uncontended send restores the full timeout.
-                left = deadline - _monotonic()
-                timeout = self.send_timeout if left > self.send_timeout - _TIMEOUT_SLACK else left
-                if timeout != stream.timeout:
-                    stream.timeout = _set_send_timeout(sock, timeout)
+            left = deadline - _monotonic()
+            # Syscalls only when the timeout is off by more than 5 %: the uncontended send
+            # keeps the full send_timeout it already has.
+            if stream.timeout > left * 1.05 + _TIMEOUT_SLACK or (
+                stream.timeout < left * 0.95 and stream.timeout < self.send_timeout
+            ):
+                if left <= 0:
+                    raise TimeoutError("send_timeout expired")
+                stream.timeout = _set_send_timeout(sock, left)
             tls = stream.tls
             if tls is not None:
-                # Records go out on the plain socket, so the kernel timeout bounds them too.
-                records = (
-                    tls.encrypt(header + payload)
-                    if size <= _COPY_LIMIT
-                    else tls.encrypt(header, payload)
-                )
-                sent = sock.send(records)
-                if sent < len(records):
-                    self._send_rest(stream, b"", records, sent, deadline)
-            elif size <= _COPY_LIMIT:
-                sock.sendall(header + payload)
+                # Records go out on the plain socket, so the kernel timeout bounds them too;
+                # the channel's write lock keeps records in the order they were sealed.
+                with tls.write_lock:
+                    records = tls.encrypt(frame) if payload is None else tls.encrypt(frame, payload)
+                    sent = sock.send(records)
+                    if sent < len(records):
+                        self._send_rest(stream, (records,), sent, deadline)
+            elif payload is None:
+                sent = sock.send(frame)
+                if sent < len(frame):
+                    self._send_rest(stream, (frame,), sent, deadline)
             else:
                 # writev() skips sendmsg()'s message-header set-up: a few percent at 64 KiB.
-                sent = (
-                    _writev(stream.fd, (header, payload))
-                    if _writev
-                    else sock.sendmsg((header, payload))
-                )
-                if sent < len(header) + size:
-                    self._send_rest(stream, header, payload, sent, deadline)
+                parts = (frame, payload)
+                sent = _writev(stream.fd, parts) if _writev else sock.sendmsg(parts)
+                if sent < len(frame) + len(payload):
+                    self._send_rest(stream, parts, sent, deadline)
+            stream.writes += 1
         except (BlockingIOError, TimeoutError) as exc:
             self._fail(stream, "stalled: send_timeout expired", exc)
         except ssl.SSLError as exc:
             self._fail(stream, "TLS error", exc)
         except OSError as exc:
             self._fail(stream, "send failed", exc)
-        finally:
-            lock.release()
 
     def _send_rest(
-        self, stream: _Stream, header: bytes, payload: Buffer, sent: int, deadline: float
+        self, stream: _Stream, parts: tuple[Buffer, ...], sent: int, deadline: float
     ) -> None:
         """Finish a partially sent frame, the kernel timeout tracking the send's deadline."""
         sock = stream.sock
-        for part in (memoryview(header), memoryview(payload).cast("B")):
+        for whole in parts:
+            part = memoryview(whole).cast("B")
             if sent >= len(part):
                 sent -= len(part)
                 continue
@@ -297,21 +391,31 @@ class _Session:
         if self.broken is not None or self.closing:
             self._raise_broken()
         deadline = _monotonic() + self.send_timeout
-        message_id = next(self.ids)
-        stream = self.streams[message_id % self.count]
-        header = _pack_header(
-            _MAGIC, _VERSION, _DATA, self.flags, message_id, 0, 1, size, size, size,
-            _checksum(data) if self.checksum else 0,
+        crc = _checksum(data) if self.checksum else 0
+        with self._order:
+            message_id = self.next_id
+            self.next_id = message_id + 1
+            stream = self.streams[message_id % self.count]
+            ticket = stream.issued
+            stream.issued = ticket + 1
+        head = _pack_head(
+            _MAGIC, _VERSION, _DATA, self.flags, message_id, 0, 1, size, size, crc
         )  # fmt: skip
-        if self.acknowledged:
-            waiter = self._expect_ack(message_id)
-            self._write(stream, header, data, size, deadline)
+        head += _pack_u32(_checksum(head))
+        waiter = self._expect_ack(message_id) if self.acknowledged else None
+        self._take_turn(stream, ticket, deadline)
+        try:
+            if size <= _COPY_LIMIT:
+                self._write(stream, head + data, None, deadline)
+            else:
+                self._write(stream, head, data, deadline)
+        finally:
+            self._end_turn(stream)
+        if waiter is not None:
             self._await_ack(message_id, waiter, deadline)
-        else:
-            self._write(stream, header, data, size, deadline)
-            if self.broken is not None:
-                # Another stream failed meanwhile; the receiver may never get past the gap.
-                self._raise_broken()
+        elif self.broken is not None:
+            # Another stream failed meanwhile; the receiver may never get past the gap.
+            self._raise_broken()
 
     def send_large(self, view: memoryview, size: int, chunk_size: int) -> None:
         """Split a message into chunks striped over the streams and write them in parallel."""
@@ -319,22 +423,35 @@ class _Session:
             self._raise_broken()
         deadline = _monotonic() + self.send_timeout
         chunks = -(-size // chunk_size)
-        message_id = next(self.ids)
-        first = message_id % self.count
         shares = min(chunks, self.count)
-        waiter = self._expect_ack(message_id) if self.acknowledged else None
         batch = _Batch(shares - 1)
-        for share in range(1, shares):
-            stream = self.streams[(first + share) % self.count]
-            stream.jobs.put((batch, message_id, view, share, shares, chunks, chunk_size, deadline))
+        with self._order:
+            message_id = self.next_id
+            self.next_id = message_id + 1
+            first = message_id % self.count
+            tickets = []
+            for share in range(shares):
+                stream = self.streams[(first + share) % self.count]
+                tickets.append(stream.issued)
+                stream.issued += 1
+                if share:
+                    # Queued under the order lock too, so each writer's queue is in ticket
+                    # order and never waits on a ticket queued behind it.
+                    stream.jobs.put(
+                        (batch, tickets[share], message_id, view, share, shares, chunks,
+                         chunk_size, deadline)
+                    )  # fmt: skip
+        waiter = self._expect_ack(message_id) if self.acknowledged else None
         try:
             self._write_share(
-                self.streams[first], message_id, view, 0, shares, chunks, chunk_size, deadline
-            )
+                self.streams[first], tickets[0], message_id, view, 0, shares, chunks,
+                chunk_size, deadline,
+            )  # fmt: skip
         finally:
             # Writers read ``view``: never return to the caller while they may still do so.
             if not batch.done.wait(max(deadline - _monotonic(), 0.0)):
                 self.break_("stalled: chunk writers exceeded send_timeout")
+                batch.done.wait(self.send_timeout)  # the break woke them: they finish at once
                 self._raise_broken()
         if batch.error is not None:
             raise TransportError(f"transport broken: {batch.error}") from batch.error
@@ -346,6 +463,7 @@ class _Session:
     def _write_share(
         self,
         stream: _Stream,
+        ticket: int,
         message_id: int,
         view: memoryview,
         first_chunk: int,
@@ -354,28 +472,30 @@ class _Session:
         chunk_size: int,
         deadline: float,
     ) -> None:
+        """Write chunks ``first_chunk, first_chunk + step, ...`` in one turn on ``stream``."""
         total = len(view)
-        for index in range(first_chunk, chunks, step):
-            if self.broken is not None:
-                self._raise_broken()
-            payload = view[index * chunk_size : (index + 1) * chunk_size]
-            length = len(payload)
-            header = _pack_header(
-                _MAGIC, _VERSION, _DATA, self.flags, message_id, index, chunks, chunk_size,
-                total, length, _checksum(payload) if self.checksum else 0,
-            )  # fmt: skip
-            self._write(stream, header, payload, length, deadline)
+        flags, checksum = self.flags, self.checksum
+        self._take_turn(stream, ticket, deadline)
+        try:
+            for index in range(first_chunk, chunks, step):
+                if self.broken is not None:
+                    self._raise_broken()
+                payload = view[index * chunk_size : (index + 1) * chunk_size]
+                header = _data_header(flags, message_id, index, chunks, total, payload, checksum)
+                self._write(stream, header, payload, deadline)
+        finally:
+            self._end_turn(stream)
 
     def _writer_loop(self, stream: _Stream) -> None:
         while True:
             job = stream.jobs.get()
             if job is None:
                 return
-            batch, message_id, view, first, step, chunks, chunk_size, deadline = job
+            batch, ticket, message_id, view, first, step, chunks, chunk_size, deadline = job
             error: BaseException | None = None
             try:
                 self._write_share(
-                    stream, message_id, view, first, step, chunks, chunk_size, deadline
+                    stream, ticket, message_id, view, first, step, chunks, chunk_size, deadline
                 )
             except TransportError as exc:
                 error = exc
@@ -387,12 +507,63 @@ class _Session:
                 del view, job
             batch.finish(error)
 
-    # -- receiving (acks and connection loss) -------------------------------------------
+    # -- keepalive ----------------------------------------------------------------------
+
+    def _keepalive_loop(self) -> None:
+        """PING streams that were idle for an interval; break the session when a PING goes
+        unanswered for ``keepalive_timeout`` (the receiver vanished without FIN or RST).
+
+        A busy stream is not pinged: its writes are bounded by send_timeout already. A
+        receiver that is alive but not reading (backpressure) answers unprompted.
+        """
+        assert self.keepalive_interval is not None
+        interval, timeout = self.keepalive_interval, self.keepalive_timeout
+        tick = min(interval, timeout) / 4
+        seen = [-1] * self.count
+        idle_since = [_monotonic()] * self.count
+        try:
+            while not self._stopped.wait(tick):
+                now = _monotonic()
+                for stream in self.streams:
+                    sent = stream.ping_sent
+                    if sent is not None:
+                        if now - sent > timeout:
+                            self.break_(
+                                f"stream {stream.index}: no keepalive answer within {timeout:g} s"
+                            )
+                            return
+                        continue
+                    if stream.writes != seen[stream.index]:
+                        seen[stream.index], idle_since[stream.index] = stream.writes, now
+                    elif now - idle_since[stream.index] >= interval:
+                        self._ping(stream, now, now + timeout)
+                        seen[stream.index] = stream.writes
+                        idle_since[stream.index] = now
+        except TransportError:
+            return  # the ping's write failed and broke the session
+        except Exception as exc:  # noqa: BLE001 - never die silently
+            self._log.opt(exception=exc).error("Transport keepalive failed")
+            self.break_(f"keepalive error {exc!r}")
+
+    def _ping(self, stream: _Stream, now: float, deadline: float) -> None:
+        with self._order:
+            if stream.serving != stream.issued:
+                return  # someone is writing: the stream is not idle after all
+            ticket = stream.issued
+            stream.issued += 1
+        self._take_turn(stream, ticket, deadline)
+        try:
+            stream.ping_sent = now
+            self._write(stream, wire.pack_ping(int(now * 1000)), None, deadline)
+        finally:
+            self._end_turn(stream)
+
+    # -- receiving (ACK, PONG and connection loss) --------------------------------------
 
     def _reader_loop(self, stream: _Stream) -> None:
-        """Read ACK frames; also notices at once when the receiver drops the connection."""
+        """Read ACK and PONG frames; also notices at once when the receiver drops us."""
         recv_into = stream.sock.recv_into if stream.tls is None else stream.tls.recv_into
-        buf = bytearray(wire.ACK.size)
+        buf = bytearray(_FRAME)
         view = memoryview(buf)
         got = 0
         try:
@@ -403,28 +574,41 @@ class _Session:
                         self.break_(f"stream {stream.index}: receiver closed the connection")
                     return
                 got += n
-                if got < len(buf):
+                if got < _FRAME:
                     continue
                 got = 0
                 try:
-                    message_id = wire.parse_ack(bytes(buf))
+                    self._received(stream, bytes(buf))
                 except wire.ProtocolError as exc:
                     self.break_(f"stream {stream.index}: {exc}")
                     return
-                if not self.acknowledged:
-                    self.break_(f"stream {stream.index}: unexpected ack")
-                    return
-                with self._state_lock:
-                    waiter = self._acks.pop(message_id, None)
-                if waiter is not None:
-                    waiter.acked = True
-                    waiter.event.set()
         except OSError as exc:
             if not self.closing:
                 self.break_(f"stream {stream.index}: receive failed ({exc})")
         except Exception as exc:  # noqa: BLE001 - never die silently
             self._log.opt(exception=exc).error("Transport reader failed")
             self.break_(f"stream {stream.index}: reader error {exc!r}")
+
+    def _received(self, stream: _Stream, frame: bytes) -> None:
+        frame_type, _ = wire.parse_prefix(frame)
+        if frame_type == wire.FRAME_PONG:
+            wire.parse_ping(frame, wire.FRAME_PONG)
+            stream.ping_sent = None
+            return
+        if frame_type != wire.FRAME_ACK:
+            raise wire.ProtocolError(f"unexpected frame type {frame_type:#04x} from receiver")
+        message_id = wire.parse_ack(frame)
+        if not self.acknowledged:
+            raise wire.ProtocolError("ACK in an unacknowledged session")
+        if message_id >= self.next_id:
+            raise wire.ProtocolError(f"ACK for message {message_id}, never sent")
+        stream.ping_sent = None  # an ACK proves the receiver alive as well as a PONG
+        with self._state_lock:
+            waiter = self._acks.pop(message_id, None)
+        # No waiter: a duplicate, or the send already gave up (stale). Either way harmless.
+        if waiter is not None:
+            waiter.acked = True
+            waiter.event.set()
 
 
 class MultiStreamTCPTransport:
@@ -440,6 +624,22 @@ class MultiStreamTCPTransport:
     the context decides what is verified (``ssl.create_default_context()`` checks the
     receiver's certificate and that it names ``server_hostname``, by default the host of
     ``address``). Load a client certificate into it for receivers that require one.
+
+    Parameters:
+        address: the receiver's (host, port); IPv4 or IPv6.
+        streams: TCP connections per session (1..32).
+        chunk_size: messages longer than this are cut into chunks of this size (>= 1024).
+        connect_timeout: bound on opening every stream and its handshake.
+        send_timeout: bound on every ``send``, whatever its size (waiting for a stream,
+            writing, and with ``acknowledged`` the acknowledgement).
+        max_message_size: larger messages raise ValueError before any I/O.
+        acknowledged: ``send`` returns once the receiver delivered the message.
+        checksum: CRC-32C over every payload (headers are always checked).
+        ssl_context, server_hostname: TLS, see above.
+        keepalive_interval: a stream idle this long is pinged; None: never.
+        keepalive_timeout: a PING unanswered this long breaks the session, so a receiver
+            that vanished silently shows in ``health_check()`` within about
+            ``keepalive_interval + keepalive_timeout``.
     """
 
     def __init__(
@@ -455,6 +655,8 @@ class MultiStreamTCPTransport:
         checksum: bool = True,
         ssl_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
+        keepalive_interval: float | timedelta | None = 5.0,
+        keepalive_timeout: float | timedelta = 10.0,
     ) -> None:
         if (
             not isinstance(address, tuple)
@@ -484,6 +686,12 @@ class MultiStreamTCPTransport:
         self._checksum = checksum
         self._ssl_context = ssl_context
         self._server_hostname = _check_tls_options(address, ssl_context, server_hostname)
+        self._keepalive_interval = (
+            None
+            if keepalive_interval is None
+            else _seconds("keepalive_interval", keepalive_interval)
+        )
+        self._keepalive_timeout = _seconds("keepalive_timeout", keepalive_timeout)
         self._lifecycle = threading.Lock()
         self._session: _Session | None = None
 
@@ -531,6 +739,8 @@ class MultiStreamTCPTransport:
                 send_timeout=self._send_timeout,
                 acknowledged=self._acknowledged,
                 checksum=self._checksum,
+                keepalive_interval=self._keepalive_interval,
+                keepalive_timeout=self._keepalive_timeout,
             )
             session.run_threads()
             self._session = session
@@ -556,7 +766,11 @@ class MultiStreamTCPTransport:
                 # milliseconds per acknowledged send.
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 hello = wire.pack_handshake(
-                    session_id, index, self._streams, acknowledged=self._acknowledged
+                    session_id,
+                    index,
+                    self._streams,
+                    acknowledged=self._acknowledged,
+                    keepalive_ms=int((self._keepalive_interval or 0) * 1000),
                 )
                 if self._ssl_context is None:
                     connections.append((sock, None))
@@ -577,7 +791,12 @@ class MultiStreamTCPTransport:
                 sock.settimeout(max(deadline - _monotonic(), _TIMEOUT_SLACK))
                 status = wire.parse_welcome(_recv_exactly(tls or sock, wire.WELCOME.size))
                 if status != wire.STATUS_ACCEPTED:
-                    raise TransportError(f"receiver refused the session (status {status})")
+                    why = {wire.STATUS_BUSY: "busy", wire.STATUS_REFUSED: "refused"}.get(
+                        status, "unknown status"
+                    )
+                    raise TransportError(
+                        f"receiver refused the session (status {status}: {why})"
+                    )
                 sock.settimeout(None)
                 _set_send_timeout(sock, self._send_timeout)
         except ssl.SSLError as exc:

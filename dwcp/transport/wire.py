@@ -1,7 +1,9 @@
-"""DWCP multi-stream wire format: constants and pure framing/parsing functions (no I/O).
+"""DWCP multi-stream wire format, version 2: constants and pure framing/parsing (no I/O).
 
 ``docs/wire-format.md`` describes the same format byte by byte; a test keeps the two in step.
-Every integer is unsigned big-endian ("network order").
+Every integer is unsigned big-endian ("network order"). Every frame carries a CRC-32C over
+its own header, so no field is trusted before it is verified; DATA frames also carry one
+over the payload unless the sender opted out (UNCHECKED).
 """
 
 from __future__ import annotations
@@ -21,12 +23,17 @@ __all__ = [
     "FRAME_ACK",
     "FRAME_DATA",
     "FRAME_HELLO",
+    "FRAME_PING",
+    "FRAME_PONG",
     "FRAME_WELCOME",
     "HANDSHAKE",
+    "ID_WINDOW",
     "MAGIC",
     "MAX_STREAMS",
     "MAX_TOTAL_LENGTH",
     "MIN_CHUNK_SIZE",
+    "PING",
+    "PREFIX",
     "SESSION_ID_SIZE",
     "STATUS_ACCEPTED",
     "STATUS_BUSY",
@@ -38,53 +45,83 @@ __all__ = [
     "checksum_of",
     "chunk_count",
     "encode_message",
+    "frame_size",
     "pack_ack",
     "pack_data_header",
     "pack_handshake",
+    "pack_ping",
+    "pack_pong",
     "pack_welcome",
     "parse_ack",
     "parse_data_header",
     "parse_handshake",
+    "parse_ping",
+    "parse_prefix",
     "parse_welcome",
     "verify_checksum",
 ]
 
 # CRC-32C (Castagnoli): hardware-accelerated, so integrity costs a few percent of a copy.
-checksum_of: Callable[[bytes | bytearray | memoryview], int] = crc32c.crc32c
+checksum_of: Callable[..., int] = crc32c.crc32c
 
 MAGIC = b"DWCP"
-VERSION = 1
+VERSION = 2
 
 # Frame types: the byte after the version in every frame.
-FRAME_HELLO = 0x01  # sender -> receiver, first bytes of every connection
+FRAME_HELLO = 0x01  # sender -> receiver, first frame of every connection
 FRAME_WELCOME = 0x02  # receiver -> sender, answer to HELLO
 FRAME_DATA = 0x03  # sender -> receiver, one chunk of one message
 FRAME_ACK = 0x04  # receiver -> sender, "message delivered" (acknowledged sessions only)
+FRAME_PING = 0x05  # sender -> receiver, keepalive probe
+FRAME_PONG = 0x06  # receiver -> sender, answer to PING, or "alive but busy" unprompted
 
 FLAG_ACKNOWLEDGED = 0x0001  # HELLO flag: the receiver must ACK every delivered message
-FLAG_UNCHECKED = 0x0001  # DATA flag: the checksum field is 0 and carries no checksum
+FLAG_UNCHECKED = 0x0001  # DATA flag: the payload checksum field is 0 and checks nothing
 
 STATUS_ACCEPTED = 0  # WELCOME status: the stream joined the session
 STATUS_BUSY = 1  # WELCOME status: the receiver has no room for another session
+STATUS_REFUSED = 2  # WELCOME status: the stream cannot join (duplicate, ended, mismatch)
 
 SESSION_ID_SIZE = 16
 MAX_STREAMS = 32
-# A multi-chunk message's chunks are at least this large, so a chunk count (and the
-# receiver's per-chunk bookkeeping) is bounded by total_length / MIN_CHUNK_SIZE.
+# The chunks of a multi-chunk message, all but the last, carry at least this many bytes,
+# so the receiver's per-chunk bookkeeping is bounded by the bytes that really arrived.
 MIN_CHUNK_SIZE = 1024
 MAX_TOTAL_LENGTH = 0xFFFF_FFFF
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
+# A frame's message id may exceed the next id to deliver by at most ID_WINDOW - 1.
+ID_WINDOW = 1 << 24
 
-# magic, version, type, flags, session id, stream index, stream count
-HANDSHAKE = struct.Struct("!4sBBH16sHH")
-# magic, version, type, status
-WELCOME = struct.Struct("!4sBBH")
-# magic, version, type, flags, message id, chunk index, chunk count, chunk size,
-# total length, payload length, CRC-32C of the payload
+# magic, version, type, flags: the first 8 bytes of every frame.
+PREFIX = struct.Struct("!4sBBH")
+# prefix, session id, stream index, stream count, keepalive interval (ms), header CRC
+HANDSHAKE = struct.Struct("!4sBBH16sHHII")
+# prefix, status, header CRC
+WELCOME = struct.Struct("!4sBBHII")
+# prefix, message id, chunk index, chunk count, total length, payload length,
+# payload CRC, header CRC (over bytes 0..35, the payload CRC included)
 DATA_HEADER = struct.Struct("!4sBBHQIIIIII")
-# magic, version, type, flags, message id
-ACK = struct.Struct("!4sBBHQ")
+# prefix, message id, header CRC
+ACK = struct.Struct("!4sBBHQI")
+# prefix, token, header CRC (PONG has the same layout)
+PING = struct.Struct("!4sBBHQI")
 
+_SIZES = {
+    FRAME_HELLO: HANDSHAKE.size,
+    FRAME_WELCOME: WELCOME.size,
+    FRAME_DATA: DATA_HEADER.size,
+    FRAME_ACK: ACK.size,
+    FRAME_PING: PING.size,
+    FRAME_PONG: PING.size,
+}
+_NAMES = {
+    FRAME_HELLO: "HELLO",
+    FRAME_WELCOME: "WELCOME",
+    FRAME_DATA: "DATA",
+    FRAME_ACK: "ACK",
+    FRAME_PING: "PING",
+    FRAME_PONG: "PONG",
+}
 _KNOWN_HELLO_FLAGS = FLAG_ACKNOWLEDGED
 
 
@@ -99,33 +136,63 @@ class Handshake(NamedTuple):
     stream_index: int
     stream_count: int
     acknowledged: bool
+    keepalive_ms: int
 
 
 class DataHeader(NamedTuple):
-    """A parsed and self-consistent DATA frame header (the payload follows it on the wire)."""
+    """A parsed, verified and self-consistent DATA header (the payload follows it)."""
 
     message_id: int
     chunk_index: int
     chunk_count: int
-    chunk_size: int
     total_length: int
     payload_length: int
     checksum: int
     checked: bool
 
-    @property
-    def offset(self) -> int:
-        """Where this chunk's payload starts inside the whole message."""
-        return self.chunk_index * self.chunk_size
+
+def _seal(packed: bytes) -> bytes:
+    """Return ``packed`` (a frame header whose last 4 bytes are 0) with its CRC filled in."""
+    return packed[:-4] + (checksum_of(packed[:-4])).to_bytes(4, "big")
 
 
-def _check_prefix(magic: bytes, version: int, frame_type: int, expected: int) -> None:
+def _verify_header(data: bytes | bytearray | memoryview, name: str) -> None:
+    if checksum_of(data[:-4]) != int.from_bytes(data[-4:], "big"):
+        raise ProtocolError(f"{name} header checksum mismatch")
+
+
+def parse_prefix(data: bytes | bytearray | memoryview) -> tuple[int, int]:
+    """Check the 8-byte prefix of any frame; return ``(frame type, flags)``.
+
+    Raises ProtocolError for a wrong magic, another version or an unknown frame type, so
+    a stray frame is refused after 8 bytes instead of waiting for a longer header.
+    """
+    magic, version, frame_type, flags = PREFIX.unpack(bytes(data[: PREFIX.size]))
     if magic != MAGIC:
         raise ProtocolError(f"bad magic {magic!r}")
     if version != VERSION:
-        raise ProtocolError(f"unsupported version {version}")
+        raise ProtocolError(f"unsupported version {version} (this end speaks {VERSION})")
+    if frame_type not in _SIZES:
+        raise ProtocolError(f"unknown frame type {frame_type:#04x}")
+    return frame_type, flags
+
+
+def frame_size(frame_type: int) -> int:
+    """Return the header size of a frame type (DATA: without its payload)."""
+    return _SIZES[frame_type]
+
+
+def _expect(data: bytes | bytearray | memoryview, expected: int) -> int:
+    frame_type, flags = parse_prefix(data)
     if frame_type != expected:
-        raise ProtocolError(f"unexpected frame type {frame_type:#04x}")
+        raise ProtocolError(
+            f"unexpected {_NAMES[frame_type]} frame where {_NAMES[expected]} belongs"
+        )
+    size = _SIZES[expected]
+    if len(data) != size:
+        raise ProtocolError(f"{_NAMES[expected]} is {len(data)} bytes, expected {size}")
+    _verify_header(data, _NAMES[expected])
+    return flags
 
 
 def chunk_count(total_length: int, chunk_size: int) -> int:
@@ -136,107 +203,125 @@ def chunk_count(total_length: int, chunk_size: int) -> int:
 
 
 def pack_handshake(
-    session_id: bytes, stream_index: int, stream_count: int, *, acknowledged: bool
+    session_id: bytes,
+    stream_index: int,
+    stream_count: int,
+    *,
+    acknowledged: bool,
+    keepalive_ms: int = 0,
 ) -> bytes:
     """Return the HELLO frame a sender writes first on stream ``stream_index``."""
     flags = FLAG_ACKNOWLEDGED if acknowledged else 0
-    return HANDSHAKE.pack(
-        MAGIC, VERSION, FRAME_HELLO, flags, session_id, stream_index, stream_count
+    return _seal(
+        HANDSHAKE.pack(
+            MAGIC,
+            VERSION,
+            FRAME_HELLO,
+            flags,
+            session_id,
+            stream_index,
+            stream_count,
+            keepalive_ms,
+            0,
+        )
     )
 
 
-def parse_handshake(data: bytes) -> Handshake:
+def parse_handshake(data: bytes | bytearray | memoryview) -> Handshake:
     """Parse and validate a HELLO frame; raise ProtocolError when it is malformed."""
-    if len(data) != HANDSHAKE.size:
-        raise ProtocolError(f"handshake is {len(data)} bytes, expected {HANDSHAKE.size}")
-    magic, version, frame_type, flags, session_id, index, count = HANDSHAKE.unpack(data)
-    _check_prefix(magic, version, frame_type, FRAME_HELLO)
+    flags = _expect(data, FRAME_HELLO)
     if flags & ~_KNOWN_HELLO_FLAGS:
         raise ProtocolError(f"unknown handshake flags {flags:#06x}")
+    _, _, _, _, session_id, index, count, keepalive_ms, _ = HANDSHAKE.unpack(bytes(data))
     if not 1 <= count <= MAX_STREAMS:
         raise ProtocolError(f"stream count {count} outside 1..{MAX_STREAMS}")
     if index >= count:
         raise ProtocolError(f"stream index {index} >= stream count {count}")
-    return Handshake(session_id, index, count, bool(flags & FLAG_ACKNOWLEDGED))
+    return Handshake(session_id, index, count, bool(flags & FLAG_ACKNOWLEDGED), keepalive_ms)
 
 
 def pack_welcome(status: int) -> bytes:
     """Return the WELCOME frame a receiver answers a HELLO with."""
-    return WELCOME.pack(MAGIC, VERSION, FRAME_WELCOME, status)
+    return _seal(WELCOME.pack(MAGIC, VERSION, FRAME_WELCOME, 0, status, 0))
 
 
-def parse_welcome(data: bytes) -> int:
+def parse_welcome(data: bytes | bytearray | memoryview) -> int:
     """Parse a WELCOME frame and return its status; raise ProtocolError when malformed."""
-    if len(data) != WELCOME.size:
-        raise ProtocolError(f"welcome is {len(data)} bytes, expected {WELCOME.size}")
-    magic, version, frame_type, status = WELCOME.unpack(data)
-    _check_prefix(magic, version, frame_type, FRAME_WELCOME)
-    return int(status)
+    if _expect(data, FRAME_WELCOME):
+        raise ProtocolError("unknown welcome flags")
+    return int(WELCOME.unpack(bytes(data))[4])
 
 
 def pack_data_header(
     message_id: int,
     chunk_index: int,
     chunks: int,
-    chunk_size: int,
     total_length: int,
     payload: bytes | bytearray | memoryview,
     *,
     checksum: bool = True,
 ) -> bytes:
     """Return the DATA header for ``payload``, chunk ``chunk_index`` of ``chunks``."""
-    return DATA_HEADER.pack(
-        MAGIC,
-        VERSION,
-        FRAME_DATA,
-        0 if checksum else FLAG_UNCHECKED,
-        message_id,
-        chunk_index,
-        chunks,
-        chunk_size,
-        total_length,
-        len(payload),
-        checksum_of(payload) if checksum else 0,
+    return _seal(
+        DATA_HEADER.pack(
+            MAGIC,
+            VERSION,
+            FRAME_DATA,
+            0 if checksum else FLAG_UNCHECKED,
+            message_id,
+            chunk_index,
+            chunks,
+            total_length,
+            len(payload),
+            checksum_of(payload) if checksum else 0,
+            0,
+        )
     )
 
 
-def parse_data_header(data: bytes, max_message_size: int) -> DataHeader:
-    """Parse a DATA header and check it against itself and ``max_message_size``.
+def check_data_fields(
+    flags: int, index: int, count: int, total: int, length: int, crc: int, max_message_size: int
+) -> None:
+    """Raise ProtocolError unless a (header-verified) DATA frame's fields agree.
 
-    Every length is validated here, before the caller allocates anything from it; the
-    chunk layout is fully determined (chunk ``i`` covers ``[i * chunk_size, ...)``), so
-    distinct chunk indexes can never overlap or leave a hole.
+    The receiver's fast path inlines the common case; this is the one statement of the rules.
     """
-    if len(data) != DATA_HEADER.size:
-        raise ProtocolError(f"frame header is {len(data)} bytes, expected {DATA_HEADER.size}")
-    (magic, version, frame_type, flags, mid, index, count, size, total, length, crc) = (
-        DATA_HEADER.unpack(data)
-    )
-    _check_prefix(magic, version, frame_type, FRAME_DATA)
     if flags & ~FLAG_UNCHECKED:
         raise ProtocolError(f"unknown frame flags {flags:#06x}")
-    checked = not flags
-    if not checked and crc:
+    if flags and crc:
         raise ProtocolError("unchecked frame with a non-zero checksum field")
     if total > max_message_size:
         raise ProtocolError(f"message of {total} bytes exceeds limit {max_message_size}")
     if index >= count:
         raise ProtocolError(f"chunk index {index} >= chunk count {count}")
     if count == 1:
-        if size != total or length != total:
-            raise ProtocolError("single-chunk frame with inconsistent lengths")
-    else:
-        if not MIN_CHUNK_SIZE <= size < total:
-            raise ProtocolError(f"chunk size {size} invalid for a {total}-byte message")
-        if count != -(-total // size):
-            raise ProtocolError(f"chunk count {count} does not match {total}/{size}")
-        if length != min(size, total - index * size):
-            raise ProtocolError(f"chunk {index} has wrong payload length {length}")
-    return DataHeader(mid, index, count, size, total, length, crc, checked)
+        if length != total:
+            raise ProtocolError("single-chunk frame whose payload is not the whole message")
+        return
+    if length > total:
+        raise ProtocolError(f"chunk {index} longer than its message")
+    if index + 1 < count and length < MIN_CHUNK_SIZE:
+        raise ProtocolError(f"chunk {index} of {count} carries fewer than {MIN_CHUNK_SIZE} bytes")
+    if count > total // MIN_CHUNK_SIZE + 1:
+        raise ProtocolError(f"{count} chunks for a {total}-byte message")
+
+
+def parse_data_header(data: bytes | bytearray | memoryview, max_message_size: int) -> DataHeader:
+    """Parse a DATA header: verify its CRC, then check it against itself and the limit.
+
+    Nothing is taken from a header whose CRC fails, so a flipped bit in an id or a length
+    is caught before it can place a payload or size an allocation.
+    """
+    flags = _expect(data, FRAME_DATA)
+    (_, _, _, _, mid, index, count, total, length, crc, _) = DATA_HEADER.unpack(bytes(data))
+    check_data_fields(flags, index, count, total, length, crc, max_message_size)
+    return DataHeader(mid, index, count, total, length, crc, not flags)
 
 
 def verify_checksum(header: DataHeader, payload: bytes | bytearray | memoryview) -> None:
     """Raise ProtocolError unless ``payload`` matches the header's CRC-32C (if it has one)."""
+    if len(payload) != header.payload_length:
+        raise ProtocolError("payload length differs from its header")
     if header.checked and checksum_of(payload) != header.checksum:
         raise ProtocolError(
             f"checksum mismatch in message {header.message_id} chunk {header.chunk_index}"
@@ -245,18 +330,31 @@ def verify_checksum(header: DataHeader, payload: bytes | bytearray | memoryview)
 
 def pack_ack(message_id: int) -> bytes:
     """Return the ACK frame confirming delivery of ``message_id``."""
-    return ACK.pack(MAGIC, VERSION, FRAME_ACK, 0, message_id)
+    return _seal(ACK.pack(MAGIC, VERSION, FRAME_ACK, 0, message_id, 0))
 
 
-def parse_ack(data: bytes) -> int:
+def parse_ack(data: bytes | bytearray | memoryview) -> int:
     """Parse an ACK frame and return its message id; raise ProtocolError when malformed."""
-    if len(data) != ACK.size:
-        raise ProtocolError(f"ack is {len(data)} bytes, expected {ACK.size}")
-    magic, version, frame_type, flags, message_id = ACK.unpack(data)
-    _check_prefix(magic, version, frame_type, FRAME_ACK)
-    if flags:
-        raise ProtocolError(f"unknown ack flags {flags:#06x}")
-    return int(message_id)
+    if _expect(data, FRAME_ACK):
+        raise ProtocolError("unknown ack flags")
+    return int(ACK.unpack(bytes(data))[4])
+
+
+def pack_ping(token: int) -> bytes:
+    """Return a PING frame; the receiver answers with a PONG carrying the same token."""
+    return _seal(PING.pack(MAGIC, VERSION, FRAME_PING, 0, token, 0))
+
+
+def pack_pong(token: int) -> bytes:
+    """Return a PONG frame (token 0: unprompted, "alive but not reading")."""
+    return _seal(PING.pack(MAGIC, VERSION, FRAME_PONG, 0, token, 0))
+
+
+def parse_ping(data: bytes | bytearray | memoryview, expected: int = FRAME_PING) -> int:
+    """Parse a PING (or, with ``expected=FRAME_PONG``, a PONG) and return its token."""
+    if _expect(data, expected):
+        raise ProtocolError(f"unknown {_NAMES[expected]} flags")
+    return int(PING.unpack(bytes(data))[4])
 
 
 def encode_message(
@@ -274,10 +372,9 @@ def encode_message(
     view = memoryview(data).cast("B")
     total = len(view)
     count = chunk_count(total, chunk_size)
-    size = chunk_size if count > 1 else total
     frames = []
     for index in range(count):
-        payload = view[index * size : (index + 1) * size]
-        header = pack_data_header(message_id, index, count, size, total, payload, checksum=checksum)
+        payload = view[index * chunk_size : (index + 1) * chunk_size]
+        header = pack_data_header(message_id, index, count, total, payload, checksum=checksum)
         frames.append(header + payload)
     return frames
