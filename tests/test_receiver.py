@@ -65,6 +65,16 @@ def frame(message_id: int, data: bytes, chunk_size: int = 1024) -> bytes:
     return b"".join(wire.encode_message(message_id, data, chunk_size))
 
 
+def _seal(packed: bytes) -> bytes:
+    """Fill in the header CRC (the last 4 bytes) of a hand-packed frame header."""
+    return packed[:-4] + wire.checksum_of(packed[:-4]).to_bytes(4, "big")
+
+
+def _hello(magic: bytes, version: int, count: int, *, seal: bool = True) -> bytes:
+    packed = wire.HANDSHAKE.pack(magic, version, wire.FRAME_HELLO, 0, os.urandom(16), 0, count, 0, 0)
+    return _seal(packed) if seal else packed
+
+
 # -- hostile input ----------------------------------------------------------------------------
 
 
@@ -73,11 +83,23 @@ def frame(message_id: int, data: bytes, chunk_size: int = 1024) -> bytes:
     [
         os.urandom(64),
         b"GET / HTTP/1.1\r\nHost: example\r\n\r\n",
-        wire.HANDSHAKE.pack(b"DWCQ", 1, wire.FRAME_HELLO, 0, os.urandom(16), 0, 1),
-        wire.HANDSHAKE.pack(wire.MAGIC, 7, wire.FRAME_HELLO, 0, os.urandom(16), 0, 1),
-        wire.HANDSHAKE.pack(wire.MAGIC, 1, wire.FRAME_HELLO, 0, os.urandom(16), 0, 200),
+        _hello(b"DWCQ", wire.VERSION, 1),
+        _hello(wire.MAGIC, 7, 1),
+        _hello(wire.MAGIC, 1, 1),  # a version 1 peer
+        _hello(wire.MAGIC, wire.VERSION, 200),
+        _hello(wire.MAGIC, wire.VERSION, 1, seal=False),
+        wire.pack_ping(1),  # a session must start with HELLO
     ],
-    ids=["random", "http", "bad-magic", "bad-version", "absurd-stream-count"],
+    ids=[
+        "random",
+        "http",
+        "bad-magic",
+        "bad-version",
+        "version-1",
+        "absurd-stream-count",
+        "bad-header-checksum",
+        "not-hello",
+    ],
 )
 def test_bad_handshake_closes_the_connection(
     bystander: tuple[MultiStreamReceiver, Inbox, MultiStreamTCPTransport],
@@ -92,12 +114,15 @@ def test_bad_handshake_closes_the_connection(
 
 
 def _header(magic: bytes = wire.MAGIC, **fields: int) -> bytes:
-    """A DATA header of the valid one-chunk message 0 ``hello``, with ``fields`` overridden."""
-    values = {"version": 1, "type": wire.FRAME_DATA, "flags": 0, "message_id": 0}
-    values.update({"index": 0, "count": 1, "size": 5, "total": 5, "length": 5})
+    """A DATA header of the valid one-chunk message 0 ``hello``, with ``fields`` overridden;
+    its header CRC is right unless ``header_crc`` is given."""
+    values = {"version": wire.VERSION, "type": wire.FRAME_DATA, "flags": 0, "message_id": 0}
+    values.update({"index": 0, "count": 1, "total": 5, "length": 5})
     values["crc"] = wire.checksum_of(b"hello")
+    values["header_crc"] = 0
     values.update(fields)
-    return wire.DATA_HEADER.pack(magic, *values.values())
+    packed = wire.DATA_HEADER.pack(magic, *values.values())
+    return packed if "header_crc" in fields else _seal(packed)
 
 
 @pytest.mark.parametrize(
@@ -105,11 +130,14 @@ def _header(magic: bytes = wire.MAGIC, **fields: int) -> bytes:
     [
         os.urandom(wire.DATA_HEADER.size + 100),
         _header(b"XXXX") + b"hello",
-        _header(version=2) + b"hello",
-        _header(total=2**32 - 1, size=2**32 - 1, length=2**32 - 1),
-        _header(count=4_000_000_000, size=1024, total=5, length=5),
+        _header(version=1) + b"hello",
+        _header(total=2**32 - 1, length=2**32 - 1),
+        _header(count=4_000_000_000, total=5, length=5),
         _header(crc=12345) + b"hello",
+        _header(header_crc=12345) + b"hello",
+        _header(message_id=1 << 40) + b"hello",
         _header(type=wire.FRAME_ACK) + b"hello",
+        _header(type=wire.FRAME_HELLO) + b"hello",
         _header() + b"hello" + _header() + b"hello",  # the same message id twice
     ],
     ids=[
@@ -119,7 +147,10 @@ def _header(magic: bytes = wire.MAGIC, **fields: int) -> bytes:
         "absurd-length",
         "absurd-count",
         "wrong-checksum",
+        "wrong-header-checksum",
+        "id-too-far-ahead",
         "wrong-type",
+        "hello-mid-session",
         "duplicate-id",
     ],
 )
@@ -228,17 +259,32 @@ def test_out_of_order_messages_and_chunks_are_delivered_in_order(
 ) -> None:
     receiver, inbox = hostile_receiver_factory()
     session = os.urandom(16)
+    streams = [raw_connections(receiver.address) for _ in range(3)]
+    for index, sock in enumerate(streams):
+        handshake(sock, session, index, 3)
+    big = os.urandom(3000)
+    chunks = wire.encode_message(1, big, 1024)
+    # Each stream in id order (the wire format's rule); across streams, any order.
+    streams[1].sendall(chunks[1] + frame(2, b"two"))
+    streams[0].sendall(chunks[2] + chunks[0])
+    streams[2].sendall(frame(0, b"zero"))
+    assert receiver.wait_delivered(3, TIMEOUT)
+    assert inbox.messages == [b"zero", big, b"two"]
+
+
+def test_an_id_going_backwards_on_a_stream_closes_the_session(
+    hostile_receiver_factory: Callable[..., tuple[MultiStreamReceiver, Inbox]],
+    raw_connections: Callable[[tuple[str, int]], socket.socket],
+) -> None:
+    receiver, inbox = hostile_receiver_factory()
+    session = os.urandom(16)
     streams = [raw_connections(receiver.address) for _ in range(2)]
     for index, sock in enumerate(streams):
         handshake(sock, session, index, 2)
-    big = os.urandom(3000)
-    chunks = wire.encode_message(1, big, 1024)
-    streams[1].sendall(frame(2, b"two"))
-    streams[0].sendall(chunks[2] + chunks[0])
-    streams[1].sendall(chunks[1])
-    streams[0].sendall(frame(0, b"zero"))
-    assert receiver.wait_delivered(3, TIMEOUT)
-    assert inbox.messages == [b"zero", big, b"two"]
+    streams[0].sendall(frame(2, b"two") + frame(1, b"one"))
+    assert closed_by_peer(streams[0])
+    assert closed_by_peer(streams[1])
+    assert inbox.messages == []
 
 
 def test_incomplete_messages_are_dropped_at_session_end(
