@@ -155,7 +155,7 @@ class MultiStreamReceiver:
         ssl_context: a ``PROTOCOL_TLS_SERVER`` context: every connection runs TLS (mutual
             TLS when it requires client certificates).
         tls_handshake_timeout: bound on each TLS handshake.
-        handshake_timeout: bound on receiving a connection's HELLO.
+        handshake_timeout: bound on receiving a connection's HELLO (idle_timeout too).
         join_timeout: every stream a session announced must connect within this.
         frame_timeout: a frame whose first bytes arrived must be complete within this.
     """
@@ -492,7 +492,10 @@ class MultiStreamReceiver:
     def _handshake(self, conn: _Connection) -> _Session | None:
         # One deadline for the whole HELLO: a peer trickling a byte a second cannot hold
         # its connection longer than that.
-        deadline = time.monotonic() + self._handshake_timeout
+        bound = self._handshake_timeout
+        if self._idle_timeout is not None:
+            bound = min(bound, self._idle_timeout)
+        deadline = time.monotonic() + bound
         prefix = self._read_exactly(conn, wire.PREFIX.size, deadline, "handshake")
         frame_type, _ = wire.parse_prefix(prefix)
         if frame_type != wire.FRAME_HELLO:
