@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 from dwcp.transport.wire import ID_WINDOW, ProtocolError
 
-__all__ = ["FRAME_OVERHEAD", "Closed", "Frame", "Reassembly", "Ready"]
+__all__ = ["FRAME_OVERHEAD", "Closed", "Frame", "FrameTuple", "Reassembly", "Ready"]
 
 # What a chunk costs beyond its payload (its entry, dict slot, list slot), so a flood of
 # empty frames is bounded by the same byte budget as large ones.
@@ -38,8 +38,14 @@ class Closed(Exception):
     """The session was closed (by another thread, or stop()); the caller just leaves."""
 
 
+# A frame as the readers hand it over: (message id, chunk index, chunk count, total
+# length, payload, payload length). Plain tuples: a reader builds hundreds of thousands a
+# second, and a NamedTuple's constructor runs Python code.
+FrameTuple = tuple[int, int, int, int, Payload, int]
+
+
 class Frame(NamedTuple):
-    """One DATA frame's place in its message, and its payload."""
+    """One DATA frame's place in its message, and its payload (a ``FrameTuple``)."""
 
     message_id: int
     chunk_index: int
@@ -49,13 +55,9 @@ class Frame(NamedTuple):
     length: int
 
 
-class Ready(NamedTuple):
-    """A whole message for the delivery thread; ``pieces`` joined are its bytes."""
-
-    message_id: int
-    pieces: list[bytes | bytearray]
-    cost: int
-    ack_stream: int
+# A whole message for the delivery thread: (message id, payload, cost, stream of chunk 0);
+# the payload is its bytes, or a list of pieces that joined are its bytes.
+Ready = tuple[int, Payload, int, int]
 
 
 class _Message:
@@ -101,7 +103,7 @@ class Reassembly:
 
     # -- the readers' side --------------------------------------------------------------
 
-    def push(self, stream: int, frames: Sequence[Frame]) -> int:
+    def push(self, stream: int, frames: Sequence[FrameTuple]) -> int:
         """Admit and store ``frames`` (read in this order from ``stream``) under one lock.
 
         Returns how many were taken: it stops at the first frame that does not fit the
@@ -109,18 +111,58 @@ class Reassembly:
         breaks the rules, Closed when the session is closed.
         """
         taken = 0
+        overhead = FRAME_OVERHEAD
         with self._lock:
             if self.closed:
                 raise Closed
-            for frame in frames:
-                message = self._admit(stream, frame)
-                if message is None:
-                    break
-                self._store(message, frame.message_id, frame.chunk_index, frame.payload)
-                taken += 1
+            ready = self._ready
+            last = self._last_id
+            before = len(ready)
+            # The fast path keeps the counters in locals, written back before anything
+            # else reads them (the slow path, or the end).
+            next_id, gained = self.next_id, 0
+            try:
+                for frame in frames:
+                    mid = frame[0]
+                    # The common case: the next message, whole in one frame.
+                    if mid == next_id and frame[2] == 1 and mid >= last[stream]:
+                        cost = frame[5] + overhead
+                        gained += cost
+                        ready.append((mid, frame[4], cost, stream))
+                        next_id = mid + 1
+                        taken += 1
+                        continue
+                    last[stream] = max(last[stream], next_id - 1) if gained else last[stream]
+                    next_id = self._settle(next_id, gained, taken)
+                    gained = 0
+                    message = self._admit(stream, frame)
+                    if message is None:
+                        break
+                    self._store(message, mid, frame[1], frame[4])
+                    next_id = self.next_id
+                    taken += 1
+            finally:
+                if gained:
+                    last[stream] = max(last[stream], next_id - 1)
+                    self._settle(next_id, gained, taken)
+                if len(ready) != before:
+                    self._arrived.notify()
         return taken
 
-    def reserve(self, stream: int, frame: Frame) -> bool:
+    def _settle(self, next_id: int, gained: int, count: int) -> int:
+        """Write the fast path's counters back; return the (possibly advanced) next id."""
+        if gained:
+            self.buffered += gained
+            self.delivering += gained
+            if self.buffered > self.peak:
+                self.peak = self.buffered
+            self.progress += 1
+            self.next_id = next_id
+            if self._complete:
+                self._release_following()
+        return self.next_id
+
+    def reserve(self, stream: int, frame: FrameTuple) -> bool:
         """Admit a frame before its payload is read; False when it does not fit yet.
 
         The caller reads the payload and then calls ``store``; the chunk is claimed, so a
@@ -132,25 +174,28 @@ class Reassembly:
             message = self._admit(stream, frame)
             if message is None:
                 return False
-            message.chunks[frame.chunk_index] = None
+            message.chunks[frame[1]] = None
             return True
 
-    def store(self, frame: Frame) -> None:
+    def store(self, frame: FrameTuple) -> None:
         """Store the payload of a frame admitted by ``reserve``."""
         with self._lock:
             if self.closed:
                 raise Closed
-            message = self._partial[frame.message_id]
-            self._store(message, frame.message_id, frame.chunk_index, frame.payload)
+            message = self._partial[frame[0]]
+            before = len(self._ready)
+            self._store(message, frame[0], frame[1], frame[4])
+            if len(self._ready) != before:
+                self._arrived.notify()
 
-    def wait_for_room(self, frame: Frame, timeout: float) -> bool:
+    def wait_for_room(self, frame: FrameTuple, timeout: float | None) -> bool:
         """Block until ``frame`` would be admitted; False when ``timeout`` passed first."""
-        cost = frame.length + FRAME_OVERHEAD
+        cost = frame[5] + FRAME_OVERHEAD
         with self._lock:
             if self.closed:
                 raise Closed
             fits = self._room.wait_for(
-                lambda: self.closed or self._fits(frame.message_id, cost), timeout
+                lambda: self.closed or self._fits(frame[0], cost), timeout
             )
             if self.closed:
                 raise Closed
@@ -168,7 +213,7 @@ class Reassembly:
             for message in self._partial.values():
                 self.buffered -= message.cost
             for ready in self._complete.values():
-                self.buffered -= ready.cost
+                self.buffered -= ready[2]
             self._partial.clear()
             self._complete.clear()
             self._arrived.notify_all()
@@ -181,8 +226,8 @@ class Reassembly:
             mid == self.next_id and not self.delivering
         )
 
-    def _admit(self, stream: int, frame: Frame) -> _Message | None:
-        mid, index = frame.message_id, frame.chunk_index
+    def _admit(self, stream: int, frame: FrameTuple) -> _Message | None:
+        mid, index, count, total, _, length = frame
         if mid < self._last_id[stream]:
             raise ProtocolError(
                 f"message {mid} after message {self._last_id[stream]} on stream {stream}: "
@@ -194,21 +239,21 @@ class Reassembly:
             raise ProtocolError(f"message id {mid} too far ahead of {self.next_id}")
         message = self._partial.get(mid)
         if message is not None:
-            if (message.count, message.total) != (frame.chunk_count, frame.total_length):
+            if (message.count, message.total) != (count, total):
                 raise ProtocolError(f"chunk of message {mid} disagrees with its other chunks")
             if index in message.chunks:
                 raise ProtocolError(f"chunk {index} of message {mid} received twice")
-            if message.received + frame.length > message.total:
+            if message.received + length > message.total:
                 raise ProtocolError(f"chunks of message {mid} exceed its length")
-        cost = frame.length + FRAME_OVERHEAD
+        cost = length + FRAME_OVERHEAD
         if not self._fits(mid, cost):
             return None
         if message is None:
-            message = _Message(frame.chunk_count, frame.total_length)
+            message = _Message(count, total)
             self._partial[mid] = message
         self._last_id[stream] = mid
         message.cost += cost
-        message.received += frame.length
+        message.received += length
         if index == 0:
             message.ack_stream = stream
         self.buffered += cost
@@ -226,28 +271,39 @@ class Reassembly:
             raise ProtocolError(
                 f"message {mid} is {message.received} bytes, its header says {message.total}"
             )
-        pieces: list[bytes | bytearray] = []
-        for i in range(message.count):
-            part = message.chunks[i]
-            if isinstance(part, list):
-                pieces.extend(part)
-            elif part is not None:
-                pieces.append(part)
-        ready = Ready(mid, pieces, message.cost, message.ack_stream)
+        if message.count == 1:
+            whole = message.chunks[0]
+            assert whole is not None
+            payload: Payload = whole
+        else:
+            pieces: list[bytes | bytearray] = []
+            for i in range(message.count):
+                part = message.chunks[i]
+                if isinstance(part, list):
+                    pieces.extend(part)
+                elif part is not None:
+                    pieces.append(part)
+            payload = pieces
+        ready: Ready = (mid, payload, message.cost, message.ack_stream)
         self.progress += 1
         if mid != self.next_id:
             self._complete[mid] = ready
             return
-        # The next message: it and every complete one after it go to delivery, in order.
+        self._ready.append(ready)
+        self.delivering += message.cost
+        self.next_id = mid + 1
+        if self._complete:
+            self._release_following()
+
+    def _release_following(self) -> None:
+        """Move the complete messages that now follow in order to delivery."""
         while True:
-            self._ready.append(ready)
-            self.delivering += ready.cost
-            self.next_id += 1
             following = self._complete.pop(self.next_id, None)
             if following is None:
-                break
-            ready = following
-        self._arrived.notify()
+                return
+            self._ready.append(following)
+            self.delivering += following[2]
+            self.next_id += 1
 
     # -- the delivery side --------------------------------------------------------------
 
@@ -269,6 +325,8 @@ class Reassembly:
     def done(self, cost: int) -> None:
         """The delivery thread handed on messages that cost ``cost``: free their budget."""
         with self._lock:
+            if self.closed and not self._ready and not self.delivering:
+                return  # close() already let go of everything
             self.buffered -= cost
             self.delivering -= cost
             self.progress += 1
@@ -287,7 +345,7 @@ class Reassembly:
             self._complete.clear()
             if not drain:
                 self._ready.clear()
-            self.buffered = self.delivering = sum(ready.cost for ready in self._ready)
+            self.buffered = self.delivering = sum(ready[2] for ready in self._ready)
             self._room.notify_all()
             self._arrived.notify_all()
 

@@ -19,7 +19,7 @@ from loguru import logger
 
 from dwcp.transport import wire
 from dwcp.transport._io import TLSChannel, _bounded_int, _seconds, set_kernel_timeout
-from dwcp.transport._reassembly import Closed, Frame, Ready, Reassembly
+from dwcp.transport._reassembly import Closed, FrameTuple, Ready, Reassembly
 
 if TYPE_CHECKING:  # typing.Self is 3.11+ and setup.cfg still allows 3.10
     from typing_extensions import Self
@@ -565,44 +565,47 @@ class MultiStreamReceiver:
         crc = wire.checksum_of
         monotonic = time.monotonic
         idle, frame_timeout = self._idle_timeout, self._frame_timeout
-        batch: list[Frame] = []
+        batch: list[FrameTuple] = []
         append = batch.append
+        # Module constants as locals: this loop runs once per frame.
+        data_type, header_size, crc_at = wire.FRAME_DATA, _HEADER, _HEADER_CRC_AT
+        p_checked, p_unchecked, large = _PREFIX_CHECKED, _PREFIX_UNCHECKED, _LARGE
         exact = False  # read the next header alone: a large frame may follow
         partial_since: float | None = None  # when the frame at ``start`` began to arrive
         conn.set_recv_timeout(idle)
         while True:
             consumed = False
             while end - start >= 8:
-                if buf[start + 5] != wire.FRAME_DATA:
+                if buf[start + 5] != data_type:
                     used = self._control_frame(conn, view, start, end)
                     if not used:
                         break
                     start += used
                     consumed = True
                     continue
-                if end - start < _HEADER:
+                if end - start < header_size:
                     break
                 prefix, mid, index, count, total, length, pcrc, hcrc = unpack(buf, start)
-                if crc(view[start : start + _HEADER_CRC_AT]) != hcrc:
+                if crc(view[start : start + crc_at]) != hcrc:
                     wire.parse_prefix(view[start : start + 8])  # a clearer error if it is one
                     raise wire.ProtocolError("DATA header checksum mismatch")
-                checked = prefix == _PREFIX_CHECKED
-                if not checked and prefix != _PREFIX_UNCHECKED:
+                checked = prefix == p_checked
+                if not checked and prefix != p_unchecked:
                     wire.parse_prefix(view[start : start + 8])
                     raise wire.ProtocolError(f"unknown frame flags {prefix & 0xFFFF:#06x}")
                 if count != 1 or length != total or total > limit or (pcrc and not checked):
                     wire.check_data_fields(
                         prefix & 0xFFFF, index, count, total, length, pcrc, limit
                     )
-                body = start + _HEADER
+                body = start + header_size
                 if body + length > end:
-                    if length < _LARGE:
+                    if length < large:
                         exact = False
                         break  # the rest comes with the next bulk read
                     if batch:
                         self._push(conn, session, batch)
                         batch.clear()
-                    frame = Frame(mid, index, count, total, b"", length)
+                    frame: FrameTuple = (mid, index, count, total, b"", length)
                     self._read_large(
                         conn, session, frame, view[body:end], checked, pcrc,
                         (partial_since or monotonic()) + frame_timeout,
@@ -613,7 +616,7 @@ class MultiStreamReceiver:
                 if checked and crc(view[body : body + length]) != pcrc:
                     raise wire.ProtocolError(f"checksum mismatch in message {mid} chunk {index}")
                 start = body + length
-                append(Frame(mid, index, count, total, bytes(view[body:start]), length))
+                append((mid, index, count, total, bytes(view[body:start]), length))
                 consumed = True
             if batch:
                 self._push(conn, session, batch)
@@ -657,7 +660,7 @@ class MultiStreamReceiver:
         conn.write(wire.pack_pong(token))
         return _PING_SIZE
 
-    def _push(self, conn: _Connection, session: _Session, batch: list[Frame]) -> None:
+    def _push(self, conn: _Connection, session: _Session, batch: list[FrameTuple]) -> None:
         """Hand a batch to reassembly, waiting (and saying "alive") while it has no room."""
         reassembly = session.reassembly
         taken = reassembly.push(conn.index, batch)
@@ -665,7 +668,7 @@ class MultiStreamReceiver:
             self._wait_for_room(conn, session, batch[taken])
             taken += reassembly.push(conn.index, batch[taken:])
 
-    def _wait_for_room(self, conn: _Connection, session: _Session, frame: Frame) -> None:
+    def _wait_for_room(self, conn: _Connection, session: _Session, frame: FrameTuple) -> None:
         """Backpressure: block while the session's budget is full.
 
         While waiting, answer the sender's keepalive unprompted (its PINGs queue unread
@@ -689,7 +692,7 @@ class MultiStreamReceiver:
         self,
         conn: _Connection,
         session: _Session,
-        frame: Frame,
+        frame: FrameTuple,
         head: memoryview,
         checked: bool,
         checksum: int,
@@ -709,7 +712,8 @@ class MultiStreamReceiver:
             first = bytes(head)
             pieces.append(first)
             value = crc(first)
-        left = frame.length - len(head)
+        mid, index, _, _, _, length = frame
+        left = length - len(head)
         while left:
             piece = self._recv_piece(conn, min(left, _PIECE), deadline)
             if checked:
@@ -718,9 +722,9 @@ class MultiStreamReceiver:
             left -= len(piece)
         if checked and value != checksum:
             raise wire.ProtocolError(
-                f"checksum mismatch in message {frame.message_id} chunk {frame.chunk_index}"
+                f"checksum mismatch in message {mid} chunk {index}"
             )
-        reassembly.store(frame._replace(payload=pieces))
+        reassembly.store((mid, index, frame[2], frame[3], pieces, length))
 
     def _recv_piece(self, conn: _Connection, size: int, deadline: float) -> bytes | bytearray:
         """Read ``size`` bytes into a new object, straight from the kernel where possible."""
@@ -777,20 +781,18 @@ class MultiStreamReceiver:
     ) -> None:
         cost = 0
         acks: dict[int, list[bytes]] = {}
-        for ready in batch:
-            pieces = ready.pieces
-            payload = pieces[0] if len(pieces) == 1 and type(pieces[0]) is bytes else (
-                b"".join(pieces)
-            )  # fmt: skip
+        acknowledged = session.acknowledged
+        for mid, pieces, price, stream in batch:
+            payload = pieces if type(pieces) is bytes else b"".join(pieces)
             try:
-                on_message(payload)  # type: ignore[arg-type]
+                on_message(payload)
             except Exception as exc:  # noqa: BLE001 - the application's bug must not end the session
-                logger.bind(session=session.name, message_id=ready.message_id).opt(
-                    exception=exc
-                ).error("Message handler failed")
-            cost += ready.cost
-            if session.acknowledged:
-                acks.setdefault(ready.ack_stream, []).append(wire.pack_ack(ready.message_id))
+                logger.bind(session=session.name, message_id=mid).opt(exception=exc).error(
+                    "Message handler failed"
+                )
+            cost += price
+            if acknowledged:
+                acks.setdefault(stream, []).append(wire.pack_ack(mid))
         with self._delivered_cond:
             self._delivered += len(batch)
             self._delivered_cond.notify_all()
