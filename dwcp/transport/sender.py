@@ -50,39 +50,40 @@ _DATA = wire.FRAME_DATA
 _COPY_LIMIT = 16 * 1024
 _FRAME = wire.ACK.size  # ACK and PONG, the frames a receiver sends in a session, are 20 bytes
 assert wire.PING.size == _FRAME
-
-
-def _data_header(
-    flags: int, mid: int, index: int, count: int, total: int, payload: Buffer, checksum: bool
-) -> bytes:
-    head = _pack_head(
-        _MAGIC, _VERSION, _DATA, flags, mid, index, count, total, len(payload),
-        _checksum(payload) if checksum else 0,
-    )  # fmt: skip
-    return head + _pack_u32(_checksum(head))
+_HEADER_SIZE = wire.DATA_HEADER.size
+# Bytes queued on a stream before senders wait for its writer (backpressure).
+_OUTBOX_LIMIT = 1 << 20
+# Buffers per writev() (POSIX guarantees 16, Linux takes 1024).
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16, 1024)
 
 
 class _Stream:
-    """One TCP connection of a session and its write order.
+    """One TCP connection of a session: its outbox and the writer thread that drains it.
 
-    Frames go out on a stream in ticket order: tickets are issued with message ids under
-    the session's order lock, so every stream carries its messages in id order, which is
-    what lets the receiver bound its memory without ever deadlocking (see _reassembly).
+    Senders append frames to the outbox under the session's order lock, so every stream
+    carries its frames in message-id order, which lets the receiver bound its memory
+    without ever deadlocking (see _reassembly). The writer hands whatever has queued up to
+    the kernel in one writev(), so small messages from one thread or many share syscalls.
     """
 
     __slots__ = (
+        "busy",
+        "drained",
         "fd",
         "index",
-        "issued",
-        "jobs",
+        "kick",
+        "kicked",
+        "lock",
+        "marks",
+        "oldest",
+        "outbox",
         "ping_sent",
-        "serving",
+        "queued",
         "sock",
         "threads",
         "timeout",
         "tls",
-        "turn",
-        "waiters",
+        "waiting",
         "writes",
     )
 
@@ -93,21 +94,51 @@ class _Stream:
         self.sock = sock
         self.fd = sock.fileno()
         self.tls = tls
-        self.timeout = timeout
-        self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self.timeout = timeout  # the kernel send timeout now set on ``sock``
         self.threads: list[threading.Thread] = []
-        # ``issued``, the next ticket, is guarded by the session's order lock; ``serving``,
-        # the ticket allowed to write now, and ``waiters`` by ``turn``.
-        self.turn = threading.Condition(threading.Lock())
-        self.issued = 0
-        self.serving = 0
-        self.waiters = 0
-        self.writes = 0  # frames written, so the keepalive can tell an idle stream
+        # Guarded by ``lock``: what waits to be written, its size, the completions to
+        # signal once it is, the deadline of its oldest frame, and whether the writer has
+        # been woken, is writing, or has senders waiting for it.
+        self.lock = threading.Lock()
+        self.drained = threading.Condition(self.lock)
+        self.outbox: list[Buffer] = []
+        self.marks: list[_Batch] = []
+        self.queued = 0
+        self.oldest = 0.0
+        self.kicked = False
+        self.busy = False
+        self.waiting = 0
+        # Held while the writer has nothing to do; released once to wake it (a lock, not
+        # an Event: releasing it costs one C call on every first frame of a batch).
+        self.kick = threading.Lock()
+        self.kick.acquire()
+        self.writes = 0  # batches written, so the keepalive can tell an idle stream
         self.ping_sent: float | None = None  # when an unanswered PING went out
+
+    def put(self, parts: Sequence[Buffer], size: int, deadline: float, mark: _Batch | None) -> None:
+        """Queue ``parts`` (``size`` bytes); the caller holds the session's order lock."""
+        with self.lock:
+            if not self.outbox:
+                self.oldest = deadline
+            self.outbox.extend(parts)
+            self.queued += size
+            if mark is not None:
+                self.marks.append(mark)
+            if not self.kicked:
+                self.kicked = True
+                self.kick.release()
+
+    def wake(self) -> None:
+        """Wake the writer (to drain, or to notice that the session ended)."""
+        with self.lock:
+            if not self.kicked:
+                self.kicked = True
+                self.kick.release()
+            self.drained.notify_all()
 
 
 class _Batch:
-    """Completion of the chunk shares that writer threads write for one large message."""
+    """Completion of a message's writes on the streams that carry it."""
 
     __slots__ = ("_lock", "_remaining", "done", "error")
 
@@ -135,11 +166,6 @@ class _AckWaiter:
     def __init__(self) -> None:
         self.acked = False
         self.event = threading.Event()
-
-
-# (batch, ticket, message id, whole message, first chunk index, step, chunk count,
-#  chunk size, deadline)
-_Job = tuple[_Batch, int, int, memoryview, int, int, int, int, float]
 
 
 class _Session:
@@ -173,11 +199,13 @@ class _Session:
             _Stream(i, sock, tls, send_timeout) for i, (sock, tls) in enumerate(connections)
         ]
         self.count = len(self.streams)
-        # Message ids and stream tickets are handed out together under this lock.
+        # Message ids are handed out, and frames queued, under this lock: so each stream's
+        # outbox is in id order.
         self._order = threading.Lock()
         self.next_id = 0
         self.broken: str | None = None
         self.closing = False
+        self._writers_stop = False
         self._stopped = threading.Event()
         self._keepalive: threading.Thread | None = None
         self._state_lock = threading.Lock()
@@ -187,8 +215,7 @@ class _Session:
     # -- lifecycle ----------------------------------------------------------------------
 
     def run_threads(self) -> None:
-        """Start one writer (striped chunks) and one reader (ACK, PONG, EOF) per stream,
-        and the keepalive thread."""
+        """Start one writer and one reader (ACK, PONG, EOF) per stream, and the keepalive."""
         for stream in self.streams:
             writer = threading.Thread(
                 target=self._writer_loop,
@@ -211,14 +238,34 @@ class _Session:
             )
             self._keepalive.start()
 
+    def flush(self, timeout: float) -> bool:
+        """Wait until every queued frame is in the kernel; False if ``timeout`` passed first
+        (or the session broke, which drops what was queued)."""
+        deadline = _monotonic() + timeout
+        for stream in self.streams:
+            with stream.drained:
+                stream.waiting += 1
+                try:
+                    while stream.outbox or stream.busy:
+                        left = deadline - _monotonic()
+                        if left <= 0 or self.broken is not None:
+                            return False
+                        stream.drained.wait(left)
+                finally:
+                    stream.waiting -= 1
+        return self.broken is None
+
     def shutdown(self) -> None:
-        """Stop every stream and join the session's threads (used by ``close()``)."""
+        """Write what is queued (within send_timeout), then stop every stream and join the
+        session's threads (used by ``close()``)."""
+        if self.broken is None:
+            self.flush(self.send_timeout)
         self.closing = True
+        self._writers_stop = True
         self._stopped.set()
         for stream in self.streams:
-            stream.jobs.put(None)
             self._shutdown_socket(stream.sock)
-        self._wake_all()
+            stream.wake()
         current = threading.current_thread()
         threads = [t for s in self.streams for t in s.threads]
         if self._keepalive is not None:
@@ -227,12 +274,10 @@ class _Session:
             if thread is not current:
                 thread.join()
         for stream in self.streams:
-            # Under the turn: a caller still inside _write() (woken by the shutdown above)
-            # finishes before the descriptor is released, and none can use the old number
-            # afterwards, which the kernel may hand to another socket.
-            with stream.turn:
-                stream.fd = -1
-                _close_quietly(stream.sock)
+            # After the writer is joined: nothing can use the old descriptor number any
+            # more, which the kernel may hand to another socket once closed.
+            stream.fd = -1
+            _close_quietly(stream.sock)
         self._fail_waiters()
 
     @staticmethod
@@ -254,13 +299,8 @@ class _Session:
         self._stopped.set()
         for stream in self.streams:
             self._shutdown_socket(stream.sock)
-        self._wake_all()
+            stream.wake()
         self._fail_waiters()
-
-    def _wake_all(self) -> None:
-        for stream in self.streams:
-            with stream.turn:
-                stream.turn.notify_all()
 
     def _fail_waiters(self) -> None:
         with self._state_lock:
@@ -277,100 +317,24 @@ class _Session:
         self.break_(reason)
         raise TransportError(reason) from exc
 
-    # -- write order --------------------------------------------------------------------
+    # -- sending ------------------------------------------------------------------------
 
-    def _take_turn(self, stream: _Stream, ticket: int, deadline: float) -> None:
-        """Wait until ``ticket`` may write on ``stream``; the wait counts against the send."""
-        if stream.serving == ticket:
-            return  # uncontended: no lock, no clock
-        with stream.turn:
-            stream.waiters += 1
+    def _wait_for_room(self, stream: _Stream, deadline: float) -> None:
+        """Backpressure: wait until ``stream``'s outbox is below its limit."""
+        with stream.drained:
+            stream.waiting += 1
             try:
-                while stream.serving != ticket:
+                while stream.queued >= _OUTBOX_LIMIT:
                     if self.broken is not None or self.closing:
                         self._raise_broken()
                     left = deadline - _monotonic()
                     if left <= 0:
-                        # The ticket can never be served now: the session cannot keep its
-                        # order, so it ends here (as any stall does).
                         break
-                    stream.turn.wait(left)
+                    stream.drained.wait(left)
             finally:
-                stream.waiters -= 1
-        if stream.serving != ticket:
-            self._fail(stream, "stalled: stream busy past send_timeout", None)
-
-    @staticmethod
-    def _end_turn(stream: _Stream) -> None:
-        with stream.turn:
-            stream.serving += 1
-            if stream.waiters:
-                stream.turn.notify_all()
-
-    # -- sending ------------------------------------------------------------------------
-
-    def _write(self, stream: _Stream, frame: Buffer, payload: Buffer | None, deadline: float) -> None:
-        """Write one frame (``frame``, then ``payload`` if given) during the caller's turn.
-
-        Every byte reaches the kernel by ``deadline`` or we raise: the kernel send timeout
-        follows the deadline, and a partial write goes on with what is left of it.
-        """
-        sock = stream.sock
-        try:
-            left = deadline - _monotonic()
-            # Syscalls only when the timeout is off by more than 5 %: the uncontended send
-            # keeps the full send_timeout it already has.
-            if stream.timeout > left * 1.05 + _TIMEOUT_SLACK or (
-                stream.timeout < left * 0.95 and stream.timeout < self.send_timeout
-            ):
-                if left <= 0:
-                    raise TimeoutError("send_timeout expired")
-                stream.timeout = _set_send_timeout(sock, left)
-            tls = stream.tls
-            if tls is not None:
-                # Records go out on the plain socket, so the kernel timeout bounds them too;
-                # the channel's write lock keeps records in the order they were sealed.
-                with tls.write_lock:
-                    records = tls.encrypt(frame) if payload is None else tls.encrypt(frame, payload)
-                    sent = sock.send(records)
-                    if sent < len(records):
-                        self._send_rest(stream, (records,), sent, deadline)
-            elif payload is None:
-                sent = sock.send(frame)
-                if sent < len(frame):
-                    self._send_rest(stream, (frame,), sent, deadline)
-            else:
-                # writev() skips sendmsg()'s message-header set-up: a few percent at 64 KiB.
-                parts = (frame, payload)
-                sent = _writev(stream.fd, parts) if _writev else sock.sendmsg(parts)
-                if sent < len(frame) + len(payload):
-                    self._send_rest(stream, parts, sent, deadline)
-            stream.writes += 1
-        except (BlockingIOError, TimeoutError) as exc:
-            self._fail(stream, "stalled: send_timeout expired", exc)
-        except ssl.SSLError as exc:
-            self._fail(stream, "TLS error", exc)
-        except OSError as exc:
-            self._fail(stream, "send failed", exc)
-
-    def _send_rest(
-        self, stream: _Stream, parts: tuple[Buffer, ...], sent: int, deadline: float
-    ) -> None:
-        """Finish a partially sent frame, the kernel timeout tracking the send's deadline."""
-        sock = stream.sock
-        for whole in parts:
-            part = memoryview(whole).cast("B")
-            if sent >= len(part):
-                sent -= len(part)
-                continue
-            part = part[sent:]
-            sent = 0
-            while part:
-                left = deadline - _monotonic()
-                if left <= 0:
-                    raise TimeoutError("send_timeout expired")
-                stream.timeout = _set_send_timeout(sock, left)
-                part = part[sock.send(part) :]
+                stream.waiting -= 1
+        if stream.queued >= _OUTBOX_LIMIT:
+            self._fail(stream, "stalled: send_timeout expired with the stream's queue full", None)
 
     def _expect_ack(self, message_id: int) -> _AckWaiter:
         waiter = _AckWaiter()
@@ -386,126 +350,209 @@ class _Session:
         if not waiter.acked:
             self._raise_broken()
 
+    def _await_written(self, batch: _Batch, deadline: float) -> None:
+        # The writers read the caller's buffer until this is set: never return before.
+        if not batch.done.wait(max(deadline - _monotonic(), 0.0)):
+            self.break_("stalled: send_timeout expired before the message was written")
+            batch.done.wait(self.send_timeout)  # the break woke the writers
+        if batch.error is not None:
+            raise TransportError(f"transport broken: {batch.error}") from batch.error
+        if self.broken is not None:
+            self._raise_broken()
+
     def send_small(self, data: Buffer, size: int) -> None:
-        """Send a message that fits one chunk as one frame on the next stream (round robin)."""
+        """Queue a message that fits one chunk as one frame on the next stream (round robin)."""
         if self.broken is not None or self.closing:
             self._raise_broken()
         deadline = _monotonic() + self.send_timeout
         crc = _checksum(data) if self.checksum else 0
-        with self._order:
-            message_id = self.next_id
-            self.next_id = message_id + 1
-            stream = self.streams[message_id % self.count]
-            ticket = stream.issued
-            stream.issued = ticket + 1
-        head = _pack_head(
-            _MAGIC, _VERSION, _DATA, self.flags, message_id, 0, 1, size, size, crc
-        )  # fmt: skip
-        head += _pack_u32(_checksum(head))
-        waiter = self._expect_ack(message_id) if self.acknowledged else None
-        self._take_turn(stream, ticket, deadline)
-        try:
-            if size <= _COPY_LIMIT:
-                self._write(stream, head + data, None, deadline)
-            else:
-                self._write(stream, head, data, deadline)
-        finally:
-            self._end_turn(stream)
+        # Frames up to 16 KiB are copied into the outbox, and a bytes object cannot change
+        # under the writer; a mutable buffer, or a message over the outbox limit, is written
+        # before send() returns (the caller may reuse the buffer; a large send's failure
+        # belongs to that send).
+        early = size <= _COPY_LIMIT or (type(data) is bytes and size <= _OUTBOX_LIMIT)
+        mark = None if early else _Batch(1)
+        waiter = None
+        while True:
+            with self._order:
+                message_id = self.next_id
+                stream = self.streams[message_id % self.count]
+                if stream.queued < _OUTBOX_LIMIT:
+                    self.next_id = message_id + 1
+                    head = _pack_head(
+                        _MAGIC, _VERSION, _DATA, self.flags, message_id, 0, 1, size, size, crc
+                    )  # fmt: skip
+                    head += _pack_u32(_checksum(head))
+                    if self.acknowledged:
+                        waiter = self._expect_ack(message_id)
+                    if size <= _COPY_LIMIT:
+                        stream.put((head + data,), _HEADER_SIZE + size, deadline, mark)
+                    else:
+                        stream.put((head, data), _HEADER_SIZE + size, deadline, mark)
+                    break
+            self._wait_for_room(stream, deadline)
+        if mark is not None:
+            self._await_written(mark, deadline)
         if waiter is not None:
             self._await_ack(message_id, waiter, deadline)
         elif self.broken is not None:
             # Another stream failed meanwhile; the receiver may never get past the gap.
             self._raise_broken()
 
-    def send_large(self, view: memoryview, size: int, chunk_size: int) -> None:
-        """Split a message into chunks striped over the streams and write them in parallel."""
+    def send_large(self, data: Buffer, size: int, chunk_size: int) -> None:
+        """Cut a message into chunks striped over the streams, queued on each in id order."""
         if self.broken is not None or self.closing:
             self._raise_broken()
         deadline = _monotonic() + self.send_timeout
+        view = memoryview(data).cast("B")
         chunks = -(-size // chunk_size)
         shares = min(chunks, self.count)
-        batch = _Batch(shares - 1)
-        with self._order:
-            message_id = self.next_id
-            self.next_id = message_id + 1
-            first = message_id % self.count
-            tickets = []
-            for share in range(shares):
-                stream = self.streams[(first + share) % self.count]
-                tickets.append(stream.issued)
-                stream.issued += 1
-                if share:
-                    # Queued under the order lock too, so each writer's queue is in ticket
-                    # order and never waits on a ticket queued behind it.
-                    stream.jobs.put(
-                        (batch, tickets[share], message_id, view, share, shares, chunks,
-                         chunk_size, deadline)
-                    )  # fmt: skip
-        waiter = self._expect_ack(message_id) if self.acknowledged else None
-        try:
-            self._write_share(
-                self.streams[first], tickets[0], message_id, view, 0, shares, chunks,
-                chunk_size, deadline,
-            )  # fmt: skip
-        finally:
-            # Writers read ``view``: never return to the caller while they may still do so.
-            if not batch.done.wait(max(deadline - _monotonic(), 0.0)):
-                self.break_("stalled: chunk writers exceeded send_timeout")
-                batch.done.wait(self.send_timeout)  # the break woke them: they finish at once
-                self._raise_broken()
-        if batch.error is not None:
-            raise TransportError(f"transport broken: {batch.error}") from batch.error
+        flags, checksum = self.flags, self.checksum
+        payloads = [view[i * chunk_size : (i + 1) * chunk_size] for i in range(chunks)]
+        # The payload CRCs do not depend on the message id: computed before the order lock.
+        crcs = [_checksum(p) for p in payloads] if checksum else [0] * chunks
+        early = type(data) is bytes and size <= _OUTBOX_LIMIT
+        batch = _Batch(shares)
+        waiter = None
+        while True:
+            with self._order:
+                message_id = self.next_id
+                first = message_id % self.count
+                lanes = [self.streams[(first + share) % self.count] for share in range(shares)]
+                if all(lane.queued < _OUTBOX_LIMIT for lane in lanes):
+                    self.next_id = message_id + 1
+                    if self.acknowledged:
+                        waiter = self._expect_ack(message_id)
+                    for share, lane in enumerate(lanes):
+                        parts: list[Buffer] = []
+                        for index in range(share, chunks, shares):
+                            payload = payloads[index]
+                            head = _pack_head(
+                                _MAGIC, _VERSION, _DATA, flags, message_id, index, chunks,
+                                size, len(payload), crcs[index],
+                            )  # fmt: skip
+                            parts.append(head + _pack_u32(_checksum(head)))
+                            parts.append(payload)
+                        lane.put(parts, sum(len(p) for p in parts), deadline, batch)
+                    break
+            full = next(lane for lane in lanes if lane.queued >= _OUTBOX_LIMIT)
+            self._wait_for_room(full, deadline)
+        if not early:
+            self._await_written(batch, deadline)
         if waiter is not None:
             self._await_ack(message_id, waiter, deadline)
         elif self.broken is not None:
             self._raise_broken()
 
-    def _write_share(
-        self,
-        stream: _Stream,
-        ticket: int,
-        message_id: int,
-        view: memoryview,
-        first_chunk: int,
-        step: int,
-        chunks: int,
-        chunk_size: int,
-        deadline: float,
-    ) -> None:
-        """Write chunks ``first_chunk, first_chunk + step, ...`` in one turn on ``stream``."""
-        total = len(view)
-        flags, checksum = self.flags, self.checksum
-        self._take_turn(stream, ticket, deadline)
-        try:
-            for index in range(first_chunk, chunks, step):
-                if self.broken is not None:
-                    self._raise_broken()
-                payload = view[index * chunk_size : (index + 1) * chunk_size]
-                header = _data_header(flags, message_id, index, chunks, total, payload, checksum)
-                self._write(stream, header, payload, deadline)
-        finally:
-            self._end_turn(stream)
+    # -- writing ------------------------------------------------------------------------
 
     def _writer_loop(self, stream: _Stream) -> None:
-        while True:
-            job = stream.jobs.get()
-            if job is None:
+        """Drain ``stream``'s outbox: whatever queued up goes to the kernel in one writev."""
+        try:
+            while True:
+                stream.kick.acquire()  # blocks until something is queued (or we must stop)
+                while True:
+                    with stream.lock:
+                        parts, marks = stream.outbox, stream.marks
+                        if not parts:
+                            stream.kicked = False
+                            if stream.waiting:
+                                stream.drained.notify_all()
+                            break
+                        size, deadline = stream.queued, stream.oldest
+                        stream.outbox, stream.marks, stream.queued = [], [], 0
+                        stream.busy = True
+                        # Senders may fill the next batch while this one is written.
+                        if stream.waiting:
+                            stream.drained.notify_all()
+                    error: BaseException | None = None
+                    try:
+                        if self.broken is not None:
+                            self._raise_broken()
+                        self._write(stream, parts, size, deadline)
+                        stream.writes += 1
+                    except TransportError as exc:
+                        error = exc
+                    finally:
+                        with stream.lock:
+                            stream.busy = False
+                        del parts
+                    for mark in marks:
+                        mark.finish(error)
+                if self._writers_stop:
+                    return
+        except Exception as exc:  # noqa: BLE001 - a bug must fail the sends, not hang them
+            self._log.opt(exception=exc).error("Transport writer failed")
+            self.break_(f"stream {stream.index}: writer error {exc!r}")
+            with stream.lock:
+                marks, stream.marks, stream.outbox = stream.marks, [], []
+            for mark in marks:
+                mark.finish(exc)
+
+    def _write(self, stream: _Stream, parts: list[Buffer], size: int, deadline: float) -> None:
+        """Write ``parts`` (``size`` bytes in all) by ``deadline``, or break the session.
+
+        The kernel send timeout follows the deadline, so a peer that stops reading fails
+        the write in time, and a partial write goes on with what is left of it.
+        """
+        sock = stream.sock
+        try:
+            left = deadline - _monotonic()
+            if left <= 0:
+                raise TimeoutError("send_timeout expired")
+            # A syscall only when the timeout is off by more than 5 %.
+            if stream.timeout > left * 1.05 + _TIMEOUT_SLACK or (
+                stream.timeout < left * 0.95 and stream.timeout < self.send_timeout
+            ):
+                stream.timeout = _set_send_timeout(sock, left)
+            tls = stream.tls
+            if tls is not None:
+                # Records go out on the plain socket, so the kernel timeout bounds them too;
+                # the channel's write lock keeps records in the order they were sealed.
+                with tls.write_lock:
+                    records = tls.encrypt(*parts)
+                    sent = sock.send(records)
+                    if sent < len(records):
+                        self._send_rest(stream, [records], sent, deadline)
                 return
-            batch, ticket, message_id, view, first, step, chunks, chunk_size, deadline = job
-            error: BaseException | None = None
-            try:
-                self._write_share(
-                    stream, ticket, message_id, view, first, step, chunks, chunk_size, deadline
-                )
-            except TransportError as exc:
-                error = exc
-            except Exception as exc:  # noqa: BLE001 - a bug must fail the send, not kill the writer
-                self._log.opt(exception=exc).error("Transport writer failed")
-                self.break_(f"stream {stream.index}: writer error {exc!r}")
-                error = exc
-            finally:
-                del view, job
-            batch.finish(error)
+            if len(parts) == 1:
+                sent = sock.send(parts[0])
+            elif len(parts) <= _IOV_MAX:
+                sent = _writev(stream.fd, parts) if _writev else sock.sendmsg(parts)
+            else:
+                sent = 0  # more buffers than one writev takes: _send_rest goes in groups
+            if sent < size:
+                self._send_rest(stream, parts, sent, deadline)
+        except (BlockingIOError, TimeoutError) as exc:
+            self._fail(stream, "stalled: send_timeout expired", exc)
+        except ssl.SSLError as exc:
+            self._fail(stream, "TLS error", exc)
+        except OSError as exc:
+            self._fail(stream, "send failed", exc)
+
+    def _send_rest(
+        self, stream: _Stream, parts: Sequence[Buffer], sent: int, deadline: float
+    ) -> None:
+        """Finish a partial write, the kernel timeout tracking the deadline."""
+        sock = stream.sock
+        rest: list[Buffer] = []
+        for whole in parts:
+            if sent >= len(whole):
+                sent -= len(whole)
+                continue
+            rest.append(memoryview(whole).cast("B")[sent:] if sent else whole)
+            sent = 0
+        while rest:
+            left = deadline - _monotonic()
+            if left <= 0:
+                raise TimeoutError("send_timeout expired")
+            stream.timeout = _set_send_timeout(sock, left)
+            group = rest[:_IOV_MAX]
+            done = _writev(stream.fd, group) if _writev else sock.sendmsg(group)
+            while rest and done >= len(rest[0]):
+                done -= len(rest.pop(0))
+            if done:
+                rest[0] = memoryview(rest[0]).cast("B")[done:]
 
     # -- keepalive ----------------------------------------------------------------------
 
@@ -533,30 +580,15 @@ class _Session:
                             )
                             return
                         continue
-                    if stream.writes != seen[stream.index]:
+                    if stream.writes != seen[stream.index] or stream.outbox:
                         seen[stream.index], idle_since[stream.index] = stream.writes, now
                     elif now - idle_since[stream.index] >= interval:
-                        self._ping(stream, now, now + timeout)
-                        seen[stream.index] = stream.writes
+                        stream.ping_sent = now
+                        stream.put((wire.pack_ping(int(now * 1000)),), _FRAME, now + timeout, None)
                         idle_since[stream.index] = now
-        except TransportError:
-            return  # the ping's write failed and broke the session
         except Exception as exc:  # noqa: BLE001 - never die silently
             self._log.opt(exception=exc).error("Transport keepalive failed")
             self.break_(f"keepalive error {exc!r}")
-
-    def _ping(self, stream: _Stream, now: float, deadline: float) -> None:
-        with self._order:
-            if stream.serving != stream.issued:
-                return  # someone is writing: the stream is not idle after all
-            ticket = stream.issued
-            stream.issued += 1
-        self._take_turn(stream, ticket, deadline)
-        try:
-            stream.ping_sent = now
-            self._write(stream, wire.pack_ping(int(now * 1000)), None, deadline)
-        finally:
-            self._end_turn(stream)
 
     # -- receiving (ACK, PONG and connection loss) --------------------------------------
 
@@ -829,11 +861,20 @@ class MultiStreamTCPTransport:
         ).info("Transport closed")
 
     def send(self, data: Buffer) -> None:
-        """Hand every byte of ``data`` to the kernel (and, if acknowledged, to the peer).
+        """Queue ``data`` as the next message, in order; with ``acknowledged``, return once
+        the receiver delivered it.
+
+        Unacknowledged, a message up to 16 KiB, or a ``bytes`` message up to 1 MiB, is
+        queued in order and ``send`` returns (each stream's writer thread hands what queued
+        up to the kernel in one syscall, within ``send_timeout``, or the session breaks and
+        the next ``send`` raises); a larger message, or a larger mutable buffer the caller
+        may reuse, is in the kernel when ``send`` returns. As with bytes the kernel
+        accepted, a message queued just before the peer dies may be lost (use
+        ``acknowledged``). ``flush()`` waits until everything queued is written.
 
         TypeError and ValueError (not bytes-like, over ``max_message_size``) are raised
         before any I/O. TransportError: not started (code ``NOT_STARTED``), broken, or a
-        stream failed or stalled past ``send_timeout``; a partial send never returns.
+        stream failed or stalled past ``send_timeout``.
         """
         kind = type(data)
         if kind is not bytes and kind is not bytearray:
@@ -852,7 +893,22 @@ class MultiStreamTCPTransport:
         if size <= self._chunk_size:
             session.send_small(data, size)
         else:
-            session.send_large(memoryview(data).cast("B"), size, self._chunk_size)
+            session.send_large(data, size, self._chunk_size)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every message queued so far is written to the kernel.
+
+        ``timeout`` defaults to ``send_timeout``. Raises TransportError when not started,
+        when the session broke, or when the timeout passed first.
+        """
+        session = self._session
+        if session is None:
+            raise TransportError("transport not started", code="NOT_STARTED")
+        wait = self._send_timeout if timeout is None else _seconds("timeout", timeout)
+        if not session.flush(wait):
+            if session.broken is not None:
+                session._raise_broken()
+            raise TransportError(f"flush did not complete within {wait:g} s")
 
     def health_check(self) -> None:
         """Return when every stream is up; raise TransportError saying why not.
