@@ -30,6 +30,10 @@ __all__ = ["FRAME_OVERHEAD", "Closed", "Frame", "FrameTuple", "Reassembly", "Rea
 # empty frames is bounded by the same byte budget as large ones.
 FRAME_OVERHEAD = 64
 
+# Ready messages (or bytes) that wake the delivery thread even while a reader is busy.
+ANNOUNCE_COUNT = 64
+ANNOUNCE_BYTES = 1 << 20
+
 # A payload: one bytes-like object, or a list of pieces (a large frame read in parts).
 Payload = bytes | bytearray | list[bytes | bytearray]
 
@@ -80,7 +84,12 @@ class Reassembly:
     def __init__(self, streams: int, *, max_buffered: int) -> None:
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
-        self._arrived = threading.Condition(self._lock)
+        # The delivery thread sleeps on this lock (released once to wake it): one C call
+        # per wake-up where a Condition runs Python code, and this happens per message at
+        # large sizes.
+        self._kick = threading.Lock()
+        self._kick.acquire()
+        self._taker_asleep = False
         self._max_buffered = max_buffered
         self._last_id = [0] * streams
         self._ended_streams = 0
@@ -146,7 +155,7 @@ class Reassembly:
                     last[stream] = max(last[stream], next_id - 1)
                     self._settle(next_id, gained, taken)
                 if len(ready) != before:
-                    self._arrived.notify()
+                    self._announce_some()
         return taken
 
     def _settle(self, next_id: int, gained: int, count: int) -> int:
@@ -186,7 +195,17 @@ class Reassembly:
             before = len(self._ready)
             self._store(message, frame[0], frame[1], frame[4])
             if len(self._ready) != before:
-                self._arrived.notify()
+                self._announce_some()
+
+    def announce(self) -> None:
+        """Wake the delivery thread for whatever is ready (a reader about to block calls it).
+
+        Readers defer the wake-up while more frames keep coming: a thread switch per message
+        costs more than the message at tens of thousands a second. ``push`` and ``store``
+        still wake it once ``ANNOUNCE_COUNT`` messages or ``ANNOUNCE_BYTES`` bytes wait.
+        """
+        with self._lock:
+            self._wake_taker()
 
     def wait_for_room(self, frame: FrameTuple, timeout: float | None) -> bool:
         """Block until ``frame`` would be admitted; False when ``timeout`` passed first."""
@@ -216,7 +235,7 @@ class Reassembly:
                 self.buffered -= ready[2]
             self._partial.clear()
             self._complete.clear()
-            self._arrived.notify_all()
+            self._wake_taker()
             return dropped
 
     def _fits(self, mid: int, cost: int) -> bool:
@@ -311,16 +330,40 @@ class Reassembly:
         """Return the messages ready for delivery, in id order, waiting up to ``timeout``.
 
         An empty list means the timeout passed; None means the session is over (closed, or
-        ended with everything delivered).
+        ended with everything delivered). One delivery thread calls this.
         """
         with self._lock:
-            if not self._ready and not self.ended:
-                self._arrived.wait(timeout)
-            if self.ended and not self._ready:
+            if self._ready:
+                return self._take_all()
+            if self.ended:
                 return None
-            batch = list(self._ready)
-            self._ready.clear()
-            return batch
+            self._taker_asleep = True
+        woken = self._kick.acquire(timeout=-1 if timeout is None else timeout)
+        with self._lock:
+            if not woken:
+                if self._taker_asleep:
+                    self._taker_asleep = False  # a real timeout
+                else:
+                    self._kick.acquire(False)  # woken just as it expired: consume the wake
+            if self._ready:
+                return self._take_all()
+            return None if self.ended else []
+
+    def _take_all(self) -> list[Ready]:
+        batch = list(self._ready)
+        self._ready.clear()
+        return batch
+
+    def _announce_some(self) -> None:
+        # Caller holds the lock.
+        if len(self._ready) >= ANNOUNCE_COUNT or self.delivering >= ANNOUNCE_BYTES:
+            self._wake_taker()
+
+    def _wake_taker(self) -> None:
+        # Caller holds the lock.
+        if self._taker_asleep:
+            self._taker_asleep = False
+            self._kick.release()
 
     def done(self, cost: int) -> None:
         """The delivery thread handed on messages that cost ``cost``: free their budget."""
@@ -347,7 +390,7 @@ class Reassembly:
                 self._ready.clear()
             self.buffered = self.delivering = sum(ready[2] for ready in self._ready)
             self._room.notify_all()
-            self._arrived.notify_all()
+            self._wake_taker()
 
     @property
     def pending(self) -> int:

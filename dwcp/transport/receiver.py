@@ -49,6 +49,7 @@ _PIECE = 1 << 20
 # Deliveries between releases of their budget (and flushes of their ACKs).
 _DELIVERY_BATCH = 64
 _MSG_WAITALL = getattr(socket, "MSG_WAITALL", 0)
+_MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 _HEADER = wire.DATA_HEADER.size
@@ -572,7 +573,11 @@ class MultiStreamReceiver:
         p_checked, p_unchecked, large = _PREFIX_CHECKED, _PREFIX_UNCHECKED, _LARGE
         exact = False  # read the next header alone: a large frame may follow
         partial_since: float | None = None  # when the frame at ``start`` began to arrive
-        conn.set_recv_timeout(idle)
+        # One kernel timeout for the whole session, a fraction of the shortest bound; the
+        # bounds themselves are kept here, so no recv() needs a setsockopt() first.
+        tick = min(frame_timeout, idle or frame_timeout) / 4
+        silent = 0  # ticks without a byte
+        conn.set_recv_timeout(tick)
         while True:
             consumed = False
             while end - start >= 8:
@@ -632,19 +637,30 @@ class MultiStreamReceiver:
                     # From a memoryview the move is one memcpy, safe only without overlap.
                     buf[:left] = view[start:end] if left <= start else buf[start:end]
                     start, end = 0, left
-            if partial_since is None:
-                conn.set_recv_timeout(idle)
-            else:
-                left_s = partial_since + frame_timeout - monotonic()
-                if left_s <= 0:
-                    raise wire.ProtocolError("frame not complete within frame_timeout")
-                conn.set_recv_timeout(left_s if idle is None else min(idle, left_s))
-            want = _HEADER - end if exact and end < _HEADER else size - end
-            got = recv_into(view[end : end + want])
+            if partial_since is not None and monotonic() - partial_since >= frame_timeout:
+                raise wire.ProtocolError("frame not complete within frame_timeout")
+            want = header_size - end if exact and end < header_size else size - end
+            try:
+                if tls is None:
+                    try:
+                        got = recv_into(view[end : end + want], 0, _MSG_DONTWAIT)
+                    except BlockingIOError:
+                        # Nothing to read right now: let delivery have what is ready first.
+                        reassembly.announce()
+                        got = recv_into(view[end : end + want])
+                else:  # TLS cannot tell whether a read would block: announce every time
+                    reassembly.announce()
+                    got = recv_into(view[end : end + want])
+            except (BlockingIOError, TimeoutError):  # one tick of silence
+                silent += 1
+                if idle is not None and silent * tick >= idle:
+                    raise TimeoutError("idle timeout") from None
+                continue
             if not got:
                 if end:
                     raise wire.ProtocolError("connection closed inside a frame")
                 return  # clean end of stream, between frames
+            silent = 0
             end += got
 
     def _control_frame(self, conn: _Connection, view: memoryview, start: int, end: int) -> int:
@@ -714,6 +730,8 @@ class MultiStreamReceiver:
             value = crc(first)
         mid, index, _, _, _, length = frame
         left = length - len(head)
+        if left >= _PIECE // 4:
+            reassembly.announce()  # a long read: what is ready should not wait for it
         while left:
             piece = self._recv_piece(conn, min(left, _PIECE), deadline)
             if checked:
@@ -728,29 +746,36 @@ class MultiStreamReceiver:
 
     def _recv_piece(self, conn: _Connection, size: int, deadline: float) -> bytes | bytearray:
         """Read ``size`` bytes into a new object, straight from the kernel where possible."""
-        left_s = deadline - time.monotonic()
-        if left_s <= 0:
-            raise wire.ProtocolError("frame not complete within frame_timeout")
-        conn.set_recv_timeout(left_s)
         if conn.tls is None:
-            try:
-                piece = conn.sock.recv(size, _MSG_WAITALL)
-            except (BlockingIOError, TimeoutError):
-                raise wire.ProtocolError("frame not complete within frame_timeout") from None
-            if len(piece) == size:
-                return piece
-            if not piece:
-                raise wire.ProtocolError("connection closed inside a frame")
-            # Interrupted or timed out part-way: finish the piece the slow way.
-            return piece + self._read_exactly(conn, size - len(piece), deadline, "frame")
+            piece = b""
+            while True:
+                try:
+                    part = conn.sock.recv(size - len(piece), _MSG_WAITALL)
+                except (BlockingIOError, TimeoutError):  # a tick of silence
+                    part = None
+                if part is not None:
+                    if not part:
+                        raise wire.ProtocolError("connection closed inside a frame")
+                    # Whole at once is the rule; a piece cut by a tick of silence is joined.
+                    piece = part if not piece else piece + part
+                    if len(piece) == size:
+                        return piece
+                if time.monotonic() >= deadline:
+                    raise wire.ProtocolError("frame not complete within frame_timeout")
         buf = bytearray(size)
         with memoryview(buf) as view:
             got = 0
             while got < size:
-                part = conn.tls.recv_into(view[got:])
-                if not part:
+                try:
+                    part_size = conn.tls.recv_into(view[got:])
+                except (BlockingIOError, TimeoutError):
+                    part_size = -1
+                if part_size == 0:
                     raise wire.ProtocolError("connection closed inside a frame")
-                got += part
+                if part_size > 0:
+                    got += part_size
+                elif time.monotonic() >= deadline:
+                    raise wire.ProtocolError("frame not complete within frame_timeout")
         return buf
 
     # -- delivery ---------------------------------------------------------------------------
