@@ -213,6 +213,9 @@ class Reassembly:
         with self._lock:
             if self.closed:
                 raise Closed
+            # Only delivery frees room: it must not sleep on messages a reader has not
+            # announced yet (readers defer that while they are busy).
+            self._wake_taker()
             fits = self._room.wait_for(
                 lambda: self.closed or self._fits(frame[0], cost), timeout
             )

@@ -5,6 +5,12 @@ from __future__ import annotations
 import collections
 import errno
 import itertools
+
+try:  # POSIX: how many bytes a socket holds, to tell whether a read would block
+    import fcntl
+    import termios
+except ImportError:  # pragma: no cover - Windows
+    pass
 import selectors
 import socket
 import ssl
@@ -730,10 +736,8 @@ class MultiStreamReceiver:
             value = crc(first)
         mid, index, _, _, _, length = frame
         left = length - len(head)
-        if left >= _PIECE // 4:
-            reassembly.announce()  # a long read: what is ready should not wait for it
         while left:
-            piece = self._recv_piece(conn, min(left, _PIECE), deadline)
+            piece = self._recv_piece(conn, session, min(left, _PIECE), deadline)
             if checked:
                 value = crc(piece, value)
             pieces.append(piece)
@@ -744,9 +748,14 @@ class MultiStreamReceiver:
             )
         reassembly.store((mid, index, frame[2], frame[3], pieces, length))
 
-    def _recv_piece(self, conn: _Connection, size: int, deadline: float) -> bytes | bytearray:
+    def _recv_piece(
+        self, conn: _Connection, session: _Session, size: int, deadline: float
+    ) -> bytes | bytearray:
         """Read ``size`` bytes into a new object, straight from the kernel where possible."""
         if conn.tls is None:
+            # About to block: what is ready must not wait for this read (see announce()).
+            if _bytes_waiting(conn.sock) < size:
+                session.reassembly.announce()
             piece = b""
             while True:
                 try:
@@ -762,6 +771,7 @@ class MultiStreamReceiver:
                         return piece
                 if time.monotonic() >= deadline:
                     raise wire.ProtocolError("frame not complete within frame_timeout")
+        session.reassembly.announce()  # TLS cannot tell whether the read would block
         buf = bytearray(size)
         with memoryview(buf) as view:
             got = 0
@@ -839,6 +849,7 @@ class MultiStreamReceiver:
 
     def _stream_ended(self, session: _Session) -> None:
         """A stream closed cleanly; the session ends when all its streams have."""
+        session.reassembly.announce()  # what this stream completed last is delivered now
         dropped = session.reassembly.end_stream()
         if dropped:
             logger.bind(session=session.name, undelivered=dropped).warning(
@@ -881,3 +892,11 @@ class MultiStreamReceiver:
             connections = [c for c in session.connections if c is not None]
         for conn in connections:
             conn.shutdown()
+
+
+def _bytes_waiting(sock: socket.socket) -> int:
+    """How many bytes the kernel holds for ``sock`` now (0 where it cannot say)."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+    except (OSError, NameError):
+        return 0

@@ -1,0 +1,257 @@
+"""Time and resource bounds of the transport: keepalive, send_timeout, deadlines, IPv6."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from dwcp.errors import TransportError
+from dwcp.transport import MultiStreamReceiver, MultiStreamTCPTransport, wire
+from tests.conftest import ReceiverFactory, TransportFactory, closed_by_peer, wait_until
+from tests.test_transport import RawPeer
+
+TIMEOUT = 5.0
+
+
+@pytest.fixture
+def raw_peer() -> Iterator[Callable[..., RawPeer]]:
+    peers: list[RawPeer] = []
+
+    def make(mode: str, **kwargs: int) -> RawPeer:
+        peer = RawPeer(mode, **kwargs)
+        peers.append(peer)
+        return peer
+
+    yield make
+    for peer in peers:
+        peer.close()
+
+
+def healthy(transport: MultiStreamTCPTransport) -> bool:
+    try:
+        transport.health_check()
+    except TransportError:
+        return False
+    return True
+
+
+def stays(condition: Callable[[], bool], seconds: float) -> bool:
+    """Whether ``condition`` holds at every check for ``seconds`` (what is tested is time)."""
+    deadline = time.monotonic() + seconds
+    tick = threading.Event()
+    while time.monotonic() < deadline:
+        if not condition():
+            return False
+        tick.wait(0.02)
+    return condition()
+
+
+# -- keepalive --------------------------------------------------------------------------------
+
+
+def test_a_quiet_link_outlives_the_receivers_idle_timeout(
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory
+) -> None:
+    receiver, inbox = receiver_factory(idle_timeout=0.4)
+    transport = transport_factory(
+        receiver.address, streams=3, keepalive_interval=0.1, keepalive_timeout=1.0
+    )
+    transport.start()
+    assert stays(lambda: healthy(transport) and receiver.session_count == 1, 1.5)
+    transport.send(b"still here")
+    assert receiver.wait_delivered(1, TIMEOUT)
+    assert inbox.messages == [b"still here"]
+
+
+def test_without_keepalive_the_idle_timeout_ends_a_quiet_session(
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory
+) -> None:
+    receiver, _ = receiver_factory(idle_timeout=0.3)
+    transport = transport_factory(receiver.address, keepalive_interval=None)
+    transport.start()
+    wait_until(lambda: not healthy(transport), TIMEOUT)
+
+
+def test_a_receiver_that_vanished_silently_shows_in_health_check_in_time(
+    raw_peer: Callable[..., RawPeer], transport_factory: TransportFactory
+) -> None:
+    # The peer keeps its sockets open and never answers: no FIN, no RST, like a host
+    # that lost power or a partition.
+    peer = raw_peer("stall")
+    interval, timeout = 0.2, 0.3
+    transport = transport_factory(
+        peer.address, streams=2, keepalive_interval=interval, keepalive_timeout=timeout
+    )
+    transport.start()
+    began = time.monotonic()
+    wait_until(lambda: not healthy(transport), TIMEOUT)
+    elapsed = time.monotonic() - began
+    bound = interval + timeout + min(interval, timeout) / 4  # docs/wire-format.md
+    assert interval + timeout <= elapsed < bound + 0.3, elapsed
+    with pytest.raises(TransportError, match="keepalive"):
+        transport.health_check()
+
+
+def test_a_slow_consumer_is_not_mistaken_for_a_vanished_receiver(
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory
+) -> None:
+    # Readers wait for buffer room while on_message is slow: they say "alive" unprompted.
+    gate = threading.Event()
+    receiver, _ = receiver_factory(on_message=lambda data: gate.wait(), max_buffered_bytes=4096)
+    transport = transport_factory(
+        receiver.address, keepalive_interval=0.1, keepalive_timeout=0.3, send_timeout=5.0
+    )
+    transport.start()
+    for _ in range(8):
+        transport.send(b"x" * 2000)  # the first blocks on_message; the rest fill the budget
+    try:
+        assert stays(lambda: healthy(transport), 1.2)
+    finally:
+        gate.set()
+    assert receiver.wait_delivered(8, TIMEOUT)
+
+
+# -- send_timeout -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "message",
+    [b"s" * 1024, b"m" * (16 * 1024), b"l" * (64 * 1024), bytearray(1 << 20)],
+    ids=["1KiB", "16KiB", "64KiB", "1MiB-mutable"],
+)
+def test_send_timeout_bounds_every_send_to_a_stalled_peer(
+    raw_peer: Callable[..., RawPeer], transport_factory: TransportFactory, message: bytes
+) -> None:
+    peer = raw_peer("stall")
+    send_timeout = 0.4
+    transport = transport_factory(
+        peer.address, streams=2, chunk_size=256 * 1024, send_timeout=send_timeout
+    )
+    transport.start()
+    longest = 0.0
+    with pytest.raises(TransportError, match="stalled|broken"):
+        for _ in range(100_000):  # far more than the socket buffers hold
+            began = time.monotonic()
+            try:
+                transport.send(message)
+            finally:
+                longest = max(longest, time.monotonic() - began)
+    assert longest <= send_timeout * 1.1, longest
+    assert not healthy(transport)
+
+
+# -- receiver deadlines -----------------------------------------------------------------------
+
+
+def test_a_hello_trickled_byte_by_byte_is_cut_off_at_handshake_timeout(
+    receiver_factory: ReceiverFactory,
+) -> None:
+    receiver, _ = receiver_factory(handshake_timeout=0.4, idle_timeout=10.0)
+    hello = wire.pack_handshake(os.urandom(16), 0, 1, acknowledged=False)
+    sock = socket.create_connection(receiver.address, timeout=TIMEOUT)
+    with sock:
+        began = time.monotonic()
+        pause = threading.Event()
+        closed = False
+        for byte in hello:  # one byte every 50 ms: each read is "active", the whole is not
+            try:
+                sock.send(bytes([byte]))
+            except OSError:
+                closed = True
+                break
+            pause.wait(0.05)
+            if time.monotonic() - began > 3.0:
+                break
+        assert closed or closed_by_peer(sock, 3.0)
+        assert 0.35 < time.monotonic() - began < 2.0
+
+
+def test_a_session_whose_streams_never_all_join_is_closed(
+    receiver_factory: ReceiverFactory,
+) -> None:
+    receiver, _ = receiver_factory(join_timeout=0.3, idle_timeout=10.0)
+    sock = socket.create_connection(receiver.address, timeout=TIMEOUT)
+    with sock:
+        sock.sendall(wire.pack_handshake(os.urandom(16), 0, 32, acknowledged=False))
+        assert wire.parse_welcome(sock.recv(wire.WELCOME.size, socket.MSG_WAITALL)) == 0
+        assert receiver.session_count == 1
+        began = time.monotonic()
+        assert closed_by_peer(sock, 3.0)
+        assert time.monotonic() - began < 2.0
+    wait_until(lambda: receiver.session_count == 0, TIMEOUT)
+
+
+def test_a_frame_that_never_completes_is_cut_off_at_frame_timeout(
+    receiver_factory: ReceiverFactory,
+) -> None:
+    receiver, _ = receiver_factory(frame_timeout=0.4, idle_timeout=10.0)
+    sock = socket.create_connection(receiver.address, timeout=TIMEOUT)
+    with sock:
+        sock.sendall(wire.pack_handshake(os.urandom(16), 0, 1, acknowledged=False))
+        sock.recv(wire.WELCOME.size, socket.MSG_WAITALL)
+        frame = wire.encode_message(0, os.urandom(100_000), 1 << 20)[0]
+        sock.sendall(frame[:1000])
+        began = time.monotonic()
+        pause = threading.Event()
+        with contextlib.suppress(OSError):
+            for at in range(1000, 1100):  # a byte at a time: alive, never finishing
+                sock.send(frame[at : at + 1])
+                pause.wait(0.02)
+                if time.monotonic() - began > 3.0:
+                    break
+        assert closed_by_peer(sock, 3.0)
+        assert time.monotonic() - began < 2.5
+
+
+# -- addresses --------------------------------------------------------------------------------
+
+
+def _ipv6_loopback() -> bool:
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
+def test_both_ends_work_over_ipv6_loopback(transport_factory: TransportFactory) -> None:
+    received: list[bytes] = []
+    receiver = MultiStreamReceiver(("::1", 0), on_message=received.append)
+    receiver.start()
+    try:
+        assert receiver.address[0] == "::1"
+        transport = transport_factory(receiver.address, streams=2)
+        transport.start()
+        messages = [os.urandom(n) for n in (0, 10, 5000)]
+        for message in messages:
+            transport.send(message)
+        assert receiver.wait_delivered(3, TIMEOUT)
+        assert received == messages
+        transport.close()
+    finally:
+        receiver.stop()
+
+
+def test_flush_waits_until_everything_queued_is_written(
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory
+) -> None:
+    receiver, inbox = receiver_factory()
+    transport = transport_factory(receiver.address, streams=2)
+    with pytest.raises(TransportError, match="not started"):
+        transport.flush()
+    transport.start()
+    for i in range(1000):
+        transport.send(b"%d" % i)
+    transport.flush(TIMEOUT)
+    assert receiver.wait_delivered(1000, TIMEOUT)
+    assert inbox.messages == [b"%d" % i for i in range(1000)]
