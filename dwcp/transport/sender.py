@@ -73,6 +73,7 @@ class _Stream:
         "index",
         "kick",
         "kicked",
+        "lazy",
         "lock",
         "marks",
         "oldest",
@@ -101,7 +102,8 @@ class _Stream:
         # been woken, is writing, or has senders waiting for it.
         self.lock = threading.Lock()
         self.drained = threading.Condition(self.lock)
-        self.outbox: list[Buffer] = []
+        self.outbox: list[Buffer | _Lazy] = []
+        self.lazy = False
         self.marks: list[_Batch] = []
         self.queued = 0
         self.oldest = 0.0
@@ -115,12 +117,22 @@ class _Stream:
         self.writes = 0  # batches written, so the keepalive can tell an idle stream
         self.ping_sent: float | None = None  # when an unanswered PING went out
 
-    def put(self, parts: Sequence[Buffer], size: int, deadline: float, mark: _Batch | None) -> None:
-        """Queue ``parts`` (``size`` bytes); the caller holds the session's order lock."""
+    def put(
+        self,
+        parts: Sequence[Buffer | _Lazy],
+        size: int,
+        deadline: float,
+        mark: _Batch | None,
+        *,
+        lazy: bool = False,
+    ) -> None:
+        """Queue ``parts`` (``size`` bytes on the wire); the caller holds the session's
+        order lock. ``lazy``: some parts are ``_Lazy`` frames for the writer to build."""
         with self.lock:
             if not self.outbox:
                 self.oldest = deadline
             self.outbox.extend(parts)
+            self.lazy = self.lazy or lazy
             self.queued += size
             if mark is not None:
                 self.marks.append(mark)
@@ -135,6 +147,50 @@ class _Stream:
                 self.kicked = True
                 self.kick.release()
             self.drained.notify_all()
+
+
+class _Lazy:
+    """A DATA frame whose header (and CRCs) the stream's writer builds when it writes it."""
+
+    __slots__ = ("checksum", "count", "flags", "index", "message_id", "payload", "total")
+
+    def __init__(
+        self,
+        flags: int,
+        message_id: int,
+        index: int,
+        count: int,
+        total: int,
+        payload: Buffer,
+        checksum: bool,
+    ) -> None:
+        self.flags = flags
+        self.message_id = message_id
+        self.index = index
+        self.count = count
+        self.total = total
+        self.payload = payload
+        self.checksum = checksum
+
+    def header(self) -> bytes:
+        payload = self.payload
+        head = _pack_head(
+            _MAGIC, _VERSION, _DATA, self.flags, self.message_id, self.index, self.count,
+            self.total, len(payload), _checksum(payload) if self.checksum else 0,
+        )  # fmt: skip
+        return head + _pack_u32(_checksum(head))
+
+
+def _built(parts: list[Buffer | _Lazy]) -> list[Buffer]:
+    """The buffers to write for ``parts``: each ``_Lazy`` frame as its header and payload."""
+    out: list[Buffer] = []
+    for part in parts:
+        if type(part) is _Lazy:
+            out.append(part.header())
+            out.append(part.payload)
+        else:
+            out.append(part)  # type: ignore[arg-type]
+    return out
 
 
 class _Batch:
@@ -365,7 +421,6 @@ class _Session:
         if self.broken is not None or self.closing:
             self._raise_broken()
         deadline = _monotonic() + self.send_timeout
-        crc = _checksum(data) if self.checksum else 0
         # Frames up to 16 KiB are copied into the outbox, and a bytes object cannot change
         # under the writer; a mutable buffer, or a message over the outbox limit, is written
         # before send() returns (the caller may reuse the buffer; a large send's failure
@@ -373,22 +428,25 @@ class _Session:
         early = size <= _COPY_LIMIT or (type(data) is bytes and size <= _OUTBOX_LIMIT)
         mark = None if early else _Batch(1)
         waiter = None
+        flags = self.flags
         while True:
             with self._order:
                 message_id = self.next_id
                 stream = self.streams[message_id % self.count]
                 if stream.queued < _OUTBOX_LIMIT:
                     self.next_id = message_id + 1
-                    head = _pack_head(
-                        _MAGIC, _VERSION, _DATA, self.flags, message_id, 0, 1, size, size, crc
-                    )  # fmt: skip
-                    head += _pack_u32(_checksum(head))
                     if self.acknowledged:
                         waiter = self._expect_ack(message_id)
                     if size <= _COPY_LIMIT:
+                        crc = _checksum(data) if self.checksum else 0
+                        head = _pack_head(
+                            _MAGIC, _VERSION, _DATA, flags, message_id, 0, 1, size, size, crc
+                        )  # fmt: skip
+                        head += _pack_u32(_checksum(head))
                         stream.put((head + data,), _HEADER_SIZE + size, deadline, mark)
                     else:
-                        stream.put((head, data), _HEADER_SIZE + size, deadline, mark)
+                        frame = _Lazy(flags, message_id, 0, 1, size, data, self.checksum)
+                        stream.put((frame,), _HEADER_SIZE + size, deadline, mark, lazy=True)
                     break
             self._wait_for_room(stream, deadline)
         if mark is not None:
@@ -409,8 +467,6 @@ class _Session:
         shares = min(chunks, self.count)
         flags, checksum = self.flags, self.checksum
         payloads = [view[i * chunk_size : (i + 1) * chunk_size] for i in range(chunks)]
-        # The payload CRCs do not depend on the message id: computed before the order lock.
-        crcs = [_checksum(p) for p in payloads] if checksum else [0] * chunks
         early = type(data) is bytes and size <= _OUTBOX_LIMIT
         batch = _Batch(shares)
         waiter = None
@@ -424,16 +480,14 @@ class _Session:
                     if self.acknowledged:
                         waiter = self._expect_ack(message_id)
                     for share, lane in enumerate(lanes):
-                        parts: list[Buffer] = []
-                        for index in range(share, chunks, shares):
-                            payload = payloads[index]
-                            head = _pack_head(
-                                _MAGIC, _VERSION, _DATA, flags, message_id, index, chunks,
-                                size, len(payload), crcs[index],
-                            )  # fmt: skip
-                            parts.append(head + _pack_u32(_checksum(head)))
-                            parts.append(payload)
-                        lane.put(parts, sum(len(p) for p in parts), deadline, batch)
+                        # Each stream's writer computes its chunks' CRCs: in parallel, and
+                        # off the caller's thread.
+                        parts = [
+                            _Lazy(flags, message_id, i, chunks, size, payloads[i], checksum)
+                            for i in range(share, chunks, shares)
+                        ]
+                        queued = sum(_HEADER_SIZE + len(payloads[i]) for i in range(share, chunks, shares))
+                        lane.put(parts, queued, deadline, batch, lazy=True)
                     break
             full = next(lane for lane in lanes if lane.queued >= _OUTBOX_LIMIT)
             self._wait_for_room(full, deadline)
@@ -459,8 +513,9 @@ class _Session:
                             if stream.waiting:
                                 stream.drained.notify_all()
                             break
-                        size, deadline = stream.queued, stream.oldest
+                        size, deadline, lazy = stream.queued, stream.oldest, stream.lazy
                         stream.outbox, stream.marks, stream.queued = [], [], 0
+                        stream.lazy = False
                         stream.busy = True
                         # Senders may fill the next batch while this one is written.
                         if stream.waiting:
@@ -469,7 +524,7 @@ class _Session:
                     try:
                         if self.broken is not None:
                             self._raise_broken()
-                        self._write(stream, parts, size, deadline)
+                        self._write(stream, _built(parts) if lazy else parts, size, deadline)
                         stream.writes += 1
                     except TransportError as exc:
                         error = exc
