@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 from dwcp.transport.wire import ID_WINDOW, ProtocolError
 
-__all__ = ["FRAME_OVERHEAD", "Closed", "Frame", "FrameTuple", "Reassembly", "Ready"]
+__all__ = ["FRAME_OVERHEAD", "Closed", "Frame", "FrameTuple", "Ready", "Reassembly"]
 
 # What a chunk costs beyond its payload (its entry, dict slot, list slot), so a flood of
 # empty frames is bounded by the same byte budget as large ones.
@@ -163,8 +163,7 @@ class Reassembly:
         if gained:
             self.buffered += gained
             self.delivering += gained
-            if self.buffered > self.peak:
-                self.peak = self.buffered
+            self.peak = max(self.peak, self.buffered)
             self.progress += 1
             self.next_id = next_id
             if self._complete:
@@ -216,9 +215,7 @@ class Reassembly:
             # Only delivery frees room: it must not sleep on messages a reader has not
             # announced yet (readers defer that while they are busy).
             self._wake_taker()
-            fits = self._room.wait_for(
-                lambda: self.closed or self._fits(frame[0], cost), timeout
-            )
+            fits = self._room.wait_for(lambda: self.closed or self._fits(frame[0], cost), timeout)
             if self.closed:
                 raise Closed
             return fits
@@ -279,8 +276,7 @@ class Reassembly:
         if index == 0:
             message.ack_stream = stream
         self.buffered += cost
-        if self.buffered > self.peak:
-            self.peak = self.buffered
+        self.peak = max(self.peak, self.buffered)
         return message
 
     def _store(self, message: _Message, mid: int, index: int, payload: Payload) -> None:
@@ -296,7 +292,7 @@ class Reassembly:
         if message.count == 1:
             whole = message.chunks[0]
             assert whole is not None
-            payload: Payload = whole
+            payload = whole
         else:
             pieces: list[bytes | bytearray] = []
             for i in range(message.count):

@@ -211,7 +211,9 @@ class MultiStreamReceiver:
         )
         self._max_sessions = _bounded_int("max_sessions", max_sessions, 1, 1 << 16)
         self._max_buffered = _bounded_int("max_buffered_bytes", max_buffered_bytes, 1, 1 << 62)
-        self._idle_timeout = None if idle_timeout is None else _seconds("idle_timeout", idle_timeout)
+        self._idle_timeout = (
+            None if idle_timeout is None else _seconds("idle_timeout", idle_timeout)
+        )
         self._max_connections = self._max_sessions * wire.MAX_STREAMS
 
         self._lock = threading.Lock()
@@ -349,8 +351,8 @@ class MultiStreamReceiver:
                 if paused_until and now >= paused_until:
                     selector.register(listener, selectors.EVENT_READ)
                     paused_until = 0.0
-                timeout = _HOUSEKEEPING if not paused_until else min(
-                    _HOUSEKEEPING, paused_until - now
+                timeout = (
+                    _HOUSEKEEPING if not paused_until else min(_HOUSEKEEPING, paused_until - now)
                 )
                 events = selector.select(timeout)
                 self._expire_joins()
@@ -406,7 +408,7 @@ class MultiStreamReceiver:
             if not full:
                 conn = _Connection(sock, peer)
                 self._connections.add(conn)
-                conn.thread = self._thread(self._serve, conn, "conn")
+                thread = conn.thread = self._thread(self._serve, conn, "conn")
         if full:
             logger.bind(peer=peer, reason="too many connections").warning(
                 "Receiver closed connection"
@@ -416,7 +418,7 @@ class MultiStreamReceiver:
         sock.setblocking(True)
         set_kernel_timeout(sock, socket.SO_SNDTIMEO, _WRITE_TIMEOUT)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn.thread.start()
+        thread.start()
 
     def _thread(self, target: Callable[..., object], arg: object, kind: str) -> threading.Thread:
         """A named thread for the receiver to join on stop(); caller holds the lock."""
@@ -566,7 +568,6 @@ class MultiStreamReceiver:
         size = len(buf)
         start = end = 0
         reassembly = session.reassembly
-        stream = conn.index
         limit = self._max_message_size
         unpack = _DATA_FAST.unpack_from
         crc = wire.checksum_of
@@ -743,9 +744,7 @@ class MultiStreamReceiver:
             pieces.append(piece)
             left -= len(piece)
         if checked and value != checksum:
-            raise wire.ProtocolError(
-                f"checksum mismatch in message {mid} chunk {index}"
-            )
+            raise wire.ProtocolError(f"checksum mismatch in message {mid} chunk {index}")
         reassembly.store((mid, index, frame[2], frame[3], pieces, length))
 
     def _recv_piece(
@@ -818,7 +817,8 @@ class MultiStreamReceiver:
         acks: dict[int, list[bytes]] = {}
         acknowledged = session.acknowledged
         for mid, pieces, price, stream in batch:
-            payload = pieces if type(pieces) is bytes else b"".join(pieces)
+            # A list of pieces, or bytes/bytearray (joining those makes the bytes we hand on).
+            payload = pieces if type(pieces) is bytes else b"".join(pieces)  # type: ignore[arg-type]
             try:
                 on_message(payload)
             except Exception as exc:  # noqa: BLE001 - the application's bug must not end the session
@@ -897,6 +897,7 @@ class MultiStreamReceiver:
 def _bytes_waiting(sock: socket.socket) -> int:
     """How many bytes the kernel holds for ``sock`` now (0 where it cannot say)."""
     try:
-        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+        raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        return int(struct.unpack("i", raw)[0])
     except (OSError, NameError):
         return 0

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
 import os
-import queue
 import socket
 import ssl
 import struct
@@ -12,7 +10,7 @@ import threading
 import time
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, cast
 
 from loguru import logger
 
@@ -486,7 +484,9 @@ class _Session:
                             _Lazy(flags, message_id, i, chunks, size, payloads[i], checksum)
                             for i in range(share, chunks, shares)
                         ]
-                        queued = sum(_HEADER_SIZE + len(payloads[i]) for i in range(share, chunks, shares))
+                        queued = sum(
+                            _HEADER_SIZE + len(payloads[i]) for i in range(share, chunks, shares)
+                        )
                         lane.put(parts, queued, deadline, batch, lazy=True)
                     break
             full = next(lane for lane in lanes if lane.queued >= _OUTBOX_LIMIT)
@@ -524,7 +524,8 @@ class _Session:
                     try:
                         if self.broken is not None:
                             self._raise_broken()
-                        self._write(stream, _built(parts) if lazy else parts, size, deadline)
+                        built = _built(parts) if lazy else cast("list[Buffer]", parts)
+                        self._write(stream, built, size, deadline)
                         stream.writes += 1
                     except TransportError as exc:
                         error = exc
@@ -881,9 +882,7 @@ class MultiStreamTCPTransport:
                     why = {wire.STATUS_BUSY: "busy", wire.STATUS_REFUSED: "refused"}.get(
                         status, "unknown status"
                     )
-                    raise TransportError(
-                        f"receiver refused the session (status {status}: {why})"
-                    )
+                    raise TransportError(f"receiver refused the session (status {status}: {why})")
                 sock.settimeout(None)
                 _set_send_timeout(sock, self._send_timeout)
         except ssl.SSLError as exc:
