@@ -8,7 +8,7 @@ import platform
 import sys
 import time
 
-from benchmarks import scenarios
+from benchmarks import e2e, scenarios
 from benchmarks.harness import Result, format_table
 
 SCENARIOS = {
@@ -19,6 +19,7 @@ SCENARIOS = {
     "5": scenarios.time_to_recover,
     "6": scenarios.scale,
     "7": scenarios.soak,
+    "8": e2e.end_to_end,
 }
 
 

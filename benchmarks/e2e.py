@@ -1,0 +1,715 @@
+"""Scenario 8: end to end, messages *delivered* per second, counted where they arrive.
+
+Every receiver runs in a child process of its own (``benchmarks/e2e_peer.py``) and counts
+what it has fully received and parsed; the sender runs here.  A measurement is timed from
+the first send until the child reports, over its stats port, that all N messages arrived,
+so what the kernel's socket buffers absorb (or a sender's queue holds) is not counted.
+The contenders, side by side in alternating rounds:
+
+- raw ``sendall`` into a child that only drains bytes (context: no framing at all);
+- a hand-written 4-byte big-endian length prefix, parsed in the child from a ``recv_into``
+  buffer (``e2e_peer.parse_frames``);
+- pyzmq PUSH/PULL over ``tcp://127.0.0.1`` (skipped, with a note, without pyzmq: it is the
+  ``bench`` extra);
+- dwcp: ``MultiStreamTCPTransport`` (checksum on) to a ``MultiStreamReceiver`` whose
+  ``on_message`` counts.
+
+Rows: one stream at 1 KiB, 64 KiB and 1 MiB against pyzmq and the framing; 4 streams vs 1
+for 16 MiB messages, plus a long run that must not stall; 32 threads sending 8 MiB messages
+through one 4-stream transport, where the target is correctness (every send bounded, every
+returned send delivered).  Every wait has a deadline: a stall becomes a failed row with a
+note, never a hung benchmark, and every child is terminated (then killed) on the way out.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
+from functools import partial
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from benchmarks.harness import Result, alternate, paired_ratio
+from dwcp.transport import MultiStreamTCPTransport
+
+try:
+    import zmq
+
+    HAVE_ZMQ = True
+except ImportError:  # pyzmq is optional: pip install '.[bench]'
+    HAVE_ZMQ = False
+
+if TYPE_CHECKING:  # typing.Self is 3.11+ and setup.cfg still allows 3.10
+    from typing_extensions import Self
+
+Send = Callable[[bytes], object]
+
+# Longest one measurement may take, its sends included.
+_MEASURE_TIMEOUT = 120.0
+# No delivery progress for this long is a stall, however much of the deadline is left: a
+# deadlocked receiver is then reported in seconds rather than minutes.
+_STALL_AFTER = 20.0
+_START_TIMEOUT = 30.0  # for a child to print its ports
+_STATS_TIMEOUT = 10.0  # a child answers a stats request within half a second
+_STOP_TIMEOUT = 5.0  # after terminate() before kill(), and after kill()
+_CLOSE_TIMEOUT = 15.0  # for a transport's close(); a wedged one must not wedge us
+_REPO = Path(__file__).resolve().parent.parent
+_LENGTH = struct.Struct("!I")
+# Up to this size one copy of header + payload into one buffer is cheaper than a two-part
+# sendmsg(); the same trade-off (and value) as dwcp's sender.
+_COALESCE_LIMIT = 16 * 1024
+_ZMQ_QUEUE_BYTES = 32 * 2**20  # high-water marks sized to queue about this much per side
+
+
+class MeasurementFailed(Exception):
+    """A measurement could not finish: a send raised, or delivery stalled or ran late."""
+
+
+# -- the child process ----------------------------------------------------------------------------
+
+
+class Peer:
+    """One ``benchmarks.e2e_peer`` child: started with its kind, stopped by its pid."""
+
+    def __init__(
+        self,
+        kind: str,
+        *,
+        max_message_size: int,
+        hwm: int | None = None,
+        cpu: int | None = None,
+        message_size: int | None = None,
+    ) -> None:
+        self.kind = kind
+        args = [sys.executable, "-m", "benchmarks.e2e_peer", kind]
+        args += ["--max-message-size", str(max_message_size)]
+        if hwm is not None:
+            args += ["--hwm", str(hwm)]
+        if cpu is not None:
+            args += ["--cpu", str(cpu)]
+        if message_size is not None:
+            args += ["--message-size", str(message_size)]
+        self._proc = subprocess.Popen(
+            args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=_REPO
+        )
+        self._stats: socket.socket | None = None
+        try:
+            data_port, stats_port = self._read_ports()
+            self.port = data_port
+            self.address = ("127.0.0.1", data_port)
+            self._stats = socket.create_connection(("127.0.0.1", stats_port), _START_TIMEOUT)
+            self._stats.settimeout(_STATS_TIMEOUT)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _read_ports(self) -> tuple[int, int]:
+        stdout = self._proc.stdout
+        assert stdout is not None
+        ready, _, _ = select.select([stdout], [], [], _START_TIMEOUT)
+        if not ready:
+            raise RuntimeError(f"{self.kind} peer printed no ports within {_START_TIMEOUT:g} s")
+        fields = stdout.readline().split()
+        if len(fields) != 2:
+            raise RuntimeError(f"{self.kind} peer failed to start (exit {self._proc.poll()})")
+        return int(fields[0]), int(fields[1])
+
+    def count(self, target: int = 0) -> int:
+        """The child's count: at once for target 0, else once it reaches ``target`` or half a
+        second has passed, whichever comes first."""
+        stats = self._stats
+        if stats is None:
+            raise MeasurementFailed(f"{self.kind} peer's stats channel failed earlier")
+        try:
+            stats.sendall(target.to_bytes(8, "big"))
+            data = b""
+            while len(data) < 8:
+                part = stats.recv(8 - len(data))
+                if not part:
+                    raise OSError("closed by the peer")
+                data += part
+        except OSError as exc:  # socket.timeout included
+            # A late answer would be read as the next one's: this channel is done for.
+            stats.close()
+            self._stats = None
+            raise MeasurementFailed(f"{self.kind} peer's stats channel: {exc!r}") from exc
+        return int.from_bytes(data, "big")
+
+    def wait_for(self, target: int, *, base: int, deadline: float, stall: float) -> None:
+        """Return once the count reaches ``target``; raise MeasurementFailed on a stall (no
+        progress for ``stall`` seconds) or at ``deadline`` (a ``time.monotonic()`` value)."""
+        last, progressed = -1, time.monotonic()
+        while True:
+            got = self.count(target)
+            if got >= target:
+                return
+            now = time.monotonic()
+            if got != last:
+                last, progressed = got, now
+            reason = None
+            if now - progressed >= stall:
+                reason = f"stalled (no delivery for {stall:g} s)"
+            elif now >= deadline:
+                reason = "deadline passed"
+            if reason is not None:
+                unit = "bytes" if self.kind == "raw" else "messages"
+                raise MeasurementFailed(
+                    f"{reason}: {got - base:,} of {target - base:,} {unit} arrived"
+                )
+
+    def settle(self, *, quiet: float = 1.0, timeout: float = 15.0) -> int:
+        """The count once it has stopped changing for ``quiet`` seconds (or at ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        last, since = self.count(), time.monotonic()
+        while time.monotonic() - since < quiet and time.monotonic() < deadline:
+            time.sleep(0.1)
+            now = self.count()
+            if now != last:
+                last, since = now, time.monotonic()
+        return last
+
+    def stop(self) -> None:
+        """Terminate the child by pid, kill it if it lingers; never leaves it running."""
+        if self._stats is not None:
+            self._stats.close()
+        proc = self._proc
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(_STOP_TIMEOUT)
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+# -- senders --------------------------------------------------------------------------------------
+
+
+def _kernel_send_timeout(sock: socket.socket, seconds: float) -> None:
+    """SO_SNDTIMEO on a blocking socket: bounds every send without the poll() per call that
+    ``settimeout()`` costs (dwcp's sender bounds its writes the same way)."""
+    whole = int(seconds)
+    timeval = struct.pack("ll", whole, int((seconds - whole) * 1e6))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+    except OSError:
+        sock.settimeout(seconds)
+
+
+@contextmanager
+def _tcp_connection(address: tuple[str, int]) -> Iterator[socket.socket]:
+    sock = socket.create_connection(address, _START_TIMEOUT)
+    try:
+        sock.settimeout(None)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _kernel_send_timeout(sock, _MEASURE_TIMEOUT)
+        yield sock
+    finally:
+        sock.close()
+
+
+def framed_sender(sock: socket.socket) -> Send:
+    """A 4-byte big-endian length prefix per message: one ``sendall`` of prefix + payload for
+    small messages, a two-part ``sendmsg`` (writev) for large ones."""
+    pack = _LENGTH.pack
+    sendall, sendmsg = sock.sendall, sock.sendmsg
+
+    def send(payload: bytes) -> None:
+        size = len(payload)
+        if size <= _COALESCE_LIMIT:
+            sendall(pack(size) + payload)
+            return
+        header = pack(size)
+        sent = sendmsg((header, payload))
+        if sent < size + 4:  # a partial write: finish it
+            if sent < 4:
+                sendall(header[sent:])
+                sent = 4
+            sendall(memoryview(payload)[sent - 4 :])
+
+    return send
+
+
+@contextmanager
+def _zmq_sender(port: int, hwm: int) -> Iterator[Send]:
+    context = zmq.Context()
+    push = context.socket(zmq.PUSH)
+    try:
+        push.setsockopt(zmq.SNDHWM, hwm)
+        push.setsockopt(zmq.SNDTIMEO, int(_MEASURE_TIMEOUT * 1000))
+        push.setsockopt(zmq.LINGER, 0)
+        push.connect(f"tcp://127.0.0.1:{port}")
+        # copy=False is pyzmq's own recommendation: it still copies below zmq.COPY_THRESHOLD
+        # (64 KiB) and sends larger payloads without a copy.
+        yield partial(push.send, copy=False)
+    finally:
+        push.close(linger=0)
+        context.term()
+
+
+def _close_within(close: Callable[[], object], timeout: float) -> bool:
+    """Run ``close`` on a daemon thread; False if it has not returned within ``timeout``."""
+
+    def run() -> None:
+        try:
+            close()
+        except Exception as exc:  # noqa: BLE001 - reported, and must not stop the cleanup
+            print(f"(close failed: {exc!r})", file=sys.stderr)
+
+    thread = threading.Thread(target=run, name="bench-close", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return not thread.is_alive()
+
+
+@contextmanager
+def _dwcp_transport(address: tuple[str, int], **options: Any) -> Iterator[MultiStreamTCPTransport]:
+    transport = MultiStreamTCPTransport(address, checksum=True, **options)
+    transport.start()
+    try:
+        yield transport
+    finally:
+        if not _close_within(transport.close, _CLOSE_TIMEOUT):
+            print(f"(transport close() still blocked after {_CLOSE_TIMEOUT:g} s)", file=sys.stderr)
+
+
+# -- one measurement ------------------------------------------------------------------------------
+
+
+def delivered_per_second(
+    peer: Peer,
+    send: Send,
+    payload: bytes,
+    count: int,
+    *,
+    per_message: int = 1,
+    timeout: float = _MEASURE_TIMEOUT,
+    stall: float = _STALL_AFTER,
+) -> float:
+    """Messages per second from the first send until ``peer`` counted all ``count`` of them.
+
+    ``per_message`` is what one message adds to the peer's count (its size for the raw
+    drain, which counts bytes).  The deadline is checked once per batch of sends, not per
+    send, so the check costs the loop nothing measurable.
+    """
+    base = peer.count()
+    target = base + count * per_message
+    batch = max(1, min(1024, 2**20 // max(len(payload), 1)))
+    began = time.perf_counter()
+    deadline = time.monotonic() + timeout
+    sent = 0
+    try:
+        while sent < count:
+            n = min(batch, count - sent)
+            for _ in range(n):
+                send(payload)
+            sent += n
+            if time.monotonic() > deadline:
+                raise MeasurementFailed(f"sends unfinished after {timeout:g} s")
+    except MeasurementFailed:
+        raise
+    except Exception as exc:  # TransportError, OSError, zmq.Again alike
+        raise MeasurementFailed(f"a send after {sent:,} of {count:,} raised {exc!r}") from exc
+    peer.wait_for(target, base=base, deadline=deadline, stall=stall)
+    return count / (time.perf_counter() - began)
+
+
+def _labelled(name: str, measure: Callable[[int], float]) -> Callable[[int], float]:
+    """``measure`` with failures prefixed by the contender's name."""
+
+    def run(count: int) -> float:
+        try:
+            return measure(count)
+        except MeasurementFailed as exc:
+            raise MeasurementFailed(f"{name}: {exc}") from exc
+
+    return run
+
+
+def rotate(
+    contenders: dict[str, Callable[[int], float]], *, count: int, rounds: int, warmup: int
+) -> tuple[dict[str, list[float]], str | None]:
+    """``harness.alternate`` for more than two contenders: after one warm-up pass of
+    ``warmup`` messages each, every round runs each contender once on ``count`` messages,
+    the one going first rotating from round to round, so the machine's drift lands on all
+    alike and the i-th samples of any two contenders come from the same short round (the
+    pairs ``paired_ratio`` divides).
+
+    Returns the samples of the complete rounds and, if a measurement failed, why (the
+    remaining rounds are skipped: a stalled contender would only stall again)."""
+    names = list(contenders)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    try:
+        for name in names:
+            contenders[name](warmup)
+        for i in range(rounds):
+            shift = i % len(names)
+            for name in names[shift:] + names[:shift]:
+                samples[name].append(contenders[name](count))
+    except MeasurementFailed as exc:
+        complete = min(len(s) for s in samples.values())
+        return {name: s[:complete] for name, s in samples.items()}, str(exc)
+    return samples, None
+
+
+def _median(samples: list[float]) -> float:
+    return statistics.median(samples) if samples else 0.0
+
+
+def _size(size: int) -> str:
+    return f"{size // 2**20} MiB" if size >= 2**20 else f"{size // 1024} KiB"
+
+
+def _pinnable() -> bool:
+    return hasattr(os, "sched_setaffinity") and {0, 1} <= os.sched_getaffinity(0)
+
+
+# -- row 1: one stream, dwcp vs pyzmq and vs hand-written framing -----------------------------------
+
+# (size, target against the framing, messages per measurement in full and quick mode): about
+# 0.5-1 s per measurement for the references in full mode.
+_ONE_STREAM = (
+    (1024, 0.5, 200_000, 50_000),
+    (64 * 1024, 0.8, 30_000, 8_000),
+    (2**20, 0.8, 2_000, 500),
+)
+
+
+def one_stream(quick: bool) -> list[Result]:
+    rounds = 3 if quick else 9
+    # As in scenario 1: the sender here on one core, every child on the other, the same for
+    # every contender, so that the scheduler cannot put a reader on the sender's core for
+    # one measurement and not the next.
+    pinned = _pinnable()
+    affinity = os.sched_getaffinity(0) if pinned else set()
+    if pinned:
+        os.sched_setaffinity(0, {0})  # before any sender thread exists: they inherit it
+    results: list[Result] = []
+    try:
+        for size, framed_target, full, short in _ONE_STREAM:
+            count = short if quick else full
+            cpu = 1 if pinned else None
+            results += _one_stream_at(size, framed_target, count, rounds, cpu)
+    finally:
+        if pinned:
+            os.sched_setaffinity(0, affinity)
+    if pinned:
+        results[0].notes += "; parent pinned to core 0, every child to core 1"
+    return results
+
+
+def _one_stream_at(
+    size: int, framed_target: float, count: int, rounds: int, cpu: int | None
+) -> list[Result]:
+    payload = os.urandom(size)
+    limit = max(4 * size, 2**20)  # the same max_message_size for every receiver
+    hwm = max(4, min(1000, _ZMQ_QUEUE_BYTES // size))
+    contenders: dict[str, Callable[[int], float]] = {}
+    with ExitStack() as stack:
+        # Each peer is entered before its sender, so the sender is closed first on the way out.
+        raw_peer = stack.enter_context(
+            Peer("raw", max_message_size=limit, cpu=cpu, message_size=size)
+        )
+        raw = stack.enter_context(_tcp_connection(raw_peer.address))
+        contenders["raw"] = partial(
+            delivered_per_second, raw_peer, raw.sendall, payload, per_message=size
+        )
+        framed_peer = stack.enter_context(Peer("framed", max_message_size=limit, cpu=cpu))
+        framed = framed_sender(stack.enter_context(_tcp_connection(framed_peer.address)))
+        contenders["framed"] = partial(delivered_per_second, framed_peer, framed, payload)
+        if HAVE_ZMQ:
+            zmq_peer = stack.enter_context(Peer("zmq", max_message_size=limit, hwm=hwm, cpu=cpu))
+            push = stack.enter_context(_zmq_sender(zmq_peer.port, hwm))
+            contenders["pyzmq"] = partial(delivered_per_second, zmq_peer, push, payload)
+        dwcp_peer = stack.enter_context(Peer("dwcp", max_message_size=limit, cpu=cpu))
+        # One stream has nothing to stripe, so a message travels as one chunk (as in
+        # scenario 1).
+        transport = stack.enter_context(
+            _dwcp_transport(
+                dwcp_peer.address,
+                streams=1,
+                chunk_size=max(size, 256 * 1024),
+                max_message_size=limit,
+            )
+        )
+        contenders["dwcp"] = partial(delivered_per_second, dwcp_peer, transport.send, payload)
+        labelled = {name: _labelled(name, measure) for name, measure in contenders.items()}
+        samples, failure = rotate(labelled, count=count, rounds=rounds, warmup=max(1, count // 4))
+
+    ours = samples["dwcp"]
+    raw_rate = _median(samples["raw"])
+    context = (
+        f"raw sendall: {raw_rate / 1e3:,.1f} kmsg/s ({raw_rate * size / 1e6:,.0f} MB/s); "
+        f"{count:,} msgs x {len(ours)} rounds"
+    )
+    if failure is not None:
+        context += f"; FAILED: {failure}"
+    label = f"8. e2e 1 stream, {_size(size)}, checksum on"
+    references = [("framed", "4-byte length prefix", framed_target)]
+    if HAVE_ZMQ:
+        references.insert(0, ("pyzmq", "pyzmq PUSH/PULL", 1.0))
+    results = []
+    for name, title, target in references:
+        ratio = paired_ratio(ours, samples[name]) if ours else None
+        results.append(
+            Result(
+                scenario=f"{label}, vs {title}",
+                metric="delivered msgs/s",
+                ours=_median(ours) / 1e3,
+                reference=_median(samples[name]) / 1e3,
+                unit=" kmsg/s",
+                target=f">= {target}x {name}",
+                met=failure is None and ratio is not None and ratio >= target,
+                paired_ratio=ratio,
+                notes=context,
+                extra={"message_size": size, "raw_msgs_per_s": raw_rate, "reference": name},
+            )
+        )
+    if not HAVE_ZMQ:
+        results[0].notes += "; pyzmq not installed: its reference skipped (pip install .[bench])"
+    return results
+
+
+# -- row 2: 4 streams vs 1 at 16 MiB, and a long run that must not stall ----------------------------
+
+_BIG = 16 * 2**20
+_BIG_CHUNK = 4 * 2**20
+_BIG_LIMIT = 32 * 2**20
+
+
+def _big_transport(peer: Peer, streams: int) -> AbstractContextManager[MultiStreamTCPTransport]:
+    return _dwcp_transport(
+        peer.address,
+        streams=streams,
+        chunk_size=_BIG_CHUNK,
+        max_message_size=_BIG_LIMIT,
+        send_timeout=60.0,
+    )
+
+
+def multistream(quick: bool) -> list[Result]:
+    """4 streams vs 1, 16 MiB messages in 4 MiB chunks; then 1,000 of them on 4 streams.
+
+    Not pinned: four streams gain only when their connections' kernel copies can run on
+    both cores at once (as in scenario 3)."""
+    return [_four_vs_one(quick), _no_stall(quick)]
+
+
+def _four_vs_one(quick: bool) -> Result:
+    # 1 GB per measurement in full mode: about half a second at loopback speed.
+    count, rounds = (16, 3) if quick else (64, 7)
+    payload = os.urandom(_BIG)
+    failure = None
+    ours = reference = 0.0
+    ratio = None
+    with ExitStack() as stack:
+        # Separate receivers, so a session wedged by one contender cannot slow the other.
+        one_peer = stack.enter_context(Peer("dwcp", max_message_size=_BIG_LIMIT))
+        four_peer = stack.enter_context(Peer("dwcp", max_message_size=_BIG_LIMIT))
+        one = stack.enter_context(_big_transport(one_peer, 1))
+        four = stack.enter_context(_big_transport(four_peer, 4))
+        four_rate = _labelled(
+            "4 streams", partial(delivered_per_second, four_peer, four.send, payload)
+        )
+        one_rate = _labelled("1 stream", partial(delivered_per_second, one_peer, one.send, payload))
+        try:
+            ours, reference, ours_all, reference_all = alternate(
+                lambda: four_rate(count) * _BIG / 1e6,
+                lambda: one_rate(count) * _BIG / 1e6,
+                rounds=rounds,
+            )
+            ratio = paired_ratio(ours_all, reference_all)
+        except MeasurementFailed as exc:
+            failure = str(exc)
+    notes = f"{count} x 16 MiB per measurement, {rounds} rounds"
+    if failure is not None:
+        notes += f"; FAILED: {failure}"
+    return Result(
+        scenario="8. e2e 4 streams vs 1, 16 MiB (4 MiB chunks)",
+        metric="delivered MB/s",
+        ours=ours,
+        reference=reference if failure is None else None,
+        unit=" MB/s",
+        target=">= 1.3x 1 stream",
+        met=ratio is not None and ratio >= 1.3,
+        paired_ratio=ratio,
+        notes=notes,
+    )
+
+
+def _no_stall(quick: bool) -> Result:
+    count = 100 if quick else 1000
+    # 1,000 x 16 MiB is 17 GB: 300 s allows for a receiver as slow as 56 MB/s; a stall
+    # (no delivery for _STALL_AFTER) ends it sooner.
+    timeout = _MEASURE_TIMEOUT if quick else 300.0
+    payload = os.urandom(_BIG)
+    rate, failure = 0.0, None
+    with ExitStack() as stack:
+        peer = stack.enter_context(Peer("dwcp", max_message_size=_BIG_LIMIT))
+        transport = stack.enter_context(_big_transport(peer, 4))
+        try:
+            rate = delivered_per_second(peer, transport.send, payload, count, timeout=timeout)
+        except MeasurementFailed as exc:
+            failure = str(exc)
+    notes = "quick mode: 100 messages, not 1,000" if quick else f"deadline {timeout:g} s"
+    if failure is not None:
+        notes += f"; FAILED: {failure}"
+    return Result(
+        scenario=f"8. e2e {count:,} x 16 MiB on 4 streams, no stall",
+        metric="delivered MB/s",
+        ours=rate * _BIG / 1e6,
+        reference=None,
+        unit=" MB/s",
+        target=f"all {count:,} delivered",
+        met=failure is None,
+        notes=notes,
+    )
+
+
+# -- row 3: 32 threads through one transport ---------------------------------------------------------
+
+_THREADS = 32
+_THREAD_MESSAGE = 8 * 2**20
+_THREAD_SEND_TIMEOUT = 10.0
+
+
+def threads(quick: bool) -> list[Result]:
+    """32 threads x k messages of 8 MiB through one 4-stream transport: every send must
+    return or raise within send_timeout (+10 %), and every send that returned must be
+    delivered, exactly once.
+
+    Met only if, besides, every send *returned*: on loopback, with seconds to spare, a
+    send that raises means a stall (a receiver that stopped reading times every sender out
+    at send_timeout, which is bounded and delivers nothing, and must not read as a pass)."""
+    per_thread = 4 if quick else 8
+    total = _THREADS * per_thread
+    bound = _THREAD_SEND_TIMEOUT * 1.1
+    payload = os.urandom(_THREAD_MESSAGE)
+    barrier = threading.Barrier(_THREADS + 1)
+    in_flight: list[float | None] = [None] * _THREADS  # when each thread's current send began
+    outcomes: list[tuple[float, BaseException | None]] = []  # (duration, error) per send
+    problems: list[str] = []
+    delivered = 0
+    with ExitStack() as stack:
+        peer = stack.enter_context(Peer("dwcp", max_message_size=2 * _THREAD_MESSAGE))
+        transport = stack.enter_context(
+            _dwcp_transport(
+                peer.address,
+                streams=4,
+                max_message_size=2 * _THREAD_MESSAGE,
+                send_timeout=_THREAD_SEND_TIMEOUT,
+            )
+        )
+
+        def worker(index: int) -> None:
+            barrier.wait(_START_TIMEOUT)
+            for _ in range(per_thread):
+                began = in_flight[index] = time.monotonic()
+                error: BaseException | None = None
+                try:
+                    transport.send(payload)
+                except Exception as exc:  # noqa: BLE001 - counted and reported, not a crash
+                    error = exc
+                in_flight[index] = None
+                outcomes.append((time.monotonic() - began, error))  # list.append is atomic
+
+        base = peer.count()
+        workers = [
+            # Daemon threads: a send blocked for good must not keep the benchmark alive.
+            threading.Thread(target=worker, args=(i,), name=f"bench-e2e-{i}", daemon=True)
+            for i in range(_THREADS)
+        ]
+        for thread in workers:
+            thread.start()
+        barrier.wait(_START_TIMEOUT)
+        began = time.monotonic()
+        # Wait for the senders, but stop waiting as soon as one send is past its bound: that
+        # is already the failure this row looks for, and it may never return.
+        hard_deadline = began + per_thread * bound + 30.0
+        stuck = 0
+        while any(thread.is_alive() for thread in workers):
+            now = time.monotonic()
+            stuck = sum(1 for t in in_flight if t is not None and now - t > bound)
+            if stuck or now > hard_deadline:
+                break
+            time.sleep(0.05)
+        sending = sum(1 for t in in_flight if t is not None)
+        returned = sum(1 for _, error in outcomes if error is None)
+        raised = [error for _, error in outcomes if error is not None]
+        late = sum(1 for duration, _ in outcomes if duration > bound)
+        try:
+            peer.wait_for(
+                base + returned,
+                base=base,
+                deadline=time.monotonic() + _MEASURE_TIMEOUT,
+                stall=_STALL_AFTER,
+            )
+            elapsed = time.monotonic() - began
+        except MeasurementFailed as exc:
+            problems.append(f"delivery: {exc}")
+            elapsed = 0.0
+        # Then let the child drain whatever else is in flight: a message delivered without
+        # its send having returned would show here as delivered > returned.
+        try:
+            delivered = peer.settle() - base
+        except MeasurementFailed as exc:
+            problems.append(f"drain: {exc}")
+    if stuck or sending:
+        problems.insert(0, f"{sending} sends still blocked ({stuck} past {bound:g} s)")
+    if raised:
+        problems.append(f"first error: {raised[0]!r}")
+    bounded = not stuck and not sending and late == 0
+    slowest = max((duration for duration, _ in outcomes), default=0.0)
+    rate = ""
+    if returned and elapsed:
+        rate = f"; {returned * _THREAD_MESSAGE / elapsed / 1e6:,.0f} MB/s delivered"
+    notes = (
+        f"{total} sends: {returned} returned, {len(raised)} raised, {late} over {bound:g} s; "
+        f"slowest {slowest:.2f} s{rate}"
+    )
+    if problems:
+        notes += "; " + "; ".join(problems)
+    return [
+        Result(
+            scenario=f"8. e2e {_THREADS} threads x {per_thread} x 8 MiB, one 4-stream transport",
+            metric="delivered / sends returned",
+            ours=delivered,
+            reference=returned,
+            target=f"all {total} return <= {bound:g} s, delivered == returned",
+            met=bounded and returned == total and delivered == returned,
+            notes=notes,
+            extra={"sends": total, "returned": returned, "raised": len(raised), "late": late},
+        )
+    ]
+
+
+# -- the scenario ----------------------------------------------------------------------------------
+
+
+def end_to_end(quick: bool) -> list[Result]:
+    """Scenario 8: delivered messages per second, receiver in a child process."""
+    return one_stream(quick) + multistream(quick) + threads(quick)
