@@ -218,3 +218,8 @@ def raw_connections() -> Iterator[Callable[[tuple[str, int]], socket.socket]]:
     yield connect
     for sock in opened:
         sock.close()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Heavy cross-process tests (tests/test_cross_process.py); deselect with -m "not slow".
+    config.addinivalue_line("markers", "slow: a heavy test (many MiB or seconds of traffic)")

@@ -71,7 +71,9 @@ def _seal(packed: bytes) -> bytes:
 
 
 def _hello(magic: bytes, version: int, count: int, *, seal: bool = True) -> bytes:
-    packed = wire.HANDSHAKE.pack(magic, version, wire.FRAME_HELLO, 0, os.urandom(16), 0, count, 0, 0)
+    packed = wire.HANDSHAKE.pack(
+        magic, version, wire.FRAME_HELLO, 0, os.urandom(16), 0, count, 0, 0
+    )
     return _seal(packed) if seal else packed
 
 

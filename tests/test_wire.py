@@ -210,7 +210,7 @@ def test_document_sizes_match_the_structs() -> None:
         "PING": wire.PING.size,
     }
     assert struct.calcsize("!4sBBH") == wire.PREFIX.size == 8  # the common prefix
-    assert f"version 2" in text and wire.VERSION == 2
+    assert "version 2" in text and wire.VERSION == 2
     assert f"1 <= N <= {wire.MAX_STREAMS}" in text
     assert f"{wire.MIN_CHUNK_SIZE} <= chunk_size" in text
     assert "9a 71 bb 4c" in text and wire.checksum_of(b"hello") == 0x9A71BB4C

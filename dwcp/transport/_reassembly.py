@@ -90,6 +90,7 @@ class Reassembly:
         self._kick = threading.Lock()
         self._kick.acquire()
         self._taker_asleep = False
+        self._taken = 0  # cost of what take() handed out and done() has not yet freed
         self._max_buffered = max_buffered
         self._last_id = [0] * streams
         self._ended_streams = 0
@@ -126,6 +127,7 @@ class Reassembly:
                 raise Closed
             ready = self._ready
             last = self._last_id
+            partial, complete, budget = self._partial, self._complete, self._max_buffered
             before = len(ready)
             # The fast path keeps the counters in locals, written back before anything
             # else reads them (the slow path, or the end).
@@ -133,8 +135,20 @@ class Reassembly:
             try:
                 for frame in frames:
                     mid = frame[0]
-                    # The common case: the next message, whole in one frame.
-                    if mid == next_id and frame[2] == 1 and mid >= last[stream]:
+                    # The common case: the next message, whole in one frame, nothing of it
+                    # seen before, and room for it (the rules _admit applies, inlined).
+                    if (
+                        mid == next_id
+                        and frame[2] == 1
+                        and frame[3] == frame[5]
+                        and mid >= last[stream]
+                        and mid not in partial
+                        and mid not in complete
+                        and (
+                            self.buffered + gained + frame[5] + overhead <= budget
+                            or not (gained or self.delivering)
+                        )
+                    ):
                         cost = frame[5] + overhead
                         gained += cost
                         ready.append((mid, frame[4], cost, stream))
@@ -351,6 +365,7 @@ class Reassembly:
     def _take_all(self) -> list[Ready]:
         batch = list(self._ready)
         self._ready.clear()
+        self._taken += sum(ready[2] for ready in batch)
         return batch
 
     def _announce_some(self) -> None:
@@ -367,8 +382,7 @@ class Reassembly:
     def done(self, cost: int) -> None:
         """The delivery thread handed on messages that cost ``cost``: free their budget."""
         with self._lock:
-            if self.closed and not self._ready and not self.delivering:
-                return  # close() already let go of everything
+            self._taken -= cost
             self.buffered -= cost
             self.delivering -= cost
             self.progress += 1
@@ -387,7 +401,10 @@ class Reassembly:
             self._complete.clear()
             if not drain:
                 self._ready.clear()
-            self.buffered = self.delivering = sum(ready[2] for ready in self._ready)
+            # What stays charged: the ready messages kept, and a batch being delivered
+            # (its done() is still to come).
+            kept = sum(ready[2] for ready in self._ready) + self._taken
+            self.buffered = self.delivering = kept
             self._room.notify_all()
             self._wake_taker()
 

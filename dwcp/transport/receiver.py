@@ -107,6 +107,16 @@ class _Connection:
         with self.write_lock:
             self.sock.sendall(data)
 
+    @property
+    def closed(self) -> bool:
+        return self.sock.fileno() == -1
+
+    def close(self) -> None:
+        """Close the socket, never while another thread (delivery's ACKs) is writing to it:
+        the kernel could hand the number to a new socket in the middle of that write."""
+        with self.tls.write_lock if self.tls is not None else self.write_lock:
+            self.sock.close()
+
     def set_recv_timeout(self, seconds: float | None) -> None:
         """Set the kernel receive timeout (None: none), skipping the syscall when it would
         change by less than 5 %."""
@@ -459,7 +469,7 @@ class MultiStreamReceiver:
         finally:
             with self._lock:
                 self._connections.discard(conn)
-            conn.sock.close()
+            conn.close()
 
     def _start_tls(self, conn: _Connection, context: ssl.SSLContext) -> bool:
         """Run the TLS handshake; on failure close the connection, say why, return False."""
@@ -605,7 +615,13 @@ class MultiStreamReceiver:
                 if not checked and prefix != p_unchecked:
                     wire.parse_prefix(view[start : start + 8])
                     raise wire.ProtocolError(f"unknown frame flags {prefix & 0xFFFF:#06x}")
-                if count != 1 or length != total or total > limit or (pcrc and not checked):
+                if (
+                    count != 1
+                    or index
+                    or length != total
+                    or total > limit
+                    or (pcrc and not checked)
+                ):
                     wire.check_data_fields(
                         prefix & 0xFFFF, index, count, total, length, pcrc, limit
                     )
@@ -835,8 +851,8 @@ class MultiStreamReceiver:
         if acks and not session.reassembly.closed:
             for stream, frames in acks.items():
                 conn = session.connections[stream]
-                if conn is None:
-                    continue
+                if conn is None or conn.closed:
+                    continue  # that stream ended; its sender saw the end as well
                 try:
                     conn.write(b"".join(frames))
                 except OSError as exc:

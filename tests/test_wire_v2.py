@@ -1,0 +1,539 @@
+"""Wire format v2: round trips of every frame, every single-bit error caught, the field rules.
+
+The pure parsers are checked bit by bit; a real ``MultiStreamReceiver`` on loopback is then
+fed damaged DATA frames through raw sockets, to show its own fast path catches them too.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import time
+from collections.abc import Callable
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dwcp.transport import MultiStreamReceiver, wire
+from dwcp.transport.wire import ProtocolError
+from tests.conftest import Inbox, ReceiverFactory, closed_by_peer
+
+LIMIT = wire.DEFAULT_MAX_MESSAGE_SIZE
+MIN = wire.MIN_CHUNK_SIZE
+HEADER = wire.DATA_HEADER.size
+SESSION = bytes(range(16))
+STATUSES = [wire.STATUS_ACCEPTED, wire.STATUS_BUSY, wire.STATUS_REFUSED]
+U32, U64 = 2**32 - 1, 2**64 - 1
+
+
+def seal(packed: bytes) -> bytes:
+    """Fill in the header CRC (the last 4 bytes) of a hand-packed frame."""
+    return packed[:-4] + wire.checksum_of(packed[:-4]).to_bytes(4, "big")
+
+
+def flip(frame: bytes, bit: int) -> bytes:
+    """``frame`` with bit ``bit`` (0 = the most significant bit of byte 0) inverted."""
+    damaged = bytearray(frame)
+    damaged[bit // 8] ^= 0x80 >> (bit % 8)
+    return bytes(damaged)
+
+
+def parse_data_frame(frame: bytes) -> tuple[wire.DataHeader, bytes]:
+    """What a receiver does with one DATA frame: verify the header, then the payload."""
+    header = wire.parse_data_header(frame[:HEADER], LIMIT)
+    payload = frame[HEADER:]
+    wire.verify_checksum(header, payload)
+    return header, payload
+
+
+def data_header(
+    mid: int = 0,
+    index: int = 0,
+    count: int = 1,
+    total: int = 5,
+    length: int = 5,
+    crc: int | None = None,
+    flags: int = 0,
+    payload: bytes = b"hello",
+) -> bytes:
+    """A sealed DATA header with any fields (the payload CRC of ``payload`` unless given)."""
+    if crc is None:
+        crc = 0 if flags & wire.FLAG_UNCHECKED else wire.checksum_of(payload)
+    return seal(
+        wire.DATA_HEADER.pack(
+            wire.MAGIC, wire.VERSION, wire.FRAME_DATA, flags, mid, index, count, total, length,
+            crc, 0,
+        )
+    )  # fmt: skip
+
+
+# -- round trips ------------------------------------------------------------------------------
+
+
+def test_frame_sizes() -> None:
+    sizes = {
+        wire.FRAME_HELLO: 36,
+        wire.FRAME_WELCOME: 16,
+        wire.FRAME_DATA: 40,
+        wire.FRAME_ACK: 20,
+        wire.FRAME_PING: 20,
+        wire.FRAME_PONG: 20,
+    }
+    for frame_type, size in sizes.items():
+        assert wire.frame_size(frame_type) == size
+    assert len(wire.pack_handshake(SESSION, 0, 1, acknowledged=False)) == 36
+    assert len(wire.pack_welcome(0)) == 16
+    assert len(wire.pack_data_header(0, 0, 1, 0, b"")) == 40
+    assert len(wire.pack_ack(0)) == len(wire.pack_ping(0)) == len(wire.pack_pong(0)) == 20
+
+
+@given(
+    session=st.binary(min_size=16, max_size=16),
+    shape=st.integers(1, wire.MAX_STREAMS).flatmap(
+        lambda count: st.tuples(st.integers(0, count - 1), st.just(count))
+    ),
+    acknowledged=st.booleans(),
+    keepalive_ms=st.one_of(st.just(0), st.integers(0, U32)),
+)
+def test_hello_round_trip(
+    session: bytes, shape: tuple[int, int], acknowledged: bool, keepalive_ms: int
+) -> None:
+    index, count = shape
+    raw = wire.pack_handshake(
+        session, index, count, acknowledged=acknowledged, keepalive_ms=keepalive_ms
+    )
+    assert wire.parse_prefix(raw) == (wire.FRAME_HELLO, int(acknowledged))
+    assert wire.parse_handshake(raw) == wire.Handshake(
+        session, index, count, acknowledged, keepalive_ms
+    )
+
+
+def test_hello_keepalive_defaults_to_zero() -> None:
+    raw = wire.pack_handshake(SESSION, 1, 2, acknowledged=False)
+    assert wire.parse_handshake(raw).keepalive_ms == 0
+    assert wire.parse_handshake(bytearray(raw)) == wire.parse_handshake(memoryview(raw))
+
+
+@given(status=st.one_of(st.sampled_from(STATUSES), st.integers(0, U32)))
+def test_welcome_round_trip(status: int) -> None:
+    raw = wire.pack_welcome(status)
+    assert wire.parse_prefix(raw) == (wire.FRAME_WELCOME, 0)
+    assert wire.parse_welcome(raw) == status
+
+
+@given(value=st.integers(0, U64))
+def test_ack_ping_pong_round_trip(value: int) -> None:
+    assert wire.parse_ack(wire.pack_ack(value)) == value
+    assert wire.parse_ping(wire.pack_ping(value)) == value
+    assert wire.parse_ping(wire.pack_pong(value), wire.FRAME_PONG) == value
+    assert wire.parse_prefix(wire.pack_ping(value))[0] == wire.FRAME_PING
+    assert wire.parse_prefix(wire.pack_pong(value))[0] == wire.FRAME_PONG
+
+
+@given(
+    mid=st.integers(0, U64),
+    payload=st.binary(max_size=2000),
+    checksum=st.booleans(),
+)
+def test_single_chunk_data_header_round_trip(mid: int, payload: bytes, checksum: bool) -> None:
+    raw = wire.pack_data_header(mid, 0, 1, len(payload), payload, checksum=checksum)
+    crc = wire.checksum_of(payload) if checksum else 0
+    flags = 0 if checksum else wire.FLAG_UNCHECKED
+    assert wire.parse_prefix(raw) == (wire.FRAME_DATA, flags)
+    header = wire.parse_data_header(raw, LIMIT)
+    assert header == wire.DataHeader(mid, 0, 1, len(payload), len(payload), crc, checksum)
+    wire.verify_checksum(header, payload)
+
+
+@settings(max_examples=60)
+@given(
+    mid=st.integers(0, U64),
+    size=st.integers(0, 6 * MIN),
+    chunk_size=st.integers(MIN, 2 * MIN),
+    checksum=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_encode_message_round_trip(
+    mid: int, size: int, chunk_size: int, checksum: bool, seed: int
+) -> None:
+    data = random.Random(seed).randbytes(size)
+    frames = wire.encode_message(mid, data, chunk_size, checksum=checksum)
+    count = wire.chunk_count(size, chunk_size)
+    assert len(frames) == count
+    parts = {}
+    for frame in frames:
+        header, payload = parse_data_frame(frame)
+        assert (header.message_id, header.chunk_count, header.total_length) == (mid, count, size)
+        assert header.checked is checksum
+        assert header.checksum == (wire.checksum_of(payload) if checksum else 0)
+        assert header.payload_length == len(payload)
+        assert header.chunk_index not in parts
+        parts[header.chunk_index] = payload
+    assert b"".join(parts[i] for i in range(count)) == data
+
+
+# -- every single bit is protected -------------------------------------------------------------
+
+
+def _data(mid: int, size: int, index: int, *, checksum: bool = True) -> bytes:
+    data = random.Random(size).randbytes(size)
+    return wire.encode_message(mid, data, MIN, checksum=checksum)[index]
+
+
+Parser = Callable[[bytes], object]
+Connect = Callable[[tuple[str, int]], socket.socket]
+RawReceiver = tuple[MultiStreamReceiver, Inbox]
+SAMPLES: dict[str, tuple[bytes, Parser]] = {
+    "hello": (
+        wire.pack_handshake(SESSION, 2, 5, acknowledged=True, keepalive_ms=5000),
+        wire.parse_handshake,
+    ),
+    "hello-plain": (wire.pack_handshake(bytes(16), 0, 1, acknowledged=False), wire.parse_handshake),
+    "welcome-accepted": (wire.pack_welcome(wire.STATUS_ACCEPTED), wire.parse_welcome),
+    "welcome-busy": (wire.pack_welcome(wire.STATUS_BUSY), wire.parse_welcome),
+    "welcome-refused": (wire.pack_welcome(wire.STATUS_REFUSED), wire.parse_welcome),
+    "ack": (wire.pack_ack(123_456_789), wire.parse_ack),
+    "ack-0": (wire.pack_ack(0), wire.parse_ack),
+    "ping": (wire.pack_ping(42), wire.parse_ping),
+    "pong": (wire.pack_pong(42), lambda raw: wire.parse_ping(raw, wire.FRAME_PONG)),
+    "pong-unprompted": (wire.pack_pong(0), lambda raw: wire.parse_ping(raw, wire.FRAME_PONG)),
+    "data-single": (_data(7, 300, 0), parse_data_frame),
+    "data-empty": (_data(8, 0, 0), parse_data_frame),
+    "data-first-chunk": (_data(9, 2500, 0), parse_data_frame),
+    "data-middle-chunk": (_data(9, 2500, 1), parse_data_frame),
+    "data-last-chunk": (_data(9, 2500, 2), parse_data_frame),
+}
+
+
+@pytest.mark.parametrize("name", list(SAMPLES))
+def test_every_bit_of_a_frame_is_protected(name: str) -> None:
+    frame, parse = SAMPLES[name]
+    parse(frame)  # intact, it parses
+    for bit in range(len(frame) * 8):
+        with pytest.raises(ProtocolError):
+            parse(flip(frame, bit))
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_unchecked_data_protects_every_header_bit_and_no_payload_bit(index: int) -> None:
+    frame = _data(9, 2500, index, checksum=False)
+    parse_data_frame(frame)
+    for bit in range(HEADER * 8):
+        with pytest.raises(ProtocolError):
+            parse_data_frame(flip(frame, bit))
+    # The sender opted out: a payload bit is not caught (TLS or the application checks it).
+    for bit in range(HEADER * 8, len(frame) * 8, 7):
+        header, payload = parse_data_frame(flip(frame, bit))
+        assert header.checked is False and payload != frame[HEADER:]
+
+
+@pytest.mark.parametrize("checksum", [True, False], ids=["checked", "unchecked"])
+@pytest.mark.parametrize(
+    ("field", "at", "value"),
+    [("message id", 8, 0), ("chunk index", 16, 0), ("total", 24, 2048), ("length", 28, 1024)],
+)
+def test_a_relabelled_chunk_keeping_its_old_header_crc_is_rejected(
+    checksum: bool, field: str, at: int, value: int
+) -> None:
+    # Message 1's last chunk passed off as part of message 0 (or another chunk, or another
+    # message size): the payload and its CRC are genuine, only the header CRC can tell.
+    last = wire.encode_message(1, bytes(2500), MIN, checksum=checksum)[-1]
+    size = 8 if field == "message id" else 4
+    relabelled = last[:at] + value.to_bytes(size, "big") + last[at + size :]
+    assert relabelled != last
+    with pytest.raises(ProtocolError, match="header checksum"):
+        parse_data_frame(relabelled)
+
+
+# -- the DATA field rules -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"flags": wire.FLAG_UNCHECKED, "crc": 1}, "non-zero checksum"),
+        ({"flags": 0x0002}, "unknown frame flags"),
+        ({"flags": 0x8001, "crc": 0}, "unknown frame flags"),
+        ({"index": 1, "count": 1}, "chunk index 1 >= chunk count 1"),
+        ({"index": 3, "count": 3, "total": 3000, "length": 952}, "chunk index 3 >= chunk count 3"),
+        ({"count": 0}, "chunk index 0 >= chunk count 0"),
+        ({"length": 4}, "not the whole message"),
+        ({"total": 6, "length": 5}, "not the whole message"),
+        ({"index": 0, "count": 2, "total": 2000, "length": MIN - 1}, "fewer than 1024"),
+        ({"index": 1, "count": 3, "total": 3000, "length": 1}, "fewer than 1024"),
+        ({"index": 1, "count": 2, "total": 1500, "length": 2000}, "longer than its message"),
+        ({"index": 3, "count": 4, "total": 2048, "length": 0}, "4 chunks for a 2048-byte"),
+        ({"index": 1, "count": 2, "total": MIN - 1, "length": 0}, "2 chunks for a 1023-byte"),
+        ({"total": LIMIT + 1, "length": LIMIT + 1}, "exceeds limit"),
+        ({"index": 0, "count": 2, "total": LIMIT + 1, "length": MIN}, "exceeds limit"),
+    ],
+)
+def test_data_fields_that_disagree_are_rejected(fields: dict[str, int], match: str) -> None:
+    values = {"flags": 0, "index": 0, "count": 1, "total": 5, "length": 5, "crc": 7}
+    values.update(fields)
+    with pytest.raises(ProtocolError, match=match):
+        wire.check_data_fields(max_message_size=LIMIT, **values)
+    # parse_data_header applies the same rules to a well-sealed header.
+    with pytest.raises(ProtocolError, match=match):
+        wire.parse_data_header(
+            data_header(
+                index=values["index"], count=values["count"], total=values["total"],
+                length=values["length"], crc=values["crc"], flags=values["flags"],
+            ),
+            LIMIT,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("index", "count", "total", "length"),
+    [
+        (0, 1, 0, 0),
+        (0, 1, LIMIT, LIMIT),  # exactly the limit
+        (0, 2, 2048, MIN),
+        (1, 2, 1025, 1),  # the last chunk may be short
+        (2, 3, 2048, 0),  # ...even empty, while the count fits the bytes
+        (1, 2, MIN, 0),
+        (0, 3, 3000, 2000),  # chunks need not be equal
+    ],
+)
+def test_data_fields_that_agree_are_accepted(
+    index: int, count: int, total: int, length: int
+) -> None:
+    wire.check_data_fields(0, index, count, total, length, 123, LIMIT)
+    wire.check_data_fields(wire.FLAG_UNCHECKED, index, count, total, length, 0, LIMIT)
+    header = wire.parse_data_header(
+        data_header(index=index, count=count, total=total, length=length, crc=5), LIMIT
+    )
+    assert (header.chunk_index, header.chunk_count, header.total_length) == (index, count, total)
+
+
+def test_the_limit_is_the_callers() -> None:
+    raw = data_header(total=100, length=100)
+    assert wire.parse_data_header(raw, 100).total_length == 100
+    with pytest.raises(ProtocolError, match="exceeds limit 99"):
+        wire.parse_data_header(raw, 99)
+
+
+def test_verify_checksum_checks_the_payload_length() -> None:
+    header = wire.parse_data_header(data_header(), LIMIT)
+    wire.verify_checksum(header, b"hello")
+    with pytest.raises(ProtocolError, match="length"):
+        wire.verify_checksum(header, b"hell")
+    with pytest.raises(ProtocolError, match="checksum mismatch in message 0 chunk 0"):
+        wire.verify_checksum(header, b"jello")
+
+
+# -- prefixes, types, lengths -------------------------------------------------------------------
+
+
+def prefix(magic: bytes = wire.MAGIC, version: int = wire.VERSION, kind: int = 1) -> bytes:
+    return wire.PREFIX.pack(magic, version, kind, 0)
+
+
+@pytest.mark.parametrize(
+    ("raw", "match"),
+    [
+        (prefix(magic=b"DWCQ"), "bad magic"),
+        (prefix(magic=b"\0\0\0\0"), "bad magic"),
+        (b"GET / HT", "bad magic"),
+        (prefix(version=1), "unsupported version 1"),  # a v1 peer
+        (prefix(version=0), "unsupported version 0"),
+        (prefix(version=3), "unsupported version 3"),
+        (prefix(kind=0x00), "unknown frame type 0x00"),
+        (prefix(kind=0x07), "unknown frame type 0x07"),
+        (prefix(kind=0xFF), "unknown frame type 0xff"),
+    ],
+)
+def test_parse_prefix_rejects(raw: bytes, match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        wire.parse_prefix(raw)
+    with pytest.raises(ProtocolError, match=match):
+        wire.parse_prefix(raw + bytes(40))  # only the first 8 bytes are looked at
+
+
+def test_parse_prefix_accepts_every_frame_type() -> None:
+    for kind in (1, 2, 3, 4, 5, 6):
+        assert wire.parse_prefix(prefix(kind=kind)) == (kind, 0)
+    assert wire.parse_prefix(wire.PREFIX.pack(wire.MAGIC, 2, 3, 0xBEEF)) == (3, 0xBEEF)
+
+
+def test_a_v1_peer_is_refused_by_every_parser() -> None:
+    for name, (frame, parse) in SAMPLES.items():
+        old = frame[:4] + b"\x01" + frame[5:]
+        with pytest.raises(ProtocolError, match="unsupported version 1"):
+            parse(old)  # the prefix is checked first, whatever the CRC says
+        with pytest.raises(ProtocolError, match="unsupported version 1"):
+            parse(seal(old[:HEADER]) + old[HEADER:] if name.startswith("data") else seal(old))
+
+
+def test_a_frame_of_another_type_is_refused() -> None:
+    # ACK, PING and PONG share one layout; only the (protected) type byte tells them apart.
+    control = {
+        "hello": wire.pack_handshake(SESSION, 0, 1, acknowledged=False),
+        "welcome": wire.pack_welcome(0),
+        "ack": wire.pack_ack(5),
+        "ping": wire.pack_ping(5),
+        "pong": wire.pack_pong(5),
+        "data": data_header(),
+    }
+    parsers: dict[str, Parser] = {
+        "hello": wire.parse_handshake,
+        "welcome": wire.parse_welcome,
+        "ack": wire.parse_ack,
+        "ping": wire.parse_ping,
+        "pong": lambda raw: wire.parse_ping(raw, wire.FRAME_PONG),
+        "data": lambda raw: wire.parse_data_header(raw, LIMIT),
+    }
+    for kind, parse in parsers.items():
+        for other, raw in control.items():
+            if other != kind:
+                with pytest.raises(ProtocolError, match="unexpected"):
+                    parse(raw)
+
+
+@pytest.mark.parametrize("name", ["hello", "welcome-busy", "ack", "ping", "data-single"])
+def test_a_frame_of_the_wrong_length_is_refused(name: str) -> None:
+    frame, parse = SAMPLES[name]
+    header = frame[:HEADER] if name.startswith("data") else frame
+    for raw in (header[:-1], header + b"\0"):
+        with pytest.raises(ProtocolError):
+            if name.startswith("data"):
+                wire.parse_data_header(raw, LIMIT)
+            else:
+                parse(raw)
+
+
+@pytest.mark.parametrize(
+    ("flags", "index", "count", "match"),
+    [
+        (0x0002, 0, 1, "unknown handshake flags"),
+        (0, 0, 0, "stream count 0"),
+        (0, 0, wire.MAX_STREAMS + 1, "stream count 33"),
+        (0, 4, 4, "stream index 4 >= stream count 4"),
+    ],
+)
+def test_a_sealed_but_invalid_hello_is_refused(
+    flags: int, index: int, count: int, match: str
+) -> None:
+    raw = seal(
+        wire.HANDSHAKE.pack(
+            wire.MAGIC, wire.VERSION, wire.FRAME_HELLO, flags, SESSION, index, count, 0, 0
+        )
+    )
+    with pytest.raises(ProtocolError, match=match):
+        wire.parse_handshake(raw)
+
+
+@pytest.mark.parametrize(
+    ("raw", "parse"),
+    [
+        (seal(wire.WELCOME.pack(wire.MAGIC, wire.VERSION, wire.FRAME_WELCOME, 1, 0, 0)), "welcome"),
+        (seal(wire.ACK.pack(wire.MAGIC, wire.VERSION, wire.FRAME_ACK, 1, 0, 0)), "ack"),
+        (seal(wire.PING.pack(wire.MAGIC, wire.VERSION, wire.FRAME_PING, 1, 0, 0)), "ping"),
+    ],
+)
+def test_control_frames_with_flags_are_refused(raw: bytes, parse: str) -> None:
+    parser = {"welcome": wire.parse_welcome, "ack": wire.parse_ack, "ping": wire.parse_ping}
+    with pytest.raises(ProtocolError, match="flags"):
+        parser[parse](raw)
+
+
+# -- the receiver itself -------------------------------------------------------------------------
+
+
+def join_session(receiver_address: tuple[str, int], connect: Connect) -> socket.socket:
+    """A raw stream 0 of a fresh one-stream session, past HELLO and WELCOME."""
+    sock = connect(receiver_address)
+    sock.sendall(wire.pack_handshake(os.urandom(16), 0, 1, acknowledged=False))
+    welcome = sock.recv(wire.WELCOME.size, socket.MSG_WAITALL)
+    assert wire.parse_welcome(welcome) == wire.STATUS_ACCEPTED
+    return sock
+
+
+def send_split(sock: socket.socket, frame: bytes, at: int | None) -> None:
+    """Send ``frame``; with ``at``, its first ``at`` bytes first, so they arrive alone."""
+    if at is None:
+        sock.sendall(frame)
+        return
+    sock.sendall(frame[:at])
+    time.sleep(0.02)
+    sock.sendall(frame[at:])
+
+
+SMALL = b"".join(wire.encode_message(0, random.Random(1).randbytes(200), MIN))
+LARGE = b"".join(wire.encode_message(0, random.Random(2).randbytes(64 * 1024), 1 << 20))
+SMALL_BITS = [byte * 8 + byte % 8 for byte in range(HEADER)] + [
+    bit for bit in range(HEADER * 8, len(SMALL) * 8, 131)
+]
+LARGE_BITS = [HEADER * 8, HEADER * 8 + 32 * 1024 * 8 + 3, len(LARGE) * 8 - 1]
+
+
+@pytest.fixture
+def raw_receiver(receiver_factory: ReceiverFactory) -> RawReceiver:
+    # A long idle timeout: a damaged frame must close the connection at once, not by idling.
+    return receiver_factory(max_sessions=128, idle_timeout=60.0)
+
+
+@pytest.mark.parametrize(
+    ("frame", "split"), [(SMALL, None), (LARGE, HEADER)], ids=["small", "large"]
+)
+def test_the_receiver_delivers_an_intact_frame(
+    raw_receiver: RawReceiver, raw_connections: Connect, frame: bytes, split: int | None
+) -> None:
+    receiver, inbox = raw_receiver
+    sock = join_session(receiver.address, raw_connections)
+    send_split(sock, frame, split)
+    assert receiver.wait_delivered(1, 5.0)
+    assert inbox.messages == [frame[HEADER:]]
+
+
+@pytest.mark.parametrize(
+    ("frame", "split", "bits"),
+    [(SMALL, None, SMALL_BITS), (LARGE, HEADER, LARGE_BITS)],
+    ids=["small", "large-read-in-pieces"],
+)
+def test_the_receiver_closes_on_any_flipped_bit_and_delivers_nothing(
+    raw_receiver: RawReceiver,
+    raw_connections: Connect,
+    frame: bytes,
+    split: int | None,
+    bits: list[int],
+) -> None:
+    receiver, inbox = raw_receiver
+    kept_open = []
+    for bit in bits:
+        sock = join_session(receiver.address, raw_connections)
+        send_split(sock, flip(frame, bit), split)
+        if not closed_by_peer(sock, 3.0):
+            kept_open.append(bit)
+        sock.close()
+    time.sleep(0.05)  # a message accepted by mistake would be delivered by now
+    assert kept_open == [], f"bits {kept_open} did not close the connection"
+    assert inbox.messages == [] and receiver.delivered_count == 0
+
+
+def test_the_receiver_answers_ping_and_closes_on_a_damaged_one(
+    raw_receiver: RawReceiver, raw_connections: Connect
+) -> None:
+    receiver, _ = raw_receiver
+    sock = join_session(receiver.address, raw_connections)
+    sock.sendall(wire.pack_ping(77))
+    assert wire.parse_ping(sock.recv(wire.PING.size, socket.MSG_WAITALL), wire.FRAME_PONG) == 77
+    for bit in (0, 37, 40, 100, 159):
+        sock = join_session(receiver.address, raw_connections)
+        sock.sendall(flip(wire.pack_ping(77), bit))
+        assert closed_by_peer(sock, 3.0), f"bit {bit}"
+
+
+def test_the_receiver_refuses_a_single_chunk_frame_with_a_nonzero_index(
+    raw_receiver: RawReceiver, raw_connections: Connect
+) -> None:
+    # Chunk 1 of 1: header and payload CRCs valid, but check_data_fields forbids it.
+    receiver, inbox = raw_receiver
+    sock = join_session(receiver.address, raw_connections)
+    sock.sendall(data_header(index=1, count=1) + b"hello")
+    assert closed_by_peer(sock, 3.0)
+    time.sleep(0.05)
+    assert inbox.messages == [] and receiver.delivered_count == 0
