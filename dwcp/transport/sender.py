@@ -427,6 +427,9 @@ class _Session:
         mark = None if early else _Batch(1)
         waiter = None
         flags = self.flags
+        # Computed here, before the order lock: for a large frame, while the stream's writer
+        # is still writing the previous one (the GIL is released for both).
+        crc = _checksum(data) if self.checksum else 0
         while True:
             with self._order:
                 message_id = self.next_id
@@ -435,16 +438,14 @@ class _Session:
                     self.next_id = message_id + 1
                     if self.acknowledged:
                         waiter = self._expect_ack(message_id)
+                    head = _pack_head(
+                        _MAGIC, _VERSION, _DATA, flags, message_id, 0, 1, size, size, crc
+                    )  # fmt: skip
+                    head += _pack_u32(_checksum(head))
                     if size <= _COPY_LIMIT:
-                        crc = _checksum(data) if self.checksum else 0
-                        head = _pack_head(
-                            _MAGIC, _VERSION, _DATA, flags, message_id, 0, 1, size, size, crc
-                        )  # fmt: skip
-                        head += _pack_u32(_checksum(head))
                         stream.put((head + data,), _HEADER_SIZE + size, deadline, mark)
                     else:
-                        frame = _Lazy(flags, message_id, 0, 1, size, data, self.checksum)
-                        stream.put((frame,), _HEADER_SIZE + size, deadline, mark, lazy=True)
+                        stream.put((head, data), _HEADER_SIZE + size, deadline, mark)
                     break
             self._wait_for_room(stream, deadline)
         if mark is not None:
