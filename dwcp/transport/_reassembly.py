@@ -146,8 +146,13 @@ class Reassembly:
             partial, complete, budget = self._partial, self._complete, self._max_buffered
             before = len(ready)
             # The fast path keeps the counters in locals, written back before anything
-            # else reads them (the slow path, or the end).
+            # else reads them (the slow path, or the end); what it tests against is
+            # hoisted, and looked up again after the slow path changed it.
             next_id, gained = self.next_id, 0
+            floor = last[stream]
+            room = budget - self.buffered
+            idle = not self.delivering
+            entries = bool(partial or complete)
             try:
                 for frame in frames:
                     mid = frame[0]
@@ -157,13 +162,9 @@ class Reassembly:
                         mid == next_id
                         and frame[2] == 1
                         and frame[3] == frame[5]
-                        and mid >= last[stream]
-                        and mid not in partial
-                        and mid not in complete
-                        and (
-                            self.buffered + gained + frame[5] + overhead <= budget
-                            or not (gained or self.delivering)
-                        )
+                        and mid >= floor
+                        and not (entries and (mid in partial or mid in complete))
+                        and (gained + frame[5] + overhead <= room or (idle and not gained))
                     ):
                         cost = frame[5] + overhead
                         gained += cost
@@ -171,7 +172,8 @@ class Reassembly:
                         next_id = mid + 1
                         taken += 1
                         continue
-                    last[stream] = max(last[stream], next_id - 1) if gained else last[stream]
+                    if gained:
+                        last[stream] = max(last[stream], next_id - 1)
                     next_id = self._settle(next_id, gained, taken)
                     gained = 0
                     message = self._admit(stream, frame)
@@ -179,6 +181,10 @@ class Reassembly:
                         break
                     self._store(message, mid, frame[1], frame[4])
                     next_id = self.next_id
+                    floor = last[stream]
+                    room = budget - self.buffered
+                    idle = not self.delivering
+                    entries = bool(partial or complete)
                     taken += 1
             finally:
                 if gained:

@@ -418,6 +418,27 @@ class _Session:
         """Queue a message that fits one chunk as one frame on the next stream (round robin)."""
         if self.broken is not None or self.closing:
             self._raise_broken()
+        if size <= _COPY_LIMIT and not self.acknowledged:
+            # The common case, inlined: one frame copied into a stream's outbox with room.
+            crc = _checksum(data) if self.checksum else 0
+            with self._order:
+                message_id = self.next_id
+                stream = self.streams[message_id % self.count]
+                if stream.queued < _OUTBOX_LIMIT:
+                    self.next_id = message_id + 1
+                    head = _pack_head(
+                        _MAGIC, _VERSION, _DATA, self.flags, message_id, 0, 1, size, size, crc
+                    )  # fmt: skip
+                    frame = head + _pack_u32(_checksum(head)) + data
+                    with stream.lock:
+                        if not stream.outbox:
+                            stream.oldest = _monotonic() + self.send_timeout
+                        stream.outbox.append(frame)
+                        stream.queued += len(frame)
+                        if not stream.kicked:
+                            stream.kicked = True
+                            stream.kick.release()
+                    return
         deadline = _monotonic() + self.send_timeout
         # Frames up to 16 KiB are copied into the outbox, and a bytes object cannot change
         # under the writer; a mutable buffer, or a message over the outbox limit, is written
