@@ -416,3 +416,22 @@ def wait_for(condition: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
             return False
         pause.wait(0.005)
     return True
+
+
+def test_a_half_closed_sender_still_gets_its_acknowledgement(
+    hostile_receiver_factory: Callable[..., tuple[MultiStreamReceiver, Inbox]],
+    raw_connections: Callable[[tuple[str, int]], socket.socket],
+) -> None:
+    gate = threading.Event()
+    receiver, _ = hostile_receiver_factory(on_message=lambda data: gate.wait(TIMEOUT))
+    sock = raw_connections(receiver.address)
+    handshake(sock, os.urandom(16), ack=True)
+    sock.sendall(frame(0, b"last words"))
+    sock.shutdown(socket.SHUT_WR)  # done sending; still reading (docs/wire-format.md, ACK)
+    # The stream's reader has seen the end and left before the message is delivered.
+    assert wait_for(
+        lambda: not [t for t in threading.enumerate() if t.name.startswith("dwcp-receiver-conn")]
+    )
+    gate.set()
+    assert wire.parse_ack(sock.recv(wire.ACK.size, socket.MSG_WAITALL)) == 0
+    assert closed_by_peer(sock)

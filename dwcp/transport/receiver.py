@@ -74,6 +74,7 @@ class _Connection:
     """One accepted socket and the thread that reads it."""
 
     __slots__ = (
+        "holders",
         "index",
         "peer",
         "recv_timeout",
@@ -93,6 +94,7 @@ class _Connection:
         self.index = -1
         self.thread: threading.Thread | None = None
         self.recv_timeout: float | None = None
+        self.holders = 1  # the reader; see MultiStreamReceiver._release
 
     def shutdown(self) -> None:
         try:
@@ -147,6 +149,7 @@ class _Session:
         self.open_streams = 0
         self.delivery: threading.Thread | None = None
         self.aborted = False
+        self.finished = False
 
 
 class MultiStreamReceiver:
@@ -469,7 +472,7 @@ class MultiStreamReceiver:
         finally:
             with self._lock:
                 self._connections.discard(conn)
-            conn.close()
+            self._release(conn)
 
     def _start_tls(self, conn: _Connection, context: ssl.SSLContext) -> bool:
         """Run the TLS handshake; on failure close the connection, say why, return False."""
@@ -550,6 +553,7 @@ class MultiStreamReceiver:
                 session.joined += 1
                 session.open_streams += 1
                 conn.session, conn.index = session, hello.stream_index
+                conn.holders += 1  # the session's delivery thread writes its ACKs
                 if session.delivery is None:
                     session.delivery = self._thread(self._deliver_loop, session, "deliver")
                     session.delivery.start()
@@ -902,8 +906,11 @@ class MultiStreamReceiver:
             self._session_finished(session)
 
     def _session_finished(self, session: _Session) -> None:
-        """Forget a session once nothing more will be delivered for it."""
+        """Forget a session once nothing more will be delivered for it (once)."""
         with self._lock:
+            if session.finished:
+                return
+            session.finished = True
             if self._sessions.get(session.id) is session:
                 del self._sessions[session.id]
             self._ended[session.id] = None
@@ -912,6 +919,17 @@ class MultiStreamReceiver:
             connections = [c for c in session.connections if c is not None]
         for conn in connections:
             conn.shutdown()
+            self._release(conn)
+
+    def _release(self, conn: _Connection) -> None:
+        """One holder (its reader, or its session's delivery) is done with ``conn``; the
+        last one closes it. Until then a half-closed sender still gets its ACKs, and no
+        socket is closed while another thread may be inside a call on it."""
+        with self._lock:
+            conn.holders -= 1
+            last = conn.holders == 0
+        if last:
+            conn.close()
 
 
 def _bytes_waiting(sock: socket.socket) -> int:
