@@ -288,7 +288,8 @@ def _close_within(close: Callable[[], object], timeout: float) -> bool:
 
 @contextmanager
 def _dwcp_transport(address: tuple[str, int], **options: Any) -> Iterator[MultiStreamTCPTransport]:
-    transport = MultiStreamTCPTransport(address, checksum=True, **options)
+    options.setdefault("checksum", True)
+    transport = MultiStreamTCPTransport(address, **options)
     transport.start()
     try:
         yield transport
@@ -457,6 +458,20 @@ def _one_stream_at(
             )
         )
         contenders["dwcp"] = partial(delivered_per_second, dwcp_peer, transport.send, payload)
+        # The references check nothing; the same transport without its payload CRC shows
+        # what checksums on cost (headers stay checked).
+        unchecked = stack.enter_context(
+            _dwcp_transport(
+                dwcp_peer.address,
+                streams=1,
+                chunk_size=max(size, 256 * 1024),
+                max_message_size=limit,
+                checksum=False,
+            )
+        )
+        contenders["dwcp-unchecked"] = partial(
+            delivered_per_second, dwcp_peer, unchecked.send, payload
+        )
         labelled = {name: _labelled(name, measure) for name, measure in contenders.items()}
         samples, failure = rotate(labelled, count=count, rounds=rounds, warmup=max(1, count // 4))
 
@@ -466,6 +481,14 @@ def _one_stream_at(
         f"raw sendall: {raw_rate / 1e3:,.1f} kmsg/s ({raw_rate * size / 1e6:,.0f} MB/s); "
         f"{count:,} msgs x {len(ours)} rounds"
     )
+    unchecked_samples = samples.get("dwcp-unchecked") or []
+    if unchecked_samples:
+        ratios = ", ".join(
+            f"{paired_ratio(unchecked_samples, samples[name]):.2f}x {name}"
+            for name in ("pyzmq", "framed")
+            if name in samples
+        )
+        context += f"; dwcp checksum off: {_median(unchecked_samples) / 1e3:,.1f} kmsg/s ({ratios})"
     if failure is not None:
         context += f"; FAILED: {failure}"
     label = f"8. e2e 1 stream, {_size(size)}, checksum on"

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import collections
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 from dwcp.transport.wire import ID_WINDOW, ProtocolError
@@ -33,21 +33,6 @@ FRAME_OVERHEAD = 64
 # Ready messages (or bytes) that wake the delivery thread even while a reader is busy.
 ANNOUNCE_COUNT = 64
 ANNOUNCE_BYTES = 1 << 20
-
-
-class Pieces(list[bytes | bytearray]):
-    """A payload read in pieces, and the CRCs its pieces must match before delivery.
-
-    ``checks`` holds ``(first piece, end piece, CRC-32C)`` ranges. The delivery thread
-    verifies them just before ``on_message``, so the reader goes on receiving meanwhile;
-    a mismatch closes the session and nothing of the message is delivered.
-    """
-
-    __slots__ = ("checks",)
-
-    def __init__(self, pieces: Iterable[bytes | bytearray] = ()) -> None:
-        super().__init__(pieces)
-        self.checks: list[tuple[int, int, int]] = []
 
 
 # A payload: one bytes-like object, or a list of pieces (a large frame read in parts).
@@ -330,14 +315,10 @@ class Reassembly:
             assert whole is not None
             payload = whole
         else:
-            pieces = Pieces()
+            pieces: list[bytes | bytearray] = []
             for i in range(message.count):
                 part = message.chunks[i]
-                if isinstance(part, Pieces):
-                    base = len(pieces)
-                    pieces.extend(part)
-                    pieces.checks.extend((base + a, base + b, c) for a, b, c in part.checks)
-                elif isinstance(part, list):
+                if isinstance(part, list):
                     pieces.extend(part)
                 elif part is not None:
                     pieces.append(part)

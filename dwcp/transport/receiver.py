@@ -25,7 +25,7 @@ from loguru import logger
 
 from dwcp.transport import wire
 from dwcp.transport._io import TLSChannel, _bounded_int, _seconds, set_kernel_timeout
-from dwcp.transport._reassembly import Closed, FrameTuple, Pieces, Ready, Reassembly
+from dwcp.transport._reassembly import Closed, FrameTuple, Ready, Reassembly
 
 if TYPE_CHECKING:  # typing.Self is 3.11+ and setup.cfg still allows 3.10
     from typing_extensions import Self
@@ -748,19 +748,25 @@ class MultiStreamReceiver:
             while not reassembly.reserve(conn.index, frame):
                 self._wait_for_room(conn, session, frame)
             deadline = time.monotonic() + self._frame_timeout  # waiting was ours, not theirs
-        # The payload CRC is checked by the delivery thread (Pieces.checks), while this
-        # thread receives the next frame; the header CRC was checked before anything here.
-        pieces = Pieces()
+        crc = wire.checksum_of
+        pieces: list[bytes | bytearray] = []
+        value = 0
         if len(head):
-            pieces.append(bytes(head))
+            first = bytes(head)
+            pieces.append(first)
+            value = crc(first)
         mid, index, _, _, _, length = frame
         left = length - len(head)
         while left:
             piece = self._recv_piece(conn, session, min(left, _PIECE), deadline)
+            # Each piece's CRC right after it arrived, while it is in the cache; the readers
+            # of a session's streams do this in parallel (the GIL is released for it).
+            if checked:
+                value = crc(piece, value)
             pieces.append(piece)
             left -= len(piece)
-        if checked:
-            pieces.checks.append((0, len(pieces), checksum))
+        if checked and value != checksum:
+            raise wire.ProtocolError(f"checksum mismatch in message {mid} chunk {index}")
         reassembly.store((mid, index, frame[2], frame[3], pieces, length))
 
     def _recv_piece(
@@ -821,9 +827,6 @@ class MultiStreamReceiver:
                     return
                 for at in range(0, len(batch), _DELIVERY_BATCH):
                     self._deliver_some(session, batch[at : at + _DELIVERY_BATCH], on_message)
-        except wire.ProtocolError as exc:  # a payload failed its CRC: nothing more of it
-            logger.bind(session=session.name, reason=str(exc)).warning("Receiver closed session")
-            self._close_session(session, drain=False)
         except Exception as exc:  # noqa: BLE001 - never die silently
             logger.opt(exception=exc).error("Receiver delivery failed")
         finally:
@@ -835,9 +838,6 @@ class MultiStreamReceiver:
         cost = 0
         acks: dict[int, list[bytes]] = {}
         acknowledged = session.acknowledged
-        corrupt = _first_corrupt(batch)
-        if corrupt is not None:
-            batch = batch[:corrupt]  # the intact ones before it still go out
         for mid, pieces, price, stream in batch:
             # A list of pieces, or bytes/bytearray (joining those makes the bytes we hand on).
             payload = pieces if type(pieces) is bytes else b"".join(pieces)  # type: ignore[arg-type]
@@ -854,8 +854,6 @@ class MultiStreamReceiver:
             self._delivered += len(batch)
             self._delivered_cond.notify_all()
         session.reassembly.done(cost)
-        if corrupt is not None:
-            raise wire.ProtocolError("checksum mismatch in a large frame")
         if acks and not session.reassembly.closed:
             for stream, frames in acks.items():
                 conn = session.connections[stream]
@@ -939,17 +937,3 @@ def _bytes_waiting(sock: socket.socket) -> int:
         return int(struct.unpack("i", raw)[0])
     except (OSError, NameError):
         return 0
-
-
-def _first_corrupt(batch: list[Ready]) -> int | None:
-    """Index of the first message whose deferred payload CRCs fail (see Pieces), or None."""
-    crc = wire.checksum_of
-    for at, (_, pieces, _, _) in enumerate(batch):
-        if type(pieces) is Pieces and pieces.checks:
-            for first, end, expected in pieces.checks:
-                value = 0
-                for piece in pieces[first:end]:
-                    value = crc(piece, value)
-                if value != expected:
-                    return at
-    return None
