@@ -645,10 +645,11 @@ class MultiStreamReceiver:
                     start = end = 0
                     exact, consumed, partial_since = True, True, None
                     break
-                if checked and crc(view[body : body + length]) != pcrc:
-                    raise wire.ProtocolError(f"checksum mismatch in message {mid} chunk {index}")
                 start = body + length
-                append((mid, index, count, total, bytes(view[body:start]), length))
+                payload = bytes(view[body:start])
+                if checked and crc(payload) != pcrc:
+                    raise wire.ProtocolError(f"checksum mismatch in message {mid} chunk {index}")
+                append((mid, index, count, total, payload, length))
                 consumed = True
             if batch:
                 self._push(conn, session, batch)
