@@ -160,7 +160,8 @@ class MultiStreamReceiver:
     Malformed or hostile input closes that connection and its session, and nothing else.
 
     Memory: a session holds at most ``max_buffered_bytes + max_message_size`` of message
-    data (plus 64 bytes a chunk) and 256 KiB of read buffer a stream; the receiver at most
+    data (plus 64 bytes a chunk) and about 1.5 MiB a stream (read buffer, parsed frames, the
+    piece of a large frame being read); the receiver at most
     ``max_sessions`` times that. Memory follows bytes received: a header alone reserves
     budget but allocates at most 1 MiB, for at most ``frame_timeout``.
 
