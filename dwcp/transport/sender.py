@@ -138,6 +138,29 @@ class _Stream:
                 self.kicked = True
                 self.kick.release()
 
+    def claim(self) -> bool:
+        """Take the socket for a direct write if nothing is queued or being written.
+
+        The caller holds the session's order lock, so frames of later ids go to the
+        outbox, and the writer leaves them until ``unclaim``.
+        """
+        with self.lock:
+            if self.outbox or self.busy:
+                return False
+            self.busy = True
+            return True
+
+    def unclaim(self) -> None:
+        """A direct write is done: the writer may go on with what queued up meanwhile."""
+        with self.lock:
+            self.busy = False
+            self.writes += 1
+            if self.outbox and not self.kicked:
+                self.kicked = True
+                self.kick.release()
+            if self.waiting:
+                self.drained.notify_all()
+
     def wake(self) -> None:
         """Wake the writer (to drain, or to notice that the session ended)."""
         with self.lock:
@@ -451,6 +474,11 @@ class _Session:
         # Computed here, before the order lock: for a large frame, while the stream's writer
         # is still writing the previous one (the GIL is released for both).
         crc = _checksum(data) if self.checksum else 0
+        # A large frame, or one whose sender waits for its ACK anyway, gains nothing from
+        # batching: when its stream is idle the caller writes it itself, saving the writer
+        # thread's hand-off (and it is in the kernel when send returns).
+        wants_direct = size > _COPY_LIMIT or self.acknowledged
+        direct = False
         while True:
             with self._order:
                 message_id = self.next_id
@@ -463,13 +491,22 @@ class _Session:
                         _MAGIC, _VERSION, _DATA, flags, message_id, 0, 1, size, size, crc
                     )  # fmt: skip
                     head += _pack_u32(_checksum(head))
-                    if size <= _COPY_LIMIT:
+                    if wants_direct:
+                        direct = stream.claim()  # under the order lock: later ids queue behind
+                    if direct:
+                        pass
+                    elif size <= _COPY_LIMIT:
                         stream.put((head + data,), _HEADER_SIZE + size, deadline, mark)
                     else:
                         stream.put((head, data), _HEADER_SIZE + size, deadline, mark)
                     break
             self._wait_for_room(stream, deadline)
-        if mark is not None:
+        if direct:
+            try:
+                self._write(stream, [head, data], _HEADER_SIZE + size, deadline)
+            finally:
+                stream.unclaim()
+        elif mark is not None:
             self._await_written(mark, deadline)
         if waiter is not None:
             self._await_ack(message_id, waiter, deadline)
@@ -529,6 +566,12 @@ class _Session:
                 stream.kick.acquire()  # blocks until something is queued (or we must stop)
                 while True:
                     with stream.lock:
+                        while stream.busy:
+                            # A caller is writing directly (see claim()); its frames come
+                            # before these.
+                            stream.waiting += 1
+                            stream.drained.wait()
+                            stream.waiting -= 1
                         parts, marks = stream.outbox, stream.marks
                         if not parts:
                             stream.kicked = False
