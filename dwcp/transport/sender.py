@@ -49,6 +49,8 @@ _COPY_LIMIT = 16 * 1024
 _FRAME = wire.ACK.size  # ACK and PONG, the frames a receiver sends in a session, are 20 bytes
 assert wire.PING.size == _FRAME
 _HEADER_SIZE = wire.DATA_HEADER.size
+# Frames at least this large are written by their caller when the stream is idle.
+_DIRECT_MIN = 256 * 1024
 # Bytes queued on a stream before senders wait for its writer (backpressure).
 _OUTBOX_LIMIT = 1 << 20
 # Buffers per writev() (POSIX guarantees 16, Linux takes 1024).
@@ -474,10 +476,11 @@ class _Session:
         # Computed here, before the order lock: for a large frame, while the stream's writer
         # is still writing the previous one (the GIL is released for both).
         crc = _checksum(data) if self.checksum else 0
-        # A large frame, or one whose sender waits for its ACK anyway, gains nothing from
-        # batching: when its stream is idle the caller writes it itself, saving the writer
-        # thread's hand-off (and it is in the kernel when send returns).
-        wants_direct = size > _COPY_LIMIT or self.acknowledged
+        # A frame of 256 KiB or more, or one whose sender waits for its ACK anyway, gains
+        # nothing from batching: when its stream is idle the caller writes it itself, saving
+        # the writer thread's hand-off (and it is in the kernel when send returns). Smaller
+        # ones share the writer's writev, several to a syscall.
+        wants_direct = size >= _DIRECT_MIN or self.acknowledged
         direct = False
         while True:
             with self._order:
