@@ -372,7 +372,8 @@ class Reassembly:
     def _take_all(self) -> list[Ready]:
         batch = list(self._ready)
         self._ready.clear()
-        self._taken += sum(ready[2] for ready in batch)
+        # ``delivering`` is what is ready plus what is being delivered; all of it is now.
+        self._taken = self.delivering
         return batch
 
     def _announce_some(self) -> None:
@@ -410,7 +411,7 @@ class Reassembly:
                 self._ready.clear()
             # What stays charged: the ready messages kept, and a batch being delivered
             # (its done() is still to come).
-            kept = sum(ready[2] for ready in self._ready) + self._taken
+            kept = self.delivering if drain else self._taken
             self.buffered = self.delivering = kept
             self._room.notify_all()
             self._wake_taker()
