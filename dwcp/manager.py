@@ -181,6 +181,7 @@ class Manager:
         breaker_name: str = "dwcp",
         health_port: int | None = None,
         health_host: str = "127.0.0.1",
+        fail_fast: bool = False,
     ) -> None:
         self._interval = _seconds("health_interval", health_interval, allow_zero=False)
         self._check_timeout = _seconds(
@@ -191,6 +192,9 @@ class Manager:
             initial_backoff=_seconds("initial_backoff", initial_backoff, allow_zero=True),
         )
         self._enabled = bool(enabled)
+        if not isinstance(fail_fast, bool):
+            raise TypeError(f"fail_fast must be a bool, got {fail_fast!r}")
+        self._fail_fast = fail_fast
         self._clock: Callable[[], float] = time.monotonic
 
         objects: dict[str, tuple[Any, bool]] = {}
@@ -296,7 +300,13 @@ class Manager:
         return monitor is not None and monitor.is_alive()
 
     def start(self) -> None:
-        """Start the transport and layers in order, then the monitoring thread."""
+        """Start the transport and layers in order, then the monitoring thread.
+
+        A component that fails to start (its peer is down, say) does not make ``start()``
+        fail: it starts degraded, in recovery with the usual backoff, and sends fail fast
+        meanwhile. With ``fail_fast=True`` the error is raised instead, after stopping what
+        had started.
+        """
         if not self._enabled:
             return
         with self._lock:
@@ -305,6 +315,8 @@ class Manager:
             self._phase = "starting"
             self._stopped.clear()
         started: list[_Component] = []
+        # Components that failed to start, and why: they start degraded, in recovery.
+        failed: dict[str, DWCPError] = {}
         try:
             if self._health_server is not None:
                 try:
@@ -315,7 +327,15 @@ class Manager:
                         code="HEALTH_SERVER_FAILED",
                     ) from exc
             for component in self._components.values():
-                self._start_component(component)
+                try:
+                    self._start_component(component)
+                except DWCPError as exc:
+                    # A peer that is down at start is what this library recovers from;
+                    # only fail_fast makes it the caller's problem.
+                    if self._fail_fast:
+                        raise
+                    failed[component.name] = exc
+                    continue
                 started.append(component)
         except BaseException:
             for component in reversed(started):
@@ -326,11 +346,16 @@ class Manager:
                 self._phase = "idle"
                 self._stopped.set()
             raise
+        to_recover: list[tuple[_Component, _Cycle]] = []
         with self._lock:
             now = self._clock()
             for component in self._components.values():
                 component.status, component.last_error, component.since = "healthy", None, now
                 component.down_since = None
+                if component.name in failed:
+                    cycle, _ = self._begin_cycle(component, str(failed[component.name]))
+                    if cycle is not None:
+                        to_recover.append((component, cycle))
             self._events.open()
             self._monitor = threading.Thread(
                 target=self._monitor_loop, args=(self._stop,), name="dwcp-monitor", daemon=True
@@ -338,7 +363,17 @@ class Manager:
             self._phase = "started"
             self._started = True
             self._monitor.start()
-        logger.bind(components=list(self._components)).info("DWCP manager started")
+            stop = self._stop
+        logger.bind(components=list(self._components), degraded=sorted(failed)).info(
+            "DWCP manager started"
+        )
+        for component, cycle in to_recover:
+            error = str(failed[component.name])
+            logger.bind(component=component.name, error=error).warning(
+                "Component failed to start; recovering"
+            )
+            self._events.publish(ComponentUnhealthy(component.name, error))
+            self._spawn_recovery(component, cycle, stop)
 
     def stop(self) -> None:
         """Stop monitoring and recovery, join their threads, stop layers, close the transport.

@@ -315,16 +315,35 @@ def send_until_rejected(ledger: Ledger, first: int, limit: int = 200) -> int:
 # -- 1. the peer refuses connections -----------------------------------------------------------
 
 
-def test_start_against_a_refusing_peer_raises_transport_error(
+def test_fail_fast_start_against_a_refusing_peer_raises_transport_error(
     make_manager: MakeManager, receiver: dwcp.MultiStreamReceiver
 ) -> None:
     port = receiver.address[1]
     receiver.stop()
-    manager, _, _ = managed(make_manager, port)
+    manager, _, _ = managed(make_manager, port, fail_fast=True)
     with pytest.raises(dwcp.TransportError, match="Connection refused"):
         manager.start()
     assert not manager.is_started
     assert not manager.monitor_alive
+
+
+def test_start_against_a_refusing_peer_starts_degraded_and_connects_when_it_returns(
+    make_manager: MakeManager, receiver: dwcp.MultiStreamReceiver, inbox: Inbox
+) -> None:
+    port = receiver.address[1]
+    receiver.stop()
+    manager, _, events = managed(make_manager, port, max_retries=100)
+    manager.start()  # the peer is down: no exception, recovery takes over
+    assert manager.is_started and manager.monitor_alive
+    assert transport_status(manager) == "recovering"
+    with pytest.raises(dwcp.DWCPError):  # sends fail fast meanwhile
+        manager.send_with_circuit_breaker(b"too early")
+    receiver.start()
+    events.wait_for(events.recovered, timeout=10)
+    assert transport_status(manager) == "healthy"
+    manager.send_with_circuit_breaker(message(7, 100))
+    assert receiver.wait_delivered(1, 5.0)
+    assert dict(inbox.counts) == {7: 1} and not inbox.corrupt
 
 
 def test_peer_refusing_while_running_fails_recovery_and_opens_the_breaker(

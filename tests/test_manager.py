@@ -139,11 +139,11 @@ def test_stop_is_idempotent_and_safe_before_start(make_manager: MakeManager) -> 
     manager.stop()
 
 
-def test_transport_that_fails_to_start_leaves_nothing_running(make_manager: MakeManager) -> None:
+def test_fail_fast_start_leaves_nothing_running(make_manager: MakeManager) -> None:
     transport = FakeTransport()
     transport.start_error = ConnectionRefusedError(111, "Connection refused")
     layer = FakeLayer()
-    manager = make_manager(transport, compression=layer)
+    manager = make_manager(transport, compression=layer, fail_fast=True)
     with pytest.raises(dwcp.TransportError) as info:
         manager.start()
     assert isinstance(info.value.__cause__, ConnectionRefusedError)
@@ -153,7 +153,7 @@ def test_transport_that_fails_to_start_leaves_nothing_running(make_manager: Make
     assert manager.is_started
 
 
-def test_layer_that_fails_to_start_stops_the_ones_already_started(
+def test_fail_fast_layer_that_fails_to_start_stops_the_ones_already_started(
     make_manager: MakeManager,
 ) -> None:
     class Broken(FakeLayer):
@@ -161,11 +161,60 @@ def test_layer_that_fails_to_start_stops_the_ones_already_started(
             raise RuntimeError("no such codec")
 
     transport, compression = FakeTransport(), FakeLayer()
-    manager = make_manager(transport, compression=compression, sync=Broken())
+    manager = make_manager(transport, compression=compression, sync=Broken(), fail_fast=True)
     with pytest.raises(dwcp.DWCPError, match="sync failed to start") as info:
         manager.start()
     assert info.value.code == "START_FAILED"
     assert compression.calls == ["start", "stop"] and transport.closed == 1
+
+
+def test_a_peer_down_at_start_starts_degraded_and_is_recovered(make_manager: MakeManager) -> None:
+    transport = FakeTransport()
+    transport.start_error = ConnectionRefusedError(111, "Connection refused")
+    events: list[object] = []
+    manager = make_manager(transport, initial_backoff=0.05, max_retries=50)
+    manager.add_listener(events.append)
+    with manager:  # does not raise: keeping the link alive is the manager's job
+        assert manager.is_started
+        assert manager.health().components["transport"].status == "recovering"
+        wait_until(lambda: any(isinstance(e, dwcp.ComponentUnhealthy) for e in events))
+        unhealthy = next(e for e in events if isinstance(e, dwcp.ComponentUnhealthy))
+        assert unhealthy.component == "transport"
+        assert "failed to start" in unhealthy.error
+        transport.start_error = None  # the peer comes back
+        wait_until(lambda: manager.health().components["transport"].status == "healthy")
+        assert transport.calls[:3] == ["start", "close", "start"]
+        manager.send_with_circuit_breaker(b"after")
+        assert transport.sent == [b"after"]
+
+
+def test_a_layer_that_fails_to_start_is_recovered_while_the_rest_runs(
+    make_manager: MakeManager,
+) -> None:
+    class FlakyStart(FakeLayer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fail = True
+
+        def start(self) -> None:
+            super().start()
+            if self.fail:
+                raise RuntimeError("codec not loaded yet")
+
+    transport, sync = FakeTransport(), FlakyStart()
+    manager = make_manager(transport, sync=sync, initial_backoff=0.05, max_retries=50)
+    manager.start()
+    assert manager.health().components["sync"].status == "recovering"
+    manager.send_with_circuit_breaker(b"works meanwhile")
+    sync.fail = False
+    wait_until(lambda: manager.health().components["sync"].status == "healthy")
+    manager.stop()
+    assert transport.sent == [b"works meanwhile"]
+
+
+def test_fail_fast_must_be_a_bool() -> None:
+    with pytest.raises(TypeError, match="fail_fast"):
+        dwcp.Manager(FakeTransport(), fail_fast="yes")  # type: ignore[arg-type]
 
 
 def test_hundred_start_stop_cycles_leave_no_threads(make_manager: MakeManager) -> None:
