@@ -18,7 +18,11 @@ class Transport(Protocol):
         """Release every connection; idempotent."""
 
     def send(self, data: bytes | bytearray | memoryview) -> None:
-        """Hand every byte of ``data`` to the peer, or raise; never a silent partial send."""
+        """Send ``data`` as one message, in order, or raise; never a silent partial send.
+
+        A transport may queue the message and return; a failure after that must show in
+        ``health_check()`` and make later sends raise.
+        """
 
     def health_check(self) -> None:
         """Return when healthy; raise (any exception) with the reason when not."""

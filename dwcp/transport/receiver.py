@@ -178,7 +178,8 @@ class MultiStreamReceiver:
         tls_handshake_timeout: bound on each TLS handshake.
         handshake_timeout: bound on receiving a connection's HELLO (idle_timeout too).
         join_timeout: every stream a session announced must connect within this.
-        frame_timeout: a frame whose first bytes arrived must be complete within this.
+        frame_timeout: a frame whose first bytes arrived must be complete within this
+            (raise it for chunks that take longer than that to cross a slow link).
     """
 
     def __init__(
