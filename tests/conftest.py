@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -11,7 +13,7 @@ from typing import Any
 import pytest
 
 import dwcp
-from dwcp.transport import MultiStreamReceiver, MultiStreamTCPTransport
+from dwcp.transport import MultiStreamReceiver, MultiStreamTCPTransport, wire
 
 
 def wait_until(
@@ -223,3 +225,83 @@ def raw_connections() -> Iterator[Callable[[tuple[str, int]], socket.socket]]:
 def pytest_configure(config: pytest.Config) -> None:
     # Heavy cross-process tests (tests/test_cross_process.py); deselect with -m "not slow".
     config.addinivalue_line("markers", "slow: a heavy test (many MiB or seconds of traffic)")
+
+
+# -- hand-rolled peers ------------------------------------------------------------------------
+
+
+class RawPeer:
+    """A hand-rolled server that answers handshakes, then misbehaves as told.
+
+    ``mode``: "stall" never reads; "reset" reads ``read_bytes`` of data then resets the
+    connection; "drain" reads everything and never acknowledges.
+    """
+
+    def __init__(self, mode: str, *, read_bytes: int = 0) -> None:
+        self.mode = mode
+        self.read_bytes = read_bytes
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        # Small buffers make a non-reading peer push back after little data.
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.address: tuple[str, int] = self.listener.getsockname()[:2]
+        self.connections: list[socket.socket] = []
+        self.done = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._accept = threading.Thread(target=self._accept_loop, name="raw-peer-accept")
+        self._accept.start()
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections.append(conn)
+            thread = threading.Thread(target=self._serve, args=(conn,), name="raw-peer-conn")
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            conn.recv(wire.HANDSHAKE.size, socket.MSG_WAITALL)
+            conn.sendall(wire.pack_welcome(wire.STATUS_ACCEPTED))
+            if self.mode == "stall":
+                self.done.wait()
+            elif self.mode == "reset":
+                got = 0
+                while got < self.read_bytes:
+                    got += len(conn.recv(self.read_bytes - got)) or self.read_bytes
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
+            elif self.mode == "drain":
+                while conn.recv(65536):
+                    pass
+
+    def close(self) -> None:
+        self.done.set()
+        self.listener.close()
+        # Closing a listening socket does not wake accept() everywhere; a connection does.
+        with contextlib.suppress(OSError):
+            socket.create_connection(self.address, timeout=1).close()
+        self._accept.join()
+        for conn in self.connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        for thread in self._threads:
+            thread.join()
+        for conn in self.connections:
+            conn.close()
+
+
+@pytest.fixture
+def raw_peer() -> Iterator[Callable[..., RawPeer]]:
+    peers: list[RawPeer] = []
+
+    def make(mode: str, **kwargs: int) -> RawPeer:
+        peer = RawPeer(mode, **kwargs)
+        peers.append(peer)
+        return peer
+
+    yield make
+    for peer in peers:
+        peer.close()

@@ -7,30 +7,21 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
 from dwcp.errors import TransportError
 from dwcp.transport import MultiStreamReceiver, MultiStreamTCPTransport, wire
-from tests.conftest import ReceiverFactory, TransportFactory, closed_by_peer, wait_until
-from tests.test_transport import RawPeer
+from tests.conftest import (
+    RawPeer,
+    ReceiverFactory,
+    TransportFactory,
+    closed_by_peer,
+    wait_until,
+)
 
 TIMEOUT = 5.0
-
-
-@pytest.fixture
-def raw_peer() -> Iterator[Callable[..., RawPeer]]:
-    peers: list[RawPeer] = []
-
-    def make(mode: str, **kwargs: int) -> RawPeer:
-        peer = RawPeer(mode, **kwargs)
-        peers.append(peer)
-        return peer
-
-    yield make
-    for peer in peers:
-        peer.close()
 
 
 def healthy(transport: MultiStreamTCPTransport) -> bool:

@@ -30,6 +30,20 @@ def _seconds(name: str, value: float | timedelta) -> float:
     return float(seconds)
 
 
+def _check_address(address: object, *, lowest_port: int) -> None:
+    """Raise TypeError unless ``address`` is a (host, port) tuple, ValueError for the port."""
+    if (
+        not isinstance(address, tuple)
+        or len(address) != 2
+        or not isinstance(address[0], str)
+        or isinstance(address[1], bool)
+        or not isinstance(address[1], int)
+    ):
+        raise TypeError("address must be a (host, port) tuple")
+    if not lowest_port <= address[1] < 65536:
+        raise ValueError(f"address port must be in {lowest_port}..65535, got {address[1]}")
+
+
 def _bounded_int(name: str, value: int, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int")

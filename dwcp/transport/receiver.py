@@ -24,7 +24,13 @@ from typing import TYPE_CHECKING
 from loguru import logger
 
 from dwcp.transport import wire
-from dwcp.transport._io import TLSChannel, _bounded_int, _seconds, set_kernel_timeout
+from dwcp.transport._io import (
+    TLSChannel,
+    _bounded_int,
+    _check_address,
+    _seconds,
+    set_kernel_timeout,
+)
 from dwcp.transport._reassembly import Closed, FrameTuple, Ready, Reassembly
 
 if TYPE_CHECKING:  # typing.Self is 3.11+ and setup.cfg still allows 3.10
@@ -199,14 +205,7 @@ class MultiStreamReceiver:
     ) -> None:
         if not callable(on_message):
             raise TypeError("on_message must be callable")
-        if (
-            not isinstance(address, tuple)
-            or len(address) != 2
-            or not isinstance(address[0], str)
-            or isinstance(address[1], bool)
-            or not isinstance(address[1], int)
-        ):
-            raise TypeError("address must be a (host, port) tuple")
+        _check_address(address, lowest_port=0)
         if ssl_context is not None:
             if not isinstance(ssl_context, ssl.SSLContext):
                 raise TypeError("ssl_context must be an ssl.SSLContext or None")

@@ -21,6 +21,7 @@ from dwcp.transport._io import (
     Buffer,
     TLSChannel,
     _bounded_int,
+    _check_address,
     _close_quietly,
     _seconds,
     _set_send_timeout,
@@ -814,16 +815,7 @@ class MultiStreamTCPTransport:
         keepalive_interval: float | timedelta | None = 5.0,
         keepalive_timeout: float | timedelta = 10.0,
     ) -> None:
-        if (
-            not isinstance(address, tuple)
-            or len(address) != 2
-            or not isinstance(address[0], str)
-            or isinstance(address[1], bool)
-            or not isinstance(address[1], int)
-        ):
-            raise TypeError("address must be a (host, port) tuple")
-        if not 0 < address[1] < 65536:
-            raise ValueError(f"address port must be in 1..65535, got {address[1]}")
+        _check_address(address, lowest_port=1)
         self._address = address
         self._streams = _bounded_int("streams", streams, 1, wire.MAX_STREAMS)
         self._chunk_size = _bounded_int(
