@@ -241,11 +241,22 @@ class _Batch:
 
 
 class _AckWaiter:
-    __slots__ = ("acked", "event")
+    """One send waiting for its ACK. Released exactly once (whoever pops it from the
+    session's table); a lock rather than an Event, whose set() and wait() run Python code
+    on the round trip that acknowledged sends spend their time in."""
+
+    __slots__ = ("acked", "signal")
 
     def __init__(self) -> None:
         self.acked = False
-        self.event = threading.Event()
+        self.signal = threading.Lock()
+        self.signal.acquire()
+
+    def release(self) -> None:
+        self.signal.release()
+
+    def wait(self, timeout: float) -> bool:
+        return self.signal.acquire(timeout=max(timeout, 0.0))
 
 
 class _Session:
@@ -387,7 +398,7 @@ class _Session:
             waiters = list(self._acks.values())
             self._acks.clear()
         for waiter in waiters:
-            waiter.event.set()
+            waiter.release()
 
     def _raise_broken(self) -> NoReturn:
         raise TransportError(f"transport broken: {self.broken or 'closed'}; restart it")
@@ -423,10 +434,15 @@ class _Session:
         return waiter
 
     def _await_ack(self, message_id: int, waiter: _AckWaiter, deadline: float) -> None:
-        if not waiter.event.wait(max(deadline - _monotonic(), 0.0)):
+        if not waiter.wait(deadline - _monotonic()):
             with self._state_lock:
-                self._acks.pop(message_id, None)
-            self.break_(f"no acknowledgement for message {message_id} within send_timeout")
+                mine = self._acks.pop(message_id, None) is not None
+            if mine:
+                self.break_(f"no acknowledgement for message {message_id} within send_timeout")
+            else:
+                # The ACK (or the session's end) took it just as the wait expired: it is
+                # being released now, so look again rather than call a delivered message lost.
+                waiter.wait(self.send_timeout)
         if not waiter.acked:
             self._raise_broken()
 
@@ -765,7 +781,7 @@ class _Session:
         # No waiter: a duplicate, or the send already gave up (stale). Either way harmless.
         if waiter is not None:
             waiter.acked = True
-            waiter.event.set()
+            waiter.release()
 
 
 class MultiStreamTCPTransport:
