@@ -396,17 +396,18 @@ class Manager:
             stopped.wait()
         if phase != "started":
             return
-        # Joined without the lock: these threads take it on their way out.
-        join_timeout = self._check_timeout + 1.0
+        # Joined without the lock: these threads take it on their way out. One deadline for
+        # all of them, so many hung threads cost one timeout, not one each.
+        deadline = time.monotonic() + self._check_timeout + 1.0
         for thread in threads:
-            thread.join(join_timeout)
+            thread.join(max(deadline - time.monotonic(), 0.0))
             if thread.is_alive():
                 logger.bind(thread=thread.name).warning(
                     "Thread did not stop in time; a component call is hung and was abandoned"
                 )
         # No cycle may restart a component after we close it.
         for cycle in cycles:
-            if not cycle.done.wait(join_timeout):
+            if not cycle.done.wait(max(deadline - time.monotonic(), 0.0)):
                 logger.warning("Recovery cycle did not end in time; a component call is hung")
         for component in reversed(list(self._components.values())):
             self._shutdown_component(component)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 import threading
 from collections.abc import Callable
 from datetime import timedelta
@@ -479,3 +480,30 @@ def test_send_counters_are_exact_across_threads(make_manager: MakeManager) -> No
     metrics = manager.metrics()
     assert metrics.sends == 8 * 500
     assert metrics.sent_bytes == 500 * sum(range(1, 9))
+
+
+def test_stop_waits_one_deadline_for_all_hung_recoveries(make_manager: MakeManager) -> None:
+    gate = threading.Event()
+
+    class HangsOnRestart(FakeLayer):
+        def start(self) -> None:
+            super().start()
+            if "stop" in self.calls:  # a restart by recovery, not the first start
+                gate.wait(10)
+
+    layers = {f"layer{i}": HangsOnRestart(f"layer{i}") for i in range(3)}
+    manager = make_manager(
+        FakeTransport(), layers=layers, health_interval=0.02, health_check_timeout=0.3
+    )
+    manager.start()
+    for layer in layers.values():
+        layer.healthy = False
+    wait_until(lambda: all(layer.calls.count("start") == 2 for layer in layers.values()))
+    began = time.monotonic()
+    try:
+        manager.stop()
+        elapsed = time.monotonic() - began
+    finally:
+        gate.set()
+    # One deadline (health_check_timeout + 1 s) for the three hung cycles, not one each.
+    assert elapsed < 0.3 + 1.0 + 0.5, elapsed
