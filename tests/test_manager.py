@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-import time
 import threading
+import time
 from collections.abc import Callable
 from datetime import timedelta
 
