@@ -688,15 +688,19 @@ class Manager:
         jobs: list[tuple[_Component, _Check]] = []
         # The timeout bounds the whole batch, starting threads included.
         deadline = time.monotonic() + self._check_timeout
+        shared: list[tuple[_Component, _Check]] = []
         with self._lock:
-            fresh = [c for c in components if c.check is None]
-            waiter = _Waiter(len(fresh))
+            waiter = _Waiter(len(components))
             self._waiters.add(waiter)
             if stop.is_set():
                 waiter.event.set()
             for component in components:
                 if component.check is not None:
-                    results[component.name] = "previous health check is still running"
+                    # A check already running (another pass, or check_component_health())
+                    # is shared, not repeated: its result is this pass's too. Only one still
+                    # running at this pass's deadline is hung.
+                    component.check.waiters.append(waiter)
+                    shared.append((component, component.check))
                     continue
                 job = _Check([waiter])
                 component.check = job
@@ -716,6 +720,14 @@ class Manager:
         finally:
             with self._lock:
                 self._waiters.discard(waiter)
+                for component, job in shared:
+                    if waiter in job.waiters:
+                        job.waiters.remove(waiter)  # a hung check must not collect them
+                    results[component.name] = (
+                        job.error
+                        if job.done
+                        else "previous health check is still running past the timeout"
+                    )
                 for component, job in jobs:
                     component.checks += 1
                     if job.done:

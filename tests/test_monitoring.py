@@ -103,7 +103,9 @@ def test_hung_check_is_bounded_and_not_repeated(make_manager: MakeManager) -> No
         assert health["compression"].last_error == "health check timed out after 0.2s"
         assert health["transport"].healthy and health["sync"].healthy
         health = manager.check_component_health()
-        assert health["compression"].last_error == "previous health check is still running"
+        assert health["compression"].last_error == (
+            "previous health check is still running past the timeout"
+        )
         assert len(calls) == 1
     finally:
         hang.set()
@@ -447,3 +449,32 @@ def test_a_stuck_listener_stalls_neither_sends_nor_recovery(make_manager: MakeMa
         assert manager.circuit_breaker_state == "closed"
     finally:
         release.set()
+
+
+def test_a_pass_overlapping_a_slow_check_shares_its_result(make_manager: MakeManager) -> None:
+    # A check that is slow (0.3 s) but within its timeout (1 s) is healthy for every pass
+    # that overlaps it, and is run once, not twice; nothing is recovered.
+    gate = threading.Event()
+    calls: list[int] = []
+
+    class Slow(FakeLayer):
+        def is_healthy(self) -> bool:
+            calls.append(1)
+            gate.wait(5)
+            return True
+
+    transport, slow = FakeTransport(), Slow()
+    manager = make_manager(transport, compression=slow, health_check_timeout=1.0)
+    manager.start()
+    first: list[object] = []
+    runner = threading.Thread(target=lambda: first.append(manager.check_component_health()))
+    runner.start()
+    wait_until(lambda: calls == [1])
+    threading.Timer(0.3, gate.set).start()
+    second = manager.check_component_health()  # overlaps the first pass's check
+    runner.join(5)
+    assert second["compression"].healthy, second["compression"].last_error
+    assert calls == [1]
+    assert slow.calls == ["start"]  # never stopped or restarted by a recovery
+    assert transport.closed == 0
+    manager.stop()
