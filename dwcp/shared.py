@@ -157,35 +157,78 @@ class FailoverStorage(pybreaker.CircuitBreakerStorage):
     # Each operation goes to Redis unless degraded; an operation that fails there is repeated
     # on the local state so that nothing the caller did is lost.
 
-    def _do(self, op: Callable[[pybreaker.CircuitBreakerStorage], Any]) -> Any:
+    # The local state is a copy of the last shared state this process knew (every write goes
+    # to both, every state read from Redis is copied), so a failover goes on from it: an open
+    # breaker stays open while Redis is down instead of starting over closed.
+
+    def _do(self, op: Callable[[pybreaker.CircuitBreakerStorage], Any], write: bool = False) -> Any:
         target = self._target()
         result = op(target)
-        if target is not self._local and self._degraded:
-            result = op(self._local)
+        if target is not self._local and (write or self._degraded):
+            local = op(self._local)
+            if self._degraded:
+                result = local
         return result
+
+    def _key(self, field: str) -> str:
+        # CircuitRedisStorage's own key layout ("<namespace>:pybreaker:<field>"); a contract
+        # test (tests/test_shared_breaker.py) fails if pybreaker changes it.
+        return f"{self._name}:{pybreaker.CircuitRedisStorage.BASE_NAMESPACE}:{field}"
 
     @property
     def state(self) -> str:
-        return str(self._do(lambda s: s.state))
+        target = self._target()
+        if target is self._local:
+            return str(self._local.state)
+        try:
+            raw = self._client.get(self._key("state"))
+        except RedisError as exc:
+            self._failed(exc)
+            return str(self._local.state)
+        if raw is None:
+            # Redis lost the state (restarted without persistence, say): pybreaker would
+            # recreate it closed, closing an open breaker without a trial. Put ours back.
+            self._restore_remote()
+            return str(self._local.state)
+        value = raw.decode() if isinstance(raw, bytes) else str(raw)
+        self._local.state = value
+        return value
 
     @state.setter
     def state(self, state: str) -> None:
         def put(storage: pybreaker.CircuitBreakerStorage) -> None:
             storage.state = state
 
-        self._do(put)
+        self._do(put, write=True)
+
+    def _restore_remote(self) -> None:
+        local, remote = self._local, self._remote
+        assert remote is not None
+        logger.bind(breaker=self._name, state=local.state).warning(
+            f"Shared breaker state missing in Redis; restoring this process's ({local.state})"
+        )
+        try:
+            self._client.set(self._key("fail_counter"), local.counter)
+            self._client.set(self._key("success_counter"), local.success_counter)
+            opened = local.opened_at
+            if opened is not None:
+                remote.opened_at = opened
+            # Last, and only if still missing: another process may be restoring too.
+            self._client.setnx(self._key("state"), local.state)
+        except RedisError as exc:
+            self._failed(exc)
 
     def increment_counter(self) -> None:
-        self._do(lambda s: s.increment_counter())
+        self._do(lambda s: s.increment_counter(), write=True)
 
     def reset_counter(self) -> None:
-        self._do(lambda s: s.reset_counter())
+        self._do(lambda s: s.reset_counter(), write=True)
 
     def increment_success_counter(self) -> None:
-        self._do(lambda s: s.increment_success_counter())
+        self._do(lambda s: s.increment_success_counter(), write=True)
 
     def reset_success_counter(self) -> None:
-        self._do(lambda s: s.reset_success_counter())
+        self._do(lambda s: s.reset_success_counter(), write=True)
 
     @property
     def counter(self) -> int:
@@ -198,6 +241,8 @@ class FailoverStorage(pybreaker.CircuitBreakerStorage):
     @property
     def opened_at(self) -> datetime | None:
         value: datetime | None = self._do(lambda s: s.opened_at)
+        if value is not None and not self._degraded:
+            self._local.opened_at = value
         return value
 
     @opened_at.setter
@@ -205,4 +250,4 @@ class FailoverStorage(pybreaker.CircuitBreakerStorage):
         def put(storage: pybreaker.CircuitBreakerStorage) -> None:
             storage.opened_at = now
 
-        self._do(put)
+        self._do(put, write=True)

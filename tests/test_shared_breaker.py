@@ -207,3 +207,60 @@ def test_bad_storage_arguments_are_clear() -> None:
         dwcp.Manager(FakeTransport(), breaker_storage=42)
     with pytest.raises(ValueError, match="breaker_name"):
         dwcp.Manager(FakeTransport(), breaker_storage="redis://127.0.0.1:1", breaker_name="")
+
+
+def test_an_open_breaker_stays_open_through_a_redis_outage_and_an_empty_restart(
+    redis_server: RedisServer,
+) -> None:
+    transport = FakeTransport()
+    manager = dwcp.Manager(
+        transport,
+        breaker_storage=redis_server.url,
+        breaker_name="shared-test-4",
+        max_failures=3,
+        reset_timeout=3600,
+    )
+    manager.start()
+    try:
+        transport.fail_sends = OSError("peer down")
+        for _ in range(3):
+            with pytest.raises(dwcp.TransportError):
+                manager.send_with_circuit_breaker(b"x")
+        assert manager.circuit_breaker_state == "open"
+        calls = transport.send_calls
+        redis_server.stop()
+        wait_until(lambda: _rejected(manager) and manager.health().breaker_storage == "fallback")
+        # Redis gone: the breaker stays open on the last state this process knew.
+        assert manager.circuit_breaker_state == "open"
+        redis_server.start()  # back, and empty (no persistence)
+        wait_until(lambda: _rejected(manager) and manager.health().breaker_storage == "shared")
+        import redis
+
+        client = redis.Redis.from_url(redis_server.url, socket_timeout=0.5)
+        try:
+            # The next look at the shared state finds it missing and puts this one back.
+            key = "shared-test-4:pybreaker:state"
+            wait_until(lambda: _rejected(manager) and client.get(key) == b"open")
+        finally:
+            client.close()
+        assert manager.circuit_breaker_state == "open"
+        assert transport.send_calls == calls  # no send reached the peer without a trial
+    finally:
+        manager.stop()
+
+
+def _rejected(manager: dwcp.Manager) -> bool:
+    try:
+        manager.send_with_circuit_breaker(b"x")
+    except dwcp.CircuitOpenError:
+        return True
+    return False
+
+
+def test_pybreaker_keeps_the_redis_key_layout_the_failover_relies_on() -> None:
+    # dwcp.shared restores a missing state key by name; this fails if pybreaker renames it.
+    import pybreaker
+
+    storage = object.__new__(pybreaker.CircuitRedisStorage)
+    storage._namespace_name = "name"  # type: ignore[attr-defined]
+    assert storage._namespace("state") == "name:pybreaker:state"  # type: ignore[attr-defined]
