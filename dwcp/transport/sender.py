@@ -128,7 +128,8 @@ class _Stream:
         lazy: bool = False,
     ) -> None:
         """Queue ``parts`` (``size`` bytes on the wire); the caller holds the session's
-        order lock. ``lazy``: some parts are ``_Lazy`` frames for the writer to build."""
+        order lock (frames without a message id, PINGs, need not). ``lazy``: some parts
+        are ``_Lazy`` frames for the writer to build."""
         with self.lock:
             if not self.outbox:
                 self.oldest = deadline
@@ -980,7 +981,8 @@ class MultiStreamTCPTransport:
         return connections
 
     def close(self) -> None:
-        """Close every connection and join the transport's threads; idempotent."""
+        """Write what is queued (within ``send_timeout``, unless the session is broken),
+        then close every connection and join the transport's threads; idempotent."""
         with self._lifecycle:
             session, self._session = self._session, None
         if session is None:
