@@ -6,7 +6,8 @@ adapter keeps pybreaker's storage and state transitions (``open``/``half_open``/
 ``opened_at``, the failure counter) but splits a call into *admit*, the I/O itself (no lock
 held), and *record*.  Each admission carries the breaker's generation, which changes on every
 transition, so a slow call that started before the breaker moved on cannot change the new
-state.  Half-open admits exactly one trial call at a time (per process).
+state.  Half-open admits exactly one trial call at a time; with shared storage, one across
+every process (a lease in Redis that expires if its holder dies).
 
 Decisions are taken under a small lock on a local mirror of the state; writes to pybreaker's
 storage happen after the lock is released, in decision order.  With shared storage (Redis)
@@ -73,6 +74,8 @@ class Breaker:
         self._failures = int(self._storage.counter)
         self._generation = 0
         self._trial_in_flight = False
+        # The ticket of the trial holding the shared (cross-process) lease, if any.
+        self._lease_ticket: int | None = None
         self._pending: list[tuple[str, str, bool]] = []
         self._on_transition = on_transition
         self._sync_interval = sync_interval
@@ -101,15 +104,42 @@ class Breaker:
             except CircuitOpenError:
                 self.rejections += 1
                 raise
+            trial = self._state == HALF_OPEN
         self._flush()
+        if trial and self._shared:
+            self._claim_shared_trial(ticket)
         return ticket
+
+    def _claim_shared_trial(self, ticket: int) -> None:
+        """Half-open admits one trial across every process: take the shared lease (a Redis
+        key with an expiry, so a holder that dies frees it), or give the local claim back."""
+        claim = getattr(self._storage, "claim_trial", None)
+        if claim is None or claim():
+            with self._lock:
+                self._lease_ticket = ticket
+            return
+        with self._lock:
+            if ticket == self._generation and self._state == HALF_OPEN:
+                self._trial_in_flight = False
+            self.rejections += 1
+        raise CircuitOpenError("circuit breaker is half-open and another process holds its trial")
+
+    def _release_shared_trial(self, ticket: int) -> None:
+        # After the trial's result is recorded: the lease's job is done either way.
+        with self._lock:
+            if self._lease_ticket != ticket:
+                return
+            self._lease_ticket = None
+        release = getattr(self._storage, "release_trial", None)
+        if release is not None:
+            release()
 
     def record_success(self, ticket: int) -> None:
         """Account a call that succeeded; closes a half-open breaker after its trial."""
         # Racy read on purpose: in the common case (closed, no failures counted) nothing needs
         # writing, and skipping the lock keeps the send path short.  Any interleaving with a
         # concurrent failure is a valid ordering of the two calls.
-        if self._state == CLOSED and self._failures == 0:
+        if self._state == CLOSED and self._failures == 0 and self._lease_ticket is None:
             return
         reset_shared = False
         with self._lock:
@@ -126,6 +156,8 @@ class Breaker:
         if reset_shared:
             self._storage.reset_counter()
         self._flush()
+        if self._shared:
+            self._release_shared_trial(ticket)
 
     def record_failure(self, ticket: int) -> None:
         """Account a transport failure; opens the breaker at the threshold or on a failed trial."""
@@ -143,12 +175,16 @@ class Breaker:
         if self._shared:
             self._record_shared_failure(ticket)
         self._flush()
+        if self._shared:
+            self._release_shared_trial(ticket)
 
     def release(self, ticket: int) -> None:
         """Forget a call whose outcome says nothing about the peer (a caller error, an interrupt)."""
         with self._lock:
             if ticket == self._generation and self._state == HALF_OPEN:
                 self._trial_in_flight = False
+        if self._shared:
+            self._release_shared_trial(ticket)
 
     # -- state ------------------------------------------------------------------------------
 

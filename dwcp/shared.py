@@ -20,6 +20,13 @@ from loguru import logger
 
 __all__ = ["FailoverStorage", "connect"]
 
+# Delete the trial lease only if it still holds our token (it may have expired and been
+# taken by another process meanwhile).
+_RELEASE_IF_OURS = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+
 # pybreaker logs each Redis error with a traceback through the standard library; we report
 # the condition ourselves, and a NullHandler keeps Python's last-resort handler from printing
 # them when the application configured no logging.
@@ -41,7 +48,7 @@ def connect(target: object, *, timeout: float = 0.5) -> Any:
         if not target.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"breaker_storage URL must start with redis://, got {target!r}")
         return redis.Redis.from_url(target, socket_timeout=timeout, socket_connect_timeout=timeout)
-    for method in ("get", "set", "incr", "setnx", "ping", "transaction"):
+    for method in ("get", "set", "incr", "setnx", "ping", "transaction", "eval"):
         if not callable(getattr(target, method, None)):
             raise TypeError(
                 "breaker_storage must be a redis.Redis client or a redis:// URL, "
@@ -82,6 +89,7 @@ class FailoverStorage(pybreaker.CircuitBreakerStorage):
         *,
         retry_interval: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        trial_lease: float = 30.0,
     ) -> None:
         super().__init__("failover")
         self._client = client
@@ -95,6 +103,9 @@ class FailoverStorage(pybreaker.CircuitBreakerStorage):
         self._retry_at = 0.0
         self.errors = 0
         self.last_error: str | None = None
+        #: How long a half-open trial holds the cross-process lease at most (seconds).
+        self.trial_lease = trial_lease
+        self._trial_token: str | None = None
         self._connect()
 
     # -- failover ------------------------------------------------------------------------------
@@ -152,6 +163,39 @@ class FailoverStorage(pybreaker.CircuitBreakerStorage):
         with self._lock:
             self._degraded = False
         logger.bind(breaker=self._name).info("Shared breaker state reachable again")
+
+    # -- the half-open trial lease ----------------------------------------------------------
+
+    def claim_trial(self) -> bool:
+        """Take the one half-open trial across every process (``SET NX PX``), or say no.
+
+        The lease expires after ``trial_lease`` seconds, so a holder that dies (or a trial
+        that hangs) does not keep the breaker half-open and shut forever. With Redis
+        unreachable each process decides alone, on its local state.
+        """
+        if self._target() is self._local:
+            return True
+        token = f"{id(self):x}-{time.monotonic_ns():x}"
+        try:
+            taken = self._client.set(
+                self._key("trial"), token, nx=True, px=int(self.trial_lease * 1000)
+            )
+        except RedisError as exc:
+            self._failed(exc)
+            return True
+        if taken:
+            self._trial_token = token
+        return bool(taken)
+
+    def release_trial(self) -> None:
+        """Give the lease back (only ours: compare and delete in one Redis step)."""
+        token, self._trial_token = self._trial_token, None
+        if token is None or self._degraded:
+            return
+        try:
+            self._client.eval(_RELEASE_IF_OURS, 1, self._key("trial"), token)
+        except RedisError as exc:
+            self._failed(exc)
 
     # -- pybreaker's storage interface ---------------------------------------------------------
     # Each operation goes to Redis unless degraded; an operation that fails there is repeated

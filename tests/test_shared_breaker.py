@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -264,3 +265,62 @@ def test_pybreaker_keeps_the_redis_key_layout_the_failover_relies_on() -> None:
     storage = object.__new__(pybreaker.CircuitRedisStorage)
     storage._namespace_name = "name"  # type: ignore[attr-defined]
     assert storage._namespace("state") == "name:pybreaker:state"  # type: ignore[attr-defined]
+
+
+def _trial_in_process(url: str, name: str, ready: Any, go: Any, answer: Any, results: Any) -> None:
+    """Runs in a child process: once ``go`` is set, try one send through a half-open breaker;
+    the peer answers a trial only when ``answer`` is set. Report whether the send reached
+    the transport."""
+    transport = FakeTransport()
+    transport.send_gate = answer  # the trial stays in flight until the parent says
+    manager = dwcp.Manager(
+        transport, breaker_storage=url, breaker_name=name, max_failures=1, reset_timeout=1
+    )
+    manager.start()
+    ready.put(os.getpid())
+    try:
+        go.wait(30)
+        try:
+            manager.send_with_circuit_breaker(b"trial?")
+            results.put("sent")
+        except dwcp.CircuitOpenError:
+            results.put("rejected")
+    finally:
+        manager.stop()
+
+
+def test_half_open_admits_one_trial_across_processes(redis_server: RedisServer) -> None:
+    name = "shared-test-5"
+    opener = FakeTransport()
+    opener.fail_sends = ConnectionRefusedError("peer down")
+    manager = dwcp.Manager(
+        opener, breaker_storage=redis_server.url, breaker_name=name, max_failures=1,
+        reset_timeout=1,
+    )  # fmt: skip
+    manager.start()
+    ctx = multiprocessing.get_context("spawn")
+    ready, go, answer, results = ctx.Queue(), ctx.Event(), ctx.Event(), ctx.Queue()
+    args = (redis_server.url, name, ready, go, answer, results)
+    children = [ctx.Process(target=_trial_in_process, args=args) for _ in range(2)]
+    try:
+        with pytest.raises(dwcp.TransportError):
+            manager.send_with_circuit_breaker(b"x")
+        assert manager.circuit_breaker_state == "open"
+        for child in children:
+            child.start()
+        for _ in children:
+            ready.get(timeout=60)
+        # Both children see the open breaker become half-open (the reset timeout is 1 s).
+        wait_until(lambda: manager.circuit_breaker_state == "half-open", timeout=10)
+        go.set()
+        # The loser answers at once, while the winner's trial is still in flight.
+        assert results.get(timeout=30) == "rejected"
+        answer.set()
+        assert results.get(timeout=30) == "sent"  # exactly one trial reached a peer
+    finally:
+        answer.set()
+        for child in children:
+            child.join(30)
+            if child.is_alive():
+                child.kill()
+        manager.stop()
