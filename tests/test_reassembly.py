@@ -30,6 +30,7 @@ from dwcp.transport._reassembly import (
     Reassembly,
 )
 from dwcp.transport.wire import ProtocolError
+from tests.conftest import wait_until
 
 MIN = wire.MIN_CHUNK_SIZE
 LIMIT = wire.DEFAULT_MAX_MESSAGE_SIZE
@@ -372,7 +373,6 @@ def test_threads_deliver_everything_in_order_without_stalling(
                     taken += reassembly.push(stream, batch[taken:])
                 if idle_every and number % idle_every == 0:
                     reassembly.announce()
-                    time.sleep(0)
             reassembly.announce()
             dropped.append(reassembly.end_stream())
         except Closed:
@@ -594,9 +594,14 @@ def in_thread(target: object) -> tuple[threading.Thread, list[object]]:
     return thread, outcome
 
 
+def wait_asleep(reassembly: Reassembly) -> None:
+    """Wait until the delivery thread is parked in take() (the state under test)."""
+    wait_until(lambda: reassembly._taker_asleep)
+
+
 def asleep_in_take(reassembly: Reassembly) -> tuple[threading.Thread, list[object]]:
     thread, outcome = in_thread(lambda: reassembly.take(None))
-    thread.join(0.1)
+    wait_asleep(reassembly)
     assert thread.is_alive() and not outcome, "take(None) returned with nothing ready"
     return thread, outcome
 
@@ -632,7 +637,7 @@ def test_a_reader_waiting_for_room_wakes_the_delivery_thread() -> None:
             reassembly.done(cost(ready))
 
     consumer, _ = in_thread(deliver)
-    time.sleep(0.1)  # asleep in take(None)
+    wait_asleep(reassembly)
     batch = [whole(0, bytes(5000)), chunk(1, 0, 2, 2048, 1024)]
     try:
         assert reassembly.push(0, batch) == 1

@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 import random
 import socket
-import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from dwcp.transport import MultiStreamReceiver, wire
 from dwcp.transport.wire import ProtocolError
-from tests.conftest import Inbox, ReceiverFactory, closed_by_peer
+from tests.conftest import Inbox, ReceiverFactory, closed_by_peer, wait_until
 
 LIMIT = wire.DEFAULT_MAX_MESSAGE_SIZE
 MIN = wire.MIN_CHUNK_SIZE
@@ -458,8 +458,24 @@ def send_split(sock: socket.socket, frame: bytes, at: int | None) -> None:
         sock.sendall(frame)
         return
     sock.sendall(frame[:at])
-    time.sleep(0.02)
+    wait_until(lambda: _peer_has_read_all(sock), 2.0)
     sock.sendall(frame[at:])
+
+
+def _peer_has_read_all(sock: socket.socket) -> bool:
+    """Whether the receiving end of ``sock`` has read everything sent so far (its receive
+    queue in /proc/net/tcp is empty); True where that cannot be seen."""
+    ours = f"{sock.getsockname()[1]:04X}"
+    theirs = f"{sock.getpeername()[1]:04X}"
+    try:
+        lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return True
+    for line in lines:
+        fields = line.split()
+        if fields[1].endswith(":" + theirs) and fields[2].endswith(":" + ours):
+            return int(fields[4].split(":")[1], 16) == 0
+    return True
 
 
 SMALL = b"".join(wire.encode_message(0, random.Random(1).randbytes(200), MIN))
@@ -509,7 +525,8 @@ def test_the_receiver_closes_on_any_flipped_bit_and_delivers_nothing(
         if not closed_by_peer(sock, 3.0):
             kept_open.append(bit)
         sock.close()
-    time.sleep(0.05)  # a message accepted by mistake would be delivered by now
+    # Once every session is forgotten, its delivery is over: nothing can still arrive.
+    wait_until(lambda: receiver.session_count == 0)
     assert kept_open == [], f"bits {kept_open} did not close the connection"
     assert inbox.messages == [] and receiver.delivered_count == 0
 
@@ -535,5 +552,5 @@ def test_the_receiver_refuses_a_single_chunk_frame_with_a_nonzero_index(
     sock = join_session(receiver.address, raw_connections)
     sock.sendall(data_header(index=1, count=1) + b"hello")
     assert closed_by_peer(sock, 3.0)
-    time.sleep(0.05)
+    wait_until(lambda: receiver.session_count == 0)  # its delivery is over
     assert inbox.messages == [] and receiver.delivered_count == 0
