@@ -152,7 +152,6 @@ class _Session:
         # Guarded by the receiver's lock.
         self.connections: list[_Connection | None] = [None] * hello.stream_count
         self.joined = 0
-        self.open_streams = 0
         self.delivery: threading.Thread | None = None
         self.aborted = False
         self.finished = False
@@ -552,7 +551,6 @@ class MultiStreamReceiver:
                 assert session is not None
                 session.connections[hello.stream_index] = conn
                 session.joined += 1
-                session.open_streams += 1
                 conn.session, conn.index = session, hello.stream_index
                 conn.holders += 1  # the session's delivery thread writes its ACKs
                 if session.delivery is None:

@@ -499,7 +499,6 @@ class _Session:
         # the writer thread's hand-off (and it is in the kernel when send returns). Smaller
         # ones share the writer's writev, several to a syscall.
         wants_direct = size >= _DIRECT_MIN or self.acknowledged
-        direct = False
         while True:
             with self._order:
                 message_id = self.next_id
@@ -512,14 +511,11 @@ class _Session:
                         _MAGIC, _VERSION, _DATA, flags, message_id, 0, 1, size, size, crc
                     )  # fmt: skip
                     head += _pack_u32(_checksum(head))
-                    if wants_direct:
-                        direct = stream.claim()  # under the order lock: later ids queue behind
-                    if direct:
-                        pass
-                    elif size <= _COPY_LIMIT:
-                        stream.put((head + data,), _HEADER_SIZE + size, deadline, mark)
-                    else:
-                        stream.put((head, data), _HEADER_SIZE + size, deadline, mark)
+                    # Claimed under the order lock, so frames of later ids queue behind it.
+                    direct = wants_direct and stream.claim()
+                    if not direct:
+                        parts = (head + data,) if size <= _COPY_LIMIT else (head, data)
+                        stream.put(parts, _HEADER_SIZE + size, deadline, mark)
                     break
             self._wait_for_room(stream, deadline)
         if direct:

@@ -37,6 +37,7 @@ __all__ = [
     "SESSION_ID_SIZE",
     "STATUS_ACCEPTED",
     "STATUS_BUSY",
+    "STATUS_REFUSED",
     "VERSION",
     "WELCOME",
     "DataHeader",
