@@ -16,6 +16,8 @@ __all__ = [
     "ComponentUnhealthy",
     "Event",
     "Listener",
+    "NodeBack",
+    "NodeLost",
     "RecoveryAttempt",
     "RecoveryFailed",
     "RecoveryStarted",
@@ -107,6 +109,29 @@ class SendRejected:
     timestamp: float = field(default_factory=time.time, compare=False)
 
 
+@dataclass(frozen=True)
+class NodeLost:
+    """Another cluster node stopped being heard from (``reason`` "silent") or left cleanly
+    ("left"); ``silent_for`` is the age of its last heartbeat, ``bound`` its lost bound."""
+
+    node: str
+    silent_for: float
+    bound: float
+    reason: str = "silent"
+    #: When it happened (``time.time()``); not part of equality.
+    timestamp: float = field(default_factory=time.time, compare=False)
+
+
+@dataclass(frozen=True)
+class NodeBack:
+    """A cluster node reported lost (or gone) is heard from again, ``down_for`` seconds later."""
+
+    node: str
+    down_for: float
+    #: When it happened (``time.time()``); not part of equality.
+    timestamp: float = field(default_factory=time.time, compare=False)
+
+
 Event = (
     ComponentUnhealthy
     | ComponentEscalated
@@ -116,6 +141,8 @@ Event = (
     | RecoveryFailed
     | BreakerStateChanged
     | SendRejected
+    | NodeLost
+    | NodeBack
 )
 Listener = Callable[[Event], None]
 

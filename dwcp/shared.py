@@ -40,18 +40,26 @@ except ImportError:  # pragma: no cover - exercised only without the extra
     RedisError = OSError  # type: ignore[assignment,misc]
 
 
-def connect(target: object, *, timeout: float = 0.5) -> Any:
-    """A Redis client from a client object or a ``redis://`` URL, with short socket timeouts."""
+def connect(target: object, *, timeout: float = 0.5, parameter: str = "breaker_storage") -> Any:
+    """A Redis client from a client object or a ``redis://`` URL, with short socket timeouts.
+
+    ``parameter`` names the argument being converted in error messages.
+    """
     if isinstance(target, str):
         if redis is None:
-            raise ImportError("shared breaker state needs redis: pip install 'dwcp[redis]'")
+            raise ImportError(f"{parameter} needs redis: pip install 'dwcp[redis]'")
         if not target.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"breaker_storage URL must start with redis://, got {target!r}")
-        return redis.Redis.from_url(target, socket_timeout=timeout, socket_connect_timeout=timeout)
+            raise ValueError(f"{parameter} URL must start with redis://, got {target!r}")
+        try:
+            return redis.Redis.from_url(
+                target, socket_timeout=timeout, socket_connect_timeout=timeout
+            )
+        except ValueError as exc:
+            raise ValueError(f"{parameter} URL is not a valid Redis URL: {exc}") from exc
     for method in ("get", "set", "incr", "setnx", "ping", "transaction", "eval"):
         if not callable(getattr(target, method, None)):
             raise TypeError(
-                "breaker_storage must be a redis.Redis client or a redis:// URL, "
+                f"{parameter} must be a redis.Redis client or a redis:// URL, "
                 f"got {type(target).__name__}"
             )
     return target
