@@ -46,7 +46,9 @@ __all__ = [
     "NodeState",
     "cluster_document",
     "cluster_health",
+    "cluster_member",
     "default_node_id",
+    "render_cluster",
     "snapshot_document",
 ]
 
@@ -630,3 +632,49 @@ class ClusterMember:
                     callback(event)
                 except Exception as exc:  # noqa: BLE001 - a bad callback must not stop the watch
                     logger.opt(exception=exc).error("Cluster event callback raised")
+
+
+def cluster_member(
+    cluster: object,
+    node_id: str | None,
+    *,
+    interval: float,
+    on_event: ClusterListener | None,
+) -> ClusterMember | None:
+    """The ``ClusterMember`` for a Manager's ``cluster``/``node_id`` arguments, or None.
+
+    ``cluster`` is None (no cluster), a ``redis://`` URL or a ``redis.Redis`` client.
+    """
+    if cluster is None:
+        if node_id is not None:
+            raise ValueError("node_id needs cluster (a redis:// URL or a redis.Redis client)")
+        return None
+    return ClusterMember(cluster, node_id, interval=interval, on_event=on_event)
+
+
+def render_cluster(view: ClusterView) -> str:
+    """A table of every node in ``view``, for ``python -m dwcp status --cluster``."""
+    verdict = "healthy" if view.healthy else "UNHEALTHY"
+    alive = sum(1 for n in view.nodes.values() if n.alive)
+    head = f"DWCP cluster {view.namespace!r} {verdict}: {alive}/{len(view.nodes)} nodes alive"
+    if view.stale:
+        head += f" (stale: {view.error})"
+    rows = [("NODE", "STATE", "HEALTH", "BREAKER", "LAST HEARTBEAT", "BOUND", "HOST", "PID")]
+    for node in sorted(view.nodes.values(), key=lambda n: n.node):
+        rows.append(
+            (
+                node.node,
+                node.state,
+                str(node.snapshot.get("status", "?")),
+                str(node.snapshot.get("breaker", "?")),
+                f"{node.age:.1f}s ago",
+                f"{node.bound:g}s",
+                node.host,
+                str(node.pid),
+            )
+        )
+    if len(rows) == 1:
+        return head + "\n\n(no nodes have published)"
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join([head, "", *lines])

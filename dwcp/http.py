@@ -9,6 +9,10 @@ Endpoints (GET only; any other method gets 405, any other path 404):
     healthy and the circuit breaker is not open; 503 otherwise.
 ``/healthz``
     A JSON document (see ``health_document``) with the same status code as ``/readyz``.
+``/cluster``
+    With ``Manager(cluster=...)``: the cluster document (``dwcp.cluster.cluster_document``),
+    200 when every node is alive and healthy and the view is fresh, 503 otherwise; 404
+    without a cluster.
 ``/metrics``
     The Prometheus exposition of ``dwcp.prometheus.DWCPCollector`` when ``prometheus_client``
     is installed, 404 with an explanation when it is not.
@@ -107,6 +111,18 @@ def health_document(manager: Manager) -> tuple[bool, dict[str, Any]]:
     return ready, document
 
 
+def _cluster_route(manager: Manager) -> tuple[int, str, bytes]:
+    # /cluster: every node of the manager's cluster (dwcp.cluster), 503 unless all are fine.
+    from dwcp._cluster import cluster_document
+
+    try:
+        view = manager.cluster_health()
+    except DWCPError:
+        return 404, _TEXT, b"no cluster configured; see Manager(cluster=...)\n"
+    body = (json.dumps(cluster_document(view), indent=2) + "\n").encode()
+    return 200 if view.healthy else 503, _JSON, body
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     # Hand-off to the handlers: set once before serving, read-only afterwards.
@@ -149,6 +165,8 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/healthz":
             ready, document = health_document(manager)
             return 200 if ready else 503, _JSON, (json.dumps(document, indent=2) + "\n").encode()
+        if path == "/cluster":
+            return _cluster_route(manager)
         if path == "/metrics":
             registry = self.server.metrics
             if registry is None:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
+from dwcp._cluster import ClusterView, cluster_member
 from dwcp.breaker import NOT_INITIALIZED, OPEN, Breaker
 from dwcp.errors import DWCPError, TransportError
 from dwcp.events import (
@@ -182,6 +183,8 @@ class Manager:
         health_port: int | None = None,
         health_host: str = "127.0.0.1",
         fail_fast: bool = False,
+        cluster: object = None,
+        node_id: str | None = None,
     ) -> None:
         self._interval = _seconds("health_interval", health_interval, allow_zero=False)
         self._check_timeout = _seconds(
@@ -245,6 +248,15 @@ class Manager:
             storage=self._shared_storage,
             name=breaker_name,
             on_transition=self._on_breaker_transition,
+        )
+
+        # Cluster health (issue #12): the longest gap between two passes is one interval
+        # plus one check timeout, so that is the heartbeat interval announced.
+        self._cluster = cluster_member(
+            cluster,
+            node_id,
+            interval=self._interval + self._check_timeout,
+            on_event=self._events.publish,
         )
 
         self._lock = threading.RLock()
@@ -364,6 +376,9 @@ class Manager:
             self._started = True
             self._monitor.start()
             stop = self._stop
+        if self._cluster is not None:
+            self._cluster.start()
+            self._cluster.publish(self.health())
         logger.bind(components=list(self._components), degraded=sorted(failed)).info(
             "DWCP manager started"
         )
@@ -413,6 +428,8 @@ class Manager:
             self._shutdown_component(component)
         if self._health_server is not None:
             self._health_server.stop()
+        if self._cluster is not None:
+            self._cluster.close()
         self._events.close()
         with self._lock:
             self._monitor = None
@@ -599,6 +616,15 @@ class Manager:
             events_dropped=self._events.dropped,
         )
 
+    def cluster_health(self) -> ClusterView:
+        """Every cluster node's last snapshot, age and state, as last read (no I/O here).
+
+        Raises ``DWCPError`` (``NO_CLUSTER``) when the manager has no ``cluster``.
+        """
+        if self._cluster is None:
+            raise DWCPError("manager has no cluster configured", code="NO_CLUSTER")
+        return self._cluster.view()
+
     # -- events ---------------------------------------------------------------------------------
 
     def add_listener(self, listener: Listener) -> None:
@@ -673,6 +699,8 @@ class Manager:
             self._announce_escalation(component, "escalate")
         for component, cycle in to_recover:
             self._spawn_recovery(component, cycle, stop_for_recovery)
+        if self._cluster is not None:
+            self._cluster.publish(self.health())
 
     def _run_checks(
         self, components: list[_Component], stop: threading.Event

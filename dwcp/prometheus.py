@@ -22,6 +22,13 @@ Exposed metrics::
     dwcp_send_errors_total                            sends the transport failed
 
 A manager without a transport reports every ``dwcp_breaker_state`` sample as 0.
+
+With ``Manager(cluster=...)``, per node of the cluster (``dwcp.cluster``)::
+
+    dwcp_cluster_node_up{node}                        1 alive (heard within its bound), 0 not
+    dwcp_cluster_node_healthy{node}                   1 when its last snapshot was healthy
+    dwcp_cluster_node_heartbeat_age_seconds{node}     age of its last heartbeat
+    dwcp_cluster_view_stale                           1 while the cluster's Redis is unreachable
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ except ImportError as exc:  # pragma: no cover - exercised by a test that hides 
     ) from exc
 
 from dwcp.breaker import CLOSED, HALF_OPEN, OPEN
+from dwcp.errors import DWCPError
 from dwcp.health import ComponentStatus, HealthSnapshot, MetricsSnapshot
 
 if TYPE_CHECKING:
@@ -64,7 +72,8 @@ class DWCPCollector:
         """The metric families with values from fresh manager snapshots."""
         metrics = self._manager.metrics()
         health = self._manager.health()
-        return _families(metrics, health)
+        yield from _families(metrics, health)
+        yield from _cluster_families(self._manager)
 
 
 def register_metrics(manager: Manager, registry: CollectorRegistry | None = None) -> DWCPCollector:
@@ -162,3 +171,32 @@ def _families(metrics: MetricsSnapshot | None, health: HealthSnapshot | None) ->
         sent_bytes,
         send_errors,
     )
+
+
+def _cluster_families(manager: Manager) -> Iterator[Metric]:
+    # Only for a manager with a cluster; the view is the last one read, so no I/O here.
+    try:
+        view = manager.cluster_health()
+    except DWCPError:
+        return
+    up = GaugeMetricFamily(
+        "dwcp_cluster_node_up", "Whether the cluster node was heard from within its bound.",
+        labels=["node"],
+    )  # fmt: skip
+    healthy = GaugeMetricFamily(
+        "dwcp_cluster_node_healthy", "Whether the node's last snapshot was healthy.",
+        labels=["node"],
+    )  # fmt: skip
+    age = GaugeMetricFamily(
+        "dwcp_cluster_node_heartbeat_age_seconds", "Age of the node's last heartbeat.",
+        labels=["node"],
+    )  # fmt: skip
+    for node in view.nodes.values():
+        up.add_metric([node.node], 1.0 if node.alive else 0.0)
+        healthy.add_metric([node.node], 1.0 if node.healthy else 0.0)
+        age.add_metric([node.node], node.age)
+    stale = GaugeMetricFamily(
+        "dwcp_cluster_view_stale", "1 while the cluster view is stale (Redis unreachable)."
+    )
+    stale.add_metric([], 1.0 if view.stale else 0.0)
+    yield from (up, healthy, age, stale)
