@@ -349,7 +349,9 @@ class ClusterMember:
     between two publishes (seconds); ``lost_after`` the multiple of ``interval`` after which
     a silent node is lost; ``retention`` how long a dead node's entry stays listed (default
     the larger of 60 s and ten bounds); ``watch`` whether to read the cluster after each
-    publish; ``timeout`` each Redis operation's socket timeout.
+    publish (in a large cluster a few watching nodes may do: each read carries every
+    record); ``on_event`` a first event callback (more with ``add_listener``); ``timeout``
+    each Redis operation's socket timeout.
     """
 
     def __init__(
@@ -383,7 +385,7 @@ class ClusterMember:
         if on_event is not None and not callable(on_event):
             raise TypeError(f"on_event must be callable, got {type(on_event).__name__}")
         self._watch = bool(watch)
-        self._on_event = on_event
+        self._listeners: tuple[ClusterListener, ...] = () if on_event is None else (on_event,)
         self._keys = _Keys(self._namespace)
         self._client = _connect(target, _positive("timeout", timeout))
         self._owns_client = isinstance(target, str)
@@ -429,6 +431,13 @@ class ClusterMember:
     def clash(self) -> str | None:
         """The other process publishing under this node id (its owner token), if any."""
         return self._clash
+
+    def add_listener(self, callback: ClusterListener) -> None:
+        """Also call ``callback(event)`` for each ``NodeLost``/``NodeBack``, from the thread."""
+        if not callable(callback):
+            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+        with self._lock:
+            self._listeners = (*self._listeners, callback)
 
     def start(self) -> None:
         """Check Redis once (a failure is logged, not raised) and start the thread."""
@@ -625,9 +634,8 @@ class ClusterMember:
                     events.append(NodeLost(node_id, round(node.age, 3), node.bound, reason))
             self._view = ClusterView(MappingProxyType(nodes), False, None, 0.0, self._namespace)
             self._read_at = time.monotonic()
-        callback = self._on_event
-        if callback is not None:
-            for event in events:
+        for event in events:
+            for callback in self._listeners:
                 try:
                     callback(event)
                 except Exception as exc:  # noqa: BLE001 - a bad callback must not stop the watch
@@ -643,12 +651,19 @@ def cluster_member(
 ) -> ClusterMember | None:
     """The ``ClusterMember`` for a Manager's ``cluster``/``node_id`` arguments, or None.
 
-    ``cluster`` is None (no cluster), a ``redis://`` URL or a ``redis.Redis`` client.
+    ``cluster`` is None (no cluster), a ``redis://`` URL, a ``redis.Redis`` client, or a
+    ``ClusterMember`` configured by the caller (its own node id, interval, ``watch``...).
     """
     if cluster is None:
         if node_id is not None:
             raise ValueError("node_id needs cluster (a redis:// URL or a redis.Redis client)")
         return None
+    if isinstance(cluster, ClusterMember):
+        if node_id is not None:
+            raise ValueError("node_id cannot be given with a ClusterMember (it has its own)")
+        if on_event is not None:
+            cluster.add_listener(on_event)
+        return cluster
     return ClusterMember(cluster, node_id, interval=interval, on_event=on_event)
 
 

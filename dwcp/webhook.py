@@ -26,6 +26,8 @@ the component's slot name; breaker events name ``transport``, whose sends the br
 - ``component_unhealthy``: ``error`` (str)
 - ``breaker_opened``: ``from_state`` (str), ``to_state`` (``"open"``)
 - ``breaker_closed``: ``from_state`` (str), ``to_state`` (``"closed"``)
+- ``node_lost`` (cluster; ``component`` null): ``node``, ``silent_for``, ``bound``, ``reason``
+- ``node_back`` (cluster; ``component`` null): ``node``, ``down_for``
 
 The request also carries the header ``X-DWCP-Event: <event>``.  See ``docs/webhooks.md``.
 """
@@ -53,6 +55,8 @@ from dwcp.errors import DWCPError
 from dwcp.events import (
     BreakerStateChanged,
     ComponentUnhealthy,
+    NodeBack,
+    NodeLost,
     RecoveryFailed,
     RecoveryStarted,
     RecoverySucceeded,
@@ -71,6 +75,8 @@ EVENT_KINDS = (
     "breaker_closed",
     "component_unhealthy",
     "recovery_started",
+    "node_lost",
+    "node_back",
 )
 _THREAD_NAME = "dwcp-webhook"
 # No single backoff grows past this, however many attempts are configured.
@@ -109,6 +115,11 @@ def _alert(event: object) -> tuple[str, str | None, dict[str, Any]] | None:
     if isinstance(event, BreakerStateChanged) and event.new in (OPEN, CLOSED):
         kind = "breaker_opened" if event.new == OPEN else "breaker_closed"
         return kind, "transport", {"from_state": event.old, "to_state": event.new}
+    if isinstance(event, NodeLost):  # cluster events (dwcp.cluster) name no component
+        lost: dict[str, Any] = {"node": event.node, "silent_for": event.silent_for}
+        return "node_lost", None, {**lost, "bound": event.bound, "reason": event.reason}
+    if isinstance(event, NodeBack):
+        return "node_back", None, {"node": event.node, "down_for": event.down_for}
     return None
 
 

@@ -352,3 +352,25 @@ def test_importing_dwcp_and_the_cluster_module_needs_no_redis() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "pip install 'dwcp[redis]'" in result.stdout
+
+
+def test_a_configured_member_can_be_handed_to_the_manager(
+    redis_server: RedisServer, make_member: MakeMember
+) -> None:
+    member = ClusterMember(redis_server.url, "quiet", interval=0.2, watch=False)
+    with pytest.raises(ValueError, match="node_id cannot be given"):
+        dwcp.Manager(FakeTransport(), cluster=member, node_id="other")
+    manager = dwcp.Manager(FakeTransport(), cluster=member, health_interval=0.05)
+    manager.start()
+    try:
+        wait_until(lambda: "quiet" in cluster_health(redis_server.url).nodes)
+        assert cluster_health(redis_server.url).nodes["quiet"].interval == pytest.approx(0.2)
+        assert manager.cluster_health().stale  # it never reads (watch=False)
+    finally:
+        manager.stop()
+    # Restartable: the member closed with the manager and starts again with it.
+    manager.start()
+    try:
+        wait_until(lambda: cluster_health(redis_server.url).nodes["quiet"].alive)
+    finally:
+        manager.stop()
