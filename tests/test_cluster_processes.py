@@ -140,8 +140,9 @@ def test_a_frozen_then_emptied_redis_is_stale_not_wrong_and_the_views_converge(
     wait_until(lambda: all(never_wrong(n.cluster())["stale"] for n in nodes), timeout=20)
     # Frozen well past every bound; keep watching that no view turns wrong meanwhile.
     wait_until(
-        lambda: [never_wrong(n.cluster()) for n in nodes]
-        and time.monotonic() - frozen_at > BOUND + 1.0,
+        lambda: (
+            [never_wrong(n.cluster()) for n in nodes] and time.monotonic() - frozen_at > BOUND + 1.0
+        ),
         timeout=20,
     )
     # The managers kept working on local state: sends went on, health served.
