@@ -130,12 +130,10 @@ class ClusterView:
 
     @property
     def healthy(self) -> bool:
-        """Fresh, non-empty, and every node alive and healthy."""
-        return (
-            not self.stale
-            and bool(self.nodes)
-            and all(n.alive and n.healthy for n in self.nodes.values())
-        )
+        """Fresh, and every node alive and healthy; nodes that left cleanly do not count, and
+        a cluster with no other node is not healthy."""
+        members = [n for n in self.nodes.values() if n.state != "left"]
+        return not self.stale and bool(members) and all(n.alive and n.healthy for n in members)
 
     @property
     def lost(self) -> tuple[str, ...]:

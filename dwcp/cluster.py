@@ -17,6 +17,7 @@ from dwcp._cluster import (
     cluster_document,
     cluster_health,
     default_node_id,
+    render_cluster,
     snapshot_document,
 )
 
@@ -29,5 +30,6 @@ __all__ = [
     "cluster_document",
     "cluster_health",
     "default_node_id",
+    "render_cluster",
     "snapshot_document",
 ]

@@ -374,3 +374,37 @@ def test_a_configured_member_can_be_handed_to_the_manager(
         wait_until(lambda: cluster_health(redis_server.url).nodes["quiet"].alive)
     finally:
         manager.stop()
+
+
+def _node(name: str, state: str, healthy: bool = True) -> Any:
+    from dwcp.cluster import NodeHealth
+
+    return NodeHealth(name, state, healthy, 0.1, 3.0, 1.0, 5, "host", 1)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("states", "stale", "healthy"),
+    [
+        ({"a": ("alive", True), "b": ("alive", True)}, False, True),
+        ({"a": ("alive", True), "b": ("alive", False)}, False, False),
+        ({"a": ("alive", True), "b": ("lost", True)}, False, False),
+        ({"a": ("alive", True), "b": ("left", False)}, False, True),  # left on purpose
+        ({"b": ("left", True)}, False, False),  # nobody is left
+        ({}, False, False),
+        ({"a": ("alive", True)}, True, False),  # stale: not news
+    ],
+)
+def test_the_cluster_verdict(
+    states: dict[str, tuple[str, bool]], stale: bool, healthy: bool
+) -> None:
+    from types import MappingProxyType
+
+    from dwcp.cluster import ClusterView, cluster_document, render_cluster
+
+    nodes = {name: _node(name, state, ok) for name, (state, ok) in states.items()}
+    view = ClusterView(MappingProxyType(nodes), stale, "boom" if stale else None, 0.0, "dwcp")
+    assert view.healthy is healthy
+    assert cluster_document(view)["status"] == ("healthy" if healthy else "unhealthy")
+    assert render_cluster(view).startswith(
+        "DWCP cluster 'dwcp' " + ("healthy" if healthy else "UNHEALTHY")
+    )

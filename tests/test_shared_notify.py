@@ -126,3 +126,41 @@ def test_close_stops_the_subscriber_while_redis_is_down(
     assert not _watcher_threads()
     with pytest.raises(TypeError, match="callback"):
         watcher.on_remote_change(42)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(
+    not hasattr(__import__("dwcp.breaker").breaker.Breaker, "remote_changed"),
+    reason="Breaker.remote_changed not wired yet (issue #12: the lead's breaker.py)",
+)
+def test_an_idle_manager_hears_another_open_the_breaker_at_once(
+    redis_server: RedisServer,
+) -> None:
+    import dwcp
+    from tests.conftest import FakeTransport
+
+    def make(transport: FakeTransport) -> dwcp.Manager:
+        return dwcp.Manager(
+            transport, breaker_storage=redis_server.url, breaker_name="notify-4",
+            max_failures=1, reset_timeout=3600,
+        )  # fmt: skip
+
+    failing = FakeTransport()
+    failing.fail_sends = OSError("peer down")
+    opener, idle = make(failing), make(FakeTransport())
+    opened = threading.Event()
+    idle.add_listener(
+        lambda e: (
+            opened.set() if isinstance(e, dwcp.BreakerStateChanged) and e.new == "open" else None
+        )
+    )
+    opener.start()
+    idle.start()
+    try:
+        with pytest.raises(dwcp.TransportError):
+            opener.send_with_circuit_breaker(b"x")
+        # The idle manager sends nothing and reads nothing: only the change channel tells it.
+        assert opened.wait(5)
+    finally:
+        opener.stop()
+        idle.stop()
+    assert not _watcher_threads()
