@@ -226,7 +226,14 @@ def _describe(exc: BaseException) -> str:
 def _connect(target: object, timeout: float) -> Any:
     from dwcp.shared import connect
 
-    return connect(target, timeout=timeout, parameter="cluster")
+    client = connect(target, timeout=timeout, parameter="cluster")
+    for method in ("pipeline", "mget", "register_script", "close"):
+        if not callable(getattr(client, method, None)):
+            raise TypeError(
+                f"cluster must be a redis.Redis client or a redis:// URL, got "
+                f"{type(target).__name__} (no {method}())"
+            )
+    return client
 
 
 def _redis_errors() -> tuple[type[BaseException], ...]:
