@@ -8,7 +8,7 @@ subcommand is two functions and one more entry in the tuple.
 Exit codes: 0 healthy, 1 unhealthy, 2 unreachable or not a health document.
 
 ``demo`` runs a receiver and a manager on 127.0.0.1, stops the receiver for a while and
-prints what the breaker, the monitor and recovery do about it (see ``dwcp.demo``).
+prints what the breaker, the monitor and recovery do about it (see ``dwcp._demo``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from dwcp import demo
+from dwcp import _demo as demo
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
 
