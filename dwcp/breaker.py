@@ -310,6 +310,29 @@ class Breaker:
                 self._cb.half_open()
         self._flush()
 
+    def watch(self) -> None:
+        """Hear other processes' transitions as they happen, where the storage can tell.
+
+        The shared storage calls ``remote_changed()`` from its own subscriber thread; the
+        poll every ``sync_interval`` stays as the fallback.
+        """
+        subscribe = getattr(self._remote, "on_remote_change", None)
+        if subscribe is not None:
+            subscribe(self.remote_changed)
+
+    def remote_changed(self) -> None:
+        """Another process changed the shared state: read it back now, not at the next poll."""
+        if self._mirror is None:
+            return
+        self._next_sync = 0.0
+        self._refresh()
+
+    def close(self) -> None:
+        """Stop hearing of remote changes (the storage's subscriber thread); idempotent."""
+        close = getattr(self._remote, "close", None)
+        if close is not None:
+            close()
+
     # -- internals ----------------------------------------------------------------------------
 
     def _tell_pybreaker(self, failure: BaseException) -> None:

@@ -202,6 +202,7 @@ class Manager:
             stop = self._stop
             self._phase, self._started = "started", True
             self._monitor.start(self._pass, stop)
+        self._breaker.watch()
         logger.bind(components=list(self._states), degraded=sorted(failed)).info(
             "DWCP manager started: {}", self._name
         )
@@ -265,6 +266,7 @@ class Manager:
             state.slot.shutdown()
         if self._health_server is not None:
             self._health_server.stop()
+        self._breaker.close()
         self._events.close()
         with self._lock:
             self._monitor.forget_thread()
