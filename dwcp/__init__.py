@@ -6,6 +6,7 @@ recovers what breaks with exponential backoff, and guards every send with a circ
 
 from loguru import logger as _logger
 
+from dwcp._version import __version__
 from dwcp.components import Layer, Transport
 from dwcp.errors import CircuitOpenError, DWCPError, TransportError
 from dwcp.events import (
