@@ -232,9 +232,7 @@ class _Dispatcher:
         manager, peer = self.manager, self.peer
         if (event.manager or not manager) and (event.peer or not peer):
             return event
-        return dataclasses.replace(
-            event, manager=event.manager or manager, peer=event.peer or peer
-        )
+        return dataclasses.replace(event, manager=event.manager or manager, peer=event.peer or peer)
 
     def _run(self, events: queue.Queue[object], abandon: threading.Event) -> None:
         while not abandon.is_set():
@@ -244,7 +242,7 @@ class _Dispatcher:
             event = self._stamped(event)  # type: ignore[arg-type]
             for listener in self._listeners:
                 try:
-                    listener(event)  # type: ignore[arg-type]
+                    listener(event)
                 except Exception as exc:  # noqa: BLE001 - one bad listener must not starve the rest
                     self.listener_errors += 1
                     logger.opt(exception=exc).bind(listener=repr(listener)).error(

@@ -443,8 +443,7 @@ class WebhookNotifier:
                 thread.join(self._timeout + 1.0)
                 if thread.is_alive():
                     logger.bind(url=self._target).warning(
-                        f"Webhook thread did not stop in time; a request to {self._target} "
-                        "is hung"
+                        f"Webhook thread did not stop in time; a request to {self._target} is hung"
                     )
         with self._cond:
             left = len(self._queue)

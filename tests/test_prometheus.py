@@ -408,6 +408,4 @@ def test_the_recorder_counts_every_thread_and_keeps_ended_threads_counts() -> No
         10 * threads_per_round * 334,
         total,
     )
-    assert send_seconds.sum == pytest.approx(
-        10 * threads_per_round * (167 * 0.001 + 166 * 0.002)
-    )
+    assert send_seconds.sum == pytest.approx(10 * threads_per_round * (167 * 0.001 + 166 * 0.002))

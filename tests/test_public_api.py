@@ -159,7 +159,10 @@ def test_forward_to_logging_hands_records_and_fields_to_stdlib(
     [record] = stdlib_records.records
     assert record.name == "myapp.dwcp.webhook"
     assert (record.levelno, record.levelname) == (logging.WARNING, "WARNING")
-    assert record.getMessage() == "Webhook alert dropped: recovery_failed (queue full or notifier closed)"
+    assert (
+        record.getMessage()
+        == "Webhook alert dropped: recovery_failed (queue full or notifier closed)"
+    )
     assert (record.url, record.event) == ("http://127.0.0.1:9", "recovery_failed")  # type: ignore[attr-defined]
     assert record.dwcp_fields == {"url": "http://127.0.0.1:9", "event": "recovery_failed"}  # type: ignore[attr-defined]
     assert record.pathname.endswith("webhook.py") and record.funcName == "__call__"

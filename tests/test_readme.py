@@ -50,17 +50,17 @@ def test_the_projects_own_tools_are_in_the_dev_extra_not_test() -> None:
     assert not {"ruff", "mypy"} & set(extras["test"])
     ci = (ROOT / ".ci" / "run").read_text()
     # The README's test command runs first, then the dev tools are installed for the lint.
-    assert ci.index("pip install -e '.[test]' && python3 -m pytest") < ci.index(
-        "pip install -e '.[test,dev]'"
-    ) < ci.index("ruff check")
+    assert (
+        ci.index("pip install -e '.[test]' && python3 -m pytest")
+        < ci.index("pip install -e '.[test,dev]'")
+        < ci.index("ruff check")
+    )
 
 
 @pytest.mark.skipif(not os.environ.get("DWCP_FULL"), reason="builds a venv; set DWCP_FULL=1")
 def test_the_editable_install_is_visible_to_type_checkers(tmp_path: Path) -> None:
     venv = tmp_path / "venv"
-    subprocess.run(
-        [sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True
-    )
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
     python = venv / "bin" / "python"
     subprocess.run(
         [str(python), "-m", "pip", "install", "-q", "--no-deps", "-e", str(ROOT)],
@@ -78,3 +78,15 @@ def test_the_editable_install_is_visible_to_type_checkers(tmp_path: Path) -> Non
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_error_table_lists_every_code_the_library_raises() -> None:
+    table = README.split("| error | `.code` |", 1)[1].split("\n\n", 1)[0]
+    raised = set()
+    for path in (ROOT / "dwcp").rglob("*.py"):
+        source = path.read_text()
+        raised |= set(re.findall(r'\bcode\s*=\s*"([A-Z_]+)"', source))
+    assert raised >= {"TRANSPORT_ERROR", "CIRCUIT_OPEN", "NOT_STARTED", "NO_TRANSPORT"}
+    missing = sorted(code for code in raised - {"DWCP_ERROR"} if f"`{code}`" not in table)
+    assert missing == [], f"README error table lacks {missing}"
+    assert "| `TransportError` | `NOT_STARTED` |" in table

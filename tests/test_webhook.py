@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -417,9 +418,7 @@ def test_the_payload_names_the_manager_and_the_peer(
 ) -> None:
     notifier = make_notifier(receiver.url)
     notifier.start()
-    notifier(
-        dwcp.RecoveryFailed("transport", 3, "boom", manager="payments", peer="10.0.0.7:7400")
-    )
+    notifier(dwcp.RecoveryFailed("transport", 3, "boom", manager="payments", peer="10.0.0.7:7400"))
     wait_until(lambda: notifier.delivered == 1)
     [payload] = receiver.payloads()
     assert (payload["manager"], payload["peer"]) == ("payments", "10.0.0.7:7400")
@@ -694,3 +693,28 @@ def test_repr_names_the_host_only_and_stop_is_close(
     notifier.stop()
     assert "delivered=1" in repr(notifier) and " stopped " in repr(notifier)
     assert [t for t in threading.enumerate() if t.name == "dwcp-webhook"] == []
+
+
+def test_the_documented_verification_accepts_real_requests(
+    receiver: Receiver, make_notifier: MakeNotifier
+) -> None:
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "webhooks.md").read_text()
+    code = docs.split("## Signatures", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "docs/webhooks.md", "exec"), namespace)  # noqa: S102 - our own docs
+    verify = namespace["verify"]
+
+    notifier = make_notifier(receiver.url, secret=b"shared-secret")
+    notifier.start()
+    notifier(failed())
+    wait_until(lambda: notifier.delivered == 1)
+    [headers], [body] = receiver.headers(), receiver.bodies
+    as_sent = {
+        "X-DWCP-Timestamp": headers["x-dwcp-timestamp"],
+        "X-DWCP-Signature-256": headers["x-dwcp-signature-256"],
+    }
+    assert verify(b"shared-secret", as_sent, body) is True
+    assert verify(b"another-secret", as_sent, body) is False
+    assert verify(b"shared-secret", as_sent, body.replace(b"transport", b"transpork")) is False
+    stale = {**as_sent, "X-DWCP-Timestamp": str(int(headers["x-dwcp-timestamp"]) - 3600)}
+    assert verify(b"shared-secret", stale, body) is False
