@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import pybreaker
 
@@ -85,6 +86,15 @@ class Breaker:
         self.rejections = 0
 
     # -- the send path -------------------------------------------------------------------
+
+    @classmethod
+    def build(cls, storage: object, name: str, **options: Any) -> Breaker:
+        """A breaker named ``name``, shared through Redis when ``storage`` is given."""
+        if storage is None:
+            return cls(name=name, **options)
+        from dwcp.shared import FailoverStorage, connect
+
+        return cls(name=name, storage=FailoverStorage(connect(storage), name), **options)
 
     def admit(self) -> int:
         """Return a ticket for one guarded call, or raise ``CircuitOpenError``."""
@@ -199,6 +209,18 @@ class Breaker:
             state = self._state
         self._flush()
         return state
+
+    @property
+    def storage_mode(self) -> str:
+        """``local``, or for shared storage ``shared`` (Redis answers) or ``fallback``."""
+        if not self._shared:
+            return "local"
+        return "shared" if getattr(self._storage, "shared", True) else "fallback"
+
+    @property
+    def storage_errors(self) -> int:
+        """How many shared-storage operations failed (0 for local storage)."""
+        return int(getattr(self._storage, "errors", 0)) if self._shared else 0
 
     @property
     def failure_count(self) -> int:

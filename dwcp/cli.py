@@ -9,7 +9,7 @@ Exit codes: 0 healthy, 1 unhealthy, 2 unreachable, not a dwcp health document, o
 arguments (argparse's own exit code).  ``--version`` prints the version.
 
 ``demo`` runs a receiver and a manager on 127.0.0.1, stops the receiver for a while and
-prints what the breaker, the monitor and recovery do about it (see ``dwcp.demo``).
+prints what the breaker, the monitor and recovery do about it (see ``dwcp._demo``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, TypeGuard
 from urllib.parse import urlsplit, urlunsplit
 
-from dwcp import demo
+from dwcp import _demo as demo
 from dwcp._version import __version__
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]

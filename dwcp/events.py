@@ -246,5 +246,8 @@ class _Dispatcher:
                 except Exception as exc:  # noqa: BLE001 - one bad listener must not starve the rest
                     self.listener_errors += 1
                     logger.opt(exception=exc).bind(listener=repr(listener)).error(
-                        "Event listener raised"
+                        "Event listener raised {} on {}: {}",
+                        type(exc).__name__,
+                        type(event).__name__,
+                        exc,
                     )

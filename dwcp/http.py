@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 
 from loguru import logger
 
+from dwcp import _validation as check
 from dwcp.errors import DWCPError
 from dwcp.health import HealthSnapshot, _manager_name
 
@@ -201,24 +202,6 @@ class _Handler(BaseHTTPRequestHandler):
         )
 
 
-def _check_host(name: str, host: object) -> str:
-    """``host`` if it is a non-empty str; ``name`` is the parameter the caller knows it by."""
-    if not isinstance(host, str):
-        raise TypeError(f"{name} must be a str (an address or host name), got {host!r}")
-    if not host:
-        raise ValueError(f"{name} must not be empty; use 0.0.0.0 or :: for every interface")
-    return host
-
-
-def _check_port(name: str, port: object) -> int:
-    """``port`` if it is an int from 0 to 65535 (0: any free port), named ``name`` in errors."""
-    if isinstance(port, bool) or not isinstance(port, int):
-        raise TypeError(f"{name} must be an int from 0 to 65535, got {port!r}")
-    if not 0 <= port <= 65535:
-        raise ValueError(f"{name} must be from 0 to 65535 (0: any free port), got {port}")
-    return port
-
-
 def _metrics_registry(manager: Manager) -> Any:
     try:
         from prometheus_client import CollectorRegistry
@@ -242,8 +225,8 @@ class HealthServer:
 
     def __init__(self, manager: Manager, host: str = "127.0.0.1", port: int = 0) -> None:
         self._manager = manager
-        self._host = _check_host("host", host)
-        self._port = _check_port("port", port)
+        self._host = check.name("host", host)
+        self._port = check.port("port", port)
         self._lock = threading.Lock()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None

@@ -60,7 +60,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from types import TracebackType
@@ -70,6 +70,8 @@ from urllib.parse import urlsplit
 import tenacity
 from loguru import logger
 
+from dwcp import _validation as check
+from dwcp._clock import Clock, SystemClock
 from dwcp.breaker import CLOSED, OPEN
 from dwcp.errors import DWCPError
 from dwcp.events import (
@@ -79,7 +81,6 @@ from dwcp.events import (
     RecoveryStarted,
     RecoverySucceeded,
 )
-from dwcp.manager import _count, _describe, _seconds
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -175,19 +176,6 @@ def _retry_after(value: str | None, now: float | None = None) -> float | None:
     return max(0.0, moment.timestamp() - (time.time() if now is None else now))
 
 
-def _as_seconds(name: str, value: object, *, allow_zero: bool) -> float:
-    """A float of seconds from a number or a ``timedelta``, validated by ``_seconds``."""
-    if isinstance(value, timedelta):
-        value = value.total_seconds()
-    return _seconds(name, value, allow_zero=allow_zero)
-
-
-def _flag(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r}")
-    return value
-
-
 def _secret(value: object) -> bytes | None:
     if value is None:
         return None
@@ -259,9 +247,8 @@ class WebhookNotifier:
         secret: shared secret that signs every request (``X-DWCP-Signature-256``); None
             sends unsigned requests.
         enabled: False makes the notifier ignore every event (start and close still work).
-        clock: monotonic seconds for ``repeat_interval``; tests pass a fake one.
-        sleep: replaces the backoff wait (which ``close()`` cuts short); tests pass one
-            that records the delays instead of waiting.
+        clock: where ``repeat_interval`` is measured and retry waits are waited out (and cut
+            short by ``close()``), as for the Manager; ``dwcp.testing.FakeClock`` in tests.
     """
 
     def __init__(
@@ -276,33 +263,29 @@ class WebhookNotifier:
         repeat_interval: float | timedelta = 3600.0,
         secret: str | bytes | None = None,
         enabled: bool = True,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self._url = _checked_url(url)
         parts = urlsplit(url)
         # Webhook URLs often carry a secret in the path or userinfo; logs name only the host.
         self._target = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
         self._kinds = _kinds(events)
-        self._timeout = _as_seconds("timeout", timeout, allow_zero=False)
-        self._queue_size = _count("queue_size", queue_size)
-        self._attempts = _count("retry_attempts", retry_attempts)
-        self._backoff = _as_seconds("retry_backoff", retry_backoff, allow_zero=True)
-        self._repeat = _as_seconds("repeat_interval", repeat_interval, allow_zero=True)
+        self._timeout = check.seconds("timeout", timeout, allow_zero=False)
+        self._queue_size = check.count("queue_size", queue_size)
+        self._attempts = check.count("retry_attempts", retry_attempts)
+        self._backoff = check.seconds("retry_backoff", retry_backoff, allow_zero=True)
+        self._repeat = check.seconds("repeat_interval", repeat_interval, allow_zero=True)
         self._secret = _secret(secret)
-        self._enabled = _flag("enabled", enabled)
-        if not callable(clock):
-            raise TypeError(f"clock must be callable, got {type(clock).__name__}")
-        if sleep is not None and not callable(sleep):
-            raise TypeError(f"sleep must be callable or None, got {type(sleep).__name__}")
-        self._clock = clock
-        self._sleep = sleep
+        self._enabled = check.flag("enabled", enabled)
+        if clock is not None and not isinstance(clock, Clock):
+            raise TypeError(f"clock must have now() and sleep(), got {type(clock).__name__}")
+        self._clock: Clock = clock or SystemClock()
 
         self._cond = threading.Condition()
         self._queue: deque[dict[str, Any]] = deque()
         self._run = _Run()
         self._thread: threading.Thread | None = None
-        # When each (manager, component, kind) was last queued, by ``clock``.
+        # When each (manager, component, kind) was last queued, by ``clock.now()``.
         self._last_posted: dict[tuple[str, str, str], float] = {}
         self._delivered = 0
         self._failed = 0
@@ -400,7 +383,7 @@ class WebhookNotifier:
             self._last_posted.pop((manager, component, cleared), None)
         if kind not in self._kinds:
             return False
-        key, now = (manager, component, kind), self._clock()
+        key, now = (manager, component, kind), self._clock.now()
         last = self._last_posted.get(key)
         if last is not None and now - last < self._repeat:
             self._suppressed += 1
@@ -427,7 +410,7 @@ class WebhookNotifier:
         Alerts still queued at the deadline are dropped; a delivery backing off is cut short.
         Idempotent; later events are dropped until ``start()`` is called again.
         """
-        deadline = _as_seconds("timeout", timeout, allow_zero=True)
+        deadline = check.seconds("timeout", timeout, allow_zero=True)
         with self._cond:
             thread, self._thread = self._thread, None
             run = self._run
@@ -502,11 +485,7 @@ class WebhookNotifier:
             return float(backoff(state))
 
         def sleep(seconds: float) -> None:
-            if self._sleep is not None:
-                self._sleep(seconds)
-                if run.abort.is_set():
-                    raise _Aborted
-            elif run.abort.wait(seconds):
+            if not self._clock.sleep(seconds, run.abort):
                 raise _Aborted
 
         def before_sleep(state: tenacity.RetryCallState) -> None:
@@ -563,4 +542,4 @@ class WebhookNotifier:
         except (OSError, http.client.HTTPException) as exc:
             # URLError (refused, DNS), timeouts and resets are OSErrors; a garbled answer is
             # an HTTPException.  Both say nothing about the alert itself.
-            raise _Retryable(_describe(exc)) from exc
+            raise _Retryable(check.describe(exc)) from exc

@@ -18,7 +18,7 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 
 import dwcp
-from dwcp.http import HealthServer, _check_host, _check_port
+from dwcp.http import HealthServer
 from tests.conftest import FakeLayer, FakeTransport, wait_until
 
 MakeManager = Callable[..., dwcp.Manager]
@@ -446,8 +446,8 @@ def test_concurrent_scrapes_while_a_component_fails_and_recovers(
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"host": 1234}, TypeError, "host must be a str"),
-        ({"host": ""}, ValueError, "host must not be empty"),
+        ({"host": 1234}, TypeError, "host must be a string"),
+        ({"host": ""}, ValueError, "host must be a non-empty string"),
         ({"port": "80"}, TypeError, "port must be an int"),
         ({"port": 80.0}, TypeError, "port must be an int"),
         ({"port": True}, TypeError, "port must be an int"),
@@ -462,15 +462,13 @@ def test_host_and_port_are_checked_at_construction(
         HealthServer(make_manager(FakeTransport()), **kwargs)  # type: ignore[arg-type]
 
 
-def test_the_checks_name_the_callers_parameter() -> None:
-    # The Manager validates health_host / health_port with these, under its own names.
-    with pytest.raises(TypeError, match="^health_host must be a str"):
-        _check_host("health_host", 1234)
+def test_the_managers_health_host_and_port_are_named_as_such() -> None:
+    with pytest.raises(TypeError, match="^health_host must be a string"):
+        dwcp.Manager(FakeTransport(), health_port=0, health_host=1234)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="^health_port must be from 0 to 65535"):
-        _check_port("health_port", -1)
+        dwcp.Manager(FakeTransport(), health_port=-1)
     with pytest.raises(TypeError, match="^health_port must be an int"):
-        _check_port("health_port", "80")
-    assert (_check_host("health_host", "::1"), _check_port("health_port", 0)) == ("::1", 0)
+        dwcp.Manager(FakeTransport(), health_port="80")  # type: ignore[arg-type]
 
 
 def test_repr_and_close_alias(make_manager: MakeManager) -> None:

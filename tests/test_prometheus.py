@@ -285,12 +285,17 @@ def test_two_managers_share_a_registry_told_apart_by_the_manager_label(
     assert value(scrape(registry), "dwcp_sends_total") == 0
 
 
-def test_the_label_is_the_managers_own_name_by_default(registry: CollectorRegistry) -> None:
-    register_metrics(Snapshots(name="payments-peer"), registry)  # type: ignore[arg-type]
-    register_metrics(Snapshots(name="audit-peer"), registry)  # type: ignore[arg-type]
+def test_the_label_is_the_managers_breaker_name_by_default(
+    make_manager: MakeManager, registry: CollectorRegistry
+) -> None:
+    payments = make_manager(FakeTransport(), breaker_name="payments-peer")
+    register_metrics(payments, registry)
+    register_metrics(make_manager(FakeTransport(), breaker_name="audit-peer"), registry)
+    payments.start()
+    payments.send_with_circuit_breaker(b"abcd")
     samples = scrape(registry)
-    assert value(samples, "dwcp_sends_total", manager="payments-peer") == 0
-    assert value(samples, "dwcp_sends_total", manager="audit-peer") == 0
+    assert value(samples, "dwcp_sent_bytes_total", manager="payments-peer") == 4
+    assert value(samples, "dwcp_sent_bytes_total", manager="audit-peer") == 0
 
 
 # -- what the snapshots carry ------------------------------------------------------------------

@@ -20,6 +20,7 @@ import pytest
 
 import dwcp
 from dwcp.events import SendRejected
+from dwcp.testing import FakeClock
 from dwcp.webhook import EVENT_KINDS, WebhookNotifier, _alert, _retry_after, sign
 from tests.conftest import FakeTransport, wait_until
 
@@ -427,14 +428,6 @@ def test_the_payload_names_the_manager_and_the_peer(
 # -- deduplication -----------------------------------------------------------------------------
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def retrip(manager: str = "") -> list[dwcp.BreakerStateChanged]:
     return [
         dwcp.BreakerStateChanged("open", "half-open", manager=manager),
@@ -445,7 +438,7 @@ def retrip(manager: str = "") -> list[dwcp.BreakerStateChanged]:
 def test_half_open_retrips_post_one_breaker_opened_per_repeat_interval(
     receiver: Receiver, make_notifier: MakeNotifier
 ) -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     notifier = make_notifier(
         receiver.url,
         events=("breaker_opened", "breaker_closed"),
@@ -454,19 +447,19 @@ def test_half_open_retrips_post_one_breaker_opened_per_repeat_interval(
     )
     notifier(dwcp.BreakerStateChanged("closed", "open"))
     for _ in range(20):  # ten minutes of re-trips at 30 s each
-        clock.now += 29.0
+        clock.advance(29.0)
         for event in retrip():
             notifier(event)
     assert (notifier.pending, notifier.suppressed) == (1, 20)
 
-    clock.now += 600.0  # still open after the repeat interval: one reminder
+    clock.advance(600.0)  # still open after the repeat interval: one reminder
     for event in retrip():
         notifier(event)
     assert (notifier.pending, notifier.suppressed) == (2, 20)
 
     # It closes: reported; a new outage a moment later is reported at once.
     notifier(dwcp.BreakerStateChanged("half-open", "closed"))
-    clock.now += 1.0
+    clock.advance(1.0)
     notifier(dwcp.BreakerStateChanged("closed", "open"))
     notifier.start()
     wait_until(lambda: notifier.delivered == 4)
@@ -490,12 +483,12 @@ def test_dedup_is_per_manager_and_component(make_notifier: MakeNotifier) -> None
 def test_an_escalated_components_repeated_unhealthy_is_posted_once_until_it_recovers(
     make_notifier: MakeNotifier,
 ) -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     notifier = make_notifier(
         "http://127.0.0.1:9/hook", events=("component_unhealthy",), clock=clock
     )
     for _ in range(50):  # one per monitoring pass while escalated
-        clock.now += 10.0
+        clock.advance(10.0)
         notifier(dwcp.ComponentUnhealthy("sync", "down", manager="m"))
     assert (notifier.pending, notifier.suppressed) == (1, 49)
     # The recovery is not a selected kind, yet it re-arms the alert.
@@ -576,23 +569,23 @@ def test_retry_later_answers_are_retried_after_what_they_ask(
     high: float,
 ) -> None:
     receiver.answers = [answer]
-    slept: list[float] = []
-    notifier = make_notifier(receiver.url, retry_backoff=0.25, sleep=slept.append)
+    clock = FakeClock()
+    notifier = make_notifier(receiver.url, retry_backoff=0.25, clock=clock)
     notifier.start()
     notifier(failed())
     wait_until(lambda: notifier.delivered == 1)
     assert receiver.count() == 2
-    assert len(slept) == 1 and low <= slept[0] <= high, slept
+    assert len(clock.slept) == 1 and low <= clock.slept[0] <= high, clock.slept
 
 
 def test_retry_after_as_an_http_date(receiver: Receiver, make_notifier: MakeNotifier) -> None:
     receiver.answers = [(429, {"Retry-After": http_date(20)})]
-    slept: list[float] = []
-    notifier = make_notifier(receiver.url, sleep=slept.append)
+    clock = FakeClock()
+    notifier = make_notifier(receiver.url, clock=clock)
     notifier.start()
     notifier(failed())
     wait_until(lambda: notifier.delivered == 1)
-    [delay] = slept
+    [delay] = clock.slept
     assert 17.0 <= delay <= 20.0  # whole seconds on the wire, and the request took a moment
 
 
@@ -600,22 +593,22 @@ def test_429_on_every_attempt_fails_after_the_retries(
     receiver: Receiver, make_notifier: MakeNotifier
 ) -> None:
     receiver.answers = [(429, {"Retry-After": "1"})] * 3
-    slept: list[float] = []
-    notifier = make_notifier(receiver.url, retry_attempts=3, sleep=slept.append)
+    clock = FakeClock()
+    notifier = make_notifier(receiver.url, retry_attempts=3, clock=clock)
     notifier.start()
     notifier(failed())
     wait_until(lambda: notifier.failed == 1)
-    assert (receiver.count(), slept) == (3, [1.0, 1.0])
+    assert (receiver.count(), clock.slept) == (3, [1.0, 1.0])
 
 
 def test_other_4xx_are_still_not_retried(receiver: Receiver, make_notifier: MakeNotifier) -> None:
     receiver.answers = [(403, {"Retry-After": "1"})]
-    slept: list[float] = []
-    notifier = make_notifier(receiver.url, sleep=slept.append)
+    clock = FakeClock()
+    notifier = make_notifier(receiver.url, clock=clock)
     notifier.start()
     notifier(failed())
     wait_until(lambda: notifier.failed == 1)
-    assert (receiver.count(), slept) == (1, [])
+    assert (receiver.count(), clock.slept) == (1, [])
 
 
 def test_retry_after_parsing() -> None:
@@ -643,8 +636,7 @@ def test_retry_after_parsing() -> None:
         ({"timeout": timedelta(0)}, ValueError, "timeout"),
         ({"secret": 1234}, TypeError, "secret must be a str or bytes"),
         ({"secret": ""}, ValueError, "secret must not be empty"),
-        ({"clock": 5}, TypeError, "clock must be callable"),
-        ({"sleep": 5}, TypeError, "sleep must be callable"),
+        ({"clock": 5}, TypeError, "clock must have now"),
     ],
 )
 def test_more_configuration_is_validated(
@@ -656,17 +648,17 @@ def test_more_configuration_is_validated(
 
 def test_seconds_accept_timedelta(receiver: Receiver, make_notifier: MakeNotifier) -> None:
     receiver.answers = [500]
-    slept: list[float] = []
+    clock = FakeClock()
     notifier = make_notifier(
         receiver.url,
         timeout=timedelta(seconds=2),
         retry_backoff=timedelta(milliseconds=250),
-        sleep=slept.append,
+        clock=clock,
     )
     notifier.start()
     notifier(failed())
     wait_until(lambda: notifier.delivered == 1)
-    assert slept == [0.25]
+    assert clock.slept == [0.25]
     notifier.close(timeout=timedelta(seconds=2))
 
 
