@@ -385,7 +385,7 @@ def test_a_manager_that_records_nothing_has_an_empty_send_histogram(
     assert value(samples, "dwcp_send_duration_seconds_bucket", le="+Inf") == 0
 
 
-def test_the_recorder_counts_every_thread_and_keeps_ended_threads_counts() -> None:
+def test_the_recorder_counts_every_sending_thread() -> None:
     recorder = LatencyRecorder()
     threads_per_round, per_thread = 8, 500
 
@@ -393,7 +393,7 @@ def test_the_recorder_counts_every_thread_and_keeps_ended_threads_counts() -> No
         for i in range(per_thread):
             recorder.observe_send(0.001 * (i % 3))
 
-    # More threads than the sweep threshold, all ended: their cells are folded, not lost.
+    # Many rounds of threads sending at once: no observation is lost.
     for _ in range(10):
         threads = [threading.Thread(target=send) for _ in range(threads_per_round)]
         for thread in threads:
