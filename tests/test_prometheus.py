@@ -414,3 +414,18 @@ def test_the_recorder_counts_every_sending_thread() -> None:
         total,
     )
     assert send_seconds.sum == pytest.approx(10 * threads_per_round * (167 * 0.001 + 166 * 0.002))
+
+
+def test_a_collector_of_ones_own_takes_more_managers(
+    make_manager: MakeManager, registry: CollectorRegistry
+) -> None:
+    first, second = make_manager(FakeTransport()), make_manager(FakeTransport())
+    collector = DWCPCollector(first, name="first")
+    assert collector.add(second, name="second") == "second"
+    registry.register(collector)
+    assert set(collector.managers) == {"first", "second"}
+    assert {dict(labels)["manager"] for (_, labels) in scrape(registry)} == {"first", "second"}
+    collector.remove(first)
+    with pytest.raises(ValueError, match="not exposed"):
+        collector.remove(first)
+    assert {dict(labels)["manager"] for (_, labels) in scrape(registry)} == {"second"}
