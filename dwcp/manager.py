@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping
+from datetime import timedelta
 from functools import wraps
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -76,12 +77,12 @@ class Manager:
         consensus: Layer | None = None,
         layers: Mapping[str, Layer] | None = None,
         enabled: bool = True,
-        health_interval: float = 10.0,
-        health_check_timeout: float = 5.0,
+        health_interval: float | timedelta = 10.0,
+        health_check_timeout: float | timedelta = 5.0,
         max_retries: int = 3,
-        initial_backoff: float = 1.0,
+        initial_backoff: float | timedelta = 1.0,
         max_failures: int = 5,
-        reset_timeout: float = 30.0,
+        reset_timeout: float | timedelta = 30.0,
         recovery: Mapping[str, RecoveryPolicy] | None = None,
         breaker_storage: object = None,
         breaker_name: str = "dwcp",

@@ -56,9 +56,9 @@ def test_zero_backoff_is_allowed() -> None:
 
 def test_component_missing_methods_is_a_type_error() -> None:
     with pytest.raises(TypeError, match="transport .* health_check"):
-        dwcp.Manager(object())
+        dwcp.Manager(object())  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="compression .* is_healthy"):
-        dwcp.Manager(compression=object())
+        dwcp.Manager(compression=object())  # type: ignore[arg-type]
 
 
 # -- lifecycle -------------------------------------------------------------------------------
@@ -448,7 +448,7 @@ def test_extra_named_layers_are_checked_and_recovered(make_manager: MakeManager)
 )
 def test_extra_layers_are_validated(layers: dict[str, object], error: type, match: str) -> None:
     with pytest.raises(error, match=match):
-        dwcp.Manager(FakeTransport(), layers=layers)
+        dwcp.Manager(FakeTransport(), layers=layers)  # type: ignore[arg-type]
 
 
 def test_a_transport_left_closed_by_recovery_counts(make_manager: MakeManager) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
 
@@ -15,6 +16,9 @@ from dwcp.testing import FakeClock, FakeLayer, FakeTransport
 from tests.conftest import wait_until
 
 MakeManager = Callable[..., dwcp.Manager]
+
+
+E = TypeVar("E", bound=dwcp.Event)
 
 
 class Events:
@@ -29,11 +33,11 @@ class Events:
             self.items.append(event)
             self._cond.notify_all()
 
-    def of(self, kind: type) -> list[dwcp.Event]:
+    def of(self, kind: type[E]) -> list[E]:
         with self._cond:
             return [e for e in self.items if isinstance(e, kind)]
 
-    def wait_for(self, kind: type, count: int = 1, timeout: float = 5.0) -> list[dwcp.Event]:
+    def wait_for(self, kind: type[E], count: int = 1, timeout: float = 5.0) -> list[E]:
         with self._cond:
             ok = self._cond.wait_for(lambda: len(self.of(kind)) >= count, timeout)
         assert ok, f"no {count} x {kind.__name__} within {timeout}s; saw {self.items}"
@@ -206,9 +210,9 @@ def test_success_requires_the_health_recheck(make_manager: MakeManager) -> None:
     assert metrics.recovery_attempts == 3
     assert metrics.recoveries_failed == 1 and metrics.recovery_success_rate == 0.0
     failed = events.wait_for(dwcp.RecoveryFailed)
-    assert failed[0].attempts == 3  # type: ignore[union-attr]
+    assert failed[0].attempts == 3
     attempts = events.wait_for(dwcp.RecoveryAttempt, 3)
-    assert [e.backoff for e in attempts] == [0.001, 0.002, 0.004]  # type: ignore[union-attr]
+    assert [e.backoff for e in attempts] == [0.001, 0.002, 0.004]
 
 
 def test_unknown_component_and_not_started(make_manager: MakeManager) -> None:
@@ -264,7 +268,7 @@ def test_monitor_detects_and_recovers_a_transport(make_manager: MakeManager) -> 
     events.wait_for(dwcp.RecoveryAttempt, 2)
     transport.healthy = True
     succeeded = events.wait_for(dwcp.RecoverySucceeded)
-    assert succeeded[0].component == "transport"  # type: ignore[union-attr]
+    assert succeeded[0].component == "transport"
     assert manager.metrics().downtime_seconds["transport"] > 0
 
 
@@ -328,8 +332,8 @@ def test_the_default_schedule_waits_1_2_4_seconds_on_the_injected_clock(
     manager.check_component_health()
     failed = events.wait_for(dwcp.RecoveryFailed)[0]
     assert clock.slept == [1.0, 2.0, 4.0]
-    assert [e.backoff for e in events.of(dwcp.RecoveryAttempt)] == [1.0, 2.0, 4.0]  # type: ignore[attr-defined]
-    assert failed.attempts == 3  # type: ignore[attr-defined]
+    assert [e.backoff for e in events.of(dwcp.RecoveryAttempt)] == [1.0, 2.0, 4.0]
+    assert failed.attempts == 3
     assert clock.now() == 107.0
     # Downtime is measured on the same clock: 7 s of backoff, no real time.
     assert manager.metrics().downtime_seconds["transport"] == 7.0
