@@ -254,14 +254,16 @@ def test_manager_publishes_each_pass_and_serves_the_cluster(
         registry = CollectorRegistry()
         register_metrics(manager, registry)
         text = generate_latest(registry).decode()
-        assert 'dwcp_cluster_node_up{node="m1"} 1.0' in text
-        assert "dwcp_cluster_view_stale 0.0" in text
+        assert 'dwcp_cluster_node_up{manager="dwcp",node="m1"} 1.0' in text
+        assert 'dwcp_cluster_view_stale{manager="dwcp"} 0.0' in text
 
         beat.stop()
         wait_until(lambda: any(isinstance(e, dwcp.NodeLost) for e in events), timeout=5)
         code, body = _get(manager.health_url + "/cluster")
         assert code == 503 and json.loads(body)["lost"] == ["other"]
-        wait_until(lambda: 'dwcp_cluster_node_up{node="other"} 0.0' in _scrape(registry))
+        wait_until(
+            lambda: 'dwcp_cluster_node_up{manager="dwcp",node="other"} 0.0' in _scrape(registry)
+        )
     finally:
         manager.stop()
     assert cluster_health(redis_server.url).nodes["m1"].state == "left"
@@ -408,3 +410,19 @@ def test_the_cluster_verdict(
     assert render_cluster(view).startswith(
         "DWCP cluster 'dwcp' " + ("healthy" if healthy else "UNHEALTHY")
     )
+
+
+def test_webhooks_deduplicate_node_events_per_node() -> None:
+    from dwcp.webhook import WebhookNotifier
+
+    notifier = WebhookNotifier("http://127.0.0.1:9/hook", events=("node_lost", "node_back"))
+    try:
+        notifier(dwcp.NodeLost("a", 1.0, 0.9, manager="m"))
+        notifier(dwcp.NodeLost("b", 1.0, 0.9, manager="m"))  # another node: not a repeat
+        notifier(dwcp.NodeLost("a", 1.2, 0.9, manager="m"))  # a repeat: suppressed
+        assert notifier.pending == 2
+        notifier(dwcp.NodeBack("a", 3.0, manager="m"))
+        notifier(dwcp.NodeLost("a", 1.0, 0.9, manager="m"))  # back cleared it: posted again
+        assert notifier.pending == 4
+    finally:
+        notifier.close(timeout=0.1)

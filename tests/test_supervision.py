@@ -9,7 +9,8 @@ import pytest
 
 import dwcp
 from dwcp.recovery import RecoveryPolicy, RestartSupervisor
-from tests.conftest import FakeLayer, FakeTransport, wait_until
+from dwcp.testing import FakeLayer, FakeTransport
+from tests.conftest import wait_until
 
 MakeManager = Callable[..., dwcp.Manager]
 
