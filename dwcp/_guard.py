@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from time import perf_counter
 from typing import Any, TypeVar
 
 from dwcp._slots import PEER_FAILURES
@@ -43,28 +44,32 @@ class Guard:
                 "(wrap other buffers in memoryview())"
             )
         ticket = self._admit()
+        began = perf_counter()
         try:
             transport.send(data)
         except PEER_FAILURES as exc:
             # A transport that recovery closed and could not restart fails too: while the
             # manager runs, that is the peer being down, so it counts like any other failure.
-            self._failed(ticket)
+            self.tallies.failed(perf_counter() - began)
+            self._failed(ticket, exc)
             if isinstance(exc, TransportError):
                 raise
             raise TransportError(f"send failed: {describe(exc)}") from exc
         except BaseException:
+            self.tallies.failed(perf_counter() - began)
             self._breaker.release(ticket)
             raise
+        seconds = perf_counter() - began
         self._breaker.record_success(ticket)
-        self.tallies.add(data.nbytes if type(data) is memoryview else len(data))
+        self.tallies.add(data.nbytes if type(data) is memoryview else len(data), seconds)
 
     def call(self, fn: Callable[..., R], args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
         """``fn(*args, **kwargs)``; its exceptions propagate unchanged."""
         ticket = self._admit()
         try:
             result = fn(*args, **kwargs)
-        except PEER_FAILURES:
-            self._failed(ticket)
+        except PEER_FAILURES as exc:
+            self._failed(ticket, exc)
             raise
         except BaseException:
             self._breaker.release(ticket)
@@ -80,7 +85,7 @@ class Guard:
                 self._events.publish(SendRejected(self._breaker.state))
             raise
 
-    def _failed(self, ticket: int) -> None:
-        self._breaker.record_failure(ticket)
+    def _failed(self, ticket: int, error: BaseException) -> None:
+        self._breaker.record_failure(ticket, error)
         with self._lock:
             self._counters.send_errors += 1

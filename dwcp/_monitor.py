@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 
 from loguru import logger
 
+from dwcp._latency import LatencyRecorder
 from dwcp._status import Check, ComponentState, Counters, Waiter
 
 __all__ = ["Monitor"]
@@ -29,12 +30,14 @@ class Monitor:
         self,
         lock: threading.RLock,
         counters: Counters,
+        latency: LatencyRecorder,
         *,
         interval: float,
         timeout: float,
     ) -> None:
         self._lock = lock
         self._counters = counters
+        self._latency = latency
         self.interval = interval
         self.timeout = timeout
         self._waiters: set[Waiter] = set()
@@ -111,6 +114,7 @@ class Monitor:
                 ).start()
             waiter.event.wait(max(0.0, deadline - time.monotonic()))
         finally:
+            hung: list[str] = []
             with self._lock:
                 self._waiters.discard(waiter)
                 for state, job in shared:
@@ -129,8 +133,13 @@ class Monitor:
                         results[state.name] = INTERRUPTED
                     else:
                         results[state.name] = f"health check timed out after {self.timeout:g}s"
+                        # Timed as the timeout now; the check's own end is then not timed.
+                        job.timed_out = True
+                        hung.append(state.name)
                     if results[state.name] is not None:
                         state.check_failures += 1
+            for name in hung:
+                self._latency.observe_health_check(name, self.timeout)
         return results
 
     def await_check_in_flight(self, state: ComponentState, stop: threading.Event) -> None:
@@ -149,11 +158,16 @@ class Monitor:
             self._waiters.discard(waiter)
 
     def _check_thread(self, state: ComponentState, job: Check) -> None:
+        began = time.perf_counter()
         error = state.slot.check()
+        seconds = time.perf_counter() - began
         with self._lock:
             job.error, job.done = error, True
             if state.check is job:
                 state.check = None
             waiters = list(job.waiters)
+            timed = not job.timed_out
+        if timed:
+            self._latency.observe_health_check(state.name, seconds)
         for waiter in waiters:
             waiter.one_done()

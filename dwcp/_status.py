@@ -7,16 +7,19 @@ Nothing here locks: the manager's lock guards every ``ComponentState`` and ``Cou
 from __future__ import annotations
 
 import threading
+from bisect import bisect_left
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
+from dwcp._latency import SEND_BUCKETS, LatencyRecorder
 from dwcp.health import (
     ComponentHealth,
     ComponentMetrics,
     ComponentStatus,
     HealthSnapshot,
+    LatencyHistogram,
     MetricsSnapshot,
 )
 from dwcp.recovery import RecoveryPolicy, RestartSupervisor
@@ -51,6 +54,7 @@ class Check:
     waiters: list[Waiter]
     done: bool = False
     error: str | None = None
+    timed_out: bool = False
 
 
 @dataclass(eq=False)
@@ -127,30 +131,57 @@ class Counters:
 
 
 class SendTallies:
-    """Successful sends and their bytes, one ``[sends, bytes]`` list per sending thread.
+    """Sends, their bytes and their durations, one tally list per sending thread.
 
-    Each list has a single writer, so the send path takes no lock.
+    A tally is ``[sends, bytes, seconds, count per SEND_BUCKETS bucket..., count above]``.
+    Each has a single writer, so the send path takes no lock: one ``threading.local`` lookup
+    it pays anyway, where a shared histogram would add a lock per send.
     """
 
     def __init__(self) -> None:
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._tallies: list[list[int]] = []
+        self._tallies: list[list[float]] = []
 
-    def add(self, nbytes: int) -> None:
+    def _tally(self) -> list[float]:
         try:
-            tally: list[int] = self._local.value
+            tally: list[float] = self._local.value
         except AttributeError:
-            tally = [0, 0]
+            tally = [0, 0, 0.0] + [0] * (len(SEND_BUCKETS) + 1)
             with self._lock:
                 self._tallies.append(tally)
             self._local.value = tally
+        return tally
+
+    def add(self, nbytes: int, seconds: float) -> None:
+        """A send of ``nbytes`` that succeeded after ``seconds``."""
+        tally = self._tally()
         tally[0] += 1
         tally[1] += nbytes
+        tally[2] += seconds
+        tally[3 + bisect_left(SEND_BUCKETS, seconds)] += 1
+
+    def failed(self, seconds: float) -> None:
+        """A send that raised after ``seconds``: timed, not counted as sent."""
+        tally = self._tally()
+        tally[2] += seconds
+        tally[3 + bisect_left(SEND_BUCKETS, seconds)] += 1
 
     def totals(self) -> tuple[int, int]:
         with self._lock:
-            return sum(t[0] for t in self._tallies), sum(t[1] for t in self._tallies)
+            return int(sum(t[0] for t in self._tallies)), int(sum(t[1] for t in self._tallies))
+
+    def histogram(self) -> LatencyHistogram:
+        """Every send's duration, successes and failures, as one histogram."""
+        with self._lock:
+            tallies = [list(t) for t in self._tallies]
+        counts = [int(sum(t[3 + i] for t in tallies)) for i in range(len(SEND_BUCKETS) + 1)]
+        cumulative, running = [], 0
+        for count in counts[:-1]:
+            running += count
+            cumulative.append(running)
+        total = float(sum(t[2] for t in tallies))
+        return LatencyHistogram(SEND_BUCKETS, tuple(cumulative), running + counts[-1], total)
 
 
 def health_snapshot(
@@ -167,7 +198,8 @@ def metrics_snapshot(
     states: Iterable[ComponentState],
     now: float,
     counters: Counters,
-    sends: tuple[int, int],
+    tallies: SendTallies,
+    latency: LatencyRecorder,
     *,
     transitions: Mapping[tuple[str, str], int],
     rejections: int,
@@ -177,6 +209,8 @@ def metrics_snapshot(
 ) -> MetricsSnapshot:
     """The counters and per-component figures at ``now`` (caller holds the lock)."""
     states = list(states)
+    sends = tallies.totals()
+    _, recovery_seconds, check_seconds = latency.snapshot()
     downtime = {s.name: s.downtime_at(now) for s in states}
     per_component = {
         s.name: ComponentMetrics(
@@ -208,4 +242,7 @@ def metrics_snapshot(
         breaker_transitions=MappingProxyType(dict(transitions)),
         components=MappingProxyType(per_component),
         events_dropped=events_dropped,
+        send_seconds=tallies.histogram(),
+        recovery_seconds=recovery_seconds,
+        health_check_seconds=check_seconds,
     )

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from loguru import logger
 
 from dwcp._clock import Clock
+from dwcp._latency import LatencyRecorder
 from dwcp._monitor import Monitor
 from dwcp._status import ComponentState, Counters, Cycle
 from dwcp._validation import describe
@@ -44,9 +45,11 @@ class Supervisor:
         monitor: Monitor,
         events: _Dispatcher,
         clock: Clock,
+        latency: LatencyRecorder,
         *,
         on_transport_recovered: Callable[[], None],
     ) -> None:
+        self._latency = latency
         self._lock = lock
         self._states = states
         self._counters = counters
@@ -243,6 +246,7 @@ class Supervisor:
     def recover(self, state: ComponentState, cycle: Cycle, stop: threading.Event) -> None:
         """Run one cycle to its end: back off, restart, verify, at most the policy's attempts."""
         name = state.name
+        began = self._clock.now()
         log = logger.bind(component=name)
         log.bind(error=state.last_error).info(
             "Attempting component recovery: {} ({})", name, state.last_error
@@ -298,6 +302,8 @@ class Supervisor:
                     error=outcome.error if outcome is not None else None,
                 )
                 self._recoveries.discard(threading.current_thread())
+            if not cancelled:
+                self._latency.observe_recovery(name, self._clock.now() - began)
         assert outcome is not None
         if recovered:
             if state.slot.is_transport:

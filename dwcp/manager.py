@@ -16,6 +16,7 @@ from dwcp import _validation as check
 from dwcp._clock import Clock, SystemClock
 from dwcp._cluster import ClusterView, cluster_member
 from dwcp._guard import Guard
+from dwcp._latency import LatencyRecorder
 from dwcp._monitor import Monitor
 from dwcp._slots import Slot, build_slots, policies
 from dwcp._status import ComponentState, Counters, health_snapshot, metrics_snapshot
@@ -36,8 +37,6 @@ __all__ = ["Manager"]
 
 R = TypeVar("R")
 _BYTES_LIKE = (bytes, bytearray, memoryview)
-# Kept for dwcp.webhook, which validates its own arguments the same way.
-_seconds, _count, _describe = check.seconds, check.count, check.describe
 
 
 class Manager:
@@ -116,13 +115,15 @@ class Manager:
             s.name: ComponentState(s, now, RestartSupervisor(chosen[s.name])) for s in slots
         }
         self._transport = transport
+        self._latency = LatencyRecorder()
         self._monitor = Monitor(
             self._lock,
             self._counters,
+            self._latency,
             interval=check.seconds("health_interval", health_interval),
             timeout=check.seconds("health_check_timeout", health_check_timeout),
         )
-        self._events = _Dispatcher()
+        self._events = _Dispatcher(manager=self._name, peer=_peer(transport))
         self._breaker = Breaker.build(
             breaker_storage,
             self._name,
@@ -137,6 +138,7 @@ class Manager:
             self._monitor,
             self._events,
             self._clock,
+            self._latency,
             on_transport_recovered=self._breaker.half_open,
         )
         self._guard = Guard(self._breaker, self._events, self._lock, self._counters)
@@ -388,7 +390,8 @@ class Manager:
                 self._states.values(),
                 self._clock.now(),
                 self._counters,
-                self._guard.tallies.totals(),
+                self._guard.tallies,
+                self._latency,
                 transitions=self._breaker.transition_counts,
                 rejections=self._breaker.rejections,
                 storage=self._breaker.storage_mode,
@@ -426,3 +429,12 @@ class Manager:
             "Circuit breaker state changed: {} -> {} ({})", old, new, self._name
         )
         self._events.publish(BreakerStateChanged(old, new))
+
+
+def _peer(transport: object) -> str:
+    """``host:port`` of the transport's peer, for events and alerts, when it tells."""
+    address = getattr(transport, "address", None)
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return ""

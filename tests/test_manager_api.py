@@ -10,6 +10,7 @@ import pytest
 
 import dwcp
 from dwcp.testing import FakeClock, FakeLayer, FakeTransport
+from tests.conftest import wait_until
 
 MakeManager = Callable[..., dwcp.Manager]
 
@@ -141,3 +142,45 @@ def test_fake_clock_block_on_waits_for_the_interrupt() -> None:
     interrupt.set()
     sleeper.join(5)
     assert result == [False] and clock.now() == 1.0 and clock.slept == [1.0, 4.0]
+
+
+def test_metrics_time_sends_checks_and_recovery_cycles(make_manager: MakeManager) -> None:
+    transport = FakeTransport()
+    clock = FakeClock()
+    manager = make_manager(transport, initial_backoff=1.0, clock=clock)
+    manager.start()
+    for _ in range(5):
+        manager.send_with_circuit_breaker(b"x")
+    transport.fail_sends = ConnectionError("down")
+    with pytest.raises(dwcp.TransportError):
+        manager.send_with_circuit_breaker(b"x")
+    manager.check_component_health()
+    transport.healthy = False
+    assert not manager.attempt_component_recovery("transport")  # 1 + 2 + 4 s on the clock
+    metrics = manager.metrics()
+    assert metrics.send_seconds.count == 6 and metrics.sends == 5  # a failed send is timed too
+    assert metrics.send_seconds.cumulative_counts[-1] <= 6
+    checks = metrics.health_check_seconds["transport"]
+    assert checks.count == 1 + 3  # the pass, then one re-check per attempt
+    assert metrics.recovery_seconds["transport"].count == 1
+    assert metrics.recovery_seconds["transport"].sum == 7.0
+
+
+def test_events_name_their_manager_and_peer(make_manager: MakeManager) -> None:
+    class Addressed(FakeTransport):
+        address = ("127.0.0.1", 7400)
+
+    seen: list[dwcp.Event] = []
+    manager = make_manager(Addressed(), breaker_name="orders", max_failures=1)
+    manager.add_listener(seen.append)
+    manager.start()
+    transport_down = ConnectionError("down")
+
+    def fail() -> None:
+        raise transport_down
+
+    with pytest.raises(ConnectionError):
+        manager.call(fail)  # opens the breaker: max_failures=1
+    wait_until(lambda: any(isinstance(e, dwcp.BreakerStateChanged) for e in seen))
+    change = next(e for e in seen if isinstance(e, dwcp.BreakerStateChanged))
+    assert (change.manager, change.peer) == ("orders", "127.0.0.1:7400")

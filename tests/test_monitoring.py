@@ -10,6 +10,7 @@ from typing import TypeVar
 import pytest
 
 import dwcp
+from dwcp._latency import LatencyRecorder
 from dwcp._monitor import Monitor
 from dwcp._status import Counters
 from dwcp.testing import FakeClock, FakeLayer, FakeTransport
@@ -137,7 +138,7 @@ def test_hung_check_does_not_stall_stop(make_manager: MakeManager) -> None:
 
 
 def test_loop_survives_an_exception_in_a_pass() -> None:
-    monitor = Monitor(threading.RLock(), Counters(), interval=0.001, timeout=1.0)
+    monitor = Monitor(threading.RLock(), Counters(), LatencyRecorder(), interval=0.001, timeout=1.0)
     stop = threading.Event()
     passes = [0]
     survived = threading.Event()
