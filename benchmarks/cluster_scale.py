@@ -13,12 +13,18 @@ processes would have) and measures, per pass per node:
   this each pass): milliseconds and bytes; beside it one ``MGET`` of the same records by
   known keys.
 
+Then the shared breaker: how long after one manager opens it another one hears of it. A
+listener subscribed to the change channel (idle: it sends nothing), beside one that does not
+subscribe and reads the state every millisecond, as a busy sender would (the 50 ms
+``sync_interval`` poll decides when it sees the change), alternating round by round.
+
 Medians and 99th percentiles over every pass; ratio = median of the per-round ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import shutil
 import socket
 import statistics
@@ -201,10 +207,105 @@ def run(nodes: int, passes: int) -> dict[str, float]:
         proc.wait(10)
 
 
+def breaker_propagation(rounds: int) -> dict[str, float]:
+    """Milliseconds from one manager's opening send to another's ``BreakerStateChanged``."""
+    import dwcp
+    from dwcp.testing import FakeTransport
+
+    proc, url = _start_redis()
+    heard: dict[str, list[float]] = {"pubsub": [], "poll": []}
+    try:
+        for round_ in range(rounds):
+            order = ("pubsub", "poll") if round_ % 2 == 0 else ("poll", "pubsub")
+            for side in order:
+                heard[side].append(
+                    _one_opening(dwcp, FakeTransport, url, f"b{round_}-{side}", side)
+                )
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    ratios = [p / s for p, s in zip(heard["poll"], heard["pubsub"])]
+    return {
+        "rounds": rounds,
+        "pubsub_ms_p50": statistics.median(heard["pubsub"]),
+        "pubsub_ms_p99": _pct(heard["pubsub"], 0.99),
+        "poll_ms_p50": statistics.median(heard["poll"]),
+        "poll_ms_p99": _pct(heard["poll"], 0.99),
+        "speedup": statistics.median(ratios),
+    }
+
+
+def _await_subscriber(url: str, channel: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=1)
+    try:
+        deadline = time.monotonic() + 5
+        while dict(client.pubsub_numsub(channel)).get(channel.encode(), 0) < 1:
+            if time.monotonic() > deadline:
+                raise SystemExit("the listener never subscribed")
+            threading.Event().wait(0.001)
+    finally:
+        client.close()
+
+
+def _one_opening(dwcp: Any, fake: Any, url: str, name: str, side: str) -> float:
+    failing = fake()
+    failing.fail_sends = OSError("peer down")
+    opener = dwcp.Manager(failing, breaker_storage=url, breaker_name=name, max_failures=1,
+                          reset_timeout=3600)  # fmt: skip
+    listener = dwcp.Manager(fake(), breaker_storage=url, breaker_name=name, reset_timeout=3600)
+    opened = threading.Event()
+    at = [0.0]
+
+    def on_event(event: object) -> None:
+        if isinstance(event, dwcp.BreakerStateChanged) and event.to_state == "open":
+            at[0] = time.perf_counter()
+            opened.set()
+
+    listener.add_listener(on_event)
+    opener.start()
+    listener.start()
+    stop = threading.Event()
+    poller = None
+    if side == "poll":
+        listener._breaker.close()  # no subscription: only the poll tells it
+
+        def poll() -> None:
+            while not stop.wait(0.001):
+                listener.circuit_breaker_state  # noqa: B018 - each read may sync
+
+        poller = threading.Thread(target=poll, name="bench-poller")
+        poller.start()
+    try:
+        if side == "pubsub":
+            _await_subscriber(url, f"{name}:pybreaker:changes")
+        listener.circuit_breaker_state  # noqa: B018 - in sync before the clock starts
+        # A random phase against the listener's 50 ms poll, as a real opening would have.
+        threading.Event().wait(random.uniform(0.0, 0.05))
+        began = time.perf_counter()
+        try:
+            opener.send_with_circuit_breaker(b"x")
+        except dwcp.TransportError:
+            pass
+        if not opened.wait(5):
+            raise SystemExit(f"{side}: the listener never heard the breaker open")
+        return (at[0] - began) * 1000
+    finally:
+        stop.set()
+        if poller is not None:
+            poller.join(5)
+        opener.stop()
+        listener.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.cluster_scale", description=__doc__)
     parser.add_argument("--nodes", type=int, default=200, help="simulated nodes (default 200)")
     parser.add_argument("--passes", type=int, default=20, help="passes measured (default 20)")
+    parser.add_argument(
+        "--breaker-rounds", type=int, default=20, help="breaker openings timed (default 20)"
+    )
     args = parser.parse_args(argv)
     r = run(args.nodes, args.passes)
     n = int(r["nodes"])
@@ -216,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         f"plain SET of the record {r['set_ms_p50']:.3f} ms, {r['set_bytes_in']:.0f} B; "
         f"ratio {r['publish_ratio']:.2f}x"
     )
-    print(f"all {n} nodes publishing once, one after another: {r['pass_ms']:.1f} ms of Redis time")
+    print(f"{n} publishes back to back (one per node, one thread): {r['pass_ms']:.1f} ms")
     print(
         f"cluster_health() of {n} nodes: 2 round trips, {r['read_ms_p50']:.2f} ms median "
         f"({r['read_ms_p99']:.2f} ms p99), {r['read_bytes'] / 1024:.1f} KiB; "
@@ -225,6 +326,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     watching = r["read_bytes"] * n / 1024 / 1024
     print(f"if all {n} nodes watch (read each pass): {watching:.1f} MiB out of Redis per pass")
+    b = breaker_propagation(args.breaker_rounds)
+    print(
+        f"shared breaker, another manager hears an open ({int(b['rounds'])} rounds): "
+        f"subscribed and idle {b['pubsub_ms_p50']:.2f} ms median ({b['pubsub_ms_p99']:.2f} ms "
+        f"p99); polling every 1 ms without the subscription {b['poll_ms_p50']:.2f} ms "
+        f"({b['poll_ms_p99']:.2f} ms p99); {b['speedup']:.1f}x sooner"
+    )
     return 0
 
 
