@@ -405,7 +405,8 @@ class ClusterMember:
         self._seq = 0
         self._view = ClusterView(MappingProxyType({}), True, "not read yet", 0.0, self._namespace)
         self._read_at: float | None = None  # monotonic time of the last successful read
-        self._failing = False
+        self._failing = False  # the last Redis operation failed
+        self._gap = False  # a failure since the last successful read (see _refresh)
         # Redis time (ms) from which silence counts again after an outage, see _refresh.
         self._resumed_ms: int | None = None
         # What the watcher knows of each node: last heartbeat (ms) and record.
@@ -413,7 +414,7 @@ class ClusterMember:
         self._states: dict[str, NodeState] = {}
         self._lost_since: dict[str, float] = {}  # monotonic time each was declared lost
         self._clash: str | None = None
-        #: Redis round trips made, publishes refused by a clash, and failed operations.
+        #: Redis round trips made, records published (and their bytes), failed operations.
         self.round_trips = 0
         self.published = 0
         self.published_bytes = 0
@@ -553,6 +554,7 @@ class ClusterMember:
                 )
             self._clash = other
             return False
+        self._answered()
         if self._clash is not None:
             logger.bind(node=self._node_id).info("Cluster node id free again; publishing")
             self._clash = None
@@ -581,13 +583,19 @@ class ClusterMember:
         self.last_error = _describe(exc)
         with self._lock:
             first = not self._failing
-            self._failing = True
+            self._failing = self._gap = True
             view = self._view
             self._view = ClusterView(view.nodes, True, self.last_error, view.age, view.namespace)
         if first:
             logger.bind(node=self._node_id, error=self.last_error).warning(
                 "Cluster Redis unreachable; the cluster view is stale until it answers"
             )
+
+    def _answered(self) -> None:
+        with self._lock:
+            was_failing, self._failing = self._failing, False
+        if was_failing:
+            logger.bind(node=self._node_id).info("Cluster Redis reachable again")
 
     def _refresh(self) -> None:
         try:
@@ -600,14 +608,13 @@ class ClusterMember:
             self._failed(exc)
             return
         events: list[NodeLost | NodeBack] = []
+        self._answered()
         with self._lock:
-            if self._failing or self._resumed_ms is None:
+            if self._gap or self._resumed_ms is None:
                 # Silence during an outage (ours or Redis's) says nothing about a node: count
                 # it from now on, so each node has a full bound to be heard from again.
                 self._resumed_ms = raw.now_ms
-                if self._failing:
-                    logger.bind(node=self._node_id).info("Cluster Redis reachable again")
-            self._failing = False
+                self._gap = False
             for node_id, entry in raw.nodes.items():
                 known = self._known.get(node_id)
                 if known is None or entry[0] >= known[0]:

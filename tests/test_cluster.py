@@ -426,3 +426,25 @@ def test_webhooks_deduplicate_node_events_per_node() -> None:
         assert notifier.pending == 4
     finally:
         notifier.close(timeout=0.1)
+
+
+def test_a_publisher_that_saw_an_outage_says_goodbye_once_redis_answers(
+    redis_server: RedisServer, make_member: MakeMember
+) -> None:
+    member = make_member("blip", watch=False)
+
+    def published_one_more(than: int) -> bool:
+        member.publish({"status": "healthy"})
+        return member.published > than
+
+    wait_until(lambda: published_one_more(0))
+    redis_server.pause()
+    try:
+        member.publish({"status": "healthy"})
+        wait_until(lambda: member.errors >= 1, timeout=5)
+    finally:
+        redis_server.resume()
+    count = member.published
+    wait_until(lambda: published_one_more(count), timeout=10)
+    member.close()
+    assert cluster_health(redis_server.url).nodes["blip"].state == "left"
