@@ -43,7 +43,7 @@ from dwcp.health import HealthSnapshot, _manager_name
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-    from dwcp.manager import Manager
+    from dwcp._source import HealthSource
 
 __all__ = ["HealthServer", "health_document"]
 
@@ -71,7 +71,7 @@ def _ready(started: bool, health: HealthSnapshot) -> bool:
     return started and health.breaker_state != "open" and all(c.healthy for c in needed)
 
 
-def health_document(manager: Manager) -> tuple[bool, dict[str, Any]]:
+def health_document(manager: HealthSource) -> tuple[bool, dict[str, Any]]:
     """Return ``(ready, document)``: the ``/readyz`` verdict and the ``/healthz`` document.
 
     The document's ``status`` is ``healthy`` when the manager is started, every component is
@@ -120,7 +120,7 @@ def health_document(manager: Manager) -> tuple[bool, dict[str, Any]]:
     return ready, document
 
 
-def _cluster_route(manager: Manager) -> tuple[int, str, bytes]:
+def _cluster_route(manager: HealthSource) -> tuple[int, str, bytes]:
     # /cluster: every node of the manager's cluster (dwcp.cluster), 503 unless all are fine.
     from dwcp._cluster import cluster_document
 
@@ -135,7 +135,7 @@ def _cluster_route(manager: Manager) -> tuple[int, str, bytes]:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     # Hand-off to the handlers: set once before serving, read-only afterwards.
-    manager: Manager
+    manager: HealthSource
     metrics: Any  # the dwcp.prometheus registry, or None without prometheus_client
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -220,7 +220,7 @@ class _Handler(BaseHTTPRequestHandler):
         )
 
 
-def _metrics_registry(manager: Manager) -> Any:
+def _metrics_registry(manager: HealthSource) -> Any:
     try:
         from prometheus_client import CollectorRegistry
 
@@ -241,7 +241,7 @@ class HealthServer:
     anything else raises ``TypeError`` or ``ValueError`` here, not in ``start()``.
     """
 
-    def __init__(self, manager: Manager, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, manager: HealthSource, host: str = "127.0.0.1", port: int = 0) -> None:
         self._manager = manager
         self._host = check.name("host", host)
         self._port = check.port("port", port)

@@ -79,7 +79,7 @@ from dwcp.health import (
 )
 
 if TYPE_CHECKING:
-    from dwcp.manager import Manager
+    from dwcp._source import HealthSource
 
 __all__ = ["DWCPCollector", "register_metrics", "unregister_metrics"]
 
@@ -96,19 +96,19 @@ class DWCPCollector:
     name); ``add()`` and ``remove()`` change the set later.
     """
 
-    def __init__(self, manager: Manager | None = None, *, name: str | None = None) -> None:
+    def __init__(self, manager: HealthSource | None = None, *, name: str | None = None) -> None:
         self._lock = threading.Lock()
-        self._managers: dict[str, Manager] = {}
+        self._managers: dict[str, HealthSource] = {}
         if manager is not None:
             self.add(manager, name=name)
 
     @property
-    def managers(self) -> Mapping[str, Manager]:
+    def managers(self) -> Mapping[str, HealthSource]:
         """The managers exposed, by their ``manager`` label."""
         with self._lock:
             return MappingProxyType(dict(self._managers))
 
-    def add(self, manager: Manager, *, name: str | None = None) -> str:
+    def add(self, manager: HealthSource, *, name: str | None = None) -> str:
         """Expose ``manager`` as ``manager=name`` (default: its own name); return the label.
 
         Raises ``ValueError`` when the name is taken: two managers with one name would give
@@ -124,7 +124,7 @@ class DWCPCollector:
             self._managers[label] = manager
         return label
 
-    def remove(self, manager: Manager) -> None:
+    def remove(self, manager: HealthSource) -> None:
         """Stop exposing ``manager``; raises ``ValueError`` if it was not added."""
         with self._lock:
             for label, known in self._managers.items():
@@ -155,7 +155,7 @@ _collectors_lock = threading.Lock()
 
 
 def register_metrics(
-    manager: Manager, registry: CollectorRegistry | None = None, *, name: str | None = None
+    manager: HealthSource, registry: CollectorRegistry | None = None, *, name: str | None = None
 ) -> DWCPCollector:
     """Expose ``manager`` on ``registry`` (default: the global one), labelled ``manager=name``.
 
@@ -176,7 +176,7 @@ def register_metrics(
     return collector
 
 
-def unregister_metrics(manager: Manager, registry: CollectorRegistry | None = None) -> None:
+def unregister_metrics(manager: HealthSource, registry: CollectorRegistry | None = None) -> None:
     """Stop exposing ``manager`` on ``registry`` (default: the global one).
 
     The registry's collector is unregistered with its last manager.  Raises ``ValueError``
@@ -345,7 +345,7 @@ def _families(scrapes: Sequence[_Scrape]) -> Iterator[Metric]:
     )
 
 
-def _cluster_families(managers: list[tuple[str, Manager]]) -> Iterator[Metric]:
+def _cluster_families(managers: list[tuple[str, HealthSource]]) -> Iterator[Metric]:
     # Only managers with a cluster; each view is the last one read, so no I/O here.
     views = []
     for label, manager in managers:
