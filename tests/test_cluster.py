@@ -17,8 +17,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 import dwcp
 from dwcp.cluster import ClusterError, ClusterMember, cluster_health
 from dwcp.prometheus import register_metrics
+from dwcp.testing import FakeTransport
 from tests._redis import RedisServer, free_port, redis_server
-from tests.conftest import FakeTransport, wait_until
+from tests.conftest import wait_until
 
 __all__ = ["redis_server"]  # the fixture, imported for pytest
 

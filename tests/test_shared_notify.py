@@ -136,7 +136,7 @@ def test_an_idle_manager_hears_another_open_the_breaker_at_once(
     redis_server: RedisServer,
 ) -> None:
     import dwcp
-    from tests.conftest import FakeTransport
+    from dwcp.testing import FakeTransport
 
     def make(transport: FakeTransport) -> dwcp.Manager:
         return dwcp.Manager(

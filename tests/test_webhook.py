@@ -20,9 +20,9 @@ import pytest
 
 import dwcp
 from dwcp.events import SendRejected
-from dwcp.testing import FakeClock
+from dwcp.testing import FakeClock, FakeTransport
 from dwcp.webhook import EVENT_KINDS, WebhookNotifier, _alert, _retry_after, sign
-from tests.conftest import FakeTransport, wait_until
+from tests.conftest import wait_until
 
 MakeManager = Callable[..., dwcp.Manager]
 MakeNotifier = Callable[..., WebhookNotifier]
