@@ -128,10 +128,6 @@ def test_close_stops_the_subscriber_while_redis_is_down(
         watcher.on_remote_change(42)  # type: ignore[arg-type]
 
 
-@pytest.mark.skipif(
-    not hasattr(__import__("dwcp.breaker").breaker.Breaker, "remote_changed"),
-    reason="Breaker.remote_changed not wired yet (issue #12: the lead's breaker.py)",
-)
 def test_an_idle_manager_hears_another_open_the_breaker_at_once(
     redis_server: RedisServer,
 ) -> None:
