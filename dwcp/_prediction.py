@@ -1,24 +1,42 @@
 """Recovery timing learned from past outages: when a component has usually come back.
 
-Each outage is known only as an interval: the component recovered after its last failed
+An outage is only known as an interval: the component came back after its last failed
 attempt (``not_before``) and by the attempt or check that found it healthy
 (``recovered_after``), both counted from its first unhealthy check.  ``RecoveryHistory``
-keeps the recent outages, proposes attempt times at quantiles of their recovery times, and
-accepts a proposal only when, replayed over those outages, it needs fewer failed attempts
-than the configured schedule without recovering later in the median or giving up more often.
-A run of outages outside the learned range on one side is taken as a change of pattern: the
-older history is dropped and the configured schedule is used until enough new outages are
-known.  Not thread-safe: the manager calls it under its lock.
+keeps the recent outages and estimates how the return times fall on the configured
+schedule's timeline (its attempt times, cycle after cycle, as the monitor restarts a cycle
+that gave up) with Turnbull's self-consistency algorithm, the nonparametric
+maximum-likelihood estimate for interval-censored data, so a quick success, which says only
+"back by then", is neither taken as the return time nor ignored.  A learned cycle keeps the
+points of that timeline where at least ``ATTEMPT_MASS`` of the outages have come back since
+the previous kept point and skips the rest, up to the policy's number of attempts: every
+outage is then found back at the same moment as with the configured schedule or at the next
+kept point, and the attempts that have rarely succeeded are not made.  A run of outages
+beyond the learned range on one side is taken as a change of pattern: the older history is
+dropped and the configured schedule is used until enough new outages are known.  Every
+``EXPLORE_EVERY``-th outage runs the configured schedule, since only an earlier attempt can
+show that the component now comes back sooner.  Not thread-safe: the manager calls it
+under its lock.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["MIN_SAMPLES", "Outage", "RecoveryHistory", "Replay", "replay"]
+__all__ = [
+    "ATTEMPT_MASS",
+    "CHANGE_RUN",
+    "EXPLORE_EVERY",
+    "MIN_SAMPLES",
+    "Outage",
+    "RecoveryHistory",
+    "turnbull",
+    "weighted_quantile",
+]
 
 #: Outages needed before a learned schedule may be used.
 MIN_SAMPLES = 5
@@ -26,92 +44,116 @@ MIN_SAMPLES = 5
 WINDOW = 50
 #: Consecutive outages beyond the learned range, on one side, that mean the pattern changed.
 CHANGE_RUN = 3
-#: Every this many outages a cycle runs the configured schedule: only an attempt earlier than
-#: the learned ones can show that the component now comes back sooner.
+#: Every this many outages a cycle runs the configured schedule (see the module docstring).
 EXPLORE_EVERY = 5
-# Quantile families for the attempts before the last: the first at LEVEL, the rest spread
-# towards the maximum with the exponent.
-_FIRST_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-_SPREADS = (0.5, 1.0, 2.0)
-# The last attempt goes this much past the longest known outage.
-_LAST_MARGIN = 1.1
+#: A point of the configured timeline is kept when at least this share of the outages came
+#: back since the previous kept point.
+ATTEMPT_MASS = 0.05
+#: A learned schedule is used only when it is expected to save at least this share of the
+#: failed attempts.
+MIN_SAVING = 0.4
+# The rule-of-three constant: with n informative outages and none in a stretch, its share
+# may still be up to about this over n.
+_CONFIDENCE = 1.0
+_EM_ITERATIONS = 100
+_EM_TOLERANCE = 1e-6
 
 
 @dataclass(frozen=True)
 class Outage:
-    """One outage: it ended after ``not_before`` and by ``recovered_after`` seconds.
+    """One outage, in seconds from its first unhealthy check.
 
-    Both count from the first unhealthy check; ``not_before`` is the last failed attempt (0
-    when the first attempt succeeded) and ``attempt`` the attempt of its cycle that succeeded
-    (None when a health check found the component healthy after a cycle gave up).
+    ``recovered_after`` is when it was verified healthy; the component came back after
+    ``not_before`` (when its last failed attempt began, 0 if none failed) and by ``back_by``
+    (when the successful attempt began, or the check that found it healthy; defaults to
+    ``recovered_after``).  ``attempt`` is the attempt of its cycle that succeeded (None when
+    a health check found it healthy after a cycle gave up).
     """
 
     recovered_after: float
     not_before: float = 0.0
     attempt: int | None = None
+    back_by: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("recovered_after", "not_before"):
+        if self.back_by is None:
+            object.__setattr__(self, "back_by", self.recovered_after)
+        for name in ("recovered_after", "not_before", "back_by"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
-        if self.not_before > self.recovered_after:
+        if not self.not_before <= self.until <= self.recovered_after:
             raise ValueError(
-                f"not_before ({self.not_before!r}) is after recovered_after "
-                f"({self.recovered_after!r})"
+                f"need not_before <= back_by <= recovered_after, got {self.not_before!r}, "
+                f"{self.back_by!r}, {self.recovered_after!r}"
             )
 
     @property
-    def estimate(self) -> float:
-        """The single best guess of when it came back.
-
-        A failed attempt brackets the return, so the middle of the bracket; without one, only
-        the upper bound is known and is used as is (halving it would pull the schedule
-        earlier on every quick success and cost failed attempts).
-        """
-        if self.not_before > 0:
-            return (self.not_before + self.recovered_after) / 2
-        return self.recovered_after
+    def until(self) -> float:
+        """``back_by`` as a float: the latest moment the component can have come back."""
+        assert self.back_by is not None
+        return self.back_by
 
 
-@dataclass(frozen=True)
-class Replay:
-    """How a schedule would have done over the recorded outages."""
+def turnbull(outages: Sequence[Outage], edges: Sequence[float]) -> list[float]:
+    """The NPMLE of the return-time distribution over the segments ``(edges[k], edges[k+1]]``.
 
-    failed_attempts: float  # mean per outage
-    median_delay: float  # from the estimated return to the successful attempt; inf if given up
-    given_up: int
+    ``edges`` ascend from 0; an outage's endpoints count at their nearest edge.  Each outage shares its unit of mass
+    among the segments its interval overlaps in proportion to their current probabilities,
+    until those stop changing (Turnbull's self-consistency algorithm, 1976).
+    """
+    if not outages:
+        raise ValueError("no outages to estimate from")
+    segments = len(edges) - 1
+    if segments < 1:
+        raise ValueError("edges must hold at least two values")
+    # Each endpoint snaps to its nearest edge: attempts start a little after the schedule's
+    # nominal times (the previous attempt's own duration), and that drift must not count
+    # as evidence for the next segment.
+    spans: list[range] = []
+    for o in outages:
+        low = _nearest(edges, o.not_before)
+        high = max(_nearest(edges, o.until), low + 1)
+        spans.append(range(low, min(high, segments)))
+    mass = [1.0 / segments] * segments
+    share = 1.0 / len(outages)
+    for _ in range(_EM_ITERATIONS):
+        updated = [0.0] * segments
+        for span in spans:
+            covered = sum(mass[k] for k in span)
+            for k in span:
+                updated[k] += share * (mass[k] / covered if covered > 0 else 1.0 / len(span))
+        change = max(abs(a - b) for a, b in zip(updated, mass))
+        mass = updated
+        if change < _EM_TOLERANCE:
+            break
+    return mass
 
 
-def quantile(ordered: Sequence[float], level: float) -> float:
-    """The ``level`` quantile of sorted ``ordered``, interpolated linearly (numpy's default)."""
-    if not ordered:
+def _nearest(edges: Sequence[float], value: float) -> int:
+    index = bisect.bisect_left(edges, value)
+    if index == len(edges):
+        return index - 1
+    if index > 0 and value - edges[index - 1] < edges[index] - value:
+        return index - 1
+    return index
+
+
+def weighted_quantile(edges: Sequence[float], mass: Sequence[float], level: float) -> float:
+    """The ``level`` quantile of the distribution spreading ``mass[k]`` evenly over
+    ``(edges[k], edges[k+1]]``."""
+    if not mass:
         raise ValueError("quantile of no values")
-    position = level * (len(ordered) - 1)
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-def replay(targets: Sequence[float], returns: Sequence[float]) -> Replay:
-    """Replay attempt times ``targets`` (ascending) over the return times ``returns``."""
-    failed = 0
-    given_up = 0
-    delays: list[float] = []
-    for back in returns:
-        for index, target in enumerate(targets):
-            if target >= back:
-                failed += index
-                delays.append(target - back)
-                break
-        else:
-            failed += len(targets)
-            given_up += 1
-            delays.append(math.inf)
-    delays.sort()
-    return Replay(failed / len(returns), quantile(delays, 0.5), given_up)
+    goal = level * sum(mass)
+    cumulative = 0.0
+    for k, weight in enumerate(mass):
+        if weight > 0 and cumulative + weight >= goal - 1e-12:
+            part = min(max((goal - cumulative) / weight, 0.0), 1.0)
+            return edges[k] + part * (edges[k + 1] - edges[k])
+        cumulative += weight
+    return edges[-1]
 
 
 class RecoveryHistory:
@@ -119,11 +161,12 @@ class RecoveryHistory:
 
     def __init__(self) -> None:
         self._outages: deque[Outage] = deque(maxlen=WINDOW)
-        # The current run of outages beyond the learned range: (side, outage).
+        # The current run of outages beyond the learned range, and its side (-1 or +1).
         self._run: list[Outage] = []
         self._run_side = 0
         self._since_explore = 0
         self._explore_next = False
+        #: Changes of pattern seen so far.
         self.regime_changes = 0
 
     def __len__(self) -> int:
@@ -138,7 +181,6 @@ class RecoveryHistory:
         """Add one outage; returns True when it completed a change of pattern."""
         if not isinstance(outage, Outage):
             raise TypeError(f"outage must be an Outage, got {type(outage).__name__}")
-        changed = False
         side = self._side(outage)
         if side == 0:
             self._run.clear()
@@ -148,106 +190,126 @@ class RecoveryHistory:
                 self._run.clear()
                 self._run_side = side
             self._run.append(outage)
-            # An outage that came back sooner than ever seen: look earlier next time.
+            # Back sooner than ever seen: look earlier on the next outage too.
             self._explore_next = side < 0
             if len(self._run) >= CHANGE_RUN:
                 self._outages.clear()
                 self._outages.extend(self._run)
                 self._run.clear()
                 self._run_side = 0
-                self.regime_changes += 1
-                changed = True
                 self._explore_next = False
-                return changed
+                self.regime_changes += 1
+                return True
         self._outages.append(outage)
-        return changed
+        return False
 
     def _side(self, outage: Outage) -> int | None:
         """-1 or +1 when the outage lies surely below or above the learned range, 0 when it
         surely overlaps it, None when its interval cannot tell."""
         if len(self._outages) < MIN_SAMPLES:
             return 0
-        ordered = sorted(o.estimate for o in self._outages)
-        low, high = quantile(ordered, 0.05), quantile(ordered, 0.95)
-        margin = max(high - low, 0.5 * quantile(ordered, 0.5)) / 2
-        if outage.recovered_after < low - margin:
+        longest = max(o.until for o in self._outages)
+        # A fine even grid for the range: the estimate needs no schedule here.
+        edges = [longest * k / 64 for k in range(65)]
+        mass = turnbull(self._outages, edges)
+        low = weighted_quantile(edges, mass, 0.05)
+        high = weighted_quantile(edges, mass, 0.95)
+        margin = max(high - low, 0.5 * weighted_quantile(edges, mass, 0.5)) / 2
+        if outage.until < low - margin:
             return -1
         if outage.not_before > high + margin:
             return 1
-        if outage.not_before >= low - margin and outage.recovered_after <= high + margin:
-            return 0
-        if outage.recovered_after <= high + margin:
-            # Came back within the range, but no earlier attempt says it was not sooner:
-            # no evidence either way about a faster pattern, evidence against a slower one.
+        if outage.until <= high + margin:
+            if outage.not_before >= low - margin:
+                return 0
+            # Back within the range, but nothing says it was not back sooner: no evidence
+            # about a faster pattern, evidence against a slower one.
             return None if self._run_side < 0 else 0
         return None
 
     def schedule(
-        self, configured: Sequence[float], elapsed: float, cap: float
+        self,
+        configured: Sequence[float],
+        elapsed: float,
+        cap: float,
+        attempt_duration: float = 0.0,
+        *,
+        new_outage: bool = True,
     ) -> tuple[float, ...] | None:
         """Waits for a cycle starting ``elapsed`` seconds into an outage, or None.
 
-        ``configured`` are the policy's waits (their count bounds the attempts) and ``cap``
-        bounds every wait.  None means: use the configured schedule (too little history,
-        an exploring cycle, or no learned schedule beats it on the recorded outages).
+        ``configured`` are the policy's waits, ``cap`` bounds every wait, and
+        ``attempt_duration`` (how long a failed attempt takes) places the configured
+        attempts where they would really begin.  The learned cycle keeps the configured
+        attempts by which at least ``ATTEMPT_MASS`` of the outages came back since the
+        previous kept one, and always the last, so it ends when the configured cycle would.
+        None means: run the configured schedule (too little history, an exploring cycle,
+        nothing worth skipping).  ``new_outage`` says this is an outage's first cycle.
         """
         if not configured:
             raise ValueError("configured schedule is empty")
-        if elapsed <= 0:
-            # A new outage: counts towards the next exploring cycle.
+        if new_outage:
             self._since_explore += 1
             if self._explore_next or self._since_explore >= EXPLORE_EVERY:
                 self._since_explore = 0
                 self._explore_next = False
                 return None
-        returns = sorted(o.estimate for o in self._outages if o.estimate > elapsed)
-        if len(returns) < MIN_SAMPLES:
+        if len(self._outages) < MIN_SAMPLES:
             return None
-        fixed: list[float] = []
+        starts: list[float] = []
         at = elapsed
-        for wait in configured:
-            at += wait
-            fixed.append(at)
-        baseline = replay(fixed, returns)
-        count = len(configured)
-        last = max(returns[-1] * _LAST_MARGIN, fixed[-1])
-        best: tuple[Replay, tuple[float, ...]] | None = None
-        for first in _FIRST_LEVELS:
-            for spread in _SPREADS:
-                levels = [
-                    first + (1 - first) * (i / max(count - 1, 1)) ** spread
-                    for i in range(count - 1)
-                ]
-                targets = _capped([quantile(returns, lv) for lv in levels] + [last], elapsed, cap)
-                score = replay(targets, returns)
-                if (
-                    score.given_up > baseline.given_up
-                    or score.median_delay > baseline.median_delay + 1e-9
-                    or score.failed_attempts >= baseline.failed_attempts
-                ):
-                    continue
-                if best is None or (score.failed_attempts, score.median_delay) < (
-                    best[0].failed_attempts,
-                    best[0].median_delay,
-                ):
-                    best = (score, targets)
-        if best is None:
+        for index, wait in enumerate(configured):
+            at += min(wait, cap) + (attempt_duration if index else 0.0)
+            starts.append(at)
+        horizon = max(max(o.until for o in self._outages), starts[-1]) + 1.0
+        edges = [0.0, *starts, horizon] if elapsed <= 0 else [0.0, elapsed, *starts, horizon]
+        mass = turnbull(self._outages, edges)
+        first = len(edges) - len(starts) - 2  # the segment ending at starts[0]
+        before = sum(mass[:first])
+        if before >= 1 - 1e-9:
+            return None  # every known outage had ended by now: nothing to go on
+        informed = _informed(self._outages, edges)
+        kept: list[int] = []
+        gathered = 0.0
+        evidence = len(self._outages)
+        for index in range(len(starts)):
+            gathered += mass[first + index]
+            evidence = min(evidence, informed[first + index])
+            # Skip an attempt only when even the upper end of what the outages allow (a
+            # rule-of-three bound on few informative ones) stays under the threshold.
+            bound = gathered / (1 - before) + _CONFIDENCE / max(evidence, 1)
+            if index == len(starts) - 1 or bound >= ATTEMPT_MASS:
+                kept.append(index)
+                gathered = 0.0
+                evidence = len(self._outages)
+        if len(kept) == len(starts):
             return None
+        after = mass[-1]
+        configured_failures = sum(mass[first + i] * i for i in range(len(starts)))
+        configured_failures += after * len(starts)
+        learned_failures = sum(
+            mass[first + i] * sum(1 for k in kept if k < i) for i in range(len(starts))
+        )
+        learned_failures += after * len(kept)
+        if learned_failures > (1 - MIN_SAVING) * configured_failures:
+            return None  # too little to gain for the delay a skipped attempt may cost
         waits: list[float] = []
         at = elapsed
-        for target in best[1]:
-            waits.append(target - at)
+        for index in kept:
+            target = starts[index]
+            waits.append(min(max(target - at - (attempt_duration if waits else 0.0), 0.0), cap))
             at = target
         return tuple(waits)
 
 
-def _capped(targets: list[float], elapsed: float, cap: float) -> tuple[float, ...]:
-    """Ascending distinct attempt times after ``elapsed``, no two more than ``cap`` apart."""
-    out: list[float] = []
-    at = elapsed
-    for target in sorted(targets):
-        if target <= at + 1e-9 and out:
-            continue  # the same moment twice: one attempt is enough
-        at = min(max(target, at), at + cap)
-        out.append(at)
-    return tuple(out)
+def _informed(outages: Sequence[Outage], edges: Sequence[float]) -> list[int]:
+    """Per segment, how many outages say whether they ended in it: those whose interval
+    lies inside it or misses it, not those spanning it and others."""
+    counts = [0] * (len(edges) - 1)
+    for o in outages:
+        low = _nearest(edges, o.not_before)
+        high = max(_nearest(edges, o.until), low + 1)
+        for k in range(len(counts)):
+            if not low <= k < high or high - low == 1:
+                counts[k] += 1
+    return counts

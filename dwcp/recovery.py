@@ -157,8 +157,11 @@ class RestartSupervisor:
         self._first_wait = policy.initial_backoff
         #: Learned recovery times, kept only with ``policy.predictive``.
         self.history: RecoveryHistory | None = RecoveryHistory() if policy.predictive else None
-        # When the current outage's last attempt failed; the outage ended after it.
+        # When the current outage's latest attempt began, and its last failed one; the
+        # outage ended after the latter.
+        self._attempt_at: float | None = None
         self._failed_at: float | None = None
+        self._attempt_duration = 0.0
 
     @property
     def escalated(self) -> bool:
@@ -200,15 +203,29 @@ class RestartSupervisor:
         """
         self._recovered_at = now
         failed_at, self._failed_at = self._failed_at, None
+        started_at, self._attempt_at = self._attempt_at, None
         if self.history is None or down_since is None:
             return
         total = max(now - down_since, 0.0)
-        not_before = 0.0 if failed_at is None else min(max(failed_at - down_since, 0.0), total)
-        self.history.record(Outage(total, not_before, attempt))
+        back_by = total
+        if attempt is not None and started_at is not None:
+            back_by = min(max(started_at - down_since, 0.0), total)
+        not_before = 0.0
+        if failed_at is not None:
+            not_before = min(max(failed_at - down_since, 0.0), back_by)
+        self.history.record(Outage(total, not_before, attempt, back_by))
+
+    def attempt_started(self, at: float) -> None:
+        """Note that an attempt of the current outage begins (acts) at ``at``."""
+        self._attempt_at = at
 
     def attempt_failed(self, now: float) -> None:
-        """Note that an attempt of the current outage failed at ``now``."""
-        self._failed_at = now
+        """Note that the attempt begun last failed at ``now``: the outage ends after it."""
+        if self._attempt_at is not None:
+            self._failed_at = self._attempt_at
+            took = max(now - self._attempt_at, 0.0)
+            # A smoothed duration, so a learned schedule can start each attempt on time.
+            self._attempt_duration += (took - self._attempt_duration) / 4
 
     def reset(self) -> None:
         """Forget escalation, cycle history and adaptive backoff."""
@@ -234,7 +251,13 @@ class RestartSupervisor:
         policy = self.cycle_policy()
         configured = [policy.backoff(i) for i in range(policy.attempts)]
         cap = policy.max_backoff if math.isfinite(policy.max_backoff) else _ADAPTIVE_CAP
-        return self.history.schedule(configured, max(now - down_since, 0.0), cap)
+        return self.history.schedule(
+            configured,
+            max(now - down_since, 0.0),
+            cap,
+            min(self._attempt_duration, cap),
+            new_outage=self._attempt_at is None,
+        )
 
 
 @dataclass(frozen=True)
