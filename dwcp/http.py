@@ -1,6 +1,7 @@
 """A small HTTP server exposing a Manager's liveness, readiness, health and metrics.
 
-Endpoints (GET only; any other method gets 405, any other path 404):
+Endpoints (GET, and HEAD for the same answer without a body; any other method gets 405,
+any other path 404):
 
 ``/livez``
     200 while the manager's monitoring thread is alive, 503 otherwise.
@@ -11,7 +12,8 @@ Endpoints (GET only; any other method gets 405, any other path 404):
     A JSON document (see ``health_document``) with the same status code as ``/readyz``.
 ``/metrics``
     The Prometheus exposition of ``dwcp.prometheus.DWCPCollector`` when ``prometheus_client``
-    is installed, 404 with an explanation when it is not.
+    is installed (OpenMetrics when the ``Accept`` header asks for it), 404 with an
+    explanation when it is not.
 
 Handlers only read the manager's snapshots, so no lock is ever held while a socket is
 written.  Request logs go to loguru at debug level, never to stderr.
@@ -30,8 +32,9 @@ from urllib.parse import urlsplit
 
 from loguru import logger
 
+from dwcp import _validation as check
 from dwcp.errors import DWCPError
-from dwcp.health import HealthSnapshot
+from dwcp.health import HealthSnapshot, _manager_name
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -47,6 +50,7 @@ _POLL_INTERVAL = 0.05
 _REQUEST_TIMEOUT = 10.0
 _TEXT = "text/plain; charset=utf-8"
 _JSON = "application/json"
+_ALLOW = "GET, HEAD"
 _METRICS_MISSING = (
     b"Prometheus metrics need the optional prometheus_client package: "
     b"pip install 'dwcp[prometheus]'\n"
@@ -64,10 +68,12 @@ def _ready(started: bool, health: HealthSnapshot) -> bool:
 
 
 def health_document(manager: Manager) -> tuple[bool, dict[str, Any]]:
-    """Return whether ``manager`` is ready and the ``/healthz`` document describing it.
+    """Return ``(ready, document)``: the ``/readyz`` verdict and the ``/healthz`` document.
 
-    ``status`` is ``healthy`` when the manager is started, every component is healthy and the
-    breaker is not open; ``ready`` is the ``/readyz`` verdict (the transport alone decides).
+    The document's ``status`` is ``healthy`` when the manager is started, every component is
+    healthy and the breaker is not open; ``ready`` (the first item, and the document's
+    ``ready``) needs only the transport healthy (every component without one), the manager
+    started and the breaker not open.
     """
     started = manager.is_started
     health = manager.health()
@@ -76,11 +82,12 @@ def health_document(manager: Manager) -> tuple[bool, dict[str, Any]]:
     rate = metrics.recovery_success_rate
     document: dict[str, Any] = {
         "status": "healthy" if started and health.healthy else "unhealthy",
+        "manager": _manager_name(manager),
         "ready": ready,
         "started": started,
         "monitor_alive": manager.monitor_alive,
         "timestamp": _utc_timestamp(),
-        "breaker": {"state": health.breaker_state},
+        "breaker": {"state": health.breaker_state, "storage": health.breaker_storage},
         "components": {
             name: {
                 "status": c.status,
@@ -101,6 +108,8 @@ def health_document(manager: Manager) -> tuple[bool, dict[str, Any]]:
             "sends": metrics.sends,
             "sent_bytes": metrics.sent_bytes,
             "send_errors": metrics.send_errors,
+            "events_dropped": metrics.events_dropped,
+            "breaker_storage_errors": metrics.breaker_storage_errors,
             "downtime_seconds": {k: round(v, 3) for k, v in metrics.downtime_seconds.items()},
         },
     }
@@ -138,6 +147,9 @@ class _Handler(BaseHTTPRequestHandler):
             code, content_type, body = 500, _TEXT, b"internal error; see the application log\n"
         self._reply(code, content_type, body)
 
+    # Uptime checkers probe with HEAD: the same status and headers, no body (see _reply).
+    do_HEAD = do_GET
+
     def _route(self, path: str) -> tuple[int, str, bytes]:
         manager = self.server.manager
         if path == "/livez":
@@ -153,15 +165,17 @@ class _Handler(BaseHTTPRequestHandler):
             registry = self.server.metrics
             if registry is None:
                 return 404, _TEXT, _METRICS_MISSING
-            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+            from prometheus_client.exposition import choose_encoder
 
-            return 200, CONTENT_TYPE_LATEST, generate_latest(registry)
+            # prometheus_client's own choice: OpenMetrics when Accept asks for it, else text.
+            encode, content_type = choose_encoder(self.headers.get("Accept") or "")
+            return 200, content_type, encode(registry)
         return 404, _TEXT, b"not found; try /livez, /readyz, /healthz or /metrics\n"
 
     def _not_allowed(self) -> None:
-        self._reply(405, _TEXT, b"method not allowed; only GET\n", allow="GET")
+        self._reply(405, _TEXT, b"method not allowed; only GET and HEAD\n", allow=_ALLOW)
 
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _not_allowed
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
 
     def _reply(self, code: int, content_type: str, body: bytes, *, allow: str = "") -> None:
         self.send_response(code)
@@ -203,16 +217,16 @@ def _metrics_registry(manager: Manager) -> Any:
 class HealthServer:
     """Serves ``/livez``, ``/readyz``, ``/healthz`` and ``/metrics`` for a Manager.
 
-    ``start()`` binds (``port=0`` picks a free port; read ``address`` or ``url``) and serves on
-    a thread named ``dwcp-http``; ``stop()`` shuts it down and joins it.
+    ``start()`` binds ``host`` and ``port`` (``port=0`` picks a free port; read ``address`` or
+    ``url``) and serves on a thread named ``dwcp-http``; ``stop()`` (or its alias ``close()``)
+    shuts it down and joins it.  ``host`` must be a str and ``port`` an int from 0 to 65535:
+    anything else raises ``TypeError`` or ``ValueError`` here, not in ``start()``.
     """
 
     def __init__(self, manager: Manager, host: str = "127.0.0.1", port: int = 0) -> None:
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-            raise ValueError(f"port must be an int from 0 to 65535, got {port!r}")
         self._manager = manager
-        self._host = host
-        self._port = port
+        self._host = check.name("host", host)
+        self._port = check.port("port", port)
         self._lock = threading.Lock()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -249,7 +263,8 @@ class HealthServer:
             )
             self._server, self._thread = server, thread
             thread.start()
-        logger.bind(url=self.url).info("Health server started")
+        url = self.url
+        logger.bind(url=url).info(f"Health server started on {url}")
 
     def stop(self) -> None:
         """Stop serving, join the thread and close the socket; idempotent."""
@@ -263,6 +278,17 @@ class HealthServer:
         thread.join()
         server.server_close()
         logger.info("Health server stopped")
+
+    def close(self) -> None:
+        """Alias of ``stop()``, for code that closes what it opened."""
+        self.stop()
+
+    def __repr__(self) -> str:
+        try:
+            where = self.url
+        except DWCPError:
+            where = f"{self._host} port {self._port}, not started"
+        return f"<HealthServer {where}>"
 
     def __enter__(self) -> Self:
         self.start()
