@@ -11,6 +11,7 @@ from dwcp.errors import CircuitOpenError, DWCPError, TransportError
 from dwcp.events import (
     BreakerStateChanged,
     ComponentEscalated,
+    ComponentSuspected,
     ComponentUnhealthy,
     Event,
     RecoveryAttempt,
@@ -37,6 +38,7 @@ __all__ = [
     "ComponentEscalated",
     "ComponentHealth",
     "ComponentMetrics",
+    "ComponentSuspected",
     "ComponentUnhealthy",
     "DWCPError",
     "Event",

@@ -154,10 +154,9 @@ class PhiAccrualFailureDetector:
         """Record a heartbeat arriving at ``now``."""
         at = self._clock() if now is None else now
         with self._lock:
-            if self._last is not None:
-                # The first heartbeat after a long pause would skew the statistics.
-                if self._phi_locked(at) < self.threshold:
-                    self._history.add(max(at - self._last, 0.0))
+            # The first heartbeat after a long pause would skew the statistics.
+            if self._last is not None and self._phi_locked(at) < self.threshold:
+                self._history.add(max(at - self._last, 0.0))
             self._last = at
 
     def add_interval(self, interval: float) -> None:

@@ -215,6 +215,20 @@ class RestartSupervisor:
             not_before = min(max(failed_at - down_since, 0.0), back_by)
         self.history.record(Outage(total, not_before, attempt, back_by))
 
+    def healed(self, now: float, down_since: float | None) -> None:
+        """Note a check that found the component healthy between cycles (after one gave up).
+
+        Only learned (with ``policy.predictive``); restart intensity and adaptive backoff see
+        verified recoveries of a cycle only, as before.
+        """
+        failed_at, self._failed_at = self._failed_at, None
+        self._attempt_at = None
+        if self.history is None or down_since is None:
+            return
+        total = max(now - down_since, 0.0)
+        not_before = 0.0 if failed_at is None else min(max(failed_at - down_since, 0.0), total)
+        self.history.record(Outage(total, not_before, None, total))
+
     def attempt_started(self, at: float) -> None:
         """Note that an attempt of the current outage begins (acts) at ``at``."""
         self._attempt_at = at
