@@ -183,12 +183,16 @@ class RecoveryHistory:
             raise TypeError(f"outage must be an Outage, got {type(outage).__name__}")
         side = self._side(outage)
         if side == 0:
+            # Back within the range: a run of outliers was noise, and they count as outages.
+            self._outages.extend(self._run)
             self._run.clear()
             self._run_side = 0
         elif side is not None:
             if side != self._run_side:
+                self._outages.extend(self._run)
                 self._run.clear()
                 self._run_side = side
+            # Held apart, so the outliers do not widen the range they are judged against.
             self._run.append(outage)
             # Back sooner than ever seen: look earlier on the next outage too.
             self._explore_next = side < 0
@@ -200,6 +204,7 @@ class RecoveryHistory:
                 self._explore_next = False
                 self.regime_changes += 1
                 return True
+            return False
         self._outages.append(outage)
         return False
 
