@@ -341,10 +341,11 @@ def run(
 
 
 def format_report(table: dict[str, dict[str, Summary]]) -> str:
-    lines = [
+    header = (
         f"{'trace':<17} {'policy':<11} {'failed/outage':>13} {'median s':>9} {'p95 s':>7} "
-        f"{'given up':>9} {'vs fixed: failed':>17} {'median':>8}",
-    ]
+        f"{'given up':>9} {'vs fixed: failed':>17} {'median':>8}"
+    )
+    lines = [header]
     verdicts: list[str] = []
     for name, row in table.items():
         fixed = row["fixed"]

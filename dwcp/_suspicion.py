@@ -294,9 +294,7 @@ class ComponentSuspicion:
 
     def level(self, now: float) -> float:
         """The suspicion at ``now``: the largest phi of arrivals, checks and sends."""
-        return max(
-            self.arrivals.phi(now), self.checks.level(now), self.sends.level(now)
-        )
+        return max(self.arrivals.phi(now), self.checks.level(now), self.sends.level(now))
 
     def crossed(self, now: float) -> float | None:
         """The level if it has just risen to the threshold (once per crossing), else None."""

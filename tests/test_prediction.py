@@ -60,7 +60,8 @@ def test_flags_must_be_bools(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["initial_backoff", "max_backoff", "jitter", "cycle_window", "cooldown", "stable_period"]
+    "name",
+    ["initial_backoff", "max_backoff", "jitter", "cycle_window", "cooldown", "stable_period"],
 )
 def test_seconds_accept_timedelta_and_store_floats(name: str) -> None:
     policy = RecoveryPolicy(**{name: timedelta(milliseconds=1500)})  # type: ignore[arg-type]
@@ -136,7 +137,9 @@ def test_an_explicit_schedule_bounds_the_attempts() -> None:
 )
 def test_bad_schedules_are_refused(waits: object, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
-        run_recovery(lambda: None, lambda: None, RecoveryPolicy(), sleep=lambda s: True, waits=waits)  # type: ignore[arg-type]
+        run_recovery(
+            lambda: None, lambda: None, RecoveryPolicy(), sleep=lambda s: True, waits=waits
+        )  # type: ignore[arg-type]
 
 
 # -- the estimate -------------------------------------------------------------------------------
@@ -173,9 +176,7 @@ def test_turnbull_snaps_endpoints_to_the_nearest_edge() -> None:
 # -- learning with explicit times ---------------------------------------------------------------
 
 
-def learn(
-    supervisor: RestartSupervisor, start: float, failed: list[float], back: float
-) -> None:
+def learn(supervisor: RestartSupervisor, start: float, failed: list[float], back: float) -> None:
     """One outage from ``start``: attempts at ``failed`` fail, the one at ``back`` succeeds."""
     supervisor.admit(start)
     for at in failed:

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 import threading
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
+import dwcp
 from dwcp._suspicion import ComponentSuspicion, PhiAccrualFailureDetector, phi
+from dwcp.http import health_document
+from dwcp.prometheus import register_metrics
+from dwcp.recovery import RecoveryPolicy
+from dwcp.testing import FakeClock
 
 
 def akka_phi(time_diff: float, mean: float, std: float) -> float:
@@ -85,7 +93,7 @@ def test_phi_rises_with_the_time_since_the_last_heartbeat() -> None:
     fd = detector()
     for t in range(10):
         fd.heartbeat(now=float(t))
-    levels = [fd.phi(now=9.0 + dt / 10) for dt in range(0, 40)]
+    levels = [fd.phi(now=9.0 + dt / 10) for dt in range(40)]
     assert levels == sorted(levels)
     assert levels[0] < 1 < levels[-1]
     assert fd.is_available(now=9.5) and not fd.is_available(now=13.0)
@@ -96,7 +104,7 @@ def test_intervals_are_summarised_by_mean_and_deviation() -> None:
     times = [0.0, 1.0, 2.1, 2.9, 4.2, 5.0, 6.05]
     for t in times:
         fd.heartbeat(now=t)
-    intervals = [0.75, 1.25] + [b - a for a, b in zip(times, times[1:])]
+    intervals = [0.75, 1.25] + [b - a for a, b in itertools.pairwise(times)]
     assert fd.sample_count == len(intervals)
     assert fd.mean == pytest.approx(statistics.fmean(intervals))
     assert fd.std_deviation == pytest.approx(statistics.pstdev(intervals))
@@ -265,3 +273,86 @@ def test_arrivals_follow_akka_scaled_to_the_interval() -> None:
     assert s.arrivals.min_std_deviation == pytest.approx(1.0)
     assert s.arrivals.acceptable_heartbeat_pause == 30.0
     assert s.arrivals.max_sample_size == 1000
+
+
+# -- through the manager ----------------------------------------------------------------------
+
+
+class SlowingLayer:
+    """A layer whose health check takes ``latency`` seconds of fake time and passes."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.latency = 0.002
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def is_healthy(self) -> bool:
+        self.clock.advance(self.latency)
+        return True
+
+
+def test_manager_reports_suspicion_before_any_check_fails() -> None:
+    clock = FakeClock()
+    layer = SlowingLayer(clock)
+    seen: list[dwcp.Event] = []
+    suspected = threading.Event()
+
+    def listen(event: dwcp.Event) -> None:
+        seen.append(event)
+        if isinstance(event, dwcp.ComponentSuspected):
+            suspected.set()
+
+    manager = dwcp.Manager(
+        compression=layer,
+        clock=clock,
+        health_interval=3600.0,
+        recovery={"compression": RecoveryPolicy(suspicion_threshold=6.0)},
+        breaker_name="suspicion-test",
+    )
+    manager.add_listener(listen)
+    registry = CollectorRegistry()
+    register_metrics(manager, registry)
+    manager.start()
+    try:
+        for _ in range(50):
+            clock.advance(10.0)
+            manager.check_component_health()
+        quiet = manager.health().components["compression"]
+        assert quiet.healthy and quiet.suspicion < 6.0
+        for _ in range(60):
+            layer.latency *= 1.2
+            clock.advance(10.0)
+            manager.check_component_health()
+            if manager.health().components["compression"].suspicion >= 6.0:
+                break
+        health = manager.health().components["compression"]
+        assert health.status == "healthy" and health.suspicion >= 6.0
+        assert layer.latency < 5.0  # well inside the check timeout: nothing failed
+        assert suspected.wait(5)
+        events = [e for e in seen if isinstance(e, dwcp.ComponentSuspected)]
+        assert len(events) == 1
+        assert events[0].component == "compression" and events[0].threshold == 6.0
+        assert events[0].suspicion >= 6.0 and events[0].manager == "suspicion-test"
+        assert not any(isinstance(e, dwcp.ComponentUnhealthy) for e in seen)
+        _, document = health_document(manager)
+        assert document["components"]["compression"]["suspicion"] >= 6.0
+        text = generate_latest(registry).decode()
+        gauges = [
+            s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "dwcp_component_suspicion" and s.labels["component"] == "compression"
+        ]
+        assert gauges and gauges[0] >= 6.0
+    finally:
+        manager.stop()
+
+
+def test_default_health_reports_no_suspicion() -> None:
+    health = dwcp.ComponentHealth("transport", "healthy", None, 1.0)
+    assert health.suspicion == 0.0
