@@ -319,11 +319,15 @@ POLICIES: dict[str, RecoveryPolicy] = {
 ENGINES = {"manager": simulate_manager, "supervisor": simulate}
 
 
+Raw = dict[str, dict[str, list[OutageResult]]]
+
+
 def run(
     outages: int, seed: int, interval: float, engine: str = "manager"
-) -> dict[str, dict[str, Summary]]:
+) -> tuple[dict[str, dict[str, Summary]], Raw]:
+    """Every trace through every policy; the summaries and the per-outage results."""
     table: dict[str, dict[str, Summary]] = {}
-    raw: dict[str, dict[str, list[OutageResult]]] = {}
+    raw: Raw = {}
     for index, (name, (generate, _)) in enumerate(TRACES.items()):
         rng = random.Random(seed + index)
         durations = generate(rng, outages)
@@ -336,8 +340,7 @@ def run(
             results, unnoticed = ENGINES[engine](policy, durations, gaps, interval)
             table[name][label] = summarize(results, unnoticed)
             raw[name][label] = results
-    run.raw = raw  # type: ignore[attr-defined]
-    return table
+    return table, raw
 
 
 def format_report(table: dict[str, dict[str, Summary]]) -> str:
@@ -381,16 +384,15 @@ def _change(value: float, base: float) -> str:
     return f"{(value - base) / base * 100:+.0f}%"
 
 
-def plot(directory: Path, seed: int, outages: int) -> list[Path]:
+def plot(directory: Path, raw: Raw) -> list[Path]:
     """PNG plots of the traces and the schedules used, when matplotlib is importable."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # type: ignore[import-not-found, unused-ignore]
     except ImportError:
         return []
-    raw: dict[str, dict[str, list[OutageResult]]] = run.raw  # type: ignore[attr-defined]
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for name, by_policy in raw.items():
@@ -427,14 +429,14 @@ def main(argv: list[str] | None = None) -> int:
         "run_recovery under a simulated monitor (faster, same logic)",
     )
     args = parser.parse_args(argv)
-    table = run(args.outages, args.seed, args.interval, args.engine)
+    table, raw = run(args.outages, args.seed, args.interval, args.engine)
     print(
         f"{args.outages} outages per trace, seed {args.seed}, health interval {args.interval:g}s, "
         f"restart {ACTION_SECONDS:g}s, check {CHECK_SECONDS:g}s, engine {args.engine} "
         "(fake clock, no real waiting)"
     )
     print(format_report(table))
-    written = plot(Path(args.plot), args.seed, args.outages)
+    written = plot(Path(args.plot), raw)
     print("plots: " + (", ".join(map(str, written)) if written else "skipped (no matplotlib)"))
     return 0
 
