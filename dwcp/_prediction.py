@@ -24,7 +24,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 __all__ = [
@@ -51,7 +51,7 @@ EXPLORE_EVERY = 5
 ATTEMPT_MASS = 0.05
 #: A learned schedule is used only when it is expected to save at least this share of the
 #: failed attempts.
-MIN_SAVING = 0.4
+MIN_SAVING = 0.3
 # The rule-of-three constant: with n informative outages and none in a stretch, its share
 # may still be up to about this over n.
 _CONFIDENCE = 1.0
@@ -266,10 +266,17 @@ class RecoveryHistory:
         for index, wait in enumerate(configured):
             at += min(wait, cap) + (attempt_duration if index else 0.0)
             starts.append(at)
-        horizon = max(max(o.until for o in self._outages), starts[-1]) + 1.0
-        edges = [0.0, *starts, horizon] if elapsed <= 0 else [0.0, elapsed, *starts, horizon]
+        # Later moments at which attempts or checks were made: the cycles that followed a
+        # give-up.  A learned cycle may reach one of them instead of trying at the end of its
+        # own cycle, where those outages never ended.
+        later = _moments(
+            v for o in self._outages for v in (o.not_before, o.until) if v > starts[-1] + 0.05
+        )
+        points = [*starts, *later]
+        horizon = max(max(o.until for o in self._outages), points[-1]) + 1.0
+        edges = [0.0, *points, horizon] if elapsed <= 0 else [0.0, elapsed, *points, horizon]
         mass = turnbull(self._outages, edges)
-        first = len(edges) - len(starts) - 2  # the segment ending at starts[0]
+        first = len(edges) - len(points) - 2  # the segment ending at points[0]
         before = sum(mass[:first])
         if before >= 1 - 1e-9:
             return None  # every known outage had ended by now: nothing to go on
@@ -277,34 +284,61 @@ class RecoveryHistory:
         kept: list[int] = []
         gathered = 0.0
         evidence = len(self._outages)
-        for index in range(len(starts)):
+        for index in range(len(points)):
             gathered += mass[first + index]
             evidence = min(evidence, informed[first + index])
             # Skip an attempt only when even the upper end of what the outages allow (a
             # rule-of-three bound on few informative ones) stays under the threshold.
             bound = gathered / (1 - before) + _CONFIDENCE / max(evidence, 1)
-            if index == len(starts) - 1 or bound >= ATTEMPT_MASS:
+            if bound >= ATTEMPT_MASS:
                 kept.append(index)
                 gathered = 0.0
                 evidence = len(self._outages)
-        if len(kept) == len(starts):
+                if len(kept) == len(configured):
+                    break
+        last = len(starts) - 1
+        if not kept or kept[-1] < last:
+            # Never give up before the configured cycle would.
+            if len(kept) == len(configured):
+                kept[-1] = last
+            else:
+                kept.append(last)
+        if kept == list(range(len(starts))):
             return None
-        after = mass[-1]
-        configured_failures = sum(mass[first + i] * i for i in range(len(starts)))
-        configured_failures += after * len(starts)
-        learned_failures = sum(
-            mass[first + i] * sum(1 for k in kept if k < i) for i in range(len(starts))
-        )
-        learned_failures += after * len(kept)
-        if learned_failures > (1 - MIN_SAVING) * configured_failures:
+
+        def failures(attempts: list[int]) -> float:
+            # Expected failed attempts: before each segment's outages are found, every
+            # attempt made; once this cycle's are spent, the later points (cycles) follow.
+            total = 0.0
+            for index in range(len(points)):
+                made = sum(1 for k in attempts if k < index)
+                if index > attempts[-1]:
+                    made = len(attempts) + sum(
+                        1 for j in range(attempts[-1] + 1, index) if j > last
+                    )
+                total += mass[first + index] * made
+            return total + mass[-1] * (len(attempts) + len(later))
+
+        configured_failures = failures(list(range(len(starts))))
+        if failures(kept) > (1 - MIN_SAVING) * configured_failures:
             return None  # too little to gain for the delay a skipped attempt may cost
         waits: list[float] = []
         at = elapsed
         for index in kept:
-            target = starts[index]
+            target = points[index]
             waits.append(min(max(target - at - (attempt_duration if waits else 0.0), 0.0), cap))
             at = target
         return tuple(waits)
+
+
+def _moments(values: Iterable[float]) -> list[float]:
+    """Distinct moments, ascending; ones within 3 % (at least 50 ms) of the last are one."""
+    moments: list[float] = []
+    for value in sorted(values):
+        if moments and value - moments[-1] <= max(0.03 * moments[-1], 0.05):
+            continue
+        moments.append(value)
+    return moments
 
 
 def _informed(outages: Sequence[Outage], edges: Sequence[float]) -> list[int]:

@@ -337,3 +337,16 @@ def test_manager_learns_to_wait_for_a_slow_peer() -> None:
     for waits in learned:
         # The attempts that always failed are skipped; the one that succeeded is kept.
         assert len(waits) < 3 and sum(waits) == pytest.approx(7.0)
+
+
+def test_a_learned_cycle_may_reach_a_later_cycles_attempt() -> None:
+    # Always back between the next cycle's first attempt (9 s) and its second (11 s): the
+    # configured cycle's attempts at 1, 3 and 7 s never succeeded, nor did the one at 9 s.
+    policy = RecoveryPolicy(predictive=True, stable_period=10.0)
+    supervisor = RestartSupervisor(policy)
+    for n in range(30):
+        learn(supervisor, 1000.0 * n, [1.0, 3.0, 7.0, 9.0], 11.0)
+    start = 90_000.0
+    supervisor.admit(start)
+    waits = supervisor.cycle_schedule(start, start)
+    assert waits == (11.0,)  # one wait, within the attempts and max_backoff (60 s)
