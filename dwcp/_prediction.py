@@ -1,22 +1,24 @@
 """Recovery timing learned from past outages: when a component has usually come back.
 
 An outage is only known as an interval: the component came back after its last failed
-attempt (``not_before``) and by the attempt or check that found it healthy
-(``recovered_after``), both counted from its first unhealthy check.  ``RecoveryHistory``
-keeps the recent outages and estimates how the return times fall on the configured
-schedule's timeline (its attempt times, cycle after cycle, as the monitor restarts a cycle
-that gave up) with Turnbull's self-consistency algorithm, the nonparametric
-maximum-likelihood estimate for interval-censored data, so a quick success, which says only
-"back by then", is neither taken as the return time nor ignored.  A learned cycle keeps the
-points of that timeline where at least ``ATTEMPT_MASS`` of the outages have come back since
-the previous kept point and skips the rest, up to the policy's number of attempts: every
-outage is then found back at the same moment as with the configured schedule or at the next
-kept point, and the attempts that have rarely succeeded are not made.  A run of outages
-beyond the learned range on one side is taken as a change of pattern: the older history is
-dropped and the configured schedule is used until enough new outages are known.  Every
-``EXPLORE_EVERY``-th outage runs the configured schedule, since only an earlier attempt can
-show that the component now comes back sooner.  Not thread-safe: the manager calls it
-under its lock.
+attempt (``not_before``) and by the attempt or check that found it healthy (``back_by``),
+both counted from its first unhealthy check.  ``RecoveryHistory`` keeps the recent outages
+and estimates how their return times fall between the moments that matter: the configured
+cycle's attempts, then the attempts of later cycles seen in past outages (a cycle that
+gives up is followed by another).  The estimate is Turnbull's self-consistency algorithm,
+the nonparametric maximum-likelihood estimate for interval-censored data, so a quick
+success, which says only "back by then", is neither taken as the return time nor ignored.
+
+A learned cycle keeps the moments by which at least ``ATTEMPT_MASS`` of the outages have
+come back since the previous kept one, allowing a rule-of-three margin for how few outages
+can tell, and skips the rest, up to the policy's number of attempts.  It never ends before
+the configured cycle would, and it is used only when it saves at least ``MIN_SAVING`` of the
+expected failed attempts.  An outage is then found back at the same moment as with the
+configured schedule or at the next kept one.  A run of outages beyond the learned range on
+one side is taken as a change of pattern: the older history is dropped and the configured
+schedule is used until enough new outages are known.  Every ``EXPLORE_EVERY``-th outage runs
+the configured schedule, since only an earlier attempt can show that the component now comes
+back sooner.  Not thread-safe: the manager calls it under its lock.
 """
 
 from __future__ import annotations
@@ -322,13 +324,52 @@ class RecoveryHistory:
         configured_failures = failures(list(range(len(starts))))
         if failures(kept) > (1 - MIN_SAVING) * configured_failures:
             return None  # too little to gain for the delay a skipped attempt may cost
-        waits: list[float] = []
-        at = elapsed
-        for index in kept:
-            target = points[index]
-            waits.append(min(max(target - at - (attempt_duration if waits else 0.0), 0.0), cap))
-            at = target
-        return tuple(waits)
+        waits = _waits(
+            [points[i] for i in kept], points, elapsed, cap, attempt_duration, len(configured)
+        )
+        if (
+            waits is not None
+            and len(waits) == len(configured)
+            and all(abs(a - min(b, cap)) < 1e-6 for a, b in zip(waits, configured))
+        ):
+            return None  # the cap put every skipped attempt back
+        return waits
+
+
+def _waits(
+    targets: Sequence[float],
+    points: Sequence[float],
+    elapsed: float,
+    cap: float,
+    attempt_duration: float,
+    count: int,
+) -> tuple[float, ...] | None:
+    """The waits reaching ``targets`` from ``elapsed``, none over ``cap``.
+
+    Where skipped moments leave a gap longer than ``cap``, the furthest known moment within
+    reach is attempted too; None when that needs more than ``count`` attempts.
+    """
+    chosen: list[float] = []
+    waits: list[float] = []
+    at = elapsed
+
+    def wait_for(target: float) -> float:
+        return max(target - at - (attempt_duration if waits else 0.0), 0.0)
+
+    for target in targets:
+        while wait_for(target) > cap + 1e-9:
+            reach = [p for p in points if at < p and wait_for(p) <= cap + 1e-9]
+            if not reach:
+                return None
+            waits.append(wait_for(reach[-1]))
+            at = reach[-1]
+            chosen.append(at)
+        waits.append(wait_for(target))
+        at = target
+        chosen.append(at)
+    if len(waits) > count:
+        return None
+    return tuple(waits)
 
 
 def _moments(values: Iterable[float]) -> list[float]:

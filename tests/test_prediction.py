@@ -219,15 +219,25 @@ def test_a_component_back_at_the_first_attempt_keeps_it() -> None:
 
 
 def test_learned_waits_stay_within_max_backoff_and_attempts() -> None:
-    policy = RecoveryPolicy(predictive=True, attempts=4, max_backoff=2.5)
+    policy = RecoveryPolicy(predictive=True, attempts=4, max_backoff=4.0)
     supervisor = RestartSupervisor(policy)
-    # Configured attempts at 1, 3, 5.5, 8: the peer is always back between 5.5 s and 8 s.
+    # Configured attempts at 1, 3, 7 and 11 s; the peer is always back between 1 s and 3 s.
     for n in range(30):
-        learn(supervisor, 1000.0 * n, [1.0, 3.0, 5.5], 8.0)
+        learn(supervisor, 1000.0 * n, [1.0], 3.0)
     waits = supervisor.cycle_schedule(90_000.0, 90_000.0)
-    assert waits is not None
-    assert len(waits) <= policy.attempts
-    assert all(0 <= w <= policy.max_backoff for w in waits)
+    # The attempt at 1 s is skipped, and the cycle still ends at 11 s: skipping 7 s as well
+    # would need an 8 s wait, so that attempt stays.
+    assert waits == (3.0, 4.0, 4.0)
+    assert len(waits) <= policy.attempts and max(waits) <= policy.max_backoff
+
+
+def test_a_cap_that_needs_every_attempt_keeps_the_configured_schedule() -> None:
+    policy = RecoveryPolicy(predictive=True, max_backoff=2.0)  # waits 1, 2, 2: at 1, 3, 5 s
+    supervisor = RestartSupervisor(policy)
+    for n in range(30):
+        learn(supervisor, 1000.0 * n, [1.0, 3.0], 5.0)
+    # Skipping 1 s and 3 s would need a 5 s wait; with 2 s at most every attempt is needed.
+    assert supervisor.cycle_schedule(90_000.0, 90_000.0) is None
 
 
 def test_a_change_of_pattern_drops_the_old_history() -> None:
