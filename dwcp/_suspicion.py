@@ -12,9 +12,13 @@ while the detector still deems the source available.
 
 ``ComponentSuspicion`` combines, for one component, an arrival detector fed by each passing
 health check (Akka's defaults scaled from its 1 s heartbeat to the health interval) with
-latency detectors fed by check latencies and, for the transport, send latencies: a check
-still running, or one that failed, counts as a response not yet arrived, so its phi rises
-with the time since it began.  The component's suspicion is the largest of these phis.
+latency detectors fed by check latencies and, through ``send_finished``, send latencies (the
+manager does not feed sends yet).  A check still running, or one that failed, counts as a
+response not yet arrived, so its phi rises with the time since it began.  The latency
+detectors' settings are ours, not Akka's: a response expected within a tenth of the check
+timeout until measured, a minimum deviation of a tenth of that, no acceptable pause, and
+every answered latency kept (so a link that has become slower for good stops being
+suspected once that is its norm).  The component's suspicion is the largest of these phis.
 """
 
 from __future__ import annotations

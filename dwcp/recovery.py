@@ -32,13 +32,14 @@ class RecoveryPolicy:
     ``max_backoff``, or 60 s when that is unbounded); one that stays healthy for
     ``stable_period`` returns to ``initial_backoff`` and its cycle count is cleared.
 
-    With ``predictive``, each outage's time to recover is recorded; once five are known, a
-    cycle's attempts are placed where recovery has become likely, provided that schedule,
-    replayed over the recorded outages, needs fewer failed attempts than the configured one
-    without recovering later (in the median) or giving up more often.  It never uses more than
-    ``attempts`` attempts or waits longer than ``max_backoff`` (60 s when unbounded) before one,
-    and falls back to the configured schedule with too little history or after a change of
-    pattern.  ``suspicion_threshold`` is the phi above which the component is reported
+    With ``predictive``, each outage is recorded (first unhealthy check, last failed attempt,
+    successful attempt); once at least five are known, a cycle skips the configured attempts
+    that have almost never succeeded and may wait instead for a later cycle's attempt moment
+    where past outages ended (see ``dwcp._prediction``).  It never makes more than
+    ``attempts`` attempts, never waits longer than ``max_backoff`` (60 s when unbounded)
+    before one, never gives up before the configured cycle would, and falls back to the
+    configured schedule with too little history, on every fifth outage, and after a change
+    of pattern.  ``suspicion_threshold`` is the phi at which the component is reported
     suspected (``ComponentSuspected``); 8 is Akka's default.
     """
 
