@@ -7,6 +7,8 @@ subcommand is two functions and one more entry in the tuple.
 ``status URL`` reads a ``HealthServer``'s ``/healthz`` document and prints it as a table.
 Exit codes: 0 healthy, 1 unhealthy, 2 unreachable, not a dwcp health document, or bad
 arguments (argparse's own exit code).  ``--version`` prints the version.
+``status --cluster REDIS_URL`` prints every node of a cluster (``dwcp.cluster``) instead:
+0 when every node is alive and healthy, 1 otherwise, 2 when Redis cannot be reached.
 
 ``demo`` runs a receiver and a manager on 127.0.0.1, stops the receiver for a while and
 prints what the breaker, the monitor and recovery do about it (see ``dwcp._demo``).
@@ -55,9 +57,19 @@ class _Unreachable(Exception):
 def _configure_status(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "url",
+        nargs="?",
         type=_url_argument,
         help="base URL of a dwcp HealthServer, such as http://127.0.0.1:8080 "
         "(/healthz is added when the URL has no path)",
+    )
+    parser.add_argument(
+        "--cluster",
+        metavar="REDIS_URL",
+        help="show every node of the cluster published in this Redis instead "
+        "(exit 0 all alive and healthy, 1 otherwise, 2 Redis unreachable)",
+    )
+    parser.add_argument(
+        "--namespace", default="dwcp", help="the cluster's key namespace (default dwcp)"
     )
     parser.add_argument("--json", action="store_true", help="print the raw JSON document")
     parser.add_argument(
@@ -206,7 +218,24 @@ def render_status(document: Mapping[str, Any], url: str = "") -> str:
     return "\n".join(lines)
 
 
+def _run_cluster_status(args: argparse.Namespace) -> int:
+    from dwcp._cluster import ClusterError, cluster_document, cluster_health, render_cluster
+
+    try:
+        view = cluster_health(args.cluster, namespace=args.namespace, timeout=args.timeout)
+    except (ClusterError, ValueError, TypeError, ImportError) as exc:
+        print(f"dwcp status: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    print(json.dumps(cluster_document(view), indent=2) if args.json else render_cluster(view))
+    return EXIT_HEALTHY if view.healthy else EXIT_UNHEALTHY
+
+
 def _run_status(args: argparse.Namespace) -> int:
+    if args.cluster is not None:
+        return _run_cluster_status(args)
+    if args.url is None:
+        print("dwcp status: give a health server URL or --cluster REDIS_URL", file=sys.stderr)
+        return EXIT_UNREACHABLE
     url: str = args.url  # already completed by health_url, through the argument's type
     try:
         text, document = _fetch(url, args.timeout)

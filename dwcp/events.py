@@ -18,6 +18,8 @@ __all__ = [
     "ComponentUnhealthy",
     "Event",
     "Listener",
+    "NodeBack",
+    "NodeLost",
     "RecoveryAttempt",
     "RecoveryFailed",
     "RecoveryStarted",
@@ -149,6 +151,29 @@ class SendRejected(_Origin):
     timestamp: float = field(default_factory=time.time, compare=False)
 
 
+@dataclass(frozen=True)
+class NodeLost(_Origin):
+    """Another cluster node stopped being heard from (``reason`` "silent") or left cleanly
+    ("left"); ``silent_for`` is the age of its last heartbeat, ``bound`` its lost bound."""
+
+    node: str
+    silent_for: float
+    bound: float
+    reason: str = "silent"
+    #: When it happened (``time.time()``); not part of equality.
+    timestamp: float = field(default_factory=time.time, compare=False)
+
+
+@dataclass(frozen=True)
+class NodeBack(_Origin):
+    """A cluster node reported lost (or gone) is heard from again, ``down_for`` seconds later."""
+
+    node: str
+    down_for: float
+    #: When it happened (``time.time()``); not part of equality.
+    timestamp: float = field(default_factory=time.time, compare=False)
+
+
 Event = (
     ComponentUnhealthy
     | ComponentSuspected
@@ -159,6 +184,8 @@ Event = (
     | RecoveryFailed
     | BreakerStateChanged
     | SendRejected
+    | NodeLost
+    | NodeBack
 )
 Listener = Callable[[Event], None]
 

@@ -10,6 +10,10 @@ any other path 404):
     healthy and the circuit breaker is not open; 503 otherwise.
 ``/healthz``
     A JSON document (see ``health_document``) with the same status code as ``/readyz``.
+``/cluster``
+    With ``Manager(cluster=...)``: the cluster document (``dwcp.cluster.cluster_document``),
+    200 when every node is alive and healthy and the view is fresh, 503 otherwise; 404
+    without a cluster.
 ``/metrics``
     The Prometheus exposition of ``dwcp.prometheus.DWCPCollector`` when ``prometheus_client``
     is installed (OpenMetrics when the ``Accept`` header asks for it), 404 with an
@@ -39,7 +43,7 @@ from dwcp.health import HealthSnapshot, _manager_name
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-    from dwcp.manager import Manager
+    from dwcp._source import HealthSource
 
 __all__ = ["HealthServer", "health_document"]
 
@@ -67,7 +71,7 @@ def _ready(started: bool, health: HealthSnapshot) -> bool:
     return started and health.breaker_state != "open" and all(c.healthy for c in needed)
 
 
-def health_document(manager: Manager) -> tuple[bool, dict[str, Any]]:
+def health_document(manager: HealthSource) -> tuple[bool, dict[str, Any]]:
     """Return ``(ready, document)``: the ``/readyz`` verdict and the ``/healthz`` document.
 
     The document's ``status`` is ``healthy`` when the manager is started, every component is
@@ -117,10 +121,22 @@ def health_document(manager: Manager) -> tuple[bool, dict[str, Any]]:
     return ready, document
 
 
+def _cluster_route(manager: HealthSource) -> tuple[int, str, bytes]:
+    # /cluster: every node of the manager's cluster (dwcp.cluster), 503 unless all are fine.
+    from dwcp._cluster import cluster_document
+
+    try:
+        view = manager.cluster_health()
+    except DWCPError:
+        return 404, _TEXT, b"no cluster configured; see Manager(cluster=...)\n"
+    body = (json.dumps(cluster_document(view), indent=2) + "\n").encode()
+    return 200 if view.healthy else 503, _JSON, body
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     # Hand-off to the handlers: set once before serving, read-only afterwards.
-    manager: Manager
+    manager: HealthSource
     metrics: Any  # the dwcp.prometheus registry, or None without prometheus_client
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -162,6 +178,8 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/healthz":
             ready, document = health_document(manager)
             return 200 if ready else 503, _JSON, (json.dumps(document, indent=2) + "\n").encode()
+        if path == "/cluster":
+            return _cluster_route(manager)
         if path == "/metrics":
             registry = self.server.metrics
             if registry is None:
@@ -203,7 +221,7 @@ class _Handler(BaseHTTPRequestHandler):
         )
 
 
-def _metrics_registry(manager: Manager) -> Any:
+def _metrics_registry(manager: HealthSource) -> Any:
     try:
         from prometheus_client import CollectorRegistry
 
@@ -224,7 +242,7 @@ class HealthServer:
     anything else raises ``TypeError`` or ``ValueError`` here, not in ``start()``.
     """
 
-    def __init__(self, manager: Manager, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, manager: HealthSource, host: str = "127.0.0.1", port: int = 0) -> None:
         self._manager = manager
         self._host = check.name("host", host)
         self._port = check.port("port", port)

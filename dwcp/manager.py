@@ -14,6 +14,7 @@ from loguru import logger
 
 from dwcp import _validation as check
 from dwcp._clock import Clock, SystemClock
+from dwcp._cluster import ClusterView, cluster_member
 from dwcp._guard import Guard
 from dwcp._latency import LatencyRecorder
 from dwcp._monitor import Monitor
@@ -64,6 +65,9 @@ class Manager:
         fail_fast: raise from ``start()`` when a component fails to start, instead of
             starting it degraded and in recovery.
         clock: where time is read and recovery backoffs wait (``dwcp.testing.FakeClock``).
+        cluster: a Redis URL, ``redis.Redis`` client or ``dwcp.cluster.ClusterMember``:
+            publish this manager's health on every pass and watch the cluster's nodes.
+        node_id: this manager's id in the cluster (default: host name and process id).
     """
 
     def __init__(
@@ -89,6 +93,8 @@ class Manager:
         health_host: str = "127.0.0.1",
         fail_fast: bool = False,
         clock: Clock | None = None,
+        cluster: object = None,
+        node_id: str | None = None,
     ) -> None:
         self._enabled = check.flag("enabled", enabled)
         self._fail_fast = check.flag("fail_fast", fail_fast)
@@ -136,6 +142,14 @@ class Manager:
             on_transport_recovered=self._breaker.half_open,
         )
         self._guard = Guard(self._breaker, self._events, self._lock, self._counters)
+        # Cluster health (dwcp.cluster): the longest gap between two passes is one interval
+        # plus one check timeout, so that is the heartbeat interval announced.
+        self._cluster = cluster_member(
+            cluster,
+            node_id,
+            interval=self._monitor.interval + self._monitor.timeout,
+            on_event=self._events.publish,
+        )
         self._health_server = None
         if health_port is not None:  # validated now, bound in start()
             port = check.port("health_port", health_port)
@@ -205,6 +219,9 @@ class Manager:
             self._phase, self._started = "started", True
             self._monitor.start(self._pass, stop)
         self._breaker.watch()
+        if self._cluster is not None:
+            self._cluster.start()
+            self._cluster.publish(self.health())
         logger.bind(components=list(self._states), degraded=sorted(failed)).info(
             "DWCP manager started: {}", self._name
         )
@@ -269,6 +286,8 @@ class Manager:
         if self._health_server is not None:
             self._health_server.stop()
         self._breaker.close()
+        if self._cluster is not None:
+            self._cluster.close()
         self._events.close()
         with self._lock:
             self._monitor.forget_thread()
@@ -380,6 +399,15 @@ class Manager:
                 events_dropped=self._events.dropped,
             )
 
+    def cluster_health(self) -> ClusterView:
+        """Every cluster node's last snapshot, age and state, as last read (no I/O here).
+
+        Raises ``DWCPError`` (``NO_CLUSTER``) when the manager has no ``cluster``.
+        """
+        if self._cluster is None:
+            raise DWCPError("manager has no cluster configured", code="NO_CLUSTER")
+        return self._cluster.view()
+
     # -- events ---------------------------------------------------------------------------------
 
     def add_listener(self, listener: Listener) -> None:
@@ -392,6 +420,8 @@ class Manager:
 
     def _pass(self, stop: threading.Event) -> None:
         self._supervisor.run_pass(stop, recover=lambda: self._started)
+        if self._cluster is not None:
+            self._cluster.publish(self.health())  # hands it over; the I/O is the member's
 
     def _on_breaker_transition(self, old: str, new: str) -> None:
         bound = logger.bind(state=new, previous=old)

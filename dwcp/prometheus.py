@@ -35,6 +35,14 @@ Exposed metrics (each also labelled ``manager``)::
     dwcp_health_check_duration_seconds{component}     histogram of health-check durations
 
 A manager without a transport reports every ``dwcp_breaker_state`` sample as 0.
+
+With ``Manager(cluster=...)``, per node of the manager's cluster view (``dwcp.cluster``;
+labelled ``manager`` and ``node``)::
+
+    dwcp_cluster_node_up{node}                        1 alive (heard within its bound), 0 not
+    dwcp_cluster_node_healthy{node}                   1 when its last snapshot was healthy
+    dwcp_cluster_node_heartbeat_age_seconds{node}     age of its last heartbeat
+    dwcp_cluster_view_stale                           1 while the cluster's Redis is unreachable
 """
 
 from __future__ import annotations
@@ -62,6 +70,7 @@ except ImportError as exc:  # pragma: no cover - exercised by a test that hides 
 
 from dwcp._version import __version__
 from dwcp.breaker import CLOSED, HALF_OPEN, OPEN
+from dwcp.errors import DWCPError
 from dwcp.health import (
     ComponentStatus,
     HealthSnapshot,
@@ -71,7 +80,7 @@ from dwcp.health import (
 )
 
 if TYPE_CHECKING:
-    from dwcp.manager import Manager
+    from dwcp._source import HealthSource
 
 __all__ = ["DWCPCollector", "register_metrics", "unregister_metrics"]
 
@@ -88,19 +97,19 @@ class DWCPCollector:
     name); ``add()`` and ``remove()`` change the set later.
     """
 
-    def __init__(self, manager: Manager | None = None, *, name: str | None = None) -> None:
+    def __init__(self, manager: HealthSource | None = None, *, name: str | None = None) -> None:
         self._lock = threading.Lock()
-        self._managers: dict[str, Manager] = {}
+        self._managers: dict[str, HealthSource] = {}
         if manager is not None:
             self.add(manager, name=name)
 
     @property
-    def managers(self) -> Mapping[str, Manager]:
+    def managers(self) -> Mapping[str, HealthSource]:
         """The managers exposed, by their ``manager`` label."""
         with self._lock:
             return MappingProxyType(dict(self._managers))
 
-    def add(self, manager: Manager, *, name: str | None = None) -> str:
+    def add(self, manager: HealthSource, *, name: str | None = None) -> str:
         """Expose ``manager`` as ``manager=name`` (default: its own name); return the label.
 
         Raises ``ValueError`` when the name is taken: two managers with one name would give
@@ -116,7 +125,7 @@ class DWCPCollector:
             self._managers[label] = manager
         return label
 
-    def remove(self, manager: Manager) -> None:
+    def remove(self, manager: HealthSource) -> None:
         """Stop exposing ``manager``; raises ``ValueError`` if it was not added."""
         with self._lock:
             for label, known in self._managers.items():
@@ -135,7 +144,8 @@ class DWCPCollector:
             managers = list(self._managers.items())
         # Snapshots are taken outside our lock: each manager takes its own.
         scrapes = [(label, m.metrics(), m.health()) for label, m in managers]
-        return _families(scrapes)
+        yield from _families(scrapes)
+        yield from _cluster_families(managers)
 
 
 # One collector per registry, so every family appears once however many managers share it.
@@ -146,7 +156,7 @@ _collectors_lock = threading.Lock()
 
 
 def register_metrics(
-    manager: Manager, registry: CollectorRegistry | None = None, *, name: str | None = None
+    manager: HealthSource, registry: CollectorRegistry | None = None, *, name: str | None = None
 ) -> DWCPCollector:
     """Expose ``manager`` on ``registry`` (default: the global one), labelled ``manager=name``.
 
@@ -167,7 +177,7 @@ def register_metrics(
     return collector
 
 
-def unregister_metrics(manager: Manager, registry: CollectorRegistry | None = None) -> None:
+def unregister_metrics(manager: HealthSource, registry: CollectorRegistry | None = None) -> None:
     """Stop exposing ``manager`` on ``registry`` (default: the global one).
 
     The registry's collector is unregistered with its last manager.  Raises ``ValueError``
@@ -341,3 +351,43 @@ def _families(scrapes: Sequence[_Scrape]) -> Iterator[Metric]:
         recovery_seconds,
         check_seconds,
     )
+
+
+def _cluster_families(managers: list[tuple[str, HealthSource]]) -> Iterator[Metric]:
+    # Only managers with a cluster; each view is the last one read, so no I/O here.
+    views = []
+    for label, manager in managers:
+        read = getattr(manager, "cluster_health", None)  # stand-ins may not have one
+        if read is None:
+            continue
+        try:
+            views.append((label, read()))
+        except DWCPError:
+            continue
+    if not views:
+        return
+    labels = ["manager", "node"]
+    up = GaugeMetricFamily(
+        "dwcp_cluster_node_up", "Whether the cluster node was heard from within its bound.",
+        labels=labels,
+    )  # fmt: skip
+    healthy = GaugeMetricFamily(
+        "dwcp_cluster_node_healthy", "Whether the node's last snapshot was healthy.",
+        labels=labels,
+    )  # fmt: skip
+    age = GaugeMetricFamily(
+        "dwcp_cluster_node_heartbeat_age_seconds", "Age of the node's last heartbeat.",
+        labels=labels,
+    )  # fmt: skip
+    stale = GaugeMetricFamily(
+        "dwcp_cluster_view_stale",
+        "1 while the cluster view is stale (Redis unreachable).",
+        labels=["manager"],
+    )
+    for label, view in views:
+        for node in view.nodes.values():
+            up.add_metric([label, node.node], 1.0 if node.alive else 0.0)
+            healthy.add_metric([label, node.node], 1.0 if node.healthy else 0.0)
+            age.add_metric([label, node.node], node.age)
+        stale.add_metric([label], 1.0 if view.stale else 0.0)
+    yield from (up, healthy, age, stale)

@@ -39,6 +39,9 @@ whose sends the breaker guards.
 - ``component_unhealthy``: ``error`` (str)
 - ``breaker_opened``: ``from_state`` (str), ``to_state`` (``"open"``)
 - ``breaker_closed``: ``from_state`` (str), ``to_state`` (``"closed"``)
+- ``node_lost`` (cluster; ``component`` null): ``node``, ``silent_for``, ``bound``, ``reason``
+- ``node_back`` (cluster; ``component`` null): ``node``, ``down_for``; deduplicated per node,
+  each clearing the other
 
 The request also carries the headers ``X-DWCP-Event: <event>`` and ``X-DWCP-Delivery: <id>``
 (the same on every retry of one alert).  With a ``secret``, every request is signed:
@@ -77,6 +80,8 @@ from dwcp.errors import DWCPError
 from dwcp.events import (
     BreakerStateChanged,
     ComponentUnhealthy,
+    NodeBack,
+    NodeLost,
     RecoveryFailed,
     RecoveryStarted,
     RecoverySucceeded,
@@ -94,6 +99,8 @@ EVENT_KINDS = (
     "breaker_closed",
     "component_unhealthy",
     "recovery_started",
+    "node_lost",
+    "node_back",
 )
 _THREAD_NAME = "dwcp-webhook"
 # No single backoff grows past this, however many attempts are configured.
@@ -110,6 +117,8 @@ _CLEARS = {
     "component_unhealthy": ("recovery_succeeded",),
     "recovery_started": ("recovery_succeeded",),
     "recovery_failed": ("recovery_succeeded",),
+    "node_lost": ("node_back",),
+    "node_back": ("node_lost",),
 }
 
 
@@ -148,6 +157,11 @@ def _alert(event: object) -> tuple[str, str | None, dict[str, Any]] | None:
     if isinstance(event, BreakerStateChanged) and event.to_state in (OPEN, CLOSED):
         kind = "breaker_opened" if event.to_state == OPEN else "breaker_closed"
         return kind, "transport", {"from_state": event.from_state, "to_state": event.to_state}
+    if isinstance(event, NodeLost):  # cluster events (dwcp.cluster) name no component
+        lost: dict[str, Any] = {"node": event.node, "silent_for": event.silent_for}
+        return "node_lost", None, {**lost, "bound": event.bound, "reason": event.reason}
+    if isinstance(event, NodeBack):
+        return "node_back", None, {"node": event.node, "down_for": event.down_for}
     return None
 
 
@@ -359,7 +373,8 @@ class WebhookNotifier:
         }
         pushed_out: dict[str, Any] | None = None
         with self._cond:
-            if not self._admit(manager, component or "", kind):
+            # Cluster events name no component: each node is deduplicated on its own.
+            if not self._admit(manager, component or str(details.get("node") or ""), kind):
                 return
             if self._run.closing:
                 self._dropped += 1

@@ -13,10 +13,7 @@ from typing import Any
 import pytest
 
 import dwcp
-from dwcp.testing import (
-    FakeLayer,  # noqa: F401 - re-exported for older test modules
-    FakeTransport,
-)
+from dwcp.testing import FakeTransport
 from dwcp.transport import MultiStreamReceiver, MultiStreamTCPTransport, wire
 
 

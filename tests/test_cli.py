@@ -18,7 +18,7 @@ import pytest
 import dwcp
 from dwcp.cli import COMMANDS, Command, _duration, build_parser, health_url, main
 from dwcp.http import HealthServer
-from tests.conftest import FakeLayer, FakeTransport
+from dwcp.testing import FakeLayer, FakeTransport
 
 MakeManager = Callable[..., dwcp.Manager]
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,7 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import dwcp
 from dwcp.http import HealthServer
-from tests.conftest import FakeLayer, FakeTransport, wait_until
+from dwcp.testing import FakeLayer, FakeTransport
+from tests.conftest import wait_until
 
 MakeManager = Callable[..., dwcp.Manager]
 MakeServer = Callable[[dwcp.Manager], HealthServer]

@@ -22,7 +22,8 @@ from prometheus_client.registry import REGISTRY
 import dwcp
 from dwcp._latency import SEND_BUCKETS, LatencyRecorder
 from dwcp.prometheus import DWCPCollector, register_metrics, unregister_metrics
-from tests.conftest import FakeLayer, FakeTransport, wait_until
+from dwcp.testing import FakeLayer, FakeTransport
+from tests.conftest import wait_until
 
 MakeManager = Callable[..., dwcp.Manager]
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

@@ -20,9 +20,9 @@ import pytest
 
 import dwcp
 from dwcp.events import SendRejected
-from dwcp.testing import FakeClock
+from dwcp.testing import FakeClock, FakeTransport
 from dwcp.webhook import EVENT_KINDS, WebhookNotifier, _alert, _retry_after, sign
-from tests.conftest import FakeTransport, wait_until
+from tests.conftest import wait_until
 
 MakeManager = Callable[..., dwcp.Manager]
 MakeNotifier = Callable[..., WebhookNotifier]
@@ -219,9 +219,11 @@ def test_all_kinds_can_be_selected(receiver: Receiver, make_notifier: MakeNotifi
         dwcp.BreakerStateChanged("closed", "open"),
         dwcp.RecoverySucceeded("transport", 1, 0.5),
         dwcp.BreakerStateChanged("half-open", "closed"),
+        dwcp.NodeLost("web-2", 3.2, 3.0),
+        dwcp.NodeBack("web-2", 12.5),
     ):
         notifier(event)
-    wait_until(lambda: notifier.delivered == 6)
+    wait_until(lambda: notifier.delivered == 8)
     assert {p["event"] for p in receiver.payloads()} == set(EVENT_KINDS)
 
 
