@@ -360,3 +360,28 @@ def test_a_learned_cycle_may_reach_a_later_cycles_attempt() -> None:
     supervisor.admit(start)
     waits = supervisor.cycle_schedule(start, start)
     assert waits == (11.0,)  # one wait, within the attempts and max_backoff (60 s)
+
+
+def test_a_check_that_finds_it_healthy_after_a_give_up_is_learned() -> None:
+    supervisor = RestartSupervisor(RecoveryPolicy(predictive=True, attempts=1))
+    supervisor.admit(0.0)
+    supervisor.attempt_started(1.0)
+    supervisor.attempt_failed(1.05)  # the cycle gave up
+    supervisor.healed(12.0, down_since=0.0)  # a later pass found it healthy
+    assert supervisor.history is not None
+    assert supervisor.history.outages == (Outage(12.0, 1.0, None, 12.0),)
+    # The next outage starts afresh: no attempt of the old one counts.
+    supervisor.admit(100.0)
+    supervisor.attempt_started(101.0)
+    supervisor.recovered(101.0, down_since=100.0, attempt=1)
+    assert supervisor.history.outages[-1] == Outage(1.0, 0.0, 1, 1.0)
+
+
+def test_a_healed_component_does_not_reset_adaptive_backoff() -> None:
+    # Only a verified cycle counts as a recovery for restart intensity and adaptive backoff.
+    policy = RecoveryPolicy(adaptive_backoff=True, stable_period=30.0)
+    supervisor = RestartSupervisor(policy)
+    supervisor.admit(0.0)
+    supervisor.healed(5.0, down_since=0.0)
+    supervisor.admit(10.0)
+    assert supervisor.cycle_policy() == policy
