@@ -243,7 +243,7 @@ class RestartSupervisor:
             self._attempt_duration += (took - self._attempt_duration) / 4
 
     def reset(self) -> None:
-        """Forget escalation, cycle history and adaptive backoff."""
+        """Forget escalation, cycle history and adaptive backoff (learned outages stay)."""
         self._cycles.clear()
         self._escalated_at = None
         self._recovered_at = None
