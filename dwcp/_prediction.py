@@ -18,8 +18,8 @@ configured schedule or at the next kept one.  A run of outages beyond the learne
 one side is taken as a change of pattern: the older history is dropped and the configured
 schedule is used until enough new outages are known.  Every ``EXPLORE_EVERY``-th outage runs
 the configured schedule, since only an earlier attempt can show that the component now comes
-back sooner.  Not thread-safe: the manager calls it under its lock, once when an outage's
-cycle begins and once when the outage ends; with ``WINDOW`` outages kept, each call costs
+back sooner.  Not thread-safe: the manager calls it under its lock, when a cycle begins and
+when an outage ends; with ``WINDOW`` outages kept, each call costs
 about 10 ms of pure Python on the development machine.
 """
 
