@@ -1,16 +1,19 @@
-"""Recovery schedules over outage traces, on a simulated clock (no real waiting).
+"""Recovery schedules over outage traces, on a fake clock (no real waiting).
 
-``python3 -m benchmarks.traces [--outages N] [--seed S] [--interval SECONDS] [--plot DIR]``
+``python3 -m benchmarks.traces [--outages N] [--seed S] [--interval SECONDS] [--plot DIR]
+[--engine manager|supervisor]``
 
 Each trace is a sequence of outages: the peer goes down, stays down for a drawn time, comes
-back.  The real ``RestartSupervisor`` and ``run_recovery`` (tenacity driving the attempts)
-recover it with an injected clock and sleep; a simulated monitor checks every ``interval``
-seconds as the Manager's monitor thread does, starts a cycle on a failed check, starts
-another after a cycle that gave up, and marks the component healthy when a check passes
-between cycles.  Three policies are compared: the fixed 1 s/2 s/4 s schedule,
-``adaptive_backoff=True``, and ``predictive=True``.  Figures per outage: failed attempts, the
-time from the peer's return to the verified recovery (median, p95), outages in which a
-cycle gave up.
+back.  With the default ``manager`` engine a real ``Manager`` on ``dwcp.testing.FakeClock``
+recovers it: each monitoring pass is run with ``check_component_health()`` every
+``interval`` seconds of fake time, as the monitor thread would, and its recovery thread runs
+the cycles (``run_recovery``, tenacity driving the attempts).  The ``supervisor`` engine runs
+``RestartSupervisor`` and ``run_recovery`` under a simulated monitor that does the same:
+starts a cycle on a failed check, another after a cycle that gave up, and marks the
+component healthy when a check passes between cycles.  Three policies are compared: the
+fixed 1 s/2 s/4 s schedule, ``adaptive_backoff=True``, and ``predictive=True``.  Figures per
+outage: failed attempts, the time from the peer's return to the verified recovery (median,
+p95), outages in which a cycle gave up.
 """
 
 from __future__ import annotations
