@@ -298,7 +298,9 @@ class RecoveryHistory:
                 kept.append(index)
                 gathered = 0.0
                 evidence = len(self._outages)
-                if len(kept) == len(configured):
+                if len(kept) == len(configured) or index == len(starts) - 1:
+                    # The configured cycle's last attempt is worth making: end there, as
+                    # the configured cycle does, and let the monitor's next pass follow.
                     break
         last = len(starts) - 1
         if not kept or kept[-1] < last:
