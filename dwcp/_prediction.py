@@ -45,7 +45,7 @@ __all__ = [
 #: Outages needed before a learned schedule may be used.
 MIN_SAMPLES = 5
 #: Outages kept; older ones are forgotten so the history follows slow drift.
-WINDOW = 50
+WINDOW = 100
 #: Consecutive outages beyond the learned range, on one side, that mean the pattern changed.
 CHANGE_RUN = 3
 #: Every this many outages a cycle runs the configured schedule (see the module docstring).
