@@ -11,6 +11,7 @@ from dwcp.errors import CircuitOpenError, DWCPError, TransportError
 from dwcp.events import (
     BreakerStateChanged,
     ComponentEscalated,
+    ComponentSuspected,
     ComponentUnhealthy,
     Event,
     NodeBack,
@@ -39,6 +40,7 @@ __all__ = [
     "ComponentEscalated",
     "ComponentHealth",
     "ComponentMetrics",
+    "ComponentSuspected",
     "ComponentUnhealthy",
     "DWCPError",
     "Event",

@@ -12,8 +12,10 @@ from collections.abc import Callable, Iterable
 
 from loguru import logger
 
+from dwcp._clock import Clock, SystemClock
 from dwcp._latency import LatencyRecorder
 from dwcp._status import Check, ComponentState, Counters, Waiter
+from dwcp._suspicion import ComponentSuspicion
 
 __all__ = ["Monitor"]
 
@@ -42,6 +44,18 @@ class Monitor:
         self.timeout = timeout
         self._waiters: set[Waiter] = set()
         self._thread: threading.Thread | None = None
+        #: Where check times for suspicion are read; the supervisor sets the manager's clock.
+        self.clock: Clock = SystemClock()
+
+    def suspicion(self, state: ComponentState) -> ComponentSuspicion:
+        """The component's suspicion, created on first use (caller holds the lock)."""
+        if state.suspicion is None:
+            state.suspicion = ComponentSuspicion(
+                threshold=state.supervisor.policy.suspicion_threshold,
+                interval=self.interval,
+                timeout=self.timeout,
+            )
+        return state.suspicion
 
     @property
     def thread(self) -> threading.Thread | None:
@@ -101,6 +115,7 @@ class Monitor:
                 job = Check([waiter])
                 state.check = job
                 jobs.append((state, job))
+                self.suspicion(state).check_started(self.clock.now())
             self._counters.component_checks += len(jobs)
         try:
             for state, job in jobs:
@@ -165,6 +180,7 @@ class Monitor:
             job.error, job.done = error, True
             if state.check is job:
                 state.check = None
+            self.suspicion(state).check_finished(self.clock.now(), ok=error is None)
             waiters = list(job.waiters)
             timed = not job.timed_out
         if timed:

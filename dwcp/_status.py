@@ -14,6 +14,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from dwcp._latency import SEND_BUCKETS, LatencyRecorder
+from dwcp._suspicion import ComponentSuspicion
 from dwcp.health import (
     ComponentHealth,
     ComponentMetrics,
@@ -64,6 +65,8 @@ class Cycle:
     policy: RecoveryPolicy
     done: threading.Event = field(default_factory=threading.Event)
     recovered: bool = False
+    #: A learned wait schedule (``RecoveryPolicy(predictive=True)``), else the policy's own.
+    waits: tuple[float, ...] | None = None
 
 
 @dataclass(eq=False)
@@ -84,6 +87,8 @@ class ComponentState:
     attempts: int = 0
     succeeded: int = 0
     failed: int = 0
+    #: Phi accrual suspicion, created by the monitor at the first check.
+    suspicion: ComponentSuspicion | None = None
 
     @property
     def name(self) -> str:
@@ -189,7 +194,14 @@ def health_snapshot(
 ) -> HealthSnapshot:
     """Every component's health at ``now`` (caller holds the lock)."""
     components = {
-        s.name: ComponentHealth(s.name, s.status, s.last_error, now - s.since) for s in states
+        s.name: ComponentHealth(
+            s.name,
+            s.status,
+            s.last_error,
+            now - s.since,
+            s.suspicion.level(now) if s.suspicion is not None else 0.0,
+        )
+        for s in states
     }
     return HealthSnapshot(MappingProxyType(components), breaker_state, storage)
 

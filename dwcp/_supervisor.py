@@ -21,6 +21,7 @@ from dwcp._validation import describe
 from dwcp.errors import DWCPError
 from dwcp.events import (
     ComponentEscalated,
+    ComponentSuspected,
     ComponentUnhealthy,
     RecoveryAttempt,
     RecoveryFailed,
@@ -58,6 +59,8 @@ class Supervisor:
         self._clock = clock
         self._on_transport_recovered = on_transport_recovered
         self._recoveries: set[threading.Thread] = set()
+        # Check times for suspicion come from the same clock as health snapshots.
+        monitor.clock = clock
 
     def threads(self) -> list[threading.Thread]:
         """Recovery threads still running (caller holds the lock)."""
@@ -122,13 +125,20 @@ class Supervisor:
         to_recover: list[tuple[ComponentState, Cycle]] = []
         escalated: list[ComponentState] = []
         unhealthy: list[tuple[str, str]] = []
+        suspected: list[tuple[str, float, float]] = []
         with self._lock:
             now = self._clock.now()
             may_recover = recover() and not stop.is_set()
             for state in states:
+                if state.suspicion is not None:
+                    level = state.suspicion.crossed(now)
+                    if level is not None:
+                        suspected.append((state.name, level, state.suspicion.threshold))
                 error = results[state.name]
                 if error is None:
                     if state.cycle is None and state.status != "healthy":
+                        # Healthy again without a cycle (one gave up): an outage to learn.
+                        state.supervisor.healed(now, state.down_since)
                         state.mark_healthy(now)
                     continue
                 state.mark_down(now, error)
@@ -143,6 +153,11 @@ class Supervisor:
                 elif state.status == "healthy":
                     state.set_status("unhealthy", now)
                 unhealthy.append((state.name, error))
+        for name, level, threshold in suspected:
+            logger.bind(component=name, suspicion=level, threshold=threshold).warning(
+                "Component suspected: {} (phi {:.1f} >= {:g})", name, level, threshold
+            )
+            self._events.publish(ComponentSuspected(name, level, threshold))
         for name, error in unhealthy:
             bound = logger.bind(component=name, error=error)
             if name == "transport":
@@ -170,7 +185,10 @@ class Supervisor:
         if admission != "run":
             state.set_status("failed", now)
             return None, admission
-        cycle = Cycle(state.supervisor.cycle_policy())
+        cycle = Cycle(
+            state.supervisor.cycle_policy(),
+            waits=state.supervisor.cycle_schedule(now, state.down_since),
+        )
         state.cycle = cycle
         state.set_status("recovering", now)
         return cycle, admission
@@ -270,12 +288,16 @@ class Supervisor:
                 raise RuntimeError(f"health check after restart failed: {error}")
 
         def on_attempt(attempt: int, backoff: float) -> None:
+            with self._lock:
+                state.supervisor.attempt_started(self._clock.now() + backoff)
             log.bind(attempt=attempt, backoff=backoff).info(
                 "Recovery attempt: {} #{} after {:g}s", name, attempt, backoff
             )
             self._events.publish(RecoveryAttempt(name, attempt, backoff))
 
         def on_failure(attempt: int, exc: BaseException) -> None:
+            with self._lock:
+                state.supervisor.attempt_failed(self._clock.now())
             log.bind(attempt=attempt, error=describe(exc)).warning(
                 "Recovery attempt failed: {} #{}: {}", name, attempt, describe(exc)
             )
@@ -289,6 +311,7 @@ class Supervisor:
                 sleep=lambda seconds: self._clock.sleep(seconds, stop),
                 on_attempt=on_attempt,
                 on_failure=on_failure,
+                waits=cycle.waits,
             )
         finally:
             recovered = outcome is not None and outcome.recovered
@@ -300,6 +323,7 @@ class Supervisor:
                     recovered=recovered,
                     cancelled=cancelled,
                     error=outcome.error if outcome is not None else None,
+                    attempt=outcome.attempts if outcome is not None else None,
                 )
                 self._recoveries.discard(threading.current_thread())
             if not cancelled:
@@ -335,14 +359,16 @@ class Supervisor:
         recovered: bool,
         cancelled: bool,
         error: BaseException | None = None,
+        attempt: int | None = None,
     ) -> float:
         # Caller holds the lock.  Returns the downtime this outage lasted (0 if still down).
         now = self._clock.now()
         downtime = 0.0
         status: ComponentStatus
         if recovered:
+            down_since = state.down_since
             downtime = state.mark_healthy(now)
-            state.supervisor.recovered(now)
+            state.supervisor.recovered(now, down_since=down_since, attempt=attempt)
             self._counters.recoveries_succeeded += 1
             state.succeeded += 1
         else:

@@ -14,6 +14,7 @@ from loguru import logger
 __all__ = [
     "BreakerStateChanged",
     "ComponentEscalated",
+    "ComponentSuspected",
     "ComponentUnhealthy",
     "Event",
     "Listener",
@@ -44,6 +45,21 @@ class ComponentUnhealthy(_Origin):
 
     component: str
     error: str
+    #: When it happened (``time.time()``); not part of equality.
+    timestamp: float = field(default_factory=time.time, compare=False)
+
+
+@dataclass(frozen=True)
+class ComponentSuspected(_Origin):
+    """The component's suspicion (phi) rose to its policy's ``suspicion_threshold``.
+
+    Raised once per crossing, before any check need have failed: its checks (or sends) are
+    late or slow compared with their history.
+    """
+
+    component: str
+    suspicion: float
+    threshold: float
     #: When it happened (``time.time()``); not part of equality.
     timestamp: float = field(default_factory=time.time, compare=False)
 
@@ -160,6 +176,7 @@ class NodeBack(_Origin):
 
 Event = (
     ComponentUnhealthy
+    | ComponentSuspected
     | ComponentEscalated
     | RecoveryStarted
     | RecoveryAttempt

@@ -27,6 +27,9 @@ class ComponentHealth:
     status: ComponentStatus
     last_error: str | None
     seconds_in_status: float
+    #: The phi accrual suspicion level: 0 while checks arrive as usual, rising as they (or,
+    #: for the transport, sends) become late or slow; see ``RecoveryPolicy``.
+    suspicion: float = 0.0
 
     @property
     def healthy(self) -> bool:

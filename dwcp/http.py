@@ -97,6 +97,7 @@ def health_document(manager: HealthSource) -> tuple[bool, dict[str, Any]]:
                 "status": c.status,
                 "last_error": c.last_error,
                 "seconds_in_status": round(c.seconds_in_status, 3),
+                "suspicion": round(c.suspicion, 3),
             }
             for name, c in health.components.items()
         },

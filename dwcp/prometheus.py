@@ -16,6 +16,7 @@ Exposed metrics (each also labelled ``manager``)::
     dwcp_health_checks_total                          health-check passes run
     dwcp_component_checks_total                       individual component checks run
     dwcp_component_up{component}                      1 healthy, 0 otherwise
+    dwcp_component_suspicion{component}               phi accrual suspicion level
     dwcp_component_status{component,status}          one-hot over healthy/unhealthy/recovering/failed
     dwcp_recovery_attempts_total{component}           recovery attempts started
     dwcp_recoveries_total{component,result}           finished recovery cycles: succeeded/failed
@@ -233,6 +234,11 @@ def _families(scrapes: Sequence[_Scrape]) -> Iterator[Metric]:
     up = _gauge(
         "dwcp_component_up", "Whether the component is healthy (1) or not (0).", ["component"]
     )
+    suspicion = _gauge(
+        "dwcp_component_suspicion",
+        "The component's phi accrual suspicion level (0: checks as usual; 8: Akka's threshold).",
+        ["component"],
+    )
     status = _gauge(
         "dwcp_component_status",
         "The component's current status, one-hot over healthy/unhealthy/recovering/failed.",
@@ -291,6 +297,7 @@ def _families(scrapes: Sequence[_Scrape]) -> Iterator[Metric]:
         component_checks.add_metric([name], metrics.component_checks)
         for component, info in health.components.items():
             up.add_metric([name, component], 1.0 if info.healthy else 0.0)
+            suspicion.add_metric([name, component], info.suspicion)
             for value in _STATUSES:
                 hot = 1.0 if info.status == value else 0.0
                 status.add_metric([name, component, value], hot)
@@ -326,6 +333,7 @@ def _families(scrapes: Sequence[_Scrape]) -> Iterator[Metric]:
         health_checks,
         component_checks,
         up,
+        suspicion,
         status,
         attempts,
         recoveries,

@@ -4,20 +4,26 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from typing import Literal
 
 import tenacity
 
+from dwcp._prediction import Outage, RecoveryHistory
+
 __all__ = ["RecoveryOutcome", "RecoveryPolicy", "RestartSupervisor", "run_recovery"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True, init=False)
 class RecoveryPolicy:
     """How one component is recovered: attempt ``i`` (from 0) first waits ``backoff(i)``.
 
-    The default reproduces the specified schedule exactly: 1 s, 2 s, 4 s before three attempts.
+    Keyword-only; every time is seconds, given as a number or a ``datetime.timedelta`` and
+    stored as a float.  The default reproduces the specified schedule exactly: 1 s, 2 s, 4 s
+    before three attempts.
+
     Restart intensity (as in Erlang/OTP supervisors): with ``max_cycles`` set, more than that
     many recovery cycles within ``cycle_window`` seconds escalate: the component stays failed
     and no cycle runs until ``Manager.reset_component()`` or, if set, ``cooldown`` seconds.
@@ -25,43 +31,89 @@ class RecoveryPolicy:
     recovery starts its next cycle with a first wait ``multiplier`` times longer (at most
     ``max_backoff``, or 60 s when that is unbounded); one that stays healthy for
     ``stable_period`` returns to ``initial_backoff`` and its cycle count is cleared.
+
+    With ``predictive``, each outage is recorded (first unhealthy check, last failed attempt,
+    successful attempt); once at least five are known, a cycle skips the configured attempts
+    that have almost never succeeded and may wait instead for a later cycle's attempt moment
+    where past outages ended (see ``dwcp._prediction``).  It never makes more than
+    ``attempts`` attempts, never waits longer than ``max_backoff`` (60 s when unbounded)
+    before one, never gives up before the configured cycle would, and falls back to the
+    configured schedule with too little history, on every fifth outage, and after a change
+    of pattern.  ``suspicion_threshold`` is the phi at which the component is reported
+    suspected (``ComponentSuspected``); 8 is Akka's default.
     """
 
-    attempts: int = 3
-    initial_backoff: float = 1.0
-    multiplier: float = 2.0
-    max_backoff: float = math.inf
-    jitter: float = 0.0
-    max_cycles: int | None = None
-    cycle_window: float = 60.0
-    cooldown: float | None = None
-    stable_period: float = 60.0
-    adaptive_backoff: bool = False
+    attempts: int
+    initial_backoff: float
+    multiplier: float
+    max_backoff: float
+    jitter: float
+    max_cycles: int | None
+    cycle_window: float
+    cooldown: float | None
+    stable_period: float
+    adaptive_backoff: bool
+    predictive: bool
+    suspicion_threshold: float
 
-    def __post_init__(self) -> None:
-        for name in ("attempts", "max_cycles"):
-            count = getattr(self, name)
+    def __init__(
+        self,
+        *,
+        attempts: int = 3,
+        initial_backoff: float | timedelta = 1.0,
+        multiplier: float = 2.0,
+        max_backoff: float | timedelta = math.inf,
+        jitter: float | timedelta = 0.0,
+        max_cycles: int | None = None,
+        cycle_window: float | timedelta = 60.0,
+        cooldown: float | timedelta | None = None,
+        stable_period: float | timedelta = 60.0,
+        adaptive_backoff: bool = False,
+        predictive: bool = False,
+        suspicion_threshold: float = 8.0,
+    ) -> None:
+        for name, count in (("attempts", attempts), ("max_cycles", max_cycles)):
             if count is None and name == "max_cycles":
                 continue
             if isinstance(count, bool) or not isinstance(count, int):
                 raise TypeError(f"{name} must be an int, got {type(count).__name__}")
             if count < 1:
                 raise ValueError(f"{name} must be at least 1, got {count}")
-        if self.cooldown is not None:
-            _non_negative("cooldown", self.cooldown)
-        for field in ("cycle_window", "stable_period"):
-            if _non_negative(field, getattr(self, field)) == 0:
-                raise ValueError(f"{field} must be positive")
-        for field in ("initial_backoff", "multiplier", "max_backoff", "jitter"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{field} must be a number, got {type(value).__name__}")
-            if math.isnan(value) or value < 0:
-                raise ValueError(f"{field} must be a non-negative number, got {value!r}")
-        if self.multiplier < 1:
-            raise ValueError(f"multiplier must be at least 1, got {self.multiplier!r}")
-        if math.isinf(self.initial_backoff) or math.isinf(self.jitter):
+        for name, flag in (("adaptive_backoff", adaptive_backoff), ("predictive", predictive)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+        values = {
+            "initial_backoff": _non_negative("initial_backoff", initial_backoff),
+            "max_backoff": _non_negative("max_backoff", max_backoff),
+            "jitter": _non_negative("jitter", jitter),
+            "cycle_window": _non_negative("cycle_window", cycle_window),
+            "stable_period": _non_negative("stable_period", stable_period),
+        }
+        for name in ("cycle_window", "stable_period"):
+            if values[name] == 0:
+                raise ValueError(f"{name} must be positive")
+        if math.isinf(values["initial_backoff"]) or math.isinf(values["jitter"]):
             raise ValueError("initial_backoff and jitter must be finite")
+        factor = _non_negative("multiplier", multiplier, seconds=False)
+        if factor < 1:
+            raise ValueError(f"multiplier must be at least 1, got {multiplier!r}")
+        threshold = _non_negative("suspicion_threshold", suspicion_threshold, seconds=False)
+        if threshold == 0 or math.isinf(threshold):
+            raise ValueError(
+                f"suspicion_threshold must be a positive finite phi, got {suspicion_threshold!r}"
+            )
+        fields = {
+            "attempts": attempts,
+            "multiplier": factor,
+            "max_cycles": max_cycles,
+            "cooldown": None if cooldown is None else _non_negative("cooldown", cooldown),
+            "adaptive_backoff": adaptive_backoff,
+            "predictive": predictive,
+            "suspicion_threshold": threshold,
+            **values,
+        }
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
 
     def _wait_strategy(self) -> tenacity.wait.wait_base:
         """The tenacity wait strategy giving the backoff before attempt number n (from 1)."""
@@ -75,9 +127,13 @@ class RecoveryPolicy:
         return float(min(self.initial_backoff * self.multiplier**attempt, self.max_backoff))
 
 
-def _non_negative(name: str, value: object) -> float:
+def _non_negative(name: str, value: object, *, seconds: bool = True) -> float:
+    """``value`` as a non-negative float; with ``seconds``, a ``timedelta`` is accepted too."""
+    if seconds and isinstance(value, timedelta):
+        value = value.total_seconds()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        kind = "a number of seconds or a timedelta" if seconds else "a number"
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
     if math.isnan(value) or value < 0:
         raise ValueError(f"{name} must be a non-negative number, got {value!r}")
     return float(value)
@@ -100,6 +156,13 @@ class RestartSupervisor:
         self._escalated_at: float | None = None
         self._recovered_at: float | None = None
         self._first_wait = policy.initial_backoff
+        #: Learned recovery times, kept only with ``policy.predictive``.
+        self.history: RecoveryHistory | None = RecoveryHistory() if policy.predictive else None
+        # When the current outage's latest attempt began, and its last failed one; the
+        # outage ended after the latter.
+        self._attempt_at: float | None = None
+        self._failed_at: float | None = None
+        self._attempt_duration = 0.0
 
     @property
     def escalated(self) -> bool:
@@ -130,12 +193,57 @@ class RestartSupervisor:
         self._cycles.append(now)
         return "run"
 
-    def recovered(self, now: float) -> None:
-        """Note a verified recovery; the stable period counts from here."""
+    def recovered(
+        self, now: float, *, down_since: float | None = None, attempt: int | None = None
+    ) -> None:
+        """Note a verified recovery; the stable period counts from here.
+
+        With ``policy.predictive`` and ``down_since`` (the outage's first unhealthy check),
+        the outage is learned; ``attempt`` is the attempt that succeeded (None when a health
+        check found the component healthy between cycles).
+        """
         self._recovered_at = now
+        failed_at, self._failed_at = self._failed_at, None
+        started_at, self._attempt_at = self._attempt_at, None
+        if self.history is None or down_since is None:
+            return
+        total = max(now - down_since, 0.0)
+        back_by = total
+        if attempt is not None and started_at is not None:
+            back_by = min(max(started_at - down_since, 0.0), total)
+        not_before = 0.0
+        if failed_at is not None:
+            not_before = min(max(failed_at - down_since, 0.0), back_by)
+        self.history.record(Outage(total, not_before, attempt, back_by))
+
+    def healed(self, now: float, down_since: float | None) -> None:
+        """Note a check that found the component healthy between cycles (after one gave up).
+
+        Only learned (with ``policy.predictive``); restart intensity and adaptive backoff see
+        verified recoveries of a cycle only, as before.
+        """
+        failed_at, self._failed_at = self._failed_at, None
+        self._attempt_at = None
+        if self.history is None or down_since is None:
+            return
+        total = max(now - down_since, 0.0)
+        not_before = 0.0 if failed_at is None else min(max(failed_at - down_since, 0.0), total)
+        self.history.record(Outage(total, not_before, None, total))
+
+    def attempt_started(self, at: float) -> None:
+        """Note that an attempt of the current outage begins (acts) at ``at``."""
+        self._attempt_at = at
+
+    def attempt_failed(self, now: float) -> None:
+        """Note that the attempt begun last failed at ``now``: the outage ends after it."""
+        if self._attempt_at is not None:
+            self._failed_at = self._attempt_at
+            took = max(now - self._attempt_at, 0.0)
+            # A smoothed duration, so a learned schedule can start each attempt on time.
+            self._attempt_duration += (took - self._attempt_duration) / 4
 
     def reset(self) -> None:
-        """Forget escalation, cycle history and adaptive backoff."""
+        """Forget escalation, cycle history and adaptive backoff (learned outages stay)."""
         self._cycles.clear()
         self._escalated_at = None
         self._recovered_at = None
@@ -147,6 +255,25 @@ class RestartSupervisor:
             return self.policy
         return replace(self.policy, initial_backoff=self._first_wait)
 
+    def cycle_schedule(self, now: float, down_since: float | None) -> tuple[float, ...] | None:
+        """Learned waits for the cycle just admitted, or None for the policy's own schedule.
+
+        Only with ``policy.predictive``; ``down_since`` is the outage's first unhealthy check.
+        At most ``policy.attempts`` waits, none over ``max_backoff`` (60 s when unbounded).
+        """
+        if self.history is None or down_since is None:
+            return None
+        policy = self.cycle_policy()
+        configured = [policy.backoff(i) for i in range(policy.attempts)]
+        cap = policy.max_backoff if math.isfinite(policy.max_backoff) else _ADAPTIVE_CAP
+        return self.history.schedule(
+            configured,
+            max(now - down_since, 0.0),
+            cap,
+            min(self._attempt_duration, cap),
+            new_outage=self._attempt_at is None,
+        )
+
 
 @dataclass(frozen=True)
 class RecoveryOutcome:
@@ -156,6 +283,27 @@ class RecoveryOutcome:
     attempts: int
     cancelled: bool
     error: BaseException | None
+
+
+class _ScheduledWait(tenacity.wait.wait_base):
+    """A tenacity wait strategy reading the wait before attempt n (from 1) off a schedule."""
+
+    def __init__(self, waits: tuple[float, ...]) -> None:
+        self._waits = waits
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        return self._waits[min(retry_state.attempt_number, len(self._waits)) - 1]
+
+
+def _check_waits(waits: Sequence[float], limit: int) -> tuple[float, ...]:
+    if isinstance(waits, (str, bytes)) or not isinstance(waits, Sequence):
+        raise TypeError(f"waits must be a sequence of seconds, got {type(waits).__name__}")
+    schedule = tuple(_non_negative(f"waits[{i}]", w) for i, w in enumerate(waits))
+    if not schedule or len(schedule) > limit:
+        raise ValueError(f"waits must hold 1 to {limit} (policy.attempts) waits, got {len(waits)}")
+    if any(math.isinf(w) for w in schedule):
+        raise ValueError("waits must be finite")
+    return schedule
 
 
 class _AttemptFailed(Exception):
@@ -174,15 +322,25 @@ def run_recovery(
     sleep: Callable[[float], bool],
     on_attempt: Callable[[int, float], None] | None = None,
     on_failure: Callable[[int, BaseException], None] | None = None,
+    waits: Sequence[float] | None = None,
 ) -> RecoveryOutcome:
     """Run one recovery cycle in the calling thread.
 
     ``sleep(seconds)`` waits and returns False when interrupted (shutdown); then no further
     attempt starts.  An attempt succeeds only when ``action()`` and then ``verify()`` both
     return without raising.  ``on_attempt(number, backoff)`` runs before each wait and
-    ``on_failure(number, error)`` after each failed attempt.
+    ``on_failure(number, error)`` after each failed attempt.  ``waits``, when given, is an
+    explicit schedule (one wait before each attempt, at most ``policy.attempts`` of them)
+    used instead of the policy's backoff.
     """
-    wait = policy._wait_strategy()
+    wait: Callable[[tenacity.RetryCallState], float]
+    if waits is None:
+        wait = policy._wait_strategy()
+        limit = policy.attempts
+    else:
+        schedule = _check_waits(waits, policy.attempts)
+        wait = _ScheduledWait(schedule)
+        limit = len(schedule)
     last_error: list[BaseException] = []
 
     def back_off(state: tenacity.RetryCallState) -> None:
@@ -196,7 +354,7 @@ def run_recovery(
     # never shared between threads.  The backoff runs in ``before`` because the spec waits
     # before every attempt, including the first; tenacity's own between-attempt wait is zero.
     retrying = tenacity.Retrying(
-        stop=tenacity.stop_after_attempt(policy.attempts),
+        stop=tenacity.stop_after_attempt(limit),
         wait=tenacity.wait_none(),
         retry=tenacity.retry_if_exception_type(_AttemptFailed),
         before=back_off,

@@ -1,0 +1,312 @@
+"""Suspicion levels: the phi accrual failure detector, per component.
+
+``PhiAccrualFailureDetector`` is the detector of Hayashibara et al. (2004) exactly as Akka's
+``akka.remote.PhiAccrualFailureDetector`` computes it: the inter-arrival times of the last
+``max_sample_size`` heartbeats are summarised by their mean and standard deviation (running
+sums, O(1) per heartbeat), and phi is ``-log10`` of the probability, under a normal
+distribution approximated by Akka's logistic formula, that a heartbeat comes later than
+now.  The mean is shifted by ``acceptable_heartbeat_pause`` and the deviation is at least
+``min_std_deviation``; the history starts from two made-up intervals around
+``first_heartbeat_estimate`` (plus and minus a quarter), and an interval is recorded only
+while the detector still deems the source available.
+
+``ComponentSuspicion`` combines, for one component, an arrival detector fed by each passing
+health check (Akka's defaults scaled from its 1 s heartbeat to the health interval) with
+latency detectors fed by check latencies and, through ``send_finished``, send latencies (the
+manager does not feed sends yet).  A check still running, or one that failed, counts as a
+response not yet arrived, so its phi rises with the time since it began.  The latency
+detectors' settings are ours, not Akka's: a response expected within a tenth of the check
+timeout until measured, a minimum deviation of a tenth of that, no acceptable pause, and
+every answered latency kept (so a link that has become slower for good stops being
+suspected once that is its norm).  The component's suspicion is the largest of these phis.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+__all__ = ["ComponentSuspicion", "PhiAccrualFailureDetector", "phi"]
+
+_LN10 = math.log(10.0)
+
+# Akka's cluster failure-detector defaults, for a heartbeat every second.
+AKKA_THRESHOLD = 8.0
+AKKA_MAX_SAMPLE_SIZE = 1000
+AKKA_MIN_STD_DEVIATION = 0.1  # 100 ms
+AKKA_ACCEPTABLE_HEARTBEAT_PAUSE = 3.0  # 3 s
+AKKA_HEARTBEAT_INTERVAL = 1.0  # 1 s, also Akka's first-heartbeat estimate
+
+
+def phi(time_diff: float, mean: float, std_deviation: float) -> float:
+    """Akka's phi for ``time_diff`` seconds since the last heartbeat.
+
+    Akka computes ``y = (time_diff - mean) / std_deviation``,
+    ``e = exp(-y * (1.5976 + 0.070566 * y * y))`` and ``-log10(e / (1 + e))`` (the logistic
+    approximation of the normal tail); that equals ``log10(1 + exp(b))`` with
+    ``b = y * (1.5976 + 0.070566 * y * y)``, evaluated here without overflow.
+    """
+    y = (time_diff - mean) / std_deviation
+    b = y * (1.5976 + 0.070566 * y * y)
+    if b > 30.0:
+        return (b + math.log1p(math.exp(-b))) / _LN10
+    return math.log1p(math.exp(b)) / _LN10
+
+
+class _History:
+    """The last ``size`` intervals with their running sum and sum of squares."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._intervals: deque[float] = deque()
+        self._sum = 0.0
+        self._squares = 0.0
+        self._evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._intervals)
+
+    def add(self, interval: float) -> None:
+        if len(self._intervals) >= self._size:
+            dropped = self._intervals.popleft()
+            self._sum -= dropped
+            self._squares -= dropped * dropped
+            self._evictions += 1
+            if self._evictions >= self._size:
+                # Subtracting floats drifts; one exact re-sum per window keeps it bounded
+                # and costs O(1) per sample amortised.
+                self._sum = math.fsum(self._intervals)
+                self._squares = math.fsum(x * x for x in self._intervals)
+                self._evictions = 0
+        self._intervals.append(interval)
+        self._sum += interval
+        self._squares += interval * interval
+
+    @property
+    def mean(self) -> float:
+        return self._sum / len(self._intervals)
+
+    @property
+    def std_deviation(self) -> float:
+        mean = self.mean
+        return math.sqrt(max(self._squares / len(self._intervals) - mean * mean, 0.0))
+
+
+def _positive(name: str, value: object, *, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    number = float(value)
+    if not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
+        bound = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be a finite {bound} number, got {value!r}")
+    return number
+
+
+class PhiAccrualFailureDetector:
+    """Akka's phi accrual failure detector; times are seconds, thread-safe.
+
+    ``threshold`` is the phi above which the source is deemed unavailable,
+    ``max_sample_size`` the intervals kept, ``min_std_deviation`` the smallest deviation
+    used, ``acceptable_heartbeat_pause`` a pause tolerated on top of the mean, and
+    ``first_heartbeat_estimate`` the interval assumed before any was measured.  ``clock``
+    gives the time when a call passes none.
+    """
+
+    def __init__(
+        self,
+        *,
+        threshold: float = AKKA_THRESHOLD,
+        max_sample_size: int = AKKA_MAX_SAMPLE_SIZE,
+        min_std_deviation: float = AKKA_MIN_STD_DEVIATION,
+        acceptable_heartbeat_pause: float = AKKA_ACCEPTABLE_HEARTBEAT_PAUSE,
+        first_heartbeat_estimate: float = AKKA_HEARTBEAT_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.threshold = _positive("threshold", threshold)
+        if isinstance(max_sample_size, bool) or not isinstance(max_sample_size, int):
+            raise TypeError(f"max_sample_size must be an int, got {type(max_sample_size).__name__}")
+        if max_sample_size < 1:
+            raise ValueError(f"max_sample_size must be at least 1, got {max_sample_size}")
+        self.max_sample_size = max_sample_size
+        self.min_std_deviation = _positive("min_std_deviation", min_std_deviation)
+        self.acceptable_heartbeat_pause = _positive(
+            "acceptable_heartbeat_pause", acceptable_heartbeat_pause, allow_zero=True
+        )
+        self.first_heartbeat_estimate = _positive(
+            "first_heartbeat_estimate", first_heartbeat_estimate
+        )
+        if not callable(clock):
+            raise TypeError(f"clock must be callable, got {type(clock).__name__}")
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._history = self._first_history()
+        self._last: float | None = None
+
+    def _first_history(self) -> _History:
+        # Akka bootstraps with two intervals of rather high deviation around the estimate.
+        history = _History(self.max_sample_size)
+        mean = self.first_heartbeat_estimate
+        deviation = mean / 4
+        history.add(mean - deviation)
+        history.add(mean + deviation)
+        return history
+
+    def heartbeat(self, now: float | None = None) -> None:
+        """Record a heartbeat arriving at ``now``."""
+        at = self._clock() if now is None else now
+        with self._lock:
+            # The first heartbeat after a long pause would skew the statistics.
+            if self._last is not None and self._phi_locked(at) < self.threshold:
+                self._history.add(max(at - self._last, 0.0))
+            self._last = at
+
+    def add_interval(self, interval: float) -> None:
+        """Record one interval directly (a measured latency, say), bypassing arrivals."""
+        with self._lock:
+            self._history.add(max(float(interval), 0.0))
+
+    def phi(self, now: float | None = None) -> float:
+        """The suspicion level at ``now``; 0 before the first heartbeat."""
+        at = self._clock() if now is None else now
+        with self._lock:
+            if self._last is None:
+                return 0.0
+            return self._phi_locked(at)
+
+    def phi_after(self, elapsed: float) -> float:
+        """The phi of ``elapsed`` seconds without a heartbeat, whatever the last one was."""
+        with self._lock:
+            return self._phi_of(elapsed)
+
+    def is_available(self, now: float | None = None) -> bool:
+        """Whether phi is still under the threshold."""
+        return self.phi(now) < self.threshold
+
+    @property
+    def sample_count(self) -> int:
+        """Intervals in the history, the two bootstrap ones included."""
+        with self._lock:
+            return len(self._history)
+
+    @property
+    def mean(self) -> float:
+        """The mean interval of the history."""
+        with self._lock:
+            return self._history.mean
+
+    @property
+    def std_deviation(self) -> float:
+        """The standard deviation of the history (before ``min_std_deviation`` applies)."""
+        with self._lock:
+            return self._history.std_deviation
+
+    def _phi_locked(self, at: float) -> float:
+        assert self._last is not None
+        return self._phi_of(at - self._last)
+
+    def _phi_of(self, elapsed: float) -> float:
+        history = self._history
+        deviation = max(history.std_deviation, self.min_std_deviation)
+        return phi(elapsed, history.mean + self.acceptable_heartbeat_pause, deviation)
+
+
+class _LatencyChannel:
+    """Latencies of requests (checks, sends) and how overdue the pending one is."""
+
+    def __init__(self, detector: PhiAccrualFailureDetector) -> None:
+        self.detector = detector
+        self.pending_since: float | None = None  # a request begun and not answered yet
+        self.last: float | None = None  # the last answered request's latency
+
+    def answered(self, latency: float) -> None:
+        # Every answered latency is kept, so a link that has become slower for good stops
+        # being suspected once that is the norm; only the rise is suspicious.
+        self.detector.add_interval(latency)
+        self.last = latency
+        self.pending_since = None
+
+    def level(self, now: float) -> float:
+        if self.pending_since is not None:
+            return self.detector.phi_after(max(now - self.pending_since, 0.0))
+        if self.last is None:
+            return 0.0
+        return self.detector.phi_after(self.last)
+
+
+class ComponentSuspicion:
+    """One component's suspicion (phi) from its checks and, for a transport, its sends.
+
+    ``interval`` is the health interval (the expected time between passing checks) and
+    ``timeout`` the check timeout.  Not thread-safe beyond its detectors: the manager calls
+    it under its lock.
+    """
+
+    def __init__(self, *, threshold: float, interval: float, timeout: float) -> None:
+        self.threshold = _positive("threshold", threshold)
+        scale = _positive("interval", interval) / AKKA_HEARTBEAT_INTERVAL
+        response = _positive("timeout", timeout) / 10
+        self.arrivals = PhiAccrualFailureDetector(
+            threshold=self.threshold,
+            min_std_deviation=AKKA_MIN_STD_DEVIATION * scale,
+            acceptable_heartbeat_pause=AKKA_ACCEPTABLE_HEARTBEAT_PAUSE * scale,
+            first_heartbeat_estimate=AKKA_HEARTBEAT_INTERVAL * scale,
+        )
+
+        def latency_detector() -> PhiAccrualFailureDetector:
+            # A response is expected in a tenth of the timeout until measured; the pause
+            # is 0, since a late answer is exactly what this channel is for.
+            return PhiAccrualFailureDetector(
+                threshold=self.threshold,
+                min_std_deviation=response / 10,
+                acceptable_heartbeat_pause=0.0,
+                first_heartbeat_estimate=response,
+            )
+
+        self.checks = _LatencyChannel(latency_detector())
+        self.sends = _LatencyChannel(latency_detector())
+        self._suspected = False
+        self._check_started: float | None = None
+
+    def check_started(self, now: float) -> None:
+        """A health check began at ``now``."""
+        self._check_started = now
+        if self.checks.pending_since is None:
+            self.checks.pending_since = now
+
+    def check_finished(self, now: float, ok: bool) -> None:
+        """The health check begun last ended at ``now``, passing or not."""
+        begun = self._check_started if self._check_started is not None else now
+        self._check_started = None
+        if not ok:
+            # No answer: the request stays pending since the first unanswered one, and its
+            # phi keeps rising.
+            if self.checks.pending_since is None:
+                self.checks.pending_since = begun
+            return
+        self.arrivals.heartbeat(now)
+        self.checks.answered(max(now - begun, 0.0))
+
+    def send_finished(self, now: float, latency: float, ok: bool) -> None:
+        """A send that took ``latency`` seconds ended at ``now``."""
+        if ok:
+            self.sends.answered(latency)
+        elif self.sends.pending_since is None:
+            self.sends.pending_since = now - latency
+
+    def level(self, now: float) -> float:
+        """The suspicion at ``now``: the largest phi of arrivals, checks and sends."""
+        return max(self.arrivals.phi(now), self.checks.level(now), self.sends.level(now))
+
+    def crossed(self, now: float) -> float | None:
+        """The level if it has just risen to the threshold (once per crossing), else None."""
+        level = self.level(now)
+        if level >= self.threshold:
+            if not self._suspected:
+                self._suspected = True
+                return level
+            return None
+        self._suspected = False
+        return None

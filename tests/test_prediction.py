@@ -1,0 +1,387 @@
+"""Learned recovery timing: the policy's fields, the estimate, the schedule, the manager path."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+
+import dwcp
+from dwcp._prediction import EXPLORE_EVERY, MIN_SAMPLES, Outage, RecoveryHistory, turnbull
+from dwcp.recovery import RecoveryPolicy, RestartSupervisor, run_recovery
+from dwcp.testing import FakeClock
+
+# -- the policy ---------------------------------------------------------------------------------
+
+
+def test_default_schedule_is_exactly_1_2_4() -> None:
+    policy = RecoveryPolicy()
+    assert [policy.backoff(i) for i in range(policy.attempts)] == [1.0, 2.0, 4.0]
+    slept: list[float] = []
+
+    def fail() -> None:
+        raise OSError("down")
+
+    outcome = run_recovery(fail, lambda: None, policy, sleep=lambda s: slept.append(s) or True)
+    assert slept == [1.0, 2.0, 4.0] and outcome.attempts == 3
+    assert not policy.predictive
+
+
+def test_default_supervisor_learns_nothing_and_keeps_the_schedule() -> None:
+    supervisor = RestartSupervisor(RecoveryPolicy())
+    assert supervisor.history is None
+    for n in range(10):
+        start = 100.0 * n
+        supervisor.admit(start)
+        for at in (1.0, 3.0):
+            supervisor.attempt_started(start + at)
+            supervisor.attempt_failed(start + at)
+        supervisor.attempt_started(start + 7.0)
+        supervisor.recovered(start + 7.0, down_since=start, attempt=3)
+        assert supervisor.cycle_schedule(start + 50, start + 50) is None
+    assert supervisor.cycle_policy() == RecoveryPolicy()
+
+
+def test_policy_is_keyword_only() -> None:
+    with pytest.raises(TypeError):
+        RecoveryPolicy(5)  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("name", ["adaptive_backoff", "predictive"])
+def test_flags_must_be_bools(name: str) -> None:
+    with pytest.raises(TypeError, match=name):
+        RecoveryPolicy(**{name: "yes"})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=name):
+        RecoveryPolicy(**{name: 1})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["initial_backoff", "max_backoff", "jitter", "cycle_window", "cooldown", "stable_period"],
+)
+def test_seconds_accept_timedelta_and_store_floats(name: str) -> None:
+    policy = RecoveryPolicy(**{name: timedelta(milliseconds=1500)})  # type: ignore[arg-type]
+    value = getattr(policy, name)
+    assert type(value) is float and value == 1.5
+    assert policy == RecoveryPolicy(**{name: 1.5})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=name):
+        RecoveryPolicy(**{name: timedelta(seconds=-1)})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=name):
+        RecoveryPolicy(**{name: "1.5"})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("value", "error"), [(0, ValueError), (-1.0, ValueError), (math.inf, ValueError),
+                         (math.nan, ValueError), ("8", TypeError), (True, TypeError)]
+)  # fmt: skip
+def test_suspicion_threshold_is_validated(value: object, error: type) -> None:
+    with pytest.raises(error, match="suspicion_threshold"):
+        RecoveryPolicy(suspicion_threshold=value)  # type: ignore[arg-type]
+
+
+def test_policy_is_still_a_frozen_replaceable_value() -> None:
+    policy = RecoveryPolicy(predictive=True, suspicion_threshold=5.0)
+    assert dataclasses.replace(policy, initial_backoff=2.0).initial_backoff == 2.0
+    assert dataclasses.replace(policy, initial_backoff=2.0).predictive
+    assert hash(policy) == hash(RecoveryPolicy(predictive=True, suspicion_threshold=5.0))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        policy.predictive = False  # type: ignore[misc]
+
+
+# -- explicit schedules -------------------------------------------------------------------------
+
+
+def test_run_recovery_follows_an_explicit_schedule() -> None:
+    slept: list[float] = []
+    calls = [0]
+
+    def act() -> None:
+        calls[0] += 1
+        if calls[0] < 2:
+            raise OSError("down")
+
+    outcome = run_recovery(
+        act, lambda: None, RecoveryPolicy(), sleep=lambda s: slept.append(s) or True,
+        waits=(6.5, 0.5),
+    )  # fmt: skip
+    assert outcome.recovered and outcome.attempts == 2
+    assert slept == [6.5, 0.5]
+
+
+def test_an_explicit_schedule_bounds_the_attempts() -> None:
+    slept: list[float] = []
+
+    def fail() -> None:
+        raise OSError("down")
+
+    outcome = run_recovery(
+        fail, lambda: None, RecoveryPolicy(), sleep=lambda s: slept.append(s) or True, waits=[7.0]
+    )
+    assert not outcome.recovered and outcome.attempts == 1 and slept == [7.0]
+
+
+@pytest.mark.parametrize(
+    ("waits", "error", "match"),
+    [
+        ((), ValueError, "waits"),
+        ((1.0, 1.0, 1.0, 1.0), ValueError, "policy.attempts"),
+        ((-1.0,), ValueError, r"waits\[0\]"),
+        ((math.inf,), ValueError, "finite"),
+        (("1",), TypeError, r"waits\[0\]"),
+        ("12", TypeError, "waits"),
+    ],
+)
+def test_bad_schedules_are_refused(waits: object, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        run_recovery(
+            lambda: None, lambda: None, RecoveryPolicy(), sleep=lambda s: True, waits=waits
+        )  # type: ignore[arg-type]
+
+
+# -- the estimate -------------------------------------------------------------------------------
+
+
+def test_outages_are_validated() -> None:
+    with pytest.raises(ValueError, match="not_before"):
+        Outage(5.0, not_before=6.0)
+    with pytest.raises(ValueError, match="recovered_after"):
+        Outage(-1.0)
+    with pytest.raises(TypeError, match="back_by"):
+        Outage(5.0, back_by=True)
+    assert Outage(5.0, 3.0).until == 5.0
+    assert Outage(5.1, 3.0, 3, back_by=5.0).until == 5.0
+
+
+def test_turnbull_with_exact_intervals_counts_them() -> None:
+    outages = [Outage(1.0), Outage(3.0, 1.0), Outage(3.0, 1.0), Outage(7.0, 3.0)]
+    assert turnbull(outages, [0.0, 1.0, 3.0, 7.0]) == pytest.approx([0.25, 0.5, 0.25])
+
+
+def test_turnbull_shares_a_censored_outage_by_the_others() -> None:
+    # (0,1], (0,1], (1,3] and (0,3]: the likelihood p1^2 * p2 * (p1 + p2) peaks at p1 = 2/3.
+    outages = [Outage(1.0), Outage(1.0), Outage(3.0, 1.0), Outage(3.0)]
+    assert turnbull(outages, [0.0, 1.0, 3.0]) == pytest.approx([2 / 3, 1 / 3], abs=1e-4)
+
+
+def test_turnbull_snaps_endpoints_to_the_nearest_edge() -> None:
+    # An attempt meant for 3 s began at 3.06 s (the previous attempt's own duration).
+    outages = [Outage(3.1, 1.01, back_by=3.06), Outage(7.2, 3.06, back_by=7.11)]
+    assert turnbull(outages, [0.0, 1.0, 3.0, 7.0]) == pytest.approx([0.0, 0.5, 0.5])
+
+
+# -- learning with explicit times ---------------------------------------------------------------
+
+
+def learn(supervisor: RestartSupervisor, start: float, failed: list[float], back: float) -> None:
+    """One outage from ``start``: attempts at ``failed`` fail, the one at ``back`` succeeds."""
+    supervisor.admit(start)
+    for at in failed:
+        supervisor.attempt_started(start + at)
+        supervisor.attempt_failed(start + at)
+    supervisor.attempt_started(start + back)
+    supervisor.recovered(start + back, down_since=start, attempt=len(failed) + 1)
+
+
+def test_too_little_history_keeps_the_configured_schedule() -> None:
+    supervisor = RestartSupervisor(RecoveryPolicy(predictive=True))
+    for n in range(MIN_SAMPLES - 1):
+        learn(supervisor, 1000.0 * n, [1.0, 3.0], 7.0)
+        assert supervisor.cycle_schedule(1000.0 * n + 500, 1000.0 * n + 500) is None
+
+
+def test_attempts_that_never_succeed_are_skipped() -> None:
+    # A peer that always needs 5-7 s: the attempts after 1 s and 3 s always failed.
+    supervisor = RestartSupervisor(RecoveryPolicy(predictive=True, stable_period=10.0))
+    for n in range(30):
+        learn(supervisor, 1000.0 * n, [1.0, 3.0], 7.0)
+    assert supervisor.history is not None and len(supervisor.history) == 30
+    schedules = []
+    for n in range(EXPLORE_EVERY):
+        start = 100_000.0 + 1000.0 * n
+        supervisor.admit(start)
+        schedules.append(supervisor.cycle_schedule(start, start))
+        supervisor.attempt_started(start + 7.0)
+        supervisor.recovered(start + 7.0, down_since=start, attempt=1)
+    # One cycle in EXPLORE_EVERY runs the configured schedule, to see earlier returns.
+    assert schedules[: EXPLORE_EVERY - 1] == [(7.0,)] * (EXPLORE_EVERY - 1)
+    assert schedules[-1] is None
+
+
+def test_a_component_back_at_the_first_attempt_keeps_it() -> None:
+    supervisor = RestartSupervisor(RecoveryPolicy(predictive=True))
+    for n in range(20):
+        learn(supervisor, 1000.0 * n, [], 1.0)
+    assert supervisor.cycle_schedule(50_000.0, 50_000.0) is None  # nothing to skip
+
+
+def test_learned_waits_stay_within_max_backoff_and_attempts() -> None:
+    policy = RecoveryPolicy(predictive=True, attempts=4, max_backoff=4.0)
+    supervisor = RestartSupervisor(policy)
+    # Configured attempts at 1, 3, 7 and 11 s; the peer is always back between 1 s and 3 s.
+    for n in range(30):
+        learn(supervisor, 1000.0 * n, [1.0], 3.0)
+    waits = supervisor.cycle_schedule(90_000.0, 90_000.0)
+    # The attempt at 1 s is skipped, and the cycle still ends at 11 s: skipping 7 s as well
+    # would need an 8 s wait, so that attempt stays.
+    assert waits == (3.0, 4.0, 4.0)
+    assert len(waits) <= policy.attempts and max(waits) <= policy.max_backoff
+
+
+def test_a_cap_that_needs_every_attempt_keeps_the_configured_schedule() -> None:
+    policy = RecoveryPolicy(predictive=True, max_backoff=2.0)  # waits 1, 2, 2: at 1, 3, 5 s
+    supervisor = RestartSupervisor(policy)
+    for n in range(30):
+        learn(supervisor, 1000.0 * n, [1.0, 3.0], 5.0)
+    # Skipping 1 s and 3 s would need a 5 s wait; with 2 s at most every attempt is needed.
+    assert supervisor.cycle_schedule(90_000.0, 90_000.0) is None
+
+
+def test_a_change_of_pattern_drops_the_old_history() -> None:
+    history = RecoveryHistory()
+    for _ in range(10):
+        assert not history.record(Outage(3.0, 1.0))  # back between 1 s and 3 s
+    # Then three outages still down at 20 s: a slower pattern.
+    assert not history.record(Outage(25.0, 20.0))
+    assert not history.record(Outage(25.0, 20.0))
+    assert history.record(Outage(25.0, 20.0))
+    assert len(history) == 3 and history.regime_changes == 1
+    assert history.schedule([1.0, 2.0, 4.0], 0.0, 60.0) is None  # too little new history
+
+
+def test_an_outlier_alone_is_not_a_change() -> None:
+    history = RecoveryHistory()
+    for _ in range(10):
+        history.record(Outage(3.0, 1.0))
+    history.record(Outage(25.0, 20.0))
+    history.record(Outage(3.0, 1.0))
+    history.record(Outage(25.0, 20.0))
+    history.record(Outage(25.0, 20.0))
+    # The lone outlier joined the history once an ordinary outage followed it.
+    assert history.regime_changes == 0 and len(history) == 14
+
+
+def test_outliers_are_held_apart_until_their_run_resolves() -> None:
+    history = RecoveryHistory()
+    for _ in range(10):
+        history.record(Outage(3.0, 1.0))
+    history.record(Outage(25.0, 20.0))
+    history.record(Outage(25.0, 20.0))
+    assert len(history) == 10
+    history.record(Outage(3.0, 1.0))
+    assert len(history) == 13 and history.regime_changes == 0
+
+
+# -- through the manager ------------------------------------------------------------------------
+
+
+class OutagePeer:
+    """A transport down between ``down_at`` and ``up_at`` on a fake clock."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.down_at = math.inf
+        self.up_at = math.inf
+
+    def _down(self) -> bool:
+        return self.down_at <= self.clock.now() < self.up_at
+
+    def start(self) -> None:
+        if self._down():
+            raise ConnectionRefusedError("peer is down")
+
+    def close(self) -> None:
+        pass
+
+    def send(self, data: bytes | bytearray | memoryview) -> None:
+        pass
+
+    def health_check(self) -> None:
+        if self._down():
+            raise ConnectionRefusedError("peer is down")
+
+
+def run_outages(policy: RecoveryPolicy, outages: int, down_for: float) -> list[list[float]]:
+    """Outages of ``down_for`` seconds through a real Manager; the waits of each cycle."""
+    clock = FakeClock()
+    peer = OutagePeer(clock)
+    woken = threading.Event()
+    manager = dwcp.Manager(
+        peer, health_interval=3600.0, recovery={"transport": policy}, clock=clock
+    )
+    manager.add_listener(lambda event: woken.set())
+    schedules: list[list[float]] = []
+    manager.start()
+    try:
+        for _ in range(outages):
+            clock.advance(100.0)
+            peer.down_at, peer.up_at = clock.now(), clock.now() + down_for
+            first = len(clock.slept)
+            manager.check_component_health()
+            deadline = time.monotonic() + 10
+            while manager.health().components["transport"].status == "recovering":
+                assert time.monotonic() < deadline, "recovery cycle did not end"
+                woken.wait(0.05)
+                woken.clear()
+            assert manager.health().components["transport"].status == "healthy"
+            schedules.append(clock.slept[first:])
+    finally:
+        manager.stop()
+    return schedules
+
+
+def test_manager_default_schedule_stays_1_2_4() -> None:
+    schedules = run_outages(RecoveryPolicy(), 8, down_for=6.0)
+    assert schedules == [[1.0, 2.0, 4.0]] * 8
+
+
+def test_manager_learns_to_wait_for_a_slow_peer() -> None:
+    schedules = run_outages(RecoveryPolicy(predictive=True), 40, down_for=6.0)
+    assert schedules[:MIN_SAMPLES] == [[1.0, 2.0, 4.0]] * MIN_SAMPLES
+    # An attempt is skipped once the outages rule it out with some confidence.
+    learned = [s for s in schedules[MIN_SAMPLES:] if s != [1.0, 2.0, 4.0]]
+    assert learned, schedules
+    for waits in learned:
+        # The attempts that always failed are skipped; the one that succeeded is kept.
+        assert len(waits) < 3 and sum(waits) == pytest.approx(7.0)
+
+
+def test_a_learned_cycle_may_reach_a_later_cycles_attempt() -> None:
+    # Always back between the next cycle's first attempt (9 s) and its second (11 s): the
+    # configured cycle's attempts at 1, 3 and 7 s never succeeded, nor did the one at 9 s.
+    policy = RecoveryPolicy(predictive=True, stable_period=10.0)
+    supervisor = RestartSupervisor(policy)
+    for n in range(30):
+        learn(supervisor, 1000.0 * n, [1.0, 3.0, 7.0, 9.0], 11.0)
+    start = 90_000.0
+    supervisor.admit(start)
+    waits = supervisor.cycle_schedule(start, start)
+    assert waits == (11.0,)  # one wait, within the attempts and max_backoff (60 s)
+
+
+def test_a_check_that_finds_it_healthy_after_a_give_up_is_learned() -> None:
+    supervisor = RestartSupervisor(RecoveryPolicy(predictive=True, attempts=1))
+    supervisor.admit(0.0)
+    supervisor.attempt_started(1.0)
+    supervisor.attempt_failed(1.05)  # the cycle gave up
+    supervisor.healed(12.0, down_since=0.0)  # a later pass found it healthy
+    assert supervisor.history is not None
+    assert supervisor.history.outages == (Outage(12.0, 1.0, None, 12.0),)
+    # The next outage starts afresh: no attempt of the old one counts.
+    supervisor.admit(100.0)
+    supervisor.attempt_started(101.0)
+    supervisor.recovered(101.0, down_since=100.0, attempt=1)
+    assert supervisor.history.outages[-1] == Outage(1.0, 0.0, 1, 1.0)
+
+
+def test_a_healed_component_does_not_reset_adaptive_backoff() -> None:
+    # Only a verified cycle counts as a recovery for restart intensity and adaptive backoff.
+    policy = RecoveryPolicy(adaptive_backoff=True, stable_period=30.0)
+    supervisor = RestartSupervisor(policy)
+    supervisor.admit(0.0)
+    supervisor.healed(5.0, down_since=0.0)
+    supervisor.admit(10.0)
+    assert supervisor.cycle_policy() == policy
