@@ -182,6 +182,7 @@ def snapshot_document(snapshot: HealthSnapshot) -> dict[str, Any]:
                 "status": c.status,
                 "last_error": c.last_error,
                 "seconds_in_status": round(c.seconds_in_status, 3),
+                "suspicion": round(c.suspicion, 3),
             }
             for name, c in snapshot.components.items()
         },

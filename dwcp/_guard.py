@@ -21,6 +21,7 @@ from dwcp.events import SendRejected, _Dispatcher
 __all__ = ["Guard"]
 
 R = TypeVar("R")
+SEND_SAMPLE = 16
 _BYTES_LIKE = (bytes, bytearray, memoryview)
 
 
@@ -28,8 +29,14 @@ class Guard:
     """Sends and guarded calls through one breaker, with their counters."""
 
     def __init__(
-        self, breaker: Breaker, events: _Dispatcher, lock: threading.RLock, counters: Counters
+        self,
+        breaker: Breaker,
+        events: _Dispatcher,
+        lock: threading.RLock,
+        counters: Counters,
+        on_send: Callable[[float, bool], None] | None = None,
     ) -> None:
+        self._on_send = on_send
         self._breaker = breaker
         self._events = events
         self._lock = lock
@@ -50,8 +57,11 @@ class Guard:
         except PEER_FAILURES as exc:
             # A transport that recovery closed and could not restart fails too: while the
             # manager runs, that is the peer being down, so it counts like any other failure.
-            self.tallies.failed(perf_counter() - began)
+            seconds = perf_counter() - began
+            self.tallies.failed(seconds)
             self._failed(ticket, exc)
+            if self._on_send is not None:
+                self._on_send(seconds, False)
             if isinstance(exc, TransportError):
                 raise
             raise TransportError(f"send failed: {describe(exc)}") from exc
@@ -61,7 +71,11 @@ class Guard:
             raise
         seconds = perf_counter() - began
         self._breaker.record_success(ticket)
-        self.tallies.add(data.nbytes if type(data) is memoryview else len(data), seconds)
+        sent = self.tallies.add(data.nbytes if type(data) is memoryview else len(data), seconds)
+        # One success in SAMPLE feeds the transport's suspicion: its latency distribution
+        # needs a steady sample, not every send paying for the manager's lock.
+        if not sent % SEND_SAMPLE and self._on_send is not None:
+            self._on_send(seconds, True)
 
     def call(self, fn: Callable[..., R], args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
         """``fn(*args, **kwargs)``; its exceptions propagate unchanged."""

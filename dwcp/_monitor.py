@@ -36,6 +36,7 @@ class Monitor:
         *,
         interval: float,
         timeout: float,
+        clock: Clock | None = None,
     ) -> None:
         self._lock = lock
         self._counters = counters
@@ -44,8 +45,8 @@ class Monitor:
         self.timeout = timeout
         self._waiters: set[Waiter] = set()
         self._thread: threading.Thread | None = None
-        #: Where check times for suspicion are read; the supervisor sets the manager's clock.
-        self.clock: Clock = SystemClock()
+        #: Where check times for suspicion are read: the manager's clock.
+        self.clock: Clock = clock or SystemClock()
 
     def suspicion(self, state: ComponentState) -> ComponentSuspicion:
         """The component's suspicion, created on first use (caller holds the lock)."""

@@ -158,13 +158,14 @@ class SendTallies:
             self._local.value = tally
         return tally
 
-    def add(self, nbytes: int, seconds: float) -> None:
-        """A send of ``nbytes`` that succeeded after ``seconds``."""
+    def add(self, nbytes: int, seconds: float) -> int:
+        """A send of ``nbytes`` that succeeded after ``seconds``; returns this thread's count."""
         tally = self._tally()
         tally[0] += 1
         tally[1] += nbytes
         tally[2] += seconds
         tally[3 + bisect_left(SEND_BUCKETS, seconds)] += 1
+        return int(tally[0])
 
     def failed(self, seconds: float) -> None:
         """A send that raised after ``seconds``: timed, not counted as sent."""

@@ -59,8 +59,6 @@ class Supervisor:
         self._clock = clock
         self._on_transport_recovered = on_transport_recovered
         self._recoveries: set[threading.Thread] = set()
-        # Check times for suspicion come from the same clock as health snapshots.
-        monitor.clock = clock
 
     def threads(self) -> list[threading.Thread]:
         """Recovery threads still running (caller holds the lock)."""

@@ -122,6 +122,7 @@ class Manager:
             self._latency,
             interval=check.seconds("health_interval", health_interval),
             timeout=check.seconds("health_check_timeout", health_check_timeout),
+            clock=self._clock,
         )
         self._events = _Dispatcher(manager=self._name, peer=_peer(transport))
         self._breaker = Breaker.build(
@@ -141,7 +142,9 @@ class Manager:
             self._latency,
             on_transport_recovered=self._breaker.half_open,
         )
-        self._guard = Guard(self._breaker, self._events, self._lock, self._counters)
+        self._guard = Guard(
+            self._breaker, self._events, self._lock, self._counters, self._send_finished
+        )
         # Cluster health (dwcp.cluster): the longest gap between two passes is one interval
         # plus one check timeout, so that is the heartbeat interval announced.
         self._cluster = cluster_member(
@@ -417,6 +420,13 @@ class Manager:
     def remove_listener(self, listener: Listener) -> None:
         """Stop calling ``listener``; raises ``ValueError`` if it was not added."""
         self._events.remove(listener)
+
+    def _send_finished(self, seconds: float, ok: bool) -> None:
+        """A sampled send's latency feeds the transport's suspicion."""
+        state = self._states.get("transport")
+        if state is not None:
+            with self._lock:
+                self._monitor.suspicion(state).send_finished(self._clock.now(), seconds, ok)
 
     def _pass(self, stop: threading.Event) -> None:
         self._supervisor.run_pass(stop, recover=lambda: self._started)

@@ -12,7 +12,8 @@ Alerts are deduplicated per (manager, component, event): one that repeats within
 outage's half-open -> open re-trips post one ``breaker_opened``, not one per re-trip.  The
 opposite event clears that memory: ``breaker_closed`` for ``breaker_opened``, a
 ``recovery_succeeded`` for the component's ``component_unhealthy``, ``recovery_started`` and
-``recovery_failed`` (and each of those for ``recovery_succeeded``), so the next outage is
+``recovery_failed`` and ``component_suspected`` (and each of the first three for
+``recovery_succeeded``), so the next outage is
 reported at once.
 
 Payload (``Content-Type: application/json``, one alert per request)::
@@ -37,6 +38,8 @@ whose sends the breaker guards.
 - ``recovery_succeeded``: ``attempts`` (int), ``downtime_seconds`` (float)
 - ``recovery_started``: ``error`` (str or null), the failure that started the cycle
 - ``component_unhealthy``: ``error`` (str)
+- ``component_suspected``: ``suspicion`` (phi, float), ``threshold`` (float); cleared by the
+  component's ``recovery_succeeded``
 - ``breaker_opened``: ``from_state`` (str), ``to_state`` (``"open"``)
 - ``breaker_closed``: ``from_state`` (str), ``to_state`` (``"closed"``)
 - ``node_lost`` (cluster; ``component`` null): ``node``, ``silent_for``, ``bound``, ``reason``
@@ -79,6 +82,7 @@ from dwcp.breaker import CLOSED, OPEN
 from dwcp.errors import DWCPError
 from dwcp.events import (
     BreakerStateChanged,
+    ComponentSuspected,
     ComponentUnhealthy,
     NodeBack,
     NodeLost,
@@ -101,6 +105,7 @@ EVENT_KINDS = (
     "recovery_started",
     "node_lost",
     "node_back",
+    "component_suspected",
 )
 _THREAD_NAME = "dwcp-webhook"
 # No single backoff grows past this, however many attempts are configured.
@@ -113,7 +118,12 @@ _RETRY_LATER = (408, 429)
 _CLEARS = {
     "breaker_closed": ("breaker_opened",),
     "breaker_opened": ("breaker_closed",),
-    "recovery_succeeded": ("component_unhealthy", "recovery_started", "recovery_failed"),
+    "recovery_succeeded": (
+        "component_unhealthy",
+        "recovery_started",
+        "recovery_failed",
+        "component_suspected",
+    ),
     "component_unhealthy": ("recovery_succeeded",),
     "recovery_started": ("recovery_succeeded",),
     "recovery_failed": ("recovery_succeeded",),
@@ -157,6 +167,9 @@ def _alert(event: object) -> tuple[str, str | None, dict[str, Any]] | None:
     if isinstance(event, BreakerStateChanged) and event.to_state in (OPEN, CLOSED):
         kind = "breaker_opened" if event.to_state == OPEN else "breaker_closed"
         return kind, "transport", {"from_state": event.from_state, "to_state": event.to_state}
+    if isinstance(event, ComponentSuspected):
+        details = {"suspicion": round(event.suspicion, 3), "threshold": event.threshold}
+        return "component_suspected", event.component, details
     if isinstance(event, NodeLost):  # cluster events (dwcp.cluster) name no component
         lost: dict[str, Any] = {"node": event.node, "silent_for": event.silent_for}
         return "node_lost", None, {**lost, "bound": event.bound, "reason": event.reason}

@@ -184,3 +184,19 @@ def test_events_name_their_manager_and_peer(make_manager: MakeManager) -> None:
     wait_until(lambda: any(isinstance(e, dwcp.BreakerStateChanged) for e in seen))
     change = next(e for e in seen if isinstance(e, dwcp.BreakerStateChanged))
     assert (change.manager, change.peer) == ("orders", "127.0.0.1:7400")
+
+
+def test_failed_sends_raise_the_transports_suspicion(make_manager: MakeManager) -> None:
+    transport = FakeTransport()
+    clock = FakeClock()
+    manager = make_manager(transport, clock=clock, max_failures=100)
+    manager.start()
+    for _ in range(32):  # sampled successes: sends answer in microseconds
+        manager.send_with_circuit_breaker(b"x")
+    assert manager.health().components["transport"].suspicion < 1.0
+    transport.fail_sends = ConnectionError("peer stopped answering")
+    with pytest.raises(dwcp.TransportError):
+        manager.send_with_circuit_breaker(b"x")
+    clock.advance(5.0)  # no answer for 5 s of the manager's clock, against a 1 s check timeout
+    assert manager.health().components["transport"].suspicion > 8.0
+    assert manager.health().components["transport"].status == "healthy"  # suspected, not failed

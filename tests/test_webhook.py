@@ -221,9 +221,10 @@ def test_all_kinds_can_be_selected(receiver: Receiver, make_notifier: MakeNotifi
         dwcp.BreakerStateChanged("half-open", "closed"),
         dwcp.NodeLost("web-2", 3.2, 3.0),
         dwcp.NodeBack("web-2", 12.5),
+        dwcp.ComponentSuspected("transport", 9.1, 8.0),
     ):
         notifier(event)
-    wait_until(lambda: notifier.delivered == 8)
+    wait_until(lambda: notifier.delivered == 9)
     assert {p["event"] for p in receiver.payloads()} == set(EVENT_KINDS)
 
 
