@@ -74,7 +74,7 @@ def data_header(
 
 def test_frame_sizes() -> None:
     sizes = {
-        wire.FRAME_HELLO: 36,
+        wire.FRAME_HELLO: 60,
         wire.FRAME_WELCOME: 16,
         wire.FRAME_DATA: 40,
         wire.FRAME_ACK: 20,
@@ -83,7 +83,7 @@ def test_frame_sizes() -> None:
     }
     for frame_type, size in sizes.items():
         assert wire.frame_size(frame_type) == size
-    assert len(wire.pack_handshake(SESSION, 0, 1, acknowledged=False)) == 36
+    assert len(wire.pack_handshake(SESSION, 0, 1, acknowledged=False)) == 60
     assert len(wire.pack_welcome(0)) == 16
     assert len(wire.pack_data_header(0, 0, 1, 0, b"")) == 40
     assert len(wire.pack_ack(0)) == len(wire.pack_ping(0)) == len(wire.pack_pong(0)) == 20
@@ -340,7 +340,8 @@ def prefix(magic: bytes = wire.MAGIC, version: int = wire.VERSION, kind: int = 1
         (b"GET / HT", "bad magic"),
         (prefix(version=1), "unsupported version 1"),  # a v1 peer
         (prefix(version=0), "unsupported version 0"),
-        (prefix(version=3), "unsupported version 3"),
+        (prefix(version=2), "unsupported version 2"),  # a v2 peer
+        (prefix(version=4), "unsupported version 4"),
         (prefix(kind=0x00), "unknown frame type 0x00"),
         (prefix(kind=0x07), "unknown frame type 0x07"),
         (prefix(kind=0xFF), "unknown frame type 0xff"),
@@ -356,7 +357,7 @@ def test_parse_prefix_rejects(raw: bytes, match: str) -> None:
 def test_parse_prefix_accepts_every_frame_type() -> None:
     for kind in (1, 2, 3, 4, 5, 6):
         assert wire.parse_prefix(prefix(kind=kind)) == (kind, 0)
-    assert wire.parse_prefix(wire.PREFIX.pack(wire.MAGIC, 2, 3, 0xBEEF)) == (3, 0xBEEF)
+    assert wire.parse_prefix(wire.PREFIX.pack(wire.MAGIC, 3, 3, 0xBEEF)) == (3, 0xBEEF)
 
 
 def test_a_v1_peer_is_refused_by_every_parser() -> None:
@@ -419,8 +420,9 @@ def test_a_sealed_but_invalid_hello_is_refused(
 ) -> None:
     raw = seal(
         wire.HANDSHAKE.pack(
-            wire.MAGIC, wire.VERSION, wire.FRAME_HELLO, flags, SESSION, index, count, 0, 0
-        )
+            wire.MAGIC, wire.VERSION, wire.FRAME_HELLO, flags, SESSION, bytes(16), 0, index,
+            count, 0, 0,
+        )  # fmt: skip
     )
     with pytest.raises(ProtocolError, match=match):
         wire.parse_handshake(raw)
