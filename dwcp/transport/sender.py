@@ -310,7 +310,7 @@ class _Session:
             stream.threads = [writer, reader]
             writer.start()
             reader.start()
-        if self.keepalive_interval is not None:
+        if self.keepalive_interval is not None or self.window is not None:
             self._keepalive = threading.Thread(
                 target=self._keepalive_loop, name="dwcp-transport-keepalive", daemon=True
             )
@@ -728,14 +728,18 @@ class _Session:
 
     def _keepalive_loop(self) -> None:
         """PING streams that were idle for an interval; break the session when a PING goes
-        unanswered for ``keepalive_timeout`` (the receiver vanished without FIN or RST).
+        unanswered for ``keepalive_timeout`` (the receiver vanished without FIN or RST), or,
+        acknowledged, when the oldest message waits for its ACK longer than send_timeout.
 
         A busy stream is not pinged: its writes are bounded by send_timeout already. A
         receiver that is alive but not reading (backpressure) answers unprompted.
         """
-        assert self.keepalive_interval is not None
-        interval, timeout = self.keepalive_interval, self.keepalive_timeout
-        tick = min(interval, timeout) / 4
+        interval = self.keepalive_interval
+        timeout = self.keepalive_timeout
+        bounds = [] if interval is None else [interval, timeout]
+        if self.window is not None:
+            bounds.append(self.send_timeout)
+        tick = min(bounds) / 4
         seen = [-1] * self.count
         idle_since = [_monotonic()] * self.count
         window = self.window
@@ -746,6 +750,8 @@ class _Session:
                 if oldest is not None and now - oldest > self.send_timeout:
                     self.break_(f"no acknowledgement within send_timeout ({self.send_timeout:g} s)")
                     return
+                if interval is None:
+                    continue
                 for stream in self.streams:
                     sent = stream.ping_sent
                     if sent is not None:
