@@ -300,8 +300,12 @@ class ReceiverProcess(ChildProcess):
         delay: float = 0.0,
         bind_timeout: float = 10.0,
         log_path: Path | None = None,
+        journal: Path | None = None,
     ) -> None:
         args = ["--host", host, "--delay", repr(float(delay))]
+        self.journal_path = journal
+        if journal is not None:
+            args += ["--journal", str(journal)]
         args += ["--bind-timeout", repr(float(bind_timeout))]
         args += ["--idle-timeout", "none" if idle_timeout is None else repr(float(idle_timeout))]
         if max_message_size is not None:
@@ -322,6 +326,18 @@ class ReceiverProcess(ChildProcess):
 
     def stats(self, *, log: bool = False) -> dict[str, Any]:
         return _stats_from_json(self.request("stats", log=log))
+
+    def journal(self) -> dict[int, list[tuple[int, int]]]:
+        """With ``journal=``: every delivery of every process so far, ``{pid: [(writer_id,
+        seq), ...]}`` in delivery order; readable after a SIGKILL (the kernel kept it)."""
+        assert self.journal_path is not None, "started without journal="
+        by_pid: dict[int, list[tuple[int, int]]] = {}
+        if not self.journal_path.exists():
+            return by_pid
+        for line in self.journal_path.read_text().splitlines():
+            pid, writer, seq = (int(field) for field in line.split())
+            by_pid.setdefault(pid, []).append((writer, seq))
+        return by_pid
 
     def wait_delivered(self, count: int, timeout: float) -> bool:
         """Whether the receiver delivered ``count`` messages within ``timeout`` seconds."""
