@@ -383,6 +383,8 @@ class ReceiverProcess(ChildProcess):
         """Stop the current child if it still runs, and start a new one on the same port."""
         if self.alive:
             self.stop()
+        elif self._proc is not None:
+            self._reap(self._proc)  # killed: its pipes are still ours to close
         self._spawn(["--port", str(self._port)])
 
 

@@ -42,8 +42,8 @@ __all__ = ["MultiStreamReceiver"]
 
 # Ids of ended sessions remembered to refuse a late stream joining a dead session.
 _ENDED_SESSIONS_KEPT = 1024
-# Senders (acknowledged, by sender id) whose next message id is remembered, to drop what a
-# reconnected sender resends and was delivered already; least recently seen forgotten first.
+# Senders (by sender id) whose next message id is remembered, to drop what a reconnected
+# sender resends and was delivered already; least recently seen forgotten first.
 SENDERS_KEPT = 4096
 _STOP_JOIN_TIMEOUT = 5.0
 # Out of descriptors (or memory) the listener is left alone this long, doubling up to the
@@ -142,7 +142,8 @@ class _Connection:
 
 
 class _Sender:
-    """What the receiver remembers of one acknowledged sender across its sessions."""
+    """What the receiver remembers of one named sender across its sessions: where its
+    delivery stands (acknowledged senders resend from there), and its newest session."""
 
     __slots__ = ("next_id", "session")
 
@@ -175,8 +176,8 @@ class _Session:
         self.reassembly = Reassembly(
             hello.stream_count, max_buffered=max_buffered, first_id=hello.first_id
         )
-        # Acknowledged sessions of a named sender: its memory of what was delivered, and the
-        # session it had before this one, which must finish delivering first.
+        # A named sender's memory of what was delivered, and the session it had before this
+        # one, which must finish delivering first (so its sessions never overlap).
         self.sender = sender
         self.predecessor = predecessor
         self.over = threading.Event()  # set once nothing more will be delivered
@@ -598,7 +599,7 @@ class MultiStreamReceiver:
                     reject, status = "too many sessions", wire.STATUS_BUSY
                 else:
                     sender = predecessor = None
-                    if hello.acknowledged and hello.sender_id != wire.ANONYMOUS_SENDER:
+                    if hello.sender_id != wire.ANONYMOUS_SENDER:
                         sender = self._sender(hello.sender_id)
                         predecessor = sender.session
                     session = _Session(
@@ -949,7 +950,7 @@ class MultiStreamReceiver:
                 if mid < expected:
                     duplicates += 1  # resent by a reconnected sender, delivered before
                     continue
-                if mid > expected:
+                if mid > expected and session.acknowledged:
                     logger.bind(session=session.name, expected=expected, got=mid).warning(
                         "Sender skipped message ids (it no longer had them to resend)"
                     )
