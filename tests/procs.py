@@ -284,6 +284,7 @@ class ReceiverProcess(ChildProcess):
                                  "out_of_order": int, "seqs": [[first, last], ...]}},
          "duplicates": int, "out_of_order": int,  # totals over writers
          "receiver_delivered": int, "sessions": int,  # the receiver's own counters
+         "duplicates_dropped": int,  # resent messages it had delivered before
          "last_delivery": float | None,  # time.monotonic() (system-wide on Linux)
          "log": [[writer_id, seq, length], ...]}  # only with stats(log=True)
     """

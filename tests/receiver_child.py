@@ -222,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         result = ledger.stats(log=log)
         result["receiver_delivered"] = receiver.delivered_count
         result["sessions"] = receiver.session_count
+        result["duplicates_dropped"] = receiver.duplicates_dropped
         return result
 
     def wait_delivered(count: int, timeout: float) -> bool:

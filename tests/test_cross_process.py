@@ -434,6 +434,51 @@ def test_cut_connection_breaks_transport_and_restart_recovers(
     transport.health_check()
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("streams", [1, 4])
+def test_lost_acknowledgements_resend_and_the_receiver_drops_the_duplicates(
+    receiver_process: ReceiverFactory,
+    fault_proxy: ProxyFactory,
+    transport_factory: TransportFactory,
+    streams: int,
+) -> None:
+    receiver = receiver_process()
+    proxy = fault_proxy(receiver.address)
+    transport = open_transport(
+        transport_factory,
+        proxy.address,
+        streams=streams,
+        acknowledged=True,
+        send_timeout=1.0,
+        max_in_flight=64,
+    )
+    sizes = [100, 3 * KiB, CHUNK + 1, 6] * 8
+    send_all(transport, 0, sizes)
+    transport.flush()
+    proxy.blackhole("down")  # every ACK from now on is lost; the data still arrives
+    send_all(transport, 0, sizes, first_seq=len(sizes))
+    # All delivered, none confirmed: the ACK timeout breaks the session.
+    stats = wait_delivered(receiver, 2 * len(sizes))
+    assert transport.unacknowledged == len(sizes)
+    wait_until_broken = time.monotonic() + 10.0
+    while time.monotonic() < wait_until_broken:
+        try:
+            transport.health_check()
+        except TransportError:
+            break
+        threading.Event().wait(0.05)  # a poll interval bounded by the loop's deadline
+    else:
+        raise AssertionError("the lost acknowledgements did not break the session")
+    proxy.passthrough()
+    transport.close()
+    transport.start()  # resends all of the second batch
+    send_all(transport, 0, [6, 100], first_seq=2 * len(sizes))
+    transport.flush()
+    stats = wait_delivered(receiver, 2 * len(sizes) + 2)
+    assert stats["duplicates_dropped"] == len(sizes)
+    assert_exactly(stats, 0, range(2 * len(sizes) + 2))
+
+
 @pytest.mark.timeout(30)
 def test_refused_connections_fail_start_then_pass_through_works(
     receiver_process: ReceiverFactory,

@@ -272,8 +272,10 @@ def test_fault_cell(
         else:
             transport.flush(DELIVERY_TIMEOUT)
         stats = receiver.wait_for(
-            lambda s: cell.writer in s["writers"]
-            and max(seq_set(s["writers"][cell.writer]["seqs"])) >= last,
+            lambda s: (
+                cell.writer in s["writers"]
+                and max(seq_set(s["writers"][cell.writer]["seqs"])) >= last
+            ),
             DELIVERY_TIMEOUT,
         )
     finally:
@@ -317,4 +319,3 @@ def test_matrix_covers_every_fault_mode_and_size() -> None:
     assert {c[2] for c in QUICK} == {1, 4}
     assert {c[3] for c in QUICK} == set(SIZES)
     assert len(CELLS) == (len(FAULTS) * 2 * 2 * len(SIZES) if FULL else len(QUICK))
-

@@ -26,9 +26,10 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -68,10 +69,10 @@ def fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def _wait(condition: object, timeout: float, what: str) -> None:
+def _wait(condition: Callable[[], object], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     pause = threading.Event()
-    while not condition():  # type: ignore[operator]
+    while not condition():
         assert time.monotonic() < deadline, f"{what} not within {timeout} s"
         pause.wait(0.05)
 
@@ -228,7 +229,7 @@ other_frames = st.one_of(
 
 
 @st.composite
-def sessions(draw: st.DrawFn) -> dict[str, object]:
+def sessions(draw: st.DrawFn) -> dict[str, Any]:
     count = draw(st.integers(1, 3))
     return {
         "count": count,
@@ -237,11 +238,13 @@ def sessions(draw: st.DrawFn) -> dict[str, object]:
         "streams": count if draw(st.integers(0, 4)) else draw(st.integers(1, count)),
         "first_id": draw(
             st.integers(0, 19).flatmap(
-                lambda r: st.just(0)
-                if r > 2
-                else st.just(2**64 - 1)
-                if r == 0
-                else st.integers(0, 2**63 - 1)
+                lambda r: (
+                    st.just(0)
+                    if r > 2
+                    else st.just(2**64 - 1)
+                    if r == 0
+                    else st.integers(0, 2**63 - 1)
+                )
             )
         ),
         "sender": draw(st.one_of(st.just(bytes(16)), st.binary(min_size=16, max_size=16))),
@@ -268,23 +271,23 @@ def _drain(sock: socket.socket) -> None:
                 return
 
 
-def play(address: tuple[str, int], spec: dict[str, object]) -> None:
+def play(address: tuple[str, int], spec: dict[str, Any]) -> None:
     """Run one hostile session against the receiver; never raises for what it does."""
     session = os.urandom(16)
-    count = int(spec["count"])  # type: ignore[call-overload]
+    count = int(spec["count"])
     socks: list[socket.socket] = []
     try:
-        for index in range(int(spec["streams"])):  # type: ignore[call-overload]
+        for index in range(int(spec["streams"])):
             sock = socket.create_connection(address, timeout=2.0)
             socks.append(sock)
             hello = hello_frame(
-                session, index, count, int(spec["first_id"]) % 2**64, spec["sender"]  # type: ignore[call-overload, arg-type]
+                session, index, count, int(spec["first_id"]) % 2**64, spec["sender"]
             )
             if spec["hello_damage"]:
                 hello = hello[:20] + bytes([hello[20] ^ 1]) + hello[21:]
             with contextlib.suppress(OSError):
                 sock.sendall(hello)
-        data = b"".join(spec["frames"])  # type: ignore[arg-type]
+        data = b"".join(spec["frames"])
         for index, sock in enumerate(socks):
             part = data if index == 0 else data[: len(data) // 2]
             with contextlib.suppress(OSError):
@@ -327,7 +330,7 @@ def fuzz_sessions(world: World) -> None:
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
     @given(spec=sessions())
-    def hostile_session(spec: dict[str, object]) -> None:
+    def hostile_session(spec: dict[str, Any]) -> None:
         play(world.receiver.address, spec)
         assert world.receiver.alive, world.receiver.log_tail()
         assert world.legit.errors == [], world.legit.errors
@@ -378,8 +381,10 @@ def legit_delivered_everything_and_resources_returned(world: World) -> None:
     assert legit.errors == []
     legit.transport.flush(10.0)
     stats = receiver.wait_for(
-        lambda s: LEGIT_WRITER in s["writers"]
-        and s["writers"][LEGIT_WRITER]["delivered"] >= len(legit.sent),
+        lambda s: (
+            LEGIT_WRITER in s["writers"]
+            and s["writers"][LEGIT_WRITER]["delivered"] >= len(legit.sent)
+        ),
         10.0,
     )
     mine = stats["writers"][LEGIT_WRITER]

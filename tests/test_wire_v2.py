@@ -418,12 +418,8 @@ def test_a_frame_of_the_wrong_length_is_refused(name: str) -> None:
 def test_a_sealed_but_invalid_hello_is_refused(
     flags: int, index: int, count: int, match: str
 ) -> None:
-    raw = seal(
-        wire.HANDSHAKE.pack(
-            wire.MAGIC, wire.VERSION, wire.FRAME_HELLO, flags, SESSION, bytes(16), 0, index,
-            count, 0, 0,
-        )  # fmt: skip
-    )
+    fields = (wire.MAGIC, wire.VERSION, wire.FRAME_HELLO, flags, SESSION, bytes(16), 0)
+    raw = seal(wire.HANDSHAKE.pack(*fields, index, count, 0, 0))
     with pytest.raises(ProtocolError, match=match):
         wire.parse_handshake(raw)
 

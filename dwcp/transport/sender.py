@@ -16,7 +16,6 @@ from loguru import logger
 
 from dwcp.errors import TransportError
 from dwcp.transport import wire
-from dwcp.transport._window import Window
 from dwcp.transport._io import (
     _TIMEOUT_SLACK,
     Buffer,
@@ -28,6 +27,7 @@ from dwcp.transport._io import (
     _set_send_timeout,
     is_loopback_host,
 )
+from dwcp.transport._window import Window
 
 if TYPE_CHECKING:  # typing.Self is 3.11+ and setup.cfg still allows 3.10
     from typing_extensions import Self

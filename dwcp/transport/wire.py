@@ -254,8 +254,8 @@ def parse_handshake(data: bytes | bytearray | memoryview) -> Handshake:
     flags = _expect(data, FRAME_HELLO)
     if flags & ~_KNOWN_HELLO_FLAGS:
         raise ProtocolError(f"unknown handshake flags {flags:#06x}")
-    (_, _, _, _, session_id, sender_id, first_id, index, count, keepalive_ms, _) = (
-        HANDSHAKE.unpack(bytes(data))
+    (_, _, _, _, session_id, sender_id, first_id, index, count, keepalive_ms, _) = HANDSHAKE.unpack(
+        bytes(data)
     )
     if not 1 <= count <= MAX_STREAMS:
         raise ProtocolError(f"stream count {count} outside 1..{MAX_STREAMS}")
