@@ -193,8 +193,12 @@ class MultiStreamReceiver:
     """Accepts ``MultiStreamTCPTransport`` sessions and calls ``on_message`` for each message.
 
     ``on_message(data)`` runs on the session's delivery thread, exactly once per complete,
-    verified message, in the sender's message-id order, never concurrently for one session.
-    Malformed or hostile input closes that connection and its session, and nothing else.
+    verified message, in the sender's message-id order, never concurrently for one session
+    (nor for two sessions of one sender: a sender's new session waits for its old one).
+    What an acknowledged sender resends after a reconnect and was delivered before is
+    acknowledged and dropped, so each message is delivered once while this object lives
+    (the positions of at most ``SENDERS_KEPT`` senders are remembered). Malformed or hostile
+    input closes that connection and its session, and nothing else.
 
     Memory: a session holds at most ``max_buffered_bytes + max_message_size`` of message
     data (plus 64 bytes a chunk) and about 1.5 MiB a stream (read buffer, parsed frames, the
