@@ -775,13 +775,15 @@ def _threaded_rate(peer: Peer, send: Send, payload: bytes, count: int, workers: 
     return share * workers / (time.perf_counter() - began)
 
 
-def acknowledged(quick: bool) -> list[Result]:
+def acknowledged(quick: bool, only: set[int] | None = None) -> list[Result]:
     """Acknowledged (pipelined ACKs, the default window) against unacknowledged sends, both
     through a default 4-stream transport to the same receiver process, in alternating
     rounds; delivered messages per second, counted by the receiver."""
     rounds = 3 if quick else 7
     results = []
-    for size, workers, target, full, short in _ACKED_ROWS:
+    for row, (size, workers, target, full, short) in enumerate(_ACKED_ROWS):
+        if only is not None and row not in only:
+            continue
         count = short if quick else full
         payload = os.urandom(size)
         limit = max(4 * size, 2**20)
@@ -841,11 +843,12 @@ def end_to_end(quick: bool) -> list[Result]:
 
 
 if __name__ == "__main__":
-    # ``python -m benchmarks.e2e [--quick]``: only the acknowledged rows (the whole scenario
-    # is ``python -m benchmarks --only 8``).
+    # ``python -m benchmarks.e2e [--quick] [ROW ...]``: only the acknowledged rows (0, 1, 2;
+    # default all); the whole scenario is ``python -m benchmarks --only 8``.
     from benchmarks.harness import format_table
 
-    rows = acknowledged("--quick" in sys.argv[1:])
+    chosen = {int(arg) for arg in sys.argv[1:] if arg.isdigit()}
+    rows = acknowledged("--quick" in sys.argv[1:], chosen or None)
     print(format_table(rows))
     for row in rows:
         print(f"  {row.scenario}: {row.notes}")

@@ -254,7 +254,7 @@ def test_a_relabelled_chunk_keeping_its_old_header_crc_is_rejected(
     ("fields", "match"),
     [
         ({"flags": wire.FLAG_UNCHECKED, "crc": 1}, "non-zero checksum"),
-        ({"flags": 0x0002}, "unknown frame flags"),
+        ({"flags": 0x0004}, "unknown frame flags"),
         ({"flags": 0x8001, "crc": 0}, "unknown frame flags"),
         ({"index": 1, "count": 1}, "chunk index 1 >= chunk count 1"),
         ({"index": 3, "count": 3, "total": 3000, "length": 952}, "chunk index 3 >= chunk count 3"),

@@ -26,12 +26,16 @@ class Window:
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
+        # Two conditions on one lock: an ACK wakes as many senders as it freed slots for, and
+        # every waiter for an acknowledgement (flush, wait=True).
+        self._room = threading.Condition(self._lock)
+        self._acked = threading.Condition(self._lock)
         # [message id, bytes, when it was last written]: a list, so a replay can renew the time.
         self._entries: collections.deque[list[object]] = collections.deque()
         self._count = 0  # reserved, entries included
         self._bytes = 0
-        self._waiting = 0  # threads in reserve() or wait_acked(): notify only when some wait
+        self._room_waiting = 0  # threads in reserve(): notified only when some wait
+        self._ack_waiting = 0  # threads in wait_acked()
         #: The highest message id acknowledged (-1: none yet).
         self.acked = -1
         #: The highest message id added (-1: none yet).
@@ -52,17 +56,19 @@ class Window:
                 self._count += 1
                 self._bytes += size
                 return True
-            self._waiting += 1
+            self._room_waiting += 1
             try:
                 while not self._fits(size):
                     left = deadline - _monotonic()
                     if left <= 0 or broken():
                         return False
-                    self._changed.wait(left)
+                    self._room.wait(left)
             finally:
-                self._waiting -= 1
+                self._room_waiting -= 1
             self._count += 1
             self._bytes += size
+            if self._room_waiting and self._fits(0):
+                self._room.notify()  # room for more than this one: pass the wake-up on
             return True
 
     def cancel(self, size: int) -> None:
@@ -70,15 +76,16 @@ class Window:
         with self._lock:
             self._count -= 1
             self._bytes -= size
-            if self._waiting:
-                self._changed.notify_all()
+            if self._room_waiting:
+                self._room.notify()
 
     def add(self, message_id: int, data: bytes) -> None:
         """Record a sent message (room reserved); the caller holds the session's order lock."""
-        entry: list[object] = [message_id, data, _monotonic()]
-        with self._lock:
-            self._entries.append(entry)
-            self.last = message_id
+        # No lock: deque.append is atomic, and only ack() (under the lock) takes entries
+        # out, from the other end; room was counted by reserve(). One contended lock less
+        # per message where many threads send.
+        self._entries.append([message_id, data, _monotonic()])
+        self.last = message_id
 
     def ack(self, through: int) -> int:
         """Every message up to ``through`` was delivered: drop them; return how many."""
@@ -93,28 +100,33 @@ class Window:
                 self._bytes -= len(data)  # type: ignore[arg-type]
                 freed += 1
             self._count -= freed
-            if self._waiting:
-                self._changed.notify_all()
+            if self._room_waiting and freed:
+                # One waiter; each that gets room passes the wake-up on while room is left
+                # (see reserve), so a burst of freed slots does not wake every sender at once.
+                self._room.notify()
+            if self._ack_waiting:
+                self._acked.notify_all()
         return freed
 
     def wait_acked(self, message_id: int, deadline: float, broken: Callable[[], bool]) -> bool:
         """Wait until ``message_id`` is acknowledged; False at ``deadline`` or once ``broken()``."""
         with self._lock:
-            self._waiting += 1
+            self._ack_waiting += 1
             try:
                 while self.acked < message_id:
                     left = deadline - _monotonic()
                     if left <= 0 or broken():
                         return False
-                    self._changed.wait(left)
+                    self._acked.wait(left)
             finally:
-                self._waiting -= 1
+                self._ack_waiting -= 1
             return True
 
     def wake(self) -> None:
         """Wake every waiter so it re-checks ``broken()`` (the session ended)."""
         with self._lock:
-            self._changed.notify_all()
+            self._room.notify_all()
+            self._acked.notify_all()
 
     def replay(self) -> list[tuple[int, bytes]]:
         """The unacknowledged messages, in id order, their times renewed (they are resent now)."""

@@ -62,8 +62,12 @@ _LARGE = 32 * 1024
 # A large payload is read in pieces of at most this size: a header alone never makes the
 # receiver allocate more than this before the bytes are there.
 _PIECE = 1 << 20
-# Deliveries between releases of their budget (and flushes of their ACKs).
+# Deliveries between releases of their budget.
 _DELIVERY_BATCH = 64
+# Acknowledged sessions: at most this many messages, or this long after the first of them,
+# before a cumulative ACK (a DATA frame with ACK_NOW gets one at once).
+_ACK_EVERY = 128
+_ACK_DELAY = 0.002
 _MSG_WAITALL = getattr(socket, "MSG_WAITALL", 0)
 _MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
@@ -181,6 +185,9 @@ class _Session:
         self.sender = sender
         self.predecessor = predecessor
         self.over = threading.Event()  # set once nothing more will be delivered
+        # The highest message id a DATA frame asked to be acknowledged at once (ACK_NOW);
+        # written by the readers, read by the delivery thread.
+        self.ack_now = -1
         # Guarded by the receiver's lock.
         self.connections: list[_Connection | None] = [None] * hello.stream_count
         self.joined = 0
@@ -694,6 +701,7 @@ class MultiStreamReceiver:
         # Module constants as locals: this loop runs once per frame.
         data_type, header_size, crc_at = wire.FRAME_DATA, _HEADER, _HEADER_CRC_AT
         p_checked, p_unchecked, large = _PREFIX_CHECKED, _PREFIX_UNCHECKED, _LARGE
+        known_flags = wire.FLAG_UNCHECKED | wire.FLAG_ACK_NOW
         exact = False  # read the next header alone: a large frame may follow
         partial_since: float | None = None  # when the frame at ``start`` began to arrive
         # One kernel timeout for the whole session, a fraction of the shortest bound; the
@@ -719,8 +727,13 @@ class MultiStreamReceiver:
                     raise wire.ProtocolError("DATA header checksum mismatch")
                 checked = prefix == p_checked
                 if not checked and prefix != p_unchecked:
-                    wire.parse_prefix(view[start : start + 8])
-                    raise wire.ProtocolError(f"unknown frame flags {prefix & 0xFFFF:#06x}")
+                    flags = prefix & 0xFFFF
+                    if prefix ^ flags != p_checked or flags & ~known_flags:
+                        wire.parse_prefix(view[start : start + 8])
+                        raise wire.ProtocolError(f"unknown frame flags {flags:#06x}")
+                    checked = not flags & wire.FLAG_UNCHECKED
+                    if flags & wire.FLAG_ACK_NOW and mid > session.ack_now:
+                        session.ack_now = mid  # (a lost race only delays it, see delivery)
                 if (
                     count != 1
                     or index
@@ -930,12 +943,39 @@ class MultiStreamReceiver:
                 # old session still delivers must come first, so the duplicates are known.
                 predecessor.over.wait()
                 session.predecessor = None  # no chain of dead sessions kept alive
+            if not session.acknowledged:
+                while True:
+                    batch = reassembly.take(None)
+                    if batch is None:
+                        return
+                    for at in range(0, len(batch), _DELIVERY_BATCH):
+                        self._deliver_some(session, batch[at : at + _DELIVERY_BATCH], on_message)
+            # Acknowledged: one cumulative ACK for up to _ACK_EVERY messages, written once
+            # that many are delivered, _ACK_DELAY after the first of them, when a frame
+            # asked for it (ACK_NOW), or when the session ends. An ACK per small batch
+            # would cost both ends more than the messages when the consumer keeps up.
+            unacked, since = 0, 0.0
+            through = stream = -1
             while True:
-                batch = reassembly.take(None)
+                wait = None if not unacked else max(since + _ACK_DELAY - time.monotonic(), 0.0)
+                batch = reassembly.take(wait)
                 if batch is None:
-                    return
+                    break
                 for at in range(0, len(batch), _DELIVERY_BATCH):
-                    self._deliver_some(session, batch[at : at + _DELIVERY_BATCH], on_message)
+                    part = batch[at : at + _DELIVERY_BATCH]
+                    self._deliver_some(session, part, on_message)
+                    if not unacked:
+                        since = time.monotonic()
+                    unacked += len(part)
+                    through, stream = part[-1][0], part[-1][3]
+                    if unacked >= _ACK_EVERY or through >= session.ack_now > through - unacked:
+                        self._acknowledge(session, through, stream)
+                        unacked = 0
+                if unacked and (not batch or time.monotonic() - since >= _ACK_DELAY):
+                    self._acknowledge(session, through, stream)
+                    unacked = 0
+            if unacked:
+                self._acknowledge(session, through, stream)  # (the sender may still read)
         except Exception as exc:  # noqa: BLE001 - never die silently
             logger.opt(exception=exc).error("Receiver delivery failed")
         finally:
@@ -975,12 +1015,12 @@ class MultiStreamReceiver:
             self._duplicates += duplicates
             self._delivered_cond.notify_all()
         session.reassembly.done(cost)
-        if session.acknowledged and batch and not session.reassembly.closed:
-            self._acknowledge(session, batch[-1][0], batch[-1][3])
 
     def _acknowledge(self, session: _Session, through: int, stream: int) -> None:
         """One cumulative ACK for every message up to ``through``, on the stream that carried
         the last one (or any other still open)."""
+        if session.reassembly.closed:
+            return  # aborted or replaced: its sender gave up on it and resends
         frame = wire.pack_ack(through)
         candidates = [session.connections[stream]] + session.connections
         for conn in candidates:

@@ -454,17 +454,19 @@ class _Session:
         if self.broken is not None:
             self._raise_broken()
 
-    def send_small(self, data: Buffer, size: int, *, track: bool) -> int:
+    def send_small(self, data: Buffer, size: int, *, track: bool, urgent: bool = False) -> int:
         """Queue a message that fits one chunk as one frame on the next stream (round robin);
         return its message id.
 
         ``track``: add it to the window (under the order lock, so the window is in id order);
         once it is there, a failure to write it is the session's, not this send's: the
-        message is resent by the next session, and the send returns.
+        message is resent by the next session, and the send returns. ``urgent``: ask the
+        receiver to acknowledge it at once (ACK_NOW), for a sender waiting on it.
         """
         if self.broken is not None or self.closing:
             self._raise_broken()
         window = self.window if track else None
+        flags = self.flags | wire.FLAG_ACK_NOW if urgent else self.flags
         if size <= _COPY_LIMIT:
             # The common case, inlined: one frame copied into a stream's outbox with room.
             crc = _checksum(data) if self.checksum else 0
@@ -478,7 +480,7 @@ class _Session:
                     if window is not None:
                         window.add(message_id, data)  # type: ignore[arg-type]
                     head = _pack_head(
-                        _MAGIC, _VERSION, _DATA, self.flags, message_id, 0, 1, size, size, crc
+                        _MAGIC, _VERSION, _DATA, flags, message_id, 0, 1, size, size, crc
                     )  # fmt: skip
                     frame = head + _pack_u32(_checksum(head)) + data
                     with stream.lock:
@@ -497,7 +499,6 @@ class _Session:
         # belongs to that send).
         early = size <= _COPY_LIMIT or (type(data) is bytes and size <= _OUTBOX_LIMIT)
         mark = None if early else _Batch(1)
-        flags = self.flags
         # Computed here, before the order lock: for a large frame, while the stream's writer
         # is still writing the previous one (the GIL is released for both).
         crc = _checksum(data) if self.checksum else 0
@@ -542,9 +543,11 @@ class _Session:
                 raise
         return message_id
 
-    def send_large(self, data: Buffer, size: int, chunk_size: int, *, track: bool) -> int:
+    def send_large(
+        self, data: Buffer, size: int, chunk_size: int, *, track: bool, urgent: bool = False
+    ) -> int:
         """Cut a message into chunks striped over the streams, queued on each in id order;
-        return its message id (``track`` as for ``send_small``)."""
+        return its message id (``track`` and ``urgent`` as for ``send_small``)."""
         if self.broken is not None or self.closing:
             self._raise_broken()
         window = self.window if track else None
@@ -552,7 +555,7 @@ class _Session:
         view = memoryview(data).cast("B")
         chunks = -(-size // chunk_size)
         shares = min(chunks, self.count)
-        flags, checksum = self.flags, self.checksum
+        flags, checksum = self.flags | (wire.FLAG_ACK_NOW if urgent else 0), self.checksum
         payloads = [view[i * chunk_size : (i + 1) * chunk_size] for i in range(chunks)]
         early = type(data) is bytes and size <= _OUTBOX_LIMIT
         batch = _Batch(shares)
@@ -1160,9 +1163,11 @@ class MultiStreamTCPTransport:
             )
         try:
             if size <= self._chunk_size:
-                message_id = session.send_small(data, size, track=True)
+                message_id = session.send_small(data, size, track=True, urgent=wait)
             else:
-                message_id = session.send_large(data, size, self._chunk_size, track=True)
+                message_id = session.send_large(
+                    data, size, self._chunk_size, track=True, urgent=wait
+                )
         except BaseException:
             # Not taken (the id is taken and the message added in one step, which failed).
             window.cancel(size)

@@ -20,6 +20,7 @@ __all__ = [
     "DATA_HEADER",
     "DEFAULT_MAX_MESSAGE_SIZE",
     "FLAG_ACKNOWLEDGED",
+    "FLAG_ACK_NOW",
     "FLAG_UNCHECKED",
     "FRAME_ACK",
     "FRAME_DATA",
@@ -81,6 +82,8 @@ FRAME_PONG = 0x06  # receiver -> sender, answer to PING, or "alive but busy" unp
 
 FLAG_ACKNOWLEDGED = 0x0001  # HELLO flag: the receiver acknowledges delivery (cumulative ACKs)
 FLAG_UNCHECKED = 0x0001  # DATA flag: the payload checksum field is 0 and checks nothing
+FLAG_ACK_NOW = 0x0002  # DATA flag: acknowledge this message as soon as it is delivered
+_KNOWN_DATA_FLAGS = FLAG_UNCHECKED | FLAG_ACK_NOW
 
 STATUS_ACCEPTED = 0  # WELCOME status: the stream joined the session
 STATUS_BUSY = 1  # WELCOME status: the receiver has no room for another session
@@ -294,6 +297,7 @@ def pack_data_header(
     payload: bytes | bytearray | memoryview,
     *,
     checksum: bool = True,
+    ack_now: bool = False,
 ) -> bytes:
     """Return the DATA header for ``payload``, chunk ``chunk_index`` of ``chunks``."""
     return _seal(
@@ -301,7 +305,7 @@ def pack_data_header(
             MAGIC,
             VERSION,
             FRAME_DATA,
-            0 if checksum else FLAG_UNCHECKED,
+            (0 if checksum else FLAG_UNCHECKED) | (FLAG_ACK_NOW if ack_now else 0),
             message_id,
             chunk_index,
             chunks,
@@ -320,9 +324,9 @@ def check_data_fields(
 
     The receiver's fast path inlines the common case; this is the one statement of the rules.
     """
-    if flags & ~FLAG_UNCHECKED:
+    if flags & ~_KNOWN_DATA_FLAGS:
         raise ProtocolError(f"unknown frame flags {flags:#06x}")
-    if flags and crc:
+    if flags & FLAG_UNCHECKED and crc:
         raise ProtocolError("unchecked frame with a non-zero checksum field")
     if total > max_message_size:
         raise ProtocolError(f"message of {total} bytes exceeds limit {max_message_size}")
@@ -349,7 +353,7 @@ def parse_data_header(data: bytes | bytearray | memoryview, max_message_size: in
     flags = _expect(data, FRAME_DATA)
     (_, _, _, _, mid, index, count, total, length, crc, _) = DATA_HEADER.unpack(bytes(data))
     check_data_fields(flags, index, count, total, length, crc, max_message_size)
-    return DataHeader(mid, index, count, total, length, crc, not flags)
+    return DataHeader(mid, index, count, total, length, crc, not flags & FLAG_UNCHECKED)
 
 
 def verify_checksum(header: DataHeader, payload: bytes | bytearray | memoryview) -> None:
