@@ -25,15 +25,20 @@ class Window:
     def __init__(self, max_messages: int, max_bytes: int) -> None:
         self.max_messages = max_messages
         self.max_bytes = max_bytes
-        self._lock = threading.Lock()
+        # ``lock``, ``count``, ``bytes`` and ``entries`` are read and written by the sender's
+        # hot path too (reserve's fast case and add, inlined there: a method call costs
+        # as much as what they do).
+        self.lock = threading.Lock()
+        self._lock = self.lock
         # Two conditions on one lock: an ACK wakes as many senders as it freed slots for, and
         # every waiter for an acknowledgement (flush, wait=True).
         self._room = threading.Condition(self._lock)
         self._acked = threading.Condition(self._lock)
         # [message id, bytes, when it was last written]: a list, so a replay can renew the time.
-        self._entries: collections.deque[list[object]] = collections.deque()
-        self._count = 0  # reserved, entries included
-        self._bytes = 0
+        self.entries: collections.deque[list[object]] = collections.deque()
+        self._entries = self.entries
+        self.count = 0  # reserved, entries included
+        self.bytes = 0
         self._room_waiting = 0  # threads in reserve(): notified only when some wait
         self._ack_waiting = 0  # threads in wait_acked()
         #: The highest message id acknowledged (-1: none yet).
@@ -43,8 +48,8 @@ class Window:
 
     def _fits(self, size: int) -> bool:
         # A message larger than the whole byte window still goes, alone.
-        return self._count == 0 or (
-            self._count < self.max_messages and self._bytes + size <= self.max_bytes
+        return self.count == 0 or (
+            self.count < self.max_messages and self.bytes + size <= self.max_bytes
         )
 
     def reserve(self, size: int, deadline: float, broken: Callable[[], bool]) -> bool:
@@ -53,8 +58,8 @@ class Window:
         """
         with self._lock:
             if self._fits(size):
-                self._count += 1
-                self._bytes += size
+                self.count += 1
+                self.bytes += size
                 return True
             self._room_waiting += 1
             try:
@@ -65,8 +70,8 @@ class Window:
                     self._room.wait(left)
             finally:
                 self._room_waiting -= 1
-            self._count += 1
-            self._bytes += size
+            self.count += 1
+            self.bytes += size
             if self._room_waiting and self._fits(0):
                 self._room.notify()  # room for more than this one: pass the wake-up on
             return True
@@ -74,8 +79,8 @@ class Window:
     def cancel(self, size: int) -> None:
         """Give back room reserved for a message that was not sent after all."""
         with self._lock:
-            self._count -= 1
-            self._bytes -= size
+            self.count -= 1
+            self.bytes -= size
             if self._room_waiting:
                 self._room.notify()
 
@@ -97,9 +102,9 @@ class Window:
             entries = self._entries
             while entries and entries[0][0] <= through:  # type: ignore[operator]
                 data = entries.popleft()[1]
-                self._bytes -= len(data)  # type: ignore[arg-type]
+                self.bytes -= len(data)  # type: ignore[arg-type]
                 freed += 1
-            self._count -= freed
+            self.count -= freed
             if self._room_waiting and freed:
                 # One waiter; each that gets room passes the wake-up on while room is left
                 # (see reserve), so a burst of freed slots does not wake every sender at once.
@@ -149,4 +154,4 @@ class Window:
     @property
     def pending_bytes(self) -> int:
         """The bytes of reserved and unacknowledged messages."""
-        return self._bytes
+        return self.bytes
