@@ -1123,8 +1123,9 @@ class MultiStreamTCPTransport:
 
         TypeError and ValueError (not bytes-like, over ``max_message_size``, ``wait``
         without ``acknowledged``) are raised before any I/O. TransportError: not started
-        (code ``NOT_STARTED``), broken, a stream failed or stalled past ``send_timeout``, or
-        (code ``ACK_TIMEOUT``) acknowledgements did not come within ``send_timeout``.
+        (code ``NOT_STARTED``), broken, a stream failed or stalled past ``send_timeout``,
+        (code ``ACK_TIMEOUT``) acknowledgements did not come within ``send_timeout``, or
+        (code ``WINDOW_FULL``) they came, but too slowly to make room within it.
         """
         kind = type(data)
         if kind is not bytes and kind is not bytearray:
@@ -1165,6 +1166,15 @@ class MultiStreamTCPTransport:
         if not room and not window.reserve(size, deadline, session.ended):
             if session.broken is not None or session.closing:
                 session._raise_broken()
+            oldest = window.oldest()
+            if oldest is None or _monotonic() - oldest < self._send_timeout:
+                # Acknowledgements come, only slower than this send could wait for room: the
+                # link is not broken, this send just took nothing.
+                raise TransportError(
+                    f"the window stayed full for send_timeout ({self._send_timeout:g} s); "
+                    "nothing was sent",
+                    code="WINDOW_FULL",
+                )
             reason = f"no acknowledgement within send_timeout ({self._send_timeout:g} s)"
             session.break_(reason + "; the window stayed full")
             raise TransportError(
