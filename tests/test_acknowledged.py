@@ -104,7 +104,7 @@ def test_flush_and_wait_return_once_acknowledged(
     assert gate.waiting.wait(TIMEOUT)
     with pytest.raises(TransportError) as raised:
         transport.flush(0.2)  # shorter than send_timeout: nothing breaks
-    assert raised.value.code == "ACK_TIMEOUT"
+    assert raised.value.code == "UNCONFIRMED"
     transport.health_check()
     gate.open.set()
     transport.flush()

@@ -338,8 +338,9 @@ class _Session:
         return self.broken is not None or self.closing
 
     def wait_acked(self, message_id: int, deadline: float) -> None:
-        """Wait until the receiver acknowledged ``message_id``; TransportError when the
-        deadline passes or the session ends first (the message stays in the window)."""
+        """Wait until the receiver acknowledged ``message_id``; TransportError (code
+        ``UNCONFIRMED``: sent, kept in the window, not confirmed yet) when the deadline
+        passes or the session ends first."""
         window = self.window
         assert window is not None
         if window.wait_acked(message_id, deadline, self.ended):
@@ -347,10 +348,13 @@ class _Session:
         if self.broken is not None:
             raise TransportError(
                 f"transport broken: {self.broken}; message {message_id} is kept and resent "
-                "after a restart"
+                "after a restart",
+                code="UNCONFIRMED",
             )
         if self.closing:
-            raise TransportError("transport closed before the acknowledgement came")
+            raise TransportError(
+                "transport closed before the acknowledgement came", code="UNCONFIRMED"
+            )
         oldest = window.oldest()
         if oldest is not None and _monotonic() - oldest >= self.send_timeout:
             # Unconfirmed for send_timeout: the link is as good as broken (the keepalive
@@ -359,7 +363,7 @@ class _Session:
         raise TransportError(
             f"no acknowledgement for message {message_id} in time; it is kept and resent "
             "after a restart",
-            code="ACK_TIMEOUT",
+            code="UNCONFIRMED",
         )
 
     def shutdown(self) -> None:
@@ -1119,7 +1123,8 @@ class MultiStreamTCPTransport:
         receiver process lives, resent after ``close()``/``start()`` if need be; a send
         that raised left nothing behind and is never delivered. ``wait=True`` also waits
         (within ``send_timeout``) for this message's acknowledgement, raising
-        TransportError if it does not come in time (the message stays in the window).
+        TransportError with code ``UNCONFIRMED`` if it does not come in time: that message
+        was sent and stays in the window (do not send it again).
 
         TypeError and ValueError (not bytes-like, over ``max_message_size``, ``wait``
         without ``acknowledged``) are raised before any I/O. TransportError: not started
@@ -1201,7 +1206,7 @@ class MultiStreamTCPTransport:
         ``acknowledged``, acknowledged by the receiver.
 
         ``timeout`` defaults to ``send_timeout``. Raises TransportError when not started,
-        when the session broke, or when the timeout passed first (code ``ACK_TIMEOUT`` when
+        when the session broke, or when the timeout passed first (code ``UNCONFIRMED`` when
         only acknowledgements are missing); unacknowledged messages stay in the window.
         """
         session = self._session
