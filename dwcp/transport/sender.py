@@ -999,13 +999,19 @@ class MultiStreamTCPTransport:
                 window=window,
             )
             session.run_threads()
+            failed: TransportError | None = None
             if replay:
                 try:
                     session.replay(replay, self._chunk_size)
-                except TransportError:
-                    session.shutdown()
-                    raise
-            self._session = session
+                except TransportError as exc:
+                    failed = exc
+            if failed is None:
+                self._session = session
+        if failed is not None:
+            # Joined outside the lock; the window still holds every message it resent.
+            session.break_(f"resending failed: {failed}")  # (so shutdown waits for nothing)
+            session.shutdown()
+            raise failed
         logger.bind(
             peer=f"{self._address[0]}:{self._address[1]}",
             session=session_id.hex(),
