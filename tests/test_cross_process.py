@@ -479,6 +479,34 @@ def test_lost_acknowledgements_resend_and_the_receiver_drops_the_duplicates(
     assert_exactly(stats, 0, range(2 * len(sizes) + 2))
 
 
+@pytest.mark.timeout(60)
+def test_a_resend_that_fails_fails_start_and_keeps_the_window(
+    receiver_process: ReceiverFactory,
+    fault_proxy: ProxyFactory,
+    transport_factory: TransportFactory,
+) -> None:
+    receiver = receiver_process()
+    proxy = fault_proxy(receiver.address)
+    transport = open_transport(
+        transport_factory, proxy.address, streams=2, acknowledged=True, send_timeout=1.0
+    )
+    proxy.blackhole("down")  # nothing is confirmed: all stays in the window
+    sizes = [4 * MiB] * 12  # more than the kernel buffers on the way hold
+    send_all(transport, 0, sizes)
+    kept = transport.unacknowledged
+    assert kept == len(sizes)
+    proxy.rate(2000)  # handshakes pass (about 0.1 s), 48 MiB of resends cannot in 1 s
+    transport.close()
+    with pytest.raises(TransportError):
+        transport.start()
+    assert not transport.started and transport.unacknowledged == kept
+    proxy.passthrough()
+    transport.start()
+    transport.flush()
+    stats = wait_delivered(receiver, len(sizes))
+    assert_exactly(stats, 0, range(len(sizes)))
+
+
 @pytest.mark.timeout(30)
 def test_refused_connections_fail_start_then_pass_through_works(
     receiver_process: ReceiverFactory,
