@@ -259,6 +259,7 @@ def test_fault_cell(
         _heal(fault, peers)
         took = cell.resume(RESUME_BOUND)
         assert took < RESUME_BOUND
+        print(f"resumed {took:.2f} s after the fault healed; failed sends: {len(cell.failed)}")
         cell.send_some(count, within=30.0)  # after
         last = cell.ok[-1]
         if acknowledged:
