@@ -20,6 +20,7 @@ SCENARIOS = {
     "6": scenarios.scale,
     "7": scenarios.soak,
     "8": e2e.end_to_end,
+    "9": scenarios.breaker_paths,
 }
 
 

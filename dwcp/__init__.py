@@ -4,8 +4,8 @@ A ``Manager`` monitors a transport and optional protocol layers on a background 
 recovers what breaks with exponential backoff, and guards every send with a circuit breaker.
 """
 
-from loguru import logger as _logger
-
+from dwcp._logging import forward_to_logging, silence_unless_configured
+from dwcp._version import __version__ as __version__
 from dwcp.components import Layer, Transport
 from dwcp.errors import CircuitOpenError, DWCPError, TransportError
 from dwcp.events import (
@@ -13,6 +13,8 @@ from dwcp.events import (
     ComponentEscalated,
     ComponentUnhealthy,
     Event,
+    NodeBack,
+    NodeLost,
     RecoveryAttempt,
     RecoveryFailed,
     RecoveryStarted,
@@ -26,8 +28,10 @@ from dwcp.recovery import RecoveryPolicy
 from dwcp.transport import MultiStreamReceiver, MultiStreamTCPTransport
 from dwcp.webhook import WebhookNotifier
 
-# A library stays silent until the application asks for its logs: logger.enable("dwcp").
-_logger.disable("dwcp")
+# A library stays silent until the application asks for its logs: logger.enable("dwcp"),
+# before or after this import, or forward_to_logging().
+silence_unless_configured()
+del silence_unless_configured
 
 __all__ = [
     "BreakerStateChanged",
@@ -45,6 +49,8 @@ __all__ = [
     "MetricsSnapshot",
     "MultiStreamReceiver",
     "MultiStreamTCPTransport",
+    "NodeBack",
+    "NodeLost",
     "RecoveryAttempt",
     "RecoveryFailed",
     "RecoveryPolicy",
@@ -54,4 +60,5 @@ __all__ = [
     "Transport",
     "TransportError",
     "WebhookNotifier",
+    "forward_to_logging",
 ]

@@ -1,18 +1,36 @@
-"""Circuit-breaker adapter: pybreaker keeps the state, we decide admission without its lock.
+"""Circuit-breaker adapter: pybreaker decides, and no lock is held across the guarded I/O.
 
 pybreaker's ``CircuitBreaker.call()`` holds the breaker's lock for the whole guarded call, so
 concurrent senders queue up behind each other and one hung send blocks them all.  This
-adapter keeps pybreaker's storage and state transitions (``open``/``half_open``/``close``,
-``opened_at``, the failure counter) but splits a call into *admit*, the I/O itself (no lock
-held), and *record*.  Each admission carries the breaker's generation, which changes on every
-transition, so a slow call that started before the breaker moved on cannot change the new
-state.  Half-open admits exactly one trial call at a time; with shared storage, one across
-every process (a lease in Redis that expires if its holder dies).
+adapter splits a call into three steps and lets pybreaker's state machine take every
+decision:
 
-Decisions are taken under a small lock on a local mirror of the state; writes to pybreaker's
-storage happen after the lock is released, in decision order.  With shared storage (Redis)
-those writes are network calls, and the mirror is refreshed from the storage at most every
-``sync_interval`` seconds, so other processes' decisions arrive within that delay.
+*admit*
+    Under pybreaker's lock: a closed breaker admits; an open one admits once its reset
+    timeout (pybreaker's ``opened_at`` and ``reset_timeout``) has elapsed, moving it to
+    half-open with pybreaker's ``half_open()``; half-open admits one trial at a time.
+*the I/O*
+    With no lock held.
+*record*
+    Under pybreaker's lock, through pybreaker's own state objects: ``_handle_success()``
+    (resets the failure count; closes a half-open breaker) and ``_handle_error()`` (counts
+    the failure; opens at ``fail_max`` or on a failed trial).  A caller error is *released*
+    instead: pybreaker would count an excluded exception as a success.
+
+A ``CircuitBreakerListener`` bumps a generation on every transition (it runs under
+pybreaker's lock, so it only records); each admission carries the generation it saw, so a
+slow call that started before the breaker moved on cannot change the new state.  A closed
+breaker admits and records a success without any lock.
+
+With shared storage (Redis) pybreaker works on an in-memory mirror, so nothing under its
+lock touches the network: the mirror is refreshed from Redis at most every
+``sync_interval`` seconds, outside the lock, and pybreaker's writes reach Redis after the
+lock is released, in decision order.  Half-open admits one trial across every process
+through a Redis lease that expires if its holder dies.
+
+The adapter relies on pybreaker internals (``_lock``, ``_handle_error``, ``_handle_success``,
+``on_failure``); ``pybreaker~=1.4`` is pinned and ``tests/test_breaker_contract.py`` fails if
+any of them changes.
 """
 
 from __future__ import annotations
@@ -21,6 +39,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import pybreaker
 
@@ -36,14 +55,111 @@ NOT_INITIALIZED = "not_initialized"
 TransitionHook = Callable[[str, str], None]
 
 
+class _PeerFailure(Exception):
+    """What pybreaker is told failed when the caller gave no exception."""
+
+
 def _utcnow() -> datetime:
     # pybreaker stamps ``opened_at`` with ``datetime.now(UTC)``; reading the same clock keeps
     # the two comparable and lets freezegun move the reset timeout in tests.
     return datetime.now(timezone.utc)
 
 
+class _Mirror(pybreaker.CircuitBreakerStorage):
+    """Shared state as pybreaker sees it under its lock: memory, written back to Redis later.
+
+    Every write pybreaker makes is applied here at once and queued in ``writes``; the breaker
+    replays the queue against the remote storage once pybreaker's lock is released.
+    """
+
+    def __init__(self, remote: pybreaker.CircuitBreakerStorage) -> None:
+        super().__init__("dwcp-mirror")
+        self._state = str(remote.state)
+        self._opened_at: datetime | None = remote.opened_at
+        self._counter = int(remote.counter)
+        self._successes = 0
+        self.writes: list[tuple[str, Any]] = []
+        # While the breaker adopts what it read from Redis, pybreaker's bookkeeping (its
+        # counter reset on a transition) must not be written back over other processes' work.
+        self.adopting = False
+
+    def _queue(self, op: str, value: Any = None) -> None:
+        if not self.adopting:
+            self.writes.append((op, value))
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @state.setter
+    def state(self, state: str) -> None:
+        self._state = state
+        self._queue("state", state)
+
+    def increment_counter(self) -> None:
+        self._counter += 1
+        self._queue("incr")
+
+    def reset_counter(self) -> None:
+        self._counter = 0
+        self._queue("reset")
+
+    def increment_success_counter(self) -> None:
+        self._successes += 1
+
+    def reset_success_counter(self) -> None:
+        self._successes = 0
+
+    @property
+    def counter(self) -> int:
+        return self._counter
+
+    @property
+    def success_counter(self) -> int:
+        return self._successes
+
+    @property
+    def opened_at(self) -> datetime | None:
+        return self._opened_at
+
+    @opened_at.setter
+    def opened_at(self, value: datetime) -> None:
+        self._opened_at = value
+        self._queue("opened_at", value)
+
+    def adopt(self, state: str, opened_at: datetime | None, counter: int) -> None:
+        self._state, self._counter = state, counter
+        if opened_at is not None and (self._opened_at is None or opened_at > self._opened_at):
+            self._opened_at = opened_at
+
+
+class _Listener(pybreaker.CircuitBreakerListener):
+    """Records pybreaker's transitions; called under pybreaker's lock, so it only records."""
+
+    def __init__(self, breaker: Breaker) -> None:
+        self._breaker = breaker
+
+    def state_change(
+        self,
+        cb: pybreaker.CircuitBreaker,
+        old_state: pybreaker.CircuitBreakerState | None,
+        new_state: pybreaker.CircuitBreakerState,
+    ) -> None:
+        old = old_state.name if old_state is not None else CLOSED
+        self._breaker._transitioned(old, new_state.name)
+
+
 class Breaker:
-    """Thread-safe breaker whose admission and bookkeeping never wrap the guarded I/O."""
+    """Thread-safe breaker whose admission and bookkeeping never wrap the guarded I/O.
+
+    Args:
+        max_failures: consecutive failures that open the breaker (pybreaker's ``fail_max``).
+        reset_timeout: seconds an open breaker waits before a trial (``reset_timeout``).
+        storage: pybreaker storage shared between processes; None keeps the state local.
+        name: the breaker's name, and its key in shared storage.
+        on_transition: called with ``(old, new)`` after each transition, outside any lock.
+        sync_interval: how often (seconds) shared state is read back from the storage.
+    """
 
     def __init__(
         self,
@@ -55,65 +171,287 @@ class Breaker:
         on_transition: TransitionHook | None = None,
         sync_interval: float = 0.05,
     ) -> None:
-        self._shared = storage is not None
-        self._storage = storage or pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED)
-        self._cb = pybreaker.CircuitBreaker(
-            fail_max=max_failures,
-            reset_timeout=reset_timeout,
-            state_storage=self._storage,
-            name=name,
+        self._remote = storage
+        self._mirror = _Mirror(storage) if storage is not None else None
+        self._store: pybreaker.CircuitBreakerStorage = self._mirror or (
+            pybreaker.CircuitMemoryStorage(CLOSED)
         )
-        self._max_failures = max_failures
-        self._reset_after = timedelta(seconds=reset_timeout)
-        self._lock = threading.Lock()
-        # Serialises storage writes and notifications so they happen in decision order.
-        self._write_lock = threading.Lock()
-        self._state: str = self._storage.state
-        self._opened_at: datetime | None = self._storage.opened_at
-        # Consecutive failures: authoritative for local storage, a cached copy when shared.
-        self._failures = int(self._storage.counter)
         self._generation = 0
+        self._state: str = self._store.state
         self._trial_in_flight = False
         # The ticket of the trial holding the shared (cross-process) lease, if any.
         self._lease_ticket: int | None = None
-        self._pending: list[tuple[str, str, bool]] = []
+        self._notices: list[tuple[str, str]] = []
         self._on_transition = on_transition
         self._sync_interval = sync_interval
         self._next_sync = 0.0
+        # Serialises the write-back and the notifications so they happen in decision order.
+        self._flush_lock = threading.Lock()
         #: Transitions counted by (from, to) state, e.g. ("closed", "open").
         self.transition_counts: dict[tuple[str, str], int] = {}
         self.rejections = 0
+        self._cb = pybreaker.CircuitBreaker(
+            fail_max=max_failures,
+            reset_timeout=reset_timeout,
+            state_storage=self._store,
+            listeners=[_Listener(self)],
+            name=name,
+            # A trip re-raises the failure itself, which record_failure() expects and drops.
+            throw_new_error_on_trip=False,
+        )
+        # pybreaker's own lock: every decision is taken under it, as in its call().
+        self._lock: threading.RLock = self._cb._lock
 
-    # -- the send path -------------------------------------------------------------------
+    @classmethod
+    def build(cls, storage: object, name: str, **options: Any) -> Breaker:
+        """A breaker named ``name``, shared through Redis when ``storage`` is given."""
+        if storage is None:
+            return cls(name=name, **options)
+        from dwcp.shared import FailoverStorage, connect
+
+        return cls(name=name, storage=FailoverStorage(connect(storage), name), **options)
+
+    # -- the guarded path -------------------------------------------------------------------
 
     def admit(self) -> int:
         """Return a ticket for one guarded call, or raise ``CircuitOpenError``."""
-        if self._shared:
-            self._sync()
-        # Closed needs no lock.  _move() stores the state before the generation, so reading
-        # the generation first can only yield an older ticket than the state seen (its
-        # result is then ignored as stale), never a newer one.
+        if self._mirror is not None:
+            self._refresh()
+        # Closed needs no lock.  The listener stores the state before bumping the generation,
+        # so reading the generation first can only yield an older ticket than the state seen
+        # (its result is then ignored as stale), never a newer one.
         generation = self._generation
         if self._state == CLOSED:
             return generation
         with self._lock:
-            if self._state == CLOSED:
+            state = self._cb.state.name
+            if state == CLOSED:
                 return self._generation
-            try:
-                ticket = self._admit_slow()
-            except CircuitOpenError:
+            if state == OPEN:
+                if not self._reset_elapsed():
+                    self.rejections += 1
+                    raise CircuitOpenError("circuit breaker is open; send rejected")
+                self._cb.half_open()
+            if self._trial_in_flight:
                 self.rejections += 1
-                raise
-            trial = self._state == HALF_OPEN
+                raise CircuitOpenError(
+                    "circuit breaker is half-open and its trial call is in flight"
+                )
+            self._trial_in_flight = True
+            ticket = self._generation
         self._flush()
-        if trial and self._shared:
+        if self._mirror is not None:
             self._claim_shared_trial(ticket)
         return ticket
 
+    def record_success(self, ticket: int) -> None:
+        """Account a call that succeeded; pybreaker closes a half-open breaker after its trial."""
+        # Racy read on purpose: in the common case (closed, no failures counted) pybreaker
+        # would write nothing, and skipping the lock keeps the send path short.
+        if self._state == CLOSED and self._store.counter == 0 and self._lease_ticket is None:
+            return
+        with self._lock:
+            if ticket == self._generation:
+                self._cb.state._handle_success()
+        self._flush()
+        self._release_shared_trial(ticket)
+
+    def record_failure(self, ticket: int, error: BaseException | None = None) -> None:
+        """Account a peer failure; pybreaker opens at ``fail_max`` or on a failed trial."""
+        failure = error if error is not None else _PeerFailure("peer failure")
+        with self._lock:
+            if ticket == self._generation and self._cb.state.name != OPEN:
+                self._tell_pybreaker(failure)
+        self._flush()
+        self._release_shared_trial(ticket)
+
+    def release(self, ticket: int) -> None:
+        """Forget a call whose outcome says nothing about the peer (a caller error, an interrupt)."""
+        with self._lock:
+            if ticket == self._generation and self._state == HALF_OPEN:
+                self._trial_in_flight = False
+        self._release_shared_trial(ticket)
+
+    # -- state ------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        """The current state; an open breaker whose reset timeout elapsed reads ``half-open``."""
+        if self._mirror is not None:
+            self._refresh()
+        with self._lock:
+            if self._cb.state.name == OPEN and self._reset_elapsed():
+                self._cb.half_open()
+            state = self._state
+        self._flush()
+        return state
+
+    @property
+    def failure_count(self) -> int:
+        """Consecutive failures counted towards the threshold (pybreaker's ``fail_counter``)."""
+        return int(self._cb.fail_counter)
+
+    @property
+    def storage_mode(self) -> str:
+        """``local``, or for shared storage ``shared`` (Redis answers) or ``fallback``."""
+        if self._remote is None:
+            return "local"
+        return "shared" if getattr(self._remote, "shared", True) else "fallback"
+
+    @property
+    def storage_errors(self) -> int:
+        """How many shared-storage operations failed (0 for local storage)."""
+        return int(getattr(self._remote, "errors", 0)) if self._remote is not None else 0
+
+    def half_open(self) -> None:
+        """Move an open breaker to half-open now, so the next send is a trial (after recovery)."""
+        with self._lock:
+            if self._cb.state.name == OPEN:
+                self._cb.half_open()
+        self._flush()
+
+    def watch(self) -> None:
+        """Hear other processes' transitions as they happen, where the storage can tell.
+
+        The shared storage calls ``remote_changed()`` from its own subscriber thread; the
+        poll every ``sync_interval`` stays as the fallback.
+        """
+        subscribe = getattr(self._remote, "on_remote_change", None)
+        if subscribe is not None:
+            subscribe(self.remote_changed)
+
+    def remote_changed(self) -> None:
+        """Another process changed the shared state: read it back now, not at the next poll."""
+        if self._mirror is None:
+            return
+        self._next_sync = 0.0
+        self._refresh()
+
+    def close(self) -> None:
+        """Stop hearing of remote changes (the storage's subscriber thread); idempotent."""
+        close = getattr(self._remote, "close", None)
+        if close is not None:
+            close()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _tell_pybreaker(self, failure: BaseException) -> None:
+        # Caller holds the lock.  With throw_new_error_on_trip=False pybreaker re-raises the
+        # failure itself when it trips, even with reraise=False: that raise is expected.
+        try:
+            self._cb.state._handle_error(failure, reraise=False)
+        except pybreaker.CircuitBreakerError:
+            pass
+        except BaseException as exc:
+            if exc is not failure:
+                raise
+
+    def _reset_elapsed(self) -> bool:
+        # The test pybreaker's CircuitOpenState.before_call() makes; that method also runs
+        # the guarded call, so the adapter reads the same two values itself.
+        opened_at = self._store.opened_at
+        timeout = timedelta(seconds=self._cb.reset_timeout)
+        return opened_at is None or _utcnow() >= opened_at + timeout
+
+    def _transitioned(self, old: str, new: str) -> None:
+        # Called by the listener, under the lock.
+        self._state = new
+        self._generation += 1
+        self._trial_in_flight = False
+        key = (old, new)
+        self.transition_counts[key] = self.transition_counts.get(key, 0) + 1
+        self._notices.append(key)
+
+    def _flush(self) -> None:
+        """Write pybreaker's decisions back to shared storage, then notify, in order."""
+        if not self._notices and (self._mirror is None or not self._mirror.writes):
+            return
+        with self._flush_lock:
+            for _ in range(8):  # a count read back may trip the breaker once more
+                with self._lock:
+                    notices, self._notices = self._notices, []
+                    writes: list[tuple[str, Any]] = []
+                    if self._mirror is not None:
+                        writes, self._mirror.writes = self._mirror.writes, []
+                count = self._write_back(writes)
+                if count is not None:
+                    self._adopt_count(count)
+                if self._on_transition is not None:
+                    for old, new in notices:
+                        self._on_transition(old, new)
+                with self._lock:
+                    if not self._notices and (self._mirror is None or not self._mirror.writes):
+                        return
+
+    def _write_back(self, writes: list[tuple[str, Any]]) -> int | None:
+        """Replay ``writes`` on the remote storage; returns the shared count after an INCR."""
+        remote = self._remote
+        count: int | None = None
+        if remote is None:
+            return None
+        for op, value in writes:
+            if op == "state":
+                remote.state = value
+            elif op == "opened_at":
+                remote.opened_at = value
+            elif op == "incr":
+                remote.increment_counter()
+                count = int(remote.counter)
+            elif op == "reset":
+                remote.reset_counter()
+                count = None
+        return count
+
+    def _adopt_count(self, count: int) -> None:
+        # Failures from every process add up: the shared count read back after our INCR may
+        # reach the threshold that our local view had not.
+        assert self._mirror is not None
+        with self._lock:
+            if count <= self._mirror.counter or self._cb.state.name != CLOSED:
+                return
+            self._mirror.adopting = True
+            try:
+                self._mirror.adopt(CLOSED, None, count)
+            finally:
+                self._mirror.adopting = False
+            if count >= self._cb.fail_max:
+                failure = _PeerFailure("shared failure count reached the threshold")
+                try:
+                    self._cb.state.on_failure(failure)
+                except BaseException as exc:
+                    if exc is not failure:
+                        raise
+
+    def _refresh(self) -> None:
+        """Adopt state other processes stored, at most every ``sync_interval`` seconds."""
+        now = time.monotonic()
+        if now < self._next_sync:
+            return
+        self._next_sync = now + self._sync_interval
+        remote, mirror = self._remote, self._mirror
+        assert remote is not None and mirror is not None
+        generation = self._generation
+        state, opened_at, counter = remote.state, remote.opened_at, int(remote.counter)
+        with self._lock:
+            # A decision taken while we read (or not yet written back) is newer than the read.
+            if generation != self._generation or mirror.writes or self._notices:
+                return
+            if state not in (CLOSED, OPEN, HALF_OPEN):
+                return
+            mirror.adopting = True
+            try:
+                mirror.adopt(state, opened_at, counter)
+                # pybreaker notices the stored state differs from its cached one and moves
+                # to it, notifying the listener like any transition.
+                self._cb.state  # noqa: B018
+            finally:
+                mirror.adopting = False
+        self._flush()
+
     def _claim_shared_trial(self, ticket: int) -> None:
-        """Half-open admits one trial across every process: take the shared lease (a Redis
-        key with an expiry, so a holder that dies frees it), or give the local claim back."""
-        claim = getattr(self._storage, "claim_trial", None)
+        """Take the cross-process trial lease (a Redis key with an expiry, so a holder that
+        dies frees it), or give the local claim back and reject."""
+        claim = getattr(self._remote, "claim_trial", None)
         if claim is None or claim():
             with self._lock:
                 self._lease_ticket = ticket
@@ -126,169 +464,12 @@ class Breaker:
 
     def _release_shared_trial(self, ticket: int) -> None:
         # After the trial's result is recorded: the lease's job is done either way.
+        if self._lease_ticket is None:
+            return
         with self._lock:
             if self._lease_ticket != ticket:
                 return
             self._lease_ticket = None
-        release = getattr(self._storage, "release_trial", None)
+        release = getattr(self._remote, "release_trial", None)
         if release is not None:
             release()
-
-    def record_success(self, ticket: int) -> None:
-        """Account a call that succeeded; closes a half-open breaker after its trial."""
-        # Racy read on purpose: in the common case (closed, no failures counted) nothing needs
-        # writing, and skipping the lock keeps the send path short.  Any interleaving with a
-        # concurrent failure is a valid ordering of the two calls.
-        if self._state == CLOSED and self._failures == 0 and self._lease_ticket is None:
-            return
-        reset_shared = False
-        with self._lock:
-            if ticket != self._generation:
-                return
-            if self._state == HALF_OPEN:
-                self._move(CLOSED)
-            elif self._state == CLOSED and self._failures:
-                self._failures = 0
-                if self._shared:
-                    reset_shared = True
-                else:
-                    self._storage.reset_counter()
-        if reset_shared:
-            self._storage.reset_counter()
-        self._flush()
-        if self._shared:
-            self._release_shared_trial(ticket)
-
-    def record_failure(self, ticket: int) -> None:
-        """Account a transport failure; opens the breaker at the threshold or on a failed trial."""
-        with self._lock:
-            if ticket != self._generation:
-                return
-            if self._state == HALF_OPEN:
-                self._move(OPEN)
-            elif self._state == CLOSED and not self._shared:
-                # The local count decides; pybreaker's memory storage is kept in step with it.
-                self._failures += 1
-                self._storage.increment_counter()
-                if self._failures >= self._max_failures:
-                    self._move(OPEN)
-        if self._shared:
-            self._record_shared_failure(ticket)
-        self._flush()
-        if self._shared:
-            self._release_shared_trial(ticket)
-
-    def release(self, ticket: int) -> None:
-        """Forget a call whose outcome says nothing about the peer (a caller error, an interrupt)."""
-        with self._lock:
-            if ticket == self._generation and self._state == HALF_OPEN:
-                self._trial_in_flight = False
-        if self._shared:
-            self._release_shared_trial(ticket)
-
-    # -- state ------------------------------------------------------------------------------
-
-    @property
-    def state(self) -> str:
-        """The current state; an open breaker whose reset timeout elapsed reads ``half-open``."""
-        if self._shared:
-            self._sync()
-        with self._lock:
-            if self._state == OPEN and self._reset_elapsed():
-                self._move(HALF_OPEN)
-            state = self._state
-        self._flush()
-        return state
-
-    @property
-    def failure_count(self) -> int:
-        """Consecutive failures counted towards the threshold."""
-        return self._failures
-
-    def half_open(self) -> None:
-        """Move an open breaker to half-open now, so the next send is a trial (after recovery)."""
-        with self._lock:
-            if self._state == OPEN:
-                self._move(HALF_OPEN)
-        self._flush()
-
-    # -- internals ----------------------------------------------------------------------------
-
-    def _admit_slow(self) -> int:
-        if self._state == OPEN:
-            if not self._reset_elapsed():
-                raise CircuitOpenError("circuit breaker is open; send rejected")
-            self._move(HALF_OPEN)
-        if self._trial_in_flight:
-            raise CircuitOpenError("circuit breaker is half-open and its trial call is in flight")
-        self._trial_in_flight = True
-        return self._generation
-
-    def _reset_elapsed(self) -> bool:
-        opened_at = self._opened_at
-        return opened_at is None or _utcnow() >= opened_at + self._reset_after
-
-    def _move(self, new: str, *, write: bool = True) -> None:
-        # Caller holds self._lock.  The mirror changes now; the storage write and the
-        # notification wait for _flush(), outside the lock.
-        old = self._state
-        self._state = new
-        if new == OPEN:
-            self._opened_at = _utcnow()
-        self._failures = 0
-        self._generation += 1
-        self._trial_in_flight = False
-        key = (old, new)
-        self.transition_counts[key] = self.transition_counts.get(key, 0) + 1
-        self._pending.append((old, new, write))
-
-    def _flush(self) -> None:
-        if not self._pending:
-            return
-        with self._write_lock:
-            with self._lock:
-                pending, self._pending = self._pending, []
-            for old, new, write in pending:
-                if write:
-                    # pybreaker's own transitions: they stamp opened_at, reset the counters and
-                    # store the state exactly as its state machine would.
-                    {OPEN: self._cb.open, HALF_OPEN: self._cb.half_open, CLOSED: self._cb.close}[
-                        new
-                    ]()
-                if self._on_transition is not None:
-                    self._on_transition(old, new)
-
-    def _record_shared_failure(self, ticket: int) -> None:
-        # Shared storage: the counter lives in Redis and adds up failures from every process.
-        self._storage.increment_counter()
-        count = int(self._storage.counter)
-        with self._lock:
-            if ticket != self._generation or self._state != CLOSED:
-                return
-            self._failures = count
-            if count >= self._max_failures:
-                self._move(OPEN)
-
-    def _sync(self) -> None:
-        """Adopt state that other processes stored, at most every ``sync_interval`` seconds."""
-        now = time.monotonic()
-        if now < self._next_sync:
-            return
-        self._next_sync = now + self._sync_interval
-        with self._lock:
-            generation = self._generation
-        state = self._storage.state
-        opened_at = self._storage.opened_at
-        failures = int(self._storage.counter)
-        with self._lock:
-            # A local decision made while we read (or not yet written) is newer than what we read.
-            if generation != self._generation or self._pending:
-                return
-            self._failures = failures
-            if opened_at is not None and (self._opened_at is None or opened_at > self._opened_at):
-                self._opened_at = opened_at
-            if state != self._state and state in (CLOSED, OPEN, HALF_OPEN):
-                self._move(state, write=False)
-                if state == OPEN and opened_at is not None:
-                    self._opened_at = opened_at
-        self._flush()

@@ -5,10 +5,13 @@ its arguments to its subparser, and a function that runs it and returns the exit
 subcommand is two functions and one more entry in the tuple.
 
 ``status URL`` reads a ``HealthServer``'s ``/healthz`` document and prints it as a table.
-Exit codes: 0 healthy, 1 unhealthy, 2 unreachable or not a health document.
+Exit codes: 0 healthy, 1 unhealthy, 2 unreachable, not a dwcp health document, or bad
+arguments (argparse's own exit code).  ``--version`` prints the version.
+``status --cluster REDIS_URL`` prints every node of a cluster (``dwcp.cluster``) instead:
+0 when every node is alive and healthy, 1 otherwise, 2 when Redis cannot be reached.
 
 ``demo`` runs a receiver and a manager on 127.0.0.1, stops the receiver for a while and
-prints what the breaker, the monitor and recovery do about it (see ``dwcp.demo``).
+prints what the breaker, the monitor and recovery do about it (see ``dwcp._demo``).
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 from urllib.parse import urlsplit, urlunsplit
 
-from dwcp import demo
+from dwcp import _demo as demo
+from dwcp._version import __version__
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
 
@@ -53,23 +57,73 @@ class _Unreachable(Exception):
 def _configure_status(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "url",
+        nargs="?",
+        type=_url_argument,
         help="base URL of a dwcp HealthServer, such as http://127.0.0.1:8080 "
         "(/healthz is added when the URL has no path)",
     )
+    parser.add_argument(
+        "--cluster",
+        metavar="REDIS_URL",
+        help="show every node of the cluster published in this Redis instead "
+        "(exit 0 all alive and healthy, 1 otherwise, 2 Redis unreachable)",
+    )
+    parser.add_argument(
+        "--namespace", default="dwcp", help="the cluster's key namespace (default dwcp)"
+    )
     parser.add_argument("--json", action="store_true", help="print the raw JSON document")
     parser.add_argument(
-        "--timeout", type=float, default=5.0, help="seconds to wait for the answer (default 5)"
+        "--timeout",
+        type=_timeout_argument,
+        default=5.0,
+        help="seconds to wait for the answer, more than 0 (default 5)",
     )
 
 
 def health_url(url: str) -> str:
-    """``url`` with ``http://`` added when it has no scheme and ``/healthz`` when no path."""
+    """``url`` with ``http://`` added when it has no scheme and ``/healthz`` when no path.
+
+    Raises ``ValueError`` for a scheme other than http or https, or a URL without a host.
+    """
     if "://" not in url:
         url = "http://" + url
     parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https"):
+        raise ValueError(f"only http:// and https:// URLs are supported, got {url!r}")
+    if not parts.hostname:
+        raise ValueError(f"the URL names no host: {url!r}")
     if parts.path in ("", "/"):
         parts = parts._replace(path="/healthz")
     return urlunsplit(parts)
+
+
+def _url_argument(text: str) -> str:
+    try:
+        return health_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _timeout_argument(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < seconds < float("inf"):  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return seconds
+
+
+def _is_health_document(document: object) -> TypeGuard[dict[str, Any]]:
+    """Whether ``document`` has the shape of a dwcp ``/healthz`` answer, not any JSON."""
+    return (
+        isinstance(document, dict)
+        and document.get("status") in ("healthy", "unhealthy")
+        and isinstance(document.get("ready"), bool)
+        and isinstance(document.get("components"), dict)
+        and isinstance(document.get("breaker"), dict)
+        and isinstance(document.get("metrics"), dict)
+    )
 
 
 def _fetch(url: str, timeout: float) -> tuple[str, dict[str, Any]]:
@@ -90,7 +144,7 @@ def _fetch(url: str, timeout: float) -> tuple[str, dict[str, Any]]:
         document = json.loads(text)
     except ValueError:
         document = None
-    if not isinstance(document, dict) or "status" not in document:
+    if not _is_health_document(document):
         raise _Unreachable(f"{url} did not answer with a dwcp health document")
     return text, document
 
@@ -164,8 +218,25 @@ def render_status(document: Mapping[str, Any], url: str = "") -> str:
     return "\n".join(lines)
 
 
+def _run_cluster_status(args: argparse.Namespace) -> int:
+    from dwcp._cluster import ClusterError, cluster_document, cluster_health, render_cluster
+
+    try:
+        view = cluster_health(args.cluster, namespace=args.namespace, timeout=args.timeout)
+    except (ClusterError, ValueError, TypeError, ImportError) as exc:
+        print(f"dwcp status: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    print(json.dumps(cluster_document(view), indent=2) if args.json else render_cluster(view))
+    return EXIT_HEALTHY if view.healthy else EXIT_UNHEALTHY
+
+
 def _run_status(args: argparse.Namespace) -> int:
-    url = health_url(args.url)
+    if args.cluster is not None:
+        return _run_cluster_status(args)
+    if args.url is None:
+        print("dwcp status: give a health server URL or --cluster REDIS_URL", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    url: str = args.url  # already completed by health_url, through the argument's type
     try:
         text, document = _fetch(url, args.timeout)
     except _Unreachable as exc:
@@ -198,6 +269,7 @@ def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentPar
     parser = argparse.ArgumentParser(
         prog="dwcp", description="Tools for the dwcp error-recovery manager."
     )
+    parser.add_argument("--version", action="version", version=f"dwcp {__version__}")
     subparsers = parser.add_subparsers(dest="command", title="commands", required=True)
     for command in commands:
         sub = subparsers.add_parser(command.name, help=command.help, description=command.help)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
@@ -16,6 +17,8 @@ __all__ = [
     "ComponentUnhealthy",
     "Event",
     "Listener",
+    "NodeBack",
+    "NodeLost",
     "RecoveryAttempt",
     "RecoveryFailed",
     "RecoveryStarted",
@@ -25,7 +28,18 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class ComponentUnhealthy:
+class _Origin:
+    """Who published an event, keyword-only on every event class."""
+
+    #: The publishing manager's name (its ``breaker_name``), so several managers in one
+    #: process can be told apart; "" when not set.
+    manager: str = field(default="", kw_only=True)
+    #: The peer the manager's transport talks to (such as ``"10.0.0.7:7400"``), "" if unknown.
+    peer: str = field(default="", kw_only=True)
+
+
+@dataclass(frozen=True)
+class ComponentUnhealthy(_Origin):
     """A health check failed, raised, or timed out."""
 
     component: str
@@ -35,7 +49,7 @@ class ComponentUnhealthy:
 
 
 @dataclass(frozen=True)
-class ComponentEscalated:
+class ComponentEscalated(_Origin):
     """The component exceeded its restart intensity; no cycle runs until a reset or cool-down."""
 
     component: str
@@ -46,7 +60,7 @@ class ComponentEscalated:
 
 
 @dataclass(frozen=True)
-class RecoveryStarted:
+class RecoveryStarted(_Origin):
     """A recovery cycle began for a component."""
 
     component: str
@@ -56,7 +70,7 @@ class RecoveryStarted:
 
 
 @dataclass(frozen=True)
-class RecoveryAttempt:
+class RecoveryAttempt(_Origin):
     """An attempt is about to wait ``backoff`` seconds and then act."""
 
     component: str
@@ -67,7 +81,7 @@ class RecoveryAttempt:
 
 
 @dataclass(frozen=True)
-class RecoverySucceeded:
+class RecoverySucceeded(_Origin):
     """The component passed its health check after an attempt."""
 
     component: str
@@ -78,7 +92,7 @@ class RecoverySucceeded:
 
 
 @dataclass(frozen=True)
-class RecoveryFailed:
+class RecoveryFailed(_Origin):
     """Every attempt failed; the component is marked failed."""
 
     component: str
@@ -89,20 +103,57 @@ class RecoveryFailed:
 
 
 @dataclass(frozen=True)
-class BreakerStateChanged:
-    """The circuit breaker moved from one state to another."""
+class BreakerStateChanged(_Origin):
+    """The circuit breaker moved from ``from_state`` to ``to_state``.
 
-    old: str
-    new: str
+    The names match the metrics' ``from_state``/``to_state`` labels and the webhook details;
+    ``old`` and ``new`` remain as read-only aliases.
+    """
+
+    from_state: str
+    to_state: str
+    #: When it happened (``time.time()``); not part of equality.
+    timestamp: float = field(default_factory=time.time, compare=False)
+
+    @property
+    def old(self) -> str:
+        """Alias of ``from_state``, its earlier name."""
+        return self.from_state
+
+    @property
+    def new(self) -> str:
+        """Alias of ``to_state``, its earlier name."""
+        return self.to_state
+
+
+@dataclass(frozen=True)
+class SendRejected(_Origin):
+    """A send was refused by the open (or busy half-open) breaker."""
+
+    state: str
     #: When it happened (``time.time()``); not part of equality.
     timestamp: float = field(default_factory=time.time, compare=False)
 
 
 @dataclass(frozen=True)
-class SendRejected:
-    """A send was refused by the open (or busy half-open) breaker."""
+class NodeLost(_Origin):
+    """Another cluster node stopped being heard from (``reason`` "silent") or left cleanly
+    ("left"); ``silent_for`` is the age of its last heartbeat, ``bound`` its lost bound."""
 
-    state: str
+    node: str
+    silent_for: float
+    bound: float
+    reason: str = "silent"
+    #: When it happened (``time.time()``); not part of equality.
+    timestamp: float = field(default_factory=time.time, compare=False)
+
+
+@dataclass(frozen=True)
+class NodeBack(_Origin):
+    """A cluster node reported lost (or gone) is heard from again, ``down_for`` seconds later."""
+
+    node: str
+    down_for: float
     #: When it happened (``time.time()``); not part of equality.
     timestamp: float = field(default_factory=time.time, compare=False)
 
@@ -116,6 +167,8 @@ Event = (
     | RecoveryFailed
     | BreakerStateChanged
     | SendRejected
+    | NodeLost
+    | NodeBack
 )
 Listener = Callable[[Event], None]
 
@@ -126,7 +179,11 @@ class _Dispatcher:
     """Delivers events to listeners from one named thread, so no listener runs under a lock,
     on the send path, or in the monitor; a full queue drops the event and counts it."""
 
-    def __init__(self, maxsize: int = 10_000) -> None:
+    def __init__(self, maxsize: int = 10_000, *, manager: str = "", peer: str = "") -> None:
+        #: Stamped on every delivered event that does not name its manager (or peer) itself;
+        #: done on the delivery thread, so publishers pay nothing for it.
+        self.manager = manager
+        self.peer = peer
         self._listeners: tuple[Listener, ...] = ()
         self._lock = threading.Lock()
         self._maxsize = maxsize
@@ -198,16 +255,26 @@ class _Dispatcher:
         if thread.is_alive():
             logger.warning("Event listener thread did not stop in time; a listener is hung")
 
+    def _stamped(self, event: Event) -> Event:
+        manager, peer = self.manager, self.peer
+        if (event.manager or not manager) and (event.peer or not peer):
+            return event
+        return dataclasses.replace(event, manager=event.manager or manager, peer=event.peer or peer)
+
     def _run(self, events: queue.Queue[object], abandon: threading.Event) -> None:
         while not abandon.is_set():
             event = events.get()
             if event is _STOP:
                 return
+            event = self._stamped(event)  # type: ignore[arg-type]
             for listener in self._listeners:
                 try:
-                    listener(event)  # type: ignore[arg-type]
+                    listener(event)
                 except Exception as exc:  # noqa: BLE001 - one bad listener must not starve the rest
                     self.listener_errors += 1
                     logger.opt(exception=exc).bind(listener=repr(listener)).error(
-                        "Event listener raised"
+                        "Event listener raised {} on {}: {}",
+                        type(exc).__name__,
+                        type(event).__name__,
+                        exc,
                     )

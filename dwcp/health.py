@@ -12,6 +12,7 @@ __all__ = [
     "ComponentMetrics",
     "ComponentStatus",
     "HealthSnapshot",
+    "LatencyHistogram",
     "MetricsSnapshot",
 ]
 
@@ -63,6 +64,20 @@ class ComponentMetrics:
 
 
 @dataclass(frozen=True)
+class LatencyHistogram:
+    """Durations observed so far, in seconds, counted into buckets as Prometheus does."""
+
+    #: Upper bounds of the buckets in seconds, ascending; a last ``+Inf`` bucket is implied.
+    bounds: tuple[float, ...] = ()
+    #: Observations at or below each bound (cumulative), one per bound.
+    cumulative_counts: tuple[int, ...] = ()
+    #: Every observation, the ``+Inf`` bucket included.
+    count: int = 0
+    #: Sum of the observed seconds.
+    sum: float = 0.0
+
+
+@dataclass(frozen=True)
 class MetricsSnapshot:
     """Counters since construction; downtime is seconds from first failed check to recovery."""
 
@@ -88,9 +103,28 @@ class MetricsSnapshot:
     )
     components: Mapping[str, ComponentMetrics] = field(default_factory=lambda: MappingProxyType({}))
     events_dropped: int = 0
+    #: How long transport sends took, from the call to its return or error.
+    send_seconds: LatencyHistogram = field(default_factory=LatencyHistogram)
+    #: How long recovery cycles took, from start to success or failure, per component.
+    recovery_seconds: Mapping[str, LatencyHistogram] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    #: How long health checks took (a timed-out one counts its timeout), per component.
+    health_check_seconds: Mapping[str, LatencyHistogram] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
 
     @property
     def recovery_success_rate(self) -> float | None:
         """Succeeded recovery cycles over finished ones, or None before the first one ends."""
         done = self.recoveries_succeeded + self.recoveries_failed
         return self.recoveries_succeeded / done if done else None
+
+
+def _manager_name(manager: object) -> str:
+    """A manager's name for labels and documents: its ``name`` (the breaker name), or "dwcp"."""
+    for attribute in ("name", "breaker_name"):
+        value = getattr(manager, attribute, None)
+        if isinstance(value, str) and value:
+            return value
+    return "dwcp"

@@ -1,6 +1,7 @@
 """A small HTTP server exposing a Manager's liveness, readiness, health and metrics.
 
-Endpoints (GET only; any other method gets 405, any other path 404):
+Endpoints (GET, and HEAD for the same answer without a body; any other method gets 405,
+any other path 404):
 
 ``/livez``
     200 while the manager's monitoring thread is alive, 503 otherwise.
@@ -9,9 +10,14 @@ Endpoints (GET only; any other method gets 405, any other path 404):
     healthy and the circuit breaker is not open; 503 otherwise.
 ``/healthz``
     A JSON document (see ``health_document``) with the same status code as ``/readyz``.
+``/cluster``
+    With ``Manager(cluster=...)``: the cluster document (``dwcp.cluster.cluster_document``),
+    200 when every node is alive and healthy and the view is fresh, 503 otherwise; 404
+    without a cluster.
 ``/metrics``
     The Prometheus exposition of ``dwcp.prometheus.DWCPCollector`` when ``prometheus_client``
-    is installed, 404 with an explanation when it is not.
+    is installed (OpenMetrics when the ``Accept`` header asks for it), 404 with an
+    explanation when it is not.
 
 Handlers only read the manager's snapshots, so no lock is ever held while a socket is
 written.  Request logs go to loguru at debug level, never to stderr.
@@ -30,13 +36,14 @@ from urllib.parse import urlsplit
 
 from loguru import logger
 
+from dwcp import _validation as check
 from dwcp.errors import DWCPError
-from dwcp.health import HealthSnapshot
+from dwcp.health import HealthSnapshot, _manager_name
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-    from dwcp.manager import Manager
+    from dwcp._source import HealthSource
 
 __all__ = ["HealthServer", "health_document"]
 
@@ -47,6 +54,7 @@ _POLL_INTERVAL = 0.05
 _REQUEST_TIMEOUT = 10.0
 _TEXT = "text/plain; charset=utf-8"
 _JSON = "application/json"
+_ALLOW = "GET, HEAD"
 _METRICS_MISSING = (
     b"Prometheus metrics need the optional prometheus_client package: "
     b"pip install 'dwcp[prometheus]'\n"
@@ -63,11 +71,13 @@ def _ready(started: bool, health: HealthSnapshot) -> bool:
     return started and health.breaker_state != "open" and all(c.healthy for c in needed)
 
 
-def health_document(manager: Manager) -> tuple[bool, dict[str, Any]]:
-    """Return whether ``manager`` is ready and the ``/healthz`` document describing it.
+def health_document(manager: HealthSource) -> tuple[bool, dict[str, Any]]:
+    """Return ``(ready, document)``: the ``/readyz`` verdict and the ``/healthz`` document.
 
-    ``status`` is ``healthy`` when the manager is started, every component is healthy and the
-    breaker is not open; ``ready`` is the ``/readyz`` verdict (the transport alone decides).
+    The document's ``status`` is ``healthy`` when the manager is started, every component is
+    healthy and the breaker is not open; ``ready`` (the first item, and the document's
+    ``ready``) needs only the transport healthy (every component without one), the manager
+    started and the breaker not open.
     """
     started = manager.is_started
     health = manager.health()
@@ -76,11 +86,12 @@ def health_document(manager: Manager) -> tuple[bool, dict[str, Any]]:
     rate = metrics.recovery_success_rate
     document: dict[str, Any] = {
         "status": "healthy" if started and health.healthy else "unhealthy",
+        "manager": _manager_name(manager),
         "ready": ready,
         "started": started,
         "monitor_alive": manager.monitor_alive,
         "timestamp": _utc_timestamp(),
-        "breaker": {"state": health.breaker_state},
+        "breaker": {"state": health.breaker_state, "storage": health.breaker_storage},
         "components": {
             name: {
                 "status": c.status,
@@ -101,16 +112,30 @@ def health_document(manager: Manager) -> tuple[bool, dict[str, Any]]:
             "sends": metrics.sends,
             "sent_bytes": metrics.sent_bytes,
             "send_errors": metrics.send_errors,
+            "events_dropped": metrics.events_dropped,
+            "breaker_storage_errors": metrics.breaker_storage_errors,
             "downtime_seconds": {k: round(v, 3) for k, v in metrics.downtime_seconds.items()},
         },
     }
     return ready, document
 
 
+def _cluster_route(manager: HealthSource) -> tuple[int, str, bytes]:
+    # /cluster: every node of the manager's cluster (dwcp.cluster), 503 unless all are fine.
+    from dwcp._cluster import cluster_document
+
+    try:
+        view = manager.cluster_health()
+    except DWCPError:
+        return 404, _TEXT, b"no cluster configured; see Manager(cluster=...)\n"
+    body = (json.dumps(cluster_document(view), indent=2) + "\n").encode()
+    return 200 if view.healthy else 503, _JSON, body
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     # Hand-off to the handlers: set once before serving, read-only afterwards.
-    manager: Manager
+    manager: HealthSource
     metrics: Any  # the dwcp.prometheus registry, or None without prometheus_client
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -138,6 +163,9 @@ class _Handler(BaseHTTPRequestHandler):
             code, content_type, body = 500, _TEXT, b"internal error; see the application log\n"
         self._reply(code, content_type, body)
 
+    # Uptime checkers probe with HEAD: the same status and headers, no body (see _reply).
+    do_HEAD = do_GET
+
     def _route(self, path: str) -> tuple[int, str, bytes]:
         manager = self.server.manager
         if path == "/livez":
@@ -149,19 +177,23 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/healthz":
             ready, document = health_document(manager)
             return 200 if ready else 503, _JSON, (json.dumps(document, indent=2) + "\n").encode()
+        if path == "/cluster":
+            return _cluster_route(manager)
         if path == "/metrics":
             registry = self.server.metrics
             if registry is None:
                 return 404, _TEXT, _METRICS_MISSING
-            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+            from prometheus_client.exposition import choose_encoder
 
-            return 200, CONTENT_TYPE_LATEST, generate_latest(registry)
+            # prometheus_client's own choice: OpenMetrics when Accept asks for it, else text.
+            encode, content_type = choose_encoder(self.headers.get("Accept") or "")
+            return 200, content_type, encode(registry)
         return 404, _TEXT, b"not found; try /livez, /readyz, /healthz or /metrics\n"
 
     def _not_allowed(self) -> None:
-        self._reply(405, _TEXT, b"method not allowed; only GET\n", allow="GET")
+        self._reply(405, _TEXT, b"method not allowed; only GET and HEAD\n", allow=_ALLOW)
 
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _not_allowed
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
 
     def _reply(self, code: int, content_type: str, body: bytes, *, allow: str = "") -> None:
         self.send_response(code)
@@ -188,7 +220,7 @@ class _Handler(BaseHTTPRequestHandler):
         )
 
 
-def _metrics_registry(manager: Manager) -> Any:
+def _metrics_registry(manager: HealthSource) -> Any:
     try:
         from prometheus_client import CollectorRegistry
 
@@ -203,16 +235,16 @@ def _metrics_registry(manager: Manager) -> Any:
 class HealthServer:
     """Serves ``/livez``, ``/readyz``, ``/healthz`` and ``/metrics`` for a Manager.
 
-    ``start()`` binds (``port=0`` picks a free port; read ``address`` or ``url``) and serves on
-    a thread named ``dwcp-http``; ``stop()`` shuts it down and joins it.
+    ``start()`` binds ``host`` and ``port`` (``port=0`` picks a free port; read ``address`` or
+    ``url``) and serves on a thread named ``dwcp-http``; ``stop()`` (or its alias ``close()``)
+    shuts it down and joins it.  ``host`` must be a str and ``port`` an int from 0 to 65535:
+    anything else raises ``TypeError`` or ``ValueError`` here, not in ``start()``.
     """
 
-    def __init__(self, manager: Manager, host: str = "127.0.0.1", port: int = 0) -> None:
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-            raise ValueError(f"port must be an int from 0 to 65535, got {port!r}")
+    def __init__(self, manager: HealthSource, host: str = "127.0.0.1", port: int = 0) -> None:
         self._manager = manager
-        self._host = host
-        self._port = port
+        self._host = check.name("host", host)
+        self._port = check.port("port", port)
         self._lock = threading.Lock()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -249,7 +281,8 @@ class HealthServer:
             )
             self._server, self._thread = server, thread
             thread.start()
-        logger.bind(url=self.url).info("Health server started")
+        url = self.url
+        logger.bind(url=url).info(f"Health server started on {url}")
 
     def stop(self) -> None:
         """Stop serving, join the thread and close the socket; idempotent."""
@@ -263,6 +296,17 @@ class HealthServer:
         thread.join()
         server.server_close()
         logger.info("Health server stopped")
+
+    def close(self) -> None:
+        """Alias of ``stop()``, for code that closes what it opened."""
+        self.stop()
+
+    def __repr__(self) -> str:
+        try:
+            where = self.url
+        except DWCPError:
+            where = f"{self._host} port {self._port}, not started"
+        return f"<HealthServer {where}>"
 
     def __enter__(self) -> Self:
         self.start()

@@ -4,15 +4,22 @@ Every manager that uses the same Redis and breaker name sees one breaker: failur
 them add up to the threshold, an open breaker rejects in all of them, and the reset timeout is
 shared.  When Redis cannot be reached, the breaker keeps working on process-local state, the
 condition is logged and reported, and the shared state is used again once Redis answers.
+
+Beyond pybreaker's keys, ``opened_at`` is also kept in milliseconds (``<name>:pybreaker:
+opened_at_ms``; pybreaker stores whole seconds), and every state change is published on the
+channel ``<name>:pybreaker:changes`` so that other processes hear of it at once
+(``FailoverStorage.on_remote_change``) instead of at their next poll.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 import pybreaker
@@ -25,6 +32,18 @@ __all__ = ["FailoverStorage", "connect"]
 _RELEASE_IF_OURS = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
+"""
+
+# opened_at in whole seconds (pybreaker's key, read by plain pybreaker processes) and in
+# milliseconds (our companion key), each only if later than what is stored, in one step.
+_SET_OPENED_AT = """
+local function later(key, value)
+  local current = redis.call('get', key)
+  if not current or tonumber(value) > tonumber(current) then redis.call('set', key, value) end
+end
+later(KEYS[1], ARGV[1])
+later(KEYS[2], ARGV[2])
+return 1
 """
 
 # pybreaker logs each Redis error with a traceback through the standard library; we report
@@ -40,18 +59,26 @@ except ImportError:  # pragma: no cover - exercised only without the extra
     RedisError = OSError  # type: ignore[assignment,misc]
 
 
-def connect(target: object, *, timeout: float = 0.5) -> Any:
-    """A Redis client from a client object or a ``redis://`` URL, with short socket timeouts."""
+def connect(target: object, *, timeout: float = 0.5, parameter: str = "breaker_storage") -> Any:
+    """A Redis client from a client object or a ``redis://`` URL, with short socket timeouts.
+
+    ``parameter`` names the argument being converted in error messages.
+    """
     if isinstance(target, str):
         if redis is None:
-            raise ImportError("shared breaker state needs redis: pip install 'dwcp[redis]'")
+            raise ImportError(f"{parameter} needs redis: pip install 'dwcp[redis]'")
         if not target.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"breaker_storage URL must start with redis://, got {target!r}")
-        return redis.Redis.from_url(target, socket_timeout=timeout, socket_connect_timeout=timeout)
+            raise ValueError(f"{parameter} URL must start with redis://, got {target!r}")
+        try:
+            return redis.Redis.from_url(
+                target, socket_timeout=timeout, socket_connect_timeout=timeout
+            )
+        except ValueError as exc:
+            raise ValueError(f"{parameter} URL is not a valid Redis URL: {exc}") from exc
     for method in ("get", "set", "incr", "setnx", "ping", "transaction", "eval"):
         if not callable(getattr(target, method, None)):
             raise TypeError(
-                "breaker_storage must be a redis.Redis client or a redis:// URL, "
+                f"{parameter} must be a redis.Redis client or a redis:// URL, "
                 f"got {type(target).__name__}"
             )
     return target
@@ -106,6 +133,11 @@ class FailoverStorage(pybreaker.CircuitBreakerStorage):
         #: How long a half-open trial holds the cross-process lease at most (seconds).
         self.trial_lease = trial_lease
         self._trial_token: str | None = None
+        # Tells our own change messages from other processes'.
+        self._origin = f"{os.getpid()}-{secrets.token_hex(6)}"
+        self._callbacks: tuple[Callable[[], None], ...] = ()
+        self._watch_stop = threading.Event()
+        self._watcher: threading.Thread | None = None
         self._connect()
 
     # -- failover ------------------------------------------------------------------------------
@@ -240,14 +272,19 @@ class FailoverStorage(pybreaker.CircuitBreakerStorage):
 
     @state.setter
     def state(self, state: str) -> None:
-        def put(storage: pybreaker.CircuitBreakerStorage) -> None:
-            storage.state = state
-
-        self._do(put, write=True)
+        if self._target() is not self._local:
+            # The write and its announcement in one round trip.
+            try:
+                pipe = self._client.pipeline(transaction=False)
+                pipe.set(self._key("state"), str(state))
+                pipe.publish(self._key("changes"), f"{self._origin} {state}")
+                pipe.execute()
+            except RedisError as exc:
+                self._failed(exc)
+        self._local.state = state
 
     def _restore_remote(self) -> None:
-        local, remote = self._local, self._remote
-        assert remote is not None
+        local = self._local
         logger.bind(breaker=self._name, state=local.state).warning(
             f"Shared breaker state missing in Redis; restoring this process's ({local.state})"
         )
@@ -256,7 +293,7 @@ class FailoverStorage(pybreaker.CircuitBreakerStorage):
             self._client.set(self._key("success_counter"), local.success_counter)
             opened = local.opened_at
             if opened is not None:
-                remote.opened_at = opened
+                self._write_opened_at(opened)
             # Last, and only if still missing: another process may be restoring too.
             self._client.setnx(self._key("state"), local.state)
         except RedisError as exc:
@@ -284,14 +321,111 @@ class FailoverStorage(pybreaker.CircuitBreakerStorage):
 
     @property
     def opened_at(self) -> datetime | None:
-        value: datetime | None = self._do(lambda s: s.opened_at)
-        if value is not None and not self._degraded:
-            self._local.opened_at = value
+        if self._target() is self._local:
+            return self._local.opened_at
+        try:
+            ms, seconds = self._client.mget(self._key("opened_at_ms"), self._key("opened_at"))
+        except RedisError as exc:
+            self._failed(exc)
+            return self._local.opened_at
+        # The later of the two: a plain pybreaker process writes only the seconds.
+        stamps = [int(ms)] if ms is not None else []
+        if seconds is not None:
+            stamps.append(int(seconds) * 1000)
+        if not stamps:
+            return None
+        value = datetime.fromtimestamp(max(stamps) / 1000, timezone.utc)
+        self._local.opened_at = value
         return value
 
     @opened_at.setter
     def opened_at(self, now: datetime) -> None:
-        def put(storage: pybreaker.CircuitBreakerStorage) -> None:
-            storage.opened_at = now
+        if self._target() is not self._local:
+            self._write_opened_at(now)
+        self._local.opened_at = now
 
-        self._do(put, write=True)
+    def _write_opened_at(self, moment: datetime) -> None:
+        if moment.tzinfo is None:  # pybreaker passes aware UTC; a naive one is taken as UTC
+            moment = moment.replace(tzinfo=timezone.utc)
+        ms = int(moment.timestamp() * 1000)
+        keys = (self._key("opened_at"), self._key("opened_at_ms"))
+        try:
+            self._client.eval(_SET_OPENED_AT, 2, *keys, ms // 1000, ms)
+        except RedisError as exc:
+            self._failed(exc)
+
+    # -- hearing of other processes' changes ------------------------------------------------
+
+    def on_remote_change(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` soon after another process changes the shared state.
+
+        A thread named ``dwcp-breaker-watch`` subscribes to the breaker's change channel; it
+        also calls back after each (re)subscription, since changes made while it was
+        disconnected were not heard.  Callbacks run on that thread and must be quick (read
+        the state, never block).  Registering one callback twice is a no-op; ``close()``
+        stops the thread and a later registration starts it again.
+        """
+        if not callable(callback):
+            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+        with self._lock:
+            if callback not in self._callbacks:
+                self._callbacks = (*self._callbacks, callback)
+            if self._watcher is not None:
+                return
+            self._watch_stop = threading.Event()
+            self._watcher = threading.Thread(
+                target=self._watch,
+                args=(self._watch_stop,),
+                name="dwcp-breaker-watch",
+                daemon=True,
+            )
+            self._watcher.start()
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop and join the change subscriber, if one runs; idempotent."""
+        with self._lock:
+            watcher, self._watcher = self._watcher, None
+            self._watch_stop.set()
+        if watcher is not None:
+            watcher.join(timeout)
+            if watcher.is_alive():
+                logger.bind(breaker=self._name).warning("Breaker change subscriber did not stop")
+
+    def _notify(self) -> None:
+        for callback in self._callbacks:
+            try:
+                callback()
+            except Exception as exc:  # noqa: BLE001 - the subscriber outlives a bad callback
+                logger.opt(exception=exc).bind(breaker=self._name).error(
+                    "Breaker change callback raised"
+                )
+
+    def _watch(self, stop: threading.Event) -> None:
+        channel = self._key("changes")
+        own = self._origin
+        while not stop.is_set():
+            pubsub = None
+            try:
+                pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(channel)
+                self._notify()  # whatever changed while we were not subscribed
+                while not stop.is_set():
+                    # Short waits, so close() is answered within one of them.
+                    message = pubsub.get_message(timeout=0.1)
+                    if message is None or message.get("type") != "message":
+                        continue
+                    data = message.get("data")
+                    text = data.decode() if isinstance(data, bytes) else str(data)
+                    if text.split(" ", 1)[0] != own:
+                        self._notify()
+            except (RedisError, OSError) as exc:
+                logger.bind(breaker=self._name, error=f"{type(exc).__name__}: {exc}").debug(
+                    "Breaker change subscriber lost Redis; retrying"
+                )
+                stop.wait(self._retry_interval)
+            finally:
+                if pubsub is not None:
+                    try:
+                        pubsub.close()
+                    except (RedisError, OSError):
+                        pass

@@ -3,21 +3,34 @@
 A ``WebhookNotifier`` is a listener: ``manager.add_listener(notifier)``.  Calling it only puts
 the alert on a bounded queue (when full, the oldest alert is dropped and counted), so the
 manager's event thread is never held up by a slow or dead receiver.  A thread named
-``dwcp-webhook`` POSTs each alert; 5xx answers, timeouts and connection errors are retried
-with exponential backoff, 4xx answers are not.
+``dwcp-webhook`` POSTs each alert; 5xx, 408 and 429 answers, timeouts and connection errors
+are retried with exponential backoff (or after the answer's ``Retry-After``, at most 30 s),
+other 4xx answers are not.
+
+Alerts are deduplicated per (manager, component, event): one that repeats within
+``repeat_interval`` of the last one posted is suppressed (counted in ``suppressed``), so an
+outage's half-open -> open re-trips post one ``breaker_opened``, not one per re-trip.  The
+opposite event clears that memory: ``breaker_closed`` for ``breaker_opened``, a
+``recovery_succeeded`` for the component's ``component_unhealthy``, ``recovery_started`` and
+``recovery_failed`` (and each of those for ``recovery_succeeded``), so the next outage is
+reported at once.
 
 Payload (``Content-Type: application/json``, one alert per request)::
 
     {
       "event": "recovery_failed",
+      "manager": "payments-peer",
+      "peer": "10.0.0.7:7400",
       "component": "transport",
       "timestamp": "2024-05-01T12:00:00.123Z",
       "details": {"attempts": 3, "error": "ConnectionRefusedError: ..."},
       "source": "dwcp"
     }
 
-``timestamp`` is ISO-8601 UTC, when the event happened.  ``component`` is
-the component's slot name; breaker events name ``transport``, whose sends the breaker guards.
+``manager`` is the publishing manager's name (its ``breaker_name``), ``peer`` the address its
+transport talks to; each is null when the event does not say.  ``timestamp`` is ISO-8601 UTC, when the event
+happened.  ``component`` is the component's slot name; breaker events name ``transport``,
+whose sends the breaker guards.
 ``details`` by ``event``:
 
 - ``recovery_failed``: ``attempts`` (int), ``error`` (str or null)
@@ -26,21 +39,33 @@ the component's slot name; breaker events name ``transport``, whose sends the br
 - ``component_unhealthy``: ``error`` (str)
 - ``breaker_opened``: ``from_state`` (str), ``to_state`` (``"open"``)
 - ``breaker_closed``: ``from_state`` (str), ``to_state`` (``"closed"``)
+- ``node_lost`` (cluster; ``component`` null): ``node``, ``silent_for``, ``bound``, ``reason``
+- ``node_back`` (cluster; ``component`` null): ``node``, ``down_for``; deduplicated per node,
+  each clearing the other
 
-The request also carries the header ``X-DWCP-Event: <event>``.  See ``docs/webhooks.md``.
+The request also carries the headers ``X-DWCP-Event: <event>`` and ``X-DWCP-Delivery: <id>``
+(the same on every retry of one alert).  With a ``secret``, every request is signed:
+``X-DWCP-Timestamp`` is the Unix time of the attempt and ``X-DWCP-Signature-256`` is
+``sha256=`` and the hex HMAC-SHA256 of ``<timestamp>.<body>`` under the secret.  See
+``docs/webhooks.md``.
 """
 
 from __future__ import annotations
 
+import email.utils
+import hashlib
+import hmac
 import http.client
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
+import uuid
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -48,21 +73,24 @@ from urllib.parse import urlsplit
 import tenacity
 from loguru import logger
 
+from dwcp import _validation as check
+from dwcp._clock import Clock, SystemClock
 from dwcp.breaker import CLOSED, OPEN
 from dwcp.errors import DWCPError
 from dwcp.events import (
     BreakerStateChanged,
     ComponentUnhealthy,
+    NodeBack,
+    NodeLost,
     RecoveryFailed,
     RecoveryStarted,
     RecoverySucceeded,
 )
-from dwcp.manager import _count, _describe, _seconds
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["EVENT_KINDS", "WebhookNotifier"]
+__all__ = ["EVENT_KINDS", "WebhookNotifier", "sign"]
 
 EVENT_KINDS = (
     "recovery_failed",
@@ -71,16 +99,36 @@ EVENT_KINDS = (
     "breaker_closed",
     "component_unhealthy",
     "recovery_started",
+    "node_lost",
+    "node_back",
 )
 _THREAD_NAME = "dwcp-webhook"
 # No single backoff grows past this, however many attempts are configured.
 _MAX_BACKOFF = 30.0
 # Receivers answer with a short acknowledgement; read no more than this of it.
 _MAX_RESPONSE = 64 * 1024
+# 4xx answers that say "later", not "never": request timeout, too many requests.
+_RETRY_LATER = (408, 429)
+# An opposite event clears the deduplication memory of these kinds (see the module doc).
+_CLEARS = {
+    "breaker_closed": ("breaker_opened",),
+    "breaker_opened": ("breaker_closed",),
+    "recovery_succeeded": ("component_unhealthy", "recovery_started", "recovery_failed"),
+    "component_unhealthy": ("recovery_succeeded",),
+    "recovery_started": ("recovery_succeeded",),
+    "recovery_failed": ("recovery_succeeded",),
+    "node_lost": ("node_back",),
+    "node_back": ("node_lost",),
+}
 
 
 class _Retryable(Exception):
-    """The receiver may accept a later attempt: 5xx, timeout, connection error."""
+    """The receiver may accept a later attempt: 5xx, 408, 429, timeout, connection error."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        #: Seconds the receiver asked us to wait (``Retry-After``), if it did.
+        self.retry_after = retry_after
 
 
 class _Rejected(Exception):
@@ -106,9 +154,14 @@ def _alert(event: object) -> tuple[str, str | None, dict[str, Any]] | None:
         return "recovery_started", event.component, {"error": event.error}
     if isinstance(event, ComponentUnhealthy):
         return "component_unhealthy", event.component, {"error": event.error}
-    if isinstance(event, BreakerStateChanged) and event.new in (OPEN, CLOSED):
-        kind = "breaker_opened" if event.new == OPEN else "breaker_closed"
-        return kind, "transport", {"from_state": event.old, "to_state": event.new}
+    if isinstance(event, BreakerStateChanged) and event.to_state in (OPEN, CLOSED):
+        kind = "breaker_opened" if event.to_state == OPEN else "breaker_closed"
+        return kind, "transport", {"from_state": event.from_state, "to_state": event.to_state}
+    if isinstance(event, NodeLost):  # cluster events (dwcp.cluster) name no component
+        lost: dict[str, Any] = {"node": event.node, "silent_for": event.silent_for}
+        return "node_lost", None, {**lost, "bound": event.bound, "reason": event.reason}
+    if isinstance(event, NodeBack):
+        return "node_back", None, {"node": event.node, "down_for": event.down_for}
     return None
 
 
@@ -119,6 +172,45 @@ def _utc_timestamp(seconds: float | None = None) -> str:
         else datetime.fromtimestamp(seconds, timezone.utc)
     )
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP-date."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:  # RFC 9110 dates are GMT; the parser leaves "-0000" naive
+        moment = moment.replace(tzinfo=timezone.utc)
+    return max(0.0, moment.timestamp() - (time.time() if now is None else now))
+
+
+def _secret(value: object) -> bytes | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = value.encode()
+    if not isinstance(value, bytes):
+        raise TypeError(f"secret must be a str or bytes, got {type(value).__name__}")
+    if not value:
+        raise ValueError("secret must not be empty (pass None for unsigned requests)")
+    return value
+
+
+def sign(secret: str | bytes, timestamp: str, body: bytes) -> str:
+    """The ``X-DWCP-Signature-256`` value for ``body`` sent at ``timestamp`` (Unix seconds).
+
+    A receiver recomputes it from the raw body and the ``X-DWCP-Timestamp`` header and
+    compares with ``hmac.compare_digest``; rejecting old timestamps stops replays.
+    """
+    key = secret.encode() if isinstance(secret, str) else secret
+    digest = hmac.new(key, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return f"sha256={digest}"
 
 
 def _kinds(events: Iterable[str]) -> frozenset[str]:
@@ -153,7 +245,24 @@ class WebhookNotifier:
     """A manager listener that POSTs selected events to ``url`` as JSON alerts.
 
     ``start()`` begins delivery (events received before it wait in the queue); ``close()``
-    delivers what is queued until its deadline, then gives up and joins the thread.
+    (or ``stop()``) delivers what is queued until its deadline, then gives up and joins the
+    thread.
+
+    Args:
+        url: absolute ``http://`` or ``https://`` URL the alerts are POSTed to.
+        events: the event kinds to post, from ``EVENT_KINDS``.
+        timeout: seconds (or a ``timedelta``) one HTTP request may take.
+        queue_size: alerts waiting for delivery; when full, the oldest is dropped.
+        retry_attempts: requests per alert, the first included.
+        retry_backoff: seconds (or a ``timedelta``) before the second request; doubles
+            each time, at most 30 s.  A ``Retry-After`` answer replaces it, also at most 30 s.
+        repeat_interval: seconds (or a ``timedelta``) during which an alert with the same
+            (manager, component, event) as one already posted is suppressed; 0 posts all.
+        secret: shared secret that signs every request (``X-DWCP-Signature-256``); None
+            sends unsigned requests.
+        enabled: False makes the notifier ignore every event (start and close still work).
+        clock: where ``repeat_interval`` is measured and retry waits are waited out (and cut
+            short by ``close()``), as for the Manager; ``dwcp.testing.FakeClock`` in tests.
     """
 
     def __init__(
@@ -161,28 +270,52 @@ class WebhookNotifier:
         url: str,
         *,
         events: Iterable[str] = ("recovery_failed", "breaker_opened"),
-        timeout: float = 5.0,
+        timeout: float | timedelta = 5.0,
         queue_size: int = 1000,
         retry_attempts: int = 3,
-        retry_backoff: float = 0.5,
+        retry_backoff: float | timedelta = 0.5,
+        repeat_interval: float | timedelta = 3600.0,
+        secret: str | bytes | None = None,
+        enabled: bool = True,
+        clock: Clock | None = None,
     ) -> None:
         self._url = _checked_url(url)
         parts = urlsplit(url)
         # Webhook URLs often carry a secret in the path or userinfo; logs name only the host.
         self._target = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
         self._kinds = _kinds(events)
-        self._timeout = _seconds("timeout", timeout, allow_zero=False)
-        self._queue_size = _count("queue_size", queue_size)
-        self._attempts = _count("retry_attempts", retry_attempts)
-        self._backoff = _seconds("retry_backoff", retry_backoff, allow_zero=True)
+        self._timeout = check.seconds("timeout", timeout, allow_zero=False)
+        self._queue_size = check.count("queue_size", queue_size)
+        self._attempts = check.count("retry_attempts", retry_attempts)
+        self._backoff = check.seconds("retry_backoff", retry_backoff, allow_zero=True)
+        self._repeat = check.seconds("repeat_interval", repeat_interval, allow_zero=True)
+        self._secret = _secret(secret)
+        self._enabled = check.flag("enabled", enabled)
+        if clock is not None and not isinstance(clock, Clock):
+            raise TypeError(f"clock must have now() and sleep(), got {type(clock).__name__}")
+        self._clock: Clock = clock or SystemClock()
 
         self._cond = threading.Condition()
         self._queue: deque[dict[str, Any]] = deque()
         self._run = _Run()
         self._thread: threading.Thread | None = None
+        # When each (manager, component, kind) was last queued, by ``clock.now()``.
+        self._last_posted: dict[tuple[str, str, str], float] = {}
         self._delivered = 0
         self._failed = 0
         self._dropped = 0
+        self._suppressed = 0
+
+    def __repr__(self) -> str:
+        with self._cond:
+            state = "started" if self._thread is not None else "stopped"
+            counts = (
+                f"delivered={self._delivered} failed={self._failed} dropped={self._dropped} "
+                f"suppressed={self._suppressed} pending={len(self._queue)}"
+            )
+        events = ",".join(k for k in EVENT_KINDS if k in self._kinds)
+        signed = " signed" if self._secret else ""
+        return f"<WebhookNotifier {self._target} {state}{signed} events={events} {counts}>"
 
     # -- counters ---------------------------------------------------------------------------
 
@@ -207,6 +340,11 @@ class WebhookNotifier:
         return self._dropped
 
     @property
+    def suppressed(self) -> int:
+        """Alerts not queued because the same one was posted within ``repeat_interval``."""
+        return self._suppressed
+
+    @property
     def pending(self) -> int:
         """Alerts waiting in the queue."""
         with self._cond:
@@ -215,13 +353,19 @@ class WebhookNotifier:
     # -- the listener -------------------------------------------------------------------------
 
     def __call__(self, event: object) -> None:
-        """Queue an alert for ``event`` if its kind is selected; never blocks on delivery."""
+        """Queue an alert for ``event`` if its kind is selected and not a repeat; never blocks."""
+        if not self._enabled:
+            return
         described = _alert(event)
-        if described is None or described[0] not in self._kinds:
+        if described is None:
             return
         kind, component, details = described
+        manager = str(getattr(event, "manager", "") or "")
+        peer = str(getattr(event, "peer", "") or "")
         alert = {
             "event": kind,
+            "manager": manager or None,
+            "peer": peer or None,
             "component": component,
             "timestamp": _utc_timestamp(getattr(event, "timestamp", None)),
             "details": details,
@@ -229,6 +373,9 @@ class WebhookNotifier:
         }
         pushed_out: dict[str, Any] | None = None
         with self._cond:
+            # Cluster events name no component: each node is deduplicated on its own.
+            if not self._admit(manager, component or str(details.get("node") or ""), kind):
+                return
             if self._run.closing:
                 self._dropped += 1
                 pushed_out = alert
@@ -239,9 +386,25 @@ class WebhookNotifier:
                 self._queue.append(alert)
                 self._cond.notify()
         if pushed_out is not None:
-            logger.bind(url=self._target, event=pushed_out["event"]).warning(
-                "Webhook alert dropped"
+            dropped = pushed_out["event"]
+            logger.bind(url=self._target, event=dropped).warning(
+                f"Webhook alert dropped: {dropped} (queue full or notifier closed)"
             )
+
+    def _admit(self, manager: str, component: str, kind: str) -> bool:
+        # Caller holds the lock.  Every event updates the memory, selected or not, so a
+        # recovery the receiver never hears of still re-arms the next failure's alert.
+        for cleared in _CLEARS.get(kind, ()):
+            self._last_posted.pop((manager, component, cleared), None)
+        if kind not in self._kinds:
+            return False
+        key, now = (manager, component, kind), self._clock.now()
+        last = self._last_posted.get(key)
+        if last is not None and now - last < self._repeat:
+            self._suppressed += 1
+            return False
+        self._last_posted[key] = now
+        return True
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -256,13 +419,13 @@ class WebhookNotifier:
             )
             self._thread.start()
 
-    def close(self, timeout: float = 5.0) -> None:
+    def close(self, timeout: float | timedelta = 5.0) -> None:
         """Deliver queued alerts for up to ``timeout`` seconds, then stop and join the thread.
 
         Alerts still queued at the deadline are dropped; a delivery backing off is cut short.
         Idempotent; later events are dropped until ``start()`` is called again.
         """
-        deadline = _seconds("timeout", timeout, allow_zero=True)
+        deadline = check.seconds("timeout", timeout, allow_zero=True)
         with self._cond:
             thread, self._thread = self._thread, None
             run = self._run
@@ -278,14 +441,20 @@ class WebhookNotifier:
                 thread.join(self._timeout + 1.0)
                 if thread.is_alive():
                     logger.bind(url=self._target).warning(
-                        "Webhook thread did not stop in time; a request is hung"
+                        f"Webhook thread did not stop in time; a request to {self._target} is hung"
                     )
         with self._cond:
             left = len(self._queue)
             self._queue.clear()
             self._dropped += left
         if left:
-            logger.bind(url=self._target, dropped=left).warning("Webhook alerts dropped at close")
+            logger.bind(url=self._target, dropped=left).warning(
+                f"Webhook alerts dropped at close: {left} still queued for {self._target}"
+            )
+
+    def stop(self, timeout: float | timedelta = 5.0) -> None:
+        """Alias of ``close()``, like ``Manager.stop()``."""
+        self.close(timeout)
 
     def __enter__(self) -> Self:
         self.start()
@@ -319,59 +488,73 @@ class WebhookNotifier:
     def _deliver(self, alert: dict[str, Any], run: _Run) -> None:
         kind = str(alert["event"])
         body = json.dumps(alert).encode()
-        log = logger.bind(url=self._target, event=kind)
+        delivery = str(uuid.uuid4())
+        log = logger.bind(url=self._target, event=kind, delivery=delivery)
+        backoff = tenacity.wait_exponential(multiplier=self._backoff, max=_MAX_BACKOFF)
+
+        def wait(state: tenacity.RetryCallState) -> float:
+            error = state.outcome.exception() if state.outcome else None
+            if isinstance(error, _Retryable) and error.retry_after is not None:
+                # The receiver said when; still bounded, so close() and the queue move on.
+                return min(error.retry_after, _MAX_BACKOFF)
+            return float(backoff(state))
 
         def sleep(seconds: float) -> None:
-            if run.abort.wait(seconds):
+            if not self._clock.sleep(seconds, run.abort):
                 raise _Aborted
 
         def before_sleep(state: tenacity.RetryCallState) -> None:
             error = state.outcome.exception() if state.outcome else None
             log.bind(attempt=state.attempt_number, error=str(error)).debug(
-                "Webhook delivery attempt failed"
+                f"Webhook delivery attempt {state.attempt_number} failed: {error}"
             )
 
         # Built per delivery: a Retrying keeps per-run statistics and is never shared.
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(self._attempts),
-            wait=tenacity.wait_exponential(multiplier=self._backoff, max=_MAX_BACKOFF),
+            wait=wait,
             retry=tenacity.retry_if_exception_type(_Retryable),
             sleep=sleep,
             before_sleep=before_sleep,
             reraise=True,
         )
         try:
-            retrying(self._post, body, kind)
+            retrying(self._post, body, kind, delivery)
         except (_Retryable, _Rejected, _Aborted) as exc:
             with self._cond:
                 self._failed += 1
             reason = "close() deadline passed" if isinstance(exc, _Aborted) else str(exc)
-            log.bind(error=reason).warning("Webhook delivery failed")
+            log.bind(error=reason).warning(
+                f"Webhook delivery failed: {kind} to {self._target}: {reason}"
+            )
             return
         with self._cond:
             self._delivered += 1
-        log.debug("Webhook alert delivered")
+        log.debug(f"Webhook alert delivered: {kind} to {self._target}")
 
-    def _post(self, body: bytes, kind: str) -> None:
-        request = urllib.request.Request(
-            self._url,
-            data=body,
-            method="POST",
-            headers={
-                "Content-Type": "application/json",
-                "User-Agent": "dwcp-webhook",
-                "X-DWCP-Event": kind,
-            },
-        )
+    def _post(self, body: bytes, kind: str, delivery: str) -> None:
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": "dwcp-webhook",
+            "X-DWCP-Event": kind,
+            "X-DWCP-Delivery": delivery,
+        }
+        if self._secret is not None:
+            # Signed per attempt: a receiver that rejects old timestamps still takes a retry.
+            timestamp = str(int(time.time()))
+            headers["X-DWCP-Timestamp"] = timestamp
+            headers["X-DWCP-Signature-256"] = sign(self._secret, timestamp, body)
+        request = urllib.request.Request(self._url, data=body, method="POST", headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=self._timeout) as response:
                 response.read(_MAX_RESPONSE)
         except urllib.error.HTTPError as exc:
+            retry_after = _retry_after(exc.headers.get("Retry-After")) if exc.headers else None
             exc.close()
-            if exc.code >= 500:
-                raise _Retryable(f"HTTP {exc.code}") from exc
+            if exc.code >= 500 or exc.code in _RETRY_LATER:
+                raise _Retryable(f"HTTP {exc.code}", retry_after) from exc
             raise _Rejected(f"HTTP {exc.code}") from exc
         except (OSError, http.client.HTTPException) as exc:
             # URLError (refused, DNS), timeouts and resets are OSErrors; a garbled answer is
             # an HTTPException.  Both say nothing about the alert itself.
-            raise _Retryable(_describe(exc)) from exc
+            raise _Retryable(check.describe(exc)) from exc

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 import dwcp
+from dwcp.testing import FakeTransport
 from dwcp.transport import MultiStreamReceiver, MultiStreamTCPTransport, wire
 
 
@@ -41,77 +42,6 @@ def closed_by_peer(sock: socket.socket, timeout: float = 10.0) -> bool:
     except TimeoutError:
         return False
     return False
-
-
-class FakeTransport:
-    """An in-memory transport whose health and send behaviour a test switches."""
-
-    def __init__(self) -> None:
-        self.healthy = True
-        self.fail_sends: BaseException | None = None
-        self.send_gate: threading.Event | None = None
-        self.started = 0
-        self.closed = 0
-        self.start_error: BaseException | None = None
-        self.sent: list[bytes] = []
-        self.send_calls = 0
-        self.calls: list[str] = []
-        self._lock = threading.Lock()
-
-    def start(self) -> None:
-        with self._lock:
-            self.calls.append("start")
-            self.started += 1
-        if self.start_error is not None:
-            raise self.start_error
-
-    def close(self) -> None:
-        with self._lock:
-            self.calls.append("close")
-            self.closed += 1
-
-    def send(self, data: bytes | bytearray | memoryview) -> None:
-        with self._lock:
-            self.send_calls += 1
-        if self.send_gate is not None:
-            self.send_gate.wait(10)
-        if self.fail_sends is not None:
-            raise self.fail_sends
-        with self._lock:
-            self.sent.append(bytes(data))
-
-    def health_check(self) -> None:
-        with self._lock:
-            self.calls.append("health_check")
-        if not self.healthy:
-            raise ConnectionError("peer unreachable")
-
-
-class FakeLayer:
-    """A protocol layer with a switchable health and a record of lifecycle calls."""
-
-    def __init__(self, name: str = "layer") -> None:
-        self.name = name
-        self.healthy = True
-        self.heal_on_restart = False
-        self.hang: threading.Event | None = None
-        self.calls: list[str] = []
-        self._lock = threading.Lock()
-
-    def start(self) -> None:
-        with self._lock:
-            self.calls.append("start")
-            if self.heal_on_restart and "stop" in self.calls:
-                self.healthy = True
-
-    def stop(self) -> None:
-        with self._lock:
-            self.calls.append("stop")
-
-    def is_healthy(self) -> bool:
-        if self.hang is not None:
-            self.hang.wait()
-        return self.healthy
 
 
 @pytest.fixture

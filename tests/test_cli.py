@@ -8,7 +8,9 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ import pytest
 import dwcp
 from dwcp.cli import COMMANDS, Command, _duration, build_parser, health_url, main
 from dwcp.http import HealthServer
-from tests.conftest import FakeLayer, FakeTransport
+from dwcp.testing import FakeLayer, FakeTransport
 
 MakeManager = Callable[..., dwcp.Manager]
 ROOT = Path(__file__).resolve().parent.parent
@@ -167,3 +169,119 @@ def test_python_dash_m_dwcp_status(server: HealthServer) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("DWCP healthy")
     assert "transport" in result.stdout
+
+
+# -- arguments ---------------------------------------------------------------------------------
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as excinfo:
+        main(["--version"])
+    assert excinfo.value.code == 0
+    assert capsys.readouterr().out == f"dwcp {dwcp.__version__}\n"
+
+
+def test_python_dash_m_dwcp_version() -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "dwcp", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+        check=False,
+    )
+    assert (result.returncode, result.stdout) == (0, f"dwcp {dwcp.__version__}\n")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["status", "http://127.0.0.1:9", "--timeout", "-1"], "must be a finite number above 0"),
+        (["status", "http://127.0.0.1:9", "--timeout", "0"], "must be a finite number above 0"),
+        (["status", "http://127.0.0.1:9", "--timeout", "nan"], "must be a finite number above 0"),
+        (["status", "http://127.0.0.1:9", "--timeout", "soon"], "not a number of seconds"),
+        (["status", "ftp://127.0.0.1/healthz"], "only http:// and https:// URLs"),
+        (["status", "file:///etc/passwd"], "only http:// and https:// URLs"),
+        (["status", "http://"], "names no host"),
+    ],
+)
+def test_bad_arguments_are_argparse_errors(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as excinfo:
+        main(argv)
+    assert excinfo.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: dwcp status" in err and message in err
+
+
+def test_health_url_rejects_other_schemes() -> None:
+    with pytest.raises(ValueError, match="only http:// and https://"):
+        health_url("ftp://example.invalid/")
+
+
+class _JSONServer:
+    """An HTTP server on 127.0.0.1 answering every GET with one JSON document."""
+
+    def __init__(self, document: object, status: int = 200) -> None:
+        body = json.dumps(document).encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="json"
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._thread.join()
+        self._server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("document", "status"),
+    [
+        ({"status": "ok"}, 200),
+        ({"status": "unhealthy"}, 503),
+        ({"status": "healthy", "ready": True, "components": [], "breaker": {}, "metrics": {}}, 200),
+        (["healthy"], 200),
+        ("healthy", 200),
+    ],
+)
+def test_json_that_is_not_a_dwcp_health_document_exits_2(
+    document: object, status: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = _JSONServer(document, status)
+    try:
+        assert main(["status", server.url]) == 2
+    finally:
+        server.close()
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "did not answer with a dwcp health document" in captured.err
+
+
+def test_a_served_document_passes_the_shape_check(
+    server: HealthServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The same check, against what HealthServer really serves: it must not reject it.
+    assert main(["status", "--json", server.url]) == 0
+    document = json.loads(capsys.readouterr().out)
+    copy = _JSONServer(document)
+    try:
+        assert main(["status", copy.url]) == 0
+    finally:
+        copy.close()

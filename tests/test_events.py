@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
+
+import pytest
 
 import dwcp
 from dwcp.events import _Dispatcher
@@ -52,3 +55,51 @@ def test_a_restarted_dispatcher_does_not_share_events_with_an_abandoned_thread()
     dispatcher.close()
     assert first_run.count(later) == 1
     wait_until(lambda: not any(t.name == "dwcp-events" for t in threading.enumerate()))
+
+
+def test_every_event_names_its_manager_and_peer_keyword_only() -> None:
+    events = [
+        dwcp.ComponentUnhealthy("transport", "down"),
+        dwcp.ComponentEscalated("transport", 3, 60.0),
+        dwcp.RecoveryStarted("transport", None),
+        dwcp.RecoveryAttempt("transport", 1, 1.0),
+        dwcp.RecoverySucceeded("transport", 1, 0.5),
+        dwcp.RecoveryFailed("transport", 3, None),
+        dwcp.BreakerStateChanged("closed", "open"),
+        dwcp.SendRejected("open"),
+    ]
+    for event in events:
+        assert (event.manager, event.peer) == ("", ""), event
+        named = dataclasses.replace(event, manager="payments", peer="10.0.0.7:7400")
+        assert named != event  # the manager is part of an event's identity
+        assert (named.manager, named.peer) == ("payments", "10.0.0.7:7400")
+    with pytest.raises(TypeError):
+        dwcp.SendRejected("open", 1.0, "payments")  # type: ignore[misc]
+
+
+def test_breaker_events_say_from_state_and_to_state_and_keep_old_and_new() -> None:
+    event = dwcp.BreakerStateChanged("half-open", "open")
+    assert (event.from_state, event.to_state) == ("half-open", "open")
+    assert (event.old, event.new) == ("half-open", "open")
+    assert event == dwcp.BreakerStateChanged(from_state="half-open", to_state="open")
+
+
+def test_the_dispatcher_stamps_its_manager_and_peer_on_delivery() -> None:
+    seen: list[dwcp.Event] = []
+    dispatcher = _Dispatcher(manager="payments", peer="10.0.0.7:7400")
+    dispatcher.add(seen.append)
+    dispatcher.open()
+    try:
+        dispatcher.publish(dwcp.SendRejected("open"))
+        dispatcher.publish(dwcp.SendRejected("open", manager="other", peer="::1"))
+        wait_until(lambda: len(seen) == 2)  # stamped on delivery, so wait before changing it
+        dispatcher.peer = "10.0.0.8:7400"  # the transport moved on
+        dispatcher.publish(dwcp.SendRejected("half-open"))
+        wait_until(lambda: len(seen) == 3)
+    finally:
+        dispatcher.close()
+    assert [(e.manager, e.peer) for e in seen] == [
+        ("payments", "10.0.0.7:7400"),
+        ("other", "::1"),
+        ("payments", "10.0.0.8:7400"),
+    ]

@@ -11,12 +11,16 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from loguru import logger
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_parse,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 import dwcp
 from dwcp.http import HealthServer
-from tests.conftest import FakeLayer, FakeTransport, wait_until
+from dwcp.testing import FakeLayer, FakeTransport
+from tests.conftest import wait_until
 
 MakeManager = Callable[..., dwcp.Manager]
 MakeServer = Callable[[dwcp.Manager], HealthServer]
@@ -109,7 +113,7 @@ def test_readyz_is_503_while_the_breaker_is_open(
         manager.send_with_circuit_breaker(b"x")
     assert manager.circuit_breaker_state == "open"
     assert request(server, "/readyz").status == 503
-    assert request(server, "/healthz").json()["breaker"] == {"state": "open"}
+    assert request(server, "/healthz").json()["breaker"] == {"state": "open", "storage": "local"}
 
 
 def test_readyz_without_a_transport_needs_every_component(
@@ -158,12 +162,14 @@ def test_healthz_document(make_manager: MakeManager, make_server: MakeServer) ->
     assert document["ready"] is True
     assert document["started"] is True
     assert document["monitor_alive"] is True
-    assert document["breaker"] == {"state": "closed"}
+    assert document["breaker"] == {"state": "closed", "storage": "local"}
+    assert document["manager"] == "dwcp"
     assert set(document["components"]) == {"transport", "compression"}  # type: ignore[arg-type]
     metrics = document["metrics"]
     assert isinstance(metrics, dict)
     assert (metrics["sends"], metrics["sent_bytes"]) == (1, 3)
     assert metrics["recovery_success_rate"] is None
+    assert (metrics["events_dropped"], metrics["breaker_storage_errors"]) == (0, 0)
 
     fail_transport(manager, transport)
     reply = request(server, "/healthz")
@@ -190,14 +196,16 @@ def test_metrics_serves_the_prometheus_exposition(
     manager.check_component_health()
     reply = request(server, "/metrics")
     assert reply.status == 200
-    assert reply.headers["Content-Type"] == CONTENT_TYPE_LATEST
+    # Without an Accept header: the classic text format, as prometheus_client itself serves.
+    assert reply.headers["Content-Type"] == choose_encoder("")[1]
+    assert reply.headers["Content-Type"].startswith("text/plain")
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in text_string_to_metric_families(reply.body.decode())
         for s in family.samples
     }
-    assert samples[("dwcp_health_checks_total", ())] == 1
-    assert samples[("dwcp_component_up", (("component", "transport"),))] == 1
+    assert samples[("dwcp_health_checks_total", (("manager", "dwcp"),))] == 1
+    assert samples[("dwcp_component_up", (("component", "transport"), ("manager", "dwcp")))] == 1
 
 
 def test_metrics_without_prometheus_client_is_404(
@@ -227,14 +235,71 @@ def test_unknown_paths_are_404_and_queries_are_ignored(
     assert request(server, "/readyz?verbose=1").status == 200
 
 
-@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
 def test_other_methods_are_405(
     make_manager: MakeManager, make_server: MakeServer, method: str
 ) -> None:
     server = make_server(make_manager(FakeTransport()))
     reply = request(server, "/healthz", method)
     assert reply.status == 405
-    assert reply.headers["Allow"] == "GET"
+    assert reply.headers["Allow"] == "GET, HEAD"
+
+
+def raw_exchange(server: HealthServer, head: bytes) -> bytes:
+    """Send one raw request and read until the server closes: what is on the wire, exactly."""
+    with socket.create_connection(server.address, timeout=5) as sock:
+        sock.sendall(head)
+        chunks = []
+        for _ in range(1000):  # bounded: the server closes after one answer
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("path", ["/livez", "/readyz", "/healthz", "/metrics", "/nope"])
+def test_head_answers_like_get_without_a_body(
+    make_manager: MakeManager, make_server: MakeServer, path: str
+) -> None:
+    manager = make_manager(FakeTransport())
+    server = make_server(manager)
+    manager.start()
+    get = request(server, path)
+    wire = raw_exchange(server, f"HEAD {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+    head, _, body = wire.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in header_lines)
+    assert int(status_line.split()[1]) == get.status
+    assert body == b""  # nothing after the headers
+    assert headers["Content-Type"] == get.headers["Content-Type"]
+    if path != "/healthz" and path != "/metrics":  # those bodies carry a timestamp or timings
+        assert int(headers["Content-Length"]) == len(get.body)
+
+
+def test_metrics_honours_accept_openmetrics(
+    make_manager: MakeManager, make_server: MakeServer
+) -> None:
+    manager = make_manager(FakeTransport())
+    server = make_server(manager)
+    manager.start()
+    host, port = server.address
+    conn = http.client.HTTPConnection(host, port, timeout=5)
+    try:
+        conn.request("GET", "/metrics", headers={"Accept": "application/openmetrics-text"})
+        response = conn.getresponse()
+        body = response.read().decode()
+    finally:
+        conn.close()
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("application/openmetrics-text")
+    assert body.endswith("# EOF\n")
+    families = {f.name: f for f in openmetrics_parse(body)}
+    assert families["dwcp_component_up"].samples[0].labels == {
+        "manager": "dwcp",
+        "component": "transport",
+    }
+    assert families["dwcp_build"].type == "info"
 
 
 def test_a_handler_error_is_a_500_not_a_dropped_connection(
@@ -374,3 +439,45 @@ def test_concurrent_scrapes_while_a_component_fails_and_recovers(
     assert errors == []
     assert manager.metrics().recoveries_succeeded + manager.metrics().recoveries_failed >= 1
     assert all(codes <= {200, 503} for path, codes in seen.items() if path != "/metrics")
+
+
+# -- validation --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"host": 1234}, TypeError, "host must be a string"),
+        ({"host": ""}, ValueError, "host must be a non-empty string"),
+        ({"port": "80"}, TypeError, "port must be an int"),
+        ({"port": 80.0}, TypeError, "port must be an int"),
+        ({"port": True}, TypeError, "port must be an int"),
+        ({"port": -1}, ValueError, "port must be from 0 to 65535"),
+        ({"port": 70000}, ValueError, "port must be from 0 to 65535"),
+    ],
+)
+def test_host_and_port_are_checked_at_construction(
+    make_manager: MakeManager, kwargs: dict[str, object], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        HealthServer(make_manager(FakeTransport()), **kwargs)  # type: ignore[arg-type]
+
+
+def test_the_managers_health_host_and_port_are_named_as_such() -> None:
+    with pytest.raises(TypeError, match="^health_host must be a string"):
+        dwcp.Manager(FakeTransport(), health_port=0, health_host=1234)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="^health_port must be from 0 to 65535"):
+        dwcp.Manager(FakeTransport(), health_port=-1)
+    with pytest.raises(TypeError, match="^health_port must be an int"):
+        dwcp.Manager(FakeTransport(), health_port="80")  # type: ignore[arg-type]
+
+
+def test_repr_and_close_alias(make_manager: MakeManager) -> None:
+    server = HealthServer(make_manager(FakeTransport()), port=0)
+    assert repr(server) == "<HealthServer 127.0.0.1 port 0, not started>"
+    server.start()
+    try:
+        assert repr(server) == f"<HealthServer {server.url}>"
+    finally:
+        server.close()
+    assert http_threads() == []

@@ -12,7 +12,8 @@ import pytest
 from freezegun import freeze_time
 
 import dwcp
-from tests.conftest import FakeLayer, FakeTransport, wait_until
+from dwcp.testing import FakeLayer, FakeTransport
+from tests.conftest import wait_until
 
 MakeManager = Callable[..., dwcp.Manager]
 
@@ -55,9 +56,9 @@ def test_zero_backoff_is_allowed() -> None:
 
 def test_component_missing_methods_is_a_type_error() -> None:
     with pytest.raises(TypeError, match="transport .* health_check"):
-        dwcp.Manager(object())
+        dwcp.Manager(object())  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="compression .* is_healthy"):
-        dwcp.Manager(compression=object())
+        dwcp.Manager(compression=object())  # type: ignore[arg-type]
 
 
 # -- lifecycle -------------------------------------------------------------------------------
@@ -310,12 +311,13 @@ def test_half_open_admits_one_trial_while_it_is_in_flight(make_manager: MakeMana
     transport.fail_sends = OSError("down")
     with pytest.raises(dwcp.TransportError):
         manager.send_with_circuit_breaker(b"x")
-    manager._breaker.half_open()  # what a verified transport recovery does
     transport.fail_sends = None
+    assert manager.attempt_component_recovery("transport")  # a verified recovery half-opens
+    assert manager.circuit_breaker_state == "half-open"
     gate = transport.send_gate = threading.Event()
     trial = threading.Thread(target=manager.send_with_circuit_breaker, args=(b"trial",))
     trial.start()
-    wait_until(lambda: manager._breaker._trial_in_flight)
+    wait_until(lambda: transport.send_calls == 2)
     for _ in range(3):
         with pytest.raises(dwcp.CircuitOpenError):
             manager.send_with_circuit_breaker(b"other")
@@ -446,7 +448,7 @@ def test_extra_named_layers_are_checked_and_recovered(make_manager: MakeManager)
 )
 def test_extra_layers_are_validated(layers: dict[str, object], error: type, match: str) -> None:
     with pytest.raises(error, match=match):
-        dwcp.Manager(FakeTransport(), layers=layers)
+        dwcp.Manager(FakeTransport(), layers=layers)  # type: ignore[arg-type]
 
 
 def test_a_transport_left_closed_by_recovery_counts(make_manager: MakeManager) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import pytest
 
 import dwcp
-from tests.conftest import FakeLayer, FakeTransport
+from dwcp.testing import FakeLayer, FakeTransport
 
 MakeManager = Callable[..., dwcp.Manager]
 

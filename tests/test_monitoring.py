@@ -5,13 +5,21 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
 
 import dwcp
-from tests.conftest import FakeLayer, FakeTransport, wait_until
+from dwcp._latency import LatencyRecorder
+from dwcp._monitor import Monitor
+from dwcp._status import Counters
+from dwcp.testing import FakeClock, FakeLayer, FakeTransport
+from tests.conftest import wait_until
 
 MakeManager = Callable[..., dwcp.Manager]
+
+
+E = TypeVar("E", bound=dwcp.Event)
 
 
 class Events:
@@ -26,11 +34,11 @@ class Events:
             self.items.append(event)
             self._cond.notify_all()
 
-    def of(self, kind: type) -> list[dwcp.Event]:
+    def of(self, kind: type[E]) -> list[E]:
         with self._cond:
             return [e for e in self.items if isinstance(e, kind)]
 
-    def wait_for(self, kind: type, count: int = 1, timeout: float = 5.0) -> list[dwcp.Event]:
+    def wait_for(self, kind: type[E], count: int = 1, timeout: float = 5.0) -> list[E]:
         with self._cond:
             ok = self._cond.wait_for(lambda: len(self.of(kind)) >= count, timeout)
         assert ok, f"no {count} x {kind.__name__} within {timeout}s; saw {self.items}"
@@ -129,24 +137,27 @@ def test_hung_check_does_not_stall_stop(make_manager: MakeManager) -> None:
         hang.set()
 
 
-def test_loop_survives_an_exception_in_a_pass(
-    make_manager: MakeManager, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    manager = make_manager(FakeTransport(), health_interval=0.01)
-    real = manager._run_checks
-    failures = [0]
+def test_loop_survives_an_exception_in_a_pass() -> None:
+    monitor = Monitor(threading.RLock(), Counters(), LatencyRecorder(), interval=0.001, timeout=1.0)
+    stop = threading.Event()
+    passes = [0]
+    survived = threading.Event()
 
-    def flaky(*args: object, **kwargs: object) -> object:
-        if failures[0] < 3:
-            failures[0] += 1
+    def flaky(_stop: threading.Event) -> None:
+        passes[0] += 1
+        if passes[0] <= 3:
             raise RuntimeError("bug in a pass")
-        return real(*args, **kwargs)  # type: ignore[arg-type]
+        survived.set()
 
-    monkeypatch.setattr(manager, "_run_checks", flaky)
-    manager.start()
-    wait_until(lambda: manager.metrics().component_checks >= 3)
-    assert failures[0] == 3
-    assert [t.name for t in threading.enumerate()].count("dwcp-monitor") == 1
+    monitor.start(flaky, stop)
+    try:
+        assert survived.wait(5)
+        assert monitor.thread is not None and monitor.thread.name == "dwcp-monitor"
+    finally:
+        stop.set()
+        assert monitor.thread is not None
+        monitor.thread.join(5)
+    assert not monitor.thread.is_alive()
 
 
 def test_check_that_raises_marks_unhealthy_with_the_error(make_manager: MakeManager) -> None:
@@ -200,9 +211,9 @@ def test_success_requires_the_health_recheck(make_manager: MakeManager) -> None:
     assert metrics.recovery_attempts == 3
     assert metrics.recoveries_failed == 1 and metrics.recovery_success_rate == 0.0
     failed = events.wait_for(dwcp.RecoveryFailed)
-    assert failed[0].attempts == 3  # type: ignore[union-attr]
+    assert failed[0].attempts == 3
     attempts = events.wait_for(dwcp.RecoveryAttempt, 3)
-    assert [e.backoff for e in attempts] == [0.001, 0.002, 0.004]  # type: ignore[union-attr]
+    assert [e.backoff for e in attempts] == [0.001, 0.002, 0.004]
 
 
 def test_unknown_component_and_not_started(make_manager: MakeManager) -> None:
@@ -258,7 +269,7 @@ def test_monitor_detects_and_recovers_a_transport(make_manager: MakeManager) -> 
     events.wait_for(dwcp.RecoveryAttempt, 2)
     transport.healthy = True
     succeeded = events.wait_for(dwcp.RecoverySucceeded)
-    assert succeeded[0].component == "transport"  # type: ignore[union-attr]
+    assert succeeded[0].component == "transport"
     assert manager.metrics().downtime_seconds["transport"] > 0
 
 
@@ -308,20 +319,41 @@ def test_stop_during_a_long_backoff_is_prompt_and_starts_no_attempt(
     assert manager.health().components["transport"].status == "unhealthy"
 
 
-def test_stop_during_the_4s_backoff_with_the_real_schedule(make_manager: MakeManager) -> None:
-    """Attempts 1 and 2 fail after the 1 s and 2 s waits; stop() lands in the 4 s one."""
+def test_the_default_schedule_waits_1_2_4_seconds_on_the_injected_clock(
+    make_manager: MakeManager,
+) -> None:
+    """Three attempts after 1 s, 2 s and 4 s of the manager's clock, then the cycle gives up."""
     transport = FakeTransport()
+    clock = FakeClock(start=100.0)
     events = Events()
-    manager = make_manager(transport, initial_backoff=1.0)
+    manager = make_manager(transport, initial_backoff=1.0, clock=clock)
     manager.add_listener(events)
     manager.start()
     transport.healthy = False
     manager.check_component_health()
-    third = events.wait_for(dwcp.RecoveryAttempt, 3, timeout=10)[2]
-    assert third.backoff == 4.0  # type: ignore[union-attr]
+    failed = events.wait_for(dwcp.RecoveryFailed)[0]
+    assert clock.slept == [1.0, 2.0, 4.0]
+    assert [e.backoff for e in events.of(dwcp.RecoveryAttempt)] == [1.0, 2.0, 4.0]
+    assert failed.attempts == 3
+    assert clock.now() == 107.0
+    # Downtime is measured on the same clock: 7 s of backoff, no real time.
+    assert manager.metrics().downtime_seconds["transport"] == 7.0
+
+
+def test_stop_during_the_4s_backoff_with_the_real_schedule(make_manager: MakeManager) -> None:
+    """Attempts 1 and 2 fail after the 1 s and 2 s waits; stop() lands in the 4 s one."""
+    transport = FakeTransport()
+    clock = FakeClock()
+    clock.block_on(4.0)
+    manager = make_manager(transport, initial_backoff=1.0, clock=clock)
+    manager.start()
+    transport.healthy = False
+    manager.check_component_health()
+    assert clock.blocked.wait(10)
     began = time.monotonic()
     manager.stop()
     assert time.monotonic() - began < 0.5
+    assert clock.slept == [1.0, 2.0, 4.0]
     assert transport.calls.count("start") == 1 + 2  # attempts 1 and 2 ran, 3 never did
     assert manager.metrics().recoveries_failed == 0  # cancelled, not failed
 

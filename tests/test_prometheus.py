@@ -5,17 +5,25 @@ from __future__ import annotations
 import importlib
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from types import MappingProxyType
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_generate
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_parse,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import REGISTRY
 
 import dwcp
-from dwcp.prometheus import DWCPCollector, register_metrics
-from tests.conftest import FakeLayer, FakeTransport, wait_until
+from dwcp._latency import SEND_BUCKETS, LatencyRecorder
+from dwcp.prometheus import DWCPCollector, register_metrics, unregister_metrics
+from dwcp.testing import FakeLayer, FakeTransport
+from tests.conftest import wait_until
 
 MakeManager = Callable[..., dwcp.Manager]
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -33,11 +41,13 @@ def scrape(registry: CollectorRegistry) -> Samples:
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
+    labels.setdefault("manager", "dwcp")
     return samples[(name, tuple(sorted(labels.items())))]
 
 
 def one_hot(samples: Samples, name: str, label: str, **fixed: str) -> str:
     """The single label value whose sample is 1, checking every other one is 0."""
+    fixed.setdefault("manager", "dwcp")
     hot = [
         dict(labels)[label]
         for (n, labels), v in samples.items()
@@ -56,7 +66,7 @@ def transitions(samples: Samples) -> dict[tuple[str, str], float]:
     """The non-zero breaker transitions by (from, to)."""
     found = {}
     for (name, labels), v in samples.items():
-        if name == "dwcp_breaker_transitions_total" and v:
+        if name == "dwcp_breaker_transitions_total" and v and dict(labels)["manager"] == "dwcp":
             found[(dict(labels)["from_state"], dict(labels)["to_state"])] = v
     return found
 
@@ -200,12 +210,14 @@ def test_register_metrics_uses_the_default_registry(make_manager: MakeManager) -
         REGISTRY.unregister(collector)
 
 
-def test_registering_twice_on_one_registry_is_refused(
+def test_two_managers_with_one_name_on_one_registry_are_refused(
     make_manager: MakeManager, registry: CollectorRegistry
 ) -> None:
     register_metrics(make_manager(FakeTransport()), registry)
-    with pytest.raises(ValueError, match="Duplicated timeseries"):
+    with pytest.raises(ValueError, match="'dwcp' is already exposed.*breaker_name"):
         register_metrics(make_manager(FakeTransport()), registry)
+    with pytest.raises(TypeError, match="name must be a str"):
+        register_metrics(make_manager(FakeTransport()), registry, name=7)  # type: ignore[arg-type]
 
 
 def test_registration_does_not_call_into_the_manager() -> None:
@@ -234,3 +246,187 @@ def test_importing_dwcp_does_not_import_prometheus_client() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, timeout=30, check=False
     )
     assert result.returncode == 0, result.stderr.decode()
+
+
+# -- several managers, every sample labelled ---------------------------------------------------
+
+
+def test_two_managers_share_a_registry_told_apart_by_the_manager_label(
+    make_manager: MakeManager, registry: CollectorRegistry
+) -> None:
+    payments, audit = make_manager(FakeTransport()), make_manager(FakeTransport())
+    first = register_metrics(payments, registry, name="payments")
+    assert register_metrics(audit, registry, name="audit") is first
+    payments.start()
+    audit.start()
+    payments.send_with_circuit_breaker(b"abc")
+
+    text = generate_latest(registry).decode()
+    # Each family is described once, or Prometheus' own parser refuses the whole scrape.
+    helps = [line.split()[2] for line in text.splitlines() if line.startswith("# HELP")]
+    assert len(helps) == len(set(helps))
+    samples = scrape(registry)
+    assert value(samples, "dwcp_sends_total", manager="payments") == 1
+    assert value(samples, "dwcp_sends_total", manager="audit") == 0
+    assert {dict(labels)["manager"] for (_, labels) in samples} == {"payments", "audit"}
+
+    # The strict OpenMetrics parser accepts the same scrape.
+    exposition = openmetrics_generate(registry).decode()
+    families = {f.name: f for f in openmetrics_parse(exposition)}
+    assert {s.labels["manager"] for s in families["dwcp_sends"].samples} == {"payments", "audit"}
+
+    unregister_metrics(payments, registry)
+    assert {dict(labels)["manager"] for (_, labels) in scrape(registry)} == {"audit"}
+    unregister_metrics(audit, registry)
+    assert generate_latest(registry) == b""
+    with pytest.raises(ValueError, match="no dwcp manager"):
+        unregister_metrics(audit, registry)
+    # The registry is free again, for a fresh collector.
+    register_metrics(audit, registry)
+    assert value(scrape(registry), "dwcp_sends_total") == 0
+
+
+def test_the_label_is_the_managers_breaker_name_by_default(
+    make_manager: MakeManager, registry: CollectorRegistry
+) -> None:
+    payments = make_manager(FakeTransport(), breaker_name="payments-peer")
+    register_metrics(payments, registry)
+    register_metrics(make_manager(FakeTransport(), breaker_name="audit-peer"), registry)
+    payments.start()
+    payments.send_with_circuit_breaker(b"abcd")
+    samples = scrape(registry)
+    assert value(samples, "dwcp_sent_bytes_total", manager="payments-peer") == 4
+    assert value(samples, "dwcp_sent_bytes_total", manager="audit-peer") == 0
+
+
+# -- what the snapshots carry ------------------------------------------------------------------
+
+
+class Snapshots:
+    """A metrics source that serves the snapshots a test builds, as a Manager would."""
+
+    def __init__(self, metrics: dwcp.MetricsSnapshot | None = None, name: str = "") -> None:
+        self.name = name
+        self.snapshot = metrics or dwcp.MetricsSnapshot(*[0] * 10)
+        self.breaker_state = "closed"
+
+    def metrics(self) -> dwcp.MetricsSnapshot:
+        return self.snapshot
+
+    def health(self) -> dwcp.HealthSnapshot:
+        return dwcp.HealthSnapshot(MappingProxyType({}), self.breaker_state)
+
+
+def test_dropped_events_storage_mode_and_errors_and_build_info(
+    registry: CollectorRegistry,
+) -> None:
+    source = Snapshots(
+        dwcp.MetricsSnapshot(
+            *[0] * 10, breaker_storage="fallback", breaker_storage_errors=3, events_dropped=7
+        )
+    )
+    register_metrics(source, registry)  # type: ignore[arg-type]
+    samples = scrape(registry)
+    assert value(samples, "dwcp_events_dropped_total") == 7
+    assert value(samples, "dwcp_breaker_storage_errors_total") == 3
+    assert one_hot(samples, "dwcp_breaker_storage", "mode") == "fallback"
+    assert value(samples, "dwcp_build_info", version=dwcp.__version__) == 1
+
+
+def test_a_real_manager_reports_local_storage(
+    make_manager: MakeManager, registry: CollectorRegistry
+) -> None:
+    register_metrics(make_manager(FakeTransport()), registry)
+    samples = scrape(registry)
+    assert one_hot(samples, "dwcp_breaker_storage", "mode") == "local"
+    assert value(samples, "dwcp_breaker_storage_errors_total") == 0
+    assert value(samples, "dwcp_events_dropped_total") == 0
+
+
+def test_latency_histograms_from_the_recorder(registry: CollectorRegistry) -> None:
+    recorder = LatencyRecorder()
+    for seconds in (0.0002, 0.0004, 0.003, 42.0):
+        recorder.observe_send(seconds)
+    recorder.observe_recovery("transport", 3.5)
+    recorder.observe_health_check("transport", 0.002)
+    recorder.observe_health_check("sync", 5.0)
+    send, recovery, checks = recorder.snapshot()
+    source = Snapshots(
+        dwcp.MetricsSnapshot(
+            *[0] * 10, send_seconds=send, recovery_seconds=recovery, health_check_seconds=checks
+        )
+    )
+    register_metrics(source, registry)  # type: ignore[arg-type]
+    samples = scrape(registry)
+
+    def bucket(name: str, le: str, **labels: str) -> float:
+        return value(samples, f"{name}_bucket", le=le, **labels)
+
+    assert bucket("dwcp_send_duration_seconds", "0.00025") == 1
+    assert bucket("dwcp_send_duration_seconds", "0.0005") == 2
+    assert bucket("dwcp_send_duration_seconds", "10.0") == 3
+    assert bucket("dwcp_send_duration_seconds", "+Inf") == 4
+    assert value(samples, "dwcp_send_duration_seconds_count") == 4
+    assert value(samples, "dwcp_send_duration_seconds_sum") == pytest.approx(42.0036)
+    assert bucket("dwcp_recovery_duration_seconds", "2.5", component="transport") == 0
+    assert bucket("dwcp_recovery_duration_seconds", "5.0", component="transport") == 1
+    check = "dwcp_health_check_duration_seconds"
+    assert bucket(check, "0.0025", component="transport") == 1
+    assert bucket(check, "2.5", component="sync") == 0
+    assert bucket(check, "5.0", component="sync") == 1  # a bound counts as "less or equal"
+    assert value(samples, f"{check}_count", component="sync") == 1
+
+
+def test_a_manager_that_records_nothing_has_an_empty_send_histogram(
+    make_manager: MakeManager, registry: CollectorRegistry
+) -> None:
+    register_metrics(make_manager(FakeTransport()), registry)
+    samples = scrape(registry)
+    assert value(samples, "dwcp_send_duration_seconds_count") == 0
+    assert value(samples, "dwcp_send_duration_seconds_bucket", le="+Inf") == 0
+
+
+def test_the_recorder_counts_every_sending_thread() -> None:
+    recorder = LatencyRecorder()
+    threads_per_round, per_thread = 8, 500
+
+    def send() -> None:
+        for i in range(per_thread):
+            recorder.observe_send(0.001 * (i % 3))
+
+    # Many rounds of threads sending at once: no observation is lost.
+    for _ in range(10):
+        threads = [threading.Thread(target=send) for _ in range(threads_per_round)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        assert not any(t.is_alive() for t in threads)
+    send_seconds, _, _ = recorder.snapshot()
+    total = 10 * threads_per_round * per_thread
+    assert send_seconds.count == total
+    # i % 3 == 0 lands in the first bucket, 0.001 in le=0.001, 0.002 in le=0.0025.
+    first, at_1ms, at_2_5ms = (
+        send_seconds.cumulative_counts[i] for i in (0, SEND_BUCKETS.index(0.001), 4)
+    )
+    assert (first, at_1ms, at_2_5ms) == (
+        10 * threads_per_round * 167,
+        10 * threads_per_round * 334,
+        total,
+    )
+    assert send_seconds.sum == pytest.approx(10 * threads_per_round * (167 * 0.001 + 166 * 0.002))
+
+
+def test_a_collector_of_ones_own_takes_more_managers(
+    make_manager: MakeManager, registry: CollectorRegistry
+) -> None:
+    first, second = make_manager(FakeTransport()), make_manager(FakeTransport())
+    collector = DWCPCollector(first, name="first")
+    assert collector.add(second, name="second") == "second"
+    registry.register(collector)
+    assert set(collector.managers) == {"first", "second"}
+    assert {dict(labels)["manager"] for (_, labels) in scrape(registry)} == {"first", "second"}
+    collector.remove(first)
+    with pytest.raises(ValueError, match="not exposed"):
+        collector.remove(first)
+    assert {dict(labels)["manager"] for (_, labels) in scrape(registry)} == {"second"}

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import configparser
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
 
 
 def _block_after(heading: str, language: str) -> str:
@@ -26,3 +33,60 @@ def test_readme_test_command_is_what_ci_runs() -> None:
     ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
     assert commands[1] in ci
     assert "dwcp demo" in commands[0]
+
+
+def _extras() -> dict[str, list[str]]:
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    return {
+        name: [line.split("=")[0].split(">")[0].strip() for line in value.split("\n") if line]
+        for name, value in config["options.extras_require"].items()
+    }
+
+
+def test_the_projects_own_tools_are_in_the_dev_extra_not_test() -> None:
+    extras = _extras()
+    assert {"ruff", "mypy"} <= set(extras["dev"])
+    assert not {"ruff", "mypy"} & set(extras["test"])
+    ci = (ROOT / ".ci" / "run").read_text()
+    # The README's test command runs first, then the dev tools are installed for the lint.
+    assert (
+        ci.index("pip install -e '.[test]' && python3 -m pytest")
+        < ci.index("pip install -e '.[test,dev]'")
+        < ci.index("ruff check")
+    )
+
+
+@pytest.mark.skipif(not os.environ.get("DWCP_FULL"), reason="builds a venv; set DWCP_FULL=1")
+def test_the_editable_install_is_visible_to_type_checkers(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", "-e", str(ROOT)],
+        check=True,
+        timeout=300,
+    )
+    script = tmp_path / "user_script.py"
+    script.write_text("import dwcp\n\nversion: str = dwcp.__version__\nprint(version)\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--python-executable", str(python), str(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_error_table_lists_every_code_the_library_raises() -> None:
+    table = README.split("| error | `.code` |", 1)[1].split("\n\n", 1)[0]
+    raised = set()
+    for path in (ROOT / "dwcp").rglob("*.py"):
+        source = path.read_text()
+        raised |= set(re.findall(r'\bcode\s*=\s*"([A-Z_]+)"', source))
+    assert raised >= {"TRANSPORT_ERROR", "CIRCUIT_OPEN", "NOT_STARTED", "NO_TRANSPORT"}
+    missing = sorted(code for code in raised - {"DWCP_ERROR"} if f"`{code}`" not in table)
+    assert missing == [], f"README error table lacks {missing}"
+    assert "| `TransportError` | `NOT_STARTED` |" in table

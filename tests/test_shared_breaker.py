@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 import dwcp
-from tests.conftest import FakeTransport, wait_until
+from dwcp.testing import FakeTransport
+from tests.conftest import wait_until
 
 REDIS = shutil.which("redis-server")
 

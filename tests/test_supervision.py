@@ -9,7 +9,8 @@ import pytest
 
 import dwcp
 from dwcp.recovery import RecoveryPolicy, RestartSupervisor
-from tests.conftest import FakeLayer, FakeTransport, wait_until
+from dwcp.testing import FakeLayer, FakeTransport
+from tests.conftest import wait_until
 
 MakeManager = Callable[..., dwcp.Manager]
 
@@ -153,7 +154,7 @@ def test_escalation_stops_cycles_until_reset(make_manager: MakeManager) -> None:
     assert manager.attempt_component_recovery("compression")
     wait_until(lambda: any(isinstance(e, dwcp.RecoverySucceeded) for e in seen))
     escalations = [e for e in seen if isinstance(e, dwcp.ComponentEscalated)]
-    assert escalations == [dwcp.ComponentEscalated("compression", 2, 3600)]
+    assert escalations == [dwcp.ComponentEscalated("compression", 2, 3600, manager="dwcp")]
 
 
 def test_adaptive_backoff_through_the_manager(make_manager: MakeManager) -> None:

@@ -1,0 +1,155 @@
+"""Component slots: one interface over a transport and a layer, and the exception boundary.
+
+A transport is started, closed, probed with ``health_check()`` and sent through; a layer is
+started, stopped and asked ``is_healthy()``.  The manager sees only ``Slot``; foreign
+exceptions from component calls are mapped to the library's hierarchy here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from loguru import logger
+
+from dwcp._validation import describe, require_methods
+from dwcp.errors import DWCPError, TransportError
+from dwcp.recovery import RecoveryPolicy
+
+__all__ = ["PEER_FAILURES", "LayerSlot", "Slot", "TransportSlot", "build_slots", "policies"]
+
+LAYER_SLOTS = ("compression", "prediction", "sync", "consensus")
+TRANSPORT_METHODS = ("start", "close", "send", "health_check")
+LAYER_METHODS = ("start", "stop", "is_healthy")
+# What counts against the breaker: the peer or the network failed.  Caller errors
+# (TypeError, ValueError), interrupts and our own "not started" never do.
+PEER_FAILURES: tuple[type[BaseException], ...] = (OSError, TransportError)
+
+
+class Slot:
+    """One supervised component under its name."""
+
+    is_transport = False
+
+    def __init__(self, name: str, obj: Any) -> None:
+        self.name = name
+        self.obj = obj
+
+    def start(self) -> None:
+        """Start the component; raises ``TransportError`` or ``DWCPError(START_FAILED)``."""
+        try:
+            self.obj.start()
+        except DWCPError:
+            raise
+        except OSError as exc:
+            raise TransportError(f"{self.name} failed to start: {describe(exc)}") from exc
+        except Exception as exc:
+            raise DWCPError(
+                f"{self.name} failed to start: {describe(exc)}", code="START_FAILED"
+            ) from exc
+
+    def halt(self) -> None:
+        """Stop (a layer) or close (a transport), letting errors through."""
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        """Stop the component for good; a failure is logged, never raised."""
+        try:
+            self.halt()
+        except Exception as exc:  # noqa: BLE001 - shutdown goes on through every component
+            logger.bind(component=self.name, error=describe(exc)).warning(
+                "Component failed to stop cleanly: {}: {}", self.name, describe(exc)
+            )
+
+    def restart(self) -> None:
+        """One recovery action: stop, then start again; the start's error is the attempt's."""
+        self.halt()
+        self.obj.start()
+
+    def check(self) -> str | None:
+        """Run the health check: None when healthy, else why not."""
+        raise NotImplementedError
+
+
+class TransportSlot(Slot):
+    """The transport: ``close()``/``start()``, ``health_check()`` raising when unhealthy."""
+
+    is_transport = True
+
+    def __init__(self, obj: Any) -> None:
+        require_methods("transport", obj, TRANSPORT_METHODS)
+        super().__init__("transport", obj)
+
+    def halt(self) -> None:
+        self.obj.close()
+
+    def restart(self) -> None:
+        try:
+            self.obj.close()
+        except Exception as exc:  # noqa: BLE001
+            # A transport that fails to close may still start; the start decides.
+            logger.bind(component=self.name, error=describe(exc)).debug(
+                "Transport close failed during recovery"
+            )
+        self.obj.start()
+
+    def check(self) -> str | None:
+        try:
+            self.obj.health_check()
+        except BaseException as exc:  # noqa: BLE001 - any failure of a check means unhealthy
+            return describe(exc)
+        return None
+
+
+class LayerSlot(Slot):
+    """A protocol layer: ``stop()``/``start()``, ``is_healthy()`` returning a bool."""
+
+    def __init__(self, name: str, obj: Any, *, label: str) -> None:
+        require_methods(label, obj, LAYER_METHODS)
+        super().__init__(name, obj)
+
+    def halt(self) -> None:
+        self.obj.stop()
+
+    def check(self) -> str | None:
+        try:
+            healthy = self.obj.is_healthy()
+        except BaseException as exc:  # noqa: BLE001 - any failure of a check means unhealthy
+            return describe(exc)
+        return None if healthy else "is_healthy() returned False"
+
+
+def build_slots(
+    transport: object, layers: tuple[object, ...], named: Mapping[str, object] | None
+) -> list[Slot]:
+    """One slot per configured component, in check and recovery order."""
+    slots: list[Slot] = [] if transport is None else [TransportSlot(transport)]
+    for slot, layer in zip(LAYER_SLOTS, layers):
+        if layer is not None:
+            slots.append(LayerSlot(slot, layer, label=slot))
+    if named is not None and not isinstance(named, Mapping):
+        raise TypeError(f"layers must be a mapping of name to layer, got {type(named).__name__}")
+    for name, layer in (named or {}).items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"layers keys must be non-empty strings, got {name!r}")
+        if name in ("transport", *LAYER_SLOTS) or any(s.name == name for s in slots):
+            raise ValueError(f"layers name {name!r} clashes with a built-in component slot")
+        slots.append(LayerSlot(name, layer, label=f"layer {name!r}"))
+    return slots
+
+
+def policies(
+    recovery: Mapping[str, RecoveryPolicy] | None, slots: list[Slot], default: RecoveryPolicy
+) -> dict[str, RecoveryPolicy]:
+    if recovery is not None and not isinstance(recovery, Mapping):
+        raise TypeError("recovery must be a mapping of component name to RecoveryPolicy")
+    names = [s.name for s in slots]
+    for name, policy in (recovery or {}).items():
+        if name not in names:
+            known = ", ".join(names) or "none"
+            raise ValueError(f"recovery names unknown component {name!r} (configured: {known})")
+        if not isinstance(policy, RecoveryPolicy):
+            raise TypeError(
+                f"recovery[{name!r}] must be a RecoveryPolicy, got {type(policy).__name__}"
+            )
+    return {name: (recovery or {}).get(name, default) for name in names}

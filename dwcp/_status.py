@@ -1,0 +1,248 @@
+"""What the manager knows about each component: status, outage times, counters, snapshots.
+
+Nothing here locks: the manager's lock guards every ``ComponentState`` and ``Counters``;
+``SendTallies`` has a writer per thread and a lock only for readers.
+"""
+
+from __future__ import annotations
+
+import threading
+from bisect import bisect_left
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+from dwcp._latency import SEND_BUCKETS, LatencyRecorder
+from dwcp.health import (
+    ComponentHealth,
+    ComponentMetrics,
+    ComponentStatus,
+    HealthSnapshot,
+    LatencyHistogram,
+    MetricsSnapshot,
+)
+from dwcp.recovery import RecoveryPolicy, RestartSupervisor
+
+if TYPE_CHECKING:
+    from dwcp._slots import Slot
+
+__all__ = ["ComponentState", "Counters", "SendTallies", "health_snapshot", "metrics_snapshot"]
+
+
+class Waiter:
+    """Wakes whoever waits on a batch of checks when the last one ends, or on shutdown."""
+
+    def __init__(self, outstanding: int) -> None:
+        self.event = threading.Event()
+        self._outstanding = outstanding
+        self._lock = threading.Lock()
+        if outstanding == 0:
+            self.event.set()
+
+    def one_done(self) -> None:
+        with self._lock:
+            self._outstanding -= 1
+            if self._outstanding <= 0:
+                self.event.set()
+
+
+@dataclass(eq=False)
+class Check:
+    """A health check in flight; passes that overlap it share its result."""
+
+    waiters: list[Waiter]
+    done: bool = False
+    error: str | None = None
+    timed_out: bool = False
+
+
+@dataclass(eq=False)
+class Cycle:
+    """A recovery cycle in flight; at most one per component."""
+
+    policy: RecoveryPolicy
+    done: threading.Event = field(default_factory=threading.Event)
+    recovered: bool = False
+
+
+@dataclass(eq=False)
+class ComponentState:
+    """One component: its slot, where it stands, and what it went through."""
+
+    slot: Slot
+    since: float
+    supervisor: RestartSupervisor
+    status: ComponentStatus = "healthy"
+    last_error: str | None = None
+    down_since: float | None = None
+    downtime: float = 0.0
+    check: Check | None = None
+    cycle: Cycle | None = None
+    checks: int = 0
+    check_failures: int = 0
+    attempts: int = 0
+    succeeded: int = 0
+    failed: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.slot.name
+
+    def set_status(self, status: ComponentStatus, now: float) -> None:
+        if self.status != status:
+            self.status, self.since = status, now
+
+    def mark_down(self, now: float, error: str | None) -> None:
+        if self.down_since is None:
+            self.down_since = now
+        if error is not None:
+            self.last_error = error
+
+    def mark_healthy(self, now: float) -> float:
+        """Healthy again; returns how long the outage that ends here lasted."""
+        downtime = 0.0
+        if self.down_since is not None:
+            downtime = now - self.down_since
+            self.downtime += downtime
+            self.down_since = None
+        self.last_error = None
+        self.set_status("healthy", now)
+        return downtime
+
+    def restart_clean(self, now: float) -> None:
+        """Forget the last run's status (the manager is starting)."""
+        self.status, self.last_error, self.since, self.down_since = "healthy", None, now, None
+
+    def downtime_at(self, now: float) -> float:
+        return self.downtime + (now - self.down_since if self.down_since is not None else 0.0)
+
+
+@dataclass
+class Counters:
+    """Manager-wide counters (sends are in ``SendTallies``)."""
+
+    health_checks: int = 0
+    component_checks: int = 0
+    recovery_attempts: int = 0
+    recoveries_succeeded: int = 0
+    recoveries_failed: int = 0
+    send_errors: int = 0
+
+
+class SendTallies:
+    """Sends, their bytes and their durations, one tally list per sending thread.
+
+    A tally is ``[sends, bytes, seconds, count per SEND_BUCKETS bucket..., count above]``.
+    Each has a single writer, so the send path takes no lock: one ``threading.local`` lookup
+    it pays anyway, where a shared histogram would add a lock per send.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._tallies: list[list[float]] = []
+
+    def _tally(self) -> list[float]:
+        try:
+            tally: list[float] = self._local.value
+        except AttributeError:
+            tally = [0, 0, 0.0] + [0] * (len(SEND_BUCKETS) + 1)
+            with self._lock:
+                self._tallies.append(tally)
+            self._local.value = tally
+        return tally
+
+    def add(self, nbytes: int, seconds: float) -> None:
+        """A send of ``nbytes`` that succeeded after ``seconds``."""
+        tally = self._tally()
+        tally[0] += 1
+        tally[1] += nbytes
+        tally[2] += seconds
+        tally[3 + bisect_left(SEND_BUCKETS, seconds)] += 1
+
+    def failed(self, seconds: float) -> None:
+        """A send that raised after ``seconds``: timed, not counted as sent."""
+        tally = self._tally()
+        tally[2] += seconds
+        tally[3 + bisect_left(SEND_BUCKETS, seconds)] += 1
+
+    def totals(self) -> tuple[int, int]:
+        with self._lock:
+            return int(sum(t[0] for t in self._tallies)), int(sum(t[1] for t in self._tallies))
+
+    def histogram(self) -> LatencyHistogram:
+        """Every send's duration, successes and failures, as one histogram."""
+        with self._lock:
+            tallies = [list(t) for t in self._tallies]
+        counts = [int(sum(t[3 + i] for t in tallies)) for i in range(len(SEND_BUCKETS) + 1)]
+        cumulative, running = [], 0
+        for count in counts[:-1]:
+            running += count
+            cumulative.append(running)
+        total = float(sum(t[2] for t in tallies))
+        return LatencyHistogram(SEND_BUCKETS, tuple(cumulative), running + counts[-1], total)
+
+
+def health_snapshot(
+    states: Iterable[ComponentState], now: float, breaker_state: str, storage: str
+) -> HealthSnapshot:
+    """Every component's health at ``now`` (caller holds the lock)."""
+    components = {
+        s.name: ComponentHealth(s.name, s.status, s.last_error, now - s.since) for s in states
+    }
+    return HealthSnapshot(MappingProxyType(components), breaker_state, storage)
+
+
+def metrics_snapshot(
+    states: Iterable[ComponentState],
+    now: float,
+    counters: Counters,
+    tallies: SendTallies,
+    latency: LatencyRecorder,
+    *,
+    transitions: Mapping[tuple[str, str], int],
+    rejections: int,
+    storage: str,
+    storage_errors: int,
+    events_dropped: int,
+) -> MetricsSnapshot:
+    """The counters and per-component figures at ``now`` (caller holds the lock)."""
+    states = list(states)
+    sends = tallies.totals()
+    _, recovery_seconds, check_seconds = latency.snapshot()
+    downtime = {s.name: s.downtime_at(now) for s in states}
+    per_component = {
+        s.name: ComponentMetrics(
+            status=s.status,
+            checks=s.checks,
+            check_failures=s.check_failures,
+            recovery_attempts=s.attempts,
+            recoveries_succeeded=s.succeeded,
+            recoveries_failed=s.failed,
+            downtime_seconds=downtime[s.name],
+        )
+        for s in states
+    }
+    return MetricsSnapshot(
+        health_checks=counters.health_checks,
+        component_checks=counters.component_checks,
+        recovery_attempts=counters.recovery_attempts,
+        recoveries_succeeded=counters.recoveries_succeeded,
+        recoveries_failed=counters.recoveries_failed,
+        breaker_state_changes=sum(transitions.values()),
+        breaker_rejections=rejections,
+        sends=sends[0],
+        sent_bytes=sends[1],
+        send_errors=counters.send_errors,
+        downtime_seconds=MappingProxyType(downtime),
+        component_status=MappingProxyType({s.name: s.status for s in states}),
+        breaker_storage=storage,
+        breaker_storage_errors=storage_errors,
+        breaker_transitions=MappingProxyType(dict(transitions)),
+        components=MappingProxyType(per_component),
+        events_dropped=events_dropped,
+        send_seconds=tallies.histogram(),
+        recovery_seconds=recovery_seconds,
+        health_check_seconds=check_seconds,
+    )

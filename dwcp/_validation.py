@@ -1,0 +1,86 @@
+"""One place where constructor arguments are checked and converted, with errors that name them.
+
+Seconds are accepted as ``int``, ``float`` or ``datetime.timedelta`` everywhere and stored as
+``float``; a wrong type is a ``TypeError``, a wrong value a ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import timedelta
+
+__all__ = ["count", "describe", "flag", "name", "port", "require_methods", "seconds"]
+
+
+def seconds(
+    name: str, value: object, *, allow_zero: bool = False, allow_inf: bool = False
+) -> float:
+    """``value`` as a float number of seconds, or an error naming ``name``."""
+    if isinstance(value, timedelta):
+        number = value.total_seconds()
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"{name} must be a number of seconds or a timedelta, got {type(value).__name__}"
+        )
+    else:
+        number = float(value)
+    if (
+        math.isnan(number)
+        or (math.isinf(number) and not allow_inf)
+        or number < 0
+        or (number == 0 and not allow_zero)
+    ):
+        bound = "non-negative" if allow_zero else "positive"
+        finite = "" if allow_inf else "finite "
+        raise ValueError(f"{name} must be a {finite}{bound} number of seconds, got {value!r}")
+    return number
+
+
+def count(name: str, value: object, *, minimum: int = 1) -> int:
+    """``value`` as an int of at least ``minimum``, or an error naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def port(name: str, value: object) -> int:
+    """``value`` as a TCP port from 0 (any free port) to 65535."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not 0 <= value <= 65535:
+        raise ValueError(f"{name} must be from 0 to 65535, got {value}")
+    return value
+
+
+def flag(name: str, value: object) -> bool:
+    """``value`` if it is a bool; ``"no"`` or ``1`` are refused rather than guessed at."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def name(param: str, value: object) -> str:
+    """``value`` if it is a non-empty string."""
+    if not isinstance(value, str):
+        raise TypeError(f"{param} must be a string, got {type(value).__name__}")
+    if not value:
+        raise ValueError(f"{param} must be a non-empty string")
+    return value
+
+
+def require_methods(slot: str, obj: object, methods: tuple[str, ...]) -> None:
+    """Raise ``TypeError`` unless ``obj`` has every one of ``methods``, callable."""
+    missing = [m for m in methods if not callable(getattr(obj, m, None))]
+    if missing:
+        raise TypeError(
+            f"{slot} {type(obj).__name__} lacks the method(s) {', '.join(missing)} "
+            f"(a {slot} needs {', '.join(methods)})"
+        )
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message`` for logs, events and statuses."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

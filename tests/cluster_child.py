@@ -1,0 +1,72 @@
+"""A manager process in a cluster, for tests/test_cluster_processes.py.
+
+Usage: python -m tests.cluster_child REDIS_URL NODE_ID INTERVAL CHECK_TIMEOUT
+
+Runs a Manager whose cluster and shared breaker use one Redis client, serves its health
+server on a free loopback port, sends through the breaker every 20 ms, prints one JSON line
+``{"url": ..., "pid": ...}`` once started and runs until stdin closes or it is killed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+
+import redis
+
+import dwcp
+
+
+class _Transport:
+    """Always healthy; sends go nowhere (the breaker and the monitor are what is tested)."""
+
+    def start(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def send(self, data: bytes | bytearray | memoryview) -> None:
+        pass
+
+    def health_check(self) -> None:
+        pass
+
+
+def main() -> None:
+    url, node_id, interval, check_timeout = sys.argv[1:5]
+    client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    manager = dwcp.Manager(
+        _Transport(),
+        cluster=client,
+        node_id=node_id,
+        breaker_storage=client,  # one connection serves both
+        breaker_name="cluster-test",
+        health_interval=float(interval),
+        health_check_timeout=float(check_timeout),
+        health_port=0,
+    )
+    manager.start()
+    stop = threading.Event()
+
+    def send_forever() -> None:
+        while not stop.wait(0.02):
+            try:
+                manager.send_with_circuit_breaker(b"x")
+            except dwcp.DWCPError:
+                pass
+
+    sender = threading.Thread(target=send_forever, name="child-sender")
+    sender.start()
+    print(json.dumps({"url": manager.health_url, "node": node_id}), flush=True)
+    try:
+        sys.stdin.read()  # until the parent closes our stdin
+    finally:
+        stop.set()
+        sender.join(5)
+        manager.stop()
+
+
+if __name__ == "__main__":
+    main()

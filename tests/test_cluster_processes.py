@@ -1,0 +1,163 @@
+"""Four manager processes in one cluster on a real redis-server: a SIGKILLed node is reported
+lost by the others within its bound; a frozen, then killed and emptied Redis makes every view
+stale (never wrong) while the managers keep working, and the views converge once it is back."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from dwcp.cluster import cluster_health
+from tests._redis import RedisServer, redis_server
+from tests.conftest import wait_until
+
+__all__ = ["redis_server"]  # the fixture, imported for pytest
+
+INTERVAL = 0.2
+CHECK_TIMEOUT = 0.3
+# What each node announces: lost_after (3) x (health_interval + health_check_timeout).
+BOUND = 3 * (INTERVAL + CHECK_TIMEOUT)
+
+
+@dataclass
+class Node:
+    name: str
+    proc: subprocess.Popen[str]
+    url: str
+
+    def cluster(self) -> dict[str, Any]:
+        return _document(self.url + "/cluster")
+
+    def health(self) -> dict[str, Any]:
+        return _document(self.url + "/healthz")
+
+
+def _document(url: str) -> dict[str, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return json.load(response)  # type: ignore[no-any-return]
+    except urllib.error.HTTPError as exc:  # 503 still carries the document
+        with exc:
+            return json.load(exc)  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def nodes(redis_server: RedisServer) -> Iterator[list[Node]]:
+    started: list[Node] = []
+    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    try:
+        for i in range(4):
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.cluster_child", redis_server.url, f"n{i}",
+                 str(INTERVAL), str(CHECK_TIMEOUT)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+            )  # fmt: skip
+            assert proc.stdout is not None
+            started.append(Node(f"n{i}", proc, ""))
+            line = proc.stdout.readline()
+            assert line, f"n{i} exited before starting"
+            started[-1].url = json.loads(line)["url"]
+        yield started
+    finally:
+        for node in started:
+            if node.proc.poll() is None:
+                assert node.proc.stdin is not None
+                node.proc.stdin.close()  # a clean stop
+                try:
+                    node.proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    node.proc.kill()
+                    node.proc.wait(10)
+
+
+def _all_alive(node: Node, names: set[str]) -> bool:
+    document = node.cluster()
+    return (
+        document["stale"] is False
+        and set(document["nodes"]) == names
+        and all(n["alive"] and n["healthy"] for n in document["nodes"].values())
+    )
+
+
+def test_a_killed_node_is_reported_lost_by_every_other_within_its_bound(
+    redis_server: RedisServer, nodes: list[Node]
+) -> None:
+    names = {n.name for n in nodes}
+    wait_until(lambda: all(_all_alive(n, names) for n in nodes), timeout=30)
+    victim, others = nodes[-1], nodes[:-1]
+    os.kill(victim.proc.pid, signal.SIGKILL)
+    victim.proc.wait(10)
+    killed_at = time.monotonic()
+    noticed: dict[str, float] = {}
+
+    def all_noticed() -> bool:
+        for node in others:
+            if node.name not in noticed and node.cluster()["lost"] == [victim.name]:
+                noticed[node.name] = time.monotonic() - killed_at
+                entry = node.cluster()["nodes"][victim.name]
+                # Lost only after a full bound of silence, never before.
+                assert entry["state"] == "lost" and entry["age"] >= entry["bound"] == BOUND
+        return len(noticed) == len(others)
+
+    wait_until(all_noticed, timeout=BOUND + 10)
+    # The documented bound: silence longer than BOUND, noticed by a watcher that reads once
+    # per pass (INTERVAL + CHECK_TIMEOUT at most), plus slack for a loaded machine.
+    assert max(noticed.values()) < BOUND + (INTERVAL + CHECK_TIMEOUT) + 1.5, noticed
+    # The survivors are still alive in every survivor's view; the one-shot reader agrees.
+    for node in others:
+        survivors = node.cluster()["nodes"]
+        assert all(survivors[o.name]["alive"] for o in others)
+    view = cluster_health(redis_server.url)
+    assert view.lost == (victim.name,)
+
+
+def test_a_frozen_then_emptied_redis_is_stale_not_wrong_and_the_views_converge(
+    redis_server: RedisServer, nodes: list[Node]
+) -> None:
+    names = {n.name for n in nodes}
+    wait_until(lambda: all(_all_alive(n, names) for n in nodes), timeout=30)
+    sends_before = {n.name: n.health()["metrics"]["sends"] for n in nodes}
+
+    def never_wrong(document: dict[str, Any]) -> dict[str, Any]:
+        # Whatever happens to Redis, no live node is ever reported lost or missing.
+        assert document["lost"] == [], document
+        assert set(document["nodes"]) == names, document
+        return document
+
+    redis_server.pause()  # SIGSTOP: connections hang, nothing answers
+    frozen_at = time.monotonic()
+    wait_until(lambda: all(never_wrong(n.cluster())["stale"] for n in nodes), timeout=20)
+    # Frozen well past every bound; keep watching that no view turns wrong meanwhile.
+    wait_until(
+        lambda: (
+            [never_wrong(n.cluster()) for n in nodes] and time.monotonic() - frozen_at > BOUND + 1.0
+        ),
+        timeout=20,
+    )
+    # The managers kept working on local state: sends went on, health served.
+    for node in nodes:
+        health = node.health()
+        assert health["status"] == "healthy"
+        assert health["metrics"]["sends"] > sends_before[node.name]
+    redis_server.kill()  # SIGKILL while stopped: its data is gone
+    redis_server.start()  # the same port, empty
+
+    def converged() -> bool:
+        for node in nodes:
+            never_wrong(node.cluster())
+        return all(_all_alive(n, names) for n in nodes)
+
+    wait_until(converged, timeout=30)
+    view = cluster_health(redis_server.url)
+    assert set(view.nodes) == names and view.healthy
