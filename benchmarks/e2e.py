@@ -730,9 +730,125 @@ def threads(quick: bool) -> list[Result]:
     ]
 
 
+# -- row 4: acknowledged (pipelined, windowed) vs unacknowledged ------------------------------------
+
+# (size, sender threads, target ratio, messages per measurement in full and quick mode)
+_ACKED_ROWS = (
+    (1024, 1, 0.5, 100_000, 30_000),
+    (2**20, 1, 0.9, 1_000, 300),
+    (1024, 8, 0.8, 100_000, 30_000),
+)
+
+
+def _threaded_rate(peer: Peer, send: Send, payload: bytes, count: int, workers: int) -> float:
+    """``delivered_per_second`` with ``workers`` threads sharing ``count`` sends."""
+    if workers == 1:
+        return delivered_per_second(peer, send, payload, count)
+    base = peer.count()
+    share = count // workers
+    barrier = threading.Barrier(workers + 1)
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        barrier.wait(_START_TIMEOUT)
+        try:
+            for _ in range(share):
+                send(payload)
+        except Exception as exc:  # noqa: BLE001 - reported as the measurement's failure
+            errors.append(exc)
+
+    pool = [
+        threading.Thread(target=work, name=f"bench-acked-{i}", daemon=True) for i in range(workers)
+    ]
+    for thread in pool:
+        thread.start()
+    barrier.wait(_START_TIMEOUT)
+    began = time.perf_counter()
+    deadline = time.monotonic() + _MEASURE_TIMEOUT
+    for thread in pool:
+        thread.join(max(deadline - time.monotonic(), 0.0))
+    if errors:
+        raise MeasurementFailed(f"a send raised {errors[0]!r}")
+    if any(thread.is_alive() for thread in pool):
+        raise MeasurementFailed(f"sends unfinished after {_MEASURE_TIMEOUT:g} s")
+    peer.wait_for(base + share * workers, base=base, deadline=deadline, stall=_STALL_AFTER)
+    return share * workers / (time.perf_counter() - began)
+
+
+def acknowledged(quick: bool, only: set[int] | None = None) -> list[Result]:
+    """Acknowledged (pipelined ACKs, the default window) against unacknowledged sends, both
+    through a default 4-stream transport to the same receiver process, in alternating
+    rounds; delivered messages per second, counted by the receiver."""
+    rounds = 3 if quick else 7
+    results = []
+    for row, (size, workers, target, full, short) in enumerate(_ACKED_ROWS):
+        if only is not None and row not in only:
+            continue
+        count = short if quick else full
+        payload = os.urandom(size)
+        limit = max(4 * size, 2**20)
+        failure = None
+        samples: dict[str, list[float]] = {}
+        with ExitStack() as stack:
+            peer = stack.enter_context(Peer("dwcp", max_message_size=limit))
+            contenders: dict[str, Callable[[int], float]] = {}
+            for name, acked in (("unacked", False), ("acked", True)):
+                transport = stack.enter_context(
+                    _dwcp_transport(
+                        peer.address, max_message_size=limit, acknowledged=acked, send_timeout=30.0
+                    )
+                )
+                contenders[name] = _labelled(
+                    name,
+                    partial(_threaded_rate, peer, transport.send, payload, workers=workers),
+                )
+            samples, failure = rotate(
+                contenders, count=count, rounds=rounds, warmup=max(1, count // 4)
+            )
+        ours, reference = samples["acked"], samples["unacked"]
+        ratio = paired_ratio(ours, reference) if ours else None
+        notes = f"{count:,} msgs x {len(ours)} rounds; 4 streams, default window"
+        if ours:
+            notes += "; ratios per round " + ", ".join(
+                f"{o / r:.2f}" for o, r in zip(ours, reference)
+            )
+        if failure is not None:
+            notes += f"; FAILED: {failure}"
+        results.append(
+            Result(
+                scenario=(
+                    f"8. e2e acknowledged vs not, {_size(size)}, {workers} sender "
+                    f"thread{'s' if workers > 1 else ''}"
+                ),
+                metric="delivered msgs/s",
+                ours=_median(ours) / 1e3,
+                reference=_median(reference) / 1e3,
+                unit=" kmsg/s",
+                target=f">= {target}x unacknowledged",
+                met=failure is None and ratio is not None and ratio >= target,
+                paired_ratio=ratio,
+                notes=notes,
+                extra={"message_size": size, "threads": workers},
+            )
+        )
+    return results
+
+
 # -- the scenario ----------------------------------------------------------------------------------
 
 
 def end_to_end(quick: bool) -> list[Result]:
     """Scenario 8: delivered messages per second, receiver in a child process."""
-    return one_stream(quick) + multistream(quick) + threads(quick)
+    return one_stream(quick) + multistream(quick) + threads(quick) + acknowledged(quick)
+
+
+if __name__ == "__main__":
+    # ``python -m benchmarks.e2e [--quick] [ROW ...]``: only the acknowledged rows (0, 1, 2;
+    # default all); the whole scenario is ``python -m benchmarks --only 8``.
+    from benchmarks.harness import format_table
+
+    chosen = {int(arg) for arg in sys.argv[1:] if arg.isdigit()}
+    rows = acknowledged("--quick" in sys.argv[1:], chosen or None)
+    print(format_table(rows))
+    for row in rows:
+        print(f"  {row.scenario}: {row.notes}")

@@ -107,6 +107,10 @@ class FaultProxy(ChildProcess):
         """Limit every connection, each direction, to ``bytes_per_second``."""
         return self.set_mode("rate", bytes_per_second=bytes_per_second)
 
+    def blackhole(self, direction: str = "down") -> dict[str, Any]:
+        """Discard every byte flowing ``direction`` (default "down": the receiver's ACKs)."""
+        return self.set_mode("blackhole", direction=direction)
+
     def kill_all(self, action: str = "close") -> dict[str, Any]:
         """Close (``"close"``) or reset (``"rst"``) every current connection now."""
         result: dict[str, Any] = self.request("kill_all", action=action)

@@ -25,7 +25,7 @@ from tests._control import send, serve, take_stdout
 _POLL = 0.5  # socket timeout: how often a blocked pump re-checks its state
 _BUFFER = 65536
 _COUNTED = ("close", "rst", "corrupt")
-MODES = ("pass", "refuse", "stall", "partial", "rate", *_COUNTED)
+MODES = ("pass", "refuse", "stall", "partial", "rate", "blackhole", *_COUNTED)
 
 
 def _log(message: str) -> None:
@@ -119,7 +119,8 @@ class Proxy:
         that vanished silently); another mode resumes. ``partial`` (``max_piece``=7,
         ``delay``=0.0005, ``every``=8, ``seed``=0): forward in pieces of 1..max_piece bytes,
         pausing ``delay`` s after every ``every`` pieces. ``rate`` (``bytes_per_second``):
-        limit each connection and direction. Counted faults, one-shot, after ``after``
+        limit each connection and direction. ``blackhole`` (``direction``="down"): read and
+        discard what flows that way (the other way is forwarded): lost ACKs. Counted faults, one-shot, after ``after``
         (default 0) more bytes in ``direction`` ("up" default, or "down") counted over all
         connections, or only over connection number ``conn``: ``close`` (forward exactly
         ``after`` bytes, then close both sides), ``rst`` (the same, then reset both sides:
@@ -264,6 +265,8 @@ class Proxy:
                 return None, None, None
             mode, params = self._mode, self._params
             fire = None
+            if mode == "blackhole" and params.get("direction", "down") == direction:
+                data = bytearray()  # read, counted nowhere, forwarded nowhere
             if (
                 mode in _COUNTED
                 and params["direction"] == direction

@@ -284,6 +284,7 @@ class ReceiverProcess(ChildProcess):
                                  "out_of_order": int, "seqs": [[first, last], ...]}},
          "duplicates": int, "out_of_order": int,  # totals over writers
          "receiver_delivered": int, "sessions": int,  # the receiver's own counters
+         "duplicates_dropped": int,  # resent messages it had delivered before
          "last_delivery": float | None,  # time.monotonic() (system-wide on Linux)
          "log": [[writer_id, seq, length], ...]}  # only with stats(log=True)
     """
@@ -300,8 +301,12 @@ class ReceiverProcess(ChildProcess):
         delay: float = 0.0,
         bind_timeout: float = 10.0,
         log_path: Path | None = None,
+        journal: Path | None = None,
     ) -> None:
         args = ["--host", host, "--delay", repr(float(delay))]
+        self.journal_path = journal
+        if journal is not None:
+            args += ["--journal", str(journal)]
         args += ["--bind-timeout", repr(float(bind_timeout))]
         args += ["--idle-timeout", "none" if idle_timeout is None else repr(float(idle_timeout))]
         if max_message_size is not None:
@@ -322,6 +327,18 @@ class ReceiverProcess(ChildProcess):
 
     def stats(self, *, log: bool = False) -> dict[str, Any]:
         return _stats_from_json(self.request("stats", log=log))
+
+    def journal(self) -> dict[int, list[tuple[int, int]]]:
+        """With ``journal=``: every delivery of every process so far, ``{pid: [(writer_id,
+        seq), ...]}`` in delivery order; readable after a SIGKILL (the kernel kept it)."""
+        assert self.journal_path is not None, "started without journal="
+        by_pid: dict[int, list[tuple[int, int]]] = {}
+        if not self.journal_path.exists():
+            return by_pid
+        for line in self.journal_path.read_text().splitlines():
+            pid, writer, seq = (int(field) for field in line.split())
+            by_pid.setdefault(pid, []).append((writer, seq))
+        return by_pid
 
     def wait_delivered(self, count: int, timeout: float) -> bool:
         """Whether the receiver delivered ``count`` messages within ``timeout`` seconds."""
@@ -367,6 +384,8 @@ class ReceiverProcess(ChildProcess):
         """Stop the current child if it still runs, and start a new one on the same port."""
         if self.alive:
             self.stop()
+        elif self._proc is not None:
+            self._reap(self._proc)  # killed: its pipes are still ours to close
         self._spawn(["--port", str(self._port)])
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 import threading
 import time
@@ -55,8 +56,12 @@ def _ranges(values: set[int]) -> list[list[int]]:
 class Ledger:
     """What ``on_message`` saw; ``on_message`` runs on receiver threads, so all under a lock."""
 
-    def __init__(self, *, delay: float, log_limit: int) -> None:
+    def __init__(self, *, delay: float, log_limit: int, journal: int | None = None) -> None:
         self.delay = delay
+        # A file descriptor: one "pid writer seq" line per delivery, written before
+        # on_message returns (so before its ACK), and kept by the kernel if we are killed.
+        self._journal = journal
+        self._pid = os.getpid()
         self._log_limit = log_limit
         self._lock = threading.Lock()
         self._delivered = 0
@@ -76,6 +81,8 @@ class Ledger:
         except PayloadError as exc:
             writer_id = seq = CORRUPTED
             error = str(exc)
+        if self._journal is not None:
+            os.write(self._journal, b"%d %d %d\n" % (self._pid, writer_id, seq))
         with self._lock:
             self._delivered += 1
             self._bytes += size
@@ -153,6 +160,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--delay", type=float, default=0.0, help="seconds per message")
     parser.add_argument("--log-limit", type=int, default=100_000)
+    parser.add_argument("--journal", default=None, help="append each delivery to this file")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument(
         "--bind-timeout",
@@ -187,7 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         format="{time:HH:mm:ss.SSS} {level} [receiver] {message} {extra}",
     )
     logger.enable("dwcp")
-    ledger = Ledger(delay=args.delay, log_limit=args.log_limit)
+    journal = None
+    if args.journal is not None:
+        journal = os.open(args.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    ledger = Ledger(delay=args.delay, log_limit=args.log_limit, journal=journal)
     options: dict[str, Any] = {}
     if args.max_message_size is not None:
         options["max_message_size"] = args.max_message_size
@@ -211,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         result = ledger.stats(log=log)
         result["receiver_delivered"] = receiver.delivered_count
         result["sessions"] = receiver.session_count
+        result["duplicates_dropped"] = receiver.duplicates_dropped
         return result
 
     def wait_delivered(count: int, timeout: float) -> bool:

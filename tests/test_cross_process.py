@@ -18,6 +18,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -202,11 +203,11 @@ def test_message_size_limits_of_both_ends(
     assert_exactly(receiver.stats(), 0, range(2))
 
     # A sender allowed more than the receiver: the receiver ends that session, so the
-    # acknowledged send fails, and nothing of it is delivered.
+    # acknowledged send's confirmation fails, and nothing of it is delivered.
     wide = open_transport(transport_factory, receiver.address, acknowledged=True)
-    wide.send(make_payload(1, 0, limit))
+    wide.send(make_payload(1, 0, limit), wait=True)
     with pytest.raises(TransportError):
-        wide.send(make_payload(1, 1, limit + 1))
+        wide.send(make_payload(1, 1, limit + 1), wait=True)
     with pytest.raises(TransportError):
         wide.health_check()
     stats = receiver.wait_for(lambda s: s["sessions"] == 1, 10)  # only ``capped`` is left
@@ -417,19 +418,93 @@ def test_cut_connection_breaks_transport_and_restart_recovers(
         transport.health_check()
     stats = receiver.wait_for(lambda s: s["sessions"] == 0, 10)
     assert_clean(stats)
-    delivered = assert_prefix(stats, 0)
-    if acknowledged:
-        assert delivered >= 5 + len(sent), "an acknowledged send was not delivered"
+    assert_prefix(stats, 0)
 
     proxy.passthrough()  # a fired fault already reverted to pass; say so anyway
     transport.close()
-    transport.start()
+    transport.start()  # acknowledged: resends what the cut left unacknowledged, first
     send_all(transport, 1, [size] * 10 + [6, 100])
     stats = receiver.wait_for(
         lambda s: 1 in s["writers"] and s["writers"][1]["delivered"] >= 12, DELIVERY_TIMEOUT
     )
     assert_exactly(stats, 1, range(12))
+    if acknowledged:
+        # Every send that returned, exactly once: the resent ones that had arrived dropped.
+        assert_exactly(stats, 0, range(5 + len(sent)))
     transport.health_check()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("streams", [1, 4])
+def test_lost_acknowledgements_resend_and_the_receiver_drops_the_duplicates(
+    receiver_process: ReceiverFactory,
+    fault_proxy: ProxyFactory,
+    transport_factory: TransportFactory,
+    streams: int,
+) -> None:
+    receiver = receiver_process()
+    proxy = fault_proxy(receiver.address)
+    transport = open_transport(
+        transport_factory,
+        proxy.address,
+        streams=streams,
+        acknowledged=True,
+        send_timeout=1.0,
+        max_in_flight=64,
+    )
+    sizes = [100, 3 * KiB, CHUNK + 1, 6] * 8
+    send_all(transport, 0, sizes)
+    transport.flush()
+    proxy.blackhole("down")  # every ACK from now on is lost; the data still arrives
+    send_all(transport, 0, sizes, first_seq=len(sizes))
+    # All delivered, none confirmed: the ACK timeout breaks the session.
+    stats = wait_delivered(receiver, 2 * len(sizes))
+    assert transport.unacknowledged == len(sizes)
+    wait_until_broken = time.monotonic() + 10.0
+    while time.monotonic() < wait_until_broken:
+        try:
+            transport.health_check()
+        except TransportError:
+            break
+        threading.Event().wait(0.05)  # a poll interval bounded by the loop's deadline
+    else:
+        raise AssertionError("the lost acknowledgements did not break the session")
+    proxy.passthrough()
+    transport.close()
+    transport.start()  # resends all of the second batch
+    send_all(transport, 0, [6, 100], first_seq=2 * len(sizes))
+    transport.flush()
+    stats = wait_delivered(receiver, 2 * len(sizes) + 2)
+    assert stats["duplicates_dropped"] == len(sizes)
+    assert_exactly(stats, 0, range(2 * len(sizes) + 2))
+
+
+@pytest.mark.timeout(60)
+def test_a_resend_that_fails_fails_start_and_keeps_the_window(
+    receiver_process: ReceiverFactory,
+    fault_proxy: ProxyFactory,
+    transport_factory: TransportFactory,
+) -> None:
+    receiver = receiver_process()
+    proxy = fault_proxy(receiver.address)
+    transport = open_transport(
+        transport_factory, proxy.address, streams=2, acknowledged=True, send_timeout=1.0
+    )
+    proxy.blackhole("down")  # nothing is confirmed: all stays in the window
+    sizes = [4 * MiB] * 12  # more than the kernel buffers on the way hold
+    send_all(transport, 0, sizes)
+    transport.close()  # no ACK came (nor can a late one now: the connections are gone)
+    kept = transport.unacknowledged
+    assert kept == len(sizes)
+    proxy.rate(2000)  # handshakes pass (about 0.1 s), 48 MiB of resends cannot in 1 s
+    with pytest.raises(TransportError):
+        transport.start()
+    assert not transport.started and transport.unacknowledged == kept
+    proxy.passthrough()
+    transport.start()
+    transport.flush()
+    stats = wait_delivered(receiver, len(sizes))
+    assert_exactly(stats, 0, range(len(sizes)))
 
 
 @pytest.mark.timeout(30)
@@ -506,9 +581,10 @@ def test_receiver_sigkill_mid_stream_then_restart_on_same_port(
     receiver_process: ReceiverFactory,
     transport_factory: TransportFactory,
     acknowledged: bool,
+    tmp_path: Path,
 ) -> None:
     send_timeout = 3.0
-    receiver = receiver_process()
+    receiver = receiver_process(journal=tmp_path / "journal")
     address = receiver.address
     transport = open_transport(
         transport_factory,
@@ -533,15 +609,28 @@ def test_receiver_sigkill_mid_stream_then_restart_on_same_port(
     with pytest.raises(TransportError):
         transport.health_check()
 
+    (old_pid,) = receiver.journal()
     receiver.restart()
     assert receiver.address == address
     transport.close()
-    transport.start()
+    transport.start()  # acknowledged: first resends what the dead process did not confirm
     send_all(transport, 1, [6, 100, CHUNK + 1, 1 * MiB])
-    wait_delivered(receiver, 4)
-    stats = receiver.stats()
-    assert stats["delivered"] == 4  # a new process: only this session's messages
+    if acknowledged:
+        transport.flush()
+    stats = wait_delivered(receiver, 4)
     assert_exactly(stats, 1, range(4))
+    old = [seq for writer, seq in receiver.journal()[old_pid] if writer == 0]
+    assert len(old) == len(set(old)) and old == sorted(old)
+    if not acknowledged:
+        assert stats["delivered"] == 4  # a new process: only this session's messages
+        return
+    # At least once across the restart: every returned send reached one process or both
+    # (those delivered and not yet acknowledged when it died), and the new one got each
+    # at most once, a contiguous run that starts no later than where the old one stopped.
+    new = delivered_seqs(stats, 0)
+    assert set(sender.sent) <= set(old) | new, sorted(set(sender.sent) - set(old) - new)[:20]
+    if new:
+        assert new == set(range(min(new), max(new) + 1)) and min(new) <= len(old)
 
 
 @pytest.mark.timeout(60)

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from dwcp.errors import DWCPError
 from dwcp.transport import MultiStreamReceiver, MultiStreamTCPTransport, wire
 from tests.conftest import Inbox, ReceiverFactory, closed_by_peer
 
@@ -40,7 +41,7 @@ def bystander(
     receiver, inbox = hostile_receiver_factory()
     transport = MultiStreamTCPTransport(receiver.address, chunk_size=1024, acknowledged=True)
     transport.start()
-    transport.send(b"before" * 500)
+    transport.send(b"before" * 500, wait=True)
     yield receiver, inbox, transport
     transport.close()
 
@@ -48,7 +49,7 @@ def bystander(
 def still_healthy(
     receiver: MultiStreamReceiver, inbox: Inbox, transport: MultiStreamTCPTransport
 ) -> None:
-    transport.send(b"after")
+    transport.send(b"after", wait=True)
     transport.health_check()
     assert inbox.messages[0] == b"before" * 500
     assert inbox.messages[-1] == b"after"
@@ -72,7 +73,7 @@ def _seal(packed: bytes) -> bytes:
 
 def _hello(magic: bytes, version: int, count: int, *, seal: bool = True) -> bytes:
     packed = wire.HANDSHAKE.pack(
-        magic, version, wire.FRAME_HELLO, 0, os.urandom(16), 0, count, 0, 0
+        magic, version, wire.FRAME_HELLO, 0, os.urandom(16), bytes(16), 0, 0, count, 0, 0
     )
     return _seal(packed) if seal else packed
 
@@ -245,7 +246,7 @@ def test_half_sent_frame_is_closed_while_a_busy_session_lives(
             with contextlib.suppress(TimeoutError):
                 closed = sock.recv(100) == b""
         assert closed
-        transport.send(b"last")
+        transport.send(b"last", wait=True)
         transport.health_check()
         assert inbox.messages == [b"%d" % n for n in range(sent)] + [b"last"]
     finally:
@@ -404,7 +405,7 @@ def test_constructor_validation() -> None:
         MultiStreamReceiver(on_message=print, max_sessions=0)
     with pytest.raises(ValueError, match="max_message_size"):
         MultiStreamReceiver(on_message=print, max_message_size=-1)
-    with pytest.raises(RuntimeError, match="not started"):
+    with pytest.raises(DWCPError, match="not started"):
         _ = MultiStreamReceiver(on_message=print).address
 
 

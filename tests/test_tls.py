@@ -209,7 +209,7 @@ class Bystander:
         try:
             # Paced, so the pump does not starve the handshakes under test of CPU.
             while not self._stop.wait(0.002):
-                self.transport.send(b"bystander %d" % self.sent)
+                self.transport.send(b"bystander %d" % self.sent, wait=True)
                 self.sent += 1
         except BaseException as exc:  # noqa: BLE001 - reported by assert_alive()
             self.error = exc
@@ -304,6 +304,7 @@ def test_concurrent_senders_over_tls(
         worker.start()
     for worker in workers:
         worker.join()
+    transport.flush()  # everything acknowledged, so delivered
     assert len(inbox.messages) == 240
     for number in range(4):
         seqs = [int(m.split(b":")[1]) for m in inbox.messages if m.startswith(b"%d:" % number)]
@@ -332,7 +333,7 @@ def test_mutual_tls_accepts_a_client_with_a_valid_certificate(
         receiver.address, acknowledged=True, ssl_context=client_context(pki, certificate=True)
     )
     transport.start()
-    transport.send(b"mutual" * 3000)
+    transport.send(b"mutual" * 3000, wait=True)
     assert inbox.messages == [b"mutual" * 3000]
 
 

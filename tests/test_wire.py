@@ -42,12 +42,16 @@ def data_header(**fields: int) -> bytes:
 
 def hello(version: int = wire.VERSION, kind: int = wire.FRAME_HELLO, flags: int = 0,
           index: int = 0, count: int = 1) -> bytes:  # fmt: skip
-    return seal(wire.HANDSHAKE.pack(wire.MAGIC, version, kind, flags, SESSION, index, count, 0, 0))
+    return seal(
+        wire.HANDSHAKE.pack(
+            wire.MAGIC, version, kind, flags, SESSION, bytes(16), 0, index, count, 0, 0
+        )
+    )
 
 
 def test_handshake_round_trip() -> None:
     raw = wire.pack_handshake(SESSION, 2, 4, acknowledged=True, keepalive_ms=5000)
-    assert len(raw) == wire.HANDSHAKE.size == 36
+    assert len(raw) == wire.HANDSHAKE.size == 60
     assert wire.parse_handshake(raw) == wire.Handshake(SESSION, 2, 4, True, 5000)
     plain = wire.parse_handshake(wire.pack_handshake(SESSION, 0, 1, acknowledged=False))
     assert plain.acknowledged is False
@@ -152,7 +156,7 @@ def test_data_header_must_be_complete_and_sealed() -> None:
         (hello(count=33), "count"),
         (hello(index=4, count=4), "index"),
         (hello()[:-4] + b"\0\0\0\0", "header checksum"),
-        (b"DWCP\x02\x01\x00\x00", "bytes"),
+        (b"DWCP\x03\x01\x00\x00", "bytes"),
     ],
 )
 def test_malformed_handshakes_are_rejected(raw: bytes, match: str) -> None:
@@ -182,7 +186,9 @@ def doc_examples() -> list[bytes]:
 
 def test_document_examples_parse() -> None:
     hello_frame, single, chunk0, chunk1, welcome, ack, ping = doc_examples()
-    assert wire.parse_handshake(hello_frame) == wire.Handshake(SESSION, 1, 4, True, 5000)
+    assert wire.parse_handshake(hello_frame) == wire.Handshake(
+        SESSION, 1, 4, True, 5000, bytes(range(16, 32)), 100
+    )
     header = wire.parse_data_header(single[: wire.DATA_HEADER.size], LIMIT)
     assert (header.message_id, header.total_length) == (7, 5)
     wire.verify_checksum(header, single[wire.DATA_HEADER.size :])
@@ -210,7 +216,7 @@ def test_document_sizes_match_the_structs() -> None:
         "PING": wire.PING.size,
     }
     assert struct.calcsize("!4sBBH") == wire.PREFIX.size == 8  # the common prefix
-    assert "version 2" in text and wire.VERSION == 2
+    assert "version 3" in text and wire.VERSION == 3
     assert f"1 <= N <= {wire.MAX_STREAMS}" in text
     assert f"{wire.MIN_CHUNK_SIZE} <= chunk_size" in text
     assert "9a 71 bb 4c" in text and wire.checksum_of(b"hello") == 0x9A71BB4C

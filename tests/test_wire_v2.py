@@ -74,7 +74,7 @@ def data_header(
 
 def test_frame_sizes() -> None:
     sizes = {
-        wire.FRAME_HELLO: 36,
+        wire.FRAME_HELLO: 60,
         wire.FRAME_WELCOME: 16,
         wire.FRAME_DATA: 40,
         wire.FRAME_ACK: 20,
@@ -83,7 +83,7 @@ def test_frame_sizes() -> None:
     }
     for frame_type, size in sizes.items():
         assert wire.frame_size(frame_type) == size
-    assert len(wire.pack_handshake(SESSION, 0, 1, acknowledged=False)) == 36
+    assert len(wire.pack_handshake(SESSION, 0, 1, acknowledged=False)) == 60
     assert len(wire.pack_welcome(0)) == 16
     assert len(wire.pack_data_header(0, 0, 1, 0, b"")) == 40
     assert len(wire.pack_ack(0)) == len(wire.pack_ping(0)) == len(wire.pack_pong(0)) == 20
@@ -254,7 +254,7 @@ def test_a_relabelled_chunk_keeping_its_old_header_crc_is_rejected(
     ("fields", "match"),
     [
         ({"flags": wire.FLAG_UNCHECKED, "crc": 1}, "non-zero checksum"),
-        ({"flags": 0x0002}, "unknown frame flags"),
+        ({"flags": 0x0004}, "unknown frame flags"),
         ({"flags": 0x8001, "crc": 0}, "unknown frame flags"),
         ({"index": 1, "count": 1}, "chunk index 1 >= chunk count 1"),
         ({"index": 3, "count": 3, "total": 3000, "length": 952}, "chunk index 3 >= chunk count 3"),
@@ -340,7 +340,8 @@ def prefix(magic: bytes = wire.MAGIC, version: int = wire.VERSION, kind: int = 1
         (b"GET / HT", "bad magic"),
         (prefix(version=1), "unsupported version 1"),  # a v1 peer
         (prefix(version=0), "unsupported version 0"),
-        (prefix(version=3), "unsupported version 3"),
+        (prefix(version=2), "unsupported version 2"),  # a v2 peer
+        (prefix(version=4), "unsupported version 4"),
         (prefix(kind=0x00), "unknown frame type 0x00"),
         (prefix(kind=0x07), "unknown frame type 0x07"),
         (prefix(kind=0xFF), "unknown frame type 0xff"),
@@ -356,7 +357,7 @@ def test_parse_prefix_rejects(raw: bytes, match: str) -> None:
 def test_parse_prefix_accepts_every_frame_type() -> None:
     for kind in (1, 2, 3, 4, 5, 6):
         assert wire.parse_prefix(prefix(kind=kind)) == (kind, 0)
-    assert wire.parse_prefix(wire.PREFIX.pack(wire.MAGIC, 2, 3, 0xBEEF)) == (3, 0xBEEF)
+    assert wire.parse_prefix(wire.PREFIX.pack(wire.MAGIC, 3, 3, 0xBEEF)) == (3, 0xBEEF)
 
 
 def test_a_v1_peer_is_refused_by_every_parser() -> None:
@@ -417,11 +418,8 @@ def test_a_frame_of_the_wrong_length_is_refused(name: str) -> None:
 def test_a_sealed_but_invalid_hello_is_refused(
     flags: int, index: int, count: int, match: str
 ) -> None:
-    raw = seal(
-        wire.HANDSHAKE.pack(
-            wire.MAGIC, wire.VERSION, wire.FRAME_HELLO, flags, SESSION, index, count, 0, 0
-        )
-    )
+    fields = (wire.MAGIC, wire.VERSION, wire.FRAME_HELLO, flags, SESSION, bytes(16), 0)
+    raw = seal(wire.HANDSHAKE.pack(*fields, index, count, 0, 0))
     with pytest.raises(ProtocolError, match=match):
         wire.parse_handshake(raw)
 

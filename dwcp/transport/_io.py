@@ -31,17 +31,17 @@ def _seconds(name: str, value: float | timedelta) -> float:
 
 
 def _check_address(address: object, *, lowest_port: int) -> None:
-    """Raise TypeError unless ``address`` is a (host, port) tuple, ValueError for the port."""
-    if (
-        not isinstance(address, tuple)
-        or len(address) != 2
-        or not isinstance(address[0], str)
-        or isinstance(address[1], bool)
-        or not isinstance(address[1], int)
-    ):
-        raise TypeError("address must be a (host, port) tuple")
-    if not lowest_port <= address[1] < 65536:
-        raise ValueError(f"address port must be in {lowest_port}..65535, got {address[1]}")
+    """Raise TypeError unless ``address`` is a (host, port) tuple of a str and an int,
+    ValueError for a port out of range; the message names what is wrong."""
+    if not isinstance(address, tuple) or len(address) != 2:
+        raise TypeError(f"address must be a (host, port) tuple, got {address!r}")
+    host, port = address
+    if not isinstance(host, str):
+        raise TypeError(f"address host must be a str, got {type(host).__name__} {host!r}")
+    if isinstance(port, bool) or not isinstance(port, int):
+        raise TypeError(f"address port must be an int, got {type(port).__name__} {port!r}")
+    if not lowest_port <= port < 65536:
+        raise ValueError(f"address port must be in {lowest_port}..65535, got {port}")
 
 
 def _bounded_int(name: str, value: int, low: int, high: int) -> int:

@@ -82,7 +82,7 @@ class _Message:
 class Reassembly:
     """The receiving state of one session's messages (see the module doc)."""
 
-    def __init__(self, streams: int, *, max_buffered: int) -> None:
+    def __init__(self, streams: int, *, max_buffered: int, first_id: int = 0) -> None:
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
         # The delivery thread sleeps on this lock (released once to wake it): one C call
@@ -93,10 +93,11 @@ class Reassembly:
         self._taker_asleep = False
         self._taken = 0  # cost of what take() handed out and done() has not yet freed
         self._max_buffered = max_buffered
-        self._last_id = [0] * streams
+        # The session's first message id (HELLO): ids below it never arrive.
+        self._last_id = [first_id] * streams
         self._ended_streams = 0
         self._streams = streams
-        self.next_id = 0
+        self.next_id = first_id
         self._partial: dict[int, _Message] = {}
         self._complete: dict[int, Ready] = {}
         self._ready: collections.deque[Ready] = collections.deque()

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
+from dwcp.errors import DWCPError
 from dwcp.transport import wire
 from dwcp.transport._io import (
     TLSChannel,
@@ -41,6 +42,9 @@ __all__ = ["MultiStreamReceiver"]
 
 # Ids of ended sessions remembered to refuse a late stream joining a dead session.
 _ENDED_SESSIONS_KEPT = 1024
+# Senders (by sender id) whose next message id is remembered, to drop what a reconnected
+# sender resends and was delivered already; least recently seen forgotten first.
+SENDERS_KEPT = 4096
 _STOP_JOIN_TIMEOUT = 5.0
 # Out of descriptors (or memory) the listener is left alone this long, doubling up to the
 # cap, so the accept loop neither spins nor floods the log.
@@ -58,8 +62,12 @@ _LARGE = 32 * 1024
 # A large payload is read in pieces of at most this size: a header alone never makes the
 # receiver allocate more than this before the bytes are there.
 _PIECE = 1 << 20
-# Deliveries between releases of their budget (and flushes of their ACKs).
+# Deliveries between releases of their budget.
 _DELIVERY_BATCH = 64
+# Acknowledged sessions: at most this many messages, or this long after the first of them,
+# before a cumulative ACK (a DATA frame with ACK_NOW gets one at once).
+_ACK_EVERY = 128
+_ACK_DELAY = 0.002
 _MSG_WAITALL = getattr(socket, "MSG_WAITALL", 0)
 _MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
@@ -137,10 +145,30 @@ class _Connection:
         self.recv_timeout = seconds
 
 
+class _Sender:
+    """What the receiver remembers of one named sender across its sessions: where its
+    delivery stands (acknowledged senders resend from there), and its newest session."""
+
+    __slots__ = ("next_id", "session")
+
+    def __init__(self) -> None:
+        # The id after the last one delivered (None: nothing yet). Only the delivery thread
+        # of the sender's current session uses it, once its predecessor finished.
+        self.next_id: int | None = None
+        self.session: _Session | None = None  # the newest session (guarded by the lock)
+
+
 class _Session:
     """The receiving state of one sender session (all its streams)."""
 
-    def __init__(self, hello: wire.Handshake, max_buffered: int, created: float) -> None:
+    def __init__(
+        self,
+        hello: wire.Handshake,
+        max_buffered: int,
+        created: float,
+        sender: _Sender | None = None,
+        predecessor: _Session | None = None,
+    ) -> None:
         self.id = hello.session_id
         self.name = hello.session_id.hex()
         self.stream_count = hello.stream_count
@@ -148,7 +176,18 @@ class _Session:
         # The sender pings this often; a reader waiting for room says "alive" as often.
         self.heartbeat = hello.keepalive_ms / 1000 if hello.keepalive_ms else None
         self.created = created
-        self.reassembly = Reassembly(hello.stream_count, max_buffered=max_buffered)
+        self.first_id = hello.first_id
+        self.reassembly = Reassembly(
+            hello.stream_count, max_buffered=max_buffered, first_id=hello.first_id
+        )
+        # A named sender's memory of what was delivered, and the session it had before this
+        # one, which must finish delivering first (so its sessions never overlap).
+        self.sender = sender
+        self.predecessor = predecessor
+        self.over = threading.Event()  # set once nothing more will be delivered
+        # The highest message id a DATA frame asked to be acknowledged at once (ACK_NOW);
+        # written by the readers, read by the delivery thread.
+        self.ack_now = -1
         # Guarded by the receiver's lock.
         self.connections: list[_Connection | None] = [None] * hello.stream_count
         self.joined = 0
@@ -161,8 +200,12 @@ class MultiStreamReceiver:
     """Accepts ``MultiStreamTCPTransport`` sessions and calls ``on_message`` for each message.
 
     ``on_message(data)`` runs on the session's delivery thread, exactly once per complete,
-    verified message, in the sender's message-id order, never concurrently for one session.
-    Malformed or hostile input closes that connection and its session, and nothing else.
+    verified message, in the sender's message-id order, never concurrently for one session
+    (nor for two sessions of one sender: a sender's new session waits for its old one).
+    What an acknowledged sender resends after a reconnect and was delivered before is
+    acknowledged and dropped, so each message is delivered once while this object lives
+    (the positions of at most ``SENDERS_KEPT`` senders are remembered). Malformed or hostile
+    input closes that connection and its session, and nothing else.
 
     Memory: a session holds at most ``max_buffered_bytes + max_message_size`` of message
     data (plus 64 bytes a chunk) and about 1.5 MiB a stream (read buffer, parsed frames, the
@@ -236,6 +279,9 @@ class MultiStreamReceiver:
         self._accept_thread: threading.Thread | None = None
         self._sessions: dict[bytes, _Session] = {}
         self._ended: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        # Kept across stop()/start(): exactly once holds while this object lives.
+        self._senders: collections.OrderedDict[bytes, _Sender] = collections.OrderedDict()
+        self._duplicates = 0
         self._connections: set[_Connection] = set()
         # Every thread until joined: a thread leaves ``_connections`` (or its session ends)
         # while still finishing, and stop() must join it all the same.
@@ -248,10 +294,26 @@ class MultiStreamReceiver:
 
     @property
     def address(self) -> tuple[str, int]:
-        """The bound (host, port); after a restart, the same port as before."""
+        """The bound (host, port); after a restart, the same port as before.
+
+        Raises DWCPError (code ``NOT_STARTED``) before the first ``start()``.
+        """
         if self._bound is None:
-            raise RuntimeError("receiver not started")
+            raise DWCPError("receiver not started: no address bound yet", code="NOT_STARTED")
         return self._bound
+
+    @property
+    def duplicates_dropped(self) -> int:
+        """How many resent messages were acknowledged and not delivered again (delivered
+        before, in an earlier session of the same sender)."""
+        return self._duplicates
+
+    @property
+    def senders_remembered(self) -> int:
+        """How many senders' delivery positions are kept (at most ``SENDERS_KEPT``, or more
+        while more of them have a session open)."""
+        with self._lock:
+            return len(self._senders)
 
     @property
     def delivered_count(self) -> int:
@@ -270,9 +332,15 @@ class MultiStreamReceiver:
             return self._delivered_cond.wait_for(lambda: self._delivered >= count, timeout)
 
     def __repr__(self) -> str:
-        where = "not started" if self._bound is None else f"{self._bound[0]}:{self._bound[1]}"
+        if self._bound is None:
+            where = f"{self._requested[0]}:{self._requested[1]} (not bound)"
+        else:
+            where = f"{self._bound[0]}:{self._bound[1]}"
         state = "running" if self._running else "stopped"
-        return f"<MultiStreamReceiver {where} {state} sessions={len(self._sessions)}>"
+        return (
+            f"<MultiStreamReceiver {where} {state} sessions={len(self._sessions)} "
+            f"delivered={self._delivered} max_sessions={self._max_sessions}>"
+        )
 
     def __enter__(self) -> Self:
         self.start()
@@ -282,10 +350,14 @@ class MultiStreamReceiver:
         self.stop()
 
     def start(self) -> None:
-        """Bind and start accepting; a no-op when running. Restarts reuse the bound port."""
+        """Bind and start accepting. Restarts (after ``stop()``) reuse the bound port.
+
+        Raises DWCPError (code ``ALREADY_STARTED``) when running, OSError when the address
+        cannot be bound.
+        """
         with self._lock:
             if self._running:
-                return
+                raise DWCPError("receiver is already started", code="ALREADY_STARTED")
             host, port = self._bound or self._requested
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             listener = socket.socket(family, socket.SOCK_STREAM)
@@ -526,6 +598,7 @@ class MultiStreamReceiver:
         hello = wire.parse_handshake(prefix + rest)
         reject: str | None = None
         status = wire.STATUS_REFUSED
+        superseded: _Session | None = None
         with self._lock:
             if not self._running:
                 raise Closed
@@ -536,8 +609,18 @@ class MultiStreamReceiver:
                 if len(self._sessions) >= self._max_sessions:
                     reject, status = "too many sessions", wire.STATUS_BUSY
                 else:
-                    session = _Session(hello, self._max_buffered, time.monotonic())
+                    sender = predecessor = None
+                    if hello.sender_id != wire.ANONYMOUS_SENDER:
+                        sender = self._sender(hello.sender_id)
+                        predecessor = sender.session
+                    session = _Session(
+                        hello, self._max_buffered, time.monotonic(), sender, predecessor
+                    )
                     self._sessions[hello.session_id] = session
+                    if sender is not None:
+                        sender.session = session
+                        if predecessor is not None and not predecessor.finished:
+                            superseded = predecessor
             elif (session.stream_count, session.acknowledged) != (
                 hello.stream_count,
                 hello.acknowledged,
@@ -556,6 +639,14 @@ class MultiStreamReceiver:
                 if session.delivery is None:
                     session.delivery = self._thread(self._deliver_loop, session, "deliver")
                     session.delivery.start()
+        if superseded is not None:
+            # A sender runs one session at a time: a new one means it gave up the old one
+            # (a failure it saw first). What the old one holds whole and in order is still
+            # delivered, before anything of the new one (see _deliver_loop).
+            logger.bind(session=superseded.name, successor=hello.session_id.hex()).info(
+                "Receiver closed a session its sender replaced"
+            )
+            self._close_session(superseded, drain=True)
         if reject is not None:
             # Only this connection is refused: a stranger must not be able to close a
             # session by replaying its id.
@@ -566,6 +657,25 @@ class MultiStreamReceiver:
             return None
         conn.write(wire.pack_welcome(wire.STATUS_ACCEPTED))
         return session
+
+    def _sender(self, sender_id: bytes) -> _Sender:
+        """The remembered state of ``sender_id`` (new if unknown); caller holds the lock.
+
+        At most ``SENDERS_KEPT`` are kept: the least recently seen without an open session
+        is forgotten first (its next session then counts as a new sender: at least once).
+        """
+        senders = self._senders
+        sender = senders.get(sender_id)
+        if sender is None:
+            sender = senders[sender_id] = _Sender()
+            if len(senders) > SENDERS_KEPT:
+                for old_id, old in senders.items():
+                    if old.session is None or old.session.finished:
+                        del senders[old_id]
+                        break
+        else:
+            senders.move_to_end(sender_id)
+        return sender
 
     def _read_frames(self, conn: _Connection, session: _Session) -> None:
         """Parse frames in batches out of one buffer; hand each batch over under one lock.
@@ -591,6 +701,7 @@ class MultiStreamReceiver:
         # Module constants as locals: this loop runs once per frame.
         data_type, header_size, crc_at = wire.FRAME_DATA, _HEADER, _HEADER_CRC_AT
         p_checked, p_unchecked, large = _PREFIX_CHECKED, _PREFIX_UNCHECKED, _LARGE
+        known_flags = wire.FLAG_UNCHECKED | wire.FLAG_ACK_NOW
         exact = False  # read the next header alone: a large frame may follow
         partial_since: float | None = None  # when the frame at ``start`` began to arrive
         # One kernel timeout for the whole session, a fraction of the shortest bound; the
@@ -616,8 +727,13 @@ class MultiStreamReceiver:
                     raise wire.ProtocolError("DATA header checksum mismatch")
                 checked = prefix == p_checked
                 if not checked and prefix != p_unchecked:
-                    wire.parse_prefix(view[start : start + 8])
-                    raise wire.ProtocolError(f"unknown frame flags {prefix & 0xFFFF:#06x}")
+                    flags = prefix & 0xFFFF
+                    if prefix ^ flags != p_checked or flags & ~known_flags:
+                        wire.parse_prefix(view[start : start + 8])
+                        raise wire.ProtocolError(f"unknown frame flags {flags:#06x}")
+                    checked = not flags & wire.FLAG_UNCHECKED
+                    if flags & wire.FLAG_ACK_NOW and mid > session.ack_now:
+                        session.ack_now = mid  # (a lost race only delays it, see delivery)
                 if (
                     count != 1
                     or index
@@ -821,12 +937,45 @@ class MultiStreamReceiver:
         reassembly = session.reassembly
         on_message = self._on_message
         try:
+            predecessor = session.predecessor
+            if predecessor is not None:
+                # Its sender resends what it did not see acknowledged; whatever of that the
+                # old session still delivers must come first, so the duplicates are known.
+                predecessor.over.wait()
+                session.predecessor = None  # no chain of dead sessions kept alive
+            if not session.acknowledged:
+                while True:
+                    batch = reassembly.take(None)
+                    if batch is None:
+                        return
+                    for at in range(0, len(batch), _DELIVERY_BATCH):
+                        self._deliver_some(session, batch[at : at + _DELIVERY_BATCH], on_message)
+            # Acknowledged: one cumulative ACK for up to _ACK_EVERY messages, written once
+            # that many are delivered, _ACK_DELAY after the first of them, when a frame
+            # asked for it (ACK_NOW), or when the session ends. An ACK per small batch
+            # would cost both ends more than the messages when the consumer keeps up.
+            unacked, since = 0, 0.0
+            through = stream = -1
             while True:
-                batch = reassembly.take(None)
+                wait = None if not unacked else max(since + _ACK_DELAY - time.monotonic(), 0.0)
+                batch = reassembly.take(wait)
                 if batch is None:
-                    return
+                    break
                 for at in range(0, len(batch), _DELIVERY_BATCH):
-                    self._deliver_some(session, batch[at : at + _DELIVERY_BATCH], on_message)
+                    part = batch[at : at + _DELIVERY_BATCH]
+                    self._deliver_some(session, part, on_message)
+                    if not unacked:
+                        since = time.monotonic()
+                    unacked += len(part)
+                    through, stream = part[-1][0], part[-1][3]
+                    if unacked >= _ACK_EVERY or through >= session.ack_now > through - unacked:
+                        self._acknowledge(session, through, stream)
+                        unacked = 0
+                if unacked and (not batch or time.monotonic() - since >= _ACK_DELAY):
+                    self._acknowledge(session, through, stream)
+                    unacked = 0
+            if unacked:
+                self._acknowledge(session, through, stream)  # (the sender may still read)
         except Exception as exc:  # noqa: BLE001 - never die silently
             logger.opt(exception=exc).error("Receiver delivery failed")
         finally:
@@ -836,9 +985,20 @@ class MultiStreamReceiver:
         self, session: _Session, batch: list[Ready], on_message: Callable[[bytes], object]
     ) -> None:
         cost = 0
-        acks: dict[int, list[bytes]] = {}
-        acknowledged = session.acknowledged
-        for mid, pieces, price, stream in batch:
+        sender = session.sender
+        expected = None if sender is None else sender.next_id
+        delivered = duplicates = 0
+        for mid, pieces, price, _ in batch:
+            cost += price
+            if expected is not None:
+                if mid < expected:
+                    duplicates += 1  # resent by a reconnected sender, delivered before
+                    continue
+                if mid > expected and session.acknowledged:
+                    logger.bind(session=session.name, expected=expected, got=mid).warning(
+                        "Sender skipped message ids (it no longer had them to resend)"
+                    )
+            expected = mid + 1
             # A list of pieces, or bytes/bytearray (joining those makes the bytes we hand on).
             payload = pieces if type(pieces) is bytes else b"".join(pieces)  # type: ignore[arg-type]
             try:
@@ -847,25 +1007,33 @@ class MultiStreamReceiver:
                 logger.bind(session=session.name, message_id=mid).opt(exception=exc).error(
                     "Message handler failed"
                 )
-            cost += price
-            if acknowledged:
-                acks.setdefault(stream, []).append(wire.pack_ack(mid))
+            delivered += 1
+        if sender is not None:
+            sender.next_id = expected
         with self._delivered_cond:
-            self._delivered += len(batch)
+            self._delivered += delivered
+            self._duplicates += duplicates
             self._delivered_cond.notify_all()
         session.reassembly.done(cost)
-        if acks and not session.reassembly.closed:
-            for stream, frames in acks.items():
-                conn = session.connections[stream]
-                if conn is None or conn.closed:
-                    continue  # that stream ended; its sender saw the end as well
-                try:
-                    conn.write(b"".join(frames))
-                except OSError as exc:
-                    # The sender times out waiting and breaks its side; keep delivering.
-                    logger.bind(session=session.name, error=str(exc)).warning(
-                        "Receiver could not acknowledge messages"
-                    )
+
+    def _acknowledge(self, session: _Session, through: int, stream: int) -> None:
+        """One cumulative ACK for every message up to ``through``, on the stream that carried
+        the last one (or any other still open)."""
+        if session.reassembly.closed:
+            return  # aborted or replaced: its sender gave up on it and resends
+        frame = wire.pack_ack(through)
+        candidates = [session.connections[stream]] + session.connections
+        for conn in candidates:
+            if conn is None or conn.closed:
+                continue  # that stream ended; its sender saw the end as well
+            try:
+                conn.write(frame)
+                return
+            except OSError as exc:
+                # The sender's window waits, then it resends; keep delivering.
+                logger.bind(session=session.name, error=str(exc)).warning(
+                    "Receiver could not acknowledge messages"
+                )
 
     # -- ending sessions --------------------------------------------------------------------
 
@@ -909,6 +1077,9 @@ class MultiStreamReceiver:
             if session.finished:
                 return
             session.finished = True
+            session.over.set()
+            if session.sender is not None and session.sender.session is session:
+                session.sender.session = None
             if self._sessions.get(session.id) is session:
                 del self._sessions[session.id]
             self._ended[session.id] = None

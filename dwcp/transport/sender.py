@@ -27,6 +27,7 @@ from dwcp.transport._io import (
     _set_send_timeout,
     is_loopback_host,
 )
+from dwcp.transport._window import Window
 
 if TYPE_CHECKING:  # typing.Self is 3.11+ and setup.cfg still allows 3.10
     from typing_extensions import Self
@@ -241,25 +242,6 @@ class _Batch:
             self.done.set()
 
 
-class _AckWaiter:
-    """One send waiting for its ACK. Released exactly once (whoever pops it from the
-    session's table); a lock rather than an Event, whose set() and wait() run Python code
-    on the round trip that acknowledged sends spend their time in."""
-
-    __slots__ = ("acked", "signal")
-
-    def __init__(self) -> None:
-        self.acked = False
-        self.signal = threading.Lock()
-        self.signal.acquire()
-
-    def release(self) -> None:
-        self.signal.release()
-
-    def wait(self, timeout: float) -> bool:
-        return self.signal.acquire(timeout=max(timeout, 0.0))
-
-
 class _Session:
     """Everything one ``start()`` creates; ``close()`` or a failure retires it as a whole.
 
@@ -278,6 +260,8 @@ class _Session:
         checksum: bool,
         keepalive_interval: float | None,
         keepalive_timeout: float,
+        first_id: int = 0,
+        window: Window | None = None,
     ) -> None:
         self.address = address
         self.checksum = checksum
@@ -294,14 +278,16 @@ class _Session:
         # Message ids are handed out, and frames queued, under this lock: so each stream's
         # outbox is in id order.
         self._order = threading.Lock()
-        self.next_id = 0
+        self.first_id = first_id
+        self.next_id = first_id
+        # Acknowledged: the transport's window, which outlives this session (see Window).
+        self.window = window
         self.broken: str | None = None
         self.closing = False
         self._writers_stop = False
         self._stopped = threading.Event()
         self._keepalive: threading.Thread | None = None
         self._state_lock = threading.Lock()
-        self._acks: dict[int, _AckWaiter] = {}
         self._log = logger.bind(peer=f"{address[0]}:{address[1]}", session=session_id.hex())
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -324,7 +310,7 @@ class _Session:
             stream.threads = [writer, reader]
             writer.start()
             reader.start()
-        if self.keepalive_interval is not None:
+        if self.keepalive_interval is not None or self.window is not None:
             self._keepalive = threading.Thread(
                 target=self._keepalive_loop, name="dwcp-transport-keepalive", daemon=True
             )
@@ -347,17 +333,58 @@ class _Session:
                     stream.waiting -= 1
         return self.broken is None
 
+    def ended(self) -> bool:
+        """Whether the session broke or is closing (its acknowledgements will not come)."""
+        return self.broken is not None or self.closing
+
+    def wait_acked(self, message_id: int, deadline: float) -> None:
+        """Wait until the receiver acknowledged ``message_id``; TransportError (code
+        ``UNCONFIRMED``: sent, kept in the window, not confirmed yet) when the deadline
+        passes or the session ends first."""
+        window = self.window
+        assert window is not None
+        if window.wait_acked(message_id, deadline, self.ended):
+            return
+        if self.broken is not None:
+            raise TransportError(
+                f"transport broken: {self.broken}; message {message_id} is kept and resent "
+                "after a restart",
+                code="UNCONFIRMED",
+            )
+        if self.closing:
+            raise TransportError(
+                "transport closed before the acknowledgement came", code="UNCONFIRMED"
+            )
+        oldest = window.oldest()
+        if oldest is not None and _monotonic() - oldest >= self.send_timeout:
+            # Unconfirmed for send_timeout: the link is as good as broken (the keepalive
+            # would say so next); breaking now lets recovery resend at once.
+            self.break_(f"no acknowledgement within send_timeout ({self.send_timeout:g} s)")
+        raise TransportError(
+            f"no acknowledgement for message {message_id} in time; it is kept and resent "
+            "after a restart",
+            code="UNCONFIRMED",
+        )
+
     def shutdown(self) -> None:
-        """Write what is queued (within send_timeout), then stop every stream and join the
-        session's threads (used by ``close()``)."""
+        """Write what is queued and, acknowledged, wait for the acknowledgements (within
+        send_timeout), then stop every stream and join the session's threads (``close()``).
+        What is still unacknowledged stays in the window for the next session."""
         if self.broken is None:
-            self.flush(self.send_timeout)
-        self.closing = True
+            deadline = _monotonic() + self.send_timeout
+            if self.flush(self.send_timeout) and self.window is not None:
+                self.window.wait_acked(self.window.last, deadline, self.ended)
+        # Under the order lock, which every send re-checks it under before it takes an id:
+        # nothing joins the window once this session is closing (start() snapshots it next).
+        with self._order:
+            self.closing = True
         self._writers_stop = True
         self._stopped.set()
         for stream in self.streams:
             self._shutdown_socket(stream.sock)
             stream.wake()
+        if self.window is not None:
+            self.window.wake()
         current = threading.current_thread()
         threads = [t for s in self.streams for t in s.threads]
         if self._keepalive is not None:
@@ -370,7 +397,6 @@ class _Session:
             # more, which the kernel may hand to another socket once closed.
             stream.fd = -1
             _close_quietly(stream.sock)
-        self._fail_waiters()
 
     @staticmethod
     def _shutdown_socket(sock: socket.socket) -> None:
@@ -392,14 +418,8 @@ class _Session:
         for stream in self.streams:
             self._shutdown_socket(stream.sock)
             stream.wake()
-        self._fail_waiters()
-
-    def _fail_waiters(self) -> None:
-        with self._state_lock:
-            waiters = list(self._acks.values())
-            self._acks.clear()
-        for waiter in waiters:
-            waiter.release()
+        if self.window is not None:
+            self.window.wake()
 
     def _raise_broken(self) -> NoReturn:
         raise TransportError(f"transport broken: {self.broken or 'closed'}; restart it")
@@ -428,25 +448,6 @@ class _Session:
         if stream.queued >= _OUTBOX_LIMIT:
             self._fail(stream, "stalled: send_timeout expired with the stream's queue full", None)
 
-    def _expect_ack(self, message_id: int) -> _AckWaiter:
-        waiter = _AckWaiter()
-        with self._state_lock:
-            self._acks[message_id] = waiter
-        return waiter
-
-    def _await_ack(self, message_id: int, waiter: _AckWaiter, deadline: float) -> None:
-        if not waiter.wait(deadline - _monotonic()):
-            with self._state_lock:
-                mine = self._acks.pop(message_id, None) is not None
-            if mine:
-                self.break_(f"no acknowledgement for message {message_id} within send_timeout")
-            else:
-                # The ACK (or the session's end) took it just as the wait expired: it is
-                # being released now, so look again rather than call a delivered message lost.
-                waiter.wait(self.send_timeout)
-        if not waiter.acked:
-            self._raise_broken()
-
     def _await_written(self, batch: _Batch, deadline: float) -> None:
         # The writers read the caller's buffer until this is set: never return before.
         if not batch.done.wait(max(deadline - _monotonic(), 0.0)):
@@ -457,20 +458,34 @@ class _Session:
         if self.broken is not None:
             self._raise_broken()
 
-    def send_small(self, data: Buffer, size: int) -> None:
-        """Queue a message that fits one chunk as one frame on the next stream (round robin)."""
+    def send_small(self, data: Buffer, size: int, *, track: bool, urgent: bool = False) -> int:
+        """Queue a message that fits one chunk as one frame on the next stream (round robin);
+        return its message id.
+
+        ``track``: add it to the window (under the order lock, so the window is in id order);
+        once it is there, a failure to write it is the session's, not this send's: the
+        message is resent by the next session, and the send returns. ``urgent``: ask the
+        receiver to acknowledge it at once (ACK_NOW), for a sender waiting on it.
+        """
         if self.broken is not None or self.closing:
             self._raise_broken()
-        if size <= _COPY_LIMIT and not self.acknowledged:
+        window = self.window if track else None
+        flags = self.flags | wire.FLAG_ACK_NOW if urgent else self.flags
+        if size <= _COPY_LIMIT:
             # The common case, inlined: one frame copied into a stream's outbox with room.
             crc = _checksum(data) if self.checksum else 0
             with self._order:
+                if self.closing:
+                    self._raise_broken()
                 message_id = self.next_id
                 stream = self.streams[message_id % self.count]
                 if stream.queued < _OUTBOX_LIMIT:
                     self.next_id = message_id + 1
+                    if window is not None:  # Window.add, inlined
+                        window.entries.append([message_id, data, _monotonic()])
+                        window.last = message_id
                     head = _pack_head(
-                        _MAGIC, _VERSION, _DATA, self.flags, message_id, 0, 1, size, size, crc
+                        _MAGIC, _VERSION, _DATA, flags, message_id, 0, 1, size, size, crc
                     )  # fmt: skip
                     frame = head + _pack_u32(_checksum(head)) + data
                     with stream.lock:
@@ -481,7 +496,7 @@ class _Session:
                         if not stream.kicked:
                             stream.kicked = True
                             stream.kick.release()
-                    return
+                    return message_id
         deadline = _monotonic() + self.send_timeout
         # Frames up to 16 KiB are copied into the outbox, and a bytes object cannot change
         # under the writer; a mutable buffer, or a message over the outbox limit, is written
@@ -489,24 +504,23 @@ class _Session:
         # belongs to that send).
         early = size <= _COPY_LIMIT or (type(data) is bytes and size <= _OUTBOX_LIMIT)
         mark = None if early else _Batch(1)
-        waiter = None
-        flags = self.flags
         # Computed here, before the order lock: for a large frame, while the stream's writer
         # is still writing the previous one (the GIL is released for both).
         crc = _checksum(data) if self.checksum else 0
-        # A frame of 256 KiB or more, or one whose sender waits for its ACK anyway, gains
-        # nothing from batching: when its stream is idle the caller writes it itself, saving
-        # the writer thread's hand-off (and it is in the kernel when send returns). Smaller
-        # ones share the writer's writev, several to a syscall.
-        wants_direct = size >= _DIRECT_MIN or self.acknowledged
+        # A frame of 256 KiB or more gains nothing from batching: when its stream is idle
+        # the caller writes it itself, saving the writer thread's hand-off (and it is in the
+        # kernel when send returns). Smaller ones share the writer's writev.
+        wants_direct = size >= _DIRECT_MIN
         while True:
             with self._order:
+                if self.closing:
+                    self._raise_broken()
                 message_id = self.next_id
                 stream = self.streams[message_id % self.count]
                 if stream.queued < _OUTBOX_LIMIT:
                     self.next_id = message_id + 1
-                    if self.acknowledged:
-                        waiter = self._expect_ack(message_id)
+                    if window is not None:
+                        window.add(message_id, data)  # type: ignore[arg-type]
                     head = _pack_head(
                         _MAGIC, _VERSION, _DATA, flags, message_id, 0, 1, size, size, crc
                     )  # fmt: skip
@@ -518,41 +532,49 @@ class _Session:
                         stream.put(parts, _HEADER_SIZE + size, deadline, mark)
                     break
             self._wait_for_room(stream, deadline)
-        if direct:
-            try:
-                self._write(stream, [head, data], _HEADER_SIZE + size, deadline)
-            finally:
-                stream.unclaim()
-        elif mark is not None:
-            self._await_written(mark, deadline)
-        if waiter is not None:
-            self._await_ack(message_id, waiter, deadline)
-        elif self.broken is not None:
-            # Another stream failed meanwhile; the receiver may never get past the gap.
-            self._raise_broken()
+        try:
+            if direct:
+                try:
+                    self._write(stream, [head, data], _HEADER_SIZE + size, deadline)
+                finally:
+                    stream.unclaim()
+            elif mark is not None:
+                self._await_written(mark, deadline)
+            if self.broken is not None:
+                # Another stream failed meanwhile; the receiver may never get past the gap.
+                self._raise_broken()
+        except TransportError:
+            if window is None:
+                raise
+        return message_id
 
-    def send_large(self, data: Buffer, size: int, chunk_size: int) -> None:
-        """Cut a message into chunks striped over the streams, queued on each in id order."""
+    def send_large(
+        self, data: Buffer, size: int, chunk_size: int, *, track: bool, urgent: bool = False
+    ) -> int:
+        """Cut a message into chunks striped over the streams, queued on each in id order;
+        return its message id (``track`` and ``urgent`` as for ``send_small``)."""
         if self.broken is not None or self.closing:
             self._raise_broken()
+        window = self.window if track else None
         deadline = _monotonic() + self.send_timeout
         view = memoryview(data).cast("B")
         chunks = -(-size // chunk_size)
         shares = min(chunks, self.count)
-        flags, checksum = self.flags, self.checksum
+        flags, checksum = self.flags | (wire.FLAG_ACK_NOW if urgent else 0), self.checksum
         payloads = [view[i * chunk_size : (i + 1) * chunk_size] for i in range(chunks)]
         early = type(data) is bytes and size <= _OUTBOX_LIMIT
         batch = _Batch(shares)
-        waiter = None
         while True:
             with self._order:
+                if self.closing:
+                    self._raise_broken()
                 message_id = self.next_id
                 first = message_id % self.count
                 lanes = [self.streams[(first + share) % self.count] for share in range(shares)]
                 if all(lane.queued < _OUTBOX_LIMIT for lane in lanes):
                     self.next_id = message_id + 1
-                    if self.acknowledged:
-                        waiter = self._expect_ack(message_id)
+                    if window is not None:
+                        window.add(message_id, data)  # type: ignore[arg-type]
                     for share, lane in enumerate(lanes):
                         # Each stream's writer computes its chunks' CRCs: in parallel, and
                         # off the caller's thread.
@@ -567,12 +589,30 @@ class _Session:
                     break
             full = next(lane for lane in lanes if lane.queued >= _OUTBOX_LIMIT)
             self._wait_for_room(full, deadline)
-        if not early:
-            self._await_written(batch, deadline)
-        if waiter is not None:
-            self._await_ack(message_id, waiter, deadline)
-        elif self.broken is not None:
-            self._raise_broken()
+        try:
+            if not early:
+                self._await_written(batch, deadline)
+            if self.broken is not None:
+                self._raise_broken()
+        except TransportError:
+            if window is None:
+                raise
+        return message_id
+
+    def replay(self, messages: list[tuple[int, bytes]], chunk_size: int) -> None:
+        """Resend the window's messages first, under their own ids (``start()``, before any
+        new send can take an id); TransportError when the new session fails meanwhile."""
+        for message_id, data in messages:
+            size = len(data)
+            if size <= chunk_size:
+                sent = self.send_small(data, size, track=False)
+            else:
+                sent = self.send_large(data, size, chunk_size, track=False)
+            assert sent == message_id, (sent, message_id)
+        if not self.flush(self.send_timeout):
+            if self.broken is not None:
+                self._raise_broken()
+            raise TransportError("resent messages not written within send_timeout")
 
     # -- writing ------------------------------------------------------------------------
 
@@ -696,19 +736,30 @@ class _Session:
 
     def _keepalive_loop(self) -> None:
         """PING streams that were idle for an interval; break the session when a PING goes
-        unanswered for ``keepalive_timeout`` (the receiver vanished without FIN or RST).
+        unanswered for ``keepalive_timeout`` (the receiver vanished without FIN or RST), or,
+        acknowledged, when the oldest message waits for its ACK longer than send_timeout.
 
         A busy stream is not pinged: its writes are bounded by send_timeout already. A
         receiver that is alive but not reading (backpressure) answers unprompted.
         """
-        assert self.keepalive_interval is not None
-        interval, timeout = self.keepalive_interval, self.keepalive_timeout
-        tick = min(interval, timeout) / 4
+        interval = self.keepalive_interval
+        timeout = self.keepalive_timeout
+        bounds = [] if interval is None else [interval, timeout]
+        if self.window is not None:
+            bounds.append(self.send_timeout)
+        tick = min(bounds) / 4
         seen = [-1] * self.count
         idle_since = [_monotonic()] * self.count
+        window = self.window
         try:
             while not self._stopped.wait(tick):
                 now = _monotonic()
+                oldest = None if window is None else window.oldest()
+                if oldest is not None and now - oldest > self.send_timeout:
+                    self.break_(f"no acknowledgement within send_timeout ({self.send_timeout:g} s)")
+                    return
+                if interval is None:
+                    continue
                 for stream in self.streams:
                     sent = stream.ping_sent
                     if sent is not None:
@@ -767,18 +818,18 @@ class _Session:
             return
         if frame_type != wire.FRAME_ACK:
             raise wire.ProtocolError(f"unexpected frame type {frame_type:#04x} from receiver")
-        message_id = wire.parse_ack(frame)
-        if not self.acknowledged:
+        through = wire.parse_ack(frame)
+        window = self.window
+        if window is None:
             raise wire.ProtocolError("ACK in an unacknowledged session")
-        if message_id >= self.next_id:
-            raise wire.ProtocolError(f"ACK for message {message_id}, never sent")
+        if not self.first_id <= through < self.next_id:
+            raise wire.ProtocolError(
+                f"ACK through message {through}, outside the session's {self.first_id}.."
+                f"{self.next_id - 1}"
+            )
         stream.ping_sent = None  # an ACK proves the receiver alive as well as a PONG
-        with self._state_lock:
-            waiter = self._acks.pop(message_id, None)
-        # No waiter: a duplicate, or the send already gave up (stale). Either way harmless.
-        if waiter is not None:
-            waiter.acked = True
-            waiter.release()
+        # Cumulative: an ACK at or below one already taken changes nothing.
+        window.ack(through)
 
 
 class MultiStreamTCPTransport:
@@ -803,7 +854,13 @@ class MultiStreamTCPTransport:
         send_timeout: bound on every ``send``, whatever its size (waiting for a stream,
             writing, and with ``acknowledged`` the acknowledgement).
         max_message_size: larger messages raise ValueError before any I/O.
-        acknowledged: ``send`` returns once the receiver delivered the message.
+        acknowledged: the receiver confirms delivery; messages are kept in a window until
+            it does, resent by the next session after a failure, and delivered exactly once
+            (see "Delivery guarantees" in the README). ``flush()`` and ``send(wait=True)``
+            wait for the confirmation.
+        max_in_flight, max_in_flight_bytes: with ``acknowledged``, the window's bounds:
+            unacknowledged messages, and their bytes (one larger message still goes alone).
+            ``send`` waits, within ``send_timeout``, while the window is full.
         checksum: CRC-32C over every payload (headers are always checked).
         ssl_context, server_hostname: TLS, see above.
         keepalive_interval: a stream idle this long is pinged; None: never.
@@ -827,6 +884,8 @@ class MultiStreamTCPTransport:
         server_hostname: str | None = None,
         keepalive_interval: float | timedelta | None = 5.0,
         keepalive_timeout: float | timedelta = 10.0,
+        max_in_flight: int = 4096,
+        max_in_flight_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         _check_address(address, lowest_port=1)
         self._address = address
@@ -853,8 +912,22 @@ class MultiStreamTCPTransport:
             else _seconds("keepalive_interval", keepalive_interval)
         )
         self._keepalive_timeout = _seconds("keepalive_timeout", keepalive_timeout)
+        max_in_flight = _bounded_int("max_in_flight", max_in_flight, 1, 1 << 20)
+        max_in_flight_bytes = _bounded_int("max_in_flight_bytes", max_in_flight_bytes, 1, 1 << 40)
+        self._window = Window(max_in_flight, max_in_flight_bytes) if acknowledged else None
+        # Names this transport across its sessions, so that the receiver recognises resent
+        # messages (never all zero: that is the anonymous sender).
+        self._sender_id = os.urandom(wire.SENDER_ID_SIZE)
+        while self._sender_id == wire.ANONYMOUS_SENDER:  # pragma: no cover - 2^-128
+            self._sender_id = os.urandom(wire.SENDER_ID_SIZE)
+        # The next message id: ids go on from session to session.
+        self._next_id = 0
         self._lifecycle = threading.Lock()
         self._session: _Session | None = None
+        # A session close() is shutting down: start() waits for it, so the next session
+        # knows every id it used and every message it left in the window.
+        self._retiring: _Session | None = None
+        self._retired = threading.Condition(self._lifecycle)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -866,12 +939,24 @@ class MultiStreamTCPTransport:
         """Whether ``start()`` succeeded and ``close()`` has not been called since."""
         return self._session is not None
 
+    @property
+    def unacknowledged(self) -> int:
+        """How many sent messages await their acknowledgement (0 when not ``acknowledged``);
+        they survive ``close()`` and are resent first by the next ``start()``."""
+        return 0 if self._window is None else self._window.pending
+
     def __repr__(self) -> str:
         session = self._session
         state = "closed" if session is None else ("broken" if session.broken else "started")
+        mode = (
+            "unacknowledged"
+            if self._window is None
+            else f"acknowledged in_flight={self._window.pending}"
+        )
+        next_id = self._next_id if session is None else session.next_id
         return (
             f"<MultiStreamTCPTransport {self._address[0]}:{self._address[1]} "
-            f"streams={self._streams} {state}>"
+            f"streams={self._streams} {mode} next_id={next_id} {state}>"
         )
 
     def __enter__(self) -> Self:
@@ -884,15 +969,23 @@ class MultiStreamTCPTransport:
     def start(self) -> None:
         """Open ``streams`` connections as one new session; a no-op when already started.
 
-        A started transport is not reconnected even when broken: ``close()`` first (as the
-        manager's recovery does). Raises TransportError when any connection or handshake
-        fails, after closing the connections it did open.
+        With ``acknowledged``, the messages still unacknowledged from earlier sessions are
+        resent first, in order, under their own ids (the receiver drops those it already
+        delivered), and ``start`` returns once they are written. A started transport is not
+        reconnected even when broken: ``close()`` first (as the manager's recovery does).
+        Raises TransportError when any connection, handshake or resend fails, after closing
+        the connections it did open.
         """
         with self._lifecycle:
+            while self._retiring is not None:  # bounded: shutdown() is
+                self._retired.wait()
             if self._session is not None:
                 return
             session_id = os.urandom(wire.SESSION_ID_SIZE)
-            socks = self._connect(session_id)
+            window = self._window
+            replay = window.replay() if window is not None else []
+            first_id = replay[0][0] if replay else self._next_id
+            socks = self._connect(session_id, first_id)
             session = _Session(
                 self._address,
                 socks,
@@ -902,17 +995,35 @@ class MultiStreamTCPTransport:
                 checksum=self._checksum,
                 keepalive_interval=self._keepalive_interval,
                 keepalive_timeout=self._keepalive_timeout,
+                first_id=first_id,
+                window=window,
             )
             session.run_threads()
-            self._session = session
+            failed: TransportError | None = None
+            if replay:
+                try:
+                    session.replay(replay, self._chunk_size)
+                except TransportError as exc:
+                    failed = exc
+            if failed is None:
+                self._session = session
+        if failed is not None:
+            # Joined outside the lock; the window still holds every message it resent.
+            session.break_(f"resending failed: {failed}")  # (so shutdown waits for nothing)
+            session.shutdown()
+            raise failed
         logger.bind(
             peer=f"{self._address[0]}:{self._address[1]}",
             session=session_id.hex(),
             streams=self._streams,
             tls=self._ssl_context is not None,
+            first_id=first_id,
+            resent=len(replay),
         ).info("Transport started")
 
-    def _connect(self, session_id: bytes) -> list[tuple[socket.socket, TLSChannel | None]]:
+    def _connect(
+        self, session_id: bytes, first_id: int
+    ) -> list[tuple[socket.socket, TLSChannel | None]]:
         connections: list[tuple[socket.socket, TLSChannel | None]] = []
         socks: list[socket.socket] = []
         deadline = _monotonic() + self._connect_timeout
@@ -932,6 +1043,8 @@ class MultiStreamTCPTransport:
                     self._streams,
                     acknowledged=self._acknowledged,
                     keepalive_ms=int((self._keepalive_interval or 0) * 1000),
+                    sender_id=self._sender_id,
+                    first_id=first_id,
                 )
                 if self._ssl_context is None:
                     connections.append((sock, None))
@@ -977,20 +1090,30 @@ class MultiStreamTCPTransport:
         return connections
 
     def close(self) -> None:
-        """Write what is queued (within ``send_timeout``, unless the session is broken),
-        then close every connection and join the transport's threads; idempotent."""
+        """Write what is queued and, with ``acknowledged``, wait for its acknowledgements
+        (within ``send_timeout``, unless the session is broken), then close every connection
+        and join the transport's threads; idempotent. Messages still unacknowledged are kept
+        for the next ``start()``."""
         with self._lifecycle:
+            while self._retiring is not None:  # another close() of the same session
+                self._retired.wait()
             session, self._session = self._session, None
+            self._retiring = session
         if session is None:
             return
-        session.shutdown()
+        try:
+            session.shutdown()
+        finally:
+            with self._lifecycle:
+                self._next_id = max(self._next_id, session.next_id)
+                self._retiring = None
+                self._retired.notify_all()
         logger.bind(
             peer=f"{self._address[0]}:{self._address[1]}", session=session.session_id.hex()
         ).info("Transport closed")
 
-    def send(self, data: Buffer) -> None:
-        """Queue ``data`` as the next message, in order; with ``acknowledged``, return once
-        the receiver delivered it.
+    def send(self, data: Buffer, *, wait: bool = False) -> None:
+        """Send ``data`` as the next message, in order.
 
         Unacknowledged, a message up to 16 KiB, or a ``bytes`` message up to 1 MiB, is
         queued in order and ``send`` returns (each stream's writer thread hands what queued
@@ -1000,9 +1123,20 @@ class MultiStreamTCPTransport:
         accepted, a message queued just before the peer dies may be lost (use
         ``acknowledged``). ``flush()`` waits until everything queued is written.
 
-        TypeError and ValueError (not bytes-like, over ``max_message_size``) are raised
-        before any I/O. TransportError: not started (code ``NOT_STARTED``), broken, or a
-        stream failed or stalled past ``send_timeout``.
+        With ``acknowledged``, ``send`` returns once the message is in the window (a copy,
+        unless it is ``bytes``) and queued as above; it waits, within ``send_timeout``,
+        while the window is full. A send that returned is delivered exactly once while the
+        receiver process lives, resent after ``close()``/``start()`` if need be; a send
+        that raised left nothing behind and is never delivered. ``wait=True`` also waits
+        (within ``send_timeout``) for this message's acknowledgement, raising
+        TransportError with code ``UNCONFIRMED`` if it does not come in time: that message
+        was sent and stays in the window (do not send it again).
+
+        TypeError and ValueError (not bytes-like, over ``max_message_size``, ``wait``
+        without ``acknowledged``) are raised before any I/O. TransportError: not started
+        (code ``NOT_STARTED``), broken, a stream failed or stalled past ``send_timeout``,
+        (code ``ACK_TIMEOUT``) acknowledgements did not come within ``send_timeout``, or
+        (code ``WINDOW_FULL``) they came, but too slowly to make room within it.
         """
         kind = type(data)
         if kind is not bytes and kind is not bytearray:
@@ -1015,28 +1149,84 @@ class MultiStreamTCPTransport:
             raise ValueError(
                 f"message of {size} bytes exceeds max_message_size {self._max_message_size}"
             )
+        window = self._window
+        if wait and window is None:
+            raise ValueError("send(wait=True) needs acknowledged=True")
         session = self._session
         if session is None:
             raise TransportError("transport not started", code="NOT_STARTED")
-        if size <= self._chunk_size:
-            session.send_small(data, size)
-        else:
-            session.send_large(data, size, self._chunk_size)
+        if window is None:
+            if size <= self._chunk_size:
+                session.send_small(data, size, track=False)
+            else:
+                session.send_large(data, size, self._chunk_size, track=False)
+            return
+        if type(data) is not bytes:
+            data = bytes(data)  # the window keeps it until the receiver confirms it
+        deadline = 0.0
+        with window.lock:  # Window.reserve's fast case, inlined (this runs per message)
+            count = window.count
+            room = count == 0 or (
+                count < window.max_messages and window.bytes + size <= window.max_bytes
+            )
+            if room:
+                window.count = count + 1
+                window.bytes += size
+        if not room:
+            deadline = _monotonic() + self._send_timeout
+        if not room and not window.reserve(size, deadline, session.ended):
+            if session.broken is not None or session.closing:
+                session._raise_broken()
+            oldest = window.oldest()
+            if oldest is None or _monotonic() - oldest < self._send_timeout:
+                # Acknowledgements come, only slower than this send could wait for room: the
+                # link is not broken, this send just took nothing.
+                raise TransportError(
+                    f"the window stayed full for send_timeout ({self._send_timeout:g} s); "
+                    "nothing was sent",
+                    code="WINDOW_FULL",
+                )
+            reason = f"no acknowledgement within send_timeout ({self._send_timeout:g} s)"
+            session.break_(reason + "; the window stayed full")
+            raise TransportError(
+                f"{reason}: {window.pending} messages unacknowledged; they are kept and "
+                "resent after a restart",
+                code="ACK_TIMEOUT",
+            )
+        try:
+            if size <= self._chunk_size:
+                message_id = session.send_small(data, size, track=True, urgent=wait)
+            else:
+                message_id = session.send_large(
+                    data, size, self._chunk_size, track=True, urgent=wait
+                )
+        except BaseException:
+            # Not taken (the id is taken and the message added in one step, which failed).
+            window.cancel(size)
+            raise
+        if wait:
+            session.wait_acked(message_id, deadline or _monotonic() + self._send_timeout)
 
     def flush(self, timeout: float | None = None) -> None:
-        """Wait until every message queued so far is written to the kernel.
+        """Wait until every message sent so far is written to the kernel and, with
+        ``acknowledged``, acknowledged by the receiver.
 
         ``timeout`` defaults to ``send_timeout``. Raises TransportError when not started,
-        when the session broke, or when the timeout passed first.
+        when the session broke, or when the timeout passed first (code ``UNCONFIRMED`` when
+        only acknowledgements are missing); unacknowledged messages stay in the window.
         """
         session = self._session
         if session is None:
             raise TransportError("transport not started", code="NOT_STARTED")
         wait = self._send_timeout if timeout is None else _seconds("timeout", timeout)
+        deadline = _monotonic() + wait
         if not session.flush(wait):
             if session.broken is not None:
                 session._raise_broken()
             raise TransportError(f"flush did not complete within {wait:g} s")
+        window = self._window
+        if window is not None and window.last >= 0:
+            session.wait_acked(window.last, deadline)
 
     def health_check(self) -> None:
         """Return when every stream is up; raise TransportError saying why not.

@@ -1,4 +1,4 @@
-"""DWCP multi-stream wire format, version 2: constants and pure framing/parsing (no I/O).
+"""DWCP multi-stream wire format, version 3: constants and pure framing/parsing (no I/O).
 
 ``docs/wire-format.md`` describes the same format byte by byte; a test keeps the two in step.
 Every integer is unsigned big-endian ("network order"). Every frame carries a CRC-32C over
@@ -16,9 +16,11 @@ import crc32c
 
 __all__ = [
     "ACK",
+    "ANONYMOUS_SENDER",
     "DATA_HEADER",
     "DEFAULT_MAX_MESSAGE_SIZE",
     "FLAG_ACKNOWLEDGED",
+    "FLAG_ACK_NOW",
     "FLAG_UNCHECKED",
     "FRAME_ACK",
     "FRAME_DATA",
@@ -29,11 +31,13 @@ __all__ = [
     "HANDSHAKE",
     "ID_WINDOW",
     "MAGIC",
+    "MAX_FIRST_ID",
     "MAX_STREAMS",
     "MAX_TOTAL_LENGTH",
     "MIN_CHUNK_SIZE",
     "PING",
     "PREFIX",
+    "SENDER_ID_SIZE",
     "SESSION_ID_SIZE",
     "STATUS_ACCEPTED",
     "STATUS_BUSY",
@@ -66,24 +70,31 @@ __all__ = [
 checksum_of: Callable[..., int] = crc32c.crc32c
 
 MAGIC = b"DWCP"
-VERSION = 2
+VERSION = 3
 
 # Frame types: the byte after the version in every frame.
 FRAME_HELLO = 0x01  # sender -> receiver, first frame of every connection
 FRAME_WELCOME = 0x02  # receiver -> sender, answer to HELLO
 FRAME_DATA = 0x03  # sender -> receiver, one chunk of one message
-FRAME_ACK = 0x04  # receiver -> sender, "message delivered" (acknowledged sessions only)
+FRAME_ACK = 0x04  # receiver -> sender, "delivered up to here" (acknowledged sessions only)
 FRAME_PING = 0x05  # sender -> receiver, keepalive probe
 FRAME_PONG = 0x06  # receiver -> sender, answer to PING, or "alive but busy" unprompted
 
-FLAG_ACKNOWLEDGED = 0x0001  # HELLO flag: the receiver must ACK every delivered message
+FLAG_ACKNOWLEDGED = 0x0001  # HELLO flag: the receiver acknowledges delivery (cumulative ACKs)
 FLAG_UNCHECKED = 0x0001  # DATA flag: the payload checksum field is 0 and checks nothing
+FLAG_ACK_NOW = 0x0002  # DATA flag: acknowledge this message as soon as it is delivered
+_KNOWN_DATA_FLAGS = FLAG_UNCHECKED | FLAG_ACK_NOW
 
 STATUS_ACCEPTED = 0  # WELCOME status: the stream joined the session
 STATUS_BUSY = 1  # WELCOME status: the receiver has no room for another session
 STATUS_REFUSED = 2  # WELCOME status: the stream cannot join (duplicate, ended, mismatch)
 
 SESSION_ID_SIZE = 16
+# The sender's identity, the same for every session of one transport object: with the message
+# ids, which go on from session to session, it names a message across reconnects. All zero:
+# anonymous (the receiver does not deduplicate across sessions).
+SENDER_ID_SIZE = 16
+ANONYMOUS_SENDER = bytes(SENDER_ID_SIZE)
 MAX_STREAMS = 32
 # The chunks of a multi-chunk message, all but the last, carry at least this many bytes,
 # so the receiver's per-chunk bookkeeping is bounded by the bytes that really arrived.
@@ -92,17 +103,20 @@ MAX_TOTAL_LENGTH = 0xFFFF_FFFF
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 # A frame's message id may exceed the next id to deliver by at most ID_WINDOW - 1.
 ID_WINDOW = 1 << 24
+# A session's first message id leaves room for 2^62 more messages before the u64 wraps.
+MAX_FIRST_ID = (1 << 63) - 1
 
 # magic, version, type, flags: the first 8 bytes of every frame.
 PREFIX = struct.Struct("!4sBBH")
-# prefix, session id, stream index, stream count, keepalive interval (ms), header CRC
-HANDSHAKE = struct.Struct("!4sBBH16sHHII")
+# prefix, session id, sender id, first message id, stream index, stream count, keepalive
+# interval (ms), header CRC
+HANDSHAKE = struct.Struct("!4sBBH16s16sQHHII")
 # prefix, status, header CRC
 WELCOME = struct.Struct("!4sBBHII")
 # prefix, message id, chunk index, chunk count, total length, payload length,
 # payload CRC, header CRC (over bytes 0..35, the payload CRC included)
 DATA_HEADER = struct.Struct("!4sBBHQIIIIII")
-# prefix, message id, header CRC
+# prefix, message id (cumulative: every id up to it), header CRC
 ACK = struct.Struct("!4sBBHQI")
 # prefix, token, header CRC (PONG has the same layout)
 PING = struct.Struct("!4sBBHQI")
@@ -138,6 +152,8 @@ class Handshake(NamedTuple):
     stream_count: int
     acknowledged: bool
     keepalive_ms: int
+    sender_id: bytes = ANONYMOUS_SENDER
+    first_id: int = 0
 
 
 class DataHeader(NamedTuple):
@@ -210,8 +226,14 @@ def pack_handshake(
     *,
     acknowledged: bool,
     keepalive_ms: int = 0,
+    sender_id: bytes = ANONYMOUS_SENDER,
+    first_id: int = 0,
 ) -> bytes:
-    """Return the HELLO frame a sender writes first on stream ``stream_index``."""
+    """Return the HELLO frame a sender writes first on stream ``stream_index``.
+
+    ``first_id`` is the message id of the session's first message; ``sender_id`` names the
+    sender across its sessions (see ``SENDER_ID_SIZE``).
+    """
     flags = FLAG_ACKNOWLEDGED if acknowledged else 0
     return _seal(
         HANDSHAKE.pack(
@@ -220,6 +242,8 @@ def pack_handshake(
             FRAME_HELLO,
             flags,
             session_id,
+            sender_id,
+            first_id,
             stream_index,
             stream_count,
             keepalive_ms,
@@ -233,12 +257,24 @@ def parse_handshake(data: bytes | bytearray | memoryview) -> Handshake:
     flags = _expect(data, FRAME_HELLO)
     if flags & ~_KNOWN_HELLO_FLAGS:
         raise ProtocolError(f"unknown handshake flags {flags:#06x}")
-    _, _, _, _, session_id, index, count, keepalive_ms, _ = HANDSHAKE.unpack(bytes(data))
+    (_, _, _, _, session_id, sender_id, first_id, index, count, keepalive_ms, _) = HANDSHAKE.unpack(
+        bytes(data)
+    )
     if not 1 <= count <= MAX_STREAMS:
         raise ProtocolError(f"stream count {count} outside 1..{MAX_STREAMS}")
     if index >= count:
         raise ProtocolError(f"stream index {index} >= stream count {count}")
-    return Handshake(session_id, index, count, bool(flags & FLAG_ACKNOWLEDGED), keepalive_ms)
+    if first_id > MAX_FIRST_ID:
+        raise ProtocolError(f"first message id {first_id} above {MAX_FIRST_ID}")
+    return Handshake(
+        session_id,
+        index,
+        count,
+        bool(flags & FLAG_ACKNOWLEDGED),
+        keepalive_ms,
+        sender_id,
+        first_id,
+    )
 
 
 def pack_welcome(status: int) -> bytes:
@@ -261,6 +297,7 @@ def pack_data_header(
     payload: bytes | bytearray | memoryview,
     *,
     checksum: bool = True,
+    ack_now: bool = False,
 ) -> bytes:
     """Return the DATA header for ``payload``, chunk ``chunk_index`` of ``chunks``."""
     return _seal(
@@ -268,7 +305,7 @@ def pack_data_header(
             MAGIC,
             VERSION,
             FRAME_DATA,
-            0 if checksum else FLAG_UNCHECKED,
+            (0 if checksum else FLAG_UNCHECKED) | (FLAG_ACK_NOW if ack_now else 0),
             message_id,
             chunk_index,
             chunks,
@@ -287,9 +324,9 @@ def check_data_fields(
 
     The receiver's fast path inlines the common case; this is the one statement of the rules.
     """
-    if flags & ~FLAG_UNCHECKED:
+    if flags & ~_KNOWN_DATA_FLAGS:
         raise ProtocolError(f"unknown frame flags {flags:#06x}")
-    if flags and crc:
+    if flags & FLAG_UNCHECKED and crc:
         raise ProtocolError("unchecked frame with a non-zero checksum field")
     if total > max_message_size:
         raise ProtocolError(f"message of {total} bytes exceeds limit {max_message_size}")
@@ -316,7 +353,7 @@ def parse_data_header(data: bytes | bytearray | memoryview, max_message_size: in
     flags = _expect(data, FRAME_DATA)
     (_, _, _, _, mid, index, count, total, length, crc, _) = DATA_HEADER.unpack(bytes(data))
     check_data_fields(flags, index, count, total, length, crc, max_message_size)
-    return DataHeader(mid, index, count, total, length, crc, not flags)
+    return DataHeader(mid, index, count, total, length, crc, not flags & FLAG_UNCHECKED)
 
 
 def verify_checksum(header: DataHeader, payload: bytes | bytearray | memoryview) -> None:
@@ -330,12 +367,12 @@ def verify_checksum(header: DataHeader, payload: bytes | bytearray | memoryview)
 
 
 def pack_ack(message_id: int) -> bytes:
-    """Return the ACK frame confirming delivery of ``message_id``."""
+    """Return the ACK frame confirming delivery of every message up to ``message_id``."""
     return _seal(ACK.pack(MAGIC, VERSION, FRAME_ACK, 0, message_id, 0))
 
 
 def parse_ack(data: bytes | bytearray | memoryview) -> int:
-    """Parse an ACK frame and return its message id; raise ProtocolError when malformed."""
+    """Parse an ACK frame and return its (cumulative) message id; ProtocolError when malformed."""
     if _expect(data, FRAME_ACK):
         raise ProtocolError("unknown ack flags")
     return int(ACK.unpack(bytes(data))[4])

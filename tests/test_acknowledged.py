@@ -1,0 +1,218 @@
+"""Pipelined acknowledgements on real loopback sockets: the window, flush(), send(wait=True),
+resending across close()/start(), the receiver dropping what it delivered already; and the
+receiver's lifecycle and argument errors."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from dwcp import DWCPError, MultiStreamReceiver, MultiStreamTCPTransport, TransportError
+from tests.conftest import ReceiverFactory, TransportFactory, wait_until
+
+TIMEOUT = 10.0
+
+
+class Gate:
+    """An ``on_message`` that records, and blocks while the gate is closed."""
+
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+        self.open = threading.Event()
+        self.open.set()
+        self.waiting = threading.Event()
+
+    def __call__(self, data: bytes) -> None:
+        if not self.open.is_set():
+            self.waiting.set()
+            self.open.wait(TIMEOUT)
+        self.messages.append(data)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "name"),
+    [
+        ({"max_in_flight": 0}, ValueError, "max_in_flight"),
+        ({"max_in_flight": 1.5}, TypeError, "max_in_flight"),
+        ({"max_in_flight_bytes": 0}, ValueError, "max_in_flight_bytes"),
+        ({"max_in_flight_bytes": "1"}, TypeError, "max_in_flight_bytes"),
+    ],
+)
+def test_window_bounds_are_validated(
+    kwargs: dict[str, object], error: type[Exception], name: str
+) -> None:
+    with pytest.raises(error, match=name):
+        MultiStreamTCPTransport(("127.0.0.1", 9), acknowledged=True, **kwargs)  # type: ignore[arg-type]
+
+
+def test_wait_needs_acknowledged(
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory
+) -> None:
+    receiver, _ = receiver_factory()
+    transport = transport_factory(receiver.address)
+    transport.start()
+    with pytest.raises(ValueError, match="acknowledged"):
+        transport.send(b"x", wait=True)
+
+
+def test_sends_are_pipelined_until_the_window_is_full_then_time_out(
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory
+) -> None:
+    gate = Gate()
+    gate.open.clear()
+    receiver, _ = receiver_factory(on_message=gate)
+    transport = transport_factory(
+        receiver.address, acknowledged=True, max_in_flight=8, send_timeout=0.5
+    )
+    transport.start()
+    for n in range(8):  # no ACK can come (delivery is blocked), yet every send returns
+        transport.send(b"%d" % n)
+    assert transport.unacknowledged == 8
+    assert "in_flight=8" in repr(transport)
+    began = time.monotonic()
+    with pytest.raises(TransportError) as raised:
+        transport.send(b"one too many")  # the window is full: bounded by send_timeout
+    assert raised.value.code == "ACK_TIMEOUT"
+    assert 0.45 < time.monotonic() - began < 2.0
+    with pytest.raises(TransportError):
+        transport.health_check()  # an acknowledgement timeout breaks the session
+    assert transport.unacknowledged == 8  # the one that raised took nothing
+    # Recovery: the 8 are resent; the receiver delivers each once (4 of them may have been
+    # whole at the receiver already: those it drops).
+    gate.open.set()
+    transport.close()
+    transport.start()
+    transport.flush()
+    wait_until(lambda: len(gate.messages) >= 8)
+    assert gate.messages == [b"%d" % n for n in range(8)]
+    assert transport.unacknowledged == 0
+
+
+def test_flush_and_wait_return_once_acknowledged(
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory
+) -> None:
+    gate = Gate()
+    receiver, _ = receiver_factory(on_message=gate)
+    transport = transport_factory(receiver.address, acknowledged=True, streams=3)
+    transport.start()
+    transport.send(b"first", wait=True)
+    assert gate.messages == [b"first"]
+    gate.open.clear()
+    transport.send(b"held")
+    assert gate.waiting.wait(TIMEOUT)
+    with pytest.raises(TransportError) as raised:
+        transport.flush(0.2)  # shorter than send_timeout: nothing breaks
+    assert raised.value.code == "UNCONFIRMED"
+    transport.health_check()
+    gate.open.set()
+    transport.flush()
+    assert gate.messages == [b"first", b"held"] and transport.unacknowledged == 0
+
+
+def test_messages_left_unacknowledged_by_close_are_resent_once(
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory
+) -> None:
+    gate = Gate()
+    receiver, _ = receiver_factory(on_message=gate)
+    transport = transport_factory(receiver.address, acknowledged=True, send_timeout=0.3)
+    transport.start()
+    gate.open.clear()
+    for n in range(20):
+        transport.send(b"m%d" % n)
+    assert gate.waiting.wait(TIMEOUT)
+    transport.close()  # its acknowledgements do not come within send_timeout: kept
+    kept = transport.unacknowledged
+    assert kept > 0
+    gate.open.set()
+    transport.start()  # resends them first; what the old session delivered is dropped
+    transport.send(b"after", wait=True)
+    transport.flush()
+    assert gate.messages == [b"m%d" % n for n in range(20)] + [b"after"]
+    assert receiver.delivered_count == 21
+
+
+def test_close_waits_for_acknowledgements(
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory
+) -> None:
+    gate = Gate()
+    receiver, _ = receiver_factory(on_message=gate)
+    transport = transport_factory(receiver.address, acknowledged=True, chunk_size=4096)
+    transport.start()
+    messages = [bytes([n]) * (n * 997) for n in range(40)]
+    for message in messages:
+        transport.send(message)
+    transport.close()
+    assert gate.messages == messages and transport.unacknowledged == 0
+
+
+def test_concurrent_acknowledged_senders_keep_their_order(
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory
+) -> None:
+    gate = Gate()
+    receiver, _ = receiver_factory(on_message=gate)
+    transport = transport_factory(
+        receiver.address, acknowledged=True, max_in_flight=16, chunk_size=4096
+    )
+    transport.start()
+
+    def sender(number: int) -> None:
+        for seq in range(100):
+            transport.send(b"%d:%d:" % (number, seq) + b"x" * (seq * 97 % 9000))
+
+    workers = [threading.Thread(target=sender, args=(n,)) for n in range(8)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    transport.flush()
+    assert len(gate.messages) == 800
+    for number in range(8):
+        mine = [m for m in gate.messages if m.startswith(b"%d:" % number)]
+        assert [int(m.split(b":")[1]) for m in mine] == list(range(100))
+
+
+# -- receiver lifecycle, arguments, reprs (issue #14) ------------------------------------------
+
+
+def test_receiver_start_twice_raises_and_address_needs_a_start() -> None:
+    receiver = MultiStreamReceiver(("127.0.0.1", 0), on_message=lambda data: None)
+    with pytest.raises(DWCPError) as raised:
+        receiver.address  # noqa: B018 - the property is what is tested
+    assert raised.value.code == "NOT_STARTED"
+    assert "not bound" in repr(receiver)
+    receiver.start()
+    try:
+        with pytest.raises(DWCPError) as raised:
+            receiver.start()
+        assert raised.value.code == "ALREADY_STARTED"
+        host, port = receiver.address
+        assert f"{host}:{port} running" in repr(receiver)
+    finally:
+        receiver.stop()
+    assert "stopped" in repr(receiver)
+    receiver.start()  # a restart after stop() is fine, on the same port
+    try:
+        assert receiver.address == (host, port)
+    finally:
+        receiver.stop()
+
+
+@pytest.mark.parametrize(
+    ("address", "error", "match"),
+    [
+        (("127.0.0.1", "7400"), TypeError, "port must be an int, got str '7400'"),
+        (("127.0.0.1", 70000), ValueError, "port must be in 0..65535, got 70000"),
+        (("127.0.0.1", -1), ValueError, "port must be in"),
+        (("127.0.0.1", True), TypeError, "port must be an int"),
+        ((7400, 7400), TypeError, "host must be a str"),
+        ("127.0.0.1:7400", TypeError, r"\(host, port\) tuple"),
+        (("127.0.0.1",), TypeError, r"\(host, port\) tuple"),
+    ],
+)
+def test_receiver_rejects_bad_addresses_naming_the_problem(
+    address: object, error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        MultiStreamReceiver(address, on_message=lambda data: None)  # type: ignore[arg-type]
