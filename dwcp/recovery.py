@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -115,12 +116,19 @@ class RecoveryPolicy:
         for name, value in fields.items():
             object.__setattr__(self, name, value)
 
-    def _wait_strategy(self) -> tenacity.wait.wait_base:
-        """The tenacity wait strategy giving the backoff before attempt number n (from 1)."""
+    def _retry_wait(self) -> tenacity.wait.wait_base:
+        """The tenacity wait after attempt k (from 1) fails: the backoff before attempt k + 1."""
         base = tenacity.wait_exponential(
-            multiplier=self.initial_backoff, exp_base=self.multiplier, max=self.max_backoff
+            multiplier=self.initial_backoff * self.multiplier,
+            exp_base=self.multiplier,
+            max=self.max_backoff,
         )
         return base + tenacity.wait_random(0, self.jitter) if self.jitter else base
+
+    def _first_wait(self) -> float:
+        """The wait before the first attempt, jitter included."""
+        jitter = random.uniform(0, self.jitter) if self.jitter else 0.0
+        return float(min(self.initial_backoff, self.max_backoff)) + jitter
 
     def backoff(self, attempt: int) -> float:
         """The wait before attempt ``attempt`` (0-based), without jitter."""
@@ -286,13 +294,13 @@ class RecoveryOutcome:
 
 
 class _ScheduledWait(tenacity.wait.wait_base):
-    """A tenacity wait strategy reading the wait before attempt n (from 1) off a schedule."""
+    """A tenacity wait strategy reading off a schedule the wait after attempt k (from 1)."""
 
     def __init__(self, waits: tuple[float, ...]) -> None:
         self._waits = waits
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> float:
-        return self._waits[min(retry_state.attempt_number, len(self._waits)) - 1]
+        return self._waits[min(retry_state.attempt_number, len(self._waits) - 1)]
 
 
 def _check_waits(waits: Sequence[float], limit: int) -> tuple[float, ...]:
@@ -333,32 +341,39 @@ def run_recovery(
     explicit schedule (one wait before each attempt, at most ``policy.attempts`` of them)
     used instead of the policy's backoff.
     """
-    wait: Callable[[tenacity.RetryCallState], float]
+    wait: tenacity.wait.wait_base
     if waits is None:
-        wait = policy._wait_strategy()
-        limit = policy.attempts
+        wait, first, limit = policy._retry_wait(), policy._first_wait(), policy.attempts
     else:
         schedule = _check_waits(waits, policy.attempts)
-        wait = _ScheduledWait(schedule)
-        limit = len(schedule)
+        wait, first, limit = _ScheduledWait(schedule), schedule[0], len(schedule)
     last_error: list[BaseException] = []
 
-    def back_off(state: tenacity.RetryCallState) -> None:
-        delay = float(wait(state))
-        if on_attempt is not None:
-            on_attempt(state.attempt_number, delay)
-        if not sleep(delay):
+    # The spec waits before every attempt, the first included; tenacity waits only between
+    # attempts, so the first wait is the one taken here by hand.  tenacity drives the rest:
+    # the waits (its strategy and sleep), the attempt count, and cancellation, since the
+    # interruptible sleep raises _Cancelled when shutdown cuts a wait short.
+    if on_attempt is not None:
+        on_attempt(1, first)
+    if not sleep(first):
+        return RecoveryOutcome(False, 0, True, None)
+
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        if on_attempt is not None and state.next_action is not None:
+            on_attempt(state.attempt_number + 1, float(state.next_action.sleep))
+
+    def interruptible(seconds: float) -> None:
+        if not sleep(seconds):
             raise _Cancelled
 
     # A fresh Retrying per cycle: tenacity keeps per-run statistics on the object, so one is
-    # never shared between threads.  The backoff runs in ``before`` because the spec waits
-    # before every attempt, including the first; tenacity's own between-attempt wait is zero.
+    # never shared between threads.
     retrying = tenacity.Retrying(
         stop=tenacity.stop_after_attempt(limit),
-        wait=tenacity.wait_none(),
+        wait=wait,
         retry=tenacity.retry_if_exception_type(_AttemptFailed),
-        before=back_off,
-        sleep=lambda _seconds: None,
+        before_sleep=before_sleep,
+        sleep=interruptible,
         reraise=True,
     )
     attempts = 0
