@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dwcp import Event, Manager, RecoveryFailed, RecoverySucceeded
-from dwcp.recovery import RecoveryPolicy, RestartSupervisor, run_recovery
+from dwcp._recovery import RecoveryPolicy, RestartSupervisor, run_recovery
 from dwcp.testing import FakeClock
 
 #: Seconds a restart (close + start) and a health check take on the simulated clock.

@@ -4,11 +4,9 @@ A ``Manager`` monitors a transport and optional protocol layers on a background 
 recovers what breaks with exponential backoff, and guards every send with a circuit breaker.
 """
 
-from dwcp._logging import forward_to_logging, silence_unless_configured
-from dwcp._version import __version__ as __version__
-from dwcp.components import Layer, Transport
-from dwcp.errors import CircuitOpenError, DWCPError, TransportError
-from dwcp.events import (
+from dwcp._components import Layer, Transport
+from dwcp._errors import CircuitOpenError, DWCPError, TransportError
+from dwcp._events import (
     BreakerStateChanged,
     ComponentEscalated,
     ComponentSuspected,
@@ -22,10 +20,12 @@ from dwcp.events import (
     RecoverySucceeded,
     SendRejected,
 )
-from dwcp.health import ComponentHealth, ComponentMetrics, HealthSnapshot, MetricsSnapshot
+from dwcp._health import ComponentHealth, ComponentMetrics, HealthSnapshot, MetricsSnapshot
+from dwcp._logging import forward_to_logging, silence_unless_configured
+from dwcp._manager import Manager
+from dwcp._recovery import RecoveryPolicy
+from dwcp._version import __version__ as __version__
 from dwcp.http import HealthServer
-from dwcp.manager import Manager
-from dwcp.recovery import RecoveryPolicy
 from dwcp.transport import MultiStreamReceiver, MultiStreamTCPTransport
 from dwcp.webhook import WebhookNotifier
 

@@ -1,6 +1,6 @@
-"""``python -m dwcp``: the command line in ``dwcp.cli``."""
+"""``python -m dwcp``: the command line in ``dwcp._cli``."""
 
-from dwcp.cli import main
+from dwcp._cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

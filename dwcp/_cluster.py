@@ -34,9 +34,9 @@ from typing import Any, Literal
 
 from loguru import logger
 
-from dwcp.errors import DWCPError
-from dwcp.events import NodeBack, NodeLost
-from dwcp.health import HealthSnapshot
+from dwcp._errors import DWCPError
+from dwcp._events import NodeBack, NodeLost
+from dwcp._health import HealthSnapshot
 
 __all__ = [
     "ClusterError",
@@ -225,7 +225,7 @@ def _describe(exc: BaseException) -> str:
 
 
 def _connect(target: object, timeout: float) -> Any:
-    from dwcp.shared import connect
+    from dwcp._shared import connect
 
     client = connect(target, timeout=timeout, parameter="cluster")
     for method in ("pipeline", "mget", "register_script", "close"):

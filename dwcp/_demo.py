@@ -30,8 +30,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TextIO
 
-from dwcp.errors import CircuitOpenError, DWCPError
-from dwcp.events import (
+from dwcp._errors import CircuitOpenError, DWCPError
+from dwcp._events import (
     BreakerStateChanged,
     ComponentEscalated,
     ComponentUnhealthy,
@@ -42,7 +42,7 @@ from dwcp.events import (
     RecoverySucceeded,
     SendRejected,
 )
-from dwcp.manager import Manager
+from dwcp._manager import Manager
 from dwcp.transport import MultiStreamReceiver, MultiStreamTCPTransport, wire
 
 __all__ = ["DemoConfig", "DemoResult", "configure", "run", "run_demo"]

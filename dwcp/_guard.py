@@ -11,12 +11,12 @@ from collections.abc import Callable
 from time import perf_counter
 from typing import Any, TypeVar
 
+from dwcp._breaker import Breaker
+from dwcp._errors import DWCPError, TransportError
+from dwcp._events import SendRejected, _Dispatcher
 from dwcp._slots import PEER_FAILURES
 from dwcp._status import Counters, SendTallies
 from dwcp._validation import describe
-from dwcp.breaker import Breaker
-from dwcp.errors import DWCPError, TransportError
-from dwcp.events import SendRejected, _Dispatcher
 
 __all__ = ["Guard"]
 

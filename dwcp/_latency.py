@@ -14,7 +14,7 @@ from bisect import bisect_left
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from dwcp.health import LatencyHistogram
+from dwcp._health import LatencyHistogram
 
 __all__ = ["CHECK_BUCKETS", "RECOVERY_BUCKETS", "SEND_BUCKETS", "LatencyRecorder"]
 

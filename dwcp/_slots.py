@@ -12,9 +12,9 @@ from typing import Any
 
 from loguru import logger
 
+from dwcp._errors import DWCPError, TransportError
+from dwcp._recovery import RecoveryPolicy
 from dwcp._validation import describe, require_methods
-from dwcp.errors import DWCPError, TransportError
-from dwcp.recovery import RecoveryPolicy
 
 __all__ = ["PEER_FAILURES", "LayerSlot", "Slot", "TransportSlot", "build_slots", "policies"]
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from dwcp._cluster import ClusterView
-    from dwcp.health import HealthSnapshot, MetricsSnapshot
+    from dwcp._health import HealthSnapshot, MetricsSnapshot
 
 __all__ = ["HealthSource"]
 

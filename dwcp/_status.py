@@ -13,9 +13,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from dwcp._latency import SEND_BUCKETS, LatencyRecorder
-from dwcp._suspicion import ComponentSuspicion
-from dwcp.health import (
+from dwcp._health import (
     ComponentHealth,
     ComponentMetrics,
     ComponentStatus,
@@ -23,7 +21,9 @@ from dwcp.health import (
     LatencyHistogram,
     MetricsSnapshot,
 )
-from dwcp.recovery import RecoveryPolicy, RestartSupervisor
+from dwcp._latency import SEND_BUCKETS, LatencyRecorder
+from dwcp._recovery import RecoveryPolicy, RestartSupervisor
+from dwcp._suspicion import ComponentSuspicion
 
 if TYPE_CHECKING:
     from dwcp._slots import Slot

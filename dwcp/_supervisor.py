@@ -14,12 +14,8 @@ from collections.abc import Callable, Mapping
 from loguru import logger
 
 from dwcp._clock import Clock
-from dwcp._latency import LatencyRecorder
-from dwcp._monitor import Monitor
-from dwcp._status import ComponentState, Counters, Cycle
-from dwcp._validation import describe
-from dwcp.errors import DWCPError
-from dwcp.events import (
+from dwcp._errors import DWCPError
+from dwcp._events import (
     ComponentEscalated,
     ComponentSuspected,
     ComponentUnhealthy,
@@ -29,8 +25,12 @@ from dwcp.events import (
     RecoverySucceeded,
     _Dispatcher,
 )
-from dwcp.health import ComponentStatus
-from dwcp.recovery import Admission, run_recovery
+from dwcp._health import ComponentStatus
+from dwcp._latency import LatencyRecorder
+from dwcp._monitor import Monitor
+from dwcp._recovery import Admission, run_recovery
+from dwcp._status import ComponentState, Counters, Cycle
+from dwcp._validation import describe
 
 __all__ = ["Supervisor"]
 

@@ -37,8 +37,8 @@ from urllib.parse import urlsplit
 from loguru import logger
 
 from dwcp import _validation as check
-from dwcp.errors import DWCPError
-from dwcp.health import HealthSnapshot, _manager_name
+from dwcp._errors import DWCPError
+from dwcp._health import HealthSnapshot, _manager_name
 
 if TYPE_CHECKING:
     from typing_extensions import Self

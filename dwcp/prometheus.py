@@ -68,16 +68,16 @@ except ImportError as exc:  # pragma: no cover - exercised by a test that hides 
         "pip install 'dwcp[prometheus]'"
     ) from exc
 
-from dwcp._version import __version__
-from dwcp.breaker import CLOSED, HALF_OPEN, OPEN
-from dwcp.errors import DWCPError
-from dwcp.health import (
+from dwcp._breaker import CLOSED, HALF_OPEN, OPEN
+from dwcp._errors import DWCPError
+from dwcp._health import (
     ComponentStatus,
     HealthSnapshot,
     LatencyHistogram,
     MetricsSnapshot,
     _manager_name,
 )
+from dwcp._version import __version__
 
 if TYPE_CHECKING:
     from dwcp._source import HealthSource

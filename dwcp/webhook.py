@@ -77,10 +77,10 @@ import tenacity
 from loguru import logger
 
 from dwcp import _validation as check
+from dwcp._breaker import CLOSED, OPEN
 from dwcp._clock import Clock, SystemClock
-from dwcp.breaker import CLOSED, OPEN
-from dwcp.errors import DWCPError
-from dwcp.events import (
+from dwcp._errors import DWCPError
+from dwcp._events import (
     BreakerStateChanged,
     ComponentSuspected,
     ComponentUnhealthy,

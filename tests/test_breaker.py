@@ -8,8 +8,8 @@ from datetime import timedelta
 import pytest
 from freezegun import freeze_time
 
-from dwcp.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
-from dwcp.errors import CircuitOpenError
+from dwcp._breaker import CLOSED, HALF_OPEN, OPEN, Breaker
+from dwcp._errors import CircuitOpenError
 
 
 def make(**kwargs: object) -> tuple[Breaker, list[tuple[str, str]]]:

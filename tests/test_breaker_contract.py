@@ -1,6 +1,6 @@
 """What dwcp's breaker adapter relies on in pybreaker: these fail if a pybreaker release changes it.
 
-The adapter (dwcp/breaker.py) drives pybreaker's state objects directly instead of
+The adapter (dwcp/_breaker.py) drives pybreaker's state objects directly instead of
 ``CircuitBreaker.call()``, so the private names it uses are pinned here, one test each.
 """
 

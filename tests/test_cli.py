@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import dwcp
-from dwcp.cli import COMMANDS, Command, _duration, build_parser, health_url, main
+from dwcp._cli import COMMANDS, Command, _duration, build_parser, health_url, main
 from dwcp.http import HealthServer
 from dwcp.testing import FakeLayer, FakeTransport
 

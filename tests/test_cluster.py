@@ -315,7 +315,7 @@ def test_status_cluster_exit_codes(
     heartbeats: Callable[..., Heartbeat],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from dwcp.cli import main
+    from dwcp._cli import main
 
     beat = heartbeats(make_member("n1"))
     heartbeats(make_member("n2"))

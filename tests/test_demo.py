@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from dwcp import Manager
+from dwcp._cli import main
 from dwcp._demo import DemoConfig, run_demo
-from dwcp.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 # A short outage at a twentieth of the library's timings: a run takes about --duration.

@@ -9,7 +9,7 @@ import time
 import pytest
 
 import dwcp
-from dwcp.events import _Dispatcher
+from dwcp._events import _Dispatcher
 from tests.conftest import wait_until
 
 

@@ -12,7 +12,7 @@ import pytest
 
 import dwcp
 from dwcp._prediction import EXPLORE_EVERY, MIN_SAMPLES, Outage, RecoveryHistory, turnbull
-from dwcp.recovery import RecoveryPolicy, RestartSupervisor, run_recovery
+from dwcp._recovery import RecoveryPolicy, RestartSupervisor, run_recovery
 from dwcp.testing import FakeClock
 
 # -- the policy ---------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from dwcp.errors import DWCPError
+from dwcp._errors import DWCPError
 from dwcp.transport import MultiStreamReceiver, MultiStreamTCPTransport, wire
 from tests.conftest import Inbox, ReceiverFactory, closed_by_peer
 

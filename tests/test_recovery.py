@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from dwcp.recovery import RecoveryPolicy, run_recovery
+from dwcp._recovery import RecoveryPolicy, run_recovery
 
 
 class Sleeper:

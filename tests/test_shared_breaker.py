@@ -260,7 +260,7 @@ def _rejected(manager: dwcp.Manager) -> bool:
 
 
 def test_pybreaker_keeps_the_redis_key_layout_the_failover_relies_on() -> None:
-    # dwcp.shared restores a missing state key by name; this fails if pybreaker renames it.
+    # dwcp._shared restores a missing state key by name; this fails if pybreaker renames it.
     import pybreaker
 
     storage = object.__new__(pybreaker.CircuitRedisStorage)

@@ -11,7 +11,7 @@ from typing import Any
 import pybreaker
 import pytest
 
-from dwcp.shared import FailoverStorage, connect
+from dwcp._shared import FailoverStorage, connect
 from tests._redis import RedisServer, redis_server
 from tests.conftest import wait_until
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 
 import dwcp
-from dwcp.recovery import RecoveryPolicy, RestartSupervisor
+from dwcp._recovery import RecoveryPolicy, RestartSupervisor
 from dwcp.testing import FakeLayer, FakeTransport
 from tests.conftest import wait_until
 

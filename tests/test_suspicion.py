@@ -12,10 +12,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import dwcp
+from dwcp._recovery import RecoveryPolicy
 from dwcp._suspicion import ComponentSuspicion, PhiAccrualFailureDetector, phi
 from dwcp.http import health_document
 from dwcp.prometheus import register_metrics
-from dwcp.recovery import RecoveryPolicy
 from dwcp.testing import FakeClock
 
 

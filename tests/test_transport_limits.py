@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
-from dwcp.errors import TransportError
+from dwcp._errors import TransportError
 from dwcp.transport import MultiStreamReceiver, MultiStreamTCPTransport, wire
 from tests.conftest import (
     RawPeer,

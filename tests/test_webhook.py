@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import pytest
 
 import dwcp
-from dwcp.events import SendRejected
+from dwcp._events import SendRejected
 from dwcp.testing import FakeClock, FakeTransport
 from dwcp.webhook import EVENT_KINDS, WebhookNotifier, _alert, _retry_after, sign
 from tests.conftest import wait_until

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from dwcp.errors import DWCPError
+from dwcp._errors import DWCPError
 from dwcp.transport import wire
 from dwcp.transport._io import (
     TLSChannel,

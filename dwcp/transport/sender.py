@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, NoReturn, cast
 
 from loguru import logger
 
-from dwcp.errors import TransportError
+from dwcp._errors import TransportError
 from dwcp.transport import wire
 from dwcp.transport._io import (
     _TIMEOUT_SLACK,

@@ -13,20 +13,20 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from loguru import logger
 
 from dwcp import _validation as check
+from dwcp._breaker import NOT_INITIALIZED, OPEN, Breaker
 from dwcp._clock import Clock, SystemClock
 from dwcp._cluster import ClusterView, cluster_member
+from dwcp._components import Layer, Transport
+from dwcp._errors import DWCPError
+from dwcp._events import BreakerStateChanged, Listener, _Dispatcher
 from dwcp._guard import Guard
+from dwcp._health import ComponentHealth, HealthSnapshot, MetricsSnapshot
 from dwcp._latency import LatencyRecorder
 from dwcp._monitor import Monitor
+from dwcp._recovery import RecoveryPolicy, RestartSupervisor
 from dwcp._slots import Slot, build_slots, policies
 from dwcp._status import ComponentState, Counters, health_snapshot, metrics_snapshot
 from dwcp._supervisor import Supervisor
-from dwcp.breaker import NOT_INITIALIZED, OPEN, Breaker
-from dwcp.components import Layer, Transport
-from dwcp.errors import DWCPError
-from dwcp.events import BreakerStateChanged, Listener, _Dispatcher
-from dwcp.health import ComponentHealth, HealthSnapshot, MetricsSnapshot
-from dwcp.recovery import RecoveryPolicy, RestartSupervisor
 
 if TYPE_CHECKING:
     from typing_extensions import ParamSpec, Self

@@ -43,7 +43,7 @@ from typing import Any
 
 import pybreaker
 
-from dwcp.errors import CircuitOpenError
+from dwcp._errors import CircuitOpenError
 
 __all__ = ["CLOSED", "HALF_OPEN", "NOT_INITIALIZED", "OPEN", "Breaker"]
 
@@ -207,7 +207,7 @@ class Breaker:
         """A breaker named ``name``, shared through Redis when ``storage`` is given."""
         if storage is None:
             return cls(name=name, **options)
-        from dwcp.shared import FailoverStorage, connect
+        from dwcp._shared import FailoverStorage, connect
 
         return cls(name=name, storage=FailoverStorage(connect(storage), name), **options)
 
