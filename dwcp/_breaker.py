@@ -29,7 +29,7 @@ lock is released, in decision order.  Half-open admits one trial across every pr
 through a Redis lease that expires if its holder dies.
 
 The adapter relies on pybreaker internals (``_lock``, ``_handle_error``, ``_handle_success``,
-``on_failure``); ``pybreaker~=1.4`` is pinned and ``tests/test_breaker_contract.py`` fails if
+``on_failure``); ``pybreaker~=1.4`` is pinned and ``tests/unit/test_breaker_contract.py`` fails if
 any of them changes.
 """
 
@@ -231,7 +231,7 @@ class Breaker:
                 if not self._reset_elapsed():
                     self.rejections += 1
                     raise CircuitOpenError("circuit breaker is open; send rejected")
-                self._cb.half_open()
+                self._local_half_open()
             if self._trial_in_flight:
                 self.rejections += 1
                 raise CircuitOpenError(
@@ -281,7 +281,7 @@ class Breaker:
             self._refresh()
         with self._lock:
             if self._cb.state.name == OPEN and self._reset_elapsed():
-                self._cb.half_open()
+                self._local_half_open()
             state = self._state
         self._flush()
         return state
@@ -307,7 +307,7 @@ class Breaker:
         """Move an open breaker to half-open now, so the next send is a trial (after recovery)."""
         with self._lock:
             if self._cb.state.name == OPEN:
-                self._cb.half_open()
+                self._local_half_open()
         self._flush()
 
     def watch(self) -> None:
@@ -345,6 +345,23 @@ class Breaker:
         except BaseException as exc:
             if exc is not failure:
                 raise
+
+    def _local_half_open(self) -> None:
+        """Open -> half-open, after the reset timeout or a recovery (caller holds the lock).
+
+        With shared storage this move stays local: every process computes the timeout from
+        the shared ``opened_at``, and a recovery only makes this process's next send the
+        trial.  Written back from a stale view, the move could land after another process's
+        trial had closed the breaker and undo that close.  Only a trial's result is written.
+        """
+        if self._mirror is None:
+            self._cb.half_open()
+            return
+        self._mirror.adopting = True
+        try:
+            self._cb.half_open()
+        finally:
+            self._mirror.adopting = False
 
     def _reset_elapsed(self) -> bool:
         # The test pybreaker's CircuitOpenState.before_call() makes; that method also runs
@@ -438,6 +455,16 @@ class Breaker:
                 return
             if state not in (CLOSED, OPEN, HALF_OPEN):
                 return
+            if (
+                state == OPEN
+                and self._state == HALF_OPEN
+                and not (
+                    opened_at is not None
+                    and mirror.opened_at is not None
+                    and opened_at > mirror.opened_at
+                )
+            ):
+                return  # the same open period, timed out here: not a fresh trip
             mirror.adopting = True
             try:
                 mirror.adopt(state, opened_at, counter)

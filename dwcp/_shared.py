@@ -248,7 +248,7 @@ class FailoverStorage(pybreaker.CircuitBreakerStorage):
 
     def _key(self, field: str) -> str:
         # CircuitRedisStorage's own key layout ("<namespace>:pybreaker:<field>"); a contract
-        # test (tests/test_shared_breaker.py) fails if pybreaker changes it.
+        # test (tests/ops/test_shared_breaker.py) fails if pybreaker changes it.
         return f"{self._name}:{pybreaker.CircuitRedisStorage.BASE_NAMESPACE}:{field}"
 
     @property

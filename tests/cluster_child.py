@@ -1,4 +1,4 @@
-"""A manager process in a cluster, for tests/test_cluster_processes.py.
+"""A manager process in a cluster, for tests/ops/test_cluster_processes.py.
 
 Usage: python -m tests.cluster_child REDIS_URL NODE_ID INTERVAL CHECK_TIMEOUT
 

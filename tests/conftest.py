@@ -153,7 +153,7 @@ def raw_connections() -> Iterator[Callable[[tuple[str, int]], socket.socket]]:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # Heavy cross-process tests (tests/test_cross_process.py); deselect with -m "not slow".
+    # Heavy cross-process tests (tests/ops/test_cross_process.py); deselect with -m "not slow".
     config.addinivalue_line("markers", "slow: a heavy test (many MiB or seconds of traffic)")
 
 

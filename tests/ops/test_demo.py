@@ -15,7 +15,7 @@ from dwcp import Manager
 from dwcp._cli import main
 from dwcp._demo import DemoConfig, run_demo
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # A short outage at a twentieth of the library's timings: a run takes about --duration.
 FAST = [
     "--warmup", "0.5",

@@ -15,7 +15,7 @@ import pytest
 
 import dwcp
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_all_is_sorted_and_complete() -> None:

@@ -21,7 +21,7 @@ from dwcp.http import HealthServer
 from dwcp.testing import FakeLayer, FakeTransport
 
 MakeManager = Callable[..., dwcp.Manager]
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

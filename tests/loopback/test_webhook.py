@@ -693,7 +693,7 @@ def test_repr_names_the_host_only_and_stop_is_close(
 def test_the_documented_verification_accepts_real_requests(
     receiver: Receiver, make_notifier: MakeNotifier
 ) -> None:
-    docs = (Path(__file__).resolve().parent.parent / "docs" / "webhooks.md").read_text()
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "webhooks.md").read_text()
     code = docs.split("## Signatures", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     namespace: dict[str, Any] = {}
     exec(compile(code, "docs/webhooks.md", "exec"), namespace)  # noqa: S102 - our own docs

@@ -10,7 +10,7 @@ import pytest
 
 from dwcp.transport import wire
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "wire-format.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "wire-format.md"
 SESSION = bytes(range(16))
 LIMIT = 64 * 1024 * 1024
 

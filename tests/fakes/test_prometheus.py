@@ -28,7 +28,7 @@ from tests.conftest import wait_until
 MakeManager = Callable[..., dwcp.Manager]
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def scrape(registry: CollectorRegistry) -> Samples:

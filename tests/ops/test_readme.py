@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 
 
@@ -30,7 +30,7 @@ def test_quick_start_runs_as_written() -> None:
 def test_readme_test_command_is_what_ci_runs() -> None:
     commands = re.findall(r"```sh\n(.*?)\n```", README.split("## Set up", 1)[1].split("##")[0])
     assert len(commands) == 2
-    ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
+    ci = (Path(__file__).resolve().parents[2] / ".ci" / "run").read_text()
     assert commands[1] in ci
     assert "dwcp demo" in commands[0]
 

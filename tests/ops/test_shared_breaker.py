@@ -325,3 +325,32 @@ def test_half_open_admits_one_trial_across_processes(redis_server: RedisServer) 
             if child.is_alive():
                 child.kill()
         manager.stop()
+
+
+def test_a_timed_out_open_never_undoes_another_process_close(redis_server: RedisServer) -> None:
+    """The open -> half-open move after the reset timeout stays local: written back from a
+    stale view, it would overwrite the close another process's trial just wrote."""
+    from freezegun import freeze_time
+
+    from dwcp._breaker import Breaker
+    from dwcp._shared import FailoverStorage, connect
+
+    def breaker(sync_interval: float) -> Breaker:
+        storage = FailoverStorage(connect(redis_server.url), "timed-half-open")
+        return Breaker(
+            max_failures=1, reset_timeout=30, storage=storage, sync_interval=sync_interval
+        )
+
+    with freeze_time("2026-01-01 00:00:00") as clock:
+        stale = breaker(sync_interval=3600)  # reads Redis once, then never again
+        fresh = breaker(sync_interval=0)
+        stale.record_failure(stale.admit())
+        assert stale.state == "open" and fresh.state == "open"
+        clock.tick(31)
+        trial = fresh.admit()  # fresh times out, claims the trial and closes the breaker
+        fresh.record_success(trial)
+        assert fresh.state == "closed"
+        assert stale.state == "half-open"  # its own timed view, from the open it last read
+        assert fresh.state == "closed"  # ...which did not reach Redis
+        stale.remote_changed()  # told of the change: it adopts the close
+        assert stale.state == "closed"
