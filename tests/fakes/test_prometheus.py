@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import MappingProxyType
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_generate
-from prometheus_client.openmetrics.parser import (
-    text_string_to_metric_families as openmetrics_parse,
-)
+from prometheus_client.metrics_core import Metric
+from prometheus_client.openmetrics import exposition as _openmetrics_exposition
+from prometheus_client.openmetrics import parser as _openmetrics_parser
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import REGISTRY
 
@@ -27,6 +27,12 @@ from tests.conftest import wait_until
 
 MakeManager = Callable[..., dwcp.Manager]
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+# prometheus_client's OpenMetrics modules are unannotated; these are their documented types.
+openmetrics_generate: Callable[[CollectorRegistry], bytes] = _openmetrics_exposition.generate_latest
+openmetrics_parse: Callable[[str], Iterable[Metric]] = (
+    _openmetrics_parser.text_string_to_metric_families
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -302,12 +308,16 @@ def test_the_label_is_the_managers_breaker_name_by_default(
 # -- what the snapshots carry ------------------------------------------------------------------
 
 
+#: Every counter zero, every other field at its default.
+NO_COUNTS = dwcp.MetricsSnapshot(0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+
+
 class Snapshots:
     """A metrics source that serves the snapshots a test builds, as a Manager would."""
 
     def __init__(self, metrics: dwcp.MetricsSnapshot | None = None, name: str = "") -> None:
         self.name = name
-        self.snapshot = metrics or dwcp.MetricsSnapshot(*[0] * 10)
+        self.snapshot = metrics or NO_COUNTS
         self.breaker_state = "closed"
 
     def metrics(self) -> dwcp.MetricsSnapshot:
@@ -321,8 +331,8 @@ def test_dropped_events_storage_mode_and_errors_and_build_info(
     registry: CollectorRegistry,
 ) -> None:
     source = Snapshots(
-        dwcp.MetricsSnapshot(
-            *[0] * 10, breaker_storage="fallback", breaker_storage_errors=3, events_dropped=7
+        dataclasses.replace(
+            NO_COUNTS, breaker_storage="fallback", breaker_storage_errors=3, events_dropped=7
         )
     )
     register_metrics(source, registry)  # type: ignore[arg-type]
@@ -352,8 +362,8 @@ def test_latency_histograms_from_the_recorder(registry: CollectorRegistry) -> No
     recorder.observe_health_check("sync", 5.0)
     send, recovery, checks = recorder.snapshot()
     source = Snapshots(
-        dwcp.MetricsSnapshot(
-            *[0] * 10, send_seconds=send, recovery_seconds=recovery, health_check_seconds=checks
+        dataclasses.replace(
+            NO_COUNTS, send_seconds=send, recovery_seconds=recovery, health_check_seconds=checks
         )
     )
     register_metrics(source, registry)  # type: ignore[arg-type]

@@ -7,14 +7,13 @@ import json
 import socket
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import pytest
 from loguru import logger
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.openmetrics.parser import (
-    text_string_to_metric_families as openmetrics_parse,
-)
+from prometheus_client.metrics_core import Metric
+from prometheus_client.openmetrics import parser as _openmetrics_parser
 from prometheus_client.parser import text_string_to_metric_families
 
 import dwcp
@@ -24,6 +23,11 @@ from tests.conftest import wait_until
 
 MakeManager = Callable[..., dwcp.Manager]
 MakeServer = Callable[[dwcp.Manager], HealthServer]
+
+# prometheus_client's OpenMetrics parser is unannotated; this is its documented type.
+openmetrics_parse: Callable[[str], Iterable[Metric]] = (
+    _openmetrics_parser.text_string_to_metric_families
+)
 
 
 class Reply:
@@ -164,7 +168,9 @@ def test_healthz_document(make_manager: MakeManager, make_server: MakeServer) ->
     assert document["monitor_alive"] is True
     assert document["breaker"] == {"state": "closed", "storage": "local"}
     assert document["manager"] == "dwcp"
-    assert set(document["components"]) == {"transport", "compression"}  # type: ignore[arg-type]
+    components = document["components"]
+    assert isinstance(components, dict)
+    assert set(components) == {"transport", "compression"}
     metrics = document["metrics"]
     assert isinstance(metrics, dict)
     assert (metrics["sends"], metrics["sent_bytes"]) == (1, 3)

@@ -331,7 +331,11 @@ def test_the_caller_never_waits_for_delivery(
     notifier(failed())
     wait_until(lambda: receiver.count() == 1)  # the worker is now stuck in that POST
 
-    calls = threading.Thread(target=lambda: [notifier(failed("sync")) for _ in range(10)])
+    def call_ten_times() -> None:
+        for _ in range(10):
+            notifier(failed("sync"))
+
+    calls = threading.Thread(target=call_ten_times)
     calls.start()
     calls.join(5)
     assert not calls.is_alive()

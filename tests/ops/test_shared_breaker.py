@@ -142,18 +142,22 @@ def test_failures_from_several_processes_add_up_and_open_everywhere(
 
 def test_reset_timeout_is_shared(redis_server: RedisServer) -> None:
     name = "shared-test-2"
-    make = lambda: dwcp.Manager(
-        FakeTransport(),
-        breaker_storage=redis_server.url,
-        breaker_name=name,
-        max_failures=1,
-        reset_timeout=1.0,
-    )
-    first, second = make(), make()
+
+    def make(transport: FakeTransport) -> dwcp.Manager:
+        return dwcp.Manager(
+            transport,
+            breaker_storage=redis_server.url,
+            breaker_name=name,
+            max_failures=1,
+            reset_timeout=1.0,
+        )
+
+    first_transport = FakeTransport()
+    first, second = make(first_transport), make(FakeTransport())
     first.start()
     second.start()
     try:
-        first._transport.fail_sends = OSError("down")  # type: ignore[attr-defined]
+        first_transport.fail_sends = OSError("down")
         with pytest.raises(dwcp.TransportError):
             first.send_with_circuit_breaker(b"x")
         wait_until(lambda: second.circuit_breaker_state == "open")
@@ -264,8 +268,8 @@ def test_pybreaker_keeps_the_redis_key_layout_the_failover_relies_on() -> None:
     import pybreaker
 
     storage = object.__new__(pybreaker.CircuitRedisStorage)
-    storage._namespace_name = "name"  # type: ignore[attr-defined]
-    assert storage._namespace("state") == "name:pybreaker:state"  # type: ignore[attr-defined]
+    storage._namespace_name = "name"
+    assert storage._namespace("state") == "name:pybreaker:state"
 
 
 def _trial_in_process(url: str, name: str, ready: Any, go: Any, answer: Any, results: Any) -> None:

@@ -42,7 +42,12 @@ def test_a_restarted_dispatcher_does_not_share_events_with_an_abandoned_thread()
     release = threading.Event()
     first_run: list[dwcp.Event] = []
     dispatcher = _Dispatcher()
-    dispatcher.add(lambda e: (first_run.append(e), release.wait(10)))
+
+    def stuck(event: dwcp.Event) -> None:
+        first_run.append(event)
+        release.wait(10)
+
+    dispatcher.add(stuck)
     dispatcher.open()
     dispatcher.publish(dwcp.SendRejected("open"))
     wait_until(lambda: len(first_run) == 1)
@@ -74,7 +79,7 @@ def test_every_event_names_its_manager_and_peer_keyword_only() -> None:
         assert named != event  # the manager is part of an event's identity
         assert (named.manager, named.peer) == ("payments", "10.0.0.7:7400")
     with pytest.raises(TypeError):
-        dwcp.SendRejected("open", 1.0, "payments")  # type: ignore[misc]
+        dwcp.SendRejected("open", 1.0, "payments")  # type: ignore[call-arg]
 
 
 def test_breaker_events_say_from_state_and_to_state_and_keep_old_and_new() -> None:

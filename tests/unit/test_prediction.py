@@ -6,6 +6,7 @@ import dataclasses
 import math
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
@@ -14,6 +15,17 @@ import dwcp
 from dwcp._prediction import EXPLORE_EVERY, MIN_SAMPLES, Outage, RecoveryHistory, turnbull
 from dwcp._recovery import RecoveryPolicy, RestartSupervisor, run_recovery
 from dwcp.testing import FakeClock
+
+
+def recording(slept: list[float]) -> Callable[[float], bool]:
+    """A recovery ``sleep`` that records each wait in ``slept`` and is never interrupted."""
+
+    def sleep(seconds: float) -> bool:
+        slept.append(seconds)
+        return True
+
+    return sleep
+
 
 # -- the policy ---------------------------------------------------------------------------------
 
@@ -26,7 +38,7 @@ def test_default_schedule_is_exactly_1_2_4() -> None:
     def fail() -> None:
         raise OSError("down")
 
-    outcome = run_recovery(fail, lambda: None, policy, sleep=lambda s: slept.append(s) or True)
+    outcome = run_recovery(fail, lambda: None, policy, sleep=recording(slept))
     assert slept == [1.0, 2.0, 4.0] and outcome.attempts == 3
     assert not policy.predictive
 
@@ -48,7 +60,7 @@ def test_default_supervisor_learns_nothing_and_keeps_the_schedule() -> None:
 
 def test_policy_is_keyword_only() -> None:
     with pytest.raises(TypeError):
-        RecoveryPolicy(5)  # type: ignore[misc]
+        RecoveryPolicy(5)  # type: ignore[call-arg]
 
 
 @pytest.mark.parametrize("name", ["adaptive_backoff", "predictive"])
@@ -105,7 +117,7 @@ def test_run_recovery_follows_an_explicit_schedule() -> None:
             raise OSError("down")
 
     outcome = run_recovery(
-        act, lambda: None, RecoveryPolicy(), sleep=lambda s: slept.append(s) or True,
+        act, lambda: None, RecoveryPolicy(), sleep=recording(slept),
         waits=(6.5, 0.5),
     )  # fmt: skip
     assert outcome.recovered and outcome.attempts == 2
@@ -119,7 +131,7 @@ def test_an_explicit_schedule_bounds_the_attempts() -> None:
         raise OSError("down")
 
     outcome = run_recovery(
-        fail, lambda: None, RecoveryPolicy(), sleep=lambda s: slept.append(s) or True, waits=[7.0]
+        fail, lambda: None, RecoveryPolicy(), sleep=recording(slept), waits=[7.0]
     )
     assert not outcome.recovered and outcome.attempts == 1 and slept == [7.0]
 
@@ -138,8 +150,12 @@ def test_an_explicit_schedule_bounds_the_attempts() -> None:
 def test_bad_schedules_are_refused(waits: object, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         run_recovery(
-            lambda: None, lambda: None, RecoveryPolicy(), sleep=lambda s: True, waits=waits
-        )  # type: ignore[arg-type]
+            lambda: None,
+            lambda: None,
+            RecoveryPolicy(),
+            sleep=lambda s: True,
+            waits=waits,  # type: ignore[arg-type]
+        )
 
 
 # -- the estimate -------------------------------------------------------------------------------

@@ -185,7 +185,8 @@ def test_forwarded_exceptions_and_fields_named_like_record_attributes(
     assert record.name == "myapp.dwcp.fake"
     assert record.exc_info is not None and isinstance(record.exc_info[1], OSError)
     assert record.dwcp_thread == "dwcp-monitor"  # type: ignore[attr-defined]
-    assert record.thread != "dwcp-monitor"  # the LogRecord's own attribute is untouched
+    own_thread: object = record.thread  # typed int | None; widened to compare with a str
+    assert own_thread != "dwcp-monitor"  # the LogRecord's own attribute is untouched
     assert record.component == "sync"  # type: ignore[attr-defined]
     assert "OSError: disk gone" in logging.Formatter().format(record)
 
