@@ -179,6 +179,9 @@ class Breaker:
         self._generation = 0
         self._state: str = self._store.state
         self._trial_in_flight = False
+        # Whether pybreaker may hold a failure count a success must reset: read without the
+        # lock on the success path, so a closed breaker with nothing counted costs no lock.
+        self._counted = self._store.counter != 0
         # The ticket of the trial holding the shared (cross-process) lease, if any.
         self._lease_ticket: int | None = None
         self._notices: list[tuple[str, str]] = []
@@ -248,11 +251,12 @@ class Breaker:
         """Account a call that succeeded; pybreaker closes a half-open breaker after its trial."""
         # Racy read on purpose: in the common case (closed, no failures counted) pybreaker
         # would write nothing, and skipping the lock keeps the send path short.
-        if self._state == CLOSED and self._store.counter == 0 and self._lease_ticket is None:
+        if self._state == CLOSED and not self._counted and self._lease_ticket is None:
             return
         with self._lock:
             if ticket == self._generation:
                 self._cb.state._handle_success()
+                self._counted = self._store.counter != 0
         self._flush()
         self._release_shared_trial(ticket)
 
@@ -338,6 +342,7 @@ class Breaker:
     def _tell_pybreaker(self, failure: BaseException) -> None:
         # Caller holds the lock.  With throw_new_error_on_trip=False pybreaker re-raises the
         # failure itself when it trips, even with reraise=False: that raise is expected.
+        self._counted = True
         try:
             self._cb.state._handle_error(failure, reraise=False)
         except pybreaker.CircuitBreakerError:
@@ -426,6 +431,7 @@ class Breaker:
         with self._lock:
             if count <= self._mirror.counter or self._cb.state.name != CLOSED:
                 return
+            self._counted = True
             self._mirror.adopting = True
             try:
                 self._mirror.adopt(CLOSED, None, count)
@@ -465,6 +471,8 @@ class Breaker:
                 )
             ):
                 return  # the same open period, timed out here: not a fresh trip
+            if counter:
+                self._counted = True
             mirror.adopting = True
             try:
                 mirror.adopt(state, opened_at, counter)

@@ -7,6 +7,7 @@ network failing and count against the breaker; anything else is the caller's and
 from __future__ import annotations
 
 import threading
+from bisect import bisect_left
 from collections.abc import Callable
 from time import perf_counter
 from typing import Any, TypeVar
@@ -14,6 +15,7 @@ from typing import Any, TypeVar
 from dwcp._breaker import Breaker
 from dwcp._errors import DWCPError, TransportError
 from dwcp._events import SendRejected, _Dispatcher
+from dwcp._latency import SEND_BUCKETS
 from dwcp._slots import PEER_FAILURES
 from dwcp._status import Counters, SendTallies
 from dwcp._validation import describe
@@ -22,6 +24,7 @@ __all__ = ["Guard"]
 
 R = TypeVar("R")
 SEND_SAMPLE = 16
+_FIRST_BOUND = SEND_BUCKETS[0]
 _BYTES_LIKE = (bytes, bytearray, memoryview)
 
 
@@ -42,6 +45,7 @@ class Guard:
         self._lock = lock
         self._counters = counters
         self.tallies = SendTallies()
+        self._local = self.tallies.local
 
     def send(self, transport: Any, data: bytes | bytearray | memoryview) -> None:
         """``transport.send(data)``; a peer failure is raised as ``TransportError``."""
@@ -50,7 +54,12 @@ class Guard:
                 f"data must be bytes, bytearray or memoryview, got {type(data).__name__} "
                 "(wrap other buffers in memoryview())"
             )
-        ticket = self._admit()
+        breaker = self._breaker
+        try:
+            ticket = breaker.admit()
+        except DWCPError:
+            self._rejected()
+            raise
         began = perf_counter()
         try:
             transport.send(data)
@@ -67,14 +76,23 @@ class Guard:
             raise TransportError(f"send failed: {describe(exc)}") from exc
         except BaseException:
             self.tallies.failed(perf_counter() - began)
-            self._breaker.release(ticket)
+            breaker.release(ticket)
             raise
         seconds = perf_counter() - began
-        self._breaker.record_success(ticket)
-        sent = self.tallies.add(data.nbytes if type(data) is memoryview else len(data), seconds)
-        # One success in SAMPLE feeds the transport's suspicion: its latency distribution
+        breaker.record_success(ticket)
+        # SendTallies.add, inlined: this is the library's hottest path.
+        try:
+            tally = self._local.value
+        except AttributeError:
+            tally = self._local.value = self.tallies.new_tally()
+        tally[0] += 1
+        tally[1] += data.nbytes if type(data) is memoryview else len(data)
+        tally[2] += seconds
+        # Most sends are queued and return within the first bucket: skip the search then.
+        tally[3 if seconds <= _FIRST_BOUND else 3 + bisect_left(SEND_BUCKETS, seconds)] += 1
+        # One success in SEND_SAMPLE feeds the transport's suspicion: its latency distribution
         # needs a steady sample, not every send paying for the manager's lock.
-        if not sent % SEND_SAMPLE and self._on_send is not None:
+        if not tally[0] % SEND_SAMPLE and self._on_send is not None:
             self._on_send(seconds, True)
 
     def call(self, fn: Callable[..., R], args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
@@ -95,9 +113,12 @@ class Guard:
         try:
             return self._breaker.admit()
         except DWCPError:
-            if self._events.active:
-                self._events.publish(SendRejected(self._breaker.state))
+            self._rejected()
             raise
+
+    def _rejected(self) -> None:
+        if self._events.active:
+            self._events.publish(SendRejected(self._breaker.state))
 
     def _failed(self, ticket: int, error: BaseException) -> None:
         self._breaker.record_failure(ticket, error)

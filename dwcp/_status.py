@@ -144,18 +144,23 @@ class SendTallies:
     """
 
     def __init__(self) -> None:
-        self._local = threading.local()
+        #: ``local.value`` is the calling thread's tally, once ``new_tally()`` made it.
+        self.local = threading.local()
         self._lock = threading.Lock()
         self._tallies: list[list[float]] = []
 
+    def new_tally(self) -> list[float]:
+        """A new tally list, registered for ``totals()`` and ``histogram()``."""
+        tally: list[float] = [0, 0, 0.0] + [0] * (len(SEND_BUCKETS) + 1)
+        with self._lock:
+            self._tallies.append(tally)
+        return tally
+
     def _tally(self) -> list[float]:
         try:
-            tally: list[float] = self._local.value
+            tally: list[float] = self.local.value
         except AttributeError:
-            tally = [0, 0, 0.0] + [0] * (len(SEND_BUCKETS) + 1)
-            with self._lock:
-                self._tallies.append(tally)
-            self._local.value = tally
+            tally = self.local.value = self.new_tally()
         return tally
 
     def add(self, nbytes: int, seconds: float) -> int:
