@@ -136,7 +136,7 @@ class Counters:
 
 
 class SendTallies:
-    """Sends, their bytes and their durations, one tally list per sending thread.
+    """Sends, their bytes and a sample of their durations, one tally list per sending thread.
 
     A tally is ``[sends, bytes, seconds, count per SEND_BUCKETS bucket..., count above]``.
     Each has a single writer, so the send path takes no lock: one ``threading.local`` lookup
@@ -163,13 +163,17 @@ class SendTallies:
             tally = self.local.value = self.new_tally()
         return tally
 
-    def add(self, nbytes: int, seconds: float) -> int:
-        """A send of ``nbytes`` that succeeded after ``seconds``; returns this thread's count."""
+    def add(self, nbytes: int, seconds: float | None = None) -> int:
+        """A send of ``nbytes`` that succeeded, timed at ``seconds`` when sampled.
+
+        Returns this thread's count of sends.
+        """
         tally = self._tally()
         tally[0] += 1
         tally[1] += nbytes
-        tally[2] += seconds
-        tally[3 + bisect_left(SEND_BUCKETS, seconds)] += 1
+        if seconds is not None:
+            tally[2] += seconds
+            tally[3 + bisect_left(SEND_BUCKETS, seconds)] += 1
         return int(tally[0])
 
     def failed(self, seconds: float) -> None:
@@ -183,7 +187,7 @@ class SendTallies:
             return int(sum(t[0] for t in self._tallies)), int(sum(t[1] for t in self._tallies))
 
     def histogram(self) -> LatencyHistogram:
-        """Every send's duration, successes and failures, as one histogram."""
+        """The timed sends' durations (every failure, a sample of successes) as a histogram."""
         with self._lock:
             tallies = [list(t) for t in self._tallies]
         counts = [int(sum(t[3 + i] for t in tallies)) for i in range(len(SEND_BUCKETS) + 1)]
