@@ -60,41 +60,43 @@ class Guard:
         except DWCPError:
             self._rejected()
             raise
-        began = perf_counter()
+        # The tally (SendTallies, inlined: this is the library's hottest path).  One send in
+        # SEND_SAMPLE per thread, successful or not, is timed into the histogram: a steady
+        # sample gives the distribution, where timing every send cost about a tenth of a
+        # 1 KiB send.
+        try:
+            tally = self._local.value
+        except AttributeError:
+            tally = self._local.value = self.tallies.new_tally()
+        tally[-1] += 1
+        timed = not tally[-1] % SEND_SAMPLE
+        began = perf_counter() if timed else 0.0
         try:
             transport.send(data)
         except PEER_FAILURES as exc:
             # A transport that recovery closed and could not restart fails too: while the
             # manager runs, that is the peer being down, so it counts like any other failure.
-            seconds = perf_counter() - began
-            self.tallies.failed(seconds)
+            seconds = perf_counter() - began if timed else 0.0
+            if timed:
+                self.tallies.failed(seconds)
             self._failed(ticket, exc)
             if self._on_send is not None:
-                self._on_send(seconds, False)
+                self._on_send(seconds, False)  # every failure raises the suspicion
             if isinstance(exc, TransportError):
                 raise
             raise TransportError(f"send failed: {describe(exc)}") from exc
         except BaseException:
-            self.tallies.failed(perf_counter() - began)
             breaker.release(ticket)
             raise
         breaker.record_success(ticket)
-        # SendTallies.add, inlined: this is the library's hottest path.
-        try:
-            tally = self._local.value
-        except AttributeError:
-            tally = self._local.value = self.tallies.new_tally()
         tally[0] += 1
         tally[1] += data.nbytes if type(data) is memoryview else len(data)
-        # One success in SEND_SAMPLE (per thread) is timed, into the histogram and the
-        # transport's suspicion: a steady sample gives the distribution, where timing every
-        # send cost about a tenth of a 1 KiB send.  Failed sends are all timed.
-        if not tally[0] % SEND_SAMPLE:
+        if timed:
             seconds = perf_counter() - began
             tally[2] += seconds
             tally[3 + bisect_left(SEND_BUCKETS, seconds)] += 1
             # The suspicion update takes the manager's lock (about 3 us): a sparser sample.
-            if not tally[0] % SUSPICION_SAMPLE and self._on_send is not None:
+            if not tally[-1] % SUSPICION_SAMPLE and self._on_send is not None:
                 self._on_send(seconds, True)
 
     def call(self, fn: Callable[..., R], args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:

@@ -138,7 +138,8 @@ class Counters:
 class SendTallies:
     """Sends, their bytes and a sample of their durations, one tally list per sending thread.
 
-    A tally is ``[sends, bytes, seconds, count per SEND_BUCKETS bucket..., count above]``.
+    A tally is ``[sends, bytes, seconds, count per SEND_BUCKETS bucket..., count above,
+    calls]``; ``seconds`` and the counts cover the timed sends only (a sample).
     Each has a single writer, so the send path takes no lock: one ``threading.local`` lookup
     it pays anyway, where a shared histogram would add a lock per send.
     """
@@ -151,7 +152,8 @@ class SendTallies:
 
     def new_tally(self) -> list[float]:
         """A new tally list, registered for ``totals()`` and ``histogram()``."""
-        tally: list[float] = [0, 0, 0.0] + [0] * (len(SEND_BUCKETS) + 1)
+        # [sends, bytes, seconds, one count per bucket and one above, calls (the sampler)]
+        tally: list[float] = [0, 0, 0.0] + [0] * (len(SEND_BUCKETS) + 1) + [0]
         with self._lock:
             self._tallies.append(tally)
         return tally
@@ -163,21 +165,8 @@ class SendTallies:
             tally = self.local.value = self.new_tally()
         return tally
 
-    def add(self, nbytes: int, seconds: float | None = None) -> int:
-        """A send of ``nbytes`` that succeeded, timed at ``seconds`` when sampled.
-
-        Returns this thread's count of sends.
-        """
-        tally = self._tally()
-        tally[0] += 1
-        tally[1] += nbytes
-        if seconds is not None:
-            tally[2] += seconds
-            tally[3 + bisect_left(SEND_BUCKETS, seconds)] += 1
-        return int(tally[0])
-
     def failed(self, seconds: float) -> None:
-        """A send that raised after ``seconds``: timed, not counted as sent."""
+        """A timed send that raised after ``seconds``: in the histogram, not counted as sent."""
         tally = self._tally()
         tally[2] += seconds
         tally[3 + bisect_left(SEND_BUCKETS, seconds)] += 1
