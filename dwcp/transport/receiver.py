@@ -149,13 +149,17 @@ class _Sender:
     """What the receiver remembers of one named sender across its sessions: where its
     delivery stands (acknowledged senders resend from there), and its newest session."""
 
-    __slots__ = ("next_id", "session")
+    __slots__ = ("first_id", "next_id", "session")
 
     def __init__(self) -> None:
         # The id after the last one delivered (None: nothing yet). Only the delivery thread
         # of the sender's current session uses it, once its predecessor finished.
         self.next_id: int | None = None
         self.session: _Session | None = None  # the newest session (guarded by the lock)
+        # The first id of the newest session accepted (guarded by the lock). A sender's
+        # first ids never go down, so a HELLO below it is a late one of a session attempt
+        # the sender gave up on (a stalled link delivered it after the newer session's).
+        self.first_id: int | None = None
 
 
 class _Session:
@@ -613,12 +617,23 @@ class MultiStreamReceiver:
                     if hello.sender_id != wire.ANONYMOUS_SENDER:
                         sender = self._sender(hello.sender_id)
                         predecessor = sender.session
-                    session = _Session(
-                        hello, self._max_buffered, time.monotonic(), sender, predecessor
-                    )
-                    self._sessions[hello.session_id] = session
-                    if sender is not None:
+                    if (
+                        sender is not None
+                        and sender.first_id is not None
+                        and hello.first_id < sender.first_id
+                    ):
+                        # Not newer than the sender's current session: replacing that one
+                        # with an abandoned attempt would lose what the sender sends now.
+                        reject = "older than its sender's newest session"
+                        session = None
+                    else:
+                        session = _Session(
+                            hello, self._max_buffered, time.monotonic(), sender, predecessor
+                        )
+                        self._sessions[hello.session_id] = session
+                    if sender is not None and session is not None:
                         sender.session = session
+                        sender.first_id = hello.first_id
                         if predecessor is not None and not predecessor.finished:
                             superseded = predecessor
             elif (session.stream_count, session.acknowledged) != (

@@ -985,7 +985,15 @@ class MultiStreamTCPTransport:
             window = self._window
             replay = window.replay() if window is not None else []
             first_id = replay[0][0] if replay else self._next_id
-            socks = self._connect(session_id, first_id)
+            try:
+                socks = self._connect(session_id, first_id)
+            except TransportError:
+                if window is None:
+                    # Its HELLO may still reach the receiver late (a stalled link delivers
+                    # it after the heal): the next session starts past this first id, so the
+                    # receiver sees which of the two is newer (see wire-format.md, HELLO).
+                    self._next_id = first_id + 1
+                raise
             session = _Session(
                 self._address,
                 socks,

@@ -336,6 +336,52 @@ def test_many_empty_messages_ahead_are_bounded_too(
 # -- sessions ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("acknowledged", [False, True], ids=["unacked", "acked"])
+def test_a_late_hello_of_an_abandoned_attempt_does_not_replace_the_newer_session(
+    receiver_factory: ReceiverFactory, acknowledged: bool
+) -> None:
+    """A stalled link delivers the HELLO of a start() its sender gave up on after the HELLO
+    of the session it then opened: that older one is refused, the live one goes on."""
+    receiver, inbox = receiver_factory()
+    transport = MultiStreamTCPTransport(
+        receiver.address, chunk_size=1024, acknowledged=acknowledged
+    )
+    try:
+        transport.start()
+        for seq in range(5):
+            transport.send(b"first %d" % seq)
+        transport.close()
+        transport.start()  # the live session: its first id is 5
+        transport.send(b"second 0")
+        transport.flush()
+        assert receiver.wait_delivered(6, TIMEOUT)
+        # The HELLO of an attempt before it (first id 4), arriving only now.
+        with socket.create_connection(receiver.address, timeout=TIMEOUT) as stale:
+            stale.sendall(
+                wire.pack_handshake(
+                    os.urandom(16),
+                    0,
+                    1,
+                    acknowledged=acknowledged,
+                    sender_id=transport._sender_id,
+                    first_id=4,
+                )
+            )
+            status = wire.parse_welcome(stale.recv(wire.WELCOME.size, socket.MSG_WAITALL))
+            assert status == wire.STATUS_REFUSED
+            assert stale.recv(1) == b""  # closed after refusing
+        for seq in range(1, 50):
+            transport.send(b"second %d" % seq)
+        transport.flush()
+        assert receiver.wait_delivered(55, TIMEOUT)
+        transport.health_check()
+    finally:
+        transport.close()
+    assert inbox.messages == [b"first %d" % s for s in range(5)] + [
+        b"second %d" % s for s in range(50)
+    ]
+
+
 def test_session_limit_and_duplicate_streams_are_refused(
     hostile_receiver_factory: Callable[..., tuple[MultiStreamReceiver, Inbox]],
     raw_connections: Callable[[tuple[str, int]], socket.socket],

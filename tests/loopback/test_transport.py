@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from dwcp import DWCPError, TransportError
-from dwcp.transport import MultiStreamReceiver, MultiStreamTCPTransport
+from dwcp.transport import MultiStreamReceiver, MultiStreamTCPTransport, wire
 from tests.conftest import Inbox, RawPeer, ReceiverFactory, TransportFactory
 
 CHUNK = 1024
@@ -291,6 +291,61 @@ def test_context_managers(receiver_factory: ReceiverFactory) -> None:
 
 
 # -- failures -------------------------------------------------------------------------------
+
+
+def test_a_failed_start_moves_the_next_sessions_first_id_past_its_own(
+    transport_factory: TransportFactory,
+) -> None:
+    """The HELLO of a start() that timed out may still reach the receiver late (a stalled
+    link): the next session's first id is higher, so the receiver can tell it is newer."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:  # accepts, never answers
+        transport = transport_factory(listener.getsockname()[:2], streams=1, connect_timeout=0.2)
+        first_ids = []
+        for _ in range(3):
+            with pytest.raises(TransportError):
+                transport.start()
+            conn, _ = listener.accept()  # the abandoned attempt, its HELLO still queued
+            with conn:
+                conn.settimeout(DELIVERY_TIMEOUT)
+                hello = conn.recv(wire.HANDSHAKE.size, socket.MSG_WAITALL)
+                first_ids.append(wire.parse_handshake(hello).first_id)
+    assert first_ids == sorted(set(first_ids)), first_ids  # strictly increasing
+
+
+def test_a_late_hello_of_a_failed_start_does_not_replace_the_session_opened_after_it(
+    transport_factory: TransportFactory,
+) -> None:
+    """The stall fault's race, in order: a start() times out while its HELLO is held on the
+    way (here: by a listener that never answers, on the port the receiver takes next); the
+    next start() opens the live session; the held HELLO arrives last. It must be refused
+    and the live session go on delivering (an unacknowledged sender never learns of it)."""
+    with socket.create_server(("127.0.0.1", 0)) as hold:
+        address = hold.getsockname()[:2]
+        transport = transport_factory(address, streams=1, connect_timeout=0.2)
+        with pytest.raises(TransportError):
+            transport.start()
+        conn, _ = hold.accept()
+        with conn:
+            conn.settimeout(DELIVERY_TIMEOUT)
+            late_hello = conn.recv(wire.HANDSHAKE.size, socket.MSG_WAITALL)
+    inbox = Inbox()
+    with MultiStreamReceiver(address, on_message=inbox) as receiver:
+        transport.start()
+        for seq in range(5):
+            transport.send(b"m%d" % seq)
+        transport.flush()
+        assert receiver.wait_delivered(5, DELIVERY_TIMEOUT)
+        with socket.create_connection(address, timeout=DELIVERY_TIMEOUT) as late:
+            late.sendall(late_hello)
+            status = wire.parse_welcome(late.recv(wire.WELCOME.size, socket.MSG_WAITALL))
+            assert status == wire.STATUS_REFUSED
+        for seq in range(5, 50):
+            transport.send(b"m%d" % seq)
+        transport.flush()
+        assert receiver.wait_delivered(50, DELIVERY_TIMEOUT)
+        transport.health_check()
+        transport.close()
+    assert inbox.messages == [b"m%d" % seq for seq in range(50)]
 
 
 def test_connection_refused_raises_transport_error(transport_factory: TransportFactory) -> None:
