@@ -380,14 +380,16 @@ class Manager:
 
     def health(self) -> HealthSnapshot:
         """A snapshot of every component's status and the breaker state."""
-        breaker_state = self.circuit_breaker_state  # outside our lock: it may notify listeners
+        # Outside our lock: the state may notify listeners, and with Redis the storage mode
+        # may try to reconnect.
+        breaker_state = self.circuit_breaker_state
+        storage = self._breaker.storage_mode
         with self._lock:
-            return health_snapshot(
-                self._states.values(), self._clock.now(), breaker_state, self._breaker.storage_mode
-            )
+            return health_snapshot(self._states.values(), self._clock.now(), breaker_state, storage)
 
     def metrics(self) -> MetricsSnapshot:
         """A snapshot of the counters, downtime per component and current statuses."""
+        storage = self._breaker.storage_mode  # outside our lock: it may reach Redis
         with self._lock:
             return metrics_snapshot(
                 self._states.values(),
@@ -397,7 +399,7 @@ class Manager:
                 self._latency,
                 transitions=self._breaker.transition_counts,
                 rejections=self._breaker.rejections,
-                storage=self._breaker.storage_mode,
+                storage=storage,
                 storage_errors=self._breaker.storage_errors,
                 events_dropped=self._events.dropped,
             )
