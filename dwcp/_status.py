@@ -138,8 +138,8 @@ class Counters:
 class SendTallies:
     """Sends, their bytes and a sample of their durations, one tally list per sending thread.
 
-    A tally is ``[sends, bytes, seconds, count per SEND_BUCKETS bucket..., count above,
-    calls]``; ``seconds`` and the counts cover the timed sends only (a sample).
+    A tally is ``[sends, bytes, seconds, count per SEND_BUCKETS bucket..., count above]``;
+    ``seconds`` and the counts cover the timed sends only (a sample).
     Each has a single writer, so the send path takes no lock: one ``threading.local`` lookup
     it pays anyway, where a shared histogram would add a lock per send.
     """
@@ -151,23 +151,17 @@ class SendTallies:
         self._tallies: list[list[float]] = []
 
     def new_tally(self) -> list[float]:
-        """A new tally list, registered for ``totals()`` and ``histogram()``."""
-        # [sends, bytes, seconds, one count per bucket and one above, calls (the sampler)]
-        tally: list[float] = [0, 0, 0.0] + [0] * (len(SEND_BUCKETS) + 1) + [0]
+        """The calling thread's tally, made and registered on its first send."""
+        # [sends, bytes, seconds, one count per bucket and one above]
+        tally: list[float] = [0, 0, 0.0] + [0] * (len(SEND_BUCKETS) + 1)
         with self._lock:
             self._tallies.append(tally)
+        self.local.value = tally
         return tally
 
-    def _tally(self) -> list[float]:
-        try:
-            tally: list[float] = self.local.value
-        except AttributeError:
-            tally = self.local.value = self.new_tally()
-        return tally
-
-    def failed(self, seconds: float) -> None:
-        """A timed send that raised after ``seconds``: in the histogram, not counted as sent."""
-        tally = self._tally()
+    @staticmethod
+    def observe(tally: list[float], seconds: float) -> None:
+        """Put a timed send's duration, successful or not, into ``tally``'s histogram."""
         tally[2] += seconds
         tally[3 + bisect_left(SEND_BUCKETS, seconds)] += 1
 
@@ -176,7 +170,7 @@ class SendTallies:
             return int(sum(t[0] for t in self._tallies)), int(sum(t[1] for t in self._tallies))
 
     def histogram(self) -> LatencyHistogram:
-        """The timed sends' durations (every failure, a sample of successes) as a histogram."""
+        """The timed sends' durations (a sample, successes and failures) as a histogram."""
         with self._lock:
             tallies = [list(t) for t in self._tallies]
         counts = [int(sum(t[3 + i] for t in tallies)) for i in range(len(SEND_BUCKETS) + 1)]

@@ -149,7 +149,7 @@ def test_metrics_time_sends_checks_and_recovery_cycles(make_manager: MakeManager
     clock = FakeClock()
     manager = make_manager(transport, initial_backoff=1.0, clock=clock)
     manager.start()
-    for _ in range(32):
+    for _ in range(64):
         manager.send_with_circuit_breaker(b"x")
     transport.fail_sends = ConnectionError("down")
     with pytest.raises(dwcp.TransportError):
@@ -158,8 +158,9 @@ def test_metrics_time_sends_checks_and_recovery_cycles(make_manager: MakeManager
     transport.healthy = False
     assert not manager.attempt_component_recovery("transport")  # 1 + 2 + 4 s on the clock
     metrics = manager.metrics()
-    # Timed: one send in 16 per thread, successful or not (the failure is the 33rd).
-    assert metrics.sends == 32 and metrics.send_seconds.count == 2
+    # Timed: a send made when its thread's success count is a multiple of 64, successful or
+    # not: the 1st and the failure after the 64th.
+    assert metrics.sends == 64 and metrics.send_seconds.count == 2
     assert metrics.send_seconds.cumulative_counts[-1] <= 2
     checks = metrics.health_check_seconds["transport"]
     assert checks.count == 1 + 3  # the pass, then one re-check per attempt
