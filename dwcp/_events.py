@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 from loguru import logger
 
+from dwcp._breaker import OPEN
+
 __all__ = [
     "BreakerStateChanged",
     "ComponentEscalated",
@@ -246,6 +248,14 @@ class _Dispatcher:
                 raise ValueError("listener is not registered") from None
             self._listeners = tuple(listeners)
 
+    def breaker_changed(self, old: str, new: str) -> None:
+        """Log a breaker transition and publish it (``Breaker``'s ``on_transition`` hook)."""
+        bound = logger.bind(state=new, previous=old)
+        (bound.warning if new == OPEN else bound.info)(
+            "Circuit breaker state changed: {} -> {} ({})", old, new, self.manager
+        )
+        self.publish(BreakerStateChanged(old, new))
+
     def publish(self, event: Event) -> None:
         if not self._listeners or self._thread is None:
             return
@@ -295,3 +305,12 @@ class _Dispatcher:
                         type(event).__name__,
                         exc,
                     )
+
+
+def peer_of(transport: object) -> str:
+    """``host:port`` of the transport's peer, for events and alerts, when it tells."""
+    address = getattr(transport, "address", None)
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return ""

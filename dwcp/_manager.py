@@ -6,7 +6,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from datetime import timedelta
-from functools import wraps
+from functools import partial, wraps
 from time import perf_counter
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -14,18 +14,18 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from loguru import logger
 
 from dwcp import _validation as check
-from dwcp._breaker import NOT_INITIALIZED, OPEN, Breaker
+from dwcp._breaker import NOT_INITIALIZED, Breaker
 from dwcp._clock import Clock, SystemClock
 from dwcp._cluster import ClusterView, cluster_member
 from dwcp._components import Layer, Transport
 from dwcp._errors import DWCPError, TransportError
-from dwcp._events import BreakerStateChanged, Listener, _Dispatcher
+from dwcp._events import Listener, _Dispatcher, peer_of
 from dwcp._guard import SEND_SAMPLE, Guard
 from dwcp._health import ComponentHealth, HealthSnapshot, MetricsSnapshot
 from dwcp._latency import LatencyRecorder
 from dwcp._monitor import Monitor
 from dwcp._recovery import RecoveryPolicy, RestartSupervisor
-from dwcp._slots import PEER_FAILURES, Slot, build_slots, policies
+from dwcp._slots import PEER_FAILURES, build_slots, policies, start_slots
 from dwcp._status import ComponentState, Counters, health_snapshot, metrics_snapshot
 from dwcp._supervisor import Supervisor
 
@@ -125,13 +125,13 @@ class Manager:
             timeout=check.seconds("health_check_timeout", health_check_timeout),
             clock=self._clock,
         )
-        self._events = _Dispatcher(manager=self._name, peer=_peer(transport))
+        self._events = _Dispatcher(manager=self._name, peer=peer_of(transport))
         self._breaker = Breaker.build(
             breaker_storage,
             self._name,
             max_failures=check.count("max_failures", max_failures),
             reset_timeout=check.seconds("reset_timeout", reset_timeout),
-            on_transition=self._on_breaker_transition,
+            on_transition=self._events.breaker_changed,
         )
         self._supervisor = Supervisor(
             self._lock,
@@ -143,8 +143,15 @@ class Manager:
             self._latency,
             on_transport_recovered=self._breaker.half_open,
         )
+        transport_state = self._states.get("transport")
         self._guard = Guard(
-            self._breaker, self._events, self._lock, self._counters, self._send_finished
+            self._breaker,
+            self._events,
+            self._lock,
+            self._counters,
+            None
+            if transport_state is None
+            else partial(self._monitor.send_finished, transport_state),
         )
         # Cluster health (dwcp.cluster): the longest gap between two passes is one interval
         # plus one check timeout, so that is the heartbeat interval announced.
@@ -164,6 +171,7 @@ class Manager:
         self._phase = "idle"
         # Read without the lock on the send path; only ever replaced as a whole.
         self._started = False
+        self._sending: Transport | None = None  # the transport while started
         self._stop = threading.Event()
         self._stopped = threading.Event()
         self._stopped.set()
@@ -220,7 +228,7 @@ class Manager:
             degraded = self._supervisor.begin_degraded(failed)
             self._events.open()
             stop = self._stop
-            self._phase, self._started = "started", True
+            self._phase, self._started, self._sending = "started", True, self._transport
             self._monitor.start(self._pass, stop)
         self._breaker.watch()
         if self._cluster is not None:
@@ -233,8 +241,6 @@ class Manager:
 
     def _start_components(self) -> dict[str, DWCPError]:
         """Start the server and each component; those that fail (and may not) are returned."""
-        started: list[Slot] = []
-        failed: dict[str, DWCPError] = {}
         try:
             if self._health_server is not None:
                 try:
@@ -244,27 +250,14 @@ class Manager:
                         f"health server could not listen: {check.describe(exc)}",
                         code="HEALTH_SERVER_FAILED",
                     ) from exc
-            for state in self._states.values():
-                try:
-                    state.slot.start()
-                except DWCPError as exc:
-                    # A peer that is down at start is what this library recovers from;
-                    # only fail_fast makes it the caller's problem.
-                    if self._fail_fast:
-                        raise
-                    failed[state.name] = exc
-                    continue
-                started.append(state.slot)
+            return start_slots([state.slot for state in self._states.values()], self._fail_fast)
         except BaseException:
-            for slot in reversed(started):
-                slot.shutdown()
             if self._health_server is not None:
                 self._health_server.stop()
             with self._lock:
                 self._phase = "idle"
                 self._stopped.set()
             raise
-        return failed
 
     def stop(self) -> None:
         """Stop monitoring and recovery, join their threads, stop layers, close the transport.
@@ -274,7 +267,7 @@ class Manager:
         with self._lock:
             phase, stopped = self._phase, self._stopped
             if phase == "started":
-                self._phase, self._started = "stopping", False
+                self._phase, self._started, self._sending = "stopping", False, None
                 self._stop.set()
                 self._monitor.wake_all()
                 threads = [t for t in (self._monitor.thread, *self._supervisor.threads()) if t]
@@ -321,11 +314,9 @@ class Manager:
         the transport fails (counted by the breaker), ``DWCPError`` (``NOT_STARTED``,
         ``NO_TRANSPORT``) and ``TypeError`` for calls that never reach the transport.
         """
-        if not self._started:
-            raise DWCPError("manager is not started", code="NOT_STARTED")
-        transport = self._transport
+        transport = self._sending
         if transport is None:
-            raise DWCPError("manager has no transport to send through", code="NO_TRANSPORT")
+            raise self._not_sending()
         # The guarded send, inlined here because this is the library's hottest path (see
         # Guard): admit, send with no lock held, record, tally.  Each thread's tally has a
         # single writer, so no lock.  A send is timed into the histogram when the thread's
@@ -364,6 +355,11 @@ class Manager:
             guard.send_timed(tally, perf_counter() - began)
         tally[0] += 1
         tally[1] += data.nbytes if type(data) is memoryview else len(data)
+
+    def _not_sending(self) -> DWCPError:
+        if not self._started:
+            return DWCPError("manager is not started", code="NOT_STARTED")
+        return DWCPError("manager has no transport to send through", code="NO_TRANSPORT")
 
     def call(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
         """Run ``fn(*args, **kwargs)`` guarded by the breaker, as sends are.
@@ -461,30 +457,7 @@ class Manager:
         """Stop calling ``listener``; raises ``ValueError`` if it was not added."""
         self._events.remove(listener)
 
-    def _send_finished(self, seconds: float, ok: bool) -> None:
-        """A sampled send's latency feeds the transport's suspicion."""
-        state = self._states.get("transport")
-        if state is not None:
-            with self._lock:
-                self._monitor.suspicion(state).send_finished(self._clock.now(), seconds, ok)
-
     def _pass(self, stop: threading.Event) -> None:
         self._supervisor.run_pass(stop, recover=lambda: self._started)
         if self._cluster is not None:
             self._cluster.publish(self.health())  # hands it over; the I/O is the member's
-
-    def _on_breaker_transition(self, old: str, new: str) -> None:
-        bound = logger.bind(state=new, previous=old)
-        (bound.warning if new == OPEN else bound.info)(
-            "Circuit breaker state changed: {} -> {} ({})", old, new, self._name
-        )
-        self._events.publish(BreakerStateChanged(old, new))
-
-
-def _peer(transport: object) -> str:
-    """``host:port`` of the transport's peer, for events and alerts, when it tells."""
-    address = getattr(transport, "address", None)
-    if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return ""

@@ -58,6 +58,11 @@ class Monitor:
             )
         return state.suspicion
 
+    def send_finished(self, state: ComponentState, seconds: float, ok: bool) -> None:
+        """A sampled send's latency (or failure) feeds the transport's suspicion."""
+        with self._lock:
+            self.suspicion(state).send_finished(self.clock.now(), seconds, ok)
+
     @property
     def thread(self) -> threading.Thread | None:
         """The monitoring thread while it runs."""

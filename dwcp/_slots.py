@@ -7,7 +7,7 @@ exceptions from component calls are mapped to the library's hierarchy here.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from loguru import logger
@@ -16,7 +16,15 @@ from dwcp._errors import DWCPError, TransportError
 from dwcp._recovery import RecoveryPolicy
 from dwcp._validation import describe, require_methods
 
-__all__ = ["PEER_FAILURES", "LayerSlot", "Slot", "TransportSlot", "build_slots", "policies"]
+__all__ = [
+    "PEER_FAILURES",
+    "LayerSlot",
+    "Slot",
+    "TransportSlot",
+    "build_slots",
+    "policies",
+    "start_slots",
+]
 
 LAYER_SLOTS = ("compression", "prediction", "sync", "consensus")
 TRANSPORT_METHODS = ("start", "close", "send", "health_check")
@@ -117,6 +125,33 @@ class LayerSlot(Slot):
         except BaseException as exc:  # noqa: BLE001 - any failure of a check means unhealthy
             return describe(exc)
         return None if healthy else "is_healthy() returned False"
+
+
+def start_slots(slots: Sequence[Slot], fail_fast: bool) -> dict[str, DWCPError]:
+    """Start ``slots`` in order and return the error of each that failed to start.
+
+    A failed component is left to recovery (the manager starts degraded), unless
+    ``fail_fast``: then its error is raised, after shutting down the ones already started.
+    """
+    started: list[Slot] = []
+    failed: dict[str, DWCPError] = {}
+    try:
+        for slot in slots:
+            try:
+                slot.start()
+            except DWCPError as exc:
+                # A peer that is down at start is what this library recovers from; only
+                # fail_fast makes it the caller's problem.
+                if fail_fast:
+                    raise
+                failed[slot.name] = exc
+                continue
+            started.append(slot)
+    except BaseException:
+        for slot in reversed(started):
+            slot.shutdown()
+        raise
+    return failed
 
 
 def build_slots(
