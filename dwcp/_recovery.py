@@ -171,6 +171,8 @@ class RestartSupervisor:
         self._attempt_at: float | None = None
         self._failed_at: float | None = None
         self._attempt_duration = 0.0
+        # How long after a cycle gave up the next one began (the monitor's next pass).
+        self._pause: float | None = None
 
     @property
     def escalated(self) -> bool:
@@ -271,6 +273,9 @@ class RestartSupervisor:
         """
         if self.history is None or down_since is None:
             return None
+        if self._attempt_at is not None and self._failed_at is not None:
+            seen = max(now - self._failed_at - self._attempt_duration, 0.0)
+            self._pause = seen if self._pause is None else self._pause + (seen - self._pause) / 4
         policy = self.cycle_policy()
         configured = [policy.backoff(i) for i in range(policy.attempts)]
         cap = policy.max_backoff if math.isfinite(policy.max_backoff) else _ADAPTIVE_CAP
@@ -280,6 +285,7 @@ class RestartSupervisor:
             cap,
             min(self._attempt_duration, cap),
             new_outage=self._attempt_at is None,
+            pause=self._pause,
         )
 
 
