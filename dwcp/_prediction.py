@@ -210,6 +210,14 @@ class RecoveryHistory:
         """The outages kept, oldest first."""
         return tuple(self._outages)
 
+    def preload(self, outages: Sequence[Outage]) -> None:
+        """Put outages learned elsewhere (another process, through Redis) before the ones
+        known here, oldest first, as far as the window holds; no change of pattern is judged
+        on them."""
+        known = list(self._outages)
+        self._outages.clear()
+        self._outages.extend([*outages, *known][-WINDOW:])
+
     def record(self, outage: Outage) -> bool:
         """Add one outage; returns True when it completed a change of pattern."""
         if not isinstance(outage, Outage):

@@ -8,11 +8,14 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import tenacity
 
 from dwcp._prediction import Outage, RecoveryHistory
+
+if TYPE_CHECKING:
+    from dwcp._shared_history import SharedHistory
 
 __all__ = ["RecoveryOutcome", "RecoveryPolicy", "RestartSupervisor", "run_recovery"]
 
@@ -173,6 +176,28 @@ class RestartSupervisor:
         self._attempt_duration = 0.0
         # How long after a cycle gave up the next one began (the monitor's next pass).
         self._pause: float | None = None
+        # Where learned outages are shared with other processes (a cluster's Redis).
+        self._shared: SharedHistory | None = None
+
+    def share(self, shared: SharedHistory) -> None:
+        """Share the learned outages through ``shared``: those read from it are taken in
+        before the next schedule, and each outage learned here is pushed to it.  Only with
+        ``policy.predictive``; neither call does I/O."""
+        if self.history is not None:
+            self._shared = shared
+
+    def _learn(self, outage: Outage) -> None:
+        assert self.history is not None
+        self._absorb()
+        self.history.record(outage)
+        if self._shared is not None:
+            self._shared.push(outage)
+
+    def _absorb(self) -> None:
+        if self._shared is not None and self.history is not None:
+            taken = self._shared.take()
+            if taken:
+                self.history.preload(taken)
 
     @property
     def escalated(self) -> bool:
@@ -224,7 +249,7 @@ class RestartSupervisor:
         not_before = 0.0
         if failed_at is not None:
             not_before = min(max(failed_at - down_since, 0.0), back_by)
-        self.history.record(Outage(total, not_before, attempt, back_by))
+        self._learn(Outage(total, not_before, attempt, back_by))
 
     def healed(self, now: float, down_since: float | None) -> None:
         """Note a check that found the component healthy between cycles (after one gave up).
@@ -238,7 +263,7 @@ class RestartSupervisor:
             return
         total = max(now - down_since, 0.0)
         not_before = 0.0 if failed_at is None else min(max(failed_at - down_since, 0.0), total)
-        self.history.record(Outage(total, not_before, None, total))
+        self._learn(Outage(total, not_before, None, total))
 
     def attempt_started(self, at: float) -> None:
         """Note that an attempt of the current outage begins (acts) at ``at``."""
@@ -273,6 +298,7 @@ class RestartSupervisor:
         """
         if self.history is None or down_since is None:
             return None
+        self._absorb()
         if self._attempt_at is not None and self._failed_at is not None:
             seen = max(now - self._failed_at - self._attempt_duration, 0.0)
             self._pause = seen if self._pause is None else self._pause + (seen - self._pause) / 4
