@@ -37,13 +37,14 @@ class RecoveryPolicy:
     ``stable_period`` returns to ``initial_backoff`` and its cycle count is cleared.
 
     With ``predictive``, each outage is recorded (first unhealthy check, last failed attempt,
-    successful attempt); once at least five are known, a cycle skips the configured attempts
-    that have almost never succeeded and may wait instead for a later cycle's attempt moment
-    where past outages ended (see ``dwcp._prediction``).  It never makes more than
-    ``attempts`` attempts, never waits longer than ``max_backoff`` (60 s when unbounded)
-    before one, never gives up before the configured cycle would, and falls back to the
-    configured schedule with too little history, on every fifth outage, and after a change
-    of pattern.  ``suspicion_threshold`` is the phi at which the component is reported
+    successful attempt); once at least five are known, a cycle places its attempts where
+    past outages suggest they fail least, with an expected delay no longer and a median
+    delay no later than the configured schedule's (see ``dwcp._prediction``).  It never
+    makes more than ``attempts`` attempts, never waits longer than ``max_backoff`` (60 s
+    when unbounded) before one, never gives up before the configured cycle would, and falls
+    back to the configured schedule with too little history and after a change of pattern;
+    every fifth outage's cycle makes the configured first attempt.  With a cluster, the
+    outages are shared through its Redis (``dwcp._shared_history``).  ``suspicion_threshold`` is the phi at which the component is reported
     suspected (``ComponentSuspected``); 8 is Akka's default.
     """
 
