@@ -404,11 +404,19 @@ def plot(directory: Path, raw: Raw) -> list[Path]:
             xs = range(len(results))
             ax.plot(xs, [r.duration for r in results], "k.", markersize=3, label="peer down for")
             for i, r in enumerate(results):
-                first = r.schedules[0] if r.schedules else ()
-                ax.plot([i] * len(first), first, "_", color="tab:blue", markersize=5)
+                for cycle, moments in enumerate(r.schedules):
+                    color = "tab:blue" if cycle == 0 else "tab:orange"
+                    ax.plot([i] * len(moments), moments, "_", color=color, markersize=5)
+            ax.plot([], [], "_", color="tab:blue", markersize=8, label="attempts, first cycle")
+            ax.plot([], [], "_", color="tab:orange", markersize=8, label="attempts, later cycles")
             ax.set_ylabel(f"{label}\nseconds")
             ax.set_ylim(0, 25)
-        axes[0].set_title(f"{name}: outage length (dots) and attempt times (ticks)")
+        axes[0].set_title(
+            f"{name}: time down (dots, from the failure) and attempts (ticks, from the first "
+            "failed check)",
+            fontsize=9,
+        )
+        axes[0].legend(loc="upper right", fontsize=7, ncol=3)
         axes[-1].set_xlabel("outage")
         path = directory / f"trace-{name.split()[0]}.png"
         fig.tight_layout()

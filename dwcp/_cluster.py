@@ -16,6 +16,11 @@ Key layout under ``<namespace>:cluster:`` (``namespace`` defaults to ``dwcp``):
 
 A publish is one round trip (one Lua script: heartbeat time, lease, record, index, pruning);
 a read is two (``TIME`` with the index, then one ``MGET`` of the records).
+
+Under ``<namespace>:history:`` (see ``dwcp._shared_history``), ``<manager>:<component>`` is a
+list of the last outages a predictive component recovered from, capped at ``WINDOW``: read
+once when the member starts (one round trip for all components), appended to by the pass
+that follows an outage (one round trip).
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from loguru import logger
 from dwcp._errors import DWCPError
 from dwcp._events import NodeBack, NodeLost
 from dwcp._health import HealthSnapshot
+from dwcp._prediction import WINDOW
+from dwcp._shared_history import SharedHistory, encode_outage, history_key
 
 __all__ = [
     "ClusterError",
@@ -415,6 +422,8 @@ class ClusterMember:
         self._states: dict[str, NodeState] = {}
         self._lost_since: dict[str, float] = {}  # monotonic time each was declared lost
         self._clash: str | None = None
+        # Learned outage timing shared per component (see dwcp._shared_history).
+        self._histories: dict[str, SharedHistory] = {}
         #: Redis round trips made, records published (and their bytes), failed operations.
         self.round_trips = 0
         self.published = 0
@@ -439,6 +448,22 @@ class ClusterMember:
         """The other process publishing under this node id (its owner token), if any."""
         return self._clash
 
+    def outage_history(self, manager: str, component: str) -> SharedHistory:
+        """The shared outage history of ``component`` under managers named ``manager``.
+
+        Read from Redis when the member starts (or at the thread's next pass, if it runs
+        already); the outages pushed to it are written by the thread.  No I/O here.
+        """
+        key = history_key(self._namespace, manager, component)
+        with self._lock:
+            history = self._histories.get(key)
+            if history is None:
+                history = self._histories[key] = SharedHistory(key)
+            running = self._thread is not None
+        if running:
+            self._wake.set()
+        return history
+
     def add_listener(self, callback: ClusterListener) -> None:
         """Also call ``callback(event)`` for each ``NodeLost``/``NodeBack``, from the thread."""
         if not callable(callback):
@@ -458,6 +483,10 @@ class ClusterMember:
             self._client.ping()
         except self._errors as exc:
             self._failed(exc)
+        else:
+            self._load_histories()
+        if self._failing:
+            self._load_histories(failed=True)
         thread.start()
 
     def publish(self, snapshot: HealthSnapshot | Mapping[str, Any]) -> None:
@@ -512,6 +541,8 @@ class ClusterMember:
         self._goodbye()
 
     def _pass(self) -> None:
+        self._load_histories()
+        self._write_histories()
         with self._lock:
             document, self._pending = self._pending, None
         if document is not None:
@@ -571,11 +602,65 @@ class ClusterMember:
             document = last[1].get("health")
         if self._clash is not None or self._failing:
             return
+        self._write_histories()
         if self._publish(document or {}, left=True):
             try:
                 self._client.eval(_RELEASE, 1, self._keys.owner(self._node_id), self._token)
             except self._errors as exc:
                 self._failed(exc)
+
+    # -- shared outage history -----------------------------------------------------------------
+
+    def _load_histories(self, *, failed: bool = False) -> None:
+        """Read every history not read yet, in one round trip; on failure they go on with
+        their local history (logged once)."""
+        with self._lock:
+            waiting = [h for h in self._histories.values() if h.needs_load]
+        if not waiting:
+            return
+        if not failed:
+            try:
+                self.round_trips += 1
+                pipe = self._client.pipeline(transaction=False)
+                for history in waiting:
+                    pipe.lrange(history.key, 0, -1)
+                lists = pipe.execute()
+            except self._errors as exc:
+                self._failed(exc)
+            else:
+                for history, raw in zip(waiting, lists):
+                    history.loaded(list(raw) if isinstance(raw, list) else None)
+                logger.bind(node=self._node_id, outages=sum(h.read for h in waiting)).debug(
+                    "Shared outage history read"
+                )
+                return
+        logger.bind(node=self._node_id, error=self.last_error).warning(
+            "Shared outage history not read; recovery learns from local outages only"
+        )
+        for history in waiting:
+            history.loaded(None)
+
+    def _write_histories(self) -> None:
+        """Append the outages recovered from since the last pass (one round trip)."""
+        with self._lock:
+            histories = list(self._histories.values())
+        batches = [(h, h.pending()) for h in histories]
+        batches = [(h, outages) for h, outages in batches if outages]
+        if not batches:
+            return
+        try:
+            self.round_trips += 1
+            pipe = self._client.pipeline(transaction=True)
+            for history, outages in batches:
+                pipe.rpush(history.key, *(encode_outage(o) for o in outages))
+                pipe.ltrim(history.key, -WINDOW, -1)
+            pipe.execute()
+        except self._errors as exc:
+            self._failed(exc)  # kept queued (at most WINDOW each) for the next pass
+            return
+        self._answered()
+        for history, outages in batches:
+            history.written(len(outages))
 
     # -- reading --------------------------------------------------------------------------------
 

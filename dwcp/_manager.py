@@ -161,6 +161,9 @@ class Manager:
             interval=self._monitor.interval + self._monitor.timeout,
             on_event=self._events.publish,
         )
+        if self._cluster is not None:  # learned outage timing shared through its Redis
+            for state in self._states.values():
+                state.supervisor.share(self._cluster.outage_history(self._name, state.name))
         self._health_server = None
         if health_port is not None:  # validated now, bound in start()
             port = check.port("health_port", health_port)

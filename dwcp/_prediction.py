@@ -3,36 +3,42 @@
 An outage is only known as an interval: the component came back after its last failed
 attempt (``not_before``) and by the attempt or check that found it healthy (``back_by``),
 both counted from its first unhealthy check.  ``RecoveryHistory`` keeps the recent outages
-and estimates how their return times fall between the moments that matter: the configured
-cycle's attempts, then the attempts of later cycles seen in past outages (a cycle that
-gives up is followed by another).  The estimate is Turnbull's self-consistency algorithm,
-the nonparametric maximum-likelihood estimate for interval-censored data, so a quick
-success, which says only "back by then", is neither taken as the return time nor ignored.
+and estimates how their return times spread, with Turnbull's self-consistency algorithm for
+interval-censored data (so a quick success, which says only "back by then", is neither taken
+as the return time nor ignored) stopped after ``SMOOTHING_STEPS`` steps from an even start:
+the full NPMLE piles the mass of overlapping intervals into their intersections, and the
+learned schedule's own attempts make such overlaps.  A rule-of-three share (1/n with n
+outages) is added to every stretch between configured attempts, so a stretch no outage has
+ended in yet is not taken as certain to stay empty.
 
-A learned cycle keeps the moments by which at least ``ATTEMPT_MASS`` of the outages have
-come back since the previous kept one, allowing a rule-of-three margin for how few outages
-can tell, and skips the rest, up to the policy's number of attempts.  It never ends before
-the configured cycle would, and it is used only when it saves at least ``MIN_SAVING`` of the
-expected failed attempts.  An outage is then found back at the same moment as with the
-configured schedule or at the next kept one.  A run of outages beyond the learned range on
-one side is taken as a change of pattern: the older history is dropped and the configured
-schedule is used until enough new outages are known.  Every ``EXPLORE_EVERY``-th outage runs
-the configured schedule, since only an earlier attempt can show that the component now comes
-back sooner.  Not thread-safe: the manager calls it under its lock, when a cycle begins and
-when an outage ends; with ``WINDOW`` outages kept, each call costs
-about 10 ms of pure Python on the development machine.
+A cycle's attempts are then placed at candidate moments (the configured attempts, every
+moment past outages were probed at, and an even grid) to fail least, a second of expected
+delay weighing ``DELAY_WEIGHT`` of an attempt, under two bounds: the expected delay from the
+return to the attempt that finds it, and the share found later than the configured
+schedule's median delay, are no larger than the configured schedule's.  So on a bimodal
+history one attempt goes just after each mode.  The schedule never makes more attempts than
+configured, never waits longer than the cap before one, never ends before the configured
+cycle would (after it, the monitor's next pass and the configured cycles are what the
+estimate expects), and is used only when it is expected to save at least ``MIN_SAVING`` (and
+``MIN_SAVED``) of the failed attempts.  A run of outages beyond the learned range on one
+side is taken as a change of pattern: the older history is dropped and the configured
+schedule is used until enough new outages are known.  Every ``EXPLORE_EVERY``-th outage's
+cycle makes the configured first attempt, since only an earlier attempt can show that the
+component now comes back sooner.  Not thread-safe: the manager calls it under its lock, when
+a cycle begins and when an outage ends; with ``WINDOW`` outages kept, each call costs about
+10 ms of pure Python on the development machine.
 """
 
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = [
-    "ATTEMPT_MASS",
     "CHANGE_RUN",
     "EXPLORE_EVERY",
     "MIN_SAMPLES",
@@ -50,12 +56,25 @@ WINDOW = 100
 CHANGE_RUN = 3
 #: Every this many outages a cycle runs the configured schedule (see the module docstring).
 EXPLORE_EVERY = 5
-#: A point of the configured timeline is kept when at least this share of the outages came
-#: back since the previous kept point.
-ATTEMPT_MASS = 0.05
 #: A learned schedule is used only when it is expected to save at least this share of the
 #: failed attempts.
 MIN_SAVING = 0.3
+#: ... and at least this many failed attempts per outage.
+MIN_SAVED = 0.1
+#: Self-consistency steps of the estimate a schedule is chosen by.  The full NPMLE piles the
+#: mass of overlapping intervals into their intersections, and a learned schedule's own
+#: attempts make such overlaps, so on random outages it would find a pattern that is not
+#: there; a few steps from an even start keep it smooth.
+SMOOTHING_STEPS = 2
+#: Failed attempts per outage a learned schedule trades for one second of expected delay
+#: (within the configured schedule's delay): without it, every second of that budget would
+#: be spent to save the smallest share of an attempt.
+DELAY_WEIGHT = 0.05
+#: Steps of the even grid of candidate attempt moments over the learned range.
+GRID = 24
+#: Candidate moments closer than this share of their value are taken as one.
+MERGE = 0.04
+_MIN_STEP = 0.25
 # The rule-of-three constant: with n informative outages and none in a stretch, its share
 # may still be up to about this over n.
 _CONFIDENCE = 1.0
@@ -101,12 +120,17 @@ class Outage:
         return self.back_by
 
 
-def turnbull(outages: Sequence[Outage], edges: Sequence[float]) -> list[float]:
+def turnbull(
+    outages: Sequence[Outage], edges: Sequence[float], *, iterations: int | None = None
+) -> list[float]:
     """The NPMLE of the return-time distribution over the segments ``(edges[k], edges[k+1]]``.
 
-    ``edges`` ascend from 0; an outage's endpoints count at their nearest edge.  Each outage shares its unit of mass
-    among the segments its interval overlaps in proportion to their current probabilities,
-    until those stop changing (Turnbull's self-consistency algorithm, 1976).
+    ``edges`` ascend from 0; an outage's endpoints count at their nearest edge.  Each outage
+    shares its unit of mass among the segments its interval overlaps in proportion to their
+    current probabilities, until those stop changing (Turnbull's self-consistency algorithm,
+    1976).  The mass starts in proportion to each segment's length, so segments no outage
+    tells apart keep an even density.  ``iterations`` stops it early: a smoothed estimate
+    between each outage spread evenly over its own interval (one step) and the NPMLE.
     """
     if not outages:
         raise ValueError("no outages to estimate from")
@@ -115,17 +139,22 @@ def turnbull(outages: Sequence[Outage], edges: Sequence[float]) -> list[float]:
         raise ValueError("edges must hold at least two values")
     # Each endpoint snaps to its nearest edge: attempts start a little after the schedule's
     # nominal times (the previous attempt's own duration), and that drift must not count
-    # as evidence for the next segment.
-    spans: list[range] = []
+    # as evidence for the next segment.  Outages with the same span are counted once.
+    counts: dict[tuple[int, int], int] = {}
     for o in outages:
         low = _nearest(edges, o.not_before)
-        high = max(_nearest(edges, o.until), low + 1)
-        spans.append(range(low, min(high, segments)))
-    mass = [1.0 / segments] * segments
-    share = 1.0 / len(outages)
-    for _ in range(_EM_ITERATIONS):
+        high = min(max(_nearest(edges, o.until), low + 1), segments)
+        low = min(low, high - 1)
+        counts[(low, high)] = counts.get((low, high), 0) + 1
+    spans = [(range(low, high), n / len(outages)) for (low, high), n in counts.items()]
+    length = edges[-1] - edges[0]
+    if length > 0:
+        mass = [(edges[k + 1] - edges[k]) / length for k in range(segments)]
+    else:
+        mass = [1.0 / segments] * segments
+    for _ in range(_EM_ITERATIONS if iterations is None else iterations):
         updated = [0.0] * segments
-        for span in spans:
+        for span, share in spans:
             covered = sum(mass[k] for k in span)
             for k in span:
                 updated[k] += share * (mass[k] / covered if covered > 0 else 1.0 / len(span))
@@ -180,6 +209,14 @@ class RecoveryHistory:
     def outages(self) -> tuple[Outage, ...]:
         """The outages kept, oldest first."""
         return tuple(self._outages)
+
+    def preload(self, outages: Sequence[Outage]) -> None:
+        """Put outages learned elsewhere (another process, through Redis) before the ones
+        known here, oldest first, as far as the window holds; no change of pattern is judged
+        on them."""
+        known = list(self._outages)
+        self._outages.clear()
+        self._outages.extend([*outages, *known][-WINDOW:])
 
     def record(self, outage: Outage) -> bool:
         """Add one outage; returns True when it completed a change of pattern."""
@@ -244,25 +281,29 @@ class RecoveryHistory:
         attempt_duration: float = 0.0,
         *,
         new_outage: bool = True,
+        pause: float | None = None,
     ) -> tuple[float, ...] | None:
         """Waits for a cycle starting ``elapsed`` seconds into an outage, or None.
 
         ``configured`` are the policy's waits, ``cap`` bounds every wait, and
         ``attempt_duration`` (how long a failed attempt takes) places the configured
-        attempts where they would really begin.  The learned cycle keeps the configured
-        attempts by which at least ``ATTEMPT_MASS`` of the outages came back since the
-        previous kept one, and always the last, so it ends when the configured cycle would.
-        None means: run the configured schedule (too little history, an exploring cycle,
-        nothing worth skipping).  ``new_outage`` says this is an outage's first cycle.
+        attempts where they would really begin.  Of the schedules of at most
+        ``len(configured)`` attempts over the candidate moments (see ``_candidates``) that
+        end no sooner than the configured cycle and wait at most ``cap`` before each attempt,
+        the one expected to fail least without a longer expected delay than the configured
+        schedule's is chosen.  None means: run the configured schedule (too little history,
+        an exploring cycle, nothing worth at least ``MIN_SAVING`` of the failed attempts).
+        ``new_outage`` says this is an outage's first cycle.
         """
         if not configured:
             raise ValueError("configured schedule is empty")
+        exploring = False
         if new_outage:
             self._since_explore += 1
             if self._explore_next or self._since_explore >= EXPLORE_EVERY:
                 self._since_explore = 0
                 self._explore_next = False
-                return None
+                exploring = True
         if len(self._outages) < MIN_SAMPLES:
             return None
         starts: list[float] = []
@@ -270,130 +311,324 @@ class RecoveryHistory:
         for index, wait in enumerate(configured):
             at += min(wait, cap) + (attempt_duration if index else 0.0)
             starts.append(at)
-        # Later moments at which attempts or checks were made: the cycles that followed a
-        # give-up.  A learned cycle may reach one of them instead of trying at the end of its
-        # own cycle, where those outages never ended.
-        later = _moments(
-            v for o in self._outages for v in (o.not_before, o.until) if v > starts[-1] + 0.05
+        model = _Model.build(
+            self._outages,
+            [min(w, cap) for w in configured],
+            starts,
+            elapsed,
+            pause=configured[0] if pause is None else pause,
+            duration=attempt_duration,
         )
-        points = [*starts, *later]
-        horizon = max(max(o.until for o in self._outages), points[-1]) + 1.0
-        edges = [0.0, *points, horizon] if elapsed <= 0 else [0.0, elapsed, *points, horizon]
-        mass = turnbull(self._outages, edges)
-        first = len(edges) - len(points) - 2  # the segment ending at points[0]
-        before = sum(mass[:first])
-        if before >= 1 - 1e-9:
+        if model is None:
             return None  # every known outage had ended by now: nothing to go on
-        informed = _informed(self._outages, edges)
-        kept: list[int] = []
-        gathered = 0.0
-        evidence = len(self._outages)
-        for index in range(len(points)):
-            gathered += mass[first + index]
-            evidence = min(evidence, informed[first + index])
-            # Skip an attempt only when even the upper end of what the outages allow (a
-            # rule-of-three bound on few informative ones) stays under the threshold.
-            bound = gathered / (1 - before) + _CONFIDENCE / max(evidence, 1)
-            if bound >= ATTEMPT_MASS:
-                kept.append(index)
-                gathered = 0.0
-                evidence = len(self._outages)
-                if len(kept) == len(configured) or index == len(starts) - 1:
-                    # The configured cycle's last attempt is worth making: end there, as
-                    # the configured cycle does, and let the monitor's next pass follow.
-                    break
-        last = len(starts) - 1
-        if not kept or kept[-1] < last:
-            # Never give up before the configured cycle would.
-            if len(kept) == len(configured):
-                kept[-1] = last
-            else:
-                kept.append(last)
-        if kept == list(range(len(starts))):
-            return None
-
-        def failures(attempts: list[int]) -> float:
-            # Expected failed attempts: before each segment's outages are found, every
-            # attempt made; once this cycle's are spent, the later points (cycles) follow.
-            total = 0.0
-            for index in range(len(points)):
-                made = sum(1 for k in attempts if k < index)
-                if index > attempts[-1]:
-                    made = len(attempts) + sum(
-                        1 for j in range(attempts[-1] + 1, index) if j > last
-                    )
-                total += mass[first + index] * made
-            return total + mass[-1] * (len(attempts) + len(later))
-
-        configured_failures = failures(list(range(len(starts))))
-        if failures(kept) > (1 - MIN_SAVING) * configured_failures:
-            return None  # too little to gain for the delay a skipped attempt may cost
-        waits = _waits(
-            [points[i] for i in kept], points, elapsed, cap, attempt_duration, len(configured)
+        configured_points = [model.index(t) for t in starts]
+        # The configured schedule's median delay, and what it costs with that median.
+        model.median_delay(configured_points)
+        failed, delay, late = model.cost(configured_points)
+        if failed <= 1e-9:
+            return None  # the configured schedule is not expected to fail: nothing to save
+        # The tolerances absorb the estimate's own convergence error (about 1e-5 of mass).
+        best = model.best(
+            len(configured),
+            starts[-1],
+            cap,
+            attempt_duration,
+            max_delay=delay * 1.001 + 1e-3,
+            max_late=late + 1e-3,
+            first=configured_points[0] if exploring else None,
         )
-        if (
-            waits is not None
-            and len(waits) == len(configured)
-            and all(abs(a - min(b, cap)) < 1e-6 for a, b in zip(waits, configured))
-        ):
-            return None  # the cap put every skipped attempt back
-        return waits
+        # An exploring cycle keeps the configured first attempt, whatever the rest saves.
+        saving = 0.0 if exploring else MIN_SAVING
+        if best is None or best[1] > min((1 - saving) * failed, failed - MIN_SAVED):
+            return None  # too little to gain
+        chosen = [model.points[i] for i in best[0]]
+        if len(chosen) == len(starts) and all(abs(a - b) < 1e-6 for a, b in zip(chosen, starts)):
+            return None
+        waits: list[float] = []
+        at = elapsed
+        for target in chosen:
+            waits.append(max(target - at - (attempt_duration if waits else 0.0), 0.0))
+            at = target
+        return tuple(waits)
 
 
-def _waits(
-    targets: Sequence[float],
-    points: Sequence[float],
-    elapsed: float,
-    cap: float,
-    attempt_duration: float,
-    count: int,
-) -> tuple[float, ...] | None:
-    """The waits reaching ``targets`` from ``elapsed``, none over ``cap``.
+class _Model:
+    """The learned return-time distribution over candidate attempt moments, and what any
+    schedule over them is expected to cost.
 
-    Where skipped moments leave a gap longer than ``cap``, the furthest known moment within
-    reach is attempted too; None when that needs more than ``count`` attempts.
+    ``points`` are the candidate moments after ``start`` (the cycle's beginning), ascending;
+    segment ``k`` is ``(points[k-1], points[k]]`` (``start`` for ``k == 0``), within which the
+    return time is taken as evenly spread.  ``mass`` is the estimate's share of each segment
+    (given the outage lasted past ``start``); ``hedged`` adds a rule-of-three share spread
+    evenly, and prices the failed attempts, so a stretch no outage ended in is not taken as
+    certain to stay empty.  After a schedule's last attempt, the moments later cycles
+    reached in past outages (``later``) are what find an outage still down; past them all,
+    the last point does.
     """
-    chosen: list[float] = []
-    waits: list[float] = []
-    at = elapsed
 
-    def wait_for(target: float) -> float:
-        return max(target - at - (attempt_duration if waits else 0.0), 0.0)
+    def __init__(
+        self,
+        points: list[float],
+        mass: list[float],
+        hedged: list[float],
+        start: float,
+        *,
+        cycle: Sequence[float],
+        pause: float,
+        duration: float,
+    ) -> None:
+        self.points = points
+        self.origin = start
+        self._lows = [start, *points[:-1]]
+        n = len(points)
+        #: survival[k]: the hedged chance of being still down at points[k] (a failed attempt).
+        self.survival = [0.0] * n
+        remaining = 1.0
+        for k in range(n):
+            remaining -= hedged[k]
+            self.survival[k] = max(remaining, 0.0)
+        # Prefix sums of the hedged mass and of it times each segment's midpoint: the delay
+        # is priced with the hedge too, so skipping a stretch no outage ended in costs.
+        mass = hedged
+        self._mass = mass
+        self._m = [0.0]
+        self._w = [0.0]
+        for k in range(n):
+            self._m.append(self._m[-1] + mass[k])
+            self._w.append(self._w[-1] + mass[k] * (self._lows[k] + points[k]) / 2)
+        self._hedged_m = [0.0]
+        for k in range(n):
+            self._hedged_m.append(self._hedged_m[-1] + hedged[k])
+        self._cycle = cycle
+        self._pause = pause
+        self._duration = duration
+        self._tails: dict[int, tuple[float, float, float]] = {}
+        #: The delay a schedule's median is held to (see ``late``); set before ``best``.
+        self.median = 0.0
 
-    for target in targets:
-        while wait_for(target) > cap + 1e-9:
-            reach = [p for p in points if at < p and wait_for(p) <= cap + 1e-9]
-            if not reach:
-                return None
-            waits.append(wait_for(reach[-1]))
-            at = reach[-1]
-            chosen.append(at)
-        waits.append(wait_for(target))
-        at = target
-        chosen.append(at)
-    if len(waits) > count:
-        return None
-    return tuple(waits)
+    @classmethod
+    def build(
+        cls,
+        outages: Sequence[Outage],
+        configured: Sequence[float],
+        starts: Sequence[float],
+        elapsed: float,
+        *,
+        pause: float,
+        duration: float,
+    ) -> _Model | None:
+        longest = max(o.until for o in outages)
+        horizon = max(longest, starts[-1]) + 1.0
+        points = _candidates(outages, starts, elapsed, horizon)
+        edges = [0.0, elapsed, *points] if elapsed > 0 else [0.0, *points]
+        mass = turnbull(outages, edges, iterations=SMOOTHING_STEPS)
+        if elapsed > 0:
+            mass = mass[1:]
+        total = sum(mass)
+        if total <= 1e-9:
+            return None
+        # A rule-of-three share per stretch between configured attempts (and past the
+        # last): with n outages and none ending in a stretch, the next ones may still end
+        # there about 1/n of the time.  Spread evenly within each stretch.
+        bounds = [elapsed, *(t for t in starts if t > elapsed), points[-1]]
+        regions = [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
+        share = min(_CONFIDENCE / len(outages), 0.5 / len(regions))
+        lows = [elapsed, *points[:-1]]
+        mass = [m / total for m in mass]
+        hedged = []
+        for m, lo, hi in zip(mass, lows, points):
+            spread = sum(share * max(min(hi, b) - max(lo, a), 0.0) / (b - a) for a, b in regions)
+            hedged.append((1 - share * len(regions)) * m + spread)
+        return cls(points, mass, hedged, elapsed, cycle=configured, pause=pause, duration=duration)
+
+    def _at(self, prefix: Sequence[float], moment: float) -> float:
+        """``prefix`` (cumulative per point) read at any ``moment``, evenly within segments."""
+        points = self.points
+        if moment >= points[-1]:
+            return prefix[-1]
+        if moment <= self.origin:
+            return 0.0
+        k = bisect.bisect_left(points, moment)
+        lo, hi = self._lows[k], points[k]
+        part = (moment - lo) / (hi - lo) if hi > lo else 1.0
+        return prefix[k] + part * (prefix[k + 1] - prefix[k])
+
+    def _between(self, low: float, high: float) -> tuple[float, float, float]:
+        """Failed-attempt chance at ``high``, expected delay and late share of the outages
+        ending in ``(low, high]`` found at ``high``, for moments off the points."""
+        survival = 1.0 - self._at(self._hedged_m, high)
+        m = self._at(self._m, high) - self._at(self._m, low)
+        # The mean of a segment's part is its midpoint, the mass being even within it.
+        mean = (low + high) / 2 if m <= 0 else self._mean(low, high, m)
+        cut = min(max(high - self.median, low), high)
+        late = self._at(self._m, cut) - self._at(self._m, low)
+        return max(survival, 0.0), m * (high - mean), late
+
+    def _mean(self, low: float, high: float, m: float) -> float:
+        # Sum over the segments overlapping (low, high] of their part's mass and midpoint.
+        total = 0.0
+        cuts = [low, *(p for p in self.points if low < p < high), high]
+        for a, b in itertools.pairwise(cuts):
+            total += (self._at(self._m, b) - self._at(self._m, a)) * (a + b) / 2
+        return total / m
+
+    def index(self, moment: float) -> int:
+        """The point nearest ``moment``."""
+        return min(_nearest(self.points, moment), len(self.points) - 1)
+
+    def delay(self, low: int, high: int) -> float:
+        """Expected delay of the outages ending after point ``low`` (-1: the start) and by
+        point ``high``, found at ``high``, weighted by their share."""
+        m = self._m[high + 1] - self._m[low + 1]
+        w = self._w[high + 1] - self._w[low + 1]
+        return self.points[high] * m - w
+
+    def late(self, low: int, high: int) -> float:
+        """The share of the outages ending after point ``low`` and by point ``high`` that
+        are found at ``high`` more than ``median`` seconds after they ended."""
+        cut = self.points[high] - self.median  # those ending before this are found late
+        first = low + 1
+        if cut <= self._lows[first]:
+            return 0.0
+        # Whole segments before the cut, and the part of the one it falls in.
+        k = min(max(bisect.bisect_left(self.points, cut, first, high + 1), first), high)
+        share = self._m[k] - self._m[first]
+        lo, hi = self._lows[k], self.points[k]
+        if hi > lo:
+            share += self._mass[k] * min(max((cut - lo) / (hi - lo), 0.0), 1.0)
+        return share
+
+    def tail(self, last: int) -> tuple[float, float, float]:
+        """Failed attempts, delay and late share after a schedule's last attempt at ``last``:
+        the monitor's next check ``pause`` after it, then configured cycles, each followed
+        by such a check, until the estimate's range is passed."""
+        cached = self._tails.get(last)
+        if cached is not None:
+            return cached
+        failed = delay = late = 0.0
+        at = self.points[last]
+        end = self.points[-1]
+        while at < end:
+            check = at + self._duration + self._pause
+            _, d, lt = self._between(at, check)
+            delay, late, at = delay + d, late + lt, check
+            for index, wait in enumerate(self._cycle):
+                if at >= end:
+                    break
+                moment = at + wait + (self._duration if index else 0.0)
+                f, d, lt = self._between(at, moment)
+                failed, delay, late, at = failed + f, delay + d, late + lt, moment
+        self._tails[last] = (failed, delay, late)
+        return failed, delay, late
+
+    def cost(self, attempts: Sequence[int]) -> tuple[float, float, float]:
+        """Expected failed attempts, delay and late share of attempts at these points."""
+        failed, delay, late = self.tail(attempts[-1])
+        previous = -1
+        for k in attempts:
+            failed += self.survival[k]
+            delay += self.delay(previous, k)
+            late += self.late(previous, k)
+            previous = k
+        return failed, delay, late
+
+    def median_delay(self, attempts: Sequence[int]) -> float:
+        """The median delay of attempts at these points, by bisection on ``late``."""
+        low, high = 0.0, self.points[-1] - self.origin
+        for _ in range(40):
+            self.median = (low + high) / 2
+            self._tails.clear()
+            if self.cost(attempts)[2] > 0.5:
+                low = self.median
+            else:
+                high = self.median
+        self.median = high
+        self._tails.clear()
+        return high
+
+    def best(
+        self,
+        count: int,
+        end: float,
+        cap: float,
+        duration: float,
+        *,
+        max_delay: float,
+        max_late: float,
+        first: int | None = None,
+    ) -> tuple[tuple[int, ...], float] | None:
+        """The schedule of at most ``count`` attempts scoring least (expected failures plus
+        ``DELAY_WEIGHT`` per second of expected delay) that ends at or after
+        ``end``, waits at most ``cap`` before each attempt, is expected to delay no more
+        than ``max_delay`` and to find at most ``max_late`` of the outages later than
+        ``median``: its points and expected failures, or None.  With ``first``, the first
+        attempt is at that point.
+
+        A depth-first search over the points; a prefix is dropped once its delay or late
+        share alone is over the bound or its failures reach the best found.
+        """
+        points = self.points
+        n = len(points)
+        best: tuple[tuple[int, ...], float, float] | None = None
+        chosen: list[int] = []
+        pairs: dict[tuple[int, int], tuple[float, float]] = {}
+
+        def extend(last: int, failed: float, delay: float, late: float) -> None:
+            nonlocal best
+            if last >= 0 and points[last] >= end - 1e-6:
+                more = self.tail(last)
+                total = (failed + more[0], delay + more[1])
+                if total[1] <= max_delay and late + more[2] <= max_late:
+                    score = total[0] + DELAY_WEIGHT * total[1]
+                    if best is None or score < best[2] - 1e-12:
+                        best = (tuple(chosen), total[0], score)
+            if len(chosen) >= count:
+                return
+            low = self.origin if last < 0 else points[last] + duration
+            for k in range(last + 1, n):
+                if points[k] - low > cap + 1e-9:
+                    break
+                pair = pairs.get((last, k))
+                if pair is None:
+                    pair = pairs[(last, k)] = (self.delay(last, k), self.late(last, k))
+                step, more_late = pair
+                if delay + step > max_delay or late + more_late > max_late:
+                    break  # both only grow with a later attempt
+                more_failed = failed + self.survival[k]
+                if best is not None and more_failed + DELAY_WEIGHT * (delay + step) >= best[2]:
+                    continue  # the score only grows as attempts are added
+                chosen.append(k)
+                extend(k, more_failed, delay + step, late + more_late)
+                chosen.pop()
+
+        if first is None:
+            extend(-1, 0.0, 0.0, 0.0)
+        elif points[first] - self.origin <= cap + 1e-9:
+            chosen.append(first)
+            extend(first, self.survival[first], self.delay(-1, first), self.late(-1, first))
+        return None if best is None else best[:2]
 
 
-def _moments(values: Iterable[float]) -> list[float]:
-    """Distinct moments, ascending; ones within 3 % (at least 50 ms) of the last are one."""
-    moments: list[float] = []
-    for value in sorted(values):
-        if moments and value - moments[-1] <= max(0.03 * moments[-1], 0.05):
+def _candidates(
+    outages: Sequence[Outage], starts: Sequence[float], elapsed: float, horizon: float
+) -> list[float]:
+    """Moments after ``elapsed`` an attempt may be placed at, ascending, ending at ``horizon``.
+
+    The configured attempts, every moment past outages were known to be down or back at
+    (so the estimate's segments follow the evidence), and an even grid of ``GRID`` steps
+    (at least ``_MIN_STEP`` apart) for the stretches no attempt has probed yet.  Moments
+    within ``MERGE`` (at least 0.1 s) of one already kept are dropped; the configured ones stay.
+    """
+    step = max((horizon - elapsed) / GRID, _MIN_STEP)
+    grid = [elapsed + step * k for k in range(1, int((horizon - elapsed) / step) + 1)]
+    observed = [v for o in outages for v in (o.not_before, o.until)]
+    kept = sorted(t for t in starts if t > elapsed)
+    for value in sorted(v for v in (*observed, *grid, horizon) if v > elapsed + 1e-9):
+        at = bisect.bisect_left(kept, value)
+        near = [kept[i] for i in (at - 1, at) if 0 <= i < len(kept)]
+        if any(abs(value - k) <= max(MERGE * k, 0.1) for k in near):
             continue
-        moments.append(value)
-    return moments
-
-
-def _informed(outages: Sequence[Outage], edges: Sequence[float]) -> list[int]:
-    """Per segment, how many outages say whether they ended in it: those whose interval
-    lies inside it or misses it, not those spanning it and others."""
-    counts = [0] * (len(edges) - 1)
-    for o in outages:
-        low = _nearest(edges, o.not_before)
-        high = max(_nearest(edges, o.until), low + 1)
-        for k in range(len(counts)):
-            if not low <= k < high or high - low == 1:
-                counts[k] += 1
-    return counts
+        kept.insert(at, value)
+    if kept[-1] < horizon - 1e-9:
+        kept.append(horizon)
+    return kept

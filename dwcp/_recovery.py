@@ -8,11 +8,14 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import tenacity
 
 from dwcp._prediction import Outage, RecoveryHistory
+
+if TYPE_CHECKING:
+    from dwcp._shared_history import SharedHistory
 
 __all__ = ["RecoveryOutcome", "RecoveryPolicy", "RestartSupervisor", "run_recovery"]
 
@@ -34,13 +37,14 @@ class RecoveryPolicy:
     ``stable_period`` returns to ``initial_backoff`` and its cycle count is cleared.
 
     With ``predictive``, each outage is recorded (first unhealthy check, last failed attempt,
-    successful attempt); once at least five are known, a cycle skips the configured attempts
-    that have almost never succeeded and may wait instead for a later cycle's attempt moment
-    where past outages ended (see ``dwcp._prediction``).  It never makes more than
-    ``attempts`` attempts, never waits longer than ``max_backoff`` (60 s when unbounded)
-    before one, never gives up before the configured cycle would, and falls back to the
-    configured schedule with too little history, on every fifth outage, and after a change
-    of pattern.  ``suspicion_threshold`` is the phi at which the component is reported
+    successful attempt); once at least five are known, a cycle places its attempts where
+    past outages suggest they fail least, with an expected delay no longer and a median
+    delay no later than the configured schedule's (see ``dwcp._prediction``).  It never
+    makes more than ``attempts`` attempts, never waits longer than ``max_backoff`` (60 s
+    when unbounded) before one, never gives up before the configured cycle would, and falls
+    back to the configured schedule with too little history and after a change of pattern;
+    every fifth outage's cycle makes the configured first attempt.  With a cluster, the
+    outages are shared through its Redis (``dwcp._shared_history``).  ``suspicion_threshold`` is the phi at which the component is reported
     suspected (``ComponentSuspected``); 8 is Akka's default.
     """
 
@@ -171,6 +175,30 @@ class RestartSupervisor:
         self._attempt_at: float | None = None
         self._failed_at: float | None = None
         self._attempt_duration = 0.0
+        # How long after a cycle gave up the next one began (the monitor's next pass).
+        self._pause: float | None = None
+        # Where learned outages are shared with other processes (a cluster's Redis).
+        self._shared: SharedHistory | None = None
+
+    def share(self, shared: SharedHistory) -> None:
+        """Share the learned outages through ``shared``: those read from it are taken in
+        before the next schedule, and each outage learned here is pushed to it.  Only with
+        ``policy.predictive``; neither call does I/O."""
+        if self.history is not None:
+            self._shared = shared
+
+    def _learn(self, outage: Outage) -> None:
+        assert self.history is not None
+        self._absorb()
+        self.history.record(outage)
+        if self._shared is not None:
+            self._shared.push(outage)
+
+    def _absorb(self) -> None:
+        if self._shared is not None and self.history is not None:
+            taken = self._shared.take()
+            if taken:
+                self.history.preload(taken)
 
     @property
     def escalated(self) -> bool:
@@ -222,7 +250,7 @@ class RestartSupervisor:
         not_before = 0.0
         if failed_at is not None:
             not_before = min(max(failed_at - down_since, 0.0), back_by)
-        self.history.record(Outage(total, not_before, attempt, back_by))
+        self._learn(Outage(total, not_before, attempt, back_by))
 
     def healed(self, now: float, down_since: float | None) -> None:
         """Note a check that found the component healthy between cycles (after one gave up).
@@ -236,7 +264,7 @@ class RestartSupervisor:
             return
         total = max(now - down_since, 0.0)
         not_before = 0.0 if failed_at is None else min(max(failed_at - down_since, 0.0), total)
-        self.history.record(Outage(total, not_before, None, total))
+        self._learn(Outage(total, not_before, None, total))
 
     def attempt_started(self, at: float) -> None:
         """Note that an attempt of the current outage begins (acts) at ``at``."""
@@ -271,6 +299,10 @@ class RestartSupervisor:
         """
         if self.history is None or down_since is None:
             return None
+        self._absorb()
+        if self._attempt_at is not None and self._failed_at is not None:
+            seen = max(now - self._failed_at - self._attempt_duration, 0.0)
+            self._pause = seen if self._pause is None else self._pause + (seen - self._pause) / 4
         policy = self.cycle_policy()
         configured = [policy.backoff(i) for i in range(policy.attempts)]
         cap = policy.max_backoff if math.isfinite(policy.max_backoff) else _ADAPTIVE_CAP
@@ -280,6 +312,7 @@ class RestartSupervisor:
             cap,
             min(self._attempt_duration, cap),
             new_outage=self._attempt_at is None,
+            pause=self._pause,
         )
 
 

@@ -202,6 +202,15 @@ def learn(supervisor: RestartSupervisor, start: float, failed: list[float], back
     supervisor.recovered(start + back, down_since=start, attempt=len(failed) + 1)
 
 
+def cumulative(waits: tuple[float, ...] | list[float]) -> list[float]:
+    """The moments attempts begin at, with attempts taking no time."""
+    moments, at = [], 0.0
+    for wait in waits:
+        at += wait
+        moments.append(at)
+    return moments
+
+
 def test_too_little_history_keeps_the_configured_schedule() -> None:
     supervisor = RestartSupervisor(RecoveryPolicy(predictive=True))
     for n in range(MIN_SAMPLES - 1):
@@ -222,9 +231,14 @@ def test_attempts_that_never_succeed_are_skipped() -> None:
         schedules.append(supervisor.cycle_schedule(start, start))
         supervisor.attempt_started(start + 7.0)
         supervisor.recovered(start + 7.0, down_since=start, attempt=1)
-    # One cycle in EXPLORE_EVERY runs the configured schedule, to see earlier returns.
-    assert schedules[: EXPLORE_EVERY - 1] == [(7.0,)] * (EXPLORE_EVERY - 1)
-    assert schedules[-1] is None
+    for waits in schedules[: EXPLORE_EVERY - 1]:
+        assert waits is not None and len(waits) < 3
+        moments = cumulative(waits)
+        # Neither attempt that always failed is made, and the cycle ends no sooner than 7 s.
+        assert moments[0] > 3.0 and moments[-1] >= 7.0
+    # One cycle in EXPLORE_EVERY makes the configured first attempt, to see earlier returns.
+    explored = schedules[-1]
+    assert explored is not None and explored[0] == 1.0 and cumulative(explored)[-1] >= 7.0
 
 
 def test_a_component_back_at_the_first_attempt_keeps_it() -> None:
@@ -241,10 +255,12 @@ def test_learned_waits_stay_within_max_backoff_and_attempts() -> None:
     for n in range(30):
         learn(supervisor, 1000.0 * n, [1.0], 3.0)
     waits = supervisor.cycle_schedule(90_000.0, 90_000.0)
-    # The attempt at 1 s is skipped, and the cycle still ends at 11 s: skipping 7 s as well
-    # would need an 8 s wait, so that attempt stays.
-    assert waits == (3.0, 4.0, 4.0)
+    # The attempt at 1 s is skipped (the first is made within the 1-3 s stretch), and the
+    # cycle still ends at 11 s or later, every wait within 4 s.
+    assert waits is not None
     assert len(waits) <= policy.attempts and max(waits) <= policy.max_backoff
+    moments = cumulative(waits)
+    assert 1.0 < moments[0] <= 3.0 and moments[-1] >= 11.0
 
 
 def test_a_cap_that_needs_every_attempt_keeps_the_configured_schedule() -> None:
@@ -361,8 +377,11 @@ def test_manager_learns_to_wait_for_a_slow_peer() -> None:
     learned = [s for s in schedules[MIN_SAMPLES:] if s != [1.0, 2.0, 4.0]]
     assert learned, schedules
     for waits in learned:
-        # The attempts that always failed are skipped; the one that succeeded is kept.
-        assert len(waits) < 3 and sum(waits) == pytest.approx(7.0)
+        # The attempts at 1 s and 3 s that always failed are skipped (an exploring cycle
+        # keeps the first); the peer is found at 6 s or later, by the configured 7 s.
+        moments = cumulative(waits)
+        assert 6.0 <= moments[-1] <= 7.0
+        assert 3.0 not in moments and (moments[0] > 3.0 or moments[0] == 1.0)
 
 
 def test_a_learned_cycle_may_reach_a_later_cycles_attempt() -> None:
@@ -375,7 +394,11 @@ def test_a_learned_cycle_may_reach_a_later_cycles_attempt() -> None:
     start = 90_000.0
     supervisor.admit(start)
     waits = supervisor.cycle_schedule(start, start)
-    assert waits == (11.0,)  # one wait, within the attempts and max_backoff (60 s)
+    assert waits is not None and len(waits) <= policy.attempts
+    moments = cumulative(waits)
+    # The attempts at 1 s and 3 s are skipped, and the cycle goes on to the 11 s moment,
+    # where the next cycle would have found the peer.
+    assert moments[0] > 3.0 and 11.0 in moments
 
 
 def test_a_check_that_finds_it_healthy_after_a_give_up_is_learned() -> None:
@@ -401,3 +424,58 @@ def test_a_healed_component_does_not_reset_adaptive_backoff() -> None:
     supervisor.healed(5.0, down_since=0.0)
     supervisor.admit(10.0)
     assert supervisor.cycle_policy() == policy
+
+
+# -- the learned schedule's choice --------------------------------------------------------------
+
+
+def test_a_bimodal_history_gets_one_attempt_just_after_each_mode() -> None:
+    # Half the outages back between 1.5 s and 2 s, half between 10 s and 11 s.
+    history = RecoveryHistory()
+    for n in range(40):
+        history.record(Outage(2.0, 1.5, 2, 2.0) if n % 2 else Outage(11.0, 10.0, 4, 11.0))
+    waits = history.schedule([1.0, 2.0, 4.0], 0.0, 60.0)
+    assert waits is not None
+    moments = cumulative(waits)
+    assert moments[0] == pytest.approx(2.0) and 11.0 in [round(m, 6) for m in moments]
+    assert len(moments) <= 3
+
+
+def test_a_learned_schedule_is_not_expected_to_delay_more_than_the_configured_one() -> None:
+    # Back between 3 s and 7 s: the configured schedule finds it at 7 s, 2 s late on average.
+    history = RecoveryHistory()
+    for _ in range(40):
+        history.record(Outage(7.0, 3.0, 3, 7.0))
+    waits = history.schedule([1.0, 2.0, 4.0], 0.0, 60.0)
+    assert waits is not None
+    moments = cumulative(waits)
+
+    # Each outage evenly within (3, 7]: the expected delay of the learned moments.
+    def delay(at: list[float]) -> float:
+        samples = [3.0 + 4.0 * (k + 0.5) / 400 for k in range(400)]
+        return sum(min(m for m in at if m >= r) - r for r in samples) / len(samples)
+
+    assert delay(moments) <= delay([1.0, 3.0, 7.0]) + 0.05
+    assert moments[0] > 3.0  # and the attempts at 1 s and 3 s are gone
+
+
+def test_a_later_cycle_is_learned_from_the_outages_that_lasted_as_long() -> None:
+    # A cycle that starts 8 s into an outage (after one gave up) only counts outages that
+    # lasted past 8 s: those were all back between 9 s and 11 s.
+    history = RecoveryHistory()
+    for n in range(40):
+        history.record(Outage(2.0, 1.0, 2, 2.0) if n % 2 else Outage(11.0, 9.0, 5, 11.0))
+    waits = history.schedule([1.0, 2.0, 4.0], 8.0, 60.0, new_outage=False)
+    assert waits is not None
+    moments = [8.0 + m for m in cumulative(waits)]
+    assert moments[0] > 9.0 and 11.0 in [round(m, 6) for m in moments]
+
+
+def test_an_exploring_cycle_makes_the_configured_first_attempt() -> None:
+    history = RecoveryHistory()
+    for _ in range(40):
+        history.record(Outage(7.0, 3.0, 3, 7.0))
+    seen = [history.schedule([1.0, 2.0, 4.0], 0.0, 60.0) for _ in range(EXPLORE_EVERY)]
+    assert all(w is not None for w in seen)
+    firsts = [w[0] for w in seen if w is not None]
+    assert firsts.count(1.0) == 1 and firsts[-1] == 1.0
