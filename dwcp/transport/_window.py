@@ -5,12 +5,6 @@ Pure state under one lock, no sockets. A send ``reserve``s room (waiting while t
 full), then ``add``s its message under the session's order lock, so entries are in message-id
 order and, as every acknowledged message is added, contiguous. The session's readers ``ack``
 cumulatively; ``wait_acked`` serves ``flush()`` and ``send(wait=True)``.
-
-Once a send finds the window full, the window stays shut (``full``) until acknowledgements
-have emptied a quarter of it, and then every waiting send is woken at once. Handing room out
-again slot by slot, as each cumulative ACK frees a few, would wake the sending threads and
-the stream writers once per ACK, for writes of a few frames each: with many sending threads,
-that cost more than the messages.
 """
 
 from __future__ import annotations
@@ -46,11 +40,6 @@ class Window:
         self.count = 0  # reserved, entries included
         self.bytes = 0
         self._room_waiting = 0  # threads in reserve(): notified only when some wait
-        #: Shut: a send found no room, and none is given until the window is down to
-        #: ``_reopen_count`` messages and ``_reopen_bytes`` (read by the sender's fast path).
-        self.full = False
-        self._reopen_count = max_messages - max(1, max_messages // 4)
-        self._reopen_bytes = max_bytes - max_bytes // 4
         self._ack_waiting = 0  # threads in wait_acked()
         #: The highest message id acknowledged (-1: none yet).
         self.acked = -1
@@ -66,54 +55,34 @@ class Window:
     def reserve(self, size: int, deadline: float, broken: Callable[[], bool]) -> bool:
         """Take room for one message of ``size`` bytes; False if ``deadline`` passed or
         ``broken()`` turned true first (the session ended: its acknowledgements will not come).
-
-        While the window is shut, room that acknowledgements freed is given only once it is
-        back down to the reopening mark; at ``deadline`` a send takes whatever room there is.
         """
         with self._lock:
-            if not self.full and self._fits(size):
+            if self._fits(size):
                 self.count += 1
                 self.bytes += size
                 return True
             self._room_waiting += 1
             try:
-                while self.full or not self._fits(size):
-                    if not self.full and self._above_reopening():
-                        self.full = True  # shut until a quarter of the window is free
-                    if broken():
-                        return False
+                while not self._fits(size):
                     left = deadline - _monotonic()
-                    if left <= 0:
-                        if not self._fits(size):
-                            return False
-                        break  # shut, but there is room for this one: take it, not fail
+                    if left <= 0 or broken():
+                        return False
                     self._room.wait(left)
             finally:
                 self._room_waiting -= 1
             self.count += 1
             self.bytes += size
+            if self._room_waiting and self._fits(0):
+                self._room.notify()  # room for more than this one: pass the wake-up on
             return True
-
-    def _above_reopening(self) -> bool:
-        return self.count > self._reopen_count or self.bytes > self._reopen_bytes
-
-    def _freed(self) -> None:
-        # Under the lock, after room came back: reopen a shut window that is down to its
-        # mark, waking every waiting send at once; an open one has waiters only for messages
-        # too large for the room there was (woken each time, as they may fit now).
-        if self.full:
-            if self._above_reopening():
-                return
-            self.full = False
-        if self._room_waiting:
-            self._room.notify_all()
 
     def cancel(self, size: int) -> None:
         """Give back room reserved for a message that was not sent after all."""
         with self._lock:
             self.count -= 1
             self.bytes -= size
-            self._freed()
+            if self._room_waiting:
+                self._room.notify()
 
     def add(self, message_id: int, data: bytes) -> None:
         """Record a sent message (room reserved); the caller holds the session's order lock."""
@@ -136,8 +105,10 @@ class Window:
                 self.bytes -= len(data)  # type: ignore[arg-type]
                 freed += 1
             self.count -= freed
-            if freed:
-                self._freed()
+            if self._room_waiting and freed:
+                # One waiter; each that gets room passes the wake-up on while room is left
+                # (see reserve), so a burst of freed slots does not wake every sender at once.
+                self._room.notify()
             if self._ack_waiting:
                 self._acked.notify_all()
         return freed

@@ -1135,8 +1135,7 @@ class MultiStreamTCPTransport:
 
         With ``acknowledged``, ``send`` returns once the message is in the window (a copy,
         unless it is ``bytes``) and queued as above; it waits, within ``send_timeout``,
-        while the window is full (once full, until a quarter of it is acknowledged, or at
-        ``send_timeout`` for whatever room there is). A send that returned is delivered exactly once while the
+        while the window is full. A send that returned is delivered exactly once while the
         receiver process lives, resent after ``close()``/``start()`` if need be; a send
         that raised left nothing behind and is never delivered. ``wait=True`` also waits
         (within ``send_timeout``) for this message's acknowledgement, raising
@@ -1177,9 +1176,8 @@ class MultiStreamTCPTransport:
         deadline = 0.0
         with window.lock:  # Window.reserve's fast case, inlined (this runs per message)
             count = window.count
-            room = not window.full and (
-                count == 0
-                or (count < window.max_messages and window.bytes + size <= window.max_bytes)
+            room = count == 0 or (
+                count < window.max_messages and window.bytes + size <= window.max_bytes
             )
             if room:
                 window.count = count + 1
