@@ -389,6 +389,39 @@ class ReceiverProcess(ChildProcess):
         self._spawn(["--port", str(self._port)])
 
 
+class SenderProcess(ChildProcess):
+    """A paced acknowledged sender in a child process (``tests.sender_child``): writer
+    ``writer``'s seqs 0, 1, ... to the receiver at ``address``, unaffected by pauses of the
+    test process."""
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        *,
+        writer: int,
+        keepalive_interval: float = 5.0,
+        send_timeout: float = 10.0,
+        log_path: Path | None = None,
+    ) -> None:
+        args = ["--host", address[0], "--port", str(address[1]), "--writer", str(writer)]
+        args += ["--keepalive-interval", repr(float(keepalive_interval))]
+        args += ["--send-timeout", repr(float(send_timeout))]
+        super().__init__("tests.sender_child", args, log_path=log_path)
+        self._spawn()
+
+    def status(self) -> dict[str, Any]:
+        """``{"sent": n, "errors": [...]}``: seqs ``0 .. n-1`` were sent (send() returned)."""
+        result: dict[str, Any] = self.request("status")
+        return result
+
+    def finish(self, timeout: float) -> dict[str, Any]:
+        """Stop sending and flush (every sent message acknowledged) within ``timeout``."""
+        result: dict[str, Any] = self.request(
+            "finish", timeout=timeout, reply_timeout=2 * timeout + REQUEST_TIMEOUT
+        )
+        return result
+
+
 @pytest.fixture(name="receiver_process")
 def receiver_process_fixture(tmp_path: Path) -> Iterator[Callable[..., ReceiverProcess]]:
     """Factory: ``receiver_process(**ReceiverProcess options) -> ReceiverProcess``.

@@ -571,7 +571,10 @@ class _Session:
                 message_id = self.next_id
                 first = message_id % self.count
                 lanes = [self.streams[(first + share) % self.count] for share in range(shares)]
-                if all(lane.queued < _OUTBOX_LIMIT for lane in lanes):
+                # One look at each lane: a lane seen full is the one waited for below, even
+                # if its writer drained it since (_wait_for_room looks again, under its lock).
+                full = next((lane for lane in lanes if lane.queued >= _OUTBOX_LIMIT), None)
+                if full is None:
                     self.next_id = message_id + 1
                     if window is not None:
                         window.add(message_id, data)  # type: ignore[arg-type]
@@ -587,7 +590,6 @@ class _Session:
                         )
                         lane.put(parts, queued, deadline, batch, lazy=True)
                     break
-            full = next(lane for lane in lanes if lane.queued >= _OUTBOX_LIMIT)
             self._wait_for_room(full, deadline)
         try:
             if not early:
