@@ -266,6 +266,7 @@ class _Session:
         self.address = address
         self.checksum = checksum
         self.flags = 0 if checksum else wire.FLAG_UNCHECKED
+        self.urgent_flags = self.flags | wire.FLAG_ACK_NOW
         self.session_id = session_id
         self.send_timeout = send_timeout
         self.acknowledged = acknowledged
@@ -458,10 +459,12 @@ class _Session:
         if self.broken is not None:
             self._raise_broken()
 
-    def send_small(self, data: Buffer, size: int, *, track: bool, urgent: bool = False) -> int:
+    def send_small(self, data: Buffer, size: int, track: bool = False, urgent: bool = False) -> int:
         """Queue a message that fits one chunk as one frame on the next stream (round robin);
         return its message id.
 
+        Positional, with defaults for the unacknowledged case: this runs per message, and a
+        keyword call costs more.
         ``track``: add it to the window (under the order lock, so the window is in id order);
         once it is there, a failure to write it is the session's, not this send's: the
         message is resent by the next session, and the send returns. ``urgent``: ask the
@@ -470,7 +473,7 @@ class _Session:
         if self.broken is not None or self.closing:
             self._raise_broken()
         window = self.window if track else None
-        flags = self.flags | wire.FLAG_ACK_NOW if urgent else self.flags
+        flags = self.urgent_flags if urgent else self.flags
         if size <= _COPY_LIMIT:
             # The common case, inlined: one frame copied into a stream's outbox with room.
             crc = _checksum(data) if self.checksum else 0
@@ -607,7 +610,7 @@ class _Session:
         for message_id, data in messages:
             size = len(data)
             if size <= chunk_size:
-                sent = self.send_small(data, size, track=False)
+                sent = self.send_small(data, size)
             else:
                 sent = self.send_large(data, size, chunk_size, track=False)
             assert sent == message_id, (sent, message_id)
@@ -1159,18 +1162,20 @@ class MultiStreamTCPTransport:
             raise ValueError(
                 f"message of {size} bytes exceeds max_message_size {self._max_message_size}"
             )
-        window = self._window
-        if wait and window is None:
-            raise ValueError("send(wait=True) needs acknowledged=True")
         session = self._session
-        if session is None:
-            raise TransportError("transport not started", code="NOT_STARTED")
+        window = self._window
         if window is None:
+            if wait:
+                raise ValueError("send(wait=True) needs acknowledged=True")
+            if session is None:
+                raise TransportError("transport not started", code="NOT_STARTED")
             if size <= self._chunk_size:
-                session.send_small(data, size, track=False)
+                session.send_small(data, size)
             else:
                 session.send_large(data, size, self._chunk_size, track=False)
             return
+        if session is None:
+            raise TransportError("transport not started", code="NOT_STARTED")
         if type(data) is not bytes:
             data = bytes(data)  # the window keeps it until the receiver confirms it
         deadline = 0.0
@@ -1205,7 +1210,7 @@ class MultiStreamTCPTransport:
             )
         try:
             if size <= self._chunk_size:
-                message_id = session.send_small(data, size, track=True, urgent=wait)
+                message_id = session.send_small(data, size, True, wait)
             else:
                 message_id = session.send_large(
                     data, size, self._chunk_size, track=True, urgent=wait
