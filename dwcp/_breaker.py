@@ -173,6 +173,7 @@ class Breaker:
     ) -> None:
         self._remote = storage
         self._mirror = _Mirror(storage) if storage is not None else None
+        self._shared = self._mirror is not None  # read per call: one attribute, no compare
         self._store: pybreaker.CircuitBreakerStorage = self._mirror or (
             pybreaker.CircuitMemoryStorage(CLOSED)
         )
@@ -218,7 +219,7 @@ class Breaker:
 
     def admit(self) -> int:
         """Return a ticket for one guarded call, or raise ``CircuitOpenError``."""
-        if self._mirror is not None:
+        if self._shared:
             self._refresh()
         # Closed needs no lock.  The listener stores the state before bumping the generation,
         # so reading the generation first can only yield an older ticket than the state seen

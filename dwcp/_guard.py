@@ -50,8 +50,6 @@ class Guard:
         self._lock = lock
         self._counters = counters
         self.tallies = SendTallies()
-        #: ``local.value`` is the calling thread's tally (see ``SendTallies``).
-        self.local = self.tallies.local
 
     def rejected(self) -> None:
         """A call the breaker refused: tell the listeners."""

@@ -153,6 +153,7 @@ class Manager:
             if transport_state is None
             else partial(self._monitor.send_finished, transport_state),
         )
+        self._tally = self._guard.tallies.local  # .value: the calling thread's send tally
         # Cluster health (dwcp.cluster): the longest gap between two passes is one interval
         # plus one check timeout, so that is the heartbeat interval announced.
         self._cluster = cluster_member(
@@ -330,23 +331,23 @@ class Manager:
                 f"data must be bytes, bytearray or memoryview, got {type(data).__name__} "
                 "(wrap other buffers in memoryview())"
             )
-        guard, breaker = self._guard, self._breaker
+        breaker = self._breaker
         try:
             ticket = breaker.admit()
         except DWCPError:
-            guard.rejected()
+            self._guard.rejected()
             raise
         try:
-            tally = guard.local.value
+            tally = self._tally.value
         except AttributeError:
-            tally = guard.tallies.new_tally()
+            tally = self._guard.tallies.new_tally()
         began = None if tally[0] % SEND_SAMPLE else perf_counter()
         try:
             transport.send(data)
         except PEER_FAILURES as exc:
             # A transport that recovery closed and could not restart fails too: while the
             # manager runs, that is the peer being down, so it counts like any other failure.
-            guard.send_failed(ticket, exc, tally, began)
+            self._guard.send_failed(ticket, exc, tally, began)
             if isinstance(exc, TransportError):
                 raise
             raise TransportError(f"send failed: {check.describe(exc)}") from exc
@@ -355,7 +356,7 @@ class Manager:
             raise
         breaker.record_success(ticket)
         if began is not None:
-            guard.send_timed(tally, perf_counter() - began)
+            self._guard.send_timed(tally, perf_counter() - began)
         tally[0] += 1
         tally[1] += data.nbytes if type(data) is memoryview else len(data)
 
