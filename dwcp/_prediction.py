@@ -75,6 +75,18 @@ GRID = 24
 #: Candidate moments closer than this share of their value are taken as one.
 MERGE = 0.04
 _MIN_STEP = 0.25
+#: Folds of the history a learned schedule is checked on (see ``_Plan.validated``).
+FOLDS = 2
+#: The share of the failed attempts the choice must save on outages it had not seen.
+HELD_OUT_SAVING = 0.1
+#: ... while delaying them at most this share more than the configured schedule.
+HELD_OUT_DELAY = 0.05
+#: ... and finding at most this share more of them later than its median delay.
+HELD_OUT_LATE = 0.02
+# Attempts begin this much after their nominal moments at most (see ``_Plan._held_out``).
+_SNAP = 0.05
+# Outages a fold's choice may be made from: the held-out check, not this, guards it.
+_FOLD_SAMPLES = 2
 # The rule-of-three constant: with n informative outages and none in a stretch, its share
 # may still be up to about this over n.
 _CONFIDENCE = 1.0
@@ -311,17 +323,72 @@ class RecoveryHistory:
         for index, wait in enumerate(configured):
             at += min(wait, cap) + (attempt_duration if index else 0.0)
             starts.append(at)
-        model = _Model.build(
-            self._outages,
+        plan = _Plan(
             [min(w, cap) for w in configured],
             starts,
             elapsed,
-            pause=configured[0] if pause is None else pause,
-            duration=attempt_duration,
+            cap,
+            attempt_duration,
+            configured[0] if pause is None else pause,
+            exploring,
+        )
+        chosen = plan.choose(self._outages)
+        if chosen is None:
+            return None
+        if len(chosen) == len(starts) and all(abs(a - b) < 1e-6 for a, b in zip(chosen, starts)):
+            return None
+        if not plan.validated(self._outages):
+            return None  # the saving did not hold on outages the choice had not seen
+        waits: list[float] = []
+        at = elapsed
+        for target in chosen:
+            waits.append(max(target - at - (attempt_duration if waits else 0.0), 0.0))
+            at = target
+        return tuple(waits)
+
+
+class _Plan:
+    """One schedule decision: the configured cycle, where it starts, its bounds; the learned
+    choice for any set of outages, and the check of that choice on outages it had not seen."""
+
+    def __init__(
+        self,
+        cycle: Sequence[float],
+        starts: Sequence[float],
+        elapsed: float,
+        cap: float,
+        duration: float,
+        pause: float,
+        exploring: bool,
+    ) -> None:
+        self.cycle = list(cycle)
+        self.starts = list(starts)
+        self.elapsed = elapsed
+        self.cap = cap
+        self.duration = duration
+        self.pause = pause
+        self.exploring = exploring
+        #: The estimate from every outage, which ``validated`` spreads each outage by.
+        self.reference: _Model | None = None
+
+    def choose(self, outages: Sequence[Outage], minimum: int = MIN_SAMPLES) -> list[float] | None:
+        """The attempt moments learned from at least ``minimum`` ``outages``, or None for the
+        configured ones."""
+        if len(outages) < minimum:
+            return None
+        model = _Model.build(
+            outages,
+            self.cycle,
+            self.starts,
+            self.elapsed,
+            pause=self.pause,
+            duration=self.duration,
         )
         if model is None:
             return None  # every known outage had ended by now: nothing to go on
-        configured_points = [model.index(t) for t in starts]
+        if self.reference is None:
+            self.reference = model
+        configured_points = [model.index(t) for t in self.starts]
         # The configured schedule's median delay, and what it costs with that median.
         model.median_delay(configured_points)
         failed, delay, late = model.cost(configured_points)
@@ -329,27 +396,138 @@ class RecoveryHistory:
             return None  # the configured schedule is not expected to fail: nothing to save
         # The tolerances absorb the estimate's own convergence error (about 1e-5 of mass).
         best = model.best(
-            len(configured),
-            starts[-1],
-            cap,
-            attempt_duration,
+            len(self.cycle),
+            self.starts[-1],
+            self.cap,
+            self.duration,
             max_delay=delay * 1.001 + 1e-3,
             max_late=late + 1e-3,
-            first=configured_points[0] if exploring else None,
+            first=configured_points[0] if self.exploring else None,
         )
         # An exploring cycle keeps the configured first attempt, whatever the rest saves.
-        saving = 0.0 if exploring else MIN_SAVING
+        saving = 0.0 if self.exploring else MIN_SAVING
         if best is None or best[1] > min((1 - saving) * failed, failed - MIN_SAVED):
             return None  # too little to gain
-        chosen = [model.points[i] for i in best[0]]
-        if len(chosen) == len(starts) and all(abs(a - b) < 1e-6 for a, b in zip(chosen, starts)):
-            return None
-        waits: list[float] = []
-        at = elapsed
-        for target in chosen:
-            waits.append(max(target - at - (attempt_duration if waits else 0.0), 0.0))
-            at = target
-        return tuple(waits)
+        return [model.points[i] for i in best[0]]
+
+    def validated(self, outages: Sequence[Outage]) -> bool:
+        """Whether choosing on part of ``outages`` beats the configured schedule on the rest.
+
+        The outages are dealt into ``FOLDS`` folds by a fixed scramble of their places
+        (not in turn, so outages that alternate do not fall into one fold each); each fold's outages are met with the
+        choice made on the others (the configured schedule when that chooses none), as far
+        as their intervals tell.  Over all folds, the choice must fail at most
+        ``1 - HELD_OUT_SAVING`` as often (an exploring cycle too) and delay at most
+        ``HELD_OUT_DELAY`` more than the configured schedule.
+        """
+        kept = list(outages)
+        folds = [_fold(i) for i in range(len(kept))]
+        learned: list[tuple[float, float, float, float, float]] = []
+        configured: list[tuple[float, float, float, float, float]] = []
+        for fold in range(FOLDS):
+            test = [o for o, f in zip(kept, folds) if f == fold]
+            train = [o for o, f in zip(kept, folds) if f != fold]
+            moments = self.choose(train, _FOLD_SAMPLES) or self.starts
+            learned += self._held_out(moments, test)
+            configured += self._held_out(self.starts, test)
+        failed = sum(p * f for p, f, _, _, _ in configured)
+        if failed <= 1e-9:
+            return False
+        if sum(p * f for p, f, _, _, _ in learned) > (1 - HELD_OUT_SAVING) * failed:
+            return False
+        delay = sum(p * d for p, _, d, _, _ in configured)
+        if sum(p * d for p, _, d, _, _ in learned) > delay * (1 + HELD_OUT_DELAY) + 1e-9:
+            return False
+        # The configured median delay, by bisection on the share found later than it.
+        total = sum(p for p, _, _, _, _ in configured)
+        low, high = 0.0, max((w for _, _, _, _, w in configured), default=0.0)
+        for _ in range(30):
+            middle = (low + high) / 2
+            if _late(configured, middle) > total / 2:
+                low = middle
+            else:
+                high = middle
+        return _late(learned, high) <= total * (0.5 + HELD_OUT_LATE) + 1e-9
+
+    def _held_out(
+        self, moments: Sequence[float], outages: Sequence[Outage]
+    ) -> list[tuple[float, float, float, float, float]]:
+        """How attempts at ``moments`` (then the monitor's check and configured cycles, as in
+        ``_Model.tail``) meet the outages that lasted past the cycle's start, each spread
+        over its interval as the estimate from every outage spreads it: pieces of outage
+        (share, failed attempts before it was found, mean, shortest and longest delay)."""
+        live = [o for o in outages if o.until > self.elapsed + 1e-9]
+        pieces: list[tuple[float, float, float, float, float]] = []
+        if not live:
+            return pieces
+        end = max(o.until for o in live) + 1.0
+        probes = [(t, True) for t in moments]
+        at = moments[-1]
+        while at < end:
+            at += self.duration + self.pause
+            probes.append((at, False))  # a check: finds it back, never a failed attempt
+            for index, wait in enumerate(self.cycle):
+                if at >= end:
+                    break
+                at += wait + (self.duration if index else 0.0)
+                probes.append((at, True))
+        model = self.reference
+        for o in live:
+            low, high = max(o.not_before, self.elapsed), o.until
+            # Where in its interval the outage ended: as the estimate from every outage
+            # spreads it (evenly, where that puts no mass).
+            weight = 0.0 if model is None else model.share(low, high)
+            even = weight <= 1e-12
+            span = (high - low) if even else weight
+            before = 0  # attempts made before the probe looked at
+            previous = low
+            for t, attempt in probes:
+                # A probe within _SNAP of an end is taken at it: attempts begin a little
+                # after their nominal moments, and that drift is no evidence either way.
+                last = t >= high - _SNAP
+                if last:
+                    t, cut = max(t, high), high
+                elif t <= low + _SNAP:
+                    before += attempt
+                    continue
+                else:
+                    cut = t
+                # Back in (previous, cut] with this share, found at t.
+                if span <= 0:
+                    part, mean = 1.0, high
+                elif even:
+                    part, mean = (cut - previous) / span, (previous + cut) / 2
+                else:
+                    assert model is not None
+                    m = model.share(previous, cut)
+                    part = m / span
+                    mean = model.mean(previous, cut, m) if m > 0 else (previous + cut) / 2
+                pieces.append((part, before, t - mean, t - cut, t - previous))
+                if last:
+                    break
+                before += attempt
+                previous = cut
+        return pieces
+
+
+def _fold(index: int) -> int:
+    """The fold of the outage at ``index``: Fibonacci hashing, even and without a short
+    period."""
+    return (((index * 0x9E3779B1) & 0xFFFFFFFF) * FOLDS) >> 32
+
+
+def _late(pieces: Sequence[tuple[float, float, float, float, float]], delay: float) -> float:
+    """The share of ``pieces`` (see ``_Plan._held_out``) found more than ``delay`` after the
+    return, each piece's delays taken as even up to its longest."""
+    late = 0.0
+    for part, _, _, shortest, longest in pieces:
+        if longest <= delay:
+            continue
+        if longest - shortest <= 1e-12:
+            late += part
+        else:
+            late += part * min((longest - delay) / (longest - shortest), 1.0)
+    return late
 
 
 class _Model:
@@ -463,6 +641,14 @@ class _Model:
         cut = min(max(high - self.median, low), high)
         late = self._at(self._m, cut) - self._at(self._m, low)
         return max(survival, 0.0), m * (high - mean), late
+
+    def share(self, low: float, high: float) -> float:
+        """The estimate's share of returns in ``(low, high]``."""
+        return self._at(self._m, high) - self._at(self._m, low)
+
+    def mean(self, low: float, high: float, m: float) -> float:
+        """The mean return time of the share ``m`` of returns in ``(low, high]``."""
+        return self._mean(low, high, m)
 
     def _mean(self, low: float, high: float, m: float) -> float:
         # Sum over the segments overlapping (low, high] of their part's mass and midpoint.
