@@ -20,13 +20,20 @@ history one attempt goes just after each mode.  The schedule never makes more at
 configured, never waits longer than the cap before one, never ends before the configured
 cycle would (after it, the monitor's next pass and the configured cycles are what the
 estimate expects), and is used only when it is expected to save at least ``MIN_SAVING`` (and
-``MIN_SAVED``) of the failed attempts.  A run of outages beyond the learned range on one
+``MIN_SAVED``) of the failed attempts and the choice holds out of sample: the outages are
+dealt into ``FOLDS`` folds, each fold's outages meet the schedule chosen from the others
+(spread over their intervals by the estimate from all of them), and together these must fail
+at least ``HELD_OUT_SAVING`` less than the configured schedule, delay at most
+``HELD_OUT_DELAY`` more and find at most ``HELD_OUT_LATE`` more of them later than its median
+delay.  On random outages a chance cluster makes one fold's choice, which the other fold's
+outages then refute.  A run of outages beyond the learned range on one
 side is taken as a change of pattern: the older history is dropped and the configured
 schedule is used until enough new outages are known.  Every ``EXPLORE_EVERY``-th outage's
 cycle makes the configured first attempt, since only an earlier attempt can show that the
 component now comes back sooner.  Not thread-safe: the manager calls it under its lock, when
 a cycle begins and when an outage ends; with ``WINDOW`` outages kept, each call costs about
-10 ms of pure Python on the development machine.
+10 ms of pure Python on the development machine (the check out of sample makes the choice
+twice more, on half the outages each, when the full history's choice is worth using).
 """
 
 from __future__ import annotations
@@ -304,7 +311,8 @@ class RecoveryHistory:
         end no sooner than the configured cycle and wait at most ``cap`` before each attempt,
         the one expected to fail least without a longer expected delay than the configured
         schedule's is chosen.  None means: run the configured schedule (too little history,
-        an exploring cycle, nothing worth at least ``MIN_SAVING`` of the failed attempts).
+        nothing worth at least ``MIN_SAVING`` of the failed attempts, or a choice that did
+        not hold on outages it had not seen, see ``_Plan.validated``).
         ``new_outage`` says this is an outage's first cycle.
         """
         if not configured:
@@ -472,11 +480,20 @@ class _Plan:
                 at += wait + (self.duration if index else 0.0)
                 probes.append((at, True))
         model = self.reference
+        known: dict[float, tuple[float, float]] = {}
+
+        def cumulative(moment: float) -> tuple[float, float]:
+            value = known.get(moment)
+            if value is None:
+                assert model is not None
+                value = known[moment] = model.cumulative(moment)
+            return value
+
         for o in live:
             low, high = max(o.not_before, self.elapsed), o.until
             # Where in its interval the outage ended: as the estimate from every outage
             # spreads it (evenly, where that puts no mass).
-            weight = 0.0 if model is None else model.share(low, high)
+            weight = 0.0 if model is None else cumulative(high)[0] - cumulative(low)[0]
             even = weight <= 1e-12
             span = (high - low) if even else weight
             before = 0  # attempts made before the probe looked at
@@ -498,10 +515,9 @@ class _Plan:
                 elif even:
                     part, mean = (cut - previous) / span, (previous + cut) / 2
                 else:
-                    assert model is not None
-                    m = model.share(previous, cut)
-                    part = m / span
-                    mean = model.mean(previous, cut, m) if m > 0 else (previous + cut) / 2
+                    (m0, w0), (m1, w1) = cumulative(previous), cumulative(cut)
+                    part = (m1 - m0) / span
+                    mean = (w1 - w0) / (m1 - m0) if m1 - m0 > 1e-12 else (previous + cut) / 2
                 pieces.append((part, before, t - mean, t - cut, t - previous))
                 if last:
                     break
@@ -642,13 +658,23 @@ class _Model:
         late = self._at(self._m, cut) - self._at(self._m, low)
         return max(survival, 0.0), m * (high - mean), late
 
-    def share(self, low: float, high: float) -> float:
-        """The estimate's share of returns in ``(low, high]``."""
-        return self._at(self._m, high) - self._at(self._m, low)
-
-    def mean(self, low: float, high: float, m: float) -> float:
-        """The mean return time of the share ``m`` of returns in ``(low, high]``."""
-        return self._mean(low, high, m)
+    def cumulative(self, moment: float) -> tuple[float, float]:
+        """The estimate's share of returns by ``moment``, and their sum of return times
+        (weighted by share), the mass taken as even within each segment."""
+        points = self.points
+        if moment <= self.origin:
+            return 0.0, 0.0
+        if moment >= points[-1]:
+            return self._m[-1], self._w[-1]
+        k = bisect.bisect_left(points, moment)
+        lo, hi = self._lows[k], points[k]
+        if hi <= lo:
+            return self._m[k + 1], self._w[k + 1]
+        density = self._mass[k] / (hi - lo)
+        return (
+            self._m[k] + density * (moment - lo),
+            self._w[k] + density * (moment * moment - lo * lo) / 2,
+        )
 
     def _mean(self, low: float, high: float, m: float) -> float:
         # Sum over the segments overlapping (low, high] of their part's mass and midpoint.
