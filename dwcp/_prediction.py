@@ -32,8 +32,9 @@ schedule is used until enough new outages are known.  Every ``EXPLORE_EVERY``-th
 cycle makes the configured first attempt, since only an earlier attempt can show that the
 component now comes back sooner.  Not thread-safe: the manager calls it under its lock, when
 a cycle begins and when an outage ends; with ``WINDOW`` outages kept, each call costs about
-10 ms of pure Python on the development machine (the check out of sample makes the choice
-twice more, on half the outages each, when the full history's choice is worth using).
+5-15 ms of pure Python on the development machine (up to about 70 ms), two to three times
+what it cost before the check out of sample, which makes the choice twice more (on half the
+outages each) when the full history's choice is worth using.
 """
 
 from __future__ import annotations
