@@ -12,7 +12,16 @@ from datetime import timedelta
 import pytest
 
 import dwcp
-from dwcp._prediction import EXPLORE_EVERY, MIN_SAMPLES, Outage, RecoveryHistory, turnbull
+from dwcp._prediction import (
+    EXPLORE_EVERY,
+    MIN_SAMPLES,
+    Outage,
+    RecoveryHistory,
+    _fold,
+    _late,
+    _Plan,
+    turnbull,
+)
 from dwcp._recovery import RecoveryPolicy, RestartSupervisor, run_recovery
 from dwcp.testing import FakeClock
 
@@ -479,3 +488,44 @@ def test_an_exploring_cycle_makes_the_configured_first_attempt() -> None:
     assert all(w is not None for w in seen)
     firsts = [w[0] for w in seen if w is not None]
     assert firsts.count(1.0) == 1 and firsts[-1] == 1.0
+
+
+# -- the held-out check -------------------------------------------------------------------------
+
+
+def plan(exploring: bool = False) -> _Plan:
+    """The decision for a 1 s/2 s/4 s cycle from an outage's first check, attempts instant."""
+    return _Plan([1.0, 2.0, 4.0], [1.0, 3.0, 7.0], 0.0, 60.0, 0.0, 1.0, exploring)
+
+
+def test_folds_split_alternating_outages_evenly() -> None:
+    folds = [_fold(i) for i in range(100)]
+    assert set(folds) == {0, 1} and 45 <= sum(folds) <= 55
+    # Every other outage (one of two alternating patterns) lands in both folds.
+    assert 20 <= sum(folds[::2]) <= 30
+
+
+def test_a_consistent_history_passes_the_held_out_check() -> None:
+    outages = [Outage(7.0, 3.0, 3, 7.0 if n % 3 else 6.0) for n in range(30)]
+    decision = plan()
+    assert decision.choose(outages) is not None
+    assert decision.validated(outages)
+
+
+def test_a_choice_the_other_fold_contradicts_is_refused() -> None:
+    # The outages of one fold were all back between 3 s and 7 s, the other fold's by 1 s:
+    # each fold's choice is wrong for the other, and the learned schedule is not adopted.
+    outages = [
+        Outage(7.0, 3.0, 3, 7.0) if _fold(i) == 0 else Outage(1.0, 0.0, 1, 1.0) for i in range(30)
+    ]
+    decision = plan()
+    decision.choose(outages)
+    assert not decision.validated(outages)
+
+
+def test_the_late_share_counts_the_delays_over_the_bound() -> None:
+    # Two pieces: half found 0-2 s after the return, half exactly 4 s after.
+    pieces = [(0.5, 0.0, 1.0, 0.0, 2.0), (0.5, 1.0, 4.0, 4.0, 4.0)]
+    assert _late(pieces, 1.0) == pytest.approx(0.75)
+    assert _late(pieces, 3.0) == pytest.approx(0.5)
+    assert _late(pieces, 4.0) == pytest.approx(0.0)
