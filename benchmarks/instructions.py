@@ -15,8 +15,9 @@ process (``benchmarks/sink.py``):
 - ``manager``: ``Manager.send_with_circuit_breaker`` over that transport;
 - ``no-op``: the manager over a transport whose ``send`` does nothing: the guard's own cost.
 
-Counts are stable to about 1 % between runs; the batching of the writer threads depends on
-timing, which is what moves them.  Needs valgrind (``apt-get install valgrind``).
+Counts still move by a few per cent between runs: the writer threads' batching and the
+background threads' wake-ups depend on timing.  Compare two trees by alternating runs.
+Needs valgrind (``apt-get install valgrind``).
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """Guarded calls: admit through the breaker, run the I/O with no lock held, record the result.
 
+``GuardedCalls`` holds the manager's public guarded methods (the send's hot path among them);
+``Guard`` their slow paths, counters and ``call()``.
+
 Failures are classified by ``PEER_FAILURES``: ``OSError`` and ``TransportError`` are the peer
 or the network failing and count against the breaker; anything else is the caller's and does
 not.
@@ -9,16 +12,24 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from functools import wraps
 from time import perf_counter
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from dwcp._breaker import Breaker
-from dwcp._errors import DWCPError
+from dwcp._components import Transport
+from dwcp._errors import DWCPError, TransportError
 from dwcp._events import SendRejected, _Dispatcher
 from dwcp._slots import PEER_FAILURES
 from dwcp._status import Counters, SendTallies
+from dwcp._validation import describe
 
-__all__ = ["Guard"]
+if TYPE_CHECKING:
+    from typing_extensions import ParamSpec
+
+    P = ParamSpec("P")
+
+__all__ = ["Guard", "GuardedCalls"]
 
 R = TypeVar("R")
 #: A send is timed when its thread's success count is a multiple of SEND_SAMPLE (a power of
@@ -26,15 +37,12 @@ R = TypeVar("R")
 SEND_SAMPLE = 64
 #: One timed send in SUSPICION_SAMPLE // SEND_SAMPLE also feeds the transport's suspicion.
 SUSPICION_SAMPLE = 128
+_BYTES_LIKE = (bytes, bytearray, memoryview)
 
 
 class Guard:
-    """Guarded calls through one breaker, and the slow paths of the guarded send.
-
-    The send's hot path itself is ``Manager.send_with_circuit_breaker``: a 1 KiB send costs a
-    few microseconds, and every Python frame between the caller and the transport is a
-    measurable share of that (benchmark scenario 1).
-    """
+    """Guarded calls through one breaker, and the slow paths of the guarded send (whose hot
+    path is ``GuardedCalls.send_with_circuit_breaker``)."""
 
     def __init__(
         self,
@@ -100,3 +108,93 @@ class Guard:
         self._breaker.record_failure(ticket, error)
         with self._lock:
             self._counters.send_errors += 1
+
+
+class GuardedCalls:
+    """The manager's guarded calls: ``send_with_circuit_breaker``, ``call`` and ``guard``.
+
+    A mixin of ``Manager`` rather than a collaborator it calls: a 1 KiB send costs a few
+    microseconds, and a Python frame between the caller and the transport is a measurable
+    share of that (``benchmarks/instructions.py``).  The manager sets these attributes.
+    """
+
+    _sending: Transport | None  # the transport while the manager is started, else None
+    _started: bool
+    _breaker: Breaker
+    _guard: Guard
+    _tally: threading.local  # .value: the calling thread's SendTallies tally
+
+    def send_with_circuit_breaker(self, data: bytes | bytearray | memoryview) -> None:
+        """Send ``data`` through the transport, guarded by the circuit breaker.
+
+        Raises ``CircuitOpenError`` when the breaker rejects the call, ``TransportError`` when
+        the transport fails (counted by the breaker), ``DWCPError`` (``NOT_STARTED``,
+        ``NO_TRANSPORT``) and ``TypeError`` for calls that never reach the transport.
+        """
+        transport = self._sending
+        if transport is None:
+            raise self._not_sending()
+        if not isinstance(data, _BYTES_LIKE):
+            raise TypeError(
+                f"data must be bytes, bytearray or memoryview, got {type(data).__name__} "
+                "(wrap other buffers in memoryview())"
+            )
+        # Admit, send with no lock held, record, tally.  Each thread's tally has a single
+        # writer, so no lock.  A send is timed into the histogram when the thread's success
+        # count is a multiple of SEND_SAMPLE: a steady sample gives the distribution, where
+        # timing every send cost about a tenth of a 1 KiB send.
+        breaker = self._breaker
+        try:
+            ticket = breaker.admit()
+        except DWCPError:
+            self._guard.rejected()
+            raise
+        try:
+            tally = self._tally.value
+        except AttributeError:
+            tally = self._guard.tallies.new_tally()
+        began = None if tally[0] % SEND_SAMPLE else perf_counter()
+        try:
+            transport.send(data)
+        except PEER_FAILURES as exc:
+            # A transport that recovery closed and could not restart fails too: while the
+            # manager runs, that is the peer being down, so it counts like any other failure.
+            self._guard.send_failed(ticket, exc, tally, began)
+            if isinstance(exc, TransportError):
+                raise
+            raise TransportError(f"send failed: {describe(exc)}") from exc
+        except BaseException:
+            breaker.release(ticket)
+            raise
+        breaker.record_success(ticket)
+        if began is not None:
+            self._guard.send_timed(tally, perf_counter() - began)
+        tally[0] += 1
+        tally[1] += data.nbytes if type(data) is memoryview else len(data)
+
+    def _not_sending(self) -> DWCPError:
+        if not self._started:
+            return DWCPError("manager is not started", code="NOT_STARTED")
+        return DWCPError("manager has no transport to send through", code="NO_TRANSPORT")
+
+    def call(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
+        """Run ``fn(*args, **kwargs)`` guarded by the breaker, as sends are.
+
+        ``OSError`` and ``TransportError`` count as failures and propagate unchanged; other
+        exceptions propagate without counting. Raises ``CircuitOpenError`` when rejected and
+        ``DWCPError`` (``NOT_STARTED``) before ``start()``.
+        """
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        if not self._started:
+            raise DWCPError("manager is not started", code="NOT_STARTED")
+        return self._guard.call(fn, args, kwargs)
+
+    def guard(self, fn: Callable[P, R]) -> Callable[P, R]:
+        """Decorate ``fn`` so that every call goes through ``call()``."""
+
+        @wraps(fn)
+        def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+            return self.call(fn, *args, **kwargs)
+
+        return guarded

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import timedelta
-from functools import partial, wraps
-from time import perf_counter
+from functools import partial
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING
 
 from loguru import logger
 
@@ -18,29 +17,24 @@ from dwcp._breaker import NOT_INITIALIZED, Breaker
 from dwcp._clock import Clock, SystemClock
 from dwcp._cluster import ClusterView, cluster_member
 from dwcp._components import Layer, Transport
-from dwcp._errors import DWCPError, TransportError
+from dwcp._errors import DWCPError
 from dwcp._events import Listener, _Dispatcher, peer_of
-from dwcp._guard import SEND_SAMPLE, Guard
+from dwcp._guard import Guard, GuardedCalls
 from dwcp._health import ComponentHealth, HealthSnapshot, MetricsSnapshot
 from dwcp._latency import LatencyRecorder
 from dwcp._monitor import Monitor
 from dwcp._recovery import RecoveryPolicy, RestartSupervisor
-from dwcp._slots import PEER_FAILURES, build_slots, policies, start_slots
+from dwcp._slots import build_slots, policies, start_slots
 from dwcp._status import ComponentState, Counters, health_snapshot, metrics_snapshot
 from dwcp._supervisor import Supervisor
 
 if TYPE_CHECKING:
-    from typing_extensions import ParamSpec, Self
-
-    P = ParamSpec("P")
+    from typing_extensions import Self
 
 __all__ = ["Manager"]
 
-R = TypeVar("R")
-_BYTES_LIKE = (bytes, bytearray, memoryview)
 
-
-class Manager:
+class Manager(GuardedCalls):
     """Supervises a transport and optional layers: health monitoring, recovery, circuit breaker.
 
     Configure it with keyword arguments, then ``start()`` it (or use it as a context manager)
@@ -308,84 +302,6 @@ class Manager:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-
-    # -- guarded calls --------------------------------------------------------------------------
-
-    def send_with_circuit_breaker(self, data: bytes | bytearray | memoryview) -> None:
-        """Send ``data`` through the transport, guarded by the circuit breaker.
-
-        Raises ``CircuitOpenError`` when the breaker rejects the call, ``TransportError`` when
-        the transport fails (counted by the breaker), ``DWCPError`` (``NOT_STARTED``,
-        ``NO_TRANSPORT``) and ``TypeError`` for calls that never reach the transport.
-        """
-        transport = self._sending
-        if transport is None:
-            raise self._not_sending()
-        # The guarded send, inlined here because this is the library's hottest path (see
-        # Guard): admit, send with no lock held, record, tally.  Each thread's tally has a
-        # single writer, so no lock.  A send is timed into the histogram when the thread's
-        # success count is a multiple of SEND_SAMPLE: a steady sample gives the distribution,
-        # where timing every send cost about a tenth of a 1 KiB send.
-        if not isinstance(data, _BYTES_LIKE):
-            raise TypeError(
-                f"data must be bytes, bytearray or memoryview, got {type(data).__name__} "
-                "(wrap other buffers in memoryview())"
-            )
-        breaker = self._breaker
-        try:
-            ticket = breaker.admit()
-        except DWCPError:
-            self._guard.rejected()
-            raise
-        try:
-            tally = self._tally.value
-        except AttributeError:
-            tally = self._guard.tallies.new_tally()
-        began = None if tally[0] % SEND_SAMPLE else perf_counter()
-        try:
-            transport.send(data)
-        except PEER_FAILURES as exc:
-            # A transport that recovery closed and could not restart fails too: while the
-            # manager runs, that is the peer being down, so it counts like any other failure.
-            self._guard.send_failed(ticket, exc, tally, began)
-            if isinstance(exc, TransportError):
-                raise
-            raise TransportError(f"send failed: {check.describe(exc)}") from exc
-        except BaseException:
-            breaker.release(ticket)
-            raise
-        breaker.record_success(ticket)
-        if began is not None:
-            self._guard.send_timed(tally, perf_counter() - began)
-        tally[0] += 1
-        tally[1] += data.nbytes if type(data) is memoryview else len(data)
-
-    def _not_sending(self) -> DWCPError:
-        if not self._started:
-            return DWCPError("manager is not started", code="NOT_STARTED")
-        return DWCPError("manager has no transport to send through", code="NO_TRANSPORT")
-
-    def call(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
-        """Run ``fn(*args, **kwargs)`` guarded by the breaker, as sends are.
-
-        ``OSError`` and ``TransportError`` count as failures and propagate unchanged; other
-        exceptions propagate without counting. Raises ``CircuitOpenError`` when rejected and
-        ``DWCPError`` (``NOT_STARTED``) before ``start()``.
-        """
-        if not callable(fn):
-            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-        if not self._started:
-            raise DWCPError("manager is not started", code="NOT_STARTED")
-        return self._guard.call(fn, args, kwargs)
-
-    def guard(self, fn: Callable[P, R]) -> Callable[P, R]:
-        """Decorate ``fn`` so that every call goes through ``call()``."""
-
-        @wraps(fn)
-        def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
-            return self.call(fn, *args, **kwargs)
-
-        return guarded
 
     @property
     def circuit_breaker_state(self) -> str:
