@@ -1,6 +1,10 @@
-"""Instructions per send, counted by valgrind: the send path's cost without the machine's noise.
+"""Work per send, counted: the send path's cost without the machine's noise.
 
-``python3 -m benchmarks.instructions [--count N] [--size BYTES]``
+``python3 -m benchmarks.instructions [--count N] [--size BYTES] [--opcodes-only]``
+
+First, exactly: the Python opcodes the calling thread executes per send (``sys.settrace``
+with ``f_trace_opcodes``), by function, for the transport and for the manager over it.
+This count does not depend on timing at all, so two trees compare to the opcode.
 
 Wall-clock throughput on a shared two-core machine swings by 2x from one minute to the next,
 which hides a change of a few per cent in the send path.  This counts the CPU instructions
@@ -29,15 +33,26 @@ import shutil
 import socket
 import subprocess
 import sys
+from typing import Any
 
 _CHILD = "--child"
+_OPCODES = "--opcodes"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.instructions", description=__doc__)
     parser.add_argument("--count", type=int, default=5_000, help="sends per measured run")
     parser.add_argument("--size", type=int, default=1024, help="payload bytes")
+    parser.add_argument("--opcodes-only", action="store_true", help="skip the valgrind counts")
     args = parser.parse_args(argv)
+    for mode in ("transport", "manager"):
+        command = [sys.executable, "-m", "benchmarks.instructions", _OPCODES, mode, str(args.size)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"opcode count of {mode} failed: {done.stderr[-2000:]}")
+        print(done.stdout.strip())
+    if args.opcodes_only:
+        return 0
     if shutil.which("valgrind") is None:
         print("valgrind is not installed; nothing measured (apt-get install valgrind)")
         return 2
@@ -163,8 +178,62 @@ def _child(mode: str, checksum: bool, count: int, size: int) -> None:
             sink.wait(10)
 
 
+def _opcodes(mode: str, size: int, count: int = 2_000) -> None:
+    """Print the opcodes per send the calling thread runs, in total and by function."""
+    import collections
+
+    import dwcp
+    from dwcp.transport import MultiStreamTCPTransport
+
+    sink = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.sink"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    counts: collections.Counter[str] = collections.Counter()
+
+    def tracer(frame: Any, event: str, arg: object) -> Any:
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            counts[frame.f_code.co_name] += 1
+        return tracer
+
+    try:
+        assert sink.stdout is not None
+        _, dwcp_port, _ = (int(p) for p in sink.stdout.readline().split())
+        transport = MultiStreamTCPTransport(
+            ("127.0.0.1", dwcp_port),
+            streams=1,
+            chunk_size=max(size, 256 * 1024),
+            max_message_size=4 * size,
+        )
+        payload = os.urandom(size)
+        with dwcp.Manager(transport, health_interval=3600, fail_fast=True) as manager:
+            send = manager.send_with_circuit_breaker if mode == "manager" else transport.send
+            for _ in range(100):  # warm: the first sends create per-thread state
+                send(payload)
+            sys.settrace(tracer)
+            try:
+                for _ in range(count):
+                    send(payload)
+            finally:
+                sys.settrace(None)
+            transport.flush()
+    finally:
+        assert sink.stdin is not None
+        sink.stdin.close()
+        sink.wait(10)
+    counts.pop("_opcodes", None)  # this loop's own opcodes
+    per = {name: n / count for name, n in counts.most_common()}
+    detail = ", ".join(f"{name} {n:.1f}" for name, n in per.items() if n >= 0.05)
+    print(f"{mode}: {sum(per.values()):.1f} opcodes per send in the calling thread ({detail})")
+
+
 if __name__ == "__main__":
-    if len(sys.argv) == 6 and sys.argv[1] == _CHILD:
+    if len(sys.argv) == 4 and sys.argv[1] == _OPCODES:
+        _opcodes(sys.argv[2], int(sys.argv[3]))
+    elif len(sys.argv) == 6 and sys.argv[1] == _CHILD:
         _child(sys.argv[2], sys.argv[3] == "on", int(sys.argv[4]), int(sys.argv[5]))
     else:
         sys.exit(main())
