@@ -485,6 +485,11 @@ class MultiStreamReceiver:
                 for s in self._sessions.values()
                 if s.joined < s.stream_count and now - s.created > self._join_timeout
             ]
+            # Marked here, under the lock the check was made under: a stream that arrives
+            # before the close below is then refused as closing, instead of joining a
+            # session that is about to be closed as incomplete.
+            for session in late:
+                session.aborted = True
         for session in late:
             logger.bind(
                 session=session.name, joined=session.joined, announced=session.stream_count
