@@ -111,20 +111,6 @@ def peer() -> Iterator[Peer]:
     server.close()
 
 
-@pytest.fixture
-def client_socket() -> Iterator[Callable[[tuple[str, int]], socket.socket]]:
-    opened: list[socket.socket] = []
-
-    def connect(address: tuple[str, int]) -> socket.socket:
-        sock = socket.create_connection(address, timeout=5.0)
-        opened.append(sock)
-        return sock
-
-    yield connect
-    for sock in opened:
-        sock.close()
-
-
 def read_exactly(sock: socket.socket, count: int) -> bytes:
     data = bytearray()
     while len(data) < count:
@@ -146,10 +132,10 @@ DATA = bytes(range(256)) * 400  # 102400 bytes
 
 
 def test_proxy_passes_both_directions(
-    fault_proxy: ProxyFactory, peer: Peer, client_socket: Callable[..., socket.socket]
+    fault_proxy: ProxyFactory, peer: Peer, raw_connections: Callable[..., socket.socket]
 ) -> None:
     proxy = fault_proxy(peer.address)
-    client = client_socket(proxy.address)
+    client = raw_connections(proxy.address)
     client.sendall(DATA)
     server = peer.connection(0)
     assert read_exactly(server, len(DATA)) == DATA
@@ -165,12 +151,12 @@ def test_proxy_passes_both_directions(
 def test_proxy_flips_exactly_one_bit(
     fault_proxy: ProxyFactory,
     peer: Peer,
-    client_socket: Callable[..., socket.socket],
+    raw_connections: Callable[..., socket.socket],
     after: int,
     bit: int,
 ) -> None:
     proxy = fault_proxy(peer.address)
-    client = client_socket(proxy.address)
+    client = raw_connections(proxy.address)
     server = peer.connection(0)
     proxy.corrupt(after, bit=bit)
     client.sendall(DATA)
@@ -184,11 +170,11 @@ def test_proxy_flips_exactly_one_bit(
 def test_proxy_cuts_after_exactly_n_bytes(
     fault_proxy: ProxyFactory,
     peer: Peer,
-    client_socket: Callable[..., socket.socket],
+    raw_connections: Callable[..., socket.socket],
     fault: str,
 ) -> None:
     proxy = fault_proxy(peer.address)
-    client = client_socket(proxy.address)
+    client = raw_connections(proxy.address)
     server = peer.connection(0)
     if fault == "close":
         proxy.close_after(12_345)
@@ -210,30 +196,30 @@ def test_proxy_cuts_after_exactly_n_bytes(
 
 
 def test_proxy_reset_now_and_refuse(
-    fault_proxy: ProxyFactory, peer: Peer, client_socket: Callable[..., socket.socket]
+    fault_proxy: ProxyFactory, peer: Peer, raw_connections: Callable[..., socket.socket]
 ) -> None:
     proxy = fault_proxy(peer.address)
-    first = client_socket(proxy.address)
+    first = raw_connections(proxy.address)
     peer.connection(0)
     proxy.reset()  # after=0: every current connection, at once
     with pytest.raises(ConnectionResetError):
         read_to_eof(first)
     proxy.refuse()
-    refused = client_socket(proxy.address)
+    refused = raw_connections(proxy.address)
     assert read_to_eof(refused) == b""
     assert proxy.stats()["refused"] == 1
     proxy.passthrough()
-    again = client_socket(proxy.address)
+    again = raw_connections(proxy.address)
     again.sendall(b"hello")
     assert read_exactly(peer.connection(1), 5) == b"hello"
 
 
 def test_proxy_partial_writes_keep_the_bytes(
-    fault_proxy: ProxyFactory, peer: Peer, client_socket: Callable[..., socket.socket]
+    fault_proxy: ProxyFactory, peer: Peer, raw_connections: Callable[..., socket.socket]
 ) -> None:
     proxy = fault_proxy(peer.address)
     proxy.partial(max_piece=7, delay=0.0005, every=8)
-    client = client_socket(proxy.address)
+    client = raw_connections(proxy.address)
     server = peer.connection(0)
     data = DATA[:20_000]
     client.sendall(data)
@@ -249,10 +235,10 @@ def test_proxy_partial_writes_keep_the_bytes(
 
 
 def test_proxy_stall_holds_bytes_until_resumed(
-    fault_proxy: ProxyFactory, peer: Peer, client_socket: Callable[..., socket.socket]
+    fault_proxy: ProxyFactory, peer: Peer, raw_connections: Callable[..., socket.socket]
 ) -> None:
     proxy = fault_proxy(peer.address)
-    client = client_socket(proxy.address)
+    client = raw_connections(proxy.address)
     server = peer.connection(0)
     proxy.stall()
     client.sendall(b"held")
@@ -265,11 +251,11 @@ def test_proxy_stall_holds_bytes_until_resumed(
 
 
 def test_proxy_rate_limit(
-    fault_proxy: ProxyFactory, peer: Peer, client_socket: Callable[..., socket.socket]
+    fault_proxy: ProxyFactory, peer: Peer, raw_connections: Callable[..., socket.socket]
 ) -> None:
     proxy = fault_proxy(peer.address)
     proxy.rate(200_000)
-    client = client_socket(proxy.address)
+    client = raw_connections(proxy.address)
     server = peer.connection(0)
     started = time.monotonic()
     client.sendall(DATA)
@@ -278,10 +264,10 @@ def test_proxy_rate_limit(
 
 
 def test_proxy_listens_on_ipv6_loopback(
-    fault_proxy: ProxyFactory, peer: Peer, client_socket: Callable[..., socket.socket]
+    fault_proxy: ProxyFactory, peer: Peer, raw_connections: Callable[..., socket.socket]
 ) -> None:
     proxy = fault_proxy(peer.address, host="::1")
-    client = client_socket(proxy.address)
+    client = raw_connections(proxy.address)
     client.sendall(b"six")
     assert read_exactly(peer.connection(0), 3) == b"six"
 

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import threading
-import time
-
 import pytest
 import redis
 
@@ -14,38 +10,13 @@ from dwcp._prediction import WINDOW, Outage, RecoveryHistory
 from dwcp._shared_history import decode_outage, encode_outage, history_key
 from dwcp.cluster import ClusterMember
 from dwcp.testing import FakeClock
+from tests._outage import OutagePeer, run_outage
 from tests._redis import RedisServer, free_port, redis_server
 from tests.conftest import wait_until
 
 __all__ = ["redis_server"]  # the fixture, imported for pytest
 
 KEY = history_key("dwcp", "shared", "transport")
-
-
-class OutagePeer:
-    """A transport down between ``down_at`` and ``up_at`` on a fake clock."""
-
-    def __init__(self, clock: FakeClock) -> None:
-        self.clock = clock
-        self.down_at = math.inf
-        self.up_at = math.inf
-
-    def _down(self) -> bool:
-        return self.down_at <= self.clock.now() < self.up_at
-
-    def start(self) -> None:
-        if self._down():
-            raise ConnectionRefusedError("peer is down")
-
-    def close(self) -> None:
-        pass
-
-    def send(self, data: bytes | bytearray | memoryview) -> None:
-        pass
-
-    def health_check(self) -> None:
-        if self._down():
-            raise ConnectionRefusedError("peer is down")
 
 
 def make_manager(url: str, node: str) -> tuple[dwcp.Manager, FakeClock, OutagePeer]:
@@ -61,23 +32,6 @@ def make_manager(url: str, node: str) -> tuple[dwcp.Manager, FakeClock, OutagePe
         node_id=node,
     )
     return manager, clock, peer
-
-
-def run_outage(
-    manager: dwcp.Manager, clock: FakeClock, peer: OutagePeer, down_for: float
-) -> list[float]:
-    """One outage of ``down_for`` seconds; the waits of its recovery."""
-    woken = threading.Event()
-    clock.advance(100.0)
-    peer.down_at, peer.up_at = clock.now(), clock.now() + down_for
-    first = len(clock.slept)
-    manager.check_component_health()
-    deadline = time.monotonic() + 10
-    while manager.health().components["transport"].status == "recovering":
-        assert time.monotonic() < deadline, "recovery cycle did not end"
-        woken.wait(0.01)
-    assert manager.health().components["transport"].status == "healthy"
-    return clock.slept[first:]
 
 
 def test_a_second_manager_starts_with_the_history_the_first_learned(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
-import time
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -24,6 +23,7 @@ from dwcp._prediction import (
 )
 from dwcp._recovery import RecoveryPolicy, RestartSupervisor, run_recovery
 from dwcp.testing import FakeClock
+from tests._outage import OutagePeer, run_outage
 
 
 def recording(slept: list[float]) -> Callable[[float], bool]:
@@ -319,32 +319,6 @@ def test_outliers_are_held_apart_until_their_run_resolves() -> None:
 # -- through the manager ------------------------------------------------------------------------
 
 
-class OutagePeer:
-    """A transport down between ``down_at`` and ``up_at`` on a fake clock."""
-
-    def __init__(self, clock: FakeClock) -> None:
-        self.clock = clock
-        self.down_at = math.inf
-        self.up_at = math.inf
-
-    def _down(self) -> bool:
-        return self.down_at <= self.clock.now() < self.up_at
-
-    def start(self) -> None:
-        if self._down():
-            raise ConnectionRefusedError("peer is down")
-
-    def close(self) -> None:
-        pass
-
-    def send(self, data: bytes | bytearray | memoryview) -> None:
-        pass
-
-    def health_check(self) -> None:
-        if self._down():
-            raise ConnectionRefusedError("peer is down")
-
-
 def run_outages(policy: RecoveryPolicy, outages: int, down_for: float) -> list[list[float]]:
     """Outages of ``down_for`` seconds through a real Manager; the waits of each cycle."""
     clock = FakeClock()
@@ -358,17 +332,7 @@ def run_outages(policy: RecoveryPolicy, outages: int, down_for: float) -> list[l
     manager.start()
     try:
         for _ in range(outages):
-            clock.advance(100.0)
-            peer.down_at, peer.up_at = clock.now(), clock.now() + down_for
-            first = len(clock.slept)
-            manager.check_component_health()
-            deadline = time.monotonic() + 10
-            while manager.health().components["transport"].status == "recovering":
-                assert time.monotonic() < deadline, "recovery cycle did not end"
-                woken.wait(0.05)
-                woken.clear()
-            assert manager.health().components["transport"].status == "healthy"
-            schedules.append(clock.slept[first:])
+            schedules.append(run_outage(manager, clock, peer, down_for, woken))
     finally:
         manager.stop()
     return schedules
