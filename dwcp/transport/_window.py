@@ -1,10 +1,19 @@
 """The sender's window of unacknowledged messages: bounded by count and bytes, kept across
 sessions so that the next session can resend them (see docs/wire-format.md, Replay).
 
-Pure state under one lock, no sockets. A send ``reserve``s room (waiting while the window is
-full), then ``add``s its message under the session's order lock, so entries are in message-id
-order and, as every acknowledged message is added, contiguous. The session's readers ``ack``
-cumulatively; ``wait_acked`` serves ``flush()`` and ``send(wait=True)``.
+Pure state, no sockets, written by two sides that never share a lock on the hot path:
+
+- the senders ``add`` a message under the session's order lock, the same critical section
+  that gives it its id, after checking ``fits`` there. Only they move ``last`` and ``added``;
+- the session's readers ``ack`` cumulatively under the window's lock. Only they move
+  ``acked`` and ``freed``.
+
+Each counter has one writer and only grows, so a reader that is not its writer can only
+under-estimate the room (a stale ``acked``, a stale ``freed``), never over-fill the window:
+``fits`` checked under the order lock is exact about everything that makes room smaller.
+Every acknowledged message is added, so the entries are the payloads of the contiguous ids
+``acked + 1`` .. ``last``. ``wait_room`` serves a send that found no room, ``wait_acked``
+serves ``flush()`` and ``send(wait=True)``.
 """
 
 from __future__ import annotations
@@ -13,10 +22,12 @@ import collections
 import threading
 import time
 from collections.abc import Callable
+from itertools import repeat
 
 __all__ = ["Window"]
 
 _monotonic = time.monotonic
+_popleft = collections.deque.popleft
 
 
 class Window:
@@ -25,89 +36,89 @@ class Window:
     def __init__(self, max_messages: int, max_bytes: int) -> None:
         self.max_messages = max_messages
         self.max_bytes = max_bytes
-        # ``lock``, ``count``, ``bytes`` and ``entries`` are read and written by the sender's
-        # hot path too (reserve's fast case and add, inlined there: a method call costs
-        # as much as what they do).
         self.lock = threading.Lock()
-        self._lock = self.lock
-        # Two conditions on one lock: an ACK wakes as many senders as it freed slots for, and
-        # every waiter for an acknowledgement (flush, wait=True).
-        self._room = threading.Condition(self._lock)
-        self._acked = threading.Condition(self._lock)
-        # [message id, bytes, when it was last written]: a list, so a replay can renew the time.
-        self.entries: collections.deque[list[object]] = collections.deque()
-        self._entries = self.entries
-        self.count = 0  # reserved, entries included
-        self.bytes = 0
-        self._room_waiting = 0  # threads in reserve(): notified only when some wait
-        self._ack_waiting = 0  # threads in wait_acked()
-        #: The highest message id acknowledged (-1: none yet).
-        self.acked = -1
-        #: The highest message id added (-1: none yet).
+        # Two conditions on one lock: an ACK wakes a sender waiting for room (which passes
+        # the wake-up on while room is left), and every waiter for an acknowledgement.
+        self._room = threading.Condition(self.lock)
+        self._acked = threading.Condition(self.lock)
+        #: The payloads of messages ``acked + 1`` .. ``last``, in id order. Appended to by
+        #: the senders (under the order lock) while ``ack`` takes from the other end under
+        #: ``lock``: each is one atomic deque operation.
+        self.entries: collections.deque[bytes] = collections.deque()
+        #: The highest message id added (-1: none yet); written under the order lock.
         self.last = -1
+        #: Bytes ever added; written under the order lock.
+        self.added = 0
+        #: The highest message id acknowledged (-1: none yet); written under ``lock``.
+        self.acked = -1
+        #: Bytes ever acknowledged; written under ``lock``.
+        self.freed = 0
+        #: The first message id, and the ``added`` total, past the room: derived from
+        #: ``acked`` and ``freed`` by ``ack``, so that a send compares twice, not computes.
+        self.id_limit = max_messages
+        self.byte_limit = max_bytes
+        #: Since when the oldest unacknowledged message has headed the window: when the
+        #: window last went from empty to not, an ACK confirmed the one before it, or a
+        #: replay resent it. The keepalive and the sends measure the ACK timeout from here.
+        self.since = 0.0
+        self._room_waiting = 0  # threads in wait_room(): notified only when some wait
+        self._ack_waiting = 0  # threads in wait_acked()
 
-    def _fits(self, size: int) -> bool:
-        # A message larger than the whole byte window still goes, alone.
-        return self.count == 0 or (
-            self.count < self.max_messages and self.bytes + size <= self.max_bytes
-        )
-
-    def reserve(self, size: int, deadline: float, broken: Callable[[], bool]) -> bool:
-        """Take room for one message of ``size`` bytes; False if ``deadline`` passed or
-        ``broken()`` turned true first (the session ended: its acknowledgements will not come).
+    def fits(self, size: int) -> bool:
+        """Whether the next message, of ``size`` bytes, has room now (exact under the order
+        lock). A message larger than the whole byte window still goes, alone.
         """
-        with self._lock:
-            if self._fits(size):
-                self.count += 1
-                self.bytes += size
-                return True
+        return (
+            self.last < self.id_limit - 1 and self.added + size <= self.byte_limit
+        ) or self.last == self.acked
+
+    def add(self, message_id: int, data: bytes) -> None:
+        """Record a sent message that ``fits``; the caller holds the session's order lock.
+
+        The sender's small-message path does the same inline (a call costs as much).
+        """
+        if self.last == self.acked:
+            self.since = _monotonic()
+        self.entries.append(data)
+        self.last = message_id
+        self.added += len(data)
+
+    def wait_room(self, size: int, deadline: float, broken: Callable[[], bool]) -> bool:
+        """Wait until a message of ``size`` bytes ``fits``; False if ``deadline`` passed or
+        ``broken()`` turned true first (the session ended: its acknowledgements will not come).
+
+        The caller re-checks ``fits`` under the order lock before it adds: other sends may
+        take the room first.
+        """
+        with self.lock:
             self._room_waiting += 1
             try:
-                while not self._fits(size):
+                while not self.fits(size):
                     left = deadline - _monotonic()
                     if left <= 0 or broken():
                         return False
                     self._room.wait(left)
             finally:
                 self._room_waiting -= 1
-            self.count += 1
-            self.bytes += size
-            if self._room_waiting and self._fits(0):
-                self._room.notify()  # room for more than this one: pass the wake-up on
-            return True
-
-    def cancel(self, size: int) -> None:
-        """Give back room reserved for a message that was not sent after all."""
-        with self._lock:
-            self.count -= 1
-            self.bytes -= size
             if self._room_waiting:
-                self._room.notify()
-
-    def add(self, message_id: int, data: bytes) -> None:
-        """Record a sent message (room reserved); the caller holds the session's order lock."""
-        # No lock: deque.append is atomic, and only ack() (under the lock) takes entries
-        # out, from the other end; room was counted by reserve(). One contended lock less
-        # per message where many threads send.
-        self._entries.append([message_id, data, _monotonic()])
-        self.last = message_id
+                self._room.notify()  # maybe room for more than this one: pass the wake-up on
+            return True
 
     def ack(self, through: int) -> int:
         """Every message up to ``through`` was delivered: drop them; return how many."""
-        freed = 0
-        with self._lock:
-            if through <= self.acked:
-                return 0
+        with self.lock:
+            freed = min(through - self.acked, len(self.entries))
+            if freed <= 0:
+                return 0  # cumulative: at or below one already taken changes nothing
             self.acked = through
-            entries = self._entries
-            while entries and entries[0][0] <= through:  # type: ignore[operator]
-                data = entries.popleft()[1]
-                self.bytes -= len(data)  # type: ignore[arg-type]
-                freed += 1
-            self.count -= freed
-            if self._room_waiting and freed:
+            # Popped and measured in C: no Python loop per message on the reader thread.
+            self.freed += sum(map(len, map(_popleft, repeat(self.entries, freed))))
+            self.id_limit = through + 1 + self.max_messages
+            self.byte_limit = self.freed + self.max_bytes
+            self.since = _monotonic()
+            if self._room_waiting:
                 # One waiter; each that gets room passes the wake-up on while room is left
-                # (see reserve), so a burst of freed slots does not wake every sender at once.
+                # (see wait_room), so a burst of freed slots does not wake every sender.
                 self._room.notify()
             if self._ack_waiting:
                 self._acked.notify_all()
@@ -115,7 +126,7 @@ class Window:
 
     def wait_acked(self, message_id: int, deadline: float, broken: Callable[[], bool]) -> bool:
         """Wait until ``message_id`` is acknowledged; False at ``deadline`` or once ``broken()``."""
-        with self._lock:
+        with self.lock:
             self._ack_waiting += 1
             try:
                 while self.acked < message_id:
@@ -129,29 +140,29 @@ class Window:
 
     def wake(self) -> None:
         """Wake every waiter so it re-checks ``broken()`` (the session ended)."""
-        with self._lock:
+        with self.lock:
             self._room.notify_all()
             self._acked.notify_all()
 
     def replay(self) -> list[tuple[int, bytes]]:
-        """The unacknowledged messages, in id order, their times renewed (they are resent now)."""
-        now = _monotonic()
-        with self._lock:
-            for entry in self._entries:
-                entry[2] = now
-            return [(e[0], e[1]) for e in self._entries]  # type: ignore[misc]
+        """The unacknowledged messages with their ids, in order; the ACK timeout restarts
+        (they are resent now). Called with no session running, so nothing is added meanwhile."""
+        with self.lock:
+            self.since = _monotonic()
+            return list(enumerate(self.entries, self.acked + 1))
 
-    def oldest(self) -> float | None:
-        """When the oldest unacknowledged message was written (None: nothing awaits an ACK)."""
-        with self._lock:
-            return self._entries[0][2] if self._entries else None  # type: ignore[return-value]
+    def waiting_since(self) -> float | None:
+        """Since when the oldest unacknowledged message has waited at the head of the window
+        (None: nothing awaits an acknowledgement)."""
+        with self.lock:
+            return self.since if self.entries else None
 
     @property
     def pending(self) -> int:
         """How many messages await their acknowledgement."""
-        return len(self._entries)
+        return len(self.entries)
 
     @property
     def pending_bytes(self) -> int:
-        """The bytes of reserved and unacknowledged messages."""
-        return self.bytes
+        """The bytes of unacknowledged messages."""
+        return self.added - self.freed

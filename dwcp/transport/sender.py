@@ -356,8 +356,8 @@ class _Session:
             raise TransportError(
                 "transport closed before the acknowledgement came", code="UNCONFIRMED"
             )
-        oldest = window.oldest()
-        if oldest is not None and _monotonic() - oldest >= self.send_timeout:
+        since = window.waiting_since()
+        if since is not None and _monotonic() - since >= self.send_timeout:
             # Unconfirmed for send_timeout: the link is as good as broken (the keepalive
             # would say so next); breaking now lets recovery resend at once.
             self.break_(f"no acknowledgement within send_timeout ({self.send_timeout:g} s)")
@@ -449,6 +449,34 @@ class _Session:
         if stream.queued >= _OUTBOX_LIMIT:
             self._fail(stream, "stalled: send_timeout expired with the stream's queue full", None)
 
+    def _wait_for_window(self, size: int, deadline: float) -> None:
+        """Acknowledged: wait until the window has room for ``size`` bytes, or raise
+        TransportError: ``WINDOW_FULL`` while acknowledgements still come, only too slowly
+        for this send, ``ACK_TIMEOUT`` (breaking the session) when none came for
+        send_timeout. Either way nothing was sent."""
+        window = self.window
+        assert window is not None
+        if window.wait_room(size, deadline, self.ended):
+            return
+        if self.broken is not None or self.closing:
+            self._raise_broken()
+        since = window.waiting_since()
+        if since is None or _monotonic() - since < self.send_timeout:
+            # Acknowledgements come, only slower than this send could wait for room: the
+            # link is not broken, this send just took nothing.
+            raise TransportError(
+                f"the window stayed full for send_timeout ({self.send_timeout:g} s); "
+                "nothing was sent",
+                code="WINDOW_FULL",
+            )
+        reason = f"no acknowledgement within send_timeout ({self.send_timeout:g} s)"
+        self.break_(reason + "; the window stayed full")
+        raise TransportError(
+            f"{reason}: {window.pending} messages unacknowledged; they are kept and "
+            "resent after a restart",
+            code="ACK_TIMEOUT",
+        )
+
     def _await_written(self, batch: _Batch, deadline: float) -> None:
         # The writers read the caller's buffer until this is set: never return before.
         if not batch.done.wait(max(deadline - _monotonic(), 0.0)):
@@ -459,34 +487,51 @@ class _Session:
         if self.broken is not None:
             self._raise_broken()
 
-    def send_small(self, data: Buffer, size: int, track: bool = False, urgent: bool = False) -> int:
+    def send_small(
+        self,
+        data: Buffer,
+        size: int,
+        track: bool = False,
+        urgent: bool = False,
+        deadline: float = 0.0,
+    ) -> int:
         """Queue a message that fits one chunk as one frame on the next stream (round robin);
         return its message id.
 
         Positional, with defaults for the unacknowledged case: this runs per message, and a
         keyword call costs more.
-        ``track``: add it to the window (under the order lock, so the window is in id order);
-        once it is there, a failure to write it is the session's, not this send's: the
-        message is resent by the next session, and the send returns. ``urgent``: ask the
-        receiver to acknowledge it at once (ACK_NOW), for a sender waiting on it.
+        ``track``: add it to the window (under the order lock, so the window is in id order),
+        waiting while the window is full; once it is there, a failure to write it is the
+        session's, not this send's: the message is resent by the next session, and the send
+        returns. ``urgent``: ask the receiver to acknowledge it at once (ACK_NOW), for a
+        sender waiting on it. ``deadline``: when waiting for room must end (0: send_timeout
+        from the first wait).
         """
         if self.broken is not None or self.closing:
             self._raise_broken()
         window = self.window if track else None
         flags = self.urgent_flags if urgent else self.flags
         if size <= _COPY_LIMIT:
-            # The common case, inlined: one frame copied into a stream's outbox with room.
+            # The common case, inlined: one frame copied into a stream's outbox with room,
+            # and, tracked, into a window with room (Window.fits and Window.add, inlined).
             crc = _checksum(data) if self.checksum else 0
             with self._order:
                 if self.closing:
                     self._raise_broken()
                 message_id = self.next_id
                 stream = self.streams[message_id % self.count]
-                if stream.queued < _OUTBOX_LIMIT:
+                if stream.queued < _OUTBOX_LIMIT and (
+                    window is None
+                    or (message_id < window.id_limit and window.added + size <= window.byte_limit)
+                    or window.last == window.acked
+                ):
                     self.next_id = message_id + 1
-                    if window is not None:  # Window.add, inlined
-                        window.entries.append([message_id, data, _monotonic()])
+                    if window is not None:
+                        if window.last == window.acked:
+                            window.since = _monotonic()
+                        window.entries.append(data)  # type: ignore[arg-type]
                         window.last = message_id
+                        window.added += size
                     head = _pack_head(
                         _MAGIC, _VERSION, _DATA, flags, message_id, 0, 1, size, size, crc
                     )  # fmt: skip
@@ -500,7 +545,8 @@ class _Session:
                             stream.kicked = True
                             stream.kick.release()
                     return message_id
-        deadline = _monotonic() + self.send_timeout
+        if not deadline:
+            deadline = _monotonic() + self.send_timeout
         # Frames up to 16 KiB are copied into the outbox, and a bytes object cannot change
         # under the writer; a mutable buffer, or a message over the outbox limit, is written
         # before send() returns (the caller may reuse the buffer; a large send's failure
@@ -520,7 +566,8 @@ class _Session:
                     self._raise_broken()
                 message_id = self.next_id
                 stream = self.streams[message_id % self.count]
-                if stream.queued < _OUTBOX_LIMIT:
+                full = window is not None and not window.fits(size)
+                if not full and stream.queued < _OUTBOX_LIMIT:
                     self.next_id = message_id + 1
                     if window is not None:
                         window.add(message_id, data)  # type: ignore[arg-type]
@@ -534,7 +581,10 @@ class _Session:
                         parts = (head + data,) if size <= _COPY_LIMIT else (head, data)
                         stream.put(parts, _HEADER_SIZE + size, deadline, mark)
                     break
-            self._wait_for_room(stream, deadline)
+            if full:
+                self._wait_for_window(size, deadline)
+            else:
+                self._wait_for_room(stream, deadline)
         try:
             if direct:
                 try:
@@ -552,14 +602,22 @@ class _Session:
         return message_id
 
     def send_large(
-        self, data: Buffer, size: int, chunk_size: int, *, track: bool, urgent: bool = False
+        self,
+        data: Buffer,
+        size: int,
+        chunk_size: int,
+        *,
+        track: bool,
+        urgent: bool = False,
+        deadline: float = 0.0,
     ) -> int:
         """Cut a message into chunks striped over the streams, queued on each in id order;
-        return its message id (``track`` and ``urgent`` as for ``send_small``)."""
+        return its message id (``track``, ``urgent`` and ``deadline`` as for ``send_small``)."""
         if self.broken is not None or self.closing:
             self._raise_broken()
         window = self.window if track else None
-        deadline = _monotonic() + self.send_timeout
+        if not deadline:
+            deadline = _monotonic() + self.send_timeout
         view = memoryview(data).cast("B")
         chunks = -(-size // chunk_size)
         shares = min(chunks, self.count)
@@ -577,7 +635,8 @@ class _Session:
                 # One look at each lane: a lane seen full is the one waited for below, even
                 # if its writer drained it since (_wait_for_room looks again, under its lock).
                 full = next((lane for lane in lanes if lane.queued >= _OUTBOX_LIMIT), None)
-                if full is None:
+                no_room = window is not None and not window.fits(size)
+                if full is None and not no_room:
                     self.next_id = message_id + 1
                     if window is not None:
                         window.add(message_id, data)  # type: ignore[arg-type]
@@ -593,7 +652,11 @@ class _Session:
                         )
                         lane.put(parts, queued, deadline, batch, lazy=True)
                     break
-            self._wait_for_room(full, deadline)
+            if no_room:
+                self._wait_for_window(size, deadline)
+            else:
+                assert full is not None
+                self._wait_for_room(full, deadline)
         try:
             if not early:
                 self._await_written(batch, deadline)
@@ -742,7 +805,7 @@ class _Session:
     def _keepalive_loop(self) -> None:
         """PING streams that were idle for an interval; break the session when a PING goes
         unanswered for ``keepalive_timeout`` (the receiver vanished without FIN or RST), or,
-        acknowledged, when the oldest message waits for its ACK longer than send_timeout.
+        acknowledged, when messages await an ACK and none came for send_timeout.
 
         A busy stream is not pinged: its writes are bounded by send_timeout already. A
         receiver that is alive but not reading (backpressure) answers unprompted.
@@ -759,8 +822,8 @@ class _Session:
         try:
             while not self._stopped.wait(tick):
                 now = _monotonic()
-                oldest = None if window is None else window.oldest()
-                if oldest is not None and now - oldest > self.send_timeout:
+                since = None if window is None else window.waiting_since()
+                if since is not None and now - since > self.send_timeout:
                     self.break_(f"no acknowledgement within send_timeout ({self.send_timeout:g} s)")
                     return
                 if interval is None:
@@ -1176,51 +1239,23 @@ class MultiStreamTCPTransport:
             return
         if session is None:
             raise TransportError("transport not started", code="NOT_STARTED")
-        if type(data) is not bytes:
+        if kind is not bytes:
             data = bytes(data)  # the window keeps it until the receiver confirms it
-        deadline = 0.0
-        with window.lock:  # Window.reserve's fast case, inlined (this runs per message)
-            count = window.count
-            room = count == 0 or (
-                count < window.max_messages and window.bytes + size <= window.max_bytes
-            )
-            if room:
-                window.count = count + 1
-                window.bytes += size
-        if not room:
-            deadline = _monotonic() + self._send_timeout
-        if not room and not window.reserve(size, deadline, session.ended):
-            if session.broken is not None or session.closing:
-                session._raise_broken()
-            oldest = window.oldest()
-            if oldest is None or _monotonic() - oldest < self._send_timeout:
-                # Acknowledgements come, only slower than this send could wait for room: the
-                # link is not broken, this send just took nothing.
-                raise TransportError(
-                    f"the window stayed full for send_timeout ({self._send_timeout:g} s); "
-                    "nothing was sent",
-                    code="WINDOW_FULL",
-                )
-            reason = f"no acknowledgement within send_timeout ({self._send_timeout:g} s)"
-            session.break_(reason + "; the window stayed full")
-            raise TransportError(
-                f"{reason}: {window.pending} messages unacknowledged; they are kept and "
-                "resent after a restart",
-                code="ACK_TIMEOUT",
-            )
-        try:
+        if not wait:
             if size <= self._chunk_size:
-                message_id = session.send_small(data, size, True, wait)
+                session.send_small(data, size, True)
             else:
-                message_id = session.send_large(
-                    data, size, self._chunk_size, track=True, urgent=wait
-                )
-        except BaseException:
-            # Not taken (the id is taken and the message added in one step, which failed).
-            window.cancel(size)
-            raise
-        if wait:
-            session.wait_acked(message_id, deadline or _monotonic() + self._send_timeout)
+                session.send_large(data, size, self._chunk_size, track=True)
+            return
+        # One deadline for the room in the window and for the acknowledgement.
+        deadline = _monotonic() + self._send_timeout
+        if size <= self._chunk_size:
+            message_id = session.send_small(data, size, True, True, deadline)
+        else:
+            message_id = session.send_large(
+                data, size, self._chunk_size, track=True, urgent=True, deadline=deadline
+            )
+        session.wait_acked(message_id, deadline)
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every message sent so far is written to the kernel and, with

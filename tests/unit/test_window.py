@@ -1,6 +1,6 @@
 """The sender's window without sockets: its bounds, waiting for room, deadlines, endings.
 
-Threads that wait in ``reserve`` are observed through the window's own count of waiters
+Threads that wait in ``wait_room`` are observed through the window's own count of waiters
 (polled with a deadline); a waiter counted there is inside ``Condition.wait``, since it
 counts itself under the lock that ``wait`` releases, so nothing here depends on timing.
 """
@@ -21,24 +21,24 @@ def never() -> bool:
 
 
 def fill(window: Window, sizes: list[int]) -> None:
-    """Reserve and add one message per size, ids 0, 1, ... (what a send does)."""
+    """Add one message per size, ids last + 1, ... (what a send does under its order lock)."""
     for size in sizes:
-        assert window.reserve(size, time.monotonic() + FAR, never)
+        assert window.fits(size)
         window.add(window.last + 1, bytes(size))
 
 
-def waiting_reserve(
+def waiting_for_room(
     window: Window, size: int, broken: threading.Event | None = None
 ) -> tuple[threading.Thread, list[bool]]:
-    """A thread blocked in ``reserve``; its result lands in the list."""
+    """A thread blocked in ``wait_room``; its result lands in the list."""
     outcome: list[bool] = []
     before = window._room_waiting
     ended = never if broken is None else broken.is_set
 
     def run() -> None:
-        outcome.append(window.reserve(size, time.monotonic() + FAR, ended))
+        outcome.append(window.wait_room(size, time.monotonic() + FAR, ended))
 
-    thread = threading.Thread(target=run, name="test-reserve", daemon=True)
+    thread = threading.Thread(target=run, name="test-wait-room", daemon=True)
     thread.start()
     wait_until(lambda: window._room_waiting > before)
     return thread, outcome
@@ -47,15 +47,18 @@ def waiting_reserve(
 def test_the_window_is_bounded_by_messages_and_by_bytes() -> None:
     by_count = Window(2, 1 << 20)
     fill(by_count, [10, 10])
-    assert not by_count.reserve(10, time.monotonic(), never)
+    assert not by_count.fits(10)
+    assert not by_count.wait_room(10, time.monotonic(), never)
     by_bytes = Window(100, 1000)
     fill(by_bytes, [600])
-    assert not by_bytes.reserve(500, time.monotonic(), never)
-    assert by_bytes.reserve(400, time.monotonic(), never)
+    assert not by_bytes.fits(500)
+    assert by_bytes.fits(400)
     # A message larger than the whole byte window still goes, alone.
     alone = Window(100, 1000)
-    assert alone.reserve(5000, time.monotonic(), never)
-    assert not alone.reserve(1, time.monotonic(), never)
+    assert alone.fits(5000)
+    alone.add(0, bytes(5000))
+    assert not alone.fits(1)
+    assert alone.pending == 1 and alone.pending_bytes == 5000
 
 
 def test_room_freed_by_an_acknowledgement_goes_to_the_waiting_sends_at_once() -> None:
@@ -64,44 +67,33 @@ def test_room_freed_by_an_acknowledgement_goes_to_the_waiting_sends_at_once() ->
     # spent more of it waiting for room, leaving less for its acknowledgement (wait=True).
     window = Window(8, 1 << 20)
     fill(window, [10] * 8)
-    waiters = [waiting_reserve(window, 10) for _ in range(2)]
+    waiters = [waiting_for_room(window, 10) for _ in range(2)]
     assert window.ack(1) == 2
     for thread, outcome in waiters:
         thread.join(FAR)
         assert outcome == [True]
-    assert window.count == 8 and window.bytes == 80
+    assert window.pending == 6 and window.pending_bytes == 60
 
 
 def test_a_message_too_large_for_the_room_left_waits_while_smaller_ones_pass() -> None:
     window = Window(100, 1000)
     fill(window, [300, 300])
-    thread, outcome = waiting_reserve(window, 500)
-    assert window.reserve(100, time.monotonic(), never)  # fits: not held up by the waiter
-    window.add(2, bytes(100))
+    thread, outcome = waiting_for_room(window, 500)
+    fill(window, [100])  # fits: not held up by the waiter
     window.ack(0)  # 400 bytes taken: 500 fit now
     thread.join(FAR)
-    assert outcome == [True] and window.bytes == 900
-
-
-def test_cancelled_room_goes_to_a_waiting_send() -> None:
-    window = Window(4, 1 << 20)
-    fill(window, [10] * 3)
-    assert window.reserve(10, time.monotonic(), never)  # reserved, never added
-    thread, outcome = waiting_reserve(window, 10)
-    window.cancel(10)
-    thread.join(FAR)
-    assert outcome == [True] and window.count == 4
+    assert outcome == [True] and window.pending_bytes == 400
 
 
 def test_a_waiter_gives_up_once_the_session_is_broken() -> None:
     window = Window(2, 1 << 20)
     fill(window, [10, 10])
     broken = threading.Event()
-    thread, outcome = waiting_reserve(window, 10, broken)
+    thread, outcome = waiting_for_room(window, 10, broken)
     broken.set()
     window.wake()
     thread.join(FAR)
-    assert outcome == [False] and window.count == 2
+    assert outcome == [False] and window.pending == 2
 
 
 def test_acknowledgements_are_cumulative_and_replay_keeps_the_rest_in_order() -> None:
@@ -109,5 +101,39 @@ def test_acknowledgements_are_cumulative_and_replay_keeps_the_rest_in_order() ->
     fill(window, [10, 20, 30, 40])
     assert window.ack(1) == 2
     assert window.ack(0) == 0  # at or below one already taken: nothing
-    assert [message_id for message_id, _ in window.replay()] == [2, 3]
+    assert window.replay() == [(2, bytes(30)), (3, bytes(40))]
     assert window.pending == 2 and window.pending_bytes == 70
+    assert window.ack(3) == 2 and window.pending == 0 and window.pending_bytes == 0
+    assert window.replay() == [] and window.waiting_since() is None
+
+
+def test_the_ack_timeout_runs_from_when_the_head_of_the_window_began_to_wait() -> None:
+    # Measured from the last acknowledgement that made progress (or from when the window
+    # filled from empty, or a replay): a link whose ACKs keep coming is not timed out, however
+    # long a large window takes to drain.
+    window = Window(8, 1 << 20)
+    assert window.waiting_since() is None
+    before = time.monotonic()
+    fill(window, [10, 10, 10])
+    first = window.waiting_since()
+    assert first is not None and first >= before
+    fill(window, [10])  # not empty before: the head still waits since the first add
+    assert window.waiting_since() == first
+    window.ack(0)
+    after_ack = window.waiting_since()
+    assert after_ack is not None and after_ack >= first
+    assert window.ack(0) == 0 and window.waiting_since() == after_ack  # no progress
+    window.replay()
+    replayed = window.waiting_since()
+    assert replayed is not None and replayed >= after_ack
+
+
+def test_a_burst_of_room_is_passed_from_waiter_to_waiter() -> None:
+    # ack() notifies one waiter; each one that gets room wakes the next while room is left.
+    window = Window(4, 1 << 20)
+    fill(window, [10] * 4)
+    waiters = [waiting_for_room(window, 10) for _ in range(3)]
+    assert window.ack(2) == 3
+    for thread, outcome in waiters:
+        thread.join(FAR)
+        assert outcome == [True]
