@@ -1,17 +1,24 @@
-"""The sender's queueing decisions without writer threads: a session over socket pairs whose
-streams' outboxes the test fills and drains by hand, so each interleaving is played exactly.
+"""The sender's queueing decisions over socket pairs: without writer threads, streams whose
+outboxes the test fills and drains by hand, so each interleaving is played exactly; and
+acknowledged sessions whose ACKs the test writes by hand on the peer ends, so the window's
+room changes exactly when the test says.
 """
 
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from dwcp.transport import sender
+from dwcp import TransportError
+from dwcp.transport import sender, wire
+from dwcp.transport._window import Window
 from dwcp.transport.sender import _Session, _Stream
+from tests.conftest import wait_until
 
 _QUEUED: Any = vars(_Stream)["queued"]  # the slot itself, under the property below
 
@@ -69,3 +76,140 @@ def test_a_striped_send_waits_for_the_lane_it_saw_full_even_once_it_drained(
     assert _DrainedAfterOneLook.looks_full == 0
     assert [len(s.outbox) for s in session.streams] == [2, 2]
     assert session.next_id == 1 and session.broken is None
+
+
+# -- acknowledged: the window's room, taken under the order lock -------------------------------
+
+FAR = 30.0  # a send_timeout no passing test reaches
+
+
+class _Acked:
+    """An acknowledged session over socket pairs, its writer and reader threads running; the
+    test plays the receiver's ACKs by hand on the peer ends."""
+
+    def __init__(self, max_messages: int, max_bytes: int, send_timeout: float) -> None:
+        self.pairs = [socket.socketpair() for _ in range(2)]
+        self.window = Window(max_messages, max_bytes)
+        self.session = _Session(
+            ("127.0.0.1", 9),
+            [(ours, None) for ours, _ in self.pairs],
+            session_id=bytes(16),
+            send_timeout=send_timeout,
+            acknowledged=True,
+            checksum=True,
+            keepalive_interval=None,
+            keepalive_timeout=5.0,
+            window=self.window,
+        )
+        self.session.run_threads()
+
+    def ack(self, through: int) -> None:
+        self.pairs[0][1].sendall(wire.pack_ack(through))
+        wait_until(lambda: self.window.acked >= through)
+
+    def close(self) -> None:
+        self.session.break_("test over")  # nothing to wait for: no ACK is coming
+        self.session.shutdown()
+        for pair in self.pairs:
+            for sock in pair:
+                sock.close()
+
+
+def _in_thread(run: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
+    outcome: list[object] = []
+
+    def target() -> None:
+        try:
+            outcome.append(run())
+        except TransportError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=target, name="test-send", daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def test_many_threads_never_hold_more_than_the_window_and_each_id_once() -> None:
+    # 8 threads, 10 sends each, a 16-message window and no ACK: exactly 16 go, the other
+    # threads wait; each ACK lets exactly as many more in as it freed.
+    acked = _Acked(16, 1 << 20, FAR)
+    window, session = acked.window, acked.session
+    ids: list[int] = []
+    lock = threading.Lock()
+
+    def sender(number: int) -> None:
+        for seq in range(10):
+            data = b"%d:%d" % (number, seq) + bytes(seq * 300)  # 1-3 chunks of 1 KiB
+            if len(data) <= 1024:
+                got = session.send_small(data, len(data), True)
+            else:
+                got = session.send_large(data, len(data), 1024, track=True)
+            with lock:
+                ids.append(got)
+
+    try:
+        threads = [threading.Thread(target=sender, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        through = -1
+        for _ in range(80):  # bounded: one ACK per round at least
+            if through == 79:
+                break
+            wait_until(
+                lambda: (
+                    len(ids) == 80
+                    or (
+                        window.pending == 16
+                        and window._room_waiting == sum(t.is_alive() for t in threads)
+                    )
+                )
+            )
+            assert window.pending <= 16 and window.last - window.acked == window.pending
+            through = min(window.last, through + 5)
+            acked.ack(through)
+        for thread in threads:
+            thread.join(FAR)
+        assert sorted(ids) == list(range(80)) and window.pending == 0
+        assert window.pending_bytes == 0
+    finally:
+        acked.close()
+
+
+def test_a_send_that_finds_no_room_while_acks_still_come_raises_window_full() -> None:
+    # 1,000 bytes of window: 100 + 800 in flight, 900 wanted. The ACK of the 100 comes while
+    # the send waits: room for 200 only. The head of the window has waited less than
+    # send_timeout since that ACK (though the 800 have waited longer since they were sent):
+    # the link is alive, so WINDOW_FULL, nothing sent, and the session is not broken.
+    acked = _Acked(100, 1000, 5.0)
+    window, session = acked.window, acked.session
+    try:
+        assert session.send_small(bytes(100), 100, True) == 0
+        assert session.send_small(bytes(800), 800, True) == 1
+        window.since -= 60.0  # as if both had been sent a minute ago
+        deadline = time.monotonic() + 1.0  # this send waits for room less than send_timeout
+        thread, outcome = _in_thread(
+            lambda: session.send_small(bytes(900), 900, True, False, deadline)
+        )
+        wait_until(lambda: window._room_waiting == 1)
+        acked.ack(0)
+        thread.join(FAR)
+        [error] = outcome
+        assert isinstance(error, TransportError) and error.code == "WINDOW_FULL", error
+        assert session.broken is None and window.pending == 1 and session.next_id == 2
+        assert session.send_small(bytes(200), 200, True) == 2  # what fits still goes
+    finally:
+        acked.close()
+
+
+def test_a_send_that_finds_no_room_and_no_ack_for_send_timeout_raises_ack_timeout() -> None:
+    acked = _Acked(2, 1 << 20, 0.3)
+    window, session = acked.window, acked.session
+    try:
+        session.send_small(b"a", 1, True)
+        session.send_small(b"b", 1, True)
+        with pytest.raises(TransportError) as raised:
+            session.send_small(b"c", 1, True)
+        assert raised.value.code == "ACK_TIMEOUT"
+        assert session.broken is not None and window.pending == 2 and session.next_id == 2
+    finally:
+        acked.close()
