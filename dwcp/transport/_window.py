@@ -77,6 +77,8 @@ class Window:
 
         The sender's small-message path does the same inline (a call costs as much).
         """
+        # The entries' ids are implied by their places: a gap would misnumber a replay.
+        assert message_id == self.last + 1, (message_id, self.last)
         if self.last == self.acked:
             self.since = _monotonic()
         self.entries.append(data)
@@ -100,8 +102,12 @@ class Window:
                     self._room.wait(left)
             finally:
                 self._room_waiting -= 1
-            if self._room_waiting:
-                self._room.notify()  # maybe room for more than this one: pass the wake-up on
+            if (
+                self._room_waiting
+                and self.last + 2 < self.id_limit
+                and self.added + size < self.byte_limit
+            ):
+                self._room.notify()  # room for more than this one: pass the wake-up on
             return True
 
     def ack(self, through: int) -> int:
