@@ -158,7 +158,8 @@ class Manager(GuardedCalls):
         )
         if self._cluster is not None:  # learned outage timing shared through its Redis
             for state in self._states.values():
-                state.supervisor.share(self._cluster.outage_history(self._name, state.name))
+                if state.supervisor.history is not None:  # predictive: it learns
+                    state.supervisor.share(self._cluster.outage_history(self._name, state.name))
         self._health_server = None
         if health_port is not None:  # validated now, bound in start()
             port = check.port("health_port", health_port)

@@ -9,7 +9,7 @@ import dwcp
 from dwcp._prediction import WINDOW, Outage, RecoveryHistory
 from dwcp._shared_history import decode_outage, encode_outage, history_key
 from dwcp.cluster import ClusterMember
-from dwcp.testing import FakeClock
+from dwcp.testing import FakeClock, FakeLayer
 from tests._outage import OutagePeer, run_outage
 from tests._redis import RedisServer, free_port, redis_server
 from tests.conftest import wait_until
@@ -115,3 +115,22 @@ def test_entries_that_are_not_outages_decode_to_none(raw: bytes) -> None:
 def test_an_outage_survives_its_encoding() -> None:
     for outage in (Outage(7.11, 3.06, 3, 7.06), Outage(12.0, 1.0, None, 12.0)):
         assert decode_outage(encode_outage(outage).encode()) == outage
+
+
+def test_only_components_that_learn_get_a_shared_history() -> None:
+    # Constructed, never started: no Redis I/O. The transport is predictive, the protocol
+    # layer is not; only the transport's list is read at start and written after outages.
+    clock = FakeClock()
+    manager = dwcp.Manager(
+        OutagePeer(clock),
+        layers={"protocol": FakeLayer()},
+        health_interval=3600.0,
+        recovery={"transport": dwcp.RecoveryPolicy(predictive=True)},
+        clock=clock,
+        breaker_name="shared",
+        cluster=f"redis://127.0.0.1:{free_port()}",
+        node_id="solo",
+    )
+    member = manager._cluster
+    assert member is not None
+    assert list(member._histories) == [KEY]
