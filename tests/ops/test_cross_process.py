@@ -26,6 +26,7 @@ import pytest
 from dwcp import MultiStreamTCPTransport, TransportError
 from tests.conftest import TransportFactory
 from tests.faultproxy import FaultProxy, fault_proxy_fixture  # noqa: F401 - "fault_proxy"
+from tests.payload import ID_SIZE
 from tests.procs import (  # noqa: F401 - receiver_process_fixture: "receiver_process"
     ReceiverProcess,
     expected_identity,
@@ -758,6 +759,59 @@ def test_many_threads_share_one_transport(
     assert not failed, f"{len(failed)} of {len(results)} sends failed, e.g. {failed[:3]}"
     for number in range(threads_count):
         assert_exactly(stats, number, range(per_thread))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_many_threads_share_one_acknowledged_transport_at_every_size_class(
+    receiver_process: ReceiverFactory, transport_factory: TransportFactory
+) -> None:
+    # 8 threads, each through every size class (one frame copied, one frame queued, one
+    # striped over the streams, 8 MiB larger than the whole byte window, which goes alone),
+    # half of them as bytearrays, into a window small enough that most sends wait for room.
+    # Every send returns, and after flush() each writer's messages arrive once, in order.
+    threads_count = 8
+    receiver = receiver_process()
+    transport = open_transport(
+        transport_factory,
+        receiver.address,
+        streams=4,
+        acknowledged=True,
+        max_in_flight=16,
+        max_in_flight_bytes=4 * MiB,
+        send_timeout=20.0,
+    )
+    barrier = threading.Barrier(threads_count)
+    errors: list[BaseException] = []
+
+    def writer(number: int) -> None:
+        # Every payload at least ID_SIZE bytes, so that each one names its writer and seq.
+        sizes = [max(size, ID_SIZE) for size in SIZES[number:] + SIZES[:number]]
+        payloads = [make_payload(number, seq, size) for seq, size in enumerate(sizes)]
+        barrier.wait(timeout=30)
+        try:
+            for seq, payload in enumerate(payloads):
+                transport.send(bytearray(payload) if seq % 2 else payload)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=writer, args=(n,), name=f"test-writer-{n}", daemon=True)
+        for n in range(threads_count)
+    ]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 90
+    for thread in threads:
+        thread.join(max(deadline - time.monotonic(), 0.0))
+    assert not [t.name for t in threads if t.is_alive()], "sends did not finish"
+    assert not errors, errors[:3]
+    transport.flush()
+    assert transport.unacknowledged == 0
+    stats = wait_draining(receiver, threads_count * len(SIZES))
+    for number in range(threads_count):
+        assert_exactly(stats, number, range(len(SIZES)))
+    transport.health_check()
 
 
 @pytest.mark.slow
