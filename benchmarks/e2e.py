@@ -834,21 +834,102 @@ def acknowledged(quick: bool, only: set[int] | None = None) -> list[Result]:
     return results
 
 
+# -- row 5: many sender threads on one link --------------------------------------------------------
+
+_SENDERS = 8
+_SENDERS_COUNT = (100_000, 30_000)  # messages per measurement, full and quick
+
+
+def many_senders(quick: bool) -> list[Result]:
+    """8 threads sending 1 KiB messages over one link, against what they would write by hand:
+    a 4-byte length prefix on one connection, each ``sendall`` under a lock (the threads
+    share it). Also the same dwcp transport sent to from one thread: what the threads cost.
+    """
+    rounds = 3 if quick else 7
+    count = _SENDERS_COUNT[1] if quick else _SENDERS_COUNT[0]
+    size = 1024
+    payload = os.urandom(size)
+    limit = 2**20
+    with ExitStack() as stack:
+        framed_peer = stack.enter_context(Peer("framed", max_message_size=limit))
+        framed = framed_sender(stack.enter_context(_tcp_connection(framed_peer.address)))
+        lock = threading.Lock()
+
+        def locked(data: bytes) -> None:
+            with lock:
+                framed(data)
+
+        dwcp_peer = stack.enter_context(Peer("dwcp", max_message_size=limit))
+        unacked = stack.enter_context(_dwcp_transport(dwcp_peer.address, max_message_size=limit))
+        acked = stack.enter_context(
+            _dwcp_transport(dwcp_peer.address, max_message_size=limit, acknowledged=True)
+        )
+        contenders = {
+            "framed": partial(_threaded_rate, framed_peer, locked, payload, workers=_SENDERS),
+            "dwcp": partial(_threaded_rate, dwcp_peer, unacked.send, payload, workers=_SENDERS),
+            "dwcp-acked": partial(_threaded_rate, dwcp_peer, acked.send, payload, workers=_SENDERS),
+            "dwcp-1": partial(_threaded_rate, dwcp_peer, unacked.send, payload, workers=1),
+        }
+        labelled = {name: _labelled(name, measure) for name, measure in contenders.items()}
+        samples, failure = rotate(labelled, count=count, rounds=rounds, warmup=count // 4)
+    notes = f"{count:,} msgs x {len(samples['dwcp'])} rounds; default 4-stream transports"
+    if failure is not None:
+        notes += f"; FAILED: {failure}"
+    results = []
+    rows = (
+        ("dwcp", "framed", "length prefix under a lock, 8 threads", 1.0),
+        ("dwcp-acked", "framed", "length prefix under a lock, 8 threads", 0.8),
+        ("dwcp", "dwcp-1", "dwcp from one thread", 0.8),
+    )
+    for ours_name, reference_name, title, target in rows:
+        ours, reference = samples[ours_name], samples[reference_name]
+        ratio = paired_ratio(ours, reference) if ours else None
+        kind = "acknowledged" if ours_name == "dwcp-acked" else "unacknowledged"
+        results.append(
+            Result(
+                scenario=f"8. e2e {_SENDERS} sender threads, 1 KiB, {kind}, vs {title}",
+                metric="delivered msgs/s",
+                ours=_median(ours) / 1e3,
+                reference=_median(reference) / 1e3,
+                unit=" kmsg/s",
+                target=f">= {target}x",
+                met=failure is None and ratio is not None and ratio >= target,
+                paired_ratio=ratio,
+                notes=notes
+                + "; ratios per round "
+                + ", ".join(f"{o / r:.2f}" for o, r in zip(ours, reference)),
+                extra={"message_size": size, "threads": _SENDERS, "reference": reference_name},
+            )
+        )
+    return results
+
+
 # -- the scenario ----------------------------------------------------------------------------------
 
 
 def end_to_end(quick: bool) -> list[Result]:
     """Scenario 8: delivered messages per second, receiver in a child process."""
-    return one_stream(quick) + multistream(quick) + threads(quick) + acknowledged(quick)
+    return (
+        one_stream(quick)
+        + multistream(quick)
+        + threads(quick)
+        + acknowledged(quick)
+        + many_senders(quick)
+    )
 
 
 if __name__ == "__main__":
-    # ``python -m benchmarks.e2e [--quick] [ROW ...]``: only the acknowledged rows (0, 1, 2;
-    # default all); the whole scenario is ``python -m benchmarks --only 8``.
+    # ``python -m benchmarks.e2e [--quick] [ROW ...] [senders]``: the acknowledged rows (0, 1,
+    # 2; all of them unless some are named) and, with ``senders``, the 8-thread rows; the
+    # whole scenario is ``python -m benchmarks --only 8``.
     from benchmarks.harness import format_table
 
+    quick = "--quick" in sys.argv[1:]
     chosen = {int(arg) for arg in sys.argv[1:] if arg.isdigit()}
-    rows = acknowledged("--quick" in sys.argv[1:], chosen or None)
+    senders = "senders" in sys.argv[1:]
+    rows = [] if senders and not chosen else acknowledged(quick, chosen or None)
+    if senders:
+        rows += many_senders(quick)
     print(format_table(rows))
     for row in rows:
         print(f"  {row.scenario}: {row.notes}")
