@@ -37,8 +37,8 @@ class Window:
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         self.lock = threading.Lock()
-        # Two conditions on one lock: an ACK wakes a sender waiting for room (which passes
-        # the wake-up on while room is left), and every waiter for an acknowledgement.
+        # Two conditions on one lock: an ACK wakes the senders waiting for room, and every
+        # waiter for an acknowledgement.
         self._room = threading.Condition(self.lock)
         self._acked = threading.Condition(self.lock)
         #: The payloads of messages ``acked + 1`` .. ``last``, in id order. Appended to by
@@ -102,12 +102,6 @@ class Window:
                     self._room.wait(left)
             finally:
                 self._room_waiting -= 1
-            if (
-                self._room_waiting
-                and self.last + 2 < self.id_limit
-                and self.added + size < self.byte_limit
-            ):
-                self._room.notify()  # room for more than this one: pass the wake-up on
             return True
 
     def ack(self, through: int) -> int:
@@ -123,9 +117,9 @@ class Window:
             self.byte_limit = self.freed + self.max_bytes
             self.since = _monotonic()
             if self._room_waiting:
-                # One waiter; each that gets room passes the wake-up on while room is left
-                # (see wait_room), so a burst of freed slots does not wake every sender.
-                self._room.notify()
+                # Every waiter looks again: the room may fit a later, smaller message and not
+                # the first waiter's, and one ACK frees up to 128 messages' room anyway.
+                self._room.notify_all()
             if self._ack_waiting:
                 self._acked.notify_all()
         return freed

@@ -128,8 +128,7 @@ def test_the_ack_timeout_runs_from_when_the_head_of_the_window_began_to_wait() -
     assert replayed is not None and replayed >= after_ack
 
 
-def test_a_burst_of_room_is_passed_from_waiter_to_waiter() -> None:
-    # ack() notifies one waiter; each one that gets room wakes the next while room is left.
+def test_a_burst_of_room_reaches_every_waiter() -> None:
     window = Window(4, 1 << 20)
     fill(window, [10] * 4)
     waiters = [waiting_for_room(window, 10) for _ in range(3)]
@@ -137,3 +136,20 @@ def test_a_burst_of_room_is_passed_from_waiter_to_waiter() -> None:
     for thread, outcome in waiters:
         thread.join(FAR)
         assert outcome == [True]
+
+
+def test_room_too_small_for_the_first_waiter_still_reaches_a_smaller_one() -> None:
+    # 500 + 480 of 1,000 bytes in flight; an 800-byte send waits, then a 50-byte one. The ACK
+    # of the 500 leaves room for the 50 only: it must go, though the 800 waited first (a
+    # wake-up taken by a waiter that cannot use it used to leave the 50 asleep until the
+    # next ACK, and with a slow consumer, to WINDOW_FULL with room to spare).
+    window = Window(100, 1000)
+    fill(window, [500, 480])
+    large, large_outcome = waiting_for_room(window, 800)
+    small, small_outcome = waiting_for_room(window, 50)
+    window.ack(0)
+    small.join(FAR)
+    assert small_outcome == [True] and large.is_alive()
+    window.ack(1)
+    large.join(FAR)
+    assert large_outcome == [True]
