@@ -213,3 +213,49 @@ def test_a_send_that_finds_no_room_and_no_ack_for_send_timeout_raises_ack_timeou
         assert session.broken is not None and window.pending == 2 and session.next_id == 2
     finally:
         acked.close()
+
+
+# -- the order lock under contention ----------------------------------------------------------
+
+
+def test_a_sender_finding_the_order_lock_taken_yields_then_takes_it_when_freed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The holder frees the lock during the third yield: the waiter takes it there, without
+    # blocking, and holds it when _take_contended returns.
+    order = threading.Lock()
+    order.acquire()
+    yields: list[float] = []
+
+    def fake_sleep(seconds: float) -> None:
+        yields.append(seconds)
+        if len(yields) == 3:
+            order.release()
+
+    monkeypatch.setattr(sender, "_sleep", fake_sleep)
+    sender._take_contended(order)
+    assert yields == [0, 0, 0] and order.locked()
+    order.release()
+
+
+def test_a_sender_still_blocked_after_its_yields_waits_for_the_release(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    order = threading.Lock()
+    order.acquire()
+    yields: list[float] = []
+    monkeypatch.setattr(sender, "_sleep", yields.append)
+    took = threading.Event()
+
+    def waiter() -> None:
+        sender._take_contended(order)
+        took.set()
+
+    thread = threading.Thread(target=waiter, name="test-order-waiter", daemon=True)
+    thread.start()
+    wait_until(lambda: len(yields) == sender._YIELDS)  # every yield spent: it blocks now
+    assert not took.is_set()
+    order.release()
+    assert took.wait(FAR)
+    thread.join(FAR)
+    assert order.locked()  # taken by the waiter, which returned holding it
