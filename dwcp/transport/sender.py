@@ -378,8 +378,8 @@ class _Session:
             )
         since = window.waiting_since()
         if since is not None and _monotonic() - since >= self.send_timeout:
-            # Unconfirmed for send_timeout: the link is as good as broken (the keepalive
-            # would say so next); breaking now lets recovery resend at once.
+            # No acknowledgement for send_timeout: the link is as good as broken (the
+            # keepalive would say so next); breaking now lets recovery resend at once.
             self.break_(f"no acknowledgement within send_timeout ({self.send_timeout:g} s)")
         raise TransportError(
             f"no acknowledgement for message {message_id} in time; it is kept and resent "
