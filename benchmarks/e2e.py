@@ -381,6 +381,11 @@ def _median(samples: list[float]) -> float:
     return statistics.median(samples) if samples else 0.0
 
 
+def _per_round(ours: list[float], reference: list[float]) -> str:
+    """The notes' list of paired per-round ratios."""
+    return "; ratios per round " + ", ".join(f"{o / r:.2f}" for o, r in zip(ours, reference))
+
+
 def _size(size: int) -> str:
     return f"{size // 2**20} MiB" if size >= 2**20 else f"{size // 1024} KiB"
 
@@ -809,9 +814,7 @@ def acknowledged(quick: bool, only: set[int] | None = None) -> list[Result]:
         ratio = paired_ratio(ours, reference) if ours else None
         notes = f"{count:,} msgs x {len(ours)} rounds; 4 streams, default window"
         if ours:
-            notes += "; ratios per round " + ", ".join(
-                f"{o / r:.2f}" for o, r in zip(ours, reference)
-            )
+            notes += _per_round(ours, reference)
         if failure is not None:
             notes += f"; FAILED: {failure}"
         results.append(
@@ -895,9 +898,7 @@ def many_senders(quick: bool) -> list[Result]:
                 target=f">= {target}x",
                 met=failure is None and ratio is not None and ratio >= target,
                 paired_ratio=ratio,
-                notes=notes
-                + "; ratios per round "
-                + ", ".join(f"{o / r:.2f}" for o, r in zip(ours, reference)),
+                notes=notes + _per_round(ours, reference),
                 extra={"message_size": size, "threads": _SENDERS, "reference": reference_name},
             )
         )

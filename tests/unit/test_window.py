@@ -128,16 +128,6 @@ def test_the_ack_timeout_runs_from_when_the_head_of_the_window_began_to_wait() -
     assert replayed is not None and replayed >= after_ack
 
 
-def test_a_burst_of_room_reaches_every_waiter() -> None:
-    window = Window(4, 1 << 20)
-    fill(window, [10] * 4)
-    waiters = [waiting_for_room(window, 10) for _ in range(3)]
-    assert window.ack(2) == 3
-    for thread, outcome in waiters:
-        thread.join(FAR)
-        assert outcome == [True]
-
-
 def test_room_too_small_for_the_first_waiter_still_reaches_a_smaller_one() -> None:
     # 500 + 480 of 1,000 bytes in flight; an 800-byte send waits, then a 50-byte one. The ACK
     # of the 500 leaves room for the 50 only: it must go, though the 800 waited first (a
