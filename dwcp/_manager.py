@@ -174,6 +174,7 @@ class Manager(GuardedCalls):
         self._stop = threading.Event()
         self._stopped = threading.Event()
         self._stopped.set()
+        self._start_ended = threading.Event()  # set when the latest start() returned
 
     def __repr__(self) -> str:
         return (
@@ -210,7 +211,8 @@ class Manager(GuardedCalls):
 
         A component that fails to start (its peer is down, say) starts degraded, in recovery
         with the usual backoff, and sends fail fast meanwhile. With ``fail_fast=True`` the
-        error is raised instead, after stopping what had started.
+        error is raised instead, after stopping what had started. A ``stop()`` called while
+        this runs waits for it to finish, then stops the manager.
         """
         if not self._enabled:
             return
@@ -219,6 +221,20 @@ class Manager(GuardedCalls):
                 raise DWCPError(f"manager is already {self._phase}", code="ALREADY_STARTED")
             self._phase = "starting"
             self._stopped.clear()
+            started = self._start_ended = threading.Event()
+        try:
+            self._start()
+        except BaseException:
+            # Past the components (the cluster member failed, say): undo what started.
+            with self._lock:
+                reached, self._phase = self._started, "started" if self._started else "idle"
+            if reached:
+                self.stop()
+            raise
+        finally:
+            started.set()
+
+    def _start(self) -> None:
         failed = self._start_components()
         with self._lock:
             now = self._clock.now()
@@ -227,7 +243,7 @@ class Manager(GuardedCalls):
             degraded = self._supervisor.begin_degraded(failed)
             self._events.open()
             stop = self._stop
-            self._phase, self._started, self._sending = "started", True, self._transport
+            self._started, self._sending = True, self._transport
             self._monitor.start(self._pass, stop)
         self._breaker.watch()
         if self._cluster is not None:
@@ -237,6 +253,10 @@ class Manager(GuardedCalls):
             "DWCP manager started: {}", self._name
         )
         self._supervisor.launch_degraded(degraded, stop)
+        # "started" only now: a stop() that came meanwhile waited for this, so it never
+        # joins a thread or closes a member that start() had not reached yet.
+        with self._lock:
+            self._phase = "started"
 
     def _start_components(self) -> dict[str, DWCPError]:
         """Start the server and each component; those that fail (and may not) are returned."""
@@ -261,8 +281,16 @@ class Manager(GuardedCalls):
     def stop(self) -> None:
         """Stop monitoring and recovery, join their threads, stop layers, close the transport.
 
-        Idempotent; a second concurrent call waits for the first to finish.
+        Idempotent; a second concurrent call waits for the first to finish. Called while
+        ``start()`` runs, it waits for the start to finish, then stops.
         """
+        with self._lock:
+            if self._phase == "starting":
+                starting = self._start_ended
+            else:
+                starting = None
+        if starting is not None:
+            starting.wait()  # start() always ends: its set() is in a finally
         with self._lock:
             phase, stopped = self._phase, self._stopped
             if phase == "started":

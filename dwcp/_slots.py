@@ -7,6 +7,7 @@ exceptions from component calls are mapped to the library's hierarchy here.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -42,9 +43,22 @@ class Slot:
     def __init__(self, name: str, obj: Any) -> None:
         self.name = name
         self.obj = obj
+        # The fence: shutdown() closes the slot; a recovery whose start() ends after that
+        # (it outlived stop()'s join deadline) undoes its own start, so nothing the
+        # manager closed runs on after stop() returned.  Held only to read and flip the
+        # flag, never across a component call.
+        self._fence = threading.Lock()
+        self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``shutdown()`` closed the slot since its last ``start()``."""
+        return self._closed
 
     def start(self) -> None:
         """Start the component; raises ``TransportError`` or ``DWCPError(START_FAILED)``."""
+        with self._fence:
+            self._closed = False
         try:
             self.obj.start()
         except DWCPError:
@@ -61,7 +75,16 @@ class Slot:
         raise NotImplementedError
 
     def shutdown(self) -> None:
-        """Stop the component for good; a failure is logged, never raised."""
+        """Stop the component for good; a failure is logged, never raised.
+
+        A recovery still inside ``restart()`` sees the slot closed when its start returns
+        and stops the component again itself.
+        """
+        with self._fence:
+            self._closed = True
+        self._halt_quietly()
+
+    def _halt_quietly(self) -> None:
         try:
             self.halt()
         except Exception as exc:  # noqa: BLE001 - shutdown goes on through every component
@@ -70,9 +93,28 @@ class Slot:
             )
 
     def restart(self) -> None:
-        """One recovery action: stop, then start again; the start's error is the attempt's."""
+        """One recovery action: stop, then start again; the start's error is the attempt's.
+
+        Raises ``DWCPError`` (``NOT_STARTED``) when the slot was closed before the action
+        began or while it ran; in the second case the late start is undone first.
+        """
+        self._fenced(self._restart)
+
+    def _restart(self) -> None:
         self.halt()
         self.obj.start()
+
+    def _fenced(self, action: Any) -> None:
+        with self._fence:
+            if self._closed:
+                raise DWCPError(f"{self.name} was stopped by the manager", code="NOT_STARTED")
+        action()
+        with self._fence:
+            late = self._closed
+        if late:
+            # stop() closed the slot while this start ran: what it started must not outlive it.
+            self._halt_quietly()
+            raise DWCPError(f"{self.name} was stopped by the manager", code="NOT_STARTED")
 
     def check(self) -> str | None:
         """Run the health check: None when healthy, else why not."""
@@ -91,7 +133,7 @@ class TransportSlot(Slot):
     def halt(self) -> None:
         self.obj.close()
 
-    def restart(self) -> None:
+    def _restart(self) -> None:
         try:
             self.obj.close()
         except Exception as exc:  # noqa: BLE001

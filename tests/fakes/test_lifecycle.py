@@ -1,0 +1,121 @@
+"""The Manager's lifecycle has one owner: stop() during start() waits, then stops; nothing the
+manager closed runs on after stop() returned, even when a recovery outlived stop()'s join."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable
+
+import pytest
+
+import dwcp
+from dwcp.testing import FakeClock, FakeLayer, FakeTransport
+from tests.conftest import wait_until
+
+TIMEOUT = 30.0  # generous: only a hang reaches it
+
+
+class GatedLayer(FakeLayer):
+    """A layer whose start() blocks while ``gate`` is closed, once ``gating`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__("gated")
+        self.gate = threading.Event()
+        self.gating = True
+        self.entered = threading.Event()
+
+    def start(self) -> None:
+        if self.gating:
+            self.entered.set()
+            assert self.gate.wait(TIMEOUT), "the test never opened the gate"
+        super().start()
+
+
+def test_stop_during_start_waits_for_the_start_then_stops() -> None:
+    layer = GatedLayer()
+    manager = dwcp.Manager(FakeTransport(), compression=layer, health_interval=3600)
+    starter = threading.Thread(target=manager.start, name="test-start")
+    starter.start()
+    assert layer.entered.wait(TIMEOUT)
+    stopped = threading.Event()
+
+    def stop() -> None:
+        manager.stop()
+        stopped.set()
+
+    stopper = threading.Thread(target=stop, name="test-stop")
+    stopper.start()
+    # The stop cannot have finished: the start it must wait for is still blocked.
+    assert not stopped.wait(0.05)
+    layer.gate.set()
+    starter.join(TIMEOUT)
+    stopper.join(TIMEOUT)
+    assert stopped.is_set()
+    assert not manager.is_started
+    assert not manager.monitor_alive
+    assert layer.calls[-1] == "stop"  # started by start(), then stopped by stop()
+    manager.stop()  # idempotent, never blocks
+    manager.start()  # and the manager can start again
+    manager.stop()
+
+
+def test_stop_while_start_waits_on_a_slow_cluster_redis_stops_cleanly() -> None:
+    redis = pytest.importorskip("redis")
+    # A "Redis" that accepts the connection and does not answer: the member's first PING
+    # blocks inside start() until the test lets it fail.
+    silent = socket.create_server(("127.0.0.1", 0))
+    client = redis.Redis(*silent.getsockname(), socket_timeout=TIMEOUT)
+    manager = dwcp.Manager(FakeTransport(), cluster=client, health_interval=3600)
+    errors: list[BaseException] = []
+
+    def run(call: Callable[[], None]) -> None:
+        try:
+            call()
+        except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
+            errors.append(exc)
+
+    starter = threading.Thread(target=run, args=(manager.start,), name="test-start")
+    starter.start()
+    conn, _ = silent.accept()  # the PING is on its way: start() is inside the member
+    stopper = threading.Thread(target=run, args=(manager.stop,), name="test-stop")
+    stopper.start()
+    stopper.join(0.05)
+    assert stopper.is_alive()  # it waits for the start still inside the member
+    conn.close()  # the PING fails now, the member logs it and the start goes on
+    silent.close()  # and every later Redis call is refused at once
+    starter.join(TIMEOUT)
+    stopper.join(TIMEOUT)
+    assert errors == []  # no "cannot join thread before it is started"
+    assert not manager.is_started
+    manager.stop()  # a later stop returns at once
+    client.close()
+
+
+def test_a_recovery_start_that_outlives_stop_is_undone() -> None:
+    layer = GatedLayer()
+    layer.gating = False
+    manager = dwcp.Manager(
+        FakeTransport(),
+        compression=layer,
+        health_interval=3600,
+        health_check_timeout=0.1,  # stop() joins recovery for 0.1 s + 1 s, then goes on
+        clock=FakeClock(),
+    )
+    manager.start()
+    layer.entered.clear()
+    layer.gating = True
+    layer.healthy = False
+    recovering = threading.Thread(
+        target=manager.attempt_component_recovery, args=("compression",), name="test-recovery"
+    )
+    recovering.start()
+    assert layer.entered.wait(TIMEOUT)  # the recovery is inside the layer's start()
+    manager.stop()  # gives up joining it: the start is hung
+    assert layer.calls[-1] == "stop"
+    layer.gate.set()  # the late start() returns after stop() did
+    recovering.join(TIMEOUT)
+    assert not recovering.is_alive()
+    # What stop() closed stays closed: the late start was undone by a stop of its own.
+    assert layer.calls[-2:] == ["start", "stop"]
+    wait_until(lambda: not manager.monitor_alive, TIMEOUT)
