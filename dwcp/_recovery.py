@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Literal
 
 import tenacity
 
+from dwcp import _validation as check
 from dwcp._prediction import Outage, RecoveryHistory
 
 if TYPE_CHECKING:
@@ -77,41 +78,31 @@ class RecoveryPolicy:
         predictive: bool = False,
         suspicion_threshold: float = 8.0,
     ) -> None:
-        for name, count in (("attempts", attempts), ("max_cycles", max_cycles)):
-            if count is None and name == "max_cycles":
-                continue
-            if isinstance(count, bool) or not isinstance(count, int):
-                raise TypeError(f"{name} must be an int, got {type(count).__name__}")
-            if count < 1:
-                raise ValueError(f"{name} must be at least 1, got {count}")
-        for name, flag in (("adaptive_backoff", adaptive_backoff), ("predictive", predictive)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+        check.count("attempts", attempts)
+        if max_cycles is not None:
+            check.count("max_cycles", max_cycles)
+        check.flag("adaptive_backoff", adaptive_backoff)
+        check.flag("predictive", predictive)
         values = {
-            "initial_backoff": _non_negative("initial_backoff", initial_backoff),
-            "max_backoff": _non_negative("max_backoff", max_backoff),
-            "jitter": _non_negative("jitter", jitter),
-            "cycle_window": _non_negative("cycle_window", cycle_window),
-            "stable_period": _non_negative("stable_period", stable_period),
+            "initial_backoff": check.seconds("initial_backoff", initial_backoff, allow_zero=True),
+            "max_backoff": check.seconds(
+                "max_backoff", max_backoff, allow_zero=True, allow_inf=True
+            ),
+            "jitter": check.seconds("jitter", jitter, allow_zero=True),
+            "cycle_window": check.seconds("cycle_window", cycle_window),
+            "stable_period": check.seconds("stable_period", stable_period),
         }
-        for name in ("cycle_window", "stable_period"):
-            if values[name] == 0:
-                raise ValueError(f"{name} must be positive")
-        if math.isinf(values["initial_backoff"]) or math.isinf(values["jitter"]):
-            raise ValueError("initial_backoff and jitter must be finite")
-        factor = _non_negative("multiplier", multiplier, seconds=False)
+        factor = check.number("multiplier", multiplier)
         if factor < 1:
             raise ValueError(f"multiplier must be at least 1, got {multiplier!r}")
-        threshold = _non_negative("suspicion_threshold", suspicion_threshold, seconds=False)
-        if threshold == 0 or math.isinf(threshold):
-            raise ValueError(
-                f"suspicion_threshold must be a positive finite phi, got {suspicion_threshold!r}"
-            )
+        threshold = check.number("suspicion_threshold", suspicion_threshold, allow_zero=False)
         fields = {
             "attempts": attempts,
             "multiplier": factor,
             "max_cycles": max_cycles,
-            "cooldown": None if cooldown is None else _non_negative("cooldown", cooldown),
+            "cooldown": None
+            if cooldown is None
+            else check.seconds("cooldown", cooldown, allow_zero=True),
             "adaptive_backoff": adaptive_backoff,
             "predictive": predictive,
             "suspicion_threshold": threshold,
@@ -137,18 +128,6 @@ class RecoveryPolicy:
     def backoff(self, attempt: int) -> float:
         """The wait before attempt ``attempt`` (0-based), without jitter."""
         return float(min(self.initial_backoff * self.multiplier**attempt, self.max_backoff))
-
-
-def _non_negative(name: str, value: object, *, seconds: bool = True) -> float:
-    """``value`` as a non-negative float; with ``seconds``, a ``timedelta`` is accepted too."""
-    if seconds and isinstance(value, timedelta):
-        value = value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        kind = "a number of seconds or a timedelta" if seconds else "a number"
-        raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
-    if math.isnan(value) or value < 0:
-        raise ValueError(f"{name} must be a non-negative number, got {value!r}")
-    return float(value)
 
 
 _ADAPTIVE_CAP = 60.0
@@ -339,7 +318,7 @@ class _ScheduledWait(tenacity.wait.wait_base):
 def _check_waits(waits: Sequence[float], limit: int) -> tuple[float, ...]:
     if isinstance(waits, (str, bytes)) or not isinstance(waits, Sequence):
         raise TypeError(f"waits must be a sequence of seconds, got {type(waits).__name__}")
-    schedule = tuple(_non_negative(f"waits[{i}]", w) for i, w in enumerate(waits))
+    schedule = tuple(check.seconds(f"waits[{i}]", w, allow_zero=True) for i, w in enumerate(waits))
     if not schedule or len(schedule) > limit:
         raise ValueError(f"waits must hold 1 to {limit} (policy.attempts) waits, got {len(waits)}")
     if any(math.isinf(w) for w in schedule):

@@ -7,15 +7,37 @@ Seconds are accepted as ``int``, ``float`` or ``datetime.timedelta`` everywhere 
 from __future__ import annotations
 
 import math
+import threading
 from datetime import timedelta
 
-__all__ = ["count", "describe", "flag", "name", "port", "require_methods", "seconds"]
+__all__ = [
+    "count",
+    "describe",
+    "flag",
+    "name",
+    "number",
+    "port",
+    "require_methods",
+    "seconds",
+]
 
 
 def seconds(
-    name: str, value: object, *, allow_zero: bool = False, allow_inf: bool = False
+    name: str,
+    value: object,
+    *,
+    allow_zero: bool = False,
+    allow_inf: bool = False,
+    minimum: float | None = None,
+    maximum: float | None = None,
 ) -> float:
-    """``value`` as a float number of seconds, or an error naming ``name``."""
+    """``value`` as a float number of seconds, or an error naming ``name``.
+
+    Finite unless ``allow_inf``; positive (or non-negative with ``allow_zero``); at least
+    ``minimum`` and at most ``maximum`` when given (what a wire field can carry, say); and
+    never longer than a thread can wait (``threading.TIMEOUT_MAX``), so a value accepted
+    here cannot fail later with ``OverflowError``.
+    """
     if isinstance(value, timedelta):
         number = value.total_seconds()
     elif isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -33,7 +55,23 @@ def seconds(
         bound = "non-negative" if allow_zero else "positive"
         finite = "" if allow_inf else "finite "
         raise ValueError(f"{name} must be a {finite}{bound} number of seconds, got {value!r}")
+    if minimum is not None and number < minimum:
+        raise ValueError(f"{name} must be at least {minimum:g} seconds, got {value!r}")
+    ceiling = threading.TIMEOUT_MAX if maximum is None else min(maximum, threading.TIMEOUT_MAX)
+    if number > ceiling and not math.isinf(number):
+        raise ValueError(f"{name} must be at most {ceiling:g} seconds, got {value!r}")
     return number
+
+
+def number(name: str, value: object, *, allow_zero: bool = True) -> float:
+    """``value`` as a finite, non-negative (or positive) float that is not a duration."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    result = float(value)
+    if not math.isfinite(result) or result < 0 or (result == 0 and not allow_zero):
+        bound = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be a finite {bound} number, got {value!r}")
+    return result
 
 
 def count(name: str, value: object, *, minimum: int = 1) -> int:
