@@ -16,6 +16,10 @@ from dwcp._status import Counters
 from dwcp.testing import FakeClock, FakeLayer, FakeTransport
 from tests.conftest import wait_until
 
+# "Prompt" on a busy machine: far below every wait these tests show is interrupted (30 s,
+# 60 s, an hour, forever), far above any scheduling delay.
+PROMPT = 5.0
+
 MakeManager = Callable[..., dwcp.Manager]
 
 
@@ -73,7 +77,7 @@ def test_stop_interrupts_the_interval_wait(make_manager: MakeManager) -> None:
     manager.start()
     began = time.monotonic()
     manager.stop()
-    assert time.monotonic() - began < 0.5
+    assert time.monotonic() - began < PROMPT
 
 
 def test_check_pass_reports_each_component(make_manager: MakeManager) -> None:
@@ -107,7 +111,7 @@ def test_hung_check_is_bounded_and_not_repeated(make_manager: MakeManager) -> No
         began = time.monotonic()
         health = manager.check_component_health()
         elapsed = time.monotonic() - began
-        assert elapsed < 0.2 + 0.5
+        assert elapsed < PROMPT
         assert health["compression"].last_error == "health check timed out after 0.2s"
         assert health["transport"].healthy and health["sync"].healthy
         health = manager.check_component_health()
@@ -132,7 +136,7 @@ def test_hung_check_does_not_stall_stop(make_manager: MakeManager) -> None:
         wait_until(lambda: any(t.name == "dwcp-health-compression" for t in threading.enumerate()))
         began = time.monotonic()
         manager.stop()
-        assert time.monotonic() - began < 0.5
+        assert time.monotonic() - began < PROMPT
     finally:
         hang.set()
 
@@ -306,7 +310,7 @@ def test_stop_during_a_long_backoff_is_prompt_and_starts_no_attempt(
 ) -> None:
     transport = FakeTransport()
     events = Events()
-    manager = make_manager(transport, initial_backoff=1.0)  # attempts wait 1 s, 2 s, 4 s
+    manager = make_manager(transport, initial_backoff=60.0)  # attempts wait 60 s, 120 s...
     manager.add_listener(events)
     manager.start()
     transport.healthy = False
@@ -314,7 +318,7 @@ def test_stop_during_a_long_backoff_is_prompt_and_starts_no_attempt(
     events.wait_for(dwcp.RecoveryAttempt)
     began = time.monotonic()
     manager.stop()
-    assert time.monotonic() - began < 0.5
+    assert time.monotonic() - began < PROMPT
     assert transport.calls.count("start") == 1  # no attempt ran
     assert manager.health().components["transport"].status == "unhealthy"
 
@@ -352,7 +356,7 @@ def test_stop_during_the_4s_backoff_with_the_real_schedule(make_manager: MakeMan
     assert clock.blocked.wait(10)
     began = time.monotonic()
     manager.stop()
-    assert time.monotonic() - began < 0.5
+    assert time.monotonic() - began < PROMPT
     assert clock.slept == [1.0, 2.0, 4.0]
     assert transport.calls.count("start") == 1 + 2  # attempts 1 and 2 ran, 3 never did
     assert manager.metrics().recoveries_failed == 0  # cancelled, not failed
