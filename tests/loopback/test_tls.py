@@ -451,7 +451,7 @@ def test_client_that_never_finishes_the_tls_handshake(
     bystander.assert_alive()
     for sock in silent:
         assert closed_by_peer(sock)
-    assert handshake_timeout - 0.1 < time.monotonic() - began < handshake_timeout + 3.0
+    assert handshake_timeout - 0.1 < time.monotonic() - began < handshake_timeout + 10.0
     wait_until(lambda: len(tls_refusals(dwcp_logs)) == 3, TIMEOUT)
     assert set(tls_refusals(dwcp_logs)) == {"TLS handshake timed out"}
     bystander.assert_alive()
@@ -469,7 +469,7 @@ def test_silence_after_the_tls_handshake_is_bounded_by_idle_timeout(
         except (ConnectionResetError, ssl.SSLEOFError):
             data = b""
         assert data == b""
-        assert 0.2 < time.monotonic() - began < 3.0
+        assert 0.2 < time.monotonic() - began < 10.0  # idle_timeout, not the default
 
 
 def test_stop_does_not_wait_for_a_pending_tls_handshake(
@@ -482,7 +482,7 @@ def test_stop_does_not_wait_for_a_pending_tls_handshake(
     wait_until(lambda: any(t.name.startswith("dwcp-receiver-conn") for t in threading.enumerate()))
     began = time.monotonic()
     receiver.stop()
-    assert time.monotonic() - began < 2.0
+    assert time.monotonic() - began < 10.0  # not the 60 s handshake timeout
     assert closed_by_peer(sock)
 
 
@@ -534,7 +534,7 @@ def test_stalled_tls_peer_fails_the_send_within_send_timeout(
         began = time.monotonic()
         with pytest.raises(TransportError, match="stalled"):
             transport.send(b"\0" * (16 << 20))
-        assert time.monotonic() - began < 3.0
+        assert time.monotonic() - began < 10.0
         with pytest.raises(TransportError, match="broken"):
             transport.health_check()
         transport.close()
