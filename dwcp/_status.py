@@ -215,7 +215,7 @@ def metrics_snapshot(
     """The counters and per-component figures at ``now`` (caller holds the lock)."""
     states = list(states)
     sends = tallies.totals()
-    _, recovery_seconds, check_seconds = latency.snapshot()
+    recovery_seconds, check_seconds = latency.snapshot()
     downtime = {s.name: s.downtime_at(now) for s in states}
     per_component = {
         s.name: ComponentMetrics(

@@ -21,6 +21,7 @@ from prometheus_client.registry import REGISTRY
 
 import dwcp
 from dwcp._latency import SEND_BUCKETS, LatencyRecorder
+from dwcp._status import SendTallies
 from dwcp.prometheus import DWCPCollector, register_metrics, unregister_metrics
 from dwcp.testing import FakeLayer, FakeTransport
 from tests.conftest import wait_until
@@ -354,13 +355,15 @@ def test_a_real_manager_reports_local_storage(
 
 
 def test_latency_histograms_from_the_recorder(registry: CollectorRegistry) -> None:
-    recorder = LatencyRecorder()
+    recorder, tallies = LatencyRecorder(), SendTallies()
+    tally = tallies.new_tally()
     for seconds in (0.0002, 0.0004, 0.003, 42.0):
-        recorder.observe_send(seconds)
+        tallies.observe(tally, seconds)
     recorder.observe_recovery("transport", 3.5)
     recorder.observe_health_check("transport", 0.002)
     recorder.observe_health_check("sync", 5.0)
-    send, recovery, checks = recorder.snapshot()
+    send = tallies.histogram()
+    recovery, checks = recorder.snapshot()
     source = Snapshots(
         dataclasses.replace(
             NO_COUNTS, send_seconds=send, recovery_seconds=recovery, health_check_seconds=checks
@@ -396,13 +399,14 @@ def test_a_manager_that_records_nothing_has_an_empty_send_histogram(
     assert value(samples, "dwcp_send_duration_seconds_bucket", le="+Inf") == 0
 
 
-def test_the_recorder_counts_every_sending_thread() -> None:
-    recorder = LatencyRecorder()
+def test_the_send_tallies_count_every_sending_thread() -> None:
+    tallies = SendTallies()
     threads_per_round, per_thread = 8, 500
 
     def send() -> None:
+        tally = tallies.new_tally()
         for i in range(per_thread):
-            recorder.observe_send(0.001 * (i % 3))
+            tallies.observe(tally, 0.001 * (i % 3))
 
     # Many rounds of threads sending at once: no observation is lost.
     for _ in range(10):
@@ -412,7 +416,7 @@ def test_the_recorder_counts_every_sending_thread() -> None:
         for thread in threads:
             thread.join(10)
         assert not any(t.is_alive() for t in threads)
-    send_seconds, _, _ = recorder.snapshot()
+    send_seconds = tallies.histogram()
     total = 10 * threads_per_round * per_thread
     assert send_seconds.count == total
     # i % 3 == 0 lands in the first bucket, 0.001 in le=0.001, 0.002 in le=0.0025.
