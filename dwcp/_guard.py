@@ -3,9 +3,12 @@
 ``GuardedCalls`` holds the manager's public guarded methods (the send's hot path among them);
 ``Guard`` their slow paths, counters and ``call()``.
 
-Failures are classified by ``PEER_FAILURES``: ``OSError`` and ``TransportError`` are the peer
-or the network failing and count against the breaker; anything else is the caller's and does
-not.
+A send's failures are classified by ``PEER_FAILURES``: ``OSError`` and ``TransportError`` are
+the peer or the network failing and count against the breaker; anything else is the caller's
+and does not.  A call's are classified by the manager's ``call_failures`` (``failure_test``),
+``PEER_FAILURES`` by default, since the clients applications guard (httpx, redis-py) raise
+their own exceptions.  ``KeyboardInterrupt``, ``SystemExit`` and other ``BaseException``
+that are not an ``Exception`` never count.
 """
 
 from __future__ import annotations
@@ -29,15 +32,59 @@ if TYPE_CHECKING:
 
     P = ParamSpec("P")
 
-__all__ = ["Guard", "GuardedCalls"]
+__all__ = ["CallFailures", "Guard", "GuardedCalls", "failure_test"]
 
 R = TypeVar("R")
+#: What ``Manager(call_failures=...)`` accepts: exception classes, or a predicate.
+CallFailures = type[Exception] | tuple[type[Exception], ...] | Callable[[Exception], object]
 #: A send is timed when its thread's success count is a multiple of SEND_SAMPLE (a power of
 #: two: the test is a mask), so about one in SEND_SAMPLE is.
 SEND_SAMPLE = 64
 #: One timed send in SUSPICION_SAMPLE // SEND_SAMPLE also feeds the transport's suspicion.
 SUSPICION_SAMPLE = 128
 _BYTES_LIKE = (bytes, bytearray, memoryview)
+
+
+def failure_test(call_failures: object) -> Callable[[Exception], object]:
+    """The test a call's exception must pass to count as a peer failure.
+
+    ``call_failures`` is None (``OSError`` and ``TransportError``), an ``Exception`` subclass,
+    a tuple of them, or a predicate called with the exception.  Anything else raises
+    ``TypeError`` (``ValueError`` for an empty tuple), naming ``call_failures``.
+    """
+    if call_failures is None:
+        types: tuple[type[BaseException], ...] = PEER_FAILURES
+    elif isinstance(call_failures, type):
+        types = (_exception_class("call_failures", call_failures),)
+    elif isinstance(call_failures, tuple):
+        if not call_failures:
+            raise ValueError("call_failures must name at least one exception class")
+        types = tuple(
+            _exception_class(f"call_failures[{i}]", t) for i, t in enumerate(call_failures)
+        )
+    elif callable(call_failures):
+        return call_failures
+    else:
+        raise TypeError(
+            "call_failures must be an exception class, a tuple of them, or a predicate "
+            f"called with the exception, got {type(call_failures).__name__}"
+        )
+    return lambda error: isinstance(error, types)
+
+
+def _exception_class(name: str, value: object) -> type[Exception]:
+    if not isinstance(value, type):
+        raise TypeError(f"{name} must be an exception class, got {type(value).__name__}")
+    if issubclass(value, BaseException) and not issubclass(value, Exception):
+        raise TypeError(
+            f"{name} is {value.__name__}, which is not an Exception: interrupts and exits "
+            "never count as peer failures"
+        )
+    if not issubclass(value, Exception):
+        raise TypeError(
+            f"{name} must be an exception class (or a predicate), got the class {value.__name__}"
+        )
+    return value
 
 
 class Guard:
@@ -51,8 +98,11 @@ class Guard:
         lock: threading.RLock,
         counters: Counters,
         on_send: Callable[[float, bool], None] | None = None,
+        counts: Callable[[Exception], object] | None = None,
     ) -> None:
         self._on_send = on_send
+        #: Whether a call's exception counts as a peer failure (``failure_test``).
+        self._counts = counts if counts is not None else failure_test(None)
         self._breaker = breaker
         self._events = events
         self._lock = lock
@@ -88,14 +138,27 @@ class Guard:
         ticket = self._admit()
         try:
             result = fn(*args, **kwargs)
-        except PEER_FAILURES as exc:
-            self._failed(ticket, exc)
+        except Exception as exc:
+            self._settle(ticket, exc)
             raise
         except BaseException:
             self._breaker.release(ticket)
             raise
         self._breaker.record_success(ticket)
         return result
+
+    def _settle(self, ticket: int, error: Exception) -> None:
+        """Count ``error`` against the breaker if the call's failure test says so, else
+        release the call; a test that raises releases it and its error propagates."""
+        try:
+            counts = self._counts(error)
+        except BaseException:
+            self._breaker.release(ticket)
+            raise
+        if counts:
+            self._failed(ticket, error)
+        else:
+            self._breaker.release(ticket)
 
     def _admit(self) -> int:
         try:
@@ -180,9 +243,10 @@ class GuardedCalls:
     def call(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
         """Run ``fn(*args, **kwargs)`` guarded by the breaker, as sends are.
 
-        ``OSError`` and ``TransportError`` count as failures and propagate unchanged; other
-        exceptions propagate without counting. Raises ``CircuitOpenError`` when rejected and
-        ``DWCPError`` (``NOT_STARTED``) before ``start()``.
+        Its exceptions propagate unchanged; those the manager's ``call_failures`` names
+        (default: ``OSError`` and ``TransportError``) count as failures, others do not.
+        Raises ``CircuitOpenError`` when rejected and ``DWCPError`` (``NOT_STARTED``) before
+        ``start()``.
         """
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__name__}")

@@ -19,7 +19,7 @@ from dwcp._cluster import ClusterView, cluster_member
 from dwcp._components import Layer, Transport
 from dwcp._errors import DWCPError
 from dwcp._events import Listener, _Dispatcher, peer_of
-from dwcp._guard import Guard, GuardedCalls
+from dwcp._guard import CallFailures, Guard, GuardedCalls, failure_test
 from dwcp._health import ComponentHealth, HealthSnapshot, MetricsSnapshot
 from dwcp._latency import LatencyRecorder
 from dwcp._monitor import Monitor
@@ -52,6 +52,10 @@ class Manager(GuardedCalls):
         initial_backoff: the wait before the first attempt; it doubles each attempt.
         max_failures: consecutive send failures that open the breaker.
         reset_timeout: seconds the breaker stays open before a trial send.
+        call_failures: what counts as a failure of ``call()`` and ``@guard``: an exception
+            class, a tuple of them, or a predicate called with the exception (true: it
+            counts). Default ``(OSError, TransportError)``; sends always use that default.
+            ``KeyboardInterrupt`` and ``SystemExit`` never count.
         recovery: a ``RecoveryPolicy`` per component name, replacing the default one.
         breaker_storage: a Redis URL or ``redis.Redis`` client to share the breaker.
         breaker_name: the breaker's name (its Redis key); also names this manager.
@@ -81,6 +85,7 @@ class Manager(GuardedCalls):
         initial_backoff: float | timedelta = 1.0,
         max_failures: int = 5,
         reset_timeout: float | timedelta = 30.0,
+        call_failures: CallFailures | None = None,
         recovery: Mapping[str, RecoveryPolicy] | None = None,
         breaker_storage: object = None,
         breaker_name: str = "dwcp",
@@ -94,6 +99,7 @@ class Manager(GuardedCalls):
         self._enabled = check.flag("enabled", enabled)
         self._fail_fast = check.flag("fail_fast", fail_fast)
         self._name = check.name("breaker_name", breaker_name)
+        counts_as_failure = failure_test(call_failures)
         if clock is not None and not isinstance(clock, Clock):
             raise TypeError(f"clock must have now() and sleep(), got {type(clock).__name__}")
         self._clock: Clock = clock or SystemClock()
@@ -146,6 +152,7 @@ class Manager(GuardedCalls):
             None
             if transport_state is None
             else partial(self._monitor.send_finished, transport_state),
+            counts_as_failure,
         )
         self._tally = self._guard.tallies.local  # .value: the calling thread's send tally
         # Cluster health (dwcp.cluster): the longest gap between two passes is one interval
