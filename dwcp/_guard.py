@@ -13,11 +13,13 @@ that are not an ``Exception`` never count.
 
 from __future__ import annotations
 
+import inspect
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import wraps
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, TypeVar
+from types import CoroutineType
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from dwcp._breaker import Breaker
 from dwcp._components import Transport
@@ -87,6 +89,11 @@ def _exception_class(name: str, value: object) -> type[Exception]:
     return value
 
 
+def describe_callable(fn: object) -> str:
+    """``fn``'s name for messages, or its type's name."""
+    return str(getattr(fn, "__name__", None) or type(fn).__name__)
+
+
 class Guard:
     """Guarded calls through one breaker, and the slow paths of the guarded send (whose hot
     path is ``GuardedCalls.send_with_circuit_breaker``)."""
@@ -142,6 +149,32 @@ class Guard:
             self._settle(ticket, exc)
             raise
         except BaseException:
+            self._breaker.release(ticket)
+            raise
+        if isinstance(result, CoroutineType):
+            # An async function called without its await: the call would be over before its
+            # I/O began, so its failures could never count.
+            result.close()  # never awaited, on purpose: no "never awaited" warning
+            self._breaker.release(ticket)
+            raise TypeError(
+                f"{describe_callable(fn)} returned a coroutine: call() cannot guard the work "
+                "done at its await; decorate the async function with @manager.guard and "
+                "await it"
+            )
+        self._breaker.record_success(ticket)
+        return result
+
+    async def call_async(
+        self, fn: Callable[..., Awaitable[R]], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> R:
+        """``await fn(*args, **kwargs)``: admitted before, recorded after the await."""
+        ticket = self._admit()
+        try:
+            result = await fn(*args, **kwargs)
+        except Exception as exc:
+            self._settle(ticket, exc)
+            raise
+        except BaseException:  # asyncio.CancelledError among them: says nothing of the peer
             self._breaker.release(ticket)
             raise
         self._breaker.record_success(ticket)
@@ -255,7 +288,29 @@ class GuardedCalls:
         return self._guard.call(fn, args, kwargs)
 
     def guard(self, fn: Callable[P, R]) -> Callable[P, R]:
-        """Decorate ``fn`` so that every call goes through ``call()``."""
+        """Decorate ``fn`` so that every call goes through ``call()``.
+
+        An ``async def`` function stays one (``inspect.iscoroutinefunction`` is true of the
+        wrapper): each call is admitted when awaited and recorded when its await ends.
+        Generator functions, sync or async, raise ``TypeError``: the guard would see only the
+        generator's creation, never the work done as it is iterated.
+        """
+        if inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn):
+            kind = "async generator" if inspect.isasyncgenfunction(fn) else "generator"
+            raise TypeError(
+                f"cannot guard {kind} function {describe_callable(fn)}: its work runs as it "
+                "is iterated, after the call returned; guard the calls it makes instead"
+            )
+        if inspect.iscoroutinefunction(fn):
+            coroutine_function = cast("Callable[..., Awaitable[Any]]", fn)
+
+            @wraps(fn)
+            async def guarded_async(*args: Any, **kwargs: Any) -> Any:
+                if not self._started:
+                    raise DWCPError("manager is not started", code="NOT_STARTED")
+                return await self._guard.call_async(coroutine_function, args, kwargs)
+
+            return cast("Callable[P, R]", guarded_async)
 
         @wraps(fn)
         def guarded(*args: P.args, **kwargs: P.kwargs) -> R:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import inspect
+import warnings
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from typing import Any
 
 import pytest
 
@@ -127,3 +131,151 @@ def test_sends_keep_their_own_rule(make_manager: MakeManager) -> None:
 def test_bad_call_failures_are_refused_by_name(value: object, error: type, text: str) -> None:
     with pytest.raises(error, match=text):
         dwcp.Manager(call_failures=value)  # type: ignore[arg-type]
+
+
+# -- async def ----------------------------------------------------------------------------------
+
+
+def test_guard_keeps_an_async_function_a_coroutine_function(make_manager: MakeManager) -> None:
+    manager = make_manager(FakeTransport())
+
+    @manager.guard
+    async def fetch(symbol: str) -> str:
+        return symbol
+
+    assert inspect.iscoroutinefunction(fetch) and fetch.__name__ == "fetch"
+    manager.start()
+    assert asyncio.run(fetch("EURUSD")) == "EURUSD"
+
+
+def test_failures_raised_at_the_await_count_and_open_the_breaker(
+    make_manager: MakeManager,
+) -> None:
+    manager = make_manager(FakeTransport(), call_failures=QuoteServiceDown, max_failures=2)
+    manager.start()
+    entered: list[str] = []
+
+    @manager.guard
+    async def fetch(symbol: str) -> str:
+        entered.append(symbol)
+        await asyncio.sleep(0)  # the failure comes after a suspension, as a client's would
+        raise QuoteServiceDown(symbol)
+
+    async def main() -> None:
+        for symbol in ("A", "B"):
+            with pytest.raises(QuoteServiceDown):
+                await fetch(symbol)
+        assert manager.circuit_breaker_state == "open"
+        with pytest.raises(dwcp.CircuitOpenError):
+            await fetch("C")
+
+    asyncio.run(main())
+    assert entered == ["A", "B"]  # the rejected call never ran
+
+
+def guarded_quote(manager: dwcp.Manager) -> Callable[..., Coroutine[Any, Any, str]]:
+    """An async call that fails at once, or says it is running and answers when told."""
+
+    @manager.guard
+    async def quote(
+        fail: bool = False,
+        running: asyncio.Event | None = None,
+        answer: asyncio.Event | None = None,
+    ) -> str:
+        if fail:
+            raise ConnectionResetError("reset")
+        if running is not None and answer is not None:
+            running.set()
+            await answer.wait()
+        return "quote"
+
+    return quote
+
+
+def test_the_half_open_trial_lasts_until_its_await_returns(make_manager: MakeManager) -> None:
+    manager = make_manager(FakeTransport(), max_failures=1)
+    manager.start()
+    quote = guarded_quote(manager)
+
+    async def main() -> None:
+        with pytest.raises(ConnectionResetError):
+            await quote(fail=True)
+        assert manager.circuit_breaker_state == "open"
+        assert manager.attempt_component_recovery("transport")  # verified: half-open
+        running, answer = asyncio.Event(), asyncio.Event()
+        trial = asyncio.create_task(quote(running=running, answer=answer))
+        await running.wait()
+        with pytest.raises(dwcp.CircuitOpenError, match="trial"):
+            await quote()  # the trial is still awaiting its answer
+        answer.set()
+        assert await trial == "quote"
+        assert manager.circuit_breaker_state == "closed"  # recorded after the await
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_trial_does_not_count_and_frees_the_trial(make_manager: MakeManager) -> None:
+    manager = make_manager(FakeTransport(), max_failures=1)
+    manager.start()
+    quote = guarded_quote(manager)
+
+    async def main() -> None:
+        with pytest.raises(ConnectionResetError):
+            await quote(fail=True)
+        assert manager.attempt_component_recovery("transport")
+        running = asyncio.Event()
+        trial = asyncio.create_task(quote(running=running, answer=asyncio.Event()))
+        await running.wait()
+        trial.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await trial
+        assert manager.circuit_breaker_state == "half-open"
+        assert await quote() == "quote"  # the next call is the trial, and closes the breaker
+        assert manager.circuit_breaker_state == "closed"
+
+    asyncio.run(main())
+
+
+def test_an_async_guard_before_start_is_not_started(make_manager: MakeManager) -> None:
+    manager = make_manager(FakeTransport())
+
+    @manager.guard
+    async def fetch() -> str:
+        return "quote"
+
+    with pytest.raises(dwcp.DWCPError) as info:
+        asyncio.run(fetch())
+    assert info.value.code == "NOT_STARTED"
+
+
+def test_generator_functions_are_refused_at_decoration(make_manager: MakeManager) -> None:
+    manager = make_manager(FakeTransport())
+
+    async def stream() -> AsyncIterator[int]:
+        yield 1
+
+    def chunks() -> Iterator[int]:
+        yield 1
+
+    with pytest.raises(TypeError, match="async generator function stream"):
+        manager.guard(stream)
+    with pytest.raises(TypeError, match="generator function chunks"):
+        manager.guard(chunks)
+
+
+def test_call_refuses_a_coroutine_it_could_not_guard(make_manager: MakeManager) -> None:
+    manager = make_manager(FakeTransport(), max_failures=1)
+    manager.start()
+    ran: list[int] = []
+
+    async def fetch() -> None:
+        ran.append(1)
+        raise ConnectionResetError("reset")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "coroutine was never awaited" would be a bug here
+        with pytest.raises(TypeError, match=r"returned a coroutine.*@manager\.guard"):
+            _ = manager.call(fetch)  # the coroutine it would return
+        with pytest.raises(TypeError, match="returned a coroutine"):
+            _ = manager.call(lambda: fetch())
+    assert ran == [] and manager.circuit_breaker_state == "closed"
