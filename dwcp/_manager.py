@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from loguru import logger
 
 from dwcp import _validation as check
-from dwcp._breaker import NOT_INITIALIZED, Breaker
+from dwcp._breaker import Breaker
 from dwcp._clock import Clock, SystemClock
 from dwcp._cluster import ClusterView, cluster_member
 from dwcp._components import Layer, Transport
@@ -313,8 +313,12 @@ class Manager(GuardedCalls):
 
     @property
     def circuit_breaker_state(self) -> str:
-        """``closed``, ``open``, ``half-open``, or ``not_initialized`` without a transport."""
-        return NOT_INITIALIZED if self._transport is None else self._breaker.state
+        """``closed``, ``open`` or ``half-open``: the breaker guarding sends and ``call()``.
+
+        A manager without a transport reports it too: its breaker guards ``call()`` and
+        ``@guard``.
+        """
+        return self._breaker.state
 
     # -- health ---------------------------------------------------------------------------------
 

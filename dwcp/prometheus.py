@@ -34,7 +34,8 @@ Exposed metrics (each also labelled ``manager``)::
     dwcp_recovery_duration_seconds{component}         histogram of recovery cycle durations
     dwcp_health_check_duration_seconds{component}     histogram of health-check durations
 
-A manager without a transport reports every ``dwcp_breaker_state`` sample as 0.
+A source whose breaker state is none of the three (``not_initialized``) reports every
+``dwcp_breaker_state`` sample as 0; a ``Manager`` always has one, transport or not.
 
 With ``Manager(cluster=...)``, per node of the manager's cluster view (``dwcp.cluster``;
 labelled ``manager`` and ``node``)::

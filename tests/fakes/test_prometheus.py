@@ -198,13 +198,20 @@ def test_layer_status_is_labelled_per_component(
     assert one_hot(samples, "dwcp_component_status", "status", component="sync") == "failed"
 
 
-def test_breaker_state_is_all_zero_without_a_transport(
+def test_a_manager_without_a_transport_reports_the_breaker_its_calls_use(
     make_manager: MakeManager, registry: CollectorRegistry
 ) -> None:
-    manager = make_manager(None, compression=FakeLayer())
+    manager = make_manager(None, compression=FakeLayer(), max_failures=1)
     register_metrics(manager, registry)
-    samples = scrape(registry)
-    assert [v for (n, _), v in samples.items() if n == "dwcp_breaker_state"] == [0.0] * 3
+    assert one_hot(scrape(registry), "dwcp_breaker_state", "state") == "closed"
+    manager.start()
+    with pytest.raises(TimeoutError):
+        manager.call(raise_timeout)
+    assert one_hot(scrape(registry), "dwcp_breaker_state", "state") == "open"
+
+
+def raise_timeout() -> None:
+    raise TimeoutError("peer too slow")
 
 
 def test_register_metrics_uses_the_default_registry(make_manager: MakeManager) -> None:

@@ -133,6 +133,36 @@ def test_readyz_without_a_transport_needs_every_component(
     assert request(server, "/readyz").status == 503
 
 
+def test_a_guard_only_manager_shows_its_breaker_everywhere(
+    make_manager: MakeManager, make_server: MakeServer
+) -> None:
+    manager = make_manager(None, max_failures=2)  # no transport: used only as a guard
+    server = make_server(manager)
+    manager.start()
+    assert manager.circuit_breaker_state == "closed"
+    assert request(server, "/readyz").status == 200
+
+    def fetch() -> None:
+        raise ConnectionRefusedError("peer down")
+
+    for _ in range(2):
+        with pytest.raises(ConnectionRefusedError):
+            manager.call(fetch)
+    assert manager.circuit_breaker_state == "open"
+    assert manager.health().breaker_state == "open" and not manager.health().healthy
+    reply = request(server, "/readyz")
+    assert (reply.status, reply.body) == (503, b"not ready\n")
+    healthz = request(server, "/healthz")
+    document = healthz.json()
+    assert healthz.status == 503 and document["status"] == "unhealthy"
+    assert document["breaker"] == {"state": "open", "storage": "local"}
+    families = {
+        f.name: f for f in text_string_to_metric_families(request(server, "/metrics").body.decode())
+    }
+    states = {s.labels["state"]: s.value for s in families["dwcp_breaker_state"].samples}
+    assert states == {"closed": 0.0, "open": 1.0, "half-open": 0.0}
+
+
 def test_a_failed_layer_leaves_the_transport_ready_but_status_unhealthy(
     make_manager: MakeManager, make_server: MakeServer
 ) -> None:
