@@ -117,7 +117,7 @@ class Guard:
         self.tallies = SendTallies()
 
     def rejected(self) -> None:
-        """A call the breaker refused: tell the listeners."""
+        """A send or call the breaker refused: tell the listeners (``SendRejected``)."""
         if self._events.active:
             self._events.publish(SendRejected(self._breaker.state))
 
@@ -129,7 +129,9 @@ class Guard:
         if began is not None:
             seconds = perf_counter() - began
             self.tallies.observe(tally, seconds)
-        self._failed(ticket, exc)
+        self._breaker.record_failure(ticket, exc)
+        with self._lock:
+            self._counters.send_errors += 1
         if self._on_send is not None:
             self._on_send(seconds, False)  # every failure raises the suspicion
 
@@ -162,6 +164,8 @@ class Guard:
                 "await it"
             )
         self._breaker.record_success(ticket)
+        with self._lock:
+            self._counters.calls += 1
         return result
 
     async def call_async(
@@ -178,6 +182,8 @@ class Guard:
             self._breaker.release(ticket)
             raise
         self._breaker.record_success(ticket)
+        with self._lock:
+            self._counters.calls += 1
         return result
 
     def _settle(self, ticket: int, error: Exception) -> None:
@@ -189,21 +195,21 @@ class Guard:
             self._breaker.release(ticket)
             raise
         if counts:
-            self._failed(ticket, error)
+            self._breaker.record_failure(ticket, error)
+            with self._lock:
+                self._counters.call_errors += 1
         else:
             self._breaker.release(ticket)
 
     def _admit(self) -> int:
+        """Admit a guarded call, or count its rejection, tell the listeners and raise."""
         try:
-            return self._breaker.admit()
+            return self._breaker.admit("call")
         except DWCPError:
+            with self._lock:
+                self._counters.call_rejections += 1
             self.rejected()
             raise
-
-    def _failed(self, ticket: int, error: BaseException) -> None:
-        self._breaker.record_failure(ticket, error)
-        with self._lock:
-            self._counters.send_errors += 1
 
 
 class GuardedCalls:

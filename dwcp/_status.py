@@ -133,6 +133,11 @@ class Counters:
     recoveries_succeeded: int = 0
     recoveries_failed: int = 0
     send_errors: int = 0
+    #: Guarded calls (``call()``, ``@guard``) that returned, that raised a failure that
+    #: counted against the breaker, and that the breaker rejected.
+    calls: int = 0
+    call_errors: int = 0
+    call_rejections: int = 0
 
 
 class SendTallies:
@@ -247,6 +252,9 @@ def metrics_snapshot(
         breaker_transitions=MappingProxyType(dict(transitions)),
         components=MappingProxyType(per_component),
         events_dropped=events_dropped,
+        calls=counters.calls,
+        call_errors=counters.call_errors,
+        call_rejections=counters.call_rejections,
         send_seconds=tallies.histogram(),
         recovery_seconds=recovery_seconds,
         health_check_seconds=check_seconds,

@@ -279,3 +279,44 @@ def test_call_refuses_a_coroutine_it_could_not_guard(make_manager: MakeManager) 
         with pytest.raises(TypeError, match="returned a coroutine"):
             _ = manager.call(lambda: fetch())
     assert ran == [] and manager.circuit_breaker_state == "closed"
+
+
+# -- counters and messages ----------------------------------------------------------------------
+
+
+def test_calls_have_their_own_counters_and_messages(make_manager: MakeManager) -> None:
+    manager = make_manager(FakeTransport(), max_failures=2)
+    manager.start()
+    assert manager.call(divmod, 7, 2) == (3, 1)
+    with pytest.raises(KeyError):  # the caller's error: counted nowhere
+        manager.call({}.__getitem__, "missing")
+    for _ in range(2):
+        with pytest.raises(ConnectionResetError):
+            manager.call(raiser(ConnectionResetError("reset")))
+    with pytest.raises(dwcp.CircuitOpenError) as call_rejected:
+        manager.call(divmod, 1, 1)
+    assert str(call_rejected.value) == "[CIRCUIT_OPEN] circuit breaker is open; call rejected"
+    with pytest.raises(dwcp.CircuitOpenError) as send_rejected:
+        manager.send_with_circuit_breaker(b"x")
+    assert str(send_rejected.value) == "[CIRCUIT_OPEN] circuit breaker is open; send rejected"
+    metrics = manager.metrics()
+    assert (metrics.calls, metrics.call_errors, metrics.call_rejections) == (1, 2, 1)
+    assert (metrics.sends, metrics.send_errors) == (0, 0)
+    assert metrics.breaker_rejections == 2  # the breaker's own count: sends and calls
+
+
+def test_async_calls_are_counted_as_calls(make_manager: MakeManager) -> None:
+    manager = make_manager(FakeTransport(), max_failures=1)
+    manager.start()
+    quote = guarded_quote(manager)
+
+    async def main() -> None:
+        assert await quote() == "quote"
+        with pytest.raises(ConnectionResetError):
+            await quote(fail=True)
+        with pytest.raises(dwcp.CircuitOpenError, match="call rejected"):
+            await quote()
+
+    asyncio.run(main())
+    metrics = manager.metrics()
+    assert (metrics.calls, metrics.call_errors, metrics.call_rejections) == (1, 1, 1)

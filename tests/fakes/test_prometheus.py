@@ -97,6 +97,9 @@ def test_fresh_manager_exposes_every_metric(
         "dwcp_sends_total",
         "dwcp_sent_bytes_total",
         "dwcp_send_errors_total",
+        "dwcp_calls_total",
+        "dwcp_call_errors_total",
+        "dwcp_call_rejections_total",
     ):
         assert value(samples, name) == 0.0, name
     assert transitions(samples) == {}
@@ -205,9 +208,18 @@ def test_a_manager_without_a_transport_reports_the_breaker_its_calls_use(
     register_metrics(manager, registry)
     assert one_hot(scrape(registry), "dwcp_breaker_state", "state") == "closed"
     manager.start()
+    assert manager.call(divmod, 7, 2) == (3, 1)
     with pytest.raises(TimeoutError):
         manager.call(raise_timeout)
-    assert one_hot(scrape(registry), "dwcp_breaker_state", "state") == "open"
+    with pytest.raises(dwcp.CircuitOpenError):
+        manager.call(raise_timeout)
+    samples = scrape(registry)
+    assert one_hot(samples, "dwcp_breaker_state", "state") == "open"
+    assert value(samples, "dwcp_calls_total") == 1
+    assert value(samples, "dwcp_call_errors_total") == 1
+    assert value(samples, "dwcp_call_rejections_total") == 1
+    assert value(samples, "dwcp_breaker_rejections_total") == 1
+    assert value(samples, "dwcp_send_errors_total") == 0
 
 
 def raise_timeout() -> None:

@@ -156,6 +156,10 @@ def test_a_guard_only_manager_shows_its_breaker_everywhere(
     document = healthz.json()
     assert healthz.status == 503 and document["status"] == "unhealthy"
     assert document["breaker"] == {"state": "open", "storage": "local"}
+    counts = document["metrics"]
+    assert isinstance(counts, dict)
+    assert (counts["calls"], counts["call_errors"], counts["call_rejections"]) == (0, 2, 0)
+    assert counts["send_errors"] == 0
     families = {
         f.name: f for f in text_string_to_metric_families(request(server, "/metrics").body.decode())
     }
