@@ -8,6 +8,7 @@ import socket
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 import pytest
 from loguru import logger
@@ -510,6 +511,47 @@ def test_the_managers_health_host_and_port_are_named_as_such() -> None:
         dwcp.Manager(FakeTransport(), health_port=-1)
     with pytest.raises(TypeError, match="^health_port must be an int"):
         dwcp.Manager(FakeTransport(), health_port="80")  # type: ignore[arg-type]
+
+
+def error_table_rows(code: str) -> list[str]:
+    """The rows of the README's error table whose ``.code`` cell names ``code``."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme.split("| error | `.code` |", 1)[1].split("\n\n", 1)[0]
+    return [row for row in table.splitlines() if f"`{code}`" in row.split("|")[2]]
+
+
+def test_start_on_a_busy_port_raises_the_typed_error_and_can_be_retried(
+    make_manager: MakeManager,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = HealthServer(make_manager(FakeTransport()), port=port)
+        with pytest.raises(dwcp.DWCPError) as info:
+            server.start()
+    assert info.value.code == "HEALTH_SERVER_FAILED"
+    assert f"127.0.0.1:{port}" in str(info.value)
+    assert isinstance(info.value.__cause__, OSError)
+    assert http_threads() == []
+    assert any("`HealthServer.start()`" in row for row in error_table_rows("HEALTH_SERVER_FAILED"))
+    server.start()  # the port is free again: nothing was left half-started
+    try:
+        assert server.address == ("127.0.0.1", port)
+    finally:
+        server.stop()
+
+
+def test_address_and_url_before_start_raise_the_code_the_readme_lists(
+    make_manager: MakeManager,
+) -> None:
+    server = HealthServer(make_manager(FakeTransport()))
+    for read in (lambda: server.url, lambda: server.address):
+        with pytest.raises(dwcp.DWCPError) as info:
+            read()
+        assert info.value.code == "NOT_STARTED"
+    rows = error_table_rows("NOT_STARTED")
+    assert any("`HealthServer.url`" in row and "`DWCPError`" in row for row in rows)
 
 
 def test_repr_and_close_alias(make_manager: MakeManager) -> None:
