@@ -26,7 +26,7 @@ from dwcp._components import Transport
 from dwcp._errors import DWCPError, TransportError
 from dwcp._events import SendRejected, _Dispatcher
 from dwcp._slots import PEER_FAILURES
-from dwcp._status import Counters, SendTallies
+from dwcp._status import Counters, SendTallies, ThreadCount
 from dwcp._validation import describe
 
 if TYPE_CHECKING:
@@ -115,6 +115,8 @@ class Guard:
         self._lock = lock
         self._counters = counters
         self.tallies = SendTallies()
+        #: Guarded calls that returned: per thread, so a call takes no lock to count.
+        self.calls = ThreadCount()
 
     def rejected(self) -> None:
         """A send or call the breaker refused: tell the listeners (``SendRejected``)."""
@@ -164,8 +166,7 @@ class Guard:
                 "await it"
             )
         self._breaker.record_success(ticket)
-        with self._lock:
-            self._counters.calls += 1
+        self.calls.add()
         return result
 
     async def call_async(
@@ -182,8 +183,7 @@ class Guard:
             self._breaker.release(ticket)
             raise
         self._breaker.record_success(ticket)
-        with self._lock:
-            self._counters.calls += 1
+        self.calls.add()
         return result
 
     def _settle(self, ticket: int, error: Exception) -> None:

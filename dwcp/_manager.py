@@ -362,6 +362,7 @@ class Manager(GuardedCalls):
                 storage=storage,
                 storage_errors=self._breaker.storage_errors,
                 events_dropped=self._events.dropped,
+                calls=self._guard.calls.total(),
             )
 
     def cluster_health(self) -> ClusterView:

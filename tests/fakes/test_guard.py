@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import threading
 import warnings
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any
@@ -320,3 +321,25 @@ def test_async_calls_are_counted_as_calls(make_manager: MakeManager) -> None:
     asyncio.run(main())
     metrics = manager.metrics()
     assert (metrics.calls, metrics.call_errors, metrics.call_rejections) == (1, 1, 1)
+
+
+def test_calls_from_every_thread_are_counted_and_outlive_their_threads(
+    make_manager: MakeManager,
+) -> None:
+    manager = make_manager(FakeTransport())
+    manager.start()
+    start = threading.Barrier(4)
+
+    def caller() -> None:
+        start.wait(10)
+        for _ in range(500):
+            manager.call(divmod, 7, 2)
+
+    threads = [threading.Thread(target=caller) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads)
+    manager.call(divmod, 7, 2)
+    assert manager.metrics().calls == 4 * 500 + 1
