@@ -1,4 +1,5 @@
-"""Guarded calls (``manager.call``, ``@manager.guard``): what counts as a failure."""
+"""Guarded calls (``manager.call``, ``@manager.guard``): what counts as a failure, async
+functions, and the calls' own counters and messages."""
 
 from __future__ import annotations
 
