@@ -217,8 +217,9 @@ class Breaker:
 
     # -- the guarded path -------------------------------------------------------------------
 
-    def admit(self) -> int:
-        """Return a ticket for one guarded call, or raise ``CircuitOpenError``."""
+    def admit(self, action: str = "send") -> int:
+        """Return a ticket for one guarded call, or raise ``CircuitOpenError`` saying that
+        the ``action`` ("send", "call") was rejected."""
         if self._shared:
             self._refresh()
         # Closed needs no lock.  The listener stores the state before bumping the generation,
@@ -234,7 +235,7 @@ class Breaker:
             if state == OPEN:
                 if not self._reset_elapsed():
                     self.rejections += 1
-                    raise CircuitOpenError("circuit breaker is open; send rejected")
+                    raise CircuitOpenError(f"circuit breaker is open; {action} rejected")
                 self._local_half_open()
             if self._trial_in_flight:
                 self.rejections += 1

@@ -3,25 +3,30 @@
 ``GuardedCalls`` holds the manager's public guarded methods (the send's hot path among them);
 ``Guard`` their slow paths, counters and ``call()``.
 
-Failures are classified by ``PEER_FAILURES``: ``OSError`` and ``TransportError`` are the peer
-or the network failing and count against the breaker; anything else is the caller's and does
-not.
+A send's failures are classified by ``PEER_FAILURES``: ``OSError`` and ``TransportError`` are
+the peer or the network failing and count against the breaker; anything else is the caller's
+and does not.  A call's are classified by the manager's ``call_failures`` (``failure_test``),
+``PEER_FAILURES`` by default, since the clients applications guard (httpx, redis-py) raise
+their own exceptions.  ``KeyboardInterrupt``, ``SystemExit`` and other ``BaseException``
+that are not an ``Exception`` never count.
 """
 
 from __future__ import annotations
 
+import inspect
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import wraps
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, TypeVar
+from types import CoroutineType
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from dwcp._breaker import Breaker
 from dwcp._components import Transport
 from dwcp._errors import DWCPError, TransportError
 from dwcp._events import SendRejected, _Dispatcher
 from dwcp._slots import PEER_FAILURES
-from dwcp._status import Counters, SendTallies
+from dwcp._status import Counters, SendTallies, ThreadCount
 from dwcp._validation import describe
 
 if TYPE_CHECKING:
@@ -29,15 +34,64 @@ if TYPE_CHECKING:
 
     P = ParamSpec("P")
 
-__all__ = ["Guard", "GuardedCalls"]
+__all__ = ["CallFailures", "Guard", "GuardedCalls", "failure_test"]
 
 R = TypeVar("R")
+#: What ``Manager(call_failures=...)`` accepts: exception classes, or a predicate.
+CallFailures = type[Exception] | tuple[type[Exception], ...] | Callable[[Exception], object]
 #: A send is timed when its thread's success count is a multiple of SEND_SAMPLE (a power of
 #: two: the test is a mask), so about one in SEND_SAMPLE is.
 SEND_SAMPLE = 64
 #: One timed send in SUSPICION_SAMPLE // SEND_SAMPLE also feeds the transport's suspicion.
 SUSPICION_SAMPLE = 128
 _BYTES_LIKE = (bytes, bytearray, memoryview)
+
+
+def failure_test(call_failures: object) -> Callable[[Exception], object]:
+    """The test a call's exception must pass to count as a peer failure.
+
+    ``call_failures`` is None (``OSError`` and ``TransportError``), an ``Exception`` subclass,
+    a tuple of them, or a predicate called with the exception.  Anything else raises
+    ``TypeError`` (``ValueError`` for an empty tuple), naming ``call_failures``.
+    """
+    if call_failures is None:
+        types: tuple[type[BaseException], ...] = PEER_FAILURES
+    elif isinstance(call_failures, type):
+        types = (_exception_class("call_failures", call_failures),)
+    elif isinstance(call_failures, tuple):
+        if not call_failures:
+            raise ValueError("call_failures must name at least one exception class")
+        types = tuple(
+            _exception_class(f"call_failures[{i}]", t) for i, t in enumerate(call_failures)
+        )
+    elif callable(call_failures):
+        return call_failures
+    else:
+        raise TypeError(
+            "call_failures must be an exception class, a tuple of them, or a predicate "
+            f"called with the exception, got {type(call_failures).__name__}"
+        )
+    return lambda error: isinstance(error, types)
+
+
+def _exception_class(name: str, value: object) -> type[Exception]:
+    if not isinstance(value, type):
+        raise TypeError(f"{name} must be an exception class, got {type(value).__name__}")
+    if issubclass(value, BaseException) and not issubclass(value, Exception):
+        raise TypeError(
+            f"{name} is {value.__name__}, which is not an Exception: interrupts and exits "
+            "never count as peer failures"
+        )
+    if not issubclass(value, Exception):
+        raise TypeError(
+            f"{name} must be an exception class (or a predicate), got the class {value.__name__}"
+        )
+    return value
+
+
+def describe_callable(fn: object) -> str:
+    """``fn``'s name for messages, or its type's name."""
+    return str(getattr(fn, "__name__", None) or type(fn).__name__)
 
 
 class Guard:
@@ -51,16 +105,21 @@ class Guard:
         lock: threading.RLock,
         counters: Counters,
         on_send: Callable[[float, bool], None] | None = None,
+        counts: Callable[[Exception], object] | None = None,
     ) -> None:
         self._on_send = on_send
+        #: Whether a call's exception counts as a peer failure (``failure_test``).
+        self._counts = counts if counts is not None else failure_test(None)
         self._breaker = breaker
         self._events = events
         self._lock = lock
         self._counters = counters
         self.tallies = SendTallies()
+        #: Guarded calls that returned: per thread, so a call takes no lock to count.
+        self.calls = ThreadCount()
 
     def rejected(self) -> None:
-        """A call the breaker refused: tell the listeners."""
+        """A send or call the breaker refused: tell the listeners (``SendRejected``)."""
         if self._events.active:
             self._events.publish(SendRejected(self._breaker.state))
 
@@ -72,7 +131,9 @@ class Guard:
         if began is not None:
             seconds = perf_counter() - began
             self.tallies.observe(tally, seconds)
-        self._failed(ticket, exc)
+        self._breaker.record_failure(ticket, exc)
+        with self._lock:
+            self._counters.send_errors += 1
         if self._on_send is not None:
             self._on_send(seconds, False)  # every failure raises the suspicion
 
@@ -88,26 +149,67 @@ class Guard:
         ticket = self._admit()
         try:
             result = fn(*args, **kwargs)
-        except PEER_FAILURES as exc:
-            self._failed(ticket, exc)
+        except Exception as exc:
+            self._settle(ticket, exc)
             raise
         except BaseException:
             self._breaker.release(ticket)
             raise
+        if isinstance(result, CoroutineType):
+            # An async function called without its await: the call would be over before its
+            # I/O began, so its failures could never count.
+            result.close()  # never awaited, on purpose: no "never awaited" warning
+            self._breaker.release(ticket)
+            raise TypeError(
+                f"{describe_callable(fn)} returned a coroutine: call() cannot guard the work "
+                "done at its await; decorate the async function with @manager.guard and "
+                "await it"
+            )
         self._breaker.record_success(ticket)
+        self.calls.add()
         return result
 
-    def _admit(self) -> int:
+    async def call_async(
+        self, fn: Callable[..., Awaitable[R]], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> R:
+        """``await fn(*args, **kwargs)``: admitted before, recorded after the await."""
+        ticket = self._admit()
         try:
-            return self._breaker.admit()
+            result = await fn(*args, **kwargs)
+        except Exception as exc:
+            self._settle(ticket, exc)
+            raise
+        except BaseException:  # asyncio.CancelledError among them: says nothing of the peer
+            self._breaker.release(ticket)
+            raise
+        self._breaker.record_success(ticket)
+        self.calls.add()
+        return result
+
+    def _settle(self, ticket: int, error: Exception) -> None:
+        """Count ``error`` against the breaker if the call's failure test says so, else
+        release the call; a test that raises releases it and its error propagates."""
+        try:
+            counts = self._counts(error)
+        except BaseException:
+            self._breaker.release(ticket)
+            raise
+        if counts:
+            self._breaker.record_failure(ticket, error)
+            with self._lock:
+                self._counters.call_errors += 1
+        else:
+            self._breaker.release(ticket)
+
+    def _admit(self) -> int:
+        """Admit a guarded call, or count its rejection, tell the listeners and raise."""
+        try:
+            return self._breaker.admit("call")
         except DWCPError:
+            with self._lock:
+                self._counters.call_rejections += 1
             self.rejected()
             raise
-
-    def _failed(self, ticket: int, error: BaseException) -> None:
-        self._breaker.record_failure(ticket, error)
-        with self._lock:
-            self._counters.send_errors += 1
 
 
 class GuardedCalls:
@@ -180,9 +282,10 @@ class GuardedCalls:
     def call(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
         """Run ``fn(*args, **kwargs)`` guarded by the breaker, as sends are.
 
-        ``OSError`` and ``TransportError`` count as failures and propagate unchanged; other
-        exceptions propagate without counting. Raises ``CircuitOpenError`` when rejected and
-        ``DWCPError`` (``NOT_STARTED``) before ``start()``.
+        Its exceptions propagate unchanged; those the manager's ``call_failures`` names
+        (default: ``OSError`` and ``TransportError``) count as failures, others do not.
+        Raises ``CircuitOpenError`` when rejected and ``DWCPError`` (``NOT_STARTED``) before
+        ``start()``.
         """
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__name__}")
@@ -191,7 +294,29 @@ class GuardedCalls:
         return self._guard.call(fn, args, kwargs)
 
     def guard(self, fn: Callable[P, R]) -> Callable[P, R]:
-        """Decorate ``fn`` so that every call goes through ``call()``."""
+        """Decorate ``fn`` so that every call goes through ``call()``.
+
+        An ``async def`` function stays one (``inspect.iscoroutinefunction`` is true of the
+        wrapper): each call is admitted when awaited and recorded when its await ends.
+        Generator functions, sync or async, raise ``TypeError``: the guard would see only the
+        generator's creation, never the work done as it is iterated.
+        """
+        if inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn):
+            kind = "async generator" if inspect.isasyncgenfunction(fn) else "generator"
+            raise TypeError(
+                f"cannot guard {kind} function {describe_callable(fn)}: its work runs as it "
+                "is iterated, after the call returned; guard the calls it makes instead"
+            )
+        if inspect.iscoroutinefunction(fn):
+            coroutine_function = cast("Callable[..., Awaitable[Any]]", fn)
+
+            @wraps(fn)
+            async def guarded_async(*args: Any, **kwargs: Any) -> Any:
+                if not self._started:
+                    raise DWCPError("manager is not started", code="NOT_STARTED")
+                return await self._guard.call_async(coroutine_function, args, kwargs)
+
+            return cast("Callable[P, R]", guarded_async)
 
         @wraps(fn)
         def guarded(*args: P.args, **kwargs: P.kwargs) -> R:

@@ -106,6 +106,12 @@ class MetricsSnapshot:
     )
     components: Mapping[str, ComponentMetrics] = field(default_factory=lambda: MappingProxyType({}))
     events_dropped: int = 0
+    #: Guarded calls (``call()``, ``@guard``) that returned.
+    calls: int = 0
+    #: Guarded calls whose exception counted against the breaker (``call_failures``).
+    call_errors: int = 0
+    #: Guarded calls the breaker rejected (also counted in ``breaker_rejections``).
+    call_rejections: int = 0
     #: How long transport sends took, from the call to its return or error.
     send_seconds: LatencyHistogram = field(default_factory=LatencyHistogram)
     #: How long recovery cycles took, from start to success or failure, per component.

@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING
 from loguru import logger
 
 from dwcp import _validation as check
-from dwcp._breaker import NOT_INITIALIZED, Breaker
+from dwcp._breaker import Breaker
 from dwcp._clock import Clock, SystemClock
 from dwcp._cluster import ClusterView, cluster_member
 from dwcp._components import Layer, Transport
 from dwcp._errors import DWCPError
 from dwcp._events import Listener, _Dispatcher, peer_of
-from dwcp._guard import Guard, GuardedCalls
+from dwcp._guard import CallFailures, Guard, GuardedCalls, failure_test
 from dwcp._health import ComponentHealth, HealthSnapshot, MetricsSnapshot
 from dwcp._latency import LatencyRecorder
 from dwcp._monitor import Monitor
@@ -52,6 +52,10 @@ class Manager(GuardedCalls):
         initial_backoff: the wait before the first attempt; it doubles each attempt.
         max_failures: consecutive send failures that open the breaker.
         reset_timeout: seconds the breaker stays open before a trial send.
+        call_failures: what counts as a failure of ``call()`` and ``@guard``: an exception
+            class, a tuple of them, or a predicate called with the exception (true: it
+            counts). Default ``(OSError, TransportError)``; sends always use that default.
+            ``KeyboardInterrupt`` and ``SystemExit`` never count.
         recovery: a ``RecoveryPolicy`` per component name, replacing the default one.
         breaker_storage: a Redis URL or ``redis.Redis`` client to share the breaker.
         breaker_name: the breaker's name (its Redis key); also names this manager.
@@ -81,6 +85,7 @@ class Manager(GuardedCalls):
         initial_backoff: float | timedelta = 1.0,
         max_failures: int = 5,
         reset_timeout: float | timedelta = 30.0,
+        call_failures: CallFailures | None = None,
         recovery: Mapping[str, RecoveryPolicy] | None = None,
         breaker_storage: object = None,
         breaker_name: str = "dwcp",
@@ -94,6 +99,7 @@ class Manager(GuardedCalls):
         self._enabled = check.flag("enabled", enabled)
         self._fail_fast = check.flag("fail_fast", fail_fast)
         self._name = check.name("breaker_name", breaker_name)
+        counts_as_failure = failure_test(call_failures)
         if clock is not None and not isinstance(clock, Clock):
             raise TypeError(f"clock must have now() and sleep(), got {type(clock).__name__}")
         self._clock: Clock = clock or SystemClock()
@@ -146,6 +152,7 @@ class Manager(GuardedCalls):
             None
             if transport_state is None
             else partial(self._monitor.send_finished, transport_state),
+            counts_as_failure,
         )
         self._tally = self._guard.tallies.local  # .value: the calling thread's send tally
         # Cluster health (dwcp.cluster): the longest gap between two passes is one interval
@@ -262,13 +269,7 @@ class Manager(GuardedCalls):
         """Start the server and each component; those that fail (and may not) are returned."""
         try:
             if self._health_server is not None:
-                try:
-                    self._health_server.start()
-                except OSError as exc:
-                    raise DWCPError(
-                        f"health server could not listen: {check.describe(exc)}",
-                        code="HEALTH_SERVER_FAILED",
-                    ) from exc
+                self._health_server.start()  # DWCPError(HEALTH_SERVER_FAILED) on a busy port
             return start_slots([state.slot for state in self._states.values()], self._fail_fast)
         except BaseException:
             if self._health_server is not None:
@@ -334,8 +335,12 @@ class Manager(GuardedCalls):
 
     @property
     def circuit_breaker_state(self) -> str:
-        """``closed``, ``open``, ``half-open``, or ``not_initialized`` without a transport."""
-        return NOT_INITIALIZED if self._transport is None else self._breaker.state
+        """``closed``, ``open`` or ``half-open``: the breaker guarding sends and ``call()``.
+
+        A manager without a transport reports it too: its breaker guards ``call()`` and
+        ``@guard``.
+        """
+        return self._breaker.state
 
     # -- health ---------------------------------------------------------------------------------
 
@@ -385,6 +390,7 @@ class Manager(GuardedCalls):
                 storage=storage,
                 storage_errors=self._breaker.storage_errors,
                 events_dropped=self._events.dropped,
+                calls=self._guard.calls.total(),
             )
 
     def cluster_health(self) -> ClusterView:

@@ -28,7 +28,14 @@ from dwcp._suspicion import ComponentSuspicion
 if TYPE_CHECKING:
     from dwcp._slots import Slot
 
-__all__ = ["ComponentState", "Counters", "SendTallies", "health_snapshot", "metrics_snapshot"]
+__all__ = [
+    "ComponentState",
+    "Counters",
+    "SendTallies",
+    "ThreadCount",
+    "health_snapshot",
+    "metrics_snapshot",
+]
 
 
 class Waiter:
@@ -133,6 +140,38 @@ class Counters:
     recoveries_succeeded: int = 0
     recoveries_failed: int = 0
     send_errors: int = 0
+    #: Guarded calls (``call()``, ``@guard``) that raised a failure that counted against the
+    #: breaker, and that the breaker rejected (those that returned are a ``ThreadCount``).
+    call_errors: int = 0
+    call_rejections: int = 0
+
+
+class ThreadCount:
+    """A count kept in one cell per counting thread, so that counting takes no lock.
+
+    Each cell has a single writer; ``total()`` sums them under a lock only readers and a
+    thread's first count take.  The cells of threads that ended are kept: their counts stay.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._cells: list[list[int]] = []
+
+    def add(self) -> None:
+        """Count one, in the calling thread's cell."""
+        try:
+            self._local.cell[0] += 1
+        except AttributeError:
+            cell = [1]
+            with self._lock:
+                self._cells.append(cell)
+            self._local.cell = cell
+
+    def total(self) -> int:
+        """The sum over every thread's cell."""
+        with self._lock:
+            return sum(cell[0] for cell in self._cells)
 
 
 class SendTallies:
@@ -211,6 +250,7 @@ def metrics_snapshot(
     storage: str,
     storage_errors: int,
     events_dropped: int,
+    calls: int = 0,
 ) -> MetricsSnapshot:
     """The counters and per-component figures at ``now`` (caller holds the lock)."""
     states = list(states)
@@ -247,6 +287,9 @@ def metrics_snapshot(
         breaker_transitions=MappingProxyType(dict(transitions)),
         components=MappingProxyType(per_component),
         events_dropped=events_dropped,
+        calls=calls,
+        call_errors=counters.call_errors,
+        call_rejections=counters.call_rejections,
         send_seconds=tallies.histogram(),
         recovery_seconds=recovery_seconds,
         health_check_seconds=check_seconds,

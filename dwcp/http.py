@@ -113,6 +113,9 @@ def health_document(manager: HealthSource) -> tuple[bool, dict[str, Any]]:
             "sends": metrics.sends,
             "sent_bytes": metrics.sent_bytes,
             "send_errors": metrics.send_errors,
+            "calls": metrics.calls,
+            "call_errors": metrics.call_errors,
+            "call_rejections": metrics.call_rejections,
             "events_dropped": metrics.events_dropped,
             "breaker_storage_errors": metrics.breaker_storage_errors,
             "downtime_seconds": {k: round(v, 3) for k, v in metrics.downtime_seconds.items()},
@@ -261,17 +264,28 @@ class HealthServer:
 
     @property
     def url(self) -> str:
-        """The base URL, such as ``http://127.0.0.1:8080``."""
+        """The base URL, such as ``http://127.0.0.1:8080``; raises like ``address``."""
         host, port = self.address
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def start(self) -> None:
-        """Bind the socket and serve on a background thread."""
+        """Bind the socket and serve on a background thread.
+
+        Raises ``DWCPError`` with code ``HEALTH_SERVER_FAILED`` (the ``OSError`` as its
+        ``__cause__``) when it cannot listen, say on a port in use, leaving the server
+        stopped, and ``ALREADY_STARTED`` while it runs.
+        """
         with self._lock:
             if self._server is not None:
                 raise DWCPError("health server is already started", code="ALREADY_STARTED")
             server_class = _Server6 if ":" in self._host else _Server
-            server = server_class((self._host, self._port), _Handler)
+            try:
+                server = server_class((self._host, self._port), _Handler)
+            except OSError as exc:  # socket.gaierror for a bad host is one too
+                raise DWCPError(
+                    f"health server could not listen on {self._where()}: {check.describe(exc)}",
+                    code="HEALTH_SERVER_FAILED",
+                ) from exc
             server.manager = self._manager
             server.metrics = _metrics_registry(self._manager)
             thread = threading.Thread(
@@ -301,6 +315,9 @@ class HealthServer:
     def close(self) -> None:
         """Alias of ``stop()``, for code that closes what it opened."""
         self.stop()
+
+    def _where(self) -> str:
+        return f"[{self._host}]:{self._port}" if ":" in self._host else f"{self._host}:{self._port}"
 
     def __repr__(self) -> str:
         try:

@@ -23,18 +23,22 @@ Exposed metrics (each also labelled ``manager``)::
     dwcp_component_downtime_seconds_total{component}  time from first failed check to recovery
     dwcp_breaker_state{state}                         one-hot over closed/open/half-open
     dwcp_breaker_transitions_total{from_state,to_state}  breaker state changes
-    dwcp_breaker_rejections_total                     sends refused by the breaker
+    dwcp_breaker_rejections_total                     sends and guarded calls refused by the breaker
     dwcp_breaker_storage{mode}                        one-hot over local/shared/fallback
     dwcp_breaker_storage_errors_total                 failed calls to the shared (Redis) storage
     dwcp_sends_total                                  sends that succeeded
     dwcp_sent_bytes_total                             bytes those sends carried
     dwcp_send_errors_total                            sends the transport failed
+    dwcp_calls_total                                  guarded calls (call(), @guard) that returned
+    dwcp_call_errors_total                            guarded calls whose error counted (call_failures)
+    dwcp_call_rejections_total                        guarded calls refused by the breaker
     dwcp_events_dropped_total                         events lost to a full listener queue
     dwcp_send_duration_seconds                        histogram of transport send durations
     dwcp_recovery_duration_seconds{component}         histogram of recovery cycle durations
     dwcp_health_check_duration_seconds{component}     histogram of health-check durations
 
-A manager without a transport reports every ``dwcp_breaker_state`` sample as 0.
+A source whose breaker state is none of the three (``not_initialized``) reports every
+``dwcp_breaker_state`` sample as 0; a ``Manager`` always has one, transport or not.
 
 With ``Manager(cluster=...)``, per node of the manager's cluster view (``dwcp.cluster``;
 labelled ``manager`` and ``node``)::
@@ -261,7 +265,9 @@ def _families(scrapes: Sequence[_Scrape]) -> Iterator[Metric]:
     transitions = _counter(
         "dwcp_breaker_transitions", "Circuit-breaker state changes.", ["from_state", "to_state"]
     )
-    rejections = _counter("dwcp_breaker_rejections", "Sends refused by the circuit breaker.")
+    rejections = _counter(
+        "dwcp_breaker_rejections", "Sends and guarded calls refused by the circuit breaker."
+    )
     storage = _gauge(
         "dwcp_breaker_storage",
         "Where the breaker state lives, one-hot over local/shared/fallback "
@@ -274,6 +280,13 @@ def _families(scrapes: Sequence[_Scrape]) -> Iterator[Metric]:
     sends = _counter("dwcp_sends", "Sends the transport completed.")
     sent_bytes = _counter("dwcp_sent_bytes", "Bytes carried by completed sends.")
     send_errors = _counter("dwcp_send_errors", "Sends the transport failed.")
+    calls = _counter("dwcp_calls", "Guarded calls (call(), @guard) that returned.")
+    call_errors = _counter(
+        "dwcp_call_errors", "Guarded calls whose exception counted against the breaker."
+    )
+    call_rejections = _counter(
+        "dwcp_call_rejections", "Guarded calls refused by the circuit breaker."
+    )
     dropped = _counter(
         "dwcp_events_dropped", "Events not delivered to listeners because their queue was full."
     )
@@ -321,6 +334,9 @@ def _families(scrapes: Sequence[_Scrape]) -> Iterator[Metric]:
         sends.add_metric([name], metrics.sends)
         sent_bytes.add_metric([name], metrics.sent_bytes)
         send_errors.add_metric([name], metrics.send_errors)
+        calls.add_metric([name], metrics.calls)
+        call_errors.add_metric([name], metrics.call_errors)
+        call_rejections.add_metric([name], metrics.call_rejections)
         dropped.add_metric([name], metrics.events_dropped)
         _observe(send_seconds, [name], metrics.send_seconds)
         for component, histogram in metrics.recovery_seconds.items():
@@ -346,6 +362,9 @@ def _families(scrapes: Sequence[_Scrape]) -> Iterator[Metric]:
         sends,
         sent_bytes,
         send_errors,
+        calls,
+        call_errors,
+        call_rejections,
         dropped,
         send_seconds,
         recovery_seconds,

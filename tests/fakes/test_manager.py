@@ -279,11 +279,11 @@ def test_caller_errors_and_interrupts_never_count(make_manager: MakeManager) -> 
 def test_missing_transport_is_reported_and_never_counts(make_manager: MakeManager) -> None:
     manager = make_manager(None, compression=FakeLayer(), max_failures=1)
     manager.start()
-    assert manager.circuit_breaker_state == "not_initialized"
     for _ in range(3):
         with pytest.raises(dwcp.DWCPError) as info:
             manager.send_with_circuit_breaker(b"x")
         assert info.value.code == "NO_TRANSPORT"
+    assert manager.circuit_breaker_state == "closed"  # max_failures=1, and nothing counted
 
 
 def test_half_open_read_before_any_call_then_trial_closes(make_manager: MakeManager) -> None:

@@ -28,7 +28,8 @@ def test_call_counts_peer_failures_and_opens_the_breaker(make_manager: MakeManag
     assert manager.circuit_breaker_state == "open"
     with pytest.raises(dwcp.CircuitOpenError):
         manager.call(fetch)
-    assert manager.metrics().send_errors == 2
+    metrics = manager.metrics()
+    assert (metrics.call_errors, metrics.call_rejections, metrics.send_errors) == (2, 1, 0)
 
 
 def test_call_does_not_count_caller_errors(make_manager: MakeManager) -> None:

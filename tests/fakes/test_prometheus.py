@@ -98,6 +98,9 @@ def test_fresh_manager_exposes_every_metric(
         "dwcp_sends_total",
         "dwcp_sent_bytes_total",
         "dwcp_send_errors_total",
+        "dwcp_calls_total",
+        "dwcp_call_errors_total",
+        "dwcp_call_rejections_total",
     ):
         assert value(samples, name) == 0.0, name
     assert transitions(samples) == {}
@@ -199,13 +202,29 @@ def test_layer_status_is_labelled_per_component(
     assert one_hot(samples, "dwcp_component_status", "status", component="sync") == "failed"
 
 
-def test_breaker_state_is_all_zero_without_a_transport(
+def test_a_manager_without_a_transport_reports_the_breaker_its_calls_use(
     make_manager: MakeManager, registry: CollectorRegistry
 ) -> None:
-    manager = make_manager(None, compression=FakeLayer())
+    manager = make_manager(None, compression=FakeLayer(), max_failures=1)
     register_metrics(manager, registry)
+    assert one_hot(scrape(registry), "dwcp_breaker_state", "state") == "closed"
+    manager.start()
+    assert manager.call(divmod, 7, 2) == (3, 1)
+    with pytest.raises(TimeoutError):
+        manager.call(raise_timeout)
+    with pytest.raises(dwcp.CircuitOpenError):
+        manager.call(raise_timeout)
     samples = scrape(registry)
-    assert [v for (n, _), v in samples.items() if n == "dwcp_breaker_state"] == [0.0] * 3
+    assert one_hot(samples, "dwcp_breaker_state", "state") == "open"
+    assert value(samples, "dwcp_calls_total") == 1
+    assert value(samples, "dwcp_call_errors_total") == 1
+    assert value(samples, "dwcp_call_rejections_total") == 1
+    assert value(samples, "dwcp_breaker_rejections_total") == 1
+    assert value(samples, "dwcp_send_errors_total") == 0
+
+
+def raise_timeout() -> None:
+    raise TimeoutError("peer too slow")
 
 
 def test_register_metrics_uses_the_default_registry(make_manager: MakeManager) -> None:

@@ -8,6 +8,7 @@ import socket
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 import pytest
 from loguru import logger
@@ -131,6 +132,40 @@ def test_readyz_without_a_transport_needs_every_component(
     layer.healthy = False
     assert manager.attempt_component_recovery("compression") is False
     assert request(server, "/readyz").status == 503
+
+
+def test_a_guard_only_manager_shows_its_breaker_everywhere(
+    make_manager: MakeManager, make_server: MakeServer
+) -> None:
+    manager = make_manager(None, max_failures=2)  # no transport: used only as a guard
+    server = make_server(manager)
+    manager.start()
+    assert manager.circuit_breaker_state == "closed"
+    assert request(server, "/readyz").status == 200
+
+    def fetch() -> None:
+        raise ConnectionRefusedError("peer down")
+
+    for _ in range(2):
+        with pytest.raises(ConnectionRefusedError):
+            manager.call(fetch)
+    assert manager.circuit_breaker_state == "open"
+    assert manager.health().breaker_state == "open" and not manager.health().healthy
+    reply = request(server, "/readyz")
+    assert (reply.status, reply.body) == (503, b"not ready\n")
+    healthz = request(server, "/healthz")
+    document = healthz.json()
+    assert healthz.status == 503 and document["status"] == "unhealthy"
+    assert document["breaker"] == {"state": "open", "storage": "local"}
+    counts = document["metrics"]
+    assert isinstance(counts, dict)
+    assert (counts["calls"], counts["call_errors"], counts["call_rejections"]) == (0, 2, 0)
+    assert counts["send_errors"] == 0
+    families = {
+        f.name: f for f in text_string_to_metric_families(request(server, "/metrics").body.decode())
+    }
+    states = {s.labels["state"]: s.value for s in families["dwcp_breaker_state"].samples}
+    assert states == {"closed": 0.0, "open": 1.0, "half-open": 0.0}
 
 
 def test_a_failed_layer_leaves_the_transport_ready_but_status_unhealthy(
@@ -476,6 +511,47 @@ def test_the_managers_health_host_and_port_are_named_as_such() -> None:
         dwcp.Manager(FakeTransport(), health_port=-1)
     with pytest.raises(TypeError, match="^health_port must be an int"):
         dwcp.Manager(FakeTransport(), health_port="80")  # type: ignore[arg-type]
+
+
+def error_table_rows(code: str) -> list[str]:
+    """The rows of the README's error table whose ``.code`` cell names ``code``."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme.split("| error | `.code` |", 1)[1].split("\n\n", 1)[0]
+    return [row for row in table.splitlines() if f"`{code}`" in row.split("|")[2]]
+
+
+def test_start_on_a_busy_port_raises_the_typed_error_and_can_be_retried(
+    make_manager: MakeManager,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = HealthServer(make_manager(FakeTransport()), port=port)
+        with pytest.raises(dwcp.DWCPError) as info:
+            server.start()
+    assert info.value.code == "HEALTH_SERVER_FAILED"
+    assert f"127.0.0.1:{port}" in str(info.value)
+    assert isinstance(info.value.__cause__, OSError)
+    assert http_threads() == []
+    assert any("`HealthServer.start()`" in row for row in error_table_rows("HEALTH_SERVER_FAILED"))
+    server.start()  # the port is free again: nothing was left half-started
+    try:
+        assert server.address == ("127.0.0.1", port)
+    finally:
+        server.stop()
+
+
+def test_address_and_url_before_start_raise_the_code_the_readme_lists(
+    make_manager: MakeManager,
+) -> None:
+    server = HealthServer(make_manager(FakeTransport()))
+    for read in (lambda: server.url, lambda: server.address):
+        with pytest.raises(dwcp.DWCPError) as info:
+            read()
+        assert info.value.code == "NOT_STARTED"
+    rows = error_table_rows("NOT_STARTED")
+    assert any("`HealthServer.url`" in row and "`DWCPError`" in row for row in rows)
 
 
 def test_repr_and_close_alias(make_manager: MakeManager) -> None:
