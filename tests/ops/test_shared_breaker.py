@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -290,3 +292,194 @@ def test_a_timed_out_open_never_undoes_another_process_close(redis_server: Redis
         assert fresh.state == "closed"  # ...which did not reach Redis
         stale.remote_changed()  # told of the change: it adopts the close
         assert stale.state == "closed"
+
+
+# -- one half-open trial per open period, across processes ------------------------------------
+
+_PERIOD_KEY = "{name}:pybreaker:opened_at_ms"
+
+
+class _DeadPeer(FakeTransport):
+    """A transport to a dead peer that logs every send reaching it: with the breaker open
+    from the start, each one is a half-open trial.
+
+    A line is ``<time> <pid> <mode> <period>``: ``mode`` is the breaker's storage mode when
+    the trial ran (``shared``, or ``fallback`` while Redis is unreachable) and ``period`` the
+    shared ``opened_at`` (epoch ms) the trial ran in.  A file ``hang-<n>`` in ``work`` makes
+    the next trial (of any process) take ``hung-<n>`` and hang until ``release-<n>`` appears,
+    then return a late success.
+    """
+
+    def __init__(self, work: str, client: Any, key: str) -> None:
+        super().__init__()
+        self.manager: dwcp.Manager | None = None
+        self._work, self._client, self._key = work, client, key
+        self._pause = threading.Event()
+
+    def send(self, data: bytes | bytearray | memoryview) -> None:
+        import redis
+
+        assert self.manager is not None
+        mode = self.manager.metrics().breaker_storage
+        try:
+            period = self._client.get(self._key)
+        except redis.RedisError:
+            period = None
+        if period is None:
+            mode = "fallback"
+        line = f"{time.time():.3f} {os.getpid()} {mode} {int(period or 0)}\n"
+        fd = os.open(os.path.join(self._work, "trials.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            os.write(fd, line.encode())  # one write of a short line: appended whole
+        finally:
+            os.close(fd)
+        for n in (1, 2):
+            if self._take(f"hang-{n}", f"hung-{n}"):
+                release = os.path.join(self._work, f"release-{n}")
+                deadline = time.monotonic() + 120
+                while not os.path.exists(release) and time.monotonic() < deadline:
+                    self._pause.wait(0.01)
+                return  # a late success
+        raise ConnectionRefusedError("peer down")
+
+    def _take(self, flag: str, taken: str) -> bool:
+        if not os.path.exists(os.path.join(self._work, flag)):
+            return False
+        try:
+            fd = os.open(os.path.join(self._work, taken), os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        except FileExistsError:
+            return False
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+
+
+def _trials_in_process(url: str, name: str, reset: float, work: str) -> None:
+    """Runs in a child process: send through the shared breaker until ``work/stop`` exists."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    transport = _DeadPeer(work, client, _PERIOD_KEY.format(name=name))
+    manager = dwcp.Manager(
+        transport, breaker_storage=url, breaker_name=name, max_failures=1, reset_timeout=reset
+    )
+    transport.manager = manager
+    manager.start()
+    pace = threading.Event()
+    deadline = time.monotonic() + 180
+    with open(os.path.join(work, f"ready-{os.getpid()}"), "w"):
+        pass
+    try:
+        while not os.path.exists(os.path.join(work, "stop")) and time.monotonic() < deadline:
+            try:
+                manager.send_with_circuit_breaker(b"x")
+            except (dwcp.CircuitOpenError, dwcp.TransportError):
+                pass
+            pace.wait(0.002)  # pacing of a busy sender, not a synchronisation
+    finally:
+        manager.stop()
+
+
+def _trials(work: str) -> list[tuple[float, int, str, int]]:
+    try:
+        with open(os.path.join(work, "trials.log")) as log:
+            lines = log.read().splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in lines:
+        at, pid, mode, period = line.split()
+        out.append((float(at), int(pid), mode, int(period)))
+    return out
+
+
+def _shared_periods_since(work: str, since: float) -> set[int]:
+    return {p for at, _, mode, p in _trials(work) if mode == "shared" and at >= since}
+
+
+def test_one_half_open_trial_per_open_period_across_five_processes(
+    redis_server: RedisServer, tmp_path: Any
+) -> None:
+    """Exactly one trial per open period in total across 5 processes, through failed
+    trials, a trial that hung past its deadline (a late success), a trial holder SIGKILLed
+    and an empty Redis restart.  Trials while Redis is unreachable (each process decides
+    alone) are counted apart."""
+    import signal
+
+    name, reset, work = "shared-periods", 0.5, str(tmp_path)
+    opener = FakeTransport()
+    opener.fail_sends = ConnectionRefusedError("peer down")
+    manager = dwcp.Manager(
+        opener, breaker_storage=redis_server.url, breaker_name=name, max_failures=1,
+        reset_timeout=3600,
+    )  # fmt: skip
+    manager.start()
+    with pytest.raises(dwcp.TransportError):
+        manager.send_with_circuit_breaker(b"x")  # open before any child sends
+    manager.stop()
+    ctx = multiprocessing.get_context("spawn")
+    children = [
+        ctx.Process(target=_trials_in_process, args=(redis_server.url, name, reset, work))
+        for _ in range(5)
+    ]
+    try:
+        for child in children:
+            child.start()
+        wait_until(
+            lambda: len([f for f in os.listdir(work) if f.startswith("ready-")]) == 5, timeout=120
+        )
+        # Failed trials: several periods.
+        wait_until(lambda: len(_shared_periods_since(work, 0)) >= 4, timeout=60)
+
+        # A trial that hangs past its deadline in a live process, then returns a success.
+        open(os.path.join(work, "hang-1"), "w").close()
+        wait_until(lambda: os.path.exists(os.path.join(work, "hung-1")), timeout=60)
+        hung_at = time.time()
+        wait_until(lambda: len(_shared_periods_since(work, hung_at)) >= 2, timeout=60)
+        open(os.path.join(work, "release-1"), "w").close()
+        released_at = time.time()
+        wait_until(lambda: len(_shared_periods_since(work, released_at)) >= 2, timeout=60)
+
+        # A trial holder SIGKILLed mid-trial.
+        open(os.path.join(work, "hang-2"), "w").close()
+        wait_until(lambda: os.path.exists(os.path.join(work, "hung-2")), timeout=60)
+        victim = int(_text_of(os.path.join(work, "hung-2")))
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.time()
+        wait_until(lambda: len(_shared_periods_since(work, killed_at)) >= 3, timeout=60)
+
+        # Redis killed and started again, empty.
+        redis_server.kill()
+        redis_server.start()
+        restarted_at = time.time()
+        wait_until(lambda: len(_shared_periods_since(work, restarted_at)) >= 3, timeout=60)
+    finally:
+        open(os.path.join(work, "stop"), "w").close()
+        open(os.path.join(work, "release-1"), "w").close()
+        for child in children:
+            child.join(30)
+            if child.is_alive():
+                child.kill()
+                child.join(10)
+
+    trials = _trials(work)
+    per_period: dict[int, list[tuple[float, int]]] = {}
+    for at, pid, mode, period in trials:
+        if mode == "shared":
+            per_period.setdefault(period, []).append((at, pid))
+    repeated = {p: t for p, t in per_period.items() if len(t) != 1}
+    assert not repeated, f"periods with more than one trial: {repeated}"
+    # Had the hung trial's late success closed the breaker, every process would have sent
+    # in the same period, which the count above rules out.
+    assert len(per_period) >= 4 + 2 + 2 + 3 + 3
+
+
+def _text_of(path: str) -> str:
+    """The file's text once its writer has written some (created empty, then written)."""
+
+    def read() -> str:
+        with open(path) as handle:
+            return handle.read()
+
+    wait_until(lambda: read() != "", timeout=10)
+    return read()
