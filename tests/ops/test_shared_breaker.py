@@ -483,3 +483,75 @@ def _text_of(path: str) -> str:
 
     wait_until(lambda: read() != "", timeout=10)
     return read()
+
+
+# -- a process that has not reconnected yet is no evidence against the peer -------------------
+
+
+def _not_started() -> dwcp.TransportError:
+    # What the built-in transport raises while its own recovery has it closed.
+    return dwcp.TransportError("transport not started", code="NOT_STARTED")
+
+
+def test_not_started_failures_never_count_against_the_shared_breaker(
+    redis_server: RedisServer,
+) -> None:
+    """A manager whose transport is not started (its recovery has not reconnected yet) fails
+    its sends with NOT_STARTED; those never open the breaker it shares with the others."""
+    name = "shared-not-started"
+    reconnecting, connected = FakeTransport(), FakeTransport()
+    managers = [
+        dwcp.Manager(t, breaker_storage=redis_server.url, breaker_name=name, max_failures=1)
+        for t in (reconnecting, connected)
+    ]
+    for manager in managers:
+        manager.start()
+    try:
+        reconnecting.fail_sends = _not_started()
+        for _ in range(20):
+            with pytest.raises(dwcp.TransportError) as info:
+                managers[0].send_with_circuit_breaker(b"x")
+            assert info.value.code == "NOT_STARTED"
+        assert [m.circuit_breaker_state for m in managers] == ["closed", "closed"]
+        managers[1].send_with_circuit_breaker(b"the peer is up")
+        assert connected.sent == [b"the peer is up"]
+        assert managers[1].metrics().breaker_transitions == {}
+    finally:
+        for manager in managers:
+            manager.stop()
+
+
+def test_a_not_started_trial_leaves_the_periods_trial_to_another_process(
+    redis_server: RedisServer,
+) -> None:
+    """In a half-open shared breaker, a trial that fails NOT_STARTED neither re-opens the
+    breaker nor uses up the period's trial: a connected process runs it and closes it."""
+    name = "shared-not-started-trial"
+    reconnecting, connected = FakeTransport(), FakeTransport()
+    managers = [
+        dwcp.Manager(
+            t, breaker_storage=redis_server.url, breaker_name=name, max_failures=1,
+            reset_timeout=0.5,
+        )
+        for t in (reconnecting, connected)
+    ]  # fmt: skip
+    for manager in managers:
+        manager.start()
+    try:
+        connected.fail_sends = ConnectionRefusedError("peer down")
+        with pytest.raises(dwcp.TransportError):
+            managers[1].send_with_circuit_breaker(b"x")
+        connected.fail_sends = None
+        wait_until(lambda: managers[0].circuit_breaker_state == "open")
+        wait_until(lambda: managers[0].circuit_breaker_state == "half-open", timeout=10)
+        reconnecting.fail_sends = _not_started()
+        with pytest.raises(dwcp.TransportError, match="NOT_STARTED"):
+            managers[0].send_with_circuit_breaker(b"trial from a process still reconnecting")
+        assert reconnecting.send_calls == 1  # it was admitted as the trial, and gave it back
+        wait_until(lambda: managers[1].circuit_breaker_state == "half-open", timeout=10)
+        managers[1].send_with_circuit_breaker(b"the period's trial")
+        wait_until(lambda: managers[0].circuit_breaker_state == "closed")
+        assert managers[1].circuit_breaker_state == "closed"
+    finally:
+        for manager in managers:
+            manager.stop()
