@@ -25,8 +25,17 @@ breaker admits and records a success without any lock.
 With shared storage (Redis) pybreaker works on an in-memory mirror, so nothing under its
 lock touches the network: the mirror is refreshed from Redis at most every
 ``sync_interval`` seconds, outside the lock, and pybreaker's writes reach Redis after the
-lock is released, in decision order.  Half-open admits one trial across every process
-through a Redis lease that expires if its holder dies.
+lock is released, in decision order.  Half-open admits one trial per open period across
+every process: the claim is keyed by the period's ``opened_at`` and outlives the trial, so a
+process whose own timer fires after another's trial failed is refused.  While Redis is
+unreachable each process decides alone: each runs its own trial every period, and the
+breaker stays open in each until its own trial succeeds.
+
+A trial still running ``trial_timeout`` after it was admitted counts as a failed trial: the
+breaker opens from that deadline, and the hung call's late result is stale like any other.
+
+A failure whose ``code`` is ``NOT_STARTED`` (this process's transport is closed) is no
+evidence about the peer: it is released, never counted.
 
 The adapter relies on pybreaker internals (``_lock``, ``_handle_error``, ``_handle_success``,
 ``on_failure``); ``pybreaker~=1.4`` is pinned and ``tests/unit/test_breaker_contract.py`` fails if

@@ -2,13 +2,17 @@
 
 Every manager that uses the same Redis and breaker name sees one breaker: failures from all of
 them add up to the threshold, an open breaker rejects in all of them, and the reset timeout is
-shared.  When Redis cannot be reached, the breaker keeps working on process-local state, the
-condition is logged and reported, and the shared state is used again once Redis answers.
+shared.  Half-open admits one trial per open period in total: the claim is keyed by the period
+(``claim_trial``) and outlives the trial.  When Redis cannot be reached, the breaker keeps
+working on process-local state, the condition is logged and reported, and the shared state is
+used again once Redis answers.  Meanwhile each process decides alone: each runs its own trial
+every period, and the breaker stays open in each until its own trial succeeds.
 
 Beyond pybreaker's keys, ``opened_at`` is also kept in milliseconds (``<name>:pybreaker:
 opened_at_ms``; pybreaker stores whole seconds), and every state change is published on the
 channel ``<name>:pybreaker:changes`` so that other processes hear of it at once
-(``FailoverStorage.on_remote_change``) instead of at their next poll.
+(``FailoverStorage.on_remote_change``) instead of at their next poll.  ``<name>:pybreaker:
+trial`` holds the claim on the current period's trial.
 """
 
 from __future__ import annotations

@@ -555,3 +555,74 @@ def test_a_not_started_trial_leaves_the_periods_trial_to_another_process(
     finally:
         for manager in managers:
             manager.stop()
+
+
+class _TimedPeer(FakeTransport):
+    """A FakeTransport that notes when each send reached it (``time.monotonic()``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.times: list[float] = []
+
+    def send(self, data: bytes | bytearray | memoryview) -> None:
+        self.times.append(time.monotonic())
+        super().send(data)
+
+
+def test_while_redis_is_down_each_process_runs_its_own_trial_every_period_and_the_breaker_stays_open(
+    redis_server: RedisServer,
+) -> None:
+    reset = 0.5
+    peers = [_TimedPeer(), _TimedPeer()]
+    managers = [
+        dwcp.Manager(
+            peer, breaker_storage=redis_server.url, breaker_name="shared-redis-down",
+            max_failures=1, reset_timeout=reset,
+        )
+        for peer in peers
+    ]  # fmt: skip
+    for manager in managers:
+        manager.start()
+    try:
+        for peer in peers:
+            peer.fail_sends = ConnectionRefusedError("peer down")
+        with pytest.raises(dwcp.TransportError):
+            managers[0].send_with_circuit_breaker(b"x")
+        wait_until(lambda: managers[1].circuit_breaker_state == "open")
+        redis_server.stop()
+        before = [len(peer.times) for peer in peers]
+
+        def both_ran_three_trials() -> bool:
+            for manager in managers:
+                try:
+                    manager.send_with_circuit_breaker(b"x")
+                except (dwcp.CircuitOpenError, dwcp.TransportError):
+                    pass
+                assert manager.circuit_breaker_state != "closed"  # it stays open
+            return all(len(p.times) - b >= 3 for p, b in zip(peers, before))
+
+        wait_until(both_ran_three_trials, timeout=30)
+        for manager in managers:
+            assert manager.health().breaker_storage == "fallback"
+            assert manager.circuit_breaker_state in ("open", "half-open")
+        for peer, first in zip(peers, before):
+            trials = peer.times[first:]
+            # One trial per period in each process: each failed trial opens its own breaker
+            # for another reset timeout.
+            assert all(b - a >= reset for a, b in zip(trials, trials[1:]))
+        # Each process's breaker closes on its own trial's success, not on another's.
+        peers[0].fail_sends = None
+        wait_until(lambda: _sent(managers[0]), timeout=10)
+        assert managers[0].circuit_breaker_state == "closed"
+        assert managers[1].circuit_breaker_state in ("open", "half-open")
+    finally:
+        for manager in managers:
+            manager.stop()
+
+
+def _sent(manager: dwcp.Manager) -> bool:
+    try:
+        manager.send_with_circuit_breaker(b"x")
+    except (dwcp.CircuitOpenError, dwcp.TransportError):
+        return False
+    return True
