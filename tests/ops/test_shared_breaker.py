@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import threading
@@ -609,7 +610,7 @@ def test_while_redis_is_down_each_process_runs_its_own_trial_every_period_and_th
             trials = peer.times[first:]
             # One trial per period in each process: each failed trial opens its own breaker
             # for another reset timeout.
-            assert all(b - a >= reset for a, b in zip(trials, trials[1:]))
+            assert all(b - a >= reset for a, b in itertools.pairwise(trials))
         # Each process's breaker closes on its own trial's success, not on another's.
         peers[0].fail_sends = None
         wait_until(lambda: _sent(managers[0]), timeout=10)
