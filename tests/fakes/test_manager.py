@@ -452,7 +452,7 @@ def test_extra_layers_are_validated(layers: dict[str, object], error: type, matc
 
 
 def test_a_transport_left_closed_by_recovery_does_not_count(make_manager: MakeManager) -> None:
-    """"Not started" never counts (the spec), not even from a transport that recovery has
+    """A "not started" never counts (the spec), not even from a transport that recovery has
     closed and not restarted yet: this process not having reconnected says nothing about the
     peer. The sends still fail, typed, and are counted as send errors."""
     transport = FakeTransport()
