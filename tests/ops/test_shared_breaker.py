@@ -627,3 +627,44 @@ def _sent(manager: dwcp.Manager) -> bool:
     except (dwcp.CircuitOpenError, dwcp.TransportError):
         return False
     return True
+
+
+def _pair(url: str, name: str) -> tuple[Any, Any]:
+    """Two breakers sharing ``name`` as two processes would: ``fresh`` re-reads Redis on
+    every call, ``stale`` only once an hour (and no subscriber tells it of changes)."""
+    from dwcp._breaker import Breaker
+    from dwcp._shared import FailoverStorage, connect
+
+    def breaker(sync_interval: float) -> Breaker:
+        storage = FailoverStorage(connect(url), name)
+        return Breaker(
+            max_failures=1, reset_timeout=30, storage=storage, sync_interval=sync_interval
+        )
+
+    return breaker(0), breaker(3600)
+
+
+def test_a_process_timing_out_after_anothers_trial_failed_gets_no_second_trial(
+    redis_server: RedisServer,
+) -> None:
+    """The race issue 21 measured, made deterministic: the trial fails and frees nothing, so
+    a process whose own timer fires before it heard of the re-open is refused."""
+    from freezegun import freeze_time
+
+    with freeze_time("2026-01-01 00:00:00") as clock:
+        fresh, stale = _pair(redis_server.url, "period-race")
+        fresh.record_failure(fresh.admit())
+        assert stale.state == "open"  # its one read of Redis
+        clock.tick(30)
+        fresh.record_failure(fresh.admit())  # the period's trial fails: open again
+        assert fresh.state == "open"
+        assert stale.state == "half-open"  # its own timer, from the open it last read
+        with pytest.raises(dwcp.CircuitOpenError, match="moved it on"):
+            stale.admit()
+        assert stale.state == "open"  # refused, it re-read the shared state at once
+        clock.tick(30)
+        trial = stale.admit()  # the next period's trial is its to take
+        with pytest.raises(dwcp.CircuitOpenError):
+            fresh.admit()
+        stale.record_success(trial)
+        assert stale.state == "closed" and fresh.state == "closed"

@@ -308,3 +308,50 @@ def _sent(manager: object) -> bool:
     except dwcp.CircuitOpenError:
         return False
     return True
+
+
+def test_half_open_admits_exactly_one_of_many_racing_threads() -> None:
+    breaker, _ = make()
+    fail(breaker, 5)
+    breaker.half_open()
+    barrier = threading.Barrier(8)
+    admitted: list[int] = []
+    rejected: list[CircuitOpenError] = []
+    lock = threading.Lock()
+
+    def race() -> None:
+        barrier.wait(5)
+        try:
+            ticket = breaker.admit()
+        except CircuitOpenError as exc:
+            with lock:
+                rejected.append(exc)
+            return
+        with lock:
+            admitted.append(ticket)
+
+    threads = [threading.Thread(target=race) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert (len(admitted), len(rejected)) == (1, 7)
+    breaker.record_success(admitted[0])
+    assert breaker.state == CLOSED
+
+
+def test_not_started_failures_never_count() -> None:
+    from dwcp._errors import TransportError
+
+    breaker, seen = make(max_failures=1)
+    for _ in range(5):
+        breaker.record_failure(breaker.admit(), TransportError("closed", code="NOT_STARTED"))
+    assert breaker.state == CLOSED and breaker.failure_count == 0 and seen == []
+    breaker.half_open()  # no-op while closed; open it and see a not-started trial given back
+    fail(breaker, 1)
+    breaker.half_open()
+    trial = breaker.admit()
+    breaker.record_failure(trial, TransportError("closed", code="NOT_STARTED"))
+    assert breaker.state == HALF_OPEN
+    breaker.record_success(breaker.admit())  # the slot was free for the next trial
+    assert breaker.state == CLOSED
