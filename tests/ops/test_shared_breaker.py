@@ -668,3 +668,101 @@ def test_a_process_timing_out_after_anothers_trial_failed_gets_no_second_trial(
             fresh.admit()
         stale.record_success(trial)
         assert stale.state == "closed" and fresh.state == "closed"
+
+
+class _ReturningPeer(FakeTransport):
+    """A dead peer until ``work/up`` exists; then, for ``delay`` seconds more, this process's
+    transport is still reconnecting (``NOT_STARTED``, as the built-in transport raises while
+    its recovery has it closed); then sends succeed."""
+
+    def __init__(self, work: str, delay: float) -> None:
+        super().__init__()
+        self._up = os.path.join(work, "up")
+        self._delay = delay
+
+    def send(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            up_since = os.stat(self._up).st_mtime
+        except FileNotFoundError:
+            raise ConnectionRefusedError("peer down") from None
+        if time.time() - up_since < self._delay:
+            raise dwcp.TransportError("transport not started", code="NOT_STARTED")
+        super().send(data)
+
+
+def _reconnecting_process(url: str, name: str, work: str, delay: float) -> None:
+    """Runs in a child process: send until 200 sends succeeded after reconnecting, then
+    write this process's breaker transitions to ``work/result-<pid>``."""
+    import json
+
+    transport = _ReturningPeer(work, delay)
+    manager = dwcp.Manager(
+        transport, breaker_storage=url, breaker_name=name, max_failures=2, reset_timeout=0.5
+    )
+    manager.start()
+    pace = threading.Event()
+    with open(os.path.join(work, f"ready-{os.getpid()}"), "w"):
+        pass
+    deadline = time.monotonic() + 120
+    try:
+        while len(transport.sent) < 200 and time.monotonic() < deadline:
+            try:
+                manager.send_with_circuit_breaker(b"x")
+            except (dwcp.CircuitOpenError, dwcp.TransportError):
+                pass
+            pace.wait(0.005)  # pacing of a steady sender, not a synchronisation
+        transitions = manager.metrics().breaker_transitions
+    finally:
+        manager.stop()
+    with open(os.path.join(work, f"result-{os.getpid()}"), "w") as out:
+        json.dump([[old, new, n] for (old, new), n in transitions.items()], out)
+
+
+def test_processes_still_reconnecting_do_not_re_trip_the_shared_breaker(
+    redis_server: RedisServer, tmp_path: Any
+) -> None:
+    """After the peer returns, one trial closes the shared breaker, and processes whose
+    own transport has not reconnected yet (NOT_STARTED for up to 1.6 s) never re-open it."""
+    import json
+
+    name, work = "shared-reconnecting", str(tmp_path)
+    opener = FakeTransport()
+    opener.fail_sends = ConnectionRefusedError("peer down")
+    manager = dwcp.Manager(
+        opener, breaker_storage=redis_server.url, breaker_name=name, max_failures=1,
+        reset_timeout=0.5,
+    )  # fmt: skip
+    manager.start()
+    with pytest.raises(dwcp.TransportError):
+        manager.send_with_circuit_breaker(b"x")
+    manager.stop()
+    ctx = multiprocessing.get_context("spawn")
+    children = [
+        ctx.Process(target=_reconnecting_process, args=(redis_server.url, name, work, 0.4 * i))
+        for i in range(5)
+    ]
+    try:
+        for child in children:
+            child.start()
+        wait_until(
+            lambda: len([f for f in os.listdir(work) if f.startswith("ready-")]) == 5, timeout=120
+        )
+        open(os.path.join(work, "up"), "w").close()  # the peer listens again
+        for child in children:
+            child.join(150)
+            assert child.exitcode == 0
+    finally:
+        for child in children:
+            if child.is_alive():
+                child.kill()
+                child.join(10)
+    results = [f for f in os.listdir(work) if f.startswith("result-")]
+    assert len(results) == 5
+    for result in results:
+        with open(os.path.join(work, result)) as handle:
+            transitions = {(old, new): n for old, new, n in json.load(handle)}
+        assert transitions.get(("closed", "open"), 0) == 0, transitions
+        assert (
+            transitions.get(("half-open", "closed"), 0) + transitions.get(("open", "closed"), 0)
+            >= 1
+        )
