@@ -222,8 +222,8 @@ class Breaker:
         # Whether pybreaker may hold a failure count a success must reset: read without the
         # lock on the success path, so a closed breaker with nothing counted costs no lock.
         self._counted = self._store.counter != 0
-        # The ticket of the trial holding the shared (cross-process) lease, if any.
-        self._lease_ticket: int | None = None
+        # The ticket of the trial holding this period's shared (cross-process) claim, if any.
+        self._claim_ticket: int | None = None
         self._notices: list[tuple[str, str]] = []
         self._on_transition = on_transition
         self._sync_interval = sync_interval
@@ -295,7 +295,7 @@ class Breaker:
         """Account a call that succeeded; pybreaker closes a half-open breaker after its trial."""
         # Racy read on purpose: in the common case (closed, no failures counted) pybreaker
         # would write nothing, and skipping the lock keeps the send path short.
-        if self._state == CLOSED and not self._counted and self._lease_ticket is None:
+        if self._state == CLOSED and not self._counted and self._claim_ticket is None:
             return
         with self._lock:
             self._expire_trial()  # a trial past its deadline failed: this result is stale
@@ -585,7 +585,7 @@ class Breaker:
         answer = "local" if claim is None else claim(period, epoch_ms(deadline))
         if answer in ("granted", "local"):
             with self._lock:
-                self._lease_ticket = ticket
+                self._claim_ticket = ticket
                 self._trial_period = period
             return
         with self._lock:
@@ -603,12 +603,12 @@ class Breaker:
     def _end_shared_trial(self, ticket: int, *, give_back: bool) -> None:
         # After the trial's result is recorded the claim stays in Redis (the period had its
         # trial); a call that never reached the peer gives it back.
-        if self._lease_ticket is None:
+        if self._claim_ticket is None:
             return
         with self._lock:
-            if self._lease_ticket != ticket:
+            if self._claim_ticket != ticket:
                 return
-            self._lease_ticket = None
+            self._claim_ticket = None
         end = getattr(self._remote, "release_trial" if give_back else "end_trial", None)
         if end is not None:
             end()

@@ -766,3 +766,37 @@ def test_processes_still_reconnecting_do_not_re_trip_the_shared_breaker(
             transitions.get(("half-open", "closed"), 0) + transitions.get(("open", "closed"), 0)
             >= 1
         )
+
+
+def test_after_an_empty_restart_an_open_breaker_starts_a_new_open_period(
+    redis_server: RedisServer,
+) -> None:
+    """Whether the lost period's trial ran went with Redis: the process that puts the open
+    state back stamps ``opened_at`` with the moment it found it missing."""
+    import redis
+
+    name = "shared-restart-period"
+    transport = FakeTransport()
+    manager = dwcp.Manager(
+        transport, breaker_storage=redis_server.url, breaker_name=name, max_failures=1,
+        reset_timeout=3600,
+    )  # fmt: skip
+    manager.start()
+    try:
+        transport.fail_sends = OSError("peer down")
+        with pytest.raises(dwcp.TransportError):
+            manager.send_with_circuit_breaker(b"x")
+        redis_server.kill()
+        redis_server.start()  # empty
+        restarted_ms = int(time.time() * 1000)
+        client = redis.Redis.from_url(redis_server.url, socket_timeout=2)
+        try:
+            key = f"{name}:pybreaker:"
+            wait_until(
+                lambda: _rejected(manager) and client.get(key + "state") == b"open", timeout=10
+            )
+            assert int(client.get(key + "opened_at_ms") or 0) >= restarted_ms
+        finally:
+            client.close()
+    finally:
+        manager.stop()
