@@ -520,6 +520,22 @@ def test_a_queued_alert_suppresses_its_repeats_until_it_is_delivered(
     assert receiver.count() == 1
 
 
+def test_an_alert_delivered_after_its_outage_ended_does_not_silence_the_next_outage(
+    receiver: Receiver, make_notifier: MakeNotifier
+) -> None:
+    """The close clears the memory even of an alert still queued: when that alert is then
+    delivered, the next outage's ``breaker_opened`` is still posted."""
+    notifier = make_notifier(receiver.url, events=("breaker_opened",))
+    notifier(dwcp.BreakerStateChanged("closed", "open"))  # queued, not yet delivered
+    notifier(dwcp.BreakerStateChanged("half-open", "closed"))  # not posted, but clears
+    notifier.start()
+    wait_until(lambda: notifier.delivered == 1)
+    notifier(dwcp.BreakerStateChanged("closed", "open"))  # a new outage
+    wait_until(lambda: notifier.delivered == 2)
+    assert notifier.suppressed == 0
+    assert [p["event"] for p in receiver.payloads()] == ["breaker_opened", "breaker_opened"]
+
+
 def test_dedup_is_per_manager_and_component(make_notifier: MakeNotifier) -> None:
     notifier = make_notifier("http://127.0.0.1:9/hook", events=("recovery_failed",))
     for manager in ("payments", "audit"):
