@@ -25,8 +25,17 @@ breaker admits and records a success without any lock.
 With shared storage (Redis) pybreaker works on an in-memory mirror, so nothing under its
 lock touches the network: the mirror is refreshed from Redis at most every
 ``sync_interval`` seconds, outside the lock, and pybreaker's writes reach Redis after the
-lock is released, in decision order.  Half-open admits one trial across every process
-through a Redis lease that expires if its holder dies.
+lock is released, in decision order.  Half-open admits one trial per open period across
+every process: the claim is keyed by the period's ``opened_at`` and outlives the trial, so a
+process whose own timer fires after another's trial failed is refused.  While Redis is
+unreachable each process decides alone: each runs its own trial every period, and the
+breaker stays open in each until its own trial succeeds.
+
+A trial still running ``trial_timeout`` after it was admitted counts as a failed trial: the
+breaker opens from that deadline, and the hung call's late result is stale like any other.
+
+A failure whose ``code`` is ``NOT_STARTED`` (this process's transport is closed) is no
+evidence about the peer: it is released, never counted.
 
 The adapter relies on pybreaker internals (``_lock``, ``_handle_error``, ``_handle_success``,
 ``on_failure``); ``pybreaker~=1.4`` is pinned and ``tests/unit/test_breaker_contract.py`` fails if
@@ -43,6 +52,7 @@ from typing import Any
 
 import pybreaker
 
+from dwcp import _validation as check
 from dwcp._errors import CircuitOpenError
 
 __all__ = ["CLOSED", "HALF_OPEN", "NOT_INITIALIZED", "OPEN", "Breaker"]
@@ -63,6 +73,22 @@ def _utcnow() -> datetime:
     # pybreaker stamps ``opened_at`` with ``datetime.now(UTC)``; reading the same clock keeps
     # the two comparable and lets freezegun move the reset timeout in tests.
     return datetime.now(timezone.utc)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MS = timedelta(milliseconds=1)
+
+
+def epoch_ms(moment: datetime) -> int:
+    """``moment`` in whole epoch milliseconds (floored), computed exactly (no float)."""
+    if moment.tzinfo is None:  # pybreaker stamps aware UTC; a naive one is taken as UTC
+        moment = moment.replace(tzinfo=timezone.utc)
+    return (moment - _EPOCH) // _MS
+
+
+def from_epoch_ms(ms: int) -> datetime:
+    """The aware UTC datetime of ``ms`` epoch milliseconds, exactly."""
+    return _EPOCH + ms * _MS
 
 
 class _Mirror(pybreaker.CircuitBreakerStorage):
@@ -159,6 +185,10 @@ class Breaker:
         name: the breaker's name, and its key in shared storage.
         on_transition: called with ``(old, new)`` after each transition, outside any lock.
         sync_interval: how often (seconds) shared state is read back from the storage.
+        trial_timeout: seconds (or a ``timedelta``) a half-open trial may run; one still
+            running then counts as a failed trial: the breaker opens from that deadline, the
+            next trial is admitted a ``reset_timeout`` later, and the late result is ignored.
+            None (the default) uses ``reset_timeout``.
     """
 
     def __init__(
@@ -170,7 +200,13 @@ class Breaker:
         name: str = "dwcp",
         on_transition: TransitionHook | None = None,
         sync_interval: float = 0.05,
+        trial_timeout: float | timedelta | None = None,
     ) -> None:
+        self._trial_timeout = timedelta(
+            seconds=check.seconds(
+                "trial_timeout", reset_timeout if trial_timeout is None else trial_timeout
+            )
+        )
         self._remote = storage
         self._mirror = _Mirror(storage) if storage is not None else None
         self._shared = self._mirror is not None  # read per call: one attribute, no compare
@@ -180,11 +216,14 @@ class Breaker:
         self._generation = 0
         self._state: str = self._store.state
         self._trial_in_flight = False
+        # When the trial in flight counts as failed, and (shared) the period it was claimed for.
+        self._trial_deadline: datetime | None = None
+        self._trial_period = 0
         # Whether pybreaker may hold a failure count a success must reset: read without the
         # lock on the success path, so a closed breaker with nothing counted costs no lock.
         self._counted = self._store.counter != 0
-        # The ticket of the trial holding the shared (cross-process) lease, if any.
-        self._lease_ticket: int | None = None
+        # The ticket of the trial holding this period's shared (cross-process) claim, if any.
+        self._claim_ticket: int | None = None
         self._notices: list[tuple[str, str]] = []
         self._on_transition = on_transition
         self._sync_interval = sync_interval
@@ -229,6 +268,7 @@ class Breaker:
         if self._state == CLOSED:
             return generation
         with self._lock:
+            self._expire_trial()
             state = self._cb.state.name
             if state == CLOSED:
                 return self._generation
@@ -243,40 +283,57 @@ class Breaker:
                     "circuit breaker is half-open and its trial call is in flight"
                 )
             self._trial_in_flight = True
+            deadline = self._trial_deadline = _utcnow() + self._trial_timeout
+            opened_at = self._store.opened_at
+            period = epoch_ms(opened_at) if opened_at is not None else 0
             ticket = self._generation
         self._flush()
         if self._mirror is not None:
-            self._claim_shared_trial(ticket)
+            self._claim_shared_trial(ticket, period, deadline)
         return ticket
 
     def record_success(self, ticket: int) -> None:
         """Account a call that succeeded; pybreaker closes a half-open breaker after its trial."""
         # Racy read on purpose: in the common case (closed, no failures counted) pybreaker
         # would write nothing, and skipping the lock keeps the send path short.
-        if self._state == CLOSED and not self._counted and self._lease_ticket is None:
+        if self._state == CLOSED and not self._counted and self._claim_ticket is None:
             return
         with self._lock:
+            self._expire_trial()  # a trial past its deadline failed: this result is stale
             if ticket == self._generation:
                 self._cb.state._handle_success()
                 self._counted = self._store.counter != 0
         self._flush()
-        self._release_shared_trial(ticket)
+        self._end_shared_trial(ticket, give_back=False)
 
     def record_failure(self, ticket: int, error: BaseException | None = None) -> None:
-        """Account a peer failure; pybreaker opens at ``fail_max`` or on a failed trial."""
+        """Account a peer failure; pybreaker opens at ``fail_max`` or on a failed trial.
+
+        An ``error`` whose ``code`` is ``NOT_STARTED`` (a transport this process has closed,
+        such as one its own recovery has not restarted yet) says nothing about the peer and
+        is released instead, as the spec says "not started" never counts.
+        """
+        if getattr(error, "code", None) == "NOT_STARTED":
+            self.release(ticket)
+            return
         failure = error if error is not None else _PeerFailure("peer failure")
         with self._lock:
+            self._expire_trial()
             if ticket == self._generation and self._cb.state.name != OPEN:
                 self._tell_pybreaker(failure)
         self._flush()
-        self._release_shared_trial(ticket)
+        self._end_shared_trial(ticket, give_back=False)
 
     def release(self, ticket: int) -> None:
         """Forget a call whose outcome says nothing about the peer (a caller error, an interrupt)."""
         with self._lock:
+            self._expire_trial()
             if ticket == self._generation and self._state == HALF_OPEN:
                 self._trial_in_flight = False
-        self._release_shared_trial(ticket)
+                self._trial_deadline = None
+        self._flush()
+        # The call never reached the peer: this period's trial is still to be run.
+        self._end_shared_trial(ticket, give_back=True)
 
     # -- state ------------------------------------------------------------------------------
 
@@ -286,6 +343,7 @@ class Breaker:
         if self._mirror is not None:
             self._refresh()
         with self._lock:
+            self._expire_trial()
             if self._cb.state.name == OPEN and self._reset_elapsed():
                 self._local_half_open()
             state = self._state
@@ -353,6 +411,32 @@ class Breaker:
             if exc is not failure:
                 raise
 
+    def _expire_trial(self) -> None:
+        """Fail a half-open trial that ran past its deadline (caller holds the lock).
+
+        The breaker opens from the deadline, as if the trial had failed then, so every
+        process that shares it computes the same next period; the transition bumps the
+        generation, so the hung call's late result is ignored.  With shared storage the
+        re-open is written as one Redis step that applies only if that period's trial still
+        holds the breaker (``FailoverStorage.expire_trial``), never over a newer state.
+        """
+        deadline = self._trial_deadline
+        if not self._trial_in_flight or deadline is None or self._state != HALF_OPEN:
+            return
+        if _utcnow() < deadline:
+            return
+        mirror = self._mirror
+        if mirror is not None:
+            mirror.adopting = True
+        try:
+            self._tell_pybreaker(_PeerFailure("the half-open trial ran past its deadline"))
+            self._store.opened_at = deadline
+        finally:
+            if mirror is not None:
+                mirror.adopting = False
+        if mirror is not None:
+            mirror.writes.append(("expire", (self._trial_period, epoch_ms(deadline))))
+
     def _local_half_open(self) -> None:
         """Open -> half-open, after the reset timeout or a recovery (caller holds the lock).
 
@@ -382,6 +466,7 @@ class Breaker:
         self._state = new
         self._generation += 1
         self._trial_in_flight = False
+        self._trial_deadline = None
         key = (old, new)
         self.transition_counts[key] = self.transition_counts.get(key, 0) + 1
         self._notices.append(key)
@@ -424,6 +509,10 @@ class Breaker:
             elif op == "reset":
                 remote.reset_counter()
                 count = None
+            elif op == "expire":
+                expire = getattr(remote, "expire_trial", None)
+                if expire is not None:
+                    expire(*value)
         return count
 
     def _adopt_count(self, count: int) -> None:
@@ -485,28 +574,42 @@ class Breaker:
                 mirror.adopting = False
         self._flush()
 
-    def _claim_shared_trial(self, ticket: int) -> None:
-        """Take the cross-process trial lease (a Redis key with an expiry, so a holder that
-        dies frees it), or give the local claim back and reject."""
+    def _claim_shared_trial(self, ticket: int, period: int, deadline: datetime) -> None:
+        """Claim the trial of the open period ``period`` across every process, or give the
+        local claim back and reject.
+
+        The claim is keyed by the period and outlives the trial (``FailoverStorage.
+        claim_trial``), so a process that timed out on its own clock after another's trial
+        ended is refused too: one trial per period in total, not just one at a time.
+        """
         claim = getattr(self._remote, "claim_trial", None)
-        if claim is None or claim():
+        answer = "local" if claim is None else claim(period, epoch_ms(deadline))
+        if answer in ("granted", "local"):
             with self._lock:
-                self._lease_ticket = ticket
+                self._claim_ticket = ticket
+                self._trial_period = period
             return
         with self._lock:
             if ticket == self._generation and self._state == HALF_OPEN:
                 self._trial_in_flight = False
+                self._trial_deadline = None
             self.rejections += 1
-        raise CircuitOpenError("circuit breaker is half-open and another process holds its trial")
+        if answer == "stale":
+            self.remote_changed()  # the breaker moved on elsewhere: read it now
+            raise CircuitOpenError("circuit breaker is open; another process moved it on")
+        raise CircuitOpenError(
+            "circuit breaker is half-open and this period's trial belongs to another process"
+        )
 
-    def _release_shared_trial(self, ticket: int) -> None:
-        # After the trial's result is recorded: the lease's job is done either way.
-        if self._lease_ticket is None:
+    def _end_shared_trial(self, ticket: int, *, give_back: bool) -> None:
+        # After the trial's result is recorded the claim stays in Redis (the period had its
+        # trial); a call that never reached the peer gives it back.
+        if self._claim_ticket is None:
             return
         with self._lock:
-            if self._lease_ticket != ticket:
+            if self._claim_ticket != ticket:
                 return
-            self._lease_ticket = None
-        release = getattr(self._remote, "release_trial", None)
-        if release is not None:
-            release()
+            self._claim_ticket = None
+        end = getattr(self._remote, "release_trial" if give_back else "end_trial", None)
+        if end is not None:
+            end()

@@ -2,13 +2,17 @@
 
 Every manager that uses the same Redis and breaker name sees one breaker: failures from all of
 them add up to the threshold, an open breaker rejects in all of them, and the reset timeout is
-shared.  When Redis cannot be reached, the breaker keeps working on process-local state, the
-condition is logged and reported, and the shared state is used again once Redis answers.
+shared.  Half-open admits one trial per open period in total: the claim is keyed by the period
+(``claim_trial``) and outlives the trial.  When Redis cannot be reached, the breaker keeps
+working on process-local state, the condition is logged and reported, and the shared state is
+used again once Redis answers.  Meanwhile each process decides alone: each runs its own trial
+every period, and the breaker stays open in each until its own trial succeeds.
 
 Beyond pybreaker's keys, ``opened_at`` is also kept in milliseconds (``<name>:pybreaker:
 opened_at_ms``; pybreaker stores whole seconds), and every state change is published on the
 channel ``<name>:pybreaker:changes`` so that other processes hear of it at once
-(``FailoverStorage.on_remote_change``) instead of at their next poll.
+(``FailoverStorage.on_remote_change``) instead of at their next poll.  ``<name>:pybreaker:
+trial`` holds the claim on the current period's trial.
 """
 
 from __future__ import annotations
@@ -25,10 +29,60 @@ from typing import Any
 import pybreaker
 from loguru import logger
 
+from dwcp._breaker import epoch_ms, from_epoch_ms
+
 __all__ = ["FailoverStorage", "connect"]
 
-# Delete the trial lease only if it still holds our token (it may have expired and been
-# taken by another process meanwhile).
+# The half-open trial of one open period, across every process.  The trial key holds
+# "<period> <deadline> <token>": the period is the shared opened_at in milliseconds, the
+# deadline (epoch ms) when the trial counts as failed if no result has re-opened or closed
+# the breaker.  The key is never deleted when a trial ends: a second claim for the same
+# period must fail even after the first trial finished (its result moves the period on).
+# One script serves both modes so the "the trial overran its deadline" step is the same:
+#   claim  ARGV: 'claim', period, deadline, token, now, origin -> granted | taken | stale
+#   expire ARGV: 'expire', period, '', '', now, origin          -> expired
+# KEYS: state, opened_at (s), opened_at_ms, trial, changes.
+_TRIAL = """
+local state = redis.call('get', KEYS[1])
+if not state or state == 'closed' then
+  if ARGV[1] == 'expire' then return 'expired' end
+  return 'stale'
+end
+local current = 0
+local ms, s = redis.call('get', KEYS[3]), redis.call('get', KEYS[2])
+if ms then current = tonumber(ms) end
+if s and tonumber(s) * 1000 > current then current = tonumber(s) * 1000 end
+local held = redis.call('get', KEYS[4])
+local period, deadline = nil, nil
+if held then
+  period, deadline = string.match(held, '^(%d+) (%d+)')
+end
+if period and tonumber(period) == current and tonumber(deadline) <= tonumber(ARGV[5]) then
+  -- The current period's trial ran past its deadline with no result: it failed, and the
+  -- next period starts at its deadline.
+  redis.call('set', KEYS[1], 'open')
+  redis.call('set', KEYS[2], string.sub(deadline, 1, -4))
+  redis.call('set', KEYS[3], deadline)
+  redis.call('publish', KEYS[5], ARGV[6] .. ' open')
+  current = tonumber(deadline)
+end
+if ARGV[1] == 'expire' then return 'expired' end
+if tonumber(ARGV[2]) > current then
+  -- The caller opened later than Redis heard (its write was lost while Redis was away):
+  -- its period becomes the shared one.
+  redis.call('set', KEYS[2], string.sub(ARGV[2], 1, -4))
+  redis.call('set', KEYS[3], ARGV[2])
+  redis.call('set', KEYS[1], 'open')
+  redis.call('publish', KEYS[5], ARGV[6] .. ' open')
+  current = tonumber(ARGV[2])
+end
+if tonumber(ARGV[2]) ~= current then return 'stale' end
+if period and tonumber(period) == current then return 'taken' end
+redis.call('set', KEYS[4], ARGV[2] .. ' ' .. ARGV[3] .. ' ' .. ARGV[4])
+return 'granted'
+"""
+
+# Give an unused claim back (its call never reached the peer): only ours, in one step.
 _RELEASE_IF_OURS = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
@@ -116,7 +170,6 @@ class FailoverStorage(pybreaker.CircuitBreakerStorage):
         *,
         retry_interval: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
-        trial_lease: float = 30.0,
     ) -> None:
         super().__init__("failover")
         self._client = client
@@ -130,8 +183,7 @@ class FailoverStorage(pybreaker.CircuitBreakerStorage):
         self._retry_at = 0.0
         self.errors = 0
         self.last_error: str | None = None
-        #: How long a half-open trial holds the cross-process lease at most (seconds).
-        self.trial_lease = trial_lease
+        # Our claim on the current period's trial, as stored in Redis.
         self._trial_token: str | None = None
         # Tells our own change messages from other processes'.
         self._origin = f"{os.getpid()}-{secrets.token_hex(6)}"
@@ -144,8 +196,8 @@ class FailoverStorage(pybreaker.CircuitBreakerStorage):
 
     @property
     def shared(self) -> bool:
-        """Whether the state currently lives in Redis."""
-        self._target()
+        """Whether the state currently lives in Redis (a plain read: reporting the mode never
+        probes Redis; the next storage operation does)."""
         return not self._degraded
 
     def _connect(self) -> None:
@@ -196,31 +248,40 @@ class FailoverStorage(pybreaker.CircuitBreakerStorage):
             self._degraded = False
         logger.bind(breaker=self._name).info("Shared breaker state reachable again")
 
-    # -- the half-open trial lease ----------------------------------------------------------
+    # -- the half-open trial of each open period ----------------------------------------------
 
-    def claim_trial(self) -> bool:
-        """Take the one half-open trial across every process (``SET NX PX``), or say no.
+    def claim_trial(self, period: int, deadline: int) -> str:
+        """Take the one half-open trial of the open period ``period`` across every process.
 
-        The lease expires after ``trial_lease`` seconds, so a holder that dies (or a trial
-        that hangs) does not keep the breaker half-open and shut forever. With Redis
-        unreachable each process decides alone, on its local state.
+        ``period`` is the shared ``opened_at`` this process timed out from, in epoch
+        milliseconds; ``deadline`` (epoch ms) is when the trial counts as failed if its result
+        has not moved the breaker on by then, so a holder that dies or hangs gives the breaker
+        its next period instead of keeping it half-open for good.  Returns ``granted``;
+        ``taken`` when this period's trial was already claimed (running or finished: the
+        claim outlives the trial); ``stale`` when Redis says the breaker has moved on (closed,
+        or another period) and this process should re-read the state; or ``local`` when Redis
+        is unreachable, so that this process decides alone on its own state.
         """
         if self._target() is self._local:
-            return True
-        token = f"{id(self):x}-{time.monotonic_ns():x}"
+            return "local"
+        token = secrets.token_hex(8)
         try:
-            taken = self._client.set(
-                self._key("trial"), token, nx=True, px=int(self.trial_lease * 1000)
-            )
+            answer = self._trial_script("claim", str(period), str(deadline), token)
         except RedisError as exc:
             self._failed(exc)
-            return True
-        if taken:
-            self._trial_token = token
-        return bool(taken)
+            return "local"
+        if answer == "granted":
+            self._trial_token = f"{period} {deadline} {token}"
+        return answer
+
+    def end_trial(self) -> None:
+        """The trial's result is recorded: forget the claim, which stays in Redis so that
+        the period it belongs to gets no second trial."""
+        self._trial_token = None
 
     def release_trial(self) -> None:
-        """Give the lease back (only ours: compare and delete in one Redis step)."""
+        """Give back a claim whose call never reached the peer, so another process may run
+        this period's trial (only our own claim: compare and delete in one Redis step)."""
         token, self._trial_token = self._trial_token, None
         if token is None or self._degraded:
             return
@@ -228,6 +289,29 @@ class FailoverStorage(pybreaker.CircuitBreakerStorage):
             self._client.eval(_RELEASE_IF_OURS, 1, self._key("trial"), token)
         except RedisError as exc:
             self._failed(exc)
+
+    def expire_trial(self, period: int, deadline: int) -> None:
+        """The trial of ``period`` ran past ``deadline``: open the breaker from the deadline,
+        unless a result or another process has already moved it on."""
+        self._trial_token = None
+        if self._target() is not self._local:
+            try:
+                self._trial_script("expire", str(period), "", "")
+                return
+            except RedisError as exc:
+                self._failed(exc)
+        local = self._local
+        if str(local.state) != pybreaker.STATE_CLOSED:
+            moment = from_epoch_ms(deadline)
+            if local.opened_at is None or moment > local.opened_at:
+                local.opened_at = moment
+            local.state = pybreaker.STATE_OPEN
+
+    def _trial_script(self, mode: str, period: str, deadline: str, token: str) -> str:
+        now = str(epoch_ms(datetime.now(timezone.utc)))
+        keys = [self._key(f) for f in ("state", "opened_at", "opened_at_ms", "trial", "changes")]
+        raw = self._client.eval(_TRIAL, 5, *keys, mode, period, deadline, token, now, self._origin)
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
 
     # -- pybreaker's storage interface ---------------------------------------------------------
     # Each operation goes to Redis unless degraded; an operation that fails there is repeated
@@ -292,6 +376,11 @@ class FailoverStorage(pybreaker.CircuitBreakerStorage):
             self._client.set(self._key("fail_counter"), local.counter)
             self._client.set(self._key("success_counter"), local.success_counter)
             opened = local.opened_at
+            if str(local.state) != pybreaker.STATE_CLOSED:
+                # Whether the open period's trial already ran was lost with Redis: an open
+                # breaker starts a new period now, so that no period gets a second trial.
+                opened = datetime.now(timezone.utc)
+                local.opened_at = opened
             if opened is not None:
                 self._write_opened_at(opened)
             # Last, and only if still missing: another process may be restoring too.
@@ -334,7 +423,7 @@ class FailoverStorage(pybreaker.CircuitBreakerStorage):
             stamps.append(int(seconds) * 1000)
         if not stamps:
             return None
-        value = datetime.fromtimestamp(max(stamps) / 1000, timezone.utc)
+        value = from_epoch_ms(max(stamps))
         self._local.opened_at = value
         return value
 
@@ -347,7 +436,7 @@ class FailoverStorage(pybreaker.CircuitBreakerStorage):
     def _write_opened_at(self, moment: datetime) -> None:
         if moment.tzinfo is None:  # pybreaker passes aware UTC; a naive one is taken as UTC
             moment = moment.replace(tzinfo=timezone.utc)
-        ms = int(moment.timestamp() * 1000)
+        ms = epoch_ms(moment)
         keys = (self._key("opened_at"), self._key("opened_at_ms"))
         try:
             self._client.eval(_SET_OPENED_AT, 2, *keys, ms // 1000, ms)

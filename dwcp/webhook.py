@@ -8,8 +8,11 @@ are retried with exponential backoff (or after the answer's ``Retry-After``, at 
 other 4xx answers are not.
 
 Alerts are deduplicated per (manager, component, event): one that repeats within
-``repeat_interval`` of the last one posted is suppressed (counted in ``suppressed``), so an
-outage's half-open -> open re-trips post one ``breaker_opened``, not one per re-trip.  The
+``repeat_interval`` of the last one delivered, or of one still waiting to be delivered, is
+suppressed (counted in ``suppressed``), so an outage's half-open -> open re-trips post one
+``breaker_opened``, not one per re-trip.  The memory is written when the receiver accepts an
+alert, not when it is queued: an alert that fails (the receiver is down) leaves none, so the
+next repeat is queued and the outage reaches the receiver once it answers.  The
 opposite event clears that memory: ``breaker_closed`` for ``breaker_opened``, a
 ``recovery_succeeded`` for the component's ``component_unhealthy``, ``recovery_started`` and
 ``recovery_failed`` and ``component_suspected`` (and each of the first three for
@@ -247,6 +250,16 @@ def _checked_url(url: str) -> str:
 
 
 @dataclass(eq=False)
+class _Queued:
+    """An alert waiting for delivery, with what its deduplication needs."""
+
+    alert: dict[str, Any]
+    key: tuple[str, str, str]  # (manager, component or node, event)
+    epoch: int  # the key's clear count when queued: a delivery after a clear records nothing
+    queued_at: float
+
+
+@dataclass(eq=False)
 class _Run:
     """One start()..close() period; a worker only ever looks at its own run's flags."""
 
@@ -309,11 +322,14 @@ class WebhookNotifier:
         self._clock: Clock = clock or SystemClock()
 
         self._cond = threading.Condition()
-        self._queue: deque[dict[str, Any]] = deque()
+        self._queue: deque[_Queued] = deque()
         self._run = _Run()
         self._thread: threading.Thread | None = None
-        # When each (manager, component, kind) was last queued, by ``clock.now()``.
+        # When each (manager, component, kind) was last delivered, by ``clock.now()``; the
+        # alert of each key queued or in delivery now; how often each key was cleared.
         self._last_posted: dict[tuple[str, str, str], float] = {}
+        self._pending_by_key: dict[tuple[str, str, str], _Queued] = {}
+        self._epochs: dict[tuple[str, str, str], int] = {}
         self._delivered = 0
         self._failed = 0
         self._dropped = 0
@@ -354,7 +370,8 @@ class WebhookNotifier:
 
     @property
     def suppressed(self) -> int:
-        """Alerts not queued because the same one was posted within ``repeat_interval``."""
+        """Alerts not queued because the same one was delivered, or queued and not yet
+        delivered, within ``repeat_interval``."""
         return self._suppressed
 
     @property
@@ -384,40 +401,60 @@ class WebhookNotifier:
             "details": details,
             "source": "dwcp",
         }
-        pushed_out: dict[str, Any] | None = None
+        pushed_out: _Queued | None = None
         with self._cond:
             # Cluster events name no component: each node is deduplicated on its own.
-            if not self._admit(manager, component or str(details.get("node") or ""), kind):
+            item = self._admit(manager, component or str(details.get("node") or ""), kind, alert)
+            if item is None:
                 return
             if self._run.closing:
                 self._dropped += 1
-                pushed_out = alert
+                pushed_out = item
             else:
                 if len(self._queue) >= self._queue_size:
                     pushed_out = self._queue.popleft()
                     self._dropped += 1
-                self._queue.append(alert)
+                self._queue.append(item)
                 self._cond.notify()
+            if pushed_out is not None:
+                self._finished(pushed_out, delivered=False)
         if pushed_out is not None:
-            dropped = pushed_out["event"]
+            dropped = pushed_out.alert["event"]
             logger.bind(url=self._target, event=dropped).warning(
                 f"Webhook alert dropped: {dropped} (queue full or notifier closed)"
             )
 
-    def _admit(self, manager: str, component: str, kind: str) -> bool:
+    def _admit(
+        self, manager: str, component: str, kind: str, alert: dict[str, Any]
+    ) -> _Queued | None:
         # Caller holds the lock.  Every event updates the memory, selected or not, so a
         # recovery the receiver never hears of still re-arms the next failure's alert.
         for cleared in _CLEARS.get(kind, ()):
-            self._last_posted.pop((manager, component, cleared), None)
+            gone = (manager, component, cleared)
+            self._last_posted.pop(gone, None)
+            self._pending_by_key.pop(gone, None)
+            self._epochs[gone] = self._epochs.get(gone, 0) + 1
         if kind not in self._kinds:
-            return False
+            return None
         key, now = (manager, component, kind), self._clock.now()
         last = self._last_posted.get(key)
-        if last is not None and now - last < self._repeat:
+        waiting = self._pending_by_key.get(key)
+        if (last is not None and now - last < self._repeat) or (
+            waiting is not None and now - waiting.queued_at < self._repeat
+        ):
             self._suppressed += 1
-            return False
-        self._last_posted[key] = now
-        return True
+            return None
+        item = _Queued(alert, key, self._epochs.get(key, 0), now)
+        self._pending_by_key[key] = item
+        return item
+
+    def _finished(self, item: _Queued, *, delivered: bool) -> None:
+        # Caller holds the lock.  Only an accepted alert is remembered, and only if nothing
+        # cleared its key meanwhile; a failed or dropped one lets the next repeat through.
+        if self._pending_by_key.get(item.key) is item:
+            del self._pending_by_key[item.key]
+        if delivered and item.epoch == self._epochs.get(item.key, 0):
+            self._last_posted[item.key] = self._clock.now()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -458,6 +495,8 @@ class WebhookNotifier:
                     )
         with self._cond:
             left = len(self._queue)
+            for item in self._queue:
+                self._finished(item, delivered=False)
             self._queue.clear()
             self._dropped += left
         if left:
@@ -490,15 +529,20 @@ class WebhookNotifier:
                     self._cond.wait()
                 if run.abort.is_set() or not self._queue:
                     return
-                alert = self._queue.popleft()
+                item = self._queue.popleft()
+            delivered = False
             try:
-                self._deliver(alert, run)
+                delivered = self._deliver(item.alert, run)
             except Exception as exc:  # noqa: BLE001 - the thread must outlive any bug
                 with self._cond:
                     self._failed += 1
                 logger.opt(exception=exc).error("Webhook delivery crashed")
+            finally:
+                with self._cond:
+                    self._finished(item, delivered=delivered)
 
-    def _deliver(self, alert: dict[str, Any], run: _Run) -> None:
+    def _deliver(self, alert: dict[str, Any], run: _Run) -> bool:
+        """POST ``alert`` with retries; True when the receiver accepted it."""
         kind = str(alert["event"])
         body = json.dumps(alert).encode()
         delivery = str(uuid.uuid4())
@@ -540,10 +584,11 @@ class WebhookNotifier:
             log.bind(error=reason).warning(
                 f"Webhook delivery failed: {kind} to {self._target}: {reason}"
             )
-            return
+            return False
         with self._cond:
             self._delivered += 1
         log.debug(f"Webhook alert delivered: {kind} to {self._target}")
+        return True
 
     def _post(self, body: bytes, kind: str, delivery: str) -> None:
         headers = {

@@ -451,17 +451,20 @@ def test_extra_layers_are_validated(layers: dict[str, object], error: type, matc
         dwcp.Manager(FakeTransport(), layers=layers)  # type: ignore[arg-type]
 
 
-def test_a_transport_left_closed_by_recovery_counts(make_manager: MakeManager) -> None:
-    """The manager's own "not started" never counts; a closed transport while running does."""
+def test_a_transport_left_closed_by_recovery_does_not_count(make_manager: MakeManager) -> None:
+    """A "not started" never counts (the spec), not even from a transport that recovery has
+    closed and not restarted yet: this process not having reconnected says nothing about the
+    peer. The sends still fail, typed, and are counted as send errors."""
     transport = FakeTransport()
     manager = make_manager(transport, max_failures=2)
     manager.start()
     transport.fail_sends = dwcp.TransportError("transport is not started", code="NOT_STARTED")
-    for _ in range(2):
-        with pytest.raises(dwcp.TransportError):
+    for _ in range(5):
+        with pytest.raises(dwcp.TransportError) as info:
             manager.send_with_circuit_breaker(b"x")
-    assert manager.circuit_breaker_state == "open"
-    assert manager.metrics().send_errors == 2
+        assert info.value.code == "NOT_STARTED"
+    assert manager.circuit_breaker_state == "closed"
+    assert manager.metrics().send_errors == 5
 
 
 def test_send_counters_are_exact_across_threads(make_manager: MakeManager) -> None:

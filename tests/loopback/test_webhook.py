@@ -36,7 +36,7 @@ class Receiver:
     without any sleeping.  ``bodies`` keeps each request's raw body, for signatures.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.answers: list[int | tuple[int, dict[str, str]]] = []
         self.bodies: list[bytes] = []
         self.gate: threading.Event | None = None
@@ -72,7 +72,7 @@ class Receiver:
             def handle_error(self, request: object, client_address: object) -> None:
                 pass  # the notifier hung up on a slow answer: expected here
 
-        self._server = Server(("127.0.0.1", 0), Handler)
+        self._server = Server(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hooks/secret-token"
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="receiver"
@@ -476,6 +476,64 @@ def test_half_open_retrips_post_one_breaker_opened_per_repeat_interval(
         "breaker_closed",
         "breaker_opened",
     ]
+
+
+def test_an_outage_reaches_the_receiver_even_when_its_first_alert_failed(
+    make_notifier: MakeNotifier, closed_port_url: str
+) -> None:
+    """Deduplication is recorded on delivery: the first ``breaker_opened`` fails (the
+    receiver is down), so the next re-trip within ``repeat_interval`` is posted, and once
+    that one is delivered the re-trips after it are repeats."""
+    notifier = make_notifier(
+        closed_port_url, events=("breaker_opened",), retry_attempts=2, repeat_interval=3600
+    )
+    notifier.start()
+    notifier(dwcp.BreakerStateChanged("closed", "open"))
+    wait_until(lambda: notifier.failed == 1)  # nothing listens: refused, twice
+    receiver = Receiver(port=int(urlsplit(closed_port_url).port or 0))  # the receiver is up
+    try:
+        for event in retrip():  # the next re-trip, well within the hour
+            notifier(event)
+        wait_until(lambda: notifier.delivered == 1)
+        assert [p["event"] for p in receiver.payloads()] == ["breaker_opened"]
+        assert notifier.suppressed == 0
+        for event in retrip():
+            notifier(event)
+        assert (notifier.suppressed, notifier.pending, notifier.delivered) == (1, 0, 1)
+    finally:
+        receiver.close()
+
+
+def test_a_queued_alert_suppresses_its_repeats_until_it_is_delivered(
+    receiver: Receiver, make_notifier: MakeNotifier
+) -> None:
+    notifier = make_notifier(receiver.url, events=("breaker_opened",))
+    for _ in range(3):
+        for event in retrip():
+            notifier(event)
+    assert (notifier.pending, notifier.suppressed) == (1, 2)
+    notifier.start()
+    wait_until(lambda: notifier.delivered == 1)
+    for event in retrip():
+        notifier(event)
+    assert (notifier.pending, notifier.suppressed) == (0, 3)
+    assert receiver.count() == 1
+
+
+def test_an_alert_delivered_after_its_outage_ended_does_not_silence_the_next_outage(
+    receiver: Receiver, make_notifier: MakeNotifier
+) -> None:
+    """The close clears the memory even of an alert still queued: when that alert is then
+    delivered, the next outage's ``breaker_opened`` is still posted."""
+    notifier = make_notifier(receiver.url, events=("breaker_opened",))
+    notifier(dwcp.BreakerStateChanged("closed", "open"))  # queued, not yet delivered
+    notifier(dwcp.BreakerStateChanged("half-open", "closed"))  # not posted, but clears
+    notifier.start()
+    wait_until(lambda: notifier.delivered == 1)
+    notifier(dwcp.BreakerStateChanged("closed", "open"))  # a new outage
+    wait_until(lambda: notifier.delivered == 2)
+    assert notifier.suppressed == 0
+    assert [p["event"] for p in receiver.payloads()] == ["breaker_opened", "breaker_opened"]
 
 
 def test_dedup_is_per_manager_and_component(make_notifier: MakeNotifier) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -290,3 +293,510 @@ def test_a_timed_out_open_never_undoes_another_process_close(redis_server: Redis
         assert fresh.state == "closed"  # ...which did not reach Redis
         stale.remote_changed()  # told of the change: it adopts the close
         assert stale.state == "closed"
+
+
+# -- one half-open trial per open period, across processes ------------------------------------
+
+_PERIOD_KEY = "{name}:pybreaker:opened_at_ms"
+
+
+class _DeadPeer(FakeTransport):
+    """A transport to a dead peer that logs every send reaching it: with the breaker open
+    from the start, each one is a half-open trial.
+
+    A line is ``<time> <pid> <mode> <period>``: ``mode`` is the breaker's storage mode when
+    the trial ran (``shared``, or ``fallback`` while Redis is unreachable) and ``period`` the
+    shared ``opened_at`` (epoch ms) the trial ran in.  A file ``hang-<n>`` in ``work`` makes
+    the next trial (of any process) take ``hung-<n>`` and hang until ``release-<n>`` appears,
+    then return a late success.
+    """
+
+    def __init__(self, work: str, client: Any, key: str) -> None:
+        super().__init__()
+        self.manager: dwcp.Manager | None = None
+        self._work, self._client, self._key = work, client, key
+        self._pause = threading.Event()
+
+    def send(self, data: bytes | bytearray | memoryview) -> None:
+        import redis
+
+        assert self.manager is not None
+        mode = self.manager.metrics().breaker_storage
+        try:
+            period = self._client.get(self._key)
+        except redis.RedisError:
+            period = None
+        if period is None:
+            mode = "fallback"
+        line = f"{time.time():.3f} {os.getpid()} {mode} {int(period or 0)}\n"
+        fd = os.open(os.path.join(self._work, "trials.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            os.write(fd, line.encode())  # one write of a short line: appended whole
+        finally:
+            os.close(fd)
+        for n in (1, 2):
+            if self._take(f"hang-{n}", f"hung-{n}"):
+                release = os.path.join(self._work, f"release-{n}")
+                deadline = time.monotonic() + 120
+                while not os.path.exists(release) and time.monotonic() < deadline:
+                    self._pause.wait(0.01)
+                return  # a late success
+        raise ConnectionRefusedError("peer down")
+
+    def _take(self, flag: str, taken: str) -> bool:
+        if not os.path.exists(os.path.join(self._work, flag)):
+            return False
+        try:
+            fd = os.open(os.path.join(self._work, taken), os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        except FileExistsError:
+            return False
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+
+
+def _trials_in_process(url: str, name: str, reset: float, work: str) -> None:
+    """Runs in a child process: send through the shared breaker until ``work/stop`` exists."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    transport = _DeadPeer(work, client, _PERIOD_KEY.format(name=name))
+    manager = dwcp.Manager(
+        transport, breaker_storage=url, breaker_name=name, max_failures=1, reset_timeout=reset
+    )
+    transport.manager = manager
+    manager.start()
+    pace = threading.Event()
+    deadline = time.monotonic() + 180
+    with open(os.path.join(work, f"ready-{os.getpid()}"), "w"):
+        pass
+    try:
+        while not os.path.exists(os.path.join(work, "stop")) and time.monotonic() < deadline:
+            try:
+                manager.send_with_circuit_breaker(b"x")
+            except (dwcp.CircuitOpenError, dwcp.TransportError):
+                pass
+            pace.wait(0.002)  # pacing of a busy sender, not a synchronisation
+    finally:
+        manager.stop()
+
+
+def _trials(work: str) -> list[tuple[float, int, str, int]]:
+    try:
+        with open(os.path.join(work, "trials.log")) as log:
+            lines = log.read().splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in lines:
+        at, pid, mode, period = line.split()
+        out.append((float(at), int(pid), mode, int(period)))
+    return out
+
+
+def _shared_periods_since(work: str, since: float) -> set[int]:
+    return {p for at, _, mode, p in _trials(work) if mode == "shared" and at >= since}
+
+
+def test_one_half_open_trial_per_open_period_across_five_processes(
+    redis_server: RedisServer, tmp_path: Any
+) -> None:
+    """Exactly one trial per open period in total across 5 processes, through failed
+    trials, a trial that hung past its deadline (a late success), a trial holder SIGKILLed
+    and an empty Redis restart.  Trials while Redis is unreachable (each process decides
+    alone) are counted apart."""
+    import signal
+
+    name, reset, work = "shared-periods", 0.5, str(tmp_path)
+    opener = FakeTransport()
+    opener.fail_sends = ConnectionRefusedError("peer down")
+    manager = dwcp.Manager(
+        opener, breaker_storage=redis_server.url, breaker_name=name, max_failures=1,
+        reset_timeout=3600,
+    )  # fmt: skip
+    manager.start()
+    with pytest.raises(dwcp.TransportError):
+        manager.send_with_circuit_breaker(b"x")  # open before any child sends
+    manager.stop()
+    ctx = multiprocessing.get_context("spawn")
+    children = [
+        ctx.Process(target=_trials_in_process, args=(redis_server.url, name, reset, work))
+        for _ in range(5)
+    ]
+    try:
+        for child in children:
+            child.start()
+        wait_until(
+            lambda: len([f for f in os.listdir(work) if f.startswith("ready-")]) == 5, timeout=120
+        )
+        # Failed trials: several periods.
+        wait_until(lambda: len(_shared_periods_since(work, 0)) >= 4, timeout=60)
+
+        # A trial that hangs past its deadline in a live process, then returns a success.
+        open(os.path.join(work, "hang-1"), "w").close()
+        wait_until(lambda: os.path.exists(os.path.join(work, "hung-1")), timeout=60)
+        hung_at = time.time()
+        wait_until(lambda: len(_shared_periods_since(work, hung_at)) >= 2, timeout=60)
+        open(os.path.join(work, "release-1"), "w").close()
+        released_at = time.time()
+        wait_until(lambda: len(_shared_periods_since(work, released_at)) >= 2, timeout=60)
+
+        # A trial holder SIGKILLed mid-trial.
+        open(os.path.join(work, "hang-2"), "w").close()
+        wait_until(lambda: os.path.exists(os.path.join(work, "hung-2")), timeout=60)
+        victim = int(_text_of(os.path.join(work, "hung-2")))
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.time()
+        wait_until(lambda: len(_shared_periods_since(work, killed_at)) >= 3, timeout=60)
+
+        # Redis killed and started again, empty.
+        redis_server.kill()
+        redis_server.start()
+        restarted_at = time.time()
+        wait_until(lambda: len(_shared_periods_since(work, restarted_at)) >= 3, timeout=60)
+    finally:
+        open(os.path.join(work, "stop"), "w").close()
+        open(os.path.join(work, "release-1"), "w").close()
+        for child in children:
+            child.join(30)
+            if child.is_alive():
+                child.kill()
+                child.join(10)
+
+    trials = _trials(work)
+    per_period: dict[int, list[tuple[float, int]]] = {}
+    for at, pid, mode, period in trials:
+        if mode == "shared":
+            per_period.setdefault(period, []).append((at, pid))
+    repeated = {p: t for p, t in per_period.items() if len(t) != 1}
+    assert not repeated, f"periods with more than one trial: {repeated}"
+    # Had the hung trial's late success closed the breaker, every process would have sent
+    # in the same period, which the count above rules out.
+    assert len(per_period) >= 4 + 2 + 2 + 3 + 3
+
+
+def _text_of(path: str) -> str:
+    """The file's text once its writer has written some (created empty, then written)."""
+
+    def read() -> str:
+        with open(path) as handle:
+            return handle.read()
+
+    wait_until(lambda: read() != "", timeout=10)
+    return read()
+
+
+# -- a process that has not reconnected yet is no evidence against the peer -------------------
+
+
+def _not_started() -> dwcp.TransportError:
+    # What the built-in transport raises while its own recovery has it closed.
+    return dwcp.TransportError("transport not started", code="NOT_STARTED")
+
+
+def test_not_started_failures_never_count_against_the_shared_breaker(
+    redis_server: RedisServer,
+) -> None:
+    """A manager whose transport is not started (its recovery has not reconnected yet) fails
+    its sends with NOT_STARTED; those never open the breaker it shares with the others."""
+    name = "shared-not-started"
+    reconnecting, connected = FakeTransport(), FakeTransport()
+    managers = [
+        dwcp.Manager(t, breaker_storage=redis_server.url, breaker_name=name, max_failures=1)
+        for t in (reconnecting, connected)
+    ]
+    for manager in managers:
+        manager.start()
+    try:
+        reconnecting.fail_sends = _not_started()
+        for _ in range(20):
+            with pytest.raises(dwcp.TransportError) as info:
+                managers[0].send_with_circuit_breaker(b"x")
+            assert info.value.code == "NOT_STARTED"
+        assert [m.circuit_breaker_state for m in managers] == ["closed", "closed"]
+        managers[1].send_with_circuit_breaker(b"the peer is up")
+        assert connected.sent == [b"the peer is up"]
+        assert managers[1].metrics().breaker_transitions == {}
+    finally:
+        for manager in managers:
+            manager.stop()
+
+
+def test_a_not_started_trial_leaves_the_periods_trial_to_another_process(
+    redis_server: RedisServer,
+) -> None:
+    """In a half-open shared breaker, a trial that fails NOT_STARTED neither re-opens the
+    breaker nor uses up the period's trial: a connected process runs it and closes it."""
+    name = "shared-not-started-trial"
+    reconnecting, connected = FakeTransport(), FakeTransport()
+    managers = [
+        dwcp.Manager(
+            t, breaker_storage=redis_server.url, breaker_name=name, max_failures=1,
+            reset_timeout=0.5,
+        )
+        for t in (reconnecting, connected)
+    ]  # fmt: skip
+    for manager in managers:
+        manager.start()
+    try:
+        connected.fail_sends = ConnectionRefusedError("peer down")
+        with pytest.raises(dwcp.TransportError):
+            managers[1].send_with_circuit_breaker(b"x")
+        connected.fail_sends = None
+        wait_until(lambda: managers[0].circuit_breaker_state == "open")
+        wait_until(lambda: managers[0].circuit_breaker_state == "half-open", timeout=10)
+        reconnecting.fail_sends = _not_started()
+        with pytest.raises(dwcp.TransportError, match="NOT_STARTED"):
+            managers[0].send_with_circuit_breaker(b"trial from a process still reconnecting")
+        assert reconnecting.send_calls == 1  # it was admitted as the trial, and gave it back
+        wait_until(lambda: managers[1].circuit_breaker_state == "half-open", timeout=10)
+        managers[1].send_with_circuit_breaker(b"the period's trial")
+        wait_until(lambda: managers[0].circuit_breaker_state == "closed")
+        assert managers[1].circuit_breaker_state == "closed"
+    finally:
+        for manager in managers:
+            manager.stop()
+
+
+class _TimedPeer(FakeTransport):
+    """A FakeTransport that notes when each send reached it (``time.monotonic()``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.times: list[float] = []
+
+    def send(self, data: bytes | bytearray | memoryview) -> None:
+        self.times.append(time.monotonic())
+        super().send(data)
+
+
+def test_while_redis_is_down_each_process_runs_its_own_trial_every_period_and_the_breaker_stays_open(
+    redis_server: RedisServer,
+) -> None:
+    reset = 0.5
+    peers = [_TimedPeer(), _TimedPeer()]
+    managers = [
+        dwcp.Manager(
+            peer, breaker_storage=redis_server.url, breaker_name="shared-redis-down",
+            max_failures=1, reset_timeout=reset,
+        )
+        for peer in peers
+    ]  # fmt: skip
+    for manager in managers:
+        manager.start()
+    try:
+        for peer in peers:
+            peer.fail_sends = ConnectionRefusedError("peer down")
+        with pytest.raises(dwcp.TransportError):
+            managers[0].send_with_circuit_breaker(b"x")
+        wait_until(lambda: managers[1].circuit_breaker_state == "open")
+        redis_server.stop()
+        before = [len(peer.times) for peer in peers]
+
+        def both_ran_three_trials() -> bool:
+            for manager in managers:
+                try:
+                    manager.send_with_circuit_breaker(b"x")
+                except (dwcp.CircuitOpenError, dwcp.TransportError):
+                    pass
+                assert manager.circuit_breaker_state != "closed"  # it stays open
+            return all(len(p.times) - b >= 3 for p, b in zip(peers, before))
+
+        wait_until(both_ran_three_trials, timeout=30)
+        for manager in managers:
+            assert manager.health().breaker_storage == "fallback"
+            assert manager.circuit_breaker_state in ("open", "half-open")
+        for peer, first in zip(peers, before):
+            trials = peer.times[first:]
+            # One trial per period in each process: each failed trial opens its own breaker
+            # for another reset timeout.
+            assert all(b - a >= reset for a, b in itertools.pairwise(trials))
+        # Each process's breaker closes on its own trial's success, not on another's.
+        peers[0].fail_sends = None
+        wait_until(lambda: _sent(managers[0]), timeout=10)
+        assert managers[0].circuit_breaker_state == "closed"
+        assert managers[1].circuit_breaker_state in ("open", "half-open")
+    finally:
+        for manager in managers:
+            manager.stop()
+
+
+def _sent(manager: dwcp.Manager) -> bool:
+    try:
+        manager.send_with_circuit_breaker(b"x")
+    except (dwcp.CircuitOpenError, dwcp.TransportError):
+        return False
+    return True
+
+
+def _pair(url: str, name: str) -> tuple[Any, Any]:
+    """Two breakers sharing ``name`` as two processes would: ``fresh`` re-reads Redis on
+    every call, ``stale`` only once an hour (and no subscriber tells it of changes)."""
+    from dwcp._breaker import Breaker
+    from dwcp._shared import FailoverStorage, connect
+
+    def breaker(sync_interval: float) -> Breaker:
+        storage = FailoverStorage(connect(url), name)
+        return Breaker(
+            max_failures=1, reset_timeout=30, storage=storage, sync_interval=sync_interval
+        )
+
+    return breaker(0), breaker(3600)
+
+
+def test_a_process_timing_out_after_anothers_trial_failed_gets_no_second_trial(
+    redis_server: RedisServer,
+) -> None:
+    """The race issue 21 measured, made deterministic: the trial fails and frees nothing, so
+    a process whose own timer fires before it heard of the re-open is refused."""
+    from freezegun import freeze_time
+
+    with freeze_time("2026-01-01 00:00:00") as clock:
+        fresh, stale = _pair(redis_server.url, "period-race")
+        fresh.record_failure(fresh.admit())
+        assert stale.state == "open"  # its one read of Redis
+        clock.tick(30)
+        fresh.record_failure(fresh.admit())  # the period's trial fails: open again
+        assert fresh.state == "open"
+        assert stale.state == "half-open"  # its own timer, from the open it last read
+        with pytest.raises(dwcp.CircuitOpenError, match="moved it on"):
+            stale.admit()
+        assert stale.state == "open"  # refused, it re-read the shared state at once
+        clock.tick(30)
+        trial = stale.admit()  # the next period's trial is its to take
+        with pytest.raises(dwcp.CircuitOpenError):
+            fresh.admit()
+        stale.record_success(trial)
+        assert stale.state == "closed" and fresh.state == "closed"
+
+
+class _ReturningPeer(FakeTransport):
+    """A dead peer until ``work/up`` exists; then, for ``delay`` seconds more, this process's
+    transport is still reconnecting (``NOT_STARTED``, as the built-in transport raises while
+    its recovery has it closed); then sends succeed."""
+
+    def __init__(self, work: str, delay: float) -> None:
+        super().__init__()
+        self._up = os.path.join(work, "up")
+        self._delay = delay
+
+    def send(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            up_since = os.stat(self._up).st_mtime
+        except FileNotFoundError:
+            raise ConnectionRefusedError("peer down") from None
+        if time.time() - up_since < self._delay:
+            raise dwcp.TransportError("transport not started", code="NOT_STARTED")
+        super().send(data)
+
+
+def _reconnecting_process(url: str, name: str, work: str, delay: float) -> None:
+    """Runs in a child process: send until 200 sends succeeded after reconnecting, then
+    write this process's breaker transitions to ``work/result-<pid>``."""
+    import json
+
+    transport = _ReturningPeer(work, delay)
+    manager = dwcp.Manager(
+        transport, breaker_storage=url, breaker_name=name, max_failures=2, reset_timeout=0.5
+    )
+    manager.start()
+    pace = threading.Event()
+    with open(os.path.join(work, f"ready-{os.getpid()}"), "w"):
+        pass
+    deadline = time.monotonic() + 120
+    try:
+        while len(transport.sent) < 200 and time.monotonic() < deadline:
+            try:
+                manager.send_with_circuit_breaker(b"x")
+            except (dwcp.CircuitOpenError, dwcp.TransportError):
+                pass
+            pace.wait(0.005)  # pacing of a steady sender, not a synchronisation
+        transitions = manager.metrics().breaker_transitions
+    finally:
+        manager.stop()
+    with open(os.path.join(work, f"result-{os.getpid()}"), "w") as out:
+        json.dump([[old, new, n] for (old, new), n in transitions.items()], out)
+
+
+def test_processes_still_reconnecting_do_not_re_trip_the_shared_breaker(
+    redis_server: RedisServer, tmp_path: Any
+) -> None:
+    """After the peer returns, one trial closes the shared breaker, and processes whose
+    own transport has not reconnected yet (NOT_STARTED for up to 1.6 s) never re-open it."""
+    import json
+
+    name, work = "shared-reconnecting", str(tmp_path)
+    opener = FakeTransport()
+    opener.fail_sends = ConnectionRefusedError("peer down")
+    manager = dwcp.Manager(
+        opener, breaker_storage=redis_server.url, breaker_name=name, max_failures=1,
+        reset_timeout=0.5,
+    )  # fmt: skip
+    manager.start()
+    with pytest.raises(dwcp.TransportError):
+        manager.send_with_circuit_breaker(b"x")
+    manager.stop()
+    ctx = multiprocessing.get_context("spawn")
+    children = [
+        ctx.Process(target=_reconnecting_process, args=(redis_server.url, name, work, 0.4 * i))
+        for i in range(5)
+    ]
+    try:
+        for child in children:
+            child.start()
+        wait_until(
+            lambda: len([f for f in os.listdir(work) if f.startswith("ready-")]) == 5, timeout=120
+        )
+        open(os.path.join(work, "up"), "w").close()  # the peer listens again
+        for child in children:
+            child.join(150)
+            assert child.exitcode == 0
+    finally:
+        for child in children:
+            if child.is_alive():
+                child.kill()
+                child.join(10)
+    results = [f for f in os.listdir(work) if f.startswith("result-")]
+    assert len(results) == 5
+    for result in results:
+        with open(os.path.join(work, result)) as handle:
+            transitions = {(old, new): n for old, new, n in json.load(handle)}
+        assert transitions.get(("closed", "open"), 0) == 0, transitions
+        assert (
+            transitions.get(("half-open", "closed"), 0) + transitions.get(("open", "closed"), 0)
+            >= 1
+        )
+
+
+def test_after_an_empty_restart_an_open_breaker_starts_a_new_open_period(
+    redis_server: RedisServer,
+) -> None:
+    """Whether the lost period's trial ran went with Redis: the process that puts the open
+    state back stamps ``opened_at`` with the moment it found it missing."""
+    import redis
+
+    name = "shared-restart-period"
+    transport = FakeTransport()
+    manager = dwcp.Manager(
+        transport, breaker_storage=redis_server.url, breaker_name=name, max_failures=1,
+        reset_timeout=3600,
+    )  # fmt: skip
+    manager.start()
+    try:
+        transport.fail_sends = OSError("peer down")
+        with pytest.raises(dwcp.TransportError):
+            manager.send_with_circuit_breaker(b"x")
+        redis_server.kill()
+        redis_server.start()  # empty
+        restarted_ms = int(time.time() * 1000)
+        client = redis.Redis.from_url(redis_server.url, socket_timeout=2)
+        try:
+            key = f"{name}:pybreaker:"
+            wait_until(
+                lambda: _rejected(manager) and client.get(key + "state") == b"open", timeout=10
+            )
+            assert int(client.get(key + "opened_at_ms") or 0) >= restarted_ms
+        finally:
+            client.close()
+    finally:
+        manager.stop()
