@@ -230,8 +230,10 @@ class GuardedCalls:
         """Send ``data`` through the transport, guarded by the circuit breaker.
 
         Raises ``CircuitOpenError`` when the breaker rejects the call, ``TransportError`` when
-        the transport fails (counted by the breaker), ``DWCPError`` (``NOT_STARTED``,
-        ``NO_TRANSPORT``) and ``TypeError`` for calls that never reach the transport.
+        the transport fails (counted by the breaker, unless its code is ``NOT_STARTED``: a
+        transport that recovery has not restarted yet says nothing about the peer),
+        ``DWCPError`` (``NOT_STARTED``, ``NO_TRANSPORT``) and ``TypeError`` for calls that
+        never reach the transport.
         """
         transport = self._sending
         if transport is None:
@@ -259,8 +261,8 @@ class GuardedCalls:
         try:
             transport.send(data)
         except PEER_FAILURES as exc:
-            # A transport that recovery closed and could not restart fails too: while the
-            # manager runs, that is the peer being down, so it counts like any other failure.
+            # The breaker decides what counts: a transport that recovery closed and has not
+            # restarted yet fails with NOT_STARTED, which it releases without counting.
             self._guard.send_failed(ticket, exc, tally, began)
             if isinstance(exc, TransportError):
                 raise

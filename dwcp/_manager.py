@@ -51,7 +51,8 @@ class Manager(GuardedCalls):
         max_retries: recovery attempts per cycle (the default policy's ``attempts``).
         initial_backoff: the wait before the first attempt; it doubles each attempt.
         max_failures: consecutive send failures that open the breaker.
-        reset_timeout: seconds the breaker stays open before a trial send.
+        reset_timeout: seconds the breaker stays open before a trial; also how long a trial
+            may take before it counts as failed (a hung trial never keeps the breaker shut).
         call_failures: what counts as a failure of ``call()`` and ``@guard``: an exception
             class, a tuple of them, or a predicate called with the exception (true: it
             counts). Default ``(OSError, TransportError)``; sends always use that default.
@@ -368,8 +369,7 @@ class Manager(GuardedCalls):
 
     def health(self) -> HealthSnapshot:
         """A snapshot of every component's status and the breaker state."""
-        # Outside our lock: the state may notify listeners, and with Redis the storage mode
-        # may try to reconnect.
+        # Outside our lock: reading the state may notify listeners of a transition.
         breaker_state = self.circuit_breaker_state
         storage = self._breaker.storage_mode
         with self._lock:
@@ -377,7 +377,7 @@ class Manager(GuardedCalls):
 
     def metrics(self) -> MetricsSnapshot:
         """A snapshot of the counters, downtime per component and current statuses."""
-        storage = self._breaker.storage_mode  # outside our lock: it may reach Redis
+        storage = self._breaker.storage_mode
         with self._lock:
             return metrics_snapshot(
                 self._states.values(),
