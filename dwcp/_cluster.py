@@ -9,13 +9,18 @@ Key layout under ``<namespace>:cluster:`` (``namespace`` defaults to ``dwcp``):
 ``node:<id>``
     The node's last record (JSON: its health document, interval, bound, host, pid), with an
     expiry (``retention``), so a dead node's entry cannot live forever.
+``epoch``
+    A random token with the Redis time it was written, never expiring, written by a publish
+    that finds it missing: when it changes, Redis lost the data set (restarted empty).
 ``owner:<id>``
     A lease held by the process publishing under that id (expires after the lost bound): a
     second live process using the same id is refused and warned about instead of
     overwriting the first one's heartbeats.
 
 A publish is one round trip (one Lua script: heartbeat time, lease, record, index, pruning);
-a read is two (``TIME`` with the index, then one ``MGET`` of the records).
+a read is two (``TIME`` with the index and the epoch, then one ``MGET`` of the records).
+A record carries ``"v"`` (the record version, 1); a reader skips records of other versions
+or that do not parse, and counts them.
 
 Under ``<namespace>:history:`` (see ``dwcp._shared_history``), ``<manager>:<component>`` is a
 list of the last outages a predictive component recovered from, capped at ``WINDOW``: read
@@ -65,14 +70,20 @@ ClusterListener = Callable[["NodeLost | NodeBack"], None]
 _THREAD_NAME = "dwcp-cluster"
 _RECORD_VERSION = 1
 _MAX_NODE_ID = 200
+# Nodes remembered as lost after they are no longer listed; the oldest are forgotten first.
+_REMEMBERED = 1024
 
-# KEYS: record, owner lease, index.  ARGV: token, record, lease ms, retention ms, node id.
-# Returns {published (1/0), the other owner's token or '', Redis time in ms}.
+# KEYS: record, owner lease, index, epoch.  ARGV: token, record, lease ms, retention ms, node
+# id.  Returns {published (1/0), the other owner's token or '', Redis time in ms}.  The epoch
+# (a random token, written once and never expiring) tells readers whether Redis lost the
+# data set since they last read it (restarted empty or flushed): the first publish after that
+# writes a new one.
 _PUBLISH = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local owner = redis.call('GET', KEYS[2])
 if owner and owner ~= ARGV[1] then return {0, owner, now} end
+redis.call('SET', KEYS[4], ARGV[1] .. ':' .. now, 'NX')
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[4])
 redis.call('ZADD', KEYS[3], now, ARGV[5])
@@ -134,6 +145,10 @@ class ClusterView:
     #: Seconds since the nodes were last read successfully (0.0 for a fresh read).
     age: float
     namespace: str
+    #: Records the read skipped because this version cannot use them (not JSON, another
+    #: record version ``"v"``, a field missing or of the wrong type); their nodes are not
+    #: listed.
+    skipped: int = 0
 
     @property
     def healthy(self) -> bool:
@@ -205,6 +220,7 @@ def cluster_document(view: ClusterView) -> dict[str, Any]:
         "view_age": round(view.age, 3),
         "namespace": view.namespace,
         "lost": list(view.lost),
+        "skipped": view.skipped,
         "nodes": {
             node.node: {
                 "state": node.state,
@@ -257,6 +273,8 @@ class _Keys:
         self.prefix = f"{namespace}:cluster:"
         self.index = self.prefix + "nodes"
 
+        self.epoch = self.prefix + "epoch"
+
     def record(self, node_id: str) -> str:
         return f"{self.prefix}node:{node_id}"
 
@@ -266,64 +284,128 @@ class _Keys:
 
 @dataclass
 class _Raw:
-    """One read: the Redis time (ms) and every node's heartbeat (ms) and decoded record."""
+    """One read: the Redis time (ms), the data set's epoch, every usable node's heartbeat (ms)
+    and record, and how many records could not be used."""
 
     now_ms: int
+    epoch: str | None
     nodes: dict[str, tuple[int, dict[str, Any]]]
+    skipped: int
+
+
+def _number(value: object) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+    )
+
+
+def _integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# Every field of a record (see ClusterMember._record) and the check its value must pass.
+_FIELDS: dict[str, Callable[[object], bool]] = {
+    "node": lambda v: isinstance(v, str),
+    "host": lambda v: isinstance(v, str),
+    "pid": _integer,
+    "interval": _number,
+    "bound": _number,
+    "seq": _integer,
+    "left": lambda v: isinstance(v, bool),
+    "health": lambda v: isinstance(v, dict),
+}
+
+
+def parse_record(raw: object) -> dict[str, Any] | None:
+    """The record as written by a node of this record version, or None when it is not one:
+    not JSON, another ``"v"``, a field missing or of the wrong type."""
+    try:
+        record = json.loads(raw)  # type: ignore[arg-type]
+    except (ValueError, TypeError):  # UnicodeDecodeError is a ValueError
+        return None
+    if not isinstance(record, dict):
+        return None
+    version = record.get("v")
+    if type(version) is not int or version != _RECORD_VERSION:
+        return None
+    for name, check in _FIELDS.items():
+        if name not in record or not check(record[name]):
+            return None
+    return record
 
 
 def _read(client: Any, keys: _Keys) -> _Raw:
-    """Two round trips: the server's time with the index, then every record at once."""
+    """Two round trips: the server's time with the index and the epoch, then every record.
+
+    A record that is not one this version writes is skipped (logged, counted in ``skipped``),
+    never fatal; an answer that is not what Redis sends raises ``ValueError``/``TypeError``.
+    """
     pipe = client.pipeline(transaction=False)
     pipe.time()
     pipe.zrange(keys.index, 0, -1, withscores=True)
-    (seconds, micros), members = pipe.execute()
+    pipe.get(keys.epoch)
+    (seconds, micros), members, epoch = pipe.execute()
     now_ms = int(seconds) * 1000 + int(micros) // 1000
-    ids = [_text(member) for member, _ in members]
-    beats = {_text(member): int(score) for member, score in members}
+    beats: dict[str, int] = {}
+    skipped = 0
+    for member, score in members:
+        try:
+            beats[_text(member)] = int(score)
+        except UnicodeDecodeError:  # not an id any node writes
+            skipped += 1
+    ids = list(beats)
     nodes: dict[str, tuple[int, dict[str, Any]]] = {}
     if ids:
         for node_id, raw in zip(ids, client.mget([keys.record(i) for i in ids])):
             if raw is None:
                 continue  # expired (or Redis lost it); the index entry is pruned later
-            try:
-                record = json.loads(raw)
-            except ValueError:
-                logger.bind(node=node_id).warning("Unreadable cluster record; skipped")
+            record = parse_record(raw)
+            if record is None:
+                skipped += 1
+                logger.bind(node=node_id).warning(
+                    "Unreadable cluster record (not JSON, another version or a wrong field); "
+                    "skipped"
+                )
                 continue
-            if isinstance(record, dict):
-                nodes[node_id] = (beats[node_id], record)
-    return _Raw(now_ms, nodes)
+            nodes[node_id] = (beats[node_id], record)
+    return _Raw(now_ms, None if epoch is None else _text(epoch), nodes, skipped)
 
 
 def _node(node_id: str, record: Mapping[str, Any], age: float, silent: float) -> NodeHealth:
-    """A node from its record; ``silent`` (seconds without news) decides alive or lost."""
-    interval = float(record.get("interval", 0.0))
-    bound = float(record.get("bound", interval * 3))
-    health = record.get("health") or {}
-    if record.get("left"):
+    """A node from its (checked) record; ``silent`` (seconds without news) decides alive or
+    lost."""
+    health = record["health"]
+    bound = float(record["bound"])
+    if record["left"]:
         state: NodeState = "left"
     else:
         state = "alive" if silent <= bound else "lost"
     return NodeHealth(
         node=node_id,
         state=state,
-        healthy=isinstance(health, Mapping) and health.get("status") == "healthy",
+        healthy=health.get("status") == "healthy",
         age=max(age, 0.0),
         bound=bound,
-        interval=interval,
-        heartbeats=int(record.get("seq", 0)),
-        host=str(record.get("host", "")),
-        pid=int(record.get("pid", 0)),
-        snapshot=MappingProxyType(dict(health) if isinstance(health, Mapping) else {}),
+        interval=float(record["interval"]),
+        heartbeats=int(record["seq"]),
+        host=record["host"],
+        pid=int(record["pid"]),
+        snapshot=MappingProxyType(dict(health)),
     )
 
 
 def cluster_health(target: object, *, namespace: str = "dwcp", timeout: float = 2.0) -> ClusterView:
     """Read every node's last snapshot once, from a Redis URL or ``redis.Redis`` client.
 
-    Raises ``ClusterError`` when Redis cannot be reached, ``ValueError``/``TypeError`` for a
-    bad ``target`` or ``namespace``. ``timeout`` bounds each socket operation (seconds).
+    A node is ``alive`` when its last heartbeat is no older than its bound, ``lost`` when it
+    is, ``left`` when it said goodbye: the same rule as a watching ``ClusterMember`` that has
+    read Redis without a failure (see its docstring).  Records this version cannot read are
+    skipped and counted in ``ClusterView.skipped``.  Raises ``ClusterError`` when Redis cannot
+    be reached or answers with something unreadable, ``ValueError``/``TypeError`` for a bad
+    ``target``, ``namespace`` or ``timeout`` (seconds, bounding each socket operation).
     """
     keys = _Keys(_check_namespace(namespace))
     client = _connect(target, _positive("timeout", timeout))
@@ -331,6 +413,8 @@ def cluster_health(target: object, *, namespace: str = "dwcp", timeout: float = 
         raw = _read(client, keys)
     except _redis_errors() as exc:
         raise ClusterError(f"cannot read the cluster from Redis: {_describe(exc)}") from exc
+    except (ValueError, TypeError) as exc:
+        raise ClusterError(f"unreadable answer from the cluster's Redis: {_describe(exc)}") from exc
     finally:
         if isinstance(target, str):
             client.close()
@@ -339,7 +423,7 @@ def cluster_health(target: object, *, namespace: str = "dwcp", timeout: float = 
         for node_id, (beat, record) in raw.nodes.items()
         for age in ((raw.now_ms - beat) / 1000.0,)
     }
-    return ClusterView(MappingProxyType(nodes), False, None, 0.0, namespace)
+    return ClusterView(MappingProxyType(nodes), False, None, 0.0, namespace, raw.skipped)
 
 
 class ClusterMember:
@@ -350,11 +434,21 @@ class ClusterMember:
     never holds up the caller.  A node is lost when its last heartbeat is older than
     ``lost_after`` times its interval; the watcher reports a change within that bound plus
     one of its own intervals, through ``on_event`` (``NodeLost``/``NodeBack``, never for
-    this node itself and never on the first sight of a node).
+    this node itself).  The first read judges every node by the age of its last heartbeat,
+    as ``cluster_health()`` does: a node already dead is listed lost at once, without an
+    event; its return is a ``NodeBack``.  So is the return of a node that was lost for so
+    long that Redis dropped it (``retention``): the last ``1024`` nodes found lost are
+    remembered after they are no longer listed.
 
     While Redis is unreachable ``view()`` keeps the last nodes read, marked ``stale``, and no
-    node is declared lost; once it answers again (even empty, after a restart) every node
-    gets a full bound to be heard from before it can be declared lost.
+    node is declared lost.  Once it answers again, or when it lost its data (restarted
+    empty: an epoch key that every publish writes if missing tells), every node that was
+    alive gets a full bound from then to be heard from before it can be declared lost; a
+    node lost before stays lost.  A node Redis no longer has is listed no more, as
+    ``cluster_health()`` lists it no more: a node lost before a restart at once, one alive
+    before it once that bound passes without news (a ``NodeLost`` then).  Records that this
+    version cannot read are skipped and counted (``ClusterView.skipped``, ``skipped``);
+    their nodes are not listed.
 
     Parameters: ``target`` a ``redis://`` URL or a ``redis.Redis`` client (it may be the one
     the shared breaker uses); ``node_id`` this node's id (default ``default_node_id()``);
@@ -415,12 +509,19 @@ class ClusterMember:
         self._read_at: float | None = None  # monotonic time of the last successful read
         self._failing = False  # the last Redis operation failed
         self._gap = False  # a failure since the last successful read (see _refresh)
-        # Redis time (ms) from which silence counts again after an outage, see _refresh.
-        self._resumed_ms: int | None = None
-        # What the watcher knows of each node: last heartbeat (ms) and record.
+        # The data set's epoch as last read (see _PUBLISH); a change means Redis lost it.
+        self._epoch: str | None = None
+        # Redis time (ms) from which a node's silence counts, for the nodes that were alive
+        # when an outage (ours or Redis's) or an empty restart began, see _refresh.
+        self._grace: dict[str, int] = {}
+        # What the watcher knows of each node listed: last heartbeat (ms) and record.
         self._known: dict[str, tuple[int, dict[str, Any]]] = {}
         self._states: dict[str, NodeState] = {}
-        self._lost_since: dict[str, float] = {}  # monotonic time each was declared lost
+        # Monotonic time each node was found lost or gone, kept after the node is no longer
+        # listed (at most _REMEMBERED of them) so that its return is a NodeBack.
+        self._lost_since: dict[str, float] = {}
+        #: Records skipped since the member started (see ``ClusterView.skipped``).
+        self.skipped = 0
         self._clash: str | None = None
         # Learned outage timing shared per component (see dwcp._shared_history).
         self._histories: dict[str, SharedHistory] = {}
@@ -504,7 +605,7 @@ class ClusterMember:
             view, read_at = self._view, self._read_at
         if view.stale and read_at is not None:
             age = time.monotonic() - read_at
-            return ClusterView(view.nodes, True, view.error, age, view.namespace)
+            return ClusterView(view.nodes, True, view.error, age, view.namespace, view.skipped)
         return view
 
     def refresh(self) -> ClusterView:
@@ -569,7 +670,12 @@ class ClusterMember:
     def _publish(self, document: Mapping[str, Any], *, left: bool = False) -> bool:
         self._seq += 1
         record = self._record(document, left=left)
-        keys = [self._keys.record(self._node_id), self._keys.owner(self._node_id), self._keys.index]
+        keys = [
+            self._keys.record(self._node_id),
+            self._keys.owner(self._node_id),
+            self._keys.index,
+            self._keys.epoch,
+        ]
         lease = int(self._bound * 1000)
         args = [self._token, record, lease, int(self._retention * 1000), self._node_id]
         try:
@@ -671,7 +777,9 @@ class ClusterMember:
             first = not self._failing
             self._failing = self._gap = True
             view = self._view
-            self._view = ClusterView(view.nodes, True, self.last_error, view.age, view.namespace)
+            self._view = ClusterView(
+                view.nodes, True, self.last_error, view.age, view.namespace, view.skipped
+            )
         if first:
             logger.bind(node=self._node_id, error=self.last_error).warning(
                 "Cluster Redis unreachable; the cluster view is stale until it answers"
@@ -690,54 +798,100 @@ class ClusterMember:
         except self._errors as exc:
             self._failed(exc)
             return
-        except (ValueError, TypeError) as exc:  # an answer that is not what we wrote
+        except (ValueError, TypeError) as exc:  # an answer that is not what Redis sends
             self._failed(exc)
             return
-        events: list[NodeLost | NodeBack] = []
         self._answered()
+        now_mono = time.monotonic()
         with self._lock:
-            if self._gap or self._resumed_ms is None:
-                # Silence during an outage (ours or Redis's) says nothing about a node: count
-                # it from now on, so each node has a full bound to be heard from again.
-                self._resumed_ms = raw.now_ms
-                self._gap = False
-            for node_id, entry in raw.nodes.items():
-                known = self._known.get(node_id)
-                if known is None or entry[0] >= known[0]:
-                    self._known[node_id] = entry
-            nodes: dict[str, NodeHealth] = {}
-            forget: list[str] = []
-            for node_id, (beat, record) in self._known.items():
-                age = (raw.now_ms - beat) / 1000.0
-                if age > self._retention and node_id not in raw.nodes:
-                    forget.append(node_id)
-                    continue
-                silent = (raw.now_ms - max(beat, self._resumed_ms)) / 1000.0
-                nodes[node_id] = _node(node_id, record, age, silent)
-            for node_id in forget:
-                del self._known[node_id]
-                self._states.pop(node_id, None)
-                self._lost_since.pop(node_id, None)
-            for node_id, node in nodes.items():
-                before = self._states.get(node_id)
-                self._states[node_id] = node.state
-                if before is None or before == node.state or node_id == self._node_id:
-                    continue
-                if node.state == "alive":
-                    down = time.monotonic() - self._lost_since.pop(node_id, time.monotonic())
-                    events.append(NodeBack(node_id, round(down, 3)))
-                elif before == "alive":
-                    self._lost_since[node_id] = time.monotonic()
-                    reason = "left" if node.state == "left" else "silent"
-                    events.append(NodeLost(node_id, round(node.age, 3), node.bound, reason))
-            self._view = ClusterView(MappingProxyType(nodes), False, None, 0.0, self._namespace)
-            self._read_at = time.monotonic()
+            self.skipped += raw.skipped
+            events = self._update(raw, now_mono)
+            self._read_at = now_mono
         for event in events:
             for callback in self._listeners:
                 try:
                     callback(event)
                 except Exception as exc:  # noqa: BLE001 - a bad callback must not stop the watch
                     logger.opt(exception=exc).error("Cluster event callback raised")
+
+    def _update(self, raw: _Raw, now_mono: float) -> list[NodeLost | NodeBack]:
+        """The new view from one read, and the events it makes; the caller holds the lock.
+
+        Without a failure since the last read, a node's silence is the age of its last
+        heartbeat, as for ``cluster_health()``, the first read included: a node already dead
+        then is lost at once.  After a failure (ours or Redis's), or when the epoch says Redis
+        lost its data (restarted empty), the nodes alive before get a full bound from now to
+        be heard from; a node lost before stays lost.  A node Redis no longer has (expired
+        after ``retention``, or not republished after an empty restart within that bound)
+        is listed no more, as ``cluster_health()`` lists it no more.
+        """
+        now = raw.now_ms
+        restarted = self._epoch is not None and raw.epoch != self._epoch
+        if raw.epoch is not None or restarted:
+            self._epoch = raw.epoch
+        if self._gap or restarted:
+            # Silence during an outage says nothing about a node that was alive: count it
+            # from now on.  (The first read has no "before": nothing to excuse.)
+            for node_id, state in self._states.items():
+                if state == "alive":
+                    self._grace[node_id] = now
+            self._gap = False
+        for node_id, entry in raw.nodes.items():
+            known = self._known.get(node_id)
+            if known is None or entry[0] >= known[0]:
+                self._known[node_id] = entry
+        nodes: dict[str, NodeHealth] = {}
+        dropped: dict[str, NodeHealth] = {}
+        for node_id, (beat, record) in list(self._known.items()):
+            age = (now - beat) / 1000.0
+            grace = self._grace.get(node_id, beat)
+            if grace <= beat:
+                self._grace.pop(node_id, None)  # heard from since: the grace is spent
+            silent = (now - max(beat, grace)) / 1000.0
+            node = _node(node_id, record, age, silent)
+            if node_id not in raw.nodes and (node.state != "alive" or node_id not in self._grace):
+                del self._known[node_id]  # Redis has it no more: neither do we
+                self._grace.pop(node_id, None)
+                dropped[node_id] = node
+                continue
+            nodes[node_id] = node
+        events: list[NodeLost | NodeBack] = []
+        for node_id in [n for n in self._states if n not in nodes]:
+            before = self._states.pop(node_id)
+            gone = dropped.get(node_id)
+            if before == "alive" and gone is not None and node_id != self._node_id:
+                # Gone without a word past its bound (not back after an empty restart) or
+                # its record became unreadable: no longer heard from.
+                self._remember_lost(node_id, now_mono)
+                events.append(NodeLost(node_id, round(gone.age, 3), gone.bound, "silent"))
+        for node_id, node in nodes.items():
+            before = self._states.get(node_id)
+            self._states[node_id] = node.state
+            if before == node.state or node_id == self._node_id:
+                continue
+            if node.state == "alive":
+                since = self._lost_since.pop(node_id, None)
+                if before is not None or since is not None:
+                    down = now_mono - (now_mono if since is None else since)
+                    events.append(NodeBack(node_id, round(down, 3)))
+            elif before is None:
+                # First sight of a node already lost or gone: listed so, without an event,
+                # but its return is news.
+                self._remember_lost(node_id, now_mono - node.age)
+            elif before == "alive":
+                self._remember_lost(node_id, now_mono)
+                reason = "left" if node.state == "left" else "silent"
+                events.append(NodeLost(node_id, round(node.age, 3), node.bound, reason))
+        self._view = ClusterView(
+            MappingProxyType(nodes), False, None, 0.0, self._namespace, raw.skipped
+        )
+        return events
+
+    def _remember_lost(self, node_id: str, since: float) -> None:
+        self._lost_since.pop(node_id, None)
+        self._lost_since[node_id] = since
+        while len(self._lost_since) > _REMEMBERED:
+            del self._lost_since[next(iter(self._lost_since))]
 
 
 def cluster_member(
@@ -772,6 +926,8 @@ def render_cluster(view: ClusterView) -> str:
     head = f"DWCP cluster {view.namespace!r} {verdict}: {alive}/{len(view.nodes)} nodes alive"
     if view.stale:
         head += f" (stale: {view.error})"
+    if view.skipped:
+        head += f" ({view.skipped} unreadable records skipped)"
     rows = [("NODE", "STATE", "HEALTH", "BREAKER", "LAST HEARTBEAT", "BOUND", "HOST", "PID")]
     for node in sorted(view.nodes.values(), key=lambda n: n.node):
         rows.append(
