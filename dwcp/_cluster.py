@@ -857,9 +857,12 @@ class ClusterMember:
             nodes[node_id] = node
         events: list[NodeLost | NodeBack] = []
         for node_id in [n for n in self._states if n not in nodes]:
-            before = self._states.pop(node_id)
             gone = dropped.get(node_id)
-            if before == "alive" and gone is not None and node_id != self._node_id:
+            if (
+                self._states.pop(node_id) == "alive"
+                and gone is not None
+                and node_id != self._node_id
+            ):
                 # Gone without a word past its bound (not back after an empty restart) or
                 # its record became unreadable: no longer heard from.
                 self._remember_lost(node_id, now_mono)

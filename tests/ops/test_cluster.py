@@ -492,12 +492,13 @@ def test_a_node_already_dead_when_first_seen_is_listed_lost_at_once_without_an_e
     assert events == []  # listed lost, without an event
 
 
-def _plant(client: Any, node_id: str, record: object) -> None:
+def _plant(client: Any, node_id: str | bytes, record: str | bytes) -> None:
     """Put a record in the cluster as a (broken or foreign) node would."""
     import time as _time
 
     client.zadd("dwcp:cluster:nodes", {node_id: int(_time.time() * 1000)})
-    client.set(f"dwcp:cluster:node:{node_id}", record, px=60_000)
+    key = b"dwcp:cluster:node:" + (node_id if isinstance(node_id, bytes) else node_id.encode())
+    client.set(key, record, px=60_000)
 
 
 def _record(**fields: Any) -> str:
