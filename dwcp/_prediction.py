@@ -30,11 +30,13 @@ outages then refute.  A run of outages beyond the learned range on one
 side is taken as a change of pattern: the older history is dropped and the configured
 schedule is used until enough new outages are known.  Every ``EXPLORE_EVERY``-th outage's
 cycle makes the configured first attempt, since only an earlier attempt can show that the
-component now comes back sooner.  Not thread-safe: the manager calls it under its lock, when
-a cycle begins and when an outage ends; with ``WINDOW`` outages kept, each call costs about
-5-15 ms of pure Python on the development machine (up to about 70 ms), two to three times
-what it cost before the check out of sample, which makes the choice twice more (on half the
-outages each) when the full history's choice is worth using.
+component now comes back sooner.  ``RecoveryHistory`` is not thread-safe: the manager
+calls it under its lock, when a cycle begins (``plan``: a snapshot of the outages, no
+search) and when an outage ends (``record``).  The search, ``SchedulePlan.waits()``, runs on
+the recovery thread, off the lock, from that snapshot; a dynamic program over (attempts
+made, last candidate) keeping at most ``LABELS`` partial schedules per state bounds it by
+``attempts * candidates**2 * LABELS`` steps, where a search of every schedule grew
+exponentially with ``attempts``.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import bisect
 import itertools
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 __all__ = [
@@ -52,6 +54,7 @@ __all__ = [
     "MIN_SAMPLES",
     "Outage",
     "RecoveryHistory",
+    "SchedulePlan",
     "turnbull",
     "weighted_quantile",
 ]
@@ -98,6 +101,8 @@ _FOLD_SAMPLES = 2
 # The rule-of-three constant: with n informative outages and none in a stretch, its share
 # may still be up to about this over n.
 _CONFIDENCE = 1.0
+#: Partial schedules kept per (attempts made, last point) by the schedule search.
+LABELS = 6
 _EM_ITERATIONS = 100
 _EM_TOLERANCE = 1e-6
 
@@ -303,18 +308,33 @@ class RecoveryHistory:
         new_outage: bool = True,
         pause: float | None = None,
     ) -> tuple[float, ...] | None:
-        """Waits for a cycle starting ``elapsed`` seconds into an outage, or None.
+        """``plan(...)`` and its ``waits()`` at once: waits for a cycle starting ``elapsed``
+        seconds into an outage, or None for the configured schedule (see ``plan``)."""
+        plan = self.plan(
+            configured, elapsed, cap, attempt_duration, new_outage=new_outage, pause=pause
+        )
+        return None if plan is None else plan.waits()
+
+    def plan(
+        self,
+        configured: Sequence[float],
+        elapsed: float,
+        cap: float,
+        attempt_duration: float = 0.0,
+        *,
+        new_outage: bool = True,
+        pause: float | None = None,
+    ) -> SchedulePlan | None:
+        """What a cycle starting ``elapsed`` seconds into an outage needs to learn its waits:
+        a snapshot of the outages kept, taken in constant time plus a copy (the caller may
+        hold a lock), or None for the configured schedule (too little history).  The
+        search itself is ``SchedulePlan.waits()``, which touches no state of this history.
 
         ``configured`` are the policy's waits, ``cap`` bounds every wait, and
         ``attempt_duration`` (how long a failed attempt takes) places the configured
-        attempts where they would really begin.  Of the schedules of at most
-        ``len(configured)`` attempts over the candidate moments (see ``_candidates``) that
-        end no sooner than the configured cycle and wait at most ``cap`` before each attempt,
-        the one expected to fail least without a longer expected delay than the configured
-        schedule's is chosen.  None means: run the configured schedule (too little history,
-        nothing worth at least ``MIN_SAVING`` of the failed attempts, or a choice that did
-        not hold on outages it had not seen, see ``_Plan.validated``).
-        ``new_outage`` says this is an outage's first cycle.
+        attempts where they would really begin; ``new_outage`` says this is an outage's
+        first cycle (it counts towards the next exploring cycle); ``pause`` is how long
+        after a cycle gave up the next one begins (the first configured wait if unknown).
         """
         if not configured:
             raise ValueError("configured schedule is empty")
@@ -327,31 +347,66 @@ class RecoveryHistory:
                 exploring = True
         if len(self._outages) < MIN_SAMPLES:
             return None
-        starts: list[float] = []
-        at = elapsed
-        for index, wait in enumerate(configured):
-            at += min(wait, cap) + (attempt_duration if index else 0.0)
-            starts.append(at)
-        plan = _Plan(
-            [min(w, cap) for w in configured],
-            starts,
+        return SchedulePlan(
+            tuple(self._outages),
+            tuple(configured),
             elapsed,
             cap,
             attempt_duration,
             configured[0] if pause is None else pause,
             exploring,
         )
-        chosen = plan.choose(self._outages)
+
+
+@dataclass(frozen=True)
+class SchedulePlan:
+    """A snapshot of a history and the cycle a schedule is wanted for (see
+    ``RecoveryHistory.plan``); ``waits()`` searches it, off any lock."""
+
+    outages: tuple[Outage, ...]
+    configured: tuple[float, ...]
+    elapsed: float
+    cap: float
+    attempt_duration: float
+    pause: float
+    exploring: bool
+
+    def waits(self) -> tuple[float, ...] | None:
+        """Waits for the cycle, or None: run the configured schedule.
+
+        Of the schedules of at most ``len(configured)`` attempts over the candidate moments
+        (see ``_candidates``) that end no sooner than the configured cycle and wait at most
+        ``cap`` before each attempt, the one expected to fail least without a longer
+        expected delay than the configured schedule's is chosen (see ``_Model.best``).
+        None means: nothing worth at least ``MIN_SAVING`` of the failed attempts, or a
+        choice that did not hold on outages it had not seen (see ``_Plan.validated``).
+        """
+        elapsed, cap, duration = self.elapsed, self.cap, self.attempt_duration
+        starts: list[float] = []
+        at = elapsed
+        for index, wait in enumerate(self.configured):
+            at += min(wait, cap) + (duration if index else 0.0)
+            starts.append(at)
+        plan = _Plan(
+            [min(w, cap) for w in self.configured],
+            starts,
+            elapsed,
+            cap,
+            duration,
+            self.pause,
+            self.exploring,
+        )
+        chosen = plan.choose(self.outages)
         if chosen is None:
             return None
         if len(chosen) == len(starts) and all(abs(a - b) < 1e-6 for a, b in zip(chosen, starts)):
             return None
-        if not plan.validated(self._outages):
+        if not plan.validated(self.outages):
             return None  # the saving did not hold on outages the choice had not seen
         waits: list[float] = []
         at = elapsed
         for target in chosen:
-            waits.append(max(target - at - (attempt_duration if waits else 0.0), 0.0))
+            waits.append(max(target - at - (duration if waits else 0.0), 0.0))
             at = target
         return tuple(waits)
 
@@ -547,6 +602,32 @@ def _late(pieces: Sequence[tuple[float, float, float, float, float]], delay: flo
     return late
 
 
+# A partial schedule: expected failures, delay and late share so far, and its points.
+_Label = tuple[float, float, float, tuple[int, ...]]
+
+
+def _front(labels: list[_Label]) -> list[_Label]:
+    """At most ``LABELS`` of ``labels`` that no other one beats on failures, delay and late
+    share at once: the best scoring, and the least delaying and the least late."""
+    labels.sort(key=lambda x: (x[0] + DELAY_WEIGHT * x[1], x[1], x[2]))
+    kept: list[_Label] = []
+    for label in labels:
+        if not any(
+            o[0] <= label[0] + 1e-12 and o[1] <= label[1] + 1e-12 and o[2] <= label[2] + 1e-12
+            for o in kept
+        ):
+            kept.append(label)
+    if len(kept) <= LABELS:
+        return kept
+    least_delay = min(kept, key=lambda x: (x[1], x[2]))
+    least_late = min(kept, key=lambda x: (x[2], x[1]))
+    chosen = kept[: LABELS - 2]
+    for extra in (least_delay, least_late):
+        if extra not in chosen:
+            chosen.append(extra)
+    return chosen
+
+
 class _Model:
     """The learned return-time distribution over candidate attempt moments, and what any
     schedule over them is expected to cost.
@@ -600,6 +681,8 @@ class _Model:
         self._tails: dict[int, tuple[float, float, float]] = {}
         #: The delay a schedule's median is held to (see ``late``); set before ``best``.
         self.median = 0.0
+        #: Partial schedules extended by ``best`` (its cost).
+        self.evaluations = 0
 
     @classmethod
     def build(
@@ -777,49 +860,96 @@ class _Model:
         ``median``: its points and expected failures, or None.  With ``first``, the first
         attempt is at that point.
 
-        A depth-first search over the points; a prefix is dropped once its delay or late
-        share alone is over the bound or its failures reach the best found.
+        A dynamic program over (attempts made, last point): each state keeps at most
+        ``LABELS`` partial schedules that no other one beats on failures, delay and late
+        share at once (the best scoring, and the least delaying and least late, so a
+        feasible one is never lost for a better scoring one).  So the cost is at most
+        ``count * len(points)**2 * LABELS`` extensions (``evaluations`` counts them),
+        polynomial in ``count`` where a search of every schedule grows exponentially.  The
+        result may score a little worse than the best of all schedules; its bounds are
+        checked exactly.
         """
         points = self.points
-        n = len(points)
-        best: tuple[tuple[int, ...], float, float] | None = None
-        chosen: list[int] = []
+        survival = self.survival
         pairs: dict[tuple[int, int], tuple[float, float]] = {}
 
-        def extend(last: int, failed: float, delay: float, late: float) -> None:
-            nonlocal best
-            if last >= 0 and points[last] >= end - 1e-6:
+        def pair(low: int, high: int) -> tuple[float, float]:
+            value = pairs.get((low, high))
+            if value is None:
+                value = pairs[(low, high)] = (self.delay(low, high), self.late(low, high))
+            return value
+
+        best: tuple[tuple[int, ...], float, float] | None = None
+        # The partial schedules with as many attempts as the layer's number, by last point:
+        # (failed, delay, late, points).
+        layer: dict[int, list[_Label]] = {}
+        if first is None:
+            start: list[tuple[int, _Label]] = [(-1, (0.0, 0.0, 0.0, ()))]
+            layer = self._extend(start, cap, duration, pair, max_delay, max_late, None)
+        elif points[first] - self.origin <= cap + 1e-9:
+            step, more_late = pair(-1, first)
+            if step <= max_delay and more_late <= max_late:
+                layer = {first: [(survival[first], step, more_late, (first,))]}
+        for made in range(1, count + 1):
+            for last, labels in layer.items():
+                if points[last] < end - 1e-6:
+                    continue
                 more = self.tail(last)
-                total = (failed + more[0], delay + more[1])
-                if total[1] <= max_delay and late + more[2] <= max_late:
-                    score = total[0] + DELAY_WEIGHT * total[1]
-                    if best is None or score < best[2] - 1e-12:
-                        best = (tuple(chosen), total[0], score)
-            if len(chosen) >= count:
-                return
+                for failed, delay, late, chosen in labels:
+                    total = (failed + more[0], delay + more[1])
+                    if total[1] <= max_delay and late + more[2] <= max_late:
+                        score = total[0] + DELAY_WEIGHT * total[1]
+                        if best is None or score < best[2] - 1e-12:
+                            best = (chosen, total[0], score)
+            if made == count or not layer:
+                break
+            layer = self._extend(
+                [(last, label) for last, labels in layer.items() for label in labels],
+                cap,
+                duration,
+                pair,
+                max_delay,
+                max_late,
+                None if best is None else best[2],
+            )
+        return None if best is None else best[:2]
+
+    def _extend(
+        self,
+        labels: Sequence[tuple[int, _Label]],
+        cap: float,
+        duration: float,
+        pair: Callable[[int, int], tuple[float, float]],
+        max_delay: float,
+        max_late: float,
+        bound: float | None,
+    ) -> dict[int, list[_Label]]:
+        """Every partial schedule in ``labels`` (by its last point, -1 for none) with one more
+        attempt at each later point in reach, kept as ``best`` describes; ``bound`` is the
+        best score found so far, which a partial schedule that reaches it cannot beat (the
+        score only grows as attempts are added)."""
+        points = self.points
+        survival = self.survival
+        n = len(points)
+        grown: dict[int, list[_Label]] = {}
+        for last, (failed, delay, late, chosen) in labels:
             low = self.origin if last < 0 else points[last] + duration
             for k in range(last + 1, n):
                 if points[k] - low > cap + 1e-9:
                     break
-                pair = pairs.get((last, k))
-                if pair is None:
-                    pair = pairs[(last, k)] = (self.delay(last, k), self.late(last, k))
-                step, more_late = pair
+                self.evaluations += 1
+                step, more_late = pair(last, k)
                 if delay + step > max_delay or late + more_late > max_late:
                     break  # both only grow with a later attempt
-                more_failed = failed + self.survival[k]
-                if best is not None and more_failed + DELAY_WEIGHT * (delay + step) >= best[2]:
-                    continue  # the score only grows as attempts are added
-                chosen.append(k)
-                extend(k, more_failed, delay + step, late + more_late)
-                chosen.pop()
-
-        if first is None:
-            extend(-1, 0.0, 0.0, 0.0)
-        elif points[first] - self.origin <= cap + 1e-9:
-            chosen.append(first)
-            extend(first, self.survival[first], self.delay(-1, first), self.late(-1, first))
-        return None if best is None else best[:2]
+                more_failed = failed + survival[k]
+                if bound is not None and more_failed + DELAY_WEIGHT * (delay + step) >= bound:
+                    continue
+                grown.setdefault(k, []).append(
+                    (more_failed, delay + step, late + more_late, (*chosen, k))
+                )
+        for k, found in grown.items():
+            grown[k] = _front(found)
+        return grown
 
 
 def _candidates(
