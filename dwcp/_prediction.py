@@ -46,7 +46,7 @@ import itertools
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = [
     "CHANGE_RUN",
@@ -104,6 +104,8 @@ _CONFIDENCE = 1.0
 #: Partial schedules kept per (attempts made, last point) by the schedule search.
 LABELS = 6
 _EM_ITERATIONS = 100
+# Configured cycles ``SchedulePlan.configured_probes`` lays out at most.
+_MAX_CYCLES = 1000
 _EM_TOLERANCE = 1e-6
 
 
@@ -370,9 +372,31 @@ class SchedulePlan:
     attempt_duration: float
     pause: float
     exploring: bool
+    _searched: bool = field(default=False, init=False, compare=False, repr=False)
+    _result: tuple[float, ...] | None = field(default=None, init=False, compare=False, repr=False)
+
+    def configured_probes(self, end: float) -> list[float]:
+        """The moments the configured schedule would find the component back at, from this
+        cycle on, until ``end``: its attempts, then after each cycle the monitor's check
+        ``pause`` later and the next configured cycle (as ``_Plan._held_out`` meets
+        outages)."""
+        cap, duration = self.cap, self.attempt_duration
+        probes: list[float] = []
+        at = self.elapsed
+        # Bounded: a cycle of zero waits and durations would never pass ``end``.
+        for _ in range(_MAX_CYCLES):
+            for index, wait in enumerate(self.configured):
+                at += min(wait, cap) + (duration if index else 0.0)
+                probes.append(at)
+            at += duration + self.pause
+            probes.append(at)  # the monitor's check
+            if at >= end:
+                break
+        return probes
 
     def waits(self) -> tuple[float, ...] | None:
-        """Waits for the cycle, or None: run the configured schedule.
+        """Waits for the cycle, or None: run the configured schedule (remembered: the
+        search runs once per plan, and ``result`` tells which ran).
 
         Of the schedules of at most ``len(configured)`` attempts over the candidate moments
         (see ``_candidates``) that end no sooner than the configured cycle and wait at most
@@ -381,6 +405,17 @@ class SchedulePlan:
         None means: nothing worth at least ``MIN_SAVING`` of the failed attempts, or a
         choice that did not hold on outages it had not seen (see ``_Plan.validated``).
         """
+        if not self._searched:
+            object.__setattr__(self, "_result", self._search())
+            object.__setattr__(self, "_searched", True)
+        return self._result
+
+    @property
+    def result(self) -> tuple[float, ...] | None:
+        """What ``waits()`` returned, None before it ran."""
+        return self._result
+
+    def _search(self) -> tuple[float, ...] | None:
         elapsed, cap, duration = self.elapsed, self.cap, self.attempt_duration
         starts: list[float] = []
         at = elapsed
