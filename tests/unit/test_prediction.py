@@ -55,7 +55,7 @@ def test_default_schedule_is_exactly_1_2_4() -> None:
 
 def test_default_supervisor_learns_nothing_and_keeps_the_schedule() -> None:
     supervisor = RestartSupervisor(RecoveryPolicy())
-    assert supervisor.history is None
+    assert supervisor.history is None and supervisor.learned is None  # no statistics held
     for n in range(10):
         start = 100.0 * n
         supervisor.admit(start)
