@@ -1,50 +1,48 @@
-"""Cluster health on Redis: every node publishes its health snapshot with a heartbeat, and
-every node (or a one-shot reader) reads the whole cluster back.
+"""This process's place in a cluster: ``ClusterMember`` publishes its health snapshots with
+a heartbeat and watches every node's, on a thread named ``dwcp-cluster``.
 
-Key layout under ``<namespace>:cluster:`` (``namespace`` defaults to ``dwcp``):
-
-``nodes``
-    A sorted set: member = node id, score = the node's last heartbeat in milliseconds of the
-    Redis server's clock (so ages never depend on the nodes' clocks agreeing).
-``node:<id>``
-    The node's last record (JSON: its health document, interval, bound, host, pid), with an
-    expiry (``retention``), so a dead node's entry cannot live forever.
-``epoch``
-    A random token with the Redis time it was written, never expiring, written by a publish
-    that finds it missing: when it changes, Redis lost the data set (restarted empty).
-``owner:<id>``
-    A lease held by the process publishing under that id (expires after the lost bound): a
-    second live process using the same id is refused and warned about instead of
-    overwriting the first one's heartbeats.
-
-A publish is one round trip (one Lua script: heartbeat time, lease, record, index, pruning);
-a read is two (``TIME`` with the index and the epoch, then one ``MGET`` of the records).
-A record carries ``"v"`` (the record version, 1); a reader skips records of other versions
-or that do not parse, and counts them.
-
-Under ``<namespace>:history:`` (see ``dwcp._shared_history``), ``<manager>:<component>`` is a
-list of the last outages a predictive component recovered from, capped at ``WINDOW``: read
-once when the member starts (one round trip for all components), appended to by the pass
-that follows an outage (one round trip).
-"""
+The key layout and record format are ``dwcp._cluster_schema``'s, a read is
+``dwcp._cluster_read``'s, the documents and table ``dwcp._cluster_render``'s; this module
+re-exports their public names.  Under ``<namespace>:history:`` (see
+``dwcp._shared_history``), ``<manager>:<component>`` is a list of the last outages a
+predictive component recovered from, capped at ``WINDOW``: read once when the member starts
+(one round trip for all components), appended to by the pass that follows an outage (one
+round trip)."""
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import secrets
 import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any
 
 from loguru import logger
 
-from dwcp._errors import DWCPError
+from dwcp._cluster_read import (
+    _connect,
+    _describe,
+    _Raw,
+    _read,
+    _redis_errors,
+    _text,
+    cluster_health,
+)
+from dwcp._cluster_render import cluster_document, render_cluster, snapshot_document
+from dwcp._cluster_schema import (
+    ClusterError,
+    ClusterView,
+    NodeHealth,
+    NodeState,
+    _check_namespace,
+    _Keys,
+    _positive,
+    make_record,
+    node_health,
+)
 from dwcp._events import NodeBack, NodeLost
 from dwcp._health import HealthSnapshot
 from dwcp._prediction import WINDOW
@@ -64,11 +62,9 @@ __all__ = [
     "snapshot_document",
 ]
 
-NodeState = Literal["alive", "lost", "left"]
 ClusterListener = Callable[["NodeLost | NodeBack"], None]
 
 _THREAD_NAME = "dwcp-cluster"
-_RECORD_VERSION = 1
 _MAX_NODE_ID = 200
 # Nodes remembered as lost after they are no longer listed; the oldest are forgotten first.
 _REMEMBERED = 1024
@@ -98,71 +94,6 @@ return 0
 """
 
 
-class ClusterError(DWCPError):
-    """The cluster's Redis could not be reached or answered with something unreadable."""
-
-    code = "CLUSTER_UNREACHABLE"
-
-
-@dataclass(frozen=True)
-class NodeHealth:
-    """One node as the cluster last heard from it."""
-
-    node: str
-    #: ``alive``: heard from within its bound; ``lost``: silent for longer; ``left``: it said
-    #: goodbye (closed cleanly).
-    state: NodeState
-    #: The node's own verdict in its last snapshot (all components healthy, breaker not open).
-    healthy: bool
-    #: Seconds since its last heartbeat, on the Redis server's clock.
-    age: float
-    #: Silence longer than this (``lost_after`` times the node's interval) makes it lost.
-    bound: float
-    #: The longest gap between two of its publishes it announced (seconds).
-    interval: float
-    #: Heartbeats it published since it started.
-    heartbeats: int
-    host: str
-    pid: int
-    #: Its last health document (see ``snapshot_document``).
-    snapshot: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
-
-    @property
-    def alive(self) -> bool:
-        """Whether the node was heard from within its bound."""
-        return self.state == "alive"
-
-
-@dataclass(frozen=True)
-class ClusterView:
-    """Every node's last snapshot, read at one moment, or the last one read if Redis is down."""
-
-    nodes: Mapping[str, NodeHealth]
-    #: True when the last read failed: the nodes are what was known before, not news.
-    stale: bool
-    #: Why the last read failed, when ``stale``.
-    error: str | None
-    #: Seconds since the nodes were last read successfully (0.0 for a fresh read).
-    age: float
-    namespace: str
-    #: Records the read skipped because this version cannot use them (not JSON, another
-    #: record version ``"v"``, a field missing or of the wrong type); their nodes are not
-    #: listed.
-    skipped: int = 0
-
-    @property
-    def healthy(self) -> bool:
-        """Fresh, and every node alive and healthy; nodes that left cleanly do not count, and
-        a cluster with no other node is not healthy."""
-        members = [n for n in self.nodes.values() if n.state != "left"]
-        return not self.stale and bool(members) and all(n.alive and n.healthy for n in members)
-
-    @property
-    def lost(self) -> tuple[str, ...]:
-        """The ids of the nodes that are lost, sorted."""
-        return tuple(sorted(n.node for n in self.nodes.values() if n.state == "lost"))
-
-
 def default_node_id() -> str:
     """Host name and process id, such as ``web-3-12345``."""
     return f"{socket.gethostname()}-{os.getpid()}"
@@ -177,253 +108,6 @@ def _check_node_id(node_id: object) -> str:
             f"got {node_id!r}"
         )
     return node_id
-
-
-def _check_namespace(namespace: object) -> str:
-    if not isinstance(namespace, str) or not namespace or not namespace.isprintable():
-        raise ValueError(f"namespace must be a non-empty printable string, got {namespace!r}")
-    return namespace
-
-
-def _positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
-
-
-def snapshot_document(snapshot: HealthSnapshot) -> dict[str, Any]:
-    """The compact JSON-ready form of a ``HealthSnapshot`` that a node publishes."""
-    return {
-        "status": "healthy" if snapshot.healthy else "unhealthy",
-        "breaker": snapshot.breaker_state,
-        "breaker_storage": snapshot.breaker_storage,
-        "components": {
-            name: {
-                "status": c.status,
-                "last_error": c.last_error,
-                "seconds_in_status": round(c.seconds_in_status, 3),
-                "suspicion": round(c.suspicion, 3),
-            }
-            for name, c in snapshot.components.items()
-        },
-    }
-
-
-def cluster_document(view: ClusterView) -> dict[str, Any]:
-    """The ``/cluster`` JSON document for a view: a verdict, staleness, and every node."""
-    return {
-        "status": "healthy" if view.healthy else "unhealthy",
-        "stale": view.stale,
-        "error": view.error,
-        "view_age": round(view.age, 3),
-        "namespace": view.namespace,
-        "lost": list(view.lost),
-        "skipped": view.skipped,
-        "nodes": {
-            node.node: {
-                "state": node.state,
-                "alive": node.alive,
-                "healthy": node.healthy,
-                "age": round(node.age, 3),
-                "bound": round(node.bound, 3),
-                "interval": round(node.interval, 3),
-                "heartbeats": node.heartbeats,
-                "host": node.host,
-                "pid": node.pid,
-                "health": dict(node.snapshot),
-            }
-            for node in sorted(view.nodes.values(), key=lambda n: n.node)
-        },
-    }
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
-def _connect(target: object, timeout: float) -> Any:
-    from dwcp._shared import connect
-
-    client = connect(target, timeout=timeout, parameter="cluster")
-    for method in ("pipeline", "mget", "register_script", "close"):
-        if not callable(getattr(client, method, None)):
-            raise TypeError(
-                f"cluster must be a redis.Redis client or a redis:// URL, got "
-                f"{type(target).__name__} (no {method}())"
-            )
-    return client
-
-
-def _redis_errors() -> tuple[type[BaseException], ...]:
-    try:
-        from redis.exceptions import RedisError
-    except ImportError:  # pragma: no cover - without the extra there is no client to fail
-        return (OSError,)
-    return (RedisError, OSError)
-
-
-class _Keys:
-    def __init__(self, namespace: str) -> None:
-        self.prefix = f"{namespace}:cluster:"
-        self.index = self.prefix + "nodes"
-
-        self.epoch = self.prefix + "epoch"
-
-    def record(self, node_id: str) -> str:
-        return f"{self.prefix}node:{node_id}"
-
-    def owner(self, node_id: str) -> str:
-        return f"{self.prefix}owner:{node_id}"
-
-
-@dataclass
-class _Raw:
-    """One read: the Redis time (ms), the data set's epoch, every usable node's heartbeat (ms)
-    and record, and how many records could not be used."""
-
-    now_ms: int
-    epoch: str | None
-    nodes: dict[str, tuple[int, dict[str, Any]]]
-    skipped: int
-
-
-def _number(value: object) -> bool:
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value >= 0
-    )
-
-
-def _integer(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-# Every field of a record (see ClusterMember._record) and the check its value must pass.
-_FIELDS: dict[str, Callable[[object], bool]] = {
-    "node": lambda v: isinstance(v, str),
-    "host": lambda v: isinstance(v, str),
-    "pid": _integer,
-    "interval": _number,
-    "bound": _number,
-    "seq": _integer,
-    "left": lambda v: isinstance(v, bool),
-    "health": lambda v: isinstance(v, dict),
-}
-
-
-def parse_record(raw: object) -> dict[str, Any] | None:
-    """The record as written by a node of this record version, or None when it is not one:
-    not JSON, another ``"v"``, a field missing or of the wrong type."""
-    try:
-        record = json.loads(raw)  # type: ignore[arg-type]
-    except (ValueError, TypeError):  # UnicodeDecodeError is a ValueError
-        return None
-    if not isinstance(record, dict):
-        return None
-    version = record.get("v")
-    if type(version) is not int or version != _RECORD_VERSION:
-        return None
-    for name, check in _FIELDS.items():
-        if name not in record or not check(record[name]):
-            return None
-    return record
-
-
-def _read(client: Any, keys: _Keys) -> _Raw:
-    """Two round trips: the server's time with the index and the epoch, then every record.
-
-    A record that is not one this version writes is skipped (logged, counted in ``skipped``),
-    never fatal; an answer that is not what Redis sends raises ``ValueError``/``TypeError``.
-    """
-    pipe = client.pipeline(transaction=False)
-    pipe.time()
-    pipe.zrange(keys.index, 0, -1, withscores=True)
-    pipe.get(keys.epoch)
-    (seconds, micros), members, epoch = pipe.execute()
-    now_ms = int(seconds) * 1000 + int(micros) // 1000
-    beats: dict[str, int] = {}
-    skipped = 0
-    for member, score in members:
-        try:
-            beats[_text(member)] = int(score)
-        except UnicodeDecodeError:  # not an id any node writes
-            skipped += 1
-    ids = list(beats)
-    nodes: dict[str, tuple[int, dict[str, Any]]] = {}
-    if ids:
-        for node_id, raw in zip(ids, client.mget([keys.record(i) for i in ids])):
-            if raw is None:
-                continue  # expired (or Redis lost it); the index entry is pruned later
-            record = parse_record(raw)
-            if record is None:
-                skipped += 1
-                logger.bind(node=node_id).warning(
-                    "Unreadable cluster record (not JSON, another version or a wrong field); "
-                    "skipped"
-                )
-                continue
-            nodes[node_id] = (beats[node_id], record)
-    return _Raw(now_ms, None if epoch is None else _text(epoch), nodes, skipped)
-
-
-def _node(node_id: str, record: Mapping[str, Any], age: float, silent: float) -> NodeHealth:
-    """A node from its (checked) record; ``silent`` (seconds without news) decides alive or
-    lost."""
-    health = record["health"]
-    bound = float(record["bound"])
-    if record["left"]:
-        state: NodeState = "left"
-    else:
-        state = "alive" if silent <= bound else "lost"
-    return NodeHealth(
-        node=node_id,
-        state=state,
-        healthy=health.get("status") == "healthy",
-        age=max(age, 0.0),
-        bound=bound,
-        interval=float(record["interval"]),
-        heartbeats=int(record["seq"]),
-        host=record["host"],
-        pid=int(record["pid"]),
-        snapshot=MappingProxyType(dict(health)),
-    )
-
-
-def cluster_health(target: object, *, namespace: str = "dwcp", timeout: float = 2.0) -> ClusterView:
-    """Read every node's last snapshot once, from a Redis URL or ``redis.Redis`` client.
-
-    A node is ``alive`` when its last heartbeat is no older than its bound, ``lost`` when it
-    is, ``left`` when it said goodbye: the same rule as a watching ``ClusterMember`` that has
-    read Redis without a failure (see its docstring).  Records this version cannot read are
-    skipped and counted in ``ClusterView.skipped``.  Raises ``ClusterError`` when Redis cannot
-    be reached or answers with something unreadable, ``ValueError``/``TypeError`` for a bad
-    ``target``, ``namespace`` or ``timeout`` (seconds, bounding each socket operation).
-    """
-    keys = _Keys(_check_namespace(namespace))
-    client = _connect(target, _positive("timeout", timeout))
-    try:
-        raw = _read(client, keys)
-    except _redis_errors() as exc:
-        raise ClusterError(f"cannot read the cluster from Redis: {_describe(exc)}") from exc
-    except (ValueError, TypeError) as exc:
-        raise ClusterError(f"unreadable answer from the cluster's Redis: {_describe(exc)}") from exc
-    finally:
-        if isinstance(target, str):
-            client.close()
-    nodes = {
-        node_id: _node(node_id, record, age, age)
-        for node_id, (beat, record) in raw.nodes.items()
-        for age in ((raw.now_ms - beat) / 1000.0,)
-    }
-    return ClusterView(MappingProxyType(nodes), False, None, 0.0, namespace, raw.skipped)
 
 
 class ClusterMember:
@@ -652,19 +336,15 @@ class ClusterMember:
             self._refresh()
 
     def _record(self, document: Mapping[str, Any], *, left: bool = False) -> str:
-        return json.dumps(
-            {
-                "v": _RECORD_VERSION,
-                "node": self._node_id,
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "interval": self._interval,
-                "bound": self._bound,
-                "seq": self._seq,
-                "left": left,
-                "health": document,
-            },
-            separators=(",", ":"),
+        return make_record(
+            self._node_id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            interval=self._interval,
+            bound=self._bound,
+            seq=self._seq,
+            left=left,
+            health=document,
         )
 
     def _publish(self, document: Mapping[str, Any], *, left: bool = False) -> bool:
@@ -848,7 +528,7 @@ class ClusterMember:
             if grace <= beat:
                 self._grace.pop(node_id, None)  # heard from since: the grace is spent
             silent = (now - max(beat, grace)) / 1000.0
-            node = _node(node_id, record, age, silent)
+            node = node_health(node_id, record, age, silent)
             if node_id not in raw.nodes and (node.state != "alive" or node_id not in self._grace):
                 del self._known[node_id]  # Redis has it no more: neither do we
                 self._grace.pop(node_id, None)
@@ -920,33 +600,3 @@ def cluster_member(
             cluster.add_listener(on_event)
         return cluster
     return ClusterMember(cluster, node_id, interval=interval, on_event=on_event)
-
-
-def render_cluster(view: ClusterView) -> str:
-    """A table of every node in ``view``, for ``python -m dwcp status --cluster``."""
-    verdict = "healthy" if view.healthy else "UNHEALTHY"
-    alive = sum(1 for n in view.nodes.values() if n.alive)
-    head = f"DWCP cluster {view.namespace!r} {verdict}: {alive}/{len(view.nodes)} nodes alive"
-    if view.stale:
-        head += f" (stale: {view.error})"
-    if view.skipped:
-        head += f" ({view.skipped} unreadable records skipped)"
-    rows = [("NODE", "STATE", "HEALTH", "BREAKER", "LAST HEARTBEAT", "BOUND", "HOST", "PID")]
-    for node in sorted(view.nodes.values(), key=lambda n: n.node):
-        rows.append(
-            (
-                node.node,
-                node.state,
-                str(node.snapshot.get("status", "?")),
-                str(node.snapshot.get("breaker", "?")),
-                f"{node.age:.1f}s ago",
-                f"{node.bound:g}s",
-                node.host,
-                str(node.pid),
-            )
-        )
-    if len(rows) == 1:
-        return head + "\n\n(no nodes have published)"
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join([head, "", *lines])
