@@ -45,8 +45,7 @@ from dwcp._cluster_schema import (
 )
 from dwcp._events import NodeBack, NodeLost
 from dwcp._health import HealthSnapshot
-from dwcp._prediction import WINDOW
-from dwcp._shared_history import SharedHistory, encode_outage, history_key
+from dwcp._shared_history import SharedHistory, history_key, read_histories, write_histories
 
 __all__ = [
     "ClusterError",
@@ -407,15 +406,10 @@ class ClusterMember:
         if not failed:
             try:
                 self.round_trips += 1
-                pipe = self._client.pipeline(transaction=False)
-                for history in waiting:
-                    pipe.lrange(history.key, 0, -1)
-                lists = pipe.execute()
+                read_histories(self._client, waiting)
             except self._errors as exc:
                 self._failed(exc)
             else:
-                for history, raw in zip(waiting, lists):
-                    history.loaded(list(raw) if isinstance(raw, list) else None)
                 logger.bind(node=self._node_id, outages=sum(h.read for h in waiting)).debug(
                     "Shared outage history read"
                 )
@@ -436,17 +430,11 @@ class ClusterMember:
             return
         try:
             self.round_trips += 1
-            pipe = self._client.pipeline(transaction=True)
-            for history, outages in batches:
-                pipe.rpush(history.key, *(encode_outage(o) for o in outages))
-                pipe.ltrim(history.key, -WINDOW, -1)
-            pipe.execute()
+            write_histories(self._client, batches)
         except self._errors as exc:
             self._failed(exc)  # kept queued (at most WINDOW each) for the next pass
             return
         self._answered()
-        for history, outages in batches:
-            history.written(len(outages))
 
     # -- reading --------------------------------------------------------------------------------
 
