@@ -76,14 +76,24 @@ def simulate(
     durations: Sequence[float],
     gaps: Sequence[float],
     interval: float,
+    *,
+    starts: Sequence[float] | None = None,
 ) -> tuple[list[OutageResult], int]:
-    """Run every outage through one supervisor; returns the results and the unnoticed count."""
+    """Run every outage through one supervisor; returns the results and the unnoticed count.
+
+    With ``starts``, outage i begins at ``starts[i]`` (or when the one before has ended, if
+    later) instead of ``gaps[i]`` after it: every policy then meets each outage at the same
+    phase of the monitor's passes, so two policies' figures differ only by their schedules.
+    """
     clock = SimClock()
     supervisor = RestartSupervisor(policy)
     results: list[OutageResult] = []
     unnoticed = 0
-    for duration, gap in zip(durations, gaps):
-        clock.advance(gap)
+    for index, (duration, gap) in enumerate(zip(durations, gaps)):
+        if starts is None:
+            clock.advance(gap)
+        else:
+            clock.now = max(clock.now, starts[index])
         down_at = clock.now
         up_at = down_at + duration
         # The monitor passes on a fixed grid, as the Manager's loop does.

@@ -1,49 +1,51 @@
-"""Cluster health on Redis: every node publishes its health snapshot with a heartbeat, and
-every node (or a one-shot reader) reads the whole cluster back.
+"""This process's place in a cluster: ``ClusterMember`` publishes its health snapshots with
+a heartbeat and watches every node's, on a thread named ``dwcp-cluster``.
 
-Key layout under ``<namespace>:cluster:`` (``namespace`` defaults to ``dwcp``):
-
-``nodes``
-    A sorted set: member = node id, score = the node's last heartbeat in milliseconds of the
-    Redis server's clock (so ages never depend on the nodes' clocks agreeing).
-``node:<id>``
-    The node's last record (JSON: its health document, interval, bound, host, pid), with an
-    expiry (``retention``), so a dead node's entry cannot live forever.
-``owner:<id>``
-    A lease held by the process publishing under that id (expires after the lost bound): a
-    second live process using the same id is refused and warned about instead of
-    overwriting the first one's heartbeats.
-
-A publish is one round trip (one Lua script: heartbeat time, lease, record, index, pruning);
-a read is two (``TIME`` with the index, then one ``MGET`` of the records).
-
-Under ``<namespace>:history:`` (see ``dwcp._shared_history``), ``<manager>:<component>`` is a
-list of the last outages a predictive component recovered from, capped at ``WINDOW``: read
-once when the member starts (one round trip for all components), appended to by the pass
-that follows an outage (one round trip).
-"""
+The key layout and record format are ``dwcp._cluster_schema``'s, a read is
+``dwcp._cluster_read``'s, the documents and table ``dwcp._cluster_render``'s; this module
+re-exports their public names.  Under ``<namespace>:history:`` (see
+``dwcp._shared_history``), ``<manager>:<component>`` is a list of the last outages a
+predictive component recovered from, capped at ``WINDOW``: read once when the member starts
+(one round trip for all components), appended to by the pass that follows an outage (one
+round trip)."""
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import secrets
 import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any
 
 from loguru import logger
 
-from dwcp._errors import DWCPError
+from dwcp._cluster_read import (
+    _connect,
+    _describe,
+    _Raw,
+    _read,
+    _redis_errors,
+    _text,
+    cluster_health,
+)
+from dwcp._cluster_render import cluster_document, render_cluster, snapshot_document
+from dwcp._cluster_schema import (
+    ClusterError,
+    ClusterView,
+    NodeHealth,
+    NodeState,
+    _check_namespace,
+    _Keys,
+    _positive,
+    make_record,
+    node_health,
+)
 from dwcp._events import NodeBack, NodeLost
 from dwcp._health import HealthSnapshot
-from dwcp._prediction import WINDOW
-from dwcp._shared_history import SharedHistory, encode_outage, history_key
+from dwcp._shared_history import SharedHistory, history_key, read_histories, write_histories
 
 __all__ = [
     "ClusterError",
@@ -59,20 +61,24 @@ __all__ = [
     "snapshot_document",
 ]
 
-NodeState = Literal["alive", "lost", "left"]
 ClusterListener = Callable[["NodeLost | NodeBack"], None]
 
 _THREAD_NAME = "dwcp-cluster"
-_RECORD_VERSION = 1
 _MAX_NODE_ID = 200
+# Nodes remembered as lost after they are no longer listed; the oldest are forgotten first.
+_REMEMBERED = 1024
 
-# KEYS: record, owner lease, index.  ARGV: token, record, lease ms, retention ms, node id.
-# Returns {published (1/0), the other owner's token or '', Redis time in ms}.
+# KEYS: record, owner lease, index, epoch.  ARGV: token, record, lease ms, retention ms, node
+# id.  Returns {published (1/0), the other owner's token or '', Redis time in ms}.  The epoch
+# (a random token, written once and never expiring) tells readers whether Redis lost the
+# data set since they last read it (restarted empty or flushed): the first publish after that
+# writes a new one.
 _PUBLISH = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local owner = redis.call('GET', KEYS[2])
 if owner and owner ~= ARGV[1] then return {0, owner, now} end
+redis.call('SET', KEYS[4], ARGV[1] .. ':' .. now, 'NX')
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[4])
 redis.call('ZADD', KEYS[3], now, ARGV[5])
@@ -85,67 +91,6 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
-
-
-class ClusterError(DWCPError):
-    """The cluster's Redis could not be reached or answered with something unreadable."""
-
-    code = "CLUSTER_UNREACHABLE"
-
-
-@dataclass(frozen=True)
-class NodeHealth:
-    """One node as the cluster last heard from it."""
-
-    node: str
-    #: ``alive``: heard from within its bound; ``lost``: silent for longer; ``left``: it said
-    #: goodbye (closed cleanly).
-    state: NodeState
-    #: The node's own verdict in its last snapshot (all components healthy, breaker not open).
-    healthy: bool
-    #: Seconds since its last heartbeat, on the Redis server's clock.
-    age: float
-    #: Silence longer than this (``lost_after`` times the node's interval) makes it lost.
-    bound: float
-    #: The longest gap between two of its publishes it announced (seconds).
-    interval: float
-    #: Heartbeats it published since it started.
-    heartbeats: int
-    host: str
-    pid: int
-    #: Its last health document (see ``snapshot_document``).
-    snapshot: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
-
-    @property
-    def alive(self) -> bool:
-        """Whether the node was heard from within its bound."""
-        return self.state == "alive"
-
-
-@dataclass(frozen=True)
-class ClusterView:
-    """Every node's last snapshot, read at one moment, or the last one read if Redis is down."""
-
-    nodes: Mapping[str, NodeHealth]
-    #: True when the last read failed: the nodes are what was known before, not news.
-    stale: bool
-    #: Why the last read failed, when ``stale``.
-    error: str | None
-    #: Seconds since the nodes were last read successfully (0.0 for a fresh read).
-    age: float
-    namespace: str
-
-    @property
-    def healthy(self) -> bool:
-        """Fresh, and every node alive and healthy; nodes that left cleanly do not count, and
-        a cluster with no other node is not healthy."""
-        members = [n for n in self.nodes.values() if n.state != "left"]
-        return not self.stale and bool(members) and all(n.alive and n.healthy for n in members)
-
-    @property
-    def lost(self) -> tuple[str, ...]:
-        """The ids of the nodes that are lost, sorted."""
-        return tuple(sorted(n.node for n in self.nodes.values() if n.state == "lost"))
 
 
 def default_node_id() -> str:
@@ -164,184 +109,6 @@ def _check_node_id(node_id: object) -> str:
     return node_id
 
 
-def _check_namespace(namespace: object) -> str:
-    if not isinstance(namespace, str) or not namespace or not namespace.isprintable():
-        raise ValueError(f"namespace must be a non-empty printable string, got {namespace!r}")
-    return namespace
-
-
-def _positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
-
-
-def snapshot_document(snapshot: HealthSnapshot) -> dict[str, Any]:
-    """The compact JSON-ready form of a ``HealthSnapshot`` that a node publishes."""
-    return {
-        "status": "healthy" if snapshot.healthy else "unhealthy",
-        "breaker": snapshot.breaker_state,
-        "breaker_storage": snapshot.breaker_storage,
-        "components": {
-            name: {
-                "status": c.status,
-                "last_error": c.last_error,
-                "seconds_in_status": round(c.seconds_in_status, 3),
-                "suspicion": round(c.suspicion, 3),
-            }
-            for name, c in snapshot.components.items()
-        },
-    }
-
-
-def cluster_document(view: ClusterView) -> dict[str, Any]:
-    """The ``/cluster`` JSON document for a view: a verdict, staleness, and every node."""
-    return {
-        "status": "healthy" if view.healthy else "unhealthy",
-        "stale": view.stale,
-        "error": view.error,
-        "view_age": round(view.age, 3),
-        "namespace": view.namespace,
-        "lost": list(view.lost),
-        "nodes": {
-            node.node: {
-                "state": node.state,
-                "alive": node.alive,
-                "healthy": node.healthy,
-                "age": round(node.age, 3),
-                "bound": round(node.bound, 3),
-                "interval": round(node.interval, 3),
-                "heartbeats": node.heartbeats,
-                "host": node.host,
-                "pid": node.pid,
-                "health": dict(node.snapshot),
-            }
-            for node in sorted(view.nodes.values(), key=lambda n: n.node)
-        },
-    }
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
-def _connect(target: object, timeout: float) -> Any:
-    from dwcp._shared import connect
-
-    client = connect(target, timeout=timeout, parameter="cluster")
-    for method in ("pipeline", "mget", "register_script", "close"):
-        if not callable(getattr(client, method, None)):
-            raise TypeError(
-                f"cluster must be a redis.Redis client or a redis:// URL, got "
-                f"{type(target).__name__} (no {method}())"
-            )
-    return client
-
-
-def _redis_errors() -> tuple[type[BaseException], ...]:
-    try:
-        from redis.exceptions import RedisError
-    except ImportError:  # pragma: no cover - without the extra there is no client to fail
-        return (OSError,)
-    return (RedisError, OSError)
-
-
-class _Keys:
-    def __init__(self, namespace: str) -> None:
-        self.prefix = f"{namespace}:cluster:"
-        self.index = self.prefix + "nodes"
-
-    def record(self, node_id: str) -> str:
-        return f"{self.prefix}node:{node_id}"
-
-    def owner(self, node_id: str) -> str:
-        return f"{self.prefix}owner:{node_id}"
-
-
-@dataclass
-class _Raw:
-    """One read: the Redis time (ms) and every node's heartbeat (ms) and decoded record."""
-
-    now_ms: int
-    nodes: dict[str, tuple[int, dict[str, Any]]]
-
-
-def _read(client: Any, keys: _Keys) -> _Raw:
-    """Two round trips: the server's time with the index, then every record at once."""
-    pipe = client.pipeline(transaction=False)
-    pipe.time()
-    pipe.zrange(keys.index, 0, -1, withscores=True)
-    (seconds, micros), members = pipe.execute()
-    now_ms = int(seconds) * 1000 + int(micros) // 1000
-    ids = [_text(member) for member, _ in members]
-    beats = {_text(member): int(score) for member, score in members}
-    nodes: dict[str, tuple[int, dict[str, Any]]] = {}
-    if ids:
-        for node_id, raw in zip(ids, client.mget([keys.record(i) for i in ids])):
-            if raw is None:
-                continue  # expired (or Redis lost it); the index entry is pruned later
-            try:
-                record = json.loads(raw)
-            except ValueError:
-                logger.bind(node=node_id).warning("Unreadable cluster record; skipped")
-                continue
-            if isinstance(record, dict):
-                nodes[node_id] = (beats[node_id], record)
-    return _Raw(now_ms, nodes)
-
-
-def _node(node_id: str, record: Mapping[str, Any], age: float, silent: float) -> NodeHealth:
-    """A node from its record; ``silent`` (seconds without news) decides alive or lost."""
-    interval = float(record.get("interval", 0.0))
-    bound = float(record.get("bound", interval * 3))
-    health = record.get("health") or {}
-    if record.get("left"):
-        state: NodeState = "left"
-    else:
-        state = "alive" if silent <= bound else "lost"
-    return NodeHealth(
-        node=node_id,
-        state=state,
-        healthy=isinstance(health, Mapping) and health.get("status") == "healthy",
-        age=max(age, 0.0),
-        bound=bound,
-        interval=interval,
-        heartbeats=int(record.get("seq", 0)),
-        host=str(record.get("host", "")),
-        pid=int(record.get("pid", 0)),
-        snapshot=MappingProxyType(dict(health) if isinstance(health, Mapping) else {}),
-    )
-
-
-def cluster_health(target: object, *, namespace: str = "dwcp", timeout: float = 2.0) -> ClusterView:
-    """Read every node's last snapshot once, from a Redis URL or ``redis.Redis`` client.
-
-    Raises ``ClusterError`` when Redis cannot be reached, ``ValueError``/``TypeError`` for a
-    bad ``target`` or ``namespace``. ``timeout`` bounds each socket operation (seconds).
-    """
-    keys = _Keys(_check_namespace(namespace))
-    client = _connect(target, _positive("timeout", timeout))
-    try:
-        raw = _read(client, keys)
-    except _redis_errors() as exc:
-        raise ClusterError(f"cannot read the cluster from Redis: {_describe(exc)}") from exc
-    finally:
-        if isinstance(target, str):
-            client.close()
-    nodes = {
-        node_id: _node(node_id, record, age, age)
-        for node_id, (beat, record) in raw.nodes.items()
-        for age in ((raw.now_ms - beat) / 1000.0,)
-    }
-    return ClusterView(MappingProxyType(nodes), False, None, 0.0, namespace)
-
-
 class ClusterMember:
     """This process's place in a cluster: publishes its snapshots, watches everyone's.
 
@@ -350,11 +117,21 @@ class ClusterMember:
     never holds up the caller.  A node is lost when its last heartbeat is older than
     ``lost_after`` times its interval; the watcher reports a change within that bound plus
     one of its own intervals, through ``on_event`` (``NodeLost``/``NodeBack``, never for
-    this node itself and never on the first sight of a node).
+    this node itself).  The first read judges every node by the age of its last heartbeat,
+    as ``cluster_health()`` does: a node already dead is listed lost at once, without an
+    event; its return is a ``NodeBack``.  So is the return of a node that was lost for so
+    long that Redis dropped it (``retention``): the last ``1024`` nodes found lost are
+    remembered after they are no longer listed.
 
     While Redis is unreachable ``view()`` keeps the last nodes read, marked ``stale``, and no
-    node is declared lost; once it answers again (even empty, after a restart) every node
-    gets a full bound to be heard from before it can be declared lost.
+    node is declared lost.  Once it answers again, or when it lost its data (restarted
+    empty: an epoch key that every publish writes if missing tells), every node that was
+    alive gets a full bound from then to be heard from before it can be declared lost; a
+    node lost before stays lost.  A node Redis no longer has is listed no more, as
+    ``cluster_health()`` lists it no more: a node lost before a restart at once, one alive
+    before it once that bound passes without news (a ``NodeLost`` then).  Records that this
+    version cannot read are skipped and counted (``ClusterView.skipped``, ``skipped``);
+    their nodes are not listed.
 
     Parameters: ``target`` a ``redis://`` URL or a ``redis.Redis`` client (it may be the one
     the shared breaker uses); ``node_id`` this node's id (default ``default_node_id()``);
@@ -415,12 +192,19 @@ class ClusterMember:
         self._read_at: float | None = None  # monotonic time of the last successful read
         self._failing = False  # the last Redis operation failed
         self._gap = False  # a failure since the last successful read (see _refresh)
-        # Redis time (ms) from which silence counts again after an outage, see _refresh.
-        self._resumed_ms: int | None = None
-        # What the watcher knows of each node: last heartbeat (ms) and record.
+        # The data set's epoch as last read (see _PUBLISH); a change means Redis lost it.
+        self._epoch: str | None = None
+        # Redis time (ms) from which a node's silence counts, for the nodes that were alive
+        # when an outage (ours or Redis's) or an empty restart began, see _refresh.
+        self._grace: dict[str, int] = {}
+        # What the watcher knows of each node listed: last heartbeat (ms) and record.
         self._known: dict[str, tuple[int, dict[str, Any]]] = {}
         self._states: dict[str, NodeState] = {}
-        self._lost_since: dict[str, float] = {}  # monotonic time each was declared lost
+        # Monotonic time each node was found lost or gone, kept after the node is no longer
+        # listed (at most _REMEMBERED of them) so that its return is a NodeBack.
+        self._lost_since: dict[str, float] = {}
+        #: Records skipped since the member started (see ``ClusterView.skipped``).
+        self.skipped = 0
         self._clash: str | None = None
         # Learned outage timing shared per component (see dwcp._shared_history).
         self._histories: dict[str, SharedHistory] = {}
@@ -504,7 +288,7 @@ class ClusterMember:
             view, read_at = self._view, self._read_at
         if view.stale and read_at is not None:
             age = time.monotonic() - read_at
-            return ClusterView(view.nodes, True, view.error, age, view.namespace)
+            return ClusterView(view.nodes, True, view.error, age, view.namespace, view.skipped)
         return view
 
     def refresh(self) -> ClusterView:
@@ -551,25 +335,26 @@ class ClusterMember:
             self._refresh()
 
     def _record(self, document: Mapping[str, Any], *, left: bool = False) -> str:
-        return json.dumps(
-            {
-                "v": _RECORD_VERSION,
-                "node": self._node_id,
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "interval": self._interval,
-                "bound": self._bound,
-                "seq": self._seq,
-                "left": left,
-                "health": document,
-            },
-            separators=(",", ":"),
+        return make_record(
+            self._node_id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            interval=self._interval,
+            bound=self._bound,
+            seq=self._seq,
+            left=left,
+            health=document,
         )
 
     def _publish(self, document: Mapping[str, Any], *, left: bool = False) -> bool:
         self._seq += 1
         record = self._record(document, left=left)
-        keys = [self._keys.record(self._node_id), self._keys.owner(self._node_id), self._keys.index]
+        keys = [
+            self._keys.record(self._node_id),
+            self._keys.owner(self._node_id),
+            self._keys.index,
+            self._keys.epoch,
+        ]
         lease = int(self._bound * 1000)
         args = [self._token, record, lease, int(self._retention * 1000), self._node_id]
         try:
@@ -621,15 +406,10 @@ class ClusterMember:
         if not failed:
             try:
                 self.round_trips += 1
-                pipe = self._client.pipeline(transaction=False)
-                for history in waiting:
-                    pipe.lrange(history.key, 0, -1)
-                lists = pipe.execute()
+                read_histories(self._client, waiting)
             except self._errors as exc:
                 self._failed(exc)
             else:
-                for history, raw in zip(waiting, lists):
-                    history.loaded(list(raw) if isinstance(raw, list) else None)
                 logger.bind(node=self._node_id, outages=sum(h.read for h in waiting)).debug(
                     "Shared outage history read"
                 )
@@ -650,17 +430,11 @@ class ClusterMember:
             return
         try:
             self.round_trips += 1
-            pipe = self._client.pipeline(transaction=True)
-            for history, outages in batches:
-                pipe.rpush(history.key, *(encode_outage(o) for o in outages))
-                pipe.ltrim(history.key, -WINDOW, -1)
-            pipe.execute()
+            write_histories(self._client, batches)
         except self._errors as exc:
             self._failed(exc)  # kept queued (at most WINDOW each) for the next pass
             return
         self._answered()
-        for history, outages in batches:
-            history.written(len(outages))
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -671,7 +445,9 @@ class ClusterMember:
             first = not self._failing
             self._failing = self._gap = True
             view = self._view
-            self._view = ClusterView(view.nodes, True, self.last_error, view.age, view.namespace)
+            self._view = ClusterView(
+                view.nodes, True, self.last_error, view.age, view.namespace, view.skipped
+            )
         if first:
             logger.bind(node=self._node_id, error=self.last_error).warning(
                 "Cluster Redis unreachable; the cluster view is stale until it answers"
@@ -690,54 +466,103 @@ class ClusterMember:
         except self._errors as exc:
             self._failed(exc)
             return
-        except (ValueError, TypeError) as exc:  # an answer that is not what we wrote
+        except (ValueError, TypeError) as exc:  # an answer that is not what Redis sends
             self._failed(exc)
             return
-        events: list[NodeLost | NodeBack] = []
         self._answered()
+        now_mono = time.monotonic()
         with self._lock:
-            if self._gap or self._resumed_ms is None:
-                # Silence during an outage (ours or Redis's) says nothing about a node: count
-                # it from now on, so each node has a full bound to be heard from again.
-                self._resumed_ms = raw.now_ms
-                self._gap = False
-            for node_id, entry in raw.nodes.items():
-                known = self._known.get(node_id)
-                if known is None or entry[0] >= known[0]:
-                    self._known[node_id] = entry
-            nodes: dict[str, NodeHealth] = {}
-            forget: list[str] = []
-            for node_id, (beat, record) in self._known.items():
-                age = (raw.now_ms - beat) / 1000.0
-                if age > self._retention and node_id not in raw.nodes:
-                    forget.append(node_id)
-                    continue
-                silent = (raw.now_ms - max(beat, self._resumed_ms)) / 1000.0
-                nodes[node_id] = _node(node_id, record, age, silent)
-            for node_id in forget:
-                del self._known[node_id]
-                self._states.pop(node_id, None)
-                self._lost_since.pop(node_id, None)
-            for node_id, node in nodes.items():
-                before = self._states.get(node_id)
-                self._states[node_id] = node.state
-                if before is None or before == node.state or node_id == self._node_id:
-                    continue
-                if node.state == "alive":
-                    down = time.monotonic() - self._lost_since.pop(node_id, time.monotonic())
-                    events.append(NodeBack(node_id, round(down, 3)))
-                elif before == "alive":
-                    self._lost_since[node_id] = time.monotonic()
-                    reason = "left" if node.state == "left" else "silent"
-                    events.append(NodeLost(node_id, round(node.age, 3), node.bound, reason))
-            self._view = ClusterView(MappingProxyType(nodes), False, None, 0.0, self._namespace)
-            self._read_at = time.monotonic()
+            self.skipped += raw.skipped
+            events = self._update(raw, now_mono)
+            self._read_at = now_mono
         for event in events:
             for callback in self._listeners:
                 try:
                     callback(event)
                 except Exception as exc:  # noqa: BLE001 - a bad callback must not stop the watch
                     logger.opt(exception=exc).error("Cluster event callback raised")
+
+    def _update(self, raw: _Raw, now_mono: float) -> list[NodeLost | NodeBack]:
+        """The new view from one read, and the events it makes; the caller holds the lock.
+
+        Without a failure since the last read, a node's silence is the age of its last
+        heartbeat, as for ``cluster_health()``, the first read included: a node already dead
+        then is lost at once.  After a failure (ours or Redis's), or when the epoch says Redis
+        lost its data (restarted empty), the nodes alive before get a full bound from now to
+        be heard from; a node lost before stays lost.  A node Redis no longer has (expired
+        after ``retention``, or not republished after an empty restart within that bound)
+        is listed no more, as ``cluster_health()`` lists it no more.
+        """
+        now = raw.now_ms
+        restarted = self._epoch is not None and raw.epoch != self._epoch
+        if raw.epoch is not None or restarted:
+            self._epoch = raw.epoch
+        if self._gap or restarted:
+            # Silence during an outage says nothing about a node that was alive: count it
+            # from now on.  (The first read has no "before": nothing to excuse.)
+            for node_id, state in self._states.items():
+                if state == "alive":
+                    self._grace[node_id] = now
+            self._gap = False
+        for node_id, entry in raw.nodes.items():
+            known = self._known.get(node_id)
+            if known is None or entry[0] >= known[0]:
+                self._known[node_id] = entry
+        nodes: dict[str, NodeHealth] = {}
+        dropped: dict[str, NodeHealth] = {}
+        for node_id, (beat, record) in list(self._known.items()):
+            age = (now - beat) / 1000.0
+            grace = self._grace.get(node_id, beat)
+            if grace <= beat:
+                self._grace.pop(node_id, None)  # heard from since: the grace is spent
+            silent = (now - max(beat, grace)) / 1000.0
+            node = node_health(node_id, record, age, silent)
+            if node_id not in raw.nodes and (node.state != "alive" or node_id not in self._grace):
+                del self._known[node_id]  # Redis has it no more: neither do we
+                self._grace.pop(node_id, None)
+                dropped[node_id] = node
+                continue
+            nodes[node_id] = node
+        events: list[NodeLost | NodeBack] = []
+        for node_id in [n for n in self._states if n not in nodes]:
+            gone = dropped.get(node_id)
+            if (
+                self._states.pop(node_id) == "alive"
+                and gone is not None
+                and node_id != self._node_id
+            ):
+                # Gone without a word past its bound (not back after an empty restart) or
+                # its record became unreadable: no longer heard from.
+                self._remember_lost(node_id, now_mono)
+                events.append(NodeLost(node_id, round(gone.age, 3), gone.bound, "silent"))
+        for node_id, node in nodes.items():
+            before = self._states.get(node_id)
+            self._states[node_id] = node.state
+            if before == node.state or node_id == self._node_id:
+                continue
+            if node.state == "alive":
+                since = self._lost_since.pop(node_id, None)
+                if before is not None or since is not None:
+                    down = now_mono - (now_mono if since is None else since)
+                    events.append(NodeBack(node_id, round(down, 3)))
+            elif before is None:
+                # First sight of a node already lost or gone: listed so, without an event,
+                # but its return is news.
+                self._remember_lost(node_id, now_mono - node.age)
+            elif before == "alive":
+                self._remember_lost(node_id, now_mono)
+                reason = "left" if node.state == "left" else "silent"
+                events.append(NodeLost(node_id, round(node.age, 3), node.bound, reason))
+        self._view = ClusterView(
+            MappingProxyType(nodes), False, None, 0.0, self._namespace, raw.skipped
+        )
+        return events
+
+    def _remember_lost(self, node_id: str, since: float) -> None:
+        self._lost_since.pop(node_id, None)
+        self._lost_since[node_id] = since
+        while len(self._lost_since) > _REMEMBERED:
+            del self._lost_since[next(iter(self._lost_since))]
 
 
 def cluster_member(
@@ -763,31 +588,3 @@ def cluster_member(
             cluster.add_listener(on_event)
         return cluster
     return ClusterMember(cluster, node_id, interval=interval, on_event=on_event)
-
-
-def render_cluster(view: ClusterView) -> str:
-    """A table of every node in ``view``, for ``python -m dwcp status --cluster``."""
-    verdict = "healthy" if view.healthy else "UNHEALTHY"
-    alive = sum(1 for n in view.nodes.values() if n.alive)
-    head = f"DWCP cluster {view.namespace!r} {verdict}: {alive}/{len(view.nodes)} nodes alive"
-    if view.stale:
-        head += f" (stale: {view.error})"
-    rows = [("NODE", "STATE", "HEALTH", "BREAKER", "LAST HEARTBEAT", "BOUND", "HOST", "PID")]
-    for node in sorted(view.nodes.values(), key=lambda n: n.node):
-        rows.append(
-            (
-                node.node,
-                node.state,
-                str(node.snapshot.get("status", "?")),
-                str(node.snapshot.get("breaker", "?")),
-                f"{node.age:.1f}s ago",
-                f"{node.bound:g}s",
-                node.host,
-                str(node.pid),
-            )
-        )
-    if len(rows) == 1:
-        return head + "\n\n(no nodes have published)"
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join([head, "", *lines])

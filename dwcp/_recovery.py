@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Literal
 import tenacity
 
 from dwcp import _validation as check
-from dwcp._prediction import Outage, RecoveryHistory
+from dwcp._learning import LearnedTiming
+from dwcp._prediction import RecoveryHistory, SchedulePlan
 
 if TYPE_CHECKING:
     from dwcp._shared_history import SharedHistory
@@ -147,37 +148,20 @@ class RestartSupervisor:
         self._escalated_at: float | None = None
         self._recovered_at: float | None = None
         self._first_wait = policy.initial_backoff
-        #: Learned recovery times, kept only with ``policy.predictive``.
-        self.history: RecoveryHistory | None = RecoveryHistory() if policy.predictive else None
-        # When the current outage's latest attempt began, and its last failed one; the
-        # outage ended after the latter.
-        self._attempt_at: float | None = None
-        self._failed_at: float | None = None
-        self._attempt_duration = 0.0
-        # How long after a cycle gave up the next one began (the monitor's next pass).
-        self._pause: float | None = None
-        # Where learned outages are shared with other processes (a cluster's Redis).
-        self._shared: SharedHistory | None = None
+        #: What the component learns from its outages, only with ``policy.predictive``.
+        self.learned: LearnedTiming | None = LearnedTiming() if policy.predictive else None
+
+    @property
+    def history(self) -> RecoveryHistory | None:
+        """Learned recovery times, kept only with ``policy.predictive``."""
+        return None if self.learned is None else self.learned.history
 
     def share(self, shared: SharedHistory) -> None:
         """Share the learned outages through ``shared``: those read from it are taken in
         before the next schedule, and each outage learned here is pushed to it.  Only with
         ``policy.predictive``; neither call does I/O."""
-        if self.history is not None:
-            self._shared = shared
-
-    def _learn(self, outage: Outage) -> None:
-        assert self.history is not None
-        self._absorb()
-        self.history.record(outage)
-        if self._shared is not None:
-            self._shared.push(outage)
-
-    def _absorb(self) -> None:
-        if self._shared is not None and self.history is not None:
-            taken = self._shared.take()
-            if taken:
-                self.history.preload(taken)
+        if self.learned is not None:
+            self.learned.share(shared)
 
     @property
     def escalated(self) -> bool:
@@ -218,18 +202,8 @@ class RestartSupervisor:
         check found the component healthy between cycles).
         """
         self._recovered_at = now
-        failed_at, self._failed_at = self._failed_at, None
-        started_at, self._attempt_at = self._attempt_at, None
-        if self.history is None or down_since is None:
-            return
-        total = max(now - down_since, 0.0)
-        back_by = total
-        if attempt is not None and started_at is not None:
-            back_by = min(max(started_at - down_since, 0.0), total)
-        not_before = 0.0
-        if failed_at is not None:
-            not_before = min(max(failed_at - down_since, 0.0), back_by)
-        self._learn(Outage(total, not_before, attempt, back_by))
+        if self.learned is not None:
+            self.learned.recovered(now, down_since, attempt)
 
     def healed(self, now: float, down_since: float | None) -> None:
         """Note a check that found the component healthy between cycles (after one gave up).
@@ -237,25 +211,18 @@ class RestartSupervisor:
         Only learned (with ``policy.predictive``); restart intensity and adaptive backoff see
         verified recoveries of a cycle only, as before.
         """
-        failed_at, self._failed_at = self._failed_at, None
-        self._attempt_at = None
-        if self.history is None or down_since is None:
-            return
-        total = max(now - down_since, 0.0)
-        not_before = 0.0 if failed_at is None else min(max(failed_at - down_since, 0.0), total)
-        self._learn(Outage(total, not_before, None, total))
+        if self.learned is not None:
+            self.learned.healed(now, down_since)
 
     def attempt_started(self, at: float) -> None:
         """Note that an attempt of the current outage begins (acts) at ``at``."""
-        self._attempt_at = at
+        if self.learned is not None:
+            self.learned.attempt_started(at)
 
     def attempt_failed(self, now: float) -> None:
         """Note that the attempt begun last failed at ``now``: the outage ends after it."""
-        if self._attempt_at is not None:
-            self._failed_at = self._attempt_at
-            took = max(now - self._attempt_at, 0.0)
-            # A smoothed duration, so a learned schedule can start each attempt on time.
-            self._attempt_duration += (took - self._attempt_duration) / 4
+        if self.learned is not None:
+            self.learned.attempt_failed(now)
 
     def reset(self) -> None:
         """Forget escalation, cycle history and adaptive backoff (learned outages stay)."""
@@ -270,29 +237,25 @@ class RestartSupervisor:
             return self.policy
         return replace(self.policy, initial_backoff=self._first_wait)
 
-    def cycle_schedule(self, now: float, down_since: float | None) -> tuple[float, ...] | None:
-        """Learned waits for the cycle just admitted, or None for the policy's own schedule.
+    def cycle_plan(self, now: float, down_since: float | None) -> SchedulePlan | None:
+        """What the learned waits of the cycle just admitted are searched from, or None for
+        the policy's own schedule; no search here, so the caller may hold its lock.
 
         Only with ``policy.predictive``; ``down_since`` is the outage's first unhealthy check.
-        At most ``policy.attempts`` waits, none over ``max_backoff`` (60 s when unbounded).
+        Its ``waits()`` are at most ``policy.attempts``, none over ``max_backoff`` (60 s when
+        unbounded).
         """
-        if self.history is None or down_since is None:
+        if self.learned is None or down_since is None:
             return None
-        self._absorb()
-        if self._attempt_at is not None and self._failed_at is not None:
-            seen = max(now - self._failed_at - self._attempt_duration, 0.0)
-            self._pause = seen if self._pause is None else self._pause + (seen - self._pause) / 4
         policy = self.cycle_policy()
         configured = [policy.backoff(i) for i in range(policy.attempts)]
         cap = policy.max_backoff if math.isfinite(policy.max_backoff) else _ADAPTIVE_CAP
-        return self.history.schedule(
-            configured,
-            max(now - down_since, 0.0),
-            cap,
-            min(self._attempt_duration, cap),
-            new_outage=self._attempt_at is None,
-            pause=self._pause,
-        )
+        return self.learned.plan(now, down_since, configured, cap)
+
+    def cycle_schedule(self, now: float, down_since: float | None) -> tuple[float, ...] | None:
+        """``cycle_plan(now, down_since)`` searched at once: learned waits, or None."""
+        plan = self.cycle_plan(now, down_since)
+        return None if plan is None else plan.waits()
 
 
 @dataclass(frozen=True)

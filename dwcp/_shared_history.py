@@ -20,13 +20,21 @@ import json
 import math
 import threading
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 from loguru import logger
 
 from dwcp._prediction import WINDOW, Outage
 
-__all__ = ["SharedHistory", "decode_outage", "encode_outage", "history_key"]
+__all__ = [
+    "SharedHistory",
+    "decode_outage",
+    "encode_outage",
+    "history_key",
+    "read_histories",
+    "write_histories",
+]
 
 
 def history_key(namespace: str, manager: str, component: str) -> str:
@@ -123,3 +131,27 @@ class SharedHistory:
             for _ in range(min(count, len(self._outgoing))):
                 self._outgoing.popleft()
             self.written_count += count
+
+
+# -- the I/O, run by the cluster member's thread (which maps and logs the client's errors) --
+
+
+def read_histories(client: Any, histories: Sequence[SharedHistory]) -> None:
+    """Read every one of ``histories`` in one round trip and hand each its list."""
+    pipe = client.pipeline(transaction=False)
+    for history in histories:
+        pipe.lrange(history.key, 0, -1)
+    for history, raw in zip(histories, pipe.execute()):
+        history.loaded(list(raw) if isinstance(raw, list) else None)
+
+
+def write_histories(client: Any, batches: Sequence[tuple[SharedHistory, Sequence[Outage]]]) -> None:
+    """Append each batch's outages to its history's list, capped at ``WINDOW``, in one
+    round trip (``RPUSH`` and ``LTRIM`` in one ``MULTI``), then mark them written."""
+    pipe = client.pipeline(transaction=True)
+    for history, outages in batches:
+        pipe.rpush(history.key, *(encode_outage(o) for o in outages))
+        pipe.ltrim(history.key, -WINDOW, -1)
+    pipe.execute()
+    for history, outages in batches:
+        history.written(len(outages))

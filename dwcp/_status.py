@@ -26,6 +26,7 @@ from dwcp._recovery import RecoveryPolicy, RestartSupervisor
 from dwcp._suspicion import ComponentSuspicion
 
 if TYPE_CHECKING:
+    from dwcp._prediction import SchedulePlan
     from dwcp._slots import Slot
 
 __all__ = [
@@ -74,6 +75,8 @@ class Cycle:
     recovered: bool = False
     #: A learned wait schedule (``RecoveryPolicy(predictive=True)``), else the policy's own.
     waits: tuple[float, ...] | None = None
+    #: What ``waits`` is searched from, by the cycle's own thread, off the manager's lock.
+    plan: SchedulePlan | None = None
 
 
 @dataclass(eq=False)

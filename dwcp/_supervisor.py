@@ -183,9 +183,10 @@ class Supervisor:
         if admission != "run":
             state.set_status("failed", now)
             return None, admission
+        # A snapshot only: the search for learned waits runs on the cycle's thread.
         cycle = Cycle(
             state.supervisor.cycle_policy(),
-            waits=state.supervisor.cycle_schedule(now, state.down_since),
+            plan=state.supervisor.cycle_plan(now, state.down_since),
         )
         state.cycle = cycle
         state.set_status("recovering", now)
@@ -263,6 +264,14 @@ class Supervisor:
         """Run one cycle to its end: back off, restart, verify, at most the policy's attempts."""
         name = state.name
         began = self._clock.now()
+        if cycle.plan is not None:
+            # Learned waits are searched here, off the lock (health(), stop() and failed
+            # sends never wait for it); the search's own time comes off the first wait.
+            waits = cycle.plan.waits()
+            if waits is not None:
+                searched = max(self._clock.now() - began, 0.0)
+                waits = (max(waits[0] - searched, 0.0), *waits[1:])
+            cycle.waits = waits
         log = logger.bind(component=name)
         log.bind(error=state.last_error).info(
             "Attempting component recovery: {} ({})", name, state.last_error

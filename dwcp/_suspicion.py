@@ -12,13 +12,24 @@ while the detector still deems the source available.
 
 ``ComponentSuspicion`` combines, for one component, an arrival detector fed by each passing
 health check (Akka's defaults scaled from its 1 s heartbeat to the health interval) with
-latency detectors fed by check latencies and, through ``send_finished``, send latencies (the
-manager does not feed sends yet).  A check still running, or one that failed, counts as a
-response not yet arrived, so its phi rises with the time since it began.  The latency
-detectors' settings are ours, not Akka's: a response expected within a tenth of the check
-timeout until measured, a minimum deviation of a tenth of that, no acceptable pause, and
-every answered latency kept (so a link that has become slower for good stops being
-suspected once that is its norm).  The component's suspicion is the largest of these phis.
+latency detectors fed by check latencies and, for the transport, by its sends: the manager
+feeds every failed send and the latency of about one successful send in 128 (a sample).  A
+check still running, or one that failed, counts as a response not yet arrived, so its phi
+rises with the time since it began; so does a failed send, until the next passing check or
+sampled successful send shows the component answering again.
+
+The latency detectors' settings are ours, not Akka's: a response expected within a tenth
+of the check timeout until measured, a minimum deviation of a tenth of that (a hundredth of
+the timeout), and no acceptable pause.  They start from Akka's two made-up intervals around
+that estimate, and once ``WARMUP`` latencies are measured they keep only measured ones
+(every answered latency, so a link that has become slower for good stops being suspected
+once that is its norm).  A latency channel reads the phi of the last latency, judged
+against the history before it, less that of a latency at the history's mean (``log10(2)``), and 0 below it: so a component answering as
+it usually does reads 0.  With a steady history, a check or send whose latency is about six
+minimum deviations (six hundredths of the check timeout) over the usual one reaches the
+default threshold of 8, from the ``WARMUP + 1``-th check on; a noisier history needs a
+larger rise.  The component's suspicion is the largest of these phis, read as 0 under
+``NEGLIGIBLE`` (a thousandth).
 """
 
 from __future__ import annotations
@@ -29,7 +40,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-__all__ = ["ComponentSuspicion", "PhiAccrualFailureDetector", "phi"]
+__all__ = ["NEGLIGIBLE", "WARMUP", "ComponentSuspicion", "PhiAccrualFailureDetector", "phi"]
 
 _LN10 = math.log(10.0)
 
@@ -39,6 +50,13 @@ AKKA_MAX_SAMPLE_SIZE = 1000
 AKKA_MIN_STD_DEVIATION = 0.1  # 100 ms
 AKKA_ACCEPTABLE_HEARTBEAT_PAUSE = 3.0  # 3 s
 AKKA_HEARTBEAT_INTERVAL = 1.0  # 1 s, also Akka's first-heartbeat estimate
+
+#: Latencies measured before a latency detector drops its two made-up intervals.
+WARMUP = 5
+#: A suspicion under this reads 0 (the formulas' tails and rounding, not evidence).
+NEGLIGIBLE = 1e-3
+# The phi of a latency equal to the history's mean: y = 0, log10(1 + e**0).
+_PHI_AT_MEAN = math.log10(2.0)
 
 
 def phi(time_diff: float, mean: float, std_deviation: float) -> float:
@@ -163,6 +181,16 @@ class PhiAccrualFailureDetector:
                 self._history.add(max(at - self._last, 0.0))
             self._last = at
 
+    def reset_history(self, intervals: list[float]) -> None:
+        """Replace the history (the made-up intervals included) with ``intervals``."""
+        if not intervals:
+            raise ValueError("intervals must not be empty")
+        history = _History(self.max_sample_size)
+        for interval in intervals[-self.max_sample_size :]:
+            history.add(max(float(interval), 0.0))
+        with self._lock:
+            self._history = history
+
     def add_interval(self, interval: float) -> None:
         """Record one interval directly (a measured latency, say), bypassing arrivals."""
         with self._lock:
@@ -220,20 +248,37 @@ class _LatencyChannel:
         self.detector = detector
         self.pending_since: float | None = None  # a request begun and not answered yet
         self.last: float | None = None  # the last answered request's latency
+        # The phi of the last latency against the history before it (it is judged by what
+        # came before; in a short history it would widen its own yardstick).
+        self._surprise = 0.0
+        self._measured: list[float] | None = []  # the first WARMUP latencies, then None
 
     def answered(self, latency: float) -> None:
+        self._surprise = self.detector.phi_after(latency)
         # Every answered latency is kept, so a link that has become slower for good stops
         # being suspected once that is the norm; only the rise is suspicious.
-        self.detector.add_interval(latency)
+        if self._measured is not None:
+            self._measured.append(latency)
+            if len(self._measured) >= WARMUP:
+                # Enough measured: the made-up intervals would only blur a short history.
+                self.detector.reset_history(self._measured)
+                self._measured = None
+            else:
+                self.detector.add_interval(latency)
+        else:
+            self.detector.add_interval(latency)
         self.last = latency
         self.pending_since = None
 
     def level(self, now: float) -> float:
         if self.pending_since is not None:
-            return self.detector.phi_after(max(now - self.pending_since, 0.0))
-        if self.last is None:
+            waited = self.detector.phi_after(max(now - self.pending_since, 0.0))
+        elif self.last is None:
             return 0.0
-        return self.detector.phi_after(self.last)
+        else:
+            waited = self._surprise
+        # As usual (at or under the mean) reads 0; only the excess is suspicion.
+        return max(waited - _PHI_AT_MEAN, 0.0)
 
 
 class ComponentSuspicion:
@@ -288,6 +333,8 @@ class ComponentSuspicion:
             return
         self.arrivals.heartbeat(now)
         self.checks.answered(max(now - begun, 0.0))
+        # The component answers: a failed send before this check is no longer news.
+        self.sends.pending_since = None
 
     def send_finished(self, now: float, latency: float, ok: bool) -> None:
         """A send that took ``latency`` seconds ended at ``now``."""
@@ -297,8 +344,10 @@ class ComponentSuspicion:
             self.sends.pending_since = now - latency
 
     def level(self, now: float) -> float:
-        """The suspicion at ``now``: the largest phi of arrivals, checks and sends."""
-        return max(self.arrivals.phi(now), self.checks.level(now), self.sends.level(now))
+        """The suspicion at ``now``: the largest phi of arrivals, checks and sends; under
+        ``NEGLIGIBLE`` it reads 0."""
+        level = max(self.arrivals.phi(now), self.checks.level(now), self.sends.level(now))
+        return level if level >= NEGLIGIBLE else 0.0
 
     def crossed(self, now: float) -> float | None:
         """The level if it has just risen to the threshold (once per crossing), else None."""

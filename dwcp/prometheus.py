@@ -47,6 +47,7 @@ labelled ``manager`` and ``node``)::
     dwcp_cluster_node_healthy{node}                   1 when its last snapshot was healthy
     dwcp_cluster_node_heartbeat_age_seconds{node}     age of its last heartbeat
     dwcp_cluster_view_stale                           1 while the cluster's Redis is unreachable
+    dwcp_cluster_records_skipped                      records the last read could not use
 """
 
 from __future__ import annotations
@@ -139,8 +140,10 @@ class DWCPCollector:
         raise ValueError("manager is not exposed by this collector")
 
     def describe(self) -> Iterator[Metric]:
-        """The metric families without samples, so registration never calls into a manager."""
-        return _families(())
+        """The metric families without samples, so registration never calls into a manager;
+        the cluster families too, though only managers with a cluster give them samples."""
+        yield from _families(())
+        yield from _cluster_metric_families()
 
     def collect(self) -> Iterator[Metric]:
         """The metric families with values from fresh snapshots of every manager."""
@@ -372,19 +375,8 @@ def _families(scrapes: Sequence[_Scrape]) -> Iterator[Metric]:
     )
 
 
-def _cluster_families(managers: list[tuple[str, HealthSource]]) -> Iterator[Metric]:
-    # Only managers with a cluster; each view is the last one read, so no I/O here.
-    views = []
-    for label, manager in managers:
-        read = getattr(manager, "cluster_health", None)  # stand-ins may not have one
-        if read is None:
-            continue
-        try:
-            views.append((label, read()))
-        except DWCPError:
-            continue
-    if not views:
-        return
+def _cluster_metric_families() -> tuple[GaugeMetricFamily, ...]:
+    """The cluster families, empty: ``describe()`` lists them, ``collect()`` fills them."""
     labels = ["manager", "node"]
     up = GaugeMetricFamily(
         "dwcp_cluster_node_up", "Whether the cluster node was heard from within its bound.",
@@ -403,10 +395,33 @@ def _cluster_families(managers: list[tuple[str, HealthSource]]) -> Iterator[Metr
         "1 while the cluster view is stale (Redis unreachable).",
         labels=["manager"],
     )
+    skipped = GaugeMetricFamily(
+        "dwcp_cluster_records_skipped",
+        "Cluster records the last read could not use (not JSON, another version, bad field).",
+        labels=["manager"],
+    )
+    return up, healthy, age, stale, skipped
+
+
+def _cluster_families(managers: list[tuple[str, HealthSource]]) -> Iterator[Metric]:
+    # Only managers with a cluster; each view is the last one read, so no I/O here.
+    views = []
+    for label, manager in managers:
+        read = getattr(manager, "cluster_health", None)  # stand-ins may not have one
+        if read is None:
+            continue
+        try:
+            views.append((label, read()))
+        except DWCPError:
+            continue
+    if not views:
+        return
+    up, healthy, age, stale, skipped = _cluster_metric_families()
     for label, view in views:
         for node in view.nodes.values():
             up.add_metric([label, node.node], 1.0 if node.alive else 0.0)
             healthy.add_metric([label, node.node], 1.0 if node.healthy else 0.0)
             age.add_metric([label, node.node], node.age)
         stale.add_metric([label], 1.0 if view.stale else 0.0)
-    yield from (up, healthy, age, stale)
+        skipped.add_metric([label], float(view.skipped))
+    yield from (up, healthy, age, stale, skipped)

@@ -451,3 +451,161 @@ def test_a_publisher_that_saw_an_outage_says_goodbye_once_redis_answers(
     wait_until(lambda: published_one_more(count), timeout=10)
     member.close()
     assert cluster_health(redis_server.url).nodes["blip"].state == "left"
+
+
+# -- issue 21: first sight, malformed records, outages past retention, restarts ---------------
+
+
+def _silent_node(make_member: MakeMember, node_id: str, **options: Any) -> ClusterMember:
+    """A member that publishes once and then never again (its process hung or died)."""
+    member = make_member(node_id, watch=False, **options)
+    member.publish({"status": "healthy", "breaker": "closed"})
+    wait_until(lambda: member.published >= 1)
+    return member
+
+
+def test_a_node_already_dead_when_first_seen_is_listed_lost_at_once_without_an_event(
+    redis_server: RedisServer, make_member: MakeMember
+) -> None:
+    _silent_node(make_member, "dead")
+    wait_until(lambda: cluster_health(redis_server.url).lost == ("dead",))
+    events: list[object] = []
+    watcher = make_member("watcher", on_event=events.append)
+    seen: list[str] = []
+
+    def first_read() -> bool:
+        view = watcher.view()
+        if not view.stale and "dead" in view.nodes:
+            seen.append(view.nodes["dead"].state)
+        return bool(seen)
+
+    wait_until(first_read)
+    # From its very first read, as the one-shot reader and the CLI say: never alive.
+    assert seen[0] == "lost" and watcher.view().lost == ("dead",)
+    assert not watcher.view().healthy
+    from dwcp._cli import main
+
+    assert main(["status", "--cluster", redis_server.url]) == 1
+    count = watcher.round_trips
+    wait_until(lambda: watcher.round_trips > count + 10)  # several more reads
+    assert watcher.view().nodes["dead"].state == "lost"
+    assert events == []  # listed lost, without an event
+
+
+def _plant(client: Any, node_id: str | bytes, record: str | bytes) -> None:
+    """Put a record in the cluster as a (broken or foreign) node would."""
+    import time as _time
+
+    client.zadd("dwcp:cluster:nodes", {node_id: int(_time.time() * 1000)})
+    key = b"dwcp:cluster:node:" + (node_id if isinstance(node_id, bytes) else node_id.encode())
+    client.set(key, record, px=60_000)
+
+
+def _record(**fields: Any) -> str:
+    record = {
+        "v": 1, "node": "x", "host": "h", "pid": 1, "interval": 0.1, "bound": 0.3, "seq": 1,
+        "left": False, "health": {"status": "healthy"},
+    }  # fmt: skip
+    record.update(fields)
+    return json.dumps(record)
+
+
+def test_malformed_records_are_skipped_and_counted_never_fatal(
+    redis_server: RedisServer,
+    make_member: MakeMember,
+    heartbeats: Callable[..., Heartbeat],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    client: Any = redis_server.client()
+    try:
+        _plant(client, "typed", _record(interval="ten"))  # a wrongly typed field
+        _plant(client, "future", _record(v=2))  # another record version
+        _plant(client, "boolean", _record(v=True))  # not the version 1 either
+        _plant(client, "corrupt", b'{"v": 1, "node":')  # corrupt JSON
+        _plant(client, "binary", b"\xff\xfe")  # not even text
+        _plant(client, b"\xff-id", _record())  # an id no node writes
+    finally:
+        client.close()
+    watcher = make_member("watcher")
+    leaver = make_member("leaver")
+    heartbeats(watcher)
+    beat = heartbeats(leaver)
+    wait_until(lambda: set(watcher.view().nodes) == {"watcher", "leaver"})
+    view = watcher.view()
+    assert not view.stale and view.skipped == 6 and view.healthy
+    # Passes go on: a node that departs is seen to depart.
+    beat.stop()
+    leaver.close()
+    wait_until(lambda: watcher.view().nodes["leaver"].state == "left")
+    assert watcher.skipped >= 12 and watcher.errors == 0
+    one_shot = cluster_health(redis_server.url)
+    assert one_shot.skipped == 6 and set(one_shot.nodes) == {"watcher", "leaver"}
+    from dwcp._cli import main
+
+    assert main(["status", "--cluster", redis_server.url, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["skipped"] == 6
+    main(["status", "--cluster", redis_server.url])
+    assert "6 unreadable records skipped" in capsys.readouterr().out
+
+
+def test_an_unreadable_answer_is_a_cluster_error_not_a_value_error(
+    redis_server: RedisServer,
+) -> None:
+    client: Any = redis_server.client()
+    try:
+        client.set("dwcp:cluster:nodes", "not a sorted set")
+    finally:
+        client.close()
+    with pytest.raises(ClusterError) as caught:
+        cluster_health(redis_server.url)
+    assert caught.value.code == "CLUSTER_UNREACHABLE"
+
+
+def test_a_node_back_after_an_outage_longer_than_retention_is_a_node_back_and_rearms_alerts(
+    redis_server: RedisServer, make_member: MakeMember
+) -> None:
+    from dwcp.testing import FakeClock
+    from dwcp.webhook import WebhookNotifier
+
+    clock = FakeClock()  # never advanced: repeat_interval never runs out in this test
+    notifier = WebhookNotifier(
+        "http://127.0.0.1:9/hook", events=("node_lost", "node_back"), clock=clock
+    )
+    events: list[object] = []
+    watcher = make_member("watcher", interval=0.1, on_event=events.append)
+    watcher.add_listener(notifier)
+    flappy = make_member("flappy", interval=0.1, retention=0.6, watch=False)
+    try:
+        beat = Heartbeat(flappy)
+        wait_until(lambda: watcher.view().nodes.get("flappy") is not None)
+        wait_until(lambda: watcher.view().nodes["flappy"].alive)
+        beat.stop()
+        wait_until(lambda: any(isinstance(e, dwcp.NodeLost) for e in events))
+        # Silent past its retention: Redis, and so every view, lists it no more.
+        wait_until(lambda: "flappy" not in watcher.view().nodes, timeout=10)
+        assert "flappy" not in cluster_health(redis_server.url).nodes
+        beat = Heartbeat(flappy)
+        wait_until(lambda: any(isinstance(e, dwcp.NodeBack) for e in events), timeout=5)
+        back = next(e for e in events if isinstance(e, dwcp.NodeBack))
+        assert back.node == "flappy" and back.down_for > 0
+        wait_until(lambda: watcher.view().nodes["flappy"].alive)
+        beat.stop()
+        wait_until(lambda: sum(isinstance(e, dwcp.NodeLost) for e in events) == 2)
+        # lost, back, lost: the second loss is not a repeat of the first.
+        assert [type(e).__name__ for e in events] == ["NodeLost", "NodeBack", "NodeLost"]
+        assert notifier.pending == 3 and notifier.suppressed == 0
+    finally:
+        notifier.close(timeout=0.1)
+
+
+def test_the_collector_describes_the_cluster_families() -> None:
+    from dwcp.prometheus import DWCPCollector
+
+    names = {family.name for family in DWCPCollector().describe()}
+    assert {
+        "dwcp_cluster_node_up",
+        "dwcp_cluster_node_healthy",
+        "dwcp_cluster_node_heartbeat_age_seconds",
+        "dwcp_cluster_view_stale",
+        "dwcp_cluster_records_skipped",
+    } <= names

@@ -52,25 +52,33 @@ def _document(url: str) -> dict[str, Any]:
             return json.load(exc)  # type: ignore[no-any-return]
 
 
-@pytest.fixture
-def nodes(redis_server: RedisServer) -> Iterator[list[Node]]:
-    started: list[Node] = []
-    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    try:
-        for i in range(4):
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.cluster_child", redis_server.url, f"n{i}",
-                 str(INTERVAL), str(CHECK_TIMEOUT)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
-            )  # fmt: skip
-            assert proc.stdout is not None
-            started.append(Node(f"n{i}", proc, ""))
-            line = proc.stdout.readline()
-            assert line, f"n{i} exited before starting"
-            started[-1].url = json.loads(line)["url"]
-        yield started
-    finally:
-        for node in started:
+class Cluster:
+    """Manager processes on one Redis; ``spawn`` starts one more, stopped at teardown."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.nodes: list[Node] = []
+        self._env = {
+            **os.environ,
+            "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        }
+
+    def spawn(self, name: str) -> Node:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.cluster_child", self.url, name,
+             str(INTERVAL), str(CHECK_TIMEOUT)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=self._env,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        node = Node(name, proc, "")
+        self.nodes.append(node)
+        line = proc.stdout.readline()
+        assert line, f"{name} exited before starting"
+        node.url = json.loads(line)["url"]
+        return node
+
+    def stop(self) -> None:
+        for node in self.nodes:
             if node.proc.poll() is None:
                 assert node.proc.stdin is not None
                 node.proc.stdin.close()  # a clean stop
@@ -79,6 +87,22 @@ def nodes(redis_server: RedisServer) -> Iterator[list[Node]]:
                 except subprocess.TimeoutExpired:
                     node.proc.kill()
                     node.proc.wait(10)
+
+
+@pytest.fixture
+def cluster(redis_server: RedisServer) -> Iterator[Cluster]:
+    made = Cluster(redis_server.url)
+    try:
+        yield made
+    finally:
+        made.stop()
+
+
+@pytest.fixture
+def nodes(cluster: Cluster) -> list[Node]:
+    for i in range(4):
+        cluster.spawn(f"n{i}")
+    return list(cluster.nodes)
 
 
 def _all_alive(node: Node, names: set[str]) -> bool:
@@ -161,3 +185,78 @@ def test_a_frozen_then_emptied_redis_is_stale_not_wrong_and_the_views_converge(
     wait_until(converged, timeout=30)
     view = cluster_health(redis_server.url)
     assert set(view.nodes) == names and view.healthy
+
+
+def _kill(node: Node) -> None:
+    os.kill(node.proc.pid, signal.SIGKILL)
+    node.proc.wait(10)
+
+
+def _cli(url: str) -> tuple[int, dict[str, Any]]:
+    """``python -m dwcp status --cluster URL --json``: exit code and document."""
+    result = subprocess.run(
+        [sys.executable, "-m", "dwcp", "status", "--cluster", url, "--json"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    return result.returncode, json.loads(result.stdout) if result.stdout else {}
+
+
+def test_a_watcher_started_after_a_node_died_lists_it_lost_from_its_first_read(
+    redis_server: RedisServer, cluster: Cluster, nodes: list[Node]
+) -> None:
+    names = {n.name for n in nodes}
+    wait_until(lambda: all(_all_alive(n, names) for n in nodes), timeout=30)
+    victim = nodes[-1]
+    _kill(victim)
+    wait_until(lambda: cluster_health(redis_server.url).lost == (victim.name,), timeout=20)
+    late = cluster.spawn("late")
+    documents: list[dict[str, Any]] = []
+
+    def read() -> bool:
+        document = late.cluster()
+        if not document["stale"]:
+            documents.append(document)
+        return len(documents) >= 5
+
+    wait_until(read, timeout=20)
+    # From its first read on: lost, the cluster unhealthy (/cluster 503), never alive.
+    for document in documents:
+        assert document["nodes"][victim.name]["state"] == "lost", document
+        assert document["status"] == "unhealthy" and victim.name in document["lost"]
+    code, cli = _cli(redis_server.url)
+    assert code == 1 and cli["lost"] == [victim.name]
+    assert cluster_health(redis_server.url).lost == (victim.name,)
+
+
+def test_after_an_empty_redis_restart_the_cli_and_every_watcher_agree(
+    redis_server: RedisServer, nodes: list[Node]
+) -> None:
+    names = {n.name for n in nodes}
+    wait_until(lambda: all(_all_alive(n, names) for n in nodes), timeout=30)
+    victim, others = nodes[-1], nodes[:-1]
+    _kill(victim)
+    wait_until(lambda: all(n.cluster()["lost"] == [victim.name] for n in others), timeout=20)
+    redis_server.kill()  # its data is gone
+    redis_server.start()  # the same port, empty
+
+    def never_alive(document: dict[str, Any]) -> dict[str, Any]:
+        # The dead node is never called alive again, whatever Redis went through.
+        entry = document["nodes"].get(victim.name)
+        assert entry is None or entry["state"] == "lost", document
+        return document
+
+    def agree() -> bool:
+        code, cli = _cli(redis_server.url)
+        views = [never_alive(n.cluster()) for n in others]
+        return all(
+            not v["stale"]
+            and set(v["nodes"]) == set(cli.get("nodes", ()))
+            and v["status"] == cli.get("status")
+            and (code == 0) == (v["status"] == "healthy")
+            for v in views
+        )
+
+    wait_until(agree, timeout=30)
+    # Redis forgot the dead node, and so did every view: the survivors, healthy.
+    view = cluster_health(redis_server.url)
+    assert set(view.nodes) == {n.name for n in others} and view.healthy

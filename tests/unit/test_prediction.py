@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import threading
 from collections.abc import Callable
@@ -54,7 +55,7 @@ def test_default_schedule_is_exactly_1_2_4() -> None:
 
 def test_default_supervisor_learns_nothing_and_keeps_the_schedule() -> None:
     supervisor = RestartSupervisor(RecoveryPolicy())
-    assert supervisor.history is None
+    assert supervisor.history is None and supervisor.learned is None  # no statistics held
     for n in range(10):
         start = 100.0 * n
         supervisor.admit(start)
@@ -493,3 +494,98 @@ def test_the_late_share_counts_the_delays_over_the_bound() -> None:
     assert _late(pieces, 1.0) == pytest.approx(0.75)
     assert _late(pieces, 3.0) == pytest.approx(0.5)
     assert _late(pieces, 4.0) == pytest.approx(0.0)
+
+
+# -- the search's cost and where it runs (issue 21, point 10) ----------------------------------
+
+
+def _random_history(seed: int, count: int = 100) -> RecoveryHistory:
+    import random
+
+    rng = random.Random(seed)
+    history = RecoveryHistory()
+    for _ in range(count):
+        back = rng.uniform(0.5, 20.0)
+        history.record(Outage(back, max(back - rng.uniform(0.1, 2.0), 0.0), 2, back))
+    return history
+
+
+def test_the_search_grows_polynomially_with_attempts() -> None:
+    import time
+
+    from dwcp._prediction import LABELS, _Model
+
+    history = _random_history(1)
+    configured = [min(2.0**i, 60.0) for i in range(10)]
+    starts = list(itertools.accumulate(configured))
+    evaluations = {}
+    for attempts in (5, 10):
+        model = _Model.build(history.outages, configured, starts, 0.0, pause=1.0, duration=0.0)
+        assert model is not None
+        n = len(model.points)
+        model.median_delay([model.index(t) for t in starts])
+        model.best(attempts, starts[4], 60.0, 0.0, max_delay=math.inf, max_late=math.inf)
+        # At most attempts x candidates^2 x LABELS partial schedules extended.
+        assert model.evaluations <= attempts * n * n * LABELS
+        evaluations[attempts] = model.evaluations
+    # Twice the attempts over the same candidates, about twice the work (an exhaustive
+    # search grows by a factor of the candidates per attempt).
+    assert evaluations[10] <= 3 * evaluations[5]
+    # The whole decision at attempts=10 over 100 outages, with its out-of-sample check: took
+    # minutes before (20 s at 8); a generous bound for a loaded machine.
+    began = time.monotonic()
+    history.schedule(configured, 0.0, 60.0, new_outage=False)
+    assert time.monotonic() - began < 10.0
+
+
+def test_the_learned_schedule_is_searched_off_the_managers_lock(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import dwcp._prediction as prediction
+
+    clock = FakeClock()
+    peer = OutagePeer(clock)
+    woken = threading.Event()
+    manager = dwcp.Manager(
+        peer,
+        health_interval=3600.0,
+        recovery={"transport": RecoveryPolicy(predictive=True)},
+        clock=clock,
+    )
+    manager.add_listener(lambda event: woken.set())
+    manager.start()
+    searching, release = threading.Event(), threading.Event()
+    real = prediction._Plan.choose
+
+    def slow_choose(self: _Plan, *args: object, **kwargs: object) -> list[float] | None:
+        # Stands for a long search: blocks until the test has read the manager's health.
+        searching.set()
+        release.wait(30)
+        return real(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    try:
+        for _ in range(MIN_SAMPLES):  # enough history for a learned schedule
+            run_outage(manager, clock, peer, 6.0, woken)
+        monkeypatch.setattr(prediction._Plan, "choose", slow_choose)
+        clock.advance(100.0)
+        peer.down_at, peer.up_at = clock.now(), clock.now() + 6.0
+        pass_thread = threading.Thread(target=manager.check_component_health)
+        pass_thread.start()
+        assert searching.wait(10), "no schedule was searched"
+        answered = threading.Event()
+
+        def read_health() -> None:
+            manager.health()
+            answered.set()
+
+        reader = threading.Thread(target=read_health)
+        reader.start()
+        # health() does not wait for the search (it waited under the lock before).
+        assert answered.wait(10), "health() waited for the schedule search"
+        assert manager.health().components["transport"].status == "recovering"
+    finally:
+        release.set()
+        pass_thread.join(30)
+        reader.join(30)
+        manager.stop()
+    assert not pass_thread.is_alive()

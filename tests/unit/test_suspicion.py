@@ -356,3 +356,83 @@ def test_manager_reports_suspicion_before_any_check_fails() -> None:
 def test_default_health_reports_no_suspicion() -> None:
     health = dwcp.ComponentHealth("transport", "healthy", None, 1.0)
     assert health.suspicion == 0.0
+
+
+# -- issue 21, point 9: 0 when healthy, not stuck by one failed send, a short history ----------
+
+
+def test_a_component_answering_as_usual_reads_zero() -> None:
+    s = ComponentSuspicion(threshold=8.0, interval=10.0, timeout=5.0)
+    t = steady(s, 30, 0.002, 10.0)
+    # Read anywhere between two passes: every channel as usual, so exactly 0.
+    assert [s.level(t - 10.0 + dt) for dt in (0.002, 1.0, 5.0, 9.9)] == [0.0] * 4
+
+
+def test_manager_reads_zero_suspicion_while_healthy() -> None:
+    clock = FakeClock()
+    transport = dwcp.testing.FakeTransport()
+    manager = dwcp.Manager(transport, health_interval=3600.0, clock=clock)
+    manager.start()
+    try:
+        for _ in range(10):
+            clock.advance(10.0)
+            manager.check_component_health()
+            assert manager.health().components["transport"].suspicion == 0.0
+    finally:
+        manager.stop()
+
+
+def test_one_failed_send_is_forgotten_once_the_component_answers_again() -> None:
+    s = ComponentSuspicion(threshold=8.0, interval=10.0, timeout=5.0)
+    t = steady(s, 30, 0.002, 10.0)
+    s.send_finished(t - 5.0, 0.001, ok=False)
+    assert s.level(t - 1.0) > 8.0  # not answered: suspected until something succeeds
+    s.check_started(t)
+    s.check_finished(t + 0.002, ok=True)  # the next passing check
+    assert s.level(t + 0.01) == 0.0 and s.crossed(t + 0.01) is None
+    # And a sampled successful send clears it too.
+    s.send_finished(t + 1.0, 0.001, ok=False)
+    s.send_finished(t + 2.0, 0.001, ok=True)
+    assert s.level(t + 2.5) == 0.0
+
+
+def test_manager_is_not_left_suspecting_the_transport_after_one_failed_send() -> None:
+    clock = FakeClock()
+    transport = dwcp.testing.FakeTransport()
+    events: list[object] = []
+    manager = dwcp.Manager(transport, health_interval=3600.0, clock=clock)
+    manager.add_listener(events.append)
+    manager.start()
+    try:
+        for _ in range(10):
+            clock.advance(10.0)
+            manager.check_component_health()
+        transport.fail_sends = ConnectionResetError("one reset")
+        with pytest.raises(dwcp.TransportError):
+            manager.send_with_circuit_breaker(b"x")
+        transport.fail_sends = None
+        for _ in range(3):
+            clock.advance(10.0)
+            manager.check_component_health()  # every check passes
+            assert manager.health().components["transport"].suspicion == 0.0
+        assert not any(isinstance(e, dwcp.ComponentSuspected) for e in events)
+    finally:
+        manager.stop()
+
+
+@pytest.mark.parametrize("steady_checks", [5, 10, 30])
+def test_a_jump_in_latency_is_suspected_after_a_short_history(steady_checks: int) -> None:
+    # Five measured latencies (WARMUP) are enough: 1 ms checks, then one of 300 ms (six
+    # hundredths of the 5 s timeout over the usual) while every check still passes.
+    s = ComponentSuspicion(threshold=8.0, interval=10.0, timeout=5.0)
+    t = steady(s, steady_checks, 0.001, 10.0)
+    s.check_started(t)
+    s.check_finished(t + 0.3, ok=True)
+    assert s.crossed(t + 0.3) is not None
+    # Slower for good: once that is the norm, it is no longer suspected.
+    t += 10.0
+    for _ in range(30):
+        s.check_started(t)
+        s.check_finished(t + 0.3, ok=True)
+        t += 10.0
+    assert s.level(t - 9.0) < 1.0
