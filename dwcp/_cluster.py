@@ -22,6 +22,7 @@ from typing import Any
 
 from loguru import logger
 
+from dwcp import _validation as check
 from dwcp._cluster_read import (
     _connect,
     _describe,
@@ -39,7 +40,6 @@ from dwcp._cluster_schema import (
     NodeState,
     _check_namespace,
     _Keys,
-    _positive,
     make_record,
     node_health,
 )
@@ -159,13 +159,15 @@ class ClusterMember:
     ) -> None:
         self._node_id = _check_node_id(default_node_id() if node_id is None else node_id)
         self._namespace = _check_namespace(namespace)
-        self._interval = _positive("interval", interval)
-        lost_after = _positive("lost_after", lost_after)
+        self._interval = check.seconds("interval", interval)
+        lost_after = check.seconds("lost_after", lost_after)
         if lost_after < 1.5:
             raise ValueError(f"lost_after must be at least 1.5 intervals, got {lost_after!r}")
         self._bound = round(lost_after * self._interval, 6)
         self._retention = (
-            max(60.0, 10 * self._bound) if retention is None else _positive("retention", retention)
+            max(60.0, 10 * self._bound)
+            if retention is None
+            else check.seconds("retention", retention)
         )
         if self._retention < self._bound:
             raise ValueError(
@@ -177,7 +179,7 @@ class ClusterMember:
         self._watch = bool(watch)
         self._listeners: tuple[ClusterListener, ...] = () if on_event is None else (on_event,)
         self._keys = _Keys(self._namespace)
-        self._client = _connect(target, _positive("timeout", timeout))
+        self._client = _connect(target, check.seconds("timeout", timeout))
         self._owns_client = isinstance(target, str)
         self._errors = _redis_errors()
         self._token = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"

@@ -9,12 +9,12 @@ from typing import Any
 
 from loguru import logger
 
+from dwcp import _validation as check
 from dwcp._cluster_schema import (
     ClusterError,
     ClusterView,
     _check_namespace,
     _Keys,
-    _positive,
     node_health,
     parse_record,
 )
@@ -110,7 +110,7 @@ def cluster_health(target: object, *, namespace: str = "dwcp", timeout: float = 
     ``target``, ``namespace`` or ``timeout`` (seconds, bounding each socket operation).
     """
     keys = _Keys(_check_namespace(namespace))
-    client = _connect(target, _positive("timeout", timeout))
+    client = _connect(target, check.seconds("timeout", timeout))
     try:
         raw = _read(client, keys)
     except _redis_errors() as exc:

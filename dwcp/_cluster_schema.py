@@ -125,14 +125,6 @@ def _check_namespace(namespace: object) -> str:
     return namespace
 
 
-def _positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
-
-
 class _Keys:
     def __init__(self, namespace: str) -> None:
         self.prefix = f"{namespace}:cluster:"

@@ -40,6 +40,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from dwcp import _validation as check
+
 __all__ = ["NEGLIGIBLE", "WARMUP", "ComponentSuspicion", "PhiAccrualFailureDetector", "phi"]
 
 _LN10 = math.log(10.0)
@@ -113,16 +115,6 @@ class _History:
         return math.sqrt(max(self._squares / len(self._intervals) - mean * mean, 0.0))
 
 
-def _positive(name: str, value: object, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    number = float(value)
-    if not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
-        bound = "non-negative" if allow_zero else "positive"
-        raise ValueError(f"{name} must be a finite {bound} number, got {value!r}")
-    return number
-
-
 class PhiAccrualFailureDetector:
     """Akka's phi accrual failure detector; times are seconds, thread-safe.
 
@@ -143,17 +135,17 @@ class PhiAccrualFailureDetector:
         first_heartbeat_estimate: float = AKKA_HEARTBEAT_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.threshold = _positive("threshold", threshold)
+        self.threshold = check.number("threshold", threshold, allow_zero=False)
         if isinstance(max_sample_size, bool) or not isinstance(max_sample_size, int):
             raise TypeError(f"max_sample_size must be an int, got {type(max_sample_size).__name__}")
         if max_sample_size < 1:
             raise ValueError(f"max_sample_size must be at least 1, got {max_sample_size}")
         self.max_sample_size = max_sample_size
-        self.min_std_deviation = _positive("min_std_deviation", min_std_deviation)
-        self.acceptable_heartbeat_pause = _positive(
+        self.min_std_deviation = check.seconds("min_std_deviation", min_std_deviation)
+        self.acceptable_heartbeat_pause = check.seconds(
             "acceptable_heartbeat_pause", acceptable_heartbeat_pause, allow_zero=True
         )
-        self.first_heartbeat_estimate = _positive(
+        self.first_heartbeat_estimate = check.seconds(
             "first_heartbeat_estimate", first_heartbeat_estimate
         )
         if not callable(clock):
@@ -290,9 +282,9 @@ class ComponentSuspicion:
     """
 
     def __init__(self, *, threshold: float, interval: float, timeout: float) -> None:
-        self.threshold = _positive("threshold", threshold)
-        scale = _positive("interval", interval) / AKKA_HEARTBEAT_INTERVAL
-        response = _positive("timeout", timeout) / 10
+        self.threshold = check.number("threshold", threshold, allow_zero=False)
+        scale = check.seconds("interval", interval) / AKKA_HEARTBEAT_INTERVAL
+        response = check.seconds("timeout", timeout) / 10
         self.arrivals = PhiAccrualFailureDetector(
             threshold=self.threshold,
             min_std_deviation=AKKA_MIN_STD_DEVIATION * scale,
