@@ -17,6 +17,7 @@ from dwcp._breaker import NOT_INITIALIZED, Breaker
 from dwcp._clock import Clock, SystemClock
 from dwcp._cluster import ClusterView, cluster_member
 from dwcp._components import Layer, Transport
+from dwcp._delivery import DeliveryCalls, Outbox
 from dwcp._errors import DWCPError
 from dwcp._events import Listener, _Dispatcher, peer_of
 from dwcp._guard import Guard, GuardedCalls
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["Manager"]
 
 
-class Manager(GuardedCalls):
+class Manager(GuardedCalls, DeliveryCalls):
     """Supervises a transport and optional layers: health monitoring, recovery, circuit breaker.
 
     Configure it with keyword arguments, then ``start()`` it (or use it as a context manager)
@@ -63,6 +64,10 @@ class Manager(GuardedCalls):
         cluster: a Redis URL, ``redis.Redis`` client or ``dwcp.cluster.ClusterMember``:
             publish this manager's health on every pass and watch the cluster's nodes.
         node_id: this manager's id in the cluster (default: host name and process id).
+        delivery_buffer_bytes: ``deliver()``: the bytes of accepted messages not yet
+            confirmed or failed, at most; ``deliver()`` blocks while they would exceed it.
+        delivery_timeout: ``deliver()``: a message's default deadline, in seconds.
+        delivery_max_block: ``deliver()``: how long it blocks for room in the budget.
     """
 
     def __init__(
@@ -90,6 +95,9 @@ class Manager(GuardedCalls):
         clock: Clock | None = None,
         cluster: object = None,
         node_id: str | None = None,
+        delivery_buffer_bytes: int = 32 * 1024 * 1024,
+        delivery_timeout: float | timedelta = 120.0,
+        delivery_max_block: float | timedelta = 60.0,
     ) -> None:
         self._enabled = check.flag("enabled", enabled)
         self._fail_fast = check.flag("fail_fast", fail_fast)
@@ -160,6 +168,16 @@ class Manager(GuardedCalls):
             for state in self._states.values():
                 if state.supervisor.history is not None:  # predictive: it learns
                     state.supervisor.share(self._cluster.outage_history(self._name, state.name))
+        # deliver(): its own module; the thread starts with the first message.
+        self._outbox = Outbox(
+            self.send_with_circuit_breaker,
+            lambda: self._breaker.state,
+            transport,
+            budget=check.count("delivery_buffer_bytes", delivery_buffer_bytes),
+            timeout=check.seconds("delivery_timeout", delivery_timeout),
+            max_block=check.seconds("delivery_max_block", delivery_max_block, allow_zero=True),
+            name=self._name,
+        )
         self._health_server = None
         if health_port is not None:  # validated now, bound in start()
             port = check.port("health_port", health_port)
@@ -245,6 +263,8 @@ class Manager(GuardedCalls):
             stop = self._stop
             self._started, self._sending = True, self._transport
             self._monitor.start(self._pass, stop)
+        if self._transport is not None:
+            self._outbox.open()
         self._breaker.watch()
         if self._cluster is not None:
             self._cluster.start()
@@ -299,14 +319,18 @@ class Manager(GuardedCalls):
                 self._monitor.wake_all()
                 threads = [t for t in (self._monitor.thread, *self._supervisor.threads()) if t]
                 cycles = self._supervisor.cycles()
+        if phase == "started":
+            self._outbox.close()  # refuses new messages; its thread fails what is left
         if phase == "stopping":
             stopped.wait()
         if phase != "started":
             return
         # Joined without the lock: these threads take it on their way out.
-        self._supervisor.join(threads, cycles, time.monotonic() + self._monitor.timeout + 1.0)
+        deadline = time.monotonic() + self._monitor.timeout + 1.0
+        self._supervisor.join(threads, cycles, deadline)
         for state in reversed(list(self._states.values())):
             state.slot.shutdown()
+        self._outbox.join(deadline)  # after the transport's close, which ends a blocked send
         if self._health_server is not None:
             self._health_server.stop()
         self._breaker.close()

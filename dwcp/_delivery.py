@@ -1,0 +1,566 @@
+"""Delivery that rides out outages: ``Manager.deliver()``, its handles and its thread.
+
+A message accepted by ``deliver()`` is queued in an ``Outbox`` (bounded by a byte budget)
+and sent, in order, by one thread (``dwcp-delivery``) through the manager's guarded send.
+A send that fails is retried, the same message first, after a pause; while the breaker is
+open nothing is sent: the thread waits until it reads half-open, and its next send is the
+trial. A message whose send returned is in the acknowledged transport's window, which
+resends it after reconnects; the thread reads the window's confirmation mark and settles
+each handle once the receiver confirmed its message, or fails it once its deadline passed.
+
+Locking: one lock guards the queue, the in-flight list, the budget and every handle's
+state. The thread takes it to decide and to record; sends, breaker reads and user callbacks
+run with it released. Only the thread removes from the queue's head; producers append.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from loguru import logger
+
+from dwcp import _validation as check
+from dwcp._errors import CircuitOpenError, DWCPError, TransportError
+
+if TYPE_CHECKING:
+    from dwcp._components import Transport
+
+__all__ = ["Delivery", "DeliveryError", "Outbox"]
+
+_monotonic = time.monotonic
+#: Messages the thread sends per look at the queue (one lock round trip per batch).
+_BATCH = 64
+#: While confirmations are awaited and nothing else is to do, the confirmation mark is read
+#: after 1 ms, then at most every _POLL_MAX: the window offers no wake-up for its ACKs.
+_POLL_MIN = 0.001
+_POLL_MAX = 0.05
+#: How often an open breaker is looked at again (each look is a state read, no send).
+_BREAKER_POLL = 0.05
+#: Pauses after a failed send: the first, doubling up to the last.
+_RETRY_FIRST = 0.05
+_RETRY_MAX = 1.0
+_BYTES_LIKE = (bytes, bytearray, memoryview)
+
+Marks = Callable[[], "tuple[int, int] | None"]
+
+
+class DeliveryError(DWCPError):
+    """A message given to ``Manager.deliver()`` was not confirmed, or was not accepted.
+
+    ``code``: ``DELIVERY_TIMEOUT`` (its deadline passed first), ``STOPPED`` (the manager
+    stopped first), ``REFUSED`` (the transport refused it, e.g. over its
+    ``max_message_size``; ``__cause__`` says why), ``BUFFER_FULL`` (raised by ``deliver()``:
+    no room in the byte budget within ``delivery_max_block``), ``FLUSH_TIMEOUT`` (raised by
+    ``flush()``).
+
+    ``sent``: whether the message had been handed to the transport. A sent message is in
+    the transport's window, which keeps resending it after reconnects: it may still arrive.
+    One that was not sent never will.
+    """
+
+    code = "DELIVERY_FAILED"
+
+    def __init__(self, message: str, *, code: str | None = None, sent: bool = False) -> None:
+        super().__init__(message, code=code)
+        self.sent = sent
+
+
+class Delivery:
+    """The outcome of one ``Manager.deliver()``, future-like.
+
+    It settles exactly once: confirmed by the receiver (``exception()`` is None), or failed
+    with a ``DeliveryError``. Handles settle on the ``dwcp-delivery`` thread, which also runs
+    the done callbacks.
+    """
+
+    __slots__ = ("_callbacks", "_error", "_outbox", "data", "deadline", "done_", "sent", "size")
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        data: bytes,
+        deadline: float,
+        callback: Callable[[Delivery], object] | None,
+    ) -> None:
+        self._outbox = outbox
+        self.data: bytes | None = data  # dropped once sent: the transport's window has it
+        self.size = len(data)
+        self.deadline = deadline
+        self.sent = False
+        self.done_ = False
+        self._error: DeliveryError | None = None
+        self._callbacks: list[Callable[[Delivery], object]] | None = (
+            None if callback is None else [callback]
+        )
+
+    def __repr__(self) -> str:
+        if not self.done_:
+            state = "sent" if self.sent else "queued"
+        else:
+            state = "confirmed" if self._error is None else f"failed {self._error.code}"
+        return f"<Delivery {self.size} bytes {state}>"
+
+    def done(self) -> bool:
+        """Whether the message is confirmed or failed."""
+        return self.done_
+
+    def exception(self, timeout: float | None = None) -> DeliveryError | None:
+        """Wait (``timeout`` seconds; None: until it settles) and return the failure, or None
+        once the receiver confirmed it. Raises ``TimeoutError`` if it has not settled in time.
+        """
+        self._outbox.wait_settled(self, timeout)
+        return self._error
+
+    def result(self, timeout: float | None = None) -> None:
+        """Wait as ``exception()`` does; return once confirmed, raise the ``DeliveryError``
+        if it failed."""
+        error = self.exception(timeout)
+        if error is not None:
+            raise error
+
+    def add_done_callback(self, fn: Callable[[Delivery], object]) -> None:
+        """Call ``fn(handle)`` once it settles, on the delivery thread; at once, here, if it
+        already has. An exception from ``fn`` is logged and ignored."""
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        if not self._outbox.add_callback(self, fn):
+            _run_callback(fn, self)
+
+
+def _run_callback(fn: Callable[[Delivery], object], handle: Delivery) -> None:
+    try:
+        fn(handle)
+    except Exception as exc:  # noqa: BLE001 - the application's bug must not stop delivery
+        logger.opt(exception=exc).error("Delivery callback failed")
+
+
+class Outbox:
+    """The accepted, unconfirmed messages of one manager, and the thread that delivers them.
+
+    Args:
+        send: the manager's guarded send (admit, send, record).
+        breaker_state: reads the breaker's state (``"open"`` while nothing may be sent).
+        transport: the manager's transport; ``deliver()`` needs its confirmation marks.
+        budget: bytes of accepted messages not yet confirmed or failed, at most.
+        timeout: the default delivery deadline, seconds after ``deliver()``.
+        max_block: how long ``deliver()`` waits for room in the budget.
+        name: the manager's name, for logs.
+    """
+
+    def __init__(
+        self,
+        send: Callable[[bytes], None],
+        breaker_state: Callable[[], str],
+        transport: Transport | None,
+        *,
+        budget: int,
+        timeout: float,
+        max_block: float,
+        name: str,
+    ) -> None:
+        self._send = send
+        self._breaker_state = breaker_state
+        marks = getattr(transport, "_delivery_marks", None)
+        self._marks: Marks | None = marks if callable(marks) else None
+        self._has_transport = transport is not None
+        # Confirmations are read from an acknowledged MultiStreamTCPTransport's window.
+        self.acknowledged = self._marks is not None and self._marks() is not None
+        self.budget = budget
+        self.timeout = timeout
+        self.max_block = max_block
+        self._name = name
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)  # the thread waits here
+        self._settled = threading.Condition(self._lock)  # producers, flush(), result()
+        self._queue: collections.deque[Delivery] = collections.deque()
+        # Sent, awaiting confirmation: (the window mark that confirms it, its handle).
+        self._inflight: collections.deque[tuple[int, Delivery]] = collections.deque()
+        self._used = 0
+        self._open = False
+        self._closing = False
+        self._idle = False  # the thread waits for work (a producer notifies only then)
+        self._thread: threading.Thread | None = None
+        self._next_expiry = float("inf")  # no deadline is earlier than this
+
+    # -- lifecycle (the manager's) -------------------------------------------------------------
+
+    def open(self) -> None:
+        """The manager started: accept messages."""
+        with self._lock:
+            self._open, self._closing = True, False
+
+    def close(self) -> None:
+        """The manager is stopping: refuse new messages; the thread fails what is left
+        (``STOPPED``) and ends after its current send."""
+        with self._lock:
+            self._open, self._closing = False, True
+            self._work.notify_all()
+            self._settled.notify_all()
+
+    def join(self, deadline: float) -> None:
+        """Join the thread by ``deadline`` (monotonic); it is forgotten once joined."""
+        thread = self._thread
+        if thread is None:
+            return
+        thread.join(max(deadline - _monotonic(), 0.0))
+        if thread.is_alive():
+            logger.bind(manager=self._name).warning(
+                "Delivery thread did not end by the stop deadline (a callback still runs?)"
+            )
+            return
+        with self._lock:
+            if self._thread is thread:
+                self._thread = None
+
+    @property
+    def pending(self) -> int:
+        """Messages accepted and not yet settled."""
+        with self._lock:
+            return len(self._queue) + len(self._inflight)
+
+    @property
+    def pending_bytes(self) -> int:
+        """The budget they use."""
+        return self._used
+
+    # -- the caller's side --------------------------------------------------------------------
+
+    def deliver(
+        self,
+        data: bytes | bytearray | memoryview,
+        timeout: float | None,
+        callback: Callable[[Delivery], object] | None,
+    ) -> Delivery:
+        """Accept ``data``; see ``Manager.deliver``."""
+        if type(data) is not bytes:
+            if not isinstance(data, _BYTES_LIKE):
+                raise TypeError(
+                    f"data must be bytes, bytearray or memoryview, got {type(data).__name__}"
+                )
+            data = bytes(data)  # a copy: the caller may reuse its buffer at once
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+        size = len(data)
+        if size > self.budget:
+            raise ValueError(f"message of {size} bytes exceeds delivery_buffer_bytes {self.budget}")
+        now = _monotonic()
+        wait = self.timeout if timeout is None else check.seconds("timeout", timeout)
+        handle = Delivery(self, data, now + wait, callback)
+        with self._lock:
+            self._check_open()
+            if not self.acknowledged:
+                raise DWCPError(
+                    "deliver() needs an acknowledged transport: "
+                    "MultiStreamTCPTransport(..., acknowledged=True)",
+                    code="NOT_ACKNOWLEDGED",
+                )
+            if self._used + size > self.budget:
+                self._wait_for_room(size, now + self.max_block)
+            self._used += size
+            self._queue.append(handle)
+            self._next_expiry = min(self._next_expiry, handle.deadline)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="dwcp-delivery", daemon=True)
+                self._thread.start()
+            elif self._idle:
+                self._work.notify()
+        return handle
+
+    def _check_open(self) -> None:
+        # Caller holds the lock.
+        if self._open:
+            return
+        if not self._has_transport:
+            raise DWCPError("manager has no transport to deliver through", code="NO_TRANSPORT")
+        raise DWCPError("manager is not started", code="NOT_STARTED")
+
+    def _wait_for_room(self, size: int, deadline: float) -> None:
+        # Caller holds the lock; bounded by deadline.
+        while self._used + size > self.budget:
+            left = deadline - _monotonic()
+            if left <= 0:
+                raise DeliveryError(
+                    f"no room for {size} bytes in delivery_buffer_bytes ({self.budget}) "
+                    f"within delivery_max_block ({self.max_block:g} s)",
+                    code="BUFFER_FULL",
+                )
+            self._settled.wait(left)
+            self._check_open()
+
+    def flush(self, timeout: float | None) -> None:
+        """Wait until every message accepted before the call has settled."""
+        limit = None if timeout is None else check.seconds("timeout", timeout, allow_zero=True)
+        deadline = None if limit is None else _monotonic() + limit
+        with self._lock:
+            waiting = [handle for _, handle in self._inflight]
+            waiting.extend(self._queue)
+            for handle in waiting:  # they settle roughly in this order
+                while not handle.done_:
+                    left = None if deadline is None else deadline - _monotonic()
+                    if left is not None and left <= 0:
+                        unsettled = sum(not h.done_ for h in waiting)
+                        raise DeliveryError(
+                            f"{unsettled} message(s) not settled within {limit:g} s",
+                            code="FLUSH_TIMEOUT",
+                        )
+                    self._settled.wait(left)
+
+    def wait_settled(self, handle: Delivery, timeout: float | None) -> None:
+        """Wait until ``handle`` settles; ``TimeoutError`` if ``timeout`` passes first."""
+        if handle.done_:
+            return
+        limit = None if timeout is None else check.seconds("timeout", timeout, allow_zero=True)
+        deadline = None if limit is None else _monotonic() + limit
+        with self._lock:
+            while not handle.done_:
+                left = None if deadline is None else deadline - _monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"delivery not settled within {limit:g} s")
+                self._settled.wait(left)
+
+    def add_callback(self, handle: Delivery, fn: Callable[[Delivery], object]) -> bool:
+        """Register ``fn`` for when ``handle`` settles; False if it already has."""
+        with self._lock:
+            if handle.done_:
+                return False
+            if handle._callbacks is None:
+                handle._callbacks = [fn]
+            else:
+                handle._callbacks.append(fn)
+            return True
+
+    # -- the delivery thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        log = logger.bind(manager=self._name)
+        pause_until = 0.0  # after a failed send: no send before this
+        retry = _RETRY_FIRST
+        breaker_open = False  # rejected: look at the breaker before sending again
+        poll = _POLL_MIN
+        while True:
+            try:
+                if breaker_open:
+                    # Outside the lock: with a shared breaker the read may reach Redis.
+                    breaker_open = self._breaker_state() == "open"
+                with self._lock:
+                    now = _monotonic()
+                    settled = self._settle(now)
+                    if self._closing:
+                        break
+                    batch: list[Delivery] = []
+                    if self._queue and not breaker_open and now >= pause_until:
+                        batch = list(itertools.islice(self._queue, _BATCH))
+                    elif not settled:
+                        wait = self._next_expiry - now
+                        if breaker_open:
+                            wait = min(wait, _BREAKER_POLL)
+                        elif self._queue:
+                            wait = min(wait, pause_until - now)
+                        if self._inflight:
+                            wait = min(wait, poll)
+                            poll = min(poll * 2, _POLL_MAX)
+                        self._idle = True
+                        self._work.wait(None if wait == float("inf") else max(wait, 0.0))
+                        self._idle = False
+                        continue
+                poll = _POLL_MIN
+                self._finish(settled)
+                if not batch:
+                    continue
+                outcome = self._send_batch(batch)
+                if outcome is None:
+                    retry = _RETRY_FIRST
+                elif isinstance(outcome, CircuitOpenError):
+                    breaker_open = True
+                else:
+                    pause_until = _monotonic() + retry
+                    retry = min(retry * 2, _RETRY_MAX)
+                    log.bind(error=str(outcome), retry_in=retry).debug("Delivery send failed")
+            except Exception as exc:  # noqa: BLE001 - never die silently; keep delivering
+                log.opt(exception=exc).error("Delivery thread failed; going on")
+                pause_until = _monotonic() + _RETRY_MAX
+        self._finish(self._fail_all())
+
+    def _send_batch(self, batch: list[Delivery]) -> DWCPError | None:
+        """Send ``batch`` in order, with no lock held, until one fails; record what went.
+        Returns the failure that stopped it (None: all sent)."""
+        send = self._send
+        done = 0
+        refused: list[tuple[Delivery, BaseException]] = []
+        failure: DWCPError | None = None
+        for handle in batch:
+            data = handle.data
+            assert data is not None
+            try:
+                send(data)
+            except (CircuitOpenError, TransportError) as exc:
+                failure = exc
+                break
+            except DWCPError as exc:  # NOT_STARTED: the manager is stopping
+                failure = exc
+                break
+            except (TypeError, ValueError) as exc:  # this message, never any other
+                refused.append((handle, exc))
+            done += 1
+        marks = self._marks() if self._marks is not None and done else None
+        settled: list[Delivery] = []
+        with self._lock:
+            queue, inflight = self._queue, self._inflight
+            for _ in range(done):
+                handle = queue.popleft()
+                handle.data = None
+                if refused and refused[0][0] is handle:
+                    _, why = refused.pop(0)
+                    error = DeliveryError(f"transport refused the message: {why}", code="REFUSED")
+                    error.__cause__ = why
+                    self._fail(handle, error, settled)
+                    continue
+                handle.sent = True
+                # The window's highest id once this batch was in: at or past each message's
+                # own, so a confirmation through it confirms them all.
+                inflight.append((-1 if marks is None else marks[0], handle))
+            if settled:
+                self._settled.notify_all()
+        self._finish(settled)
+        return failure
+
+    def _settle(self, now: float) -> list[Delivery]:
+        """Confirm what the receiver confirmed, fail what is past its deadline; return the
+        handles with callbacks to run. Caller holds the lock."""
+        settled: list[Delivery] = []
+        inflight = self._inflight
+        if inflight and self._marks is not None:
+            marks = self._marks()
+            acked = -1 if marks is None else marks[1]
+            confirmed = 0
+            while inflight and inflight[0][0] <= acked:
+                handle = inflight.popleft()[1]
+                handle.done_ = True
+                self._used -= handle.size
+                confirmed += 1
+                if handle._callbacks:
+                    settled.append(handle)
+            if confirmed:
+                self._settled.notify_all()
+        if now >= self._next_expiry:
+            self._expire(now, settled)
+        return settled
+
+    def _expire(self, now: float, settled: list[Delivery]) -> None:
+        # Caller holds the lock. O(pending), run only when the earliest deadline passed.
+        nearest = float("inf")
+        queued: list[Delivery] = []
+        for handle in self._queue:
+            if handle.deadline <= now:
+                self._expired(handle, settled)
+            else:
+                nearest = min(nearest, handle.deadline)
+                queued.append(handle)
+        sent: list[tuple[int, Delivery]] = []
+        for item in self._inflight:
+            if item[1].deadline <= now:
+                self._expired(item[1], settled)
+            else:
+                nearest = min(nearest, item[1].deadline)
+                sent.append(item)
+        if len(queued) < len(self._queue):
+            self._queue = collections.deque(queued)
+        if len(sent) < len(self._inflight):
+            self._inflight = collections.deque(sent)
+        self._next_expiry = nearest
+        self._settled.notify_all()
+
+    def _expired(self, handle: Delivery, settled: list[Delivery]) -> None:
+        where = "sent, not confirmed" if handle.sent else "never sent"
+        error = DeliveryError(
+            f"delivery deadline passed ({where})", code="DELIVERY_TIMEOUT", sent=handle.sent
+        )
+        self._fail(handle, error, settled)
+
+    def _fail(self, handle: Delivery, error: DeliveryError, settled: list[Delivery]) -> None:
+        # Caller holds the lock.
+        handle.done_ = True
+        handle._error = error
+        handle.data = None
+        self._used -= handle.size
+        if handle._callbacks:
+            settled.append(handle)
+
+    def _fail_all(self) -> list[Delivery]:
+        """The manager stopped: fail everything unsettled (after taking the confirmations)."""
+        with self._lock:
+            settled = self._settle(_monotonic())
+            for handle in [h for _, h in self._inflight] + list(self._queue):
+                self._fail(
+                    handle,
+                    DeliveryError(
+                        "manager stopped before the message was confirmed",
+                        code="STOPPED",
+                        sent=handle.sent,
+                    ),
+                    settled,
+                )
+            self._inflight.clear()
+            self._queue.clear()
+            self._next_expiry = float("inf")
+            self._settled.notify_all()
+        return settled
+
+    @staticmethod
+    def _finish(settled: list[Delivery]) -> None:
+        """Run the callbacks of settled handles; no lock held."""
+        for handle in settled:
+            callbacks, handle._callbacks = handle._callbacks, None
+            for fn in callbacks or ():
+                _run_callback(fn, handle)
+
+
+class DeliveryCalls:
+    """The manager's delivery methods (a mixin of ``Manager``, which sets ``_outbox``)."""
+
+    _outbox: Outbox
+
+    def deliver(
+        self,
+        data: bytes | bytearray | memoryview,
+        *,
+        timeout: float | None = None,
+        callback: Callable[[Delivery], object] | None = None,
+    ) -> Delivery:
+        """Accept ``data`` for delivery and return its handle; the library retries it until
+        the receiver confirms it or ``timeout`` passes.
+
+        Messages go out in the order ``deliver()`` accepted them, one at a time on the
+        ``dwcp-delivery`` thread, through the circuit breaker: a failed send is retried (the
+        same message first) after a pause of 0.05 s doubling to 1 s, and while the breaker
+        is open nothing is sent; once it reads half-open, the next send is its trial. A sent
+        message is in the transport's window, which resends it after reconnects; the handle
+        settles when the receiver confirms it.
+
+        Args:
+            data: the message (bytes-like; copied unless ``bytes``).
+            timeout: seconds from now until the message fails with ``DeliveryError``
+                (``DELIVERY_TIMEOUT``); default: the manager's ``delivery_timeout``.
+            callback: called with the handle once it settles, on the delivery thread.
+
+        Blocks while the accepted, unsettled messages' bytes would exceed
+        ``delivery_buffer_bytes``, for at most ``delivery_max_block`` seconds, then raises
+        ``DeliveryError`` (``BUFFER_FULL``). Raises ``ValueError`` for a message larger than
+        the whole budget, ``TypeError`` for data that is not bytes-like, and ``DWCPError``
+        with code ``NOT_STARTED`` (not started, or stopping), ``NO_TRANSPORT``, or
+        ``NOT_ACKNOWLEDGED`` (the transport is not a ``MultiStreamTCPTransport`` with
+        ``acknowledged=True``: nothing would confirm the message).
+        """
+        return self._outbox.deliver(data, timeout, callback)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every message ``deliver()`` accepted before this call has settled
+        (confirmed or failed: see each handle). Without ``timeout`` it waits at most until
+        the latest of those messages' deadlines. Raises ``DeliveryError`` (code
+        ``FLUSH_TIMEOUT``) when ``timeout`` seconds pass first."""
+        self._outbox.flush(timeout)
