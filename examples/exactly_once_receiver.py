@@ -46,30 +46,30 @@ def main() -> None:
     parser.add_argument("--work", type=float, default=0.0)
     args = parser.parse_args()
 
-    records = open(args.file, "a", buffering=1)  # line-buffered: one write() per line
-    lock = threading.Lock()  # two senders' sessions may deliver at once
+    # Line-buffered: one write() per line.
+    with open(args.file, "a", buffering=1) as records:
+        lock = threading.Lock()  # two senders' sessions may deliver at once
 
-    def on_message(data: bytes, sender_id: str, message_id: int) -> None:
-        if args.work:
-            time.sleep(args.work)
-        with lock:
-            records.write(f"{sender_id} {message_id} {data.decode()}\n")
+        def on_message(data: bytes, sender_id: str, message_id: int) -> None:
+            if args.work:
+                time.sleep(args.work)
+            with lock:
+                records.write(f"{sender_id} {message_id} {data.decode()}\n")
 
-    receiver = dwcp.MultiStreamReceiver(
-        ("127.0.0.1", args.port),
-        on_message=on_message,
-        with_ids=True,
-        resume_from=processed(args.file),
-    )
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    receiver.start()
-    print("ready", flush=True)
-    while not stop.wait(0.5):
-        pass
-    receiver.stop()
-    records.close()
+        receiver = dwcp.MultiStreamReceiver(
+            ("127.0.0.1", args.port),
+            on_message=on_message,
+            with_ids=True,
+            resume_from=processed(args.file),
+        )
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        receiver.start()
+        print("ready", flush=True)
+        while not stop.wait(0.5):
+            pass
+        receiver.stop()
 
 
 if __name__ == "__main__":
