@@ -20,12 +20,12 @@ import itertools
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from loguru import logger
 
 from dwcp import _validation as check
-from dwcp._errors import CircuitOpenError, DWCPError, TransportError
+from dwcp._errors import CircuitOpenError, DWCPError
 
 if TYPE_CHECKING:
     from dwcp._components import Transport
@@ -142,6 +142,14 @@ def _run_callback(fn: Callable[[Delivery], object], handle: Delivery) -> None:
 class Outbox:
     """The accepted, unconfirmed messages of one manager, and the thread that delivers them.
 
+    One sender at a time holds the send path (``_busy``), so messages go out in the order
+    they were accepted: ``deliver()`` sends on its caller's thread when nothing is queued
+    and nothing stands in the way (no other send in progress, breaker not seen open, no
+    retry pause), which spares a thread hand-off per message; otherwise it queues and the
+    thread sends. Either way a sent message joins ``_unstamped``; the thread stamps those
+    with the window's highest id (read after they were sent, so at or past theirs) and
+    settles each stamped group once the window's confirmation mark reaches its stamp.
+
     Args:
         send: the manager's guarded send (admit, send, record).
         breaker_state: reads the breaker's state (``"open"`` while nothing may be sent).
@@ -177,15 +185,23 @@ class Outbox:
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # the thread waits here
         self._settled = threading.Condition(self._lock)  # producers, flush(), result()
-        self._queue: collections.deque[Delivery] = collections.deque()
-        # Sent, awaiting confirmation: (the window mark that confirms it, its handle).
-        self._inflight: collections.deque[tuple[int, Delivery]] = collections.deque()
+        self._queue: collections.deque[Delivery] = collections.deque()  # not sent yet
+        self._unstamped: list[Delivery] = []  # sent since the thread last read the marks
+        # Sent, awaiting confirmation: (the window mark that confirms them, the messages).
+        self._inflight: collections.deque[tuple[int, list[Delivery]]] = collections.deque()
+        self._busy = False  # a send is in progress (the thread's or a caller's)
+        self._inline: Delivery | None = None  # the message a caller is sending itself
+        self._breaker_open = False  # a send was rejected: look at the breaker first
+        self._pause_until = 0.0  # after a failed send: no send before this
+        self._retry = _RETRY_FIRST  # the next pause
         self._used = 0
         self._open = False
         self._closing = False
         self._idle = False  # the thread waits for work (a producer notifies only then)
+        self._asleep = False  # ...and is not polling for confirmations either
         self._thread: threading.Thread | None = None
         self._next_expiry = float("inf")  # no deadline is earlier than this
+        self._confirmed = 0  # groups confirmed so far: the thread's measure of progress
 
     # -- lifecycle (the manager's) -------------------------------------------------------------
 
@@ -193,10 +209,11 @@ class Outbox:
         """The manager started: accept messages."""
         with self._lock:
             self._open, self._closing = True, False
+            self._breaker_open, self._pause_until, self._retry = False, 0.0, _RETRY_FIRST
 
     def close(self) -> None:
         """The manager is stopping: refuse new messages; the thread fails what is left
-        (``STOPPED``) and ends after its current send."""
+        (``STOPPED``) once the send in progress, if any, returned."""
         with self._lock:
             self._open, self._closing = False, True
             self._work.notify_all()
@@ -216,17 +233,6 @@ class Outbox:
         with self._lock:
             if self._thread is thread:
                 self._thread = None
-
-    @property
-    def pending(self) -> int:
-        """Messages accepted and not yet settled."""
-        with self._lock:
-            return len(self._queue) + len(self._inflight)
-
-    @property
-    def pending_bytes(self) -> int:
-        """The budget they use."""
-        return self._used
 
     # -- the caller's side --------------------------------------------------------------------
 
@@ -252,36 +258,84 @@ class Outbox:
         wait = self.timeout if timeout is None else check.seconds("timeout", timeout)
         handle = Delivery(self, data, now + wait, callback)
         with self._lock:
-            self._check_open()
-            if not self.acknowledged:
-                raise DWCPError(
-                    "deliver() needs an acknowledged transport: "
-                    "MultiStreamTCPTransport(..., acknowledged=True)",
-                    code="NOT_ACKNOWLEDGED",
-                )
+            if not self._open or not self.acknowledged:
+                self._refuse()
             if self._used + size > self.budget:
                 self._wait_for_room(size, now + self.max_block)
+                now = _monotonic()
             self._used += size
-            self._queue.append(handle)
             self._next_expiry = min(self._next_expiry, handle.deadline)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="dwcp-delivery", daemon=True)
                 self._thread.start()
-            elif self._idle:
-                self._work.notify()
+            if self._busy or self._queue or self._breaker_open or now < self._pause_until:
+                self._queue.append(handle)
+                if self._idle:
+                    self._work.notify()
+                return handle
+            self._busy, self._inline = True, handle
+        # Nothing queued, nothing in the way: send it here, as the thread would.
+        try:
+            self._send(data)
+        except (TypeError, ValueError) as exc:  # this message, never any other
+            settled: list[Delivery] = []
+            with self._lock:
+                self._released()
+                self._refused(handle, exc, settled)
+                self._settled.notify_all()
+            self._finish(settled)
+        except DWCPError as exc:  # failed or rejected: the thread retries it
+            with self._lock:
+                self._queue.appendleft(handle)
+                self._failed(exc)
+                self._released()
+        except BaseException:  # interrupted: kept, first in line
+            with self._lock:
+                self._queue.appendleft(handle)
+                self._released()
+            raise
+        else:
+            with self._lock:  # _released(), inlined: this is the path every message takes
+                self._busy = False
+                self._inline = None
+                self._next_expiry = min(self._next_expiry, handle.deadline)
+                self._retry = _RETRY_FIRST
+                handle.sent = True
+                handle.data = None
+                self._unstamped.append(handle)
+                # The thread sends what queued meanwhile; asleep, it was not polling for
+                # confirmations either, and now has one to wait for.
+                if (self._queue and self._idle) or self._asleep:
+                    self._asleep = False
+                    self._work.notify()
         return handle
 
-    def _check_open(self) -> None:
+    def _refuse(self) -> NoReturn:
         # Caller holds the lock.
-        if self._open:
-            return
         if not self._has_transport:
             raise DWCPError("manager has no transport to deliver through", code="NO_TRANSPORT")
-        raise DWCPError("manager is not started", code="NOT_STARTED")
+        if not self._open:
+            raise DWCPError("manager is not started", code="NOT_STARTED")
+        raise DWCPError(
+            "deliver() needs an acknowledged transport: "
+            "MultiStreamTCPTransport(..., acknowledged=True)",
+            code="NOT_ACKNOWLEDGED",
+        )
+
+    def _released(self) -> None:
+        # Caller holds the lock: the send path is free; the thread sends what queued.
+        handle = self._inline
+        if handle is not None and handle.deadline < self._next_expiry:
+            self._next_expiry = handle.deadline
+        self._busy, self._inline = False, None
+        if self._queue and self._idle:
+            self._work.notify()
 
     def _wait_for_room(self, size: int, deadline: float) -> None:
         # Caller holds the lock; bounded by deadline.
         while self._used + size > self.budget:
+            if self._idle:
+                self._work.notify()  # settle what was confirmed now, not at the next poll
             left = deadline - _monotonic()
             if left <= 0:
                 raise DeliveryError(
@@ -290,14 +344,18 @@ class Outbox:
                     code="BUFFER_FULL",
                 )
             self._settled.wait(left)
-            self._check_open()
+            if not self._open:
+                self._refuse()
 
     def flush(self, timeout: float | None) -> None:
         """Wait until every message accepted before the call has settled."""
         limit = None if timeout is None else check.seconds("timeout", timeout, allow_zero=True)
         deadline = None if limit is None else _monotonic() + limit
         with self._lock:
-            waiting = [handle for _, handle in self._inflight]
+            waiting = [handle for _, group in self._inflight for handle in group]
+            waiting += self._unstamped
+            if self._inline is not None:
+                waiting.append(self._inline)
             waiting.extend(self._queue)
             for handle in waiting:  # they settle roughly in this order
                 while not handle.done_:
@@ -338,57 +396,57 @@ class Outbox:
 
     def _run(self) -> None:
         log = logger.bind(manager=self._name)
-        pause_until = 0.0  # after a failed send: no send before this
-        retry = _RETRY_FIRST
-        breaker_open = False  # rejected: look at the breaker before sending again
         poll = _POLL_MIN
         while True:
             try:
-                if breaker_open:
-                    # Outside the lock: with a shared breaker the read may reach Redis.
-                    breaker_open = self._breaker_state() == "open"
+                # Read outside the lock: with a shared breaker the read may reach Redis.
+                still_open = self._breaker_open and self._breaker_state() == "open"
                 with self._lock:
+                    self._breaker_open = self._breaker_open and still_open
                     now = _monotonic()
+                    confirmed = self._confirmed
                     settled = self._settle(now)
-                    if self._closing:
-                        break
+                    progressed = settled or self._confirmed != confirmed
                     batch: list[Delivery] = []
-                    if self._queue and not breaker_open and now >= pause_until:
+                    if self._closing and not self._busy:
+                        break
+                    if (
+                        self._queue
+                        and not self._busy
+                        and not self._closing
+                        and not self._breaker_open
+                        and now >= self._pause_until
+                    ):
+                        self._busy = True
                         batch = list(itertools.islice(self._queue, _BATCH))
-                    elif not settled:
+                    elif not progressed:
                         wait = self._next_expiry - now
-                        if breaker_open:
+                        if self._breaker_open:
                             wait = min(wait, _BREAKER_POLL)
-                        elif self._queue:
-                            wait = min(wait, pause_until - now)
-                        if self._inflight:
+                        elif self._queue and not self._busy:
+                            wait = min(wait, self._pause_until - now)
+                        polling = bool(self._inflight or self._unstamped or self._busy)
+                        if polling:
                             wait = min(wait, poll)
                             poll = min(poll * 2, _POLL_MAX)
-                        self._idle = True
+                        self._idle, self._asleep = True, not polling
                         self._work.wait(None if wait == float("inf") else max(wait, 0.0))
-                        self._idle = False
+                        self._idle = self._asleep = False
                         continue
                 poll = _POLL_MIN
                 self._finish(settled)
-                if not batch:
-                    continue
-                outcome = self._send_batch(batch)
-                if outcome is None:
-                    retry = _RETRY_FIRST
-                elif isinstance(outcome, CircuitOpenError):
-                    breaker_open = True
-                else:
-                    pause_until = _monotonic() + retry
-                    retry = min(retry * 2, _RETRY_MAX)
-                    log.bind(error=str(outcome), retry_in=retry).debug("Delivery send failed")
+                if batch:
+                    self._send_batch(batch)
             except Exception as exc:  # noqa: BLE001 - never die silently; keep delivering
                 log.opt(exception=exc).error("Delivery thread failed; going on")
-                pause_until = _monotonic() + _RETRY_MAX
+                with self._lock:
+                    self._busy = False
+                    self._pause_until = _monotonic() + _RETRY_MAX
         self._finish(self._fail_all())
 
-    def _send_batch(self, batch: list[Delivery]) -> DWCPError | None:
-        """Send ``batch`` in order, with no lock held, until one fails; record what went.
-        Returns the failure that stopped it (None: all sent)."""
+    def _send_batch(self, batch: list[Delivery]) -> None:
+        """Send ``batch`` (the queue's head) in order, with no lock held, until one fails;
+        then record what went, and the failure."""
         send = self._send
         done = 0
         refused: list[tuple[Delivery, BaseException]] = []
@@ -398,53 +456,68 @@ class Outbox:
             assert data is not None
             try:
                 send(data)
-            except (CircuitOpenError, TransportError) as exc:
-                failure = exc
-                break
-            except DWCPError as exc:  # NOT_STARTED: the manager is stopping
-                failure = exc
-                break
             except (TypeError, ValueError) as exc:  # this message, never any other
                 refused.append((handle, exc))
+            except DWCPError as exc:  # failed or rejected (or the manager is stopping)
+                failure = exc
+                break
             done += 1
-        marks = self._marks() if self._marks is not None and done else None
         settled: list[Delivery] = []
         with self._lock:
-            queue, inflight = self._queue, self._inflight
+            queue, unstamped = self._queue, self._unstamped
             for _ in range(done):
                 handle = queue.popleft()
-                handle.data = None
                 if refused and refused[0][0] is handle:
-                    _, why = refused.pop(0)
-                    error = DeliveryError(f"transport refused the message: {why}", code="REFUSED")
-                    error.__cause__ = why
-                    self._fail(handle, error, settled)
+                    self._refused(handle, refused.pop(0)[1], settled)
                     continue
-                handle.sent = True
-                # The window's highest id once this batch was in: at or past each message's
-                # own, so a confirmation through it confirms them all.
-                inflight.append((-1 if marks is None else marks[0], handle))
+                handle.sent, handle.data = True, None
+                unstamped.append(handle)
+            if failure is not None:
+                self._failed(failure)
+            elif done:
+                self._retry = _RETRY_FIRST
+            self._busy = False
             if settled:
                 self._settled.notify_all()
         self._finish(settled)
-        return failure
+        if failure is not None:
+            logger.bind(manager=self._name, error=str(failure)).debug("Delivery send failed")
+
+    def _failed(self, failure: DWCPError) -> None:
+        # Caller holds the lock: wait for the breaker, or pause before the next try.
+        if isinstance(failure, CircuitOpenError):
+            self._breaker_open = True
+        else:
+            self._pause_until = _monotonic() + self._retry
+            self._retry = min(self._retry * 2, _RETRY_MAX)
+
+    def _refused(self, handle: Delivery, why: BaseException, settled: list[Delivery]) -> None:
+        # Caller holds the lock.
+        error = DeliveryError(f"transport refused the message: {why}", code="REFUSED")
+        error.__cause__ = why
+        self._fail(handle, error, settled)
 
     def _settle(self, now: float) -> list[Delivery]:
-        """Confirm what the receiver confirmed, fail what is past its deadline; return the
-        handles with callbacks to run. Caller holds the lock."""
+        """Stamp what was sent, confirm what the receiver confirmed, fail what is past its
+        deadline; return the handles with callbacks to run. Caller holds the lock."""
         settled: list[Delivery] = []
         inflight = self._inflight
-        if inflight and self._marks is not None:
+        if (inflight or self._unstamped) and self._marks is not None:
             marks = self._marks()
-            acked = -1 if marks is None else marks[1]
-            confirmed = 0
+            last, acked = (-1, -1) if marks is None else marks
+            if self._unstamped:
+                # Read after they were sent: at or past each one's message id.
+                inflight.append((last, self._unstamped))
+                self._unstamped = []
+            confirmed = False
             while inflight and inflight[0][0] <= acked:
-                handle = inflight.popleft()[1]
-                handle.done_ = True
-                self._used -= handle.size
-                confirmed += 1
-                if handle._callbacks:
-                    settled.append(handle)
+                confirmed = True
+                self._confirmed += 1
+                for handle in inflight.popleft()[1]:
+                    handle.done_ = True
+                    self._used -= handle.size
+                    if handle._callbacks:
+                        settled.append(handle)
             if confirmed:
                 self._settled.notify_all()
         if now >= self._next_expiry:
@@ -454,24 +527,31 @@ class Outbox:
     def _expire(self, now: float, settled: list[Delivery]) -> None:
         # Caller holds the lock. O(pending), run only when the earliest deadline passed.
         nearest = float("inf")
-        queued: list[Delivery] = []
-        for handle in self._queue:
-            if handle.deadline <= now:
-                self._expired(handle, settled)
-            else:
-                nearest = min(nearest, handle.deadline)
-                queued.append(handle)
-        sent: list[tuple[int, Delivery]] = []
-        for item in self._inflight:
-            if item[1].deadline <= now:
-                self._expired(item[1], settled)
-            else:
-                nearest = min(nearest, item[1].deadline)
-                sent.append(item)
-        if len(queued) < len(self._queue):
-            self._queue = collections.deque(queued)
-        if len(sent) < len(self._inflight):
-            self._inflight = collections.deque(sent)
+        if any(handle.deadline <= now for handle in self._queue):
+            queued: collections.deque[Delivery] = collections.deque()
+            for handle in self._queue:
+                if handle.deadline <= now:
+                    self._expired(handle, settled)
+                else:
+                    queued.append(handle)
+            self._queue = queued
+        groups = [(mark, group) for mark, group in self._inflight]
+        groups.append((-1, self._unstamped))
+        for index, (mark, group) in enumerate(groups):
+            if any(handle.deadline <= now for handle in group):
+                kept = []
+                for handle in group:
+                    if handle.deadline <= now:
+                        self._expired(handle, settled)
+                    else:
+                        kept.append(handle)
+                groups[index] = (mark, kept)
+        self._unstamped = groups.pop()[1]
+        self._inflight = collections.deque(g for g in groups if g[1])
+        for handle in itertools.chain(self._queue, self._unstamped, *(g for _, g in groups)):
+            nearest = min(nearest, handle.deadline)
+        # (A message a caller is sending is in none of these: it lowers the mark again when
+        # it is back, see _released.)
         self._next_expiry = nearest
         self._settled.notify_all()
 
@@ -495,17 +575,17 @@ class Outbox:
         """The manager stopped: fail everything unsettled (after taking the confirmations)."""
         with self._lock:
             settled = self._settle(_monotonic())
-            for handle in [h for _, h in self._inflight] + list(self._queue):
-                self._fail(
-                    handle,
-                    DeliveryError(
-                        "manager stopped before the message was confirmed",
-                        code="STOPPED",
-                        sent=handle.sent,
-                    ),
-                    settled,
+            self._inflight.append((-1, self._unstamped))
+            rest = [handle for _, group in self._inflight for handle in group]
+            for handle in rest + list(self._queue):
+                error = DeliveryError(
+                    "manager stopped before the message was confirmed",
+                    code="STOPPED",
+                    sent=handle.sent,
                 )
+                self._fail(handle, error, settled)
             self._inflight.clear()
+            self._unstamped = []
             self._queue.clear()
             self._next_expiry = float("inf")
             self._settled.notify_all()

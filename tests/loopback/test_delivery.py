@@ -101,6 +101,31 @@ def test_messages_are_retried_through_an_outage_and_recovery(
     assert inbox.messages == [b"before", *numbered(300)]
 
 
+def test_each_threads_messages_arrive_once_in_its_order(
+    receiver_factory: ReceiverFactory,
+    transport_factory: TransportFactory,
+    make_manager: Callable[..., dwcp.Manager],
+) -> None:
+    receiver, inbox = receiver_factory()
+    manager = make_manager(transport_factory(receiver.address, acknowledged=True))
+    manager.start()
+
+    def deliver_all(writer: int) -> None:
+        for i in range(500):
+            manager.deliver(b"%d %d" % (writer, i))
+
+    threads = [threading.Thread(target=deliver_all, args=(w,)) for w in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT)
+    manager.flush(timeout=TIMEOUT)
+    for writer in range(4):
+        mine = [m for m in inbox.messages if m.startswith(b"%d " % writer)]
+        assert mine == [b"%d %d" % (writer, i) for i in range(500)]
+    assert len(inbox.messages) == 2000
+
+
 class Recording(MultiStreamTCPTransport):
     """A real transport that records the breaker's state and generation at each send."""
 
