@@ -217,7 +217,7 @@ def drain_after_outage(size: int, count: int, rounds: int) -> list[float]:
 
 def _cpu(samples: list[Sample], side: str, count: int) -> float:
     """Median CPU microseconds per message of one process (``side``) over ``samples``."""
-    return 1e6 * statistics.median(getattr(s, side) for s in samples) / count
+    return 1e6 * float(statistics.median(getattr(s, side) for s in samples)) / count
 
 
 def _size(size: int) -> str:
