@@ -199,6 +199,7 @@ class Outbox:
         self._closing = False
         self._idle = False  # the thread waits for work (a producer notifies only then)
         self._asleep = False  # ...and is not polling for confirmations either
+        self._due: list[Delivery] = []  # settled by a caller; callbacks for the thread to run
         self._thread: threading.Thread | None = None
         self._next_expiry = float("inf")  # no deadline is earlier than this
         self._confirmed = 0  # groups confirmed so far: the thread's measure of progress
@@ -278,12 +279,10 @@ class Outbox:
         try:
             self._send(data)
         except (TypeError, ValueError) as exc:  # this message, never any other
-            settled: list[Delivery] = []
             with self._lock:
-                self._released()
-                self._refused(handle, exc, settled)
+                self._refused(handle, exc, self._due)  # its callbacks run on the thread
                 self._settled.notify_all()
-            self._finish(settled)
+                self._released()
         except DWCPError as exc:  # failed or rejected: the thread retries it
             with self._lock:
                 self._queue.appendleft(handle)
@@ -328,7 +327,7 @@ class Outbox:
         if handle is not None and handle.deadline < self._next_expiry:
             self._next_expiry = handle.deadline
         self._busy, self._inline = False, None
-        if self._queue and self._idle:
+        if (self._queue or self._due) and self._idle:
             self._work.notify()
 
     def _wait_for_room(self, size: int, deadline: float) -> None:
@@ -400,9 +399,11 @@ class Outbox:
         while True:
             try:
                 # Read outside the lock: with a shared breaker the read may reach Redis.
-                still_open = self._breaker_open and self._breaker_state() == "open"
+                was_open = self._breaker_open
+                still_open = was_open and self._breaker_state() == "open"
                 with self._lock:
-                    self._breaker_open = self._breaker_open and still_open
+                    if was_open and not still_open:
+                        self._breaker_open = False
                     now = _monotonic()
                     confirmed = self._confirmed
                     settled = self._settle(now)
@@ -440,13 +441,19 @@ class Outbox:
             except Exception as exc:  # noqa: BLE001 - never die silently; keep delivering
                 log.opt(exception=exc).error("Delivery thread failed; going on")
                 with self._lock:
-                    self._busy = False
                     self._pause_until = _monotonic() + _RETRY_MAX
         self._finish(self._fail_all())
 
     def _send_batch(self, batch: list[Delivery]) -> None:
         """Send ``batch`` (the queue's head) in order, with no lock held, until one fails;
-        then record what went, and the failure."""
+        then record what went, and the failure. Called holding the send path (``_busy``)."""
+        try:
+            self._send_some(batch)
+        finally:
+            with self._lock:
+                self._busy = False
+
+    def _send_some(self, batch: list[Delivery]) -> None:
         send = self._send
         done = 0
         refused: list[tuple[Delivery, BaseException]] = []
@@ -476,7 +483,6 @@ class Outbox:
                 self._failed(failure)
             elif done:
                 self._retry = _RETRY_FIRST
-            self._busy = False
             if settled:
                 self._settled.notify_all()
         self._finish(settled)
@@ -500,7 +506,7 @@ class Outbox:
     def _settle(self, now: float) -> list[Delivery]:
         """Stamp what was sent, confirm what the receiver confirmed, fail what is past its
         deadline; return the handles with callbacks to run. Caller holds the lock."""
-        settled: list[Delivery] = []
+        settled, self._due = self._due, []
         inflight = self._inflight
         if (inflight or self._unstamped) and self._marks is not None:
             marks = self._marks()

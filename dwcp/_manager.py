@@ -319,18 +319,19 @@ class Manager(GuardedCalls, DeliveryCalls):
                 self._monitor.wake_all()
                 threads = [t for t in (self._monitor.thread, *self._supervisor.threads()) if t]
                 cycles = self._supervisor.cycles()
-        if phase == "started":
-            self._outbox.close()  # refuses new messages; its thread fails what is left
         if phase == "stopping":
             stopped.wait()
         if phase != "started":
             return
         # Joined without the lock: these threads take it on their way out.
-        deadline = time.monotonic() + self._monitor.timeout + 1.0
-        self._supervisor.join(threads, cycles, deadline)
+        self._supervisor.join(threads, cycles, time.monotonic() + self._monitor.timeout + 1.0)
         for state in reversed(list(self._states.values())):
             state.slot.shutdown()
-        self._outbox.join(deadline)  # after the transport's close, which ends a blocked send
+        # After the transport's close, which waits for outstanding confirmations and ends
+        # a blocked send: what is still unconfirmed then fails (STOPPED). Its thread has the
+        # same allowance as the others, from here.
+        self._outbox.close()
+        self._outbox.join(time.monotonic() + self._monitor.timeout + 1.0)
         if self._health_server is not None:
             self._health_server.stop()
         self._breaker.close()

@@ -319,8 +319,15 @@ def test_a_message_the_transport_refuses_fails_alone(
         transport_factory(receiver.address, acknowledged=True, max_message_size=100)
     )
     manager.start()
-    handles = [manager.deliver(b"a"), manager.deliver(bytes(101)), manager.deliver(b"b")]
+    threads: list[str] = []
+
+    def note(handle: Delivery) -> None:
+        threads.append(threading.current_thread().name)
+
+    handles = [manager.deliver(m, callback=note) for m in (b"a", bytes(101), b"b")]
     manager.flush(timeout=TIMEOUT)
+    wait_until(lambda: len(threads) == 3, timeout=TIMEOUT)
+    assert threads == ["dwcp-delivery"] * 3  # callbacks run on the delivery thread
     error = handles[1].exception()
     assert error is not None and error.code == "REFUSED"
     assert isinstance(error.__cause__, ValueError)
