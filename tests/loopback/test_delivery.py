@@ -419,6 +419,9 @@ def test_resume_from_drops_a_senders_messages_at_or_below_the_last_processed(
     ],
 )
 def test_resume_from_is_validated(resume_from: object, error: type[Exception], text: str) -> None:
+    too_many = {f"{i + 1:032x}": 0 for i in range(4097)}
+    with pytest.raises(ValueError, match="more than 4096"):
+        MultiStreamReceiver(on_message=print, resume_from=too_many)
     with pytest.raises(error, match=text):
         MultiStreamReceiver(on_message=print, resume_from=resume_from)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="with_ids"):
