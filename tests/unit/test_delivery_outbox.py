@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -42,7 +43,7 @@ def test_a_failed_send_is_retried_after_a_pause_doubling_from_50_ms_to_1_s() -> 
     finally:
         outbox.close()
         outbox.join(time.monotonic() + 10.0)
-    gaps = [later - earlier for earlier, later in zip(tries, tries[1:])]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(tries)]
     # Waits can only run late on a busy machine: each gap is at least its pause.
     for gap, pause in zip(gaps, [0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0]):
         assert gap >= pause * 0.99, (gaps, pause)
