@@ -63,9 +63,7 @@ class DeliveryError(DWCPError):
     One that was not sent never will.
     """
 
-    code = "DELIVERY_FAILED"
-
-    def __init__(self, message: str, *, code: str | None = None, sent: bool = False) -> None:
+    def __init__(self, message: str, *, code: str, sent: bool = False) -> None:
         super().__init__(message, code=code)
         self.sent = sent
 
