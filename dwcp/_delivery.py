@@ -619,12 +619,14 @@ class DeliveryCalls:
         """Accept ``data`` for delivery and return its handle; the library retries it until
         the receiver confirms it or ``timeout`` passes.
 
-        Messages go out in the order ``deliver()`` accepted them, one at a time on the
-        ``dwcp-delivery`` thread, through the circuit breaker: a failed send is retried (the
-        same message first) after a pause of 0.05 s doubling to 1 s, and while the breaker
-        is open nothing is sent; once it reads half-open, the next send is its trial. A sent
-        message is in the transport's window, which resends it after reconnects; the handle
-        settles when the receiver confirms it.
+        Messages go out in the order ``deliver()`` accepted them, one send at a time, through
+        the circuit breaker: sent by the calling thread when nothing is queued and nothing
+        stands in the way, else by the ``dwcp-delivery`` thread. A failed send is retried
+        (the same message first) after a pause of 0.05 s doubling to 1 s; while the breaker
+        is open nothing is sent, and once it reads half-open the next send is its trial. A
+        sent message is in the transport's window, which resends it after reconnects; the
+        handle settles when the receiver confirms it. ``stop()`` fails what is unconfirmed
+        once the transport is closed (``DeliveryError``, code ``STOPPED``).
 
         Args:
             data: the message (bytes-like; copied unless ``bytes``).
@@ -634,9 +636,10 @@ class DeliveryCalls:
 
         Blocks while the accepted, unsettled messages' bytes would exceed
         ``delivery_buffer_bytes``, for at most ``delivery_max_block`` seconds, then raises
-        ``DeliveryError`` (``BUFFER_FULL``). Raises ``ValueError`` for a message larger than
-        the whole budget, ``TypeError`` for data that is not bytes-like, and ``DWCPError``
-        with code ``NOT_STARTED`` (not started, or stopping), ``NO_TRANSPORT``, or
+        ``DeliveryError`` (``BUFFER_FULL``); sending the message itself, it may also wait
+        as a send does while the transport's window is full. Raises ``ValueError`` for a
+        message larger than the whole budget, ``TypeError`` for data that is not
+        bytes-like, and ``DWCPError`` with code ``NOT_STARTED``, ``NO_TRANSPORT``, or
         ``NOT_ACKNOWLEDGED`` (the transport is not a ``MultiStreamTCPTransport`` with
         ``acknowledged=True``: nothing would confirm the message).
         """
@@ -644,7 +647,7 @@ class DeliveryCalls:
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every message ``deliver()`` accepted before this call has settled
-        (confirmed or failed: see each handle). Without ``timeout`` it waits at most until
-        the latest of those messages' deadlines. Raises ``DeliveryError`` (code
-        ``FLUSH_TIMEOUT``) when ``timeout`` seconds pass first."""
+        (confirmed or failed: see each handle); each has a deadline, so this ends without
+        ``timeout`` too. Raises ``DeliveryError`` (code ``FLUSH_TIMEOUT``) when ``timeout``
+        seconds pass first."""
         self._outbox.flush(timeout)
