@@ -1,16 +1,18 @@
 """Delivery that rides out outages: ``Manager.deliver()``, its handles and its thread.
 
-A message accepted by ``deliver()`` is queued in an ``Outbox`` (bounded by a byte budget)
-and sent, in order, by one thread (``dwcp-delivery``) through the manager's guarded send.
+A message accepted by ``deliver()`` counts against a byte budget until it settles. It is
+sent, in order, through the manager's guarded send: by the caller when nothing is queued
+and nothing stands in the way, otherwise from the queue by one thread (``dwcp-delivery``).
 A send that fails is retried, the same message first, after a pause; while the breaker is
 open nothing is sent: the thread waits until it reads half-open, and its next send is the
 trial. A message whose send returned is in the acknowledged transport's window, which
 resends it after reconnects; the thread reads the window's confirmation mark and settles
 each handle once the receiver confirmed its message, or fails it once its deadline passed.
 
-Locking: one lock guards the queue, the in-flight list, the budget and every handle's
-state. The thread takes it to decide and to record; sends, breaker reads and user callbacks
-run with it released. Only the thread removes from the queue's head; producers append.
+Locking: one lock guards the queue, the sent lists, the budget and every handle's state;
+sends, breaker reads and user callbacks run with it released. One sender at a time holds
+the send path (``_busy``); only it takes from the queue's head (the thread), or puts a
+message back there (a caller whose own send failed). Producers append.
 """
 
 from __future__ import annotations
