@@ -223,8 +223,8 @@ class Outbox:
     def join(self, deadline: float) -> None:
         """Join the thread by ``deadline`` (monotonic); it is forgotten once joined."""
         thread = self._thread
-        if thread is None:
-            return
+        if thread is None or thread is threading.current_thread():
+            return  # (stop() from a delivery callback: the thread ends after it returns)
         thread.join(max(deadline - _monotonic(), 0.0))
         if thread.is_alive():
             logger.bind(manager=self._name).warning(
@@ -443,6 +443,9 @@ class Outbox:
                 with self._lock:
                     self._pause_until = _monotonic() + _RETRY_MAX
         self._finish(self._fail_all())
+        with self._lock:  # ended: the next deliver() starts a new thread
+            if self._thread is threading.current_thread():
+                self._thread = None
 
     def _send_batch(self, batch: list[Delivery]) -> None:
         """Send ``batch`` (the queue's head) in order, with no lock held, until one fails;

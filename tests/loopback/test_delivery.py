@@ -426,3 +426,24 @@ def test_resume_from_is_validated(resume_from: object, error: type[Exception], t
         MultiStreamReceiver(on_message=print, resume_from=resume_from)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="with_ids"):
         MultiStreamReceiver(on_message=print, with_ids=1)  # type: ignore[arg-type]
+
+
+def test_stop_from_a_delivery_callback_returns_and_a_restart_delivers(
+    receiver_factory: ReceiverFactory,
+    transport_factory: TransportFactory,
+    make_manager: Callable[..., dwcp.Manager],
+) -> None:
+    receiver, _ = receiver_factory()
+    manager = make_manager(transport_factory(receiver.address, acknowledged=True))
+    manager.start()
+    stopped = threading.Event()
+
+    def stop_here(handle: Delivery) -> None:
+        manager.stop()
+        stopped.set()
+
+    manager.deliver(b"first", callback=stop_here)
+    assert stopped.wait(TIMEOUT)
+    assert not manager.is_started
+    manager.start()  # and it delivers again, on a new thread
+    manager.deliver(b"again").result(timeout=TIMEOUT)
