@@ -200,7 +200,8 @@ class Outbox:
         self._idle = False  # the thread waits for work (a producer notifies only then)
         self._asleep = False  # ...and is not polling for confirmations either
         self._due: list[Delivery] = []  # settled by a caller; callbacks for the thread to run
-        self._thread: threading.Thread | None = None
+        self._thread: threading.Thread | None = None  # the running thread, until it ends
+        self._started: list[threading.Thread] = []  # every thread started, until joined
         self._next_expiry = float("inf")  # no deadline is earlier than this
         self._confirmed = 0  # groups confirmed so far: the thread's measure of progress
 
@@ -221,19 +222,21 @@ class Outbox:
             self._settled.notify_all()
 
     def join(self, deadline: float) -> None:
-        """Join the thread by ``deadline`` (monotonic); it is forgotten once joined."""
-        thread = self._thread
-        if thread is None or thread is threading.current_thread():
-            return  # (stop() from a delivery callback: the thread ends after it returns)
-        thread.join(max(deadline - _monotonic(), 0.0))
-        if thread.is_alive():
-            logger.bind(manager=self._name).warning(
-                "Delivery thread did not end by the stop deadline (a callback still runs?)"
-            )
-            return
+        """Join the threads started so far by ``deadline`` (monotonic), but the calling one;
+        each is forgotten once joined."""
         with self._lock:
-            if self._thread is thread:
-                self._thread = None
+            started = list(self._started)
+        for thread in started:
+            if thread is threading.current_thread():
+                continue  # (stop() from a delivery callback: it ends after it returns)
+            thread.join(max(deadline - _monotonic(), 0.0))
+            if thread.is_alive():
+                logger.bind(manager=self._name).warning(
+                    "Delivery thread did not end by the stop deadline (a callback still runs?)"
+                )
+            else:
+                with self._lock:
+                    self._started.remove(thread)
 
     # -- the caller's side --------------------------------------------------------------------
 
@@ -268,6 +271,7 @@ class Outbox:
             self._next_expiry = min(self._next_expiry, handle.deadline)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="dwcp-delivery", daemon=True)
+                self._started.append(self._thread)
                 self._thread.start()
             if self._busy or self._queue or self._breaker_open or now < self._pause_until:
                 self._queue.append(handle)
