@@ -37,8 +37,9 @@ __all__ = ["Delivery", "DeliveryError", "Outbox"]
 _monotonic = time.monotonic
 #: Messages the thread sends per look at the queue (one lock round trip per batch).
 _BATCH = 64
-#: While confirmations are awaited and nothing else is to do, the confirmation mark is read
-#: after 1 ms, then at most every _POLL_MAX: the window offers no wake-up for its ACKs.
+#: While confirmations are awaited, the thread reads the window's confirmation mark every
+#: _POLL_MAX; while someone also waits for them (flush(), result(), room in the budget),
+#: after 1 ms, doubling up to _POLL_MAX. The window offers no wake-up for its ACKs.
 _POLL_MIN = 0.001
 _POLL_MAX = 0.05
 #: How often an open breaker is looked at again (each look is a state read, no send).
@@ -204,6 +205,7 @@ class Outbox:
         self._started: list[threading.Thread] = []  # every thread started, until joined
         self._next_expiry = float("inf")  # no deadline is earlier than this
         self._confirmed = 0  # groups confirmed so far: the thread's measure of progress
+        self._waiters = 0  # threads waiting for messages to settle (flush, result, room)
 
     # -- lifecycle (the manager's) -------------------------------------------------------------
 
@@ -334,11 +336,20 @@ class Outbox:
         if (self._queue or self._due) and self._idle:
             self._work.notify()
 
+    def _wait_settled(self, timeout: float | None) -> None:
+        # Caller holds the lock. While someone waits, the thread reads the confirmations
+        # often (from 1 ms); otherwise every _POLL_MAX, which keeps it off the sender's CPU.
+        self._waiters += 1
+        if self._idle:
+            self._work.notify()  # settle what was confirmed now, not at the next poll
+        try:
+            self._settled.wait(timeout)
+        finally:
+            self._waiters -= 1
+
     def _wait_for_room(self, size: int, deadline: float) -> None:
         # Caller holds the lock; bounded by deadline.
         while self._used + size > self.budget:
-            if self._idle:
-                self._work.notify()  # settle what was confirmed now, not at the next poll
             left = deadline - _monotonic()
             if left <= 0:
                 raise DeliveryError(
@@ -346,7 +357,7 @@ class Outbox:
                     f"within delivery_max_block ({self.max_block:g} s)",
                     code="BUFFER_FULL",
                 )
-            self._settled.wait(left)
+            self._wait_settled(left)
             if not self._open:
                 self._refuse()
 
@@ -369,7 +380,7 @@ class Outbox:
                             f"{unsettled} message(s) not settled within {limit:g} s",
                             code="FLUSH_TIMEOUT",
                         )
-                    self._settled.wait(left)
+                    self._wait_settled(left)
 
     def wait_settled(self, handle: Delivery, timeout: float | None) -> None:
         """Wait until ``handle`` settles; ``TimeoutError`` if ``timeout`` passes first."""
@@ -382,7 +393,7 @@ class Outbox:
                 left = None if deadline is None else deadline - _monotonic()
                 if left is not None and left <= 0:
                     raise TimeoutError(f"delivery not settled within {limit:g} s")
-                self._settled.wait(left)
+                self._wait_settled(left)
 
     def add_callback(self, handle: Delivery, fn: Callable[[Delivery], object]) -> bool:
         """Register ``fn`` for when ``handle`` settles; False if it already has."""
@@ -431,9 +442,11 @@ class Outbox:
                         elif self._queue and not self._busy:
                             wait = min(wait, self._pause_until - now)
                         polling = bool(self._inflight or self._unstamped or self._busy)
-                        if polling:
+                        if polling and self._waiters:
                             wait = min(wait, poll)
                             poll = min(poll * 2, _POLL_MAX)
+                        elif polling:
+                            wait = min(wait, _POLL_MAX)
                         self._idle, self._asleep = True, not polling
                         self._work.wait(None if wait == float("inf") else max(wait, 0.0))
                         self._idle = self._asleep = False
