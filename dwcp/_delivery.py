@@ -72,7 +72,7 @@ class DeliveryError(DWCPError):
 
 
 class Delivery:
-    """The outcome of one ``Manager.deliver()``, future-like.
+    """The outcome of one ``Manager.deliver()``, future-like (returned by it, not built).
 
     It settles exactly once: confirmed by the receiver (``exception()`` is None), or failed
     with a ``DeliveryError``. Handles settle on the ``dwcp-delivery`` thread, which also runs
