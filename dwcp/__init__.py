@@ -5,6 +5,7 @@ recovers what breaks with exponential backoff, and guards every send with a circ
 """
 
 from dwcp._components import Layer, Transport
+from dwcp._delivery import Delivery, DeliveryError
 from dwcp._errors import CircuitOpenError, DWCPError, TransportError
 from dwcp._events import (
     BreakerStateChanged,
@@ -43,6 +44,8 @@ __all__ = [
     "ComponentSuspected",
     "ComponentUnhealthy",
     "DWCPError",
+    "Delivery",
+    "DeliveryError",
     "Event",
     "HealthServer",
     "HealthSnapshot",

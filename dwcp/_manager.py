@@ -17,6 +17,7 @@ from dwcp._breaker import Breaker
 from dwcp._clock import Clock, SystemClock
 from dwcp._cluster import ClusterView, cluster_member
 from dwcp._components import Layer, Transport
+from dwcp._delivery import DeliveryCalls, Outbox
 from dwcp._errors import DWCPError
 from dwcp._events import Listener, _Dispatcher, peer_of
 from dwcp._guard import CallFailures, Guard, GuardedCalls, failure_test
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["Manager"]
 
 
-class Manager(GuardedCalls):
+class Manager(GuardedCalls, DeliveryCalls):
     """Supervises a transport and optional layers: health monitoring, recovery, circuit breaker.
 
     Configure it with keyword arguments, then ``start()`` it (or use it as a context manager)
@@ -68,6 +69,10 @@ class Manager(GuardedCalls):
         cluster: a Redis URL, ``redis.Redis`` client or ``dwcp.cluster.ClusterMember``:
             publish this manager's health on every pass and watch the cluster's nodes.
         node_id: this manager's id in the cluster (default: host name and process id).
+        delivery_buffer_bytes: ``deliver()``: the bytes of accepted messages not yet
+            confirmed or failed, at most; ``deliver()`` blocks while they would exceed it.
+        delivery_timeout: ``deliver()``: a message's default deadline, in seconds.
+        delivery_max_block: ``deliver()``: how long it blocks for room in the budget.
     """
 
     def __init__(
@@ -96,6 +101,9 @@ class Manager(GuardedCalls):
         clock: Clock | None = None,
         cluster: object = None,
         node_id: str | None = None,
+        delivery_buffer_bytes: int = 32 * 1024 * 1024,
+        delivery_timeout: float | timedelta = 120.0,
+        delivery_max_block: float | timedelta = 60.0,
     ) -> None:
         self._enabled = check.flag("enabled", enabled)
         self._fail_fast = check.flag("fail_fast", fail_fast)
@@ -168,6 +176,16 @@ class Manager(GuardedCalls):
             for state in self._states.values():
                 if state.supervisor.history is not None:  # predictive: it learns
                     state.supervisor.share(self._cluster.outage_history(self._name, state.name))
+        # deliver(): its own module; the thread starts with the first message.
+        self._outbox = Outbox(
+            self.send_with_circuit_breaker,
+            lambda: self._breaker.state,
+            transport,
+            budget=check.count("delivery_buffer_bytes", delivery_buffer_bytes),
+            timeout=check.seconds("delivery_timeout", delivery_timeout),
+            max_block=check.seconds("delivery_max_block", delivery_max_block, allow_zero=True),
+            name=self._name,
+        )
         self._health_server = None
         if health_port is not None:  # validated now, bound in start()
             port = check.port("health_port", health_port)
@@ -253,6 +271,8 @@ class Manager(GuardedCalls):
             stop = self._stop
             self._started, self._sending = True, self._transport
             self._monitor.start(self._pass, stop)
+        if self._transport is not None:
+            self._outbox.open()
         self._breaker.watch()
         if self._cluster is not None:
             self._cluster.start()
@@ -309,6 +329,11 @@ class Manager(GuardedCalls):
         self._supervisor.join(threads, cycles, time.monotonic() + self._monitor.timeout + 1.0)
         for state in reversed(list(self._states.values())):
             state.slot.shutdown()
+        # After the transport's close, which waits for outstanding confirmations and ends
+        # a blocked send: what is still unconfirmed then fails (STOPPED). Its thread has the
+        # same allowance as the others, from here.
+        self._outbox.close()
+        self._outbox.join(time.monotonic() + self._monitor.timeout + 1.0)
         if self._health_server is not None:
             self._health_server.stop()
         self._breaker.close()

@@ -17,7 +17,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -33,6 +33,7 @@ from dwcp.transport._io import (
     set_kernel_timeout,
 )
 from dwcp.transport._reassembly import Closed, FrameTuple, Ready, Reassembly
+from dwcp.transport._resume import resume_positions
 
 if TYPE_CHECKING:  # typing.Self is 3.11+ and setup.cfg still allows 3.10
     from typing_extensions import Self
@@ -181,6 +182,7 @@ class _Session:
         self.heartbeat = hello.keepalive_ms / 1000 if hello.keepalive_ms else None
         self.created = created
         self.first_id = hello.first_id
+        self.sender_id = hello.sender_id.hex()  # handed to on_message with with_ids
         self.reassembly = Reassembly(
             hello.stream_count, max_buffered=max_buffered, first_id=hello.first_id
         )
@@ -219,7 +221,16 @@ class MultiStreamReceiver:
 
     Parameters:
         address: (host, port) to listen on; port 0 picks a free one, IPv6 hosts work.
-        on_message: called with each message's bytes.
+        on_message: called with each message's bytes; with ``with_ids``, as
+            ``on_message(data, sender_id, message_id)``.
+        with_ids: also hand ``on_message`` the sender's id (``str``, 32 hex digits, its
+            ``MultiStreamTCPTransport.sender_id``) and the message's id (``int``, counted
+            from 0 per sender), for the application to record what it processed.
+        resume_from: ``{sender_id: message_id}``, the last message the application
+            durably processed per sender (at most ``SENDERS_KEPT``): that sender's resent
+            messages at or below it are dropped (and confirmed), as duplicates are within
+            one receiver's life. A message is confirmed once ``on_message`` returned, so
+            record it before returning.
         max_message_size: the largest message accepted; larger ones close the session.
         max_sessions: sender sessions served at once; more are answered BUSY.
         idle_timeout: a connection silent this long is closed (senders ping while idle),
@@ -238,7 +249,7 @@ class MultiStreamReceiver:
         self,
         address: tuple[str, int] = ("127.0.0.1", 0),
         *,
-        on_message: Callable[[bytes], object],
+        on_message: Callable[[bytes], object] | Callable[[bytes, str, int], object],
         max_message_size: int = wire.DEFAULT_MAX_MESSAGE_SIZE,
         max_sessions: int = 16,
         idle_timeout: float | timedelta | None = 60.0,
@@ -248,6 +259,8 @@ class MultiStreamReceiver:
         handshake_timeout: float | timedelta = 10.0,
         join_timeout: float | timedelta = 10.0,
         frame_timeout: float | timedelta = 30.0,
+        with_ids: bool = False,
+        resume_from: Mapping[str, int] | None = None,
     ) -> None:
         if not callable(on_message):
             raise TypeError("on_message must be callable")
@@ -265,7 +278,7 @@ class MultiStreamReceiver:
         self._join_timeout = _seconds("join_timeout", join_timeout)
         self._frame_timeout = _seconds("frame_timeout", frame_timeout)
         self._requested = address
-        self._on_message = on_message
+        self._on_message: Callable[..., object] = on_message
         self._max_message_size = _bounded_int(
             "max_message_size", max_message_size, 0, wire.MAX_TOTAL_LENGTH
         )
@@ -285,6 +298,12 @@ class MultiStreamReceiver:
         self._ended: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         # Kept across stop()/start(): exactly once holds while this object lives.
         self._senders: collections.OrderedDict[bytes, _Sender] = collections.OrderedDict()
+        if not isinstance(with_ids, bool):
+            raise TypeError(f"with_ids must be a bool, got {type(with_ids).__name__}")
+        self._with_ids = with_ids
+        for sender_id, next_id in resume_positions(resume_from, SENDERS_KEPT).items():
+            self._senders[sender_id] = resumed = _Sender()
+            resumed.next_id = next_id
         self._duplicates = 0
         self._connections: set[_Connection] = set()
         # Every thread until joined: a thread leaves ``_connections`` (or its session ends)
@@ -1002,12 +1021,13 @@ class MultiStreamReceiver:
             self._session_finished(session)
 
     def _deliver_some(
-        self, session: _Session, batch: list[Ready], on_message: Callable[[bytes], object]
+        self, session: _Session, batch: list[Ready], on_message: Callable[..., object]
     ) -> None:
         cost = 0
         sender = session.sender
         expected = None if sender is None else sender.next_id
         delivered = duplicates = 0
+        with_ids = self._with_ids
         for mid, pieces, price, _ in batch:
             cost += price
             if expected is not None:
@@ -1022,7 +1042,10 @@ class MultiStreamReceiver:
             # A list of pieces, or bytes/bytearray (joining those makes the bytes we hand on).
             payload = pieces if type(pieces) is bytes else b"".join(pieces)  # type: ignore[arg-type]
             try:
-                on_message(payload)
+                if with_ids:
+                    on_message(payload, session.sender_id, mid)
+                else:
+                    on_message(payload)
             except Exception as exc:  # noqa: BLE001 - the application's bug must not end the session
                 logger.bind(session=session.name, message_id=mid).opt(exception=exc).error(
                     "Message handler failed"

@@ -1048,6 +1048,20 @@ class MultiStreamTCPTransport:
         they survive ``close()`` and are resent first by the next ``start()``."""
         return 0 if self._window is None else self._window.pending
 
+    @property
+    def sender_id(self) -> str:
+        """This transport's sender id, 32 hex digits: the same for every session of this
+        object, new for every object. An acknowledged receiver hands it to ``on_message``
+        with ``with_ids=True``, and keys ``resume_from`` with it."""
+        return self._sender_id.hex()
+
+    def _delivery_marks(self) -> tuple[int, int] | None:
+        """For ``Manager.deliver()``: (the highest message id in the window, the highest
+        acknowledged), or None when not ``acknowledged``. Read without a lock: each only
+        grows and has one writer, so a stale read is behind, never ahead."""
+        window = self._window
+        return None if window is None else (window.last, window.acked)
+
     def __repr__(self) -> str:
         session = self._session
         state = "closed" if session is None else ("broken" if session.broken else "started")

@@ -1,0 +1,675 @@
+"""Delivery that rides out outages: ``Manager.deliver()``, its handles and its thread.
+
+A message accepted by ``deliver()`` counts against a byte budget until it settles. It is
+sent, in order, through the manager's guarded send: by the caller when nothing is queued
+and nothing stands in the way, otherwise from the queue by one thread (``dwcp-delivery``).
+A send that fails is retried, the same message first, after a pause; while the breaker is
+open nothing is sent: the thread waits until it reads half-open, and its next send is the
+trial. A message whose send returned is in the acknowledged transport's window, which
+resends it after reconnects; the thread reads the window's confirmation mark and settles
+each handle once the receiver confirmed its message, or fails it once its deadline passed.
+
+Locking: one lock guards the queue, the sent lists, the budget and every handle's state;
+sends, breaker reads and user callbacks run with it released. One sender at a time holds
+the send path (``_busy``); only it takes from the queue's head (the thread), or puts a
+message back there (a caller whose own send failed). Producers append.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NoReturn
+
+from loguru import logger
+
+from dwcp import _validation as check
+from dwcp._errors import CircuitOpenError, DWCPError
+
+if TYPE_CHECKING:
+    from dwcp._components import Transport
+
+__all__ = ["Delivery", "DeliveryError", "Outbox"]
+
+_monotonic = time.monotonic
+#: Messages the thread sends per look at the queue (one lock round trip per batch).
+_BATCH = 64
+#: While confirmations are awaited, the thread reads the window's confirmation mark every
+#: _POLL_MAX; while someone also waits for them (flush(), result(), room in the budget),
+#: after 1 ms, doubling up to _POLL_MAX. The window offers no wake-up for its ACKs.
+_POLL_MIN = 0.001
+_POLL_MAX = 0.05
+#: How often an open breaker is looked at again (each look is a state read, no send).
+_BREAKER_POLL = 0.05
+#: Pauses after a failed send: the first, doubling up to the last.
+_RETRY_FIRST = 0.05
+_RETRY_MAX = 1.0
+_BYTES_LIKE = (bytes, bytearray, memoryview)
+
+Marks = Callable[[], "tuple[int, int] | None"]
+
+
+class DeliveryError(DWCPError):
+    """A message given to ``Manager.deliver()`` was not confirmed, or was not accepted.
+
+    ``code``: ``DELIVERY_TIMEOUT`` (its deadline passed first), ``STOPPED`` (the manager
+    stopped first), ``REFUSED`` (the transport refused it, e.g. over its
+    ``max_message_size``; ``__cause__`` says why), ``BUFFER_FULL`` (raised by ``deliver()``:
+    no room in the byte budget within ``delivery_max_block``), ``FLUSH_TIMEOUT`` (raised by
+    ``flush()``).
+
+    ``sent``: whether the message had been handed to the transport. A sent message is in
+    the transport's window, which keeps resending it after reconnects: it may still arrive.
+    One that was not sent never will.
+    """
+
+    def __init__(self, message: str, *, code: str, sent: bool = False) -> None:
+        super().__init__(message, code=code)
+        self.sent = sent
+
+
+class Delivery:
+    """The outcome of one ``Manager.deliver()``, future-like (returned by it, not built).
+
+    It settles exactly once: confirmed by the receiver (``exception()`` is None), or failed
+    with a ``DeliveryError``. Handles settle on the ``dwcp-delivery`` thread, which also runs
+    the done callbacks.
+    """
+
+    __slots__ = ("_callbacks", "_error", "_outbox", "data", "deadline", "done_", "sent", "size")
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        data: bytes,
+        deadline: float,
+        callback: Callable[[Delivery], object] | None,
+    ) -> None:
+        self._outbox = outbox
+        self.data: bytes | None = data  # dropped once sent: the transport's window has it
+        self.size = len(data)
+        self.deadline = deadline
+        self.sent = False
+        self.done_ = False
+        self._error: DeliveryError | None = None
+        self._callbacks: list[Callable[[Delivery], object]] | None = (
+            None if callback is None else [callback]
+        )
+
+    def __repr__(self) -> str:
+        if not self.done_:
+            state = "sent" if self.sent else "queued"
+        else:
+            state = "confirmed" if self._error is None else f"failed {self._error.code}"
+        return f"<Delivery {self.size} bytes {state}>"
+
+    def done(self) -> bool:
+        """Whether the message is confirmed or failed."""
+        return self.done_
+
+    def exception(self, timeout: float | None = None) -> DeliveryError | None:
+        """Wait (``timeout`` seconds; None: until it settles) and return the failure, or None
+        once the receiver confirmed it. Raises ``TimeoutError`` if it has not settled in time.
+        """
+        self._outbox.wait_settled(self, timeout)
+        return self._error
+
+    def result(self, timeout: float | None = None) -> None:
+        """Wait as ``exception()`` does; return once confirmed, raise the ``DeliveryError``
+        if it failed."""
+        error = self.exception(timeout)
+        if error is not None:
+            raise error
+
+    def add_done_callback(self, fn: Callable[[Delivery], object]) -> None:
+        """Call ``fn(handle)`` once it settles, on the delivery thread; at once, here, if it
+        already has. An exception from ``fn`` is logged and ignored."""
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        if not self._outbox.add_callback(self, fn):
+            _run_callback(fn, self)
+
+
+def _run_callback(fn: Callable[[Delivery], object], handle: Delivery) -> None:
+    try:
+        fn(handle)
+    except Exception as exc:  # noqa: BLE001 - the application's bug must not stop delivery
+        logger.opt(exception=exc).error("Delivery callback failed")
+
+
+class Outbox:
+    """The accepted, unconfirmed messages of one manager, and the thread that delivers them.
+
+    One sender at a time holds the send path (``_busy``), so messages go out in the order
+    they were accepted: ``deliver()`` sends on its caller's thread when nothing is queued
+    and nothing stands in the way (no other send in progress, breaker not seen open, no
+    retry pause), which spares a thread hand-off per message; otherwise it queues and the
+    thread sends. Either way a sent message joins ``_unstamped``; the thread stamps those
+    with the window's highest id (read after they were sent, so at or past theirs) and
+    settles each stamped group once the window's confirmation mark reaches its stamp.
+
+    Args:
+        send: the manager's guarded send (admit, send, record).
+        breaker_state: reads the breaker's state (``"open"`` while nothing may be sent).
+        transport: the manager's transport; ``deliver()`` needs its confirmation marks.
+        budget: bytes of accepted messages not yet confirmed or failed, at most.
+        timeout: the default delivery deadline, seconds after ``deliver()``.
+        max_block: how long ``deliver()`` waits for room in the budget.
+        name: the manager's name, for logs.
+    """
+
+    def __init__(
+        self,
+        send: Callable[[bytes], None],
+        breaker_state: Callable[[], str],
+        transport: Transport | None,
+        *,
+        budget: int,
+        timeout: float,
+        max_block: float,
+        name: str,
+    ) -> None:
+        self._send = send
+        self._breaker_state = breaker_state
+        marks = getattr(transport, "_delivery_marks", None)
+        self._marks: Marks | None = marks if callable(marks) else None
+        self._has_transport = transport is not None
+        # Confirmations are read from an acknowledged MultiStreamTCPTransport's window.
+        self.acknowledged = self._marks is not None and self._marks() is not None
+        self.budget = budget
+        self.timeout = timeout
+        self.max_block = max_block
+        self._name = name
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)  # the thread waits here
+        self._settled = threading.Condition(self._lock)  # producers, flush(), result()
+        self._queue: collections.deque[Delivery] = collections.deque()  # not sent yet
+        self._unstamped: list[Delivery] = []  # sent since the thread last read the marks
+        # Sent, awaiting confirmation: (the window mark that confirms them, the messages).
+        self._inflight: collections.deque[tuple[int, list[Delivery]]] = collections.deque()
+        self._busy = False  # a send is in progress (the thread's or a caller's)
+        self._inline: Delivery | None = None  # the message a caller is sending itself
+        self._breaker_open = False  # a send was rejected: look at the breaker first
+        self._pause_until = 0.0  # after a failed send: no send before this
+        self._retry = _RETRY_FIRST  # the next pause
+        self._used = 0
+        self._open = False
+        self._closing = False
+        self._idle = False  # the thread waits for work (a producer notifies only then)
+        self._asleep = False  # ...and is not polling for confirmations either
+        self._due: list[Delivery] = []  # settled by a caller; callbacks for the thread to run
+        self._thread: threading.Thread | None = None  # the running thread, until it ends
+        self._started: list[threading.Thread] = []  # every thread started, until joined
+        self._next_expiry = float("inf")  # no deadline is earlier than this
+        self._confirmed = 0  # groups confirmed so far: the thread's measure of progress
+        self._waiters = 0  # threads waiting for messages to settle (flush, result, room)
+
+    # -- lifecycle (the manager's) -------------------------------------------------------------
+
+    def open(self) -> None:
+        """The manager started: accept messages."""
+        with self._lock:
+            self._open, self._closing = True, False
+            self._breaker_open, self._pause_until, self._retry = False, 0.0, _RETRY_FIRST
+
+    def close(self) -> None:
+        """The manager is stopping: refuse new messages; the thread fails what is left
+        (``STOPPED``) once the send in progress, if any, returned."""
+        with self._lock:
+            self._open, self._closing = False, True
+            self._work.notify_all()
+            self._settled.notify_all()
+
+    def join(self, deadline: float) -> None:
+        """Join the threads started so far by ``deadline`` (monotonic), but the calling one;
+        each is forgotten once joined."""
+        with self._lock:
+            started = list(self._started)
+        for thread in started:
+            if thread is threading.current_thread():
+                continue  # (stop() from a delivery callback: it ends after it returns)
+            thread.join(max(deadline - _monotonic(), 0.0))
+            if thread.is_alive():
+                logger.bind(manager=self._name).warning(
+                    "Delivery thread did not end by the stop deadline (a callback still runs?)"
+                )
+            else:
+                with self._lock:
+                    self._started.remove(thread)
+
+    # -- the caller's side --------------------------------------------------------------------
+
+    def deliver(
+        self,
+        data: bytes | bytearray | memoryview,
+        timeout: float | None,
+        callback: Callable[[Delivery], object] | None,
+    ) -> Delivery:
+        """Accept ``data``; see ``Manager.deliver``."""
+        if type(data) is not bytes:
+            if not isinstance(data, _BYTES_LIKE):
+                raise TypeError(
+                    f"data must be bytes, bytearray or memoryview, got {type(data).__name__}"
+                )
+            data = bytes(data)  # a copy: the caller may reuse its buffer at once
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+        size = len(data)
+        if size > self.budget:
+            raise ValueError(f"message of {size} bytes exceeds delivery_buffer_bytes {self.budget}")
+        now = _monotonic()
+        wait = self.timeout if timeout is None else check.seconds("timeout", timeout)
+        handle = Delivery(self, data, now + wait, callback)
+        with self._lock:
+            if not self._open or not self.acknowledged:
+                self._refuse()
+            if self._used + size > self.budget:
+                self._wait_for_room(size, now + self.max_block)
+                now = _monotonic()
+            self._used += size
+            self._next_expiry = min(self._next_expiry, handle.deadline)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="dwcp-delivery", daemon=True)
+                self._started.append(self._thread)
+                self._thread.start()
+            if self._busy or self._queue or self._breaker_open or now < self._pause_until:
+                self._queue.append(handle)
+                if self._idle:
+                    self._work.notify()
+                return handle
+            self._busy, self._inline = True, handle
+        # Nothing queued, nothing in the way: send it here, as the thread would.
+        try:
+            self._send(data)
+        except (TypeError, ValueError) as exc:  # this message, never any other
+            with self._lock:
+                self._refused(handle, exc, self._due)  # its callbacks run on the thread
+                self._settled.notify_all()
+                self._released()
+        except DWCPError as exc:  # failed or rejected: the thread retries it
+            with self._lock:
+                self._queue.appendleft(handle)
+                self._failed(exc)
+                self._released()
+        except BaseException:  # interrupted: kept, first in line
+            with self._lock:
+                self._queue.appendleft(handle)
+                self._released()
+            raise
+        else:
+            with self._lock:  # _released(), inlined: this is the path every message takes
+                self._busy = False
+                self._inline = None
+                self._next_expiry = min(self._next_expiry, handle.deadline)
+                self._retry = _RETRY_FIRST
+                handle.sent = True
+                handle.data = None
+                self._unstamped.append(handle)
+                # The thread sends what queued meanwhile; asleep, it was not polling for
+                # confirmations either, and now has one to wait for.
+                if (self._queue and self._idle) or self._asleep:
+                    self._asleep = False
+                    self._work.notify()
+        return handle
+
+    def _refuse(self) -> NoReturn:
+        # Caller holds the lock.
+        if not self._has_transport:
+            raise DWCPError("manager has no transport to deliver through", code="NO_TRANSPORT")
+        if not self._open:
+            raise DWCPError("manager is not started", code="NOT_STARTED")
+        raise DWCPError(
+            "deliver() needs an acknowledged transport: "
+            "MultiStreamTCPTransport(..., acknowledged=True)",
+            code="NOT_ACKNOWLEDGED",
+        )
+
+    def _released(self) -> None:
+        # Caller holds the lock: the send path is free; the thread sends what queued.
+        handle = self._inline
+        if handle is not None and handle.deadline < self._next_expiry:
+            self._next_expiry = handle.deadline
+        self._busy, self._inline = False, None
+        if (self._queue or self._due) and self._idle:
+            self._work.notify()
+
+    def _wait_settled(self, timeout: float | None) -> None:
+        # Caller holds the lock. While someone waits, the thread reads the confirmations
+        # often (from 1 ms); otherwise every _POLL_MAX, which keeps it off the sender's CPU.
+        self._waiters += 1
+        if self._idle:
+            self._work.notify()  # settle what was confirmed now, not at the next poll
+        try:
+            self._settled.wait(timeout)
+        finally:
+            self._waiters -= 1
+
+    def _wait_for_room(self, size: int, deadline: float) -> None:
+        # Caller holds the lock; bounded by deadline.
+        while self._used + size > self.budget:
+            left = deadline - _monotonic()
+            if left <= 0:
+                raise DeliveryError(
+                    f"no room for {size} bytes in delivery_buffer_bytes ({self.budget}) "
+                    f"within delivery_max_block ({self.max_block:g} s)",
+                    code="BUFFER_FULL",
+                )
+            self._wait_settled(left)
+            if not self._open:
+                self._refuse()
+
+    def flush(self, timeout: float | None) -> None:
+        """Wait until every message accepted before the call has settled."""
+        limit = None if timeout is None else check.seconds("timeout", timeout, allow_zero=True)
+        deadline = None if limit is None else _monotonic() + limit
+        with self._lock:
+            waiting = [handle for _, group in self._inflight for handle in group]
+            waiting += self._unstamped
+            if self._inline is not None:
+                waiting.append(self._inline)
+            waiting.extend(self._queue)
+            for handle in waiting:  # they settle roughly in this order
+                while not handle.done_:
+                    left = None if deadline is None else deadline - _monotonic()
+                    if left is not None and left <= 0:
+                        unsettled = sum(not h.done_ for h in waiting)
+                        raise DeliveryError(
+                            f"{unsettled} message(s) not settled within {limit:g} s",
+                            code="FLUSH_TIMEOUT",
+                        )
+                    self._wait_settled(left)
+
+    def wait_settled(self, handle: Delivery, timeout: float | None) -> None:
+        """Wait until ``handle`` settles; ``TimeoutError`` if ``timeout`` passes first."""
+        if handle.done_:
+            return
+        limit = None if timeout is None else check.seconds("timeout", timeout, allow_zero=True)
+        deadline = None if limit is None else _monotonic() + limit
+        with self._lock:
+            while not handle.done_:
+                left = None if deadline is None else deadline - _monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"delivery not settled within {limit:g} s")
+                self._wait_settled(left)
+
+    def add_callback(self, handle: Delivery, fn: Callable[[Delivery], object]) -> bool:
+        """Register ``fn`` for when ``handle`` settles; False if it already has."""
+        with self._lock:
+            if handle.done_:
+                return False
+            if handle._callbacks is None:
+                handle._callbacks = [fn]
+            else:
+                handle._callbacks.append(fn)
+            return True
+
+    # -- the delivery thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        log = logger.bind(manager=self._name)
+        poll = _POLL_MIN
+        while True:
+            try:
+                # Read outside the lock: with a shared breaker the read may reach Redis.
+                was_open = self._breaker_open
+                still_open = was_open and self._breaker_state() == "open"
+                with self._lock:
+                    if was_open and not still_open:
+                        self._breaker_open = False
+                    now = _monotonic()
+                    confirmed = self._confirmed
+                    settled = self._settle(now)
+                    progressed = settled or self._confirmed != confirmed
+                    batch: list[Delivery] = []
+                    if self._closing and not self._busy:
+                        break
+                    if (
+                        self._queue
+                        and not self._busy
+                        and not self._closing
+                        and not self._breaker_open
+                        and now >= self._pause_until
+                    ):
+                        self._busy = True
+                        batch = list(itertools.islice(self._queue, _BATCH))
+                    elif not progressed:
+                        wait = self._next_expiry - now
+                        if self._breaker_open:
+                            wait = min(wait, _BREAKER_POLL)
+                        elif self._queue and not self._busy:
+                            wait = min(wait, self._pause_until - now)
+                        polling = bool(self._inflight or self._unstamped or self._busy)
+                        if polling and self._waiters:
+                            wait = min(wait, poll)
+                            poll = min(poll * 2, _POLL_MAX)
+                        elif polling:
+                            wait = min(wait, _POLL_MAX)
+                        self._idle, self._asleep = True, not polling
+                        self._work.wait(None if wait == float("inf") else max(wait, 0.0))
+                        self._idle = self._asleep = False
+                        continue
+                poll = _POLL_MIN
+                self._finish(settled)
+                if batch:
+                    self._send_batch(batch)
+            except Exception as exc:  # noqa: BLE001 - never die silently; keep delivering
+                log.opt(exception=exc).error("Delivery thread failed; going on")
+                with self._lock:
+                    self._pause_until = _monotonic() + _RETRY_MAX
+        self._finish(self._fail_all())
+        with self._lock:  # ended: the next deliver() starts a new thread
+            if self._thread is threading.current_thread():
+                self._thread = None
+
+    def _send_batch(self, batch: list[Delivery]) -> None:
+        """Send ``batch`` (the queue's head) in order, with no lock held, until one fails;
+        then record what went, and the failure. Called holding the send path (``_busy``)."""
+        try:
+            self._send_some(batch)
+        finally:
+            with self._lock:
+                self._busy = False
+
+    def _send_some(self, batch: list[Delivery]) -> None:
+        send = self._send
+        done = 0
+        refused: list[tuple[Delivery, BaseException]] = []
+        failure: DWCPError | None = None
+        for handle in batch:
+            data = handle.data
+            assert data is not None
+            try:
+                send(data)
+            except (TypeError, ValueError) as exc:  # this message, never any other
+                refused.append((handle, exc))
+            except DWCPError as exc:  # failed or rejected (or the manager is stopping)
+                failure = exc
+                break
+            done += 1
+        settled: list[Delivery] = []
+        with self._lock:
+            queue, unstamped = self._queue, self._unstamped
+            for _ in range(done):
+                handle = queue.popleft()
+                if refused and refused[0][0] is handle:
+                    self._refused(handle, refused.pop(0)[1], settled)
+                    continue
+                handle.sent, handle.data = True, None
+                unstamped.append(handle)
+            if failure is not None:
+                self._failed(failure)
+            elif done:
+                self._retry = _RETRY_FIRST
+            if settled:
+                self._settled.notify_all()
+        self._finish(settled)
+        if failure is not None:
+            logger.bind(manager=self._name, error=str(failure)).debug("Delivery send failed")
+
+    def _failed(self, failure: DWCPError) -> None:
+        # Caller holds the lock: wait for the breaker, or pause before the next try.
+        if isinstance(failure, CircuitOpenError):
+            self._breaker_open = True
+        else:
+            self._pause_until = _monotonic() + self._retry
+            self._retry = min(self._retry * 2, _RETRY_MAX)
+
+    def _refused(self, handle: Delivery, why: BaseException, settled: list[Delivery]) -> None:
+        # Caller holds the lock.
+        error = DeliveryError(f"transport refused the message: {why}", code="REFUSED")
+        error.__cause__ = why
+        self._fail(handle, error, settled)
+
+    def _settle(self, now: float) -> list[Delivery]:
+        """Stamp what was sent, confirm what the receiver confirmed, fail what is past its
+        deadline; return the handles with callbacks to run. Caller holds the lock."""
+        settled, self._due = self._due, []
+        inflight = self._inflight
+        if (inflight or self._unstamped) and self._marks is not None:
+            marks = self._marks()
+            last, acked = (-1, -1) if marks is None else marks
+            if self._unstamped:
+                # Read after they were sent: at or past each one's message id.
+                inflight.append((last, self._unstamped))
+                self._unstamped = []
+            confirmed = False
+            while inflight and inflight[0][0] <= acked:
+                confirmed = True
+                self._confirmed += 1
+                for handle in inflight.popleft()[1]:
+                    handle.done_ = True
+                    self._used -= handle.size
+                    if handle._callbacks:
+                        settled.append(handle)
+            if confirmed:
+                self._settled.notify_all()
+        if now >= self._next_expiry:
+            self._expire(now, settled)
+        return settled
+
+    def _expire(self, now: float, settled: list[Delivery]) -> None:
+        # Caller holds the lock. O(pending), run only when the earliest deadline passed.
+        nearest = float("inf")
+        if any(handle.deadline <= now for handle in self._queue):
+            queued: collections.deque[Delivery] = collections.deque()
+            for handle in self._queue:
+                if handle.deadline <= now:
+                    self._expired(handle, settled)
+                else:
+                    queued.append(handle)
+            self._queue = queued
+        groups = [(mark, group) for mark, group in self._inflight]
+        groups.append((-1, self._unstamped))
+        for index, (mark, group) in enumerate(groups):
+            if any(handle.deadline <= now for handle in group):
+                kept = []
+                for handle in group:
+                    if handle.deadline <= now:
+                        self._expired(handle, settled)
+                    else:
+                        kept.append(handle)
+                groups[index] = (mark, kept)
+        self._unstamped = groups.pop()[1]
+        self._inflight = collections.deque(g for g in groups if g[1])
+        for handle in itertools.chain(self._queue, self._unstamped, *(g for _, g in groups)):
+            nearest = min(nearest, handle.deadline)
+        # (A message a caller is sending is in none of these: it lowers the mark again when
+        # it is back, see _released.)
+        self._next_expiry = nearest
+        self._settled.notify_all()
+
+    def _expired(self, handle: Delivery, settled: list[Delivery]) -> None:
+        where = "sent, not confirmed" if handle.sent else "never sent"
+        error = DeliveryError(
+            f"delivery deadline passed ({where})", code="DELIVERY_TIMEOUT", sent=handle.sent
+        )
+        self._fail(handle, error, settled)
+
+    def _fail(self, handle: Delivery, error: DeliveryError, settled: list[Delivery]) -> None:
+        # Caller holds the lock.
+        handle.done_ = True
+        handle._error = error
+        handle.data = None
+        self._used -= handle.size
+        if handle._callbacks:
+            settled.append(handle)
+
+    def _fail_all(self) -> list[Delivery]:
+        """The manager stopped: fail everything unsettled (after taking the confirmations)."""
+        with self._lock:
+            settled = self._settle(_monotonic())
+            self._inflight.append((-1, self._unstamped))
+            rest = [handle for _, group in self._inflight for handle in group]
+            for handle in rest + list(self._queue):
+                error = DeliveryError(
+                    "manager stopped before the message was confirmed",
+                    code="STOPPED",
+                    sent=handle.sent,
+                )
+                self._fail(handle, error, settled)
+            self._inflight.clear()
+            self._unstamped = []
+            self._queue.clear()
+            self._next_expiry = float("inf")
+            self._settled.notify_all()
+        return settled
+
+    @staticmethod
+    def _finish(settled: list[Delivery]) -> None:
+        """Run the callbacks of settled handles; no lock held."""
+        for handle in settled:
+            callbacks, handle._callbacks = handle._callbacks, None
+            for fn in callbacks or ():
+                _run_callback(fn, handle)
+
+
+class DeliveryCalls:
+    """The manager's delivery methods (a mixin of ``Manager``, which sets ``_outbox``)."""
+
+    _outbox: Outbox
+
+    def deliver(
+        self,
+        data: bytes | bytearray | memoryview,
+        *,
+        timeout: float | None = None,
+        callback: Callable[[Delivery], object] | None = None,
+    ) -> Delivery:
+        """Accept ``data`` for delivery and return its handle; the library retries it until
+        the receiver confirms it or ``timeout`` passes.
+
+        Messages go out in the order ``deliver()`` accepted them, one send at a time, through
+        the circuit breaker: sent by the calling thread when nothing is queued and nothing
+        stands in the way, else by the ``dwcp-delivery`` thread. A failed send is retried
+        (the same message first) after a pause of 0.05 s doubling to 1 s; while the breaker
+        is open nothing is sent, and once it reads half-open the next send is its trial. A
+        sent message is in the transport's window, which resends it after reconnects; the
+        handle settles when the receiver confirms it. ``stop()`` fails what is unconfirmed
+        once the transport is closed (``DeliveryError``, code ``STOPPED``).
+
+        Args:
+            data: the message (bytes-like; copied unless ``bytes``).
+            timeout: seconds from now until the message fails with ``DeliveryError``
+                (``DELIVERY_TIMEOUT``); default: the manager's ``delivery_timeout``.
+            callback: called with the handle once it settles, on the delivery thread.
+
+        Blocks while the accepted, unsettled messages' bytes would exceed
+        ``delivery_buffer_bytes``, for at most ``delivery_max_block`` seconds, then raises
+        ``DeliveryError`` (``BUFFER_FULL``); sending the message itself, it may also wait
+        as a send does while the transport's window is full. Raises ``ValueError`` for a
+        message larger than the whole budget, ``TypeError`` for data that is not
+        bytes-like, and ``DWCPError`` with code ``NOT_STARTED``, ``NO_TRANSPORT``, or
+        ``NOT_ACKNOWLEDGED`` (the transport is not a ``MultiStreamTCPTransport`` with
+        ``acknowledged=True``: nothing would confirm the message).
+        """
+        return self._outbox.deliver(data, timeout, callback)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every message ``deliver()`` accepted before this call has settled
+        (confirmed or failed: see each handle); each has a deadline, so this ends without
+        ``timeout`` too. Raises ``DeliveryError`` (code ``FLUSH_TIMEOUT``) when ``timeout``
+        seconds pass first."""
+        self._outbox.flush(timeout)

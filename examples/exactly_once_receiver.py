@@ -1,0 +1,76 @@
+"""A receiver that processes every message exactly once, across its own restarts (SIGKILL
+included), with ``with_ids`` and ``resume_from``.
+
+    python3 examples/exactly_once_receiver.py PORT FILE [--work SECONDS]
+
+Processing a message here means appending ``sender_id message_id payload`` to FILE, one
+line per message, written before ``on_message`` returns: the receiver confirms a message
+only once ``on_message`` returned, so whatever the sender no longer resends is in the file.
+At start the file is read back and the last message id per sender goes to ``resume_from``:
+what a sender resends after the restart, and this process had processed, is dropped.
+
+The line is handed to the operating system at once (one ``write()`` each), which survives
+the process being killed; add ``os.fsync()`` per message to survive a power loss too.
+``--work`` sleeps that long per message, standing in for real processing. Prints ``ready``
+once listening; SIGTERM or SIGINT stops it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+import time
+
+import dwcp
+
+
+def processed(path: str) -> dict[str, int]:
+    """The last message id recorded in ``path`` per sender (a torn last line is ignored)."""
+    last: dict[str, int] = {}
+    try:
+        with open(path) as records:
+            for line in records:
+                fields = line.split()
+                if line.endswith("\n") and len(fields) == 3:
+                    last[fields[0]] = max(last.get(fields[0], -1), int(fields[1]))
+    except FileNotFoundError:
+        pass
+    return last
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("port", type=int)
+    parser.add_argument("file")
+    parser.add_argument("--work", type=float, default=0.0)
+    args = parser.parse_args()
+
+    # Line-buffered: one write() per line.
+    with open(args.file, "a", buffering=1) as records:
+        lock = threading.Lock()  # two senders' sessions may deliver at once
+
+        def on_message(data: bytes, sender_id: str, message_id: int) -> None:
+            if args.work:
+                time.sleep(args.work)
+            with lock:
+                records.write(f"{sender_id} {message_id} {data.decode()}\n")
+
+        receiver = dwcp.MultiStreamReceiver(
+            ("127.0.0.1", args.port),
+            on_message=on_message,
+            with_ids=True,
+            resume_from=processed(args.file),
+        )
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        receiver.start()
+        print("ready", flush=True)
+        while not stop.wait(0.5):
+            pass
+        receiver.stop()
+
+
+if __name__ == "__main__":
+    main()

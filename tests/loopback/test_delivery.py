@@ -1,0 +1,449 @@
+"""``Manager.deliver()`` on real loopback sockets: confirmed in order, retried through an
+outage without touching the transport while the breaker is open, bounded by its byte budget
+and each message's deadline, settled by ``stop()``; and the receiver's ``with_ids`` and
+``resume_from``."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import dwcp
+from dwcp import Delivery, DeliveryError, DWCPError, MultiStreamReceiver, MultiStreamTCPTransport
+from tests.conftest import ReceiverFactory, TransportFactory, wait_until
+
+TIMEOUT = 10.0
+#: A manager that notices a dead transport at once and retries its recovery quickly.
+FAST = {"health_interval": 0.05, "initial_backoff": 0.05, "max_retries": 1000}
+
+
+class Gate:
+    """An ``on_message`` that records, and blocks while the gate is closed."""
+
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+        self.open = threading.Event()
+        self.open.set()
+        self.waiting = threading.Event()
+
+    def __call__(self, data: bytes) -> None:
+        if not self.open.is_set():
+            self.waiting.set()
+            self.open.wait(TIMEOUT)
+        self.messages.append(data)
+
+
+def numbered(count: int, start: int = 0) -> list[bytes]:
+    return [b"message %d" % i for i in range(start, start + count)]
+
+
+def test_delivered_messages_arrive_once_in_order_and_settle_confirmed(
+    receiver_factory: ReceiverFactory,
+    transport_factory: TransportFactory,
+    make_manager: Callable[..., dwcp.Manager],
+) -> None:
+    receiver, inbox = receiver_factory()
+    manager = make_manager(transport_factory(receiver.address, acknowledged=True))
+    manager.start()
+    handles = [manager.deliver(message) for message in numbered(1000)]
+    manager.flush()
+    assert inbox.messages == numbered(1000)
+    assert all(h.done() and h.exception() is None for h in handles)
+    assert [t.name for t in threading.enumerate()].count("dwcp-delivery") == 1
+    manager.stop()
+    assert "dwcp-delivery" not in [t.name for t in threading.enumerate()]
+
+
+def test_a_handle_settles_only_once_the_receiver_confirmed_the_message(
+    receiver_factory: ReceiverFactory,
+    transport_factory: TransportFactory,
+    make_manager: Callable[..., dwcp.Manager],
+) -> None:
+    gate = Gate()
+    gate.open.clear()
+    receiver, _ = receiver_factory(on_message=gate)
+    manager = make_manager(transport_factory(receiver.address, acknowledged=True))
+    manager.start()
+    done: list[Delivery] = []
+    handle = manager.deliver(b"held", callback=done.append)
+    assert gate.waiting.wait(TIMEOUT)  # the receiver has it, in on_message, unconfirmed
+    with pytest.raises(TimeoutError):
+        handle.result(timeout=0.2)
+    assert not handle.done() and not done
+    gate.open.set()
+    handle.result(timeout=TIMEOUT)
+    wait_until(lambda: done == [handle], timeout=TIMEOUT)
+    late: list[Delivery] = []
+    handle.add_done_callback(late.append)  # already settled: called at once, here
+    assert late == [handle]
+
+
+def test_messages_are_retried_through_an_outage_and_recovery(
+    receiver_factory: ReceiverFactory,
+    transport_factory: TransportFactory,
+    make_manager: Callable[..., dwcp.Manager],
+) -> None:
+    receiver, inbox = receiver_factory()
+    transport = transport_factory(receiver.address, acknowledged=True)
+    manager = make_manager(transport, max_failures=2, reset_timeout=0.2, **FAST)
+    manager.start()
+    manager.deliver(b"before").result(timeout=TIMEOUT)
+    receiver.stop()
+    handles = [manager.deliver(message) for message in numbered(300)]
+    wait_until(lambda: manager.circuit_breaker_state != "closed", timeout=TIMEOUT)
+    receiver.start()  # same port
+    manager.flush(timeout=30.0)
+    assert [h.exception() for h in handles] == [None] * 300
+    assert inbox.messages == [b"before", *numbered(300)]
+
+
+def test_each_threads_messages_arrive_once_in_its_order(
+    receiver_factory: ReceiverFactory,
+    transport_factory: TransportFactory,
+    make_manager: Callable[..., dwcp.Manager],
+) -> None:
+    receiver, inbox = receiver_factory()
+    manager = make_manager(transport_factory(receiver.address, acknowledged=True))
+    manager.start()
+
+    def deliver_all(writer: int) -> None:
+        for i in range(500):
+            manager.deliver(b"%d %d" % (writer, i))
+
+    threads = [threading.Thread(target=deliver_all, args=(w,)) for w in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT)
+    manager.flush(timeout=TIMEOUT)
+    for writer in range(4):
+        mine = [m for m in inbox.messages if m.startswith(b"%d " % writer)]
+        assert mine == [b"%d %d" % (writer, i) for i in range(500)]
+    assert len(inbox.messages) == 2000
+
+
+class Recording(MultiStreamTCPTransport):
+    """A real transport that records the breaker's state and generation at each send."""
+
+    manager: dwcp.Manager
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.seen: list[tuple[str, int]] = []
+
+    def send(self, data: Any, *, wait: bool = False) -> None:
+        breaker = self.manager._breaker
+        self.seen.append((breaker.state, breaker._generation))
+        super().send(data, wait=wait)
+
+
+def test_nothing_queued_touches_the_transport_while_the_breaker_is_open(
+    receiver_factory: ReceiverFactory, make_manager: Callable[..., dwcp.Manager]
+) -> None:
+    receiver, inbox = receiver_factory()
+    transport = Recording(receiver.address, acknowledged=True, send_timeout=5.0)
+    manager = make_manager(transport, max_failures=2, reset_timeout=0.2, **FAST)
+    transport.manager = manager
+    manager.start()
+    receiver.stop()
+    handles = [manager.deliver(message) for message in numbered(50)]
+    # The breaker opens, admits a trial after its reset timeout, opens again...
+    wait_until(
+        lambda: manager._breaker.transition_counts.get(("half-open", "open"), 0) >= 2,
+        timeout=TIMEOUT,
+    )
+    receiver.start()
+    manager.flush(timeout=30.0)
+    assert [h.exception() for h in handles] == [None] * 50
+    assert inbox.messages == numbered(50)
+    states = [state for state, _ in transport.seen]
+    assert "open" not in states
+    trials = [seen for seen in transport.seen if seen[0] == "half-open"]
+    assert len(trials) >= 2
+    assert len(set(trials)) == len(trials)  # one send per half-open period: the trial
+
+
+def test_a_full_budget_blocks_deliver_then_raises_buffer_full(
+    receiver_factory: ReceiverFactory,
+    transport_factory: TransportFactory,
+    make_manager: Callable[..., dwcp.Manager],
+) -> None:
+    gate = Gate()
+    gate.open.clear()
+    receiver, _ = receiver_factory(on_message=gate)
+    manager = make_manager(
+        transport_factory(receiver.address, acknowledged=True),
+        delivery_buffer_bytes=4096,
+        delivery_max_block=0.3,
+    )
+    manager.start()
+    for _ in range(4):
+        manager.deliver(bytes(1024))  # the budget, unconfirmed
+    began = time.monotonic()
+    with pytest.raises(DeliveryError) as raised:
+        manager.deliver(b"x")
+    assert raised.value.code == "BUFFER_FULL"
+    assert time.monotonic() - began >= 0.3
+    with pytest.raises(ValueError, match="delivery_buffer_bytes"):
+        manager.deliver(bytes(4097))  # could never fit
+    gate.open.set()
+    manager.deliver(b"x").result(timeout=TIMEOUT)  # confirmations made room
+
+
+def test_a_message_past_its_deadline_fails_with_a_typed_error(
+    receiver_factory: ReceiverFactory,
+    transport_factory: TransportFactory,
+    make_manager: Callable[..., dwcp.Manager],
+) -> None:
+    gate = Gate()
+    gate.open.clear()
+    receiver, _ = receiver_factory(on_message=gate)
+    manager = make_manager(transport_factory(receiver.address, acknowledged=True))
+    manager.start()
+    failed: list[Delivery] = []
+    sent = manager.deliver(b"unconfirmed", timeout=0.2, callback=failed.append)
+    error = sent.exception(timeout=TIMEOUT)
+    assert isinstance(error, DeliveryError)
+    assert (error.code, error.sent) == ("DELIVERY_TIMEOUT", True)
+    wait_until(lambda: failed == [sent], timeout=TIMEOUT)
+    with pytest.raises(DeliveryError):
+        sent.result()
+    gate.open.set()
+    receiver.stop()  # now nothing can be sent: it stays queued until its deadline
+    wait_until(lambda: not transport_started(manager), timeout=TIMEOUT)
+    unsent = manager.deliver(b"never sent", timeout=0.2)
+    error = unsent.exception(timeout=TIMEOUT)
+    assert error is not None and (error.code, error.sent) == ("DELIVERY_TIMEOUT", False)
+    manager.flush(timeout=TIMEOUT)  # nothing left unsettled
+
+
+def transport_started(manager: dwcp.Manager) -> bool:
+    transport = manager._transport
+    assert isinstance(transport, MultiStreamTCPTransport)
+    try:
+        transport.health_check()
+    except dwcp.TransportError:
+        return False
+    return True
+
+
+def test_stop_fails_what_is_not_confirmed_and_ends_the_thread(
+    receiver_factory: ReceiverFactory,
+    transport_factory: TransportFactory,
+    make_manager: Callable[..., dwcp.Manager],
+) -> None:
+    gate = Gate()
+    gate.open.clear()
+    receiver, _ = receiver_factory(on_message=gate)
+    manager = make_manager(transport_factory(receiver.address, acknowledged=True, send_timeout=0.5))
+    manager.start()
+    handles = [manager.deliver(message) for message in numbered(5)]
+    assert gate.waiting.wait(TIMEOUT)
+    manager.stop()
+    errors = [h.exception(timeout=TIMEOUT) for h in handles]
+    assert {(e.code, e.sent) for e in errors if e is not None} == {("STOPPED", True)}
+    assert len([e for e in errors if e is not None]) == 5
+    assert "dwcp-delivery" not in [t.name for t in threading.enumerate()]
+    with pytest.raises(DWCPError) as raised:
+        manager.deliver(b"late")
+    assert raised.value.code == "NOT_STARTED"
+    gate.open.set()
+
+
+def test_deliver_needs_an_acknowledged_transport(
+    receiver_factory: ReceiverFactory,
+    transport_factory: TransportFactory,
+    make_manager: Callable[..., dwcp.Manager],
+) -> None:
+    receiver, _ = receiver_factory()
+    manager = make_manager(transport_factory(receiver.address))
+    with pytest.raises(DWCPError) as raised:
+        manager.deliver(b"x")
+    assert raised.value.code == "NOT_STARTED"
+    manager.start()
+    with pytest.raises(DWCPError, match="acknowledged=True") as raised:
+        manager.deliver(b"x")
+    assert raised.value.code == "NOT_ACKNOWLEDGED"
+    with pytest.raises(DWCPError) as raised:
+        make_manager().deliver(b"x")
+    assert raised.value.code == "NO_TRANSPORT"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "name"),
+    [
+        ({"delivery_buffer_bytes": 0}, ValueError, "delivery_buffer_bytes"),
+        ({"delivery_buffer_bytes": 1.5}, TypeError, "delivery_buffer_bytes"),
+        ({"delivery_timeout": 0}, ValueError, "delivery_timeout"),
+        ({"delivery_max_block": -1}, ValueError, "delivery_max_block"),
+    ],
+)
+def test_delivery_arguments_are_validated(
+    kwargs: dict[str, object], error: type[Exception], name: str
+) -> None:
+    with pytest.raises(error, match=name):
+        dwcp.Manager(**kwargs)  # type: ignore[arg-type]
+
+
+def test_deliver_refuses_bad_arguments_before_queueing(
+    receiver_factory: ReceiverFactory,
+    transport_factory: TransportFactory,
+    make_manager: Callable[..., dwcp.Manager],
+) -> None:
+    receiver, _ = receiver_factory()
+    manager = make_manager(transport_factory(receiver.address, acknowledged=True))
+    manager.start()
+    with pytest.raises(TypeError, match="data"):
+        manager.deliver("text")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="timeout"):
+        manager.deliver(b"x", timeout=-1)
+    with pytest.raises(TypeError, match="callback"):
+        manager.deliver(b"x", callback=3)  # type: ignore[arg-type]
+    buffer = bytearray(b"abc")
+    handle = manager.deliver(buffer)
+    buffer[:] = b"xyz"  # copied at deliver(): the caller may reuse its buffer
+    handle.result(timeout=TIMEOUT)
+
+
+def test_a_message_the_transport_refuses_fails_alone(
+    receiver_factory: ReceiverFactory,
+    transport_factory: TransportFactory,
+    make_manager: Callable[..., dwcp.Manager],
+) -> None:
+    receiver, inbox = receiver_factory()
+    manager = make_manager(
+        transport_factory(receiver.address, acknowledged=True, max_message_size=100)
+    )
+    manager.start()
+    threads: list[str] = []
+
+    def note(handle: Delivery) -> None:
+        threads.append(threading.current_thread().name)
+
+    handles = [manager.deliver(m, callback=note) for m in (b"a", bytes(101), b"b")]
+    manager.flush(timeout=TIMEOUT)
+    wait_until(lambda: len(threads) == 3, timeout=TIMEOUT)
+    assert threads == ["dwcp-delivery"] * 3  # callbacks run on the delivery thread
+    error = handles[1].exception()
+    assert error is not None and error.code == "REFUSED"
+    assert isinstance(error.__cause__, ValueError)
+    assert handles[0].exception() is None and handles[2].exception() is None
+    assert inbox.messages == [b"a", b"b"]
+    assert manager.circuit_breaker_state == "closed"
+
+
+def test_flush_times_out_with_a_typed_error(
+    receiver_factory: ReceiverFactory,
+    transport_factory: TransportFactory,
+    make_manager: Callable[..., dwcp.Manager],
+) -> None:
+    gate = Gate()
+    gate.open.clear()
+    receiver, _ = receiver_factory(on_message=gate)
+    manager = make_manager(transport_factory(receiver.address, acknowledged=True))
+    manager.start()
+    manager.deliver(b"held")
+    with pytest.raises(DeliveryError) as raised:
+        manager.flush(timeout=0.2)
+    assert raised.value.code == "FLUSH_TIMEOUT"
+    gate.open.set()
+    manager.flush(timeout=TIMEOUT)
+
+
+# -- the receiver's ids -------------------------------------------------------------------------
+
+
+def test_with_ids_hands_on_message_the_sender_and_message_ids(
+    transport_factory: TransportFactory,
+) -> None:
+    seen: list[tuple[bytes, str, int]] = []
+    receiver = MultiStreamReceiver(
+        on_message=lambda data, sender, mid: seen.append((data, sender, mid)), with_ids=True
+    )
+    receiver.start()
+    try:
+        transport = transport_factory(receiver.address, acknowledged=True)
+        transport.start()
+        for message in numbered(3):
+            transport.send(message)
+        transport.flush()
+        transport.close()
+        transport.start()  # a new session: the same sender, ids go on
+        transport.send(b"after")
+        transport.flush()
+    finally:
+        receiver.stop()
+    assert seen == [
+        *[(m, transport.sender_id, i) for i, m in enumerate(numbered(3))],
+        (b"after", transport.sender_id, 3),
+    ]
+
+
+def test_resume_from_drops_a_senders_messages_at_or_below_the_last_processed(
+    transport_factory: TransportFactory,
+) -> None:
+    transport = transport_factory(("127.0.0.1", 9), acknowledged=True)
+    seen: list[int] = []
+    receiver = MultiStreamReceiver(
+        on_message=lambda data, sender, mid: seen.append(mid),
+        with_ids=True,
+        resume_from={transport.sender_id: 4, "ab" * 16: 100},
+    )
+    receiver.start()
+    try:
+        transport._address = receiver.address  # built before the receiver had its port
+        transport.start()
+        for message in numbered(10):
+            transport.send(message)
+        transport.flush()  # confirmed, the dropped ones too
+    finally:
+        receiver.stop()
+    assert seen == [5, 6, 7, 8, 9]
+    assert receiver.duplicates_dropped == 5
+
+
+@pytest.mark.parametrize(
+    ("resume_from", "error", "text"),
+    [
+        ([("ab" * 16, 1)], TypeError, "mapping"),
+        ({b"\xab" * 16: 1}, TypeError, "str"),
+        ({"xyz": 1}, ValueError, "sender id"),
+        ({"00" * 16: 1}, ValueError, "not all zero"),
+        ({"ab" * 16: -1}, ValueError, ">= 0"),
+        ({"ab" * 16: "1"}, TypeError, "int"),
+        ({"ab" * 16: True}, TypeError, "int"),
+    ],
+)
+def test_resume_from_is_validated(resume_from: object, error: type[Exception], text: str) -> None:
+    too_many = {f"{i + 1:032x}": 0 for i in range(4097)}
+    with pytest.raises(ValueError, match="more than 4096"):
+        MultiStreamReceiver(on_message=print, resume_from=too_many)
+    with pytest.raises(error, match=text):
+        MultiStreamReceiver(on_message=print, resume_from=resume_from)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="with_ids"):
+        MultiStreamReceiver(on_message=print, with_ids=1)  # type: ignore[arg-type]
+
+
+def test_stop_from_a_delivery_callback_returns_and_a_restart_delivers(
+    receiver_factory: ReceiverFactory,
+    transport_factory: TransportFactory,
+    make_manager: Callable[..., dwcp.Manager],
+) -> None:
+    receiver, _ = receiver_factory()
+    manager = make_manager(transport_factory(receiver.address, acknowledged=True))
+    manager.start()
+    stopped = threading.Event()
+
+    def stop_here(handle: Delivery) -> None:
+        manager.stop()
+        stopped.set()
+
+    manager.deliver(b"first", callback=stop_here)
+    assert stopped.wait(TIMEOUT)
+    assert not manager.is_started
+    manager.start()  # and it delivers again, on a new thread
+    manager.deliver(b"again").result(timeout=TIMEOUT)
