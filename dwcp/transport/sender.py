@@ -60,6 +60,8 @@ _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16, 1024)
 # How often a sender that finds the order lock taken yields the GIL before it blocks.
 _YIELDS = 16
 _sleep = time.sleep
+# Why a session broke when acknowledgements stopped (formatted with send_timeout).
+ACK_TIMEOUT_REASON = "no acknowledgement within send_timeout ({:g} s)"
 
 
 def _take_contended(order: threading.Lock) -> None:
@@ -304,6 +306,9 @@ class _Session:
         # Acknowledged: the transport's window, which outlives this session (see Window).
         self.window = window
         self.broken: str | None = None
+        # The TransportError code of the fault that broke the session, set with ``broken``:
+        # every send that finds the session broken raises with it, whichever thread noticed.
+        self.broken_code = "TRANSPORT_ERROR"
         self.closing = False
         self._writers_stop = False
         self._stopped = threading.Event()
@@ -376,11 +381,6 @@ class _Session:
             raise TransportError(
                 "transport closed before the acknowledgement came", code="UNCONFIRMED"
             )
-        since = window.waiting_since()
-        if since is not None and _monotonic() - since >= self.send_timeout:
-            # No acknowledgement for send_timeout: the link is as good as broken (the
-            # keepalive would say so next); breaking now lets recovery resend at once.
-            self.break_(f"no acknowledgement within send_timeout ({self.send_timeout:g} s)")
         raise TransportError(
             f"no acknowledgement for message {message_id} in time; it is kept and resent "
             "after a restart",
@@ -428,11 +428,13 @@ class _Session:
         except OSError:
             pass
 
-    def break_(self, reason: str) -> None:
-        """Mark the session broken (first reason wins) and abort every stream."""
+    def break_(self, reason: str, code: str = "TRANSPORT_ERROR") -> None:
+        """Mark the session broken (the first reason and its error ``code`` win) and abort
+        every stream."""
         with self._state_lock:
             if self.broken is not None or self.closing:
                 return
+            self.broken_code = code
             self.broken = reason
         self._log.bind(reason=reason).warning(f"Transport stream failed: {reason}")
         self._stopped.set()
@@ -443,7 +445,9 @@ class _Session:
             self.window.wake()
 
     def _raise_broken(self) -> NoReturn:
-        raise TransportError(f"transport broken: {self.broken or 'closed'}; restart it")
+        raise TransportError(
+            f"transport broken: {self.broken or 'closed'}; restart it", code=self.broken_code
+        )
 
     def _fail(self, stream: _Stream, what: str, exc: BaseException | None) -> NoReturn:
         reason = f"stream {stream.index}: {what}" + (f" ({exc})" if exc is not None else "")
@@ -472,30 +476,42 @@ class _Session:
     def _wait_for_window(self, size: int, deadline: float) -> None:
         """Acknowledged: wait until the window has room for ``size`` bytes, or raise
         TransportError: ``WINDOW_FULL`` while acknowledgements still come, only too slowly
-        for this send, ``ACK_TIMEOUT`` (breaking the session) when none came for
-        send_timeout. Either way nothing was sent."""
+        for this send, ``ACK_TIMEOUT`` when none came for send_timeout (the session breaks).
+        Either way nothing was sent.
+
+        Only the keepalive thread decides that acknowledgements are overdue and breaks the
+        session for it: a send that finds them overdue waits for that decision (one tick of
+        that thread) and reports it, so the fault gives ``ACK_TIMEOUT`` whichever thread
+        notices it first.
+        """
         window = self.window
         assert window is not None
         if window.wait_room(size, deadline, self.ended):
             return
-        if self.broken is not None or self.closing:
+        if not self.ended() and self._ack_overdue():
+            # Bounded: the keepalive thread ticks every send_timeout / 4 at most; a loaded
+            # machine may run it late, hence the whole send_timeout.
+            window.wait_room(size, _monotonic() + self.send_timeout, self.ended)
+        if self.ended():
             self._raise_broken()
-        since = window.waiting_since()
-        if since is None or _monotonic() - since < self.send_timeout:
-            # Acknowledgements come, only slower than this send could wait for room: the
-            # link is not broken, this send just took nothing.
+        if self._ack_overdue():  # the keepalive thread is late: same fault, same code
             raise TransportError(
-                f"the window stayed full for send_timeout ({self.send_timeout:g} s); "
-                "nothing was sent",
-                code="WINDOW_FULL",
+                f"{ACK_TIMEOUT_REASON.format(self.send_timeout)}: {window.pending} messages "
+                "unacknowledged; they are kept and resent after a restart",
+                code="ACK_TIMEOUT",
             )
-        reason = f"no acknowledgement within send_timeout ({self.send_timeout:g} s)"
-        self.break_(reason + "; the window stayed full")
+        # Acknowledgements come, only slower than this send could wait for room: the link is
+        # not broken, this send just took nothing.
         raise TransportError(
-            f"{reason}: {window.pending} messages unacknowledged; they are kept and "
-            "resent after a restart",
-            code="ACK_TIMEOUT",
+            f"the window stayed full for send_timeout ({self.send_timeout:g} s); nothing was sent",
+            code="WINDOW_FULL",
         )
+
+    def _ack_overdue(self) -> bool:
+        """Acknowledged: whether messages await an ACK and none came for send_timeout."""
+        window = self.window
+        since = None if window is None else window.waiting_since()
+        return since is not None and _monotonic() - since > self.send_timeout
 
     def _await_written(self, batch: _Batch, deadline: float) -> None:
         # The writers read the caller's buffer until this is set: never return before.
@@ -857,9 +873,9 @@ class _Session:
         try:
             while not self._stopped.wait(tick):
                 now = _monotonic()
-                since = None if window is None else window.waiting_since()
-                if since is not None and now - since > self.send_timeout:
-                    self.break_(f"no acknowledgement within send_timeout ({self.send_timeout:g} s)")
+                if window is not None and self._ack_overdue():
+                    # The one place that breaks a session for missing acknowledgements.
+                    self.break_(ACK_TIMEOUT_REASON.format(self.send_timeout), "ACK_TIMEOUT")
                     return
                 if interval is None:
                     continue
@@ -1323,7 +1339,7 @@ class MultiStreamTCPTransport:
         if session is None:
             raise TransportError("transport not started", code="NOT_STARTED")
         if session.broken is not None:
-            raise TransportError(f"transport broken: {session.broken}")
+            raise TransportError(f"transport broken: {session.broken}", code=session.broken_code)
 
 
 def _recv_exactly(source: socket.socket | TLSChannel, size: int) -> bytes:
