@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, NoReturn, cast
 
 from loguru import logger
 
+from dwcp import _validation
 from dwcp._errors import TransportError
 from dwcp.transport import wire
 from dwcp.transport._io import (
@@ -284,8 +285,11 @@ class _Session:
         keepalive_timeout: float,
         first_id: int = 0,
         window: Window | None = None,
+        close_timeout: float | None = None,
     ) -> None:
         self.address = address
+        # How long shutdown() waits for queued writes and acknowledgements.
+        self.close_timeout = send_timeout if close_timeout is None else close_timeout
         self.checksum = checksum
         self.flags = 0 if checksum else wire.FLAG_UNCHECKED
         self.urgent_flags = self.flags | wire.FLAG_ACK_NOW
@@ -387,14 +391,39 @@ class _Session:
             code="UNCONFIRMED",
         )
 
+    def _linger(self) -> None:
+        """Wait for what is queued to be written and, acknowledged, confirmed, for as long as
+        writes or acknowledgements progress: give up once none came for ``close_timeout``.
+
+        A slow receiver still gets everything; a silent one holds ``close()`` for
+        ``close_timeout``, not ``send_timeout``.
+        """
+        window = self.window
+        wait = self.close_timeout
+
+        def progress() -> tuple[int, int]:
+            return sum(s.writes for s in self.streams), -1 if window is None else window.acked
+
+        seen = progress()
+        while True:  # bounded: each round ends the loop unless something progressed
+            if self.flush(wait) and (
+                window is None or window.wait_acked(window.last, _monotonic() + wait, self.ended)
+            ):
+                return
+            if self.ended():
+                return
+            now = progress()
+            if now == seen:
+                return
+            seen = now
+
     def shutdown(self) -> None:
-        """Write what is queued and, acknowledged, wait for the acknowledgements (within
-        send_timeout), then stop every stream and join the session's threads (``close()``).
-        What is still unacknowledged stays in the window for the next session."""
+        """Write what is queued and, acknowledged, wait for the acknowledgements (while they
+        progress, see ``_linger``), then stop every stream and join the session's threads
+        (``close()``). What is still unacknowledged stays in the window for the next session;
+        unacknowledged, what is still queued then is dropped."""
         if self.broken is None:
-            deadline = _monotonic() + self.send_timeout
-            if self.flush(self.send_timeout) and self.window is not None:
-                self.window.wait_acked(self.window.last, deadline, self.ended)
+            self._linger()
         # Under the order lock, which every send re-checks it under before it takes an id:
         # nothing joins the window once this session is closing (start() snapshots it next).
         with self._order:
@@ -986,6 +1015,11 @@ class MultiStreamTCPTransport:
         keepalive_timeout: a PING unanswered this long breaks the session, so a receiver
             that vanished silently shows in ``health_check()`` within about
             ``keepalive_interval + keepalive_timeout``.
+        close_timeout: ``close()`` (and so ``Manager.stop()``) waits for queued messages
+            to be written and, with ``acknowledged``, confirmed while that progresses, and
+            closes the connections anyway once neither a write nor an acknowledgement
+            completed for this long; separate from ``send_timeout`` so that a silent peer
+            holds up a shutdown for ``close_timeout`` only.
     """
 
     def __init__(
@@ -1005,6 +1039,7 @@ class MultiStreamTCPTransport:
         keepalive_timeout: float | timedelta = 10.0,
         max_in_flight: int = 4096,
         max_in_flight_bytes: int = 64 * 1024 * 1024,
+        close_timeout: float | timedelta = 1.0,
     ) -> None:
         _check_address(address, lowest_port=1)
         self._address = address
@@ -1031,6 +1066,7 @@ class MultiStreamTCPTransport:
             else _seconds("keepalive_interval", keepalive_interval)
         )
         self._keepalive_timeout = _seconds("keepalive_timeout", keepalive_timeout)
+        self._close_timeout = _validation.seconds("close_timeout", close_timeout)
         max_in_flight = _bounded_int("max_in_flight", max_in_flight, 1, 1 << 20)
         max_in_flight_bytes = _bounded_int("max_in_flight_bytes", max_in_flight_bytes, 1, 1 << 40)
         self._window = Window(max_in_flight, max_in_flight_bytes) if acknowledged else None
@@ -1124,6 +1160,7 @@ class MultiStreamTCPTransport:
                 keepalive_timeout=self._keepalive_timeout,
                 first_id=first_id,
                 window=window,
+                close_timeout=self._close_timeout,
             )
             session.run_threads()
             failed: TransportError | None = None
@@ -1217,10 +1254,11 @@ class MultiStreamTCPTransport:
         return connections
 
     def close(self) -> None:
-        """Write what is queued and, with ``acknowledged``, wait for its acknowledgements
-        (within ``send_timeout``, unless the session is broken), then close every connection
-        and join the transport's threads; idempotent. Messages still unacknowledged are kept
-        for the next ``start()``."""
+        """Write what is queued and, with ``acknowledged``, wait for its acknowledgements,
+        for as long as writes or acknowledgements progress (unless the session is broken):
+        once neither came for ``close_timeout``, close every connection anyway. Then join
+        the transport's threads; idempotent. Messages still unacknowledged are kept for the
+        next ``start()``; unacknowledged, messages not written by then are dropped."""
         with self._lifecycle:
             while self._retiring is not None:  # another close() of the same session
                 self._retired.wait()

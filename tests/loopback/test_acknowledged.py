@@ -6,12 +6,19 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import timedelta
 
 import pytest
 
-from dwcp import DWCPError, MultiStreamReceiver, MultiStreamTCPTransport, TransportError
-from tests.conftest import ReceiverFactory, TransportFactory, wait_until
+from dwcp import (
+    DWCPError,
+    Manager,
+    MultiStreamReceiver,
+    MultiStreamTCPTransport,
+    TransportError,
+)
+from tests.conftest import RawPeer, ReceiverFactory, TransportFactory, wait_until
 
 TIMEOUT = 10.0
 
@@ -177,13 +184,13 @@ def test_messages_left_unacknowledged_by_close_are_resent_once(
 ) -> None:
     gate = Gate()
     receiver, _ = receiver_factory(on_message=gate)
-    transport = transport_factory(receiver.address, acknowledged=True, send_timeout=0.3)
+    transport = transport_factory(receiver.address, acknowledged=True, close_timeout=0.3)
     transport.start()
     gate.open.clear()
     for n in range(20):
         transport.send(b"m%d" % n)
     assert gate.waiting.wait(TIMEOUT)
-    transport.close()  # its acknowledgements do not come within send_timeout: kept
+    transport.close()  # no acknowledgement comes within close_timeout: kept
     kept = transport.unacknowledged
     assert kept > 0
     gate.open.set()
@@ -206,6 +213,78 @@ def test_close_waits_for_acknowledgements(
         transport.send(message)
     transport.close()
     assert gate.messages == messages and transport.unacknowledged == 0
+
+
+def test_close_against_a_silent_peer_waits_close_timeout_not_send_timeout(
+    raw_peer: Callable[..., RawPeer], transport_factory: TransportFactory
+) -> None:
+    peer = raw_peer("drain")  # reads everything, never acknowledges
+    transport = transport_factory(
+        peer.address, acknowledged=True, send_timeout=60.0, close_timeout=0.2
+    )
+    transport.start()
+    transport.send(b"never confirmed")
+    began = time.monotonic()
+    transport.close()
+    assert time.monotonic() - began < 10.0  # far below send_timeout; only catches a hang
+    assert transport.unacknowledged == 1  # kept for the next start()
+
+
+def test_manager_stop_against_a_silent_peer_is_not_held_by_send_timeout(
+    raw_peer: Callable[..., RawPeer], make_manager: Callable[..., Manager]
+) -> None:
+    # The default close_timeout (1 s) bounds the wait, not send_timeout (60 s here).
+    peer = raw_peer("drain")
+    transport = MultiStreamTCPTransport(peer.address, acknowledged=True, send_timeout=60.0)
+    manager = make_manager(transport)
+    manager.start()
+    manager.send_with_circuit_breaker(b"never confirmed")
+    began = time.monotonic()
+    manager.stop()
+    assert time.monotonic() - began < 10.0
+    assert transport.unacknowledged == 1
+
+
+def test_close_keeps_waiting_while_acknowledgements_progress(
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory
+) -> None:
+    # The consumer takes 4 ms a message and the receiver confirms every 128 delivered (about
+    # every 0.5 s): the 1,024 messages take about 4 s in all, twice close_timeout, yet
+    # close() waits for every one, as confirmations keep coming.
+    inbox: list[bytes] = []
+
+    def slow(data: bytes) -> None:
+        threading.Event().wait(0.004)  # the slow consumer under test
+        inbox.append(data)
+
+    receiver, _ = receiver_factory(on_message=slow)
+    transport = transport_factory(receiver.address, acknowledged=True, close_timeout=2.0)
+    transport.start()
+    messages = [b"%d" % n for n in range(1024)]
+    for message in messages:
+        transport.send(message)
+    began = time.monotonic()
+    left = len(messages) - len(inbox)
+    transport.close()
+    assert transport.unacknowledged == 0 and inbox == messages
+    if left > 600:  # (always, unless sending took seconds): over 2.4 s of consumer sleeps
+        assert time.monotonic() - began > 2.0  # close() waited past close_timeout
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "match"),
+    [
+        (0, ValueError, "close_timeout must be a finite positive"),
+        (-1.0, ValueError, "close_timeout must be a finite positive"),
+        (float("inf"), ValueError, "close_timeout must be a finite positive"),
+        (float("nan"), ValueError, "close_timeout"),
+        ("1", TypeError, "close_timeout must be a number of seconds or a timedelta"),
+    ],
+)
+def test_close_timeout_is_validated(value: object, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        MultiStreamTCPTransport(("127.0.0.1", 9), close_timeout=value)  # type: ignore[arg-type]
+    MultiStreamTCPTransport(("127.0.0.1", 9), close_timeout=timedelta(milliseconds=250))
 
 
 def test_concurrent_acknowledged_senders_keep_their_order(
