@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import socket
 import ssl
@@ -61,6 +62,9 @@ _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16, 1024)
 # How often a sender that finds the order lock taken yields the GIL before it blocks.
 _YIELDS = 16
 _sleep = time.sleep
+# A write syscall returns after send_timeout / _STALL_TICKS at most, so that a stall (nothing
+# written for send_timeout) is seen within a quarter of send_timeout of its end.
+_STALL_TICKS = 4
 # Why a session broke when acknowledgements stopped (formatted with send_timeout).
 ACK_TIMEOUT_REASON = "no acknowledgement within send_timeout ({:g} s)"
 
@@ -95,43 +99,38 @@ class _Stream:
         "busy",
         "drained",
         "fd",
+        "heard",
         "index",
         "kick",
         "kicked",
         "lazy",
         "lock",
         "marks",
-        "oldest",
         "outbox",
         "ping_sent",
         "queued",
         "sock",
         "threads",
-        "timeout",
         "tls",
         "waiting",
         "writes",
     )
 
-    def __init__(
-        self, index: int, sock: socket.socket, tls: TLSChannel | None, timeout: float
-    ) -> None:
+    def __init__(self, index: int, sock: socket.socket, tls: TLSChannel | None) -> None:
         self.index = index
         self.sock = sock
         self.fd = sock.fileno()
         self.tls = tls
-        self.timeout = timeout  # the kernel send timeout now set on ``sock``
         self.threads: list[threading.Thread] = []
         # Guarded by ``lock``: what waits to be written, its size, the completions to
-        # signal once it is, the deadline of its oldest frame, and whether the writer has
-        # been woken, is writing, or has senders waiting for it.
+        # signal once it is, and whether the writer has been woken, is writing, or has
+        # senders waiting for it.
         self.lock = threading.Lock()
         self.drained = threading.Condition(self.lock)
         self.outbox: list[Buffer | _Lazy] = []
         self.lazy = False
         self.marks: list[_Batch] = []
         self.queued = 0
-        self.oldest = 0.0
         self.kicked = False
         self.busy = False
         self.waiting = 0
@@ -141,12 +140,13 @@ class _Stream:
         self.kick.acquire()
         self.writes = 0  # batches written, so the keepalive can tell an idle stream
         self.ping_sent: float | None = None  # when an unanswered PING went out
+        # When the receiver last said it is alive on this stream (a PONG or an ACK).
+        self.heard = _monotonic()
 
     def put(
         self,
         parts: Sequence[Buffer | _Lazy],
         size: int,
-        deadline: float,
         mark: _Batch | None,
         *,
         lazy: bool = False,
@@ -155,8 +155,6 @@ class _Stream:
         order lock (frames without a message id, PINGs, need not). ``lazy``: some parts
         are ``_Lazy`` frames for the writer to build."""
         with self.lock:
-            if not self.outbox:
-                self.oldest = deadline
             self.outbox.extend(parts)
             self.lazy = self.lazy or lazy
             self.queued += size
@@ -298,13 +296,25 @@ class _Session:
         self.acknowledged = acknowledged
         self.keepalive_interval = keepalive_interval
         self.keepalive_timeout = keepalive_timeout
-        self.streams = [
-            _Stream(i, sock, tls, send_timeout) for i, (sock, tls) in enumerate(connections)
-        ]
+        # How long a receiver may go without saying it is alive while a write makes no
+        # progress (see _send_rest); None: no keepalive, so nothing to hear from it.
+        self.life = None if keepalive_interval is None else keepalive_interval + keepalive_timeout
+        self.streams = [_Stream(i, sock, tls) for i, (sock, tls) in enumerate(connections)]
+        for stream in self.streams:
+            # Every syscall returns within a quarter of send_timeout; _write counts how long
+            # nothing could be written from that (the only write deadline).
+            _set_send_timeout(stream.sock, send_timeout / _STALL_TICKS)
         self.count = len(self.streams)
         # Message ids are handed out, and frames queued, under this lock: so each stream's
         # outbox is in id order.
         self._order = threading.Lock()
+        # Senders that found no room, first come first served (see _admit). Joined under the
+        # order lock; ``waiters`` (its length) is read there without this lock, so a sender
+        # that comes later queues behind them instead of taking the room they wait for.
+        self._queue: collections.deque[object] = collections.deque()
+        self._queue_lock = threading.Lock()
+        self._turn = threading.Condition(self._queue_lock)
+        self.waiters = 0
         self.first_id = first_id
         self.next_id = first_id
         # Acknowledged: the transport's window, which outlives this session (see Window).
@@ -435,6 +445,8 @@ class _Session:
             stream.wake()
         if self.window is not None:
             self.window.wake()
+        with self._turn:
+            self._turn.notify_all()
         current = threading.current_thread()
         threads = [t for s in self.streams for t in s.threads]
         if self._keepalive is not None:
@@ -472,6 +484,13 @@ class _Session:
             stream.wake()
         if self.window is not None:
             self.window.wake()
+        with self._turn:
+            self._turn.notify_all()
+
+    def _raise_broken_from(self, exc: BaseException | None) -> NoReturn:
+        raise TransportError(
+            f"transport broken: {self.broken or 'closed'}; restart it", code=self.broken_code
+        ) from exc
 
     def _raise_broken(self) -> NoReturn:
         raise TransportError(
@@ -481,12 +500,72 @@ class _Session:
     def _fail(self, stream: _Stream, what: str, exc: BaseException | None) -> NoReturn:
         reason = f"stream {stream.index}: {what}" + (f" ({exc})" if exc is not None else "")
         self.break_(reason)
+        if self.broken is not None and self.broken != reason:
+            # Another fault broke the session first (this one is likely its consequence):
+            # report that one, as every other send does.
+            self._raise_broken_from(exc)
         raise TransportError(reason) from exc
 
     # -- sending ------------------------------------------------------------------------
 
+    # -- admission: room for a message, first come first served --------------------------
+    #
+    # A message is queued whole (every chunk on every lane, under the order lock) or not at
+    # all. A send that finds no room (a stream's outbox at its limit, or the window full)
+    # joins the queue of waiters; only its head waits for room, the others for their turn,
+    # and a later sender queues behind them. A send still without room at its deadline fails
+    # alone: nothing of it was queued, and the session goes on. Once queued, a message is
+    # written however slowly the receiver reads; only a write that can write nothing for
+    # send_timeout (the peer stopped reading), or a dead connection, breaks the session.
+
+    def _enqueue(self) -> object:
+        """Join the waiters' queue; the caller holds the order lock."""
+        me = object()
+        with self._queue_lock:
+            self._queue.append(me)
+            self.waiters = len(self._queue)
+        return me
+
+    def _leave(self, me: object) -> None:
+        """Leave the waiters' queue (admitted, or given up); the next one's turn if ours."""
+        with self._queue_lock:
+            head = self._queue[0] is me
+            self._queue.remove(me)
+            self.waiters = len(self._queue)
+            if head:
+                self._turn.notify_all()
+
+    def _heads(self, me: object) -> bool:
+        # Read without the queue lock: only ``me`` leaving can make it stop being the head.
+        return self._queue[0] is me
+
+    def _await_turn(self, me: object, size: int, deadline: float) -> None:
+        """Wait until ``me`` heads the waiters' queue; raise at ``deadline`` (nothing sent)."""
+        with self._queue_lock:
+            while self._queue[0] is not me:
+                left = deadline - _monotonic()
+                if left <= 0 or self.ended():
+                    break
+                self._turn.wait(left)
+            else:
+                return
+        if self.ended():
+            self._raise_broken()
+        window = self.window
+        if window is not None and not window.fits(size):
+            self._window_error(size)  # the window is what the queue waits for
+        self._backpressure()
+
+    def _backpressure(self) -> NoReturn:
+        raise TransportError(
+            f"no room to queue the message within send_timeout ({self.send_timeout:g} s): "
+            "the receiver takes messages more slowly than they are sent; nothing was sent",
+            code="BACKPRESSURE",
+        )
+
     def _wait_for_room(self, stream: _Stream, deadline: float) -> None:
-        """Backpressure: wait until ``stream``'s outbox is below its limit."""
+        """Backpressure: wait until ``stream``'s outbox is below its limit; TransportError
+        (code ``BACKPRESSURE``) at ``deadline``, the session left alone."""
         with stream.drained:
             stream.waiting += 1
             try:
@@ -495,12 +574,10 @@ class _Session:
                         self._raise_broken()
                     left = deadline - _monotonic()
                     if left <= 0:
-                        break
+                        self._backpressure()
                     stream.drained.wait(left)
             finally:
                 stream.waiting -= 1
-        if stream.queued >= _OUTBOX_LIMIT:
-            self._fail(stream, "stalled: send_timeout expired with the stream's queue full", None)
 
     def _wait_for_window(self, size: int, deadline: float) -> None:
         """Acknowledged: wait until the window has room for ``size`` bytes, or raise
@@ -517,6 +594,13 @@ class _Session:
         assert window is not None
         if window.wait_room(size, deadline, self.ended):
             return
+        self._window_error(size)
+
+    def _window_error(self, size: int) -> NoReturn:
+        """Raise the error of a send that found no room in the window by its deadline (see
+        ``_wait_for_window``)."""
+        window = self.window
+        assert window is not None
         if not self.ended() and self._ack_overdue():
             # Bounded: the keepalive thread ticks every send_timeout / 4 at most; a loaded
             # machine may run it late, hence the whole send_timeout.
@@ -542,15 +626,16 @@ class _Session:
         since = None if window is None else window.waiting_since()
         return since is not None and _monotonic() - since > self.send_timeout
 
-    def _await_written(self, batch: _Batch, deadline: float) -> None:
-        # The writers read the caller's buffer until this is set: never return before.
-        if not batch.done.wait(max(deadline - _monotonic(), 0.0)):
-            self.break_("stalled: send_timeout expired before the message was written")
-            batch.done.wait(self.send_timeout)  # the break woke the writers
+    def _await_written(self, batch: _Batch) -> None:
+        """Wait until the writers wrote a queued message: they read the caller's buffer until
+        then, so never return before. Bounded: every write makes progress or fails within
+        send_timeout, and a failure ends every write of the session."""
+        batch.done.wait()
+        if self.broken is not None:
+            # The session's fault, not what it did to this write (a broken pipe, say).
+            self._raise_broken_from(batch.error)
         if batch.error is not None:
             raise TransportError(f"transport broken: {batch.error}") from batch.error
-        if self.broken is not None:
-            self._raise_broken()
 
     def send_small(
         self,
@@ -588,7 +673,7 @@ class _Session:
                     self._raise_broken()
                 message_id = self.next_id
                 stream = self.streams[message_id % self.count]
-                if stream.queued < _OUTBOX_LIMIT and (
+                if (not self.waiters and stream.queued < _OUTBOX_LIMIT) and (
                     window is None
                     or (message_id < window.id_limit and window.added + size <= window.byte_limit)
                     or window.last == window.acked
@@ -605,8 +690,6 @@ class _Session:
                     )  # fmt: skip
                     frame = head + _pack_u32(_checksum(head)) + data
                     with stream.lock:
-                        if not stream.outbox:
-                            stream.oldest = _monotonic() + self.send_timeout
                         stream.outbox.append(frame)
                         stream.queued += len(frame)
                         if not stream.kicked:
@@ -631,43 +714,56 @@ class _Session:
         # kernel when send returns). Smaller ones share the writer's writev.
         wants_direct = size >= _DIRECT_MIN
         order = self._order
-        while True:
-            if not order.acquire(False):
-                _take_contended(order)
-            try:
-                if self.closing:
-                    self._raise_broken()
-                message_id = self.next_id
-                stream = self.streams[message_id % self.count]
-                full = window is not None and not window.fits(size)
-                if not full and stream.queued < _OUTBOX_LIMIT:
-                    self.next_id = message_id + 1
-                    if window is not None:
-                        window.add(message_id, data)  # type: ignore[arg-type]
-                    head = _pack_head(
-                        _MAGIC, _VERSION, _DATA, flags, message_id, 0, 1, size, size, crc
-                    )  # fmt: skip
-                    head += _pack_u32(_checksum(head))
-                    # Claimed under the order lock, so frames of later ids queue behind it.
-                    direct = wants_direct and stream.claim()
-                    if not direct:
-                        parts = (head + data,) if size <= _COPY_LIMIT else (head, data)
-                        stream.put(parts, _HEADER_SIZE + size, deadline, mark)
-                    break
-            finally:
-                order.release()
-            if full:
-                self._wait_for_window(size, deadline)
-            else:
-                self._wait_for_room(stream, deadline)
+        me: object | None = None  # our place among the waiters, once we wait (see _enqueue)
+        try:
+            while True:  # bounded by the deadline: every wait below raises at it
+                if not order.acquire(False):
+                    _take_contended(order)
+                try:
+                    if self.broken is not None or self.closing:
+                        self._raise_broken()
+                    turn = not self.waiters if me is None else self._heads(me)
+                    if turn:
+                        message_id = self.next_id
+                        stream = self.streams[message_id % self.count]
+                        full = window is not None and not window.fits(size)
+                        if not full and stream.queued < _OUTBOX_LIMIT:
+                            self.next_id = message_id + 1
+                            if window is not None:
+                                window.add(message_id, data)  # type: ignore[arg-type]
+                            head = _pack_head(
+                                _MAGIC, _VERSION, _DATA, flags, message_id, 0, 1, size, size,
+                                crc,
+                            )  # fmt: skip
+                            head += _pack_u32(_checksum(head))
+                            # Claimed under the order lock, so frames of later ids queue
+                            # behind it.
+                            direct = wants_direct and stream.claim()
+                            if not direct:
+                                parts = (head + data,) if size <= _COPY_LIMIT else (head, data)
+                                stream.put(parts, _HEADER_SIZE + size, mark)
+                            break
+                    if me is None:
+                        me = self._enqueue()
+                finally:
+                    order.release()
+                if not turn:
+                    self._await_turn(me, size, deadline)
+                elif full:
+                    self._wait_for_window(size, deadline)
+                else:
+                    self._wait_for_room(stream, deadline)
+        finally:
+            if me is not None:
+                self._leave(me)
         try:
             if direct:
                 try:
-                    self._write(stream, [head, data], _HEADER_SIZE + size, deadline)
+                    self._write(stream, [head, data], _HEADER_SIZE + size)
                 finally:
                     stream.unclaim()
             elif mark is not None:
-                self._await_written(mark, deadline)
+                self._await_written(mark)
             if self.broken is not None:
                 # Another stream failed meanwhile; the receiver may never get past the gap.
                 self._raise_broken()
@@ -701,45 +797,62 @@ class _Session:
         early = type(data) is bytes and size <= _OUTBOX_LIMIT
         batch = _Batch(shares)
         order = self._order
-        while True:
-            if not order.acquire(False):
-                _take_contended(order)
-            try:
-                if self.closing:
-                    self._raise_broken()
-                message_id = self.next_id
-                first = message_id % self.count
-                lanes = [self.streams[(first + share) % self.count] for share in range(shares)]
-                # One look at each lane: a lane seen full is the one waited for below, even
-                # if its writer drained it since (_wait_for_room looks again, under its lock).
-                full = next((lane for lane in lanes if lane.queued >= _OUTBOX_LIMIT), None)
-                no_room = window is not None and not window.fits(size)
-                if full is None and not no_room:
-                    self.next_id = message_id + 1
-                    if window is not None:
-                        window.add(message_id, data)  # type: ignore[arg-type]
-                    for share, lane in enumerate(lanes):
-                        # Each stream's writer computes its chunks' CRCs: in parallel, and
-                        # off the caller's thread.
-                        parts = [
-                            _Lazy(flags, message_id, i, chunks, size, payloads[i], checksum)
-                            for i in range(share, chunks, shares)
+        me: object | None = None  # our place among the waiters, once we wait (see _enqueue)
+        try:
+            while True:  # bounded by the deadline: every wait below raises at it
+                if not order.acquire(False):
+                    _take_contended(order)
+                try:
+                    if self.broken is not None or self.closing:
+                        self._raise_broken()
+                    turn = not self.waiters if me is None else self._heads(me)
+                    if turn:
+                        message_id = self.next_id
+                        first = message_id % self.count
+                        lanes = [
+                            self.streams[(first + share) % self.count] for share in range(shares)
                         ]
-                        queued = sum(
-                            _HEADER_SIZE + len(payloads[i]) for i in range(share, chunks, shares)
-                        )
-                        lane.put(parts, queued, deadline, batch, lazy=True)
-                    break
-            finally:
-                order.release()
-            if no_room:
-                self._wait_for_window(size, deadline)
-            else:
-                assert full is not None
-                self._wait_for_room(full, deadline)
+                        # One look at each lane: a lane seen full is the one waited for
+                        # below, even if its writer drained it since (_wait_for_room looks
+                        # again, under its lock).
+                        full = next((lane for lane in lanes if lane.queued >= _OUTBOX_LIMIT), None)
+                        no_room = window is not None and not window.fits(size)
+                        if full is None and not no_room:
+                            # Every chunk on every lane, under this one hold of the order
+                            # lock: the message is queued whole or not at all.
+                            self.next_id = message_id + 1
+                            if window is not None:
+                                window.add(message_id, data)  # type: ignore[arg-type]
+                            for share, lane in enumerate(lanes):
+                                # Each stream's writer computes its chunks' CRCs: in parallel,
+                                # and off the caller's thread.
+                                parts = [
+                                    _Lazy(flags, message_id, i, chunks, size, payloads[i], checksum)
+                                    for i in range(share, chunks, shares)
+                                ]
+                                queued = sum(
+                                    _HEADER_SIZE + len(payloads[i])
+                                    for i in range(share, chunks, shares)
+                                )
+                                lane.put(parts, queued, batch, lazy=True)
+                            break
+                    if me is None:
+                        me = self._enqueue()
+                finally:
+                    order.release()
+                if not turn:
+                    self._await_turn(me, size, deadline)
+                elif no_room:
+                    self._wait_for_window(size, deadline)
+                else:
+                    assert full is not None
+                    self._wait_for_room(full, deadline)
+        finally:
+            if me is not None:
+                self._leave(me)
         try:
             if not early:
-                self._await_written(batch, deadline)
+                self._await_written(batch)
             if self.broken is not None:
                 self._raise_broken()
         except TransportError:
@@ -783,7 +896,7 @@ class _Session:
                             if stream.waiting:
                                 stream.drained.notify_all()
                             break
-                        size, deadline, lazy = stream.queued, stream.oldest, stream.lazy
+                        size, lazy = stream.queued, stream.lazy
                         stream.outbox, stream.marks, stream.queued = [], [], 0
                         stream.lazy = False
                         stream.busy = True
@@ -795,7 +908,7 @@ class _Session:
                         if self.broken is not None:
                             self._raise_broken()
                         built = _built(parts) if lazy else cast("list[Buffer]", parts)
-                        self._write(stream, built, size, deadline)
+                        self._write(stream, built, size)
                         stream.writes += 1
                     except TransportError as exc:
                         error = exc
@@ -815,52 +928,51 @@ class _Session:
             for mark in marks:
                 mark.finish(exc)
 
-    def _write(self, stream: _Stream, parts: list[Buffer], size: int, deadline: float) -> None:
-        """Write ``parts`` (``size`` bytes in all) by ``deadline``, or break the session.
+    def _write(self, stream: _Stream, parts: list[Buffer], size: int) -> None:
+        """Write ``parts`` (``size`` bytes in all), or break the session.
 
-        The kernel send timeout follows the deadline, so a peer that stops reading fails
-        the write in time, and a partial write goes on with what is left of it.
+        A write may take as long as the receiver reads: only a stall (see ``_send_rest``:
+        nothing written for send_timeout while the receiver does not say it is alive) or a
+        socket error breaks the session. How long frames waited in the outbox does not
+        count: a slow consumer is backpressure, which senders wait out before they queue
+        (see "admission" above), not a fault.
         """
         sock = stream.sock
+        began = _monotonic()
         try:
-            left = deadline - _monotonic()
-            if left <= 0:
-                raise TimeoutError("send_timeout expired")
-            # A syscall only when the timeout is off by more than 5 %.
-            if stream.timeout > left * 1.05 + _TIMEOUT_SLACK or (
-                stream.timeout < left * 0.95 and stream.timeout < self.send_timeout
-            ):
-                stream.timeout = _set_send_timeout(sock, left)
             tls = stream.tls
             if tls is not None:
                 # Records go out on the plain socket, so the kernel timeout bounds them too;
                 # the channel's write lock keeps records in the order they were sealed.
                 with tls.write_lock:
                     records = tls.encrypt(*parts)
-                    sent = sock.send(records)
-                    if sent < len(records):
-                        self._send_rest(stream, [records], sent, deadline)
+                    self._send_rest(stream, [records], 0, began)
                 return
-            if len(parts) == 1:
-                sent = sock.send(parts[0])
-            elif len(parts) <= _IOV_MAX:
-                sent = _writev(stream.fd, parts) if _writev else sock.sendmsg(parts)
-            else:
-                sent = 0  # more buffers than one writev takes: _send_rest goes in groups
+            try:
+                if len(parts) == 1:
+                    sent = sock.send(parts[0])
+                elif len(parts) <= _IOV_MAX:
+                    sent = _writev(stream.fd, parts) if _writev else sock.sendmsg(parts)
+                else:
+                    sent = 0  # more buffers than one writev takes: _send_rest goes in groups
+            except BlockingIOError:
+                sent = 0  # nothing in one tick of the kernel timeout: _send_rest goes on
             if sent < size:
-                self._send_rest(stream, parts, sent, deadline)
+                self._send_rest(stream, parts, sent, began if not sent else _monotonic())
         except (BlockingIOError, TimeoutError) as exc:
-            self._fail(stream, "stalled: send_timeout expired", exc)
+            self._fail(stream, "stalled: nothing could be written for send_timeout", exc)
         except ssl.SSLError as exc:
             self._fail(stream, "TLS error", exc)
         except OSError as exc:
             self._fail(stream, "send failed", exc)
 
     def _send_rest(
-        self, stream: _Stream, parts: Sequence[Buffer], sent: int, deadline: float
+        self, stream: _Stream, parts: Sequence[Buffer], sent: int, progress: float
     ) -> None:
-        """Finish a partial write, the kernel timeout tracking the deadline."""
-        sock = stream.sock
+        """Write ``parts`` but their first ``sent`` bytes; BlockingIOError once the write is
+        stalled: nothing written for send_timeout since ``progress`` (when bytes last went
+        out) and, with a keepalive, no PONG or ACK for keepalive_interval +
+        keepalive_timeout either."""
         rest: list[Buffer] = []
         for whole in parts:
             if sent >= len(whole):
@@ -868,13 +980,23 @@ class _Session:
                 continue
             rest.append(memoryview(whole).cast("B")[sent:] if sent else whole)
             sent = 0
-        while rest:
-            left = deadline - _monotonic()
-            if left <= 0:
-                raise TimeoutError("send_timeout expired")
-            stream.timeout = _set_send_timeout(sock, left)
+        sock = stream.sock
+        while rest:  # bounded: each round writes, or fails once send_timeout passed
             group = rest[:_IOV_MAX]
-            done = _writev(stream.fd, group) if _writev else sock.sendmsg(group)
+            try:
+                done = _writev(stream.fd, group) if _writev else sock.sendmsg(group)
+            except BlockingIOError:
+                # A kernel timeout tick with nothing written. Stalled once nothing went out
+                # for send_timeout, unless the receiver said it is alive since (its reader,
+                # waiting for a slow consumer, sends a PONG every keepalive_interval).
+                now = _monotonic()
+                life = self.life
+                if now - progress >= self.send_timeout and (
+                    life is None or now - max(progress, stream.heard) >= life
+                ):
+                    raise
+                continue
+            progress = _monotonic()
             while rest and done >= len(rest[0]):
                 done -= len(rest.pop(0))
             if done:
@@ -917,11 +1039,11 @@ class _Session:
                             )
                             return
                         continue
-                    if stream.writes != seen[stream.index] or stream.outbox:
+                    if stream.writes != seen[stream.index] or stream.outbox or stream.busy:
                         seen[stream.index], idle_since[stream.index] = stream.writes, now
                     elif now - idle_since[stream.index] >= interval:
                         stream.ping_sent = now
-                        stream.put((wire.pack_ping(int(now * 1000)),), _FRAME, now + timeout, None)
+                        stream.put((wire.pack_ping(int(now * 1000)),), _FRAME, None)
                         idle_since[stream.index] = now
         except Exception as exc:  # noqa: BLE001 - never die silently
             self._log.opt(exception=exc).error("Transport keepalive failed")
@@ -963,6 +1085,7 @@ class _Session:
         if frame_type == wire.FRAME_PONG:
             wire.parse_ping(frame, wire.FRAME_PONG)
             stream.ping_sent = None
+            stream.heard = _monotonic()
             return
         if frame_type != wire.FRAME_ACK:
             raise wire.ProtocolError(f"unexpected frame type {frame_type:#04x} from receiver")
@@ -976,6 +1099,7 @@ class _Session:
                 f"{self.next_id - 1}"
             )
         stream.ping_sent = None  # an ACK proves the receiver alive as well as a PONG
+        stream.heard = _monotonic()
         # Cumulative: an ACK at or below one already taken changes nothing.
         window.ack(through)
 
@@ -1233,8 +1357,7 @@ class MultiStreamTCPTransport:
                         status, "unknown status"
                     )
                     raise TransportError(f"receiver refused the session (status {status}: {why})")
-                sock.settimeout(None)
-                _set_send_timeout(sock, self._send_timeout)
+                sock.settimeout(None)  # blocking; the session sets the kernel send timeout
         except ssl.SSLError as exc:
             # Also a client certificate the receiver refused: TLS 1.3 tells the client only
             # after its side of the handshake, so the refusal arrives instead of WELCOME.

@@ -400,7 +400,11 @@ def test_stalled_peer_fails_the_send_within_send_timeout(
     raw_peer: Callable[..., RawPeer], transport_factory: TransportFactory
 ) -> None:
     peer = raw_peer("stall")
-    transport = transport_factory(peer.address, chunk_size=256 * 1024, send_timeout=0.5)
+    # Without a keepalive, nothing written for send_timeout is a stall (with one, the receiver
+    # must also have said nothing for keepalive_interval + keepalive_timeout).
+    transport = transport_factory(
+        peer.address, chunk_size=256 * 1024, send_timeout=0.5, keepalive_interval=None
+    )
     transport.start()
     began = time.monotonic()
     with pytest.raises(TransportError, match="stalled"):
@@ -412,15 +416,27 @@ def test_stalled_peer_fails_the_send_within_send_timeout(
 def test_stalled_peer_fails_small_sends_too(
     raw_peer: Callable[..., RawPeer], transport_factory: TransportFactory
 ) -> None:
+    # Sends that find no room fail alone (BACKPRESSURE) while the session waits out
+    # send_timeout with nothing written; then it breaks as stalled, and later sends say so.
     peer = raw_peer("stall")
-    transport = transport_factory(peer.address, streams=2, send_timeout=0.3)
+    transport = transport_factory(
+        peer.address, streams=2, send_timeout=0.3, keepalive_interval=None
+    )
     transport.start()
     message = b"\0" * 1000
     began = time.monotonic()
-    with pytest.raises(TransportError, match="stalled"):
-        for _ in range(200_000):  # far more than any socket buffer holds
+    codes: list[str] = []
+    for _ in range(200_000):  # far more than any socket buffer holds
+        try:
             transport.send(message)
-    assert time.monotonic() - began < 10.0
+        except TransportError as exc:
+            codes.append(exc.code)
+            if exc.code != "BACKPRESSURE":
+                assert "stalled" in str(exc), exc
+                break
+    assert codes and codes[-1] == "TRANSPORT_ERROR", codes
+    assert time.monotonic() - began < 10.0  # only catches a hang
+    assert unhealthy(transport)
 
 
 def test_missing_acknowledgement_fails_the_send(
