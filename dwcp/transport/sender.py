@@ -1123,8 +1123,11 @@ class MultiStreamTCPTransport:
         streams: TCP connections per session (1..32).
         chunk_size: messages longer than this are cut into chunks of this size (>= 1024).
         connect_timeout: bound on opening every stream and its handshake.
-        send_timeout: bound on every ``send``, whatever its size (waiting for a stream,
-            writing, and with ``acknowledged`` the acknowledgement).
+        send_timeout: how long a ``send`` waits for room (in the streams' queues and, with
+            ``acknowledged``, the window; then it fails alone, code ``BACKPRESSURE`` or
+            ``WINDOW_FULL``), and with ``wait=True`` for its acknowledgement. A write that
+            could write nothing for this long breaks the session, unless the receiver said
+            it is alive meanwhile (see ``keepalive_timeout``).
         max_message_size: larger messages raise ValueError before any I/O.
         acknowledged: the receiver confirms delivery; messages are kept in a window until
             it does, resent by the next session after a failure, and delivered exactly once
@@ -1138,7 +1141,10 @@ class MultiStreamTCPTransport:
         keepalive_interval: a stream idle this long is pinged; None: never.
         keepalive_timeout: a PING unanswered this long breaks the session, so a receiver
             that vanished silently shows in ``health_check()`` within about
-            ``keepalive_interval + keepalive_timeout``.
+            ``keepalive_interval + keepalive_timeout``. A write that makes no progress
+            breaks the session once the receiver has also said nothing (no PONG, no ACK) for
+            ``keepalive_interval + keepalive_timeout``: a receiver waiting for a slow
+            consumer says it is alive every ``keepalive_interval``.
         close_timeout: ``close()`` (and so ``Manager.stop()``) waits for queued messages
             to be written and, with ``acknowledged``, confirmed while that progresses, and
             closes the connections anyway once neither a write nor an acknowledgement
@@ -1405,9 +1411,15 @@ class MultiStreamTCPTransport:
 
         Unacknowledged, a message up to 16 KiB, or a ``bytes`` message up to 1 MiB, is
         queued in order and ``send`` returns (each stream's writer thread hands what queued
-        up to the kernel in one syscall, within ``send_timeout``, or the session breaks and
-        the next ``send`` raises); a larger message, or a larger mutable buffer the caller
-        may reuse, is in the kernel when ``send`` returns. As with bytes the kernel
+        up to the kernel in one syscall); a larger message, or a larger mutable buffer the
+        caller may reuse, is in the kernel when ``send`` returns. A message is queued whole
+        or not at all: when the queues are full (the receiver takes messages more slowly
+        than they come), ``send`` waits for room, first come first served, within
+        ``send_timeout``, then raises TransportError code ``BACKPRESSURE``: nothing of that
+        message was sent, and the session goes on. Once queued, a message is written as
+        fast as the receiver reads; only a stall (nothing written for ``send_timeout``
+        while the receiver does not say it is alive, see ``keepalive_timeout``) or a socket
+        error breaks the session, and the next ``send`` raises. As with bytes the kernel
         accepted, a message queued just before the peer dies may be lost (use
         ``acknowledged``). ``flush()`` waits until everything queued is written.
 
@@ -1422,9 +1434,11 @@ class MultiStreamTCPTransport:
 
         TypeError and ValueError (not bytes-like, over ``max_message_size``, ``wait``
         without ``acknowledged``) are raised before any I/O. TransportError: not started
-        (code ``NOT_STARTED``), broken, a stream failed or stalled past ``send_timeout``,
-        (code ``ACK_TIMEOUT``) acknowledgements did not come within ``send_timeout``, or
-        (code ``WINDOW_FULL``) they came, but too slowly to make room within it.
+        (code ``NOT_STARTED``), no room in time (code ``BACKPRESSURE``, see above), broken
+        (with the code of the fault that broke the session: ``TRANSPORT_ERROR`` when a
+        stream failed or stalled, ``ACK_TIMEOUT`` when acknowledgements did not come within
+        ``send_timeout``), or (code ``WINDOW_FULL``) they came, but too slowly to make room
+        within it.
         """
         kind = type(data)
         if kind is not bytes and kind is not bytearray:
