@@ -62,6 +62,10 @@ _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16, 1024)
 # How often a sender that finds the order lock taken yields the GIL before it blocks.
 _YIELDS = 16
 _sleep = time.sleep
+# ACK_NOW_EMPTY: a message sent into an empty window (nothing awaits an acknowledgement)
+# asks for its ACK at once (ACK_NOW), as send(wait=True) does: so send() then flush() is
+# confirmed without waiting out the receiver's ACK delay. In a steady stream the window
+# seldom empties, so the receiver still acknowledges in batches.
 # A write syscall returns after send_timeout / _STALL_TICKS at most, so that a stall (nothing
 # written for send_timeout) is seen within a quarter of send_timeout of its end.
 _STALL_TICKS = 4
@@ -682,6 +686,8 @@ class _Session:
                     if window is not None:
                         if window.last == window.acked:
                             window.since = _monotonic()
+                            # Into an empty window: ask for an ACK at once (see ACK_NOW_EMPTY).
+                            flags = self.urgent_flags
                         window.entries.append(data)  # type: ignore[arg-type]
                         window.last = message_id
                         window.added += size
@@ -730,6 +736,8 @@ class _Session:
                         if not full and stream.queued < _OUTBOX_LIMIT:
                             self.next_id = message_id + 1
                             if window is not None:
+                                if window.last == window.acked:  # see ACK_NOW_EMPTY
+                                    flags = self.urgent_flags
                                 window.add(message_id, data)  # type: ignore[arg-type]
                             head = _pack_head(
                                 _MAGIC, _VERSION, _DATA, flags, message_id, 0, 1, size, size,
@@ -822,6 +830,8 @@ class _Session:
                             # lock: the message is queued whole or not at all.
                             self.next_id = message_id + 1
                             if window is not None:
+                                if window.last == window.acked:  # see ACK_NOW_EMPTY
+                                    flags |= wire.FLAG_ACK_NOW
                                 window.add(message_id, data)  # type: ignore[arg-type]
                             for share, lane in enumerate(lanes):
                                 # Each stream's writer computes its chunks' CRCs: in parallel,
@@ -1485,7 +1495,9 @@ class MultiStreamTCPTransport:
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every message sent so far is written to the kernel and, with
-        ``acknowledged``, acknowledged by the receiver.
+        ``acknowledged``, acknowledged by the receiver (a message sent while nothing awaited
+        an acknowledgement asked for it at once, so ``send`` then ``flush`` after a lull is
+        as quick as ``send(wait=True)``; after a burst the receiver's ACK delay may apply).
 
         ``timeout`` defaults to ``send_timeout``. Raises TransportError when not started,
         when the session broke, or when the timeout passed first (code ``UNCONFIRMED`` when

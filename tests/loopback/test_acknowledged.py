@@ -18,6 +18,7 @@ from dwcp import (
     MultiStreamTCPTransport,
     TransportError,
 )
+from dwcp.transport import receiver as receiver_module
 from tests.conftest import RawPeer, ReceiverFactory, TransportFactory, wait_until
 
 TIMEOUT = 10.0
@@ -177,6 +178,26 @@ def test_flush_and_wait_return_once_acknowledged(
     gate.open.set()
     transport.flush()
     assert gate.messages == [b"first", b"held"] and transport.unacknowledged == 0
+
+
+def test_flush_after_a_lone_send_does_not_wait_out_the_receivers_ack_delay(
+    receiver_factory: ReceiverFactory,
+    transport_factory: TransportFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An ACK the sender did not ask for at once would come a minute after delivery. A message
+    # sent into an empty window asks (ACK_NOW), so each flush() returns on its ACK.
+    monkeypatch.setattr(receiver_module, "_ACK_DELAY", 60.0)
+    receiver, inbox = receiver_factory()
+    transport = transport_factory(
+        receiver.address, acknowledged=True, send_timeout=30.0, keepalive_interval=None
+    )  # (no PINGs: waking the receiver's delivery thread, they would send the ACK early)
+    transport.start()
+    for n in range(3):
+        transport.send(b"m%d" % n)
+        transport.flush(5.0)  # UNCONFIRMED if it waited for the delayed ACK
+        assert transport.unacknowledged == 0
+    assert inbox.messages == [b"m0", b"m1", b"m2"]
 
 
 def test_messages_left_unacknowledged_by_close_are_resent_once(
