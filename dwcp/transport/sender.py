@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, NoReturn, cast
 from loguru import logger
 
 from dwcp import _validation
-from dwcp._errors import TransportError
+from dwcp._errors import DWCPError, TransportError
 from dwcp.transport import wire
 from dwcp.transport._io import (
     _TIMEOUT_SLACK,
@@ -25,7 +25,6 @@ from dwcp.transport._io import (
     _bounded_int,
     _check_address,
     _close_quietly,
-    _seconds,
     _set_send_timeout,
     is_loopback_host,
 )
@@ -1182,13 +1181,14 @@ class MultiStreamTCPTransport:
         close_timeout: float | timedelta = 1.0,
     ) -> None:
         _check_address(address, lowest_port=1)
+        _validation.host_name("address host", address[0])
         self._address = address
         self._streams = _bounded_int("streams", streams, 1, wire.MAX_STREAMS)
         self._chunk_size = _bounded_int(
             "chunk_size", chunk_size, wire.MIN_CHUNK_SIZE, wire.MAX_TOTAL_LENGTH
         )
-        self._connect_timeout = _seconds("connect_timeout", connect_timeout)
-        self._send_timeout = _seconds("send_timeout", send_timeout)
+        self._connect_timeout = _validation.wire_seconds("connect_timeout", connect_timeout)
+        self._send_timeout = _validation.wire_seconds("send_timeout", send_timeout)
         self._max_message_size = _bounded_int(
             "max_message_size", max_message_size, 0, wire.MAX_TOTAL_LENGTH
         )
@@ -1203,10 +1203,10 @@ class MultiStreamTCPTransport:
         self._keepalive_interval = (
             None
             if keepalive_interval is None
-            else _seconds("keepalive_interval", keepalive_interval)
+            else _validation.wire_seconds("keepalive_interval", keepalive_interval)
         )
-        self._keepalive_timeout = _seconds("keepalive_timeout", keepalive_timeout)
-        self._close_timeout = _validation.seconds("close_timeout", close_timeout)
+        self._keepalive_timeout = _validation.wire_seconds("keepalive_timeout", keepalive_timeout)
+        self._close_timeout = _validation.wire_seconds("close_timeout", close_timeout)
         max_in_flight = _bounded_int("max_in_flight", max_in_flight, 1, 1 << 20)
         max_in_flight_bytes = _bounded_int("max_in_flight_bytes", max_in_flight_bytes, 1, 1 << 40)
         self._window = Window(max_in_flight, max_in_flight_bytes) if acknowledged else None
@@ -1262,20 +1262,22 @@ class MultiStreamTCPTransport:
         self.close()
 
     def start(self) -> None:
-        """Open ``streams`` connections as one new session; a no-op when already started.
+        """Open ``streams`` connections as one new session.
 
         With ``acknowledged``, the messages still unacknowledged from earlier sessions are
         resent first, in order, under their own ids (the receiver drops those it already
-        delivered), and ``start`` returns once they are written. A started transport is not
-        reconnected even when broken: ``close()`` first (as the manager's recovery does).
-        Raises TransportError when any connection, handshake or resend fails, after closing
-        the connections it did open.
+        delivered), and ``start`` returns once they are written. A started transport, even a
+        broken one, raises DWCPError (code ``ALREADY_STARTED``): ``close()`` first (as the
+        manager's recovery does). Raises TransportError when any connection, handshake or
+        resend fails, after closing the connections it did open.
         """
         with self._lifecycle:
             while self._retiring is not None:  # bounded: shutdown() is
                 self._retired.wait()
             if self._session is not None:
-                return
+                raise DWCPError(
+                    "transport is already started; close() it first", code="ALREADY_STARTED"
+                )
             session_id = os.urandom(wire.SESSION_ID_SIZE)
             window = self._window
             replay = window.replay() if window is not None else []
@@ -1346,7 +1348,8 @@ class MultiStreamTCPTransport:
                     index,
                     self._streams,
                     acknowledged=self._acknowledged,
-                    keepalive_ms=int((self._keepalive_interval or 0) * 1000),
+                    # Whole milliseconds, at least 1 (the constructor's bounds).
+                    keepalive_ms=round((self._keepalive_interval or 0) * 1000),
                     sender_id=self._sender_id,
                     first_id=first_id,
                 )
@@ -1493,7 +1496,7 @@ class MultiStreamTCPTransport:
             )
         session.wait_acked(message_id, deadline)
 
-    def flush(self, timeout: float | None = None) -> None:
+    def flush(self, timeout: float | timedelta | None = None) -> None:
         """Wait until every message sent so far is written to the kernel and, with
         ``acknowledged``, acknowledged by the receiver (a message sent while nothing awaited
         an acknowledgement asked for it at once, so ``send`` then ``flush`` after a lull is
@@ -1506,7 +1509,9 @@ class MultiStreamTCPTransport:
         session = self._session
         if session is None:
             raise TransportError("transport not started", code="NOT_STARTED")
-        wait = self._send_timeout if timeout is None else _seconds("timeout", timeout)
+        wait = (
+            self._send_timeout if timeout is None else _validation.wire_seconds("timeout", timeout)
+        )
         deadline = _monotonic() + wait
         if not session.flush(wait):
             if session.broken is not None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import threading
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -255,6 +257,79 @@ def test_constructor_rejects_bad_values(kwargs: dict[str, Any], name: str) -> No
         MultiStreamTCPTransport(("127.0.0.1", 9), **kwargs)
 
 
+WIRE_MAX = "4.29497e+06"  # seconds: 2**32 - 1 milliseconds, as the HELLO carries them
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"send_timeout": float("inf")}, ValueError, "send_timeout must be a finite positive"),
+        ({"connect_timeout": float("nan")}, ValueError, "connect_timeout must be a finite"),
+        ({"keepalive_timeout": float("inf")}, ValueError, "keepalive_timeout must be a finite"),
+        ({"send_timeout": 1e12}, ValueError, re.escape(f"must be from 0.001 to {WIRE_MAX}")),
+        ({"keepalive_interval": 5e6}, ValueError, "keepalive_interval must be from 0.001 to"),
+        ({"keepalive_interval": 0.0005}, ValueError, "keepalive_interval must be from 0.001"),
+        ({"keepalive_interval": timedelta(days=60)}, ValueError, "whole milliseconds"),
+        ({"send_timeout": "10"}, TypeError, "send_timeout must be a number of seconds"),
+        ({"address": ("a" * 64 + ".example", 9)}, ValueError, "address host .* not a valid host"),
+        ({"address": ("bad..name", 9)}, ValueError, "address host 'bad..name' is not a valid"),
+    ],
+)
+def test_constructor_rejects_what_start_could_not_use(
+    kwargs: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    # Each used to be accepted, then fail in start() with OverflowError, struct.error or
+    # UnicodeError (or, under 1 ms, announce "no keepalive" in the HELLO).
+    address = kwargs.pop("address", ("127.0.0.1", 9))
+    with pytest.raises(error, match=match):
+        MultiStreamTCPTransport(address, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("interval", "announced"),
+    [(0.001, 1), (0.0016, 2), (2.5, 2500), ((2**32 - 1) / 1000, 2**32 - 1), (None, 0)],
+)
+def test_the_keepalive_interval_is_announced_in_whole_milliseconds(
+    interval: float | None, announced: int
+) -> None:
+    # What the HELLO carries, read off the wire by a listener that answers WELCOME.
+    listener = socket.create_server(("127.0.0.1", 0))
+    hellos: list[wire.Handshake] = []
+
+    def answer() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(DELIVERY_TIMEOUT)
+            hellos.append(wire.parse_handshake(conn.recv(wire.HANDSHAKE.size, socket.MSG_WAITALL)))
+            conn.sendall(wire.pack_welcome(wire.STATUS_ACCEPTED))
+            conn.recv(1)  # until the transport closes
+
+    peer = threading.Thread(target=answer, name="test-hello-reader")
+    peer.start()
+    transport = MultiStreamTCPTransport(
+        listener.getsockname()[:2], streams=1, keepalive_interval=interval, close_timeout=0.1
+    )
+    try:
+        transport.start()
+    finally:
+        transport.close()
+        peer.join(DELIVERY_TIMEOUT)
+        listener.close()
+    assert [h.keepalive_ms for h in hellos] == [announced]
+
+
+def test_flush_rejects_a_timeout_it_could_not_wait(
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory
+) -> None:
+    receiver, _ = receiver_factory()
+    transport = transport_factory(receiver.address)
+    transport.start()
+    with pytest.raises(ValueError, match="timeout must be a finite positive"):
+        transport.flush(float("inf"))  # it used to raise OverflowError
+    transport.send(b"x")
+    transport.flush(timedelta(seconds=DELIVERY_TIMEOUT))
+
+
 def test_constructor_rejects_bad_types() -> None:
     with pytest.raises(TypeError, match="address"):
         MultiStreamTCPTransport("127.0.0.1:9")  # type: ignore[arg-type]
@@ -264,13 +339,15 @@ def test_constructor_rejects_bad_types() -> None:
         MultiStreamTCPTransport(("127.0.0.1", 9), acknowledged=1)  # type: ignore[arg-type]
 
 
-def test_start_twice_is_a_no_op_and_close_then_start_reconnects(
+def test_start_twice_raises_already_started_and_close_then_start_reconnects(
     receiver_factory: ReceiverFactory, transport_factory: TransportFactory
 ) -> None:
     receiver, inbox = receiver_factory()
     transport = transport_factory(receiver.address)
     transport.start()
-    transport.start()
+    with pytest.raises(DWCPError, match="already started") as raised:
+        transport.start()
+    assert raised.value.code == "ALREADY_STARTED"
     assert receiver.session_count == 1
     transport.send(b"first")
     transport.close()
