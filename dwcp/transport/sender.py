@@ -65,9 +65,9 @@ _sleep = time.sleep
 # asks for its ACK at once (ACK_NOW), as send(wait=True) does: so send() then flush() is
 # confirmed without waiting out the receiver's ACK delay. In a steady stream the window
 # seldom empties, so the receiver still acknowledges in batches.
-# A write syscall returns after send_timeout / _STALL_TICKS at most, so that a stall (nothing
-# written for send_timeout) is seen within a quarter of send_timeout of its end.
-_STALL_TICKS = 4
+# A write syscall returns after send_timeout / _STALL_TICKS at most, so that a stall (see
+# _Session._stalled) is seen within an eighth of send_timeout of being due.
+_STALL_TICKS = 8
 # Why a session broke when acknowledgements stopped (formatted with send_timeout).
 ACK_TIMEOUT_REASON = "no acknowledgement within send_timeout ({:g} s)"
 
@@ -111,6 +111,7 @@ class _Stream:
         "marks",
         "outbox",
         "ping_sent",
+        "progress",
         "queued",
         "sock",
         "threads",
@@ -143,8 +144,9 @@ class _Stream:
         self.kick.acquire()
         self.writes = 0  # batches written, so the keepalive can tell an idle stream
         self.ping_sent: float | None = None  # when an unanswered PING went out
-        # When the receiver last said it is alive on this stream (a PONG or an ACK).
-        self.heard = _monotonic()
+        # When the receiver last said it is alive on this stream (a PONG or an ACK), and when
+        # the write under way last wrote something (or began).
+        self.heard = self.progress = _monotonic()
 
     def put(
         self,
@@ -568,7 +570,13 @@ class _Session:
 
     def _wait_for_room(self, stream: _Stream, deadline: float) -> None:
         """Backpressure: wait until ``stream``'s outbox is below its limit; TransportError
-        (code ``BACKPRESSURE``) at ``deadline``, the session left alone."""
+        (code ``BACKPRESSURE``) at ``deadline``, the session left alone.
+
+        Unless the stream's write is stalled by then: its writer alone decides that and
+        breaks the session, within one tick of its kernel timeout; this send waits for that
+        decision and reports it, so a stall gives the same error whichever thread sees it.
+        """
+        extended = False
         with stream.drained:
             stream.waiting += 1
             try:
@@ -577,10 +585,30 @@ class _Session:
                         self._raise_broken()
                     left = deadline - _monotonic()
                     if left <= 0:
-                        self._backpressure()
+                        if extended or not self._stalled(stream):
+                            self._backpressure()
+                        # Bounded: the writer ticks every send_timeout / 8, and a loaded
+                        # machine may run it late, hence a whole send_timeout more.
+                        extended = True
+                        deadline = _monotonic() + self.send_timeout
+                        continue
                     stream.drained.wait(left)
             finally:
                 stream.waiting -= 1
+
+    def _stalled(self, stream: _Stream) -> bool:
+        """Whether ``stream``'s write is stalled: under way, nothing written for send_timeout,
+        and, with a keepalive, no PONG or ACK for keepalive_interval + keepalive_timeout
+        either (a receiver waiting for a slow consumer sends a PONG every interval: that is
+        backpressure, not a fault)."""
+        if not stream.busy:
+            return False
+        now = _monotonic()
+        progress = stream.progress
+        life = self.life
+        return now - progress >= self.send_timeout and (
+            life is None or now - max(progress, stream.heard) >= life
+        )
 
     def _wait_for_window(self, size: int, deadline: float) -> None:
         """Acknowledged: wait until the window has room for ``size`` bytes, or raise
@@ -947,7 +975,7 @@ class _Session:
         (see "admission" above), not a fault.
         """
         sock = stream.sock
-        began = _monotonic()
+        stream.progress = _monotonic()
         try:
             tls = stream.tls
             if tls is not None:
@@ -955,7 +983,7 @@ class _Session:
                 # the channel's write lock keeps records in the order they were sealed.
                 with tls.write_lock:
                     records = tls.encrypt(*parts)
-                    self._send_rest(stream, [records], 0, began)
+                    self._send_rest(stream, [records], 0)
                 return
             try:
                 if len(parts) == 1:
@@ -967,7 +995,9 @@ class _Session:
             except BlockingIOError:
                 sent = 0  # nothing in one tick of the kernel timeout: _send_rest goes on
             if sent < size:
-                self._send_rest(stream, parts, sent, began if not sent else _monotonic())
+                if sent:
+                    stream.progress = _monotonic()
+                self._send_rest(stream, parts, sent)
         except (BlockingIOError, TimeoutError) as exc:
             self._fail(stream, "stalled: nothing could be written for send_timeout", exc)
         except ssl.SSLError as exc:
@@ -975,13 +1005,9 @@ class _Session:
         except OSError as exc:
             self._fail(stream, "send failed", exc)
 
-    def _send_rest(
-        self, stream: _Stream, parts: Sequence[Buffer], sent: int, progress: float
-    ) -> None:
+    def _send_rest(self, stream: _Stream, parts: Sequence[Buffer], sent: int) -> None:
         """Write ``parts`` but their first ``sent`` bytes; BlockingIOError once the write is
-        stalled: nothing written for send_timeout since ``progress`` (when bytes last went
-        out) and, with a keepalive, no PONG or ACK for keepalive_interval +
-        keepalive_timeout either."""
+        stalled (see ``_stalled``)."""
         rest: list[Buffer] = []
         for whole in parts:
             if sent >= len(whole):
@@ -995,17 +1021,10 @@ class _Session:
             try:
                 done = _writev(stream.fd, group) if _writev else sock.sendmsg(group)
             except BlockingIOError:
-                # A kernel timeout tick with nothing written. Stalled once nothing went out
-                # for send_timeout, unless the receiver said it is alive since (its reader,
-                # waiting for a slow consumer, sends a PONG every keepalive_interval).
-                now = _monotonic()
-                life = self.life
-                if now - progress >= self.send_timeout and (
-                    life is None or now - max(progress, stream.heard) >= life
-                ):
+                if self._stalled(stream):  # else a kernel timeout tick with nothing written
                     raise
                 continue
-            progress = _monotonic()
+            stream.progress = _monotonic()
             while rest and done >= len(rest[0]):
                 done -= len(rest.pop(0))
             if done:
@@ -1031,7 +1050,7 @@ class _Session:
         idle_since = [_monotonic()] * self.count
         window = self.window
         try:
-            while not self._stopped.wait(tick):
+            while not self._stopped.wait(self._next_tick(tick)):
                 now = _monotonic()
                 if window is not None and self._ack_overdue():
                     # The one place that breaks a session for missing acknowledgements.
@@ -1057,6 +1076,18 @@ class _Session:
         except Exception as exc:  # noqa: BLE001 - never die silently
             self._log.opt(exception=exc).error("Transport keepalive failed")
             self.break_(f"keepalive error {exc!r}")
+
+    def _next_tick(self, tick: float) -> float:
+        """How long the keepalive sleeps: ``tick``, or less when acknowledgements become
+        overdue sooner, so that a send waiting for that decision waits little past its own
+        deadline."""
+        window = self.window
+        since = None if window is None else window.waiting_since()
+        if since is None:
+            return tick
+        # Just past the moment (``_ack_overdue`` asks for more than send_timeout).
+        due = since + self.send_timeout - _monotonic() + _TIMEOUT_SLACK
+        return min(tick, max(due, _TIMEOUT_SLACK))
 
     # -- receiving (ACK, PONG and connection loss) --------------------------------------
 

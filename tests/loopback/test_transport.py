@@ -353,7 +353,7 @@ def test_start_twice_raises_already_started_and_close_then_start_reconnects(
     transport.close()
     transport.start()
     transport.send(b"second" * 1000)
-    assert receiver.wait_delivered(2, DELIVERY_TIMEOUT)
+    assert receiver.wait_delivered(2, DELIVERY_TIMEOUT), (inbox.messages[:1], repr(transport))
     assert inbox.messages == [b"first", b"second" * 1000]
     transport.health_check()
 
