@@ -411,13 +411,20 @@ class _Session:
         writes or acknowledgements progress: give up once none came for ``close_timeout``.
 
         A slow receiver still gets everything; a silent one holds ``close()`` for
-        ``close_timeout``, not ``send_timeout``.
+        ``close_timeout``, not ``send_timeout``. A writer that has not yet begun what is
+        queued (a busy machine runs it late) is waited for, up to ``send_timeout``.
         """
         window = self.window
         wait = self.close_timeout
+        latest = _monotonic() + max(self.send_timeout, wait)
 
-        def progress() -> tuple[int, int]:
-            return sum(s.writes for s in self.streams), -1 if window is None else window.acked
+        def progress() -> tuple[int, float, int]:
+            streams = self.streams
+            return (
+                sum(s.writes for s in streams),
+                max(s.progress for s in streams),  # bytes of a write under way
+                -1 if window is None else window.acked,
+            )
 
         seen = progress()
         while True:  # bounded: each round ends the loop unless something progressed
@@ -429,7 +436,9 @@ class _Session:
                 return
             now = progress()
             if now == seen:
-                return
+                late = any(s.outbox and not s.busy for s in self.streams)
+                if not late or _monotonic() >= latest:
+                    return
             seen = now
 
     def shutdown(self) -> None:
