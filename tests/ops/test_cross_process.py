@@ -842,6 +842,37 @@ def test_many_threads_share_one_acknowledged_transport_at_every_size_class(
 
 @pytest.mark.slow
 @pytest.mark.timeout(90)
+def test_a_slow_consumer_loses_nothing_that_send_returned_for(
+    receiver_process: ReceiverFactory, transport_factory: TransportFactory
+) -> None:
+    # Issue 22's cell: unacknowledged, 4 streams, a receiver taking 0.5 ms a message, and a
+    # short send_timeout. A send that gets no room in time fails alone (BACKPRESSURE); the
+    # session lives; every send that returned is delivered. (Loopback's kernel buffers, up to
+    # 32 MiB a connection here, absorb much of this; tests/loopback/
+    # test_transport_backpressure.py reproduces the loss with the consumer in-process.)
+    receiver = receiver_process(delay=0.0005, max_message_size=64 * KiB)  # a 2 MiB budget
+    transport = open_transport(
+        transport_factory, receiver.address, streams=4, send_timeout=0.3, acknowledged=False
+    )
+    returned: list[int] = []
+    codes: list[str] = []
+    for seq in range(4000):
+        try:
+            transport.send(make_payload(0, seq, 4 * KiB))
+        except TransportError as exc:
+            codes.append(exc.code)
+        else:
+            returned.append(seq)
+    assert set(codes) <= {"BACKPRESSURE"}, codes[:5]
+    transport.health_check()
+    transport.flush(DELIVERY_TIMEOUT)
+    stats = wait_draining(receiver, len(returned))
+    assert_exactly(stats, 0, returned)
+    print(f"{len(returned)} sends returned, {len(codes)} raised BACKPRESSURE")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
 @pytest.mark.parametrize(
     "receiver_max",
     [None, 64 * KiB],
