@@ -160,9 +160,8 @@ def test_a_pause_before_the_send_that_finds_the_window_full_gives_ack_timeout(
 
 
 def test_flush_and_wait_return_once_acknowledged(
-    receiver_factory: ReceiverFactory, transport_factory: TransportFactory
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory, gate: Gate
 ) -> None:
-    gate = Gate()
     receiver, _ = receiver_factory(on_message=gate)
     transport = transport_factory(receiver.address, acknowledged=True, streams=3)
     transport.start()
@@ -201,9 +200,8 @@ def test_flush_after_a_lone_send_does_not_wait_out_the_receivers_ack_delay(
 
 
 def test_messages_left_unacknowledged_by_close_are_resent_once(
-    receiver_factory: ReceiverFactory, transport_factory: TransportFactory
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory, gate: Gate
 ) -> None:
-    gate = Gate()
     receiver, _ = receiver_factory(on_message=gate)
     transport = transport_factory(receiver.address, acknowledged=True, close_timeout=0.3)
     transport.start()
