@@ -273,6 +273,14 @@ class _Session:
 
     A stream failure breaks the whole session: a message id that never reaches the receiver
     leaves a gap it cannot deliver past, so later sends on the session would be lost anyway.
+
+    Who decides to break, one thread per kind of fault, with the code every later error of
+    the session carries (``broken_code``): the thread writing a stream (its writer, or a
+    sender writing a large frame directly) for a failed or stalled write; the stream's
+    reader for a closed connection or a bad frame; the keepalive thread for an unanswered
+    PING and, acknowledged, for acknowledgements overdue (``ACK_TIMEOUT``). A send never
+    breaks the session: it fails alone when it gets no room in time, and when it finds a
+    fault due that its owner has not decided yet, it waits for that decision and reports it.
     """
 
     def __init__(
