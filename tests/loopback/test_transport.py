@@ -486,7 +486,7 @@ def test_stalled_peer_fails_the_send_within_send_timeout(
     began = time.monotonic()
     with pytest.raises(TransportError, match="stalled"):
         transport.send(bytearray(64 << 20))  # a mutable buffer: written before send returns
-    assert time.monotonic() - began < 2.0
+    assert time.monotonic() - began < 10.0  # only catches a hang (it stalls after ~0.5 s)
     assert unhealthy(transport)
 
 
