@@ -34,8 +34,9 @@ breaker stays open in each until its own trial succeeds.
 A trial still running ``trial_timeout`` after it was admitted counts as a failed trial: the
 breaker opens from that deadline, and the hung call's late result is stale like any other.
 
-A failure whose ``code`` is ``NOT_STARTED`` (this process's transport is closed) is no
-evidence about the peer: it is released, never counted.
+A failure whose ``code`` is ``NOT_STARTED`` (this process's transport is closed),
+``BACKPRESSURE`` or ``WINDOW_FULL`` (the peer is alive, only slower than the senders) is no
+evidence that the peer is down: it is released, never counted.
 
 The adapter relies on pybreaker internals (``_lock``, ``_handle_error``, ``_handle_success``,
 ``on_failure``); ``pybreaker~=1.4`` is pinned and ``tests/unit/test_breaker_contract.py`` fails if
@@ -174,6 +175,9 @@ class _Listener(pybreaker.CircuitBreakerListener):
         old = old_state.name if old_state is not None else CLOSED
         self._breaker._transitioned(old, new_state.name)
 
+#: Failure codes that say nothing about the peer being down; released, never counted.
+NOT_EVIDENCE = frozenset({"NOT_STARTED", "BACKPRESSURE", "WINDOW_FULL"})
+
 
 class Breaker:
     """Thread-safe breaker whose admission and bookkeeping never wrap the guarded I/O.
@@ -309,11 +313,13 @@ class Breaker:
     def record_failure(self, ticket: int, error: BaseException | None = None) -> None:
         """Account a peer failure; pybreaker opens at ``fail_max`` or on a failed trial.
 
-        An ``error`` whose ``code`` is ``NOT_STARTED`` (a transport this process has closed,
-        such as one its own recovery has not restarted yet) says nothing about the peer and
-        is released instead, as the spec says "not started" never counts.
+        An ``error`` whose code is in ``NOT_EVIDENCE`` says nothing about the peer being down
+        and is released instead: ``NOT_STARTED`` (a transport this process has closed, such
+        as one its own recovery has not restarted yet; the spec says "not started" never
+        counts), ``BACKPRESSURE`` and ``WINDOW_FULL`` (a slow peer slows senders and breaks
+        nothing).
         """
-        if getattr(error, "code", None) == "NOT_STARTED":
+        if getattr(error, "code", None) in NOT_EVIDENCE:
             self.release(ticket)
             return
         failure = error if error is not None else _PeerFailure("peer failure")

@@ -11,14 +11,17 @@ import threading
 from datetime import timedelta
 
 __all__ = [
+    "WIRE_SECONDS_MAX",
     "count",
     "describe",
     "flag",
+    "host_name",
     "name",
     "number",
     "port",
     "require_methods",
     "seconds",
+    "wire_seconds",
 ]
 
 
@@ -122,3 +125,31 @@ def describe(exc: BaseException) -> str:
     """``Type: message`` for logs, events and statuses."""
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+#: The longest duration a transport accepts, in seconds: the HELLO carries the keepalive
+#: interval as a 32-bit count of milliseconds, and the transport's other durations are held
+#: to the same bound (socket timeouts and lock waits overflow far beyond it).
+WIRE_SECONDS_MAX = (2**32 - 1) / 1000
+
+
+def wire_seconds(name: str, value: object) -> float:
+    """``value`` as a float number of seconds a transport can use: finite, from 1 ms (the
+    wire counts milliseconds: less would be written as 0) to ``WIRE_SECONDS_MAX``."""
+    number = seconds(name, value)
+    if not 0.001 <= number <= WIRE_SECONDS_MAX:
+        raise ValueError(
+            f"{name} must be from 0.001 to {WIRE_SECONDS_MAX:g} seconds (what the wire "
+            f"carries, in whole milliseconds), got {value!r}"
+        )
+    return number
+
+
+def host_name(param: str, host: str) -> str:
+    """``host`` if a resolver can be asked for it: the socket module encodes a host name
+    with IDNA, which refuses some (an empty or over-63-character label, say)."""
+    try:
+        host.encode("idna")
+    except UnicodeError as exc:
+        raise ValueError(f"{param} {host!r} is not a valid host name: {exc}") from exc
+    return host

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import socket
 import ssl
@@ -14,7 +15,8 @@ from typing import TYPE_CHECKING, NoReturn, cast
 
 from loguru import logger
 
-from dwcp._errors import TransportError
+from dwcp import _validation
+from dwcp._errors import DWCPError, TransportError
 from dwcp.transport import wire
 from dwcp.transport._io import (
     _TIMEOUT_SLACK,
@@ -23,7 +25,6 @@ from dwcp.transport._io import (
     _bounded_int,
     _check_address,
     _close_quietly,
-    _seconds,
     _set_send_timeout,
     is_loopback_host,
 )
@@ -60,6 +61,15 @@ _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16, 1024)
 # How often a sender that finds the order lock taken yields the GIL before it blocks.
 _YIELDS = 16
 _sleep = time.sleep
+# ACK_NOW_EMPTY: a message sent into an empty window (nothing awaits an acknowledgement)
+# asks for its ACK at once (ACK_NOW), as send(wait=True) does: so send() then flush() is
+# confirmed without waiting out the receiver's ACK delay. In a steady stream the window
+# seldom empties, so the receiver still acknowledges in batches.
+# A write syscall returns after send_timeout / _STALL_TICKS at most, so that a stall (see
+# _Session._stalled) is seen within an eighth of send_timeout of being due.
+_STALL_TICKS = 8
+# Why a session broke when acknowledgements stopped (formatted with send_timeout).
+ACK_TIMEOUT_REASON = "no acknowledgement within send_timeout ({:g} s)"
 
 
 def _take_contended(order: threading.Lock) -> None:
@@ -92,43 +102,39 @@ class _Stream:
         "busy",
         "drained",
         "fd",
+        "heard",
         "index",
         "kick",
         "kicked",
         "lazy",
         "lock",
         "marks",
-        "oldest",
         "outbox",
         "ping_sent",
+        "progress",
         "queued",
         "sock",
         "threads",
-        "timeout",
         "tls",
         "waiting",
         "writes",
     )
 
-    def __init__(
-        self, index: int, sock: socket.socket, tls: TLSChannel | None, timeout: float
-    ) -> None:
+    def __init__(self, index: int, sock: socket.socket, tls: TLSChannel | None) -> None:
         self.index = index
         self.sock = sock
         self.fd = sock.fileno()
         self.tls = tls
-        self.timeout = timeout  # the kernel send timeout now set on ``sock``
         self.threads: list[threading.Thread] = []
         # Guarded by ``lock``: what waits to be written, its size, the completions to
-        # signal once it is, the deadline of its oldest frame, and whether the writer has
-        # been woken, is writing, or has senders waiting for it.
+        # signal once it is, and whether the writer has been woken, is writing, or has
+        # senders waiting for it.
         self.lock = threading.Lock()
         self.drained = threading.Condition(self.lock)
         self.outbox: list[Buffer | _Lazy] = []
         self.lazy = False
         self.marks: list[_Batch] = []
         self.queued = 0
-        self.oldest = 0.0
         self.kicked = False
         self.busy = False
         self.waiting = 0
@@ -138,12 +144,14 @@ class _Stream:
         self.kick.acquire()
         self.writes = 0  # batches written, so the keepalive can tell an idle stream
         self.ping_sent: float | None = None  # when an unanswered PING went out
+        # When the receiver last said it is alive on this stream (a PONG or an ACK), and when
+        # the write under way last wrote something (or began).
+        self.heard = self.progress = _monotonic()
 
     def put(
         self,
         parts: Sequence[Buffer | _Lazy],
         size: int,
-        deadline: float,
         mark: _Batch | None,
         *,
         lazy: bool = False,
@@ -152,8 +160,6 @@ class _Stream:
         order lock (frames without a message id, PINGs, need not). ``lazy``: some parts
         are ``_Lazy`` frames for the writer to build."""
         with self.lock:
-            if not self.outbox:
-                self.oldest = deadline
             self.outbox.extend(parts)
             self.lazy = self.lazy or lazy
             self.queued += size
@@ -267,6 +273,14 @@ class _Session:
 
     A stream failure breaks the whole session: a message id that never reaches the receiver
     leaves a gap it cannot deliver past, so later sends on the session would be lost anyway.
+
+    Who decides to break, one thread per kind of fault, with the code every later error of
+    the session carries (``broken_code``): the thread writing a stream (its writer, or a
+    sender writing a large frame directly) for a failed or stalled write; the stream's
+    reader for a closed connection or a bad frame; the keepalive thread for an unanswered
+    PING and, acknowledged, for acknowledgements overdue (``ACK_TIMEOUT``). A send never
+    breaks the session: it fails alone when it gets no room in time, and when it finds a
+    fault due that its owner has not decided yet, it waits for that decision and reports it.
     """
 
     def __init__(
@@ -282,8 +296,11 @@ class _Session:
         keepalive_timeout: float,
         first_id: int = 0,
         window: Window | None = None,
+        close_timeout: float | None = None,
     ) -> None:
         self.address = address
+        # How long shutdown() waits for queued writes and acknowledgements.
+        self.close_timeout = send_timeout if close_timeout is None else close_timeout
         self.checksum = checksum
         self.flags = 0 if checksum else wire.FLAG_UNCHECKED
         self.urgent_flags = self.flags | wire.FLAG_ACK_NOW
@@ -292,18 +309,33 @@ class _Session:
         self.acknowledged = acknowledged
         self.keepalive_interval = keepalive_interval
         self.keepalive_timeout = keepalive_timeout
-        self.streams = [
-            _Stream(i, sock, tls, send_timeout) for i, (sock, tls) in enumerate(connections)
-        ]
+        # How long a receiver may go without saying it is alive while a write makes no
+        # progress (see _send_rest); None: no keepalive, so nothing to hear from it.
+        self.life = None if keepalive_interval is None else keepalive_interval + keepalive_timeout
+        self.streams = [_Stream(i, sock, tls) for i, (sock, tls) in enumerate(connections)]
+        for stream in self.streams:
+            # Every syscall returns within a quarter of send_timeout; _write counts how long
+            # nothing could be written from that (the only write deadline).
+            _set_send_timeout(stream.sock, send_timeout / _STALL_TICKS)
         self.count = len(self.streams)
         # Message ids are handed out, and frames queued, under this lock: so each stream's
         # outbox is in id order.
         self._order = threading.Lock()
+        # Senders that found no room, first come first served (see _admit). Joined under the
+        # order lock; ``waiters`` (its length) is read there without this lock, so a sender
+        # that comes later queues behind them instead of taking the room they wait for.
+        self._queue: collections.deque[object] = collections.deque()
+        self._queue_lock = threading.Lock()
+        self._turn = threading.Condition(self._queue_lock)
+        self.waiters = 0
         self.first_id = first_id
         self.next_id = first_id
         # Acknowledged: the transport's window, which outlives this session (see Window).
         self.window = window
         self.broken: str | None = None
+        # The TransportError code of the fault that broke the session, set with ``broken``:
+        # every send that finds the session broken raises with it, whichever thread noticed.
+        self.broken_code = "TRANSPORT_ERROR"
         self.closing = False
         self._writers_stop = False
         self._stopped = threading.Event()
@@ -376,25 +408,54 @@ class _Session:
             raise TransportError(
                 "transport closed before the acknowledgement came", code="UNCONFIRMED"
             )
-        since = window.waiting_since()
-        if since is not None and _monotonic() - since >= self.send_timeout:
-            # No acknowledgement for send_timeout: the link is as good as broken (the
-            # keepalive would say so next); breaking now lets recovery resend at once.
-            self.break_(f"no acknowledgement within send_timeout ({self.send_timeout:g} s)")
         raise TransportError(
             f"no acknowledgement for message {message_id} in time; it is kept and resent "
             "after a restart",
             code="UNCONFIRMED",
         )
 
+    def _linger(self) -> None:
+        """Wait for what is queued to be written and, acknowledged, confirmed, for as long as
+        writes or acknowledgements progress: give up once none came for ``close_timeout``.
+
+        A slow receiver still gets everything; a silent one holds ``close()`` for
+        ``close_timeout``, not ``send_timeout``. A writer that has not yet begun what is
+        queued (a busy machine runs it late) is waited for, up to ``send_timeout``.
+        """
+        window = self.window
+        wait = self.close_timeout
+        latest = _monotonic() + max(self.send_timeout, wait)
+
+        def progress() -> tuple[int, float, int]:
+            streams = self.streams
+            return (
+                sum(s.writes for s in streams),
+                max(s.progress for s in streams),  # bytes of a write under way
+                -1 if window is None else window.acked,
+            )
+
+        seen = progress()
+        while True:  # bounded: each round ends the loop unless something progressed
+            if self.flush(wait) and (
+                window is None or window.wait_acked(window.last, _monotonic() + wait, self.ended)
+            ):
+                return
+            if self.ended():
+                return
+            now = progress()
+            if now == seen:
+                late = any(s.outbox and not s.busy for s in self.streams)
+                if not late or _monotonic() >= latest:
+                    return
+            seen = now
+
     def shutdown(self) -> None:
-        """Write what is queued and, acknowledged, wait for the acknowledgements (within
-        send_timeout), then stop every stream and join the session's threads (``close()``).
-        What is still unacknowledged stays in the window for the next session."""
+        """Write what is queued and, acknowledged, wait for the acknowledgements (while they
+        progress, see ``_linger``), then stop every stream and join the session's threads
+        (``close()``). What is still unacknowledged stays in the window for the next session;
+        unacknowledged, what is still queued then is dropped."""
         if self.broken is None:
-            deadline = _monotonic() + self.send_timeout
-            if self.flush(self.send_timeout) and self.window is not None:
-                self.window.wait_acked(self.window.last, deadline, self.ended)
+            self._linger()
         # Under the order lock, which every send re-checks it under before it takes an id:
         # nothing joins the window once this session is closing (start() snapshots it next).
         with self._order:
@@ -406,6 +467,8 @@ class _Session:
             stream.wake()
         if self.window is not None:
             self.window.wake()
+        with self._turn:
+            self._turn.notify_all()
         current = threading.current_thread()
         threads = [t for s in self.streams for t in s.threads]
         if self._keepalive is not None:
@@ -428,11 +491,13 @@ class _Session:
         except OSError:
             pass
 
-    def break_(self, reason: str) -> None:
-        """Mark the session broken (first reason wins) and abort every stream."""
+    def break_(self, reason: str, code: str = "TRANSPORT_ERROR") -> None:
+        """Mark the session broken (the first reason and its error ``code`` win) and abort
+        every stream."""
         with self._state_lock:
             if self.broken is not None or self.closing:
                 return
+            self.broken_code = code
             self.broken = reason
         self._log.bind(reason=reason).warning(f"Transport stream failed: {reason}")
         self._stopped.set()
@@ -441,19 +506,94 @@ class _Session:
             stream.wake()
         if self.window is not None:
             self.window.wake()
+        with self._turn:
+            self._turn.notify_all()
+
+    def _raise_broken_from(self, exc: BaseException | None) -> NoReturn:
+        raise TransportError(
+            f"transport broken: {self.broken or 'closed'}; restart it", code=self.broken_code
+        ) from exc
 
     def _raise_broken(self) -> NoReturn:
-        raise TransportError(f"transport broken: {self.broken or 'closed'}; restart it")
+        raise TransportError(
+            f"transport broken: {self.broken or 'closed'}; restart it", code=self.broken_code
+        )
 
     def _fail(self, stream: _Stream, what: str, exc: BaseException | None) -> NoReturn:
         reason = f"stream {stream.index}: {what}" + (f" ({exc})" if exc is not None else "")
         self.break_(reason)
+        if self.broken is not None and self.broken != reason:
+            # Another fault broke the session first (this one is likely its consequence):
+            # report that one, as every other send does.
+            self._raise_broken_from(exc)
         raise TransportError(reason) from exc
 
     # -- sending ------------------------------------------------------------------------
 
+    # -- admission: room for a message, first come first served --------------------------
+    #
+    # A message is queued whole (every chunk on every lane, under the order lock) or not at
+    # all. A send that finds no room (a stream's outbox at its limit, or the window full)
+    # joins the queue of waiters; only its head waits for room, the others for their turn,
+    # and a later sender queues behind them. A send still without room at its deadline fails
+    # alone: nothing of it was queued, and the session goes on. Once queued, a message is
+    # written however slowly the receiver reads; only a write that can write nothing for
+    # send_timeout (the peer stopped reading), or a dead connection, breaks the session.
+
+    def _enqueue(self) -> object:
+        """Join the waiters' queue; the caller holds the order lock."""
+        me = object()
+        with self._queue_lock:
+            self._queue.append(me)
+            self.waiters = len(self._queue)
+        return me
+
+    def _leave(self, me: object) -> None:
+        """Leave the waiters' queue (admitted, or given up); the next one's turn if ours."""
+        with self._queue_lock:
+            head = self._queue[0] is me
+            self._queue.remove(me)
+            self.waiters = len(self._queue)
+            if head:
+                self._turn.notify_all()
+
+    def _heads(self, me: object) -> bool:
+        # Read without the queue lock: only ``me`` leaving can make it stop being the head.
+        return self._queue[0] is me
+
+    def _await_turn(self, me: object, size: int, deadline: float) -> None:
+        """Wait until ``me`` heads the waiters' queue; raise at ``deadline`` (nothing sent)."""
+        with self._queue_lock:
+            while self._queue[0] is not me:
+                left = deadline - _monotonic()
+                if left <= 0 or self.ended():
+                    break
+                self._turn.wait(left)
+            else:
+                return
+        if self.ended():
+            self._raise_broken()
+        window = self.window
+        if window is not None and not window.fits(size):
+            self._window_error(size)  # the window is what the queue waits for
+        self._backpressure()
+
+    def _backpressure(self) -> NoReturn:
+        raise TransportError(
+            f"no room to queue the message within send_timeout ({self.send_timeout:g} s): "
+            "the receiver takes messages more slowly than they are sent; nothing was sent",
+            code="BACKPRESSURE",
+        )
+
     def _wait_for_room(self, stream: _Stream, deadline: float) -> None:
-        """Backpressure: wait until ``stream``'s outbox is below its limit."""
+        """Backpressure: wait until ``stream``'s outbox is below its limit; TransportError
+        (code ``BACKPRESSURE``) at ``deadline``, the session left alone.
+
+        Unless the stream's write is stalled by then: its writer alone decides that and
+        breaks the session, within one tick of its kernel timeout; this send waits for that
+        decision and reports it, so a stall gives the same error whichever thread sees it.
+        """
+        extended = False
         with stream.drained:
             stream.waiting += 1
             try:
@@ -462,50 +602,88 @@ class _Session:
                         self._raise_broken()
                     left = deadline - _monotonic()
                     if left <= 0:
-                        break
+                        if extended or not self._stalled(stream):
+                            self._backpressure()
+                        # Bounded: the writer ticks every send_timeout / 8, and a loaded
+                        # machine may run it late, hence a whole send_timeout more.
+                        extended = True
+                        deadline = _monotonic() + self.send_timeout
+                        continue
                     stream.drained.wait(left)
             finally:
                 stream.waiting -= 1
-        if stream.queued >= _OUTBOX_LIMIT:
-            self._fail(stream, "stalled: send_timeout expired with the stream's queue full", None)
+
+    def _stalled(self, stream: _Stream) -> bool:
+        """Whether ``stream``'s write is stalled: under way, nothing written for send_timeout,
+        and, with a keepalive, no PONG or ACK for keepalive_interval + keepalive_timeout
+        either (a receiver waiting for a slow consumer sends a PONG every interval: that is
+        backpressure, not a fault)."""
+        if not stream.busy:
+            return False
+        now = _monotonic()
+        progress = stream.progress
+        life = self.life
+        return now - progress >= self.send_timeout and (
+            life is None or now - max(progress, stream.heard) >= life
+        )
 
     def _wait_for_window(self, size: int, deadline: float) -> None:
         """Acknowledged: wait until the window has room for ``size`` bytes, or raise
         TransportError: ``WINDOW_FULL`` while acknowledgements still come, only too slowly
-        for this send, ``ACK_TIMEOUT`` (breaking the session) when none came for
-        send_timeout. Either way nothing was sent."""
+        for this send, ``ACK_TIMEOUT`` when none came for send_timeout (the session breaks).
+        Either way nothing was sent.
+
+        Only the keepalive thread decides that acknowledgements are overdue and breaks the
+        session for it: a send that finds them overdue waits for that decision (one tick of
+        that thread) and reports it, so the fault gives ``ACK_TIMEOUT`` whichever thread
+        notices it first.
+        """
         window = self.window
         assert window is not None
         if window.wait_room(size, deadline, self.ended):
             return
-        if self.broken is not None or self.closing:
+        self._window_error(size)
+
+    def _window_error(self, size: int) -> NoReturn:
+        """Raise the error of a send that found no room in the window by its deadline (see
+        ``_wait_for_window``)."""
+        window = self.window
+        assert window is not None
+        if not self.ended() and self._ack_overdue():
+            # Bounded: the keepalive thread ticks every send_timeout / 4 at most; a loaded
+            # machine may run it late, hence the whole send_timeout.
+            window.wait_room(size, _monotonic() + self.send_timeout, self.ended)
+        if self.ended():
             self._raise_broken()
-        since = window.waiting_since()
-        if since is None or _monotonic() - since < self.send_timeout:
-            # Acknowledgements come, only slower than this send could wait for room: the
-            # link is not broken, this send just took nothing.
+        if self._ack_overdue():  # the keepalive thread is late: same fault, same code
             raise TransportError(
-                f"the window stayed full for send_timeout ({self.send_timeout:g} s); "
-                "nothing was sent",
-                code="WINDOW_FULL",
+                f"{ACK_TIMEOUT_REASON.format(self.send_timeout)}: {window.pending} messages "
+                "unacknowledged; they are kept and resent after a restart",
+                code="ACK_TIMEOUT",
             )
-        reason = f"no acknowledgement within send_timeout ({self.send_timeout:g} s)"
-        self.break_(reason + "; the window stayed full")
+        # Acknowledgements come, only slower than this send could wait for room: the link is
+        # not broken, this send just took nothing.
         raise TransportError(
-            f"{reason}: {window.pending} messages unacknowledged; they are kept and "
-            "resent after a restart",
-            code="ACK_TIMEOUT",
+            f"the window stayed full for send_timeout ({self.send_timeout:g} s); nothing was sent",
+            code="WINDOW_FULL",
         )
 
-    def _await_written(self, batch: _Batch, deadline: float) -> None:
-        # The writers read the caller's buffer until this is set: never return before.
-        if not batch.done.wait(max(deadline - _monotonic(), 0.0)):
-            self.break_("stalled: send_timeout expired before the message was written")
-            batch.done.wait(self.send_timeout)  # the break woke the writers
+    def _ack_overdue(self) -> bool:
+        """Acknowledged: whether messages await an ACK and none came for send_timeout."""
+        window = self.window
+        since = None if window is None else window.waiting_since()
+        return since is not None and _monotonic() - since > self.send_timeout
+
+    def _await_written(self, batch: _Batch) -> None:
+        """Wait until the writers wrote a queued message: they read the caller's buffer until
+        then, so never return before. Bounded: every write makes progress or fails within
+        send_timeout, and a failure ends every write of the session."""
+        batch.done.wait()
+        if self.broken is not None:
+            # The session's fault, not what it did to this write (a broken pipe, say).
+            self._raise_broken_from(batch.error)
         if batch.error is not None:
             raise TransportError(f"transport broken: {batch.error}") from batch.error
-        if self.broken is not None:
-            self._raise_broken()
 
     def send_small(
         self,
@@ -543,7 +721,7 @@ class _Session:
                     self._raise_broken()
                 message_id = self.next_id
                 stream = self.streams[message_id % self.count]
-                if stream.queued < _OUTBOX_LIMIT and (
+                if (not self.waiters and stream.queued < _OUTBOX_LIMIT) and (
                     window is None
                     or (message_id < window.id_limit and window.added + size <= window.byte_limit)
                     or window.last == window.acked
@@ -552,6 +730,8 @@ class _Session:
                     if window is not None:
                         if window.last == window.acked:
                             window.since = _monotonic()
+                            # Into an empty window: ask for an ACK at once (see ACK_NOW_EMPTY).
+                            flags = self.urgent_flags
                         window.entries.append(data)  # type: ignore[arg-type]
                         window.last = message_id
                         window.added += size
@@ -560,8 +740,6 @@ class _Session:
                     )  # fmt: skip
                     frame = head + _pack_u32(_checksum(head)) + data
                     with stream.lock:
-                        if not stream.outbox:
-                            stream.oldest = _monotonic() + self.send_timeout
                         stream.outbox.append(frame)
                         stream.queued += len(frame)
                         if not stream.kicked:
@@ -586,43 +764,58 @@ class _Session:
         # kernel when send returns). Smaller ones share the writer's writev.
         wants_direct = size >= _DIRECT_MIN
         order = self._order
-        while True:
-            if not order.acquire(False):
-                _take_contended(order)
-            try:
-                if self.closing:
-                    self._raise_broken()
-                message_id = self.next_id
-                stream = self.streams[message_id % self.count]
-                full = window is not None and not window.fits(size)
-                if not full and stream.queued < _OUTBOX_LIMIT:
-                    self.next_id = message_id + 1
-                    if window is not None:
-                        window.add(message_id, data)  # type: ignore[arg-type]
-                    head = _pack_head(
-                        _MAGIC, _VERSION, _DATA, flags, message_id, 0, 1, size, size, crc
-                    )  # fmt: skip
-                    head += _pack_u32(_checksum(head))
-                    # Claimed under the order lock, so frames of later ids queue behind it.
-                    direct = wants_direct and stream.claim()
-                    if not direct:
-                        parts = (head + data,) if size <= _COPY_LIMIT else (head, data)
-                        stream.put(parts, _HEADER_SIZE + size, deadline, mark)
-                    break
-            finally:
-                order.release()
-            if full:
-                self._wait_for_window(size, deadline)
-            else:
-                self._wait_for_room(stream, deadline)
+        me: object | None = None  # our place among the waiters, once we wait (see _enqueue)
+        try:
+            while True:  # bounded by the deadline: every wait below raises at it
+                if not order.acquire(False):
+                    _take_contended(order)
+                try:
+                    if self.broken is not None or self.closing:
+                        self._raise_broken()
+                    turn = not self.waiters if me is None else self._heads(me)
+                    if turn:
+                        message_id = self.next_id
+                        stream = self.streams[message_id % self.count]
+                        full = window is not None and not window.fits(size)
+                        if not full and stream.queued < _OUTBOX_LIMIT:
+                            self.next_id = message_id + 1
+                            if window is not None:
+                                if window.last == window.acked:  # see ACK_NOW_EMPTY
+                                    flags = self.urgent_flags
+                                window.add(message_id, data)  # type: ignore[arg-type]
+                            head = _pack_head(
+                                _MAGIC, _VERSION, _DATA, flags, message_id, 0, 1, size, size,
+                                crc,
+                            )  # fmt: skip
+                            head += _pack_u32(_checksum(head))
+                            # Claimed under the order lock, so frames of later ids queue
+                            # behind it.
+                            direct = wants_direct and stream.claim()
+                            if not direct:
+                                parts = (head + data,) if size <= _COPY_LIMIT else (head, data)
+                                stream.put(parts, _HEADER_SIZE + size, mark)
+                            break
+                    if me is None:
+                        me = self._enqueue()
+                finally:
+                    order.release()
+                if not turn:
+                    self._await_turn(me, size, deadline)
+                elif full:
+                    self._wait_for_window(size, deadline)
+                else:
+                    self._wait_for_room(stream, deadline)
+        finally:
+            if me is not None:
+                self._leave(me)
         try:
             if direct:
                 try:
-                    self._write(stream, [head, data], _HEADER_SIZE + size, deadline)
+                    self._write(stream, [head, data], _HEADER_SIZE + size)
                 finally:
                     stream.unclaim()
             elif mark is not None:
-                self._await_written(mark, deadline)
+                self._await_written(mark)
             if self.broken is not None:
                 # Another stream failed meanwhile; the receiver may never get past the gap.
                 self._raise_broken()
@@ -656,45 +849,64 @@ class _Session:
         early = type(data) is bytes and size <= _OUTBOX_LIMIT
         batch = _Batch(shares)
         order = self._order
-        while True:
-            if not order.acquire(False):
-                _take_contended(order)
-            try:
-                if self.closing:
-                    self._raise_broken()
-                message_id = self.next_id
-                first = message_id % self.count
-                lanes = [self.streams[(first + share) % self.count] for share in range(shares)]
-                # One look at each lane: a lane seen full is the one waited for below, even
-                # if its writer drained it since (_wait_for_room looks again, under its lock).
-                full = next((lane for lane in lanes if lane.queued >= _OUTBOX_LIMIT), None)
-                no_room = window is not None and not window.fits(size)
-                if full is None and not no_room:
-                    self.next_id = message_id + 1
-                    if window is not None:
-                        window.add(message_id, data)  # type: ignore[arg-type]
-                    for share, lane in enumerate(lanes):
-                        # Each stream's writer computes its chunks' CRCs: in parallel, and
-                        # off the caller's thread.
-                        parts = [
-                            _Lazy(flags, message_id, i, chunks, size, payloads[i], checksum)
-                            for i in range(share, chunks, shares)
+        me: object | None = None  # our place among the waiters, once we wait (see _enqueue)
+        try:
+            while True:  # bounded by the deadline: every wait below raises at it
+                if not order.acquire(False):
+                    _take_contended(order)
+                try:
+                    if self.broken is not None or self.closing:
+                        self._raise_broken()
+                    turn = not self.waiters if me is None else self._heads(me)
+                    if turn:
+                        message_id = self.next_id
+                        first = message_id % self.count
+                        lanes = [
+                            self.streams[(first + share) % self.count] for share in range(shares)
                         ]
-                        queued = sum(
-                            _HEADER_SIZE + len(payloads[i]) for i in range(share, chunks, shares)
-                        )
-                        lane.put(parts, queued, deadline, batch, lazy=True)
-                    break
-            finally:
-                order.release()
-            if no_room:
-                self._wait_for_window(size, deadline)
-            else:
-                assert full is not None
-                self._wait_for_room(full, deadline)
+                        # One look at each lane: a lane seen full is the one waited for
+                        # below, even if its writer drained it since (_wait_for_room looks
+                        # again, under its lock).
+                        full = next((lane for lane in lanes if lane.queued >= _OUTBOX_LIMIT), None)
+                        no_room = window is not None and not window.fits(size)
+                        if full is None and not no_room:
+                            # Every chunk on every lane, under this one hold of the order
+                            # lock: the message is queued whole or not at all.
+                            self.next_id = message_id + 1
+                            if window is not None:
+                                if window.last == window.acked:  # see ACK_NOW_EMPTY
+                                    flags |= wire.FLAG_ACK_NOW
+                                window.add(message_id, data)  # type: ignore[arg-type]
+                            for share, lane in enumerate(lanes):
+                                # Each stream's writer computes its chunks' CRCs: in parallel,
+                                # and off the caller's thread.
+                                parts = [
+                                    _Lazy(flags, message_id, i, chunks, size, payloads[i], checksum)
+                                    for i in range(share, chunks, shares)
+                                ]
+                                queued = sum(
+                                    _HEADER_SIZE + len(payloads[i])
+                                    for i in range(share, chunks, shares)
+                                )
+                                lane.put(parts, queued, batch, lazy=True)
+                            break
+                    if me is None:
+                        me = self._enqueue()
+                finally:
+                    order.release()
+                if not turn:
+                    self._await_turn(me, size, deadline)
+                elif no_room:
+                    self._wait_for_window(size, deadline)
+                else:
+                    assert full is not None
+                    self._wait_for_room(full, deadline)
+        finally:
+            if me is not None:
+                self._leave(me)
         try:
             if not early:
-                self._await_written(batch, deadline)
+                self._await_written(batch)
             if self.broken is not None:
                 self._raise_broken()
         except TransportError:
@@ -738,7 +950,7 @@ class _Session:
                             if stream.waiting:
                                 stream.drained.notify_all()
                             break
-                        size, deadline, lazy = stream.queued, stream.oldest, stream.lazy
+                        size, lazy = stream.queued, stream.lazy
                         stream.outbox, stream.marks, stream.queued = [], [], 0
                         stream.lazy = False
                         stream.busy = True
@@ -750,7 +962,7 @@ class _Session:
                         if self.broken is not None:
                             self._raise_broken()
                         built = _built(parts) if lazy else cast("list[Buffer]", parts)
-                        self._write(stream, built, size, deadline)
+                        self._write(stream, built, size)
                         stream.writes += 1
                     except TransportError as exc:
                         error = exc
@@ -770,52 +982,49 @@ class _Session:
             for mark in marks:
                 mark.finish(exc)
 
-    def _write(self, stream: _Stream, parts: list[Buffer], size: int, deadline: float) -> None:
-        """Write ``parts`` (``size`` bytes in all) by ``deadline``, or break the session.
+    def _write(self, stream: _Stream, parts: list[Buffer], size: int) -> None:
+        """Write ``parts`` (``size`` bytes in all), or break the session.
 
-        The kernel send timeout follows the deadline, so a peer that stops reading fails
-        the write in time, and a partial write goes on with what is left of it.
+        A write may take as long as the receiver reads: only a stall (see ``_send_rest``:
+        nothing written for send_timeout while the receiver does not say it is alive) or a
+        socket error breaks the session. How long frames waited in the outbox does not
+        count: a slow consumer is backpressure, which senders wait out before they queue
+        (see "admission" above), not a fault.
         """
         sock = stream.sock
+        stream.progress = _monotonic()
         try:
-            left = deadline - _monotonic()
-            if left <= 0:
-                raise TimeoutError("send_timeout expired")
-            # A syscall only when the timeout is off by more than 5 %.
-            if stream.timeout > left * 1.05 + _TIMEOUT_SLACK or (
-                stream.timeout < left * 0.95 and stream.timeout < self.send_timeout
-            ):
-                stream.timeout = _set_send_timeout(sock, left)
             tls = stream.tls
             if tls is not None:
                 # Records go out on the plain socket, so the kernel timeout bounds them too;
                 # the channel's write lock keeps records in the order they were sealed.
                 with tls.write_lock:
                     records = tls.encrypt(*parts)
-                    sent = sock.send(records)
-                    if sent < len(records):
-                        self._send_rest(stream, [records], sent, deadline)
+                    self._send_rest(stream, [records], 0)
                 return
-            if len(parts) == 1:
-                sent = sock.send(parts[0])
-            elif len(parts) <= _IOV_MAX:
-                sent = _writev(stream.fd, parts) if _writev else sock.sendmsg(parts)
-            else:
-                sent = 0  # more buffers than one writev takes: _send_rest goes in groups
+            try:
+                if len(parts) == 1:
+                    sent = sock.send(parts[0])
+                elif len(parts) <= _IOV_MAX:
+                    sent = _writev(stream.fd, parts) if _writev else sock.sendmsg(parts)
+                else:
+                    sent = 0  # more buffers than one writev takes: _send_rest goes in groups
+            except BlockingIOError:
+                sent = 0  # nothing in one tick of the kernel timeout: _send_rest goes on
             if sent < size:
-                self._send_rest(stream, parts, sent, deadline)
+                if sent:
+                    stream.progress = _monotonic()
+                self._send_rest(stream, parts, sent)
         except (BlockingIOError, TimeoutError) as exc:
-            self._fail(stream, "stalled: send_timeout expired", exc)
+            self._fail(stream, "stalled: nothing could be written for send_timeout", exc)
         except ssl.SSLError as exc:
             self._fail(stream, "TLS error", exc)
         except OSError as exc:
             self._fail(stream, "send failed", exc)
 
-    def _send_rest(
-        self, stream: _Stream, parts: Sequence[Buffer], sent: int, deadline: float
-    ) -> None:
-        """Finish a partial write, the kernel timeout tracking the deadline."""
-        sock = stream.sock
+    def _send_rest(self, stream: _Stream, parts: Sequence[Buffer], sent: int) -> None:
+        """Write ``parts`` but their first ``sent`` bytes; BlockingIOError once the write is
+        stalled (see ``_stalled``)."""
         rest: list[Buffer] = []
         for whole in parts:
             if sent >= len(whole):
@@ -823,13 +1032,16 @@ class _Session:
                 continue
             rest.append(memoryview(whole).cast("B")[sent:] if sent else whole)
             sent = 0
-        while rest:
-            left = deadline - _monotonic()
-            if left <= 0:
-                raise TimeoutError("send_timeout expired")
-            stream.timeout = _set_send_timeout(sock, left)
+        sock = stream.sock
+        while rest:  # bounded: each round writes, or fails once send_timeout passed
             group = rest[:_IOV_MAX]
-            done = _writev(stream.fd, group) if _writev else sock.sendmsg(group)
+            try:
+                done = _writev(stream.fd, group) if _writev else sock.sendmsg(group)
+            except BlockingIOError:
+                if self._stalled(stream):  # else a kernel timeout tick with nothing written
+                    raise
+                continue
+            stream.progress = _monotonic()
             while rest and done >= len(rest[0]):
                 done -= len(rest.pop(0))
             if done:
@@ -855,11 +1067,11 @@ class _Session:
         idle_since = [_monotonic()] * self.count
         window = self.window
         try:
-            while not self._stopped.wait(tick):
+            while not self._stopped.wait(self._next_tick(tick)):
                 now = _monotonic()
-                since = None if window is None else window.waiting_since()
-                if since is not None and now - since > self.send_timeout:
-                    self.break_(f"no acknowledgement within send_timeout ({self.send_timeout:g} s)")
+                if window is not None and self._ack_overdue():
+                    # The one place that breaks a session for missing acknowledgements.
+                    self.break_(ACK_TIMEOUT_REASON.format(self.send_timeout), "ACK_TIMEOUT")
                     return
                 if interval is None:
                     continue
@@ -872,15 +1084,27 @@ class _Session:
                             )
                             return
                         continue
-                    if stream.writes != seen[stream.index] or stream.outbox:
+                    if stream.writes != seen[stream.index] or stream.outbox or stream.busy:
                         seen[stream.index], idle_since[stream.index] = stream.writes, now
                     elif now - idle_since[stream.index] >= interval:
                         stream.ping_sent = now
-                        stream.put((wire.pack_ping(int(now * 1000)),), _FRAME, now + timeout, None)
+                        stream.put((wire.pack_ping(int(now * 1000)),), _FRAME, None)
                         idle_since[stream.index] = now
         except Exception as exc:  # noqa: BLE001 - never die silently
             self._log.opt(exception=exc).error("Transport keepalive failed")
             self.break_(f"keepalive error {exc!r}")
+
+    def _next_tick(self, tick: float) -> float:
+        """How long the keepalive sleeps: ``tick``, or less when acknowledgements become
+        overdue sooner, so that a send waiting for that decision waits little past its own
+        deadline."""
+        window = self.window
+        since = None if window is None else window.waiting_since()
+        if since is None:
+            return tick
+        # Just past the moment (``_ack_overdue`` asks for more than send_timeout).
+        due = since + self.send_timeout - _monotonic() + _TIMEOUT_SLACK
+        return min(tick, max(due, _TIMEOUT_SLACK))
 
     # -- receiving (ACK, PONG and connection loss) --------------------------------------
 
@@ -918,6 +1142,7 @@ class _Session:
         if frame_type == wire.FRAME_PONG:
             wire.parse_ping(frame, wire.FRAME_PONG)
             stream.ping_sent = None
+            stream.heard = _monotonic()
             return
         if frame_type != wire.FRAME_ACK:
             raise wire.ProtocolError(f"unexpected frame type {frame_type:#04x} from receiver")
@@ -931,6 +1156,7 @@ class _Session:
                 f"{self.next_id - 1}"
             )
         stream.ping_sent = None  # an ACK proves the receiver alive as well as a PONG
+        stream.heard = _monotonic()
         # Cumulative: an ACK at or below one already taken changes nothing.
         window.ack(through)
 
@@ -954,8 +1180,11 @@ class MultiStreamTCPTransport:
         streams: TCP connections per session (1..32).
         chunk_size: messages longer than this are cut into chunks of this size (>= 1024).
         connect_timeout: bound on opening every stream and its handshake.
-        send_timeout: bound on every ``send``, whatever its size (waiting for a stream,
-            writing, and with ``acknowledged`` the acknowledgement).
+        send_timeout: how long a ``send`` waits for room (in the streams' queues and, with
+            ``acknowledged``, the window; then it fails alone, code ``BACKPRESSURE`` or
+            ``WINDOW_FULL``), and with ``wait=True`` for its acknowledgement. A write that
+            could write nothing for this long breaks the session, unless the receiver said
+            it is alive meanwhile (see ``keepalive_timeout``).
         max_message_size: larger messages raise ValueError before any I/O.
         acknowledged: the receiver confirms delivery; messages are kept in a window until
             it does, resent by the next session after a failure, and delivered exactly once
@@ -969,7 +1198,15 @@ class MultiStreamTCPTransport:
         keepalive_interval: a stream idle this long is pinged; None: never.
         keepalive_timeout: a PING unanswered this long breaks the session, so a receiver
             that vanished silently shows in ``health_check()`` within about
-            ``keepalive_interval + keepalive_timeout``.
+            ``keepalive_interval + keepalive_timeout``. A write that makes no progress
+            breaks the session once the receiver has also said nothing (no PONG, no ACK) for
+            ``keepalive_interval + keepalive_timeout``: a receiver waiting for a slow
+            consumer says it is alive every ``keepalive_interval``.
+        close_timeout: ``close()`` (and so ``Manager.stop()``) waits for queued messages
+            to be written and, with ``acknowledged``, confirmed while that progresses, and
+            closes the connections anyway once neither a write nor an acknowledgement
+            completed for this long; separate from ``send_timeout`` so that a silent peer
+            holds up a shutdown for ``close_timeout`` only.
     """
 
     def __init__(
@@ -989,15 +1226,17 @@ class MultiStreamTCPTransport:
         keepalive_timeout: float | timedelta = 10.0,
         max_in_flight: int = 4096,
         max_in_flight_bytes: int = 64 * 1024 * 1024,
+        close_timeout: float | timedelta = 1.0,
     ) -> None:
         _check_address(address, lowest_port=1)
+        _validation.host_name("address host", address[0])
         self._address = address
         self._streams = _bounded_int("streams", streams, 1, wire.MAX_STREAMS)
         self._chunk_size = _bounded_int(
             "chunk_size", chunk_size, wire.MIN_CHUNK_SIZE, wire.MAX_TOTAL_LENGTH
         )
-        self._connect_timeout = _seconds("connect_timeout", connect_timeout)
-        self._send_timeout = _seconds("send_timeout", send_timeout)
+        self._connect_timeout = _validation.wire_seconds("connect_timeout", connect_timeout)
+        self._send_timeout = _validation.wire_seconds("send_timeout", send_timeout)
         self._max_message_size = _bounded_int(
             "max_message_size", max_message_size, 0, wire.MAX_TOTAL_LENGTH
         )
@@ -1012,9 +1251,10 @@ class MultiStreamTCPTransport:
         self._keepalive_interval = (
             None
             if keepalive_interval is None
-            else _seconds("keepalive_interval", keepalive_interval)
+            else _validation.wire_seconds("keepalive_interval", keepalive_interval)
         )
-        self._keepalive_timeout = _seconds("keepalive_timeout", keepalive_timeout)
+        self._keepalive_timeout = _validation.wire_seconds("keepalive_timeout", keepalive_timeout)
+        self._close_timeout = _validation.wire_seconds("close_timeout", close_timeout)
         max_in_flight = _bounded_int("max_in_flight", max_in_flight, 1, 1 << 20)
         max_in_flight_bytes = _bounded_int("max_in_flight_bytes", max_in_flight_bytes, 1, 1 << 40)
         self._window = Window(max_in_flight, max_in_flight_bytes) if acknowledged else None
@@ -1084,20 +1324,22 @@ class MultiStreamTCPTransport:
         self.close()
 
     def start(self) -> None:
-        """Open ``streams`` connections as one new session; a no-op when already started.
+        """Open ``streams`` connections as one new session.
 
         With ``acknowledged``, the messages still unacknowledged from earlier sessions are
         resent first, in order, under their own ids (the receiver drops those it already
-        delivered), and ``start`` returns once they are written. A started transport is not
-        reconnected even when broken: ``close()`` first (as the manager's recovery does).
-        Raises TransportError when any connection, handshake or resend fails, after closing
-        the connections it did open.
+        delivered), and ``start`` returns once they are written. A started transport, even a
+        broken one, raises DWCPError (code ``ALREADY_STARTED``): ``close()`` first (as the
+        manager's recovery does). Raises TransportError when any connection, handshake or
+        resend fails, after closing the connections it did open.
         """
         with self._lifecycle:
             while self._retiring is not None:  # bounded: shutdown() is
                 self._retired.wait()
             if self._session is not None:
-                return
+                raise DWCPError(
+                    "transport is already started; close() it first", code="ALREADY_STARTED"
+                )
             session_id = os.urandom(wire.SESSION_ID_SIZE)
             window = self._window
             replay = window.replay() if window is not None else []
@@ -1122,6 +1364,7 @@ class MultiStreamTCPTransport:
                 keepalive_timeout=self._keepalive_timeout,
                 first_id=first_id,
                 window=window,
+                close_timeout=self._close_timeout,
             )
             session.run_threads()
             failed: TransportError | None = None
@@ -1167,7 +1410,8 @@ class MultiStreamTCPTransport:
                     index,
                     self._streams,
                     acknowledged=self._acknowledged,
-                    keepalive_ms=int((self._keepalive_interval or 0) * 1000),
+                    # Whole milliseconds, at least 1 (the constructor's bounds).
+                    keepalive_ms=round((self._keepalive_interval or 0) * 1000),
                     sender_id=self._sender_id,
                     first_id=first_id,
                 )
@@ -1194,8 +1438,7 @@ class MultiStreamTCPTransport:
                         status, "unknown status"
                     )
                     raise TransportError(f"receiver refused the session (status {status}: {why})")
-                sock.settimeout(None)
-                _set_send_timeout(sock, self._send_timeout)
+                sock.settimeout(None)  # blocking; the session sets the kernel send timeout
         except ssl.SSLError as exc:
             # Also a client certificate the receiver refused: TLS 1.3 tells the client only
             # after its side of the handshake, so the refusal arrives instead of WELCOME.
@@ -1215,10 +1458,11 @@ class MultiStreamTCPTransport:
         return connections
 
     def close(self) -> None:
-        """Write what is queued and, with ``acknowledged``, wait for its acknowledgements
-        (within ``send_timeout``, unless the session is broken), then close every connection
-        and join the transport's threads; idempotent. Messages still unacknowledged are kept
-        for the next ``start()``."""
+        """Write what is queued and, with ``acknowledged``, wait for its acknowledgements,
+        for as long as writes or acknowledgements progress (unless the session is broken):
+        once neither came for ``close_timeout``, close every connection anyway. Then join
+        the transport's threads; idempotent. Messages still unacknowledged are kept for the
+        next ``start()``; unacknowledged, messages not written by then are dropped."""
         with self._lifecycle:
             while self._retiring is not None:  # another close() of the same session
                 self._retired.wait()
@@ -1242,9 +1486,15 @@ class MultiStreamTCPTransport:
 
         Unacknowledged, a message up to 16 KiB, or a ``bytes`` message up to 1 MiB, is
         queued in order and ``send`` returns (each stream's writer thread hands what queued
-        up to the kernel in one syscall, within ``send_timeout``, or the session breaks and
-        the next ``send`` raises); a larger message, or a larger mutable buffer the caller
-        may reuse, is in the kernel when ``send`` returns. As with bytes the kernel
+        up to the kernel in one syscall); a larger message, or a larger mutable buffer the
+        caller may reuse, is in the kernel when ``send`` returns. A message is queued whole
+        or not at all: when the queues are full (the receiver takes messages more slowly
+        than they come), ``send`` waits for room, first come first served, within
+        ``send_timeout``, then raises TransportError code ``BACKPRESSURE``: nothing of that
+        message was sent, and the session goes on. Once queued, a message is written as
+        fast as the receiver reads; only a stall (nothing written for ``send_timeout``
+        while the receiver does not say it is alive, see ``keepalive_timeout``) or a socket
+        error breaks the session, and the next ``send`` raises. As with bytes the kernel
         accepted, a message queued just before the peer dies may be lost (use
         ``acknowledged``). ``flush()`` waits until everything queued is written.
 
@@ -1259,9 +1509,11 @@ class MultiStreamTCPTransport:
 
         TypeError and ValueError (not bytes-like, over ``max_message_size``, ``wait``
         without ``acknowledged``) are raised before any I/O. TransportError: not started
-        (code ``NOT_STARTED``), broken, a stream failed or stalled past ``send_timeout``,
-        (code ``ACK_TIMEOUT``) acknowledgements did not come within ``send_timeout``, or
-        (code ``WINDOW_FULL``) they came, but too slowly to make room within it.
+        (code ``NOT_STARTED``), no room in time (code ``BACKPRESSURE``, see above), broken
+        (with the code of the fault that broke the session: ``TRANSPORT_ERROR`` when a
+        stream failed or stalled, ``ACK_TIMEOUT`` when acknowledgements did not come within
+        ``send_timeout``), or (code ``WINDOW_FULL``) they came, but too slowly to make room
+        within it.
         """
         kind = type(data)
         if kind is not bytes and kind is not bytearray:
@@ -1306,9 +1558,11 @@ class MultiStreamTCPTransport:
             )
         session.wait_acked(message_id, deadline)
 
-    def flush(self, timeout: float | None = None) -> None:
+    def flush(self, timeout: float | timedelta | None = None) -> None:
         """Wait until every message sent so far is written to the kernel and, with
-        ``acknowledged``, acknowledged by the receiver.
+        ``acknowledged``, acknowledged by the receiver (a message sent while nothing awaited
+        an acknowledgement asked for it at once, so ``send`` then ``flush`` after a lull is
+        as quick as ``send(wait=True)``; after a burst the receiver's ACK delay may apply).
 
         ``timeout`` defaults to ``send_timeout``. Raises TransportError when not started,
         when the session broke, or when the timeout passed first (code ``UNCONFIRMED`` when
@@ -1317,7 +1571,9 @@ class MultiStreamTCPTransport:
         session = self._session
         if session is None:
             raise TransportError("transport not started", code="NOT_STARTED")
-        wait = self._send_timeout if timeout is None else _seconds("timeout", timeout)
+        wait = (
+            self._send_timeout if timeout is None else _validation.wire_seconds("timeout", timeout)
+        )
         deadline = _monotonic() + wait
         if not session.flush(wait):
             if session.broken is not None:
@@ -1337,7 +1593,7 @@ class MultiStreamTCPTransport:
         if session is None:
             raise TransportError("transport not started", code="NOT_STARTED")
         if session.broken is not None:
-            raise TransportError(f"transport broken: {session.broken}")
+            raise TransportError(f"transport broken: {session.broken}", code=session.broken_code)
 
 
 def _recv_exactly(source: socket.socket | TLSChannel, size: int) -> bytes:

@@ -467,6 +467,26 @@ def test_a_transport_left_closed_by_recovery_does_not_count(make_manager: MakeMa
     assert manager.metrics().send_errors == 5
 
 
+@pytest.mark.parametrize("code", ["BACKPRESSURE", "WINDOW_FULL"])
+def test_a_slow_peer_slows_senders_and_never_opens_the_breaker(
+    make_manager: MakeManager, code: str
+) -> None:
+    """Backpressure is not a fault: a send that found no room in time fails alone, typed, and
+    the breaker, which guards against a peer that is down, does not count it."""
+    transport = FakeTransport()
+    manager = make_manager(transport, max_failures=2)
+    manager.start()
+    transport.fail_sends = dwcp.TransportError("no room within send_timeout", code=code)
+    for _ in range(5):
+        with pytest.raises(dwcp.TransportError) as info:
+            manager.send_with_circuit_breaker(b"x")
+        assert info.value.code == code
+    assert manager.circuit_breaker_state == "closed"
+    transport.fail_sends = None
+    manager.send_with_circuit_breaker(b"room again")
+    assert transport.sent[-1] == b"room again"
+
+
 def test_send_counters_are_exact_across_threads(make_manager: MakeManager) -> None:
     manager = make_manager(FakeTransport())
     manager.start()

@@ -6,11 +6,20 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
 
 import pytest
 
-from dwcp import DWCPError, MultiStreamReceiver, MultiStreamTCPTransport, TransportError
-from tests.conftest import ReceiverFactory, TransportFactory, wait_until
+from dwcp import (
+    DWCPError,
+    Manager,
+    MultiStreamReceiver,
+    MultiStreamTCPTransport,
+    TransportError,
+)
+from dwcp.transport import receiver as receiver_module
+from tests.conftest import RawPeer, ReceiverFactory, TransportFactory, wait_until
 
 TIMEOUT = 10.0
 
@@ -57,27 +66,38 @@ def test_wait_needs_acknowledged(
         transport.send(b"x", wait=True)
 
 
+@pytest.fixture
+def gate(receiver_factory: ReceiverFactory) -> Iterator[Gate]:
+    """A Gate opened at teardown, before the receivers stop: a test that fails while the gate
+    is closed must not leave ``on_message`` blocked (and its threads to the next test)."""
+    made = Gate()
+    yield made
+    made.open.set()
+
+
 def test_sends_are_pipelined_until_the_window_is_full_then_time_out(
-    receiver_factory: ReceiverFactory, transport_factory: TransportFactory
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory, gate: Gate
 ) -> None:
-    gate = Gate()
     gate.open.clear()
     receiver, _ = receiver_factory(on_message=gate)
+    send_timeout = 0.5
     transport = transport_factory(
-        receiver.address, acknowledged=True, max_in_flight=8, send_timeout=0.5
+        receiver.address, acknowledged=True, max_in_flight=8, send_timeout=send_timeout
     )
     transport.start()
+    first_sent = time.monotonic()
     for n in range(8):  # no ACK can come (delivery is blocked), yet every send returns
         transport.send(b"%d" % n)
     assert transport.unacknowledged == 8
     assert "in_flight=8" in repr(transport)
-    began = time.monotonic()
     with pytest.raises(TransportError) as raised:
         transport.send(b"one too many")  # the window is full: bounded by send_timeout
-    assert raised.value.code == "ACK_TIMEOUT"
-    assert 0.45 < time.monotonic() - began < 2.0
-    with pytest.raises(TransportError):
+    assert raised.value.code == "ACK_TIMEOUT", raised.value
+    # Counted from the first send into the empty window; the upper bound only catches a hang.
+    assert send_timeout < time.monotonic() - first_sent < TIMEOUT
+    with pytest.raises(TransportError) as raised:
         transport.health_check()  # an acknowledgement timeout breaks the session
+    assert raised.value.code == "ACK_TIMEOUT"
     assert transport.unacknowledged == 8  # the one that raised took nothing
     # Recovery: the 8 are resent; the receiver delivers each once (4 of them may have been
     # whole at the receiver already: those it drops).
@@ -90,10 +110,58 @@ def test_sends_are_pipelined_until_the_window_is_full_then_time_out(
     assert transport.unacknowledged == 0
 
 
-def test_flush_and_wait_return_once_acknowledged(
-    receiver_factory: ReceiverFactory, transport_factory: TransportFactory
+def test_an_ack_timeout_gives_ack_timeout_whichever_thread_notices_it(
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory, gate: Gate
 ) -> None:
-    gate = Gate()
+    # The application pauses with a full window until the keepalive thread has broken the
+    # session for the missing acknowledgements; its next send reports that same fault.
+    gate.open.clear()
+    receiver, _ = receiver_factory(on_message=gate)
+    transport = transport_factory(
+        receiver.address, acknowledged=True, max_in_flight=8, send_timeout=0.5
+    )
+    transport.start()
+    for n in range(8):
+        transport.send(b"%d" % n)
+
+    def broken() -> bool:
+        try:
+            transport.health_check()
+        except TransportError:
+            return True
+        return False
+
+    wait_until(broken, timeout=TIMEOUT)
+    for message in (b"one too many", b"and another"):
+        with pytest.raises(TransportError) as raised:
+            transport.send(message)
+        assert raised.value.code == "ACK_TIMEOUT", raised.value
+    assert transport.unacknowledged == 8
+
+
+def test_a_pause_before_the_send_that_finds_the_window_full_gives_ack_timeout(
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory, gate: Gate
+) -> None:
+    # The issue's reproduction: the application pauses 0.3 s of the 0.5 s send_timeout
+    # between filling the window and the next send; the keepalive thread's break then
+    # wakes that send.
+    gate.open.clear()
+    receiver, _ = receiver_factory(on_message=gate)
+    transport = transport_factory(
+        receiver.address, acknowledged=True, max_in_flight=8, send_timeout=0.5
+    )
+    transport.start()
+    for n in range(8):
+        transport.send(b"%d" % n)
+    threading.Event().wait(0.3)  # the application's pause, the scenario under test
+    with pytest.raises(TransportError) as raised:
+        transport.send(b"one too many")
+    assert raised.value.code == "ACK_TIMEOUT", raised.value
+
+
+def test_flush_and_wait_return_once_acknowledged(
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory, gate: Gate
+) -> None:
     receiver, _ = receiver_factory(on_message=gate)
     transport = transport_factory(receiver.address, acknowledged=True, streams=3)
     transport.start()
@@ -111,18 +179,37 @@ def test_flush_and_wait_return_once_acknowledged(
     assert gate.messages == [b"first", b"held"] and transport.unacknowledged == 0
 
 
-def test_messages_left_unacknowledged_by_close_are_resent_once(
-    receiver_factory: ReceiverFactory, transport_factory: TransportFactory
+def test_flush_after_a_lone_send_does_not_wait_out_the_receivers_ack_delay(
+    receiver_factory: ReceiverFactory,
+    transport_factory: TransportFactory,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    gate = Gate()
+    # An ACK the sender did not ask for at once would come a minute after delivery. A message
+    # sent into an empty window asks (ACK_NOW), so each flush() returns on its ACK.
+    monkeypatch.setattr(receiver_module, "_ACK_DELAY", 60.0)
+    receiver, inbox = receiver_factory()
+    transport = transport_factory(
+        receiver.address, acknowledged=True, send_timeout=30.0, keepalive_interval=None
+    )  # (no PINGs: waking the receiver's delivery thread, they would send the ACK early)
+    transport.start()
+    for n in range(3):
+        transport.send(b"m%d" % n)
+        transport.flush(5.0)  # UNCONFIRMED if it waited for the delayed ACK
+        assert transport.unacknowledged == 0
+    assert inbox.messages == [b"m0", b"m1", b"m2"]
+
+
+def test_messages_left_unacknowledged_by_close_are_resent_once(
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory, gate: Gate
+) -> None:
     receiver, _ = receiver_factory(on_message=gate)
-    transport = transport_factory(receiver.address, acknowledged=True, send_timeout=0.3)
+    transport = transport_factory(receiver.address, acknowledged=True, close_timeout=0.3)
     transport.start()
     gate.open.clear()
     for n in range(20):
         transport.send(b"m%d" % n)
     assert gate.waiting.wait(TIMEOUT)
-    transport.close()  # its acknowledgements do not come within send_timeout: kept
+    transport.close()  # no acknowledgement comes within close_timeout: kept
     kept = transport.unacknowledged
     assert kept > 0
     gate.open.set()
@@ -145,6 +232,78 @@ def test_close_waits_for_acknowledgements(
         transport.send(message)
     transport.close()
     assert gate.messages == messages and transport.unacknowledged == 0
+
+
+def test_close_against_a_silent_peer_waits_close_timeout_not_send_timeout(
+    raw_peer: Callable[..., RawPeer], transport_factory: TransportFactory
+) -> None:
+    peer = raw_peer("drain")  # reads everything, never acknowledges
+    transport = transport_factory(
+        peer.address, acknowledged=True, send_timeout=60.0, close_timeout=0.2
+    )
+    transport.start()
+    transport.send(b"never confirmed")
+    began = time.monotonic()
+    transport.close()
+    assert time.monotonic() - began < 10.0  # far below send_timeout; only catches a hang
+    assert transport.unacknowledged == 1  # kept for the next start()
+
+
+def test_manager_stop_against_a_silent_peer_is_not_held_by_send_timeout(
+    raw_peer: Callable[..., RawPeer], make_manager: Callable[..., Manager]
+) -> None:
+    # The default close_timeout (1 s) bounds the wait, not send_timeout (60 s here).
+    peer = raw_peer("drain")
+    transport = MultiStreamTCPTransport(peer.address, acknowledged=True, send_timeout=60.0)
+    manager = make_manager(transport)
+    manager.start()
+    manager.send_with_circuit_breaker(b"never confirmed")
+    began = time.monotonic()
+    manager.stop()
+    assert time.monotonic() - began < 10.0
+    assert transport.unacknowledged == 1
+
+
+def test_close_keeps_waiting_while_acknowledgements_progress(
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory
+) -> None:
+    # The consumer takes 4 ms a message and the receiver confirms every 128 delivered (about
+    # every 0.5 s): the 1,024 messages take about 4 s in all, twice close_timeout, yet
+    # close() waits for every one, as confirmations keep coming.
+    inbox: list[bytes] = []
+
+    def slow(data: bytes) -> None:
+        threading.Event().wait(0.004)  # the slow consumer under test
+        inbox.append(data)
+
+    receiver, _ = receiver_factory(on_message=slow)
+    transport = transport_factory(receiver.address, acknowledged=True, close_timeout=2.0)
+    transport.start()
+    messages = [b"%d" % n for n in range(1024)]
+    for message in messages:
+        transport.send(message)
+    began = time.monotonic()
+    left = len(messages) - len(inbox)
+    transport.close()
+    assert transport.unacknowledged == 0 and inbox == messages
+    if left > 600:  # (always, unless sending took seconds): over 2.4 s of consumer sleeps
+        assert time.monotonic() - began > 2.0  # close() waited past close_timeout
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "match"),
+    [
+        (0, ValueError, "close_timeout must be a finite positive"),
+        (-1.0, ValueError, "close_timeout must be a finite positive"),
+        (float("inf"), ValueError, "close_timeout must be a finite positive"),
+        (float("nan"), ValueError, "close_timeout"),
+        ("1", TypeError, "close_timeout must be a number of seconds or a timedelta"),
+    ],
+)
+def test_close_timeout_is_validated(value: object, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        MultiStreamTCPTransport(("127.0.0.1", 9), close_timeout=value)  # type: ignore[arg-type]
+    MultiStreamTCPTransport(("127.0.0.1", 9), close_timeout=timedelta(milliseconds=250))
 
 
 def test_concurrent_acknowledged_senders_keep_their_order(

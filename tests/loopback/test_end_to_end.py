@@ -276,6 +276,7 @@ def managed(
     streams: int = 2,
     send_timeout: float = 1.0,
     acknowledged: bool = True,
+    keepalive_interval: float | None = 5.0,
     **options: object,
 ) -> tuple[dwcp.Manager, dwcp.MultiStreamTCPTransport, Events]:
     """A manager over a MultiStreamTCPTransport to 127.0.0.1:``port``, with an event log."""
@@ -286,6 +287,7 @@ def managed(
         connect_timeout=1.0,
         send_timeout=send_timeout,
         acknowledged=acknowledged,
+        keepalive_interval=keepalive_interval,
     )
     manager = make_manager(transport, **{**FAST, **options})
     events = Events()
@@ -443,7 +445,11 @@ def test_stalled_peer_times_out_a_large_send_and_recovery_kicks_in(
     peer = raw_peers("stall")
     # Unacknowledged: the send owns its failure (an acknowledged one would keep the message
     # for the next session instead, see the next test).
-    manager, _, events = managed(make_manager, peer.port, send_timeout=1.0, acknowledged=False)
+    # Without a keepalive, a write stalled for send_timeout is the fault (with one, the peer's
+    # silence must also last keepalive_interval + keepalive_timeout: a slow consumer's does not).
+    manager, _, events = managed(
+        make_manager, peer.port, send_timeout=1.0, acknowledged=False, keepalive_interval=None
+    )
     manager.start()
     ledger = Ledger(manager)
 

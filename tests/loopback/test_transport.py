@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import threading
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -255,6 +257,79 @@ def test_constructor_rejects_bad_values(kwargs: dict[str, Any], name: str) -> No
         MultiStreamTCPTransport(("127.0.0.1", 9), **kwargs)
 
 
+WIRE_MAX = "4.29497e+06"  # seconds: 2**32 - 1 milliseconds, as the HELLO carries them
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"send_timeout": float("inf")}, ValueError, "send_timeout must be a finite positive"),
+        ({"connect_timeout": float("nan")}, ValueError, "connect_timeout must be a finite"),
+        ({"keepalive_timeout": float("inf")}, ValueError, "keepalive_timeout must be a finite"),
+        ({"send_timeout": 1e12}, ValueError, re.escape(f"must be from 0.001 to {WIRE_MAX}")),
+        ({"keepalive_interval": 5e6}, ValueError, "keepalive_interval must be from 0.001 to"),
+        ({"keepalive_interval": 0.0005}, ValueError, "keepalive_interval must be from 0.001"),
+        ({"keepalive_interval": timedelta(days=60)}, ValueError, "whole milliseconds"),
+        ({"send_timeout": "10"}, TypeError, "send_timeout must be a number of seconds"),
+        ({"address": ("a" * 64 + ".example", 9)}, ValueError, "address host .* not a valid host"),
+        ({"address": ("bad..name", 9)}, ValueError, "address host 'bad..name' is not a valid"),
+    ],
+)
+def test_constructor_rejects_what_start_could_not_use(
+    kwargs: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    # Each used to be accepted, then fail in start() with OverflowError, struct.error or
+    # UnicodeError (or, under 1 ms, announce "no keepalive" in the HELLO).
+    address = kwargs.pop("address", ("127.0.0.1", 9))
+    with pytest.raises(error, match=match):
+        MultiStreamTCPTransport(address, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("interval", "announced"),
+    [(0.001, 1), (0.0016, 2), (2.5, 2500), ((2**32 - 1) / 1000, 2**32 - 1), (None, 0)],
+)
+def test_the_keepalive_interval_is_announced_in_whole_milliseconds(
+    interval: float | None, announced: int
+) -> None:
+    # What the HELLO carries, read off the wire by a listener that answers WELCOME.
+    listener = socket.create_server(("127.0.0.1", 0))
+    hellos: list[wire.Handshake] = []
+
+    def answer() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(DELIVERY_TIMEOUT)
+            hellos.append(wire.parse_handshake(conn.recv(wire.HANDSHAKE.size, socket.MSG_WAITALL)))
+            conn.sendall(wire.pack_welcome(wire.STATUS_ACCEPTED))
+            conn.recv(1)  # until the transport closes
+
+    peer = threading.Thread(target=answer, name="test-hello-reader")
+    peer.start()
+    transport = MultiStreamTCPTransport(
+        listener.getsockname()[:2], streams=1, keepalive_interval=interval, close_timeout=0.1
+    )
+    try:
+        transport.start()
+    finally:
+        transport.close()
+        peer.join(DELIVERY_TIMEOUT)
+        listener.close()
+    assert [h.keepalive_ms for h in hellos] == [announced]
+
+
+def test_flush_rejects_a_timeout_it_could_not_wait(
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory
+) -> None:
+    receiver, _ = receiver_factory()
+    transport = transport_factory(receiver.address)
+    transport.start()
+    with pytest.raises(ValueError, match="timeout must be a finite positive"):
+        transport.flush(float("inf"))  # it used to raise OverflowError
+    transport.send(b"x")
+    transport.flush(timedelta(seconds=DELIVERY_TIMEOUT))
+
+
 def test_constructor_rejects_bad_types() -> None:
     with pytest.raises(TypeError, match="address"):
         MultiStreamTCPTransport("127.0.0.1:9")  # type: ignore[arg-type]
@@ -264,19 +339,21 @@ def test_constructor_rejects_bad_types() -> None:
         MultiStreamTCPTransport(("127.0.0.1", 9), acknowledged=1)  # type: ignore[arg-type]
 
 
-def test_start_twice_is_a_no_op_and_close_then_start_reconnects(
+def test_start_twice_raises_already_started_and_close_then_start_reconnects(
     receiver_factory: ReceiverFactory, transport_factory: TransportFactory
 ) -> None:
     receiver, inbox = receiver_factory()
     transport = transport_factory(receiver.address)
     transport.start()
-    transport.start()
+    with pytest.raises(DWCPError, match="already started") as raised:
+        transport.start()
+    assert raised.value.code == "ALREADY_STARTED"
     assert receiver.session_count == 1
     transport.send(b"first")
     transport.close()
     transport.start()
     transport.send(b"second" * 1000)
-    assert receiver.wait_delivered(2, DELIVERY_TIMEOUT)
+    assert receiver.wait_delivered(2, DELIVERY_TIMEOUT), (inbox.messages[:1], repr(transport))
     assert inbox.messages == [b"first", b"second" * 1000]
     transport.health_check()
 
@@ -400,27 +477,43 @@ def test_stalled_peer_fails_the_send_within_send_timeout(
     raw_peer: Callable[..., RawPeer], transport_factory: TransportFactory
 ) -> None:
     peer = raw_peer("stall")
-    transport = transport_factory(peer.address, chunk_size=256 * 1024, send_timeout=0.5)
+    # Without a keepalive, nothing written for send_timeout is a stall (with one, the receiver
+    # must also have said nothing for keepalive_interval + keepalive_timeout).
+    transport = transport_factory(
+        peer.address, chunk_size=256 * 1024, send_timeout=0.5, keepalive_interval=None
+    )
     transport.start()
     began = time.monotonic()
     with pytest.raises(TransportError, match="stalled"):
         transport.send(bytearray(64 << 20))  # a mutable buffer: written before send returns
-    assert time.monotonic() - began < 2.0
+    assert time.monotonic() - began < 10.0  # only catches a hang (it stalls after ~0.5 s)
     assert unhealthy(transport)
 
 
 def test_stalled_peer_fails_small_sends_too(
     raw_peer: Callable[..., RawPeer], transport_factory: TransportFactory
 ) -> None:
+    # Sends that find no room fail alone (BACKPRESSURE) while the session waits out
+    # send_timeout with nothing written; then it breaks as stalled, and later sends say so.
     peer = raw_peer("stall")
-    transport = transport_factory(peer.address, streams=2, send_timeout=0.3)
+    transport = transport_factory(
+        peer.address, streams=2, send_timeout=0.3, keepalive_interval=None
+    )
     transport.start()
     message = b"\0" * 1000
     began = time.monotonic()
-    with pytest.raises(TransportError, match="stalled"):
-        for _ in range(200_000):  # far more than any socket buffer holds
+    codes: list[str] = []
+    for _ in range(200_000):  # far more than any socket buffer holds
+        try:
             transport.send(message)
-    assert time.monotonic() - began < 10.0
+        except TransportError as exc:
+            codes.append(exc.code)
+            if exc.code != "BACKPRESSURE":
+                assert "stalled" in str(exc), exc
+                break
+    assert codes and codes[-1] == "TRANSPORT_ERROR", codes
+    assert time.monotonic() - began < 10.0  # only catches a hang
+    assert unhealthy(transport)
 
 
 def test_missing_acknowledgement_fails_the_send(
@@ -430,10 +523,16 @@ def test_missing_acknowledgement_fails_the_send(
     transport = transport_factory(peer.address, acknowledged=True, send_timeout=0.3)
     transport.start()
     began = time.monotonic()
-    with pytest.raises(TransportError, match="acknowledgement"):
+    with pytest.raises(TransportError, match="acknowledgement") as raised:
         transport.send(b"hello", wait=True)
-    assert 0.25 < time.monotonic() - began < 2.0
-    assert unhealthy(transport)
+    assert raised.value.code == "UNCONFIRMED"  # sent, and kept in the window
+    assert 0.3 <= time.monotonic() - began < 5.0  # the upper bound only catches a hang
+    # The keepalive thread, which alone decides that acknowledgements are overdue, breaks
+    # the session within one of its ticks.
+    assert wait_until(lambda: unhealthy(transport))
+    with pytest.raises(TransportError) as raised:
+        transport.health_check()
+    assert raised.value.code == "ACK_TIMEOUT"
 
 
 def test_peer_restart_then_recovery_by_close_and_start(

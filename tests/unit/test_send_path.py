@@ -160,7 +160,9 @@ def test_many_threads_never_hold_more_than_the_window_and_each_id_once() -> None
                     len(ids) == 80
                     or (
                         window.pending == 16
-                        and window._room_waiting == sum(t.is_alive() for t in threads)
+                        # every live thread queued for room, its head waiting in the window
+                        and session.waiters == sum(t.is_alive() for t in threads)
+                        and window._room_waiting == 1
                     )
                 )
             )
@@ -259,3 +261,77 @@ def test_a_sender_still_blocked_after_its_yields_waits_for_the_release(
     assert took.wait(FAR)
     thread.join(FAR)
     assert order.locked()  # taken by the waiter, which returned holding it
+
+
+# -- backpressure: room in the outboxes, first come first served (issue 22) --------------------
+
+
+def _fill(stream: _Stream) -> None:
+    """Make ``stream``'s outbox look full (no writer drains it in these tests)."""
+    with stream.lock:
+        stream.queued = sender._OUTBOX_LIMIT
+
+
+def _drain(stream: _Stream) -> None:
+    """What the stream's writer does when it takes the outbox: room, and waiters woken."""
+    with stream.lock:
+        stream.queued = 0
+        stream.drained.notify_all()
+
+
+def test_a_send_that_gets_no_room_by_its_deadline_fails_alone_and_the_session_lives(
+    session: _Session,
+) -> None:
+    _fill(session.streams[0])  # message id 0 goes to stream 0
+    with pytest.raises(TransportError) as raised:
+        session.send_small(b"late", 4, False, False, time.monotonic() + 0.05)
+    assert raised.value.code == "BACKPRESSURE", raised.value
+    assert "nothing was sent" in str(raised.value)
+    # Nothing of it was queued or numbered, and the session goes on.
+    assert session.broken is None and session.next_id == 0 and session.waiters == 0
+    assert [len(s.outbox) for s in session.streams] == [0, 0]
+    _drain(session.streams[0])
+    assert session.send_small(b"next", 4) == 0
+
+
+def test_a_striped_message_that_gets_no_room_queues_no_chunk_at_all(session: _Session) -> None:
+    _fill(session.streams[1])  # one of the two lanes of a 4-chunk message
+    data = bytes(4 * 1024)
+    with pytest.raises(TransportError) as raised:
+        session.send_large(data, len(data), 1024, track=False, deadline=time.monotonic() + 0.05)
+    assert raised.value.code == "BACKPRESSURE"
+    assert [len(s.outbox) for s in session.streams] == [0, 0]  # not even on the free lane
+    assert session.broken is None and session.next_id == 0
+
+
+def test_room_is_granted_in_arrival_order(session: _Session) -> None:
+    # A and B wait, in that order, for stream 0; C comes once the room is there. A gets id
+    # 0, B 1 and C 2: C does not take the room A and B waited for.
+    stream = session.streams[0]
+    _fill(stream)
+    a, a_out = _in_thread(lambda: session.send_small(b"A", 1))
+    wait_until(lambda: session.waiters == 1 and stream.waiting == 1)  # A heads the queue
+    b, b_out = _in_thread(lambda: session.send_small(b"B", 1))
+    wait_until(lambda: session.waiters == 2)
+    _drain(stream)
+    c_id = session.send_small(b"C", 1)
+    a.join(FAR)
+    b.join(FAR)
+    assert (a_out, b_out, c_id) == ([0], [1], 2)
+    assert session.broken is None and session.waiters == 0
+
+
+def test_a_waiter_behind_the_head_gives_up_at_its_deadline_without_disturbing_the_queue(
+    session: _Session,
+) -> None:
+    stream = session.streams[0]
+    _fill(stream)
+    a, a_out = _in_thread(lambda: session.send_small(b"A", 1))
+    wait_until(lambda: session.waiters == 1 and stream.waiting == 1)
+    with pytest.raises(TransportError) as raised:
+        session.send_small(b"B", 1, False, False, time.monotonic() + 0.05)
+    assert raised.value.code == "BACKPRESSURE"
+    assert session.waiters == 1 and a.is_alive()  # A still heads the queue
+    _drain(stream)
+    a.join(FAR)
+    assert a_out == [0] and session.next_id == 1 and session.broken is None
