@@ -33,6 +33,7 @@ from dwcp.transport._io import (
     set_kernel_timeout,
 )
 from dwcp.transport._reassembly import Closed, FrameTuple, Ready, Reassembly
+from dwcp.transport._receiving import AckPolicy, StreamParser
 
 if TYPE_CHECKING:  # typing.Self is 3.11+ and setup.cfg still allows 3.10
     from typing_extensions import Self
@@ -57,31 +58,16 @@ _HOUSEKEEPING = 0.5
 _WRITE_TIMEOUT = 10.0
 # Small frames are parsed out of one buffer of this size, many per recv().
 _READ_BUFFER = 256 * 1024
-# A payload at least this large is read straight into its own bytes, not via the buffer.
-_LARGE = 32 * 1024
 # A large payload is read in pieces of at most this size: a header alone never makes the
 # receiver allocate more than this before the bytes are there.
 _PIECE = 1 << 20
 # Deliveries between releases of their budget.
 _DELIVERY_BATCH = 64
-# Acknowledged sessions: at most this many messages, or this long after the first of them,
-# before a cumulative ACK (a DATA frame with ACK_NOW gets one at once).
-_ACK_EVERY = 128
-_ACK_DELAY = 0.002
 _MSG_WAITALL = getattr(socket, "MSG_WAITALL", 0)
 _MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 _HEADER = wire.DATA_HEADER.size
-_HEADER_CRC_AT = _HEADER - 4
-# The DATA header read with its 8-byte prefix as one integer, so one comparison checks the
-# magic, version, type and flags of a well-formed frame.
-_DATA_FAST = struct.Struct("!QQIIIIII")
-_PREFIX_CHECKED = int.from_bytes(
-    wire.PREFIX.pack(wire.MAGIC, wire.VERSION, wire.FRAME_DATA, 0), "big"
-)
-_PREFIX_UNCHECKED = _PREFIX_CHECKED | wire.FLAG_UNCHECKED
-_PING_SIZE = wire.PING.size
 
 
 class _Connection:
@@ -494,7 +480,7 @@ class MultiStreamReceiver:
             logger.bind(
                 session=session.name, joined=session.joined, announced=session.stream_count
             ).warning("Receiver closed session: streams did not join within join_timeout")
-            self._close_session(session, drain=False)
+            self._close_session(session, drain=True)
 
     def _admit_connection(self, sock: socket.socket, peer: str) -> None:
         with self._lock:
@@ -600,9 +586,7 @@ class MultiStreamReceiver:
             bound = min(bound, self._idle_timeout)
         deadline = time.monotonic() + bound
         prefix = self._read_exactly(conn, wire.PREFIX.size, deadline, "handshake")
-        frame_type, _ = wire.parse_prefix(prefix)
-        if frame_type != wire.FRAME_HELLO:
-            raise wire.ProtocolError("connection must start with HELLO")
+        wire.check_prefix(prefix, (wire.FRAME_HELLO,))  # a connection starts with HELLO
         rest = self._read_exactly(conn, wire.HANDSHAKE.size - wire.PREFIX.size, deadline, "HELLO")
         hello = wire.parse_handshake(prefix + rest)
         reject: str | None = None
@@ -698,9 +682,9 @@ class MultiStreamReceiver:
         return sender
 
     def _read_frames(self, conn: _Connection, session: _Session) -> None:
-        """Parse frames in batches out of one buffer; hand each batch over under one lock.
+        """Read a stream; its parser turns the bytes into frames, handed over in batches.
 
-        Payloads of ``_LARGE`` bytes or more are read straight into their own bytes objects
+        Payloads of ``LARGE`` bytes or more are read straight into their own bytes objects
         (after their budget is reserved), and the header after one is read alone, so large
         messages are copied once from the kernel and never through the buffer.
         """
@@ -711,17 +695,12 @@ class MultiStreamReceiver:
         size = len(buf)
         start = end = 0
         reassembly = session.reassembly
-        limit = self._max_message_size
-        unpack = _DATA_FAST.unpack_from
-        crc = wire.checksum_of
+        parser = StreamParser(self._max_message_size)
+        parse, pings = parser.parse, parser.pings
         monotonic = time.monotonic
         idle, frame_timeout = self._idle_timeout, self._frame_timeout
         batch: list[FrameTuple] = []
-        append = batch.append
-        # Module constants as locals: this loop runs once per frame.
-        data_type, header_size, crc_at = wire.FRAME_DATA, _HEADER, _HEADER_CRC_AT
-        p_checked, p_unchecked, large = _PREFIX_CHECKED, _PREFIX_UNCHECKED, _LARGE
-        known_flags = wire.FLAG_UNCHECKED | wire.FLAG_ACK_NOW
+        header_size = _HEADER
         exact = False  # read the next header alone: a large frame may follow
         partial_since: float | None = None  # when the frame at ``start`` began to arrive
         # One kernel timeout for the whole session, a fraction of the shortest bound; the
@@ -730,65 +709,34 @@ class MultiStreamReceiver:
         silent = 0  # ticks without a byte
         conn.set_recv_timeout(tick)
         while True:
-            consumed = False
-            while end - start >= 8:
-                if buf[start + 5] != data_type:
-                    used = self._control_frame(conn, view, start, end)
-                    if not used:
-                        break
-                    start += used
-                    consumed = True
-                    continue
-                if end - start < header_size:
-                    break
-                prefix, mid, index, count, total, length, pcrc, hcrc = unpack(buf, start)
-                if crc(view[start : start + crc_at]) != hcrc:
-                    wire.parse_prefix(view[start : start + 8])  # a clearer error if it is one
-                    raise wire.ProtocolError("DATA header checksum mismatch")
-                checked = prefix == p_checked
-                if not checked and prefix != p_unchecked:
-                    flags = prefix & 0xFFFF
-                    if prefix ^ flags != p_checked or flags & ~known_flags:
-                        wire.parse_prefix(view[start : start + 8])
-                        raise wire.ProtocolError(f"unknown frame flags {flags:#06x}")
-                    checked = not flags & wire.FLAG_UNCHECKED
-                    if flags & wire.FLAG_ACK_NOW and mid > session.ack_now:
-                        session.ack_now = mid  # (a lost race only delays it, see delivery)
-                if (
-                    count != 1
-                    or index
-                    or length != total
-                    or total > limit
-                    or (pcrc and not checked)
-                ):
-                    wire.check_data_fields(
-                        prefix & 0xFFFF, index, count, total, length, pcrc, limit
-                    )
-                body = start + header_size
-                if body + length > end:
-                    if length < large:
-                        exact = False
-                        break  # the rest comes with the next bulk read
-                    if batch:
-                        self._push(conn, session, batch)
-                        batch.clear()
-                    frame: FrameTuple = (mid, index, count, total, b"", length)
-                    self._read_large(
-                        conn, session, frame, view[body:end], checked, pcrc,
-                        (partial_since or monotonic()) + frame_timeout,
-                    )  # fmt: skip
-                    start = end = 0
-                    exact, consumed, partial_since = True, True, None
-                    break
-                start = body + length
-                payload = bytes(view[body:start])
-                if checked and crc(payload) != pcrc:
-                    raise wire.ProtocolError(f"checksum mismatch in message {mid} chunk {index}")
-                append((mid, index, count, total, payload, length))
-                consumed = True
+            try:
+                parsed = parse(buf, start, end, batch)
+            except wire.ProtocolError:
+                # What came whole before the bad frame is still delivered (wire-format.md).
+                if batch:
+                    self._push(conn, session, batch)
+                raise
+            consumed = parsed != start
+            start = parsed
+            # (A lost race between streams only delays the ACK, see delivery.)
+            session.ack_now = max(session.ack_now, parser.ack_now)
+            if pings:
+                for token in pings:
+                    conn.write(wire.pack_pong(token))
+                pings.clear()
             if batch:
                 self._push(conn, session, batch)
                 batch.clear()
+            large = parser.large
+            if large is not None:
+                self._read_large(
+                    conn, session, large.frame, view[start:end], large.checked, large.checksum,
+                    (partial_since or monotonic()) + frame_timeout,
+                )  # fmt: skip
+                start = end = 0
+                exact, partial_since = True, None
+            elif end - start >= header_size:
+                exact = False  # a small frame's payload is still to come: read in bulk
             if start == end:
                 start = end = 0
                 partial_since = None
@@ -825,19 +773,6 @@ class MultiStreamReceiver:
                 return  # clean end of stream, between frames
             silent = 0
             end += got
-
-    def _control_frame(self, conn: _Connection, view: memoryview, start: int, end: int) -> int:
-        """Handle a non-DATA frame at ``start``; return its size, or 0 if it is incomplete."""
-        frame_type, _ = wire.parse_prefix(view[start : start + 8])
-        if frame_type != wire.FRAME_PING:
-            raise wire.ProtocolError(
-                f"unexpected frame type {frame_type:#04x} in a session (only DATA and PING)"
-            )
-        if end - start < _PING_SIZE:
-            return 0
-        token = wire.parse_ping(view[start : start + _PING_SIZE])
-        conn.write(wire.pack_pong(token))
-        return _PING_SIZE
 
     def _push(self, conn: _Connection, session: _Session, batch: list[FrameTuple]) -> None:
         """Hand a batch to reassembly, waiting (and saying "alive") while it has no room."""
@@ -970,32 +905,30 @@ class MultiStreamReceiver:
                         return
                     for at in range(0, len(batch), _DELIVERY_BATCH):
                         self._deliver_some(session, batch[at : at + _DELIVERY_BATCH], on_message)
-            # Acknowledged: one cumulative ACK for up to _ACK_EVERY messages, written once
-            # that many are delivered, _ACK_DELAY after the first of them, when a frame
-            # asked for it (ACK_NOW), or when the session ends. An ACK per small batch
-            # would cost both ends more than the messages when the consumer keeps up.
-            unacked, since = 0, 0.0
-            through = stream = -1
+            # Acknowledged: one cumulative ACK for a batch of messages (see AckPolicy). An
+            # ACK per small batch would cost both ends more than the messages when the
+            # consumer keeps up.
+            policy = AckPolicy()
+            monotonic = time.monotonic
             while True:
-                wait = None if not unacked else max(since + _ACK_DELAY - time.monotonic(), 0.0)
-                batch = reassembly.take(wait)
+                batch = reassembly.take(policy.wait(monotonic()))
                 if batch is None:
                     break
-                for at in range(0, len(batch), _DELIVERY_BATCH):
-                    part = batch[at : at + _DELIVERY_BATCH]
+                at = 0
+                while at < len(batch):
+                    part = batch[at : at + min(_DELIVERY_BATCH, policy.room())]
+                    at += len(part)
                     self._deliver_some(session, part, on_message)
-                    if not unacked:
-                        since = time.monotonic()
-                    unacked += len(part)
-                    through, stream = part[-1][0], part[-1][3]
-                    if unacked >= _ACK_EVERY or through >= session.ack_now > through - unacked:
-                        self._acknowledge(session, through, stream)
-                        unacked = 0
-                if unacked and (not batch or time.monotonic() - since >= _ACK_DELAY):
-                    self._acknowledge(session, through, stream)
-                    unacked = 0
-            if unacked:
-                self._acknowledge(session, through, stream)  # (the sender may still read)
+                    last = part[-1]
+                    if policy.delivered(len(part), last[0], last[3], session.ack_now, monotonic()):
+                        self._acknowledge(session, policy.through, policy.stream)
+                        policy.acked()
+                if policy.unacked and (not batch or policy.due(monotonic())):
+                    self._acknowledge(session, policy.through, policy.stream)
+                    policy.acked()
+            if policy.unacked:
+                # The session ended: its sender may still read (a half-closed stream).
+                self._acknowledge(session, policy.through, policy.stream)
         except Exception as exc:  # noqa: BLE001 - never die silently
             logger.opt(exception=exc).error("Receiver delivery failed")
         finally:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from dwcp._errors import DWCPError
-from dwcp.transport import MultiStreamReceiver, MultiStreamTCPTransport, wire
+from dwcp.transport import MultiStreamReceiver, MultiStreamTCPTransport, _receiving, wire
 from tests.conftest import Inbox, ReceiverFactory, closed_by_peer
 
 TIMEOUT = 5.0
@@ -482,3 +482,117 @@ def test_a_half_closed_sender_still_gets_its_acknowledgement(
     gate.set()
     assert wire.parse_ack(sock.recv(wire.ACK.size, socket.MSG_WAITALL)) == 0
     assert closed_by_peer(sock)
+
+
+# -- what is whole and in order is delivered, whatever ends the session -------------------------
+
+
+def _damaged(kind: str) -> bytes:
+    """Message 2 (``two``) as one DATA frame, damaged in the way ``kind`` names."""
+    good = frame(2, b"two")
+    if kind == "header-checksum":
+        return good[:36] + bytes([good[36] ^ 0x01]) + good[37:]
+    if kind == "payload-checksum":
+        return good[:-1] + b"X"
+    assert kind == "unknown-type"
+    return _seal(good[:5] + b"\x09" + good[6:40]) + good[40:]
+
+
+@pytest.mark.parametrize("acknowledged", [False, True], ids=["unacked", "acked"])
+@pytest.mark.parametrize("kind", ["header-checksum", "payload-checksum", "unknown-type"])
+def test_messages_whole_before_a_bad_frame_in_the_same_read_are_delivered(
+    hostile_receiver_factory: Callable[..., tuple[MultiStreamReceiver, Inbox]],
+    raw_connections: Callable[[tuple[str, int]], socket.socket],
+    kind: str,
+    acknowledged: bool,
+) -> None:
+    """wire-format.md, Closing: a protocol error closes the session; messages already whole
+    and in order are still delivered, nothing else is."""
+    receiver, inbox = hostile_receiver_factory()
+    sock = raw_connections(receiver.address)
+    handshake(sock, os.urandom(16), ack=acknowledged)
+    sock.sendall(frame(0, b"zero") + frame(1, b"one") + _damaged(kind))  # one write, one read
+    assert closed_by_peer(sock)
+    assert wait_for(lambda: receiver.session_count == 0)  # its delivery is over
+    assert inbox.messages == [b"zero", b"one"]
+
+
+def test_messages_whole_when_streams_fail_to_join_are_delivered(
+    hostile_receiver_factory: Callable[..., tuple[MultiStreamReceiver, Inbox]],
+    raw_connections: Callable[[tuple[str, int]], socket.socket],
+) -> None:
+    """A session whose announced streams do not all join within join_timeout is closed;
+    what its joined streams brought whole and in order is still delivered."""
+    gate, inbox = threading.Event(), Inbox()
+
+    def slow(data: bytes) -> None:
+        inbox(data)
+        gate.wait(TIMEOUT)  # "zero" is in on_message while the session is closed
+
+    receiver, _ = hostile_receiver_factory(join_timeout=2.0, idle_timeout=60.0, on_message=slow)
+    sock = raw_connections(receiver.address)
+    handshake(sock, os.urandom(16), 0, 2)  # stream 1 of 2 never comes
+    partial = wire.encode_message(2, b"z" * 2000, 1024)[0]
+    sock.sendall(frame(0, b"zero"))
+    assert wait_for(lambda: inbox.messages == [b"zero"])
+    sock.sendall(frame(1, b"one") + partial)  # "one" waits for on_message to return
+    assert closed_by_peer(sock)  # join_timeout passed: the session is closed
+    gate.set()
+    assert wait_for(lambda: receiver.session_count == 0)
+    assert inbox.messages == [b"zero", b"one"]
+
+
+def test_one_ack_covers_at_most_128_messages(
+    hostile_receiver_factory: Callable[..., tuple[MultiStreamReceiver, Inbox]],
+    raw_connections: Callable[[tuple[str, int]], socket.socket],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """wire-format.md, ACK: once 128 messages are delivered and unacknowledged, one ACK
+    covers them, even when they came in batches that do not add up to 128."""
+    monkeypatch.setattr(_receiving, "ACK_DELAY", 3600.0)  # only the count triggers an ACK
+    receiver, _ = hostile_receiver_factory()
+    sock = raw_connections(receiver.address)
+    handshake(sock, os.urandom(16), ack=True)
+    sock.sendall(b"".join(frame(mid, b"%d" % mid) for mid in range(63)))
+    assert receiver.wait_delivered(63, TIMEOUT)  # 63 unacknowledged
+    sock.sendall(b"".join(frame(mid, b"%d" % mid) for mid in range(63, 300)))
+    assert receiver.wait_delivered(300, TIMEOUT)
+    acks = [wire.parse_ack(sock.recv(wire.ACK.size, socket.MSG_WAITALL)) for _ in range(2)]
+    assert acks == [127, 255]
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    [b"DWCQ\x03\x03\x00\x00", b"DWCP\x02\x03\x00\x00", b"DWCP\x03\x03\x00\x04"],
+    ids=["bad-magic", "bad-version", "unknown-flag"],
+)
+def test_a_bad_data_prefix_closes_the_session_at_8_bytes(
+    hostile_receiver_factory: Callable[..., tuple[MultiStreamReceiver, Inbox]],
+    raw_connections: Callable[[tuple[str, int]], socket.socket],
+    prefix: bytes,
+) -> None:
+    """wire-format.md, Conventions: a prefix is checked as soon as its 8 bytes are in, even
+    where the type byte says DATA (whose header is 40 bytes)."""
+    receiver, _ = hostile_receiver_factory(idle_timeout=60.0)
+    sock = raw_connections(receiver.address)
+    handshake(sock, os.urandom(16))
+    sock.sendall(prefix)  # nothing more
+    assert closed_by_peer(sock, TIMEOUT)
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    [b"DWCP\x03\x01\x00\x02", b"DWCP\x03\x01\x80\x00"],
+    ids=["flag-0x0002", "flag-0x8000"],
+)
+def test_a_hello_prefix_with_an_unknown_flag_is_refused_at_8_bytes(
+    hostile_receiver_factory: Callable[..., tuple[MultiStreamReceiver, Inbox]],
+    raw_connections: Callable[[tuple[str, int]], socket.socket],
+    prefix: bytes,
+) -> None:
+    """wire-format.md, Conventions: flags are part of the prefix and checked with it."""
+    receiver, _ = hostile_receiver_factory(idle_timeout=60.0)
+    sock = raw_connections(receiver.address)
+    sock.sendall(prefix)
+    sock.settimeout(TIMEOUT)
+    assert sock.recv(100) == b""  # closed, no WELCOME
