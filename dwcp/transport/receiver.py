@@ -181,6 +181,7 @@ class _Session:
         # Guarded by the receiver's lock.
         self.connections: list[_Connection | None] = [None] * hello.stream_count
         self.joined = 0
+        self.streams_ended = 0  # joined streams that ended cleanly
         self.delivery: threading.Thread | None = None
         self.aborted = False
         self.finished = False
@@ -991,8 +992,27 @@ class MultiStreamReceiver:
     # -- ending sessions --------------------------------------------------------------------
 
     def _stream_ended(self, session: _Session) -> None:
-        """A stream closed cleanly; the session ends when all its streams have."""
+        """A stream closed cleanly; the session ends when all its streams have.
+
+        A session some of whose announced streams never joined ends as soon as every stream
+        that did join has ended: its sender gave up on it (it ends a session only after
+        every stream was welcomed), so it must not hold a slot until ``join_timeout``.
+        """
         session.reassembly.announce()  # what this stream completed last is delivered now
+        with self._lock:
+            session.streams_ended += 1
+            abandoned = (
+                session.streams_ended == session.joined < session.stream_count
+                and not session.aborted
+            )
+            if abandoned:
+                session.aborted = True  # a late stream is refused as closing from now on
+        if abandoned:
+            logger.bind(
+                session=session.name, joined=session.joined, announced=session.stream_count
+            ).warning("Receiver closed session: its streams ended before all joined")
+            self._close_session(session, drain=True)
+            return
         dropped = session.reassembly.end_stream()
         if dropped:
             logger.bind(session=session.name, undelivered=dropped).warning(

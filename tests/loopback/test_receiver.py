@@ -596,3 +596,23 @@ def test_a_hello_prefix_with_an_unknown_flag_is_refused_at_8_bytes(
     sock.sendall(prefix)
     sock.settimeout(TIMEOUT)
     assert sock.recv(100) == b""  # closed, no WELCOME
+
+
+def test_a_half_joined_session_frees_its_slot_when_its_streams_close(
+    hostile_receiver_factory: Callable[..., tuple[MultiStreamReceiver, Inbox]],
+    raw_connections: Callable[[tuple[str, int]], socket.socket],
+) -> None:
+    """wire-format.md, HELLO: a session whose joined streams all ended before the others
+    joined is over at once, not after join_timeout; it no longer counts toward max_sessions."""
+    receiver, _ = hostile_receiver_factory(max_sessions=1, join_timeout=60.0, idle_timeout=60.0)
+    session = os.urandom(16)
+    first = raw_connections(receiver.address)
+    assert handshake(first, session, 0, 3) == wire.STATUS_ACCEPTED
+    other = raw_connections(receiver.address)
+    assert handshake(other, os.urandom(16)) == wire.STATUS_BUSY  # the slot is taken
+    first.close()  # the sender gave up: stream 1 and 2 never come
+    assert wait_for(lambda: receiver.session_count == 0)
+    late = raw_connections(receiver.address)
+    assert handshake(late, session, 1, 3) == wire.STATUS_REFUSED  # that session is over
+    again = raw_connections(receiver.address)
+    assert handshake(again, os.urandom(16)) == wire.STATUS_ACCEPTED
