@@ -167,6 +167,7 @@ class _Session:
         self.heartbeat = hello.keepalive_ms / 1000 if hello.keepalive_ms else None
         self.created = created
         self.first_id = hello.first_id
+        self.sender_id = hello.sender_id
         self.reassembly = Reassembly(
             hello.stream_count, max_buffered=max_buffered, first_id=hello.first_id
         )
@@ -600,36 +601,38 @@ class MultiStreamReceiver:
             if hello.session_id in self._ended:
                 reject = "session already ended"
             elif session is None:
-                if len(self._sessions) >= self._max_sessions:
+                named = hello.sender_id != wire.ANONYMOUS_SENDER
+                known = self._senders.get(hello.sender_id) if named else None
+                # Refusals first, then busy: a HELLO refused for what it says would be
+                # refused again later, while a busy one may be accepted then.
+                if (
+                    known is not None
+                    and known.first_id is not None
+                    and hello.first_id < known.first_id
+                ):
+                    # Not newer than the sender's current session: replacing that one with
+                    # an abandoned attempt would lose what the sender sends now.
+                    reject = "older than its sender's newest session"
+                elif len(self._sessions) >= self._max_sessions:
                     reject, status = "too many sessions", wire.STATUS_BUSY
                 else:
-                    sender = predecessor = None
-                    if hello.sender_id != wire.ANONYMOUS_SENDER:
-                        sender = self._sender(hello.sender_id)
-                        predecessor = sender.session
-                    if (
-                        sender is not None
-                        and sender.first_id is not None
-                        and hello.first_id < sender.first_id
-                    ):
-                        # Not newer than the sender's current session: replacing that one
-                        # with an abandoned attempt would lose what the sender sends now.
-                        reject = "older than its sender's newest session"
-                        session = None
-                    else:
-                        session = _Session(
-                            hello, self._max_buffered, time.monotonic(), sender, predecessor
-                        )
-                        self._sessions[hello.session_id] = session
-                    if sender is not None and session is not None:
+                    sender = self._sender(hello.sender_id) if named else None
+                    predecessor = sender.session if sender is not None else None
+                    session = _Session(
+                        hello, self._max_buffered, time.monotonic(), sender, predecessor
+                    )
+                    self._sessions[hello.session_id] = session
+                    if sender is not None:
                         sender.session = session
                         sender.first_id = hello.first_id
                         if predecessor is not None and not predecessor.finished:
                             superseded = predecessor
-            elif (session.stream_count, session.acknowledged) != (
-                hello.stream_count,
-                hello.acknowledged,
-            ):
+            elif (
+                session.stream_count,
+                session.acknowledged,
+                session.sender_id,
+                session.first_id,
+            ) != (hello.stream_count, hello.acknowledged, hello.sender_id, hello.first_id):
                 reject = "handshake disagrees with its session"
             elif session.aborted:
                 reject = "session is closing"

@@ -616,3 +616,136 @@ def test_a_half_joined_session_frees_its_slot_when_its_streams_close(
     assert handshake(late, session, 1, 3) == wire.STATUS_REFUSED  # that session is over
     again = raw_connections(receiver.address)
     assert handshake(again, os.urandom(16)) == wire.STATUS_ACCEPTED
+
+
+# -- the handshake, settled ---------------------------------------------------------------------
+
+
+def _sealed_hello(
+    *, flags: int = 0, index: int = 0, count: int = 1, first_id: int = 0, crc: bool = True
+) -> bytes:
+    packed = wire.HANDSHAKE.pack(
+        wire.MAGIC, wire.VERSION, wire.FRAME_HELLO, flags, os.urandom(16), os.urandom(16),
+        first_id, index, count, 0, 0,
+    )  # fmt: skip
+    return _seal(packed) if crc else packed
+
+
+@pytest.mark.parametrize(
+    "hello",
+    [
+        _sealed_hello(crc=False),
+        _sealed_hello(count=0),
+        _sealed_hello(count=33),
+        _sealed_hello(index=4, count=4),
+        _sealed_hello(flags=0x0004),
+        _sealed_hello(first_id=1 << 63),
+    ],
+    ids=["bad-crc", "count-0", "count-33", "index-not-below-count", "unknown-flag", "first-id"],
+)
+def test_a_malformed_hello_is_closed_without_a_welcome(
+    hostile_receiver_factory: Callable[..., tuple[MultiStreamReceiver, Inbox]],
+    raw_connections: Callable[[tuple[str, int]], socket.socket],
+    hello: bytes,
+) -> None:
+    """wire-format.md, HELLO: a malformed HELLO gets no WELCOME; the connection is closed."""
+    receiver, _ = hostile_receiver_factory()
+    sock = raw_connections(receiver.address)
+    sock.sendall(hello)
+    sock.settimeout(TIMEOUT)
+    assert sock.recv(100) == b""
+    assert receiver.session_count == 0
+
+
+@pytest.mark.parametrize("field", ["sender_id", "first_id"])
+def test_a_stream_disagreeing_on_sender_or_first_id_is_refused(
+    hostile_receiver_factory: Callable[..., tuple[MultiStreamReceiver, Inbox]],
+    raw_connections: Callable[[tuple[str, int]], socket.socket],
+    field: str,
+) -> None:
+    """wire-format.md, HELLO: count, flags, sender id and first id are the same on every
+    stream; a stream that disagrees gets status 2 and the session goes on."""
+    receiver, inbox = hostile_receiver_factory()
+    session, sender = os.urandom(16), os.urandom(16)
+    first = raw_connections(receiver.address)
+    first.sendall(wire.pack_handshake(session, 0, 2, acknowledged=False, sender_id=sender))
+    assert wire.parse_welcome(first.recv(wire.WELCOME.size, socket.MSG_WAITALL)) == 0
+    other: dict[str, Any] = {"sender_id": sender, "first_id": 0}
+    other[field] = os.urandom(16) if field == "sender_id" else 7
+    odd = raw_connections(receiver.address)
+    odd.sendall(wire.pack_handshake(session, 1, 2, acknowledged=False, **other))
+    assert wire.parse_welcome(odd.recv(wire.WELCOME.size, socket.MSG_WAITALL)) == 2
+    assert odd.recv(1) == b""
+    second = raw_connections(receiver.address)
+    second.sendall(wire.pack_handshake(session, 1, 2, acknowledged=False, sender_id=sender))
+    assert wire.parse_welcome(second.recv(wire.WELCOME.size, socket.MSG_WAITALL)) == 0
+    second.sendall(frame(0, b"zero"))
+    assert receiver.wait_delivered(1, TIMEOUT)
+    assert inbox.messages == [b"zero"]
+
+
+def test_refused_comes_before_busy(
+    hostile_receiver_factory: Callable[..., tuple[MultiStreamReceiver, Inbox]],
+    raw_connections: Callable[[tuple[str, int]], socket.socket],
+) -> None:
+    """wire-format.md, WELCOME: a HELLO that is refused for what it says gets status 2 even
+    while the receiver is full (busy is for a HELLO that could be accepted later)."""
+    receiver, _ = hostile_receiver_factory(max_sessions=1)
+    sender = os.urandom(16)
+    live = raw_connections(receiver.address)
+    live.sendall(
+        wire.pack_handshake(os.urandom(16), 0, 1, acknowledged=True, sender_id=sender, first_id=5)
+    )
+    assert wire.parse_welcome(live.recv(wire.WELCOME.size, socket.MSG_WAITALL)) == 0
+    stale = raw_connections(receiver.address)  # an abandoned attempt of the same sender
+    stale.sendall(
+        wire.pack_handshake(os.urandom(16), 0, 1, acknowledged=True, sender_id=sender, first_id=4)
+    )
+    assert wire.parse_welcome(stale.recv(wire.WELCOME.size, socket.MSG_WAITALL)) == 2
+    stranger = raw_connections(receiver.address)
+    assert handshake(stranger, os.urandom(16)) == wire.STATUS_BUSY
+
+
+def test_a_closed_session_counts_toward_max_sessions_until_its_delivery_is_over(
+    hostile_receiver_factory: Callable[..., tuple[MultiStreamReceiver, Inbox]],
+    raw_connections: Callable[[tuple[str, int]], socket.socket],
+) -> None:
+    """wire-format.md, Limits: a session counts from its accepted HELLO until everything
+    it holds whole and in order was handed to on_message."""
+    gate = threading.Event()
+    receiver, _ = hostile_receiver_factory(max_sessions=1, on_message=lambda _: gate.wait(TIMEOUT))
+    sock = raw_connections(receiver.address)
+    handshake(sock, os.urandom(16))
+    sock.sendall(frame(0, b"zero"))
+    sock.close()  # the session's only stream ended; on_message still holds "zero"
+    busy = raw_connections(receiver.address)
+    assert handshake(busy, os.urandom(16)) == wire.STATUS_BUSY
+    gate.set()
+    assert wait_for(lambda: receiver.session_count == 0)
+    free = raw_connections(receiver.address)
+    assert handshake(free, os.urandom(16)) == wire.STATUS_ACCEPTED
+
+
+def test_duplicates_are_dropped_for_unacknowledged_named_senders_too(
+    hostile_receiver_factory: Callable[..., tuple[MultiStreamReceiver, Inbox]],
+    raw_connections: Callable[[tuple[str, int]], socket.socket],
+) -> None:
+    """wire-format.md, Replay: the receiver drops messages below its position for every
+    named sender, acknowledged or not (at most once stays at most once)."""
+    receiver, inbox = hostile_receiver_factory()
+    sender = os.urandom(16)
+    first = raw_connections(receiver.address)
+    first.sendall(wire.pack_handshake(os.urandom(16), 0, 1, acknowledged=False, sender_id=sender))
+    assert wire.parse_welcome(first.recv(wire.WELCOME.size, socket.MSG_WAITALL)) == 0
+    first.sendall(b"".join(frame(mid, b"%d" % mid) for mid in range(5)))
+    assert receiver.wait_delivered(5, TIMEOUT)
+    first.close()
+    again = raw_connections(receiver.address)
+    again.sendall(
+        wire.pack_handshake(os.urandom(16), 0, 1, acknowledged=False, sender_id=sender, first_id=3)
+    )
+    assert wire.parse_welcome(again.recv(wire.WELCOME.size, socket.MSG_WAITALL)) == 0
+    again.sendall(b"".join(frame(mid, b"%d" % mid) for mid in range(3, 6)))
+    assert receiver.wait_delivered(6, TIMEOUT)
+    assert inbox.messages == [b"%d" % mid for mid in range(6)]
+    assert receiver.duplicates_dropped == 2
