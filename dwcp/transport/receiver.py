@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from dwcp._errors import DWCPError
+from dwcp._errors import DWCPError, TransportError
 from dwcp.transport import wire
 from dwcp.transport._io import (
     TLSChannel,
@@ -66,6 +66,17 @@ _DELIVERY_BATCH = 64
 _MSG_WAITALL = getattr(socket, "MSG_WAITALL", 0)
 _MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+# accept(2) (Linux): errors of the new connection or of the network, already pending, that
+# the listener is fine after; accept is retried at once. Any other error is backed off
+# from like running out of descriptors: the accept thread never ends while running.
+_ACCEPT_TRANSIENT_ERRORS = {
+    getattr(errno, name)
+    for name in (
+        "ENETDOWN", "EPROTO", "ENOPROTOOPT", "EHOSTDOWN", "ENONET", "EHOSTUNREACH",
+        "EOPNOTSUPP", "ENETUNREACH", "ECONNABORTED", "EINTR", "EAGAIN", "EWOULDBLOCK",
+    )
+    if hasattr(errno, name)
+}  # fmt: skip
 
 _HEADER = wire.DATA_HEADER.size
 
@@ -344,25 +355,15 @@ class MultiStreamReceiver:
     def start(self) -> None:
         """Bind and start accepting. Restarts (after ``stop()``) reuse the bound port.
 
-        Raises DWCPError (code ``ALREADY_STARTED``) when running, OSError when the address
-        cannot be bound.
+        Raises DWCPError (code ``ALREADY_STARTED``) when running, and TransportError (code
+        ``LISTEN_FAILED``, the cause chained) when the address cannot be resolved, bound or
+        listened on.
         """
         with self._lock:
             if self._running:
                 raise DWCPError("receiver is already started", code="ALREADY_STARTED")
             host, port = self._bound or self._requested
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            listener = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                # Lets a restarted receiver bind its port again while old connections linger
-                # in TIME_WAIT (the "peer restarts" case).
-                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                listener.bind((host, port))
-                listener.listen(128)
-                listener.setblocking(False)
-            except OSError:
-                listener.close()
-                raise
+            listener = self._listen(host, port)
             host, port = listener.getsockname()[:2]
             self._bound = (host, port)
             self._wake = socket.socketpair()
@@ -378,6 +379,31 @@ class MultiStreamReceiver:
         logger.bind(address=f"{host}:{port}", tls=self._ssl_context is not None).info(
             "Receiver started"
         )
+
+    @staticmethod
+    def _listen(host: str, port: int) -> socket.socket:
+        """A non-blocking listening socket on (host, port); the one place socket errors of
+        start() become the library's TransportError."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            listener = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:
+            raise TransportError(
+                f"receiver cannot listen on {host}:{port}: {exc}", code="LISTEN_FAILED"
+            ) from exc
+        try:
+            # Lets a restarted receiver bind its port again while old connections linger
+            # in TIME_WAIT (the "peer restarts" case).
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((host, port))
+            listener.listen(128)
+            listener.setblocking(False)
+        except (OSError, UnicodeError) as exc:  # gaierror is an OSError; IDNA a UnicodeError
+            listener.close()
+            raise TransportError(
+                f"receiver cannot listen on {host}:{port}: {exc}", code="LISTEN_FAILED"
+            ) from exc
+        return listener
 
     def stop(self) -> None:
         """Close the listener and every connection, and join every thread; idempotent.
@@ -441,11 +467,15 @@ class MultiStreamReceiver:
                     except (BlockingIOError, InterruptedError):
                         continue
                     except OSError as exc:
-                        if exc.errno not in _ACCEPT_RESOURCE_ERRORS:
-                            raise
-                        # Out of descriptors: the pending connection stays queued, so the
-                        # listener stays readable; stop watching it for a while instead of
-                        # spinning on it, and log at a bounded rate.
+                        if exc.errno in _ACCEPT_TRANSIENT_ERRORS:
+                            # That connection's (or the network's) trouble, not the
+                            # listener's: the next accept may well succeed.
+                            logger.bind(error=str(exc)).debug("Receiver accept failed; retrying")
+                            continue
+                        # Out of descriptors (or an error accept(2) does not list): the
+                        # pending connection may stay queued, so the listener stays readable;
+                        # stop watching it for a while instead of spinning on it, and log at
+                        # a bounded rate.
                         backoff = min(max(backoff * 2, _ACCEPT_BACKOFF), _ACCEPT_BACKOFF_MAX)
                         selector.unregister(listener)
                         paused_until = time.monotonic() + backoff
@@ -485,6 +515,16 @@ class MultiStreamReceiver:
             self._close_session(session, drain=True)
 
     def _admit_connection(self, sock: socket.socket, peer: str) -> None:
+        try:
+            sock.setblocking(True)
+            set_kernel_timeout(sock, socket.SO_SNDTIMEO, _WRITE_TIMEOUT)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:  # reset before we got to it: its trouble, not the listener's
+            logger.bind(peer=peer, reason=f"socket error: {exc}").warning(
+                "Receiver closed connection"
+            )
+            sock.close()
+            return
         with self._lock:
             full = len(self._connections) >= self._max_connections
             if not full:
@@ -497,9 +537,6 @@ class MultiStreamReceiver:
             )
             sock.close()
             return
-        sock.setblocking(True)
-        set_kernel_timeout(sock, socket.SO_SNDTIMEO, _WRITE_TIMEOUT)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         thread.start()
 
     def _thread(self, target: Callable[..., object], arg: object, kind: str) -> threading.Thread:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import threading
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from dwcp._errors import DWCPError
+from dwcp._errors import DWCPError, TransportError
 from dwcp.transport import MultiStreamReceiver, MultiStreamTCPTransport, _receiving, wire
 from tests.conftest import Inbox, ReceiverFactory, closed_by_peer
 
@@ -749,3 +750,63 @@ def test_duplicates_are_dropped_for_unacknowledged_named_senders_too(
     assert receiver.wait_delivered(6, TIMEOUT)
     assert inbox.messages == [b"%d" % mid for mid in range(6)]
     assert receiver.duplicates_dropped == 2
+
+
+# -- starting and accepting ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "host", ["no-such-host.invalid", "256.1.1.1", "a" * 64 + ".example"], ids=["dns", "ip", "idna"]
+)
+def test_start_on_a_bad_host_raises_listen_failed(host: str) -> None:
+    """README, errors: start() that cannot resolve or bind raises TransportError
+    LISTEN_FAILED with the socket error as its cause."""
+    receiver = MultiStreamReceiver((host, 0), on_message=print)
+    with pytest.raises(TransportError, match="cannot listen") as caught:
+        receiver.start()
+    assert caught.value.code == "LISTEN_FAILED"
+    assert isinstance(caught.value.__cause__, (OSError, UnicodeError))
+    assert "running" not in repr(receiver).split()  # nothing was started
+    receiver.stop()  # a no-op
+
+
+def test_start_on_a_busy_port_raises_listen_failed(receiver_factory: ReceiverFactory) -> None:
+    taken, _ = receiver_factory()
+    receiver = MultiStreamReceiver(taken.address, on_message=print)
+    with pytest.raises(TransportError) as caught:
+        receiver.start()
+    assert caught.value.code == "LISTEN_FAILED"
+    assert isinstance(caught.value.__cause__, OSError)
+
+
+@pytest.mark.parametrize(
+    "code",
+    [errno.ECONNABORTED, errno.EPROTO, errno.ENETDOWN, errno.EHOSTUNREACH, errno.EINVAL],
+    ids=["ECONNABORTED", "EPROTO", "ENETDOWN", "EHOSTUNREACH", "unlisted-EINVAL"],
+)
+def test_the_accept_loop_survives_an_accept_error(
+    receiver_factory: ReceiverFactory, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """An error from accept() (accept(2) lists the transient ones) does not end the accept
+    thread: the receiver goes on accepting while it says it is running."""
+    receiver, inbox = receiver_factory()
+    real_accept = socket.socket.accept
+    failed = threading.Event()
+
+    def accept_failing_once(sock: socket.socket) -> tuple[socket.socket, Any]:
+        if not failed.is_set() and sock.getsockname()[:2] == receiver.address:
+            failed.set()
+            raise OSError(code, os.strerror(code))
+        return real_accept(sock)
+
+    monkeypatch.setattr(socket.socket, "accept", accept_failing_once)
+    transport = MultiStreamTCPTransport(
+        receiver.address, streams=2, connect_timeout=TIMEOUT, acknowledged=True
+    )
+    try:
+        transport.start()
+        assert failed.is_set()
+        transport.send(b"accepted after the error", wait=True)
+    finally:
+        transport.close()
+    assert inbox.messages == [b"accepted after the error"]
