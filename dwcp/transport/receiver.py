@@ -54,6 +54,10 @@ _ACCEPT_BACKOFF_MAX = 1.0
 _ACCEPT_LOG_EVERY = 10.0
 # How often the accept thread looks for sessions whose streams failed to join in time.
 _HOUSEKEEPING = 0.5
+# An unacknowledged session replaced by a newer one of its sender is read until its streams
+# end, or until it made no progress (no message completed or delivered) for this long: its
+# link may be dead, and the newer session delivers nothing before it is over.
+_REPLACED_GRACE = 1.0
 # Bounds a WELCOME, ACK or PONG write to a sender that stopped reading.
 _WRITE_TIMEOUT = 10.0
 # Small frames are parsed out of one buffer of this size, many per recv().
@@ -194,6 +198,10 @@ class _Session:
         self.connections: list[_Connection | None] = [None] * hello.stream_count
         self.joined = 0
         self.streams_ended = 0  # joined streams that ended cleanly
+        # Since when a session replaced by a newer one of its sender made no progress (0.0:
+        # not replaced), and its progress then; guarded by the receiver's lock.
+        self.superseded_at = 0.0
+        self.superseded_progress = 0
         self.delivery: threading.Thread | None = None
         self.aborted = False
         self.finished = False
@@ -495,13 +503,18 @@ class MultiStreamReceiver:
             listener.close()
 
     def _expire_joins(self) -> None:
-        """Close sessions whose announced streams did not all connect within join_timeout."""
+        """Close sessions whose announced streams did not all connect within join_timeout,
+        and replaced (unacknowledged) ones that stopped making progress."""
         now = time.monotonic()
         with self._lock:
             late = [
                 s
                 for s in self._sessions.values()
-                if s.joined < s.stream_count and now - s.created > self._join_timeout
+                if not s.aborted
+                and (
+                    (s.joined < s.stream_count and now - s.created > self._join_timeout)
+                    or (s.superseded_at and self._replaced_and_stalled(s, now))
+                )
             ]
             # Marked here, under the lock the check was made under: a stream that arrives
             # before the close below is then refused as closing, instead of joining a
@@ -511,8 +524,21 @@ class MultiStreamReceiver:
         for session in late:
             logger.bind(
                 session=session.name, joined=session.joined, announced=session.stream_count
-            ).warning("Receiver closed session: streams did not join within join_timeout")
+            ).warning(
+                "Receiver closed session: its streams did not join within join_timeout, or, "
+                "replaced by a newer one, it stopped making progress"
+            )
             self._close_session(session, drain=True)
+
+    @staticmethod
+    def _replaced_and_stalled(session: _Session, now: float) -> bool:
+        """Whether a replaced session made no progress for _REPLACED_GRACE; caller holds
+        the lock (the progress is only compared)."""
+        progress = session.reassembly.progress
+        if progress != session.superseded_progress:
+            session.superseded_at, session.superseded_progress = now, progress
+            return False
+        return now - session.superseded_at > _REPLACED_GRACE
 
     def _admit_connection(self, sock: socket.socket, peer: str) -> None:
         try:
@@ -664,6 +690,8 @@ class MultiStreamReceiver:
                         sender.first_id = hello.first_id
                         if predecessor is not None and not predecessor.finished:
                             superseded = predecessor
+                            predecessor.superseded_at = time.monotonic()
+                            predecessor.superseded_progress = predecessor.reassembly.progress
             elif (
                 session.stream_count,
                 session.acknowledged,
@@ -684,14 +712,23 @@ class MultiStreamReceiver:
                 if session.delivery is None:
                     session.delivery = self._thread(self._deliver_loop, session, "deliver")
                     session.delivery.start()
-        if superseded is not None:
+        if superseded is not None and superseded.acknowledged:
             # A sender runs one session at a time: a new one means it gave up the old one
-            # (a failure it saw first). What the old one holds whole and in order is still
-            # delivered, before anything of the new one (see _deliver_loop).
+            # (a failure it saw first, or its close()). What the old one holds whole and in
+            # order is still delivered, before anything of the new one (see _deliver_loop);
+            # what it did not get to is resent by its sender, so it is closed at once.
             logger.bind(session=superseded.name, successor=hello.session_id.hex()).info(
                 "Receiver closed a session its sender replaced"
             )
             self._close_session(superseded, drain=True)
+        elif superseded is not None:
+            # Unacknowledged: nothing is resent, and the old streams may still hold what the
+            # sender wrote before it closed them (the new HELLO can overtake it on another
+            # connection). Their readers go on until the streams end; the housekeeping
+            # closes the session once it makes no progress (a dead link, _REPLACED_GRACE).
+            logger.bind(session=superseded.name, successor=hello.session_id.hex()).info(
+                "Receiver finishing a session its sender replaced"
+            )
         if reject is not None:
             # Only this connection is refused: a stranger must not be able to close a
             # session by replaying its id.

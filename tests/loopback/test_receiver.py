@@ -810,3 +810,62 @@ def test_the_accept_loop_survives_an_accept_error(
     finally:
         transport.close()
     assert inbox.messages == [b"accepted after the error"]
+
+
+def test_a_replaced_unacknowledged_session_still_delivers_what_its_streams_hold(
+    hostile_receiver_factory: Callable[..., tuple[MultiStreamReceiver, Inbox]],
+    raw_connections: Callable[[tuple[str, int]], socket.socket],
+) -> None:
+    """wire-format.md, Replay: a new session of an unacknowledged sender does not cut off the
+    old one; its streams are read to their end (the sender closed them), and everything
+    is delivered in order, the old session's messages first."""
+    gate, inbox = threading.Event(), Inbox()
+
+    def slow(data: bytes) -> None:
+        gate.wait(TIMEOUT)
+        inbox(data)
+
+    receiver, _ = hostile_receiver_factory(
+        on_message=slow, max_buffered_bytes=64 * 1024, idle_timeout=60.0
+    )
+    sender = os.urandom(16)
+    old = raw_connections(receiver.address)
+    old.sendall(wire.pack_handshake(os.urandom(16), 0, 1, acknowledged=False, sender_id=sender))
+    assert wire.parse_welcome(old.recv(wire.WELCOME.size, socket.MSG_WAITALL)) == 0
+    payloads = [bytes([mid]) * 16 * 1024 for mid in range(10)]
+    # More than the budget: most of it stays in the kernel while on_message holds the first.
+    old.sendall(b"".join(frame(mid, payloads[mid]) for mid in range(10)))
+    old.close()  # what a sender's close() does; its start() comes next
+    new = raw_connections(receiver.address)
+    new.sendall(
+        wire.pack_handshake(os.urandom(16), 0, 1, acknowledged=False, sender_id=sender, first_id=10)
+    )
+    assert wire.parse_welcome(new.recv(wire.WELCOME.size, socket.MSG_WAITALL)) == 0
+    new.sendall(frame(10, b"new"))
+    gate.set()
+    assert receiver.wait_delivered(11, TIMEOUT)
+    assert inbox.messages == [*payloads, b"new"]
+
+
+def test_a_replaced_unacknowledged_session_whose_streams_stay_open_is_closed_when_it_stalls(
+    hostile_receiver_factory: Callable[..., tuple[MultiStreamReceiver, Inbox]],
+    raw_connections: Callable[[tuple[str, int]], socket.socket],
+) -> None:
+    """wire-format.md, Replay: a replaced session whose streams do not end (a dead link) is
+    closed once it made no progress for 1 s; then the new session delivers."""
+    receiver, inbox = hostile_receiver_factory(idle_timeout=60.0)
+    sender = os.urandom(16)
+    old = raw_connections(receiver.address)
+    old.sendall(wire.pack_handshake(os.urandom(16), 0, 1, acknowledged=False, sender_id=sender))
+    assert wire.parse_welcome(old.recv(wire.WELCOME.size, socket.MSG_WAITALL)) == 0
+    old.sendall(frame(0, b"old"))
+    assert receiver.wait_delivered(1, TIMEOUT)
+    new = raw_connections(receiver.address)
+    new.sendall(
+        wire.pack_handshake(os.urandom(16), 0, 1, acknowledged=False, sender_id=sender, first_id=1)
+    )
+    assert wire.parse_welcome(new.recv(wire.WELCOME.size, socket.MSG_WAITALL)) == 0
+    new.sendall(frame(1, b"new"))
+    assert closed_by_peer(old, TIMEOUT)  # the old stream never ended: closed by the receiver
+    assert receiver.wait_delivered(2, TIMEOUT)
+    assert inbox.messages == [b"old", b"new"]
