@@ -5,16 +5,9 @@ from __future__ import annotations
 import collections
 import errno
 import itertools
-
-try:  # POSIX: how many bytes a socket holds, to tell whether a read would block
-    import fcntl
-    import termios
-except ImportError:  # pragma: no cover - Windows
-    pass
 import selectors
 import socket
 import ssl
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -32,8 +25,9 @@ from dwcp.transport._io import (
     _seconds,
     set_kernel_timeout,
 )
-from dwcp.transport._reassembly import Closed, FrameTuple, Ready, Reassembly
-from dwcp.transport._receiving import AckPolicy, StreamParser
+from dwcp.transport._reader import Connection, StreamReader
+from dwcp.transport._reassembly import Closed, Ready, Reassembly
+from dwcp.transport._receiving import AckPolicy
 
 if TYPE_CHECKING:  # typing.Self is 3.11+ and setup.cfg still allows 3.10
     from typing_extensions import Self
@@ -60,15 +54,8 @@ _HOUSEKEEPING = 0.5
 _REPLACED_GRACE = 1.0
 # Bounds a WELCOME, ACK or PONG write to a sender that stopped reading.
 _WRITE_TIMEOUT = 10.0
-# Small frames are parsed out of one buffer of this size, many per recv().
-_READ_BUFFER = 256 * 1024
-# A large payload is read in pieces of at most this size: a header alone never makes the
-# receiver allocate more than this before the bytes are there.
-_PIECE = 1 << 20
 # Deliveries between releases of their budget.
 _DELIVERY_BATCH = 64
-_MSG_WAITALL = getattr(socket, "MSG_WAITALL", 0)
-_MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 # accept(2) (Linux): errors of the new connection or of the network, already pending, that
 # the listener is fine after; accept is retried at once. Any other error is backed off
@@ -82,69 +69,6 @@ _ACCEPT_TRANSIENT_ERRORS = {
     if hasattr(errno, name)
 }  # fmt: skip
 
-_HEADER = wire.DATA_HEADER.size
-
-
-class _Connection:
-    """One accepted socket and the thread that reads it."""
-
-    __slots__ = (
-        "holders",
-        "index",
-        "peer",
-        "recv_timeout",
-        "session",
-        "sock",
-        "thread",
-        "tls",
-        "write_lock",
-    )
-
-    def __init__(self, sock: socket.socket, peer: str) -> None:
-        self.sock = sock
-        self.peer = peer
-        self.write_lock = threading.Lock()
-        self.tls: TLSChannel | None = None
-        self.session: _Session | None = None
-        self.index = -1
-        self.thread: threading.Thread | None = None
-        self.recv_timeout: float | None = None
-        self.holders = 1  # the reader; see MultiStreamReceiver._release
-
-    def shutdown(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-    def write(self, data: bytes) -> None:
-        if self.tls is not None:
-            self.tls.sendall(data)
-            return
-        with self.write_lock:
-            self.sock.sendall(data)
-
-    @property
-    def closed(self) -> bool:
-        return self.sock.fileno() == -1
-
-    def close(self) -> None:
-        """Close the socket, never while another thread (delivery's ACKs) is writing to it:
-        the kernel could hand the number to a new socket in the middle of that write."""
-        with self.tls.write_lock if self.tls is not None else self.write_lock:
-            self.sock.close()
-
-    def set_recv_timeout(self, seconds: float | None) -> None:
-        """Set the kernel receive timeout (None: none), skipping the syscall when it would
-        change by less than 5 %."""
-        current = self.recv_timeout
-        if seconds == current:
-            return
-        if seconds is not None and current is not None and abs(current - seconds) <= 0.05 * seconds:
-            return
-        set_kernel_timeout(self.sock, socket.SO_RCVTIMEO, seconds)
-        self.recv_timeout = seconds
-
 
 class _Sender:
     """What the receiver remembers of one named sender across its sessions: where its
@@ -156,14 +80,14 @@ class _Sender:
         # The id after the last one delivered (None: nothing yet). Only the delivery thread
         # of the sender's current session uses it, once its predecessor finished.
         self.next_id: int | None = None
-        self.session: _Session | None = None  # the newest session (guarded by the lock)
+        self.session: Session | None = None  # the newest session (guarded by the lock)
         # The first id of the newest session accepted (guarded by the lock). A sender's
         # first ids never go down, so a HELLO below it is a late one of a session attempt
         # the sender gave up on (a stalled link delivered it after the newer session's).
         self.first_id: int | None = None
 
 
-class _Session:
+class Session:
     """The receiving state of one sender session (all its streams)."""
 
     def __init__(
@@ -172,7 +96,7 @@ class _Session:
         max_buffered: int,
         created: float,
         sender: _Sender | None = None,
-        predecessor: _Session | None = None,
+        predecessor: Session | None = None,
     ) -> None:
         self.id = hello.session_id
         self.name = hello.session_id.hex()
@@ -195,7 +119,7 @@ class _Session:
         # written by the readers, read by the delivery thread.
         self.ack_now = -1
         # Guarded by the receiver's lock.
-        self.connections: list[_Connection | None] = [None] * hello.stream_count
+        self.connections: list[Connection | None] = [None] * hello.stream_count
         self.joined = 0
         self.streams_ended = 0  # joined streams that ended cleanly
         # Since when a session replaced by a newer one of its sender made no progress (0.0:
@@ -282,18 +206,23 @@ class MultiStreamReceiver:
             None if idle_timeout is None else _seconds("idle_timeout", idle_timeout)
         )
         self._max_connections = self._max_sessions * wire.MAX_STREAMS
+        self._reader = StreamReader(
+            max_message_size=self._max_message_size,
+            idle_timeout=self._idle_timeout,
+            frame_timeout=self._frame_timeout,
+        )
 
         self._lock = threading.Lock()
         self._bound: tuple[str, int] | None = None
         self._running = False
         self._wake: tuple[socket.socket, socket.socket] | None = None
         self._accept_thread: threading.Thread | None = None
-        self._sessions: dict[bytes, _Session] = {}
+        self._sessions: dict[bytes, Session] = {}
         self._ended: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         # Kept across stop()/start(): exactly once holds while this object lives.
         self._senders: collections.OrderedDict[bytes, _Sender] = collections.OrderedDict()
         self._duplicates = 0
-        self._connections: set[_Connection] = set()
+        self._connections: set[Connection] = set()
         # Every thread until joined: a thread leaves ``_connections`` (or its session ends)
         # while still finishing, and stop() must join it all the same.
         self._threads: list[threading.Thread] = []
@@ -531,7 +460,7 @@ class MultiStreamReceiver:
             self._close_session(session, drain=True)
 
     @staticmethod
-    def _replaced_and_stalled(session: _Session, now: float) -> bool:
+    def _replaced_and_stalled(session: Session, now: float) -> bool:
         """Whether a replaced session made no progress for _REPLACED_GRACE; caller holds
         the lock (the progress is only compared)."""
         progress = session.reassembly.progress
@@ -554,7 +483,7 @@ class MultiStreamReceiver:
         with self._lock:
             full = len(self._connections) >= self._max_connections
             if not full:
-                conn = _Connection(sock, peer)
+                conn = Connection(sock, peer)
                 self._connections.add(conn)
                 thread = conn.thread = self._thread(self._serve, conn, "conn")
         if full:
@@ -577,8 +506,8 @@ class MultiStreamReceiver:
 
     # -- per-connection reading -------------------------------------------------------------
 
-    def _serve(self, conn: _Connection) -> None:
-        session: _Session | None = None
+    def _serve(self, conn: Connection) -> None:
+        session: Session | None = None
         try:
             # Here, not on the accept thread: a client that never speaks TLS stalls only
             # its own connection.
@@ -586,7 +515,7 @@ class MultiStreamReceiver:
                 return
             session = self._handshake(conn)
             if session is not None:
-                self._read_frames(conn, session)
+                self._reader.read_frames(conn, session)
                 self._stream_ended(session)
         except Closed:
             pass
@@ -606,7 +535,7 @@ class MultiStreamReceiver:
                 self._connections.discard(conn)
             self._release(conn)
 
-    def _start_tls(self, conn: _Connection, context: ssl.SSLContext) -> bool:
+    def _start_tls(self, conn: Connection, context: ssl.SSLContext) -> bool:
         """Run the TLS handshake; on failure close the connection, say why, return False."""
         try:
             tls = TLSChannel.handshake(
@@ -623,40 +552,22 @@ class MultiStreamReceiver:
         conn.tls = tls
         return True
 
-    def _read_exactly(self, conn: _Connection, size: int, deadline: float, what: str) -> bytes:
-        """Read ``size`` bytes before ``deadline``; ProtocolError on EOF or when it passes."""
-        buf = bytearray(size)
-        view = memoryview(buf)
-        recv_into = conn.tls.recv_into if conn.tls is not None else conn.sock.recv_into
-        got = 0
-        while got < size:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise wire.ProtocolError(f"{what} not complete within its deadline")
-            conn.set_recv_timeout(left)
-            try:
-                part = recv_into(view[got:])
-            except (BlockingIOError, TimeoutError):
-                raise wire.ProtocolError(f"{what} not complete within its deadline") from None
-            if not part:
-                raise wire.ProtocolError(f"connection closed during {what}")
-            got += part
-        return bytes(buf)
-
-    def _handshake(self, conn: _Connection) -> _Session | None:
+    def _handshake(self, conn: Connection) -> Session | None:
         # One deadline for the whole HELLO: a peer trickling a byte a second cannot hold
         # its connection longer than that.
         bound = self._handshake_timeout
         if self._idle_timeout is not None:
             bound = min(bound, self._idle_timeout)
         deadline = time.monotonic() + bound
-        prefix = self._read_exactly(conn, wire.PREFIX.size, deadline, "handshake")
+        prefix = self._reader.read_exactly(conn, wire.PREFIX.size, deadline, "handshake")
         wire.check_prefix(prefix, (wire.FRAME_HELLO,))  # a connection starts with HELLO
-        rest = self._read_exactly(conn, wire.HANDSHAKE.size - wire.PREFIX.size, deadline, "HELLO")
+        rest = self._reader.read_exactly(
+            conn, wire.HANDSHAKE.size - wire.PREFIX.size, deadline, "HELLO"
+        )
         hello = wire.parse_handshake(prefix + rest)
         reject: str | None = None
         status = wire.STATUS_REFUSED
-        superseded: _Session | None = None
+        superseded: Session | None = None
         with self._lock:
             if not self._running:
                 raise Closed
@@ -681,7 +592,7 @@ class MultiStreamReceiver:
                 else:
                     sender = self._sender(hello.sender_id) if named else None
                     predecessor = sender.session if sender is not None else None
-                    session = _Session(
+                    session = Session(
                         hello, self._max_buffered, time.monotonic(), sender, predecessor
                     )
                     self._sessions[hello.session_id] = session
@@ -759,208 +670,9 @@ class MultiStreamReceiver:
             senders.move_to_end(sender_id)
         return sender
 
-    def _read_frames(self, conn: _Connection, session: _Session) -> None:
-        """Read a stream; its parser turns the bytes into frames, handed over in batches.
-
-        Payloads of ``LARGE`` bytes or more are read straight into their own bytes objects
-        (after their budget is reserved), and the header after one is read alone, so large
-        messages are copied once from the kernel and never through the buffer.
-        """
-        sock, tls = conn.sock, conn.tls
-        recv_into = tls.recv_into if tls is not None else sock.recv_into
-        buf = bytearray(_READ_BUFFER)
-        view = memoryview(buf)
-        size = len(buf)
-        start = end = 0
-        reassembly = session.reassembly
-        parser = StreamParser(self._max_message_size)
-        parse, pings = parser.parse, parser.pings
-        monotonic = time.monotonic
-        idle, frame_timeout = self._idle_timeout, self._frame_timeout
-        batch: list[FrameTuple] = []
-        header_size = _HEADER
-        exact = False  # read the next header alone: a large frame may follow
-        partial_since: float | None = None  # when the frame at ``start`` began to arrive
-        # One kernel timeout for the whole session, a fraction of the shortest bound; the
-        # bounds themselves are kept here, so no recv() needs a setsockopt() first.
-        tick = min(frame_timeout, idle or frame_timeout) / 4
-        silent = 0  # ticks without a byte
-        conn.set_recv_timeout(tick)
-        while True:
-            try:
-                parsed = parse(buf, start, end, batch)
-            except wire.ProtocolError:
-                # What came whole before the bad frame is still delivered (wire-format.md).
-                if batch:
-                    self._push(conn, session, batch)
-                raise
-            consumed = parsed != start
-            start = parsed
-            # (A lost race between streams only delays the ACK, see delivery.)
-            session.ack_now = max(session.ack_now, parser.ack_now)
-            if pings:
-                for token in pings:
-                    conn.write(wire.pack_pong(token))
-                pings.clear()
-            if batch:
-                self._push(conn, session, batch)
-                batch.clear()
-            large = parser.large
-            if large is not None:
-                self._read_large(
-                    conn, session, large.frame, view[start:end], large.checked, large.checksum,
-                    (partial_since or monotonic()) + frame_timeout,
-                )  # fmt: skip
-                start = end = 0
-                exact, partial_since = True, None
-            elif end - start >= header_size:
-                exact = False  # a small frame's payload is still to come: read in bulk
-            if start == end:
-                start = end = 0
-                partial_since = None
-            else:
-                if consumed or partial_since is None:
-                    partial_since = monotonic()
-                if start:
-                    left = end - start
-                    # From a memoryview the move is one memcpy, safe only without overlap.
-                    buf[:left] = view[start:end] if left <= start else buf[start:end]
-                    start, end = 0, left
-            if partial_since is not None and monotonic() - partial_since >= frame_timeout:
-                raise wire.ProtocolError("frame not complete within frame_timeout")
-            want = header_size - end if exact and end < header_size else size - end
-            try:
-                if tls is None:
-                    try:
-                        got = recv_into(view[end : end + want], 0, _MSG_DONTWAIT)
-                    except BlockingIOError:
-                        # Nothing to read right now: let delivery have what is ready first.
-                        reassembly.announce()
-                        got = recv_into(view[end : end + want])
-                else:  # TLS cannot tell whether a read would block: announce every time
-                    reassembly.announce()
-                    got = recv_into(view[end : end + want])
-            except (BlockingIOError, TimeoutError):  # one tick of silence
-                silent += 1
-                if idle is not None and silent * tick >= idle:
-                    raise TimeoutError("idle timeout") from None
-                continue
-            if not got:
-                if end:
-                    raise wire.ProtocolError("connection closed inside a frame")
-                return  # clean end of stream, between frames
-            silent = 0
-            end += got
-
-    def _push(self, conn: _Connection, session: _Session, batch: list[FrameTuple]) -> None:
-        """Hand a batch to reassembly, waiting (and saying "alive") while it has no room."""
-        reassembly = session.reassembly
-        taken = reassembly.push(conn.index, batch)
-        while taken < len(batch):
-            self._wait_for_room(conn, session, batch[taken])
-            taken += reassembly.push(conn.index, batch[taken:])
-
-    def _wait_for_room(self, conn: _Connection, session: _Session, frame: FrameTuple) -> None:
-        """Backpressure: block while the session's budget is full.
-
-        While waiting, answer the sender's keepalive unprompted (its PINGs queue unread
-        behind this frame). Without any progress for ``idle_timeout`` the session is stuck
-        on its peer (a hostile one holding budget with messages it never completes): close.
-        """
-        reassembly = session.reassembly
-        step = session.heartbeat or self._idle_timeout
-        progress, since = reassembly.progress, time.monotonic()
-        while not reassembly.wait_for_room(frame, step):
-            if reassembly.progress != progress:
-                progress, since = reassembly.progress, time.monotonic()
-            elif self._idle_timeout is not None and (
-                time.monotonic() - since >= self._idle_timeout
-            ):
-                raise wire.ProtocolError("reassembly made no progress within idle_timeout")
-            if session.heartbeat:
-                conn.write(wire.pack_pong(0))
-
-    def _read_large(
-        self,
-        conn: _Connection,
-        session: _Session,
-        frame: FrameTuple,
-        head: memoryview,
-        checked: bool,
-        checksum: int,
-        deadline: float,
-    ) -> None:
-        """Reserve budget for a large frame, then read its payload in bounded pieces."""
-        reassembly = session.reassembly
-        if not reassembly.reserve(conn.index, frame):
-            self._wait_for_room(conn, session, frame)
-            while not reassembly.reserve(conn.index, frame):
-                self._wait_for_room(conn, session, frame)
-            deadline = time.monotonic() + self._frame_timeout  # waiting was ours, not theirs
-        crc = wire.checksum_of
-        pieces: list[bytes | bytearray] = []
-        value = 0
-        if len(head):
-            first = bytes(head)
-            pieces.append(first)
-            value = crc(first)
-        mid, index, _, _, _, length = frame
-        left = length - len(head)
-        while left:
-            piece = self._recv_piece(conn, session, min(left, _PIECE), deadline)
-            # Each piece's CRC right after it arrived, while it is in the cache; the readers
-            # of a session's streams do this in parallel (the GIL is released for it).
-            if checked:
-                value = crc(piece, value)
-            pieces.append(piece)
-            left -= len(piece)
-        if checked and value != checksum:
-            raise wire.ProtocolError(f"checksum mismatch in message {mid} chunk {index}")
-        reassembly.store((mid, index, frame[2], frame[3], pieces, length))
-
-    def _recv_piece(
-        self, conn: _Connection, session: _Session, size: int, deadline: float
-    ) -> bytes | bytearray:
-        """Read ``size`` bytes into a new object, straight from the kernel where possible."""
-        if conn.tls is None:
-            # About to block: what is ready must not wait for this read (see announce()).
-            if _bytes_waiting(conn.sock) < size:
-                session.reassembly.announce()
-            piece = b""
-            while True:
-                try:
-                    part = conn.sock.recv(size - len(piece), _MSG_WAITALL)
-                except (BlockingIOError, TimeoutError):  # a tick of silence
-                    part = None
-                if part is not None:
-                    if not part:
-                        raise wire.ProtocolError("connection closed inside a frame")
-                    # Whole at once is the rule; a piece cut by a tick of silence is joined.
-                    piece = part if not piece else piece + part
-                    if len(piece) == size:
-                        return piece
-                if time.monotonic() >= deadline:
-                    raise wire.ProtocolError("frame not complete within frame_timeout")
-        session.reassembly.announce()  # TLS cannot tell whether the read would block
-        buf = bytearray(size)
-        with memoryview(buf) as view:
-            got = 0
-            while got < size:
-                try:
-                    part_size = conn.tls.recv_into(view[got:])
-                except (BlockingIOError, TimeoutError):
-                    part_size = -1
-                if part_size == 0:
-                    raise wire.ProtocolError("connection closed inside a frame")
-                if part_size > 0:
-                    got += part_size
-                elif time.monotonic() >= deadline:
-                    raise wire.ProtocolError("frame not complete within frame_timeout")
-        return buf
-
     # -- delivery ---------------------------------------------------------------------------
 
-    def _deliver_loop(self, session: _Session) -> None:
+    def _deliver_loop(self, session: Session) -> None:
         """The session's delivery thread: hand whole messages to on_message, in id order.
 
         Readers never run user code, so a slow ``on_message`` slows every stream alike
@@ -1013,7 +725,7 @@ class MultiStreamReceiver:
             self._session_finished(session)
 
     def _deliver_some(
-        self, session: _Session, batch: list[Ready], on_message: Callable[[bytes], object]
+        self, session: Session, batch: list[Ready], on_message: Callable[[bytes], object]
     ) -> None:
         cost = 0
         sender = session.sender
@@ -1047,7 +759,7 @@ class MultiStreamReceiver:
             self._delivered_cond.notify_all()
         session.reassembly.done(cost)
 
-    def _acknowledge(self, session: _Session, through: int, stream: int) -> None:
+    def _acknowledge(self, session: Session, through: int, stream: int) -> None:
         """One cumulative ACK for every message up to ``through``, on the stream that carried
         the last one (or any other still open)."""
         if session.reassembly.closed:
@@ -1068,7 +780,7 @@ class MultiStreamReceiver:
 
     # -- ending sessions --------------------------------------------------------------------
 
-    def _stream_ended(self, session: _Session) -> None:
+    def _stream_ended(self, session: Session) -> None:
         """A stream closed cleanly; the session ends when all its streams have.
 
         A session some of whose announced streams never joined ends as soon as every stream
@@ -1096,7 +808,7 @@ class MultiStreamReceiver:
                 "Session ended with incomplete messages"
             )
 
-    def _abort(self, conn: _Connection, session: _Session | None, reason: str) -> None:
+    def _abort(self, conn: Connection, session: Session | None, reason: str) -> None:
         if session is not None and session.aborted:
             return  # another thread closed it and said why
         if not self._running:
@@ -1109,7 +821,7 @@ class MultiStreamReceiver:
         else:
             self._close_session(session, drain=True)
 
-    def _close_session(self, session: _Session, *, drain: bool) -> None:
+    def _close_session(self, session: Session, *, drain: bool) -> None:
         """Stop a session's input and shut all its connections (delivery may drain)."""
         with self._lock:
             session.aborted = True
@@ -1121,7 +833,7 @@ class MultiStreamReceiver:
         if not started:
             self._session_finished(session)
 
-    def _session_finished(self, session: _Session) -> None:
+    def _session_finished(self, session: Session) -> None:
         """Forget a session once nothing more will be delivered for it (once)."""
         with self._lock:
             if session.finished:
@@ -1140,7 +852,7 @@ class MultiStreamReceiver:
             conn.shutdown()
             self._release(conn)
 
-    def _release(self, conn: _Connection) -> None:
+    def _release(self, conn: Connection) -> None:
         """One holder (its reader, or its session's delivery) is done with ``conn``; the
         last one closes it. Until then a half-closed sender still gets its ACKs, and no
         socket is closed while another thread may be inside a call on it."""
@@ -1149,12 +861,3 @@ class MultiStreamReceiver:
             last = conn.holders == 0
         if last:
             conn.close()
-
-
-def _bytes_waiting(sock: socket.socket) -> int:
-    """How many bytes the kernel holds for ``sock`` now (0 where it cannot say)."""
-    try:
-        raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
-        return int(struct.unpack("i", raw)[0])
-    except (OSError, NameError):
-        return 0
