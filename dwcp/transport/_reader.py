@@ -24,7 +24,7 @@ from dwcp.transport._reassembly import FrameTuple
 from dwcp.transport._receiving import StreamParser
 
 if TYPE_CHECKING:
-    from dwcp.transport.receiver import Session
+    from dwcp.transport._sessions import Session
 
 __all__ = ["Connection", "StreamReader", "bytes_waiting"]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import errno
 import itertools
 import selectors
@@ -26,20 +25,16 @@ from dwcp.transport._io import (
     set_kernel_timeout,
 )
 from dwcp.transport._reader import Connection, StreamReader
-from dwcp.transport._reassembly import Closed, Ready, Reassembly
+from dwcp.transport._reassembly import Closed, Ready
 from dwcp.transport._receiving import AckPolicy
+from dwcp.transport._sessions import SENDERS_KEPT, Session, SessionTable
 
 if TYPE_CHECKING:  # typing.Self is 3.11+ and setup.cfg still allows 3.10
     from typing_extensions import Self
 
-__all__ = ["MultiStreamReceiver"]
+__all__ = ["SENDERS_KEPT", "MultiStreamReceiver"]
 
 
-# Ids of ended sessions remembered to refuse a late stream joining a dead session.
-_ENDED_SESSIONS_KEPT = 1024
-# Senders (by sender id) whose next message id is remembered, to drop what a reconnected
-# sender resends and was delivered already; least recently seen forgotten first.
-SENDERS_KEPT = 4096
 _STOP_JOIN_TIMEOUT = 5.0
 # Out of descriptors (or memory) the listener is left alone this long, doubling up to the
 # cap, so the accept loop neither spins nor floods the log.
@@ -48,10 +43,6 @@ _ACCEPT_BACKOFF_MAX = 1.0
 _ACCEPT_LOG_EVERY = 10.0
 # How often the accept thread looks for sessions whose streams failed to join in time.
 _HOUSEKEEPING = 0.5
-# An unacknowledged session replaced by a newer one of its sender is read until its streams
-# end, or until it made no progress (no message completed or delivered) for this long: its
-# link may be dead, and the newer session delivers nothing before it is over.
-_REPLACED_GRACE = 1.0
 # Bounds a WELCOME, ACK or PONG write to a sender that stopped reading.
 _WRITE_TIMEOUT = 10.0
 # Deliveries between releases of their budget.
@@ -68,67 +59,6 @@ _ACCEPT_TRANSIENT_ERRORS = {
     )
     if hasattr(errno, name)
 }  # fmt: skip
-
-
-class _Sender:
-    """What the receiver remembers of one named sender across its sessions: where its
-    delivery stands (acknowledged senders resend from there), and its newest session."""
-
-    __slots__ = ("first_id", "next_id", "session")
-
-    def __init__(self) -> None:
-        # The id after the last one delivered (None: nothing yet). Only the delivery thread
-        # of the sender's current session uses it, once its predecessor finished.
-        self.next_id: int | None = None
-        self.session: Session | None = None  # the newest session (guarded by the lock)
-        # The first id of the newest session accepted (guarded by the lock). A sender's
-        # first ids never go down, so a HELLO below it is a late one of a session attempt
-        # the sender gave up on (a stalled link delivered it after the newer session's).
-        self.first_id: int | None = None
-
-
-class Session:
-    """The receiving state of one sender session (all its streams)."""
-
-    def __init__(
-        self,
-        hello: wire.Handshake,
-        max_buffered: int,
-        created: float,
-        sender: _Sender | None = None,
-        predecessor: Session | None = None,
-    ) -> None:
-        self.id = hello.session_id
-        self.name = hello.session_id.hex()
-        self.stream_count = hello.stream_count
-        self.acknowledged = hello.acknowledged
-        # The sender pings this often; a reader waiting for room says "alive" as often.
-        self.heartbeat = hello.keepalive_ms / 1000 if hello.keepalive_ms else None
-        self.created = created
-        self.first_id = hello.first_id
-        self.sender_id = hello.sender_id
-        self.reassembly = Reassembly(
-            hello.stream_count, max_buffered=max_buffered, first_id=hello.first_id
-        )
-        # A named sender's memory of what was delivered, and the session it had before this
-        # one, which must finish delivering first (so its sessions never overlap).
-        self.sender = sender
-        self.predecessor = predecessor
-        self.over = threading.Event()  # set once nothing more will be delivered
-        # The highest message id a DATA frame asked to be acknowledged at once (ACK_NOW);
-        # written by the readers, read by the delivery thread.
-        self.ack_now = -1
-        # Guarded by the receiver's lock.
-        self.connections: list[Connection | None] = [None] * hello.stream_count
-        self.joined = 0
-        self.streams_ended = 0  # joined streams that ended cleanly
-        # Since when a session replaced by a newer one of its sender made no progress (0.0:
-        # not replaced), and its progress then; guarded by the receiver's lock.
-        self.superseded_at = 0.0
-        self.superseded_progress = 0
-        self.delivery: threading.Thread | None = None
-        self.aborted = False
-        self.finished = False
 
 
 class MultiStreamReceiver:
@@ -217,10 +147,11 @@ class MultiStreamReceiver:
         self._running = False
         self._wake: tuple[socket.socket, socket.socket] | None = None
         self._accept_thread: threading.Thread | None = None
-        self._sessions: dict[bytes, Session] = {}
-        self._ended: collections.OrderedDict[bytes, None] = collections.OrderedDict()
-        # Kept across stop()/start(): exactly once holds while this object lives.
-        self._senders: collections.OrderedDict[bytes, _Sender] = collections.OrderedDict()
+        self._table = SessionTable(
+            max_sessions=self._max_sessions,
+            max_buffered=self._max_buffered,
+            join_timeout=self._join_timeout,
+        )
         self._duplicates = 0
         self._connections: set[Connection] = set()
         # Every thread until joined: a thread leaves ``_connections`` (or its session ends)
@@ -253,7 +184,7 @@ class MultiStreamReceiver:
         """How many senders' delivery positions are kept (at most ``SENDERS_KEPT``, or more
         while more of them have a session open)."""
         with self._lock:
-            return len(self._senders)
+            return len(self._table.senders)
 
     @property
     def delivered_count(self) -> int:
@@ -264,7 +195,7 @@ class MultiStreamReceiver:
     def session_count(self) -> int:
         """How many sender sessions are open right now."""
         with self._lock:
-            return len(self._sessions)
+            return len(self._table.sessions)
 
     def wait_delivered(self, count: int, timeout: float) -> bool:
         """Wait until ``delivered_count >= count``; return False if ``timeout`` passes first."""
@@ -278,7 +209,7 @@ class MultiStreamReceiver:
             where = f"{self._bound[0]}:{self._bound[1]}"
         state = "running" if self._running else "stopped"
         return (
-            f"<MultiStreamReceiver {where} {state} sessions={len(self._sessions)} "
+            f"<MultiStreamReceiver {where} {state} sessions={len(self._table.sessions)} "
             f"delivered={self._delivered} max_sessions={self._max_sessions}>"
         )
 
@@ -304,7 +235,7 @@ class MultiStreamReceiver:
             host, port = listener.getsockname()[:2]
             self._bound = (host, port)
             self._wake = socket.socketpair()
-            self._sessions.clear()
+            self._table.sessions.clear()
             self._running = True
             self._accept_thread = threading.Thread(
                 target=self._accept_loop,
@@ -353,7 +284,7 @@ class MultiStreamReceiver:
                 return
             self._running = False
             wake, accept_thread = self._wake, self._accept_thread
-            sessions = list(self._sessions.values())
+            sessions = list(self._table.sessions.values())
         assert wake is not None and accept_thread is not None
         wake[1].send(b"x")
         accept_thread.join()
@@ -434,22 +365,8 @@ class MultiStreamReceiver:
     def _expire_joins(self) -> None:
         """Close sessions whose announced streams did not all connect within join_timeout,
         and replaced (unacknowledged) ones that stopped making progress."""
-        now = time.monotonic()
         with self._lock:
-            late = [
-                s
-                for s in self._sessions.values()
-                if not s.aborted
-                and (
-                    (s.joined < s.stream_count and now - s.created > self._join_timeout)
-                    or (s.superseded_at and self._replaced_and_stalled(s, now))
-                )
-            ]
-            # Marked here, under the lock the check was made under: a stream that arrives
-            # before the close below is then refused as closing, instead of joining a
-            # session that is about to be closed as incomplete.
-            for session in late:
-                session.aborted = True
+            late = self._table.expired(time.monotonic())
         for session in late:
             logger.bind(
                 session=session.name, joined=session.joined, announced=session.stream_count
@@ -458,16 +375,6 @@ class MultiStreamReceiver:
                 "replaced by a newer one, it stopped making progress"
             )
             self._close_session(session, drain=True)
-
-    @staticmethod
-    def _replaced_and_stalled(session: Session, now: float) -> bool:
-        """Whether a replaced session made no progress for _REPLACED_GRACE; caller holds
-        the lock (the progress is only compared)."""
-        progress = session.reassembly.progress
-        if progress != session.superseded_progress:
-            session.superseded_at, session.superseded_progress = now, progress
-            return False
-        return now - session.superseded_at > _REPLACED_GRACE
 
     def _admit_connection(self, sock: socket.socket, peer: str) -> None:
         try:
@@ -565,110 +472,36 @@ class MultiStreamReceiver:
             conn, wire.HANDSHAKE.size - wire.PREFIX.size, deadline, "HELLO"
         )
         hello = wire.parse_handshake(prefix + rest)
-        reject: str | None = None
-        status = wire.STATUS_REFUSED
-        superseded: Session | None = None
         with self._lock:
             if not self._running:
                 raise Closed
-            session = self._sessions.get(hello.session_id)
-            if hello.session_id in self._ended:
-                reject = "session already ended"
-            elif session is None:
-                named = hello.sender_id != wire.ANONYMOUS_SENDER
-                known = self._senders.get(hello.sender_id) if named else None
-                # Refusals first, then busy: a HELLO refused for what it says would be
-                # refused again later, while a busy one may be accepted then.
-                if (
-                    known is not None
-                    and known.first_id is not None
-                    and hello.first_id < known.first_id
-                ):
-                    # Not newer than the sender's current session: replacing that one with
-                    # an abandoned attempt would lose what the sender sends now.
-                    reject = "older than its sender's newest session"
-                elif len(self._sessions) >= self._max_sessions:
-                    reject, status = "too many sessions", wire.STATUS_BUSY
-                else:
-                    sender = self._sender(hello.sender_id) if named else None
-                    predecessor = sender.session if sender is not None else None
-                    session = Session(
-                        hello, self._max_buffered, time.monotonic(), sender, predecessor
-                    )
-                    self._sessions[hello.session_id] = session
-                    if sender is not None:
-                        sender.session = session
-                        sender.first_id = hello.first_id
-                        if predecessor is not None and not predecessor.finished:
-                            superseded = predecessor
-                            predecessor.superseded_at = time.monotonic()
-                            predecessor.superseded_progress = predecessor.reassembly.progress
-            elif (
-                session.stream_count,
-                session.acknowledged,
-                session.sender_id,
-                session.first_id,
-            ) != (hello.stream_count, hello.acknowledged, hello.sender_id, hello.first_id):
-                reject = "handshake disagrees with its session"
-            elif session.aborted:
-                reject = "session is closing"
-            elif session.connections[hello.stream_index] is not None:
-                reject = f"stream {hello.stream_index} already connected"
-            if reject is None:
-                assert session is not None
-                session.connections[hello.stream_index] = conn
-                session.joined += 1
+            admission = self._table.admit(hello, conn, time.monotonic())
+            session, superseded = admission.session, admission.replaced
+            if session is not None:
                 conn.session, conn.index = session, hello.stream_index
                 conn.holders += 1  # the session's delivery thread writes its ACKs
                 if session.delivery is None:
                     session.delivery = self._thread(self._deliver_loop, session, "deliver")
                     session.delivery.start()
-        if superseded is not None and superseded.acknowledged:
-            # A sender runs one session at a time: a new one means it gave up the old one
-            # (a failure it saw first, or its close()). What the old one holds whole and in
-            # order is still delivered, before anything of the new one (see _deliver_loop);
-            # what it did not get to is resent by its sender, so it is closed at once.
+        if superseded is not None and admission.close_replaced:
             logger.bind(session=superseded.name, successor=hello.session_id.hex()).info(
                 "Receiver closed a session its sender replaced"
             )
             self._close_session(superseded, drain=True)
-        elif superseded is not None:
-            # Unacknowledged: nothing is resent, and the old streams may still hold what the
-            # sender wrote before it closed them (the new HELLO can overtake it on another
-            # connection). Their readers go on until the streams end; the housekeeping
-            # closes the session once it makes no progress (a dead link, _REPLACED_GRACE).
+        elif superseded is not None:  # finished by its streams' end, or by _expire_joins
             logger.bind(session=superseded.name, successor=hello.session_id.hex()).info(
                 "Receiver finishing a session its sender replaced"
             )
-        if reject is not None:
+        if session is None:
             # Only this connection is refused: a stranger must not be able to close a
             # session by replaying its id.
-            logger.bind(peer=conn.peer, reason=reject, session=hello.session_id.hex()).warning(
-                "Receiver closed connection"
-            )
-            conn.write(wire.pack_welcome(status))
+            logger.bind(
+                peer=conn.peer, reason=admission.reason, session=hello.session_id.hex()
+            ).warning("Receiver closed connection")
+            conn.write(wire.pack_welcome(admission.status))
             return None
         conn.write(wire.pack_welcome(wire.STATUS_ACCEPTED))
         return session
-
-    def _sender(self, sender_id: bytes) -> _Sender:
-        """The remembered state of ``sender_id`` (new if unknown); caller holds the lock.
-
-        At most ``SENDERS_KEPT`` are kept: the least recently seen without an open session
-        is forgotten first (its next session then counts as a new sender: at least once).
-        """
-        senders = self._senders
-        sender = senders.get(sender_id)
-        if sender is None:
-            sender = senders[sender_id] = _Sender()
-            if len(senders) > SENDERS_KEPT:
-                for old_id, old in senders.items():
-                    if old.session is None or old.session.finished:
-                        del senders[old_id]
-                        break
-        else:
-            senders.move_to_end(sender_id)
-        return sender
 
     # -- delivery ---------------------------------------------------------------------------
 
@@ -789,13 +622,7 @@ class MultiStreamReceiver:
         """
         session.reassembly.announce()  # what this stream completed last is delivered now
         with self._lock:
-            session.streams_ended += 1
-            abandoned = (
-                session.streams_ended == session.joined < session.stream_count
-                and not session.aborted
-            )
-            if abandoned:
-                session.aborted = True  # a late stream is refused as closing from now on
+            abandoned = self._table.stream_ended(session)
         if abandoned:
             logger.bind(
                 session=session.name, joined=session.joined, announced=session.stream_count
@@ -836,17 +663,8 @@ class MultiStreamReceiver:
     def _session_finished(self, session: Session) -> None:
         """Forget a session once nothing more will be delivered for it (once)."""
         with self._lock:
-            if session.finished:
+            if not self._table.finish(session):
                 return
-            session.finished = True
-            session.over.set()
-            if session.sender is not None and session.sender.session is session:
-                session.sender.session = None
-            if self._sessions.get(session.id) is session:
-                del self._sessions[session.id]
-            self._ended[session.id] = None
-            while len(self._ended) > _ENDED_SESSIONS_KEPT:
-                self._ended.popitem(last=False)
             connections = [c for c in session.connections if c is not None]
         for conn in connections:
             conn.shutdown()
