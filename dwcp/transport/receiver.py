@@ -17,6 +17,7 @@ from loguru import logger
 
 from dwcp._errors import DWCPError, TransportError
 from dwcp.transport import wire
+from dwcp.transport._delivery import Delivery
 from dwcp.transport._io import (
     TLSChannel,
     _bounded_int,
@@ -25,8 +26,7 @@ from dwcp.transport._io import (
     set_kernel_timeout,
 )
 from dwcp.transport._reader import Connection, StreamReader
-from dwcp.transport._reassembly import Closed, Ready
-from dwcp.transport._receiving import AckPolicy
+from dwcp.transport._reassembly import Closed
 from dwcp.transport._sessions import SENDERS_KEPT, Session, SessionTable
 
 if TYPE_CHECKING:  # typing.Self is 3.11+ and setup.cfg still allows 3.10
@@ -45,8 +45,6 @@ _ACCEPT_LOG_EVERY = 10.0
 _HOUSEKEEPING = 0.5
 # Bounds a WELCOME, ACK or PONG write to a sender that stopped reading.
 _WRITE_TIMEOUT = 10.0
-# Deliveries between releases of their budget.
-_DELIVERY_BATCH = 64
 _ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 # accept(2) (Linux): errors of the new connection or of the network, already pending, that
 # the listener is fine after; accept is retried at once. Any other error is backed off
@@ -126,7 +124,6 @@ class MultiStreamReceiver:
         self._join_timeout = _seconds("join_timeout", join_timeout)
         self._frame_timeout = _seconds("frame_timeout", frame_timeout)
         self._requested = address
-        self._on_message = on_message
         self._max_message_size = _bounded_int(
             "max_message_size", max_message_size, 0, wire.MAX_TOTAL_LENGTH
         )
@@ -152,14 +149,12 @@ class MultiStreamReceiver:
             max_buffered=self._max_buffered,
             join_timeout=self._join_timeout,
         )
-        self._duplicates = 0
         self._connections: set[Connection] = set()
         # Every thread until joined: a thread leaves ``_connections`` (or its session ends)
         # while still finishing, and stop() must join it all the same.
         self._threads: list[threading.Thread] = []
         self._numbers = itertools.count(1)
-        self._delivered = 0
-        self._delivered_cond = threading.Condition(threading.Lock())
+        self._delivery = Delivery(on_message, self._session_finished)
 
     # -- public surface ---------------------------------------------------------------------
 
@@ -177,7 +172,7 @@ class MultiStreamReceiver:
     def duplicates_dropped(self) -> int:
         """How many resent messages were acknowledged and not delivered again (delivered
         before, in an earlier session of the same sender)."""
-        return self._duplicates
+        return self._delivery.duplicates
 
     @property
     def senders_remembered(self) -> int:
@@ -189,7 +184,7 @@ class MultiStreamReceiver:
     @property
     def delivered_count(self) -> int:
         """How many messages ``on_message`` has been called with since construction."""
-        return self._delivered
+        return self._delivery.delivered
 
     @property
     def session_count(self) -> int:
@@ -199,8 +194,7 @@ class MultiStreamReceiver:
 
     def wait_delivered(self, count: int, timeout: float) -> bool:
         """Wait until ``delivered_count >= count``; return False if ``timeout`` passes first."""
-        with self._delivered_cond:
-            return self._delivered_cond.wait_for(lambda: self._delivered >= count, timeout)
+        return self._delivery.wait(count, timeout)
 
     def __repr__(self) -> str:
         if self._bound is None:
@@ -210,7 +204,7 @@ class MultiStreamReceiver:
         state = "running" if self._running else "stopped"
         return (
             f"<MultiStreamReceiver {where} {state} sessions={len(self._table.sessions)} "
-            f"delivered={self._delivered} max_sessions={self._max_sessions}>"
+            f"delivered={self._delivery.delivered} max_sessions={self._max_sessions}>"
         )
 
     def __enter__(self) -> Self:
@@ -481,7 +475,7 @@ class MultiStreamReceiver:
                 conn.session, conn.index = session, hello.stream_index
                 conn.holders += 1  # the session's delivery thread writes its ACKs
                 if session.delivery is None:
-                    session.delivery = self._thread(self._deliver_loop, session, "deliver")
+                    session.delivery = self._thread(self._delivery.run, session, "deliver")
                     session.delivery.start()
         if superseded is not None and admission.close_replaced:
             logger.bind(session=superseded.name, successor=hello.session_id.hex()).info(
@@ -502,114 +496,6 @@ class MultiStreamReceiver:
             return None
         conn.write(wire.pack_welcome(wire.STATUS_ACCEPTED))
         return session
-
-    # -- delivery ---------------------------------------------------------------------------
-
-    def _deliver_loop(self, session: Session) -> None:
-        """The session's delivery thread: hand whole messages to on_message, in id order.
-
-        Readers never run user code, so a slow ``on_message`` slows every stream alike
-        (through the budget) instead of starving the stream whose reader happened to
-        deliver.
-        """
-        reassembly = session.reassembly
-        on_message = self._on_message
-        try:
-            predecessor = session.predecessor
-            if predecessor is not None:
-                # Its sender resends what it did not see acknowledged; whatever of that the
-                # old session still delivers must come first, so the duplicates are known.
-                predecessor.over.wait()
-                session.predecessor = None  # no chain of dead sessions kept alive
-            if not session.acknowledged:
-                while True:
-                    batch = reassembly.take(None)
-                    if batch is None:
-                        return
-                    for at in range(0, len(batch), _DELIVERY_BATCH):
-                        self._deliver_some(session, batch[at : at + _DELIVERY_BATCH], on_message)
-            # Acknowledged: one cumulative ACK for a batch of messages (see AckPolicy). An
-            # ACK per small batch would cost both ends more than the messages when the
-            # consumer keeps up.
-            policy = AckPolicy()
-            monotonic = time.monotonic
-            while True:
-                batch = reassembly.take(policy.wait(monotonic()))
-                if batch is None:
-                    break
-                at = 0
-                while at < len(batch):
-                    part = batch[at : at + min(_DELIVERY_BATCH, policy.room())]
-                    at += len(part)
-                    self._deliver_some(session, part, on_message)
-                    last = part[-1]
-                    if policy.delivered(len(part), last[0], last[3], session.ack_now, monotonic()):
-                        self._acknowledge(session, policy.through, policy.stream)
-                        policy.acked()
-                if policy.unacked and (not batch or policy.due(monotonic())):
-                    self._acknowledge(session, policy.through, policy.stream)
-                    policy.acked()
-            if policy.unacked:
-                # The session ended: its sender may still read (a half-closed stream).
-                self._acknowledge(session, policy.through, policy.stream)
-        except Exception as exc:  # noqa: BLE001 - never die silently
-            logger.opt(exception=exc).error("Receiver delivery failed")
-        finally:
-            self._session_finished(session)
-
-    def _deliver_some(
-        self, session: Session, batch: list[Ready], on_message: Callable[[bytes], object]
-    ) -> None:
-        cost = 0
-        sender = session.sender
-        expected = None if sender is None else sender.next_id
-        delivered = duplicates = 0
-        for mid, pieces, price, _ in batch:
-            cost += price
-            if expected is not None:
-                if mid < expected:
-                    duplicates += 1  # resent by a reconnected sender, delivered before
-                    continue
-                if mid > expected and session.acknowledged:
-                    logger.bind(session=session.name, expected=expected, got=mid).warning(
-                        "Sender skipped message ids (it no longer had them to resend)"
-                    )
-            expected = mid + 1
-            # A list of pieces, or bytes/bytearray (joining those makes the bytes we hand on).
-            payload = pieces if type(pieces) is bytes else b"".join(pieces)  # type: ignore[arg-type]
-            try:
-                on_message(payload)
-            except Exception as exc:  # noqa: BLE001 - the application's bug must not end the session
-                logger.bind(session=session.name, message_id=mid).opt(exception=exc).error(
-                    "Message handler failed"
-                )
-            delivered += 1
-        if sender is not None:
-            sender.next_id = expected
-        with self._delivered_cond:
-            self._delivered += delivered
-            self._duplicates += duplicates
-            self._delivered_cond.notify_all()
-        session.reassembly.done(cost)
-
-    def _acknowledge(self, session: Session, through: int, stream: int) -> None:
-        """One cumulative ACK for every message up to ``through``, on the stream that carried
-        the last one (or any other still open)."""
-        if session.reassembly.closed:
-            return  # aborted or replaced: its sender gave up on it and resends
-        frame = wire.pack_ack(through)
-        candidates = [session.connections[stream]] + session.connections
-        for conn in candidates:
-            if conn is None or conn.closed:
-                continue  # that stream ended; its sender saw the end as well
-            try:
-                conn.write(frame)
-                return
-            except OSError as exc:
-                # The sender's window waits, then it resends; keep delivering.
-                logger.bind(session=session.name, error=str(exc)).warning(
-                    "Receiver could not acknowledge messages"
-                )
 
     # -- ending sessions --------------------------------------------------------------------
 
