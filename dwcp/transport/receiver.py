@@ -1,20 +1,17 @@
-"""The receiving side: accepts sender sessions, reassembles messages and delivers them in order."""
+"""The receiving side: accepts sender sessions, reassembles messages and delivers them in order.
+
+This module is the receiver's lifecycle and its thin I/O shell; the decisions live in
+modules without I/O: ``wire`` (the frame codec), ``_receiving`` (a stream's frames, the
+ACK policy), ``_sessions`` (what a HELLO gets, when a session is over) and ``_reassembly``
+(admission, ordering, the memory budget). ``_reader`` reads streams, ``_delivery`` runs
+the delivery threads, ``_accept`` the listener.
+"""
 
 from __future__ import annotations
 
-import collections
-import errno
 import itertools
-
-try:  # POSIX: how many bytes a socket holds, to tell whether a read would block
-    import fcntl
-    import termios
-except ImportError:  # pragma: no cover - Windows
-    pass
-import selectors
 import socket
 import ssl
-import struct
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -25,6 +22,8 @@ from loguru import logger
 
 from dwcp._errors import DWCPError
 from dwcp.transport import wire
+from dwcp.transport._accept import accept_loop, listen
+from dwcp.transport._handing import Delivery
 from dwcp.transport._io import (
     TLSChannel,
     _bounded_int,
@@ -32,174 +31,20 @@ from dwcp.transport._io import (
     _seconds,
     set_kernel_timeout,
 )
-from dwcp.transport._reassembly import Closed, FrameTuple, Ready, Reassembly
+from dwcp.transport._reader import Connection, StreamReader
+from dwcp.transport._reassembly import Closed
 from dwcp.transport._resume import resume_positions
+from dwcp.transport._sessions import SENDERS_KEPT, Session, SessionTable
 
 if TYPE_CHECKING:  # typing.Self is 3.11+ and setup.cfg still allows 3.10
     from typing_extensions import Self
 
-__all__ = ["MultiStreamReceiver"]
+__all__ = ["SENDERS_KEPT", "MultiStreamReceiver"]
 
 
-# Ids of ended sessions remembered to refuse a late stream joining a dead session.
-_ENDED_SESSIONS_KEPT = 1024
-# Senders (by sender id) whose next message id is remembered, to drop what a reconnected
-# sender resends and was delivered already; least recently seen forgotten first.
-SENDERS_KEPT = 4096
 _STOP_JOIN_TIMEOUT = 5.0
-# Out of descriptors (or memory) the listener is left alone this long, doubling up to the
-# cap, so the accept loop neither spins nor floods the log.
-_ACCEPT_BACKOFF = 0.05
-_ACCEPT_BACKOFF_MAX = 1.0
-_ACCEPT_LOG_EVERY = 10.0
-# How often the accept thread looks for sessions whose streams failed to join in time.
-_HOUSEKEEPING = 0.5
 # Bounds a WELCOME, ACK or PONG write to a sender that stopped reading.
 _WRITE_TIMEOUT = 10.0
-# Small frames are parsed out of one buffer of this size, many per recv().
-_READ_BUFFER = 256 * 1024
-# A payload at least this large is read straight into its own bytes, not via the buffer.
-_LARGE = 32 * 1024
-# A large payload is read in pieces of at most this size: a header alone never makes the
-# receiver allocate more than this before the bytes are there.
-_PIECE = 1 << 20
-# Deliveries between releases of their budget.
-_DELIVERY_BATCH = 64
-# Acknowledged sessions: at most this many messages, or this long after the first of them,
-# before a cumulative ACK (a DATA frame with ACK_NOW gets one at once).
-_ACK_EVERY = 128
-_ACK_DELAY = 0.002
-_MSG_WAITALL = getattr(socket, "MSG_WAITALL", 0)
-_MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
-_ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
-
-_HEADER = wire.DATA_HEADER.size
-_HEADER_CRC_AT = _HEADER - 4
-# The DATA header read with its 8-byte prefix as one integer, so one comparison checks the
-# magic, version, type and flags of a well-formed frame.
-_DATA_FAST = struct.Struct("!QQIIIIII")
-_PREFIX_CHECKED = int.from_bytes(
-    wire.PREFIX.pack(wire.MAGIC, wire.VERSION, wire.FRAME_DATA, 0), "big"
-)
-_PREFIX_UNCHECKED = _PREFIX_CHECKED | wire.FLAG_UNCHECKED
-_PING_SIZE = wire.PING.size
-
-
-class _Connection:
-    """One accepted socket and the thread that reads it."""
-
-    __slots__ = (
-        "holders",
-        "index",
-        "peer",
-        "recv_timeout",
-        "session",
-        "sock",
-        "thread",
-        "tls",
-        "write_lock",
-    )
-
-    def __init__(self, sock: socket.socket, peer: str) -> None:
-        self.sock = sock
-        self.peer = peer
-        self.write_lock = threading.Lock()
-        self.tls: TLSChannel | None = None
-        self.session: _Session | None = None
-        self.index = -1
-        self.thread: threading.Thread | None = None
-        self.recv_timeout: float | None = None
-        self.holders = 1  # the reader; see MultiStreamReceiver._release
-
-    def shutdown(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-    def write(self, data: bytes) -> None:
-        if self.tls is not None:
-            self.tls.sendall(data)
-            return
-        with self.write_lock:
-            self.sock.sendall(data)
-
-    @property
-    def closed(self) -> bool:
-        return self.sock.fileno() == -1
-
-    def close(self) -> None:
-        """Close the socket, never while another thread (delivery's ACKs) is writing to it:
-        the kernel could hand the number to a new socket in the middle of that write."""
-        with self.tls.write_lock if self.tls is not None else self.write_lock:
-            self.sock.close()
-
-    def set_recv_timeout(self, seconds: float | None) -> None:
-        """Set the kernel receive timeout (None: none), skipping the syscall when it would
-        change by less than 5 %."""
-        current = self.recv_timeout
-        if seconds == current:
-            return
-        if seconds is not None and current is not None and abs(current - seconds) <= 0.05 * seconds:
-            return
-        set_kernel_timeout(self.sock, socket.SO_RCVTIMEO, seconds)
-        self.recv_timeout = seconds
-
-
-class _Sender:
-    """What the receiver remembers of one named sender across its sessions: where its
-    delivery stands (acknowledged senders resend from there), and its newest session."""
-
-    __slots__ = ("first_id", "next_id", "session")
-
-    def __init__(self) -> None:
-        # The id after the last one delivered (None: nothing yet). Only the delivery thread
-        # of the sender's current session uses it, once its predecessor finished.
-        self.next_id: int | None = None
-        self.session: _Session | None = None  # the newest session (guarded by the lock)
-        # The first id of the newest session accepted (guarded by the lock). A sender's
-        # first ids never go down, so a HELLO below it is a late one of a session attempt
-        # the sender gave up on (a stalled link delivered it after the newer session's).
-        self.first_id: int | None = None
-
-
-class _Session:
-    """The receiving state of one sender session (all its streams)."""
-
-    def __init__(
-        self,
-        hello: wire.Handshake,
-        max_buffered: int,
-        created: float,
-        sender: _Sender | None = None,
-        predecessor: _Session | None = None,
-    ) -> None:
-        self.id = hello.session_id
-        self.name = hello.session_id.hex()
-        self.stream_count = hello.stream_count
-        self.acknowledged = hello.acknowledged
-        # The sender pings this often; a reader waiting for room says "alive" as often.
-        self.heartbeat = hello.keepalive_ms / 1000 if hello.keepalive_ms else None
-        self.created = created
-        self.first_id = hello.first_id
-        self.sender_id = hello.sender_id.hex()  # handed to on_message with with_ids
-        self.reassembly = Reassembly(
-            hello.stream_count, max_buffered=max_buffered, first_id=hello.first_id
-        )
-        # A named sender's memory of what was delivered, and the session it had before this
-        # one, which must finish delivering first (so its sessions never overlap).
-        self.sender = sender
-        self.predecessor = predecessor
-        self.over = threading.Event()  # set once nothing more will be delivered
-        # The highest message id a DATA frame asked to be acknowledged at once (ACK_NOW);
-        # written by the readers, read by the delivery thread.
-        self.ack_now = -1
-        # Guarded by the receiver's lock.
-        self.connections: list[_Connection | None] = [None] * hello.stream_count
-        self.joined = 0
-        self.delivery: threading.Thread | None = None
-        self.aborted = False
-        self.finished = False
 
 
 class MultiStreamReceiver:
@@ -223,14 +68,6 @@ class MultiStreamReceiver:
         address: (host, port) to listen on; port 0 picks a free one, IPv6 hosts work.
         on_message: called with each message's bytes; with ``with_ids``, as
             ``on_message(data, sender_id, message_id)``.
-        with_ids: also hand ``on_message`` the sender's id (``str``, 32 hex digits, its
-            ``MultiStreamTCPTransport.sender_id``) and the message's id (``int``, counted
-            from 0 per sender), for the application to record what it processed.
-        resume_from: ``{sender_id: message_id}``, the last message the application
-            durably processed per sender (at most ``SENDERS_KEPT``): that sender's resent
-            messages at or below it are dropped (and confirmed), as duplicates are within
-            one receiver's life. A message is confirmed once ``on_message`` returned, so
-            record it before returning.
         max_message_size: the largest message accepted; larger ones close the session.
         max_sessions: sender sessions served at once; more are answered BUSY.
         idle_timeout: a connection silent this long is closed (senders ping while idle),
@@ -243,6 +80,14 @@ class MultiStreamReceiver:
         join_timeout: every stream a session announced must connect within this.
         frame_timeout: a frame whose first bytes arrived must be complete within this
             (raise it for chunks that take longer than that to cross a slow link).
+        with_ids: also hand ``on_message`` the sender's id (``str``, 32 hex digits, its
+            ``MultiStreamTCPTransport.sender_id``) and the message's id (``int``, counted
+            from 0 per sender), for the application to record what it processed.
+        resume_from: ``{sender_id: message_id}``, the last message the application
+            durably processed per sender (at most ``SENDERS_KEPT``): that sender's resent
+            messages at or below it are dropped (and confirmed), as duplicates are within
+            one receiver's life. A message is confirmed once ``on_message`` returned, so
+            record it before returning.
     """
 
     def __init__(
@@ -278,7 +123,6 @@ class MultiStreamReceiver:
         self._join_timeout = _seconds("join_timeout", join_timeout)
         self._frame_timeout = _seconds("frame_timeout", frame_timeout)
         self._requested = address
-        self._on_message: Callable[..., object] = on_message
         self._max_message_size = _bounded_int(
             "max_message_size", max_message_size, 0, wire.MAX_TOTAL_LENGTH
         )
@@ -288,30 +132,32 @@ class MultiStreamReceiver:
             None if idle_timeout is None else _seconds("idle_timeout", idle_timeout)
         )
         self._max_connections = self._max_sessions * wire.MAX_STREAMS
+        self._reader = StreamReader(
+            max_message_size=self._max_message_size,
+            idle_timeout=self._idle_timeout,
+            frame_timeout=self._frame_timeout,
+        )
 
         self._lock = threading.Lock()
         self._bound: tuple[str, int] | None = None
         self._running = False
         self._wake: tuple[socket.socket, socket.socket] | None = None
         self._accept_thread: threading.Thread | None = None
-        self._sessions: dict[bytes, _Session] = {}
-        self._ended: collections.OrderedDict[bytes, None] = collections.OrderedDict()
-        # Kept across stop()/start(): exactly once holds while this object lives.
-        self._senders: collections.OrderedDict[bytes, _Sender] = collections.OrderedDict()
-        if not isinstance(with_ids, bool):
-            raise TypeError(f"with_ids must be a bool, got {type(with_ids).__name__}")
-        self._with_ids = with_ids
-        for sender_id, next_id in resume_positions(resume_from, SENDERS_KEPT).items():
-            self._senders[sender_id] = resumed = _Sender()
-            resumed.next_id = next_id
-        self._duplicates = 0
-        self._connections: set[_Connection] = set()
+        self._table = SessionTable(
+            max_sessions=self._max_sessions,
+            max_buffered=self._max_buffered,
+            join_timeout=self._join_timeout,
+        )
+        self._connections: set[Connection] = set()
         # Every thread until joined: a thread leaves ``_connections`` (or its session ends)
         # while still finishing, and stop() must join it all the same.
         self._threads: list[threading.Thread] = []
         self._numbers = itertools.count(1)
-        self._delivered = 0
-        self._delivered_cond = threading.Condition(threading.Lock())
+        if not isinstance(with_ids, bool):
+            raise TypeError(f"with_ids must be a bool, got {type(with_ids).__name__}")
+        for sender_id, next_id in resume_positions(resume_from, SENDERS_KEPT).items():
+            self._table.sender(sender_id).next_id = next_id
+        self._delivery = Delivery(on_message, self._session_finished, with_ids=with_ids)
 
     # -- public surface ---------------------------------------------------------------------
 
@@ -329,30 +175,29 @@ class MultiStreamReceiver:
     def duplicates_dropped(self) -> int:
         """How many resent messages were acknowledged and not delivered again (delivered
         before, in an earlier session of the same sender)."""
-        return self._duplicates
+        return self._delivery.duplicates
 
     @property
     def senders_remembered(self) -> int:
         """How many senders' delivery positions are kept (at most ``SENDERS_KEPT``, or more
         while more of them have a session open)."""
         with self._lock:
-            return len(self._senders)
+            return len(self._table.senders)
 
     @property
     def delivered_count(self) -> int:
         """How many messages ``on_message`` has been called with since construction."""
-        return self._delivered
+        return self._delivery.delivered
 
     @property
     def session_count(self) -> int:
         """How many sender sessions are open right now."""
         with self._lock:
-            return len(self._sessions)
+            return len(self._table.sessions)
 
     def wait_delivered(self, count: int, timeout: float) -> bool:
         """Wait until ``delivered_count >= count``; return False if ``timeout`` passes first."""
-        with self._delivered_cond:
-            return self._delivered_cond.wait_for(lambda: self._delivered >= count, timeout)
+        return self._delivery.wait(count, timeout)
 
     def __repr__(self) -> str:
         if self._bound is None:
@@ -361,8 +206,8 @@ class MultiStreamReceiver:
             where = f"{self._bound[0]}:{self._bound[1]}"
         state = "running" if self._running else "stopped"
         return (
-            f"<MultiStreamReceiver {where} {state} sessions={len(self._sessions)} "
-            f"delivered={self._delivered} max_sessions={self._max_sessions}>"
+            f"<MultiStreamReceiver {where} {state} sessions={len(self._table.sessions)} "
+            f"delivered={self._delivery.delivered} max_sessions={self._max_sessions}>"
         )
 
     def __enter__(self) -> Self:
@@ -375,33 +220,23 @@ class MultiStreamReceiver:
     def start(self) -> None:
         """Bind and start accepting. Restarts (after ``stop()``) reuse the bound port.
 
-        Raises DWCPError (code ``ALREADY_STARTED``) when running, OSError when the address
-        cannot be bound.
+        Raises DWCPError (code ``ALREADY_STARTED``) when running, and TransportError (code
+        ``LISTEN_FAILED``, the cause chained) when the address cannot be resolved, bound or
+        listened on.
         """
         with self._lock:
             if self._running:
                 raise DWCPError("receiver is already started", code="ALREADY_STARTED")
             host, port = self._bound or self._requested
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            listener = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                # Lets a restarted receiver bind its port again while old connections linger
-                # in TIME_WAIT (the "peer restarts" case).
-                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                listener.bind((host, port))
-                listener.listen(128)
-                listener.setblocking(False)
-            except OSError:
-                listener.close()
-                raise
+            listener = listen(host, port)
             host, port = listener.getsockname()[:2]
             self._bound = (host, port)
             self._wake = socket.socketpair()
-            self._sessions.clear()
+            self._table.sessions.clear()
             self._running = True
             self._accept_thread = threading.Thread(
-                target=self._accept_loop,
-                args=(listener, self._wake[0]),
+                target=accept_loop,
+                args=(listener, self._wake[0], self._admit_connection, self._expire_joins),
                 name="dwcp-receiver-accept",
                 daemon=True,
             )
@@ -421,7 +256,7 @@ class MultiStreamReceiver:
                 return
             self._running = False
             wake, accept_thread = self._wake, self._accept_thread
-            sessions = list(self._sessions.values())
+            sessions = list(self._table.sessions.values())
         assert wake is not None and accept_thread is not None
         wake[1].send(b"x")
         accept_thread.join()
@@ -445,81 +280,35 @@ class MultiStreamReceiver:
 
     # -- accepting --------------------------------------------------------------------------
 
-    def _accept_loop(self, listener: socket.socket, wake: socket.socket) -> None:
-        selector = selectors.DefaultSelector()
-        selector.register(listener, selectors.EVENT_READ)
-        selector.register(wake, selectors.EVENT_READ)
-        backoff = 0.0
-        paused_until = 0.0
-        suppressed = 0
-        logged_at = -_ACCEPT_LOG_EVERY
-        try:
-            while True:
-                now = time.monotonic()
-                if paused_until and now >= paused_until:
-                    selector.register(listener, selectors.EVENT_READ)
-                    paused_until = 0.0
-                timeout = (
-                    _HOUSEKEEPING if not paused_until else min(_HOUSEKEEPING, paused_until - now)
-                )
-                events = selector.select(timeout)
-                self._expire_joins()
-                for key, _ in events:
-                    if key.fileobj is wake:
-                        return
-                    try:
-                        sock, addr = listener.accept()
-                    except (BlockingIOError, InterruptedError):
-                        continue
-                    except OSError as exc:
-                        if exc.errno not in _ACCEPT_RESOURCE_ERRORS:
-                            raise
-                        # Out of descriptors: the pending connection stays queued, so the
-                        # listener stays readable; stop watching it for a while instead of
-                        # spinning on it, and log at a bounded rate.
-                        backoff = min(max(backoff * 2, _ACCEPT_BACKOFF), _ACCEPT_BACKOFF_MAX)
-                        selector.unregister(listener)
-                        paused_until = time.monotonic() + backoff
-                        suppressed += 1
-                        if time.monotonic() - logged_at >= _ACCEPT_LOG_EVERY:
-                            logger.bind(error=str(exc), backoff=backoff, times=suppressed).warning(
-                                "Receiver accept failed; backing off"
-                            )
-                            logged_at, suppressed = time.monotonic(), 0
-                        break
-                    backoff = 0.0
-                    self._admit_connection(sock, f"{addr[0]}:{addr[1]}")
-        except Exception as exc:  # noqa: BLE001 - the accept thread must not die silently
-            logger.opt(exception=exc).error("Receiver accept loop failed")
-        finally:
-            selector.close()
-            listener.close()
-
     def _expire_joins(self) -> None:
-        """Close sessions whose announced streams did not all connect within join_timeout."""
-        now = time.monotonic()
+        """Close sessions whose announced streams did not all connect within join_timeout,
+        and replaced (unacknowledged) ones that stopped making progress."""
         with self._lock:
-            late = [
-                s
-                for s in self._sessions.values()
-                if s.joined < s.stream_count and now - s.created > self._join_timeout
-            ]
-            # Marked here, under the lock the check was made under: a stream that arrives
-            # before the close below is then refused as closing, instead of joining a
-            # session that is about to be closed as incomplete.
-            for session in late:
-                session.aborted = True
+            late = self._table.expired(time.monotonic())
         for session in late:
             logger.bind(
                 session=session.name, joined=session.joined, announced=session.stream_count
-            ).warning("Receiver closed session: streams did not join within join_timeout")
-            self._close_session(session, drain=False)
+            ).warning(
+                "Receiver closed session: its streams did not join within join_timeout, or, "
+                "replaced by a newer one, it stopped making progress"
+            )
+            self._close_session(session, drain=True)
 
     def _admit_connection(self, sock: socket.socket, peer: str) -> None:
+        try:
+            sock.setblocking(True)
+            set_kernel_timeout(sock, socket.SO_SNDTIMEO, _WRITE_TIMEOUT)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:  # reset before we got to it: its trouble, not the listener's
+            logger.bind(peer=peer, reason=f"socket error: {exc}").warning(
+                "Receiver closed connection"
+            )
+            sock.close()
+            return
         with self._lock:
             full = len(self._connections) >= self._max_connections
             if not full:
-                conn = _Connection(sock, peer)
+                conn = Connection(sock, peer)
                 self._connections.add(conn)
                 thread = conn.thread = self._thread(self._serve, conn, "conn")
         if full:
@@ -528,9 +317,6 @@ class MultiStreamReceiver:
             )
             sock.close()
             return
-        sock.setblocking(True)
-        set_kernel_timeout(sock, socket.SO_SNDTIMEO, _WRITE_TIMEOUT)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         thread.start()
 
     def _thread(self, target: Callable[..., object], arg: object, kind: str) -> threading.Thread:
@@ -545,8 +331,8 @@ class MultiStreamReceiver:
 
     # -- per-connection reading -------------------------------------------------------------
 
-    def _serve(self, conn: _Connection) -> None:
-        session: _Session | None = None
+    def _serve(self, conn: Connection) -> None:
+        session: Session | None = None
         try:
             # Here, not on the accept thread: a client that never speaks TLS stalls only
             # its own connection.
@@ -554,7 +340,7 @@ class MultiStreamReceiver:
                 return
             session = self._handshake(conn)
             if session is not None:
-                self._read_frames(conn, session)
+                self._reader.read_frames(conn, session)
                 self._stream_ended(session)
         except Closed:
             pass
@@ -574,7 +360,7 @@ class MultiStreamReceiver:
                 self._connections.discard(conn)
             self._release(conn)
 
-    def _start_tls(self, conn: _Connection, context: ssl.SSLContext) -> bool:
+    def _start_tls(self, conn: Connection, context: ssl.SSLContext) -> bool:
         """Run the TLS handshake; on failure close the connection, say why, return False."""
         try:
             tls = TLSChannel.handshake(
@@ -591,505 +377,75 @@ class MultiStreamReceiver:
         conn.tls = tls
         return True
 
-    def _read_exactly(self, conn: _Connection, size: int, deadline: float, what: str) -> bytes:
-        """Read ``size`` bytes before ``deadline``; ProtocolError on EOF or when it passes."""
-        buf = bytearray(size)
-        view = memoryview(buf)
-        recv_into = conn.tls.recv_into if conn.tls is not None else conn.sock.recv_into
-        got = 0
-        while got < size:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise wire.ProtocolError(f"{what} not complete within its deadline")
-            conn.set_recv_timeout(left)
-            try:
-                part = recv_into(view[got:])
-            except (BlockingIOError, TimeoutError):
-                raise wire.ProtocolError(f"{what} not complete within its deadline") from None
-            if not part:
-                raise wire.ProtocolError(f"connection closed during {what}")
-            got += part
-        return bytes(buf)
-
-    def _handshake(self, conn: _Connection) -> _Session | None:
+    def _handshake(self, conn: Connection) -> Session | None:
         # One deadline for the whole HELLO: a peer trickling a byte a second cannot hold
         # its connection longer than that.
         bound = self._handshake_timeout
         if self._idle_timeout is not None:
             bound = min(bound, self._idle_timeout)
         deadline = time.monotonic() + bound
-        prefix = self._read_exactly(conn, wire.PREFIX.size, deadline, "handshake")
-        frame_type, _ = wire.parse_prefix(prefix)
-        if frame_type != wire.FRAME_HELLO:
-            raise wire.ProtocolError("connection must start with HELLO")
-        rest = self._read_exactly(conn, wire.HANDSHAKE.size - wire.PREFIX.size, deadline, "HELLO")
+        prefix = self._reader.read_exactly(conn, wire.PREFIX.size, deadline, "handshake")
+        wire.check_prefix(prefix, (wire.FRAME_HELLO,))  # a connection starts with HELLO
+        rest = self._reader.read_exactly(
+            conn, wire.HANDSHAKE.size - wire.PREFIX.size, deadline, "HELLO"
+        )
         hello = wire.parse_handshake(prefix + rest)
-        reject: str | None = None
-        status = wire.STATUS_REFUSED
-        superseded: _Session | None = None
         with self._lock:
             if not self._running:
                 raise Closed
-            session = self._sessions.get(hello.session_id)
-            if hello.session_id in self._ended:
-                reject = "session already ended"
-            elif session is None:
-                if len(self._sessions) >= self._max_sessions:
-                    reject, status = "too many sessions", wire.STATUS_BUSY
-                else:
-                    sender = predecessor = None
-                    if hello.sender_id != wire.ANONYMOUS_SENDER:
-                        sender = self._sender(hello.sender_id)
-                        predecessor = sender.session
-                    if (
-                        sender is not None
-                        and sender.first_id is not None
-                        and hello.first_id < sender.first_id
-                    ):
-                        # Not newer than the sender's current session: replacing that one
-                        # with an abandoned attempt would lose what the sender sends now.
-                        reject = "older than its sender's newest session"
-                        session = None
-                    else:
-                        session = _Session(
-                            hello, self._max_buffered, time.monotonic(), sender, predecessor
-                        )
-                        self._sessions[hello.session_id] = session
-                    if sender is not None and session is not None:
-                        sender.session = session
-                        sender.first_id = hello.first_id
-                        if predecessor is not None and not predecessor.finished:
-                            superseded = predecessor
-            elif (session.stream_count, session.acknowledged) != (
-                hello.stream_count,
-                hello.acknowledged,
-            ):
-                reject = "handshake disagrees with its session"
-            elif session.aborted:
-                reject = "session is closing"
-            elif session.connections[hello.stream_index] is not None:
-                reject = f"stream {hello.stream_index} already connected"
-            if reject is None:
-                assert session is not None
-                session.connections[hello.stream_index] = conn
-                session.joined += 1
+            admission = self._table.admit(hello, conn, time.monotonic())
+            session, superseded = admission.session, admission.replaced
+            if session is not None:
                 conn.session, conn.index = session, hello.stream_index
                 conn.holders += 1  # the session's delivery thread writes its ACKs
                 if session.delivery is None:
-                    session.delivery = self._thread(self._deliver_loop, session, "deliver")
+                    session.delivery = self._thread(self._delivery.run, session, "deliver")
                     session.delivery.start()
-        if superseded is not None:
-            # A sender runs one session at a time: a new one means it gave up the old one
-            # (a failure it saw first). What the old one holds whole and in order is still
-            # delivered, before anything of the new one (see _deliver_loop).
+        if superseded is not None and admission.close_replaced:
             logger.bind(session=superseded.name, successor=hello.session_id.hex()).info(
                 "Receiver closed a session its sender replaced"
             )
             self._close_session(superseded, drain=True)
-        if reject is not None:
+        elif superseded is not None:  # finished by its streams' end, or by _expire_joins
+            logger.bind(session=superseded.name, successor=hello.session_id.hex()).info(
+                "Receiver finishing a session its sender replaced"
+            )
+        if session is None:
             # Only this connection is refused: a stranger must not be able to close a
             # session by replaying its id.
-            logger.bind(peer=conn.peer, reason=reject, session=hello.session_id.hex()).warning(
-                "Receiver closed connection"
-            )
-            conn.write(wire.pack_welcome(status))
+            logger.bind(
+                peer=conn.peer, reason=admission.reason, session=hello.session_id.hex()
+            ).warning("Receiver closed connection")
+            conn.write(wire.pack_welcome(admission.status))
             return None
         conn.write(wire.pack_welcome(wire.STATUS_ACCEPTED))
         return session
 
-    def _sender(self, sender_id: bytes) -> _Sender:
-        """The remembered state of ``sender_id`` (new if unknown); caller holds the lock.
-
-        At most ``SENDERS_KEPT`` are kept: the least recently seen without an open session
-        is forgotten first (its next session then counts as a new sender: at least once).
-        """
-        senders = self._senders
-        sender = senders.get(sender_id)
-        if sender is None:
-            sender = senders[sender_id] = _Sender()
-            if len(senders) > SENDERS_KEPT:
-                for old_id, old in senders.items():
-                    if old.session is None or old.session.finished:
-                        del senders[old_id]
-                        break
-        else:
-            senders.move_to_end(sender_id)
-        return sender
-
-    def _read_frames(self, conn: _Connection, session: _Session) -> None:
-        """Parse frames in batches out of one buffer; hand each batch over under one lock.
-
-        Payloads of ``_LARGE`` bytes or more are read straight into their own bytes objects
-        (after their budget is reserved), and the header after one is read alone, so large
-        messages are copied once from the kernel and never through the buffer.
-        """
-        sock, tls = conn.sock, conn.tls
-        recv_into = tls.recv_into if tls is not None else sock.recv_into
-        buf = bytearray(_READ_BUFFER)
-        view = memoryview(buf)
-        size = len(buf)
-        start = end = 0
-        reassembly = session.reassembly
-        limit = self._max_message_size
-        unpack = _DATA_FAST.unpack_from
-        crc = wire.checksum_of
-        monotonic = time.monotonic
-        idle, frame_timeout = self._idle_timeout, self._frame_timeout
-        batch: list[FrameTuple] = []
-        append = batch.append
-        # Module constants as locals: this loop runs once per frame.
-        data_type, header_size, crc_at = wire.FRAME_DATA, _HEADER, _HEADER_CRC_AT
-        p_checked, p_unchecked, large = _PREFIX_CHECKED, _PREFIX_UNCHECKED, _LARGE
-        known_flags = wire.FLAG_UNCHECKED | wire.FLAG_ACK_NOW
-        exact = False  # read the next header alone: a large frame may follow
-        partial_since: float | None = None  # when the frame at ``start`` began to arrive
-        # One kernel timeout for the whole session, a fraction of the shortest bound; the
-        # bounds themselves are kept here, so no recv() needs a setsockopt() first.
-        tick = min(frame_timeout, idle or frame_timeout) / 4
-        silent = 0  # ticks without a byte
-        conn.set_recv_timeout(tick)
-        while True:
-            consumed = False
-            while end - start >= 8:
-                if buf[start + 5] != data_type:
-                    used = self._control_frame(conn, view, start, end)
-                    if not used:
-                        break
-                    start += used
-                    consumed = True
-                    continue
-                if end - start < header_size:
-                    break
-                prefix, mid, index, count, total, length, pcrc, hcrc = unpack(buf, start)
-                if crc(view[start : start + crc_at]) != hcrc:
-                    wire.parse_prefix(view[start : start + 8])  # a clearer error if it is one
-                    raise wire.ProtocolError("DATA header checksum mismatch")
-                checked = prefix == p_checked
-                if not checked and prefix != p_unchecked:
-                    flags = prefix & 0xFFFF
-                    if prefix ^ flags != p_checked or flags & ~known_flags:
-                        wire.parse_prefix(view[start : start + 8])
-                        raise wire.ProtocolError(f"unknown frame flags {flags:#06x}")
-                    checked = not flags & wire.FLAG_UNCHECKED
-                    if flags & wire.FLAG_ACK_NOW and mid > session.ack_now:
-                        session.ack_now = mid  # (a lost race only delays it, see delivery)
-                if (
-                    count != 1
-                    or index
-                    or length != total
-                    or total > limit
-                    or (pcrc and not checked)
-                ):
-                    wire.check_data_fields(
-                        prefix & 0xFFFF, index, count, total, length, pcrc, limit
-                    )
-                body = start + header_size
-                if body + length > end:
-                    if length < large:
-                        exact = False
-                        break  # the rest comes with the next bulk read
-                    if batch:
-                        self._push(conn, session, batch)
-                        batch.clear()
-                    frame: FrameTuple = (mid, index, count, total, b"", length)
-                    self._read_large(
-                        conn, session, frame, view[body:end], checked, pcrc,
-                        (partial_since or monotonic()) + frame_timeout,
-                    )  # fmt: skip
-                    start = end = 0
-                    exact, consumed, partial_since = True, True, None
-                    break
-                start = body + length
-                payload = bytes(view[body:start])
-                if checked and crc(payload) != pcrc:
-                    raise wire.ProtocolError(f"checksum mismatch in message {mid} chunk {index}")
-                append((mid, index, count, total, payload, length))
-                consumed = True
-            if batch:
-                self._push(conn, session, batch)
-                batch.clear()
-            if start == end:
-                start = end = 0
-                partial_since = None
-            else:
-                if consumed or partial_since is None:
-                    partial_since = monotonic()
-                if start:
-                    left = end - start
-                    # From a memoryview the move is one memcpy, safe only without overlap.
-                    buf[:left] = view[start:end] if left <= start else buf[start:end]
-                    start, end = 0, left
-            if partial_since is not None and monotonic() - partial_since >= frame_timeout:
-                raise wire.ProtocolError("frame not complete within frame_timeout")
-            want = header_size - end if exact and end < header_size else size - end
-            try:
-                if tls is None:
-                    try:
-                        got = recv_into(view[end : end + want], 0, _MSG_DONTWAIT)
-                    except BlockingIOError:
-                        # Nothing to read right now: let delivery have what is ready first.
-                        reassembly.announce()
-                        got = recv_into(view[end : end + want])
-                else:  # TLS cannot tell whether a read would block: announce every time
-                    reassembly.announce()
-                    got = recv_into(view[end : end + want])
-            except (BlockingIOError, TimeoutError):  # one tick of silence
-                silent += 1
-                if idle is not None and silent * tick >= idle:
-                    raise TimeoutError("idle timeout") from None
-                continue
-            if not got:
-                if end:
-                    raise wire.ProtocolError("connection closed inside a frame")
-                return  # clean end of stream, between frames
-            silent = 0
-            end += got
-
-    def _control_frame(self, conn: _Connection, view: memoryview, start: int, end: int) -> int:
-        """Handle a non-DATA frame at ``start``; return its size, or 0 if it is incomplete."""
-        frame_type, _ = wire.parse_prefix(view[start : start + 8])
-        if frame_type != wire.FRAME_PING:
-            raise wire.ProtocolError(
-                f"unexpected frame type {frame_type:#04x} in a session (only DATA and PING)"
-            )
-        if end - start < _PING_SIZE:
-            return 0
-        token = wire.parse_ping(view[start : start + _PING_SIZE])
-        conn.write(wire.pack_pong(token))
-        return _PING_SIZE
-
-    def _push(self, conn: _Connection, session: _Session, batch: list[FrameTuple]) -> None:
-        """Hand a batch to reassembly, waiting (and saying "alive") while it has no room."""
-        reassembly = session.reassembly
-        taken = reassembly.push(conn.index, batch)
-        while taken < len(batch):
-            self._wait_for_room(conn, session, batch[taken])
-            taken += reassembly.push(conn.index, batch[taken:])
-
-    def _wait_for_room(self, conn: _Connection, session: _Session, frame: FrameTuple) -> None:
-        """Backpressure: block while the session's budget is full.
-
-        While waiting, answer the sender's keepalive unprompted (its PINGs queue unread
-        behind this frame). Without any progress for ``idle_timeout`` the session is stuck
-        on its peer (a hostile one holding budget with messages it never completes): close.
-        """
-        reassembly = session.reassembly
-        step = session.heartbeat or self._idle_timeout
-        progress, since = reassembly.progress, time.monotonic()
-        while not reassembly.wait_for_room(frame, step):
-            if reassembly.progress != progress:
-                progress, since = reassembly.progress, time.monotonic()
-            elif self._idle_timeout is not None and (
-                time.monotonic() - since >= self._idle_timeout
-            ):
-                raise wire.ProtocolError("reassembly made no progress within idle_timeout")
-            if session.heartbeat:
-                conn.write(wire.pack_pong(0))
-
-    def _read_large(
-        self,
-        conn: _Connection,
-        session: _Session,
-        frame: FrameTuple,
-        head: memoryview,
-        checked: bool,
-        checksum: int,
-        deadline: float,
-    ) -> None:
-        """Reserve budget for a large frame, then read its payload in bounded pieces."""
-        reassembly = session.reassembly
-        if not reassembly.reserve(conn.index, frame):
-            self._wait_for_room(conn, session, frame)
-            while not reassembly.reserve(conn.index, frame):
-                self._wait_for_room(conn, session, frame)
-            deadline = time.monotonic() + self._frame_timeout  # waiting was ours, not theirs
-        crc = wire.checksum_of
-        pieces: list[bytes | bytearray] = []
-        value = 0
-        if len(head):
-            first = bytes(head)
-            pieces.append(first)
-            value = crc(first)
-        mid, index, _, _, _, length = frame
-        left = length - len(head)
-        while left:
-            piece = self._recv_piece(conn, session, min(left, _PIECE), deadline)
-            # Each piece's CRC right after it arrived, while it is in the cache; the readers
-            # of a session's streams do this in parallel (the GIL is released for it).
-            if checked:
-                value = crc(piece, value)
-            pieces.append(piece)
-            left -= len(piece)
-        if checked and value != checksum:
-            raise wire.ProtocolError(f"checksum mismatch in message {mid} chunk {index}")
-        reassembly.store((mid, index, frame[2], frame[3], pieces, length))
-
-    def _recv_piece(
-        self, conn: _Connection, session: _Session, size: int, deadline: float
-    ) -> bytes | bytearray:
-        """Read ``size`` bytes into a new object, straight from the kernel where possible."""
-        if conn.tls is None:
-            # About to block: what is ready must not wait for this read (see announce()).
-            if _bytes_waiting(conn.sock) < size:
-                session.reassembly.announce()
-            piece = b""
-            while True:
-                try:
-                    part = conn.sock.recv(size - len(piece), _MSG_WAITALL)
-                except (BlockingIOError, TimeoutError):  # a tick of silence
-                    part = None
-                if part is not None:
-                    if not part:
-                        raise wire.ProtocolError("connection closed inside a frame")
-                    # Whole at once is the rule; a piece cut by a tick of silence is joined.
-                    piece = part if not piece else piece + part
-                    if len(piece) == size:
-                        return piece
-                if time.monotonic() >= deadline:
-                    raise wire.ProtocolError("frame not complete within frame_timeout")
-        session.reassembly.announce()  # TLS cannot tell whether the read would block
-        buf = bytearray(size)
-        with memoryview(buf) as view:
-            got = 0
-            while got < size:
-                try:
-                    part_size = conn.tls.recv_into(view[got:])
-                except (BlockingIOError, TimeoutError):
-                    part_size = -1
-                if part_size == 0:
-                    raise wire.ProtocolError("connection closed inside a frame")
-                if part_size > 0:
-                    got += part_size
-                elif time.monotonic() >= deadline:
-                    raise wire.ProtocolError("frame not complete within frame_timeout")
-        return buf
-
-    # -- delivery ---------------------------------------------------------------------------
-
-    def _deliver_loop(self, session: _Session) -> None:
-        """The session's delivery thread: hand whole messages to on_message, in id order.
-
-        Readers never run user code, so a slow ``on_message`` slows every stream alike
-        (through the budget) instead of starving the stream whose reader happened to
-        deliver.
-        """
-        reassembly = session.reassembly
-        on_message = self._on_message
-        try:
-            predecessor = session.predecessor
-            if predecessor is not None:
-                # Its sender resends what it did not see acknowledged; whatever of that the
-                # old session still delivers must come first, so the duplicates are known.
-                predecessor.over.wait()
-                session.predecessor = None  # no chain of dead sessions kept alive
-            if not session.acknowledged:
-                while True:
-                    batch = reassembly.take(None)
-                    if batch is None:
-                        return
-                    for at in range(0, len(batch), _DELIVERY_BATCH):
-                        self._deliver_some(session, batch[at : at + _DELIVERY_BATCH], on_message)
-            # Acknowledged: one cumulative ACK for up to _ACK_EVERY messages, written once
-            # that many are delivered, _ACK_DELAY after the first of them, when a frame
-            # asked for it (ACK_NOW), or when the session ends. An ACK per small batch
-            # would cost both ends more than the messages when the consumer keeps up.
-            unacked, since = 0, 0.0
-            through = stream = -1
-            while True:
-                wait = None if not unacked else max(since + _ACK_DELAY - time.monotonic(), 0.0)
-                batch = reassembly.take(wait)
-                if batch is None:
-                    break
-                for at in range(0, len(batch), _DELIVERY_BATCH):
-                    part = batch[at : at + _DELIVERY_BATCH]
-                    self._deliver_some(session, part, on_message)
-                    if not unacked:
-                        since = time.monotonic()
-                    unacked += len(part)
-                    through, stream = part[-1][0], part[-1][3]
-                    if unacked >= _ACK_EVERY or through >= session.ack_now > through - unacked:
-                        self._acknowledge(session, through, stream)
-                        unacked = 0
-                if unacked and (not batch or time.monotonic() - since >= _ACK_DELAY):
-                    self._acknowledge(session, through, stream)
-                    unacked = 0
-            if unacked:
-                self._acknowledge(session, through, stream)  # (the sender may still read)
-        except Exception as exc:  # noqa: BLE001 - never die silently
-            logger.opt(exception=exc).error("Receiver delivery failed")
-        finally:
-            self._session_finished(session)
-
-    def _deliver_some(
-        self, session: _Session, batch: list[Ready], on_message: Callable[..., object]
-    ) -> None:
-        cost = 0
-        sender = session.sender
-        expected = None if sender is None else sender.next_id
-        delivered = duplicates = 0
-        with_ids = self._with_ids
-        for mid, pieces, price, _ in batch:
-            cost += price
-            if expected is not None:
-                if mid < expected:
-                    duplicates += 1  # resent by a reconnected sender, delivered before
-                    continue
-                if mid > expected and session.acknowledged:
-                    logger.bind(session=session.name, expected=expected, got=mid).warning(
-                        "Sender skipped message ids (it no longer had them to resend)"
-                    )
-            expected = mid + 1
-            # A list of pieces, or bytes/bytearray (joining those makes the bytes we hand on).
-            payload = pieces if type(pieces) is bytes else b"".join(pieces)  # type: ignore[arg-type]
-            try:
-                if with_ids:
-                    on_message(payload, session.sender_id, mid)
-                else:
-                    on_message(payload)
-            except Exception as exc:  # noqa: BLE001 - the application's bug must not end the session
-                logger.bind(session=session.name, message_id=mid).opt(exception=exc).error(
-                    "Message handler failed"
-                )
-            delivered += 1
-        if sender is not None:
-            sender.next_id = expected
-        with self._delivered_cond:
-            self._delivered += delivered
-            self._duplicates += duplicates
-            self._delivered_cond.notify_all()
-        session.reassembly.done(cost)
-
-    def _acknowledge(self, session: _Session, through: int, stream: int) -> None:
-        """One cumulative ACK for every message up to ``through``, on the stream that carried
-        the last one (or any other still open)."""
-        if session.reassembly.closed:
-            return  # aborted or replaced: its sender gave up on it and resends
-        frame = wire.pack_ack(through)
-        candidates = [session.connections[stream]] + session.connections
-        for conn in candidates:
-            if conn is None or conn.closed:
-                continue  # that stream ended; its sender saw the end as well
-            try:
-                conn.write(frame)
-                return
-            except OSError as exc:
-                # The sender's window waits, then it resends; keep delivering.
-                logger.bind(session=session.name, error=str(exc)).warning(
-                    "Receiver could not acknowledge messages"
-                )
-
     # -- ending sessions --------------------------------------------------------------------
 
-    def _stream_ended(self, session: _Session) -> None:
-        """A stream closed cleanly; the session ends when all its streams have."""
+    def _stream_ended(self, session: Session) -> None:
+        """A stream closed cleanly; the session ends when all its streams have.
+
+        A session some of whose announced streams never joined ends as soon as every stream
+        that did join has ended: its sender gave up on it (it ends a session only after
+        every stream was welcomed), so it must not hold a slot until ``join_timeout``.
+        """
         session.reassembly.announce()  # what this stream completed last is delivered now
+        with self._lock:
+            abandoned = self._table.stream_ended(session)
+        if abandoned:
+            logger.bind(
+                session=session.name, joined=session.joined, announced=session.stream_count
+            ).warning("Receiver closed session: its streams ended before all joined")
+            self._close_session(session, drain=True)
+            return
         dropped = session.reassembly.end_stream()
         if dropped:
             logger.bind(session=session.name, undelivered=dropped).warning(
                 "Session ended with incomplete messages"
             )
 
-    def _abort(self, conn: _Connection, session: _Session | None, reason: str) -> None:
+    def _abort(self, conn: Connection, session: Session | None, reason: str) -> None:
         if session is not None and session.aborted:
             return  # another thread closed it and said why
         if not self._running:
@@ -1102,7 +458,7 @@ class MultiStreamReceiver:
         else:
             self._close_session(session, drain=True)
 
-    def _close_session(self, session: _Session, *, drain: bool) -> None:
+    def _close_session(self, session: Session, *, drain: bool) -> None:
         """Stop a session's input and shut all its connections (delivery may drain)."""
         with self._lock:
             session.aborted = True
@@ -1114,26 +470,17 @@ class MultiStreamReceiver:
         if not started:
             self._session_finished(session)
 
-    def _session_finished(self, session: _Session) -> None:
+    def _session_finished(self, session: Session) -> None:
         """Forget a session once nothing more will be delivered for it (once)."""
         with self._lock:
-            if session.finished:
+            if not self._table.finish(session):
                 return
-            session.finished = True
-            session.over.set()
-            if session.sender is not None and session.sender.session is session:
-                session.sender.session = None
-            if self._sessions.get(session.id) is session:
-                del self._sessions[session.id]
-            self._ended[session.id] = None
-            while len(self._ended) > _ENDED_SESSIONS_KEPT:
-                self._ended.popitem(last=False)
             connections = [c for c in session.connections if c is not None]
         for conn in connections:
             conn.shutdown()
             self._release(conn)
 
-    def _release(self, conn: _Connection) -> None:
+    def _release(self, conn: Connection) -> None:
         """One holder (its reader, or its session's delivery) is done with ``conn``; the
         last one closes it. Until then a half-closed sender still gets its ACKs, and no
         socket is closed while another thread may be inside a call on it."""
@@ -1142,12 +489,3 @@ class MultiStreamReceiver:
             last = conn.holders == 0
         if last:
             conn.close()
-
-
-def _bytes_waiting(sock: socket.socket) -> int:
-    """How many bytes the kernel holds for ``sock`` now (0 where it cannot say)."""
-    try:
-        raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
-        return int(struct.unpack("i", raw)[0])
-    except (OSError, NameError):
-        return 0

@@ -47,6 +47,7 @@ __all__ = [
     "DataHeader",
     "Handshake",
     "ProtocolError",
+    "check_prefix",
     "checksum_of",
     "chunk_count",
     "encode_message",
@@ -138,6 +139,8 @@ _NAMES = {
     FRAME_PONG: "PONG",
 }
 _KNOWN_HELLO_FLAGS = FLAG_ACKNOWLEDGED
+# The flags each frame type defines; every other bit must be 0.
+_KNOWN_FLAGS = {FRAME_HELLO: _KNOWN_HELLO_FLAGS, FRAME_DATA: _KNOWN_DATA_FLAGS}
 
 
 class ProtocolError(ValueError):
@@ -191,6 +194,23 @@ def parse_prefix(data: bytes | bytearray | memoryview) -> tuple[int, int]:
         raise ProtocolError(f"unsupported version {version} (this end speaks {VERSION})")
     if frame_type not in _SIZES:
         raise ProtocolError(f"unknown frame type {frame_type:#04x}")
+    return frame_type, flags
+
+
+def check_prefix(data: bytes | bytearray | memoryview, allowed: tuple[int, ...]) -> tuple[int, int]:
+    """Check the 8-byte prefix of a frame where only the types in ``allowed`` belong.
+
+    Everything a prefix says is checked here, before the rest of the header is waited for:
+    the magic, the version, the type (known, and in ``allowed``) and the flags (none that the
+    type does not define). Returns ``(frame type, flags)``; raises ProtocolError.
+    """
+    frame_type, flags = parse_prefix(data)
+    if frame_type not in allowed:
+        expected = " or ".join(_NAMES[kind] for kind in allowed)
+        raise ProtocolError(f"unexpected {_NAMES[frame_type]} frame where {expected} belongs")
+    unknown = flags & ~_KNOWN_FLAGS.get(frame_type, 0)
+    if unknown:
+        raise ProtocolError(f"unknown {_NAMES[frame_type]} flags {unknown:#06x}")
     return frame_type, flags
 
 

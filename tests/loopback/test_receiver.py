@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import threading
@@ -12,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from dwcp._errors import DWCPError
-from dwcp.transport import MultiStreamReceiver, MultiStreamTCPTransport, wire
+from dwcp._errors import DWCPError, TransportError
+from dwcp.transport import MultiStreamReceiver, MultiStreamTCPTransport, _receiving, wire
 from tests.conftest import Inbox, ReceiverFactory, closed_by_peer
 
 TIMEOUT = 5.0
@@ -482,3 +483,389 @@ def test_a_half_closed_sender_still_gets_its_acknowledgement(
     gate.set()
     assert wire.parse_ack(sock.recv(wire.ACK.size, socket.MSG_WAITALL)) == 0
     assert closed_by_peer(sock)
+
+
+# -- what is whole and in order is delivered, whatever ends the session -------------------------
+
+
+def _damaged(kind: str) -> bytes:
+    """Message 2 (``two``) as one DATA frame, damaged in the way ``kind`` names."""
+    good = frame(2, b"two")
+    if kind == "header-checksum":
+        return good[:36] + bytes([good[36] ^ 0x01]) + good[37:]
+    if kind == "payload-checksum":
+        return good[:-1] + b"X"
+    assert kind == "unknown-type"
+    return _seal(good[:5] + b"\x09" + good[6:40]) + good[40:]
+
+
+@pytest.mark.parametrize("acknowledged", [False, True], ids=["unacked", "acked"])
+@pytest.mark.parametrize("kind", ["header-checksum", "payload-checksum", "unknown-type"])
+def test_messages_whole_before_a_bad_frame_in_the_same_read_are_delivered(
+    hostile_receiver_factory: Callable[..., tuple[MultiStreamReceiver, Inbox]],
+    raw_connections: Callable[[tuple[str, int]], socket.socket],
+    kind: str,
+    acknowledged: bool,
+) -> None:
+    """wire-format.md, Closing: a protocol error closes the session; messages already whole
+    and in order are still delivered, nothing else is."""
+    receiver, inbox = hostile_receiver_factory()
+    sock = raw_connections(receiver.address)
+    handshake(sock, os.urandom(16), ack=acknowledged)
+    sock.sendall(frame(0, b"zero") + frame(1, b"one") + _damaged(kind))  # one write, one read
+    assert closed_by_peer(sock)
+    assert wait_for(lambda: receiver.session_count == 0)  # its delivery is over
+    assert inbox.messages == [b"zero", b"one"]
+
+
+def test_messages_whole_when_streams_fail_to_join_are_delivered(
+    hostile_receiver_factory: Callable[..., tuple[MultiStreamReceiver, Inbox]],
+    raw_connections: Callable[[tuple[str, int]], socket.socket],
+) -> None:
+    """A session whose announced streams do not all join within join_timeout is closed;
+    what its joined streams brought whole and in order is still delivered."""
+    gate, inbox = threading.Event(), Inbox()
+
+    def slow(data: bytes) -> None:
+        inbox(data)
+        gate.wait(TIMEOUT)  # "zero" is in on_message while the session is closed
+
+    receiver, _ = hostile_receiver_factory(join_timeout=2.0, idle_timeout=60.0, on_message=slow)
+    sock = raw_connections(receiver.address)
+    handshake(sock, os.urandom(16), 0, 2)  # stream 1 of 2 never comes
+    partial = wire.encode_message(2, b"z" * 2000, 1024)[0]
+    sock.sendall(frame(0, b"zero"))
+    assert wait_for(lambda: inbox.messages == [b"zero"])
+    sock.sendall(frame(1, b"one") + partial)  # "one" waits for on_message to return
+    assert closed_by_peer(sock)  # join_timeout passed: the session is closed
+    gate.set()
+    assert wait_for(lambda: receiver.session_count == 0)
+    assert inbox.messages == [b"zero", b"one"]
+
+
+def test_one_ack_covers_at_most_128_messages(
+    hostile_receiver_factory: Callable[..., tuple[MultiStreamReceiver, Inbox]],
+    raw_connections: Callable[[tuple[str, int]], socket.socket],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """wire-format.md, ACK: once 128 messages are delivered and unacknowledged, one ACK
+    covers them, even when they came in batches that do not add up to 128."""
+    monkeypatch.setattr(_receiving, "ACK_DELAY", 3600.0)  # only the count triggers an ACK
+    receiver, _ = hostile_receiver_factory()
+    sock = raw_connections(receiver.address)
+    handshake(sock, os.urandom(16), ack=True)
+    sock.sendall(b"".join(frame(mid, b"%d" % mid) for mid in range(63)))
+    assert receiver.wait_delivered(63, TIMEOUT)  # 63 unacknowledged
+    sock.sendall(b"".join(frame(mid, b"%d" % mid) for mid in range(63, 300)))
+    assert receiver.wait_delivered(300, TIMEOUT)
+    acks = [wire.parse_ack(sock.recv(wire.ACK.size, socket.MSG_WAITALL)) for _ in range(2)]
+    assert acks == [127, 255]
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    [b"DWCQ\x03\x03\x00\x00", b"DWCP\x02\x03\x00\x00", b"DWCP\x03\x03\x00\x04"],
+    ids=["bad-magic", "bad-version", "unknown-flag"],
+)
+def test_a_bad_data_prefix_closes_the_session_at_8_bytes(
+    hostile_receiver_factory: Callable[..., tuple[MultiStreamReceiver, Inbox]],
+    raw_connections: Callable[[tuple[str, int]], socket.socket],
+    prefix: bytes,
+) -> None:
+    """wire-format.md, Conventions: a prefix is checked as soon as its 8 bytes are in, even
+    where the type byte says DATA (whose header is 40 bytes)."""
+    receiver, _ = hostile_receiver_factory(idle_timeout=60.0)
+    sock = raw_connections(receiver.address)
+    handshake(sock, os.urandom(16))
+    sock.sendall(prefix)  # nothing more
+    assert closed_by_peer(sock, TIMEOUT)
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    [b"DWCP\x03\x01\x00\x02", b"DWCP\x03\x01\x80\x00"],
+    ids=["flag-0x0002", "flag-0x8000"],
+)
+def test_a_hello_prefix_with_an_unknown_flag_is_refused_at_8_bytes(
+    hostile_receiver_factory: Callable[..., tuple[MultiStreamReceiver, Inbox]],
+    raw_connections: Callable[[tuple[str, int]], socket.socket],
+    prefix: bytes,
+) -> None:
+    """wire-format.md, Conventions: flags are part of the prefix and checked with it."""
+    receiver, _ = hostile_receiver_factory(idle_timeout=60.0)
+    sock = raw_connections(receiver.address)
+    sock.sendall(prefix)
+    sock.settimeout(TIMEOUT)
+    assert sock.recv(100) == b""  # closed, no WELCOME
+
+
+def test_a_half_joined_session_frees_its_slot_when_its_streams_close(
+    hostile_receiver_factory: Callable[..., tuple[MultiStreamReceiver, Inbox]],
+    raw_connections: Callable[[tuple[str, int]], socket.socket],
+) -> None:
+    """wire-format.md, HELLO: a session whose joined streams all ended before the others
+    joined is over at once, not after join_timeout; it no longer counts toward max_sessions."""
+    receiver, _ = hostile_receiver_factory(max_sessions=1, join_timeout=60.0, idle_timeout=60.0)
+    session = os.urandom(16)
+    first = raw_connections(receiver.address)
+    assert handshake(first, session, 0, 3) == wire.STATUS_ACCEPTED
+    other = raw_connections(receiver.address)
+    assert handshake(other, os.urandom(16)) == wire.STATUS_BUSY  # the slot is taken
+    first.close()  # the sender gave up: stream 1 and 2 never come
+    assert wait_for(lambda: receiver.session_count == 0)
+    late = raw_connections(receiver.address)
+    assert handshake(late, session, 1, 3) == wire.STATUS_REFUSED  # that session is over
+    again = raw_connections(receiver.address)
+    assert handshake(again, os.urandom(16)) == wire.STATUS_ACCEPTED
+
+
+# -- the handshake, settled ---------------------------------------------------------------------
+
+
+def _sealed_hello(
+    *, flags: int = 0, index: int = 0, count: int = 1, first_id: int = 0, crc: bool = True
+) -> bytes:
+    packed = wire.HANDSHAKE.pack(
+        wire.MAGIC, wire.VERSION, wire.FRAME_HELLO, flags, os.urandom(16), os.urandom(16),
+        first_id, index, count, 0, 0,
+    )  # fmt: skip
+    return _seal(packed) if crc else packed
+
+
+@pytest.mark.parametrize(
+    "hello",
+    [
+        _sealed_hello(crc=False),
+        _sealed_hello(count=0),
+        _sealed_hello(count=33),
+        _sealed_hello(index=4, count=4),
+        _sealed_hello(flags=0x0004),
+        _sealed_hello(first_id=1 << 63),
+    ],
+    ids=["bad-crc", "count-0", "count-33", "index-not-below-count", "unknown-flag", "first-id"],
+)
+def test_a_malformed_hello_is_closed_without_a_welcome(
+    hostile_receiver_factory: Callable[..., tuple[MultiStreamReceiver, Inbox]],
+    raw_connections: Callable[[tuple[str, int]], socket.socket],
+    hello: bytes,
+) -> None:
+    """wire-format.md, HELLO: a malformed HELLO gets no WELCOME; the connection is closed."""
+    receiver, _ = hostile_receiver_factory()
+    sock = raw_connections(receiver.address)
+    sock.sendall(hello)
+    sock.settimeout(TIMEOUT)
+    assert sock.recv(100) == b""
+    assert receiver.session_count == 0
+
+
+@pytest.mark.parametrize("field", ["sender_id", "first_id"])
+def test_a_stream_disagreeing_on_sender_or_first_id_is_refused(
+    hostile_receiver_factory: Callable[..., tuple[MultiStreamReceiver, Inbox]],
+    raw_connections: Callable[[tuple[str, int]], socket.socket],
+    field: str,
+) -> None:
+    """wire-format.md, HELLO: count, flags, sender id and first id are the same on every
+    stream; a stream that disagrees gets status 2 and the session goes on."""
+    receiver, inbox = hostile_receiver_factory()
+    session, sender = os.urandom(16), os.urandom(16)
+    first = raw_connections(receiver.address)
+    first.sendall(wire.pack_handshake(session, 0, 2, acknowledged=False, sender_id=sender))
+    assert wire.parse_welcome(first.recv(wire.WELCOME.size, socket.MSG_WAITALL)) == 0
+    other: dict[str, Any] = {"sender_id": sender, "first_id": 0}
+    other[field] = os.urandom(16) if field == "sender_id" else 7
+    odd = raw_connections(receiver.address)
+    odd.sendall(wire.pack_handshake(session, 1, 2, acknowledged=False, **other))
+    assert wire.parse_welcome(odd.recv(wire.WELCOME.size, socket.MSG_WAITALL)) == 2
+    assert odd.recv(1) == b""
+    second = raw_connections(receiver.address)
+    second.sendall(wire.pack_handshake(session, 1, 2, acknowledged=False, sender_id=sender))
+    assert wire.parse_welcome(second.recv(wire.WELCOME.size, socket.MSG_WAITALL)) == 0
+    second.sendall(frame(0, b"zero"))
+    assert receiver.wait_delivered(1, TIMEOUT)
+    assert inbox.messages == [b"zero"]
+
+
+def test_refused_comes_before_busy(
+    hostile_receiver_factory: Callable[..., tuple[MultiStreamReceiver, Inbox]],
+    raw_connections: Callable[[tuple[str, int]], socket.socket],
+) -> None:
+    """wire-format.md, WELCOME: a HELLO that is refused for what it says gets status 2 even
+    while the receiver is full (busy is for a HELLO that could be accepted later)."""
+    receiver, _ = hostile_receiver_factory(max_sessions=1)
+    sender = os.urandom(16)
+    live = raw_connections(receiver.address)
+    live.sendall(
+        wire.pack_handshake(os.urandom(16), 0, 1, acknowledged=True, sender_id=sender, first_id=5)
+    )
+    assert wire.parse_welcome(live.recv(wire.WELCOME.size, socket.MSG_WAITALL)) == 0
+    stale = raw_connections(receiver.address)  # an abandoned attempt of the same sender
+    stale.sendall(
+        wire.pack_handshake(os.urandom(16), 0, 1, acknowledged=True, sender_id=sender, first_id=4)
+    )
+    assert wire.parse_welcome(stale.recv(wire.WELCOME.size, socket.MSG_WAITALL)) == 2
+    stranger = raw_connections(receiver.address)
+    assert handshake(stranger, os.urandom(16)) == wire.STATUS_BUSY
+
+
+def test_a_closed_session_counts_toward_max_sessions_until_its_delivery_is_over(
+    hostile_receiver_factory: Callable[..., tuple[MultiStreamReceiver, Inbox]],
+    raw_connections: Callable[[tuple[str, int]], socket.socket],
+) -> None:
+    """wire-format.md, Limits: a session counts from its accepted HELLO until everything
+    it holds whole and in order was handed to on_message."""
+    gate = threading.Event()
+    receiver, _ = hostile_receiver_factory(max_sessions=1, on_message=lambda _: gate.wait(TIMEOUT))
+    sock = raw_connections(receiver.address)
+    handshake(sock, os.urandom(16))
+    sock.sendall(frame(0, b"zero"))
+    sock.close()  # the session's only stream ended; on_message still holds "zero"
+    busy = raw_connections(receiver.address)
+    assert handshake(busy, os.urandom(16)) == wire.STATUS_BUSY
+    gate.set()
+    assert wait_for(lambda: receiver.session_count == 0)
+    free = raw_connections(receiver.address)
+    assert handshake(free, os.urandom(16)) == wire.STATUS_ACCEPTED
+
+
+def test_duplicates_are_dropped_for_unacknowledged_named_senders_too(
+    hostile_receiver_factory: Callable[..., tuple[MultiStreamReceiver, Inbox]],
+    raw_connections: Callable[[tuple[str, int]], socket.socket],
+) -> None:
+    """wire-format.md, Replay: the receiver drops messages below its position for every
+    named sender, acknowledged or not (at most once stays at most once)."""
+    receiver, inbox = hostile_receiver_factory()
+    sender = os.urandom(16)
+    first = raw_connections(receiver.address)
+    first.sendall(wire.pack_handshake(os.urandom(16), 0, 1, acknowledged=False, sender_id=sender))
+    assert wire.parse_welcome(first.recv(wire.WELCOME.size, socket.MSG_WAITALL)) == 0
+    first.sendall(b"".join(frame(mid, b"%d" % mid) for mid in range(5)))
+    assert receiver.wait_delivered(5, TIMEOUT)
+    first.close()
+    again = raw_connections(receiver.address)
+    again.sendall(
+        wire.pack_handshake(os.urandom(16), 0, 1, acknowledged=False, sender_id=sender, first_id=3)
+    )
+    assert wire.parse_welcome(again.recv(wire.WELCOME.size, socket.MSG_WAITALL)) == 0
+    again.sendall(b"".join(frame(mid, b"%d" % mid) for mid in range(3, 6)))
+    assert receiver.wait_delivered(6, TIMEOUT)
+    assert inbox.messages == [b"%d" % mid for mid in range(6)]
+    assert receiver.duplicates_dropped == 2
+
+
+# -- starting and accepting ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "host", ["no-such-host.invalid", "256.1.1.1", "a" * 64 + ".example"], ids=["dns", "ip", "idna"]
+)
+def test_start_on_a_bad_host_raises_listen_failed(host: str) -> None:
+    """README, errors: start() that cannot resolve or bind raises TransportError
+    LISTEN_FAILED with the socket error as its cause."""
+    receiver = MultiStreamReceiver((host, 0), on_message=print)
+    with pytest.raises(TransportError, match="cannot listen") as caught:
+        receiver.start()
+    assert caught.value.code == "LISTEN_FAILED"
+    assert isinstance(caught.value.__cause__, (OSError, UnicodeError))
+    assert "running" not in repr(receiver).split()  # nothing was started
+    receiver.stop()  # a no-op
+
+
+def test_start_on_a_busy_port_raises_listen_failed(receiver_factory: ReceiverFactory) -> None:
+    taken, _ = receiver_factory()
+    receiver = MultiStreamReceiver(taken.address, on_message=print)
+    with pytest.raises(TransportError) as caught:
+        receiver.start()
+    assert caught.value.code == "LISTEN_FAILED"
+    assert isinstance(caught.value.__cause__, OSError)
+
+
+@pytest.mark.parametrize(
+    "code",
+    [errno.ECONNABORTED, errno.EPROTO, errno.ENETDOWN, errno.EHOSTUNREACH, errno.EINVAL],
+    ids=["ECONNABORTED", "EPROTO", "ENETDOWN", "EHOSTUNREACH", "unlisted-EINVAL"],
+)
+def test_the_accept_loop_survives_an_accept_error(
+    receiver_factory: ReceiverFactory, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """An error from accept() (accept(2) lists the transient ones) does not end the accept
+    thread: the receiver goes on accepting while it says it is running."""
+    receiver, inbox = receiver_factory()
+    real_accept = socket.socket.accept
+    failed = threading.Event()
+
+    def accept_failing_once(sock: socket.socket) -> tuple[socket.socket, Any]:
+        if not failed.is_set() and sock.getsockname()[:2] == receiver.address:
+            failed.set()
+            raise OSError(code, os.strerror(code))
+        return real_accept(sock)
+
+    monkeypatch.setattr(socket.socket, "accept", accept_failing_once)
+    transport = MultiStreamTCPTransport(
+        receiver.address, streams=2, connect_timeout=TIMEOUT, acknowledged=True
+    )
+    try:
+        transport.start()
+        assert failed.is_set()
+        transport.send(b"accepted after the error", wait=True)
+    finally:
+        transport.close()
+    assert inbox.messages == [b"accepted after the error"]
+
+
+def test_a_replaced_unacknowledged_session_still_delivers_what_its_streams_hold(
+    hostile_receiver_factory: Callable[..., tuple[MultiStreamReceiver, Inbox]],
+    raw_connections: Callable[[tuple[str, int]], socket.socket],
+) -> None:
+    """wire-format.md, Replay: a new session of an unacknowledged sender does not cut off the
+    old one; its streams are read to their end (the sender closed them), and everything
+    is delivered in order, the old session's messages first."""
+    gate, inbox = threading.Event(), Inbox()
+
+    def slow(data: bytes) -> None:
+        gate.wait(TIMEOUT)
+        inbox(data)
+
+    receiver, _ = hostile_receiver_factory(
+        on_message=slow, max_buffered_bytes=64 * 1024, idle_timeout=60.0
+    )
+    sender = os.urandom(16)
+    old = raw_connections(receiver.address)
+    old.sendall(wire.pack_handshake(os.urandom(16), 0, 1, acknowledged=False, sender_id=sender))
+    assert wire.parse_welcome(old.recv(wire.WELCOME.size, socket.MSG_WAITALL)) == 0
+    payloads = [bytes([mid]) * 16 * 1024 for mid in range(10)]
+    # More than the budget: most of it stays in the kernel while on_message holds the first.
+    old.sendall(b"".join(frame(mid, payloads[mid]) for mid in range(10)))
+    old.close()  # what a sender's close() does; its start() comes next
+    new = raw_connections(receiver.address)
+    new.sendall(
+        wire.pack_handshake(os.urandom(16), 0, 1, acknowledged=False, sender_id=sender, first_id=10)
+    )
+    assert wire.parse_welcome(new.recv(wire.WELCOME.size, socket.MSG_WAITALL)) == 0
+    new.sendall(frame(10, b"new"))
+    gate.set()
+    assert receiver.wait_delivered(11, TIMEOUT)
+    assert inbox.messages == [*payloads, b"new"]
+
+
+def test_a_replaced_unacknowledged_session_whose_streams_stay_open_is_closed_when_it_stalls(
+    hostile_receiver_factory: Callable[..., tuple[MultiStreamReceiver, Inbox]],
+    raw_connections: Callable[[tuple[str, int]], socket.socket],
+) -> None:
+    """wire-format.md, Replay: a replaced session whose streams do not end (a dead link) is
+    closed once it made no progress for 1 s; then the new session delivers."""
+    receiver, inbox = hostile_receiver_factory(idle_timeout=60.0)
+    sender = os.urandom(16)
+    old = raw_connections(receiver.address)
+    old.sendall(wire.pack_handshake(os.urandom(16), 0, 1, acknowledged=False, sender_id=sender))
+    assert wire.parse_welcome(old.recv(wire.WELCOME.size, socket.MSG_WAITALL)) == 0
+    old.sendall(frame(0, b"old"))
+    assert receiver.wait_delivered(1, TIMEOUT)
+    new = raw_connections(receiver.address)
+    new.sendall(
+        wire.pack_handshake(os.urandom(16), 0, 1, acknowledged=False, sender_id=sender, first_id=1)
+    )
+    assert wire.parse_welcome(new.recv(wire.WELCOME.size, socket.MSG_WAITALL)) == 0
+    new.sendall(frame(1, b"new"))
+    assert closed_by_peer(old, TIMEOUT)  # the old stream never ended: closed by the receiver
+    assert receiver.wait_delivered(2, TIMEOUT)
+    assert inbox.messages == [b"old", b"new"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +17,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dwcp.transport import MultiStreamReceiver, wire
+from dwcp._errors import TransportError
+from dwcp.transport import MultiStreamReceiver, MultiStreamTCPTransport, _receiving, wire
 from dwcp.transport.wire import ProtocolError
 from tests.conftest import Inbox, ReceiverFactory, closed_by_peer, wait_until
 
@@ -552,3 +554,144 @@ def test_the_receiver_refuses_a_single_chunk_frame_with_a_nonzero_index(
     assert closed_by_peer(sock, 3.0)
     wait_until(lambda: receiver.session_count == 0)  # its delivery is over
     assert inbox.messages == [] and receiver.delivered_count == 0
+
+
+# -- the sender against a scripted receiver -----------------------------------------------------
+
+
+class ScriptedReceiver:
+    """A hand-written receiver: each accepted connection is welcomed, then ``script`` runs
+    on it (one script per connection, in order) on this object's thread."""
+
+    def __init__(self, scripts: list[Callable[[socket.socket], None]]) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address: tuple[str, int] = self.listener.getsockname()[:2]
+        self.connections: list[socket.socket] = []
+        self.errors: list[BaseException] = []
+        self._scripts = scripts
+        self._thread = threading.Thread(target=self._run, name="scripted-receiver")
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.listener.settimeout(10.0)
+            for script in self._scripts:
+                conn, _ = self.listener.accept()
+                conn.settimeout(10.0)
+                self.connections.append(conn)
+                wire.parse_handshake(conn.recv(wire.HANDSHAKE.size, socket.MSG_WAITALL))
+                conn.sendall(wire.pack_welcome(wire.STATUS_ACCEPTED))
+                script(conn)
+        except BaseException as exc:  # noqa: BLE001 - reported by close()
+            self.errors.append(exc)
+
+    def close(self) -> None:
+        self._thread.join(15.0)
+        self.listener.close()
+        for conn in self.connections:
+            conn.close()
+        assert not self.errors, self.errors
+
+
+def read_data(conn: socket.socket) -> int:
+    """Read one DATA frame; return its message id."""
+    header = wire.parse_data_header(conn.recv(HEADER, socket.MSG_WAITALL), LIMIT)
+    if header.payload_length:
+        conn.recv(header.payload_length, socket.MSG_WAITALL)
+    return header.message_id
+
+
+def test_a_pong_with_a_token_never_sent_is_accepted() -> None:
+    """wire-format.md, Keepalive: the sender does not compare a PONG's token with its PINGs'."""
+
+    def script(conn: socket.socket) -> None:
+        assert read_data(conn) == 0
+        conn.sendall(
+            wire.pack_pong(0xDEAD_BEEF) + wire.pack_ack(0)
+        )  # this PONG's token: never sent
+
+    peer = ScriptedReceiver([script])
+    transport = MultiStreamTCPTransport(peer.address, streams=1, acknowledged=True)
+    try:
+        transport.start()
+        transport.send(b"x", wait=True)  # its ACK came after the PONG, on the same stream
+        transport.health_check()
+    finally:
+        transport.close()
+        peer.close()
+
+
+def test_after_a_reconnect_an_ack_below_the_first_id_ends_the_session() -> None:
+    """wire-format.md, ACK: the range check comes before "at or below one already received
+    is ignored": an ACK below the new session's first id is a protocol error."""
+    second_ready = threading.Event()
+
+    def first(conn: socket.socket) -> None:
+        assert read_data(conn) == 0
+        conn.sendall(wire.pack_ack(0))
+
+    def second(conn: socket.socket) -> None:
+        second_ready.wait(10.0)
+        conn.sendall(wire.pack_ack(0))  # covered by the first session's ACK already
+
+    peer = ScriptedReceiver([first, second])
+    transport = MultiStreamTCPTransport(peer.address, streams=1, acknowledged=True)
+    try:
+        transport.start()
+        transport.send(b"x", wait=True)
+        transport.close()
+        transport.start()  # first id 1
+        second_ready.set()
+
+        def broken() -> bool:
+            try:
+                transport.health_check()
+            except TransportError as exc:
+                return "outside the session" in str(exc)
+            return False
+
+        wait_until(broken, 10.0)
+    finally:
+        transport.close()
+        peer.close()
+
+
+def test_the_sender_flags_every_chunk_of_a_wait_true_message_ack_now() -> None:
+    """wire-format.md, DATA: ACK_NOW is on every chunk of a message sent with wait=True."""
+    flags: list[int] = []
+
+    def script(conn: socket.socket) -> None:
+        for _ in range(3):
+            header = conn.recv(HEADER, socket.MSG_WAITALL)
+            flags.append(wire.parse_prefix(header)[1])
+            conn.recv(wire.parse_data_header(header, LIMIT).payload_length, socket.MSG_WAITALL)
+        conn.sendall(wire.pack_ack(0))
+
+    peer = ScriptedReceiver([script])
+    transport = MultiStreamTCPTransport(peer.address, streams=1, acknowledged=True, chunk_size=1024)
+    try:
+        transport.start()
+        transport.send(bytes(2500), wait=True)  # three chunks
+    finally:
+        transport.close()
+        peer.close()
+    assert flags == [wire.FLAG_ACK_NOW] * 3
+
+
+def test_the_receiver_acts_on_ack_now_in_any_chunk(
+    raw_receiver: RawReceiver, raw_connections: Connect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """wire-format.md, DATA: the receiver acknowledges at once a message any chunk of which
+    carried ACK_NOW (here only its last one)."""
+    monkeypatch.setattr(_receiving, "ACK_DELAY", 3600.0)  # only ACK_NOW triggers an ACK
+    receiver, inbox = raw_receiver
+    sock = raw_connections(receiver.address)
+    sock.sendall(wire.pack_handshake(os.urandom(16), 0, 1, acknowledged=True))
+    assert wire.parse_welcome(sock.recv(wire.WELCOME.size, socket.MSG_WAITALL)) == 0
+    data = bytes(2048)
+    first = wire.pack_data_header(0, 0, 2, 2048, data[:1024]) + data[:1024]
+    last = wire.pack_data_header(0, 1, 2, 2048, data[1024:], ack_now=True) + data[1024:]
+    sock.sendall(first + last)
+    sock.settimeout(10.0)
+    assert wire.parse_ack(sock.recv(wire.ACK.size, socket.MSG_WAITALL)) == 0
+    assert inbox.messages == [data]

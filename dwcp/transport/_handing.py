@@ -1,0 +1,163 @@
+"""The receiver's delivery threads: whole messages to ``on_message`` in id order, and ACKs.
+
+One thread per session runs ``Delivery.run``: it takes what reassembly made ready, drops
+what a named sender's earlier session delivered already (duplicates), calls ``on_message``,
+and, for an acknowledged session, writes the cumulative ACKs ``AckPolicy`` decides on.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from loguru import logger
+
+from dwcp.transport import wire
+from dwcp.transport._reassembly import Ready
+from dwcp.transport._receiving import AckPolicy
+from dwcp.transport._sessions import Session
+
+__all__ = ["Delivery"]
+
+# Deliveries between releases of their budget.
+_DELIVERY_BATCH = 64
+
+
+class Delivery:
+    """Delivers the messages of a receiver's sessions, one thread per session (``run``).
+
+    ``finished(session)`` is called once a session's delivery is over, whatever ended it.
+    """
+
+    def __init__(
+        self,
+        on_message: Callable[..., object],
+        finished: Callable[[Session], None],
+        *,
+        with_ids: bool = False,
+    ) -> None:
+        self.on_message = on_message
+        #: Hand ``on_message`` the sender id (hex) and message id too.
+        self.with_ids = with_ids
+        self._finished = finished
+        self._cond = threading.Condition(threading.Lock())
+        #: How many messages ``on_message`` has been called with.
+        self.delivered = 0
+        #: How many resent messages were acknowledged and not delivered again.
+        self.duplicates = 0
+
+    def wait(self, count: int, timeout: float) -> bool:
+        """Wait until ``delivered >= count``; False if ``timeout`` passes first."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.delivered >= count, timeout)
+
+    def run(self, session: Session) -> None:
+        """The session's delivery thread: hand whole messages to on_message, in id order.
+
+        Readers never run user code, so a slow ``on_message`` slows every stream alike
+        (through the budget) instead of starving the stream whose reader happened to
+        deliver.
+        """
+        reassembly = session.reassembly
+        on_message = self.on_message
+        try:
+            predecessor = session.predecessor
+            if predecessor is not None:
+                # Its sender resends what it did not see acknowledged; whatever of that the
+                # old session still delivers must come first, so the duplicates are known.
+                predecessor.over.wait()
+                session.predecessor = None  # no chain of dead sessions kept alive
+            if not session.acknowledged:
+                while True:
+                    batch = reassembly.take(None)
+                    if batch is None:
+                        return
+                    for at in range(0, len(batch), _DELIVERY_BATCH):
+                        self._deliver_some(session, batch[at : at + _DELIVERY_BATCH], on_message)
+            # Acknowledged: one cumulative ACK for a batch of messages (see AckPolicy). An
+            # ACK per small batch would cost both ends more than the messages when the
+            # consumer keeps up.
+            policy = AckPolicy()
+            monotonic = time.monotonic
+            while True:
+                batch = reassembly.take(policy.wait(monotonic()))
+                if batch is None:
+                    break
+                at = 0
+                while at < len(batch):
+                    part = batch[at : at + min(_DELIVERY_BATCH, policy.room())]
+                    at += len(part)
+                    self._deliver_some(session, part, on_message)
+                    last = part[-1]
+                    if policy.delivered(len(part), last[0], last[3], session.ack_now, monotonic()):
+                        self._acknowledge(session, policy.through, policy.stream)
+                        policy.acked()
+                if policy.unacked and (not batch or policy.due(monotonic())):
+                    self._acknowledge(session, policy.through, policy.stream)
+                    policy.acked()
+            if policy.unacked:
+                # The session ended: its sender may still read (a half-closed stream).
+                self._acknowledge(session, policy.through, policy.stream)
+        except Exception as exc:  # noqa: BLE001 - never die silently
+            logger.opt(exception=exc).error("Receiver delivery failed")
+        finally:
+            self._finished(session)
+
+    def _deliver_some(
+        self, session: Session, batch: list[Ready], on_message: Callable[..., object]
+    ) -> None:
+        cost = 0
+        sender = session.sender
+        expected = None if sender is None else sender.next_id
+        delivered = duplicates = 0
+        sender_id = session.sender_id.hex() if self.with_ids else None
+        for mid, pieces, price, _ in batch:
+            cost += price
+            if expected is not None:
+                if mid < expected:
+                    duplicates += 1  # resent by a reconnected sender, delivered before
+                    continue
+                if mid > expected and session.acknowledged:
+                    logger.bind(session=session.name, expected=expected, got=mid).warning(
+                        "Sender skipped message ids (it no longer had them to resend)"
+                    )
+            expected = mid + 1
+            # A list of pieces, or bytes/bytearray (joining those makes the bytes we hand on).
+            payload = pieces if type(pieces) is bytes else b"".join(pieces)  # type: ignore[arg-type]
+            try:
+                if sender_id is None:
+                    on_message(payload)
+                else:
+                    on_message(payload, sender_id, mid)
+            except Exception as exc:  # noqa: BLE001 - the application's bug must not end the session
+                logger.bind(session=session.name, message_id=mid).opt(exception=exc).error(
+                    "Message handler failed"
+                )
+            delivered += 1
+        if sender is not None:
+            sender.next_id = expected
+        with self._cond:
+            self.delivered += delivered
+            self.duplicates += duplicates
+            self._cond.notify_all()
+        session.reassembly.done(cost)
+
+    def _acknowledge(self, session: Session, through: int, stream: int) -> None:
+        """One cumulative ACK for every message up to ``through``, on the stream that carried
+        the last one (or any other still open)."""
+        if session.reassembly.closed:
+            return  # aborted or replaced: its sender gave up on it and resends
+        frame = wire.pack_ack(through)
+        candidates = [session.connections[stream]] + session.connections
+        for conn in candidates:
+            if conn is None or conn.closed:
+                continue  # that stream ended; its sender saw the end as well
+            try:
+                conn.write(frame)
+                return
+            except OSError as exc:
+                # The sender's window waits, then it resends; keep delivering.
+                logger.bind(session=session.name, error=str(exc)).warning(
+                    "Receiver could not acknowledge messages"
+                )
