@@ -175,6 +175,7 @@ class _Listener(pybreaker.CircuitBreakerListener):
         old = old_state.name if old_state is not None else CLOSED
         self._breaker._transitioned(old, new_state.name)
 
+
 #: Failure codes that say nothing about the peer being down; released, never counted.
 NOT_EVIDENCE = frozenset({"NOT_STARTED", "BACKPRESSURE", "WINDOW_FULL"})
 

@@ -273,7 +273,10 @@ class ClusterMember:
             self._load_histories()
         if self._failing:
             self._load_histories(failed=True)
-        thread.start()
+        with self._lock:
+            if self._thread is not thread:  # close() came during the PING: stay closed
+                return
+            thread.start()
 
     def publish(self, snapshot: HealthSnapshot | Mapping[str, Any]) -> None:
         """Hand the thread a snapshot to publish with the next heartbeat (no I/O here)."""
@@ -305,13 +308,20 @@ class ClusterMember:
         if thread is not None:
             self._stop.set()
             self._wake.set()
-            thread.join(timeout)
+            # A start() still at its first PING has not started the thread, and now never
+            # will (it checks under the lock).
+            if thread.ident is not None:
+                thread.join(timeout)
             if thread.is_alive():
                 logger.bind(node=self._node_id).warning("Cluster thread did not stop in time")
         if self._owns_client:
             self._client.close()
 
     # -- the thread -----------------------------------------------------------------------------
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Alias of ``close()``: every dwcp class that starts has both names."""
+        self.close(timeout)
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -347,6 +347,10 @@ class Manager(GuardedCalls, DeliveryCalls):
             self._stopped.set()
         logger.info("DWCP manager stopped: {}", self._name)
 
+    def close(self) -> None:
+        """Alias of ``stop()``: every dwcp class that starts has both names."""
+        self.stop()
+
     def __enter__(self) -> Self:
         self.start()
         return self

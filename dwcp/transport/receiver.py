@@ -280,6 +280,10 @@ class MultiStreamReceiver:
 
     # -- accepting --------------------------------------------------------------------------
 
+    def close(self) -> None:
+        """Alias of ``stop()``: every dwcp class that starts has both names."""
+        self.stop()
+
     def _expire_joins(self) -> None:
         """Close sessions whose announced streams did not all connect within join_timeout,
         and replaced (unacknowledged) ones that stopped making progress."""

@@ -1481,6 +1481,11 @@ class MultiStreamTCPTransport:
             peer=f"{self._address[0]}:{self._address[1]}", session=session.session_id.hex()
         ).info("Transport closed")
 
+    def stop(self) -> None:
+        """Alias of ``close()`` (the ``Transport`` protocol's name): every dwcp class that
+        starts has both names."""
+        self.close()
+
     def send(self, data: Buffer, *, wait: bool = False) -> None:
         """Send ``data`` as the next message, in order.
 

@@ -119,3 +119,42 @@ def test_a_recovery_start_that_outlives_stop_is_undone() -> None:
     # What stop() closed stays closed: the late start was undone by a stop of its own.
     assert layer.calls[-2:] == ["start", "stop"]
     wait_until(lambda: not manager.monitor_alive, TIMEOUT)
+
+
+def test_a_cluster_member_closed_during_its_first_ping_never_starts_its_thread() -> None:
+    redis = pytest.importorskip("redis")
+    from dwcp.cluster import ClusterMember
+
+    silent = socket.create_server(("127.0.0.1", 0))
+    client = redis.Redis(*silent.getsockname(), socket_timeout=TIMEOUT)
+    member = ClusterMember(client, "n1", interval=1.0)
+    starter = threading.Thread(target=member.start, name="test-member-start")
+    starter.start()
+    conn, _ = silent.accept()  # start() is at its first PING
+    member.close()  # no "cannot join thread before it is started"
+    conn.close()
+    silent.close()
+    starter.join(TIMEOUT)
+    assert not starter.is_alive()
+    assert not any(t.name == "dwcp-cluster" for t in threading.enumerate())
+    client.close()
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [
+        dwcp.Manager,
+        dwcp.MultiStreamReceiver,
+        dwcp.MultiStreamTCPTransport,
+        dwcp.HealthServer,
+        dwcp.WebhookNotifier,
+        pytest.param("cluster", id="ClusterMember"),
+    ],
+)
+def test_every_class_that_starts_stops_with_both_stop_and_close(cls: object) -> None:
+    if cls == "cluster":
+        from dwcp.cluster import ClusterMember
+
+        cls = ClusterMember
+    assert callable(getattr(cls, "start", None))
+    assert callable(getattr(cls, "stop", None)) and callable(getattr(cls, "close", None))
