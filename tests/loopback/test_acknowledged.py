@@ -18,7 +18,7 @@ from dwcp import (
     MultiStreamTCPTransport,
     TransportError,
 )
-from dwcp.transport import receiver as receiver_module
+from dwcp.transport import _receiving
 from tests.conftest import RawPeer, ReceiverFactory, TransportFactory, wait_until
 
 TIMEOUT = 10.0
@@ -186,7 +186,7 @@ def test_flush_after_a_lone_send_does_not_wait_out_the_receivers_ack_delay(
 ) -> None:
     # An ACK the sender did not ask for at once would come a minute after delivery. A message
     # sent into an empty window asks (ACK_NOW), so each flush() returns on its ACK.
-    monkeypatch.setattr(receiver_module, "_ACK_DELAY", 60.0)
+    monkeypatch.setattr(_receiving, "ACK_DELAY", 60.0)
     receiver, inbox = receiver_factory()
     transport = transport_factory(
         receiver.address, acknowledged=True, send_timeout=30.0, keepalive_interval=None
