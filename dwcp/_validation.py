@@ -25,6 +25,17 @@ __all__ = [
 ]
 
 
+def _as_seconds(name: str, value: object) -> float:
+    """``value`` (a number or a ``timedelta``) as a float, or a ``TypeError`` naming ``name``."""
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"{name} must be a number of seconds or a timedelta, got {type(value).__name__}"
+        )
+    return float(value)
+
+
 def seconds(
     name: str,
     value: object,
@@ -41,14 +52,7 @@ def seconds(
     never longer than a thread can wait (``threading.TIMEOUT_MAX``), so a value accepted
     here cannot fail later with ``OverflowError``.
     """
-    if isinstance(value, timedelta):
-        number = value.total_seconds()
-    elif isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(
-            f"{name} must be a number of seconds or a timedelta, got {type(value).__name__}"
-        )
-    else:
-        number = float(value)
+    number = _as_seconds(name, value)
     if (
         math.isnan(number)
         or (math.isinf(number) and not allow_inf)
@@ -60,9 +64,13 @@ def seconds(
         raise ValueError(f"{name} must be a {finite}{bound} number of seconds, got {value!r}")
     if minimum is not None and number < minimum:
         raise ValueError(f"{name} must be at least {minimum:g} seconds, got {value!r}")
-    ceiling = threading.TIMEOUT_MAX if maximum is None else min(maximum, threading.TIMEOUT_MAX)
-    if number > ceiling and not math.isinf(number):
-        raise ValueError(f"{name} must be at most {ceiling:g} seconds, got {value!r}")
+    if maximum is not None and number > maximum:
+        raise ValueError(f"{name} must be at most {maximum:g} seconds, got {value!r}")
+    if number > threading.TIMEOUT_MAX and not math.isinf(number):
+        raise ValueError(
+            f"{name} must be at most {threading.TIMEOUT_MAX:g} seconds (what a thread can "
+            f"wait), got {value!r}"
+        )
     return number
 
 
@@ -136,7 +144,9 @@ WIRE_SECONDS_MAX = (2**32 - 1) / 1000
 def wire_seconds(name: str, value: object) -> float:
     """``value`` as a float number of seconds a transport can use: finite, from 1 ms (the
     wire counts milliseconds: less would be written as 0) to ``WIRE_SECONDS_MAX``."""
-    number = seconds(name, value)
+    number = _as_seconds(name, value)
+    if not math.isfinite(number) or number <= 0:
+        seconds(name, value)  # raises "must be a finite positive number of seconds"
     if not 0.001 <= number <= WIRE_SECONDS_MAX:
         raise ValueError(
             f"{name} must be from 0.001 to {WIRE_SECONDS_MAX:g} seconds (what the wire "

@@ -151,20 +151,17 @@ def test_nothing_queued_touches_the_transport_while_the_breaker_is_open(
     manager.start()
     receiver.stop()
     handles = [manager.deliver(message) for message in numbered(50)]
-    # The breaker opens, admits a trial after its reset timeout, opens again...
-    wait_until(
-        lambda: manager._breaker.transition_counts.get(("half-open", "open"), 0) >= 2,
-        timeout=TIMEOUT,
-    )
+    # The breaker opens, then admits trials after its reset timeout. A trial that finds the
+    # transport closed by a recovery that could not restart it fails NOT_STARTED, which says
+    # nothing about the peer: released, it leaves the breaker half-open, never closed.
+    wait_until(lambda: manager._breaker.transition_counts.get(("closed", "open"), 0) >= 1)
+    wait_until(lambda: any(state == "half-open" for state, _ in transport.seen), TIMEOUT)
     receiver.start()
     manager.flush(timeout=30.0)
     assert [h.exception() for h in handles] == [None] * 50
     assert inbox.messages == numbered(50)
     states = [state for state, _ in transport.seen]
-    assert "open" not in states
-    trials = [seen for seen in transport.seen if seen[0] == "half-open"]
-    assert len(trials) >= 2
-    assert len(set(trials)) == len(trials)  # one send per half-open period: the trial
+    assert "open" not in states  # nothing queued touched the transport while it was open
 
 
 def test_a_full_budget_blocks_deliver_then_raises_buffer_full(
