@@ -15,13 +15,15 @@ from loguru import logger
 
 from dwcp.transport import wire
 from dwcp.transport._reassembly import Ready
-from dwcp.transport._receiving import AckPolicy
+from dwcp.transport._receiving import ACK_DELAY, AckPolicy
 from dwcp.transport._sessions import Session
 
 __all__ = ["Delivery"]
 
 # Deliveries between releases of their budget.
 _DELIVERY_BATCH = 64
+# A consumer slower than this a message is confirmed message by message (see Delivery.run).
+_SLOW = 0.0001
 
 
 class Delivery:
@@ -80,17 +82,30 @@ class Delivery:
             # consumer keeps up.
             policy = AckPolicy()
             monotonic = time.monotonic
+            # A quick consumer gets its messages in parts and one ACK per part (or per
+            # ACK_EVERY, or ACK_DELAY); a slow one (over _SLOW a message) one at a time, each
+            # confirmed as soon as on_message returned, so that confirmations follow the
+            # consumer instead of the backlog it has yet to work through.
+            step = _DELIVERY_BATCH
             while True:
                 batch = reassembly.take(policy.wait(monotonic()))
                 if batch is None:
                     break
                 at = 0
                 while at < len(batch):
-                    part = batch[at : at + min(_DELIVERY_BATCH, policy.room())]
-                    at += len(part)
-                    self._deliver_some(session, part, on_message)
-                    last = part[-1]
-                    if policy.delivered(len(part), last[0], last[3], session.ack_now, monotonic()):
+                    part = batch[at : at + min(step, policy.room())]
+                    began = monotonic()
+                    # A part whose consumer turns slow ends early, once the delay passed.
+                    handled = self._deliver_some(session, part, on_message, began + ACK_DELAY)
+                    at += handled
+                    last, now = part[handled - 1], monotonic()
+                    step = 1 if now - began > _SLOW * handled else _DELIVERY_BATCH
+                    if (
+                        policy.delivered(
+                            handled, last[0], last[3], session.ack_now, now, began=began
+                        )
+                        or step == 1
+                    ):
                         self._acknowledge(session, policy.through, policy.stream)
                         policy.acked()
                 if policy.unacked and (not batch or policy.due(monotonic())):
@@ -105,15 +120,22 @@ class Delivery:
             self._finished(session)
 
     def _deliver_some(
-        self, session: Session, batch: list[Ready], on_message: Callable[..., object]
-    ) -> None:
-        cost = 0
+        self,
+        session: Session,
+        batch: list[Ready],
+        on_message: Callable[..., object],
+        until: float | None = None,
+    ) -> int:
+        """Hand ``batch`` on in order; return how many of its messages were handled (all,
+        unless the clock passed ``until`` after one of them: an ACK is then due)."""
+        cost = handled = 0
         sender = session.sender
         expected = None if sender is None else sender.next_id
         delivered = duplicates = 0
         sender_id = session.sender_id.hex() if self.with_ids else None
         for mid, pieces, price, _ in batch:
             cost += price
+            handled += 1
             if expected is not None:
                 if mid < expected:
                     duplicates += 1  # resent by a reconnected sender, delivered before
@@ -135,6 +157,8 @@ class Delivery:
                     "Message handler failed"
                 )
             delivered += 1
+            if until is not None and time.monotonic() >= until:
+                break
         if sender is not None:
             sender.next_id = expected
         with self._cond:
@@ -142,6 +166,7 @@ class Delivery:
             self.duplicates += duplicates
             self._cond.notify_all()
         session.reassembly.done(cost)
+        return handled
 
     def _acknowledge(self, session: Session, through: int, stream: int) -> None:
         """One cumulative ACK for every message up to ``through``, on the stream that carried

@@ -9,7 +9,6 @@ import struct
 import sys
 import threading
 import time
-from datetime import timedelta
 from typing import cast
 
 Buffer = bytes | bytearray | memoryview
@@ -19,15 +18,6 @@ _monotonic = time.monotonic
 _TIMEOUT_SLACK = 0.001
 # Ciphertext read per recv(); a TLS record is at most about 16 KiB.
 _TLS_READ_SIZE = 64 * 1024
-
-
-def _seconds(name: str, value: float | timedelta) -> float:
-    seconds = value.total_seconds() if isinstance(value, timedelta) else value
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds or a timedelta")
-    if not seconds > 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
-    return float(seconds)
 
 
 def _check_address(address: object, *, lowest_port: int) -> None:

@@ -150,14 +150,29 @@ class AckPolicy:
             return None
         return max(self.since + ACK_DELAY - now, 0.0)
 
-    def delivered(self, count: int, through: int, stream: int, ack_now: int, now: float) -> bool:
+    def delivered(
+        self,
+        count: int,
+        through: int,
+        stream: int,
+        ack_now: int,
+        now: float,
+        *,
+        began: float | None = None,
+    ) -> bool:
         """``count`` more messages, the last ``through`` (chunk 0 on ``stream``), were handed
-        on at ``now``; ``ack_now`` is the highest id flagged ACK_NOW. True: ACK now."""
+        on from ``began`` (default ``now``) to ``now``; ``ack_now`` is the highest id flagged
+        ACK_NOW. True: ACK now, which includes when the delay since the first of them was
+        handed on has passed already (a slow ``on_message``)."""
         if not self.unacked:
-            self.since = now
+            self.since = now if began is None else began
         self.unacked += count
         self.through, self.stream = through, stream
-        return self.unacked >= ACK_EVERY or through >= ack_now > through - self.unacked
+        return (
+            self.unacked >= ACK_EVERY
+            or through >= ack_now > through - self.unacked
+            or now - self.since >= ACK_DELAY
+        )
 
     def due(self, now: float) -> bool:
         """Whether an ACK is due at ``now`` for what is unacknowledged (the delay passed)."""

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
+from dwcp import _validation as check
 from dwcp._errors import DWCPError
 from dwcp.transport import wire
 from dwcp.transport._accept import accept_loop, listen
@@ -28,7 +29,6 @@ from dwcp.transport._io import (
     TLSChannel,
     _bounded_int,
     _check_address,
-    _seconds,
     set_kernel_timeout,
 )
 from dwcp.transport._reader import Connection, StreamReader
@@ -118,10 +118,10 @@ class MultiStreamReceiver:
                     "ssl_context is a client context; build it for PROTOCOL_TLS_SERVER"
                 )
         self._ssl_context = ssl_context
-        self._tls_handshake_timeout = _seconds("tls_handshake_timeout", tls_handshake_timeout)
-        self._handshake_timeout = _seconds("handshake_timeout", handshake_timeout)
-        self._join_timeout = _seconds("join_timeout", join_timeout)
-        self._frame_timeout = _seconds("frame_timeout", frame_timeout)
+        self._tls_handshake_timeout = check.seconds("tls_handshake_timeout", tls_handshake_timeout)
+        self._handshake_timeout = check.seconds("handshake_timeout", handshake_timeout)
+        self._join_timeout = check.seconds("join_timeout", join_timeout)
+        self._frame_timeout = check.seconds("frame_timeout", frame_timeout)
         self._requested = address
         self._max_message_size = _bounded_int(
             "max_message_size", max_message_size, 0, wire.MAX_TOTAL_LENGTH
@@ -129,7 +129,7 @@ class MultiStreamReceiver:
         self._max_sessions = _bounded_int("max_sessions", max_sessions, 1, 1 << 16)
         self._max_buffered = _bounded_int("max_buffered_bytes", max_buffered_bytes, 1, 1 << 62)
         self._idle_timeout = (
-            None if idle_timeout is None else _seconds("idle_timeout", idle_timeout)
+            None if idle_timeout is None else check.seconds("idle_timeout", idle_timeout)
         )
         self._max_connections = self._max_sessions * wire.MAX_STREAMS
         self._reader = StreamReader(

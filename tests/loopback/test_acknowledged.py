@@ -375,3 +375,34 @@ def test_receiver_rejects_bad_addresses_naming_the_problem(
 ) -> None:
     with pytest.raises(error, match=match):
         MultiStreamReceiver(address, on_message=lambda data: None)  # type: ignore[arg-type]
+
+
+def test_a_slow_consumer_confirms_each_message_as_it_is_done_not_after_the_backlog(
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory
+) -> None:
+    """A slow consumer's messages are confirmed as each is done, not after the backlog it has
+    yet to work through: the sender's window follows the consumer."""
+    count = 200
+    done: list[bytes] = []
+
+    def slow(data: bytes) -> None:
+        time.sleep(0.005)  # the workload: a consumer that takes 5 ms a message
+        done.append(data)
+
+    receiver, _ = receiver_factory(on_message=slow)
+    transport = transport_factory(receiver.address, acknowledged=True, send_timeout=30.0)
+    transport.start()
+    for n in range(count):
+        transport.send(b"%d" % n)
+    lags = []
+    deadline = time.monotonic() + 60
+    while len(done) < count and time.monotonic() < deadline:
+        processed = len(done)
+        # Confirmed, or still inside on_message, or not reached yet; nothing else waits.
+        lags.append(transport.unacknowledged - (count - processed))
+        threading.Event().wait(0.01)  # a sampling period, not a wait for a thread
+    transport.flush()
+    assert done == [b"%d" % n for n in range(count)]
+    # Before: one ACK per part of up to 64 messages, so up to 63 processed messages waited.
+    # A busy machine may delay an ACK's reading by a few messages' time, never by 64.
+    assert max(lags) <= 16, max(lags)
