@@ -18,7 +18,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from functools import wraps
 from time import perf_counter
-from types import CoroutineType
+from types import AsyncGeneratorType, CoroutineType, GeneratorType
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from dwcp._breaker import Breaker
@@ -155,15 +155,17 @@ class Guard:
         except BaseException:
             self._breaker.release(ticket)
             raise
-        if isinstance(result, CoroutineType):
-            # An async function called without its await: the call would be over before its
-            # I/O began, so its failures could never count.
-            result.close()  # never awaited, on purpose: no "never awaited" warning
+        if isinstance(result, (CoroutineType, GeneratorType, AsyncGeneratorType)):
+            # An async function called without its await, or a generator: the call would be
+            # over before its I/O began, so its failures could never count.
+            if not isinstance(result, AsyncGeneratorType):  # never started: nothing to close
+                result.close()  # never run, on purpose: no "never awaited" warning
             self._breaker.release(ticket)
+            kind = "a coroutine" if isinstance(result, CoroutineType) else "a generator"
             raise TypeError(
-                f"{describe_callable(fn)} returned a coroutine: call() cannot guard the work "
-                "done at its await; decorate the async function with @manager.guard and "
-                "await it"
+                f"{describe_callable(fn)} returned {kind}: call() cannot guard the work "
+                "done as it is awaited or iterated; guard an async function with "
+                "@manager.guard and await it, or guard the calls a generator makes"
             )
         self._breaker.record_success(ticket)
         self.calls.add()
@@ -301,8 +303,11 @@ class GuardedCalls:
         An ``async def`` function stays one (``inspect.iscoroutinefunction`` is true of the
         wrapper): each call is admitted when awaited and recorded when its await ends.
         Generator functions, sync or async, raise ``TypeError``: the guard would see only the
-        generator's creation, never the work done as it is iterated.
+        generator's creation, never the work done as it is iterated. So does anything not
+        callable, at decoration rather than at the first call.
         """
+        if not callable(fn):
+            raise TypeError(f"@guard needs a callable, got {type(fn).__name__}")
         if inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn):
             kind = "async generator" if inspect.isasyncgenfunction(fn) else "generator"
             raise TypeError(

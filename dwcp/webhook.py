@@ -224,8 +224,16 @@ def sign(secret: str | bytes, timestamp: str, body: bytes) -> str:
     A receiver recomputes it from the raw body and the ``X-DWCP-Timestamp`` header and
     compares with ``hmac.compare_digest``; rejecting old timestamps stops replays.
     """
+    if not isinstance(secret, (str, bytes)):
+        raise TypeError(f"secret must be str or bytes, got {type(secret).__name__}")
+    if not isinstance(timestamp, str):
+        raise TypeError(
+            f"timestamp must be the X-DWCP-Timestamp header's text, got {type(timestamp).__name__}"
+        )
+    if not isinstance(body, (bytes, bytearray, memoryview)):
+        raise TypeError(f"body must be the raw bytes received, got {type(body).__name__}")
     key = secret.encode() if isinstance(secret, str) else secret
-    digest = hmac.new(key, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    digest = hmac.new(key, timestamp.encode() + b"." + bytes(body), hashlib.sha256).hexdigest()
     return f"sha256={digest}"
 
 

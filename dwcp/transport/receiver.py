@@ -9,6 +9,7 @@ the delivery threads, ``_accept`` the listener.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import socket
 import ssl
@@ -155,6 +156,7 @@ class MultiStreamReceiver:
         self._numbers = itertools.count(1)
         if not isinstance(with_ids, bool):
             raise TypeError(f"with_ids must be a bool, got {type(with_ids).__name__}")
+        _check_arity(on_message, 3 if with_ids else 1)
         for sender_id, next_id in resume_positions(resume_from, SENDERS_KEPT).items():
             self._table.sender(sender_id).next_id = next_id
         self._delivery = Delivery(on_message, self._session_finished, with_ids=with_ids)
@@ -493,3 +495,17 @@ class MultiStreamReceiver:
             last = conn.holders == 0
         if last:
             conn.close()
+
+
+def _check_arity(on_message: Callable[..., object], count: int) -> None:
+    """Raise ``TypeError`` when ``on_message`` cannot take ``count`` positional arguments:
+    every message would otherwise fail in the handler, logged but lost to the application."""
+    try:
+        signature = inspect.signature(on_message)
+    except (TypeError, ValueError):
+        return  # a builtin without a signature: it will tell at the first message
+    try:
+        signature.bind(*range(count))
+    except TypeError:
+        what = "(data, sender_id, message_id) with with_ids=True" if count == 3 else "(data)"
+        raise TypeError(f"on_message must accept {what}; its signature is {signature}") from None

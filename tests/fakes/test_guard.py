@@ -344,3 +344,22 @@ def test_calls_from_every_thread_are_counted_and_outlive_their_threads(
     assert not any(thread.is_alive() for thread in threads)
     manager.call(divmod, 7, 2)
     assert manager.metrics().calls == 4 * 500 + 1
+
+
+def test_guard_refuses_what_is_not_callable_at_decoration(make_manager: MakeManager) -> None:
+    manager = make_manager()
+    for bad in (5, None, "fn"):
+        with pytest.raises(TypeError, match="@guard needs a callable"):
+            manager.guard(bad)  # type: ignore[arg-type]
+
+
+def test_call_refuses_a_generator_function_it_could_not_guard(make_manager: MakeManager) -> None:
+    manager = make_manager()
+    manager.start()
+
+    def numbers() -> Iterator[int]:
+        yield 1
+
+    with pytest.raises(TypeError, match="returned a generator"):
+        manager.call(numbers)
+    assert manager.metrics().calls == 0

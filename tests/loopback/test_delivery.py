@@ -444,3 +444,16 @@ def test_stop_from_a_delivery_callback_returns_and_a_restart_delivers(
     assert not manager.is_started
     manager.start()  # and it delivers again, on a new thread
     manager.deliver(b"again").result(timeout=TIMEOUT)
+
+
+@pytest.mark.parametrize(
+    ("with_ids", "handler"),
+    [(True, lambda data: None), (False, lambda data, sender, mid: None)],
+    ids=["with_ids-one-argument", "plain-three-arguments"],
+)
+def test_an_on_message_that_cannot_take_its_arguments_is_refused_at_construction(
+    with_ids: bool, handler: Callable[..., None]
+) -> None:
+    # Accepted, every message would fail in the handler: logged, counted delivered, lost.
+    with pytest.raises(TypeError, match="on_message must accept"):
+        dwcp.MultiStreamReceiver(on_message=handler, with_ids=with_ids)

@@ -106,3 +106,18 @@ def test_verify_refuses_a_wrong_secret_a_changed_body_a_stale_or_missing_stamp(
     unsigned = {k: v for k, v in headers.items() if k != "x-dwcp-signature-256"}
     assert verify(b"shared-secret", unsigned, body) is False
     assert verify(b"shared-secret", {**headers, "x-dwcp-timestamp": "soon"}, body) is False
+
+
+@pytest.mark.parametrize(
+    ("args", "name"),
+    [
+        ((123, "1700000000", b"{}"), "secret"),
+        (("s3cret", 1700000000, b"{}"), "timestamp"),
+        (("s3cret", "1700000000", "{}"), "body"),
+    ],
+)
+def test_sign_names_an_argument_of_the_wrong_type(args: tuple[object, ...], name: str) -> None:
+    from dwcp.webhook import sign
+
+    with pytest.raises(TypeError, match=name):
+        sign(*args)  # type: ignore[arg-type]
