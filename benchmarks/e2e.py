@@ -4,21 +4,22 @@ Every receiver runs in a child process of its own (``benchmarks/e2e_peer.py``) a
 what it has fully received and parsed; the sender runs here.  A measurement is timed from
 the first send until the child reports, over its stats port, that all N messages arrived,
 so what the kernel's socket buffers absorb (or a sender's queue holds) is not counted.
-The contenders, side by side in alternating rounds:
+Nothing is pinned to a core, and hand-written sockets keep their default options.
 
-- raw ``sendall`` into a child that only drains bytes (context: no framing at all);
-- a hand-written 4-byte big-endian length prefix, parsed in the child from a ``recv_into``
-  buffer (``e2e_peer.parse_frames``);
-- pyzmq PUSH/PULL over ``tcp://127.0.0.1`` (skipped, with a note, without pyzmq: it is the
-  ``bench`` extra);
-- dwcp: ``MultiStreamTCPTransport`` (checksum on) to a ``MultiStreamReceiver`` whose
-  ``on_message`` counts.
+Rows:
 
-Rows: one stream at 1 KiB, 64 KiB and 1 MiB against pyzmq and the framing; 4 streams vs 1
-for 16 MiB messages, plus a long run that must not stall; 32 threads sending 8 MiB messages
-through one 4-stream transport, where the target is correctness (every send bounded, every
-returned send delivered).  Every wait has a deadline: a stall becomes a failed row with a
-note, never a hung benchmark, and every child is terminated (then killed) on the way out.
+- dwcp through a default ``Manager`` against a hand-framed socket and pyzmq at their
+  defaults, at 1 KiB, 64 KiB and 1 MiB, with CPU per GB of both processes, and the latency
+  rows: ``benchmarks/e2e_compare.py`` (the default of ``python3 -m benchmarks.e2e``);
+- 4 streams vs 1 for 16 MiB messages, plus a long run that must not stall;
+- 32 threads sending 8 MiB messages through one 4-stream transport, where the target is
+  correctness (every send bounded, every returned send delivered);
+- acknowledged vs unacknowledged (``--acked``) and 8 sender threads (``--senders``).
+
+The last three call ``transport.send`` directly: they compare dwcp with itself (or, for the
+sender threads, with a length prefix under a lock).  Every wait has a deadline: a stall
+becomes a failed row with a note, never a hung benchmark, and every child is terminated
+(then killed) on the way out.
 """
 
 from __future__ import annotations
