@@ -4,21 +4,22 @@ Every receiver runs in a child process of its own (``benchmarks/e2e_peer.py``) a
 what it has fully received and parsed; the sender runs here.  A measurement is timed from
 the first send until the child reports, over its stats port, that all N messages arrived,
 so what the kernel's socket buffers absorb (or a sender's queue holds) is not counted.
-The contenders, side by side in alternating rounds:
+Nothing is pinned to a core, and hand-written sockets keep their default options.
 
-- raw ``sendall`` into a child that only drains bytes (context: no framing at all);
-- a hand-written 4-byte big-endian length prefix, parsed in the child from a ``recv_into``
-  buffer (``e2e_peer.parse_frames``);
-- pyzmq PUSH/PULL over ``tcp://127.0.0.1`` (skipped, with a note, without pyzmq: it is the
-  ``bench`` extra);
-- dwcp: ``MultiStreamTCPTransport`` (checksum on) to a ``MultiStreamReceiver`` whose
-  ``on_message`` counts.
+Rows:
 
-Rows: one stream at 1 KiB, 64 KiB and 1 MiB against pyzmq and the framing; 4 streams vs 1
-for 16 MiB messages, plus a long run that must not stall; 32 threads sending 8 MiB messages
-through one 4-stream transport, where the target is correctness (every send bounded, every
-returned send delivered).  Every wait has a deadline: a stall becomes a failed row with a
-note, never a hung benchmark, and every child is terminated (then killed) on the way out.
+- dwcp through a default ``Manager`` against a hand-framed socket and pyzmq at their
+  defaults, at 1 KiB, 64 KiB and 1 MiB, with CPU per GB of both processes, and the latency
+  rows: ``benchmarks/e2e_compare.py`` (the default of ``python3 -m benchmarks.e2e``);
+- 4 streams vs 1 for 16 MiB messages, plus a long run that must not stall;
+- 32 threads sending 8 MiB messages through one 4-stream transport, where the target is
+  correctness (every send bounded, every returned send delivered);
+- acknowledged vs unacknowledged (``--acked``) and 8 sender threads (``--senders``).
+
+The last three call ``transport.send`` directly: they compare dwcp with itself (or, for the
+sender threads, with a length prefix under a lock).  Every wait has a deadline: a stall
+becomes a failed row with a note, never a hung benchmark, and every child is terminated
+(then killed) on the way out.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from contextlib import AbstractContextManager, ExitStack, contextmanager
 from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from benchmarks.harness import Result, alternate, paired_ratio
 from dwcp.transport import MultiStreamTCPTransport
@@ -53,6 +54,7 @@ if TYPE_CHECKING:  # typing.Self is 3.11+ and setup.cfg still allows 3.10
     from typing_extensions import Self
 
 Send = Callable[[bytes], object]
+T = TypeVar("T")
 
 # Longest one measurement may take, its sends included.
 _MEASURE_TIMEOUT = 120.0
@@ -68,7 +70,6 @@ _LENGTH = struct.Struct("!I")
 # Up to this size one copy of header + payload into one buffer is cheaper than a two-part
 # sendmsg(); the same trade-off (and value) as dwcp's sender.
 _COALESCE_LIMIT = 16 * 1024
-_ZMQ_QUEUE_BYTES = 32 * 2**20  # high-water marks sized to queue about this much per side
 
 
 class MeasurementFailed(Exception):
@@ -85,18 +86,15 @@ class Peer:
         self,
         kind: str,
         *,
-        max_message_size: int,
-        hwm: int | None = None,
-        cpu: int | None = None,
+        max_message_size: int | None = None,
         message_size: int | None = None,
     ) -> None:
         self.kind = kind
+        #: CPU seconds the child had used (every thread) at its last answer.
+        self.cpu = 0.0
         args = [sys.executable, "-m", "benchmarks.e2e_peer", kind]
-        args += ["--max-message-size", str(max_message_size)]
-        if hwm is not None:
-            args += ["--hwm", str(hwm)]
-        if cpu is not None:
-            args += ["--cpu", str(cpu)]
+        if max_message_size is not None:
+            args += ["--max-message-size", str(max_message_size)]
         if message_size is not None:
             args += ["--message-size", str(message_size)]
         self._proc = subprocess.Popen(
@@ -126,15 +124,15 @@ class Peer:
 
     def count(self, target: int = 0) -> int:
         """The child's count: at once for target 0, else once it reaches ``target`` or half a
-        second has passed, whichever comes first."""
+        second has passed, whichever comes first.  Also updates ``cpu``."""
         stats = self._stats
         if stats is None:
             raise MeasurementFailed(f"{self.kind} peer's stats channel failed earlier")
         try:
             stats.sendall(target.to_bytes(8, "big"))
             data = b""
-            while len(data) < 8:
-                part = stats.recv(8 - len(data))
+            while len(data) < 16:
+                part = stats.recv(16 - len(data))
                 if not part:
                     raise OSError("closed by the peer")
                 data += part
@@ -143,7 +141,8 @@ class Peer:
             stats.close()
             self._stats = None
             raise MeasurementFailed(f"{self.kind} peer's stats channel: {exc!r}") from exc
-        return int.from_bytes(data, "big")
+        self.cpu = int.from_bytes(data[8:], "big") / 1e9
+        return int.from_bytes(data[:8], "big")
 
     def wait_for(self, target: int, *, base: int, deadline: float, stall: float) -> None:
         """Return once the count reaches ``target``; raise MeasurementFailed on a stall (no
@@ -222,10 +221,12 @@ def _kernel_send_timeout(sock: socket.socket, seconds: float) -> None:
 
 @contextmanager
 def _tcp_connection(address: tuple[str, int]) -> Iterator[socket.socket]:
+    """A connection as a user opens one: default options (Nagle on).  SO_SNDTIMEO is the one
+    addition, a kernel timer consulted only while a send blocks, so that a stalled reader
+    fails the measurement instead of hanging the benchmark."""
     sock = socket.create_connection(address, _START_TIMEOUT)
     try:
         sock.settimeout(None)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         _kernel_send_timeout(sock, _MEASURE_TIMEOUT)
         yield sock
     finally:
@@ -255,17 +256,19 @@ def framed_sender(sock: socket.socket) -> Send:
 
 
 @contextmanager
-def _zmq_sender(port: int, hwm: int) -> Iterator[Send]:
+def _zmq_sender(port: int, *, copy: bool = True) -> Iterator[Send]:
+    """A PUSH socket at pyzmq's defaults (SNDHWM 1000, ``send()`` copying unless ``copy`` is
+    False), but SNDTIMEO, so that a stalled reader fails the measurement instead of hanging
+    it (libzmq reads the timeout only when a send would block), and LINGER 0 for the close."""
     context = zmq.Context()
     push = context.socket(zmq.PUSH)
     try:
-        push.setsockopt(zmq.SNDHWM, hwm)
         push.setsockopt(zmq.SNDTIMEO, int(_MEASURE_TIMEOUT * 1000))
         push.setsockopt(zmq.LINGER, 0)
         push.connect(f"tcp://127.0.0.1:{port}")
-        # copy=False is pyzmq's own recommendation: it still copies below zmq.COPY_THRESHOLD
-        # (64 KiB) and sends larger payloads without a copy.
-        yield partial(push.send, copy=False)
+        # copy=False still copies below zmq.COPY_THRESHOLD (64 KiB) and hands larger
+        # payloads to libzmq without a copy.
+        yield push.send if copy else partial(push.send, copy=False)
     finally:
         push.close(linger=0)
         context.term()
@@ -339,10 +342,10 @@ def delivered_per_second(
     return count / (time.perf_counter() - began)
 
 
-def _labelled(name: str, measure: Callable[[int], float]) -> Callable[[int], float]:
+def _labelled(name: str, measure: Callable[[int], T]) -> Callable[[int], T]:
     """``measure`` with failures prefixed by the contender's name."""
 
-    def run(count: int) -> float:
+    def run(count: int) -> T:
         try:
             return measure(count)
         except MeasurementFailed as exc:
@@ -352,8 +355,8 @@ def _labelled(name: str, measure: Callable[[int], float]) -> Callable[[int], flo
 
 
 def rotate(
-    contenders: dict[str, Callable[[int], float]], *, count: int, rounds: int, warmup: int
-) -> tuple[dict[str, list[float]], str | None]:
+    contenders: dict[str, Callable[[int], T]], *, count: int, rounds: int, warmup: int
+) -> tuple[dict[str, list[T]], str | None]:
     """``harness.alternate`` for more than two contenders: after one warm-up pass of
     ``warmup`` messages each, every round runs each contender once on ``count`` messages,
     the one going first rotating from round to round, so the machine's drift lands on all
@@ -363,7 +366,7 @@ def rotate(
     Returns the samples of the complete rounds and, if a measurement failed, why (the
     remaining rounds are skipped: a stalled contender would only stall again)."""
     names = list(contenders)
-    samples: dict[str, list[float]] = {name: [] for name in names}
+    samples: dict[str, list[T]] = {name: [] for name in names}
     try:
         for name in names:
             contenders[name](warmup)
@@ -388,138 +391,6 @@ def _per_round(ours: list[float], reference: list[float]) -> str:
 
 def _size(size: int) -> str:
     return f"{size // 2**20} MiB" if size >= 2**20 else f"{size // 1024} KiB"
-
-
-def _pinnable() -> bool:
-    return hasattr(os, "sched_setaffinity") and {0, 1} <= os.sched_getaffinity(0)
-
-
-# -- row 1: one stream, dwcp vs pyzmq and vs hand-written framing -----------------------------------
-
-# (size, target against the framing, messages per measurement in full and quick mode): about
-# 0.5-1 s per measurement for the references in full mode.
-_ONE_STREAM = (
-    (1024, 0.5, 200_000, 50_000),
-    (64 * 1024, 0.8, 30_000, 8_000),
-    (2**20, 0.8, 2_000, 500),
-)
-
-
-def one_stream(quick: bool) -> list[Result]:
-    rounds = 3 if quick else 9
-    # As in scenario 1: the sender here on one core, every child on the other, the same for
-    # every contender, so that the scheduler cannot put a reader on the sender's core for
-    # one measurement and not the next.
-    pinned = _pinnable()
-    affinity = os.sched_getaffinity(0) if pinned else set()
-    if pinned:
-        os.sched_setaffinity(0, {0})  # before any sender thread exists: they inherit it
-    results: list[Result] = []
-    try:
-        for size, framed_target, full, short in _ONE_STREAM:
-            count = short if quick else full
-            cpu = 1 if pinned else None
-            results += _one_stream_at(size, framed_target, count, rounds, cpu)
-    finally:
-        if pinned:
-            os.sched_setaffinity(0, affinity)
-    if pinned:
-        results[0].notes += "; parent pinned to core 0, every child to core 1"
-    return results
-
-
-def _one_stream_at(
-    size: int, framed_target: float, count: int, rounds: int, cpu: int | None
-) -> list[Result]:
-    payload = os.urandom(size)
-    limit = max(4 * size, 2**20)  # the same max_message_size for every receiver
-    hwm = max(4, min(1000, _ZMQ_QUEUE_BYTES // size))
-    contenders: dict[str, Callable[[int], float]] = {}
-    with ExitStack() as stack:
-        # Each peer is entered before its sender, so the sender is closed first on the way out.
-        raw_peer = stack.enter_context(
-            Peer("raw", max_message_size=limit, cpu=cpu, message_size=size)
-        )
-        raw = stack.enter_context(_tcp_connection(raw_peer.address))
-        contenders["raw"] = partial(
-            delivered_per_second, raw_peer, raw.sendall, payload, per_message=size
-        )
-        framed_peer = stack.enter_context(Peer("framed", max_message_size=limit, cpu=cpu))
-        framed = framed_sender(stack.enter_context(_tcp_connection(framed_peer.address)))
-        contenders["framed"] = partial(delivered_per_second, framed_peer, framed, payload)
-        if HAVE_ZMQ:
-            zmq_peer = stack.enter_context(Peer("zmq", max_message_size=limit, hwm=hwm, cpu=cpu))
-            push = stack.enter_context(_zmq_sender(zmq_peer.port, hwm))
-            contenders["pyzmq"] = partial(delivered_per_second, zmq_peer, push, payload)
-        dwcp_peer = stack.enter_context(Peer("dwcp", max_message_size=limit, cpu=cpu))
-        # One stream has nothing to stripe, so a message travels as one chunk (as in
-        # scenario 1).
-        transport = stack.enter_context(
-            _dwcp_transport(
-                dwcp_peer.address,
-                streams=1,
-                chunk_size=max(size, 256 * 1024),
-                max_message_size=limit,
-            )
-        )
-        contenders["dwcp"] = partial(delivered_per_second, dwcp_peer, transport.send, payload)
-        # The references check nothing; the same transport without its payload CRC shows
-        # what checksums on cost (headers stay checked).
-        unchecked = stack.enter_context(
-            _dwcp_transport(
-                dwcp_peer.address,
-                streams=1,
-                chunk_size=max(size, 256 * 1024),
-                max_message_size=limit,
-                checksum=False,
-            )
-        )
-        contenders["dwcp-unchecked"] = partial(
-            delivered_per_second, dwcp_peer, unchecked.send, payload
-        )
-        labelled = {name: _labelled(name, measure) for name, measure in contenders.items()}
-        samples, failure = rotate(labelled, count=count, rounds=rounds, warmup=max(1, count // 4))
-
-    ours = samples["dwcp"]
-    raw_rate = _median(samples["raw"])
-    context = (
-        f"raw sendall: {raw_rate / 1e3:,.1f} kmsg/s ({raw_rate * size / 1e6:,.0f} MB/s); "
-        f"{count:,} msgs x {len(ours)} rounds"
-    )
-    unchecked_samples = samples.get("dwcp-unchecked") or []
-    if unchecked_samples:
-        ratios = ", ".join(
-            f"{paired_ratio(unchecked_samples, samples[name]):.2f}x {name}"
-            for name in ("pyzmq", "framed")
-            if name in samples
-        )
-        context += f"; dwcp checksum off: {_median(unchecked_samples) / 1e3:,.1f} kmsg/s ({ratios})"
-    if failure is not None:
-        context += f"; FAILED: {failure}"
-    label = f"8. e2e 1 stream, {_size(size)}, checksum on"
-    references = [("framed", "4-byte length prefix", framed_target)]
-    if HAVE_ZMQ:
-        references.insert(0, ("pyzmq", "pyzmq PUSH/PULL", 1.0))
-    results = []
-    for name, title, target in references:
-        ratio = paired_ratio(ours, samples[name]) if ours else None
-        results.append(
-            Result(
-                scenario=f"{label}, vs {title}",
-                metric="delivered msgs/s",
-                ours=_median(ours) / 1e3,
-                reference=_median(samples[name]) / 1e3,
-                unit=" kmsg/s",
-                target=f">= {target}x {name}",
-                met=failure is None and ratio is not None and ratio >= target,
-                paired_ratio=ratio,
-                notes=context,
-                extra={"message_size": size, "raw_msgs_per_s": raw_rate, "reference": name},
-            )
-        )
-    if not HAVE_ZMQ:
-        results[0].notes += "; pyzmq not installed: its reference skipped (pip install .[bench])"
-    return results
 
 
 # -- row 2: 4 streams vs 1 at 16 MiB, and a long run that must not stall ----------------------------
@@ -910,8 +781,12 @@ def many_senders(quick: bool) -> list[Result]:
 
 def end_to_end(quick: bool) -> list[Result]:
     """Scenario 8: delivered messages per second, receiver in a child process."""
+    from benchmarks import e2e_compare
+
+    rows, lat = e2e_compare.run(quick)
+    print(e2e_compare.markdown(rows, lat))
     return (
-        one_stream(quick)
+        e2e_compare.results(rows, lat)
         + multistream(quick)
         + threads(quick)
         + acknowledged(quick)
@@ -919,18 +794,68 @@ def end_to_end(quick: bool) -> list[Result]:
     )
 
 
-if __name__ == "__main__":
-    # ``python -m benchmarks.e2e [--quick] [ROW ...] [senders]``: the acknowledged rows (0, 1,
-    # 2; all of them unless some are named) and, with ``senders``, the 8-thread rows; the
-    # whole scenario is ``python -m benchmarks --only 8``.
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.e2e``: the comparison rows (``benchmarks/e2e_compare.py``)."""
+    import argparse
+    import platform
+
+    from benchmarks import e2e_compare
     from benchmarks.harness import format_table
 
-    quick = "--quick" in sys.argv[1:]
-    chosen = {int(arg) for arg in sys.argv[1:] if arg.isdigit()}
-    senders = "senders" in sys.argv[1:]
-    rows = [] if senders and not chosen else acknowledged(quick, chosen or None)
-    if senders:
-        rows += many_senders(quick)
-    print(format_table(rows))
-    for row in rows:
-        print(f"  {row.scenario}: {row.notes}")
+    parser = argparse.ArgumentParser(
+        prog="python3 -m benchmarks.e2e",
+        description="dwcp end to end against a hand-framed socket and pyzmq, at defaults, "
+        "unpinned, each receiver in its own process (benchmarks/README.md).",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer messages and 3 rounds (a smoke test)"
+    )
+    parser.add_argument(
+        "--sizes",
+        nargs="*",
+        type=int,
+        choices=[size for size, _, _ in e2e_compare.SIZES],
+        help="message sizes of the throughput rows (default: all)",
+    )
+    parser.add_argument("--no-latency", action="store_true", help="skip the latency rows")
+    parser.add_argument(
+        "--acked",
+        nargs="*",
+        type=int,
+        choices=range(len(_ACKED_ROWS)),
+        help="instead, the acknowledged-vs-not rows (all, or those numbered)",
+    )
+    parser.add_argument("--senders", action="store_true", help="instead, the 8-sender-thread rows")
+    args = parser.parse_args(argv)
+    if args.acked is not None or args.senders:
+        found = [] if args.acked is None else acknowledged(args.quick, set(args.acked) or None)
+        if args.senders:
+            found += many_senders(args.quick)
+        print(format_table(found))
+        for row in found:
+            print(f"  {row.scenario}: {row.notes}")
+        return 0 if all(row.met for row in found) else 1
+    load = os.getloadavg()
+    began = time.monotonic()
+    rows, lat = e2e_compare.run(
+        args.quick,
+        sizes=tuple(args.sizes) if args.sizes else None,
+        with_latency=not args.no_latency,
+    )
+    print(e2e_compare.markdown(rows, lat))
+    after = os.getloadavg()
+    print(
+        f"\n{platform.python_implementation()} {platform.python_version()}, "
+        f"{os.cpu_count()} CPUs; load average (1, 5, 15 min) before "
+        f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, after {after[0]:.2f} {after[1]:.2f} "
+        f"{after[2]:.2f}; took {time.monotonic() - began:.0f} s"
+        + ("; QUICK mode" if args.quick else "")
+    )
+    problems = e2e_compare.failures(rows, lat)
+    for problem in problems:
+        print(f"FAILED: {problem}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -4,15 +4,23 @@ KIND is one of:
 
 - ``raw``: drains bytes and counts them (the ceiling: no framing at all);
 - ``framed``: parses 4-byte big-endian length-prefixed frames and counts whole messages;
-- ``zmq``: a pyzmq PULL socket, counting each ``recv()``;
-- ``dwcp``: a ``MultiStreamReceiver`` whose ``on_message`` counts.
+- ``zmq``: a pyzmq PULL socket at pyzmq's defaults, counting each ``recv()``;
+- ``dwcp``: a ``MultiStreamReceiver`` (defaults, but ``max_message_size`` when given) whose
+  ``on_message`` counts;
+- ``reqack``: a hand-written request/ack server: reads one length-prefixed request, answers
+  one byte (the reference of the latency rows);
+- ``zmq-rep``: a pyzmq REP socket at its defaults answering each request with one byte.
+
+Every socket keeps its default options (no ``TCP_NODELAY``), and nothing is pinned to a core.
 
 The peer prints ``DATA_PORT STATS_PORT`` on one line once it is ready.  The stats port is the
 control channel: the parent sends an 8-byte big-endian *target* and gets back the count (8
 bytes, big-endian) as soon as it reaches the target, or after ``_ANSWER_WITHIN`` seconds at
-the latest, so the parent both learns of completion promptly and sees progress (or its
-absence) while it waits; a target of 0 is answered at once.  The count is bytes for
-``raw`` and messages for the others.  The peer serves until its stdin closes or it is
+the latest, followed by the CPU seconds this whole process has used so far, every thread
+included (8 bytes, big-endian nanoseconds of ``time.process_time_ns()``), so the parent
+learns of completion promptly, sees progress (or its absence) while it waits, and can
+charge the receiving side its CPU; a target of 0 is answered at once.  The count is bytes
+for ``raw`` and messages for the others.  The peer serves until its stdin closes or it is
 terminated.
 """
 
@@ -83,7 +91,8 @@ def _answer(conn: socket.socket, total: Callable[[], int]) -> None:
             deadline = time.monotonic() + _ANSWER_WITHIN
             while total() < target and time.monotonic() < deadline:
                 time.sleep(_POLL)  # a benchmark peer's poll, not library code
-            conn.sendall(total().to_bytes(8, "big"))
+            answer = total().to_bytes(8, "big") + time.process_time_ns().to_bytes(8, "big")
+            conn.sendall(answer)
 
 
 def _serve_stats(server: socket.socket, total: Callable[[], int]) -> None:
@@ -96,7 +105,6 @@ def _accept(server: socket.socket, reader: Callable[[socket.socket, list[int]], 
     """Hand each data connection to ``reader`` on a thread of its own, with its own cell."""
     while True:
         conn, _ = server.accept()
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         threading.Thread(target=reader, args=(conn, _counts.cell()), daemon=True).start()
 
 
@@ -196,6 +204,50 @@ def parse_frames(conn: socket.socket, cell: list[int], limit: int) -> None:
             end += n
 
 
+# -- latency references: request/ack -------------------------------------------------------------
+
+
+def request_ack(conn: socket.socket, cell: list[int]) -> None:
+    """The hand-written request/ack server a user would write: read the 4-byte length and the
+    payload (``MSG_WAITALL``), answer one byte with ``sendall``. Default socket options: the
+    one-byte answer goes out at once anyway, as nothing of ours is unacknowledged then."""
+    header = bytearray(4)
+    head = memoryview(header)
+    with conn:
+        while True:
+            if not _read_into(conn, head):
+                return
+            (length,) = _LENGTH.unpack(header)
+            payload = bytearray(length)
+            with memoryview(payload) as view:
+                if length and not _read_into(conn, view):
+                    return
+            cell[0] += 1
+            try:
+                conn.sendall(b"\x01")
+            except OSError:
+                return
+
+
+def _start_zmq_rep() -> int:
+    import zmq
+
+    context = zmq.Context()
+    rep = context.socket(zmq.REP)  # pyzmq's defaults
+    port = rep.bind_to_random_port("tcp://127.0.0.1")
+    cell = _counts.cell()
+
+    def serve() -> None:
+        recv, send = rep.recv, rep.send
+        while True:
+            recv()
+            cell[0] += 1
+            send(b"\x01")
+
+    threading.Thread(target=serve, name="zmq-rep", daemon=True).start()
+    return port
+
+
 # -- main ---------------------------------------------------------------------------------------
 
 
@@ -207,13 +259,11 @@ def _listener() -> socket.socket:
     return server
 
 
-def _start_zmq(hwm: int, limit: int) -> int:
+def _start_zmq() -> int:
     import zmq
 
     context = zmq.Context()
-    pull = context.socket(zmq.PULL)
-    pull.setsockopt(zmq.RCVHWM, hwm)
-    pull.setsockopt(zmq.MAXMSGSIZE, limit)
+    pull = context.socket(zmq.PULL)  # pyzmq's defaults: RCVHWM 1000, no size limit
     port = pull.bind_to_random_port("tcp://127.0.0.1")
     cell = _counts.cell()
 
@@ -228,7 +278,7 @@ def _start_zmq(hwm: int, limit: int) -> int:
     return port
 
 
-def _start_dwcp(limit: int) -> int:
+def _start_dwcp(limit: int | None) -> int:
     from dwcp.transport import MultiStreamReceiver
 
     cell = _counts.cell()
@@ -237,25 +287,30 @@ def _start_dwcp(limit: int) -> int:
         # No lock: on_message runs serially per session, and each peer serves one session.
         cell[0] += 1
 
-    receiver = MultiStreamReceiver(("127.0.0.1", 0), on_message=on_message, max_message_size=limit)
+    if limit is None:
+        receiver = MultiStreamReceiver(("127.0.0.1", 0), on_message=on_message)
+    else:
+        receiver = MultiStreamReceiver(
+            ("127.0.0.1", 0), on_message=on_message, max_message_size=limit
+        )
     receiver.start()
     return receiver.address[1]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.e2e_peer")
-    parser.add_argument("kind", choices=("raw", "framed", "zmq", "dwcp"))
-    parser.add_argument("--max-message-size", type=int, default=64 * 2**20)
-    parser.add_argument("--hwm", type=int, default=1000, help="zmq receive high-water mark")
+    parser.add_argument("kind", choices=("raw", "framed", "zmq", "dwcp", "reqack", "zmq-rep"))
+    parser.add_argument(
+        "--max-message-size",
+        type=int,
+        default=None,
+        help="framed: the largest length accepted (default 64 MiB); dwcp: the receiver's "
+        "max_message_size (default: the receiver's own default)",
+    )
     parser.add_argument(
         "--message-size", type=int, default=0, help="raw: the size of each message drained"
     )
-    parser.add_argument("--cpu", type=int, default=None, help="pin the whole peer to this core")
     args = parser.parse_args()
-    if args.cpu is not None:
-        # Before any thread exists (zmq's I/O thread included), so that every thread inherits
-        # the pin: pinning a pid from outside pins only its main thread.
-        os.sched_setaffinity(0, {args.cpu})
     if args.kind == "raw":
         data = _listener()
         message_size = args.message_size
@@ -267,7 +322,7 @@ def main() -> None:
         port = data.getsockname()[1]
     elif args.kind == "framed":
         data = _listener()
-        limit = args.max_message_size
+        limit = args.max_message_size or 64 * 2**20
 
         def framed(conn: socket.socket, cell: list[int]) -> None:
             parse_frames(conn, cell, limit)
@@ -275,7 +330,13 @@ def main() -> None:
         threading.Thread(target=_accept, args=(data, framed), daemon=True).start()
         port = data.getsockname()[1]
     elif args.kind == "zmq":
-        port = _start_zmq(args.hwm, args.max_message_size)
+        port = _start_zmq()
+    elif args.kind == "reqack":
+        data = _listener()
+        threading.Thread(target=_accept, args=(data, request_ack), daemon=True).start()
+        port = data.getsockname()[1]
+    elif args.kind == "zmq-rep":
+        port = _start_zmq_rep()
     else:
         port = _start_dwcp(args.max_message_size)
     stats = _listener()
