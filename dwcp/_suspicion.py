@@ -57,8 +57,10 @@ AKKA_HEARTBEAT_INTERVAL = 1.0  # 1 s, also Akka's first-heartbeat estimate
 WARMUP = 5
 #: A suspicion under this reads 0 (the formulas' tails and rounding, not evidence).
 NEGLIGIBLE = 1e-3
-# The phi of a latency equal to the history's mean: y = 0, log10(1 + e**0).
-_PHI_AT_MEAN = math.log10(2.0)
+# "As usual" reaches two deviations past the expected value (a latency, or an arrival
+# after the mean interval and the acceptable pause): the phi up to there is scheduling and
+# network noise, not suspicion. Only the phi above it counts. (Set after ``phi`` below.)
+_PHI_USUAL = 0.0
 
 
 def phi(time_diff: float, mean: float, std_deviation: float) -> float:
@@ -74,6 +76,9 @@ def phi(time_diff: float, mean: float, std_deviation: float) -> float:
     if b > 30.0:
         return (b + math.log1p(math.exp(-b))) / _LN10
     return math.log1p(math.exp(b)) / _LN10
+
+
+_PHI_USUAL = phi(2.0, 0.0, 1.0)
 
 
 class _History:
@@ -269,8 +274,8 @@ class _LatencyChannel:
             return 0.0
         else:
             waited = self._surprise
-        # As usual (at or under the mean) reads 0; only the excess is suspicion.
-        return max(waited - _PHI_AT_MEAN, 0.0)
+        # As usual (up to two deviations past the mean) reads 0; only the excess counts.
+        return max(waited - _PHI_USUAL, 0.0)
 
 
 class ComponentSuspicion:
@@ -338,7 +343,8 @@ class ComponentSuspicion:
     def level(self, now: float) -> float:
         """The suspicion at ``now``: the largest phi of arrivals, checks and sends; under
         ``NEGLIGIBLE`` it reads 0."""
-        level = max(self.arrivals.phi(now), self.checks.level(now), self.sends.level(now))
+        arrivals = max(self.arrivals.phi(now) - _PHI_USUAL, 0.0)
+        level = max(arrivals, self.checks.level(now), self.sends.level(now))
         return level if level >= NEGLIGIBLE else 0.0
 
     def crossed(self, now: float) -> float | None:
