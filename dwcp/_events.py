@@ -272,6 +272,14 @@ class _Dispatcher:
         if thread is None:
             return
         deadline = time.monotonic() + timeout
+        if thread is threading.current_thread():
+            # close() from a listener: this thread is the one that would drain the queue,
+            # so never wait for room; it ends once that listener returns.
+            try:
+                events.put_nowait(_STOP)
+            except queue.Full:
+                abandon.set()
+            return
         try:
             # Blocks only while the queue is full, that is while a listener is stuck.
             events.put(_STOP, timeout=timeout)

@@ -261,6 +261,7 @@ class Manager(GuardedCalls, DeliveryCalls):
             started.set()
 
     def _start(self) -> None:
+        self._await_previous_run()
         failed = self._start_components()
         with self._lock:
             now = self._clock.now()
@@ -285,6 +286,24 @@ class Manager(GuardedCalls, DeliveryCalls):
         # joins a thread or closes a member that start() had not reached yet.
         with self._lock:
             self._phase = "started"
+
+    def _await_previous_run(self) -> None:
+        """Wait for recoveries that outlived the last ``stop()``'s join (a component's
+        ``start()`` that hung past the deadline), so that cycles of two runs never overlap
+        on one component; raise ``DWCPError`` (``STILL_STOPPING``) if one still hangs after
+        ``health_check_timeout + 1 s``."""
+        with self._lock:
+            leftovers = [t for t in self._supervisor.threads() if t.is_alive()]
+        deadline = time.monotonic() + self._monitor.timeout + 1.0
+        for thread in leftovers:
+            thread.join(max(deadline - time.monotonic(), 0.0))
+        hung = [t.name for t in leftovers if t.is_alive()]
+        if hung:
+            raise DWCPError(
+                f"a recovery of the previous run is still inside a component call ({', '.join(hung)}); "
+                "start() again once it returns",
+                code="STILL_STOPPING",
+            )
 
     def _start_components(self) -> dict[str, DWCPError]:
         """Start the server and each component; those that fail (and may not) are returned."""
@@ -325,26 +344,29 @@ class Manager(GuardedCalls, DeliveryCalls):
             stopped.wait()
         if phase != "started":
             return
-        # Joined without the lock: these threads take it on their way out.
-        self._supervisor.join(threads, cycles, time.monotonic() + self._monitor.timeout + 1.0)
-        for state in reversed(list(self._states.values())):
-            state.slot.shutdown()
-        # After the transport's close, which waits for outstanding confirmations and ends
-        # a blocked send: what is still unconfirmed then fails (STOPPED). Its thread has the
-        # same allowance as the others, from here.
-        self._outbox.close()
-        self._outbox.join(time.monotonic() + self._monitor.timeout + 1.0)
-        if self._health_server is not None:
-            self._health_server.stop()
-        self._breaker.close()
-        if self._cluster is not None:
-            self._cluster.close()
-        self._events.close()
-        with self._lock:
-            self._monitor.forget_thread()
-            self._stop = threading.Event()
-            self._phase = "idle"
-            self._stopped.set()
+        # Whatever fails below, the manager ends idle: a stop never leaves it "stopping".
+        try:
+            # Joined without the lock: these threads take it on their way out.
+            self._supervisor.join(threads, cycles, time.monotonic() + self._monitor.timeout + 1.0)
+            for state in reversed(list(self._states.values())):
+                state.slot.shutdown()
+            # After the transport's close, which waits for outstanding confirmations and ends
+            # a blocked send: what is still unconfirmed then fails (STOPPED). Its thread has the
+            # same allowance as the others, from here.
+            self._outbox.close()
+            self._outbox.join(time.monotonic() + self._monitor.timeout + 1.0)
+            if self._health_server is not None:
+                self._health_server.stop()
+            self._breaker.close()
+            if self._cluster is not None:
+                self._cluster.close()
+            self._events.close()
+        finally:
+            with self._lock:
+                self._monitor.forget_thread()
+                self._stop = threading.Event()
+                self._phase = "idle"
+                self._stopped.set()
         logger.info("DWCP manager stopped: {}", self._name)
 
     def close(self) -> None:

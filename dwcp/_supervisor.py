@@ -34,6 +34,9 @@ from dwcp._validation import describe
 
 __all__ = ["Supervisor"]
 
+# The cycle the calling thread runs, if any (a recovery thread, or recover_now's caller).
+_running = threading.local()
+
 
 class Supervisor:
     """Turns check results into recovery cycles and runs them; state changes under ``lock``."""
@@ -95,9 +98,16 @@ class Supervisor:
     def join(threads: list[threading.Thread], cycles: list[Cycle], deadline: float) -> None:
         """Join ``threads`` and wait for ``cycles`` by one monotonic ``deadline``.
 
-        One deadline for all, so many hung threads cost one timeout, not one each.
+        One deadline for all, so many hung threads cost one timeout, not one each. The
+        calling thread and its own cycle are skipped (``stop()`` called from a listener or a
+        component's ``start()`` during recovery): they end once the caller returns.
         """
+        current = threading.current_thread()
+        mine = getattr(_running, "cycle", None)
+        cycles = [cycle for cycle in cycles if cycle is not mine]
         for thread in threads:
+            if thread is current:
+                continue
             thread.join(max(deadline - time.monotonic(), 0.0))
             if thread.is_alive():
                 logger.bind(thread=thread.name).warning(
@@ -262,6 +272,13 @@ class Supervisor:
 
     def recover(self, state: ComponentState, cycle: Cycle, stop: threading.Event) -> None:
         """Run one cycle to its end: back off, restart, verify, at most the policy's attempts."""
+        _running.cycle = cycle  # join() skips it when this thread is the one stopping
+        try:
+            self._recover(state, cycle, stop)
+        finally:
+            _running.cycle = None
+
+    def _recover(self, state: ComponentState, cycle: Cycle, stop: threading.Event) -> None:
         name = state.name
         began = self._clock.now()
         if cycle.plan is not None:

@@ -158,3 +158,98 @@ def test_every_class_that_starts_stops_with_both_stop_and_close(cls: object) -> 
         cls = ClusterMember
     assert callable(getattr(cls, "start", None))
     assert callable(getattr(cls, "stop", None)) and callable(getattr(cls, "close", None))
+
+
+def test_stop_from_a_listener_ends_the_manager_idle_and_restartable() -> None:
+    layer = FakeLayer()
+    manager = dwcp.Manager(FakeTransport(), compression=layer, health_interval=3600)
+    stopped_inside: list[BaseException | None] = []
+
+    def listener(event: dwcp.Event) -> None:
+        if isinstance(event, dwcp.ComponentUnhealthy) and not stopped_inside:
+            try:
+                manager.stop()  # on dwcp-events, one of the manager's own threads
+            except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
+                stopped_inside.append(exc)
+            else:
+                stopped_inside.append(None)
+
+    manager.add_listener(listener)
+    manager.start()
+    layer.healthy = False
+    manager.check_component_health()
+    wait_until(lambda: stopped_inside, TIMEOUT)
+    assert stopped_inside == [None]  # no "cannot join current thread"
+    assert not manager.is_started
+    wait_until(lambda: not any(t.name.startswith("dwcp-") for t in threading.enumerate()))
+    manager.start()  # not wedged in "stopping"
+    manager.stop()
+
+
+def test_stop_from_a_component_start_during_recovery_ends_the_manager_idle() -> None:
+    class StopsTheManager(FakeLayer):
+        manager: dwcp.Manager
+
+        def start(self) -> None:
+            super().start()
+            if self.calls.count("start") == 2:  # the restart by recovery
+                self.manager.stop()  # on dwcp-recovery-compression
+
+    layer = StopsTheManager()
+    manager = dwcp.Manager(
+        FakeTransport(), compression=layer, health_interval=3600, clock=FakeClock()
+    )
+    layer.manager = manager
+    manager.start()
+    layer.healthy = False
+    manager.check_component_health()
+    wait_until(lambda: not manager.is_started, TIMEOUT)
+    wait_until(lambda: not any(t.name.startswith("dwcp-") for t in threading.enumerate()))
+    manager.start()
+    manager.stop()
+
+
+def test_a_restart_waits_for_a_recovery_that_outlived_stop_so_cycles_never_overlap() -> None:
+    class Counting(GatedLayer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inside = 0
+            self.most_inside = 0
+
+        def start(self) -> None:
+            with self._lock:
+                self.inside += 1
+                self.most_inside = max(self.most_inside, self.inside)
+            try:
+                super().start()
+            finally:
+                with self._lock:
+                    self.inside -= 1
+
+    layer = Counting()
+    layer.gating = False
+    manager = dwcp.Manager(
+        FakeTransport(),
+        compression=layer,
+        health_interval=3600,
+        health_check_timeout=1.0,  # stop() joins recovery for 2 s, then goes on
+        clock=FakeClock(),
+    )
+    manager.start()
+    layer.entered.clear()
+    layer.gating = True
+    layer.healthy = False
+    manager.check_component_health()
+    assert layer.entered.wait(TIMEOUT)  # the recovery is inside the layer's start()
+    manager.stop()  # gives up joining it
+    layer.gating = False
+    restarted = threading.Thread(target=manager.start, name="test-restart")
+    restarted.start()
+    restarted.join(0.05)
+    assert restarted.is_alive()  # it waits for the old run's recovery
+    layer.gate.set()
+    restarted.join(TIMEOUT)
+    assert manager.is_started
+    assert layer.most_inside == 1  # never two start() calls at once
+    assert layer.calls[-3:] == ["start", "stop", "start"]  # late start undone, then the new
+    manager.stop()
