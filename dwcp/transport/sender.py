@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, NoReturn, cast
 
 from loguru import logger
 
+from dwcp import _validation as check
 from dwcp._errors import TransportError
 from dwcp.transport import wire
 from dwcp.transport._io import (
@@ -970,6 +971,10 @@ class MultiStreamTCPTransport:
         keepalive_timeout: a PING unanswered this long breaks the session, so a receiver
             that vanished silently shows in ``health_check()`` within about
             ``keepalive_interval + keepalive_timeout``.
+        congestion_control: the TCP congestion control algorithm of every stream (Linux
+            ``TCP_CONGESTION``, e.g. ``"bbr"`` or ``"cubic"``); None keeps the kernel's
+            default. A name this process cannot set raises ValueError listing the ones
+            the kernel has (see "Sending across a WAN" in the README).
     """
 
     def __init__(
@@ -989,8 +994,12 @@ class MultiStreamTCPTransport:
         keepalive_timeout: float | timedelta = 10.0,
         max_in_flight: int = 4096,
         max_in_flight_bytes: int = 64 * 1024 * 1024,
+        congestion_control: str | None = None,
     ) -> None:
         _check_address(address, lowest_port=1)
+        self._congestion_control = check.congestion_control(
+            "congestion_control", congestion_control
+        )
         self._address = address
         self._streams = _bounded_int("streams", streams, 1, wire.MAX_STREAMS)
         self._chunk_size = _bounded_int(
@@ -1148,6 +1157,14 @@ class MultiStreamTCPTransport:
                 # Small frames must leave at once: Nagle plus delayed ACKs would add tens of
                 # milliseconds per acknowledged send.
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if self._congestion_control is not None:
+                    # Set on the connected socket: Linux switches the algorithm of an open
+                    # connection, and no data has been sent on it yet.
+                    sock.setsockopt(
+                        socket.IPPROTO_TCP,
+                        socket.TCP_CONGESTION,
+                        self._congestion_control.encode("ascii"),
+                    )
                 hello = wire.pack_handshake(
                     session_id,
                     index,

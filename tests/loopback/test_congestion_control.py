@@ -1,0 +1,90 @@
+"""``MultiStreamTCPTransport(congestion_control=...)``: every stream runs the algorithm asked for.
+
+Linux only (``TCP_CONGESTION``); the algorithm is read back from each stream's socket.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from dwcp.transport import MultiStreamTCPTransport
+from tests.conftest import ReceiverFactory, TransportFactory, wait_until
+
+pytestmark = pytest.mark.skipif(
+    not hasattr(socket, "TCP_CONGESTION"), reason="TCP_CONGESTION is Linux-only"
+)
+
+_PROC = "/proc/sys/net/ipv4/"
+
+
+def _proc(name: str) -> list[str]:
+    with open(_PROC + name, encoding="ascii") as file:
+        return file.read().split()
+
+
+def _algorithms(transport: MultiStreamTCPTransport) -> list[str]:
+    """What each stream's socket reports as its congestion control."""
+    session = transport._session
+    assert session is not None
+    return [
+        stream.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16)
+        .rstrip(b"\0")
+        .decode("ascii")
+        for stream in session.streams
+    ]
+
+
+def test_every_stream_runs_the_algorithm_asked_for(
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory
+) -> None:
+    # reno is built into every kernel and allowed to every process; it is never the
+    # default here, so reading it back shows the option was set, not inherited.
+    default = _proc("tcp_congestion_control")[0]
+    assert default != "reno", "this kernel's default is reno: the read-back would prove nothing"
+    receiver, inbox = receiver_factory()
+    transport = transport_factory(receiver.address, streams=3, congestion_control="reno")
+    transport.start()
+    assert _algorithms(transport) == ["reno"] * 3
+    transport.send(b"x" * 5000)
+    wait_until(lambda: inbox.messages == [b"x" * 5000])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="any available algorithm needs CAP_NET_ADMIN")
+@pytest.mark.parametrize("algorithm", _proc("tcp_available_congestion_control"))
+def test_each_available_algorithm_reads_back(
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory, algorithm: str
+) -> None:
+    receiver, _ = receiver_factory()
+    transport = transport_factory(receiver.address, streams=2, congestion_control=algorithm)
+    transport.start()
+    assert _algorithms(transport) == [algorithm, algorithm]
+
+
+def test_none_leaves_the_kernel_default(
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory
+) -> None:
+    receiver, _ = receiver_factory()
+    transport = transport_factory(receiver.address, streams=2)
+    transport.start()
+    default = _proc("tcp_congestion_control")[0]
+    assert _algorithms(transport) == [default, default]
+
+
+@pytest.mark.parametrize("name", ["no-such-algorithm", "cubic\0", "x" * 16, "bbr " + "é"])
+def test_an_unknown_name_is_refused_listing_the_available_ones(name: str) -> None:
+    with pytest.raises(ValueError, match="congestion_control") as info:
+        MultiStreamTCPTransport(("127.0.0.1", 9), congestion_control=name)
+    message = str(info.value)
+    assert "not available" in message
+    for available in _proc("tcp_available_congestion_control"):
+        assert available in message
+
+
+@pytest.mark.parametrize("value", [b"bbr", 1, ""])
+def test_a_name_that_is_not_a_string_is_refused(value: object) -> None:
+    error = ValueError if value == "" else TypeError
+    with pytest.raises(error, match="congestion_control must be"):
+        MultiStreamTCPTransport(("127.0.0.1", 9), congestion_control=value)  # type: ignore[arg-type]
