@@ -37,16 +37,17 @@ import argparse
 import json
 import math
 import os
-import select
+import queue
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path as FilePath
 from types import FrameType, TracebackType
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # typing.Self is 3.11+ and setup.cfg still allows 3.10
     from typing_extensions import Self
@@ -75,9 +76,26 @@ def _run(*command: str) -> str:
     return done.stdout
 
 
-def _readline(stream: IO[str], timeout: float, what: str) -> str:
-    ready, _, _ = select.select([stream], [], [], timeout)
-    line = stream.readline() if ready else ""
+def _lines(child: subprocess.Popen[str]) -> queue.Queue[str]:
+    """The lines ``child`` prints, read by a thread of their own (a select() on a buffered
+    pipe can miss a second line already in the buffer); "" once it closed its stdout."""
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        assert child.stdout is not None
+        for line in child.stdout:
+            lines.put(line)
+        lines.put("")
+
+    threading.Thread(target=pump, name=f"lines-{child.pid}", daemon=True).start()
+    return lines
+
+
+def _readline(lines: queue.Queue[str], timeout: float, what: str) -> str:
+    try:
+        line = lines.get(timeout=timeout)
+    except queue.Empty:
+        line = ""
     if not line:
         raise BenchmarkError(f"{what}: no answer within {timeout:g} s")
     return line
@@ -120,6 +138,7 @@ class Path:
         self._line: subprocess.Popen[str] | None = None
         self._allowed_before: str | None = None
         self._iperf_server: subprocess.Popen[str] | None = None
+        self._lines: dict[int, queue.Queue[str]] = {}
 
     def __enter__(self) -> Self:
         try:
@@ -150,7 +169,7 @@ class Path:
         if self.realtime:
             command.append("--realtime")
         self._line = self._spawn(command)
-        if _readline(self._out(self._line), _READY_TIMEOUT, "delay line").strip() != "READY":
+        if _readline(self.lines(self._line), _READY_TIMEOUT, "delay line").strip() != "READY":
             raise BenchmarkError("the delay line did not start")
         for ns, dev, local, peer in ((NS_A, TUN_A, ADDR_A, ADDR_B), (NS_B, TUN_B, ADDR_B, ADDR_A)):
             _run("ip", "link", "set", dev, "netns", ns)
@@ -164,7 +183,9 @@ class Path:
         self.shape(self.rate_mbit)
         self._iperf_server = self.spawn(NS_B, ["iperf3", "-s", "-p", str(IPERF_PORT)], quiet=True)
 
-    def _spawn(self, command: list[str], *, quiet: bool = False) -> subprocess.Popen[str]:
+    def _spawn(
+        self, command: list[str], *, quiet: bool = False, pump: bool = True
+    ) -> subprocess.Popen[str]:
         child = subprocess.Popen(
             command,
             stdin=subprocess.PIPE,
@@ -175,17 +196,21 @@ class Path:
             start_new_session=True,  # Ctrl-C reaches us only; we stop the children
         )
         self._children.append(child)
+        if pump:
+            self._lines[child.pid] = _lines(child)
         return child
 
-    def spawn(self, ns: str, command: list[str], *, quiet: bool = False) -> subprocess.Popen[str]:
+    def spawn(
+        self, ns: str, command: list[str], *, quiet: bool = False, pump: bool = True
+    ) -> subprocess.Popen[str]:
         """Start ``command`` inside namespace ``ns``; it is stopped by ``close()`` at the latest.
-        ``quiet``: its stderr is discarded."""
-        return self._spawn(["ip", "netns", "exec", ns, *command], quiet=quiet)
+        ``quiet``: its stderr is discarded; ``pump``: its lines are read into ``lines(child)``
+        (else the caller reads its stdout)."""
+        return self._spawn(["ip", "netns", "exec", ns, *command], quiet=quiet, pump=pump)
 
-    @staticmethod
-    def _out(child: subprocess.Popen[str]) -> IO[str]:
-        assert child.stdout is not None
-        return child.stdout
+    def lines(self, child: subprocess.Popen[str]) -> queue.Queue[str]:
+        """What ``child`` printed, line by line."""
+        return self._lines[child.pid]
 
     def shape(self, rate_mbit: float | None) -> None:
         """Put the bottleneck (``tbf``) on both devices; None lifts it."""
@@ -209,7 +234,7 @@ class Path:
         """The delay line's counters since the last call (see ``benchmarks/wan_line.py``)."""
         assert self._line is not None
         self._command("stats")
-        stats: dict[str, Any] = json.loads(_readline(self._out(self._line), 10, "delay line"))
+        stats: dict[str, Any] = json.loads(_readline(self.lines(self._line), 10, "delay line"))
         return stats
 
     def ring_drops(self) -> int:
@@ -243,7 +268,7 @@ def iperf(path: Path, cc: str, parallel: int, seconds: float) -> dict[str, float
     """iperf3 from A to B: received Mbit/s and the sender's retransmissions."""
     command = ["iperf3", "-c", ADDR_B, "-p", str(IPERF_PORT), "-t", str(seconds), "-J"]
     command += ["-C", cc, "-P", str(parallel)]
-    child = path.spawn(NS_A, command)
+    child = path.spawn(NS_A, command, pump=False)
     try:
         out, _ = child.communicate(timeout=seconds + 60)
     except subprocess.TimeoutExpired as exc:
@@ -290,7 +315,7 @@ def run_row(path: Path, row: Row, port: int, timing: Timing) -> dict[str, Any]:
     """One row: a receiver in B, a sender in A, the delivered rate."""
     peer = [sys.executable, "-m", "benchmarks.wan_peer"]
     receiver = path.spawn(NS_B, [*peer, "recv", row.kind, "--port", str(port)])
-    out = Path._out(receiver)
+    out = path.lines(receiver)
     try:
         if _readline(out, _READY_TIMEOUT, "receiver").strip() != "READY":
             raise BenchmarkError("the receiver did not start")
@@ -304,7 +329,7 @@ def run_row(path: Path, row: Row, port: int, timing: Timing) -> dict[str, Any]:
         drops_before = path.ring_drops()
         sender = path.spawn(NS_A, command)
         try:
-            start = json.loads(_readline(Path._out(sender), 60, "sender"))["start"]
+            start = json.loads(_readline(path.lines(sender), 60, "sender"))["start"]
 
             def peek() -> dict[str, float]:
                 assert receiver.stdin is not None
@@ -322,7 +347,7 @@ def run_row(path: Path, row: Row, port: int, timing: Timing) -> dict[str, Any]:
                 got = peek()
             assert sender.stdin is not None
             sender.stdin.close()
-            report = json.loads(_readline(Path._out(sender), 30, "sender report"))
+            report = json.loads(_readline(path.lines(sender), 30, "sender report"))
         finally:
             _stop(sender)
     finally:

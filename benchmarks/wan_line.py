@@ -87,6 +87,7 @@ def run(a: int, b: int, delay_ab: float, delay_ba: float, seed: int) -> None:
     for fd in (a, b, stdin):
         poller.register(fd, select.EPOLLIN)
     monotonic, read, write = time.monotonic, os.read, os.write
+    commands = b""
     while True:
         now = monotonic()
         timeout = -1.0
@@ -108,14 +109,19 @@ def run(a: int, b: int, delay_ab: float, delay_ba: float, seed: int) -> None:
                 timeout = wait if timeout < 0 else min(timeout, wait)
         for fd, _ in poller.poll(timeout):
             if fd == stdin:
-                line = sys.stdin.readline()
-                if not line:
+                # Read the fd, not sys.stdin: a buffered readline() could take two commands
+                # from the pipe and leave one where epoll never reports it.
+                data = read(stdin, 4096)
+                if not data:
                     return
-                command = line.split()
-                if command[:1] == ["loss"]:
-                    ab.loss, ba.loss = float(command[1]), float(command[2])
-                elif command[:1] == ["stats"]:
-                    print(json.dumps({"ab": ab.stats(), "ba": ba.stats()}), flush=True)
+                commands += data
+                while b"\n" in commands:
+                    line, commands = commands.split(b"\n", 1)
+                    command = line.decode().split()
+                    if command[:1] == ["loss"]:
+                        ab.loss, ba.loss = float(command[1]), float(command[2])
+                    elif command[:1] == ["stats"]:
+                        print(json.dumps({"ab": ab.stats(), "ba": ba.stats()}), flush=True)
                 continue
             direction = by_source[fd]
             arrived = monotonic()
