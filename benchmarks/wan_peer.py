@@ -159,7 +159,13 @@ def _sender(kind: str, args: argparse.Namespace, report: dict[str, Any]) -> Call
 
 
 def send(kind: str, args: argparse.Namespace) -> None:
-    report: dict[str, Any] = {"sent": 0, "sent_bytes": 0, "errors": {}, "sessions": 0}
+    report: dict[str, Any] = {
+        "sent": 0,
+        "sent_bytes": 0,
+        "errors": {},
+        "first_errors": {},
+        "sessions": 0,
+    }
     out_lock = threading.Lock()
 
     def finish() -> None:
@@ -181,7 +187,7 @@ def send(kind: str, args: argparse.Namespace) -> None:
             code = getattr(exc, "code", type(exc).__name__)
             errors = report["errors"]
             errors[code] = errors.get(code, 0) + 1
-            report["last_error"] = str(exc)[:200]
+            report["first_errors"].setdefault(str(code), str(exc)[:300])
             if kind == "raw":
                 pause.wait()  # a broken socket stays broken: report it when asked
             pause.wait(_RETRY_PAUSE)
