@@ -28,6 +28,7 @@ from dwcp.transport._io import (
     _set_send_timeout,
     is_loopback_host,
 )
+from dwcp.transport._progress import tcp_progress
 from dwcp.transport._window import Window
 
 if TYPE_CHECKING:  # typing.Self is 3.11+ and setup.cfg still allows 3.10
@@ -845,6 +846,11 @@ class _Session:
 
         A busy stream is not pinged: its writes are bounded by send_timeout already. A
         receiver that is alive but not reading (backpressure) answers unprompted.
+
+        The timeout measures a stall, not a duration: a PING can wait behind megabytes the
+        kernel still holds for a slow link. While the kernel sees the bytes written before
+        the PING being acknowledged (``tcp_progress``), the stream is moving, and the PING's
+        timeout runs from the last such progress seen.
         """
         interval = self.keepalive_interval
         timeout = self.keepalive_timeout
@@ -854,6 +860,11 @@ class _Session:
         tick = min(bounds) / 4
         seen = [-1] * self.count
         idle_since = [_monotonic()] * self.count
+        # Per stream, for its unanswered PING: the bytes acknowledged when last looked at,
+        # the count once everything written before the PING is, and when it last moved.
+        acked: list[int] = [0] * self.count
+        ahead_until: list[int] = [0] * self.count
+        moved = [0.0] * self.count
         window = self.window
         try:
             while not self._stopped.wait(tick):
@@ -867,7 +878,12 @@ class _Session:
                 for stream in self.streams:
                     sent = stream.ping_sent
                     if sent is not None:
-                        if now - sent > timeout:
+                        i = stream.index
+                        if acked[i] < ahead_until[i]:
+                            progress = tcp_progress(stream.sock)
+                            if progress is not None and progress[0] > acked[i]:
+                                acked[i], moved[i] = progress[0], now
+                        if now - max(sent, moved[i]) > timeout:
                             self.break_(
                                 f"stream {stream.index}: no keepalive answer within {timeout:g} s"
                             )
@@ -876,6 +892,12 @@ class _Session:
                     if stream.writes != seen[stream.index] or stream.outbox:
                         seen[stream.index], idle_since[stream.index] = stream.writes, now
                     elif now - idle_since[stream.index] >= interval:
+                        progress = tcp_progress(stream.sock)
+                        if progress is not None:
+                            acked[stream.index] = progress[0]
+                            ahead_until[stream.index] = progress[0] + progress[1]
+                        else:
+                            ahead_until[stream.index] = acked[stream.index]  # nothing to follow
                         stream.ping_sent = now
                         stream.put((wire.pack_ping(int(now * 1000)),), _FRAME, now + timeout, None)
                         idle_since[stream.index] = now
