@@ -29,6 +29,10 @@ acknowledged and not, every other setting at its default.  A row's sender sends 
 or ``--cap`` passes.  Its rate is the bytes of the messages the receiver got whole, over the
 time from the first send to the last of them; what is still in flight when the row ends is
 not counted.  Ratios are to the best of the three iperf3 runs on the same path.
+
+**Blackhole.**  Last, an acknowledged dwcp transfer of numbered messages across
+``--blackhole`` seconds of 100 % loss both ways: when the session was found broken, and
+whether every message whose send returned arrived exactly once.
 """
 
 from __future__ import annotations
@@ -378,6 +382,83 @@ def run_row(path: Path, row: Row, port: int, timing: Timing) -> dict[str, Any]:
     }
 
 
+def run_blackhole(path: Path, port: int, blackhole: float) -> dict[str, Any]:
+    """An acknowledged dwcp transfer (4 streams, bbr, 1 MiB numbered messages) across a
+    ``blackhole``-second outage of the path (100 % loss both ways): when the sender noticed,
+    and whether the receiver got every message whose send returned, once."""
+    before, after = 10.0, 20.0
+    path.set_loss(0)
+    peer = [sys.executable, "-m", "benchmarks.wan_peer"]
+    receiver = path.spawn(NS_B, [*peer, "recv", "dwcp", "--port", str(port), "--sequence"])
+    out = path.lines(receiver)
+
+    def peek() -> dict[str, float]:
+        assert receiver.stdin is not None
+        receiver.stdin.write("peek\n")
+        receiver.stdin.flush()
+        snapshot: dict[str, float] = json.loads(_readline(out, 10, "receiver"))
+        return snapshot
+
+    try:
+        if _readline(out, _READY_TIMEOUT, "receiver").strip() != "READY":
+            raise BenchmarkError("the receiver did not start")
+        command = [*peer, "send", "dwcp", "--host", ADDR_B, "--port", str(port), "--ack"]
+        command += ["--cc", "bbr", "--streams", "4", "--size", str(MiB), "--sequence"]
+        sender = path.spawn(NS_A, command)
+        try:
+            start = json.loads(_readline(path.lines(sender), 60, "sender"))["start"]
+            time.sleep(max(0.0, start + before - time.monotonic()))
+            path._command("loss 1 1")
+            began = time.monotonic()
+            time.sleep(blackhole)
+            path.set_loss(0)
+            healed = time.monotonic()
+            time.sleep(after)
+            assert sender.stdin is not None
+            sender.stdin.close()  # it stops sending, flushes its window (<= 120 s), reports
+            report = json.loads(_readline(path.lines(sender), 150, "sender report"))
+        finally:
+            _stop(sender)
+        got = peek()
+        deadline = time.monotonic() + 60
+        while got["next"] < report["sent"] and time.monotonic() < deadline:
+            time.sleep(0.5)  # polling a child for the last deliveries, bounded
+            got = peek()
+    finally:
+        _stop(receiver)
+    broken = [(at - began, why) for at, why in report.get("broken_at", [])]
+    return {
+        "blackhole": blackhole,
+        "healed_after": healed - began,
+        "sent": report["sent"],
+        "delivered": int(got["count"]),
+        "duplicates": int(got["duplicates"]),
+        "missing": int(got["missing"]) + max(0, report["sent"] - int(got["next"])),
+        "broken": broken,
+        "sessions": report.get("sessions", 0),
+        "errors": report.get("errors", {}),
+        "first_errors": report.get("first_errors", {}),
+        "flush_error": report.get("flush_error"),
+        "load": _load(),
+    }
+
+
+def print_blackhole(r: dict[str, Any]) -> None:
+    print(f"\n## blackhole: {r['blackhole']:g} s of 100 % loss both ways (load {r['load']})\n")
+    print("dwcp 4 streams, bbr, acknowledged, 1 MiB numbered messages, Manager at defaults "
+          "(keepalive 5 s + 10 s, send_timeout 10 s); the outage starts 10 s in.\n")  # fmt: skip
+    noticed = (
+        ", ".join(f"+{at:.1f} s ({why})" for at, why in r["broken"])
+        or "never (the session rode it out)"
+    )
+    print(f"- session broken at: {noticed}; sessions opened: {r['sessions']}")
+    print(f"- sends that returned: {r['sent']}; delivered: {r['delivered']}, duplicates: "
+          f"{r['duplicates']}, missing: {r['missing']}")  # fmt: skip
+    print(f"- send errors: {_errors(r)}; flush at the end: {r['flush_error'] or 'ok'}")
+    for message in r["first_errors"].values():
+        print(f"- first of its kind: {message}")
+
+
 def rows_for(quick: bool, sizes: list[int]) -> list[Row]:
     rows: list[Row] = []
     if quick:
@@ -446,6 +527,9 @@ def main() -> None:
     parser.add_argument("--default-cc", default="cubic", help="the namespaces' default")
     parser.add_argument("--no-realtime", action="store_true", help="delay line not SCHED_FIFO")
     parser.add_argument("--json", help="also write every result to this file")
+    parser.add_argument(
+        "--blackhole", type=float, default=10.0, help="seconds of outage at the end (0: none)"
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("benchmarks.wan needs root (network namespaces, TUN, tc)")
@@ -524,6 +608,17 @@ def main() -> None:
             )
             if args.json:
                 FilePath(args.json).write_text(json.dumps(everything, indent=1, default=str))
+        if args.blackhole:
+            port += 1
+            try:
+                result = run_blackhole(path, port, args.blackhole)
+            except BenchmarkError as exc:
+                print(f"\n## blackhole: failed: {exc}")
+            else:
+                print_blackhole(result)
+                everything["blackhole"] = result
+                if args.json:
+                    FilePath(args.json).write_text(json.dumps(everything, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -53,6 +53,31 @@ class Tally:
         return {"count": count, "bytes": size, "last": last}
 
 
+class SequenceTally(Tally):
+    """A ``Tally`` that also checks the 8-byte sequence number each message starts with:
+    ``duplicates`` (a number at or below the highest seen) and ``missing`` (numbers skipped)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.next = 0
+        self.duplicates = 0
+        self.missing = 0
+
+    def __call__(self, data: bytes | bytearray) -> None:
+        seq = int.from_bytes(data[:8], "big")
+        if seq < self.next:
+            self.duplicates += 1
+        else:
+            self.missing += seq - self.next
+            self.next = seq + 1
+        super().__call__(data)
+
+    def snapshot(self) -> dict[str, float]:
+        result = super().snapshot()
+        result.update(duplicates=self.duplicates, missing=self.missing, next=self.next)
+        return result
+
+
 def _recv_exactly(conn: socket.socket, view: memoryview) -> bool:
     got = 0
     while got < len(view):
@@ -74,8 +99,8 @@ def _raw_reader(conn: socket.socket, tally: Tally) -> None:
             tally(payload)
 
 
-def receive(kind: str, port: int, max_message_size: int) -> None:
-    tally = Tally()
+def receive(kind: str, port: int, max_message_size: int, sequenced: bool) -> None:
+    tally = SequenceTally() if sequenced else Tally()
     if kind == "raw":
         server = socket.create_server(("0.0.0.0", port), backlog=16)
 
@@ -143,18 +168,27 @@ def _sender(kind: str, args: argparse.Namespace, report: dict[str, Any]) -> Call
     manager = dwcp.Manager(transport)
     manager.start()
     sessions: list[object] = []
+    report["session_started"] = []
+    report["broken_at"] = []
 
     def watch() -> None:
         # Every session object the transport has had: more than one means the link was
         # taken for broken and restarted.  Keeping the objects keeps their ids unique.
+        broken: object = None
         while True:
             session = transport._session
             if session is not None and (not sessions or sessions[-1] is not session):
                 sessions.append(session)
                 report["sessions"] = len(sessions)
+                report["session_started"].append(time.monotonic())
+            reason = None if session is None else session.broken
+            if reason and session is not broken:
+                broken = session
+                report["broken_at"].append([time.monotonic(), str(reason)[:200]])
             time.sleep(0.02)  # a benchmark's sampling period, not library code
 
     threading.Thread(target=watch, daemon=True).start()
+    report["flush"] = transport.flush
     return manager.send_with_circuit_breaker
 
 
@@ -168,10 +202,14 @@ def send(kind: str, args: argparse.Namespace) -> None:
     }
     out_lock = threading.Lock()
 
+    stop = threading.Event()
+
     def finish() -> None:
         sys.stdin.read()  # until the parent closes it
-        with out_lock:
-            print(json.dumps(report), flush=True)
+        if args.sequence:
+            stop.set()  # the send loop stops, flushes the window, then reports
+            return
+        _report(report, out_lock)
         os._exit(0)  # a send may be blocked for minutes on a slow path: do not wait for it
 
     threading.Thread(target=finish, daemon=True).start()
@@ -180,7 +218,11 @@ def send(kind: str, args: argparse.Namespace) -> None:
     with out_lock:
         print(json.dumps({"start": time.monotonic()}), flush=True)
     pause = threading.Event()
-    while True:
+    seq = 0
+    while not stop.is_set():
+        if args.sequence:
+            # A new object per message: an acknowledged transport keeps it until the ACK.
+            payload = seq.to_bytes(8, "big") + payload[8:]
         try:
             send_one(payload)
         except Exception as exc:  # noqa: BLE001 - counted and reported; the row goes on
@@ -194,6 +236,22 @@ def send(kind: str, args: argparse.Namespace) -> None:
             continue
         report["sent"] += 1
         report["sent_bytes"] += args.size
+        seq += 1
+    # --sequence: what send() returned for is in the window; wait for its confirmation, as
+    # a user closing a transfer would, so that process exit loses nothing.
+    flush = report.pop("flush", None)
+    if flush is not None:
+        try:
+            flush(120.0)
+        except Exception as exc:  # noqa: BLE001 - reported
+            report["flush_error"] = str(exc)[:300]
+    _report(report, out_lock)
+    os._exit(0)
+
+
+def _report(report: dict[str, Any], out_lock: threading.Lock) -> None:
+    with out_lock:
+        print(json.dumps({k: v for k, v in report.items() if k != "flush"}), flush=True)
 
 
 def main() -> None:
@@ -209,9 +267,15 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=0)
     parser.add_argument("--send-timeout", type=float, default=0.0)
     parser.add_argument("--max-message-size", type=int, default=64 << 20)
+    parser.add_argument(
+        "--sequence",
+        action="store_true",
+        help="number messages (first 8 bytes); the receiver checks duplicates and gaps, and "
+        "the sender stops at EOF, flushes and reports",
+    )
     args = parser.parse_args()
     if args.role == "recv":
-        receive(args.kind, args.port, args.max_message_size)
+        receive(args.kind, args.port, args.max_message_size, args.sequence)
     else:
         send(args.kind, args)
 

@@ -6,7 +6,11 @@ Linux only (``TCP_CONGESTION``); the algorithm is read back from each stream's s
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +92,36 @@ def test_a_name_that_is_not_a_string_is_refused(value: object) -> None:
     error = ValueError if value == "" else TypeError
     with pytest.raises(error, match="congestion_control must be"):
         MultiStreamTCPTransport(("127.0.0.1", 9), congestion_control=value)  # type: ignore[arg-type]
+
+
+def _restricted() -> list[str]:
+    allowed = set(_proc("tcp_allowed_congestion_control"))
+    return [name for name in _proc("tcp_available_congestion_control") if name not in allowed]
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1) (util-linux)")
+@pytest.mark.skipif(not _restricted(), reason="every available algorithm is allowed here")
+def test_an_algorithm_not_allowed_to_this_process_is_refused_naming_the_allowed_ones() -> None:
+    # A child in a user namespace of its own has no CAP_NET_ADMIN over this network
+    # namespace: the kernel's rule for the algorithms outside the allowed list applies.
+    algorithm = _restricted()[0]
+    code = (
+        "from dwcp.transport import MultiStreamTCPTransport\n"
+        "try:\n"
+        f"    MultiStreamTCPTransport(('127.0.0.1', 9), congestion_control={algorithm!r})\n"
+        "except ValueError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run(
+        ["unshare", "--user", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    if "unshare failed" in done.stderr:  # user namespaces disabled on this host
+        pytest.skip(done.stderr.strip())
+    assert "not allowed for this process" in done.stdout, done.stdout + done.stderr
+    for allowed in _proc("tcp_allowed_congestion_control"):
+        assert allowed in done.stdout
