@@ -25,8 +25,13 @@ _PROC = "/proc/sys/net/ipv4/"
 
 
 def _proc(name: str) -> list[str]:
-    with open(_PROC + name, encoding="ascii") as file:
-        return file.read().split()
+    """The names in a /proc/sys/net/ipv4 file; none where there is no such file (not Linux:
+    the module is skipped, but its parameters are built at import)."""
+    try:
+        with open(_PROC + name, encoding="ascii") as file:
+            return file.read().split()
+    except FileNotFoundError:
+        return []
 
 
 def _algorithms(transport: MultiStreamTCPTransport) -> list[str]:
@@ -47,7 +52,8 @@ def test_every_stream_runs_the_algorithm_asked_for(
     # reno is built into every kernel and allowed to every process; it is never the
     # default here, so reading it back shows the option was set, not inherited.
     default = _proc("tcp_congestion_control")[0]
-    assert default != "reno", "this kernel's default is reno: the read-back would prove nothing"
+    if default == "reno":
+        pytest.skip("this kernel's default is reno: the read-back would prove nothing")
     receiver, inbox = receiver_factory()
     transport = transport_factory(receiver.address, streams=3, congestion_control="reno")
     transport.start()
