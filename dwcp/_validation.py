@@ -6,12 +6,15 @@ Seconds are accepted as ``int``, ``float`` or ``datetime.timedelta`` everywhere 
 
 from __future__ import annotations
 
+import errno
 import math
+import socket
 import threading
 from datetime import timedelta
 
 __all__ = [
     "WIRE_SECONDS_MAX",
+    "congestion_control",
     "count",
     "describe",
     "flag",
@@ -117,6 +120,59 @@ def name(param: str, value: object) -> str:
     if not value:
         raise ValueError(f"{param} must be a non-empty string")
     return value
+
+
+# Linux's TCP_CA_NAME_MAX: algorithm names are shorter than this.
+_TCP_CA_NAME_MAX = 16
+
+
+def _proc_list(path: str) -> list[str]:
+    """The space-separated names in ``path``, or an empty list where it cannot be read."""
+    try:
+        with open(path, encoding="ascii") as file:
+            return file.read().split()
+    except OSError:
+        return []
+
+
+def congestion_control(param: str, value: object) -> str | None:
+    """``value`` if None (the kernel's default) or a TCP congestion control algorithm that
+    this process can set on a socket; otherwise a ``ValueError`` naming what this kernel has.
+
+    The check is the call the sockets will make: ``setsockopt(TCP_CONGESTION)`` on a probe
+    socket, so a module the kernel loads on demand is accepted, and a name outside
+    ``net.ipv4.tcp_allowed_congestion_control`` is refused for a process without
+    ``CAP_NET_ADMIN`` (the kernel's rule) rather than failing later at ``start()``.
+    """
+    if value is None:
+        return None
+    algorithm = name(param, value)
+    option = getattr(socket, "TCP_CONGESTION", None)
+    if option is None:
+        raise ValueError(f"{param}: this platform has no TCP_CONGESTION socket option")
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        encoded = algorithm.encode("ascii")
+        # The kernel reads at most 15 bytes and stops at a NUL: "cubic\0x" would set cubic.
+        if len(encoded) >= _TCP_CA_NAME_MAX or b"\0" in encoded:
+            raise ValueError("not a kernel algorithm name")
+        probe.setsockopt(socket.IPPROTO_TCP, option, encoded)
+    except (OSError, ValueError) as exc:
+        available = _proc_list("/proc/sys/net/ipv4/tcp_available_congestion_control")
+        offered = ", ".join(available) if available else "unknown"
+        if isinstance(exc, OSError) and exc.errno == errno.EPERM:
+            allowed = _proc_list("/proc/sys/net/ipv4/tcp_allowed_congestion_control")
+            raise ValueError(
+                f"{param} {algorithm!r} is available but not allowed for this process "
+                f"(allowed without CAP_NET_ADMIN: {', '.join(allowed) or 'none'}; "
+                f"available: {offered})"
+            ) from exc
+        raise ValueError(
+            f"{param} {algorithm!r} is not available on this kernel (available: {offered})"
+        ) from exc
+    finally:
+        probe.close()
+    return algorithm
 
 
 def require_methods(slot: str, obj: object, methods: tuple[str, ...]) -> None:

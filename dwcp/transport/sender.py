@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, NoReturn, cast
 
 from loguru import logger
 
-from dwcp import _validation
+from dwcp import _validation as check
 from dwcp._errors import DWCPError, TransportError
 from dwcp.transport import wire
 from dwcp.transport._io import (
@@ -28,6 +28,7 @@ from dwcp.transport._io import (
     _set_send_timeout,
     is_loopback_host,
 )
+from dwcp.transport._progress import tcp_progress
 from dwcp.transport._window import Window
 
 if TYPE_CHECKING:  # typing.Self is 3.11+ and setup.cfg still allows 3.10
@@ -1056,6 +1057,11 @@ class _Session:
 
         A busy stream is not pinged: its writes are bounded by send_timeout already. A
         receiver that is alive but not reading (backpressure) answers unprompted.
+
+        The timeout measures a stall, not a duration: a PING can wait behind megabytes the
+        kernel still holds for a slow link. While the kernel sees the bytes written before
+        the PING being acknowledged (``tcp_progress``), the stream is moving, and the PING's
+        timeout runs from the last such progress seen.
         """
         interval = self.keepalive_interval
         timeout = self.keepalive_timeout
@@ -1065,6 +1071,11 @@ class _Session:
         tick = min(bounds) / 4
         seen = [-1] * self.count
         idle_since = [_monotonic()] * self.count
+        # Per stream, for its unanswered PING: the bytes acknowledged when last looked at,
+        # the count once everything written before the PING is, and when it last moved.
+        acked: list[int] = [0] * self.count
+        ahead_until: list[int] = [0] * self.count
+        moved = [0.0] * self.count
         window = self.window
         try:
             while not self._stopped.wait(self._next_tick(tick)):
@@ -1078,7 +1089,12 @@ class _Session:
                 for stream in self.streams:
                     sent = stream.ping_sent
                     if sent is not None:
-                        if now - sent > timeout:
+                        i = stream.index
+                        if acked[i] < ahead_until[i]:
+                            progress = tcp_progress(stream.sock)
+                            if progress is not None and progress[0] > acked[i]:
+                                acked[i], moved[i] = progress[0], now
+                        if now - max(sent, moved[i]) > timeout:
                             self.break_(
                                 f"stream {stream.index}: no keepalive answer within {timeout:g} s"
                             )
@@ -1087,6 +1103,12 @@ class _Session:
                     if stream.writes != seen[stream.index] or stream.outbox or stream.busy:
                         seen[stream.index], idle_since[stream.index] = stream.writes, now
                     elif now - idle_since[stream.index] >= interval:
+                        progress = tcp_progress(stream.sock)
+                        if progress is not None:
+                            acked[stream.index] = progress[0]
+                            ahead_until[stream.index] = progress[0] + progress[1]
+                        else:
+                            ahead_until[stream.index] = acked[stream.index]  # nothing to follow
                         stream.ping_sent = now
                         stream.put((wire.pack_ping(int(now * 1000)),), _FRAME, None)
                         idle_since[stream.index] = now
@@ -1207,6 +1229,10 @@ class MultiStreamTCPTransport:
             closes the connections anyway once neither a write nor an acknowledgement
             completed for this long; separate from ``send_timeout`` so that a silent peer
             holds up a shutdown for ``close_timeout`` only.
+        congestion_control: the TCP congestion control algorithm of every stream (Linux
+            ``TCP_CONGESTION``, e.g. ``"bbr"`` or ``"cubic"``); None keeps the kernel's
+            default. A name this process cannot set raises ValueError listing the ones
+            the kernel has (see "Sending across a WAN" in the README).
     """
 
     def __init__(
@@ -1227,16 +1253,20 @@ class MultiStreamTCPTransport:
         max_in_flight: int = 4096,
         max_in_flight_bytes: int = 64 * 1024 * 1024,
         close_timeout: float | timedelta = 1.0,
+        congestion_control: str | None = None,
     ) -> None:
         _check_address(address, lowest_port=1)
-        _validation.host_name("address host", address[0])
+        check.host_name("address host", address[0])
+        self._congestion_control = check.congestion_control(
+            "congestion_control", congestion_control
+        )
         self._address = address
         self._streams = _bounded_int("streams", streams, 1, wire.MAX_STREAMS)
         self._chunk_size = _bounded_int(
             "chunk_size", chunk_size, wire.MIN_CHUNK_SIZE, wire.MAX_TOTAL_LENGTH
         )
-        self._connect_timeout = _validation.wire_seconds("connect_timeout", connect_timeout)
-        self._send_timeout = _validation.wire_seconds("send_timeout", send_timeout)
+        self._connect_timeout = check.wire_seconds("connect_timeout", connect_timeout)
+        self._send_timeout = check.wire_seconds("send_timeout", send_timeout)
         self._max_message_size = _bounded_int(
             "max_message_size", max_message_size, 0, wire.MAX_TOTAL_LENGTH
         )
@@ -1251,10 +1281,10 @@ class MultiStreamTCPTransport:
         self._keepalive_interval = (
             None
             if keepalive_interval is None
-            else _validation.wire_seconds("keepalive_interval", keepalive_interval)
+            else check.wire_seconds("keepalive_interval", keepalive_interval)
         )
-        self._keepalive_timeout = _validation.wire_seconds("keepalive_timeout", keepalive_timeout)
-        self._close_timeout = _validation.wire_seconds("close_timeout", close_timeout)
+        self._keepalive_timeout = check.wire_seconds("keepalive_timeout", keepalive_timeout)
+        self._close_timeout = check.wire_seconds("close_timeout", close_timeout)
         max_in_flight = _bounded_int("max_in_flight", max_in_flight, 1, 1 << 20)
         max_in_flight_bytes = _bounded_int("max_in_flight_bytes", max_in_flight_bytes, 1, 1 << 40)
         self._window = Window(max_in_flight, max_in_flight_bytes) if acknowledged else None
@@ -1405,6 +1435,14 @@ class MultiStreamTCPTransport:
                 # Small frames must leave at once: Nagle plus delayed ACKs would add tens of
                 # milliseconds per acknowledged send.
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if self._congestion_control is not None:
+                    # Set on the connected socket: Linux switches the algorithm of an open
+                    # connection, and no data has been sent on it yet.
+                    sock.setsockopt(
+                        socket.IPPROTO_TCP,
+                        socket.TCP_CONGESTION,
+                        self._congestion_control.encode("ascii"),
+                    )
                 hello = wire.pack_handshake(
                     session_id,
                     index,
@@ -1576,9 +1614,7 @@ class MultiStreamTCPTransport:
         session = self._session
         if session is None:
             raise TransportError("transport not started", code="NOT_STARTED")
-        wait = (
-            self._send_timeout if timeout is None else _validation.wire_seconds("timeout", timeout)
-        )
+        wait = self._send_timeout if timeout is None else check.wire_seconds("timeout", timeout)
         deadline = _monotonic() + wait
         if not session.flush(wait):
             if session.broken is not None:

@@ -1,0 +1,92 @@
+"""Liveness on a slow link: keepalive measures a stall, not how long queued bytes take.
+
+A proxy process (``tests.faultproxy``, mode "rate") forwards the sender's bytes at a fixed
+rate, as a WAN bottleneck does: what the sender wrote waits in the kernel's buffers, and a
+PING sent once the stream has nothing left to write waits behind it. A stream whose bytes
+the kernel still sees acknowledged is alive; one whose bytes stop moving is not.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+import pytest
+
+from dwcp import MultiStreamTCPTransport, TransportError
+from tests.conftest import ReceiverFactory, TransportFactory, wait_until
+from tests.faultproxy import FaultProxy, fault_proxy_fixture  # noqa: F401 - "fault_proxy"
+
+ProxyFactory = Callable[..., FaultProxy]
+
+RATE = 100_000  # bytes per second through the proxy
+# keepalive_interval, keepalive_timeout. On loopback (MSS 64 KiB) the proxy's kernel opens its
+# window, and the sender's bytes move, in 64 KiB steps: 0.65 s apart at RATE.
+INTERVAL, TIMEOUT = 0.5, 2.0
+
+
+def healthy(transport: MultiStreamTCPTransport) -> bool:
+    try:
+        transport.health_check()
+    except TransportError:
+        return False
+    return True
+
+
+@pytest.mark.timeout(90)
+def test_a_ping_queued_behind_bytes_still_moving_does_not_break_the_session(
+    receiver_factory: ReceiverFactory,
+    fault_proxy: ProxyFactory,
+    transport_factory: TransportFactory,
+) -> None:
+    receiver, inbox = receiver_factory()
+    proxy = fault_proxy(receiver.address)
+    proxy.rate(RATE)
+    transport = transport_factory(
+        proxy.address,
+        streams=1,
+        chunk_size=64 * 1024,
+        keepalive_interval=INTERVAL,
+        keepalive_timeout=TIMEOUT,
+        send_timeout=60.0,
+    )
+    transport.start()
+    message = os.urandom(1 << 20)  # about 10 s through the proxy: 5 keepalive timeouts
+    transport.send(message)
+    assert receiver.wait_delivered(1, 60.0), "the session broke while its bytes were moving"
+    assert inbox.messages == [message]
+    assert healthy(transport)
+
+
+@pytest.mark.timeout(90)
+def test_a_peer_that_stops_reading_mid_transfer_is_still_detected_in_time(
+    receiver_factory: ReceiverFactory,
+    fault_proxy: ProxyFactory,
+    transport_factory: TransportFactory,
+) -> None:
+    receiver, _ = receiver_factory()
+    proxy = fault_proxy(receiver.address)
+    proxy.rate(RATE)
+    transport = transport_factory(
+        proxy.address,
+        streams=1,
+        chunk_size=64 * 1024,
+        keepalive_interval=INTERVAL,
+        keepalive_timeout=TIMEOUT,
+        send_timeout=60.0,
+    )
+    transport.start()
+    transport.send(os.urandom(256 * 1024))  # queued in the kernel: about 2.5 s of bytes
+    proxy.wait_for(lambda stats: stats["bytes_up"] > 50_000, 30.0)
+    proxy.stall()  # nothing moves any more, and the sockets stay open: no FIN, no RST
+    stalled = time.monotonic()
+    wait_until(lambda: not healthy(transport), 10.0)
+    elapsed = time.monotonic() - stalled
+    # The README's bound from the moment nothing moves (interval + timeout + a quarter of
+    # the shorter), plus one more keepalive tick for the last progress to be seen, plus
+    # the same slack as the loopback test of a receiver that vanished.
+    tick = min(INTERVAL, TIMEOUT) / 4
+    assert elapsed < INTERVAL + TIMEOUT + 2 * tick + 0.3, elapsed
+    with pytest.raises(TransportError, match="keepalive"):
+        transport.health_check()
