@@ -670,10 +670,23 @@ class _Session:
         )
 
     def _ack_overdue(self) -> bool:
-        """Acknowledged: whether messages await an ACK and none came for send_timeout."""
+        """Acknowledged: whether messages await an ACK, none came for send_timeout, and,
+        with a keepalive, the receiver said nothing else either (no PONG) for
+        keepalive_interval + keepalive_timeout. A receiver that answers but does not
+        confirm is waiting for a slow consumer: backpressure (``WINDOW_FULL`` for the sends
+        that find no room), not a fault."""
         window = self.window
         since = None if window is None else window.waiting_since()
-        return since is not None and _monotonic() - since > self.send_timeout
+        if since is None:
+            return False
+        now = _monotonic()
+        if now - since <= self.send_timeout:
+            return False
+        life = self.life
+        if life is None:
+            return True
+        heard = max(stream.heard for stream in self.streams)
+        return now - max(since, heard) >= life
 
     def _await_written(self, batch: _Batch) -> None:
         """Wait until the writers wrote a queued message: they read the caller's buffer until

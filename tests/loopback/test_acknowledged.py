@@ -81,8 +81,14 @@ def test_sends_are_pipelined_until_the_window_is_full_then_time_out(
     gate.open.clear()
     receiver, _ = receiver_factory(on_message=gate)
     send_timeout = 0.5
+    # No keepalive: the receiver's PONGs would show it alive, and the sends would then get
+    # WINDOW_FULL (see test_a_receiver_that_answers_but_does_not_confirm_...).
     transport = transport_factory(
-        receiver.address, acknowledged=True, max_in_flight=8, send_timeout=send_timeout
+        receiver.address,
+        acknowledged=True,
+        max_in_flight=8,
+        send_timeout=send_timeout,
+        keepalive_interval=None,
     )
     transport.start()
     first_sent = time.monotonic()
@@ -118,7 +124,11 @@ def test_an_ack_timeout_gives_ack_timeout_whichever_thread_notices_it(
     gate.open.clear()
     receiver, _ = receiver_factory(on_message=gate)
     transport = transport_factory(
-        receiver.address, acknowledged=True, max_in_flight=8, send_timeout=0.5
+        receiver.address,
+        acknowledged=True,
+        max_in_flight=8,
+        send_timeout=0.5,
+        keepalive_interval=None,  # a receiver that says nothing at all (see above)
     )
     transport.start()
     for n in range(8):
@@ -148,7 +158,11 @@ def test_a_pause_before_the_send_that_finds_the_window_full_gives_ack_timeout(
     gate.open.clear()
     receiver, _ = receiver_factory(on_message=gate)
     transport = transport_factory(
-        receiver.address, acknowledged=True, max_in_flight=8, send_timeout=0.5
+        receiver.address,
+        acknowledged=True,
+        max_in_flight=8,
+        send_timeout=0.5,
+        keepalive_interval=None,  # a receiver that says nothing at all (see above)
     )
     transport.start()
     for n in range(8):
@@ -406,3 +420,32 @@ def test_a_slow_consumer_confirms_each_message_as_it_is_done_not_after_the_backl
     # Before: one ACK per part of up to 64 messages, so up to 63 processed messages waited.
     # A busy machine may delay an ACK's reading by a few messages' time, never by 64.
     assert max(lags) <= 16, max(lags)
+
+
+def test_a_receiver_that_answers_but_does_not_confirm_is_backpressure_not_a_fault(
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory, gate: Gate
+) -> None:
+    """A consumer blocked for longer than send_timeout: the receiver still answers PINGs, so
+    the sends that find the window full fail alone with WINDOW_FULL and the session lives; once
+    the consumer goes on, everything is confirmed, once."""
+    gate.open.clear()
+    receiver, _ = receiver_factory(on_message=gate)
+    transport = transport_factory(
+        receiver.address,
+        acknowledged=True,
+        max_in_flight=8,
+        send_timeout=0.5,
+        keepalive_interval=0.1,
+        keepalive_timeout=5.0,
+    )
+    transport.start()
+    for n in range(8):
+        transport.send(b"%d" % n)
+    for _ in range(3):  # three send_timeouts without a confirmation, the receiver alive
+        with pytest.raises(TransportError) as raised:
+            transport.send(b"no room")
+        assert raised.value.code == "WINDOW_FULL"
+    transport.health_check()  # not broken
+    gate.open.set()
+    transport.flush()
+    assert gate.messages == [b"%d" % n for n in range(8)]

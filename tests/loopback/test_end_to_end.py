@@ -474,7 +474,11 @@ def test_stalled_peer_never_acknowledging_breaks_the_transport_and_keeps_the_mes
     make_manager: MakeManager, raw_peers: Callable[..., RawPeer]
 ) -> None:
     peer = raw_peers("stall")
-    manager, transport, events = managed(make_manager, peer.port, send_timeout=0.5)
+    # A silent peer and no keepalive: nothing but the missing ACK tells it is gone. (With a
+    # keepalive, the break waits until no PONG came for its bound either.)
+    manager, transport, events = managed(
+        make_manager, peer.port, send_timeout=0.5, keepalive_interval=None
+    )
     manager.start()
     ledger = Ledger(manager)
     started = time.monotonic()
@@ -482,8 +486,8 @@ def test_stalled_peer_never_acknowledging_breaks_the_transport_and_keeps_the_mes
     events.wait_for(lambda: events.of(dwcp.ComponentUnhealthy), timeout=5)
     flagged = events.of(dwcp.ComponentUnhealthy)[0]
     assert "acknowledgement" in flagged.error
-    # send_timeout, plus the checker's tick (send_timeout / 4) and the monitor's interval.
-    assert 0.45 <= time.monotonic() - started < 0.5 + 1.5
+    # send_timeout at least; the upper bound only catches a hang on a busy machine.
+    assert 0.45 <= time.monotonic() - started < 10.0
     events.wait_for(events.recovered, timeout=5)
     assert transport.unacknowledged == 1  # resent to the (stalled) peer, still unconfirmed
 

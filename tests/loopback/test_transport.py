@@ -519,8 +519,10 @@ def test_stalled_peer_fails_small_sends_too(
 def test_missing_acknowledgement_fails_the_send(
     raw_peer: Callable[..., RawPeer], transport_factory: TransportFactory
 ) -> None:
-    peer = raw_peer("drain")
-    transport = transport_factory(peer.address, acknowledged=True, send_timeout=0.3)
+    peer = raw_peer("drain")  # reads, never answers: without a keepalive, only ACKs tell
+    transport = transport_factory(
+        peer.address, acknowledged=True, send_timeout=0.3, keepalive_interval=None
+    )
     transport.start()
     began = time.monotonic()
     with pytest.raises(TransportError, match="acknowledgement") as raised:
