@@ -111,6 +111,7 @@ class MultiStreamReceiver:
         if not callable(on_message):
             raise TypeError("on_message must be callable")
         _check_address(address, lowest_port=0)
+        check.host_name("address host", address[0])
         if ssl_context is not None:
             if not isinstance(ssl_context, ssl.SSLContext):
                 raise TypeError("ssl_context must be an ssl.SSLContext or None")
