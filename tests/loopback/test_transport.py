@@ -249,6 +249,7 @@ def test_caller_errors_do_not_touch_the_network(
         ({"connect_timeout": 0}, "connect_timeout"),
         ({"send_timeout": -1.0}, "send_timeout"),
         ({"max_message_size": -1}, "max_message_size"),
+        ({"max_message_size": 0}, "max_message_size must be in 1.."),
         ({"max_message_size": 2**32}, "max_message_size"),
     ],
 )
@@ -328,6 +329,22 @@ def test_flush_rejects_a_timeout_it_could_not_wait(
         transport.flush(float("inf"))  # it used to raise OverflowError
     transport.send(b"x")
     transport.flush(timedelta(seconds=DELIVERY_TIMEOUT))
+
+
+@pytest.mark.parametrize("wait", ["yes", 1, None], ids=["str", "int", "None"])
+def test_send_refuses_a_wait_that_is_not_a_bool(
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory, wait: object
+) -> None:
+    """send(): TypeError (``wait`` not a bool) before any I/O: "yes" and 1 used to be taken
+    for True."""
+    receiver, inbox = receiver_factory()
+    transport = transport_factory(receiver.address, acknowledged=True)
+    transport.start()
+    with pytest.raises(TypeError, match="^wait must be a bool"):
+        transport.send(b"refused", wait=wait)  # type: ignore[arg-type]
+    transport.send(b"sent", wait=True)
+    assert receiver.wait_delivered(1, DELIVERY_TIMEOUT)
+    assert inbox.messages == [b"sent"]  # the refused one was never sent
 
 
 def test_constructor_rejects_bad_types() -> None:
