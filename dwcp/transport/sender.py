@@ -1433,7 +1433,14 @@ class MultiStreamTCPTransport:
             # costs about one round trip, not N (plus the TLS handshakes, one at a time).
             for sock, tls in connections:
                 sock.settimeout(max(deadline - _monotonic(), _TIMEOUT_SLACK))
-                status = wire.parse_welcome(_recv_exactly(tls or sock, wire.WELCOME.size))
+                try:
+                    welcome = _recv_exactly(tls or sock, wire.WELCOME.size)
+                except TimeoutError as exc:  # connected, but what answers is not a receiver
+                    raise TransportError(
+                        f"no WELCOME from {peer} within connect_timeout "
+                        f"({self._connect_timeout:g} s): is a dwcp receiver listening there?"
+                    ) from exc
+                status = wire.parse_welcome(welcome)
                 if status != wire.STATUS_ACCEPTED:
                     why = {wire.STATUS_BUSY: "busy", wire.STATUS_REFUSED: "refused"}.get(
                         status, "unknown status"

@@ -442,6 +442,30 @@ def test_a_late_hello_of_a_failed_start_does_not_replace_the_session_opened_afte
     assert inbox.messages == [b"m%d" % seq for seq in range(50)]
 
 
+def test_a_listener_that_never_answers_fails_start_naming_the_missing_welcome(
+    transport_factory: TransportFactory,
+) -> None:
+    """wire-format.md: connect_timeout bounds reading every WELCOME; when it passes, start()
+    fails with a TransportError. Its message names the missing WELCOME (it said "cannot
+    connect ...: timed out", though every connection had been accepted)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:  # accepts, never answers
+        host, port = listener.getsockname()[:2]
+        transport = transport_factory((host, port), streams=2, connect_timeout=0.3)
+        with pytest.raises(TransportError) as silent:
+            transport.start()
+        accepted = [listener.accept()[0] for _ in range(2)]  # both streams had connected
+        for conn in accepted:
+            conn.close()
+    assert silent.value.code == "TRANSPORT_ERROR"
+    assert str(silent.value) == (
+        f"[TRANSPORT_ERROR] no WELCOME from {host}:{port} within connect_timeout (0.3 s): "
+        "is a dwcp receiver listening there?"
+    )
+    assert isinstance(silent.value.__cause__, TimeoutError)
+    assert not transport.started
+    assert transport_threads() == []
+
+
 def test_connection_refused_raises_transport_error(transport_factory: TransportFactory) -> None:
     transport = transport_factory(("127.0.0.1", free_port()), connect_timeout=2.0)
     with pytest.raises(TransportError) as refused:
