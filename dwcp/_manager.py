@@ -187,11 +187,13 @@ class Manager(GuardedCalls, DeliveryCalls):
             name=self._name,
         )
         self._health_server = None
+        # Checked even when unused: a bad health_host must not wait for a health_port.
+        health_host = check.host_name("health_host", check.name("health_host", health_host))
         if health_port is not None:  # validated now, bound in start()
             port = check.port("health_port", health_port)
             from dwcp.http import HealthServer
 
-            self._health_server = HealthServer(self, check.name("health_host", health_host), port)
+            self._health_server = HealthServer(self, health_host, port)
         # "idle" -> "starting" -> "started" -> "stopping" -> "idle"; a manager can be restarted.
         self._phase = "idle"
         # Read without the lock on the send path; only ever replaced as a whole.

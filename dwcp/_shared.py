@@ -29,6 +29,7 @@ from typing import Any
 import pybreaker
 from loguru import logger
 
+from dwcp import _validation as check
 from dwcp._breaker import epoch_ms, from_epoch_ms
 
 __all__ = ["FailoverStorage", "connect"]
@@ -123,6 +124,7 @@ def connect(target: object, *, timeout: float = 0.5, parameter: str = "breaker_s
             raise ImportError(f"{parameter} needs redis: pip install 'dwcp[redis]'")
         if not target.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"{parameter} URL must start with redis://, got {target!r}")
+        check.url_host(parameter, target)
         try:
             return redis.Redis.from_url(
                 target, socket_timeout=timeout, socket_connect_timeout=timeout

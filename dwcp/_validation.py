@@ -11,6 +11,7 @@ import math
 import socket
 import threading
 from datetime import timedelta
+from urllib.parse import urlsplit
 
 __all__ = [
     "WIRE_SECONDS_MAX",
@@ -24,6 +25,7 @@ __all__ = [
     "port",
     "require_methods",
     "seconds",
+    "url_host",
     "wire_seconds",
 ]
 
@@ -219,3 +221,16 @@ def host_name(param: str, host: str) -> str:
     except UnicodeError as exc:
         raise ValueError(f"{param} {host!r} is not a valid host name: {exc}") from exc
     return host
+
+
+def url_host(param: str, url: str) -> str:
+    """``url`` if the host it names (if any: a ``unix://`` URL has none) can be resolved, as
+    ``host_name`` checks; else a ``ValueError`` naming ``param``, at construction rather
+    than as a ``UnicodeError`` on the first connection."""
+    try:
+        host = urlsplit(url).hostname
+    except ValueError as exc:  # an unbalanced "[" of an IPv6 literal, say
+        raise ValueError(f"{param} {url!r} is not a valid URL: {exc}") from exc
+    if host:
+        host_name(f"{param} host", host)
+    return url

@@ -247,7 +247,7 @@ class HealthServer:
 
     def __init__(self, manager: HealthSource, host: str = "127.0.0.1", port: int = 0) -> None:
         self._manager = manager
-        self._host = check.name("host", host)
+        self._host = check.host_name("host", check.name("host", host))
         self._port = check.port("port", port)
         self._lock = threading.Lock()
         self._server: _Server | None = None

@@ -254,7 +254,7 @@ def _checked_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(f"url must be an absolute http:// or https:// URL, got {url!r}")
-    return url
+    return check.url_host("url", url)
 
 
 @dataclass(eq=False)

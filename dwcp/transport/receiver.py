@@ -111,6 +111,7 @@ class MultiStreamReceiver:
         if not callable(on_message):
             raise TypeError("on_message must be callable")
         _check_address(address, lowest_port=0)
+        check.host_name("address host", address[0])
         if ssl_context is not None:
             if not isinstance(ssl_context, ssl.SSLContext):
                 raise TypeError("ssl_context must be an ssl.SSLContext or None")
@@ -252,6 +253,8 @@ class MultiStreamReceiver:
 
         Messages not yet handed to ``on_message`` are dropped; every thread is joined within
         one deadline (only an ``on_message`` that does not return can hold one past it).
+        It may be called from ``on_message``: it then joins every other thread, and the
+        calling delivery thread ends when ``on_message`` returns.
         """
         with self._lock:
             if not self._running:
@@ -270,7 +273,10 @@ class MultiStreamReceiver:
         for conn in connections:
             conn.shutdown()
         deadline = time.monotonic() + _STOP_JOIN_TIMEOUT
+        current = threading.current_thread()
         for thread in threads:
+            if thread is current:  # called from on_message: it ends once that returns
+                continue
             thread.join(max(deadline - time.monotonic(), 0.0))
             if thread.is_alive():
                 logger.bind(thread=thread.name).warning("Receiver thread did not stop")

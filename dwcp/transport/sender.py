@@ -1220,7 +1220,7 @@ class MultiStreamTCPTransport:
             ``WINDOW_FULL``), and with ``wait=True`` for its acknowledgement. A write that
             could write nothing for this long breaks the session, unless the receiver said
             it is alive meanwhile (see ``keepalive_timeout``).
-        max_message_size: larger messages raise ValueError before any I/O.
+        max_message_size: larger messages raise ValueError before any I/O (at least 1).
         acknowledged: the receiver confirms delivery; messages are kept in a window until
             it does, resent by the next session after a failure, and delivered exactly once
             (see "Delivery guarantees" in the README). ``flush()`` and ``send(wait=True)``
@@ -1280,8 +1280,9 @@ class MultiStreamTCPTransport:
         )
         self._connect_timeout = check.wire_seconds("connect_timeout", connect_timeout)
         self._send_timeout = check.wire_seconds("send_timeout", send_timeout)
+        # At least 1: with 0 every send but of b"" would raise.
         self._max_message_size = _bounded_int(
-            "max_message_size", max_message_size, 0, wire.MAX_TOTAL_LENGTH
+            "max_message_size", max_message_size, 1, wire.MAX_TOTAL_LENGTH
         )
         if not isinstance(acknowledged, bool):
             raise TypeError("acknowledged must be a bool")
@@ -1483,7 +1484,14 @@ class MultiStreamTCPTransport:
             # costs about one round trip, not N (plus the TLS handshakes, one at a time).
             for sock, tls in connections:
                 sock.settimeout(max(deadline - _monotonic(), _TIMEOUT_SLACK))
-                status = wire.parse_welcome(_recv_exactly(tls or sock, wire.WELCOME.size))
+                try:
+                    welcome = _recv_exactly(tls or sock, wire.WELCOME.size)
+                except TimeoutError as exc:  # connected, but what answers is not a receiver
+                    raise TransportError(
+                        f"no WELCOME from {peer} within connect_timeout "
+                        f"({self._connect_timeout:g} s): is a dwcp receiver listening there?"
+                    ) from exc
+                status = wire.parse_welcome(welcome)
                 if status != wire.STATUS_ACCEPTED:
                     why = {wire.STATUS_BUSY: "busy", wire.STATUS_REFUSED: "refused"}.get(
                         status, "unknown status"
@@ -1563,14 +1571,16 @@ class MultiStreamTCPTransport:
         TransportError with code ``UNCONFIRMED`` if it does not come in time: that message
         was sent and stays in the window (do not send it again).
 
-        TypeError and ValueError (not bytes-like, over ``max_message_size``, ``wait``
-        without ``acknowledged``) are raised before any I/O. TransportError: not started
+        TypeError and ValueError (not bytes-like, over ``max_message_size``, ``wait`` not a
+        bool, ``wait`` without ``acknowledged``) are raised before any I/O. TransportError: not started
         (code ``NOT_STARTED``), no room in time (code ``BACKPRESSURE``, see above), broken
         (with the code of the fault that broke the session: ``TRANSPORT_ERROR`` when a
         stream failed or stalled, ``ACK_TIMEOUT`` when acknowledgements did not come within
         ``send_timeout``), or (code ``WINDOW_FULL``) they came, but too slowly to make room
         within it.
         """
+        if wait is not False and wait is not True:  # "yes" or 1 would be read as True
+            raise TypeError(f"wait must be a bool, got {type(wait).__name__}")
         kind = type(data)
         if kind is not bytes and kind is not bytearray:
             if isinstance(data, memoryview):

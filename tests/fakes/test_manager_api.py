@@ -81,6 +81,9 @@ def test_call_before_start_is_not_started(make_manager: MakeManager) -> None:
         ({"health_port": 70000}, ValueError, "health_port"),
         ({"health_port": "80"}, TypeError, "health_port"),
         ({"health_port": 0, "health_host": 1234}, TypeError, "health_host"),
+        # Checked without a health_port too, as HealthServer checks its host.
+        ({"health_host": 5}, TypeError, "^health_host must be a string"),
+        ({"health_host": ""}, ValueError, "^health_host must be a non-empty string"),
         ({"enabled": "no"}, TypeError, "enabled"),
         ({"fail_fast": 1}, TypeError, "fail_fast"),
         ({"layers": [FakeLayer()]}, TypeError, "layers must be a mapping"),

@@ -249,6 +249,7 @@ def test_caller_errors_do_not_touch_the_network(
         ({"connect_timeout": 0}, "connect_timeout"),
         ({"send_timeout": -1.0}, "send_timeout"),
         ({"max_message_size": -1}, "max_message_size"),
+        ({"max_message_size": 0}, "max_message_size must be in 1.."),
         ({"max_message_size": 2**32}, "max_message_size"),
     ],
 )
@@ -328,6 +329,22 @@ def test_flush_rejects_a_timeout_it_could_not_wait(
         transport.flush(float("inf"))  # it used to raise OverflowError
     transport.send(b"x")
     transport.flush(timedelta(seconds=DELIVERY_TIMEOUT))
+
+
+@pytest.mark.parametrize("wait", ["yes", 1, None], ids=["str", "int", "None"])
+def test_send_refuses_a_wait_that_is_not_a_bool(
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory, wait: object
+) -> None:
+    """send(): TypeError (``wait`` not a bool) before any I/O: "yes" and 1 used to be taken
+    for True."""
+    receiver, inbox = receiver_factory()
+    transport = transport_factory(receiver.address, acknowledged=True)
+    transport.start()
+    with pytest.raises(TypeError, match="^wait must be a bool"):
+        transport.send(b"refused", wait=wait)  # type: ignore[arg-type]
+    transport.send(b"sent", wait=True)
+    assert receiver.wait_delivered(1, DELIVERY_TIMEOUT)
+    assert inbox.messages == [b"sent"]  # the refused one was never sent
 
 
 def test_constructor_rejects_bad_types() -> None:
@@ -423,6 +440,30 @@ def test_a_late_hello_of_a_failed_start_does_not_replace_the_session_opened_afte
         transport.health_check()
         transport.close()
     assert inbox.messages == [b"m%d" % seq for seq in range(50)]
+
+
+def test_a_listener_that_never_answers_fails_start_naming_the_missing_welcome(
+    transport_factory: TransportFactory,
+) -> None:
+    """wire-format.md: connect_timeout bounds reading every WELCOME; when it passes, start()
+    fails with a TransportError. Its message names the missing WELCOME (it said "cannot
+    connect ...: timed out", though every connection had been accepted)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:  # accepts, never answers
+        host, port = listener.getsockname()[:2]
+        transport = transport_factory((host, port), streams=2, connect_timeout=0.3)
+        with pytest.raises(TransportError) as silent:
+            transport.start()
+        accepted = [listener.accept()[0] for _ in range(2)]  # both streams had connected
+        for conn in accepted:
+            conn.close()
+    assert silent.value.code == "TRANSPORT_ERROR"
+    assert str(silent.value) == (
+        f"[TRANSPORT_ERROR] no WELCOME from {host}:{port} within connect_timeout (0.3 s): "
+        "is a dwcp receiver listening there?"
+    )
+    assert isinstance(silent.value.__cause__, TimeoutError)
+    assert not transport.started
+    assert transport_threads() == []
 
 
 def test_connection_refused_raises_transport_error(transport_factory: TransportFactory) -> None:

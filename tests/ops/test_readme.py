@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import inspect
 import os
 import re
 import subprocess
@@ -10,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+import dwcp
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -25,6 +28,23 @@ def _block_after(heading: str, language: str) -> str:
 def test_quick_start_runs_as_written() -> None:
     code = _block_after("Quick start", "python")
     exec(compile(code, "README.md quick start", "exec"), {})  # noqa: S102 - our own README
+
+
+def test_the_transport_listing_shows_the_real_defaults() -> None:
+    """The README's MultiStreamTCPTransport(...) listing: each keyword shown is one the
+    constructor takes, with its real default; connect_timeout is among them."""
+    listing = _block_after("The multi-stream transport", "python").split(
+        "dwcp.MultiStreamReceiver"
+    )[0]
+    shown = dict(re.findall(r"^\s+(\w+)=([^,#]+),", listing, re.MULTILINE))
+    defaults = {
+        name: parameter.default
+        for name, parameter in inspect.signature(dwcp.MultiStreamTCPTransport).parameters.items()
+    }
+    assert "connect_timeout" in shown
+    for name, text in shown.items():
+        assert name in defaults, name
+        assert eval(text) == defaults[name], (name, text)
 
 
 def test_readme_test_command_is_what_ci_runs() -> None:

@@ -1,0 +1,59 @@
+"""A host that the socket module cannot encode (IDNA refuses a lone surrogate, or a label
+over 63 characters) is refused at construction with a ValueError naming the parameter,
+by every class that takes a host or a URL: before, each got as far as start() or the
+first connection and raised a bare TypeError or UnicodeError there."""
+
+from __future__ import annotations
+
+import pytest
+
+import dwcp
+from dwcp.http import HealthServer
+from dwcp.testing import FakeTransport
+from dwcp.webhook import WebhookNotifier
+
+BAD_HOSTS = ["xn--\udcff", "\u00e9" * 70 + ".com"]
+IDS = ["lone-surrogate", "label-too-long"]
+NOT_VALID = "is not a valid host name"
+
+
+@pytest.mark.parametrize("host", BAD_HOSTS, ids=IDS)
+def test_the_receiver_refuses_the_host(host: str) -> None:
+    with pytest.raises(ValueError, match=f"^address host .* {NOT_VALID}"):
+        dwcp.MultiStreamReceiver((host, 0), on_message=print)
+
+
+@pytest.mark.parametrize("host", BAD_HOSTS, ids=IDS)
+def test_the_health_server_refuses_the_host(host: str) -> None:
+    with pytest.raises(ValueError, match=f"^host .* {NOT_VALID}"):
+        HealthServer(dwcp.Manager(FakeTransport()), host, 0)
+
+
+@pytest.mark.parametrize("port", [0, None], ids=["with-health-port", "without"])
+@pytest.mark.parametrize("host", BAD_HOSTS, ids=IDS)
+def test_the_manager_refuses_the_health_host(host: str, port: int | None) -> None:
+    with pytest.raises(ValueError, match=f"^health_host .* {NOT_VALID}"):
+        dwcp.Manager(FakeTransport(), health_port=port, health_host=host)
+
+
+@pytest.mark.parametrize("parameter", ["cluster", "breaker_storage"])
+@pytest.mark.parametrize("host", BAD_HOSTS, ids=IDS)
+def test_the_manager_refuses_a_redis_url_with_the_host(host: str, parameter: str) -> None:
+    pytest.importorskip("redis")
+    with pytest.raises(ValueError, match=f"^{parameter} host .* {NOT_VALID}"):
+        dwcp.Manager(FakeTransport(), **{parameter: f"redis://{host}:6379/0"})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("host", BAD_HOSTS, ids=IDS)
+def test_the_webhook_refuses_a_url_with_the_host(host: str) -> None:
+    with pytest.raises(ValueError, match=f"^url host .* {NOT_VALID}"):
+        WebhookNotifier(f"http://{host}/alerts")
+
+
+def test_hosts_that_encode_are_accepted() -> None:
+    # An IPv6 literal, a Unicode name IDNA encodes, a unix:// URL (no host at all).
+    dwcp.MultiStreamReceiver(("::1", 0), on_message=print)
+    WebhookNotifier("http://[::1]:8080/alerts")
+    WebhookNotifier("https://b\u00fccher.example/alerts")
+    pytest.importorskip("redis")
+    dwcp.Manager(FakeTransport(), cluster="unix:///tmp/redis.sock")
