@@ -425,30 +425,30 @@ class _Session:
         """
         window = self.window
         wait = self.close_timeout
-        latest = _monotonic() + max(self.send_timeout, wait)
+        began = _monotonic()
+        latest = began + max(self.send_timeout, wait)
 
-        def progress() -> tuple[int, float, int]:
-            streams = self.streams
-            return (
-                sum(s.writes for s in streams),
-                max(s.progress for s in streams),  # bytes of a write under way
-                -1 if window is None else window.acked,
-            )
+        def last_progress() -> float:
+            # When a write or an acknowledgement last made progress (or close() began).
+            moved = max(s.progress for s in self.streams)
+            if window is not None:
+                moved = max(moved, window.since)
+            return max(moved, began)
 
-        seen = progress()
-        while True:  # bounded: each round ends the loop unless something progressed
-            if self.flush(wait) and (
-                window is None or window.wait_acked(window.last, _monotonic() + wait, self.ended)
+        while True:  # bounded: each round ends at a deadline only progress moves
+            now = _monotonic()
+            deadline = last_progress() + wait
+            if now >= deadline:
+                late = any(s.outbox and not s.busy for s in self.streams)
+                if not late or now >= latest:
+                    return
+                deadline = min(now + wait, latest)
+            if self.flush(deadline - now) and (
+                window is None or window.wait_acked(window.last, deadline, self.ended)
             ):
                 return
             if self.ended():
                 return
-            now = progress()
-            if now == seen:
-                late = any(s.outbox and not s.busy for s in self.streams)
-                if not late or _monotonic() >= latest:
-                    return
-            seen = now
 
     def shutdown(self) -> None:
         """Write what is queued and, acknowledged, wait for the acknowledgements (while they

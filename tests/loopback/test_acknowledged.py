@@ -263,6 +263,25 @@ def test_close_against_a_silent_peer_waits_close_timeout_not_send_timeout(
     assert transport.unacknowledged == 1  # kept for the next start()
 
 
+def test_close_right_after_sends_to_a_silent_peer_waits_one_close_timeout_not_two(
+    raw_peer: Callable[..., RawPeer], transport_factory: TransportFactory
+) -> None:
+    # "Once none has [progressed] for close_timeout": the writes of the sends just before
+    # close() are progress at its start, not a reason to wait a second close_timeout.
+    peer = raw_peer("drain")
+    transport = transport_factory(
+        peer.address, acknowledged=True, send_timeout=60.0, close_timeout=2.0
+    )
+    transport.start()
+    for n in range(3):
+        transport.send(b"%d" % n)
+    began = time.monotonic()
+    transport.close()
+    took = time.monotonic() - began
+    assert 1.9 <= took < 3.5, took  # one close_timeout (2 s); two would be 4 s
+    assert transport.unacknowledged == 3
+
+
 def test_manager_stop_against_a_silent_peer_is_not_held_by_send_timeout(
     raw_peer: Callable[..., RawPeer], make_manager: Callable[..., Manager]
 ) -> None:
