@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from types import MappingProxyType
 from typing import Any
 
@@ -99,7 +100,9 @@ def _read(client: Any, keys: _Keys) -> _Raw:
     return _Raw(now_ms, None if epoch is None else _text(epoch), nodes, skipped)
 
 
-def cluster_health(target: object, *, namespace: str = "dwcp", timeout: float = 2.0) -> ClusterView:
+def cluster_health(
+    target: object, *, namespace: str = "dwcp", timeout: float | timedelta = 2.0
+) -> ClusterView:
     """Read every node's last snapshot once, from a Redis URL or ``redis.Redis`` client.
 
     A node is ``alive`` when its last heartbeat is no older than its bound, ``lost`` when it
@@ -107,7 +110,8 @@ def cluster_health(target: object, *, namespace: str = "dwcp", timeout: float = 
     read Redis without a failure (see its docstring).  Records this version cannot read are
     skipped and counted in ``ClusterView.skipped``.  Raises ``ClusterError`` when Redis cannot
     be reached or answers with something unreadable, ``ValueError``/``TypeError`` for a bad
-    ``target``, ``namespace`` or ``timeout`` (seconds, bounding each socket operation).
+    ``target``, ``namespace`` or ``timeout`` (seconds or a ``timedelta``, bounding each socket
+    operation).
     """
     keys = _Keys(_check_namespace(namespace))
     client = _connect(target, check.seconds("timeout", timeout))

@@ -609,3 +609,49 @@ def test_the_collector_describes_the_cluster_families() -> None:
         "dwcp_cluster_view_stale",
         "dwcp_cluster_records_skipped",
     } <= names
+
+
+def test_records_with_a_wrongly_typed_health_field_or_an_absurd_bound_are_skipped_not_listed(
+    redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client: Any = redis_server.client()
+    good = {"status": "healthy", "breaker": "closed", "breaker_storage": "local"}
+    try:
+        _plant(client, "status_int", _record(health=dict(good, status=5)))
+        _plant(client, "components_str", _record(health=dict(good, components="x")))
+        _plant(client, "component_int", _record(health=dict(good, components={"transport": 5})))
+        _plant(client, "breaker_list", _record(health=dict(good, breaker=[1])))
+        _plant(client, "immortal", _record(bound=1e308, interval=1e308))
+        _plant(client, "fine", _record(node="fine", health=good))
+    finally:
+        client.close()
+    view = cluster_health(redis_server.url)
+    assert set(view.nodes) == {"fine"} and view.skipped == 5
+    from dwcp._cli import main
+
+    main(["status", "--cluster", redis_server.url])
+    table = capsys.readouterr().out
+    assert "5 unreadable records skipped" in table
+    assert "[1]" not in table and "1e+308" not in table and "status_int" not in table
+
+
+def test_a_second_start_raises_already_started_and_with_starts_and_closes(
+    redis_server: RedisServer,
+) -> None:
+    with ClusterMember(redis_server.url, "ctx", interval=0.1) as member:
+        with pytest.raises(dwcp.DWCPError) as caught:
+            member.start()
+        assert caught.value.code == "ALREADY_STARTED"
+        member.publish({"status": "healthy"})
+        wait_until(lambda: "ctx" in member.view().nodes)
+    # Left the block: closed, said goodbye, and may be started again.
+    assert cluster_health(redis_server.url).nodes["ctx"].state == "left"
+    member.start()
+    member.close()
+
+
+def test_a_manager_announcing_an_interval_past_the_maximum_is_refused(
+    redis_server: RedisServer,
+) -> None:
+    with pytest.raises(ValueError, match="health_interval \\+ health_check_timeout"):
+        dwcp.Manager(FakeTransport(), cluster=redis_server.url, health_interval=86400)
