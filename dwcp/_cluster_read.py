@@ -89,11 +89,13 @@ def _read(client: Any, keys: _Keys) -> _Raw:
             if raw is None:
                 continue  # expired (or Redis lost it); the index entry is pruned later
             record = parse_record(raw)
+            if record is not None and record["node"] != node_id:
+                record = None  # filed under another node's id: not what a publisher writes
             if record is None:
                 skipped += 1
                 logger.bind(node=node_id).warning(
-                    "Unreadable cluster record (not JSON, another version or a wrong field); "
-                    "skipped"
+                    "Unreadable cluster record (not JSON, another version, a wrong field or "
+                    "another node's id); skipped"
                 )
                 continue
             nodes[node_id] = (beats[node_id], record)

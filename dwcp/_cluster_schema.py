@@ -24,7 +24,8 @@ A record is JSON with ``"v"`` (the record version, ``RECORD_VERSION``), ``node``
 ``pid``, ``interval``, ``bound``, ``seq``, ``left`` and ``health`` (the node's health
 document, see ``check_health``); a reader skips a record of another version, or one that does
 not parse or has a field missing or of the wrong type, inside ``health`` too, or an
-``interval``/``bound`` out of range (``parse_record``), and counts it.
+``interval``/``bound`` out of range (``parse_record``), or one whose ``node`` is not the id
+it is filed under, and counts it.
 """
 
 from __future__ import annotations
@@ -118,8 +119,8 @@ class ClusterView:
     age: float
     namespace: str
     #: Records the read skipped because this version cannot use them (not JSON, another
-    #: record version ``"v"``, a field missing or of the wrong type); their nodes are not
-    #: listed.
+    #: record version ``"v"``, a field missing or of the wrong type, in ``health`` too, an
+    #: interval or bound out of range, another node's id); their nodes are not listed.
     skipped: int = 0
 
     @property

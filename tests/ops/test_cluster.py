@@ -611,27 +611,32 @@ def test_the_collector_describes_the_cluster_families() -> None:
     } <= names
 
 
-def test_records_with_a_wrongly_typed_health_field_or_an_absurd_bound_are_skipped_not_listed(
+def test_records_with_a_wrong_health_field_an_absurd_bound_or_another_id_are_skipped(
     redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     client: Any = redis_server.client()
     good = {"status": "healthy", "breaker": "closed", "breaker_storage": "local"}
     try:
-        _plant(client, "status_int", _record(health=dict(good, status=5)))
-        _plant(client, "components_str", _record(health=dict(good, components="x")))
-        _plant(client, "component_int", _record(health=dict(good, components={"transport": 5})))
-        _plant(client, "breaker_list", _record(health=dict(good, breaker=[1])))
-        _plant(client, "immortal", _record(bound=1e308, interval=1e308))
-        _plant(client, "fine", _record(node="fine", health=good))
+        for node, record in {
+            "status_int": _record(health=dict(good, status=5)),
+            "components_str": _record(health=dict(good, components="x")),
+            "component_int": _record(health=dict(good, components={"transport": 5})),
+            "breaker_list": _record(health=dict(good, breaker=[1])),
+            "immortal": _record(bound=1e308, interval=1e308),
+            "fine": _record(health=good),
+        }.items():
+            _plant(client, node, json.dumps(dict(json.loads(record), node=node)))
+        # A sound record filed under another node's id is not one a publisher writes either.
+        _plant(client, "elsewhere", _record(node="someone-else", health=good))
     finally:
         client.close()
     view = cluster_health(redis_server.url)
-    assert set(view.nodes) == {"fine"} and view.skipped == 5
+    assert set(view.nodes) == {"fine"} and view.skipped == 6
     from dwcp._cli import main
 
     main(["status", "--cluster", redis_server.url])
     table = capsys.readouterr().out
-    assert "5 unreadable records skipped" in table
+    assert "6 unreadable records skipped" in table
     assert "[1]" not in table and "1e+308" not in table and "status_int" not in table
 
 
