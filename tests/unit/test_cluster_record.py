@@ -5,6 +5,7 @@ for an interval or bound no publisher can announce."""
 from __future__ import annotations
 
 import json
+import threading
 from datetime import timedelta
 from typing import Any
 
@@ -168,3 +169,17 @@ def test_bad_member_and_reader_arguments_are_typed_errors() -> None:
         cluster_health("redis://127.0.0.1:9", namespace="")
     with pytest.raises(TypeError, match="lost_after must be a number"):
         ClusterMember("redis://127.0.0.1:9", "n1", lost_after="3")  # type: ignore[arg-type]
+
+
+def test_every_duration_of_a_member_takes_a_timedelta() -> None:
+    member = ClusterMember(
+        "redis://127.0.0.1:9",
+        "n1",
+        interval=timedelta(seconds=1),
+        retention=timedelta(minutes=1),
+        timeout=timedelta(milliseconds=500),
+    )
+    assert member.bound == 3.0
+    member.start()  # nobody listens on port 9: logged, and the thread runs
+    member.close(timedelta(seconds=5))  # joins the thread (a TypeError before)
+    assert not any(t.name == "dwcp-cluster" and t.is_alive() for t in threading.enumerate())
