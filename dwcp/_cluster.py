@@ -17,8 +17,9 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
-from types import MappingProxyType
-from typing import Any
+from datetime import timedelta
+from types import MappingProxyType, TracebackType
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
@@ -34,18 +35,26 @@ from dwcp._cluster_read import (
 )
 from dwcp._cluster_render import cluster_document, render_cluster, snapshot_document
 from dwcp._cluster_schema import (
+    BOUND_MAX,
+    INTERVAL_MAX,
+    INTERVAL_MIN,
     ClusterError,
     ClusterView,
     NodeHealth,
     NodeState,
     _check_namespace,
     _Keys,
+    check_health,
     make_record,
     node_health,
 )
+from dwcp._errors import DWCPError
 from dwcp._events import NodeBack, NodeLost
 from dwcp._health import HealthSnapshot
 from dwcp._shared_history import SharedHistory, history_key, read_histories, write_histories
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = [
     "ClusterError",
@@ -99,9 +108,9 @@ def default_node_id() -> str:
 
 
 def _check_node_id(node_id: object) -> str:
-    if not isinstance(node_id, str):
-        raise TypeError(f"node_id must be a str, got {type(node_id).__name__}")
-    if not node_id or len(node_id) > _MAX_NODE_ID or not node_id.isprintable() or " " in node_id:
+    check.name("node_id", node_id)  # TypeError for a non-string
+    assert isinstance(node_id, str)
+    if len(node_id) > _MAX_NODE_ID or not node_id.isprintable() or " " in node_id:
         raise ValueError(
             f"node_id must be 1 to {_MAX_NODE_ID} printable characters without spaces, "
             f"got {node_id!r}"
@@ -136,12 +145,17 @@ class ClusterMember:
     Parameters: ``target`` a ``redis://`` URL or a ``redis.Redis`` client (it may be the one
     the shared breaker uses); ``node_id`` this node's id (default ``default_node_id()``);
     ``namespace`` the key prefix shared by the cluster; ``interval`` the longest expected gap
-    between two publishes (seconds); ``lost_after`` the multiple of ``interval`` after which
-    a silent node is lost; ``retention`` how long a dead node's entry stays listed (default
-    the larger of 60 s and ten bounds); ``watch`` whether to read the cluster after each
+    between two publishes (seconds, from ``INTERVAL_MIN`` 1 ms to ``INTERVAL_MAX`` one day);
+    ``lost_after`` the multiple of ``interval`` after which a silent node is lost (at least
+    1.5, and the bound it makes at most ``BOUND_MAX``, one week: a reader skips a record
+    announcing more); ``retention`` how long a dead node's entry stays listed (default the
+    larger of 60 s and ten bounds); ``watch`` (a bool) whether to read the cluster after each
     publish (in a large cluster a few watching nodes may do: each read carries every
     record); ``on_event`` a first event callback (more with ``add_listener``); ``timeout``
-    each Redis operation's socket timeout.
+    each Redis operation's socket timeout.  Durations are seconds or ``timedelta``s.
+
+    ``start()`` on a running member raises ``DWCPError`` (``ALREADY_STARTED``); used as a
+    context manager, ``with`` starts the member and closes it on the way out.
     """
 
     def __init__(
@@ -150,20 +164,27 @@ class ClusterMember:
         node_id: str | None = None,
         *,
         namespace: str = "dwcp",
-        interval: float = 10.0,
+        interval: float | timedelta = 10.0,
         lost_after: float = 3.0,
-        retention: float | None = None,
+        retention: float | timedelta | None = None,
         watch: bool = True,
         on_event: ClusterListener | None = None,
-        timeout: float = 0.5,
+        timeout: float | timedelta = 0.5,
     ) -> None:
         self._node_id = _check_node_id(default_node_id() if node_id is None else node_id)
         self._namespace = _check_namespace(namespace)
-        self._interval = check.seconds("interval", interval)
-        lost_after = check.seconds("lost_after", lost_after)
+        self._interval = check.seconds(
+            "interval", interval, minimum=INTERVAL_MIN, maximum=INTERVAL_MAX
+        )
+        lost_after = check.number("lost_after", lost_after)
         if lost_after < 1.5:
             raise ValueError(f"lost_after must be at least 1.5 intervals, got {lost_after!r}")
         self._bound = round(lost_after * self._interval, 6)
+        if self._bound > BOUND_MAX:
+            raise ValueError(
+                f"lost_after times interval (the bound, {self._bound:g}s) must be at most "
+                f"{BOUND_MAX:g} seconds: readers skip a record announcing more"
+            )
         self._retention = (
             max(60.0, 10 * self._bound)
             if retention is None
@@ -176,7 +197,7 @@ class ClusterMember:
             )
         if on_event is not None and not callable(on_event):
             raise TypeError(f"on_event must be callable, got {type(on_event).__name__}")
-        self._watch = bool(watch)
+        self._watch = check.flag("watch", watch)
         self._listeners: tuple[ClusterListener, ...] = () if on_event is None else (on_event,)
         self._keys = _Keys(self._namespace)
         self._client = _connect(target, check.seconds("timeout", timeout))
@@ -258,10 +279,14 @@ class ClusterMember:
             self._listeners = (*self._listeners, callback)
 
     def start(self) -> None:
-        """Check Redis once (a failure is logged, not raised) and start the thread."""
+        """Check Redis once (a failure is logged, not raised) and start the thread.
+
+        Raises ``DWCPError`` with code ``ALREADY_STARTED`` when it runs already (started and
+        not closed since); a closed member may be started again.
+        """
         with self._lock:
             if self._thread is not None:
-                return
+                raise DWCPError("cluster member is already started", code="ALREADY_STARTED")
             self._stop.clear()
             thread = threading.Thread(target=self._run, name=_THREAD_NAME, daemon=True)
             self._thread = thread
@@ -279,10 +304,16 @@ class ClusterMember:
             thread.start()
 
     def publish(self, snapshot: HealthSnapshot | Mapping[str, Any]) -> None:
-        """Hand the thread a snapshot to publish with the next heartbeat (no I/O here)."""
-        document = (
-            snapshot_document(snapshot) if isinstance(snapshot, HealthSnapshot) else dict(snapshot)
-        )
+        """Hand the thread a snapshot to publish with the next heartbeat (no I/O here).
+
+        A mapping is published as the health document; one that readers would skip (see
+        ``check_health``: ``{"status": 5}``, say) raises ``TypeError``/``ValueError`` here.
+        """
+        if isinstance(snapshot, HealthSnapshot):
+            document = snapshot_document(snapshot)
+        else:
+            check_health(snapshot)
+            document = dict(snapshot)
         with self._lock:
             self._pending = document
         self._wake.set()
@@ -301,8 +332,10 @@ class ClusterMember:
         self._refresh()
         return self.view()
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Say goodbye (the node is listed as ``left``), stop the thread and join it."""
+    def close(self, timeout: float | timedelta = 5.0) -> None:
+        """Say goodbye (the node is listed as ``left``), stop the thread and join it, waiting
+        up to ``timeout`` (seconds or a ``timedelta``) for it."""
+        wait = check.seconds("timeout", timeout, allow_zero=True)
         with self._lock:
             thread, self._thread = self._thread, None
         if thread is not None:
@@ -311,17 +344,31 @@ class ClusterMember:
             # A start() still at its first PING has not started the thread, and now never
             # will (it checks under the lock).
             if thread.ident is not None:
-                thread.join(timeout)
+                thread.join(wait)
             if thread.is_alive():
                 logger.bind(node=self._node_id).warning("Cluster thread did not stop in time")
         if self._owns_client:
             self._client.close()
 
-    # -- the thread -----------------------------------------------------------------------------
-
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float | timedelta = 5.0) -> None:
         """Alias of ``close()``: every dwcp class that starts has both names."""
         self.close(timeout)
+
+    def __enter__(self) -> Self:
+        """Start the member (see ``start()``) and return it."""
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Close the member (see ``close()``)."""
+        self.close()
+
+    # -- the thread -----------------------------------------------------------------------------
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -599,4 +646,10 @@ def cluster_member(
         if on_event is not None:
             cluster.add_listener(on_event)
         return cluster
+    if not INTERVAL_MIN <= interval <= INTERVAL_MAX:
+        raise ValueError(
+            f"health_interval + health_check_timeout (the interval a cluster node announces) "
+            f"must be from {INTERVAL_MIN:g} to {INTERVAL_MAX:g} seconds with a cluster, "
+            f"got {interval:g}"
+        )
     return ClusterMember(cluster, node_id, interval=interval, on_event=on_event)

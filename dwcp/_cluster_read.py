@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from types import MappingProxyType
 from typing import Any
 
@@ -88,18 +89,22 @@ def _read(client: Any, keys: _Keys) -> _Raw:
             if raw is None:
                 continue  # expired (or Redis lost it); the index entry is pruned later
             record = parse_record(raw)
+            if record is not None and record["node"] != node_id:
+                record = None  # filed under another node's id: not what a publisher writes
             if record is None:
                 skipped += 1
                 logger.bind(node=node_id).warning(
-                    "Unreadable cluster record (not JSON, another version or a wrong field); "
-                    "skipped"
+                    "Unreadable cluster record (not JSON, another version, a wrong field or "
+                    "another node's id); skipped"
                 )
                 continue
             nodes[node_id] = (beats[node_id], record)
     return _Raw(now_ms, None if epoch is None else _text(epoch), nodes, skipped)
 
 
-def cluster_health(target: object, *, namespace: str = "dwcp", timeout: float = 2.0) -> ClusterView:
+def cluster_health(
+    target: object, *, namespace: str = "dwcp", timeout: float | timedelta = 2.0
+) -> ClusterView:
     """Read every node's last snapshot once, from a Redis URL or ``redis.Redis`` client.
 
     A node is ``alive`` when its last heartbeat is no older than its bound, ``lost`` when it
@@ -107,7 +112,8 @@ def cluster_health(target: object, *, namespace: str = "dwcp", timeout: float = 
     read Redis without a failure (see its docstring).  Records this version cannot read are
     skipped and counted in ``ClusterView.skipped``.  Raises ``ClusterError`` when Redis cannot
     be reached or answers with something unreadable, ``ValueError``/``TypeError`` for a bad
-    ``target``, ``namespace`` or ``timeout`` (seconds, bounding each socket operation).
+    ``target``, ``namespace`` or ``timeout`` (seconds or a ``timedelta``, bounding each socket
+    operation).
     """
     keys = _Keys(_check_namespace(namespace))
     client = _connect(target, check.seconds("timeout", timeout))

@@ -22,8 +22,10 @@ a read is two (``TIME`` with the index and the epoch, then one ``MGET`` of the r
 
 A record is JSON with ``"v"`` (the record version, ``RECORD_VERSION``), ``node``, ``host``,
 ``pid``, ``interval``, ``bound``, ``seq``, ``left`` and ``health`` (the node's health
-document); a reader skips a record of another version, or one that does not parse or has a
-field of the wrong type (``parse_record``), and counts it.
+document, see ``check_health``); a reader skips a record of another version, or one that does
+not parse or has a field missing or of the wrong type, inside ``health`` too, or an
+``interval``/``bound`` out of range (``parse_record``), or one whose ``node`` is not the id
+it is filed under, and counts it.
 """
 
 from __future__ import annotations
@@ -33,16 +35,22 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
+from dwcp import _validation as check
 from dwcp._errors import DWCPError
+from dwcp._health import ComponentStatus
 
 __all__ = [
+    "BOUND_MAX",
+    "INTERVAL_MAX",
+    "INTERVAL_MIN",
     "RECORD_VERSION",
     "ClusterError",
     "ClusterView",
     "NodeHealth",
     "NodeState",
+    "check_health",
     "make_record",
     "node_health",
     "parse_record",
@@ -52,6 +60,15 @@ NodeState = Literal["alive", "lost", "left"]
 
 #: The version of the record format (``"v"``) this code writes and reads.
 RECORD_VERSION = 1
+
+#: The range of the interval a node may announce, in seconds: from 1 ms (heartbeats are
+#: stamped in milliseconds) to one day.  ``ClusterMember`` refuses an interval outside it and
+#: a reader skips a record announcing one, so a record cannot keep a silent node alive for
+#: longer than a publisher could.
+INTERVAL_MIN = 0.001
+INTERVAL_MAX = 86400.0
+#: The longest bound (``lost_after`` times the interval) a node may announce: one week.
+BOUND_MAX = 604800.0
 
 
 class ClusterError(DWCPError):
@@ -102,8 +119,8 @@ class ClusterView:
     age: float
     namespace: str
     #: Records the read skipped because this version cannot use them (not JSON, another
-    #: record version ``"v"``, a field missing or of the wrong type); their nodes are not
-    #: listed.
+    #: record version ``"v"``, a field missing or of the wrong type, in ``health`` too, an
+    #: interval or bound out of range, another node's id); their nodes are not listed.
     skipped: int = 0
 
     @property
@@ -120,7 +137,9 @@ class ClusterView:
 
 
 def _check_namespace(namespace: object) -> str:
-    if not isinstance(namespace, str) or not namespace or not namespace.isprintable():
+    check.name("namespace", namespace)  # TypeError for a non-string
+    assert isinstance(namespace, str)
+    if not namespace.isprintable():
         raise ValueError(f"namespace must be a non-empty printable string, got {namespace!r}")
     return namespace
 
@@ -152,17 +171,89 @@ def _integer(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def _seconds(low: float, high: float) -> Callable[[object], bool]:
+    def within(value: object) -> bool:
+        return (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and low <= value <= high  # NaN compares false: refused too
+        )
+
+    return within
+
+
+def _health(value: object) -> bool:
+    try:
+        check_health(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 # Every field of a record (see make_record) and the check its value must pass.
 _FIELDS: dict[str, Callable[[object], bool]] = {
     "node": lambda v: isinstance(v, str),
     "host": lambda v: isinstance(v, str),
     "pid": _integer,
-    "interval": _number,
-    "bound": _number,
+    "interval": _seconds(INTERVAL_MIN, INTERVAL_MAX),
+    # A publisher's bound is at least 1.5 intervals of at least 1 ms (rounded to 1 us).
+    "bound": _seconds(INTERVAL_MIN, BOUND_MAX),
     "seq": _integer,
     "left": lambda v: isinstance(v, bool),
-    "health": lambda v: isinstance(v, dict),
+    "health": _health,
 }
+
+_HEALTH_STATUSES = ("healthy", "unhealthy")
+_COMPONENT_STATUSES: tuple[str, ...] = get_args(ComponentStatus)
+
+
+def _one_of(field_name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"{field_name} must be a string, got {type(value).__name__}")
+    if value not in allowed:
+        raise ValueError(f"{field_name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def _text_field(field_name: str, value: object, *, optional: bool = False) -> None:
+    if not (isinstance(value, str) or (optional and value is None)):
+        kind = "a string or None" if optional else "a string"
+        raise TypeError(f"{field_name} must be {kind}, got {type(value).__name__}")
+
+
+def check_health(document: object) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the field unless ``document`` is a health
+    document as ``snapshot_document`` writes it.
+
+    Each field may be absent (an older or a partial document; the table prints ``?``), but
+    one present has its type: ``status`` "healthy" or "unhealthy"; ``breaker`` and
+    ``breaker_storage`` strings; ``components`` an object of component name to an object
+    whose ``status`` is one of "healthy", "unhealthy", "recovering", "failed", ``last_error``
+    a string or null, ``seconds_in_status`` and ``suspicion`` finite non-negative numbers.
+    Other fields are ignored.
+    """
+    if not isinstance(document, Mapping):
+        raise TypeError(f"health must be an object, got {type(document).__name__}")
+    if "status" in document:
+        _one_of("health.status", document["status"], _HEALTH_STATUSES)
+    for key in ("breaker", "breaker_storage"):
+        if key in document:
+            _text_field(f"health.{key}", document[key])
+    components = document.get("components", {})
+    if not isinstance(components, Mapping):
+        raise TypeError(f"health.components must be an object, got {type(components).__name__}")
+    for name, component in components.items():
+        where = f"health.components[{name!r}]"
+        if not isinstance(name, str):
+            raise TypeError(f"{where}: component names must be strings")
+        if not isinstance(component, Mapping):
+            raise TypeError(f"{where} must be an object, got {type(component).__name__}")
+        if "status" in component:
+            _one_of(f"{where}.status", component["status"], _COMPONENT_STATUSES)
+        if "last_error" in component:
+            _text_field(f"{where}.last_error", component["last_error"], optional=True)
+        for key in ("seconds_in_status", "suspicion"):
+            if key in component:
+                check.number(f"{where}.{key}", component[key])
 
 
 def parse_record(raw: object) -> dict[str, Any] | None:
@@ -177,8 +268,8 @@ def parse_record(raw: object) -> dict[str, Any] | None:
     version = record.get("v")
     if type(version) is not int or version != RECORD_VERSION:
         return None
-    for name, check in _FIELDS.items():
-        if name not in record or not check(record[name]):
+    for name, valid in _FIELDS.items():
+        if name not in record or not valid(record[name]):
             return None
     return record
 

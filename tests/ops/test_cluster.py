@@ -609,3 +609,54 @@ def test_the_collector_describes_the_cluster_families() -> None:
         "dwcp_cluster_view_stale",
         "dwcp_cluster_records_skipped",
     } <= names
+
+
+def test_records_with_a_wrong_health_field_an_absurd_bound_or_another_id_are_skipped(
+    redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client: Any = redis_server.client()
+    good = {"status": "healthy", "breaker": "closed", "breaker_storage": "local"}
+    try:
+        for node, record in {
+            "status_int": _record(health=dict(good, status=5)),
+            "components_str": _record(health=dict(good, components="x")),
+            "component_int": _record(health=dict(good, components={"transport": 5})),
+            "breaker_list": _record(health=dict(good, breaker=[1])),
+            "immortal": _record(bound=1e308, interval=1e308),
+            "fine": _record(health=good),
+        }.items():
+            _plant(client, node, json.dumps(dict(json.loads(record), node=node)))
+        # A sound record filed under another node's id is not one a publisher writes either.
+        _plant(client, "elsewhere", _record(node="someone-else", health=good))
+    finally:
+        client.close()
+    view = cluster_health(redis_server.url)
+    assert set(view.nodes) == {"fine"} and view.skipped == 6
+    from dwcp._cli import main
+
+    main(["status", "--cluster", redis_server.url])
+    table = capsys.readouterr().out
+    assert "6 unreadable records skipped" in table
+    assert "[1]" not in table and "1e+308" not in table and "status_int" not in table
+
+
+def test_a_second_start_raises_already_started_and_with_starts_and_closes(
+    redis_server: RedisServer,
+) -> None:
+    with ClusterMember(redis_server.url, "ctx", interval=0.1) as member:
+        with pytest.raises(dwcp.DWCPError) as caught:
+            member.start()
+        assert caught.value.code == "ALREADY_STARTED"
+        member.publish({"status": "healthy"})
+        wait_until(lambda: "ctx" in member.view().nodes)
+    # Left the block: closed, said goodbye, and may be started again.
+    assert cluster_health(redis_server.url).nodes["ctx"].state == "left"
+    member.start()
+    member.close()
+
+
+def test_a_manager_announcing_an_interval_past_the_maximum_is_refused(
+    redis_server: RedisServer,
+) -> None:
+    with pytest.raises(ValueError, match="health_interval \\+ health_check_timeout"):
+        dwcp.Manager(FakeTransport(), cluster=redis_server.url, health_interval=86400)
