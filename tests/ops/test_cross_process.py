@@ -474,13 +474,16 @@ def test_lost_acknowledgements_resend_and_the_receiver_drops_the_duplicates(
         acknowledged=True,
         send_timeout=1.0,
         max_in_flight=64,
+        keepalive_interval=0.5,
+        keepalive_timeout=1.0,
     )
     sizes = [100, 3 * KiB, CHUNK + 1, 6] * 8
     send_all(transport, 0, sizes)
     transport.flush()
-    proxy.blackhole("down")  # every ACK from now on is lost; the data still arrives
+    proxy.blackhole("down")  # every ACK and PONG from now on is lost; the data arrives
     send_all(transport, 0, sizes, first_seq=len(sizes))
-    # All delivered, none confirmed: the ACK timeout breaks the session.
+    # All delivered, none confirmed, and the receiver heard from no more (no PONG for the
+    # keepalive bound of 1.5 s): the ACK timeout breaks the session.
     stats = wait_delivered(receiver, 2 * len(sizes))
     assert transport.unacknowledged == len(sizes)
     wait_until_broken = time.monotonic() + 10.0
