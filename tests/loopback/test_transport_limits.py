@@ -13,6 +13,7 @@ import pytest
 
 from dwcp._errors import TransportError
 from dwcp.transport import MultiStreamReceiver, MultiStreamTCPTransport, wire
+from tests._frames import encode_message
 from tests.conftest import (
     RawPeer,
     ReceiverFactory,
@@ -201,7 +202,7 @@ def test_a_frame_that_never_completes_is_cut_off_at_frame_timeout(
     with sock:
         sock.sendall(wire.pack_handshake(os.urandom(16), 0, 1, acknowledged=False))
         sock.recv(wire.WELCOME.size, socket.MSG_WAITALL)
-        frame = wire.encode_message(0, os.urandom(100_000), 1 << 20)[0]
+        frame = encode_message(0, os.urandom(100_000), 1 << 20)[0]
         sock.sendall(frame[:1000])
         began = time.monotonic()
         pause = threading.Event()

@@ -25,11 +25,11 @@ from dwcp.transport._reassembly import (
     ANNOUNCE_COUNT,
     FRAME_OVERHEAD,
     Closed,
-    Frame,
     Ready,
     Reassembly,
 )
 from dwcp.transport.wire import ProtocolError
+from tests._frames import Frame
 from tests.conftest import wait_until
 
 MIN = wire.MIN_CHUNK_SIZE
