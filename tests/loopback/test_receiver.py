@@ -224,8 +224,9 @@ def test_silent_connections_are_closed_after_idle_timeout(
     sock = raw_connections(receiver.address)
     sock.sendall(sent)
     began = time.monotonic()
+    # closed_by_peer gives up after 10 s: a connection idle_timeout left open fails it.
     assert closed_by_peer(sock)
-    assert 0.2 < time.monotonic() - began < 3.0
+    assert 0.2 < time.monotonic() - began  # not before idle_timeout (0.3 s)
 
 
 def test_half_sent_frame_is_closed_while_a_busy_session_lives(
@@ -416,7 +417,9 @@ def test_stop_closes_every_connection_promptly_and_restarts_on_the_same_port(
     joined.sendall(frame(0, b"x" * 100)[:50])
     began = time.monotonic()
     receiver.stop()
-    assert time.monotonic() - began < 2.0
+    # Below the 5 s that stop() gives threads it did not wake before it leaves them: with
+    # idle_timeout=None, a reader whose connection stop() did not close waits for ever.
+    assert time.monotonic() - began < 4.0
     assert closed_by_peer(silent) and closed_by_peer(joined)
     assert not [t for t in threading.enumerate() if t.name.startswith("dwcp-receiver")]
     receiver.stop()  # idempotent
