@@ -206,16 +206,6 @@ class PhiAccrualFailureDetector:
         with self._lock:
             return self._phi_of(elapsed)
 
-    def is_available(self, now: float | None = None) -> bool:
-        """Whether phi is still under the threshold."""
-        return self.phi(now) < self.threshold
-
-    @property
-    def sample_count(self) -> int:
-        """Intervals in the history, the two bootstrap ones included."""
-        with self._lock:
-            return len(self._history)
-
     @property
     def mean(self) -> float:
         """The mean interval of the history."""

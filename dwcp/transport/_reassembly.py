@@ -20,11 +20,10 @@ from __future__ import annotations
 import collections
 import threading
 from collections.abc import Sequence
-from typing import NamedTuple
 
 from dwcp.transport.wire import ID_WINDOW, ProtocolError
 
-__all__ = ["FRAME_OVERHEAD", "Closed", "Frame", "FrameTuple", "Ready", "Reassembly"]
+__all__ = ["FRAME_OVERHEAD", "Closed", "FrameTuple", "Ready", "Reassembly"]
 
 # What a chunk costs beyond its payload (its entry, dict slot, list slot), so a flood of
 # empty frames is bounded by the same byte budget as large ones.
@@ -47,17 +46,6 @@ class Closed(Exception):
 # length, payload, payload length). Plain tuples: a reader builds hundreds of thousands a
 # second, and a NamedTuple's constructor runs Python code.
 FrameTuple = tuple[int, int, int, int, Payload, int]
-
-
-class Frame(NamedTuple):
-    """One DATA frame's place in its message, and its payload (a ``FrameTuple``)."""
-
-    message_id: int
-    chunk_index: int
-    chunk_count: int
-    total_length: int
-    payload: Payload
-    length: int
 
 
 # A whole message for the delivery thread: (message id, payload, cost, stream of chunk 0);

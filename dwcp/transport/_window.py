@@ -161,8 +161,3 @@ class Window:
     def pending(self) -> int:
         """How many messages await their acknowledgement."""
         return len(self.entries)
-
-    @property
-    def pending_bytes(self) -> int:
-        """The bytes of unacknowledged messages."""
-        return self.added - self.freed

@@ -50,7 +50,6 @@ __all__ = [
     "check_prefix",
     "checksum_of",
     "chunk_count",
-    "encode_message",
     "frame_size",
     "pack_ack",
     "pack_data_header",
@@ -64,7 +63,6 @@ __all__ = [
     "parse_ping",
     "parse_prefix",
     "parse_welcome",
-    "verify_checksum",
 ]
 
 # CRC-32C (Castagnoli): hardware-accelerated, so integrity costs a few percent of a copy.
@@ -376,16 +374,6 @@ def parse_data_header(data: bytes | bytearray | memoryview, max_message_size: in
     return DataHeader(mid, index, count, total, length, crc, not flags & FLAG_UNCHECKED)
 
 
-def verify_checksum(header: DataHeader, payload: bytes | bytearray | memoryview) -> None:
-    """Raise ProtocolError unless ``payload`` matches the header's CRC-32C (if it has one)."""
-    if len(payload) != header.payload_length:
-        raise ProtocolError("payload length differs from its header")
-    if header.checked and checksum_of(payload) != header.checksum:
-        raise ProtocolError(
-            f"checksum mismatch in message {header.message_id} chunk {header.chunk_index}"
-        )
-
-
 def pack_ack(message_id: int) -> bytes:
     """Return the ACK frame confirming delivery of every message up to ``message_id``."""
     return _seal(ACK.pack(MAGIC, VERSION, FRAME_ACK, 0, message_id, 0))
@@ -413,26 +401,3 @@ def parse_ping(data: bytes | bytearray | memoryview, expected: int = FRAME_PING)
     if _expect(data, expected):
         raise ProtocolError(f"unknown {_NAMES[expected]} flags")
     return int(PING.unpack(bytes(data))[4])
-
-
-def encode_message(
-    message_id: int,
-    data: bytes | bytearray | memoryview,
-    chunk_size: int,
-    *,
-    checksum: bool = True,
-) -> list[bytes]:
-    """Return the complete DATA frames (header + payload) of one message, in chunk order.
-
-    The transport writes the same bytes without building this list; it serves tests,
-    tools and other implementations as the reference encoding.
-    """
-    view = memoryview(data).cast("B")
-    total = len(view)
-    count = chunk_count(total, chunk_size)
-    frames = []
-    for index in range(count):
-        payload = view[index * chunk_size : (index + 1) * chunk_size]
-        header = pack_data_header(message_id, index, count, total, payload, checksum=checksum)
-        frames.append(header + payload)
-    return frames

@@ -15,6 +15,7 @@ import pytest
 
 from dwcp._errors import DWCPError, TransportError
 from dwcp.transport import MultiStreamReceiver, MultiStreamTCPTransport, _receiving, wire
+from tests._frames import encode_message
 from tests.conftest import Inbox, ReceiverFactory, closed_by_peer, wait_until
 
 TIMEOUT = 5.0
@@ -64,7 +65,7 @@ def handshake(
 
 
 def frame(message_id: int, data: bytes, chunk_size: int = 1024) -> bytes:
-    return b"".join(wire.encode_message(message_id, data, chunk_size))
+    return b"".join(encode_message(message_id, data, chunk_size))
 
 
 def _seal(packed: bytes) -> bytes:
@@ -188,8 +189,8 @@ def test_conflicting_chunks_close_the_session(
     receiver, inbox, transport = bystander
     sock = raw_connections(receiver.address)
     handshake(sock, os.urandom(16))
-    first, _ = wire.encode_message(0, b"a" * 1500, 1024)
-    other = wire.encode_message(0, b"b" * 3000, 1024)[1]  # same id, different layout
+    first, _ = encode_message(0, b"a" * 1500, 1024)
+    other = encode_message(0, b"b" * 3000, 1024)[1]  # same id, different layout
     sock.sendall(first + other)
     assert closed_by_peer(sock)
     assert b"a" * 1500 not in inbox.messages
@@ -203,7 +204,7 @@ def test_duplicate_chunk_closes_the_session(
     receiver, inbox, transport = bystander
     sock = raw_connections(receiver.address)
     handshake(sock, os.urandom(16))
-    first, _ = wire.encode_message(0, b"a" * 1500, 1024)
+    first, _ = encode_message(0, b"a" * 1500, 1024)
     sock.sendall(first + first)
     assert closed_by_peer(sock)
     still_healthy(receiver, inbox, transport)
@@ -223,8 +224,9 @@ def test_silent_connections_are_closed_after_idle_timeout(
     sock = raw_connections(receiver.address)
     sock.sendall(sent)
     began = time.monotonic()
+    # closed_by_peer gives up after 10 s: a connection idle_timeout left open fails it.
     assert closed_by_peer(sock)
-    assert 0.2 < time.monotonic() - began < 3.0
+    assert 0.2 < time.monotonic() - began  # not before idle_timeout (0.3 s)
 
 
 def test_half_sent_frame_is_closed_while_a_busy_session_lives(
@@ -267,7 +269,7 @@ def test_out_of_order_messages_and_chunks_are_delivered_in_order(
     for index, sock in enumerate(streams):
         handshake(sock, session, index, 3)
     big = os.urandom(3000)
-    chunks = wire.encode_message(1, big, 1024)
+    chunks = encode_message(1, big, 1024)
     # Each stream in id order (the wire format's rule); across streams, any order.
     streams[1].sendall(chunks[1] + frame(2, b"two"))
     streams[0].sendall(chunks[2] + chunks[0])
@@ -298,7 +300,7 @@ def test_incomplete_messages_are_dropped_at_session_end(
     receiver, inbox = hostile_receiver_factory()
     sock = raw_connections(receiver.address)
     handshake(sock, os.urandom(16))
-    first_chunk = wire.encode_message(1, b"z" * 2000, 1024)[0]
+    first_chunk = encode_message(1, b"z" * 2000, 1024)[0]
     sock.sendall(frame(0, b"whole") + first_chunk + frame(2, b"behind a gap"))
     assert receiver.wait_delivered(1, TIMEOUT)
     sock.shutdown(socket.SHUT_WR)  # a clean end, between frames
@@ -415,7 +417,9 @@ def test_stop_closes_every_connection_promptly_and_restarts_on_the_same_port(
     joined.sendall(frame(0, b"x" * 100)[:50])
     began = time.monotonic()
     receiver.stop()
-    assert time.monotonic() - began < 2.0
+    # Below the 5 s that stop() gives threads it did not wake before it leaves them: with
+    # idle_timeout=None, a reader whose connection stop() did not close waits for ever.
+    assert time.monotonic() - began < 4.0
     assert closed_by_peer(silent) and closed_by_peer(joined)
     assert not [t for t in threading.enumerate() if t.name.startswith("dwcp-receiver")]
     receiver.stop()  # idempotent
@@ -481,7 +485,7 @@ def test_acknowledgements_come_back_on_the_first_chunks_stream(
     streams = [raw_connections(receiver.address) for _ in range(2)]
     for index, sock in enumerate(streams):
         handshake(sock, session, index, 2, ack=True)
-    chunk0, chunk1 = wire.encode_message(0, b"k" * 2000, 1024)
+    chunk0, chunk1 = encode_message(0, b"k" * 2000, 1024)
     streams[0].sendall(chunk1)
     streams[1].sendall(chunk0)
     assert wire.parse_ack(streams[1].recv(wire.ACK.size, socket.MSG_WAITALL)) == 0
@@ -577,7 +581,7 @@ def test_messages_whole_when_streams_fail_to_join_are_delivered(
     receiver, _ = hostile_receiver_factory(join_timeout=2.0, idle_timeout=60.0, on_message=slow)
     sock = raw_connections(receiver.address)
     handshake(sock, os.urandom(16), 0, 2)  # stream 1 of 2 never comes
-    partial = wire.encode_message(2, b"z" * 2000, 1024)[0]
+    partial = encode_message(2, b"z" * 2000, 1024)[0]
     sock.sendall(frame(0, b"zero"))
     assert wait_for(lambda: inbox.messages == [b"zero"])
     sock.sendall(frame(1, b"one") + partial)  # "one" waits for on_message to return

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import threading
@@ -13,6 +12,7 @@ import pytest
 
 from dwcp._errors import TransportError
 from dwcp.transport import MultiStreamReceiver, MultiStreamTCPTransport, wire
+from tests._frames import encode_message
 from tests.conftest import (
     RawPeer,
     ReceiverFactory,
@@ -163,19 +163,21 @@ def test_a_hello_trickled_byte_by_byte_is_cut_off_at_handshake_timeout(
     sock = socket.create_connection(receiver.address, timeout=TIMEOUT)
     with sock:
         began = time.monotonic()
-        pause = threading.Event()
-        closed = False
+        sent = 0
         for byte in hello:  # one byte every 50 ms: each read is "active", the whole is not
             try:
                 sock.send(bytes([byte]))
             except OSError:
-                closed = True
+                break  # the receiver closed the connection
+            sent += 1
+            if closed_by_peer(sock, 0.05):
                 break
-            pause.wait(0.05)
-            if time.monotonic() - began > 3.0:
-                break
-        assert closed or closed_by_peer(sock, 3.0)
-        assert 0.35 < time.monotonic() - began < 2.0
+        cut_at = time.monotonic() - began
+        assert closed_by_peer(sock, TIMEOUT)
+    # Cut off while the HELLO still trickled in (its 60 bytes take 3 s at this pace), not
+    # once it was whole; and not before handshake_timeout.
+    assert sent < len(hello), "the receiver let the whole trickled HELLO in"
+    assert cut_at > 0.35, cut_at
 
 
 def test_a_session_whose_streams_never_all_join_is_closed(
@@ -187,9 +189,9 @@ def test_a_session_whose_streams_never_all_join_is_closed(
         sock.sendall(wire.pack_handshake(os.urandom(16), 0, 32, acknowledged=False))
         assert wire.parse_welcome(sock.recv(wire.WELCOME.size, socket.MSG_WAITALL)) == 0
         assert receiver.session_count == 1
-        began = time.monotonic()
-        assert closed_by_peer(sock, 3.0)
-        assert time.monotonic() - began < 2.0
+        # Within TIMEOUT (5 s): far below the idle_timeout (10 s) that would close it
+        # if join_timeout did not.
+        assert closed_by_peer(sock, TIMEOUT)
     wait_until(lambda: receiver.session_count == 0, TIMEOUT)
 
 
@@ -201,18 +203,24 @@ def test_a_frame_that_never_completes_is_cut_off_at_frame_timeout(
     with sock:
         sock.sendall(wire.pack_handshake(os.urandom(16), 0, 1, acknowledged=False))
         sock.recv(wire.WELCOME.size, socket.MSG_WAITALL)
-        frame = wire.encode_message(0, os.urandom(100_000), 1 << 20)[0]
+        frame = encode_message(0, os.urandom(100_000), 1 << 20)[0]
+        began = time.monotonic()  # before the frame's first byte: its deadline is later
         sock.sendall(frame[:1000])
-        began = time.monotonic()
-        pause = threading.Event()
-        with contextlib.suppress(OSError):
-            for at in range(1000, 1100):  # a byte at a time: alive, never finishing
+        sent = 1000
+        for at in range(1000, 1100):  # a byte every 20 ms: alive, never finishing
+            try:
                 sock.send(frame[at : at + 1])
-                pause.wait(0.02)
-                if time.monotonic() - began > 3.0:
-                    break
-        assert closed_by_peer(sock, 3.0)
-        assert time.monotonic() - began < 2.5
+            except OSError:
+                break  # the receiver closed the connection
+            sent += 1
+            if closed_by_peer(sock, 0.02):
+                break
+        cut_at = time.monotonic() - began
+        assert closed_by_peer(sock, TIMEOUT)
+    # Cut off while the frame still trickled in (100 more bytes take 2 s at this pace, and
+    # after them only idle_timeout, 10 s, would end it); and not before frame_timeout.
+    assert sent < 1100, "the receiver let the whole trickle in"
+    assert cut_at > 0.35, cut_at
 
 
 # -- addresses --------------------------------------------------------------------------------

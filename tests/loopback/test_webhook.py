@@ -373,7 +373,7 @@ def test_close_cuts_a_backoff_short(receiver: Receiver, make_notifier: MakeNotif
 
     began = time.monotonic()
     notifier.close(timeout=0.1)
-    assert time.monotonic() - began < 3.0
+    assert time.monotonic() - began < 10.0  # far below the 30 s backoff it would wait out
     assert (notifier.delivered, notifier.failed, notifier.dropped) == (0, 1, 1)
     assert [t for t in threading.enumerate() if t.name == "dwcp-webhook"] == []
 
@@ -651,7 +651,10 @@ def test_retry_after_as_an_http_date(receiver: Receiver, make_notifier: MakeNoti
     notifier(failed())
     wait_until(lambda: notifier.delivered == 1)
     [delay] = clock.slept
-    assert 17.0 <= delay <= 20.0  # whole seconds on the wire, and the request took a moment
+    # At most the 20 s asked (whole seconds on the wire), less the moments the request took
+    # on a busy machine; the lower bound still excludes the usual 0.5 s backoff and the
+    # 30 s cap that a misread date (in the past, or an hour off) would give.
+    assert 10.0 <= delay <= 20.0, delay
 
 
 def test_429_on_every_attempt_fails_after_the_retries(

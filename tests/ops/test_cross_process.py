@@ -127,6 +127,20 @@ def send_until_fault(
     raise AssertionError("only BACKPRESSURE, never the fault")
 
 
+def assert_within_send_timeout(
+    took: float, longest: float, send_timeout: float, error: object = None
+) -> None:
+    """The failing send, and every send before it, returned within one ``send_timeout``.
+
+    A busy machine delays the return past ``send_timeout`` by however long the threads wait
+    for a CPU, so the bound is twice it: that still excludes what it guards against, a send
+    that waits out ``send_timeout`` more than once (once per stream or per chunk, or for room
+    and then again for the write), or for ever.
+    """
+    assert took < 2 * send_timeout, f"the failing send took {took:.2f}s: {error}"
+    assert longest < 2 * send_timeout, f"a send took {longest:.2f}s before failing: {error}"
+
+
 def open_transport(
     transport_factory: TransportFactory, address: tuple[str, int], **kwargs: Any
 ) -> MultiStreamTCPTransport:
@@ -266,7 +280,7 @@ def test_stalled_peer_fails_sends_within_send_timeout(
     size: int,
     acknowledged: bool,
 ) -> None:
-    send_timeout = 1.0
+    send_timeout = 2.0
     receiver = receiver_process()
     proxy = fault_proxy(receiver.address)
     transport = open_transport(
@@ -285,8 +299,7 @@ def test_stalled_peer_fails_sends_within_send_timeout(
     proxy.stall()
     # Unacknowledged sends succeed until the kernel buffers on the way are full.
     error, took, longest = send_until_fault(transport, 0, 8, size)
-    assert took <= send_timeout * 1.1, f"the failing send took {took:.2f}s: {error}"
-    assert longest <= send_timeout * 1.1, f"a send took {longest:.2f}s before failing"
+    assert_within_send_timeout(took, longest, send_timeout, error)
     if acknowledged:
         # Counted from the oldest unacknowledged message, which may predate this send.
         assert error.code == "ACK_TIMEOUT", error
@@ -435,7 +448,7 @@ def test_cut_connection_breaks_transport_and_restart_recovers(
     else:
         proxy.reset(50_013, scope=scope)
     sent, error, took, longest = send_until_error(transport, 0, 5, size, within=20)
-    assert took <= send_timeout * 1.1 and longest <= send_timeout * 1.1, (took, longest, error)
+    assert_within_send_timeout(took, longest, send_timeout, error)
     assert len(proxy.stats()["fired"]) == 1
     with pytest.raises(TransportError):
         transport.health_check()
@@ -542,11 +555,16 @@ def test_refused_connections_fail_start_then_pass_through_works(
     receiver = receiver_process()
     proxy = fault_proxy(receiver.address)
     proxy.refuse()
-    transport = transport_factory(proxy.address, streams=4, chunk_size=CHUNK, connect_timeout=2.0)
+    connect_timeout = 20.0
+    transport = transport_factory(
+        proxy.address, streams=4, chunk_size=CHUNK, connect_timeout=connect_timeout
+    )
     started = time.monotonic()
     with pytest.raises(TransportError):
         transport.start()
-    assert time.monotonic() - started < 2.0 * 1.1
+    # A closed connection is noticed at once: far below the connect_timeout that start()
+    # would spend waiting for a WELCOME that cannot come.
+    assert time.monotonic() - started < connect_timeout / 2
     assert not transport.started
     proxy.passthrough()
     transport.start()
@@ -631,7 +649,9 @@ def test_receiver_sigkill_mid_stream_then_restart_on_same_port(
         sender.stop.set()
         sender.join(send_timeout * 2)
     assert isinstance(sender.error, TransportError), repr(sender.error)
-    assert sender.failed_at is not None and sender.failed_at - killed_at <= send_timeout * 1.1
+    # Within one send_timeout, with a busy machine's scheduling on top: twice it excludes a
+    # send that waited it out more than once, or for ever.
+    assert sender.failed_at is not None and sender.failed_at - killed_at < 2 * send_timeout
     with pytest.raises(TransportError):
         transport.health_check()
 
@@ -663,7 +683,7 @@ def test_receiver_sigkill_mid_stream_then_restart_on_same_port(
 def test_frozen_receiver_fails_sends_within_send_timeout(
     receiver_process: ReceiverFactory, transport_factory: TransportFactory
 ) -> None:
-    send_timeout = 1.0
+    send_timeout = 2.0
     receiver = receiver_process()
     transport = open_transport(
         transport_factory,
@@ -679,7 +699,7 @@ def test_frozen_receiver_fails_sends_within_send_timeout(
         error, took, longest = send_until_fault(transport, 0, 4, CHUNK)
     finally:
         receiver.kill(signal.SIGCONT)
-    assert took <= send_timeout * 1.1 and longest <= send_timeout * 1.1, (took, longest, error)
+    assert_within_send_timeout(took, longest, send_timeout, error)
     with pytest.raises(TransportError):
         transport.health_check()
     transport.close()
@@ -777,7 +797,9 @@ def test_many_threads_share_one_transport(
 
     results = [(n, *r) for n, rs in outcomes.items() for r in rs]
     assert len(results) == threads_count * per_thread
-    slow = [r for r in results if r[3] > send_timeout * 1.1]
+    # Twice send_timeout: room for a busy machine's scheduling, and still below a send that
+    # waited out send_timeout more than once.
+    slow = [r for r in results if r[3] >= 2 * send_timeout]
     assert not slow, f"sends took longer than send_timeout: {slow[:5]}"
     returned = {(n, seq) for n, seq, error, _ in results if error is None}
     stats = wait_draining(receiver, len(returned))

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from dwcp.transport import wire
+from tests._frames import encode_message
 from tests.procs import ReceiverProcess, receiver_process_fixture  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -123,5 +124,5 @@ def test_out_of_descriptors_the_accept_loop_backs_off_instead_of_spinning(
     sockets.clear()
     sock = join(receiver.address, os.urandom(16), 0, 1)
     sockets.append(sock)
-    sock.sendall(wire.encode_message(0, b"after", 1024)[0])
+    sock.sendall(encode_message(0, b"after", 1024)[0])
     assert receiver.wait_delivered(1, 5.0)

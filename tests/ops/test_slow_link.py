@@ -85,8 +85,9 @@ def test_a_peer_that_stops_reading_mid_transfer_is_still_detected_in_time(
     elapsed = time.monotonic() - stalled
     # The README's bound from the moment nothing moves (interval + timeout + a quarter of
     # the shorter), plus one more keepalive tick for the last progress to be seen, plus
-    # the same slack as the loopback test of a receiver that vanished.
+    # 1.5 s for a busy machine running the keepalive thread late. It still fails a
+    # detection that waits for the ~2.5 s of bytes queued at the stall first.
     tick = min(INTERVAL, TIMEOUT) / 4
-    assert elapsed < INTERVAL + TIMEOUT + 2 * tick + 0.3, elapsed
+    assert elapsed < INTERVAL + TIMEOUT + 2 * tick + 1.5, elapsed
     with pytest.raises(TransportError, match="keepalive"):
         transport.health_check()

@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 
 from dwcp.transport import wire
+from dwcp.transport._reassembly import FrameTuple
+from dwcp.transport._receiving import StreamParser
+from tests._frames import encode_message, verify_checksum
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "wire-format.md"
 SESSION = bytes(range(16))
@@ -79,24 +82,24 @@ def test_chunk_count(total: int, chunk_size: int, count: int) -> None:
 @pytest.mark.parametrize("size", [0, 1, 1024, 1025, 5000])
 def test_encode_message_reassembles(size: int) -> None:
     data = bytes(i % 251 for i in range(size))
-    frames = wire.encode_message(11, data, 1024)
+    frames = encode_message(11, data, 1024)
     assert len(frames) == wire.chunk_count(size, 1024)
     parts = {}
     for frame in frames:
         header = wire.parse_data_header(frame[: wire.DATA_HEADER.size], LIMIT)
         payload = frame[wire.DATA_HEADER.size :]
         assert header.message_id == 11
-        wire.verify_checksum(header, payload)
+        verify_checksum(header, payload)
         parts[header.chunk_index] = payload
     assert b"".join(parts[i] for i in range(len(frames))) == data
 
 
 def test_unchecked_frames_skip_the_payload_checksum_but_not_the_header() -> None:
-    frame = wire.encode_message(1, b"hello", 1024, checksum=False)[0]
+    frame = encode_message(1, b"hello", 1024, checksum=False)[0]
     header = wire.parse_data_header(frame[: wire.DATA_HEADER.size], LIMIT)
     assert header.checksum == 0
     assert header.checked is False
-    wire.verify_checksum(header, b"other")  # nothing to verify in the payload
+    verify_checksum(header, b"other")  # nothing to verify in the payload
     damaged = bytearray(frame[: wire.DATA_HEADER.size])
     damaged[15] ^= 1  # the message id
     with pytest.raises(wire.ProtocolError, match="header checksum"):
@@ -104,10 +107,14 @@ def test_unchecked_frames_skip_the_payload_checksum_but_not_the_header() -> None
 
 
 def test_wrong_checksum_is_rejected() -> None:
-    header = wire.parse_data_header(data_header(), LIMIT)
-    wire.verify_checksum(header, b"hello")
-    with pytest.raises(wire.ProtocolError, match="checksum"):
-        wire.verify_checksum(header, b"hellO")
+    # The receiver's parser checks each payload against its header's CRC-32C.
+    frames: list[FrameTuple] = []
+    intact = bytearray(data_header() + b"hello")
+    assert StreamParser(LIMIT).parse(intact, 0, len(intact), frames) == len(intact)
+    assert [frame[4] for frame in frames] == [b"hello"]
+    damaged = bytearray(data_header() + b"hellO")
+    with pytest.raises(wire.ProtocolError, match="checksum mismatch in message 3 chunk 0"):
+        StreamParser(LIMIT).parse(damaged, 0, len(damaged), frames)
 
 
 @pytest.mark.parametrize(
@@ -191,9 +198,9 @@ def test_document_examples_parse() -> None:
     )
     header = wire.parse_data_header(single[: wire.DATA_HEADER.size], LIMIT)
     assert (header.message_id, header.total_length) == (7, 5)
-    wire.verify_checksum(header, single[wire.DATA_HEADER.size :])
-    assert single == wire.encode_message(7, b"hello", 262144)[0]
-    frames = wire.encode_message(9, b"a" * 1500, 1024)
+    verify_checksum(header, single[wire.DATA_HEADER.size :])
+    assert single == encode_message(7, b"hello", 262144)[0]
+    frames = encode_message(9, b"a" * 1500, 1024)
     assert [chunk0, chunk1] == [frame[: wire.DATA_HEADER.size] for frame in frames]
     assert wire.parse_welcome(welcome) == wire.STATUS_ACCEPTED
     assert wire.parse_ack(ack) == 7
