@@ -400,7 +400,7 @@ def _change(value: float, base: float) -> str:
 def plot(directory: Path, raw: Raw) -> list[Path]:
     """PNG plots of the traces and the schedules used, when matplotlib is importable."""
     try:
-        import matplotlib
+        import matplotlib  # type: ignore[import-not-found, unused-ignore]
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt  # type: ignore[import-not-found, unused-ignore]
