@@ -287,7 +287,9 @@ class WebhookNotifier:
         events: the event kinds to post, from ``EVENT_KINDS``.
         timeout: seconds (or a ``timedelta``) one HTTP request may take.
         queue_size: alerts waiting for delivery; when full, the oldest is dropped.
-        retry_attempts: requests per alert, the first included.
+        attempts: requests per alert, the first included (3 if not given); counts of tries
+            are ``attempts`` across dwcp, as in ``RecoveryPolicy``.
+        retry_attempts: the old name of ``attempts``, still accepted.
         retry_backoff: seconds (or a ``timedelta``) before the second request; doubles
             each time, at most 30 s.  A ``Retry-After`` answer replaces it, also at most 30 s.
         repeat_interval: seconds (or a ``timedelta``) during which an alert with the same
@@ -306,12 +308,13 @@ class WebhookNotifier:
         events: Iterable[str] = ("recovery_failed", "breaker_opened"),
         timeout: float | timedelta = 5.0,
         queue_size: int = 1000,
-        retry_attempts: int = 3,
+        attempts: int | None = None,
         retry_backoff: float | timedelta = 0.5,
         repeat_interval: float | timedelta = 3600.0,
         secret: str | bytes | None = None,
         enabled: bool = True,
         clock: Clock | None = None,
+        retry_attempts: int | None = None,
     ) -> None:
         self._url = _checked_url(url)
         parts = urlsplit(url)
@@ -320,7 +323,12 @@ class WebhookNotifier:
         self._kinds = _kinds(events)
         self._timeout = check.seconds("timeout", timeout, allow_zero=False)
         self._queue_size = check.count("queue_size", queue_size)
-        self._attempts = check.count("retry_attempts", retry_attempts)
+        if attempts is not None and retry_attempts is not None:
+            raise TypeError("give attempts or its old name retry_attempts, not both")
+        if retry_attempts is not None:
+            self._attempts = check.count("retry_attempts", retry_attempts)
+        else:
+            self._attempts = check.count("attempts", 3 if attempts is None else attempts)
         self._backoff = check.seconds("retry_backoff", retry_backoff, allow_zero=True)
         self._repeat = check.seconds("repeat_interval", repeat_interval, allow_zero=True)
         self._secret = _secret(secret)

@@ -237,6 +237,8 @@ def test_all_kinds_can_be_selected(receiver: Receiver, make_notifier: MakeNotifi
         ({"timeout": 0}, ValueError, "timeout"),
         ({"queue_size": 0}, ValueError, "queue_size"),
         ({"retry_attempts": 0}, ValueError, "retry_attempts"),
+        ({"attempts": 0}, ValueError, "attempts"),
+        ({"attempts": 2, "retry_attempts": 2}, TypeError, "not both"),
         ({"retry_backoff": -1}, ValueError, "retry_backoff"),
     ],
 )
@@ -258,7 +260,7 @@ def test_url_must_be_absolute_http(url: str) -> None:
 
 def test_a_5xx_is_retried_until_accepted(receiver: Receiver, make_notifier: MakeNotifier) -> None:
     receiver.answers = [500, 503]
-    notifier = make_notifier(receiver.url, retry_attempts=3)
+    notifier = make_notifier(receiver.url, attempts=3)
     notifier.start()
     notifier(failed())
     wait_until(lambda: notifier.delivered == 1)
@@ -270,7 +272,7 @@ def test_5xx_on_every_attempt_fails_the_alert(
     receiver: Receiver, make_notifier: MakeNotifier
 ) -> None:
     receiver.answers = [500, 500, 500]
-    notifier = make_notifier(receiver.url, retry_attempts=3)
+    notifier = make_notifier(receiver.url, attempts=3)
     notifier.start()
     notifier(failed())
     wait_until(lambda: notifier.failed == 1)
@@ -279,7 +281,7 @@ def test_5xx_on_every_attempt_fails_the_alert(
 
 def test_a_4xx_is_not_retried(receiver: Receiver, make_notifier: MakeNotifier) -> None:
     receiver.answers = [400]
-    notifier = make_notifier(receiver.url, retry_attempts=3)
+    notifier = make_notifier(receiver.url, attempts=3)
     notifier.start()
     notifier(failed())
     notifier(failed("sync"))  # the next alert goes through: the worker moved on
@@ -291,7 +293,7 @@ def test_a_4xx_is_not_retried(receiver: Receiver, make_notifier: MakeNotifier) -
 def test_a_receiver_that_is_down_fails_after_the_retries(
     closed_port_url: str, make_notifier: MakeNotifier
 ) -> None:
-    notifier = make_notifier(closed_port_url, retry_attempts=2)
+    notifier = make_notifier(closed_port_url, attempts=2)
     notifier.start()
     notifier(failed())
     wait_until(lambda: notifier.failed == 1)
@@ -300,7 +302,7 @@ def test_a_receiver_that_is_down_fails_after_the_retries(
 
 def test_a_slow_receiver_times_out(receiver: Receiver, make_notifier: MakeNotifier) -> None:
     receiver.gate = threading.Event()
-    notifier = make_notifier(receiver.url, timeout=0.2, retry_attempts=1)
+    notifier = make_notifier(receiver.url, timeout=0.2, attempts=1)
     notifier.start()
     notifier(failed())
     wait_until(lambda: notifier.failed == 1)
@@ -365,7 +367,7 @@ def test_close_delivers_what_is_queued(receiver: Receiver, make_notifier: MakeNo
 
 def test_close_cuts_a_backoff_short(receiver: Receiver, make_notifier: MakeNotifier) -> None:
     receiver.answers = [500]
-    notifier = make_notifier(receiver.url, retry_attempts=3, retry_backoff=30.0)
+    notifier = make_notifier(receiver.url, attempts=3, retry_backoff=30.0)
     notifier.start()
     notifier(failed())
     notifier(failed("sync"))
@@ -485,7 +487,7 @@ def test_an_outage_reaches_the_receiver_even_when_its_first_alert_failed(
     receiver is down), so the next re-trip within ``repeat_interval`` is posted, and once
     that one is delivered the re-trips after it are repeats."""
     notifier = make_notifier(
-        closed_port_url, events=("breaker_opened",), retry_attempts=2, repeat_interval=3600
+        closed_port_url, events=("breaker_opened",), attempts=2, repeat_interval=3600
     )
     notifier.start()
     notifier(dwcp.BreakerStateChanged("closed", "open"))
@@ -662,7 +664,7 @@ def test_429_on_every_attempt_fails_after_the_retries(
 ) -> None:
     receiver.answers = [(429, {"Retry-After": "1"})] * 3
     clock = FakeClock()
-    notifier = make_notifier(receiver.url, retry_attempts=3, clock=clock)
+    notifier = make_notifier(receiver.url, attempts=3, clock=clock)
     notifier.start()
     notifier(failed())
     wait_until(lambda: notifier.failed == 1)
