@@ -283,13 +283,11 @@ def soak(quick: bool) -> list[Result]:
 class Sink:
     """The draining peer process (benchmarks/sink.py), started and stopped around a scenario."""
 
-    def __init__(self, rate_limit: float | None = None, cpu: int | None = None) -> None:
+    def __init__(self, rate_limit: float | None = None) -> None:
         args = [sys.executable, "-m", "benchmarks.sink"]
         if rate_limit is not None:
             args += ["--rate-limit", str(rate_limit)]
         self._proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        if cpu is not None:
-            os.sched_setaffinity(self._proc.pid, {cpu})
         assert self._proc.stdout is not None
         raw, dwcp_port, stats = self._proc.stdout.readline().split()
         self.raw = ("127.0.0.1", int(raw))
@@ -322,9 +320,8 @@ class Sink:
 
 
 def _raw_connection(address: tuple[str, int]) -> socket.socket:
-    sock = socket.create_connection(address)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
+    # As a user writes it: default socket options (Nagle on).
+    return socket.create_connection(address)
 
 
 def _bytes_per_second(
@@ -351,27 +348,18 @@ def send_overhead(quick: bool) -> list[Result]:
     budget = 64 * 2**20
     rounds = 15 if quick else 41
     results = []
-    # Reader and sender each on a core of their own.  Otherwise the scheduler places each
-    # connection's reader thread anew, sometimes on the sender's core, and that halves the
-    # throughput of whichever connection it happens to: a coin toss, not a measurement.
-    pinned = _two_cores()
-    sink = Sink(cpu=1 if pinned else None)
-    affinity = os.sched_getaffinity(0)
-    if pinned:
-        os.sched_setaffinity(0, {0})
+    # Not pinned: a user's processes are not, and pinning starves the reference's peer
+    # threads differently from ours (the many alternating rounds absorb the scheduler's
+    # placement noise instead).
+    sink = Sink()
     try:
         for size, target in targets.items():
             count = max(200, min(20_000, budget // size))
             for checksum in (True, False):
                 results.append(_overhead_row(sink, size, target, checksum, count, rounds))
     finally:
-        os.sched_setaffinity(0, affinity)
         sink.close()
     return results
-
-
-def _two_cores() -> bool:
-    return hasattr(os, "sched_setaffinity") and {0, 1} <= os.sched_getaffinity(0)
 
 
 def _overhead_row(

@@ -76,8 +76,7 @@ def _drain(conn: socket.socket, handshake: bool, rate: float | None) -> None:
 
 def _serve(server: socket.socket, handshake: bool, rate: float | None) -> None:
     while True:
-        conn, _ = server.accept()
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn, _ = server.accept()  # default socket options, as a user's reader has
         if rate is not None:
             # A small receive window, as a rate-limited WAN path gives: the sender's bytes
             # wait in its own buffers instead of vanishing into ours.

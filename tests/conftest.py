@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 import dwcp
+from dwcp import TransportError
 from dwcp.testing import FakeTransport
 from dwcp.transport import MultiStreamReceiver, MultiStreamTCPTransport, wire
 
@@ -27,6 +28,26 @@ def wait_until(
             raise AssertionError(f"condition not met within {timeout}s")
         # A short poll interval, bounded by the deadline above, not a guess at thread timing.
         threading.Event().wait(interval)
+
+
+def healthy(transport: MultiStreamTCPTransport) -> bool:
+    """Whether ``transport.health_check()`` passes."""
+    try:
+        transport.health_check()
+    except TransportError:
+        return False
+    return True
+
+
+def stays(condition: Callable[[], object], seconds: float) -> bool:
+    """Whether ``condition`` holds at every check for ``seconds`` (what is tested is time)."""
+    deadline = time.monotonic() + seconds
+    tick = threading.Event()
+    while time.monotonic() < deadline:
+        if not condition():
+            return False
+        tick.wait(0.02)
+    return bool(condition())
 
 
 def closed_by_peer(sock: socket.socket, timeout: float = 10.0) -> bool:

@@ -11,30 +11,17 @@ import time
 from collections.abc import Callable
 
 from dwcp import TransportError
-from dwcp.transport import MultiStreamTCPTransport
-from tests.conftest import RawPeer, ReceiverFactory, TransportFactory, wait_until
+from tests.conftest import (
+    RawPeer,
+    ReceiverFactory,
+    TransportFactory,
+    healthy,
+    stays,
+    wait_until,
+)
 
 TIMEOUT = 30.0
 MiB = 1 << 20
-
-
-def healthy(transport: MultiStreamTCPTransport) -> bool:
-    try:
-        transport.health_check()
-    except TransportError:
-        return False
-    return True
-
-
-def stays(condition: Callable[[], bool], seconds: float) -> bool:
-    """Whether ``condition`` holds at every check for ``seconds`` (what is tested is time)."""
-    deadline = time.monotonic() + seconds
-    tick = threading.Event()
-    while time.monotonic() < deadline:
-        if not condition():
-            return False
-        tick.wait(0.02)
-    return condition()
 
 
 class Recorder:

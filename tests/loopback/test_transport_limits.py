@@ -11,36 +11,19 @@ from collections.abc import Callable
 import pytest
 
 from dwcp._errors import TransportError
-from dwcp.transport import MultiStreamReceiver, MultiStreamTCPTransport, wire
+from dwcp.transport import MultiStreamReceiver, wire
 from tests._frames import encode_message
 from tests.conftest import (
     RawPeer,
     ReceiverFactory,
     TransportFactory,
     closed_by_peer,
+    healthy,
+    stays,
     wait_until,
 )
 
 TIMEOUT = 5.0
-
-
-def healthy(transport: MultiStreamTCPTransport) -> bool:
-    try:
-        transport.health_check()
-    except TransportError:
-        return False
-    return True
-
-
-def stays(condition: Callable[[], bool], seconds: float) -> bool:
-    """Whether ``condition`` holds at every check for ``seconds`` (what is tested is time)."""
-    deadline = time.monotonic() + seconds
-    tick = threading.Event()
-    while time.monotonic() < deadline:
-        if not condition():
-            return False
-        tick.wait(0.02)
-    return condition()
 
 
 # -- keepalive --------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 import pytest
 
-from dwcp import MultiStreamTCPTransport, TransportError
-from tests.conftest import ReceiverFactory, TransportFactory, wait_until
+from dwcp import TransportError
+from tests.conftest import ReceiverFactory, TransportFactory, healthy, wait_until
 from tests.faultproxy import FaultProxy, fault_proxy_fixture  # noqa: F401 - "fault_proxy"
 
 ProxyFactory = Callable[..., FaultProxy]
@@ -24,14 +24,6 @@ RATE = 100_000  # bytes per second through the proxy
 # keepalive_interval, keepalive_timeout. On loopback (MSS 64 KiB) the proxy's kernel opens its
 # window, and the sender's bytes move, in 64 KiB steps: 0.65 s apart at RATE.
 INTERVAL, TIMEOUT = 0.5, 2.0
-
-
-def healthy(transport: MultiStreamTCPTransport) -> bool:
-    try:
-        transport.health_check()
-    except TransportError:
-        return False
-    return True
 
 
 @pytest.mark.timeout(90)
