@@ -69,8 +69,11 @@ if period and tonumber(period) == current and tonumber(deadline) <= tonumber(ARG
 end
 if ARGV[1] == 'expire' then return 'expired' end
 if tonumber(ARGV[2]) > current then
-  -- The caller opened later than Redis heard (its write was lost while Redis was away):
-  -- its period becomes the shared one.
+  -- The caller opened later than Redis heard (its write was lost while Redis was away).
+  -- While the current period's trial is still running, a later open is no new period: its
+  -- trial would be a second one (after an empty restart each process brings its own open,
+  -- a few milliseconds apart).  Otherwise its period becomes the shared one.
+  if period and tonumber(period) == current then return 'taken' end
   redis.call('set', KEYS[2], string.sub(ARGV[2], 1, -4))
   redis.call('set', KEYS[3], ARGV[2])
   redis.call('set', KEYS[1], 'open')

@@ -670,6 +670,30 @@ def test_a_process_timing_out_after_anothers_trial_failed_gets_no_second_trial(
         assert stale.state == "closed" and fresh.state == "closed"
 
 
+def test_a_later_open_brought_back_while_the_periods_trial_runs_gets_no_second_trial(
+    redis_server: RedisServer,
+) -> None:
+    """After an empty restart each process brings back its own open, milliseconds apart.
+    The CI run that failed: the first claim made its open the shared period, the second
+    (2 ms later) made its own the shared one and got a trial too.  While the shared period's
+    trial runs, a later open is refused; with no trial claimed it still becomes the period
+    (its write was lost while Redis was away)."""
+    from dwcp._shared import FailoverStorage, connect
+
+    name = "period-brought-back"
+    first, second, third = (FailoverStorage(connect(redis_server.url), name) for _ in range(3))
+    now = int(time.time() * 1000)
+    future = now + 60_000
+    client = connect(redis_server.url)
+    client.set(f"{name}:pybreaker:state", "open")
+    client.set(f"{name}:pybreaker:opened_at_ms", now - 1000)
+
+    assert first.claim_trial(now - 10, future) == "granted"  # a lost open: now the period
+    assert second.claim_trial(now - 8, future) == "taken"  # later still: no second trial
+    assert third.claim_trial(now - 10, future) == "taken"
+    assert int(client.get(f"{name}:pybreaker:opened_at_ms")) == now - 10
+
+
 class _ReturningPeer(FakeTransport):
     """A dead peer until ``work/up`` exists; then, for ``delay`` seconds more, this process's
     transport is still reconnecting (``NOT_STARTED``, as the built-in transport raises while
