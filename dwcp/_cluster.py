@@ -18,8 +18,8 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from datetime import timedelta
-from types import MappingProxyType, TracebackType
-from typing import TYPE_CHECKING, Any
+from types import MappingProxyType
+from typing import Any
 
 from loguru import logger
 
@@ -51,10 +51,8 @@ from dwcp._cluster_schema import (
 from dwcp._errors import DWCPError
 from dwcp._events import NodeBack, NodeLost
 from dwcp._health import HealthSnapshot
+from dwcp._lifecycle import StartStop
 from dwcp._shared_history import SharedHistory, history_key, read_histories, write_histories
-
-if TYPE_CHECKING:
-    from typing_extensions import Self
 
 __all__ = [
     "ClusterError",
@@ -118,7 +116,7 @@ def _check_node_id(node_id: object) -> str:
     return node_id
 
 
-class ClusterMember:
+class ClusterMember(StartStop):
     """This process's place in a cluster: publishes its snapshots, watches everyone's.
 
     ``publish(snapshot)`` only hands the snapshot over; a thread named ``dwcp-cluster`` sends
@@ -353,20 +351,6 @@ class ClusterMember:
     def stop(self, timeout: float | timedelta = 5.0) -> None:
         """Alias of ``close()``: every dwcp class that starts has both names."""
         self.close(timeout)
-
-    def __enter__(self) -> Self:
-        """Start the member (see ``start()``) and return it."""
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Close the member (see ``close()``)."""
-        self.close()
 
     # -- the thread -----------------------------------------------------------------------------
 

@@ -7,8 +7,6 @@ import time
 from collections.abc import Mapping
 from datetime import timedelta
 from functools import partial
-from types import TracebackType
-from typing import TYPE_CHECKING
 
 from loguru import logger
 
@@ -23,19 +21,17 @@ from dwcp._events import Listener, _Dispatcher, peer_of
 from dwcp._guard import CallFailures, Guard, GuardedCalls, failure_test
 from dwcp._health import ComponentHealth, HealthSnapshot, MetricsSnapshot
 from dwcp._latency import LatencyRecorder
+from dwcp._lifecycle import StartStop
 from dwcp._monitor import Monitor
 from dwcp._recovery import RecoveryPolicy, RestartSupervisor
 from dwcp._slots import build_slots, policies, start_slots
 from dwcp._status import ComponentState, Counters, health_snapshot, metrics_snapshot
 from dwcp._supervisor import Supervisor
 
-if TYPE_CHECKING:
-    from typing_extensions import Self
-
 __all__ = ["Manager"]
 
 
-class Manager(GuardedCalls, DeliveryCalls):
+class Manager(GuardedCalls, DeliveryCalls, StartStop):
     """Supervises a transport and optional layers: health monitoring, recovery, circuit breaker.
 
     Configure it with keyword arguments, then ``start()`` it (or use it as a context manager)
@@ -373,18 +369,6 @@ class Manager(GuardedCalls, DeliveryCalls):
 
     def close(self) -> None:
         """Alias of ``stop()``: every dwcp class that starts has both names."""
-        self.stop()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
         self.stop()
 
     @property

@@ -30,7 +30,6 @@ import socket
 import threading
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -39,10 +38,9 @@ from loguru import logger
 from dwcp import _validation as check
 from dwcp._errors import DWCPError
 from dwcp._health import HealthSnapshot, _manager_name
+from dwcp._lifecycle import StartStop
 
 if TYPE_CHECKING:
-    from typing_extensions import Self
-
     from dwcp._source import HealthSource
 
 __all__ = ["HealthServer", "health_document"]
@@ -236,7 +234,7 @@ def _metrics_registry(manager: HealthSource) -> Any:
     return registry
 
 
-class HealthServer:
+class HealthServer(StartStop):
     """Serves ``/livez``, ``/readyz``, ``/healthz`` and ``/metrics`` for a Manager.
 
     ``start()`` binds ``host`` and ``port`` (``port=0`` picks a free port; read ``address`` or
@@ -325,15 +323,3 @@ class HealthServer:
         except DWCPError:
             where = f"{self._host} port {self._port}, not started"
         return f"<HealthServer {where}>"
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -72,8 +72,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 import tenacity
@@ -93,9 +92,7 @@ from dwcp._events import (
     RecoveryStarted,
     RecoverySucceeded,
 )
-
-if TYPE_CHECKING:
-    from typing_extensions import Self
+from dwcp._lifecycle import StartStop
 
 __all__ = ["EVENT_KINDS", "WebhookNotifier", "sign"]
 
@@ -275,7 +272,7 @@ class _Run:
     abort: threading.Event = field(default_factory=threading.Event)
 
 
-class WebhookNotifier:
+class WebhookNotifier(StartStop):
     """A manager listener that POSTs selected events to ``url`` as JSON alerts.
 
     ``start()`` begins delivery (events received before it wait in the queue); ``close()``
@@ -523,18 +520,6 @@ class WebhookNotifier:
     def stop(self, timeout: float | timedelta = 5.0) -> None:
         """Alias of ``close()``, like ``Manager.stop()``."""
         self.close(timeout)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- delivery -------------------------------------------------------------------------------
 

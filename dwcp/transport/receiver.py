@@ -17,12 +17,12 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from datetime import timedelta
-from typing import TYPE_CHECKING
 
 from loguru import logger
 
 from dwcp import _validation as check
 from dwcp._errors import DWCPError
+from dwcp._lifecycle import StartStop
 from dwcp.transport import wire
 from dwcp.transport._accept import accept_loop, listen
 from dwcp.transport._handing import Delivery
@@ -37,9 +37,6 @@ from dwcp.transport._reassembly import Closed
 from dwcp.transport._resume import resume_positions
 from dwcp.transport._sessions import SENDERS_KEPT, Session, SessionTable
 
-if TYPE_CHECKING:  # typing.Self is 3.11+ and setup.cfg still allows 3.10
-    from typing_extensions import Self
-
 __all__ = ["SENDERS_KEPT", "MultiStreamReceiver"]
 
 
@@ -48,7 +45,7 @@ _STOP_JOIN_TIMEOUT = 5.0
 _WRITE_TIMEOUT = 10.0
 
 
-class MultiStreamReceiver:
+class MultiStreamReceiver(StartStop):
     """Accepts ``MultiStreamTCPTransport`` sessions and calls ``on_message`` for each message.
 
     ``on_message(data)`` runs on the session's delivery thread, exactly once per complete,
@@ -212,13 +209,6 @@ class MultiStreamReceiver:
             f"<MultiStreamReceiver {where} {state} sessions={len(self._table.sessions)} "
             f"delivered={self._delivery.delivered} max_sessions={self._max_sessions}>"
         )
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     def start(self) -> None:
         """Bind and start accepting. Restarts (after ``stop()``) reuse the bound port.
