@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from dwcp._cluster_schema import ClusterView
-from dwcp._health import HealthSnapshot
+from dwcp._health import HealthSnapshot, component_documents
 
 __all__ = ["cluster_document", "render_cluster", "snapshot_document"]
 
@@ -17,15 +17,7 @@ def snapshot_document(snapshot: HealthSnapshot) -> dict[str, Any]:
         "status": "healthy" if snapshot.healthy else "unhealthy",
         "breaker": snapshot.breaker_state,
         "breaker_storage": snapshot.breaker_storage,
-        "components": {
-            name: {
-                "status": c.status,
-                "last_error": c.last_error,
-                "seconds_in_status": round(c.seconds_in_status, 3),
-                "suspicion": round(c.suspicion, 3),
-            }
-            for name, c in snapshot.components.items()
-        },
+        "components": component_documents(snapshot.components),
     }
 
 

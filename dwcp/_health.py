@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = [
     "ComponentHealth",
@@ -14,6 +14,7 @@ __all__ = [
     "HealthSnapshot",
     "LatencyHistogram",
     "MetricsSnapshot",
+    "component_documents",
 ]
 
 ComponentStatus = Literal["healthy", "unhealthy", "recovering", "failed"]
@@ -35,6 +36,20 @@ class ComponentHealth:
     def healthy(self) -> bool:
         """Whether the component's last check passed."""
         return self.status == "healthy"
+
+
+def component_documents(components: Mapping[str, ComponentHealth]) -> dict[str, Any]:
+    """The JSON-ready form of each component's health, as ``/health`` and a node's published
+    cluster record both carry it: times and suspicion rounded to milliseconds."""
+    return {
+        name: {
+            "status": c.status,
+            "last_error": c.last_error,
+            "seconds_in_status": round(c.seconds_in_status, 3),
+            "suspicion": round(c.suspicion, 3),
+        }
+        for name, c in components.items()
+    }
 
 
 @dataclass(frozen=True)

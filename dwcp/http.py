@@ -37,7 +37,7 @@ from loguru import logger
 
 from dwcp import _validation as check
 from dwcp._errors import DWCPError
-from dwcp._health import HealthSnapshot, _manager_name
+from dwcp._health import HealthSnapshot, _manager_name, component_documents
 from dwcp._lifecycle import StartStop
 
 if TYPE_CHECKING:
@@ -90,15 +90,7 @@ def health_document(manager: HealthSource) -> tuple[bool, dict[str, Any]]:
         "monitor_alive": manager.monitor_alive,
         "timestamp": _utc_timestamp(),
         "breaker": {"state": health.breaker_state, "storage": health.breaker_storage},
-        "components": {
-            name: {
-                "status": c.status,
-                "last_error": c.last_error,
-                "seconds_in_status": round(c.seconds_in_status, 3),
-                "suspicion": round(c.suspicion, 3),
-            }
-            for name, c in health.components.items()
-        },
+        "components": component_documents(health.components),
         "metrics": {
             "health_checks": metrics.health_checks,
             "component_checks": metrics.component_checks,
