@@ -10,7 +10,10 @@ At start the file is read back and the last message id per sender goes to ``resu
 what a sender resends after the restart, and this process had processed, is dropped.
 
 The line is handed to the operating system at once (one ``write()`` each), which survives
-the process being killed; add ``os.fsync()`` per message to survive a power loss too.
+the process being killed; add ``os.fsync()`` per message to survive a power loss too. A kill
+can still land inside that ``write()`` of a long line and leave its first part in the file:
+such a message was not confirmed (``on_message`` had not returned), so the sender resends it,
+and the torn part is cut off the file at the next start, before anything is appended to it.
 ``--work`` sleeps that long per message, standing in for real processing. Prints ``ready``
 once listening; SIGTERM or SIGINT stops it.
 """
@@ -19,24 +22,45 @@ from __future__ import annotations
 
 import argparse
 import signal
+import string
 import threading
 import time
 
 import dwcp
 
+_HEX = set(string.hexdigits)
+
 
 def processed(path: str) -> dict[str, int]:
-    """The last message id recorded in ``path`` per sender (a torn last line is ignored)."""
+    """The last message id recorded in ``path`` per sender.
+
+    A torn last line (the process was killed inside its ``write()``) is cut off the file
+    first: the next record would otherwise be appended to it and both would be unreadable.
+    Lines that are not ``sender_id message_id payload`` are skipped."""
     last: dict[str, int] = {}
     try:
-        with open(path) as records:
-            for line in records:
-                fields = line.split()
-                if line.endswith("\n") and len(fields) == 3:
-                    last[fields[0]] = max(last.get(fields[0], -1), int(fields[1]))
+        with open(path, "r+b") as records:
+            data = records.read()
+            whole = data.rfind(b"\n") + 1
+            if whole < len(data):
+                records.truncate(whole)
     except FileNotFoundError:
-        pass
+        return last
+    for line in data[:whole].decode(errors="replace").splitlines():
+        fields = line.split(" ", 2)
+        if (
+            len(fields) == 3
+            and _is_sender_id(fields[0])
+            and fields[1].isascii()
+            and fields[1].isdigit()
+        ):
+            last[fields[0]] = max(last.get(fields[0], -1), int(fields[1]))
     return last
+
+
+def _is_sender_id(text: str) -> bool:
+    """32 hex digits, not all zero: what ``with_ids`` hands ``on_message``."""
+    return len(text) == 32 and set(text) <= _HEX and set(text) != {"0"}
 
 
 def main() -> None:

@@ -15,6 +15,8 @@ from dwcp.transport import wire
 
 __all__ = ["resume_positions"]
 
+_LAST_ID = (1 << 64) - 1  # message ids are u64 on the wire
+
 
 def resume_positions(resume_from: object, limit: int) -> dict[bytes, int]:
     """``{sender id: next message id to deliver}`` from ``{sender_id hex: last processed id}``,
@@ -43,7 +45,10 @@ def resume_positions(resume_from: object, limit: int) -> dict[bytes, int]:
             )
         if isinstance(last, bool) or not isinstance(last, int):
             raise TypeError(f"resume_from[{key!r}] must be an int, got {type(last).__name__}")
-        if last < 0:
-            raise ValueError(f"resume_from[{key!r}] must be a message id (>= 0), got {last}")
+        if not 0 <= last <= _LAST_ID:
+            raise ValueError(
+                f"resume_from[{key!r}] must be a message id (>= 0, below 2**64: ids are "
+                f"64-bit on the wire), got {last}"
+            )
         positions[sender] = last + 1
     return positions

@@ -411,6 +411,7 @@ def test_resume_from_drops_a_senders_messages_at_or_below_the_last_processed(
         ({"xyz": 1}, ValueError, "sender id"),
         ({"00" * 16: 1}, ValueError, "not all zero"),
         ({"ab" * 16: -1}, ValueError, ">= 0"),
+        ({"ab" * 16: 2**64}, ValueError, "below 2\\*\\*64"),
         ({"ab" * 16: "1"}, TypeError, "int"),
         ({"ab" * 16: True}, TypeError, "int"),
     ],
