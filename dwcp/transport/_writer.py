@@ -225,7 +225,7 @@ def write(session: Session, stream: Stream, parts: list[Buffer], size: int) -> N
     nothing written for send_timeout while the receiver does not say it is alive) or a
     socket error breaks the session. How long frames waited in the outbox does not
     count: a slow consumer is backpressure, which senders wait out before they queue
-    (see "admission" above), not a fault.
+    (see ``_admission``), not a fault.
     """
     sock = stream.sock
     stream.progress = _monotonic()
@@ -261,7 +261,7 @@ def write(session: Session, stream: Stream, parts: list[Buffer], size: int) -> N
 
 def _send_rest(session: Session, stream: Stream, parts: Sequence[Buffer], sent: int) -> None:
     """Write ``parts`` but their first ``sent`` bytes; BlockingIOError once the write is
-    stalled (see ``_stalled``)."""
+    stalled (see ``Admission.stalled``)."""
     rest: list[Buffer] = []
     for whole in parts:
         if sent >= len(whole):
