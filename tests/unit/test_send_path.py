@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from dwcp import TransportError
-from dwcp.transport import sender, wire
+from dwcp.transport import _admission, sender, wire
 from dwcp.transport._window import Window
 from dwcp.transport.sender import _Session, _Stream
 from tests.conftest import wait_until
@@ -234,7 +234,7 @@ def test_a_sender_finding_the_order_lock_taken_yields_then_takes_it_when_freed(
         if len(yields) == 3:
             order.release()
 
-    monkeypatch.setattr(sender, "_sleep", fake_sleep)
+    monkeypatch.setattr(_admission, "_sleep", fake_sleep)
     sender._take_contended(order)
     assert yields == [0, 0, 0] and order.locked()
     order.release()
@@ -246,7 +246,7 @@ def test_a_sender_still_blocked_after_its_yields_waits_for_the_release(
     order = threading.Lock()
     order.acquire()
     yields: list[float] = []
-    monkeypatch.setattr(sender, "_sleep", yields.append)
+    monkeypatch.setattr(_admission, "_sleep", yields.append)
     took = threading.Event()
 
     def waiter() -> None:
