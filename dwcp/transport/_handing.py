@@ -7,6 +7,7 @@ and, for an acknowledged session, writes the cumulative ACKs ``AckPolicy`` decid
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from dwcp.transport._reassembly import Ready
 from dwcp.transport._receiving import ACK_DELAY, AckPolicy
 from dwcp.transport._sessions import Session
 
-__all__ = ["Delivery"]
+__all__ = ["Delivery", "check_arity"]
 
 # Deliveries between releases of their budget.
 _DELIVERY_BATCH = 64
@@ -186,3 +187,17 @@ class Delivery:
                 logger.bind(session=session.name, error=str(exc)).warning(
                     "Receiver could not acknowledge messages"
                 )
+
+
+def check_arity(on_message: Callable[..., object], count: int) -> None:
+    """Raise ``TypeError`` when ``on_message`` cannot take ``count`` positional arguments:
+    every message would otherwise fail in the handler, logged but lost to the application."""
+    try:
+        signature = inspect.signature(on_message)
+    except (TypeError, ValueError):
+        return  # a builtin without a signature: it will tell at the first message
+    try:
+        signature.bind(*range(count))
+    except TypeError:
+        what = "(data, sender_id, message_id) with with_ids=True" if count == 3 else "(data)"
+        raise TypeError(f"on_message must accept {what}; its signature is {signature}") from None

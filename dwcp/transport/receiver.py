@@ -9,7 +9,6 @@ the delivery threads, ``_accept`` the listener.
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import socket
 import ssl
@@ -22,10 +21,10 @@ from loguru import logger
 
 from dwcp import _validation as check
 from dwcp._errors import DWCPError
-from dwcp._lifecycle import StartStop
+from dwcp._lifecycle import Phases, StartStop
 from dwcp.transport import wire
 from dwcp.transport._accept import accept_loop, listen
-from dwcp.transport._handing import Delivery
+from dwcp.transport._handing import Delivery, check_arity
 from dwcp.transport._io import (
     TLSChannel,
     _bounded_int,
@@ -139,7 +138,8 @@ class MultiStreamReceiver(StartStop):
 
         self._lock = threading.Lock()
         self._bound: tuple[str, int] | None = None
-        self._running = False
+        self._running = False  # accepting: the phase is "running"
+        self._phases = Phases(self._lock)  # a stop() racing a start() waits, then stops
         self._wake: tuple[socket.socket, socket.socket] | None = None
         self._accept_thread: threading.Thread | None = None
         self._table = SessionTable(
@@ -154,7 +154,7 @@ class MultiStreamReceiver(StartStop):
         self._numbers = itertools.count(1)
         if not isinstance(with_ids, bool):
             raise TypeError(f"with_ids must be a bool, got {type(with_ids).__name__}")
-        _check_arity(on_message, 3 if with_ids else 1)
+        check_arity(on_message, 3 if with_ids else 1)
         for sender_id, next_id in resume_positions(resume_from, SENDERS_KEPT).items():
             self._table.sender(sender_id).next_id = next_id
         self._delivery = Delivery(on_message, self._session_finished, with_ids=with_ids)
@@ -213,27 +213,39 @@ class MultiStreamReceiver(StartStop):
     def start(self) -> None:
         """Bind and start accepting. Restarts (after ``stop()``) reuse the bound port.
 
-        Raises DWCPError (code ``ALREADY_STARTED``) when running, and TransportError (code
-        ``LISTEN_FAILED``, the cause chained) when the address cannot be resolved, bound or
-        listened on.
+        A ``start()`` that arrives while a ``stop()`` runs waits for it to finish, then starts.
+        Raises DWCPError (code ``ALREADY_STARTED``) when running or starting, and
+        TransportError (code ``LISTEN_FAILED``, the cause chained) when the address cannot be
+        resolved, bound or listened on.
         """
         with self._lock:
-            if self._running:
-                raise DWCPError("receiver is already started", code="ALREADY_STARTED")
+            self._phases.begin_start("receiver")
             host, port = self._bound or self._requested
-            listener = listen(host, port)
-            host, port = listener.getsockname()[:2]
+        try:
+            listener = listen(host, port)  # resolves and binds: not under the lock
+            try:
+                wake = socket.socketpair()
+            except BaseException:
+                listener.close()
+                raise
+        except BaseException:
+            with self._lock:
+                self._phases.enter("stopped")
+            raise
+        host, port = listener.getsockname()[:2]
+        with self._lock:
             self._bound = (host, port)
-            self._wake = socket.socketpair()
+            self._wake = wake
             self._table.sessions.clear()
             self._running = True
             self._accept_thread = threading.Thread(
                 target=accept_loop,
-                args=(listener, self._wake[0], self._admit_connection, self._expire_joins),
+                args=(listener, wake[0], self._admit_connection, self._expire_joins),
                 name="dwcp-receiver-accept",
                 daemon=True,
             )
             self._accept_thread.start()
+            self._phases.enter("running")
         logger.bind(address=f"{host}:{port}", tls=self._ssl_context is not None).info(
             "Receiver started"
         )
@@ -243,18 +255,38 @@ class MultiStreamReceiver(StartStop):
 
         Messages not yet handed to ``on_message`` are dropped; every thread is joined within
         one deadline (only an ``on_message`` that does not return can hold one past it).
-        It may be called from ``on_message``: it then joins every other thread, and the
-        calling delivery thread ends when ``on_message`` returns.
+        A ``stop()`` during a ``start()`` waits for that start, then stops; one during another
+        ``stop()`` returns when that stop has finished. It may be called from
+        ``on_message``: it then joins every other thread, and the calling delivery thread
+        ends when ``on_message`` returns.
         """
+        current = threading.current_thread()
         with self._lock:
-            if not self._running:
-                return
+            if not self._phases.begin_stop(self._threads):
+                return  # stopped, or being stopped by the stop() that is joining this thread
             self._running = False
             wake, accept_thread = self._wake, self._accept_thread
             sessions = list(self._table.sessions.values())
-        assert wake is not None and accept_thread is not None
-        wake[1].send(b"x")
-        accept_thread.join()
+        try:
+            self._stop(wake, accept_thread, sessions, current)
+        finally:
+            with self._lock:
+                self._wake = self._accept_thread = None
+                self._phases.enter("stopped")
+        logger.bind(address=f"{self.address[0]}:{self.address[1]}").info("Receiver stopped")
+
+    def _stop(
+        self,
+        wake: tuple[socket.socket, socket.socket] | None,
+        accept_thread: threading.Thread | None,
+        sessions: list[Session],
+        current: threading.Thread,
+    ) -> None:
+        # stop()'s work, with the phase "stopping" and no lock held.
+        if wake is not None:
+            wake[1].send(b"x")
+        if accept_thread is not None:
+            accept_thread.join()
         for session in sessions:
             self._close_session(session, drain=False)
         with self._lock:
@@ -263,18 +295,14 @@ class MultiStreamReceiver(StartStop):
         for conn in connections:
             conn.shutdown()
         deadline = time.monotonic() + _STOP_JOIN_TIMEOUT
-        current = threading.current_thread()
         for thread in threads:
             if thread is current:  # called from on_message: it ends once that returns
                 continue
             thread.join(max(deadline - time.monotonic(), 0.0))
             if thread.is_alive():
                 logger.bind(thread=thread.name).warning("Receiver thread did not stop")
-        for sock in wake:
+        for sock in wake or ():
             sock.close()
-        with self._lock:
-            self._wake = self._accept_thread = None
-        logger.bind(address=f"{self.address[0]}:{self.address[1]}").info("Receiver stopped")
 
     # -- accepting --------------------------------------------------------------------------
 
@@ -491,17 +519,3 @@ class MultiStreamReceiver(StartStop):
             last = conn.holders == 0
         if last:
             conn.close()
-
-
-def _check_arity(on_message: Callable[..., object], count: int) -> None:
-    """Raise ``TypeError`` when ``on_message`` cannot take ``count`` positional arguments:
-    every message would otherwise fail in the handler, logged but lost to the application."""
-    try:
-        signature = inspect.signature(on_message)
-    except (TypeError, ValueError):
-        return  # a builtin without a signature: it will tell at the first message
-    try:
-        signature.bind(*range(count))
-    except TypeError:
-        what = "(data, sender_id, message_id) with with_ids=True" if count == 3 else "(data)"
-        raise TypeError(f"on_message must accept {what}; its signature is {signature}") from None

@@ -916,3 +916,126 @@ def test_a_replaced_unacknowledged_session_whose_streams_stay_open_is_closed_whe
     assert closed_by_peer(old, TIMEOUT)  # the old stream never ended: closed by the receiver
     assert receiver.wait_delivered(2, TIMEOUT)
     assert inbox.messages == [b"old", b"new"]
+
+
+def _listening(address: tuple[str, int]) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(TIMEOUT)
+        return probe.connect_ex(address) == 0
+
+
+def _receiver_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("dwcp-receiver")]
+
+
+def test_start_while_stop_joins_waits_for_it_and_runs_cleanly() -> None:
+    """A start() racing a stop() (the outside attack wedged 4-8 of 300 races: a listening
+    port that stop() could no longer close, stop() raising AssertionError) waits for the
+    stop to finish, then starts; a later stop() closes everything."""
+    receiver = MultiStreamReceiver(on_message=lambda data: None)
+    receiver.start()
+    address = receiver.address
+    joining, proceed = threading.Event(), threading.Event()
+    accept_thread = receiver._accept_thread
+    assert accept_thread is not None
+
+    class GatedJoin:  # holds stop() inside its join of the accept thread
+        def join(self, timeout: float | None = None) -> None:
+            joining.set()
+            assert proceed.wait(TIMEOUT)
+            assert accept_thread is not None
+            accept_thread.join(timeout)
+
+    receiver._accept_thread = GatedJoin()  # type: ignore[assignment]
+    errors: list[BaseException] = []
+
+    def call(method: Callable[[], None]) -> threading.Thread:
+        def run() -> None:
+            try:
+                method()
+            except BaseException as exc:  # noqa: BLE001 - reported by the asserts below
+                errors.append(exc)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    stopping = call(receiver.stop)
+    assert joining.wait(TIMEOUT)
+    starting = call(receiver.start)
+    starting.join(0.2)
+    assert starting.is_alive(), "start() returned while stop() was still stopping"
+    proceed.set()
+    stopping.join(TIMEOUT)
+    starting.join(TIMEOUT)
+    assert errors == []
+    assert "running" in repr(receiver).split()
+    assert _listening(address)
+    receiver.stop()
+    assert not _listening(address)
+    wait_until(lambda: not _receiver_threads())
+    receiver.start()  # and it starts again on the same port
+    assert receiver.address == address
+    receiver.stop()
+
+
+def test_stop_while_start_binds_waits_for_the_start_then_stops(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dwcp.transport import receiver as receiver_module
+
+    binding, proceed = threading.Event(), threading.Event()
+    real_listen = receiver_module.listen
+
+    def slow_listen(host: str, port: int) -> socket.socket:
+        binding.set()
+        assert proceed.wait(TIMEOUT)
+        return real_listen(host, port)
+
+    monkeypatch.setattr(receiver_module, "listen", slow_listen)
+    receiver = MultiStreamReceiver(on_message=lambda data: None)
+    starting = threading.Thread(target=receiver.start)
+    starting.start()
+    assert binding.wait(TIMEOUT)
+    stopping = threading.Thread(target=receiver.stop)
+    stopping.start()
+    with pytest.raises(DWCPError) as second:  # starting counts as started
+        receiver.start()
+    assert second.value.code == "ALREADY_STARTED"
+    proceed.set()
+    starting.join(TIMEOUT)
+    stopping.join(TIMEOUT)
+    assert not starting.is_alive() and not stopping.is_alive()
+    assert "running" not in repr(receiver).split()
+    assert not _listening(receiver.address)
+    wait_until(lambda: not _receiver_threads())
+
+
+def test_start_and_stop_from_many_threads_leave_one_consistent_receiver() -> None:
+    receiver = MultiStreamReceiver(on_message=lambda data: None)
+    receiver.start()
+    address = receiver.address
+    unexpected: list[BaseException] = []
+
+    def churn(seed: int) -> None:
+        for i in range(40):
+            try:
+                receiver.start() if (i + seed) % 2 else receiver.stop()
+            except DWCPError as exc:
+                if exc.code != "ALREADY_STARTED":
+                    unexpected.append(exc)
+            except BaseException as exc:  # noqa: BLE001 - reported by the asserts below
+                unexpected.append(exc)
+
+    threads = [threading.Thread(target=churn, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT * 4)
+    assert unexpected == []
+    receiver.stop()
+    assert not _listening(address)
+    wait_until(lambda: not _receiver_threads())
+    receiver.start()
+    assert _listening(address)
+    receiver.stop()
