@@ -985,7 +985,7 @@ def test_stop_while_start_binds_waits_for_the_start_then_stops(
     from dwcp.transport import receiver as receiver_module
 
     binding, proceed = threading.Event(), threading.Event()
-    real_listen = receiver_module.listen
+    real_listen = receiver_module.listen  # type: ignore[attr-defined]
 
     def slow_listen(host: str, port: int) -> socket.socket:
         binding.set()
