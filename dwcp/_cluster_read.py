@@ -31,14 +31,14 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _connect(target: object, timeout: float) -> Any:
+def _connect(target: object, timeout: float, parameter: str = "cluster") -> Any:
     from dwcp._shared import connect
 
-    client = connect(target, timeout=timeout, parameter="cluster")
+    client = connect(target, timeout=timeout, parameter=parameter)
     for method in ("pipeline", "mget", "register_script", "close"):
         if not callable(getattr(client, method, None)):
             raise TypeError(
-                f"cluster must be a redis.Redis client or a redis:// URL, got "
+                f"{parameter} must be a redis.Redis client or a redis:// URL, got "
                 f"{type(target).__name__} (no {method}())"
             )
     return client
@@ -116,7 +116,7 @@ def cluster_health(
     operation).
     """
     keys = _Keys(_check_namespace(namespace))
-    client = _connect(target, check.seconds("timeout", timeout))
+    client = _connect(target, check.seconds("timeout", timeout), "target")
     try:
         raw = _read(client, keys)
     except _redis_errors() as exc:

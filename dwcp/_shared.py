@@ -234,10 +234,10 @@ class FailoverStorage(pybreaker.CircuitBreakerStorage):
             return self._local
         return self._remote
 
-    def _try_restore(self) -> None:
+    def _try_restore(self, *, now: bool = False) -> None:
         with self._lock:
             # One thread probes; the others keep using local state until it is done.
-            if not self._degraded or self._clock() < self._retry_at:
+            if not self._degraded or (not now and self._clock() < self._retry_at):
                 return
             self._retry_at = self._clock() + self._retry_interval
         try:
@@ -267,6 +267,11 @@ class FailoverStorage(pybreaker.CircuitBreakerStorage):
         or another period) and this process should re-read the state; or ``local`` when Redis
         is unreachable, so that this process decides alone on its own state.
         """
+        if self._degraded:
+            # Deciding alone is what admits a trial per process: before it, ask Redis now,
+            # not at the next retry (a blip or a quick restart would otherwise leave every
+            # process deciding alone for up to retry_interval after Redis answers again).
+            self._try_restore(now=True)
         if self._target() is self._local:
             return "local"
         token = secrets.token_hex(8)

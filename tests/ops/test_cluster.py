@@ -183,6 +183,8 @@ def test_bad_arguments_are_clear(redis_server: RedisServer) -> None:
         dwcp.Manager(FakeTransport(), cluster="http://127.0.0.1:6379")
     with pytest.raises(TypeError, match="cluster must be a redis.Redis client"):
         dwcp.Manager(FakeTransport(), cluster=42)
+    with pytest.raises(TypeError, match="^target must be a redis.Redis client"):
+        cluster_health(5)  # named "cluster" before the outside attack on #21
     with pytest.raises(ValueError, match="node_id needs cluster"):
         dwcp.Manager(FakeTransport(), node_id="x")
     with pytest.raises(ValueError, match="node_id"):

@@ -824,3 +824,28 @@ def test_after_an_empty_restart_an_open_breaker_starts_a_new_open_period(
             client.close()
     finally:
         manager.stop()
+
+
+def test_a_trial_claimed_right_after_a_redis_blip_is_decided_in_redis(
+    redis_server: RedisServer,
+) -> None:
+    """Outside attack on #21: after a dropped connection (CLIENT KILL, or a restart of a few
+    ms) every process stayed on its local state for the retry interval (about 1 s) after
+    Redis answered again, and each ran its own trial in that second (2-5 in one period).
+    A claim asks Redis first, so the period still gets one trial."""
+    import redis
+
+    from dwcp._shared import FailoverStorage, connect
+
+    name = "blip-claim"
+    first, second = (FailoverStorage(connect(redis_server.url), name) for _ in range(2))
+    now = int(time.time() * 1000)
+    client = connect(redis_server.url)
+    client.set(f"{name}:pybreaker:state", "open")
+    client.set(f"{name}:pybreaker:opened_at_ms", now - 1000)
+    for storage in (first, second):
+        storage._failed(redis.ConnectionError("connection dropped"))  # the blip
+        assert not storage.shared
+    assert first.claim_trial(now - 1000, now + 60_000) == "granted"
+    assert second.claim_trial(now - 1000, now + 60_000) == "taken"
+    assert first.shared and second.shared
