@@ -10,6 +10,8 @@ import threading
 import time
 from collections.abc import Callable
 
+import pytest
+
 from dwcp import TransportError
 from tests.conftest import (
     RawPeer,
@@ -187,3 +189,41 @@ def test_a_silent_stalled_peer_still_breaks_the_session_with_a_keepalive(
         raise AssertionError("32 MiB went into a peer that reads nothing")
     assert time.monotonic() - began < TIMEOUT  # only catches a hang
     wait_until(lambda: not healthy(transport), timeout=TIMEOUT)
+
+
+def test_a_silent_receiver_gives_window_full_until_the_keepalive_bound_then_ack_timeout(
+    raw_peer: Callable[..., RawPeer], transport_factory: TransportFactory
+) -> None:
+    """README: a full window raises ``WINDOW_FULL`` until the receiver has said nothing
+    (no ACK, no PONG) for the keepalive bound, ``keepalive_interval + keepalive_timeout``;
+    after that the session breaks and sends and ``health_check()`` give ``ACK_TIMEOUT``.
+    (The outside attack read "ACK_TIMEOUT if it has gone quiet" as within send_timeout.)"""
+    peer = raw_peer("drain")  # WELCOME, then reads everything and never answers
+    transport = transport_factory(
+        peer.address,
+        acknowledged=True,
+        max_in_flight=4,
+        send_timeout=0.5,
+        keepalive_interval=0.5,
+        keepalive_timeout=5.0,  # a bound of 5.5 s, far beyond send_timeout
+    )
+    transport.start()
+    for n in range(4):
+        transport.send(b"%d" % n)
+    with pytest.raises(TransportError) as raised:
+        transport.send(b"no room")
+    assert raised.value.code == "WINDOW_FULL", raised.value
+    transport.health_check()  # the session lives: the bound has not passed
+
+    def broken() -> bool:
+        try:
+            transport.health_check()
+        except TransportError as exc:
+            assert exc.code == "ACK_TIMEOUT", exc
+            return True
+        return False
+
+    wait_until(broken, timeout=TIMEOUT)
+    with pytest.raises(TransportError) as raised:
+        transport.send(b"after the bound")
+    assert raised.value.code == "ACK_TIMEOUT", raised.value
