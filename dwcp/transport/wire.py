@@ -392,7 +392,8 @@ def pack_ping(token: int) -> bytes:
 
 
 def pack_pong(token: int) -> bytes:
-    """Return a PONG frame (token 0: unprompted, "alive but not reading")."""
+    """Return a PONG frame (token 0: unprompted, "alive": waiting for room, or reading a
+    frame whose bytes keep the sender's PINGs queued)."""
     return _seal(PING.pack(MAGIC, VERSION, FRAME_PONG, 0, token, 0))
 
 
