@@ -51,7 +51,6 @@ class Connection:
         "sock",
         "thread",
         "tls",
-        "told",
         "write_lock",
     )
 
@@ -65,7 +64,6 @@ class Connection:
         self.thread: threading.Thread | None = None
         self.recv_timeout: float | None = None
         self.holders = 1  # the reader; see MultiStreamReceiver._release
-        self.told = time.monotonic()  # when the reader last said "alive" unprompted
 
     def shutdown(self) -> None:
         try:
@@ -150,18 +148,15 @@ class StreamReader:
         parse, pings = parser.parse, parser.pings
         monotonic = time.monotonic
         idle, frame_timeout = self.idle_timeout, self.frame_timeout
-        heartbeat = session.heartbeat
         batch: list[FrameTuple] = []
         header_size = _HEADER
         exact = False  # read the next header alone: a large frame may follow
         # When a byte last arrived (or a wait of ours for buffer room ended): a frame begun
         # fails on a stall of frame_timeout, however long it takes while bytes keep coming.
         moved = monotonic()
-        # One kernel timeout for the whole session, a fraction of the shortest bound (the
-        # sender's keepalive interval too: while bytes trickle in, a read of a large piece
-        # returns at least once a tick to say "alive"); the bounds themselves are kept
-        # here, so no recv() needs a setsockopt() first.
-        tick = min(frame_timeout, idle or frame_timeout, heartbeat or frame_timeout) / 4
+        # One kernel timeout for the whole session, a fraction of the shortest bound; the
+        # bounds themselves are kept here, so no recv() needs a setsockopt() first.
+        tick = min(frame_timeout, idle or frame_timeout) / 4
         silent = 0  # ticks without a byte
         conn.set_recv_timeout(tick)
         while True:
@@ -227,16 +222,6 @@ class StreamReader:
             silent = 0
             moved = monotonic()
             end += got
-            if heartbeat and moved - conn.told >= heartbeat:
-                self.tell_alive(conn, moved)
-
-    @staticmethod
-    def tell_alive(conn: Connection, now: float) -> None:
-        """Write an unprompted PONG: bytes are arriving, so the peer is heard, though its
-        PINGs queue unread behind its DATA and no ACK comes before a message is whole (on a
-        slow link, a large message takes longer than the sender's keepalive bound)."""
-        conn.told = now
-        conn.write(wire.pack_pong(0))
 
     def push(self, conn: Connection, session: Session, batch: list[FrameTuple]) -> None:
         """Hand a batch to reassembly, waiting (and saying "alive") while it has no room."""
@@ -262,7 +247,7 @@ class StreamReader:
             elif self.idle_timeout is not None and (time.monotonic() - since >= self.idle_timeout):
                 raise wire.ProtocolError("reassembly made no progress within idle_timeout")
             if session.heartbeat:
-                self.tell_alive(conn, time.monotonic())
+                conn.write(wire.pack_pong(0))
 
     def read_large(
         self,
@@ -297,8 +282,6 @@ class StreamReader:
         while left:
             piece = self.recv_piece(conn, session, min(left, _PIECE), moved)
             moved = time.monotonic()
-            if session.heartbeat and moved - conn.told >= session.heartbeat:
-                self.tell_alive(conn, moved)
             # Each piece's CRC right after it arrived, while it is in the cache; the readers
             # of a session's streams do this in parallel (the GIL is released for it).
             if checked:
@@ -314,7 +297,7 @@ class StreamReader:
     ) -> bytes | bytearray:
         """Read ``size`` bytes into a new object, straight from the kernel where possible;
         ProtocolError once no byte came for ``frame_timeout`` (``moved``: the last one)."""
-        stall, beat = self.frame_timeout, session.heartbeat
+        stall = self.frame_timeout
         if conn.tls is None:
             # About to block: what is ready must not wait for this read (see announce()).
             if bytes_waiting(conn.sock) < size:
@@ -335,8 +318,6 @@ class StreamReader:
                     # (A tick's read returns what came during the tick, so the byte may be
                     # up to a tick older than this: a stall is seen up to a tick late.)
                     moved = time.monotonic()
-                    if beat and moved - conn.told >= beat:
-                        self.tell_alive(conn, moved)
                 elif time.monotonic() - moved >= stall:
                     raise wire.ProtocolError(_STALLED.format(stall))
         session.reassembly.announce()  # TLS cannot tell whether the read would block
@@ -353,8 +334,6 @@ class StreamReader:
                 if part_size > 0:
                     got += part_size
                     moved = time.monotonic()
-                    if beat and moved - conn.told >= beat:
-                        self.tell_alive(conn, moved)
                 elif time.monotonic() - moved >= stall:
                     raise wire.ProtocolError(_STALLED.format(stall))
         return buf

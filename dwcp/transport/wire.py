@@ -392,8 +392,7 @@ def pack_ping(token: int) -> bytes:
 
 
 def pack_pong(token: int) -> bytes:
-    """Return a PONG frame (token 0: unprompted, "alive": waiting for room, or reading a
-    frame whose bytes keep the sender's PINGs queued)."""
+    """Return a PONG frame (token 0: unprompted, "alive but not reading")."""
     return _seal(PING.pack(MAGIC, VERSION, FRAME_PONG, 0, token, 0))
 
 

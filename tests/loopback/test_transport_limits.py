@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import threading
@@ -246,43 +245,6 @@ def test_a_frame_that_stops_midway_is_cut_off_once_nothing_came_for_frame_timeou
     # Counted from the last byte: the receiver saw it at about ``stopped`` (the half bound
     # only allows for the test thread running late after its last send).
     assert cut > frame_timeout / 2, cut
-
-
-@FRAME_SIZES
-def test_while_a_frame_trickles_in_the_receiver_says_it_is_alive_once_per_keepalive_interval(
-    receiver_factory: ReceiverFactory, size: int
-) -> None:
-    # The sender's PINGs wait behind its DATA, and no ACK comes before a message is whole:
-    # unprompted PONGs (token 0) tell it the receiver is alive meanwhile.
-    receiver, _ = receiver_factory(idle_timeout=10.0)
-    interval = 0.3
-    sock = socket.create_connection(receiver.address, timeout=TIMEOUT)
-    with sock:
-        hello = wire.pack_handshake(
-            os.urandom(16), 0, 1, acknowledged=False, keepalive_ms=int(interval * 1000)
-        )
-        sock.sendall(hello)
-        assert wire.parse_welcome(sock.recv(wire.WELCOME.size, socket.MSG_WAITALL)) == 0
-        frame = encode_message(0, os.urandom(size), 1 << 20)[0]
-        began = time.monotonic()
-        _trickle(sock, frame, 20, 0.1)
-        took = time.monotonic() - began
-        assert receiver.wait_delivered(1, TIMEOUT)
-        # Every PONG was written before the frame was whole, and on loopback a write is in
-        # our receive buffer when it returns: take what is there without waiting.
-        sock.setblocking(False)
-        pongs = b""
-        with contextlib.suppress(BlockingIOError):
-            for _ in range(1000):  # bounded; ends at the first read that would block
-                pongs += sock.recv(65536)
-    assert len(pongs) % wire.PING.size == 0, pongs
-    tokens = [
-        wire.parse_ping(pongs[at : at + wire.PING.size], expected=wire.FRAME_PONG)
-        for at in range(0, len(pongs), wire.PING.size)
-    ]
-    assert tokens and set(tokens) == {0}, tokens
-    # At most one an interval while bytes arrived (a bound that ignores timing luck).
-    assert len(tokens) <= took / interval + 1, (len(tokens), took)
 
 
 # -- addresses --------------------------------------------------------------------------------
