@@ -298,6 +298,7 @@ class ReceiverProcess(ChildProcess):
         max_buffered_bytes: int | None = None,
         max_sessions: int | None = None,
         idle_timeout: float | None = 300.0,
+        frame_timeout: float | None = None,
         delay: float = 0.0,
         bind_timeout: float = 10.0,
         log_path: Path | None = None,
@@ -315,6 +316,8 @@ class ReceiverProcess(ChildProcess):
             args += ["--max-buffered-bytes", str(max_buffered_bytes)]
         if max_sessions is not None:
             args += ["--max-sessions", str(max_sessions)]
+        if frame_timeout is not None:
+            args += ["--frame-timeout", repr(float(frame_timeout))]
         super().__init__("tests.receiver_child", args, log_path=log_path)
         self.host = host
         ready = self._spawn(["--port", str(port)])

@@ -155,6 +155,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-message-size", type=int, default=None)
     parser.add_argument("--max-buffered-bytes", type=int, default=None)
     parser.add_argument("--max-sessions", type=int, default=None)
+    parser.add_argument("--frame-timeout", type=float, default=None)
     parser.add_argument(
         "--idle-timeout", default="300", help="seconds, or 'none' for no idle timeout"
     )
@@ -206,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         options["max_buffered_bytes"] = args.max_buffered_bytes
     if args.max_sessions is not None:
         options["max_sessions"] = args.max_sessions
+    if args.frame_timeout is not None:
+        options["frame_timeout"] = args.frame_timeout
     idle = None if args.idle_timeout.lower() == "none" else float(args.idle_timeout)
     try:
         receiver = MultiStreamReceiver(

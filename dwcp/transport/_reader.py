@@ -36,6 +36,7 @@ _PIECE = 1 << 20
 _MSG_WAITALL = getattr(socket, "MSG_WAITALL", 0)
 _MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _HEADER = wire.DATA_HEADER.size
+_STALLED = "no byte of a begun frame arrived within frame_timeout ({:g} s)"
 
 
 class Connection:
@@ -150,7 +151,9 @@ class StreamReader:
         batch: list[FrameTuple] = []
         header_size = _HEADER
         exact = False  # read the next header alone: a large frame may follow
-        partial_since: float | None = None  # when the frame at ``start`` began to arrive
+        # When a byte last arrived (or a wait of ours for buffer room ended): a frame begun
+        # fails on a stall of frame_timeout, however long it takes while bytes keep coming.
+        moved = monotonic()
         # One kernel timeout for the whole session, a fraction of the shortest bound; the
         # bounds themselves are kept here, so no recv() needs a setsockopt() first.
         tick = min(frame_timeout, idle or frame_timeout) / 4
@@ -164,7 +167,6 @@ class StreamReader:
                 if batch:
                     self.push(conn, session, batch)
                 raise
-            consumed = parsed != start
             start = parsed
             # (A lost race between streams only delays the ACK, see delivery.)
             session.ack_now = max(session.ack_now, parser.ack_now)
@@ -175,29 +177,27 @@ class StreamReader:
             if batch:
                 self.push(conn, session, batch)
                 batch.clear()
+                moved = monotonic()  # a wait for buffer room was ours, not the peer's stall
             large = parser.large
             if large is not None:
                 self.read_large(
                     conn, session, large.frame, view[start:end], large.checked, large.checksum,
-                    (partial_since or monotonic()) + frame_timeout,
+                    moved,
                 )  # fmt: skip
                 start = end = 0
-                exact, partial_since = True, None
+                exact = True
             elif end - start >= header_size:
                 exact = False  # a small frame's payload is still to come: read in bulk
             if start == end:
                 start = end = 0
-                partial_since = None
             else:
-                if consumed or partial_since is None:
-                    partial_since = monotonic()
                 if start:
                     left = end - start
                     # From a memoryview the move is one memcpy, safe only without overlap.
                     buf[:left] = view[start:end] if left <= start else buf[start:end]
                     start, end = 0, left
-            if partial_since is not None and monotonic() - partial_since >= frame_timeout:
-                raise wire.ProtocolError("frame not complete within frame_timeout")
+                if monotonic() - moved >= frame_timeout:
+                    raise wire.ProtocolError(_STALLED.format(frame_timeout))
             want = header_size - end if exact and end < header_size else size - end
             try:
                 if tls is None:
@@ -220,6 +220,7 @@ class StreamReader:
                     raise wire.ProtocolError("connection closed inside a frame")
                 return  # clean end of stream, between frames
             silent = 0
+            moved = monotonic()
             end += got
 
     def push(self, conn: Connection, session: Session, batch: list[FrameTuple]) -> None:
@@ -256,15 +257,19 @@ class StreamReader:
         head: memoryview,
         checked: bool,
         checksum: int,
-        deadline: float,
+        moved: float,
     ) -> None:
-        """Reserve budget for a large frame, then read its payload in bounded pieces."""
+        """Reserve budget for a large frame, then read its payload in bounded pieces.
+
+        ``moved``: when a byte of the stream last arrived; the frame fails once none came
+        for ``frame_timeout`` (a stall), not at a deadline for the whole frame.
+        """
         reassembly = session.reassembly
         if not reassembly.reserve(conn.index, frame):
             self.wait_for_room(conn, session, frame)
             while not reassembly.reserve(conn.index, frame):
                 self.wait_for_room(conn, session, frame)
-            deadline = time.monotonic() + self.frame_timeout  # waiting was ours, not theirs
+            moved = time.monotonic()  # waiting was ours, not theirs
         crc = wire.checksum_of
         pieces: list[bytes | bytearray] = []
         value = 0
@@ -275,7 +280,8 @@ class StreamReader:
         mid, index, _, _, _, length = frame
         left = length - len(head)
         while left:
-            piece = self.recv_piece(conn, session, min(left, _PIECE), deadline)
+            piece = self.recv_piece(conn, session, min(left, _PIECE), moved)
+            moved = time.monotonic()
             # Each piece's CRC right after it arrived, while it is in the cache; the readers
             # of a session's streams do this in parallel (the GIL is released for it).
             if checked:
@@ -287,9 +293,11 @@ class StreamReader:
         reassembly.store((mid, index, frame[2], frame[3], pieces, length))
 
     def recv_piece(
-        self, conn: Connection, session: Session, size: int, deadline: float
+        self, conn: Connection, session: Session, size: int, moved: float
     ) -> bytes | bytearray:
-        """Read ``size`` bytes into a new object, straight from the kernel where possible."""
+        """Read ``size`` bytes into a new object, straight from the kernel where possible;
+        ProtocolError once no byte came for ``frame_timeout`` (``moved``: the last one)."""
+        stall = self.frame_timeout
         if conn.tls is None:
             # About to block: what is ready must not wait for this read (see announce()).
             if bytes_waiting(conn.sock) < size:
@@ -307,8 +315,11 @@ class StreamReader:
                     piece = part if not piece else piece + part
                     if len(piece) == size:
                         return piece
-                if time.monotonic() >= deadline:
-                    raise wire.ProtocolError("frame not complete within frame_timeout")
+                    # (A tick's read returns what came during the tick, so the byte may be
+                    # up to a tick older than this: a stall is seen up to a tick late.)
+                    moved = time.monotonic()
+                elif time.monotonic() - moved >= stall:
+                    raise wire.ProtocolError(_STALLED.format(stall))
         session.reassembly.announce()  # TLS cannot tell whether the read would block
         buf = bytearray(size)
         with memoryview(buf) as view:
@@ -322,8 +333,9 @@ class StreamReader:
                     raise wire.ProtocolError("connection closed inside a frame")
                 if part_size > 0:
                     got += part_size
-                elif time.monotonic() >= deadline:
-                    raise wire.ProtocolError("frame not complete within frame_timeout")
+                    moved = time.monotonic()
+                elif time.monotonic() - moved >= stall:
+                    raise wire.ProtocolError(_STALLED.format(stall))
         return buf
 
 

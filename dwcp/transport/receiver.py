@@ -59,7 +59,8 @@ class MultiStreamReceiver(StartStop):
     data (plus 64 bytes a chunk) and about 1.5 MiB a stream (read buffer, parsed frames, the
     piece of a large frame being read); the receiver at most
     ``max_sessions`` times that. Memory follows bytes received: a header alone reserves
-    budget but allocates at most 1 MiB, for at most ``frame_timeout``.
+    budget but allocates at most 1 MiB (for as long as the peer trickles the frame on: a
+    bound of size, not of time).
 
     Parameters:
         address: (host, port) to listen on; port 0 picks a free one, IPv6 hosts work.
@@ -75,8 +76,8 @@ class MultiStreamReceiver(StartStop):
         tls_handshake_timeout: bound on each TLS handshake.
         handshake_timeout: bound on receiving a connection's HELLO (idle_timeout too).
         join_timeout: every stream a session announced must connect within this.
-        frame_timeout: a frame whose first bytes arrived must be complete within this
-            (raise it for chunks that take longer than that to cross a slow link).
+        frame_timeout: a frame whose first bytes arrived fails once no further byte of it
+            came for this long (a stall); one that keeps arriving may take any time.
         with_ids: also hand ``on_message`` the sender's id (``str``, 32 hex digits, its
             ``MultiStreamTCPTransport.sender_id``) and the message's id (``int``, counted
             from 0 per sender), for the application to record what it processed.

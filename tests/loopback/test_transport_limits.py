@@ -178,32 +178,73 @@ def test_a_session_whose_streams_never_all_join_is_closed(
     wait_until(lambda: receiver.session_count == 0, TIMEOUT)
 
 
-def test_a_frame_that_never_completes_is_cut_off_at_frame_timeout(
-    receiver_factory: ReceiverFactory,
+# A frame's payload below LARGE (32 KiB) is parsed out of the read buffer; one above it is
+# read straight into pieces of its own (_reader.read_large): both paths count a stall.
+FRAME_SIZES = pytest.mark.parametrize("size", [1000, 100_000], ids=["buffered", "large"])
+
+
+def _joined(address: tuple[str, int]) -> socket.socket:
+    """A raw connection that is the one stream of a new session (HELLO and WELCOME done)."""
+    sock = socket.create_connection(address, timeout=TIMEOUT)
+    sock.sendall(wire.pack_handshake(os.urandom(16), 0, 1, acknowledged=False))
+    assert wire.parse_welcome(sock.recv(wire.WELCOME.size, socket.MSG_WAITALL)) == 0
+    return sock
+
+
+def _trickle(sock: socket.socket, data: bytes, pieces: int, gap: float) -> None:
+    """Send ``data`` in ``pieces`` parts, ``gap`` seconds apart (a slow, healthy link)."""
+    pace = threading.Event()  # the pace of the trickle is what is tested, never set
+    step = -(-len(data) // pieces)
+    for at in range(0, len(data), step):
+        if at:
+            pace.wait(gap)
+        try:
+            sock.sendall(data[at : at + step])
+        except OSError as exc:
+            raise AssertionError(
+                f"the receiver cut off a frame still arriving, after {at} of its bytes"
+            ) from exc
+
+
+@FRAME_SIZES
+def test_a_frame_that_keeps_trickling_in_is_delivered_however_long_it_takes(
+    receiver_factory: ReceiverFactory, size: int
 ) -> None:
-    receiver, _ = receiver_factory(frame_timeout=0.4, idle_timeout=10.0)
-    sock = socket.create_connection(receiver.address, timeout=TIMEOUT)
-    with sock:
-        sock.sendall(wire.pack_handshake(os.urandom(16), 0, 1, acknowledged=False))
-        sock.recv(wire.WELCOME.size, socket.MSG_WAITALL)
-        frame = encode_message(0, os.urandom(100_000), 1 << 20)[0]
-        began = time.monotonic()  # before the frame's first byte: its deadline is later
-        sock.sendall(frame[:1000])
-        sent = 1000
-        for at in range(1000, 1100):  # a byte every 20 ms: alive, never finishing
-            try:
-                sock.send(frame[at : at + 1])
-            except OSError:
-                break  # the receiver closed the connection
-            sent += 1
-            if closed_by_peer(sock, 0.02):
-                break
-        cut_at = time.monotonic() - began
+    frame_timeout = 0.6
+    receiver, inbox = receiver_factory(frame_timeout=frame_timeout, idle_timeout=10.0)
+    message = os.urandom(size)
+    frame = encode_message(0, message, 1 << 20)[0]
+    with _joined(receiver.address) as sock:
+        began = time.monotonic()
+        _trickle(sock, frame, 20, 0.1)  # a gap of 0.1 s is no stall of 0.6 s
+        took = time.monotonic() - began
+        assert receiver.wait_delivered(1, TIMEOUT)
+        assert receiver.session_count == 1  # its stream still open
+    assert inbox.messages == [message]
+    # 19 gaps of at least 0.1 s: the frame took three frame_timeouts to arrive, and more.
+    assert took > 3 * frame_timeout, took
+
+
+@FRAME_SIZES
+def test_a_frame_that_stops_midway_is_cut_off_once_nothing_came_for_frame_timeout(
+    receiver_factory: ReceiverFactory, size: int
+) -> None:
+    frame_timeout = 0.6
+    receiver, inbox = receiver_factory(frame_timeout=frame_timeout, idle_timeout=10.0)
+    frame = encode_message(0, os.urandom(size), 1 << 20)[0]
+    with _joined(receiver.address) as sock:
+        # Its first half trickles in over longer than frame_timeout (not a stall)...
+        _trickle(sock, frame[: len(frame) // 2], 10, 0.1)
+        stopped = time.monotonic()
+        # ...then nothing: cut off within TIMEOUT (5 s), far below the idle_timeout (10 s)
+        # that would end it otherwise.
         assert closed_by_peer(sock, TIMEOUT)
-    # Cut off while the frame still trickled in (100 more bytes take 2 s at this pace, and
-    # after them only idle_timeout, 10 s, would end it); and not before frame_timeout.
-    assert sent < 1100, "the receiver let the whole trickle in"
-    assert cut_at > 0.35, cut_at
+        cut = time.monotonic() - stopped
+    wait_until(lambda: receiver.session_count == 0, TIMEOUT)
+    assert inbox.messages == []
+    # Counted from the last byte: the receiver saw it at about ``stopped`` (the half bound
+    # only allows for the test thread running late after its last send).
+    assert cut > frame_timeout / 2, cut
 
 
 # -- addresses --------------------------------------------------------------------------------

@@ -57,28 +57,34 @@ def join(address: tuple[str, int], session: bytes, index: int, count: int) -> so
     return sock
 
 
-def test_headers_alone_cannot_pin_the_receivers_memory(
-    receiver_process: ReceiverFactory, sockets: list[socket.socket]
-) -> None:
-    # 4 sessions x 4 streams; on every stream, DATA headers that announce 64 MiB messages
-    # (and 1 MiB chunks of them) with no payload after the last: about 10 KB sent in all.
-    receiver = receiver_process(max_message_size=64 * MiB, idle_timeout=30.0)
-    before = rss(receiver.pid)
+def _claim_payloads(address: tuple[str, int], sockets: list[socket.socket]) -> int:
+    """4 sessions x 4 streams; on every stream a DATA header that announces a 64 MiB message
+    and a 1 MiB chunk of it, with no payload after it. Returns the bytes sent."""
     sent = 0
     for _ in range(4):
         session = os.urandom(16)
         for index in range(4):
-            sock = join(receiver.address, session, index, 4)
+            sock = join(address, session, index, 4)
             sockets.append(sock)
-            header = b""
-            for mid in range(index, 40, 4):  # each stream in id order, as the rule says
-                payload = b""
-                header = wire.pack_data_header(mid, 0, 64, 64 * MiB, payload)
-                # A 1 MiB chunk claimed: the header says so, none of it follows.
-                header = _with_length(header, MiB)
-                sock.sendall(header)
-                sent += len(header)
-                break  # the first header blocks this stream's reader on its payload
+            # Message ``index`` on stream ``index``: each stream in id order, as the rule
+            # says. Its reader then sits in the payload's read, which never comes.
+            header = wire.pack_data_header(index, 0, 64, 64 * MiB, b"")
+            header = _with_length(header, MiB)  # a 1 MiB chunk claimed
+            sock.sendall(header)
+            sent += len(header)
+    return sent
+
+
+# At most a 1 MiB piece and the 256 KiB read buffer a stream (16 of them), and slack.
+PINNED_BOUND = 16 * (MiB + 256 * 1024) + 16 * MiB
+
+
+def test_headers_alone_cannot_pin_the_receivers_memory(
+    receiver_process: ReceiverFactory, sockets: list[socket.socket]
+) -> None:
+    receiver = receiver_process(max_message_size=64 * MiB, idle_timeout=30.0)
+    before = rss(receiver.pid)
+    sent = _claim_payloads(receiver.address, sockets)
     assert sent < 16 * 1024
     # Every reader now sits in a 1 MiB payload read: at most that much each, plus buffers.
     deadline = time.monotonic() + 2.0
@@ -86,9 +92,34 @@ def test_headers_alone_cannot_pin_the_receivers_memory(
     while time.monotonic() < deadline:
         grown = max(grown, rss(receiver.pid) - before)
         threading.Event().wait(0.05)
-    bound = 16 * (MiB + 256 * 1024) + 16 * MiB  # piece + read buffer a stream, and slack
-    assert grown < bound, f"{grown / MiB:.1f} MiB for {sent} bytes of headers"
+    assert grown < PINNED_BOUND, f"{grown / MiB:.1f} MiB for {sent} bytes of headers"
     assert receiver.stats()["delivered"] == 0
+
+
+def test_payloads_trickled_to_outlast_frame_timeout_pin_no_more_than_headers(
+    receiver_process: ReceiverFactory, sockets: list[socket.socket]
+) -> None:
+    # frame_timeout counts a stall, so a peer trickling its payloads is never cut off for
+    # it (wire-format.md, Limits): what its streams hold is bounded in size instead.
+    frame_timeout = 0.5
+    receiver = receiver_process(
+        max_message_size=64 * MiB, idle_timeout=30.0, frame_timeout=frame_timeout
+    )
+    before = rss(receiver.pid)
+    _claim_payloads(receiver.address, sockets)
+    pace = threading.Event()  # the trickle's pace is what is tested, never set
+    deadline = time.monotonic() + 4 * frame_timeout
+    grown = rounds = 0
+    while time.monotonic() < deadline:
+        for sock in sockets:  # a byte of every payload each 0.1 s: slow, never stalled
+            sock.sendall(b"\0")
+        rounds += 1
+        grown = max(grown, rss(receiver.pid) - before)
+        pace.wait(0.1)
+    stats = receiver.stats()
+    assert stats["sessions"] == 4, "a session trickling its payloads was cut off"
+    assert stats["delivered"] == 0
+    assert grown < PINNED_BOUND, f"{grown / MiB:.1f} MiB for {rounds} trickled bytes a stream"
 
 
 def _with_length(header: bytes, length: int) -> bytes:

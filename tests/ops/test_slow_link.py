@@ -52,6 +52,31 @@ def test_a_ping_queued_behind_bytes_still_moving_does_not_break_the_session(
 
 
 @pytest.mark.timeout(90)
+def test_a_chunk_that_takes_several_frame_timeouts_to_cross_is_delivered(
+    receiver_factory: ReceiverFactory,
+    fault_proxy: ProxyFactory,
+    transport_factory: TransportFactory,
+) -> None:
+    # The receiver's side of the same rule: its frame deadline counts a stall (no byte of a
+    # begun frame for frame_timeout), not how long the frame takes. 3 x the proxy's step.
+    frame_timeout = 2.0
+    receiver, inbox = receiver_factory(frame_timeout=frame_timeout)
+    proxy = fault_proxy(receiver.address)
+    proxy.rate(RATE)
+    transport = transport_factory(proxy.address, streams=1, chunk_size=1 << 20, send_timeout=60.0)
+    transport.start()
+    message = os.urandom(512 * 1024)  # one chunk, about 5 s through the proxy
+    began = time.monotonic()
+    transport.send(message)
+    assert receiver.wait_delivered(1, 60.0), "the receiver cut off a frame still arriving"
+    took = time.monotonic() - began
+    assert inbox.messages == [message]
+    assert healthy(transport)
+    # Its bytes cannot cross faster than RATE: the one frame took over frame_timeout.
+    assert took > frame_timeout, took
+
+
+@pytest.mark.timeout(90)
 def test_a_peer_that_stops_reading_mid_transfer_is_still_detected_in_time(
     receiver_factory: ReceiverFactory,
     fault_proxy: ProxyFactory,
