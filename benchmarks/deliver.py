@@ -4,9 +4,10 @@
     python3 -m benchmarks.deliver --quick
 
 The receiver is a ``MultiStreamReceiver`` in a child process (``--peer``, this module) that
-counts messages; the sender is a ``Manager`` over a default 4-stream acknowledged
-``MultiStreamTCPTransport`` here. Both contenders use the same manager and transport, in
-alternating rounds (who goes first swaps every round), and the ratio is the median of the
+counts messages; the sender is a ``Manager`` over a 4-stream acknowledged
+``MultiStreamTCPTransport`` here, every other argument of all three at its default (each row
+prints them). Both contenders use the same manager and transport, through its public calls,
+in alternating rounds (who goes first swaps every round), and the ratio is the median of the
 per-round ratios:
 
 - **send**: ``manager.send_with_circuit_breaker(payload)`` N times, then ``transport.flush()``
@@ -45,12 +46,17 @@ _FLUSH_TIMEOUT = 120.0
 _ROWS = ((1024, 50_000, 20_000), (2**20, 500, 200))
 #: The drain row's recovery settings: what the manager needs to notice and reconnect.
 _RECOVERY = {"health_interval": 0.5, "initial_backoff": 0.2, "reset_timeout": 1.0}
+#: What the side-by-side rows run, as the rows print it: both contenders share this.
+_SETTINGS = (
+    "Manager(MultiStreamTCPTransport(addr, acknowledged=True)), "
+    "MultiStreamReceiver(addr, on_message=count) in a child process; all else default"
+)
 
 
 # -- the receiver child ---------------------------------------------------------------------------
 
 
-def peer(port: int, limit: int) -> None:
+def peer(port: int) -> None:
     """Receive on 127.0.0.1:``port``, counting; answer ``count`` and ``cpu`` on stdin."""
     from dwcp.transport import MultiStreamReceiver
 
@@ -59,9 +65,7 @@ def peer(port: int, limit: int) -> None:
     def on_message(data: bytes) -> None:
         count[0] += 1  # one session at a time: no lock needed
 
-    receiver = MultiStreamReceiver(
-        ("127.0.0.1", port), on_message=on_message, max_message_size=limit
-    )
+    receiver = MultiStreamReceiver(("127.0.0.1", port), on_message=on_message)
     receiver.start()
     print(receiver.address[1], flush=True)
     for line in sys.stdin:
@@ -75,10 +79,9 @@ def peer(port: int, limit: int) -> None:
 class Peer:
     """The child receiver, stopped (or killed) by its pid."""
 
-    def __init__(self, limit: int, port: int = 0) -> None:
-        self.limit = limit
+    def __init__(self, port: int = 0) -> None:
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.deliver", "--peer", str(port), str(limit)],
+            [sys.executable, "-m", "benchmarks.deliver", "--peer", str(port)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             cwd=_REPO,
@@ -146,12 +149,10 @@ def side_by_side(size: int, count: int, rounds: int) -> dict[str, list[Sample]]:
     import dwcp
 
     payload = os.urandom(size)
-    limit = max(4 * size, 2**20)
-    receiver = Peer(limit)
-    transport = dwcp.MultiStreamTCPTransport(
-        receiver.address, acknowledged=True, max_message_size=limit, send_timeout=30.0
-    )
-    manager = dwcp.Manager(transport, health_interval=5.0)
+    receiver = Peer()
+    # As _SETTINGS says: a user's first try, no argument tuned for either contender.
+    transport = dwcp.MultiStreamTCPTransport(receiver.address, acknowledged=True)
+    manager = dwcp.Manager(transport)
     manager.start()
     try:
 
@@ -185,12 +186,9 @@ def drain_after_outage(size: int, count: int, rounds: int) -> list[float]:
     import dwcp
 
     payload = os.urandom(size)
-    limit = max(4 * size, 2**20)
-    receiver = Peer(limit)
+    receiver = Peer()
     port = receiver.port
-    transport = dwcp.MultiStreamTCPTransport(
-        receiver.address, acknowledged=True, max_message_size=limit
-    )
+    transport = dwcp.MultiStreamTCPTransport(receiver.address, acknowledged=True)
     manager = dwcp.Manager(transport, **_RECOVERY)  # type: ignore[arg-type]
     manager.start()
     drains = []
@@ -199,7 +197,7 @@ def drain_after_outage(size: int, count: int, rounds: int) -> list[float]:
         for _ in range(rounds):
             receiver.kill()
             handles = [manager.deliver(payload, timeout=_FLUSH_TIMEOUT) for _ in range(count)]
-            receiver = Peer(limit, port)
+            receiver = Peer(port)
             back = time.perf_counter()
             manager.flush(_FLUSH_TIMEOUT)
             drains.append(time.perf_counter() - back)
@@ -227,19 +225,19 @@ def _size(size: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.deliver")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--peer", nargs=2, type=int, metavar=("PORT", "LIMIT"))
+    parser.add_argument("--peer", type=int, metavar="PORT")
     args = parser.parse_args()
-    if args.peer:
-        peer(*args.peer)
+    if args.peer is not None:
+        peer(args.peer)
         return
     rounds = 3 if args.quick else 7
     print(f"load average at start: {os.getloadavg()}, cpus: {os.cpu_count()}")
     print(
-        "| size | messages x rounds | send (kmsg/s) | deliver (kmsg/s) | ratio (paired median) "
-        "| per-round ratios | sender CPU us/msg send / deliver | receiver CPU us/msg send / "
-        "deliver |"
+        "| size | settings | messages x rounds | send (kmsg/s) | deliver (kmsg/s) "
+        "| ratio (paired median) | sender CPU us/msg send / deliver "
+        "| receiver CPU us/msg send / deliver | per-round ratios |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for size, full, quick in _ROWS:
         count = quick if args.quick else full
         samples = side_by_side(size, count, rounds)
@@ -247,19 +245,22 @@ def main() -> None:
         ratios = [d / s for d, s in zip(rates["deliver"], rates["send"])]
 
         print(
-            f"| {_size(size)} | {count:,} x {rounds} "
+            f"| {_size(size)} | {_SETTINGS} | {count:,} x {rounds} "
             f"| {statistics.median(rates['send']) / 1e3:.2f} "
             f"| {statistics.median(rates['deliver']) / 1e3:.2f} "
             f"| {statistics.median(ratios):.2f}x "
-            f"| {', '.join(f'{r:.2f}' for r in ratios)} "
             f"| {_cpu(samples['send'], 'sender_cpu', count):.1f} "
             f"/ {_cpu(samples['deliver'], 'sender_cpu', count):.1f} "
             f"| {_cpu(samples['send'], 'receiver_cpu', count):.1f} "
-            f"/ {_cpu(samples['deliver'], 'receiver_cpu', count):.1f} |",
+            f"/ {_cpu(samples['deliver'], 'receiver_cpu', count):.1f} "
+            f"| {', '.join(f'{r:.2f}' for r in ratios)} |",
             flush=True,
         )
     print()
-    print(f"drain after an outage, manager settings {_RECOVERY}:")
+    print(
+        f"drain after an outage: Manager(MultiStreamTCPTransport(addr, acknowledged=True), "
+        f"{', '.join(f'{k}={v}' for k, v in _RECOVERY.items())}), all else default:"
+    )
     print("| size | messages queued while down | rounds | median | worst |")
     print("|---|---|---|---|---|")
     for size, count in ((1024, 10_000), (2**20, 20)):

@@ -85,12 +85,13 @@ class Delivery:
         self,
         outbox: Outbox,
         data: bytes,
+        size: int,
         deadline: float,
         callback: Callable[[Delivery], object] | None,
     ) -> None:
         self._outbox = outbox
         self.data: bytes | None = data  # dropped once sent: the transport's window has it
-        self.size = len(data)
+        self.size = size  # len(data)
         self.deadline = deadline
         self.sent = False
         self.done_ = False
@@ -197,6 +198,7 @@ class Outbox:
         self._retry = _RETRY_FIRST  # the next pause
         self._used = 0
         self._open = False
+        self._accepting = False  # open and acknowledged: deliver() reads one flag
         self._closing = False
         self._idle = False  # the thread waits for work (a producer notifies only then)
         self._asleep = False  # ...and is not polling for confirmations either
@@ -213,13 +215,15 @@ class Outbox:
         """The manager started: accept messages."""
         with self._lock:
             self._open, self._closing = True, False
+            self._accepting = self.acknowledged
             self._breaker_open, self._pause_until, self._retry = False, 0.0, _RETRY_FIRST
 
     def close(self) -> None:
         """The manager is stopping: refuse new messages; the thread fails what is left
         (``STOPPED``) once the send in progress, if any, returned."""
         with self._lock:
-            self._open, self._closing = False, True
+            self._open = self._accepting = False
+            self._closing = True
             self._work.notify_all()
             self._settled.notify_all()
 
@@ -261,16 +265,23 @@ class Outbox:
         if size > self.budget:
             raise ValueError(f"message of {size} bytes exceeds delivery_buffer_bytes {self.budget}")
         now = _monotonic()
-        wait = self.timeout if timeout is None else check.seconds("timeout", timeout)
-        handle = Delivery(self, data, now + wait, callback)
-        with self._lock:
-            if not self._open or not self.acknowledged:
+        deadline = now + (self.timeout if timeout is None else check.seconds("timeout", timeout))
+        handle = Delivery(self, data, size, deadline, callback)
+        # Every message takes this path, so it is kept lean: acquire()/release() rather than
+        # "with", comparisons rather than min(), one flag for open and acknowledged. Over a
+        # transport that confirms at once, 22.5k -> 17.5k CPU instructions per message
+        # (callgrind; the guarded send alone: 6.3k).
+        lock = self._lock
+        lock.acquire()
+        try:
+            if not self._accepting:
                 self._refuse()
             if self._used + size > self.budget:
                 self._wait_for_room(size, now + self.max_block)
                 now = _monotonic()
             self._used += size
-            self._next_expiry = min(self._next_expiry, handle.deadline)
+            if deadline < self._next_expiry:  # noqa: PLR1730 - see above: min() costs more
+                self._next_expiry = deadline
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="dwcp-delivery", daemon=True)
                 self._started.append(self._thread)
@@ -280,39 +291,47 @@ class Outbox:
                 if self._idle:
                     self._work.notify()
                 return handle
-            self._busy, self._inline = True, handle
+            self._busy = True
+            self._inline = handle
+        finally:
+            lock.release()
         # Nothing queued, nothing in the way: send it here, as the thread would.
         try:
             self._send(data)
         except (TypeError, ValueError) as exc:  # this message, never any other
-            with self._lock:
+            with lock:
                 self._refused(handle, exc, self._due)  # its callbacks run on the thread
                 self._settled.notify_all()
                 self._released()
         except DWCPError as exc:  # failed or rejected: the thread retries it
-            with self._lock:
+            with lock:
                 self._queue.appendleft(handle)
                 self._failed(exc)
                 self._released()
         except BaseException:  # interrupted: kept, first in line
-            with self._lock:
+            with lock:
                 self._queue.appendleft(handle)
                 self._released()
             raise
         else:
-            with self._lock:  # _released(), inlined: this is the path every message takes
+            handle.data = None  # only a sender reads it, and this one has sent it
+            lock.acquire()
+            try:
+                # _released(), inlined.
+                if deadline < self._next_expiry:  # noqa: PLR1730 - min() costs more
+                    self._next_expiry = deadline
                 self._busy = False
                 self._inline = None
-                self._next_expiry = min(self._next_expiry, handle.deadline)
                 self._retry = _RETRY_FIRST
                 handle.sent = True
-                handle.data = None
                 self._unstamped.append(handle)
                 # The thread sends what queued meanwhile; asleep, it was not polling for
                 # confirmations either, and now has one to wait for.
                 if (self._queue and self._idle) or self._asleep:
                     self._asleep = False
                     self._work.notify()
+            finally:
+                lock.release()
         return handle
 
     def _refuse(self) -> NoReturn:
@@ -535,16 +554,16 @@ class Outbox:
                 # Read after they were sent: at or past each one's message id.
                 inflight.append((last, self._unstamped))
                 self._unstamped = []
-            confirmed = False
-            while inflight and inflight[0][0] <= acked:
-                confirmed = True
-                self._confirmed += 1
-                for handle in inflight.popleft()[1]:
-                    handle.done_ = True
-                    self._used -= handle.size
-                    if handle._callbacks:
-                        settled.append(handle)
-            if confirmed:
+            if inflight and inflight[0][0] <= acked:
+                used = self._used  # a local: this loop runs once per message
+                while inflight and inflight[0][0] <= acked:
+                    self._confirmed += 1
+                    for handle in inflight.popleft()[1]:
+                        handle.done_ = True
+                        used -= handle.size
+                        if handle._callbacks:
+                            settled.append(handle)
+                self._used = used
                 self._settled.notify_all()
         if now >= self._next_expiry:
             self._expire(now, settled)
