@@ -300,17 +300,20 @@ class Outbox:
             self._send(data)
         except (TypeError, ValueError) as exc:  # this message, never any other
             with lock:
-                self._refused(handle, exc, self._due)  # its callbacks run on the thread
-                self._settled.notify_all()
+                if not handle.done_:
+                    self._refused(handle, exc, self._due)  # its callbacks run on the thread
+                    self._settled.notify_all()
                 self._released()
         except DWCPError as exc:  # failed or rejected: the thread retries it
             with lock:
-                self._queue.appendleft(handle)
+                if not handle.done_:
+                    self._queue.appendleft(handle)
                 self._failed(exc)
                 self._released()
         except BaseException:  # interrupted: kept, first in line
             with lock:
-                self._queue.appendleft(handle)
+                if not handle.done_:
+                    self._queue.appendleft(handle)
                 self._released()
             raise
         else:
@@ -318,13 +321,14 @@ class Outbox:
             lock.acquire()
             try:
                 # _released(), inlined.
-                if deadline < self._next_expiry:  # noqa: PLR1730 - min() costs more
-                    self._next_expiry = deadline
                 self._busy = False
                 self._inline = None
                 self._retry = _RETRY_FIRST
                 handle.sent = True
-                self._unstamped.append(handle)
+                if not handle.done_:  # (its deadline may have passed during the send)
+                    if deadline < self._next_expiry:  # noqa: PLR1730 - min() costs more
+                        self._next_expiry = deadline
+                    self._unstamped.append(handle)
                 # The thread sends what queued meanwhile; asleep, it was not polling for
                 # confirmations either, and now has one to wait for.
                 if (self._queue and self._idle) or self._asleep:
@@ -349,7 +353,7 @@ class Outbox:
     def _released(self) -> None:
         # Caller holds the lock: the send path is free; the thread sends what queued.
         handle = self._inline
-        if handle is not None and handle.deadline < self._next_expiry:
+        if handle is not None and not handle.done_ and handle.deadline < self._next_expiry:
             self._next_expiry = handle.deadline
         self._busy, self._inline = False, None
         if (self._queue or self._due) and self._idle:
@@ -595,8 +599,15 @@ class Outbox:
         self._inflight = collections.deque(g for g in groups if g[1])
         for handle in itertools.chain(self._queue, self._unstamped, *(g for _, g in groups)):
             nearest = min(nearest, handle.deadline)
-        # (A message a caller is sending is in none of these: it lowers the mark again when
-        # it is back, see _released.)
+        inline = self._inline
+        if inline is not None and not inline.done_:
+            # A message its caller is still sending fails at its deadline too, not when the
+            # send returns (up to send_timeout later): part of it may be on its way.
+            if inline.deadline <= now:
+                inline.sent = True
+                self._expired(inline, settled)
+            else:
+                nearest = min(nearest, inline.deadline)
         self._next_expiry = nearest
         self._settled.notify_all()
 

@@ -6,7 +6,7 @@ import itertools
 import threading
 import time
 
-from dwcp._delivery import Outbox
+from dwcp._delivery import Delivery, Outbox
 from dwcp._errors import TransportError
 
 
@@ -61,17 +61,25 @@ def test_a_failed_send_is_retried_after_a_pause_doubling_from_50_ms_to_1_s() -> 
     assert error is not None and (error.code, error.sent) == ("STOPPED", False)
 
 
-def test_a_deadline_that_passes_while_its_caller_sends_still_fails_the_message() -> None:
-    # The thread's deadline pass skips the message a caller is sending; deliver() puts its
-    # deadline back once the send returned, so the message still fails in time.
+def test_a_deadline_that_passes_while_its_caller_sends_fails_the_message_at_its_deadline() -> None:
+    # Outside attack on #23: with the window full, deliver(timeout=0.5) sending the message
+    # itself settled only when its send returned, send_timeout (4-10 s) after the deadline.
+    # It fails at its deadline (sent=True: part of it may be on its way); the send that
+    # returns later changes nothing.
     release = threading.Event()
     sending = threading.Event()
+    settled = threading.Event()
     window = Unconfirmed()
+    seen: list[Delivery] = []
 
     def send(data: bytes) -> None:
         sending.set()
         assert release.wait(30.0)
         window.last += 1
+
+    def on_settled(handle: Delivery) -> None:
+        seen.append(handle)
+        settled.set()
 
     outbox = Outbox(
         send,
@@ -84,19 +92,20 @@ def test_a_deadline_that_passes_while_its_caller_sends_still_fails_the_message()
     )
     outbox.open()
     handles = []
-    caller = threading.Thread(target=lambda: handles.append(outbox.deliver(b"x", 0.05, None)))
+    caller = threading.Thread(target=lambda: handles.append(outbox.deliver(b"x", 0.05, on_settled)))
     caller.start()
     try:
         assert sending.wait(30.0)
-        # The thread's pass at the deadline found nothing else to wait for.
-        deadline = time.monotonic() + 30.0
-        while outbox._next_expiry != float("inf"):
-            assert time.monotonic() < deadline, "the deadline pass did not run"
-            sending.wait(0.01)
+        assert settled.wait(30.0), "the message did not fail while its send was held"
+        assert caller.is_alive()  # deliver() itself still waits for its send
+        error = seen[0].exception(timeout=0)
+        assert error is not None and (error.code, error.sent) == ("DELIVERY_TIMEOUT", True)
+        assert outbox._used == 0  # its bytes are back in the budget
         release.set()
         caller.join(30.0)
-        error = handles[0].exception(timeout=30.0)
-        assert error is not None and (error.code, error.sent) == ("DELIVERY_TIMEOUT", True)
+        assert handles == [seen[0]]
+        outbox.flush(10.0)  # nothing left to wait for: it settled once
+        assert seen == [handles[0]] and outbox._used == 0 and not outbox._unstamped
     finally:
         release.set()
         caller.join(30.0)
