@@ -22,6 +22,7 @@ from dwcp.transport._admission import Admission, take_contended
 from dwcp.transport._io import Buffer, TLSChannel, _close_quietly, _set_send_timeout
 from dwcp.transport._keepalive import keepalive_loop, reader_loop
 from dwcp.transport._sending import (
+    ANSWER_SIZE,
     COPY_LIMIT,
     DIRECT_MIN,
     HEADER_SIZE,
@@ -167,6 +168,14 @@ class Session(Admission):
                 finally:
                     stream.waiting -= 1
         return self.broken is None
+
+    def ask_for_ack(self) -> None:
+        """Acknowledged: write a PING on every stream, behind what is queued on it; the
+        receiver acknowledges what each stream carried before its PING as soon as it has
+        delivered it, instead of after its ACK delay (``flush()``)."""
+        ping = wire.pack_ping(int(_monotonic() * 1000))
+        for stream in self.streams:
+            stream.put((ping,), ANSWER_SIZE, None)
 
     def wait_acked(self, message_id: int, deadline: float) -> None:
         """Wait until the receiver acknowledged ``message_id``; TransportError (code
