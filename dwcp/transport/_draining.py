@@ -3,12 +3,13 @@
 ``Draining`` is the part of the session (``_session.Session``) that ``flush()``,
 ``send(wait=True)`` and ``close()`` wait in: every queued frame in the kernel (``flush``), one
 message confirmed (``wait_acked``), everything written and confirmed while that progresses
-(``linger``), and the PINGs that ask for an immediate ACK (``ask_for_ack``, see
+(``linger``), and the PING that asks for an immediate ACK (``ask_for_ack``, see
 docs/wire-format.md).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 
 from dwcp._errors import TransportError
@@ -25,6 +26,9 @@ class Draining(Admission):
     """The waits for what a session sent; ``Session`` sets the attributes annotated here."""
 
     close_timeout: float
+    count: int
+    asked: int
+    _order: threading.Lock
 
     def flush(self, timeout: float) -> bool:
         """Wait until every queued frame is in the kernel; False if ``timeout`` passed first
@@ -44,12 +48,20 @@ class Draining(Admission):
         return self.broken is None
 
     def ask_for_ack(self) -> None:
-        """Acknowledged: write a PING on every stream, behind what is queued on it; the
-        receiver acknowledges what each stream carried before its PING as soon as it has
-        delivered it, instead of after its ACK delay (``flush()``)."""
-        ping = wire.pack_ping(int(_monotonic() * 1000))
-        for stream in self.streams:
-            stream.put((ping,), ANSWER_SIZE, None)
+        """Acknowledged: ask the receiver to acknowledge every message sent so far as soon
+        as it is delivered, instead of after its ACK delay (``flush()``): a PING behind the
+        last one, on the stream that carried it (its first chunk), unless that one is
+        acknowledged already or asked for its ACK itself (sent into an empty window)."""
+        window = self.window
+        assert window is not None
+        # Under the order lock: the last message's frames are queued, so the PING goes
+        # behind them.
+        with self._order:
+            last = window.last
+            if last == window.acked or last == self.asked:
+                return
+            ping = wire.pack_ping(int(_monotonic() * 1000))
+            self.streams[last % self.count].put((ping,), ANSWER_SIZE, None)
 
     def wait_acked(self, message_id: int, deadline: float) -> None:
         """Wait until the receiver acknowledged ``message_id``; TransportError (code

@@ -114,6 +114,9 @@ class Session(Draining):
         super().__init__()
         self.first_id = first_id
         self.next_id = first_id
+        # The last message sent into an empty window, which asked for its ACK itself (see
+        # ACK_NOW_EMPTY): flush() need not ask again (see ask_for_ack).
+        self.asked = -1
         # Acknowledged: the transport's window, which outlives this session (see Window).
         self.window = window
         self.broken: str | None = None
@@ -269,6 +272,7 @@ class Session(Draining):
                             window.since = _monotonic()
                             # Into an empty window: ask for an ACK at once (see ACK_NOW_EMPTY).
                             flags = self.urgent_flags
+                            self.asked = message_id
                         window.entries.append(data)  # type: ignore[arg-type]
                         window.last = message_id
                         window.added += size
@@ -319,6 +323,7 @@ class Session(Draining):
                             if window is not None:
                                 if window.last == window.acked:  # see ACK_NOW_EMPTY
                                     flags = self.urgent_flags
+                                    self.asked = message_id
                                 window.add(message_id, data)  # type: ignore[arg-type]
                             head = _pack_head(
                                 _MAGIC, _VERSION, _DATA, flags, message_id, 0, 1, size, size,
@@ -411,6 +416,7 @@ class Session(Draining):
                             if window is not None:
                                 if window.last == window.acked:  # see ACK_NOW_EMPTY
                                     flags |= wire.FLAG_ACK_NOW
+                                    self.asked = message_id
                                 window.add(message_id, data)  # type: ignore[arg-type]
                             for (_, indexes), lane in zip(plan, lanes):
                                 # Each stream's writer computes its chunks' CRCs: in parallel,

@@ -402,9 +402,10 @@ class MultiStreamTCPTransport:
     def flush(self, timeout: float | timedelta | None = None) -> None:
         """Wait until every message sent so far is written to the kernel and, with
         ``acknowledged``, acknowledged by the receiver. With messages unacknowledged, it asks
-        the receiver to acknowledge them as soon as they are delivered (a PING on every
-        stream, see docs/wire-format.md), instead of after the receiver's ACK delay: so
-        ``send`` then ``flush`` is as quick as ``send(wait=True)``.
+        the receiver to acknowledge them as soon as they are delivered (a PING behind the
+        last one, see docs/wire-format.md), instead of after the receiver's ACK delay (a
+        message sent into an empty window asked itself): so ``send`` then ``flush`` is as
+        quick as ``send(wait=True)``, after a burst as well.
 
         ``timeout`` defaults to ``send_timeout``. Raises TransportError when not started,
         when the session broke, or when the timeout passed first (code ``UNCONFIRMED`` when
@@ -416,7 +417,7 @@ class MultiStreamTCPTransport:
         wait = self._send_timeout if timeout is None else check.wire_seconds("timeout", timeout)
         deadline = _monotonic() + wait
         window = self._window
-        if window is not None and window.last != window.acked:
+        if window is not None:
             session.ask_for_ack()
         if not session.flush(wait):
             if session.broken is not None:

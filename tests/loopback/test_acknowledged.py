@@ -221,7 +221,7 @@ def test_flush_asks_for_the_ack_of_messages_sent_into_a_busy_window(
 ) -> None:
     # "second" goes while "first" awaits its ACK (held in on_message), so it does not ask
     # for its ACK at once, and the receiver would confirm it a minute after delivery. flush()
-    # asks (a PING on every stream), so it returns on the ACK that answers. (Long reader
+    # asks (a PING behind "second"), so it returns on the ACK that answers. (Long reader
     # ticks: a tick of silence wakes delivery, which then acknowledges, too.)
     monkeypatch.setattr(_receiving, "ACK_DELAY", 60.0)
     receiver, _ = receiver_factory(on_message=gate, idle_timeout=None, frame_timeout=3600.0)
