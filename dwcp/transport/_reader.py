@@ -170,14 +170,23 @@ class StreamReader:
             start = parsed
             # (A lost race between streams only delays the ACK, see delivery.)
             session.ack_now = max(session.ack_now, parser.ack_now)
+            asked = False
             if pings:
                 for token in pings:
                     conn.write(wire.pack_pong(token))
                 pings.clear()
+                if session.acknowledged:
+                    # A PING asks for the ACK of what its stream carried before it (the
+                    # sender's flush()): as if that DATA had been flagged ACK_NOW.
+                    read = batch[-1][0] if batch else reassembly.last_id(conn.index)
+                    session.ack_now = max(session.ack_now, read)
+                    asked = True
             if batch:
                 self.push(conn, session, batch)
                 batch.clear()
                 moved = monotonic()  # a wait for buffer room was ours, not the peer's stall
+            if asked:
+                reassembly.nudge()
             large = parser.large
             if large is not None:
                 self.read_large(

@@ -79,6 +79,9 @@ class Reassembly:
         self._kick = threading.Lock()
         self._kick.acquire()
         self._taker_asleep = False
+        # An ACK was asked for while the delivery thread was not waiting: its next ``take``
+        # returns at once (see ``nudge``).
+        self._nudged = False
         self._taken = 0  # cost of what take() handed out and done() has not yet freed
         self._max_buffered = max_buffered
         # The session's first message id (HELLO): ids below it never arrive.
@@ -346,6 +349,9 @@ class Reassembly:
                 return self._take_all()
             if self.ended:
                 return None
+            if self._nudged:
+                self._nudged = False
+                return []
             self._taker_asleep = True
         woken = self._kick.acquire(timeout=-1 if timeout is None else timeout)
         with self._lock:
@@ -357,6 +363,21 @@ class Reassembly:
             if self._ready:
                 return self._take_all()
             return None if self.ended else []
+
+    def nudge(self) -> None:
+        """An ACK was asked for (a PING in an acknowledged session): the delivery thread's
+        ``take`` returns now, or its next one at once if it is not waiting, with what is ready
+        or an empty list, so that it decides on an ACK without waiting out its delay."""
+        with self._lock:
+            if self._taker_asleep:
+                self._wake_taker()
+            else:
+                self._nudged = True
+
+    def last_id(self, stream: int) -> int:
+        """The highest message id read on ``stream`` (the session's first id before any);
+        only that stream's reader may ask."""
+        return self._last_id[stream]
 
     def _take_all(self) -> list[Ready]:
         batch = list(self._ready)

@@ -4,6 +4,7 @@
 order lock), waits for room (``_admission``), and owns the session's threads: a writer and a
 reader per stream (``_writer``, ``_keepalive``) and the keepalive. The protocol decisions are
 the core's (``_sending``): the frames, the striping, what an ACK frees, when a stream stalls.
+Waiting for what was sent to be written and confirmed is ``_draining``'s.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from loguru import logger
 
 from dwcp._errors import TransportError
 from dwcp.transport import wire
-from dwcp.transport._admission import Admission, take_contended
+from dwcp.transport._admission import take_contended
+from dwcp.transport._draining import Draining
 from dwcp.transport._io import Buffer, TLSChannel, _close_quietly, _set_send_timeout
 from dwcp.transport._keepalive import keepalive_loop, reader_loop
 from dwcp.transport._sending import (
@@ -55,7 +57,7 @@ _HEADER_SIZE = HEADER_SIZE
 _STALL_TICKS = 8
 
 
-class Session(Admission):
+class Session(Draining):
     """Everything one ``start()`` creates; ``close()`` or a failure retires it as a whole.
 
     A stream failure breaks the whole session: a message id that never reaches the receiver
@@ -112,6 +114,9 @@ class Session(Admission):
         super().__init__()
         self.first_id = first_id
         self.next_id = first_id
+        # The last message sent into an empty window, which asked for its ACK itself (see
+        # ACK_NOW_EMPTY): flush() need not ask again (see ask_for_ack).
+        self.asked = -1
         # Acknowledged: the transport's window, which outlives this session (see Window).
         self.window = window
         self.broken: str | None = None
@@ -151,89 +156,13 @@ class Session(Admission):
             )
             self._keepalive.start()
 
-    def flush(self, timeout: float) -> bool:
-        """Wait until every queued frame is in the kernel; False if ``timeout`` passed first
-        (or the session broke, which drops what was queued)."""
-        deadline = _monotonic() + timeout
-        for stream in self.streams:
-            with stream.drained:
-                stream.waiting += 1
-                try:
-                    while stream.outbox or stream.busy:
-                        left = deadline - _monotonic()
-                        if left <= 0 or self.broken is not None:
-                            return False
-                        stream.drained.wait(left)
-                finally:
-                    stream.waiting -= 1
-        return self.broken is None
-
-    def wait_acked(self, message_id: int, deadline: float) -> None:
-        """Wait until the receiver acknowledged ``message_id``; TransportError (code
-        ``UNCONFIRMED``: sent, kept in the window, not confirmed yet) when the deadline
-        passes or the session ends first."""
-        window = self.window
-        assert window is not None
-        if window.wait_acked(message_id, deadline, self.ended):
-            return
-        if self.broken is not None:
-            raise TransportError(
-                f"transport broken: {self.broken}; message {message_id} is kept and resent "
-                "after a restart",
-                code="UNCONFIRMED",
-            )
-        if self.closing:
-            raise TransportError(
-                "transport closed before the acknowledgement came", code="UNCONFIRMED"
-            )
-        raise TransportError(
-            f"no acknowledgement for message {message_id} in time; it is kept and resent "
-            "after a restart",
-            code="UNCONFIRMED",
-        )
-
-    def _linger(self) -> None:
-        """Wait for what is queued to be written and, acknowledged, confirmed, for as long as
-        writes or acknowledgements progress: give up once none came for ``close_timeout``.
-
-        A slow receiver still gets everything; a silent one holds ``close()`` for
-        ``close_timeout``, not ``send_timeout``. A writer that has not yet begun what is
-        queued (a busy machine runs it late) is waited for, up to ``send_timeout``.
-        """
-        window = self.window
-        wait = self.close_timeout
-        began = _monotonic()
-        latest = began + max(self.send_timeout, wait)
-
-        def last_progress() -> float:
-            # When a write or an acknowledgement last made progress (or close() began).
-            moved = max(s.progress for s in self.streams)
-            if window is not None:
-                moved = max(moved, window.since)
-            return max(moved, began)
-
-        while True:  # bounded: each round ends at a deadline only progress moves
-            now = _monotonic()
-            deadline = last_progress() + wait
-            if now >= deadline:
-                late = any(s.outbox and not s.busy for s in self.streams)
-                if not late or now >= latest:
-                    return
-                deadline = min(now + wait, latest)
-            if self.flush(deadline - now) and (
-                window is None or window.wait_acked(window.last, deadline, self.ended)
-            ):
-                return
-            if self.ended():
-                return
-
     def shutdown(self) -> None:
         """Write what is queued and, acknowledged, wait for the acknowledgements (while they
-        progress, see ``_linger``), then stop every stream and join the session's threads
+        progress, see ``linger``), then stop every stream and join the session's threads
         (``close()``). What is still unacknowledged stays in the window for the next session;
         unacknowledged, what is still queued then is dropped."""
         if self.broken is None:
-            self._linger()
+            self.linger()
         # Under the order lock, which every send re-checks it under before it takes an id:
         # nothing joins the window once this session is closing (start() snapshots it next).
         with self._order:
@@ -343,6 +272,7 @@ class Session(Admission):
                             window.since = _monotonic()
                             # Into an empty window: ask for an ACK at once (see ACK_NOW_EMPTY).
                             flags = self.urgent_flags
+                            self.asked = message_id
                         window.entries.append(data)  # type: ignore[arg-type]
                         window.last = message_id
                         window.added += size
@@ -393,6 +323,7 @@ class Session(Admission):
                             if window is not None:
                                 if window.last == window.acked:  # see ACK_NOW_EMPTY
                                     flags = self.urgent_flags
+                                    self.asked = message_id
                                 window.add(message_id, data)  # type: ignore[arg-type]
                             head = _pack_head(
                                 _MAGIC, _VERSION, _DATA, flags, message_id, 0, 1, size, size,
@@ -485,6 +416,7 @@ class Session(Admission):
                             if window is not None:
                                 if window.last == window.acked:  # see ACK_NOW_EMPTY
                                     flags |= wire.FLAG_ACK_NOW
+                                    self.asked = message_id
                                 window.add(message_id, data)  # type: ignore[arg-type]
                             for (_, indexes), lane in zip(plan, lanes):
                                 # Each stream's writer computes its chunks' CRCs: in parallel,

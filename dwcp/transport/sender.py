@@ -401,9 +401,11 @@ class MultiStreamTCPTransport:
 
     def flush(self, timeout: float | timedelta | None = None) -> None:
         """Wait until every message sent so far is written to the kernel and, with
-        ``acknowledged``, acknowledged by the receiver (a message sent while nothing awaited
-        an acknowledgement asked for it at once, so ``send`` then ``flush`` after a lull is
-        as quick as ``send(wait=True)``; after a burst the receiver's ACK delay may apply).
+        ``acknowledged``, acknowledged by the receiver. With messages unacknowledged, it asks
+        the receiver to acknowledge them as soon as they are delivered (a PING behind the
+        last one, see docs/wire-format.md), instead of after the receiver's ACK delay (a
+        message sent into an empty window asked itself): so ``send`` then ``flush`` is as
+        quick as ``send(wait=True)``, after a burst as well.
 
         ``timeout`` defaults to ``send_timeout``. Raises TransportError when not started,
         when the session broke, or when the timeout passed first (code ``UNCONFIRMED`` when
@@ -414,11 +416,13 @@ class MultiStreamTCPTransport:
             raise TransportError("transport not started", code="NOT_STARTED")
         wait = self._send_timeout if timeout is None else check.wire_seconds("timeout", timeout)
         deadline = _monotonic() + wait
+        window = self._window
+        if window is not None:
+            session.ask_for_ack()
         if not session.flush(wait):
             if session.broken is not None:
                 session.raise_broken()
             raise TransportError(f"flush did not complete within {wait:g} s")
-        window = self._window
         if window is not None and window.last >= 0:
             session.wait_acked(window.last, deadline)
 

@@ -213,6 +213,33 @@ def test_flush_after_a_lone_send_does_not_wait_out_the_receivers_ack_delay(
     assert inbox.messages == [b"m0", b"m1", b"m2"]
 
 
+def test_flush_asks_for_the_ack_of_messages_sent_into_a_busy_window(
+    receiver_factory: ReceiverFactory,
+    transport_factory: TransportFactory,
+    gate: Gate,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # "second" goes while "first" awaits its ACK (held in on_message), so it does not ask
+    # for its ACK at once, and the receiver would confirm it a minute after delivery. flush()
+    # asks (a PING behind "second"), so it returns on the ACK that answers. (Long reader
+    # ticks: a tick of silence wakes delivery, which then acknowledges, too.)
+    monkeypatch.setattr(_receiving, "ACK_DELAY", 60.0)
+    receiver, _ = receiver_factory(on_message=gate, idle_timeout=None, frame_timeout=3600.0)
+    transport = transport_factory(
+        receiver.address, acknowledged=True, send_timeout=30.0, keepalive_interval=None
+    )
+    transport.start()
+    gate.open.clear()
+    transport.send(b"first")
+    assert gate.waiting.wait(TIMEOUT)  # "first" is being delivered, unacknowledged
+    transport.send(b"second")
+    assert transport.unacknowledged == 2
+    gate.open.set()
+    transport.flush(5.0)  # UNCONFIRMED if it waited for the delayed ACK
+    assert transport.unacknowledged == 0
+    assert gate.messages == [b"first", b"second"]
+
+
 def test_messages_left_unacknowledged_by_close_are_resent_once(
     receiver_factory: ReceiverFactory, transport_factory: TransportFactory, gate: Gate
 ) -> None:

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dwcp._errors import TransportError
-from dwcp.transport import MultiStreamReceiver, MultiStreamTCPTransport, _receiving, wire
+from dwcp.transport import MultiStreamReceiver, MultiStreamTCPTransport, _handing, _receiving, wire
 from dwcp.transport.wire import ProtocolError
 from tests._frames import encode_message, verify_checksum
 from tests.conftest import Inbox, ReceiverFactory, closed_by_peer, wait_until
@@ -687,3 +687,47 @@ def test_the_receiver_acts_on_ack_now_in_any_chunk(
     sock.settimeout(10.0)
     assert wire.parse_ack(sock.recv(wire.ACK.size, socket.MSG_WAITALL)) == 0
     assert inbox.messages == [data]
+
+
+def _answers(sock: socket.socket) -> dict[int, bytes]:
+    """The next two 20-byte frames from the receiver, by type (bounded by the timeout)."""
+    got = b""
+    while len(got) < 2 * wire.ACK.size:
+        part = sock.recv(2 * wire.ACK.size - len(got))
+        assert part, f"connection closed after {got.hex()}"
+        got += part
+    return {wire.parse_prefix(got[i : i + 20])[0]: got[i : i + 20] for i in (0, 20)}
+
+
+def test_a_ping_asks_for_the_ack_of_what_its_stream_carried_before_it(
+    receiver_factory: ReceiverFactory, raw_connections: Connect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """wire-format.md, "A PING asks for an ACK": in an acknowledged session the receiver
+    answers a PING with its PONG and acknowledges what the stream carried before it as soon
+    as that is delivered (at once if it is already), not after its ACK delay."""
+    monkeypatch.setattr(_receiving, "ACK_DELAY", 3600.0)  # only the PING triggers an ACK
+    monkeypatch.setattr(_handing, "_SLOW", 3600.0)  # (not a slow consumer's ACK either)
+    # Nor a reader's tick of silence (a quarter of the shortest of these), which wakes
+    # delivery too.
+    receiver, inbox = receiver_factory(idle_timeout=None, frame_timeout=3600.0)
+    sock = raw_connections(receiver.address)
+    sock.settimeout(10.0)
+    sock.sendall(wire.pack_handshake(os.urandom(16), 0, 1, acknowledged=True))
+    assert wire.parse_welcome(sock.recv(wire.WELCOME.size, socket.MSG_WAITALL)) == 0
+
+    def data(mid: int) -> bytes:
+        return wire.pack_data_header(mid, 0, 1, 2, b"m%d" % mid) + b"m%d" % mid
+
+    # Not delivered yet when the PING is read (it comes in the same write).
+    sock.sendall(data(0) + data(1) + wire.pack_ping(7))
+    frames = _answers(sock)
+    assert wire.parse_ping(frames[wire.FRAME_PONG], wire.FRAME_PONG) == 7
+    assert wire.parse_ack(frames[wire.FRAME_ACK]) == 1
+    # Delivered already, its ACK an hour away, when the PING comes.
+    sock.sendall(data(2))
+    assert receiver.wait_delivered(3, 10.0)
+    sock.sendall(wire.pack_ping(8))
+    frames = _answers(sock)
+    assert wire.parse_ping(frames[wire.FRAME_PONG], wire.FRAME_PONG) == 8
+    assert wire.parse_ack(frames[wire.FRAME_ACK]) == 2
+    assert inbox.messages == [b"m0", b"m1", b"m2"]

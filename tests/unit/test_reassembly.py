@@ -794,3 +794,42 @@ def test_frames_of_later_messages_stop_at_the_budget() -> None:
     empties = Reassembly(1, max_buffered=100 * FRAME_OVERHEAD)
     flood = [whole(mid, b"") for mid in range(1, 1000)]  # empty messages cost their overhead
     assert empties.push(0, flood) == 100
+
+
+def test_a_nudge_wakes_the_delivery_thread_with_nothing_ready() -> None:
+    # A PING asked for an ACK: delivery must decide on it now, not at its ACK delay.
+    reassembly = roomy()
+    thread, outcome = asleep_in_take(reassembly)
+    reassembly.nudge()
+    thread.join(5.0)
+    assert not thread.is_alive()
+    assert outcome == [[]]
+
+
+def test_a_nudge_while_delivery_is_busy_makes_its_next_take_return_at_once() -> None:
+    # The ACK was asked for while the delivery thread was handing messages on: its next
+    # take() must not sleep (a minute, were that its ACK delay) before deciding.
+    reassembly = roomy()
+    reassembly.nudge()
+    thread, outcome = in_thread(lambda: reassembly.take(None))
+    thread.join(5.0)
+    assert not thread.is_alive(), "take() slept through the nudge"
+    assert outcome == [[]]
+    assert reassembly.take(0) == []  # the nudge is spent: this one timed out
+
+
+def test_what_is_ready_comes_before_a_nudge() -> None:
+    reassembly = roomy()
+    assert reassembly.push(0, [whole(0)]) == 1
+    reassembly.nudge()
+    batch = reassembly.take(0)
+    assert batch is not None and ids(batch) == [0]
+    assert reassembly.take(None) == []  # then the nudge, still pending
+
+
+def test_last_id_is_the_highest_message_id_read_on_a_stream() -> None:
+    reassembly = Reassembly(2, max_buffered=1 << 20, first_id=5)
+    assert reassembly.last_id(0) == reassembly.last_id(1) == 5
+    assert reassembly.push(0, [whole(5), whole(7)]) == 2
+    assert reassembly.push(1, [whole(6)]) == 1
+    assert (reassembly.last_id(0), reassembly.last_id(1)) == (7, 6)

@@ -335,3 +335,45 @@ def test_a_waiter_behind_the_head_gives_up_at_its_deadline_without_disturbing_th
     _drain(stream)
     a.join(FAR)
     assert a_out == [0] and session.next_id == 1 and session.broken is None
+
+
+def _pings(stream: _Stream) -> list[int]:
+    """Where PING frames sit in ``stream``'s outbox (DATA frames are longer)."""
+    return [
+        at
+        for at, frame in enumerate(stream.outbox)
+        if isinstance(frame, bytes) and wire.parse_prefix(frame[:8])[0] == wire.FRAME_PING
+    ]
+
+
+def test_flush_asks_for_an_ack_with_a_ping_behind_the_last_message_unless_it_asked() -> None:
+    pairs = [socket.socketpair() for _ in range(2)]
+    window = Window(16, 1 << 20)
+    session = _Session(
+        ("127.0.0.1", 9),
+        [(ours, None) for ours, _ in pairs],
+        session_id=bytes(16),
+        send_timeout=5.0,
+        acknowledged=True,
+        checksum=True,
+        keepalive_interval=None,
+        keepalive_timeout=5.0,
+        window=window,
+    )
+    first, second = session.streams
+    try:
+        assert session.send_small(b"a", 1, True) == 0  # into an empty window: it asks itself
+        assert wire.parse_prefix(first.outbox[0][:8])[1] & wire.FLAG_ACK_NOW  # type: ignore[index]
+        session.ask_for_ack()
+        assert _pings(first) == _pings(second) == []
+        assert session.send_small(b"b", 1, True) == 1  # behind "a": it does not ask
+        assert not wire.parse_prefix(second.outbox[0][:8])[1] & wire.FLAG_ACK_NOW  # type: ignore[index]
+        session.ask_for_ack()
+        assert _pings(first) == [] and _pings(second) == [1]  # behind "b", on its stream
+        window.ack(1)
+        session.ask_for_ack()  # nothing unacknowledged: nothing to ask for
+        assert _pings(first) == [] and _pings(second) == [1]
+    finally:
+        for pair in pairs:
+            for sock in pair:
+                sock.close()

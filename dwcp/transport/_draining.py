@@ -1,0 +1,123 @@
+"""Draining: waiting until what a session queued is written and, acknowledged, confirmed.
+
+``Draining`` is the part of the session (``_session.Session``) that ``flush()``,
+``send(wait=True)`` and ``close()`` wait in: every queued frame in the kernel (``flush``), one
+message confirmed (``wait_acked``), everything written and confirmed while that progresses
+(``linger``), and the PING that asks for an immediate ACK (``ask_for_ack``, see
+docs/wire-format.md).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from dwcp._errors import TransportError
+from dwcp.transport import wire
+from dwcp.transport._admission import Admission
+from dwcp.transport._sending import ANSWER_SIZE
+
+__all__ = ["Draining"]
+
+_monotonic = time.monotonic
+
+
+class Draining(Admission):
+    """The waits for what a session sent; ``Session`` sets the attributes annotated here."""
+
+    close_timeout: float
+    count: int
+    asked: int
+    _order: threading.Lock
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every queued frame is in the kernel; False if ``timeout`` passed first
+        (or the session broke, which drops what was queued)."""
+        deadline = _monotonic() + timeout
+        for stream in self.streams:
+            with stream.drained:
+                stream.waiting += 1
+                try:
+                    while stream.outbox or stream.busy:
+                        left = deadline - _monotonic()
+                        if left <= 0 or self.broken is not None:
+                            return False
+                        stream.drained.wait(left)
+                finally:
+                    stream.waiting -= 1
+        return self.broken is None
+
+    def ask_for_ack(self) -> None:
+        """Acknowledged: ask the receiver to acknowledge every message sent so far as soon
+        as it is delivered, instead of after its ACK delay (``flush()``): a PING behind the
+        last one, on the stream that carried it (its first chunk), unless that one is
+        acknowledged already or asked for its ACK itself (sent into an empty window)."""
+        window = self.window
+        assert window is not None
+        # Under the order lock: the last message's frames are queued, so the PING goes
+        # behind them.
+        with self._order:
+            last = window.last
+            if last == window.acked or last == self.asked:
+                return
+            ping = wire.pack_ping(int(_monotonic() * 1000))
+            self.streams[last % self.count].put((ping,), ANSWER_SIZE, None)
+
+    def wait_acked(self, message_id: int, deadline: float) -> None:
+        """Wait until the receiver acknowledged ``message_id``; TransportError (code
+        ``UNCONFIRMED``: sent, kept in the window, not confirmed yet) when the deadline
+        passes or the session ends first."""
+        window = self.window
+        assert window is not None
+        if window.wait_acked(message_id, deadline, self.ended):
+            return
+        if self.broken is not None:
+            raise TransportError(
+                f"transport broken: {self.broken}; message {message_id} is kept and resent "
+                "after a restart",
+                code="UNCONFIRMED",
+            )
+        if self.closing:
+            raise TransportError(
+                "transport closed before the acknowledgement came", code="UNCONFIRMED"
+            )
+        raise TransportError(
+            f"no acknowledgement for message {message_id} in time; it is kept and resent "
+            "after a restart",
+            code="UNCONFIRMED",
+        )
+
+    def linger(self) -> None:
+        """Wait for what is queued to be written and, acknowledged, confirmed, for as long as
+        writes or acknowledgements progress: give up once none came for ``close_timeout``.
+
+        A slow receiver still gets everything; a silent one holds ``close()`` for
+        ``close_timeout``, not ``send_timeout``. A writer that has not yet begun what is
+        queued (a busy machine runs it late) is waited for, up to ``send_timeout``.
+        """
+        window = self.window
+        wait = self.close_timeout
+        began = _monotonic()
+        latest = began + max(self.send_timeout, wait)
+
+        def last_progress() -> float:
+            # When a write or an acknowledgement last made progress (or close() began).
+            moved = max(s.progress for s in self.streams)
+            if window is not None:
+                moved = max(moved, window.since)
+            return max(moved, began)
+
+        while True:  # bounded: each round ends at a deadline only progress moves
+            now = _monotonic()
+            deadline = last_progress() + wait
+            if now >= deadline:
+                late = any(s.outbox and not s.busy for s in self.streams)
+                if not late or now >= latest:
+                    return
+                deadline = min(now + wait, latest)
+            if self.flush(deadline - now) and (
+                window is None or window.wait_acked(window.last, deadline, self.ended)
+            ):
+                return
+            if self.ended():
+                return
