@@ -14,6 +14,8 @@ from datetime import timedelta
 from urllib.parse import urlsplit
 
 __all__ = [
+    "DAY",
+    "WEEK",
     "WIRE_SECONDS_MAX",
     "congestion_control",
     "count",
@@ -28,6 +30,14 @@ __all__ = [
     "url_host",
     "wire_seconds",
 ]
+
+
+#: One day and one week, in seconds: the longest ``Manager`` durations (a pass's interval and
+#: check timeout at most a day, as a cluster member's interval; the others at most a week), so
+#: that every deadline derived from them (a join, a detector's pause) stays one a thread can
+#: wait for.
+DAY = 86400.0
+WEEK = 7 * DAY
 
 
 def _as_seconds(name: str, value: object) -> float:
