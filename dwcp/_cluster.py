@@ -372,22 +372,27 @@ class ClusterMember(StartStop):
         deadline = time.monotonic() + wait
         with self._lock:
             thread, self._thread = self._thread, None
-            starting = self._starting
+            starting, last = self._starting, self._last_thread
             own = thread is not None and thread is threading.current_thread()
             if own:
                 self._close_on_exit = self._owns_client
         if thread is not None:
             self._stop.set()
             self._wake.set()
-            # A start() still at its Redis check has not started the thread, and now never
-            # will (it checks under the lock); its check ends within the socket timeouts.
-            if starting is not None:
-                starting.wait(max(deadline - time.monotonic(), 0.0))
-            if own:
-                return  # _run says goodbye and closes the client once the callback returns
-            if thread.ident is not None:
-                thread.join(max(deadline - time.monotonic(), 0.0))
-            if thread.is_alive():
+        # A start() still at its Redis check has not started the thread, and now never will
+        # (it checks under the lock); its check ends within the socket timeouts.
+        if starting is not None:
+            starting.wait(max(deadline - time.monotonic(), 0.0))
+        if own:
+            return  # _run says goodbye and closes the client once the callback returns
+        # The thread this call stopped, or (a second close() while the first still joins,
+        # or one after a close() from the callback) the one still saying goodbye: the
+        # client is closed only once it is done with it.
+        ending = thread if thread is not None else last
+        if ending is not None and ending is not threading.current_thread():
+            if ending.ident is not None:
+                ending.join(max(deadline - time.monotonic(), 0.0))
+            if ending.is_alive():
                 logger.bind(node=self._node_id).warning("Cluster thread did not stop in time")
         if self._owns_client:
             self._client.close()
@@ -409,7 +414,10 @@ class ClusterMember(StartStop):
                 self._pass()
             except Exception as exc:  # noqa: BLE001 - the watcher outlives any bug in a pass
                 logger.opt(exception=exc).error("Cluster pass failed")
-        self._goodbye()
+        try:
+            self._goodbye()
+        except Exception as exc:  # noqa: BLE001 - the thread's boundary: logged, never raised
+            self._failed(exc)
         with self._lock:
             close, self._close_on_exit = self._close_on_exit, False
         if close:  # close() came from this thread's own callback: it left the client to us

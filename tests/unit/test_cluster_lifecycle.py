@@ -86,3 +86,54 @@ def test_a_check_cut_by_close_past_its_timeout_is_logged_not_raised() -> None:
     assert outcome == ["ok"], outcome  # redis-py's AttributeError did not escape start()
     assert member.last_error is not None and "AttributeError" in member.last_error
     assert not any(t.name == "dwcp-cluster" for t in threading.enumerate())
+
+
+class _HeldGoodbye:
+    """A Redis client whose goodbye publish is held until a second close() has begun (the
+    member's stop event is set and ``second`` is); a close of the client during the publish
+    fails it as redis-py does."""
+
+    def __init__(self) -> None:
+        self.in_goodbye = threading.Event()
+        self.second = threading.Event()
+        self.closed = threading.Event()
+        self.closed_during_goodbye = False
+
+    def ping(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.closed.set()
+
+    def register_script(self, script: str) -> Any:
+        def publish(**kw: Any) -> list[object]:
+            self.in_goodbye.set()
+            assert self.second.wait(10), "the second close() never began"
+            if self.closed.wait(0.5):
+                self.closed_during_goodbye = True
+                raise AttributeError("'NoneType' object has no attribute 'readline'")
+            return [1, "", 0]
+
+        return publish
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("get", "set", "incr", "setnx", "transaction", "eval", "pipeline", "mget"):
+            return lambda *a, **kw: None
+        raise AttributeError(name)
+
+
+def test_a_second_close_waits_for_the_goodbye_before_closing_the_client() -> None:
+    client = _HeldGoodbye()
+    member = ClusterMember(client, "leaver", interval=0.05, watch=False)
+    member._owns_client = True  # a URL-made member closes its client in close()
+    member.start()
+    first = threading.Thread(target=member.close)
+    first.start()
+    assert client.in_goodbye.wait(10)
+    client.second.set()
+    member.close()  # before: closed the client at once, under the goodbye's publish
+    first.join(10)
+    assert not first.is_alive()
+    assert not client.closed_during_goodbye
+    assert client.closed.is_set()
+    assert not any(t.name == "dwcp-cluster" for t in threading.enumerate())
