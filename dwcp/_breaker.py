@@ -257,7 +257,8 @@ class Breaker:
             return cls(name=name, **options)
         from dwcp._shared import FailoverStorage, connect
 
-        return cls(name=name, storage=FailoverStorage(connect(storage), name), **options)
+        shared = FailoverStorage(connect(storage), name, owns_client=isinstance(storage, str))
+        return cls(name=name, storage=shared, **options)
 
     # -- the guarded path -------------------------------------------------------------------
 

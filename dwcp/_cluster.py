@@ -207,6 +207,12 @@ class ClusterMember(StartStop):
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # The thread of the last start() (joined by the next start() when a close() from
+        # its own callback could not join it), the latest start's end of its Redis check,
+        # and whether the thread closes the client on its way out (closed from itself).
+        self._last_thread: threading.Thread | None = None
+        self._starting: threading.Event | None = None
+        self._close_on_exit = False
         self._pending: dict[str, Any] | None = None
         self._seq = 0
         self._view = ClusterView(MappingProxyType({}), True, "not read yet", 0.0, self._namespace)
@@ -280,26 +286,48 @@ class ClusterMember(StartStop):
         """Check Redis once (a failure is logged, not raised) and start the thread.
 
         Raises ``DWCPError`` with code ``ALREADY_STARTED`` when it runs already (started and
-        not closed since); a closed member may be started again.
+        not closed since); a closed member may be started again.  A ``close()`` from another
+        thread while this checks Redis waits for the check to end, and the thread then never
+        starts.  After a ``close()`` called from the member's own thread (an ``on_event``
+        callback), this first waits up to 5 s for that thread to say goodbye and end
+        (``DWCPError``, ``STILL_STOPPING``, if it has not).
         """
+        previous = self._last_thread
+        if previous is not None and previous is not threading.current_thread():
+            previous.join(5.0)  # a close() from the callback did not join it
         with self._lock:
             if self._thread is not None:
                 raise DWCPError("cluster member is already started", code="ALREADY_STARTED")
+            if previous is not None and previous.is_alive():
+                raise DWCPError(
+                    "the cluster thread closed from its own callback has not ended yet",
+                    code="STILL_STOPPING",
+                )
             self._stop.clear()
             thread = threading.Thread(target=self._run, name=_THREAD_NAME, daemon=True)
             self._thread = thread
+            self._starting = checked = threading.Event()
+        try:
+            self._check()
+        finally:
+            checked.set()
+        with self._lock:
+            if self._thread is not thread:  # close() came during the check: stay closed
+                return
+            thread.start()
+            self._last_thread = thread
+
+    def _check(self) -> None:
+        """The start's one look at Redis (the boundary of ``start()``: whatever the client
+        raises is logged and makes the view stale, never raised)."""
         try:
             self._client.ping()
-        except self._errors as exc:
+        except Exception as exc:  # noqa: BLE001 - start() logs a failed check, never raises
             self._failed(exc)
         else:
             self._load_histories()
         if self._failing:
             self._load_histories(failed=True)
-        with self._lock:
-            if self._thread is not thread:  # close() came during the PING: stay closed
-                return
-            thread.start()
 
     def publish(self, snapshot: HealthSnapshot | Mapping[str, Any]) -> None:
         """Hand the thread a snapshot to publish with the next heartbeat (no I/O here).
@@ -332,18 +360,39 @@ class ClusterMember(StartStop):
 
     def close(self, timeout: float | timedelta = 5.0) -> None:
         """Say goodbye (the node is listed as ``left``), stop the thread and join it, waiting
-        up to ``timeout`` (seconds or a ``timedelta``) for it."""
+        up to ``timeout`` (seconds or a ``timedelta``) for it.
+
+        During a ``start()`` on another thread, it first waits (within ``timeout``) for the
+        start's Redis check to end; that start then returns without starting the thread.
+        Called from the member's own thread (an ``on_event`` callback), it does not join
+        that thread: the thread says goodbye, closes the connection and ends once the
+        callback returns.
+        """
         wait = check.seconds("timeout", timeout, allow_zero=True)
+        deadline = time.monotonic() + wait
         with self._lock:
             thread, self._thread = self._thread, None
+            starting, last = self._starting, self._last_thread
+            own = thread is not None and thread is threading.current_thread()
+            if own:
+                self._close_on_exit = self._owns_client
         if thread is not None:
             self._stop.set()
             self._wake.set()
-            # A start() still at its first PING has not started the thread, and now never
-            # will (it checks under the lock).
-            if thread.ident is not None:
-                thread.join(wait)
-            if thread.is_alive():
+        # A start() still at its Redis check has not started the thread, and now never will
+        # (it checks under the lock); its check ends within the socket timeouts.
+        if starting is not None:
+            starting.wait(max(deadline - time.monotonic(), 0.0))
+        if own:
+            return  # _run says goodbye and closes the client once the callback returns
+        # The thread this call stopped, or (a second close() while the first still joins,
+        # or one after a close() from the callback) the one still saying goodbye: the
+        # client is closed only once it is done with it.
+        ending = thread if thread is not None else last
+        if ending is not None and ending is not threading.current_thread():
+            if ending.ident is not None:
+                ending.join(max(deadline - time.monotonic(), 0.0))
+            if ending.is_alive():
                 logger.bind(node=self._node_id).warning("Cluster thread did not stop in time")
         if self._owns_client:
             self._client.close()
@@ -365,7 +414,14 @@ class ClusterMember(StartStop):
                 self._pass()
             except Exception as exc:  # noqa: BLE001 - the watcher outlives any bug in a pass
                 logger.opt(exception=exc).error("Cluster pass failed")
-        self._goodbye()
+        try:
+            self._goodbye()
+        except Exception as exc:  # noqa: BLE001 - the thread's boundary: logged, never raised
+            self._failed(exc)
+        with self._lock:
+            close, self._close_on_exit = self._close_on_exit, False
+        if close:  # close() came from this thread's own callback: it left the client to us
+            self._client.close()
 
     def _pass(self) -> None:
         self._load_histories()

@@ -110,7 +110,9 @@ class Manager(GuardedCalls, DeliveryCalls, StartStop):
         self._clock: Clock = clock or SystemClock()
         default = RecoveryPolicy(
             attempts=check.count("max_retries", max_retries),
-            initial_backoff=check.seconds("initial_backoff", initial_backoff, allow_zero=True),
+            initial_backoff=check.seconds(
+                "initial_backoff", initial_backoff, allow_zero=True, maximum=check.WEEK
+            ),
         )
         slots = build_slots(transport, (compression, prediction, sync, consensus), layers)
         chosen = policies(recovery, slots, default)
@@ -126,8 +128,8 @@ class Manager(GuardedCalls, DeliveryCalls, StartStop):
             self._lock,
             self._counters,
             self._latency,
-            interval=check.seconds("health_interval", health_interval),
-            timeout=check.seconds("health_check_timeout", health_check_timeout),
+            interval=check.seconds("health_interval", health_interval, maximum=check.DAY),
+            timeout=check.seconds("health_check_timeout", health_check_timeout, maximum=check.DAY),
             clock=self._clock,
         )
         self._events = _Dispatcher(manager=self._name, peer=peer_of(transport))
@@ -135,7 +137,7 @@ class Manager(GuardedCalls, DeliveryCalls, StartStop):
             breaker_storage,
             self._name,
             max_failures=check.count("max_failures", max_failures),
-            reset_timeout=check.seconds("reset_timeout", reset_timeout),
+            reset_timeout=check.seconds("reset_timeout", reset_timeout, maximum=check.WEEK),
             on_transition=self._events.breaker_changed,
         )
         self._supervisor = Supervisor(
@@ -178,8 +180,10 @@ class Manager(GuardedCalls, DeliveryCalls, StartStop):
             lambda: self._breaker.state,
             transport,
             budget=check.count("delivery_buffer_bytes", delivery_buffer_bytes),
-            timeout=check.seconds("delivery_timeout", delivery_timeout),
-            max_block=check.seconds("delivery_max_block", delivery_max_block, allow_zero=True),
+            timeout=check.seconds("delivery_timeout", delivery_timeout, maximum=check.WEEK),
+            max_block=check.seconds(
+                "delivery_max_block", delivery_max_block, allow_zero=True, maximum=check.WEEK
+            ),
             name=self._name,
         )
         self._health_server = None
@@ -292,7 +296,7 @@ class Manager(GuardedCalls, DeliveryCalls, StartStop):
         ``health_check_timeout + 1 s``."""
         with self._lock:
             leftovers = [t for t in self._supervisor.threads() if t.is_alive()]
-        deadline = time.monotonic() + self._monitor.timeout + 1.0
+        deadline = self._join_deadline()
         for thread in leftovers:
             thread.join(max(deadline - time.monotonic(), 0.0))
         hung = [t.name for t in leftovers if t.is_alive()]
@@ -302,6 +306,11 @@ class Manager(GuardedCalls, DeliveryCalls, StartStop):
                 "start() again once it returns",
                 code="STILL_STOPPING",
             )
+
+    def _join_deadline(self) -> float:
+        """The monotonic deadline of a stop's joins: ``health_check_timeout + 1 s`` from now,
+        never further than a thread can wait (the validator bounds the timeout already)."""
+        return time.monotonic() + min(self._monitor.timeout + 1.0, threading.TIMEOUT_MAX / 2)
 
     def _start_components(self) -> dict[str, DWCPError]:
         """Start the server and each component; those that fail (and may not) are returned."""
@@ -345,14 +354,14 @@ class Manager(GuardedCalls, DeliveryCalls, StartStop):
         # Whatever fails below, the manager ends idle: a stop never leaves it "stopping".
         try:
             # Joined without the lock: these threads take it on their way out.
-            self._supervisor.join(threads, cycles, time.monotonic() + self._monitor.timeout + 1.0)
+            self._supervisor.join(threads, cycles, self._join_deadline())
             for state in reversed(list(self._states.values())):
                 state.slot.shutdown()
             # After the transport's close, which waits for outstanding confirmations and ends
             # a blocked send: what is still unconfirmed then fails (STOPPED). Its thread has the
             # same allowance as the others, from here.
             self._outbox.close()
-            self._outbox.join(time.monotonic() + self._monitor.timeout + 1.0)
+            self._outbox.join(self._join_deadline())
             if self._health_server is not None:
                 self._health_server.stop()
             self._breaker.close()

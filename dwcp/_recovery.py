@@ -127,8 +127,15 @@ class RecoveryPolicy:
         return float(min(self.initial_backoff, self.max_backoff)) + jitter
 
     def backoff(self, attempt: int) -> float:
-        """The wait before attempt ``attempt`` (0-based), without jitter."""
-        return float(min(self.initial_backoff * self.multiplier**attempt, self.max_backoff))
+        """The wait before attempt ``attempt`` (0-based), without jitter: ``initial_backoff *
+        multiplier ** attempt``, saturating at ``max_backoff`` (however large the power)."""
+        if self.initial_backoff == 0:
+            return 0.0
+        try:
+            wait = self.initial_backoff * self.multiplier**attempt
+        except OverflowError:  # a float power past 1.8e308 (multiplier=1e300, say): capped
+            return float(self.max_backoff)
+        return float(min(wait, self.max_backoff))
 
 
 _ADAPTIVE_CAP = 60.0

@@ -175,9 +175,13 @@ class FailoverStorage(pybreaker.CircuitBreakerStorage):
         *,
         retry_interval: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        owns_client: bool = False,
     ) -> None:
         super().__init__("failover")
         self._client = client
+        # Made from a URL by us: close() gives its idle connections back (a client passed
+        # in is the caller's to close).
+        self._owns_client = owns_client
         self._name = name
         self._retry_interval = retry_interval
         self._clock = clock
@@ -481,7 +485,8 @@ class FailoverStorage(pybreaker.CircuitBreakerStorage):
             self._watcher.start()
 
     def close(self, timeout: float = 2.0) -> None:
-        """Stop and join the change subscriber, if one runs; idempotent."""
+        """Stop and join the change subscriber, if one runs, and close the idle connections
+        of a client made from a URL (the next use opens one again); idempotent."""
         with self._lock:
             watcher, self._watcher = self._watcher, None
             self._watch_stop.set()
@@ -489,6 +494,12 @@ class FailoverStorage(pybreaker.CircuitBreakerStorage):
             watcher.join(timeout)
             if watcher.is_alive():
                 logger.bind(breaker=self._name).warning("Breaker change subscriber did not stop")
+        pool = getattr(self._client, "connection_pool", None) if self._owns_client else None
+        if pool is not None:
+            # Only the idle ones: a call still running on another thread keeps its connection
+            # (closing it under the call would fail it with a bare AttributeError), and
+            # gives it back to the pool. The next use connects again.
+            pool.disconnect(inuse_connections=False)
 
     def _notify(self) -> None:
         for callback in self._callbacks:

@@ -14,6 +14,8 @@ from datetime import timedelta
 from urllib.parse import urlsplit
 
 __all__ = [
+    "DAY",
+    "WEEK",
     "WIRE_SECONDS_MAX",
     "congestion_control",
     "count",
@@ -28,6 +30,14 @@ __all__ = [
     "url_host",
     "wire_seconds",
 ]
+
+
+#: One day and one week, in seconds: the longest ``Manager`` durations (a pass's interval and
+#: check timeout at most a day, as a cluster member's interval; the others at most a week), so
+#: that every deadline derived from them (a join, a detector's pause) stays one a thread can
+#: wait for.
+DAY = 86400.0
+WEEK = 7 * DAY
 
 
 def _as_seconds(name: str, value: object) -> float:
@@ -215,7 +225,10 @@ def wire_seconds(name: str, value: object) -> float:
 
 def host_name(param: str, host: str) -> str:
     """``host`` if a resolver can be asked for it: the socket module encodes a host name
-    with IDNA, which refuses some (an empty or over-63-character label, say)."""
+    with IDNA, which refuses some (an empty or over-63-character label, say), and refuses a
+    NUL character with a bare ``TypeError`` at the first ``bind``/``connect``."""
+    if "\x00" in host:
+        raise ValueError(f"{param} {host!r} is not a valid host name: it contains a NUL character")
     try:
         host.encode("idna")
     except UnicodeError as exc:
@@ -224,12 +237,14 @@ def host_name(param: str, host: str) -> str:
 
 
 def url_host(param: str, url: str) -> str:
-    """``url`` if the host it names (if any: a ``unix://`` URL has none) can be resolved, as
-    ``host_name`` checks; else a ``ValueError`` naming ``param``, at construction rather
-    than as a ``UnicodeError`` on the first connection."""
+    """``url`` if it parses, its port (if any) is from 0 to 65535 and the host it names (if
+    any: a ``unix://`` URL has none) can be resolved, as ``host_name`` checks; else a
+    ``ValueError`` naming ``param``, at construction rather than at the first connection."""
     try:
-        host = urlsplit(url).hostname
-    except ValueError as exc:  # an unbalanced "[" of an IPv6 literal, say
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 - parsed for its ValueError ("Port out of range 0-65535")
+    except ValueError as exc:  # an unbalanced "[" of an IPv6 literal, a port 99999, say
         raise ValueError(f"{param} {url!r} is not a valid URL: {exc}") from exc
     if host:
         host_name(f"{param} host", host)

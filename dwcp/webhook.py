@@ -237,7 +237,15 @@ def sign(secret: str | bytes, timestamp: str, body: bytes) -> str:
 def _kinds(events: Iterable[str]) -> frozenset[str]:
     if isinstance(events, str):
         raise TypeError("events must be a collection of event names, not a single str")
-    kinds = frozenset(events)
+    try:
+        kinds = frozenset(events)
+    except TypeError as exc:  # None, 5, a list of lists: not an iterable of names
+        raise TypeError(
+            f"events must be a collection of event names, got {type(events).__name__}"
+        ) from exc
+    wrong = sorted({type(k).__name__ for k in kinds if not isinstance(k, str)})
+    if wrong:
+        raise TypeError(f"events must be a collection of event names (str), got {', '.join(wrong)}")
     unknown = sorted(k for k in kinds if k not in EVENT_KINDS)
     if unknown or not kinds:
         what = f"unknown event name(s) {', '.join(map(repr, unknown))}" if unknown else "no events"
@@ -248,10 +256,11 @@ def _kinds(events: Iterable[str]) -> frozenset[str]:
 def _checked_url(url: str) -> str:
     if not isinstance(url, str):
         raise TypeError(f"url must be a str, got {type(url).__name__}")
+    check.url_host("url", url)  # first: urlsplit() raises on an unbalanced "[" (naming nothing)
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(f"url must be an absolute http:// or https:// URL, got {url!r}")
-    return check.url_host("url", url)
+    return url
 
 
 @dataclass(eq=False)

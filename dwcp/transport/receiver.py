@@ -196,9 +196,16 @@ class MultiStreamReceiver(StartStop):
         with self._lock:
             return len(self._table.sessions)
 
-    def wait_delivered(self, count: int, timeout: float) -> bool:
-        """Wait until ``delivered_count >= count``; return False if ``timeout`` passes first."""
-        return self._delivery.wait(count, timeout)
+    def wait_delivered(self, count: int, timeout: float | timedelta) -> bool:
+        """Wait until ``delivered_count >= count``; return False if ``timeout`` passes first.
+
+        ``count`` is an int of at least 0; ``timeout`` seconds or a ``timedelta``, finite and
+        at least 0 (there is no "wait forever": ``None`` is refused). A wrong type is a
+        ``TypeError``, a wrong value a ``ValueError``, each naming the parameter.
+        """
+        wanted = check.count("count", count, minimum=0)
+        wait = check.seconds("timeout", timeout, allow_zero=True)
+        return self._delivery.wait(wanted, wait)
 
     def __repr__(self) -> str:
         if self._bound is None:

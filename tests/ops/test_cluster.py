@@ -662,3 +662,90 @@ def test_a_manager_announcing_an_interval_past_the_maximum_is_refused(
 ) -> None:
     with pytest.raises(ValueError, match="health_interval \\+ health_check_timeout"):
         dwcp.Manager(FakeTransport(), cluster=redis_server.url, health_interval=86400)
+
+
+def _close_on_first_loss(
+    close: Callable[[], None],
+) -> tuple[Callable[[object], None], dict[str, Any]]:
+    """An on_event callback that calls ``close()`` on the first ``NodeLost`` and records
+    the thread it ran on and what the call did."""
+    seen: dict[str, Any] = {"done": threading.Event()}
+
+    def on_event(event: object) -> None:
+        if not isinstance(event, dwcp.NodeLost) or seen["done"].is_set():
+            return
+        seen["thread"] = threading.current_thread().name
+        try:
+            close()
+            seen["close"] = "ok"
+        except Exception as exc:  # noqa: BLE001 - the test reports what escaped
+            seen["close"] = f"{type(exc).__name__}: {exc}"
+        seen["done"].set()
+
+    return on_event, seen
+
+
+def _no_thread_named(name: str) -> bool:
+    return not any(t.name == name for t in threading.enumerate())
+
+
+def test_close_from_the_members_own_callback_ends_its_thread_and_it_starts_again(
+    redis_server: RedisServer, heartbeats: Callable[..., Heartbeat]
+) -> None:
+    holder: list[ClusterMember] = []
+    on_event, seen = _close_on_first_loss(lambda: holder[0].close())
+    watcher = ClusterMember(redis_server.url, "watcher", interval=0.1, on_event=on_event)
+    holder.append(watcher)
+    leaver = ClusterMember(redis_server.url, "leaver", interval=0.1, watch=False)
+    watcher.start()
+    leaver.start()
+    try:
+        beat = heartbeats(leaver)
+        heartbeats(watcher)
+        wait_until(lambda: "leaver" in watcher.view().nodes)
+        beat.stop()
+        leaver.close()
+        assert seen["done"].wait(10)
+        assert seen["thread"] == "dwcp-cluster"
+        assert seen["close"] == "ok"  # not "RuntimeError: cannot join current thread"
+        wait_until(lambda: _no_thread_named("dwcp-cluster"))
+        # It said goodbye on its way out, and starts again.
+        wait_until(lambda: cluster_health(redis_server.url).nodes["watcher"].state == "left")
+        watcher.start()
+        watcher.publish({"status": "healthy"})
+        wait_until(lambda: cluster_health(redis_server.url).nodes["watcher"].state == "alive")
+    finally:
+        watcher.close()
+        leaver.close()
+    assert _no_thread_named("dwcp-cluster")
+
+
+def test_manager_stop_from_its_cluster_members_callback_stops_it_without_leaking_threads(
+    redis_server: RedisServer,
+) -> None:
+    holder: list[dwcp.Manager] = []
+    on_event, seen = _close_on_first_loss(lambda: holder[0].stop())
+    member = ClusterMember(redis_server.url, "A", interval=0.1, on_event=on_event)
+    manager = dwcp.Manager(cluster=member, health_interval=0.05, health_check_timeout=0.05)
+    holder.append(manager)
+    other = dwcp.Manager(
+        cluster=ClusterMember(redis_server.url, "B", interval=0.1, watch=False),
+        health_interval=0.05,
+        health_check_timeout=0.05,
+    )
+    manager.start()
+    other.start()
+    try:
+        wait_until(lambda: "B" in member.view().nodes and member.view().nodes["B"].alive)
+        other.stop()
+        assert seen["done"].wait(10)
+        assert seen["thread"] == "dwcp-cluster"
+        assert seen["close"] == "ok"  # not "RuntimeError: cannot join current thread"
+        assert not manager.is_started
+        wait_until(lambda: not [t for t in threading.enumerate() if t.name.startswith("dwcp")])
+        manager.start()  # and it starts again (waiting for the member's thread to end)
+        assert manager.is_started
+    finally:
+        manager.stop()
+        other.stop()
+    assert not [t for t in threading.enumerate() if t.name.startswith("dwcp-")]

@@ -849,3 +849,31 @@ def test_a_trial_claimed_right_after_a_redis_blip_is_decided_in_redis(
     assert first.claim_trial(now - 1000, now + 60_000) == "granted"
     assert second.claim_trial(now - 1000, now + 60_000) == "taken"
     assert first.shared and second.shared
+
+
+def _other_clients(redis_server: RedisServer) -> int:
+    """Connections the server has, but the one asking."""
+    import redis
+
+    admin = redis.Redis.from_url(redis_server.url, socket_timeout=2)
+    try:
+        me = admin.client_id()
+        return sum(1 for c in admin.client_list() if int(c["id"]) != me)
+    finally:
+        admin.close()
+
+
+def test_stop_gives_back_the_redis_connections_it_opened_and_start_opens_them_again(
+    redis_server: RedisServer,
+) -> None:
+    manager = dwcp.Manager(
+        FakeTransport(), breaker_storage=redis_server.url, breaker_name="fd-after-stop"
+    )
+    for _ in range(2):
+        manager.start()
+        assert manager.call(lambda: 1) == 1
+        wait_until(lambda: _other_clients(redis_server) >= 1)
+        manager.stop()
+        # Before: the pool's idle connection stayed open until the manager was collected.
+        wait_until(lambda: _other_clients(redis_server) == 0)
+    assert manager.circuit_breaker_state == "closed"  # read through Redis again, lazily

@@ -53,6 +53,8 @@ DURATIONS: list[tuple[Factory, str, bool]] = [
     (_manager, "health_check_timeout", False),
     (_manager, "initial_backoff", True),
     (_manager, "reset_timeout", False),
+    (_manager, "delivery_timeout", False),
+    (_manager, "delivery_max_block", True),
     (_policy, "initial_backoff", True),
     (_policy, "jitter", True),
     (_policy, "cycle_window", False),
@@ -106,3 +108,41 @@ def test_a_duration_of_the_wrong_type_is_a_type_error_naming_it(
         pytest.skip("None turns the keepalive off")
     with pytest.raises(TypeError, match=name):
         factory(name, bad)
+
+
+# Each Manager duration's documented maximum (README, "Invalid values"): one day for a pass's
+# interval and check timeout, one week for the others.
+MANAGER_MAXIMUMS = [
+    ("health_interval", 86400.0),
+    ("health_check_timeout", 86400.0),
+    ("initial_backoff", 7 * 86400.0),
+    ("reset_timeout", 7 * 86400.0),
+    ("delivery_timeout", 7 * 86400.0),
+    ("delivery_max_block", 7 * 86400.0),
+]
+
+
+@pytest.mark.parametrize(("name", "maximum"), MANAGER_MAXIMUMS)
+def test_a_manager_duration_past_its_maximum_is_a_value_error_naming_it(
+    name: str, maximum: float
+) -> None:
+    _manager(name, maximum)
+    _manager(name, timedelta(seconds=maximum))
+    for bad in (maximum * 1.001, threading.TIMEOUT_MAX / 3.1, threading.TIMEOUT_MAX):
+        with pytest.raises(ValueError, match=f"{name} must be at most"):
+            _manager(name, bad)
+
+
+def test_stop_with_the_longest_check_timeout_ends_idle_without_leaking_threads() -> None:
+    manager = dwcp.Manager(FakeTransport(), health_interval=86400, health_check_timeout=86400)
+    manager.start()
+    manager.stop()  # its joins' deadline is timeout + 1 s: a day, which a thread can wait
+    assert not manager.is_started
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("dwcp-")]
+    # And the deadline arithmetic holds regardless of the validator: a timeout it would
+    # refuse (set behind its back) makes no OverflowError and leaks no thread.
+    manager._monitor.timeout = threading.TIMEOUT_MAX
+    manager.start()
+    manager.stop()
+    assert not manager.is_started
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("dwcp-")]

@@ -52,6 +52,21 @@ def test_backoff_scales_with_initial_backoff_and_max_retries() -> None:
     assert [policy.backoff(i) for i in range(5)] == sleep.slept
 
 
+@pytest.mark.parametrize("multiplier", [1e300, 2**63], ids=["1e300", "2**63"])
+def test_a_huge_multiplier_saturates_at_max_backoff_never_overflows(multiplier: float) -> None:
+    # Before: backoff(2) raised OverflowError (the cap was applied after the power), which
+    # also ended a recovery cycle with that policy.
+    policy = RecoveryPolicy(
+        attempts=5, initial_backoff=0.01, multiplier=multiplier, max_backoff=0.05
+    )
+    assert [policy.backoff(i) for i in range(5)] == [0.01, 0.05, 0.05, 0.05, 0.05]
+    sleep = Sleeper()
+    _, action = failing(times=99)
+    run_recovery(action, lambda: None, policy, sleep=sleep)  # type: ignore[arg-type]
+    assert sleep.slept == [0.01, 0.05, 0.05, 0.05, 0.05]
+    assert RecoveryPolicy(initial_backoff=0, multiplier=multiplier).backoff(40) == 0.0
+
+
 def test_max_backoff_caps_the_wait() -> None:
     sleep = Sleeper()
     _, action = failing(times=99)
