@@ -19,6 +19,7 @@ from dwcp.transport._sending import (
     ACK_TIMEOUT_REASON,
     ANSWER_SIZE,
     Keepalive,
+    bytes_moved,
     keepalive_tick,
     next_tick,
     read_answer,
@@ -40,7 +41,8 @@ def keepalive_loop(session: Session) -> None:
 
     A busy stream is not pinged: its writes are bounded by send_timeout already. A
     receiver that is alive but not reading (backpressure) answers unprompted. The PING's
-    timeout measures a stall, not a duration (see ``Keepalive``).
+    timeout measures a stall, not a duration (see ``Keepalive``), and so does the ACK's:
+    bytes the receiver's host keeps acknowledging count as hearing from it.
     """
     interval = session.keepalive_interval
     timeout = session.keepalive_timeout
@@ -48,6 +50,9 @@ def keepalive_loop(session: Session) -> None:
     send_timeout = session.send_timeout
     tick = keepalive_tick(interval, timeout, send_timeout, window is not None)
     pings = None if interval is None else Keepalive(session.count, interval, timeout, _monotonic())
+    # Per stream, the kernel's last (acknowledged, outstanding) reading while confirmations
+    # are awaited.
+    acked: list[tuple[int, int] | None] = [None] * session.count
     try:
         while not session.stopped.wait(
             next_tick(
@@ -59,6 +64,14 @@ def keepalive_loop(session: Session) -> None:
             )
         ):
             now = _monotonic()
+            if pings is not None and window is not None and window.waiting_since() is not None:
+                # Confirmations are awaited. A message still crossing a slow link (one chunk
+                # can take minutes) cannot be confirmed yet, and its busy stream is never
+                # pinged: while the receiver's host keeps acknowledging its bytes, the link
+                # is moving and the receiver counts as heard from.
+                for stream in session.streams:
+                    if bytes_moved(acked, stream.index, tcp_progress(stream.sock)):
+                        stream.heard = now
             if window is not None and session.ack_overdue():
                 # The one place that breaks a session for missing acknowledgements.
                 session.break_(ACK_TIMEOUT_REASON.format(send_timeout), "ACK_TIMEOUT")

@@ -28,6 +28,7 @@ __all__ = [
     "Lazy",
     "ack_overdue",
     "built",
+    "bytes_moved",
     "keepalive_tick",
     "next_tick",
     "pack_head",
@@ -162,6 +163,20 @@ def ack_overdue(
     if since is None or now - since <= send_timeout:
         return False
     return life is None or now - max(since, heard) >= life
+
+
+def bytes_moved(
+    seen: list[tuple[int, int] | None], index: int, progress: tuple[int, int] | None
+) -> bool:
+    """Whether stream ``index``'s DATA is moving: its kernel reports more bytes acknowledged
+    by the receiver's host (``progress``, see ``tcp_progress``) than at the last reading
+    (kept in ``seen``; None: no reading yet, and a first reading proves nothing), and more
+    than a PING was outstanding then. Our own PINGs, acknowledged by the host of a receiver
+    that reads but never answers, are no sign of life."""
+    if progress is None:
+        return False
+    last, seen[index] = seen[index], progress
+    return last is not None and last[1] > wire.PING.size and progress[0] > last[0]
 
 
 def keepalive_tick(

@@ -108,3 +108,33 @@ def test_a_peer_that_stops_reading_mid_transfer_is_still_detected_in_time(
     assert elapsed < INTERVAL + TIMEOUT + 2 * tick + 1.5, elapsed
     with pytest.raises(TransportError, match="keepalive"):
         transport.health_check()
+
+
+@pytest.mark.timeout(90)
+def test_an_acknowledged_message_slower_than_the_ack_bound_is_confirmed_not_timed_out(
+    receiver_factory: ReceiverFactory,
+    fault_proxy: ProxyFactory,
+    transport_factory: TransportFactory,
+) -> None:
+    # Issue 24: one acknowledged stream at 1 % loss took ~45 s per 16 MiB message, no ACK
+    # can come before a message is whole, and its busy stream is never pinged: the session
+    # broke with ACK_TIMEOUT (send_timeout + keepalive bound) on a link still moving. While
+    # the receiver's host acknowledges the bytes, the receiver counts as heard from.
+    receiver, inbox = receiver_factory()
+    proxy = fault_proxy(receiver.address)
+    proxy.rate(RATE)
+    transport = transport_factory(
+        proxy.address,
+        streams=1,
+        acknowledged=True,
+        chunk_size=1 << 20,
+        keepalive_interval=INTERVAL,
+        keepalive_timeout=TIMEOUT,
+        send_timeout=1.0,  # a bound of 1 + 0.5 + 2 s, under half the message's crossing
+    )
+    transport.start()
+    message = os.urandom(768 * 1024)  # one chunk, about 7.5 s through the proxy
+    transport.send(message)
+    transport.flush(60.0)  # confirmed: the session never broke
+    assert inbox.messages == [message]
+    assert healthy(transport)

@@ -15,6 +15,7 @@ from dwcp.transport._sending import (
     Lazy,
     ack_overdue,
     built,
+    bytes_moved,
     keepalive_tick,
     next_tick,
     read_answer,
@@ -224,3 +225,17 @@ def test_once_the_bytes_before_a_ping_are_through_its_timeout_runs_from_then() -
     assert not pings.wants_progress(0)  # nothing ahead of the PING: nothing more to follow
     assert not pings.answer_overdue(0, now=22.0, sent=6.0, progress=None)
     assert pings.answer_overdue(0, now=22.01, sent=6.0, progress=None)
+
+
+def test_bytes_moved_needs_two_readings_and_more_of_our_data_acknowledged() -> None:
+    seen: list[tuple[int, int] | None] = [None, None]
+    assert not bytes_moved(seen, 0, (5000, 100_000))  # a first reading proves nothing yet
+    assert not bytes_moved(seen, 0, (5000, 100_000))  # nothing more acknowledged
+    assert bytes_moved(seen, 0, (6000, 99_000))
+    assert not bytes_moved(seen, 1, None)  # the kernel cannot tell
+    # Only PINGs outstanding (a receiver whose host takes them but never answers): their
+    # acknowledgement is no sign of life.
+    assert bytes_moved(seen, 0, (105_000, wire.PING.size))  # the last data went out
+    assert not bytes_moved(seen, 0, (105_000 + wire.PING.size, 0))
+    assert not bytes_moved(seen, 0, (105_000 + 2 * wire.PING.size, 0))
+    assert seen == [(105_000 + 2 * wire.PING.size, 0), None]
