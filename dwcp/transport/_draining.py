@@ -9,17 +9,20 @@ docs/wire-format.md).
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
 from dwcp._errors import TransportError
 from dwcp.transport import wire
 from dwcp.transport._admission import Admission
-from dwcp.transport._sending import ANSWER_SIZE
+from dwcp.transport._progress import tcp_progress
+from dwcp.transport._sending import ANSWER_SIZE, bytes_moved
 
 __all__ = ["Draining"]
 
 _monotonic = time.monotonic
+_FINISH_POLL = 0.05  # how often finish() looks at the streams' readers and progress
 
 
 class Draining(Admission):
@@ -27,6 +30,9 @@ class Draining(Admission):
 
     close_timeout: float
     count: int
+    finishing: bool
+    keepalive_interval: float | None
+    keepalive_timeout: float
     asked: int
     _order: threading.Lock
 
@@ -87,9 +93,10 @@ class Draining(Admission):
             code="UNCONFIRMED",
         )
 
-    def linger(self) -> None:
+    def linger(self) -> bool:
         """Wait for what is queued to be written and, acknowledged, confirmed, for as long as
         writes or acknowledgements progress: give up once none came for ``close_timeout``.
+        True when everything was written (and confirmed), False when it gave up.
 
         A slow receiver still gets everything; a silent one holds ``close()`` for
         ``close_timeout``, not ``send_timeout``. A writer that has not yet begun what is
@@ -113,11 +120,54 @@ class Draining(Admission):
             if now >= deadline:
                 late = any(s.outbox and not s.busy for s in self.streams)
                 if not late or now >= latest:
-                    return
+                    return False
                 deadline = min(now + wait, latest)
             if self.flush(deadline - now) and (
                 window is None or window.wait_acked(window.last, deadline, self.ended)
             ):
-                return
+                return True
             if self.ended():
+                return False
+
+    def finish(self) -> None:
+        """Everything is written: end each stream with a FIN behind its bytes, and keep
+        reading until the receiver ends its side too, for as long as it shows life.
+
+        Closing at once would lose data the receiver has not read yet: its kernel may still
+        hold the last messages (a backpressured receiver reads them later), and any answer
+        it writes meanwhile (a PONG saying it waits for a slow consumer) reaching a closed
+        socket is answered with a reset, which discards them. So the readers keep reading
+        until each stream's end; close() gives up once nothing came from the receiver and
+        none of our bytes moved for ``close_timeout``, or, while bytes of ours still wait in
+        our kernel, for the keepalive bound (the receiver PONGs once an interval while it
+        waits for a slow consumer).
+        """
+        self.finishing = True
+        for stream in self.streams:
+            try:
+                stream.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        readers = [s.threads[1] for s in self.streams if len(s.threads) > 1]
+        seen: list[tuple[int, int] | None] = [None] * self.count
+        # While our last bytes wait in our kernel (the receiver's window is shut: it waits
+        # for a slow consumer), its sign of life is a PONG once per keepalive interval.
+        interval = self.keepalive_interval
+        stuck_limit = self.close_timeout
+        if interval is not None:
+            stuck_limit = max(stuck_limit, interval + self.keepalive_timeout)
+        moved = _monotonic()
+        while True:  # bounded: each round ends once nothing moved for stuck_limit
+            if not any(reader.is_alive() for reader in readers) or self.ended():
                 return
+            now = _monotonic()
+            stuck = False
+            for stream in self.streams:
+                progress = tcp_progress(stream.sock)
+                if bytes_moved(seen, stream.index, progress):
+                    moved = now
+                stuck = stuck or (progress is not None and progress[1] > 0)
+                moved = max(moved, stream.heard)
+            if now - moved >= (stuck_limit if stuck else self.close_timeout):
+                return
+            readers[0].join(_FINISH_POLL)

@@ -63,6 +63,8 @@ def keepalive_loop(session: Session) -> None:
                 _TIMEOUT_SLACK,
             )
         ):
+            if session.finishing:
+                continue  # every stream has sent its FIN: nothing more is written
             now = _monotonic()
             if pings is not None and window is not None and window.waiting_since() is not None:
                 # Confirmations are awaited. A message still crossing a slow link (one chunk
@@ -109,7 +111,7 @@ def reader_loop(session: Session, stream: Stream) -> None:
         while True:
             n = recv_into(view[got:])  # blocks until data, EOF or shutdown()
             if n == 0:
-                if not session.closing:
+                if not (session.closing or session.finishing):
                     session.break_(f"stream {stream.index}: receiver closed the connection")
                 return
             got += n
@@ -134,7 +136,7 @@ def reader_loop(session: Session, stream: Stream) -> None:
                 # Cumulative: an ACK at or below one already taken changes nothing.
                 window.ack(through)
     except OSError as exc:
-        if not session.closing:
+        if not (session.closing or session.finishing):
             session.break_(f"stream {stream.index}: receive failed ({exc})")
     except Exception as exc:  # noqa: BLE001 - never die silently
         session.log.opt(exception=exc).error("Transport reader failed")

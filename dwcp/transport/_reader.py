@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from dwcp.transport import wire
 from dwcp.transport._io import TLSChannel, set_kernel_timeout
+from dwcp.transport._progress import peer_finished
 from dwcp.transport._reassembly import FrameTuple
 from dwcp.transport._receiving import StreamParser
 
@@ -43,6 +44,7 @@ class Connection:
     """One accepted socket and the thread that reads it."""
 
     __slots__ = (
+        "deaf",
         "holders",
         "index",
         "peer",
@@ -64,6 +66,7 @@ class Connection:
         self.thread: threading.Thread | None = None
         self.recv_timeout: float | None = None
         self.holders = 1  # the reader; see MultiStreamReceiver._release
+        self.deaf = False  # a PONG could not be written: the sender has closed (see answer)
 
     def shutdown(self) -> None:
         try:
@@ -77,6 +80,20 @@ class Connection:
             return
         with self.write_lock:
             self.sock.sendall(data)
+
+    def answer(self, pong: bytes) -> None:
+        """Write a PONG, unless the sender has finished: a sender that wrote everything and
+        closed answers any write with a reset, and a reset discards what we have not read
+        yet (a backpressured session's last messages, all sent, flushed and closed on). So
+        no PONG once its FIN has arrived (it waits for none then), and a PONG that fails
+        ends the PONGs, not the reading, which ends at the FIN or at a failed read."""
+        if self.deaf or peer_finished(self.sock):
+            self.deaf = True
+            return
+        try:
+            self.write(pong)
+        except OSError:
+            self.deaf = True
 
     @property
     def closed(self) -> bool:
@@ -173,7 +190,7 @@ class StreamReader:
             asked = False
             if pings:
                 for token in pings:
-                    conn.write(wire.pack_pong(token))
+                    conn.answer(wire.pack_pong(token))
                 pings.clear()
                 if session.acknowledged:
                     # A PING asks for the ACK of what its stream carried before it (the
@@ -256,7 +273,7 @@ class StreamReader:
             elif self.idle_timeout is not None and (time.monotonic() - since >= self.idle_timeout):
                 raise wire.ProtocolError("reassembly made no progress within idle_timeout")
             if session.heartbeat:
-                conn.write(wire.pack_pong(0))
+                conn.answer(wire.pack_pong(0))
 
     def read_large(
         self,

@@ -124,6 +124,8 @@ class Session(Draining):
         # every send that finds the session broken raises with it, whichever thread noticed.
         self.broken_code = "TRANSPORT_ERROR"
         self.closing = False
+        # close() wrote everything and sent FIN: a receiver that ends its side is expected.
+        self.finishing = False
         self.writers_stop = False
         self.stopped = threading.Event()
         self._keepalive: threading.Thread | None = None
@@ -161,8 +163,8 @@ class Session(Draining):
         progress, see ``linger``), then stop every stream and join the session's threads
         (``close()``). What is still unacknowledged stays in the window for the next session;
         unacknowledged, what is still queued then is dropped."""
-        if self.broken is None:
-            self.linger()
+        if self.broken is None and self.linger():
+            self.finish()
         # Under the order lock, which every send re-checks it under before it takes an id:
         # nothing joins the window once this session is closing (start() snapshots it next).
         with self._order:

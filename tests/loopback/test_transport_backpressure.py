@@ -227,3 +227,35 @@ def test_a_silent_receiver_gives_window_full_until_the_keepalive_bound_then_ack_
     with pytest.raises(TransportError) as raised:
         transport.send(b"after the bound")
     assert raised.value.code == "ACK_TIMEOUT", raised.value
+
+
+def test_messages_flushed_then_closed_on_reach_a_backpressured_receiver(
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory
+) -> None:
+    """Outside attack on #22: an unacknowledged sender's 300 sends and flush() returned OK,
+    close() ran while the receiver waited for a slow consumer, and only 50-76 of 300 ever
+    arrived. The receiver's unprompted PONG reached the closed socket, whose reset discarded
+    what the receiver's kernel still held. close() now ends each stream with a FIN and
+    reads until the receiver ends too, while it shows it is alive."""
+    got: list[bytes] = []
+    consumer_slow = threading.Event()
+
+    def on_message(data: bytes) -> None:
+        got.append(data)
+        if len(got) == 50:
+            consumer_slow.set()
+            threading.Event().wait(3.0)  # the slow consumer under test, not a thread's turn
+
+    receiver, _ = receiver_factory(on_message=on_message, max_buffered_bytes=1 << 20)
+    transport = transport_factory(
+        receiver.address, streams=4, keepalive_interval=0.5, keepalive_timeout=2.0
+    )
+    transport.start()
+    messages = [n.to_bytes(4, "big") * 16384 for n in range(300)]  # 64 KiB each
+    for message in messages:
+        transport.send(message)
+    transport.flush()
+    assert consumer_slow.wait(TIMEOUT)
+    transport.close()
+    assert receiver.wait_delivered(300, TIMEOUT), len(got)
+    assert got == messages
