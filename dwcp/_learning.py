@@ -4,7 +4,9 @@ long after a cycle gave up the next one begins, and where the outages are shared
 
 ``RestartSupervisor`` holds one only for a predictive policy, so the default fixed schedule
 carries no statistics.  Not thread-safe: the manager calls it under its lock, and every call
-is constant time plus a copy of the history at most; the search for a schedule is
+is constant time plus a copy of the history at most (the guard's judgement at an outage's
+end is bounded by its window: 60 outages of 16 points in two spreads, about 0.75 ms on the
+development machine, once per outage, never per attempt); the search for a schedule is
 ``SchedulePlan.waits()``, which the recovery thread runs off the lock.
 """
 
