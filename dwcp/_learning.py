@@ -5,7 +5,7 @@ long after a cycle gave up the next one begins, and where the outages are shared
 ``RestartSupervisor`` holds one only for a predictive policy, so the default fixed schedule
 carries no statistics.  Not thread-safe: the manager calls it under its lock, and every call
 is constant time plus a copy of the history at most (the guard's judgement at an outage's
-end is bounded by its window: 100 outages of 16 points in two spreads, about 2 ms on the
+end is bounded by its window: 60 outages of 16 points in two spreads, about 0.75 ms on the
 development machine, once per outage, never per attempt); the search for a schedule is
 ``SchedulePlan.waits()``, which the recovery thread runs off the lock.
 """
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["DelayGuard", "LearnedTiming"]
 
 #: Outages, configured and learned, that the guard judges together.
-GUARD_WINDOW = WINDOW  # as many as the history keeps
+GUARD_WINDOW = 60
 #: A delay counts as late when it exceeds the configured schedule's estimated median delay
 #: by more than this share ...
 GUARD_DELAY = 0.05
