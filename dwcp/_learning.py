@@ -4,7 +4,9 @@ long after a cycle gave up the next one begins, and where the outages are shared
 
 ``RestartSupervisor`` holds one only for a predictive policy, so the default fixed schedule
 carries no statistics.  Not thread-safe: the manager calls it under its lock, and every call
-is constant time plus a copy of the history at most; the search for a schedule is
+is constant time plus a copy of the history at most (the guard's judgement at an outage's
+end is bounded by its window: 60 outages of 16 points in two spreads, about 0.75 ms on the
+development machine, once per outage, never per attempt); the search for a schedule is
 ``SchedulePlan.waits()``, which the recovery thread runs off the lock.
 """
 
@@ -29,19 +31,28 @@ if TYPE_CHECKING:
 
 __all__ = ["DelayGuard", "LearnedTiming"]
 
-#: Outages in which a learned schedule ran that the guard judges together.
-GUARD_WINDOW = 10
-#: ... and how many it needs before it judges.
-GUARD_MIN = 3
-#: Learned schedules are set aside when their median or mean delay on those outages exceeds the
-#: configured schedule's on the same outages by more than this share ...
+#: Outages, configured and learned, that the guard judges together.
+GUARD_WINDOW = 60
+#: A delay counts as late when it exceeds the configured schedule's estimated median delay
+#: by more than this share ...
 GUARD_DELAY = 0.05
 #: ... plus this many seconds.
 GUARD_SLACK = 0.02
-#: Outages that then run the configured schedule before a learned one may be tried again.
-SUSPEND = 25
-# Points each learned outage's unknown return time is spread over.
+#: Learned schedules run only while this many more late outages would leave the median within
+#: that bound ...
+GUARD_ROOM = 2.0
+#: ... and while their expected delay over the configured schedule's, summed over the window,
+#: is at most this share of the configured schedule's.
+GUARD_BUDGET = 0.05
+#: Configured outages needed before their spread of return times is trusted.
+GUARD_MIN = 3
+# Points each outage's unknown return time is spread over.
 _SPREAD = 16
+
+# One outage as the guard keeps it: per way of spreading its return time, the
+# (learned delay, configured delay, weight) points, weights summing to 1; and whether a
+# learned schedule ran.
+_Points = list[tuple[float, float, float]]
 
 
 def _weighted_median(samples: Sequence[tuple[float, float]]) -> float:
@@ -58,85 +69,96 @@ def _weighted_median(samples: Sequence[tuple[float, float]]) -> float:
 class DelayGuard:
     """Whether learned schedules may be used: the safety rule, checked on what they did.
 
-    After each outage in which a cycle ran a learned schedule, the guard compares the delay
-    it had (from the return to the attempt or check that found it) with the delay the
-    configured schedule would have had on the same outage.  The return time is only known
-    to lie after the last failed attempt and by the one that found it, so it is spread over
-    that interval as the outages the configured schedule met spread it (a learned
-    schedule's own outages would confirm what it expected; evenly until ``GUARD_MIN`` of
-    them are known).  When, over the last ``GUARD_WINDOW`` such outages (at least
-    ``GUARD_MIN``), the learned schedules' median or mean delay exceeds the configured
-    schedule's by more than ``GUARD_DELAY`` (plus ``GUARD_SLACK`` seconds), the next
-    ``SUSPEND`` outages run the configured schedule, whatever the estimate promises.
+    For each outage the guard keeps the delay (from the return to the attempt or check that
+    found it) the schedule that ran had, and the delay the configured schedule had or would
+    have had on it.  The return time is only known to lie after the last failed attempt and
+    by the one that found it, so it is spread over that interval in two ways: evenly, and
+    as the outages the configured schedule met spread theirs; every check must pass under
+    both.  Over the last ``GUARD_WINDOW`` outages, learned schedules run only while (a) the
+    outages whose delay exceeds the configured schedule's estimated median (times
+    ``1 + GUARD_DELAY``, plus ``GUARD_SLACK`` seconds) leave room for ``GUARD_ROOM`` more
+    before the median passes that bound, and (b) the learned schedules' expected extra
+    delay over the configured one is at most ``GUARD_BUDGET`` of the configured schedule's
+    total delay.  Both are judged after each outage; ``allows`` reads the verdict.
     """
 
     def __init__(self) -> None:
-        self._window: deque[tuple[list[tuple[float, float]], list[tuple[float, float]]]] = deque(
-            maxlen=GUARD_WINDOW
-        )
-        self._suspended = 0
+        self._window: deque[tuple[tuple[_Points, _Points], bool]] = deque(maxlen=GUARD_WINDOW)
         self._configured: deque[Outage] = deque(maxlen=WINDOW)
-        #: Times learned schedules were set aside.
+        self._allows = False  # no room yet
+        #: Times learned schedules were set aside after being allowed.
         self.suspensions = 0
 
     @property
     def allows(self) -> bool:
         """Whether the next outage may use a learned schedule."""
-        return self._suspended == 0
+        return self._allows
+
+    def _spread(
+        self, low: float, high: float, basis: Sequence[Outage]
+    ) -> list[tuple[float, float]]:
+        """Points (moment, weight) the return time is spread over in ``[low, high]``: as
+        ``basis`` spreads it (evenly where it puts nothing, or without a basis)."""
+        step = (high - low) / _SPREAD
+        points = [low + step * (k + 0.5) for k in range(_SPREAD)]
+        if basis:
+            edges = sorted({0.0, low, high, *(v for o in basis for v in (o.not_before, o.until))})
+            mass = turnbull(basis, edges, iterations=SMOOTHING_STEPS)
+            weights = []
+            for at in points:
+                segment = min(max(bisect.bisect_left(edges, at) - 1, 0), len(mass) - 1)
+                width = edges[segment + 1] - edges[segment] if mass else 0.0
+                weights.append(mass[segment] / width if width > 0 else 0.0)
+            total = sum(weights)
+            if total > 1e-12:
+                return [(at, w / total) for at, w in zip(points, weights)]
+        return [(at, 1.0 / _SPREAD) for at in points]
 
     def outage_ended(self, outage: Outage, plans: Sequence[SchedulePlan]) -> None:
         """Judge ``outage``, whose cycles were planned by ``plans`` (a learned schedule ran
         where a plan's ``result`` is not None)."""
-        if not any(p.result is not None for p in plans):
+        learned = any(p.result is not None for p in plans)
+        basis = list(self._configured) if len(self._configured) >= GUARD_MIN else []
+        if learned:
+            plan = plans[0]  # the configured schedule is laid out from the first cycle on
+            low, high = max(outage.not_before, plan.elapsed), outage.until
+            probes = plan.configured_probes(high)
+        else:
             # The configured schedule ran: its outages tell, without a learned schedule's
             # own attempts shaping them, when the component comes back.
             self._configured.append(outage)
-            if self._suspended:
-                self._suspended -= 1
-            return
-        plan = plans[0]  # the configured schedule is laid out from the first cycle on
-        low, high = max(outage.not_before, plan.elapsed), outage.until
+            low, high = outage.not_before, outage.until
+            probes = [high]
         if high <= low:
             return
-        probes = plan.configured_probes(high)
-        # Spread by the outages the configured schedule met (a learned schedule's wide
-        # intervals would spread its own outages where it expected them); evenly until
-        # there are enough.
-        basis = list(self._configured) if len(self._configured) >= GUARD_MIN else []
-        edges = sorted({0.0, low, high, *(v for o in basis for v in (o.not_before, o.until))})
-        mass = turnbull(basis, edges, iterations=SMOOTHING_STEPS) if basis else []
-        learned: list[tuple[float, float]] = []
-        configured: list[tuple[float, float]] = []
-        step = (high - low) / _SPREAD
-        for k in range(_SPREAD):
-            at = low + step * (k + 0.5)
-            segment = min(max(bisect.bisect_left(edges, at) - 1, 0), len(mass) - 1)
-            width = edges[segment + 1] - edges[segment] if mass else 0.0
-            weight = mass[segment] / width * step if width > 0 else 0.0
-            learned.append((high - at, weight))
-            found = probes[min(bisect.bisect_left(probes, at), len(probes) - 1)]
-            configured.append((max(found - at, 0.0), weight))
-        if sum(w for _, w in learned) <= 1e-12:
-            learned = [(d, 1.0) for d, _ in learned]
-            configured = [(d, 1.0) for d, _ in configured]
-        total = sum(w for _, w in learned)
-        self._window.append(
-            ([(d, w / total) for d, w in learned], [(d, w / total) for d, w in configured])
-        )
-        if len(self._window) < GUARD_MIN:
-            return
-        mine = [x for pair in self._window for x in pair[0]]
-        theirs = [x for pair in self._window for x in pair[1]]
-        count = len(self._window)
-        # The median, and the mean: a few outages found much later move the mean first.
-        worse = _weighted_median(mine) > _weighted_median(theirs) * (1 + GUARD_DELAY) + GUARD_SLACK
-        worse |= sum(d * w for d, w in mine) / count > (
-            sum(d * w for d, w in theirs) / count * (1 + GUARD_DELAY) + GUARD_SLACK
-        )
-        if worse:
-            self._suspended = SUSPEND
+
+        def delays(points: list[tuple[float, float]]) -> _Points:
+            # (this schedule's delay, the configured schedule's, weight) for each return time
+            return [
+                (high - at, probes[min(bisect.bisect_left(probes, at), len(probes) - 1)] - at, w)
+                for at, w in points
+            ]
+
+        spreads = (delays(self._spread(low, high, [])), delays(self._spread(low, high, basis)))
+        self._window.append((spreads, learned))
+        allows = self._judge()
+        if self._allows and not allows:
             self.suspensions += 1
-            self._window.clear()
+        self._allows = allows
+
+    def _judge(self) -> bool:
+        count = len(self._window)
+        for way in (0, 1):
+            points = [p for entry in self._window for p in entry[0][way]]
+            bound = _weighted_median([(f, w) for _, f, w in points]) * (1 + GUARD_DELAY)
+            bound += GUARD_SLACK
+            late = sum(w for mine, _, w in points if mine > bound)
+            if late + GUARD_ROOM > count / 2:
+                return False
+            extra = sum((mine - theirs) * w for mine, theirs, w in points)
+            if extra > GUARD_BUDGET * sum(theirs * w for _, theirs, w in points):
+                return False
+        return True
 
 
 class LearnedTiming:
