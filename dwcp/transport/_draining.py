@@ -148,6 +148,7 @@ class Draining(Admission):
                 stream.sock.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
+        # Session.run_threads starts each stream's threads as [writer, reader].
         readers = [s.threads[1] for s in self.streams if len(s.threads) > 1]
         seen: list[tuple[int, int] | None] = [None] * self.count
         # While our last bytes wait in our kernel (the receiver's window is shut: it waits
@@ -158,7 +159,8 @@ class Draining(Admission):
             stuck_limit = max(stuck_limit, interval + self.keepalive_timeout)
         moved = _monotonic()
         while True:  # bounded: each round ends once nothing moved for stuck_limit
-            if not any(reader.is_alive() for reader in readers) or self.ended():
+            alive = [reader for reader in readers if reader.is_alive()]
+            if not alive or self.ended():
                 return
             now = _monotonic()
             stuck = False
@@ -170,4 +172,5 @@ class Draining(Admission):
                 moved = max(moved, stream.heard)
             if now - moved >= (stuck_limit if stuck else self.close_timeout):
                 return
-            readers[0].join(_FINISH_POLL)
+            # A reader still running: joining one that already ended would not wait at all.
+            alive[0].join(_FINISH_POLL)
