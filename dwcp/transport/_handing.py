@@ -16,7 +16,8 @@ from loguru import logger
 
 from dwcp.transport import wire
 from dwcp.transport._reassembly import Ready
-from dwcp.transport._receiving import ACK_DELAY, AckPolicy
+from dwcp.transport import _receiving
+from dwcp.transport._receiving import AckPolicy
 from dwcp.transport._sessions import Session
 
 __all__ = ["Delivery", "check_arity"]
@@ -97,7 +98,9 @@ class Delivery:
                     part = batch[at : at + min(step, policy.room())]
                     began = monotonic()
                     # A part whose consumer turns slow ends early, once the delay passed.
-                    handled = self._deliver_some(session, part, on_message, began + ACK_DELAY)
+                    handled = self._deliver_some(
+                        session, part, on_message, began + _receiving.ACK_DELAY
+                    )
                     at += handled
                     last, now = part[handled - 1], monotonic()
                     step = 1 if now - began > _SLOW * handled else _DELIVERY_BATCH
