@@ -301,7 +301,8 @@ class GuardedCalls:
         """Decorate ``fn`` so that every call goes through ``call()``.
 
         An ``async def`` function stays one (``inspect.iscoroutinefunction`` is true of the
-        wrapper): each call is admitted when awaited and recorded when its await ends.
+        wrapper): each call is admitted when awaited and recorded when its await ends. So
+        does an object whose class defines ``async def __call__``.
         Generator functions, sync or async, raise ``TypeError``: the guard would see only the
         generator's creation, never the work done as it is iterated. So does anything not
         callable, at decoration rather than at the first call.
@@ -314,15 +315,21 @@ class GuardedCalls:
                 f"cannot guard {kind} function {describe_callable(fn)}: its work runs as it "
                 "is iterated, after the call returned; guard the calls it makes instead"
             )
-        if inspect.iscoroutinefunction(fn):
+        async_object = _has_async_call(fn)
+        if inspect.iscoroutinefunction(fn) or async_object:
             coroutine_function = cast("Callable[..., Awaitable[Any]]", fn)
 
-            @wraps(fn)
             async def guarded_async(*args: Any, **kwargs: Any) -> Any:
                 if not self._started:
                     raise DWCPError("manager is not started", code="NOT_STARTED")
                 return await self._guard.call_async(coroutine_function, args, kwargs)
 
+            if async_object:
+                # Not wraps(): it would copy the object's attributes onto the function.
+                guarded_async.__wrapped__ = fn  # type: ignore[attr-defined]
+                guarded_async.__doc__ = type(fn).__call__.__doc__
+            else:
+                guarded_async = wraps(fn)(guarded_async)
             return cast("Callable[P, R]", guarded_async)
 
         @wraps(fn)
@@ -330,3 +337,11 @@ class GuardedCalls:
             return self.call(fn, *args, **kwargs)
 
         return guarded
+
+
+def _has_async_call(fn: object) -> bool:
+    """Whether ``fn`` is an instance (not a function or class) whose ``__call__`` is an
+    ``async def`` method: awaiting its calls is where its work, and its failures, happen."""
+    if inspect.isroutine(fn) or inspect.isclass(fn):
+        return False
+    return inspect.iscoroutinefunction(getattr(type(fn), "__call__", None))

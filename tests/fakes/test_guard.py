@@ -150,6 +150,34 @@ def test_guard_keeps_an_async_function_a_coroutine_function(make_manager: MakeMa
     assert asyncio.run(fetch("EURUSD")) == "EURUSD"
 
 
+def test_an_object_with_an_async_call_method_is_guarded_as_an_async_function(
+    make_manager: MakeManager,
+) -> None:
+    """README: on an ``async def`` function the guard returns an ``async def`` function; a
+    client object whose ``__call__`` is ``async def`` is one too, decided at decoration."""
+    manager = make_manager(FakeTransport(), call_failures=QuoteServiceDown, max_failures=2)
+
+    class QuoteClient:
+        async def __call__(self, symbol: str) -> str:
+            await asyncio.sleep(0)
+            if symbol == "down":
+                raise QuoteServiceDown(symbol)
+            return symbol
+
+    fetch = manager.guard(QuoteClient())
+    assert inspect.iscoroutinefunction(fetch)
+    manager.start()
+
+    async def main() -> None:
+        assert await fetch("EURUSD") == "EURUSD"
+        for _ in range(2):
+            with pytest.raises(QuoteServiceDown):
+                await fetch("down")
+        assert manager.circuit_breaker_state == "open"
+
+    asyncio.run(main())
+
+
 def test_failures_raised_at_the_await_count_and_open_the_breaker(
     make_manager: MakeManager,
 ) -> None:
