@@ -344,4 +344,4 @@ def _has_async_call(fn: object) -> bool:
     ``async def`` method: awaiting its calls is where its work, and its failures, happen."""
     if inspect.isroutine(fn) or inspect.isclass(fn):
         return False
-    return inspect.iscoroutinefunction(getattr(type(fn), "__call__", None))
+    return inspect.iscoroutinefunction(inspect.getattr_static(type(fn), "__call__", None))

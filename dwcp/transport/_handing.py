@@ -14,9 +14,8 @@ from collections.abc import Callable
 
 from loguru import logger
 
-from dwcp.transport import wire
+from dwcp.transport import _receiving, wire
 from dwcp.transport._reassembly import Ready
-from dwcp.transport import _receiving
 from dwcp.transport._receiving import AckPolicy
 from dwcp.transport._sessions import Session
 
