@@ -29,10 +29,11 @@ import time
 import dwcp
 
 _HEX = set(string.hexdigits)
+_SENDERS_KEPT = 4096  # the most senders resume_from takes (README)
 
 
 def processed(path: str) -> dict[str, int]:
-    """The last message id recorded in ``path`` per sender.
+    """The last message id recorded in ``path`` per sender, for the 4,096 senders seen last.
 
     A torn last line (the process was killed inside its ``write()``) is cut off the file
     first: the next record would otherwise be appended to it and both would be unreadable.
@@ -54,8 +55,12 @@ def processed(path: str) -> dict[str, int]:
             and fields[1].isascii()
             and fields[1].isdigit()
         ):
-            last[fields[0]] = max(last.get(fields[0], -1), int(fields[1]))
-    return last
+            sender = fields[0]
+            # Re-inserted, so that the dict runs from the least to the most recently seen.
+            last[sender] = max(last.pop(sender, -1), int(fields[1]))
+    # resume_from takes the positions of at most _SENDERS_KEPT senders, and a live receiver
+    # forgets the least recently seen first: do the same.
+    return dict(list(last.items())[-_SENDERS_KEPT:])
 
 
 def _is_sender_id(text: str) -> bool:

@@ -7,6 +7,8 @@ import importlib.util
 from pathlib import Path
 from types import ModuleType
 
+import dwcp
+
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "exactly_once_receiver.py"
 A = "a1" * 16
 B = "b2" * 16
@@ -44,3 +46,18 @@ def test_a_tear_inside_the_sender_id_never_stops_the_next_start(tmp_path: Path) 
 
 def test_a_missing_file_means_nothing_processed(tmp_path: Path) -> None:
     assert example().processed(str(tmp_path / "absent")) == {}
+
+
+def test_a_restart_after_more_senders_than_resume_from_takes_keeps_the_latest(
+    tmp_path: Path,
+) -> None:
+    # README: resume_from takes at most 4,096 senders; the receiver itself forgets the least
+    # recently seen first. Before the fix the example handed every sender it had ever recorded
+    # and the 4,097th made every later start raise ValueError.
+    records = tmp_path / "records"
+    senders = [f"{n + 1:032x}" for n in range(4097)]
+    records.write_text("".join(f"{sender} 0 m\n" for sender in senders) + f"{senders[0]} 1 m\n")
+    last = example().processed(str(records))
+    assert len(last) == 4096 and senders[1] not in last  # the least recently seen went
+    assert last[senders[0]] == 1 and last[senders[-1]] == 0
+    dwcp.MultiStreamReceiver(on_message=print, with_ids=True, resume_from=last)
