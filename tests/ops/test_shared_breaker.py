@@ -877,3 +877,133 @@ def test_stop_gives_back_the_redis_connections_it_opened_and_start_opens_them_ag
         # Before: the pool's idle connection stayed open until the manager was collected.
         wait_until(lambda: _other_clients(redis_server) == 0)
     assert manager.circuit_breaker_state == "closed"  # read through Redis again, lazily
+
+
+# -- the newer decision wins when processes that decided alone meet again ---------------------
+
+
+def _outage_pair(url: str, name: str, reset: float) -> tuple[Any, Any]:
+    """Two breakers sharing ``name`` as two processes would, re-reading Redis on every call
+    and retrying an unreachable Redis at once (no retry interval to wait out)."""
+    from dwcp._breaker import Breaker
+    from dwcp._shared import FailoverStorage, connect
+
+    def breaker() -> Breaker:
+        storage = FailoverStorage(connect(url), name, retry_interval=0.0)
+        return Breaker(max_failures=1, reset_timeout=reset, storage=storage, sync_interval=0)
+
+    return breaker(), breaker()
+
+
+def _alone_until(breaker: Any, state: str) -> bool:
+    """Whether ``breaker`` reads ``state`` on its own (fallback) storage."""
+    return bool(breaker.state == state and breaker.storage_mode == "fallback")
+
+
+def test_a_close_decided_alone_during_an_outage_wins_over_an_older_open_written_back_first(
+    redis_server: RedisServer,
+) -> None:
+    """The outside test's 20-40 ms re-open (4 of 12 restarts), made deterministic: while
+    Redis is down ``closer`` runs its own trial and closes; Redis restarts empty; ``opener``,
+    still open from before the outage, reaches Redis first and writes its (older) open back.
+    ``closer`` then keeps its newer close, writes it back, and ``opener`` adopts it: no
+    process re-opens without a failed call."""
+    import redis
+
+    name = "newer-close-wins"
+    closer, opener = _outage_pair(redis_server.url, name, reset=0.3)
+    opener.record_failure(opener.admit())  # open, shared
+    assert closer.state == "open"
+    redis_server.kill()
+    wait_until(lambda: _alone_until(closer, "half-open"), timeout=30)
+    closer.record_success(closer.admit())  # its own trial, decided alone: closed
+    assert closer.state == "closed" and closer.storage_mode == "fallback"
+    reopens = closer.transition_counts.get(("closed", "open"), 0)
+    redis_server.start()  # empty
+    client = redis.Redis.from_url(redis_server.url, socket_timeout=2)
+    try:
+        key = f"{name}:pybreaker:state"
+        # The older open is written back first (the opener's state read finds it missing).
+        wait_until(
+            lambda: (
+                opener.state != "closed"
+                and opener.storage_mode == "shared"
+                and client.get(key) == b"open"
+            )
+        )
+        assert closer.state == "closed"  # before: "open" (it adopted the older open)
+        assert closer.storage_mode == "shared"
+        assert client.get(key) == b"closed"  # its newer close is the shared state now
+        wait_until(lambda: opener.state == "closed")  # and the opener adopts it
+    finally:
+        client.close()
+    assert closer.transition_counts.get(("closed", "open"), 0) == reopens
+    closer.close()
+    opener.close()
+
+
+def test_an_open_decided_alone_after_anothers_close_wins_over_that_close(
+    redis_server: RedisServer,
+) -> None:
+    """The same rule the other way round: ``closer`` closes alone, then ``opener``'s own
+    trial fails, later.  ``closer`` writes its close back first into the emptied Redis; the
+    newer open (a failed call) must not be lost to it: ``opener`` stays open, writes its open
+    back, and ``closer`` adopts it."""
+    import redis
+
+    name = "newer-open-wins"
+    closer, opener = _outage_pair(redis_server.url, name, reset=0.3)
+    opener.record_failure(opener.admit())
+    assert closer.state == "open"
+    redis_server.kill()
+    wait_until(lambda: _alone_until(closer, "half-open"), timeout=30)
+    closer.record_success(closer.admit())
+    assert closer.state == "closed"
+    closed_at = time.time()
+    # opener's own trial fails after closer's close was decided.
+    wait_until(lambda: _alone_until(opener, "half-open") and time.time() > closed_at + 0.01)
+    opener.record_failure(opener.admit())
+    assert opener.state == "open"
+    closes = opener.transition_counts.get(("open", "closed"), 0)
+    redis_server.start()  # empty
+    client = redis.Redis.from_url(redis_server.url, socket_timeout=2)
+    try:
+        key = f"{name}:pybreaker:state"
+        wait_until(lambda: closer.state == "closed" and closer.storage_mode == "shared")
+        assert client.get(key) == b"closed"  # the older close, written back first
+        assert opener.state == "open"  # before: "closed" (it adopted the older close)
+        assert client.get(key) == b"open"
+        wait_until(lambda: closer.state == "open")
+    finally:
+        client.close()
+    assert opener.transition_counts.get(("open", "closed"), 0) == closes
+    closer.close()
+    opener.close()
+
+
+def test_every_state_change_records_when_it_was_decided(redis_server: RedisServer) -> None:
+    """Plain writes and the trial script's re-open stamp ``decided_at_ms``; a write older
+    than the stored stamp is refused."""
+    from dwcp._shared import FailoverStorage, connect
+
+    name = "decided-stamps"
+    storage = FailoverStorage(connect(redis_server.url), name)
+    client = connect(redis_server.url)
+    key = f"{name}:pybreaker:"
+    before = int(time.time() * 1000)
+    storage.state = "open"
+    stamp = int(client.get(key + "decided_at_ms"))
+    assert stamp >= before
+    # The trial script: a claim whose deadline passed re-opens, stamped with the deadline.
+    now = int(time.time() * 1000)
+    client.set(key + "opened_at_ms", now - 5000)
+    assert storage.claim_trial(now - 5000, now - 1000) == "granted"
+    storage.end_trial()
+    assert storage.claim_trial(now - 1000, now + 60_000) == "granted"  # expired, then claimed
+    assert int(client.get(key + "decided_at_ms")) == max(stamp, now - 1000)
+    # A decision older than Redis's is refused.
+    client.set(key + "decided_at_ms", int(time.time() * 1000) + 60_000)
+    storage.state = "closed"
+    assert client.get(key + "state") == b"open"
+    assert storage.state == "open"  # it adopts Redis's newer decision
+    storage.close()
