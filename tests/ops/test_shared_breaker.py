@@ -1007,3 +1007,111 @@ def test_every_state_change_records_when_it_was_decided(redis_server: RedisServe
     assert client.get(key + "state") == b"open"
     assert storage.state == "open"  # it adopts Redis's newer decision
     storage.close()
+
+
+class _PeerBackOnFlag(FakeTransport):
+    """A dead peer until ``work/peer-up`` exists, then a live one."""
+
+    def __init__(self, work: str) -> None:
+        super().__init__()
+        self._up = os.path.join(work, "peer-up")
+
+    def send(self, data: bytes | bytearray | memoryview) -> None:
+        if not os.path.exists(self._up):
+            raise ConnectionRefusedError("peer down")
+        super().send(data)
+
+
+def _closing_alone_process(url: str, name: str, work: str) -> None:
+    """Runs in a child process: sends through the shared breaker until ``work/stop`` exists.
+    Writes ``closed-alone`` once its breaker closed while Redis was unreachable, then
+    ``shared-again`` once it uses Redis again, and last ``result`` (JSON): the re-opens
+    after closing alone and the final state."""
+    import json
+
+    transport = _PeerBackOnFlag(work)
+    manager = dwcp.Manager(
+        transport, breaker_storage=url, breaker_name=name, max_failures=1, reset_timeout=0.3
+    )
+    manager.start()
+    pace = threading.Event()
+    with open(os.path.join(work, "ready"), "w"):
+        pass
+    closed_alone: int | None = None
+    deadline = time.monotonic() + 120
+    try:
+        while not os.path.exists(os.path.join(work, "stop")) and time.monotonic() < deadline:
+            try:
+                manager.send_with_circuit_breaker(b"x")
+            except (dwcp.CircuitOpenError, dwcp.TransportError):
+                pass
+            metrics = manager.metrics()
+            reopens = metrics.breaker_transitions.get(("closed", "open"), 0)
+            if closed_alone is None:
+                if manager.circuit_breaker_state == "closed" and (
+                    metrics.breaker_storage == "fallback"
+                ):
+                    closed_alone = reopens
+                    open(os.path.join(work, "closed-alone"), "w").close()
+            elif metrics.breaker_storage == "shared":
+                open(os.path.join(work, "shared-again"), "w").close()
+            pace.wait(0.005)  # pacing of a steady sender, not a synchronisation
+        reopened = None if closed_alone is None else reopens - closed_alone
+        state = manager.circuit_breaker_state
+    finally:
+        manager.stop()
+    with open(os.path.join(work, "result"), "w") as out:
+        json.dump({"reopened": reopened, "state": state}, out)
+
+
+def test_a_process_that_closed_alone_keeps_its_close_across_processes(
+    redis_server: RedisServer, tmp_path: Any
+) -> None:
+    """The outside test's re-open, across processes and made deterministic with SIGSTOP: a
+    child process's own trial closes its breaker while Redis is down; the child is frozen
+    while Redis restarts empty and this process (still open from before the outage) writes
+    its older open back first; thawed, the child keeps its newer close (before: it adopted
+    the open, one ``closed -> open`` with no failed call) and the close becomes the shared
+    state, which this process adopts."""
+    import json
+    import signal
+
+    import redis
+
+    name, work = "closed-alone-processes", str(tmp_path)
+    opener, spare = _outage_pair(redis_server.url, name, reset=3600)
+    spare.close()
+    opener.record_failure(opener.admit())
+    ctx = multiprocessing.get_context("spawn")
+    child = ctx.Process(target=_closing_alone_process, args=(redis_server.url, name, work))
+    child.start()
+    client = redis.Redis.from_url(redis_server.url, socket_timeout=2)
+    try:
+        wait_until(lambda: os.path.exists(os.path.join(work, "ready")), timeout=120)
+        redis_server.kill()
+        open(os.path.join(work, "peer-up"), "w").close()
+        wait_until(lambda: os.path.exists(os.path.join(work, "closed-alone")), timeout=60)
+        assert child.pid is not None
+        os.kill(child.pid, signal.SIGSTOP)
+        try:
+            redis_server.start()  # empty
+            key = f"{name}:pybreaker:state"
+            # This process's open, decided before the child's close, is written back first.
+            wait_until(lambda: opener.state == "open" and client.get(key) == b"open")
+        finally:
+            os.kill(child.pid, signal.SIGCONT)
+        wait_until(lambda: os.path.exists(os.path.join(work, "shared-again")), timeout=60)
+        wait_until(lambda: client.get(key) == b"closed", timeout=30)
+        wait_until(lambda: opener.state == "closed")
+    finally:
+        open(os.path.join(work, "stop"), "w").close()
+        child.join(60)
+        if child.is_alive():
+            child.kill()
+            child.join(10)
+        client.close()
+        opener.close()
+    assert child.exitcode == 0
+    with open(os.path.join(work, "result")) as handle:
+        result = json.load(handle)
+    assert result == {"reopened": 0, "state": "closed"}, result
