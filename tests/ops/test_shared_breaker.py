@@ -942,17 +942,19 @@ def test_a_close_decided_alone_during_an_outage_wins_over_an_older_open_written_
     opener.close()
 
 
+@pytest.mark.parametrize("closer_first", [True, False], ids=["older-first", "newer-first"])
 def test_an_open_decided_alone_after_anothers_close_wins_over_that_close(
-    redis_server: RedisServer,
+    redis_server: RedisServer, closer_first: bool
 ) -> None:
     """The same rule the other way round: ``closer`` closes alone, then ``opener``'s own
-    trial fails, later.  ``closer`` writes its close back first into the emptied Redis; the
-    newer open (a failed call) must not be lost to it: ``opener`` stays open, writes its open
-    back, and ``closer`` adopts it."""
+    trial fails, later.  The newer open (a failed call) wins whichever returns first: when
+    ``closer`` writes its older close back first into the emptied Redis, ``opener`` stays open
+    and writes its open over it; when ``opener`` is first, ``closer``'s older close is not
+    written back.  Either way ``closer`` adopts the open."""
     import redis
 
-    name = "newer-open-wins"
-    closer, opener = _outage_pair(redis_server.url, name, reset=0.3)
+    name = f"newer-open-wins-{closer_first}"
+    closer, opener = _outage_pair(redis_server.url, name, reset=1.0)
     opener.record_failure(opener.admit())
     assert closer.state == "open"
     redis_server.kill()
@@ -969,11 +971,16 @@ def test_an_open_decided_alone_after_anothers_close_wins_over_that_close(
     client = redis.Redis.from_url(redis_server.url, socket_timeout=2)
     try:
         key = f"{name}:pybreaker:state"
-        wait_until(lambda: closer.state == "closed" and closer.storage_mode == "shared")
-        assert client.get(key) == b"closed"  # the older close, written back first
-        assert opener.state == "open"  # before: "closed" (it adopted the older close)
+        if closer_first:
+            wait_until(lambda: closer.state == "closed" and closer.storage_mode == "shared")
+            assert client.get(key) == b"closed"  # the older close, written back first
+            assert opener.state != "closed"  # before: "closed" (it adopted the older close)
+            assert client.get(key) == b"open"
+        else:
+            wait_until(lambda: opener.state != "closed" and opener.storage_mode == "shared")
+            assert client.get(key) == b"open"
+        wait_until(lambda: closer.state != "closed" and closer.storage_mode == "shared")
         assert client.get(key) == b"open"
-        wait_until(lambda: closer.state == "open")
     finally:
         client.close()
     assert opener.transition_counts.get(("open", "closed"), 0) == closes
