@@ -29,7 +29,8 @@ lock is released, in decision order.  Half-open admits one trial per open period
 every process: the claim is keyed by the period's ``opened_at`` and outlives the trial, so a
 process whose own timer fires after another's trial failed is refused.  While Redis is
 unreachable each process decides alone: each runs its own trial every period, and the
-breaker stays open in each until its own trial succeeds.
+breaker stays open in each until its own trial succeeds; when Redis answers again the newer
+decision wins (``dwcp._shared``): a close decided alone is not undone by an older open.
 
 A trial still running ``trial_timeout`` after it was admitted counts as a failed trial: the
 breaker opens from that deadline, and the hung call's late result is stale like any other.

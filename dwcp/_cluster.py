@@ -132,11 +132,16 @@ class ClusterMember(StartStop):
 
     While Redis is unreachable ``view()`` keeps the last nodes read, marked ``stale``, and no
     node is declared lost.  Once it answers again, or when it lost its data (restarted
-    empty: an epoch key that every publish writes if missing tells), every node that was
-    alive gets a full bound from then to be heard from before it can be declared lost; a
-    node lost before stays lost.  A node Redis no longer has is listed no more, as
-    ``cluster_health()`` lists it no more: a node lost before a restart at once, one alive
-    before it once that bound passes without news (a ``NodeLost`` then).  Records that this
+    empty: an epoch key that every publish writes if missing, stamped with Redis's time,
+    tells), the deadline of every node that was alive moves by the time nobody could
+    publish, and by no more: from this watcher's last read before the gap to its first read
+    after it, or to the first publish into the emptied Redis when that came earlier.  A node
+    killed before a restart that left Redis unreachable for ``d`` seconds is lost about
+    ``d`` after its own deadline (up to one read interval on each side later); after a quick
+    restart, at its own deadline plus at most one read interval.  A node lost before stays
+    lost.  A node Redis no longer has is listed no more, as ``cluster_health()`` lists it no
+    more: a node lost before a restart at once, one alive before it once its moved deadline
+    passes without news (a ``NodeLost`` then).  Records that this
     version cannot read are skipped and counted (``ClusterView.skipped``, ``skipped``);
     their nodes are not listed.
 
@@ -221,9 +226,11 @@ class ClusterMember(StartStop):
         self._gap = False  # a failure since the last successful read (see _refresh)
         # The data set's epoch as last read (see _PUBLISH); a change means Redis lost it.
         self._epoch: str | None = None
-        # Redis time (ms) from which a node's silence counts, for the nodes that were alive
-        # when an outage (ours or Redis's) or an empty restart began, see _refresh.
-        self._grace: dict[str, int] = {}
+        # Redis time (ms) of the last successful read: where the next gap starts, see _update.
+        self._read_ms: int | None = None
+        # For the nodes that were alive when an outage (ours or Redis's) or an empty restart
+        # began: (their heartbeat then, ms of silence excused), until they are heard from.
+        self._excused: dict[str, tuple[int, int]] = {}
         # What the watcher knows of each node listed: last heartbeat (ms) and record.
         self._known: dict[str, tuple[int, dict[str, Any]]] = {}
         self._states: dict[str, NodeState] = {}
@@ -587,22 +594,40 @@ class ClusterMember(StartStop):
         Without a failure since the last read, a node's silence is the age of its last
         heartbeat, as for ``cluster_health()``, the first read included: a node already dead
         then is lost at once.  After a failure (ours or Redis's), or when the epoch says Redis
-        lost its data (restarted empty), the nodes alive before get a full bound from now to
-        be heard from; a node lost before stays lost.  A node Redis no longer has (expired
-        after ``retention``, or not republished after an empty restart within that bound)
-        is listed no more, as ``cluster_health()`` lists it no more.
+        lost its data (restarted empty), the silence of each node alive before is excused by
+        the time nobody could publish: from our last read to this one, or to the first publish
+        into the emptied Redis if that came earlier; a node lost before stays lost.  A node
+        Redis no longer has (expired after ``retention``, or not republished after an empty
+        restart by its excused deadline) is listed no more, as ``cluster_health()`` lists it
+        no more.
         """
         now = raw.now_ms
         restarted = self._epoch is not None and raw.epoch != self._epoch
         if raw.epoch is not None or restarted:
             self._epoch = raw.epoch
-        if self._gap or restarted:
-            # Silence during an outage says nothing about a node that was alive: count it
-            # from now on.  (The first read has no "before": nothing to excuse.)
+        if (self._gap or restarted) and self._read_ms is not None:
+            # Silence while nobody could publish says nothing about a node that was alive:
+            # its deadline moves by that time, and by no more.  We cannot see when Redis went
+            # away or came back, only that it answered at our last read and again now, so the
+            # gap is bounded by that span; after an empty restart, by the first publish into
+            # the emptied Redis (the epoch's stamp), when publishing was possible again.  That
+            # bound is never shorter than the outage (a node that republished promptly is
+            # never lost for it) and longer by at most a read's distance on each side.  (The
+            # first read has no "before": nothing to excuse.)
+            end = now
+            if restarted:
+                end = min(end, _epoch_ms(raw.epoch, default=now))
+            gap = max(0, end - self._read_ms)
             for node_id, state in self._states.items():
-                if state == "alive":
-                    self._grace[node_id] = now
-            self._gap = False
+                known = self._known.get(node_id)
+                if state != "alive" or known is None:
+                    continue
+                beat, excused = self._excused.get(node_id, (known[0], 0))
+                if beat != known[0]:
+                    excused = 0
+                self._excused[node_id] = (known[0], excused + gap)
+        self._gap = False
+        self._read_ms = now
         for node_id, entry in raw.nodes.items():
             known = self._known.get(node_id)
             if known is None or entry[0] >= known[0]:
@@ -611,14 +636,15 @@ class ClusterMember(StartStop):
         dropped: dict[str, NodeHealth] = {}
         for node_id, (beat, record) in list(self._known.items()):
             age = (now - beat) / 1000.0
-            grace = self._grace.get(node_id, beat)
-            if grace <= beat:
-                self._grace.pop(node_id, None)  # heard from since: the grace is spent
-            silent = (now - max(beat, grace)) / 1000.0
+            excused_beat, excused = self._excused.get(node_id, (beat, 0))
+            if excused_beat != beat:
+                self._excused.pop(node_id, None)  # heard from since: the excuse is spent
+                excused = 0
+            silent = (now - beat - excused) / 1000.0
             node = node_health(node_id, record, age, silent)
-            if node_id not in raw.nodes and (node.state != "alive" or node_id not in self._grace):
+            if node_id not in raw.nodes and (node.state != "alive" or node_id not in self._excused):
                 del self._known[node_id]  # Redis has it no more: neither do we
-                self._grace.pop(node_id, None)
+                self._excused.pop(node_id, None)
                 dropped[node_id] = node
                 continue
             nodes[node_id] = node
@@ -662,6 +688,14 @@ class ClusterMember(StartStop):
         self._lost_since[node_id] = since
         while len(self._lost_since) > _REMEMBERED:
             del self._lost_since[next(iter(self._lost_since))]
+
+
+def _epoch_ms(epoch: str | None, *, default: int) -> int:
+    """The Redis time (ms) an epoch was written at (``<token>:<ms>``, see _PUBLISH)."""
+    try:
+        return int((epoch or "").rsplit(":", 1)[1])
+    except (IndexError, ValueError):
+        return default
 
 
 def cluster_member(

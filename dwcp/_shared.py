@@ -8,6 +8,13 @@ working on process-local state, the condition is logged and reported, and the sh
 used again once Redis answers.  Meanwhile each process decides alone: each runs its own trial
 every period, and the breaker stays open in each until its own trial succeeds.
 
+The newer decision wins: every state change is stamped with when it was decided
+(``<name>:pybreaker:decided_at_ms``), by every writer, the Lua scripts included.  A process that
+decided while Redis was unreachable writes its state back when Redis answers only if it is
+newer than what Redis holds (``_WRITE_BACK``), and otherwise adopts Redis's; a write older than
+the stored decision is refused.  So a close decided alone during an outage is not undone by an
+older open that another process wrote back first after an empty restart.
+
 Beyond pybreaker's keys, ``opened_at`` is also kept in milliseconds (``<name>:pybreaker:
 opened_at_ms``; pybreaker stores whole seconds), and every state change is published on the
 channel ``<name>:pybreaker:changes`` so that other processes hear of it at once
@@ -42,12 +49,19 @@ __all__ = ["FailoverStorage", "connect"]
 # One script serves both modes so the "the trial overran its deadline" step is the same:
 #   claim  ARGV: 'claim', period, deadline, token, now, origin -> granted | taken | stale
 #   expire ARGV: 'expire', period, '', '', now, origin          -> expired
-# KEYS: state, opened_at (s), opened_at_ms, trial, changes.
+# KEYS: state, opened_at (s), opened_at_ms, trial, changes, decided_at_ms.
+# A re-open here is stamped (decided_at_ms, only ever moved later) as decided when the trial
+# counted as failed (its deadline); a later open brought back, when it was opened (its period),
+# not when it reached Redis: a close decided after either still wins the write-back.
 _TRIAL = """
 local state = redis.call('get', KEYS[1])
 if not state or state == 'closed' then
   if ARGV[1] == 'expire' then return 'expired' end
   return 'stale'
+end
+local function decided(at)
+  local held = redis.call('get', KEYS[6])
+  if not held or tonumber(at) > tonumber(held) then redis.call('set', KEYS[6], at) end
 end
 local current = 0
 local ms, s = redis.call('get', KEYS[3]), redis.call('get', KEYS[2])
@@ -64,6 +78,7 @@ if period and tonumber(period) == current and tonumber(deadline) <= tonumber(ARG
   redis.call('set', KEYS[1], 'open')
   redis.call('set', KEYS[2], string.sub(deadline, 1, -4))
   redis.call('set', KEYS[3], deadline)
+  decided(deadline)
   redis.call('publish', KEYS[5], ARGV[6] .. ' open')
   current = tonumber(deadline)
 end
@@ -77,6 +92,7 @@ if tonumber(ARGV[2]) > current then
   redis.call('set', KEYS[2], string.sub(ARGV[2], 1, -4))
   redis.call('set', KEYS[3], ARGV[2])
   redis.call('set', KEYS[1], 'open')
+  decided(ARGV[2])
   redis.call('publish', KEYS[5], ARGV[6] .. ' open')
   current = tonumber(ARGV[2])
 end
@@ -103,6 +119,64 @@ later(KEYS[1], ARGV[1])
 later(KEYS[2], ARGV[2])
 return 1
 """
+
+# Decision stamps (``decided_at_ms``) are the deciding process's wall clock in epoch ms, not
+# Redis TIME: the decisions that must be ordered are the ones taken while Redis could not be
+# reached (each process deciding alone), which Redis cannot stamp; and the breaker already
+# relies on the processes' wall clocks agreeing (the shared ``opened_at`` is compared with
+# each process's own clock for the reset timeout, trial deadlines are epoch ms).  Clocks that
+# disagree by more than the time between two conflicting decisions can still order them
+# wrongly; NTP keeps that to milliseconds.  A stamp that is missing (a plain pybreaker writer,
+# or an older dwcp) counts as 0: older than any decision.
+
+# A state decided now: written, stamped and announced in one step, unless Redis holds a
+# newer decision (a process whose write was delayed past another's decision; refused, it
+# adopts Redis's at its next read).  KEYS: state, decided_at_ms, changes.  ARGV: state,
+# decided (ms), origin.  Returns 1 when written.
+_SET_STATE = """
+local held = redis.call('get', KEYS[2])
+if held and tonumber(held) > tonumber(ARGV[2]) then return 0 end
+redis.call('set', KEYS[1], ARGV[1])
+redis.call('set', KEYS[2], ARGV[2])
+redis.call('publish', KEYS[3], ARGV[3] .. ' ' .. ARGV[1])
+return 1
+"""
+
+# A process that decided while Redis was unreachable, or that finds the state missing (Redis
+# restarted empty), writes its local state back: only where Redis has none, or holds another
+# state decided earlier than ours.  The same state is left as Redis has it (an open keeps the
+# shared period, whose trial may be running).  KEYS: state, decided_at_ms, opened_at (s),
+# opened_at_ms, fail_counter, success_counter, changes.  ARGV: state, decided (ms), opened_at
+# (ms, or '' to leave it), fail count, success count, origin.  Returns {state, decided, 1 if
+# ours was written}.
+_WRITE_BACK = """
+local state = redis.call('get', KEYS[1])
+local held = tonumber(redis.call('get', KEYS[2]) or '0')
+if state and (state == ARGV[1] or tonumber(ARGV[2]) <= held) then
+  return {state, tostring(held), 0}
+end
+redis.call('set', KEYS[1], ARGV[1])
+redis.call('set', KEYS[2], ARGV[2])
+redis.call('set', KEYS[5], ARGV[4])
+redis.call('set', KEYS[6], ARGV[5])
+if ARGV[3] ~= '' then
+  local function later(key, value)
+    local current = redis.call('get', key)
+    if not current or tonumber(value) > tonumber(current) then redis.call('set', key, value) end
+  end
+  later(KEYS[3], string.sub(ARGV[3], 1, -4))
+  later(KEYS[4], ARGV[3])
+end
+redis.call('publish', KEYS[7], ARGV[6] .. ' ' .. ARGV[1])
+return {ARGV[1], ARGV[2], 1}
+"""
+
+
+def _now_ms() -> int:
+    # The decision clock (see above); datetime.now like pybreaker's opened_at, so freezegun
+    # moves both together in tests.
+    return epoch_ms(datetime.now(timezone.utc))
+
 
 # pybreaker logs each Redis error with a traceback through the standard library; we report
 # the condition ourselves, and a NullHandler keeps Python's last-resort handler from printing
@@ -194,6 +268,11 @@ class FailoverStorage(pybreaker.CircuitBreakerStorage):
         self.last_error: str | None = None
         # Our claim on the current period's trial, as stored in Redis.
         self._trial_token: str | None = None
+        # When the local state was decided (epoch ms, see _SET_STATE), and whether it holds a
+        # decision Redis has not heard (taken while Redis was unreachable): written back, if
+        # newer than Redis's, before this process reads Redis's state again.
+        self._decided_ms = 0
+        self._unshared = False
         # Tells our own change messages from other processes'.
         self._origin = f"{os.getpid()}-{secrets.token_hex(6)}"
         self._callbacks: tuple[Callable[[], None], ...] = ()
@@ -253,6 +332,8 @@ class FailoverStorage(pybreaker.CircuitBreakerStorage):
             self._connect()
             if self._remote is None:
                 return
+        if self._unshared and not self._write_back():
+            return
         with self._lock:
             self._degraded = False
         logger.bind(breaker=self._name).info("Shared breaker state reachable again")
@@ -320,11 +401,15 @@ class FailoverStorage(pybreaker.CircuitBreakerStorage):
             if local.opened_at is None or moment > local.opened_at:
                 local.opened_at = moment
             local.state = pybreaker.STATE_OPEN
+            # Decided alone, as failed at the deadline (as the script stamps it).
+            self._decided_ms = max(self._decided_ms, deadline)
+            self._unshared = True
 
     def _trial_script(self, mode: str, period: str, deadline: str, token: str) -> str:
         now = str(epoch_ms(datetime.now(timezone.utc)))
-        keys = [self._key(f) for f in ("state", "opened_at", "opened_at_ms", "trial", "changes")]
-        raw = self._client.eval(_TRIAL, 5, *keys, mode, period, deadline, token, now, self._origin)
+        fields = ("state", "opened_at", "opened_at_ms", "trial", "changes", "decided_at_ms")
+        keys = [self._key(f) for f in fields]
+        raw = self._client.eval(_TRIAL, 6, *keys, mode, period, deadline, token, now, self._origin)
         return raw.decode() if isinstance(raw, bytes) else str(raw)
 
     # -- pybreaker's storage interface ---------------------------------------------------------
@@ -355,52 +440,74 @@ class FailoverStorage(pybreaker.CircuitBreakerStorage):
         if target is self._local:
             return str(self._local.state)
         try:
-            raw = self._client.get(self._key("state"))
+            raw, decided = self._client.mget(self._key("state"), self._key("decided_at_ms"))
         except RedisError as exc:
             self._failed(exc)
             return str(self._local.state)
-        if raw is None:
+        if raw is None or self._unshared:
             # Redis lost the state (restarted without persistence, say): pybreaker would
-            # recreate it closed, closing an open breaker without a trial. Put ours back.
-            self._restore_remote()
+            # recreate it closed, closing an open breaker without a trial. Put ours back,
+            # unless another process put back a newer one first.  (Or a decision of ours
+            # taken alone is still to be written back: never adopt an older one over it.)
+            if raw is None:
+                logger.bind(breaker=self._name, state=self._local.state).warning(
+                    "Shared breaker state missing in Redis; restoring this process's "
+                    f"({self._local.state}) unless another process restored a newer one"
+                )
+            self._write_back()
             return str(self._local.state)
         value = raw.decode() if isinstance(raw, bytes) else str(raw)
         self._local.state = value
+        self._decided_ms = int(decided or 0)
         return value
 
     @state.setter
     def state(self, state: str) -> None:
+        decided = _now_ms()
+        shared = False
         if self._target() is not self._local:
-            # The write and its announcement in one round trip.
+            # The write, its stamp and its announcement in one round trip.
+            keys = [self._key(f) for f in ("state", "decided_at_ms", "changes")]
             try:
-                pipe = self._client.pipeline(transaction=False)
-                pipe.set(self._key("state"), str(state))
-                pipe.publish(self._key("changes"), f"{self._origin} {state}")
-                pipe.execute()
+                self._client.eval(_SET_STATE, 3, *keys, str(state), decided, self._origin)
+                shared = True  # written, or refused as older than Redis's: Redis decides
             except RedisError as exc:
                 self._failed(exc)
         self._local.state = state
+        self._decided_ms = decided
+        self._unshared = not shared
 
-    def _restore_remote(self) -> None:
+    def _write_back(self) -> bool:
+        """Write the local state to Redis where Redis has none or an older decision of another
+        state (``_WRITE_BACK``), and adopt whichever Redis then holds; False if Redis failed."""
         local = self._local
-        logger.bind(breaker=self._name, state=local.state).warning(
-            f"Shared breaker state missing in Redis; restoring this process's ({local.state})"
-        )
+        state = str(local.state)
+        opened = ""
+        if state != pybreaker.STATE_CLOSED:
+            # Whether the local open period's trial already ran (alone, or in a Redis that
+            # lost it) is unknown to the others: an open written back starts a new period now,
+            # so that no period gets a second trial.
+            opened = str(_now_ms())
+        fields = ("state", "decided_at_ms", "opened_at", "opened_at_ms", "fail_counter")
+        keys = [self._key(f) for f in (*fields, "success_counter", "changes")]
+        args = (state, self._decided_ms, opened, local.counter, local.success_counter)
         try:
-            self._client.set(self._key("fail_counter"), local.counter)
-            self._client.set(self._key("success_counter"), local.success_counter)
-            opened = local.opened_at
-            if str(local.state) != pybreaker.STATE_CLOSED:
-                # Whether the open period's trial already ran was lost with Redis: an open
-                # breaker starts a new period now, so that no period gets a second trial.
-                opened = datetime.now(timezone.utc)
-                local.opened_at = opened
-            if opened is not None:
-                self._write_opened_at(opened)
-            # Last, and only if still missing: another process may be restoring too.
-            self._client.setnx(self._key("state"), local.state)
+            held, decided, written = self._client.eval(_WRITE_BACK, 7, *keys, *args, self._origin)
         except RedisError as exc:
             self._failed(exc)
+            return False
+        value = held.decode() if isinstance(held, bytes) else str(held)
+        if int(written):
+            if opened:
+                local.opened_at = from_epoch_ms(int(opened))
+        else:
+            logger.bind(breaker=self._name, local=state, shared=value).debug(
+                "Shared breaker holds a newer decision than this process's; adopting it"
+            )
+        local.state = value
+        self._decided_ms = int(decided)
+        self._unshared = False
+        return True
 
     def increment_counter(self) -> None:
         self._do(lambda s: s.increment_counter(), write=True)

@@ -1,9 +1,10 @@
 """A manager process in a cluster, for tests/ops/test_cluster_processes.py.
 
-Usage: python -m tests.cluster_child REDIS_URL NODE_ID INTERVAL CHECK_TIMEOUT
+Usage: python -m tests.cluster_child REDIS_URL NODE_ID INTERVAL CHECK_TIMEOUT [LOST_AFTER]
 
 Runs a Manager whose cluster and shared breaker use one Redis client, serves its health
-server on a free loopback port, sends through the breaker every 20 ms, prints one JSON line
+server on a free loopback port (with LOST_AFTER, through a ``ClusterMember`` announcing that
+many intervals as its bound), sends through the breaker every 20 ms, prints one JSON line
 ``{"url": ..., "pid": ...}`` once started and runs until stdin closes or it is killed.
 """
 
@@ -37,10 +38,18 @@ class _Transport:
 def main() -> None:
     url, node_id, interval, check_timeout = sys.argv[1:5]
     client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    cluster: object = client
+    named: str | None = node_id
+    if len(sys.argv) > 5:
+        from dwcp.cluster import ClusterMember
+
+        every = float(interval) + float(check_timeout)
+        cluster = ClusterMember(client, node_id, interval=every, lost_after=float(sys.argv[5]))
+        named = None
     manager = dwcp.Manager(
         _Transport(),
-        cluster=client,
-        node_id=node_id,
+        cluster=cluster,
+        node_id=named,
         breaker_storage=client,  # one connection serves both
         breaker_name="cluster-test",
         health_interval=float(interval),

@@ -63,10 +63,11 @@ class Cluster:
             "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""),
         }
 
-    def spawn(self, name: str) -> Node:
+    def spawn(self, name: str, lost_after: float | None = None) -> Node:
+        extra = [] if lost_after is None else [str(lost_after)]
         proc = subprocess.Popen(
             [sys.executable, "-m", "tests.cluster_child", self.url, name,
-             str(INTERVAL), str(CHECK_TIMEOUT)],
+             str(INTERVAL), str(CHECK_TIMEOUT), *extra],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=self._env,
         )  # fmt: skip
         assert proc.stdout is not None
@@ -260,3 +261,54 @@ def test_after_an_empty_redis_restart_the_cli_and_every_watcher_agree(
     # Redis forgot the dead node, and so did every view: the survivors, healthy.
     view = cluster_health(redis_server.url)
     assert set(view.nodes) == {n.name for n in others} and view.healthy
+
+
+def test_a_node_killed_before_a_quick_empty_restart_is_lost_at_its_own_deadline(
+    redis_server: RedisServer, cluster: Cluster
+) -> None:
+    """Issue 21: after an empty restart a node that died just before it was listed alive for
+    one more full bound.  Its deadline now moves only by the time nobody could publish (here,
+    a restart of a moment): the watchers list it alive no longer than its own bound plus that
+    time, and never call a survivor lost.  A bound of 12 passes keeps the two rules apart by
+    seconds: the old one listed it alive until an age of at least 5 + 6 - 0.5 s."""
+    lost_after = 12
+    bound = lost_after * (INTERVAL + CHECK_TIMEOUT)  # 6 s
+    nodes = [cluster.spawn(f"q{i}", lost_after) for i in range(3)]
+    names = {n.name for n in nodes}
+    wait_until(lambda: all(_all_alive(n, names) for n in nodes), timeout=30)
+    victim, others = nodes[-1], nodes[:-1]
+    _kill(victim)
+
+    def victim_entries() -> list[dict[str, Any]]:
+        return [n.cluster()["nodes"][victim.name] for n in others]
+
+    # Silent for most of its bound in every watcher's view, and still alive.
+    wait_until(lambda: all(e["age"] >= bound - 1.0 for e in victim_entries()), timeout=30)
+    assert all(e["alive"] for e in victim_entries())
+    redis_server.kill()
+    redis_server.start()  # empty, after a moment
+    alive_ages: list[float] = []
+
+    def gone() -> bool:
+        views = [n.cluster() for n in others]
+        for view in views:
+            # The survivors are never called lost, across the restart.
+            assert all(view["nodes"][o.name]["alive"] for o in others), view
+            entry = view["nodes"].get(victim.name)
+            if entry is not None and entry["alive"]:
+                alive_ages.append(entry["age"])
+        return all(victim.name not in view["nodes"] for view in views)
+
+    wait_until(gone, timeout=60)
+    print(f"listed alive up to an age of {max(alive_ages):.2f} s (bound {bound:g} s)")
+    # Its own bound plus the restart and a pass on each side of it, with room for a busy
+    # machine; the old rule could not go below bound - 1.0 + bound - 0.5 = 10.5 s.
+    assert max(alive_ages) < bound + 3.5, max(alive_ages)
+    # Redis forgot the dead node, and so did every view; the one-shot reader and the CLI agree.
+    view = cluster_health(redis_server.url)
+    assert set(view.nodes) == {o.name for o in others} and view.healthy
+    code, cli = _cli(redis_server.url)
+    assert code == 0 and set(cli["nodes"]) == {o.name for o in others}
+    for node in others:
+        document = node.cluster()
+        assert document["status"] == "healthy" and set(document["nodes"]) == set(cli["nodes"])

@@ -877,3 +877,248 @@ def test_stop_gives_back_the_redis_connections_it_opened_and_start_opens_them_ag
         # Before: the pool's idle connection stayed open until the manager was collected.
         wait_until(lambda: _other_clients(redis_server) == 0)
     assert manager.circuit_breaker_state == "closed"  # read through Redis again, lazily
+
+
+# -- the newer decision wins when processes that decided alone meet again ---------------------
+
+
+def _outage_pair(url: str, name: str, reset: float) -> tuple[Any, Any]:
+    """Two breakers sharing ``name`` as two processes would, re-reading Redis on every call
+    and retrying an unreachable Redis at once (no retry interval to wait out)."""
+    from dwcp._breaker import Breaker
+    from dwcp._shared import FailoverStorage, connect
+
+    def breaker() -> Breaker:
+        storage = FailoverStorage(connect(url), name, retry_interval=0.0)
+        return Breaker(max_failures=1, reset_timeout=reset, storage=storage, sync_interval=0)
+
+    return breaker(), breaker()
+
+
+def _alone_until(breaker: Any, state: str) -> bool:
+    """Whether ``breaker`` reads ``state`` on its own (fallback) storage."""
+    return bool(breaker.state == state and breaker.storage_mode == "fallback")
+
+
+def test_a_close_decided_alone_during_an_outage_wins_over_an_older_open_written_back_first(
+    redis_server: RedisServer,
+) -> None:
+    """The outside test's 20-40 ms re-open (4 of 12 restarts), made deterministic: while
+    Redis is down ``closer`` runs its own trial and closes; Redis restarts empty; ``opener``,
+    still open from before the outage, reaches Redis first and writes its (older) open back.
+    ``closer`` then keeps its newer close, writes it back, and ``opener`` adopts it: no
+    process re-opens without a failed call."""
+    import redis
+
+    name = "newer-close-wins"
+    closer, opener = _outage_pair(redis_server.url, name, reset=0.3)
+    opener.record_failure(opener.admit())  # open, shared
+    assert closer.state == "open"
+    redis_server.kill()
+    wait_until(lambda: _alone_until(closer, "half-open"), timeout=30)
+    closer.record_success(closer.admit())  # its own trial, decided alone: closed
+    assert closer.state == "closed" and closer.storage_mode == "fallback"
+    reopens = closer.transition_counts.get(("closed", "open"), 0)
+    redis_server.start()  # empty
+    client = redis.Redis.from_url(redis_server.url, socket_timeout=2)
+    try:
+        key = f"{name}:pybreaker:state"
+        # The older open is written back first (the opener's state read finds it missing).
+        wait_until(
+            lambda: (
+                opener.state != "closed"
+                and opener.storage_mode == "shared"
+                and client.get(key) == b"open"
+            )
+        )
+        assert closer.state == "closed"  # before: "open" (it adopted the older open)
+        assert closer.storage_mode == "shared"
+        assert client.get(key) == b"closed"  # its newer close is the shared state now
+        wait_until(lambda: opener.state == "closed")  # and the opener adopts it
+    finally:
+        client.close()
+    assert closer.transition_counts.get(("closed", "open"), 0) == reopens
+    closer.close()
+    opener.close()
+
+
+@pytest.mark.parametrize("closer_first", [True, False], ids=["older-first", "newer-first"])
+def test_an_open_decided_alone_after_anothers_close_wins_over_that_close(
+    redis_server: RedisServer, closer_first: bool
+) -> None:
+    """The same rule the other way round: ``closer`` closes alone, then ``opener``'s own
+    trial fails, later.  The newer open (a failed call) wins whichever returns first: when
+    ``closer`` writes its older close back first into the emptied Redis, ``opener`` stays open
+    and writes its open over it; when ``opener`` is first, ``closer``'s older close is not
+    written back.  Either way ``closer`` adopts the open."""
+    import redis
+
+    name = f"newer-open-wins-{closer_first}"
+    closer, opener = _outage_pair(redis_server.url, name, reset=1.0)
+    opener.record_failure(opener.admit())
+    assert closer.state == "open"
+    redis_server.kill()
+    wait_until(lambda: _alone_until(closer, "half-open"), timeout=30)
+    closer.record_success(closer.admit())
+    assert closer.state == "closed"
+    closed_at = time.time()
+    # opener's own trial fails after closer's close was decided.
+    wait_until(lambda: _alone_until(opener, "half-open") and time.time() > closed_at + 0.01)
+    opener.record_failure(opener.admit())
+    assert opener.state == "open"
+    closes = opener.transition_counts.get(("open", "closed"), 0)
+    redis_server.start()  # empty
+    client = redis.Redis.from_url(redis_server.url, socket_timeout=2)
+    try:
+        key = f"{name}:pybreaker:state"
+        if closer_first:
+            wait_until(lambda: closer.state == "closed" and closer.storage_mode == "shared")
+            assert client.get(key) == b"closed"  # the older close, written back first
+            assert opener.state != "closed"  # before: "closed" (it adopted the older close)
+            assert client.get(key) == b"open"
+        else:
+            wait_until(lambda: opener.state != "closed" and opener.storage_mode == "shared")
+            assert client.get(key) == b"open"
+        wait_until(lambda: closer.state != "closed" and closer.storage_mode == "shared")
+        assert client.get(key) == b"open"
+    finally:
+        client.close()
+    assert opener.transition_counts.get(("open", "closed"), 0) == closes
+    closer.close()
+    opener.close()
+
+
+def test_every_state_change_records_when_it_was_decided(redis_server: RedisServer) -> None:
+    """Plain writes and the trial script's re-open stamp ``decided_at_ms``; a write older
+    than the stored stamp is refused."""
+    from dwcp._shared import FailoverStorage, connect
+
+    name = "decided-stamps"
+    storage = FailoverStorage(connect(redis_server.url), name)
+    client = connect(redis_server.url)
+    key = f"{name}:pybreaker:"
+    before = int(time.time() * 1000)
+    storage.state = "open"
+    stamp = int(client.get(key + "decided_at_ms"))
+    assert stamp >= before
+    # The trial script: a claim whose deadline passed re-opens, stamped with the deadline.
+    now = int(time.time() * 1000)
+    client.set(key + "opened_at_ms", now - 5000)
+    assert storage.claim_trial(now - 5000, now - 1000) == "granted"
+    storage.end_trial()
+    assert storage.claim_trial(now - 1000, now + 60_000) == "granted"  # expired, then claimed
+    assert int(client.get(key + "decided_at_ms")) == max(stamp, now - 1000)
+    # A decision older than Redis's is refused.
+    client.set(key + "decided_at_ms", int(time.time() * 1000) + 60_000)
+    storage.state = "closed"
+    assert client.get(key + "state") == b"open"
+    assert storage.state == "open"  # it adopts Redis's newer decision
+    storage.close()
+
+
+class _PeerBackOnFlag(FakeTransport):
+    """A dead peer until ``work/peer-up`` exists, then a live one."""
+
+    def __init__(self, work: str) -> None:
+        super().__init__()
+        self._up = os.path.join(work, "peer-up")
+
+    def send(self, data: bytes | bytearray | memoryview) -> None:
+        if not os.path.exists(self._up):
+            raise ConnectionRefusedError("peer down")
+        super().send(data)
+
+
+def _closing_alone_process(url: str, name: str, work: str) -> None:
+    """Runs in a child process: sends through the shared breaker until ``work/stop`` exists.
+    Writes ``closed-alone`` once its breaker closed while Redis was unreachable, then
+    ``shared-again`` once it uses Redis again, and last ``result`` (JSON): the re-opens
+    after closing alone and the final state."""
+    import json
+
+    transport = _PeerBackOnFlag(work)
+    manager = dwcp.Manager(
+        transport, breaker_storage=url, breaker_name=name, max_failures=1, reset_timeout=0.3
+    )
+    manager.start()
+    pace = threading.Event()
+    with open(os.path.join(work, "ready"), "w"):
+        pass
+    closed_alone: int | None = None
+    deadline = time.monotonic() + 120
+    try:
+        while not os.path.exists(os.path.join(work, "stop")) and time.monotonic() < deadline:
+            try:
+                manager.send_with_circuit_breaker(b"x")
+            except (dwcp.CircuitOpenError, dwcp.TransportError):
+                pass
+            metrics = manager.metrics()
+            reopens = metrics.breaker_transitions.get(("closed", "open"), 0)
+            if closed_alone is None:
+                if manager.circuit_breaker_state == "closed" and (
+                    metrics.breaker_storage == "fallback"
+                ):
+                    closed_alone = reopens
+                    open(os.path.join(work, "closed-alone"), "w").close()
+            elif metrics.breaker_storage == "shared":
+                open(os.path.join(work, "shared-again"), "w").close()
+            pace.wait(0.005)  # pacing of a steady sender, not a synchronisation
+        reopened = None if closed_alone is None else reopens - closed_alone
+        state = manager.circuit_breaker_state
+    finally:
+        manager.stop()
+    with open(os.path.join(work, "result"), "w") as out:
+        json.dump({"reopened": reopened, "state": state}, out)
+
+
+def test_a_process_that_closed_alone_keeps_its_close_across_processes(
+    redis_server: RedisServer, tmp_path: Any
+) -> None:
+    """The outside test's re-open, across processes and made deterministic with SIGSTOP: a
+    child process's own trial closes its breaker while Redis is down; the child is frozen
+    while Redis restarts empty and this process (still open from before the outage) writes
+    its older open back first; thawed, the child keeps its newer close (before: it adopted
+    the open, one ``closed -> open`` with no failed call) and the close becomes the shared
+    state, which this process adopts."""
+    import json
+    import signal
+
+    import redis
+
+    name, work = "closed-alone-processes", str(tmp_path)
+    opener, spare = _outage_pair(redis_server.url, name, reset=3600)
+    spare.close()
+    opener.record_failure(opener.admit())
+    ctx = multiprocessing.get_context("spawn")
+    child = ctx.Process(target=_closing_alone_process, args=(redis_server.url, name, work))
+    child.start()
+    client = redis.Redis.from_url(redis_server.url, socket_timeout=2)
+    try:
+        wait_until(lambda: os.path.exists(os.path.join(work, "ready")), timeout=120)
+        redis_server.kill()
+        open(os.path.join(work, "peer-up"), "w").close()
+        wait_until(lambda: os.path.exists(os.path.join(work, "closed-alone")), timeout=60)
+        assert child.pid is not None
+        os.kill(child.pid, signal.SIGSTOP)
+        try:
+            redis_server.start()  # empty
+            key = f"{name}:pybreaker:state"
+            # This process's open, decided before the child's close, is written back first.
+            wait_until(lambda: opener.state == "open" and client.get(key) == b"open")
+        finally:
+            os.kill(child.pid, signal.SIGCONT)
+        wait_until(lambda: os.path.exists(os.path.join(work, "shared-again")), timeout=60)
+        wait_until(lambda: client.get(key) == b"closed", timeout=30)
+        wait_until(lambda: opener.state == "closed")
+    finally:
+        open(os.path.join(work, "stop"), "w").close()
+        child.join(60)
+        if child.is_alive():
+            child.kill()
+            child.join(10)
+        client.close()
+        opener.close()
+    assert child.exitcode == 0
+    with open(os.path.join(work, "result")) as handle:
+        result = json.load(handle)
+    assert result == {"reopened": 0, "state": "closed"}, result
