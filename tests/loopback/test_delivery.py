@@ -458,3 +458,81 @@ def test_an_on_message_that_cannot_take_its_arguments_is_refused_at_construction
     # Accepted, every message would fail in the handler: logged, counted delivered, lost.
     with pytest.raises(TypeError, match="on_message must accept"):
         dwcp.MultiStreamReceiver(on_message=handler, with_ids=with_ids)
+
+
+# -- more of what the README promises ---------------------------------------------------------
+
+
+def test_messages_stopped_after_they_were_sent_are_resent_by_a_restarted_manager(
+    receiver_factory: ReceiverFactory,
+    transport_factory: TransportFactory,
+    make_manager: Callable[..., dwcp.Manager],
+) -> None:
+    """README.md, "Delivery through outages: manager.deliver()": "Then every message still
+    unconfirmed fails with `DeliveryError` (`STOPPED`) [...] Messages with `.sent` true stay
+    in the transport's window: a restarted manager resends them." """
+    gate = Gate()
+    gate.open.clear()
+    receiver, _ = receiver_factory(on_message=gate)
+    manager = make_manager(transport_factory(receiver.address, acknowledged=True, close_timeout=0.2))
+    manager.start()
+    handles = [manager.deliver(message) for message in numbered(5)]
+    assert gate.waiting.wait(TIMEOUT)  # the first is in on_message: none can be confirmed
+    manager.stop()
+    errors = [h.exception(timeout=TIMEOUT) for h in handles]
+    assert [(e.code, e.sent) if e is not None else None for e in errors] == [("STOPPED", True)] * 5
+    gate.open.set()
+    manager.start()  # the same transport, with the same window
+    manager.flush(timeout=30.0)
+    wait_until(lambda: len(set(gate.messages)) == 5, timeout=30.0)
+    assert sorted(set(gate.messages)) == sorted(numbered(5))
+    assert len(gate.messages) == 5, gate.messages  # each resent message arrived once
+
+
+def test_flush_without_a_timeout_ends_when_the_deadlines_pass(
+    receiver_factory: ReceiverFactory,
+    transport_factory: TransportFactory,
+    make_manager: Callable[..., dwcp.Manager],
+) -> None:
+    """README.md, "Delivery through outages: manager.deliver()": "`manager.flush(timeout=None)`
+    waits until every message accepted before the call has settled, confirmed or failed
+    (every message has a deadline, so it ends without a timeout too)." """
+    gate = Gate()
+    gate.open.clear()
+    receiver, _ = receiver_factory(on_message=gate)
+    manager = make_manager(transport_factory(receiver.address, acknowledged=True))
+    manager.start()
+    handles = [manager.deliver(message, timeout=0.3) for message in numbered(3)]
+    flushed = threading.Event()
+    flusher = threading.Thread(target=lambda: (manager.flush(), flushed.set()), name="test-flush")
+    flusher.start()
+    try:
+        assert flushed.wait(30.0), "flush() without a timeout never returned"
+        assert all(h.done() for h in handles)
+        assert {getattr(h.exception(), "code", None) for h in handles} == {"DELIVERY_TIMEOUT"}
+    finally:
+        gate.open.set()
+        flusher.join(TIMEOUT)
+
+
+def test_a_refused_message_does_not_count_against_the_breaker(
+    receiver_factory: ReceiverFactory,
+    transport_factory: TransportFactory,
+    make_manager: Callable[..., dwcp.Manager],
+) -> None:
+    """README.md, "Delivery through outages: manager.deliver()": "A message the transport
+    refuses (over its `max_message_size`) fails alone with `DeliveryError` (`REFUSED`, the
+    `ValueError` as `__cause__`) and does not count against the breaker." """
+    receiver, inbox = receiver_factory()
+    manager = make_manager(
+        transport_factory(receiver.address, acknowledged=True, max_message_size=100),
+        max_failures=1,  # a single counted failure would open it
+    )
+    manager.start()
+    refused = [manager.deliver(bytes(101)) for _ in range(3)]
+    manager.flush(timeout=TIMEOUT)
+    assert {getattr(h.exception(), "code", None) for h in refused} == {"REFUSED"}
+    assert manager.circuit_breaker_state == "closed"
+    assert manager.metrics().send_errors == 0
+    manager.deliver(b"after").result(timeout=TIMEOUT)
+    assert inbox.messages == [b"after"]

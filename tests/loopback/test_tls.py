@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from loguru import logger
 
+import dwcp
 from dwcp import TransportError
 from dwcp.transport import MultiStreamReceiver, MultiStreamTCPTransport, wire
 from dwcp.transport._io import is_loopback_host
@@ -613,3 +614,38 @@ def test_tls_arguments_are_validated(pki: PKI) -> None:
         MultiStreamReceiver(on_message=print, ssl_context=client_context(pki))
     with pytest.raises(ValueError, match="tls_handshake_timeout"):
         MultiStreamReceiver(on_message=print, tls_handshake_timeout=0)
+
+
+def test_a_refused_tls_handshake_under_a_manager_is_a_failed_recovery_attempt_retried(
+    pki: PKI,
+    receiver_factory: ReceiverFactory,
+    transport_factory: TransportFactory,
+    make_manager: Callable[..., dwcp.Manager],
+) -> None:
+    """docs/tls.md, "What happens when TLS fails": "**Sender.** `start()` raises
+    `dwcp.TransportError`, and the `ssl.SSLError` is its `__cause__`. [...] Under a
+    `Manager`, this is just a failed recovery attempt, retried with backoff." """
+    receiver, inbox = receiver_factory(ssl_context=server_context(pki))
+    transport = transport_factory(
+        receiver.address, ssl_context=client_context(pki, trust=pki.other_ca)
+    )
+    events: list[dwcp.Event] = []
+    manager = make_manager(transport, initial_backoff=0.05, max_retries=3)
+    manager.add_listener(events.append)
+    manager.start()  # does not raise: the transport starts degraded
+    assert manager.is_started
+
+    def of(kind: type[dwcp.Event]) -> list[Any]:
+        return [e for e in list(events) if isinstance(e, kind)]
+
+    wait_until(lambda: of(dwcp.RecoveryFailed), TIMEOUT)
+    unhealthy = of(dwcp.ComponentUnhealthy)[0]
+    assert unhealthy.component == "transport"
+    assert "CERTIFICATE_VERIFY_FAILED" in unhealthy.error, unhealthy.error
+    backoffs = [e.backoff for e in of(dwcp.RecoveryAttempt) if e.component == "transport"]
+    assert backoffs[:3] == [0.05, 0.1, 0.2]  # retried with the usual backoff
+    assert of(dwcp.RecoveryFailed)[0].attempts == 3
+    with pytest.raises(TransportError) as raised:
+        manager.send_with_circuit_breaker(b"never")
+    assert raised.value.code == "NOT_STARTED"
+    assert inbox.messages == []
