@@ -536,3 +536,55 @@ def test_a_refused_message_does_not_count_against_the_breaker(
     assert manager.metrics().send_errors == 0
     manager.deliver(b"after").result(timeout=TIMEOUT)
     assert inbox.messages == [b"after"]
+
+
+class Held(MultiStreamTCPTransport):
+    """A real transport that notes which thread sends, and holds sends of ``b"held"``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.senders: list[tuple[bytes, str]] = []
+        self.holding = threading.Event()
+        self.release = threading.Event()
+
+    def send(self, data: Any, *, wait: bool = False) -> None:
+        self.senders.append((bytes(data), threading.current_thread().name))
+        if bytes(data) == b"held":
+            self.holding.set()
+            assert self.release.wait(TIMEOUT), "the test never released the send"
+        super().send(data, wait=wait)
+
+
+def test_deliver_sends_on_the_calling_thread_when_nothing_is_queued_else_on_dwcp_delivery(
+    receiver_factory: ReceiverFactory, make_manager: Callable[..., dwcp.Manager]
+) -> None:
+    """README.md, "Delivery through outages: manager.deliver()", **Order.**: "one send at a
+    time: by the calling thread itself when nothing is queued and nothing stands in the way,
+    otherwise by the manager's `dwcp-delivery` thread, which starts with the first
+    `deliver()` and is joined by `stop()`." """
+    receiver, inbox = receiver_factory()
+    transport = Held(receiver.address, acknowledged=True)
+    manager = make_manager(transport)
+    manager.start()
+
+    def delivery_threads() -> int:
+        return [t.name for t in threading.enumerate()].count("dwcp-delivery")
+
+    assert delivery_threads() == 0
+    manager.deliver(b"first").result(timeout=TIMEOUT)
+    assert transport.senders == [(b"first", threading.current_thread().name)]
+    assert delivery_threads() == 1  # started with the first deliver()
+    holder = threading.Thread(target=manager.deliver, args=(b"held",), name="test-holder")
+    holder.start()
+    try:
+        assert transport.holding.wait(TIMEOUT)  # the holder is inside its own send
+        queued = manager.deliver(b"queued")  # a send is in the way: queued, returns at once
+        assert not queued.done()
+    finally:
+        transport.release.set()
+        holder.join(TIMEOUT)
+    manager.flush(timeout=TIMEOUT)
+    assert transport.senders[1:] == [(b"held", "test-holder"), (b"queued", "dwcp-delivery")]
+    assert inbox.messages == [b"first", b"held", b"queued"]
+    manager.stop()
+    assert delivery_threads() == 0
