@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -612,3 +613,31 @@ def test_a_recovery_cycle_cancelled_by_stop_is_not_timed(make_manager: MakeManag
     manager.stop()
     recovery = manager.metrics().recovery_seconds.get("transport")
     assert recovery is None or recovery.count == 0, recovery
+
+
+def test_listeners_get_typed_immutable_events_on_their_own_thread(
+    make_manager: MakeManager,
+) -> None:
+    """README.md, "Watching it": "`manager.add_listener(print)`  # typed, immutable events on
+    their own thread"."""
+    seen: list[tuple[dwcp.Event, str]] = []
+    arrived = threading.Event()
+
+    def listen(event: dwcp.Event) -> None:
+        seen.append((event, threading.current_thread().name))
+        arrived.set()
+
+    transport = FakeTransport()
+    manager = make_manager(transport, max_failures=1)
+    manager.add_listener(listen)
+    manager.start()
+    transport.fail_sends = OSError("down")
+    with pytest.raises(dwcp.TransportError):
+        manager.send_with_circuit_breaker(b"x")  # opens the breaker: an event
+    assert arrived.wait(PROMPT)
+    event, thread = seen[0]
+    assert isinstance(event, dwcp.BreakerStateChanged)
+    assert (event.from_state, event.to_state) == ("closed", "open")
+    assert thread == "dwcp-events" != threading.current_thread().name
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        event.to_state = "closed"  # type: ignore[misc]

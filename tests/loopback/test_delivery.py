@@ -506,7 +506,12 @@ def test_flush_without_a_timeout_ends_when_the_deadlines_pass(
     manager.start()
     handles = [manager.deliver(message, timeout=0.3) for message in numbered(3)]
     flushed = threading.Event()
-    flusher = threading.Thread(target=lambda: (manager.flush(), flushed.set()), name="test-flush")
+
+    def flush() -> None:
+        manager.flush()
+        flushed.set()
+
+    flusher = threading.Thread(target=flush, name="test-flush")
     flusher.start()
     try:
         assert flushed.wait(30.0), "flush() without a timeout never returned"
@@ -590,3 +595,31 @@ def test_deliver_sends_on_the_calling_thread_when_nothing_is_queued_else_on_dwcp
     assert inbox.messages == [b"first", b"held", b"queued"]
     manager.stop()
     assert delivery_threads() == 0
+
+
+def test_the_managers_delivery_timeout_is_each_messages_default_deadline(
+    receiver_factory: ReceiverFactory,
+    transport_factory: TransportFactory,
+    make_manager: Callable[..., dwcp.Manager],
+) -> None:
+    """README.md, "Delivery through outages: manager.deliver()", **Deadline.**: "`timeout`
+    (default `delivery_timeout`, 120 s) counts from `deliver()`. A message not confirmed by
+    then fails with `DeliveryError` (code `DELIVERY_TIMEOUT`)." """
+    gate = Gate()
+    gate.open.clear()
+    receiver, _ = receiver_factory(on_message=gate)
+    manager = make_manager(
+        transport_factory(receiver.address, acknowledged=True), delivery_timeout=0.3
+    )
+    manager.start()
+    try:
+        began = time.monotonic()
+        handle = manager.deliver(b"no timeout given")
+        error = handle.exception(timeout=30.0)
+        assert error is not None and error.code == "DELIVERY_TIMEOUT", error
+        assert time.monotonic() - began >= 0.3  # not before its deadline
+        own = manager.deliver(b"its own", timeout=60.0)
+        with pytest.raises(TimeoutError):  # pending past 0.3 s: its own 60 s deadline holds
+            own.result(timeout=1.0)
+    finally:
+        gate.open.set()
