@@ -31,6 +31,7 @@ from dwcp import TransportError
 from dwcp.transport import MultiStreamReceiver, MultiStreamTCPTransport, wire
 from dwcp.transport._io import is_loopback_host
 from tests.conftest import Inbox, ReceiverFactory, TransportFactory, closed_by_peer, wait_until
+from tests.faultproxy import FaultProxy, fault_proxy_fixture  # noqa: F401 - "fault_proxy"
 
 CHUNK = 1024
 TIMEOUT = 10.0
@@ -649,3 +650,46 @@ def test_a_refused_tls_handshake_under_a_manager_is_a_failed_recovery_attempt_re
         manager.send_with_circuit_breaker(b"never")
     assert raised.value.code == "NOT_STARTED"
     assert inbox.messages == []
+
+
+def test_without_checksums_tls_still_detects_corruption_and_delivers_nothing_corrupted(
+    pki: PKI,
+    receiver_factory: ReceiverFactory,
+    transport_factory: TransportFactory,
+    fault_proxy: Callable[..., FaultProxy],
+) -> None:
+    """docs/tls.md, "Performance and limits": "TLS records are authenticated, so
+    `checksum=False` saves the CRC without losing corruption detection." A proxy process
+    flips one bit of the encrypted stream: the session breaks, and every message delivered
+    is one that was sent, byte for byte."""
+    receiver, inbox = receiver_factory(ssl_context=server_context(pki))
+    proxy = fault_proxy(receiver.address)
+    transport = transport_factory(
+        proxy.address,
+        streams=1,
+        checksum=False,
+        acknowledged=True,
+        send_timeout=2.0,
+        ssl_context=client_context(pki),
+    )
+    transport.start()
+    sent = [(b"%06d" % number) * 170 for number in range(400)]
+    transport.send(sent[0], wait=True)
+    proxy.corrupt(after=3000)  # inside a later record's ciphertext
+    broke: TransportError | None = None
+    deadline = time.monotonic() + 30.0
+    for message in sent[1:]:
+        try:
+            transport.send(message, wait=True)
+        except TransportError as error:
+            broke = error
+            break
+        assert time.monotonic() < deadline
+    assert proxy.stats()["fired"], "the proxy never flipped the bit"
+    assert broke is not None, "a corrupted TLS stream was accepted"
+    assert inbox.messages == sent[: len(inbox.messages)]  # nothing corrupted, in order
+    transport.close()
+    transport.start()  # a recovery's fresh TLS session carries on
+    transport.send(b"after", wait=True)
+    assert inbox.messages[-1] == b"after"
+    assert all(m in sent for m in inbox.messages[:-1])
