@@ -693,3 +693,42 @@ def test_without_checksums_tls_still_detects_corruption_and_delivers_nothing_cor
     transport.send(b"after", wait=True)
     assert inbox.messages[-1] == b"after"
     assert all(m in sent for m in inbox.messages[:-1])
+
+
+def test_an_ip_address_dialled_must_be_an_ip_entry_in_the_certificate(
+    tmp_path: Path, receiver_factory: ReceiverFactory, transport_factory: TransportFactory
+) -> None:
+    """docs/tls.md, "Server authentication": "The sender checks the receiver's certificate
+    against the host in `address` by default (`receiver.example.net` above, or an IP address
+    such as `10.0.0.7`, which then has to be an IP entry in the certificate). If you dial one
+    name but the certificate carries another, pass `server_hostname=...`." """
+    ca = _make_ca("dns-only CA")
+    # DNS entries only: "127.0.0.1" spelled as a DNS name is not an IP entry.
+    leaf = _make_leaf(
+        ca,
+        "dns-only receiver",
+        [x509.DNSName("localhost"), x509.DNSName("127.0.0.1")],
+        ExtendedKeyUsageOID.SERVER_AUTH,
+    )
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(
+        _write_cert(tmp_path / "leaf.pem", leaf[0]), _write_key(tmp_path / "leaf.key", leaf[1])
+    )
+    trust = _write_cert(tmp_path / "ca.pem", ca[0])
+    receiver, inbox = receiver_factory(ssl_context=server)
+    assert receiver.address[0] == "127.0.0.1"
+    by_ip = transport_factory(
+        receiver.address, ssl_context=ssl.create_default_context(cafile=trust)
+    )
+    with pytest.raises(TransportError) as refused:
+        by_ip.start()
+    assert isinstance(refused.value.__cause__, ssl.SSLCertVerificationError)
+    by_name = transport_factory(
+        receiver.address,
+        server_hostname="localhost",
+        ssl_context=ssl.create_default_context(cafile=trust),
+    )
+    by_name.start()
+    by_name.send(b"by its name")
+    assert receiver.wait_delivered(1, TIMEOUT)
+    assert inbox.messages == [b"by its name"]
