@@ -21,7 +21,7 @@ from time import perf_counter
 from types import AsyncGeneratorType, CoroutineType, GeneratorType
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from dwcp._breaker import Breaker
+from dwcp._breaker import NOT_EVIDENCE, Breaker
 from dwcp._components import Transport
 from dwcp._errors import DWCPError, TransportError
 from dwcp._events import SendRejected, _Dispatcher
@@ -190,13 +190,17 @@ class Guard:
 
     def _settle(self, ticket: int, error: Exception) -> None:
         """Count ``error`` against the breaker if the call's failure test says so, else
-        release the call; a test that raises releases it and its error propagates."""
+        release the call; a test that raises releases it and its error propagates.
+
+        A code the breaker never counts (``NOT_STARTED``...) is released whatever the test
+        says, so ``call_errors`` stays the count of calls that counted against the breaker.
+        """
         try:
             counts = self._counts(error)
         except BaseException:
             self._breaker.release(ticket)
             raise
-        if counts:
+        if counts and getattr(error, "code", None) not in NOT_EVIDENCE:
             self._breaker.record_failure(ticket, error)
             with self._lock:
                 self._counters.call_errors += 1

@@ -391,3 +391,52 @@ def test_call_refuses_a_generator_function_it_could_not_guard(make_manager: Make
     with pytest.raises(TypeError, match="returned a generator"):
         manager.call(numbers)
     assert manager.metrics().calls == 0
+
+
+def test_by_default_oserror_and_transport_error_count_but_not_started_does_not(
+    make_manager: MakeManager,
+) -> None:
+    """README.md, "Quick start": "By default the rule is the sends' rule: `OSError` and
+    `TransportError` count as failures (except `NOT_STARTED`: this process not connected
+    yet), anything else is the caller's and does not count." """
+    manager = make_manager(FakeTransport(), max_failures=2)
+    manager.start()
+    not_started = dwcp.TransportError("not connected yet", code="NOT_STARTED")
+    for error in (not_started, QuoteNotFound("EURUSD"), ValueError("bad symbol")) * 3:
+        with pytest.raises(type(error)) as raised:
+            manager.call(raiser(error))
+        assert raised.value is error  # the call's own exception, unchanged
+    assert manager.circuit_breaker_state == "closed"
+    assert manager.metrics().call_errors == 0
+    reset = dwcp.TransportError("reset by peer", code="TRANSPORT_ERROR")
+    with pytest.raises(dwcp.TransportError):
+        manager.call(raiser(reset))
+    with pytest.raises(OSError):
+        manager.call(raiser(TimeoutError("timed out")))  # an OSError
+    assert manager.circuit_breaker_state == "open"
+    assert manager.metrics().call_errors == 2
+
+
+def test_an_async_call_is_admitted_when_awaited_not_when_called(
+    make_manager: MakeManager,
+) -> None:
+    """README.md, "Quick start": "`@manager.guard` returns an `async def` function [...]:
+    each call is admitted when awaited"."""
+    manager = make_manager(FakeTransport(), max_failures=1)
+    manager.start()
+    quote = guarded_quote(manager)
+
+    async def main() -> None:
+        closed_call = quote()  # made while closed...
+        with pytest.raises(ConnectionResetError):
+            await quote(fail=True)  # ...then the breaker opens
+        assert manager.circuit_breaker_state == "open"
+        open_call = quote()  # made while open: nothing is admitted or refused yet
+        assert manager.metrics().call_rejections == 0
+        with pytest.raises(dwcp.CircuitOpenError):
+            await open_call
+        with pytest.raises(dwcp.CircuitOpenError):
+            await closed_call  # admitted when awaited: now, while open
+        assert manager.metrics().call_rejections == 2
+
+    asyncio.run(main())

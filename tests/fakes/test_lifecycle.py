@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -252,4 +253,39 @@ def test_a_restart_waits_for_a_recovery_that_outlived_stop_so_cycles_never_overl
     assert manager.is_started
     assert layer.most_inside == 1  # never two start() calls at once
     assert layer.calls[-3:] == ["start", "stop", "start"]  # late start undone, then the new
+    manager.stop()
+
+
+def test_a_restart_while_a_recovery_still_hangs_in_a_component_raises_still_stopping() -> None:
+    """README.md, "Quick start", the error table: "`DWCPError` | `STILL_STOPPING` |
+    `Manager.start()` while a recovery of the previous run is still inside a component call
+    that outlived `stop()`'s join (waited for up to `health_check_timeout + 1 s` first)"."""
+    layer = GatedLayer()
+    layer.gating = False
+    manager = dwcp.Manager(
+        FakeTransport(),
+        compression=layer,
+        health_interval=3600,
+        health_check_timeout=0.2,  # joins give up after 1.2 s
+        clock=FakeClock(),
+    )
+    manager.start()
+    layer.entered.clear()
+    layer.gating = True
+    layer.healthy = False
+    manager.check_component_health()
+    assert layer.entered.wait(TIMEOUT)  # the recovery is inside the layer's start()
+    try:
+        manager.stop()  # gives up joining it
+        began = time.monotonic()
+        with pytest.raises(dwcp.DWCPError) as raised:
+            manager.start()
+        assert time.monotonic() - began >= 1.0  # it waited for the recovery first
+        assert raised.value.code == "STILL_STOPPING"
+        assert not manager.is_started and not manager.monitor_alive
+    finally:
+        layer.gating = False
+        layer.gate.set()
+    manager.start()  # once the component call returned, the manager starts again
+    assert manager.is_started
     manager.stop()

@@ -206,3 +206,33 @@ def test_failed_sends_raise_the_transports_suspicion(make_manager: MakeManager) 
     clock.advance(5.0)  # no answer for 5 s of the manager's clock, against a 1 s check timeout
     assert manager.health().components["transport"].suspicion > 8.0
     assert manager.health().components["transport"].status == "healthy"  # suspected, not failed
+
+
+def test_a_rejected_send_is_not_timed(make_manager: MakeManager) -> None:
+    """docs/observability.md, "Prometheus": "a `send_with_circuit_breaker` call that reaches
+    the transport is timed when its thread's count of successful sends is a multiple of
+    64 [...] A rejected send is not timed." """
+    transport = FakeTransport()
+    manager = make_manager(transport, max_failures=1, reset_timeout=3600)
+    manager.start()
+    transport.fail_sends = ConnectionError("down")
+    with pytest.raises(dwcp.TransportError):
+        manager.send_with_circuit_breaker(b"x")  # no success yet: sampled, and opens
+    assert manager.metrics().send_seconds.count == 1
+    for _ in range(5):  # the success count is still 0, a multiple of 64: only rejection spares them
+        with pytest.raises(dwcp.CircuitOpenError):
+            manager.send_with_circuit_breaker(b"x")
+    metrics = manager.metrics()
+    assert metrics.breaker_rejections == 5
+    assert metrics.send_seconds.count == 1
+
+
+def test_cluster_health_without_a_cluster_raises_no_cluster(make_manager: MakeManager) -> None:
+    """README.md, "Quick start", the error table: "`DWCPError` | `NO_CLUSTER` |
+    `Manager.cluster_health()` on a manager without `cluster`"."""
+    manager = make_manager(FakeTransport())
+    manager.start()
+    with pytest.raises(dwcp.DWCPError) as raised:
+        manager.cluster_health()
+    assert raised.value.code == "NO_CLUSTER"
+    assert str(raised.value).startswith("[NO_CLUSTER] ")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import pytest
+from loguru import logger
 
 import dwcp
 from dwcp._latency import LatencyRecorder
@@ -15,6 +17,9 @@ from dwcp._monitor import Monitor
 from dwcp._status import Counters
 from dwcp.testing import FakeClock, FakeLayer, FakeTransport
 from tests.conftest import wait_until
+
+if TYPE_CHECKING:
+    from loguru import Message
 
 # "Prompt" on a busy machine: far below every wait these tests show is interrupted (30 s,
 # 60 s, an hour, forever), far above any scheduling delay.
@@ -514,3 +519,125 @@ def test_a_pass_overlapping_a_slow_check_shares_its_result(make_manager: MakeMan
     assert slow.calls == ["start"]  # never stopped or restarted by a recovery
     assert transport.closed == 0
     manager.stop()
+
+
+# -- what the README promises about logs and timings -------------------------------------------
+
+
+def test_log_messages_start_with_their_stable_texts_and_bind_their_fields(
+    make_manager: MakeManager,
+) -> None:
+    """README.md, "Watching it": "Log messages start with a stable text and go on with the
+    essentials, such as `Circuit breaker state changed: closed -> open (dwcp)`; the same
+    values are bound fields (`component`, `attempt`, `backoff`, `error`, `state`,
+    `previous`)", and the stable texts are the eight it lists."""
+    records: list[tuple[str, dict[str, object]]] = []
+    lock = threading.Lock()
+
+    def sink(message: Message) -> None:
+        with lock:
+            records.append((message.record["message"], dict(message.record["extra"])))
+
+    handler = logger.add(sink, level="DEBUG")
+    logger.enable("dwcp")
+    try:
+        transport, layer = FakeTransport(), FakeLayer("sync")
+        layer.heal_on_restart = True
+        events = Events()
+        manager = make_manager(transport, sync=layer, max_failures=1, clock=FakeClock())
+        manager.add_listener(events)
+        manager.start()
+        transport.fail_sends = OSError("down")
+        with pytest.raises(dwcp.TransportError):
+            manager.send_with_circuit_breaker(b"x")  # max_failures=1: closed -> open
+        transport.fail_sends = None
+        transport.healthy, layer.healthy = False, False
+        manager.check_component_health()  # the transport fails all attempts, sync heals
+        events.wait_for(dwcp.RecoveryFailed)
+        events.wait_for(dwcp.RecoverySucceeded)
+    finally:
+        logger.disable("dwcp")
+        logger.remove(handler)
+
+    def first(text: str, **fields: object) -> dict[str, object]:
+        """The bound fields of the first record starting with ``text`` and carrying ``fields``."""
+        with lock:
+            for message, extra in records:
+                if message.startswith(text) and fields.items() <= extra.items():
+                    return extra
+        raise AssertionError(f"no {text!r} record with {fields}; saw {[m for m, _ in records]}")
+
+    assert "Circuit breaker state changed: closed -> open (dwcp)" in [m for m, _ in records]
+    first("Circuit breaker state changed", state="open", previous="closed")
+    assert "error" in first("Transport layer unhealthy", component="transport")
+    assert "error" in first("Component health check failed", component="sync")
+    assert "error" in first("Attempting component recovery", component="transport")
+    assert first("Recovery attempt:", component="transport", attempt=1)["backoff"] == 0.001
+    assert "error" in first("Recovery attempt failed", component="transport", attempt=1)
+    first("Component recovered successfully", component="sync", attempt=1)
+    failed = first("Component recovery failed after all attempts", component="transport")
+    assert failed["attempt"] == 3 and "error" in failed
+
+
+def test_a_hung_check_is_timed_as_the_check_timeout(make_manager: MakeManager) -> None:
+    """docs/observability.md, "Prometheus": "A health check is timed from its start to its
+    end, or counted as `health_check_timeout` when it hung past the timeout." """
+    hang = threading.Event()
+    layer = FakeLayer()
+    layer.hang = hang
+    manager = make_manager(FakeTransport(), compression=layer, health_check_timeout=0.2)
+    try:
+        manager.check_component_health()
+        checks = manager.metrics().health_check_seconds["compression"]
+        assert (checks.count, checks.sum) == (1, 0.2)
+    finally:
+        hang.set()
+    # The hung check's own end, when it comes, is not timed a second time.
+    wait_until(lambda: "dwcp-health-compression" not in [t.name for t in threading.enumerate()])
+    checks = manager.metrics().health_check_seconds["compression"]
+    assert (checks.count, checks.sum) == (1, 0.2)
+
+
+def test_a_recovery_cycle_cancelled_by_stop_is_not_timed(make_manager: MakeManager) -> None:
+    """docs/observability.md, "Prometheus": "A recovery cycle is timed on the manager's clock
+    from its start to its success or give-up; a cycle cancelled by `stop()` is not
+    counted." """
+    transport = FakeTransport()
+    clock = FakeClock()
+    clock.block_on(4.0)
+    manager = make_manager(transport, initial_backoff=1.0, clock=clock)
+    manager.start()
+    transport.healthy = False
+    manager.check_component_health()
+    assert clock.blocked.wait(PROMPT)  # inside the cycle's 4 s wait
+    manager.stop()
+    recovery = manager.metrics().recovery_seconds.get("transport")
+    assert recovery is None or recovery.count == 0, recovery
+
+
+def test_listeners_get_typed_immutable_events_on_their_own_thread(
+    make_manager: MakeManager,
+) -> None:
+    """README.md, "Watching it": "`manager.add_listener(print)`  # typed, immutable events on
+    their own thread"."""
+    seen: list[tuple[dwcp.Event, str]] = []
+    arrived = threading.Event()
+
+    def listen(event: dwcp.Event) -> None:
+        seen.append((event, threading.current_thread().name))
+        arrived.set()
+
+    transport = FakeTransport()
+    manager = make_manager(transport, max_failures=1)
+    manager.add_listener(listen)
+    manager.start()
+    transport.fail_sends = OSError("down")
+    with pytest.raises(dwcp.TransportError):
+        manager.send_with_circuit_breaker(b"x")  # opens the breaker: an event
+    assert arrived.wait(PROMPT)
+    event, thread = seen[0]
+    assert isinstance(event, dwcp.BreakerStateChanged)
+    assert (event.from_state, event.to_state) == ("closed", "open")
+    assert thread == "dwcp-events" != threading.current_thread().name
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        event.to_state = "closed"  # type: ignore[misc]

@@ -463,3 +463,34 @@ def test_a_collector_of_ones_own_takes_more_managers(
     with pytest.raises(ValueError, match="not exposed"):
         collector.remove(first)
     assert {dict(labels)["manager"] for (_, labels) in scrape(registry)} == {"second"}
+
+
+def test_two_collectors_registered_by_hand_on_one_registry_are_duplicated_timeseries(
+    make_manager: MakeManager, registry: CollectorRegistry
+) -> None:
+    """docs/observability.md, "Prometheus": "registering two `DWCPCollector` objects on one
+    registry yourself still fails with prometheus_client's "Duplicated timeseries", since
+    each would describe every family." """
+    registry.register(DWCPCollector(make_manager(FakeTransport()), name="first"))
+    with pytest.raises(ValueError, match="Duplicated timeseries"):
+        registry.register(DWCPCollector(make_manager(FakeTransport()), name="second"))
+    assert {dict(labels)["manager"] for (_, labels) in scrape(registry)} == {"first"}
+
+
+def test_before_any_observation_the_send_buckets_are_zero_and_components_have_none(
+    make_manager: MakeManager, registry: CollectorRegistry
+) -> None:
+    """docs/observability.md, "Prometheus": "Before the first observation the send histogram
+    has every bucket at 0 and the per-component ones have no samples." """
+    register_metrics(make_manager(FakeTransport(), compression=FakeLayer()), registry)
+    samples = scrape(registry)
+    names = {name for (name, _) in samples}
+    assert not {n for n in names if n.startswith("dwcp_recovery_duration_seconds")}
+    assert not {n for n in names if n.startswith("dwcp_health_check_duration_seconds")}
+    send = {
+        dict(labels)["le"]: v
+        for (name, labels), v in samples.items()
+        if name == "dwcp_send_duration_seconds_bucket"
+    }
+    assert list(send) == [repr(float(b)) for b in SEND_BUCKETS] + ["+Inf"]
+    assert set(send.values()) == {0.0}

@@ -9,7 +9,7 @@ import pytest
 
 import dwcp
 from dwcp._recovery import RecoveryPolicy, RestartSupervisor
-from dwcp.testing import FakeLayer, FakeTransport
+from dwcp.testing import FakeClock, FakeLayer, FakeTransport
 from tests.conftest import wait_until
 
 MakeManager = Callable[..., dwcp.Manager]
@@ -175,3 +175,34 @@ def test_adaptive_backoff_through_the_manager(make_manager: MakeManager) -> None
         assert manager.attempt_component_recovery("compression")
     wait_until(lambda: len(attempts) == 3)
     assert attempts == [0.001, 0.002, 0.004]
+
+
+def test_an_escalated_component_runs_no_cycle_until_the_cooldown_ends(
+    make_manager: MakeManager,
+) -> None:
+    """README.md, "Recovery policies": "An escalated component emits `ComponentEscalated` and
+    runs no cycle until `manager.reset_component("sync")` or the cool-down." """
+    layer = FakeLayer()
+    layer.healthy = False
+    clock = FakeClock()
+    seen: list[dwcp.Event] = []
+    policy = RecoveryPolicy(
+        attempts=1, initial_backoff=0.0, max_cycles=2, cycle_window=3600, cooldown=300
+    )
+    manager = make_manager(compression=layer, recovery={"compression": policy}, clock=clock)
+    manager.add_listener(seen.append)
+    manager.start()
+    for _ in range(3):  # the third is over the intensity
+        assert not manager.attempt_component_recovery("compression")
+    wait_until(lambda: any(isinstance(e, dwcp.ComponentEscalated) for e in seen))
+    stops = layer.calls.count("stop")
+    clock.advance(299.0)
+    manager.check_component_health()  # still cooling down: no cycle
+    assert layer.calls.count("stop") == stops
+    assert manager.health().components["compression"].status == "failed"
+    layer.heal_on_restart = True
+    clock.advance(2.0)  # past the cool-down: the next tick recovers it
+    manager.check_component_health()
+    wait_until(lambda: any(isinstance(e, dwcp.RecoverySucceeded) for e in seen))
+    assert layer.calls.count("stop") == stops + 1
+    assert manager.health().components["compression"].status == "healthy"

@@ -458,3 +458,168 @@ def test_an_on_message_that_cannot_take_its_arguments_is_refused_at_construction
     # Accepted, every message would fail in the handler: logged, counted delivered, lost.
     with pytest.raises(TypeError, match="on_message must accept"):
         dwcp.MultiStreamReceiver(on_message=handler, with_ids=with_ids)
+
+
+# -- more of what the README promises ---------------------------------------------------------
+
+
+def test_messages_stopped_after_they_were_sent_are_resent_by_a_restarted_manager(
+    receiver_factory: ReceiverFactory,
+    transport_factory: TransportFactory,
+    make_manager: Callable[..., dwcp.Manager],
+) -> None:
+    """README.md, "Delivery through outages: manager.deliver()": "Then every message still
+    unconfirmed fails with `DeliveryError` (`STOPPED`) [...] Messages with `.sent` true stay
+    in the transport's window: a restarted manager resends them." """
+    gate = Gate()
+    gate.open.clear()
+    receiver, _ = receiver_factory(on_message=gate)
+    manager = make_manager(
+        transport_factory(receiver.address, acknowledged=True, close_timeout=0.2)
+    )
+    manager.start()
+    handles = [manager.deliver(message) for message in numbered(5)]
+    assert gate.waiting.wait(TIMEOUT)  # the first is in on_message: none can be confirmed
+    manager.stop()
+    errors = [h.exception(timeout=TIMEOUT) for h in handles]
+    assert [(e.code, e.sent) if e is not None else None for e in errors] == [("STOPPED", True)] * 5
+    gate.open.set()
+    manager.start()  # the same transport, with the same window
+    manager.flush(timeout=30.0)
+    wait_until(lambda: len(set(gate.messages)) == 5, timeout=30.0)
+    assert sorted(set(gate.messages)) == sorted(numbered(5))
+    assert len(gate.messages) == 5, gate.messages  # each resent message arrived once
+
+
+def test_flush_without_a_timeout_ends_when_the_deadlines_pass(
+    receiver_factory: ReceiverFactory,
+    transport_factory: TransportFactory,
+    make_manager: Callable[..., dwcp.Manager],
+) -> None:
+    """README.md, "Delivery through outages: manager.deliver()": "`manager.flush(timeout=None)`
+    waits until every message accepted before the call has settled, confirmed or failed
+    (every message has a deadline, so it ends without a timeout too)." """
+    gate = Gate()
+    gate.open.clear()
+    receiver, _ = receiver_factory(on_message=gate)
+    manager = make_manager(transport_factory(receiver.address, acknowledged=True))
+    manager.start()
+    handles = [manager.deliver(message, timeout=0.3) for message in numbered(3)]
+    flushed = threading.Event()
+
+    def flush() -> None:
+        manager.flush()
+        flushed.set()
+
+    flusher = threading.Thread(target=flush, name="test-flush")
+    flusher.start()
+    try:
+        assert flushed.wait(30.0), "flush() without a timeout never returned"
+        assert all(h.done() for h in handles)
+        assert {getattr(h.exception(), "code", None) for h in handles} == {"DELIVERY_TIMEOUT"}
+    finally:
+        gate.open.set()
+        flusher.join(TIMEOUT)
+
+
+def test_a_refused_message_does_not_count_against_the_breaker(
+    receiver_factory: ReceiverFactory,
+    transport_factory: TransportFactory,
+    make_manager: Callable[..., dwcp.Manager],
+) -> None:
+    """README.md, "Delivery through outages: manager.deliver()": "A message the transport
+    refuses (over its `max_message_size`) fails alone with `DeliveryError` (`REFUSED`, the
+    `ValueError` as `__cause__`) and does not count against the breaker." """
+    receiver, inbox = receiver_factory()
+    manager = make_manager(
+        transport_factory(receiver.address, acknowledged=True, max_message_size=100),
+        max_failures=1,  # a single counted failure would open it
+    )
+    manager.start()
+    refused = [manager.deliver(bytes(101)) for _ in range(3)]
+    manager.flush(timeout=TIMEOUT)
+    assert {getattr(h.exception(), "code", None) for h in refused} == {"REFUSED"}
+    assert manager.circuit_breaker_state == "closed"
+    assert manager.metrics().send_errors == 0
+    manager.deliver(b"after").result(timeout=TIMEOUT)
+    assert inbox.messages == [b"after"]
+
+
+class Held(MultiStreamTCPTransport):
+    """A real transport that notes which thread sends, and holds sends of ``b"held"``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.senders: list[tuple[bytes, str]] = []
+        self.holding = threading.Event()
+        self.release = threading.Event()
+
+    def send(self, data: Any, *, wait: bool = False) -> None:
+        self.senders.append((bytes(data), threading.current_thread().name))
+        if bytes(data) == b"held":
+            self.holding.set()
+            assert self.release.wait(TIMEOUT), "the test never released the send"
+        super().send(data, wait=wait)
+
+
+def test_deliver_sends_on_the_calling_thread_when_nothing_is_queued_else_on_dwcp_delivery(
+    receiver_factory: ReceiverFactory, make_manager: Callable[..., dwcp.Manager]
+) -> None:
+    """README.md, "Delivery through outages: manager.deliver()", **Order.**: "one send at a
+    time: by the calling thread itself when nothing is queued and nothing stands in the way,
+    otherwise by the manager's `dwcp-delivery` thread, which starts with the first
+    `deliver()` and is joined by `stop()`." """
+    receiver, inbox = receiver_factory()
+    transport = Held(receiver.address, acknowledged=True)
+    manager = make_manager(transport)
+    manager.start()
+
+    def delivery_threads() -> int:
+        return [t.name for t in threading.enumerate()].count("dwcp-delivery")
+
+    assert delivery_threads() == 0
+    manager.deliver(b"first").result(timeout=TIMEOUT)
+    assert transport.senders == [(b"first", threading.current_thread().name)]
+    assert delivery_threads() == 1  # started with the first deliver()
+    holder = threading.Thread(target=manager.deliver, args=(b"held",), name="test-holder")
+    holder.start()
+    try:
+        assert transport.holding.wait(TIMEOUT)  # the holder is inside its own send
+        queued = manager.deliver(b"queued")  # a send is in the way: queued, returns at once
+        assert not queued.done()
+    finally:
+        transport.release.set()
+        holder.join(TIMEOUT)
+    manager.flush(timeout=TIMEOUT)
+    assert transport.senders[1:] == [(b"held", "test-holder"), (b"queued", "dwcp-delivery")]
+    assert inbox.messages == [b"first", b"held", b"queued"]
+    manager.stop()
+    assert delivery_threads() == 0
+
+
+def test_the_managers_delivery_timeout_is_each_messages_default_deadline(
+    receiver_factory: ReceiverFactory,
+    transport_factory: TransportFactory,
+    make_manager: Callable[..., dwcp.Manager],
+) -> None:
+    """README.md, "Delivery through outages: manager.deliver()", **Deadline.**: "`timeout`
+    (default `delivery_timeout`, 120 s) counts from `deliver()`. A message not confirmed by
+    then fails with `DeliveryError` (code `DELIVERY_TIMEOUT`)." """
+    gate = Gate()
+    gate.open.clear()
+    receiver, _ = receiver_factory(on_message=gate)
+    manager = make_manager(
+        transport_factory(receiver.address, acknowledged=True), delivery_timeout=0.3
+    )
+    manager.start()
+    try:
+        began = time.monotonic()
+        handle = manager.deliver(b"no timeout given")
+        error = handle.exception(timeout=30.0)
+        assert error is not None and error.code == "DELIVERY_TIMEOUT", error
+        assert time.monotonic() - began >= 0.3  # not before its deadline
+        own = manager.deliver(b"its own", timeout=60.0)
+        with pytest.raises(TimeoutError):  # pending past 0.3 s: its own 60 s deadline holds
+            own.result(timeout=1.0)
+    finally:
+        gate.open.set()

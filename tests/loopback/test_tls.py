@@ -26,10 +26,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from loguru import logger
 
+import dwcp
 from dwcp import TransportError
 from dwcp.transport import MultiStreamReceiver, MultiStreamTCPTransport, wire
 from dwcp.transport._io import is_loopback_host
 from tests.conftest import Inbox, ReceiverFactory, TransportFactory, closed_by_peer, wait_until
+from tests.faultproxy import FaultProxy, fault_proxy_fixture  # noqa: F401 - "fault_proxy"
 
 CHUNK = 1024
 TIMEOUT = 10.0
@@ -613,3 +615,120 @@ def test_tls_arguments_are_validated(pki: PKI) -> None:
         MultiStreamReceiver(on_message=print, ssl_context=client_context(pki))
     with pytest.raises(ValueError, match="tls_handshake_timeout"):
         MultiStreamReceiver(on_message=print, tls_handshake_timeout=0)
+
+
+def test_a_refused_tls_handshake_under_a_manager_is_a_failed_recovery_attempt_retried(
+    pki: PKI,
+    receiver_factory: ReceiverFactory,
+    transport_factory: TransportFactory,
+    make_manager: Callable[..., dwcp.Manager],
+) -> None:
+    """docs/tls.md, "What happens when TLS fails": "**Sender.** `start()` raises
+    `dwcp.TransportError`, and the `ssl.SSLError` is its `__cause__`. [...] Under a
+    `Manager`, this is just a failed recovery attempt, retried with backoff." """
+    receiver, inbox = receiver_factory(ssl_context=server_context(pki))
+    transport = transport_factory(
+        receiver.address, ssl_context=client_context(pki, trust=pki.other_ca)
+    )
+    events: list[dwcp.Event] = []
+    manager = make_manager(transport, initial_backoff=0.05, max_retries=3)
+    manager.add_listener(events.append)
+    manager.start()  # does not raise: the transport starts degraded
+    assert manager.is_started
+
+    def of(kind: type[dwcp.Event]) -> list[Any]:
+        return [e for e in list(events) if isinstance(e, kind)]
+
+    wait_until(lambda: of(dwcp.RecoveryFailed), TIMEOUT)
+    unhealthy = of(dwcp.ComponentUnhealthy)[0]
+    assert unhealthy.component == "transport"
+    assert "CERTIFICATE_VERIFY_FAILED" in unhealthy.error, unhealthy.error
+    backoffs = [e.backoff for e in of(dwcp.RecoveryAttempt) if e.component == "transport"]
+    assert backoffs[:3] == [0.05, 0.1, 0.2]  # retried with the usual backoff
+    assert of(dwcp.RecoveryFailed)[0].attempts == 3
+    with pytest.raises(TransportError) as raised:
+        manager.send_with_circuit_breaker(b"never")
+    assert raised.value.code == "NOT_STARTED"
+    assert inbox.messages == []
+
+
+def test_without_checksums_tls_still_detects_corruption_and_delivers_nothing_corrupted(
+    pki: PKI,
+    receiver_factory: ReceiverFactory,
+    transport_factory: TransportFactory,
+    fault_proxy: Callable[..., FaultProxy],
+) -> None:
+    """docs/tls.md, "Performance and limits": "TLS records are authenticated, so
+    `checksum=False` saves the CRC without losing corruption detection." A proxy process
+    flips one bit of the encrypted stream: the session breaks, and every message delivered
+    is one that was sent, byte for byte."""
+    receiver, inbox = receiver_factory(ssl_context=server_context(pki))
+    proxy = fault_proxy(receiver.address)
+    transport = transport_factory(
+        proxy.address,
+        streams=1,
+        checksum=False,
+        acknowledged=True,
+        send_timeout=2.0,
+        ssl_context=client_context(pki),
+    )
+    transport.start()
+    sent = [(b"%06d" % number) * 170 for number in range(400)]
+    transport.send(sent[0], wait=True)
+    proxy.corrupt(after=3000)  # inside a later record's ciphertext
+    broke: TransportError | None = None
+    deadline = time.monotonic() + 30.0
+    for message in sent[1:]:
+        try:
+            transport.send(message, wait=True)
+        except TransportError as error:
+            broke = error
+            break
+        assert time.monotonic() < deadline
+    assert proxy.stats()["fired"], "the proxy never flipped the bit"
+    assert broke is not None, "a corrupted TLS stream was accepted"
+    assert inbox.messages == sent[: len(inbox.messages)]  # nothing corrupted, in order
+    transport.close()
+    transport.start()  # a recovery's fresh TLS session carries on
+    transport.send(b"after", wait=True)
+    assert inbox.messages[-1] == b"after"
+    assert all(m in sent for m in inbox.messages[:-1])
+
+
+def test_an_ip_address_dialled_must_be_an_ip_entry_in_the_certificate(
+    tmp_path: Path, receiver_factory: ReceiverFactory, transport_factory: TransportFactory
+) -> None:
+    """docs/tls.md, "Server authentication": "The sender checks the receiver's certificate
+    against the host in `address` by default (`receiver.example.net` above, or an IP address
+    such as `10.0.0.7`, which then has to be an IP entry in the certificate). If you dial one
+    name but the certificate carries another, pass `server_hostname=...`." """
+    ca = _make_ca("dns-only CA")
+    # DNS entries only: "127.0.0.1" spelled as a DNS name is not an IP entry.
+    leaf = _make_leaf(
+        ca,
+        "dns-only receiver",
+        [x509.DNSName("localhost"), x509.DNSName("127.0.0.1")],
+        ExtendedKeyUsageOID.SERVER_AUTH,
+    )
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(
+        _write_cert(tmp_path / "leaf.pem", leaf[0]), _write_key(tmp_path / "leaf.key", leaf[1])
+    )
+    trust = _write_cert(tmp_path / "ca.pem", ca[0])
+    receiver, inbox = receiver_factory(ssl_context=server)
+    assert receiver.address[0] == "127.0.0.1"
+    by_ip = transport_factory(
+        receiver.address, ssl_context=ssl.create_default_context(cafile=trust)
+    )
+    with pytest.raises(TransportError) as refused:
+        by_ip.start()
+    assert isinstance(refused.value.__cause__, ssl.SSLCertVerificationError)
+    by_name = transport_factory(
+        receiver.address,
+        server_hostname="localhost",
+        ssl_context=ssl.create_default_context(cafile=trust),
+    )
+    by_name.start()
+    by_name.send(b"by its name")
+    assert receiver.wait_delivered(1, TIMEOUT)
+    assert inbox.messages == [b"by its name"]

@@ -375,6 +375,38 @@ def test_start_twice_raises_already_started_and_close_then_start_reconnects(
     transport.health_check()
 
 
+def test_a_broken_transport_refuses_start_until_it_is_closed(
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory
+) -> None:
+    """README.md, "Quick start", the error table: "`DWCPError` | `ALREADY_STARTED` |
+    `start()` on a running [...] `MultiStreamTCPTransport` (also a broken one: `close()`
+    first)"."""
+    receiver, inbox = receiver_factory()
+    transport = transport_factory(receiver.address, keepalive_interval=0.2, keepalive_timeout=1.0)
+    transport.start()
+    transport.send(b"first")
+    assert receiver.wait_delivered(1, DELIVERY_TIMEOUT)
+    receiver.stop()  # the peer goes away: the session breaks
+
+    def broken() -> bool:
+        try:
+            transport.health_check()
+        except TransportError:
+            return True
+        return False
+
+    assert wait_until(broken)
+    receiver.start()  # the same port: a start() could connect again, but is refused
+    with pytest.raises(DWCPError) as raised:
+        transport.start()
+    assert raised.value.code == "ALREADY_STARTED"
+    transport.close()
+    transport.start()
+    transport.send(b"second")
+    assert receiver.wait_delivered(2, DELIVERY_TIMEOUT)
+    assert inbox.messages == [b"first", b"second"]
+
+
 def test_context_managers(receiver_factory: ReceiverFactory) -> None:
     inbox = Inbox()
     with MultiStreamReceiver(on_message=inbox) as receiver:

@@ -102,6 +102,28 @@ def test_unreachable_server_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert f"dwcp status: cannot reach http://127.0.0.1:{port}/healthz" in captured.err
 
 
+def test_timeout_bounds_a_request_to_a_server_that_never_answers(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """docs/observability.md, "Command line": "`--timeout` bounds the request (seconds, more
+    than 0; default 5). Exit codes: [...] 2 unreachable": a server that accepts the
+    connection and never answers is unreachable once the timeout passes."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes the handshake; nobody ever reads or answers
+        port = silent.getsockname()[1]
+        codes: list[int] = []
+        status = threading.Thread(
+            target=lambda: codes.append(main(["status", f"127.0.0.1:{port}", "--timeout", "0.5"])),
+            name="test-status",
+        )
+        status.start()
+        status.join(60.0)  # generous: only a request the timeout did not bound reaches it
+        assert not status.is_alive(), "the request was not bounded by --timeout"
+    assert codes == [2]
+    assert f"dwcp status: cannot reach http://127.0.0.1:{port}/healthz" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("path", "reason"), [("/nope", "HTTP 404"), ("/livez", "health document")])
 def test_a_url_that_is_not_a_health_document_exits_2(
     server: HealthServer, path: str, reason: str, capsys: pytest.CaptureFixture[str]

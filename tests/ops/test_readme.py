@@ -47,6 +47,26 @@ def test_the_transport_listing_shows_the_real_defaults() -> None:
         assert eval(text) == defaults[name], (name, text)
 
 
+def test_the_manager_listing_shows_the_real_defaults() -> None:
+    """README.md, "Configuration": "Everything is a constructor argument", listed with its
+    default (`health_interval=10.0`, `max_failures=5`, `delivery_buffer_bytes=32 * 2**20`...):
+    each keyword shown is one ``Manager`` takes, with its real default (``{}`` shown for a
+    mapping that defaults to None, which means empty)."""
+    listing = _block_after("Configuration", "python")
+    shown = dict(re.findall(r"(\w+)=([^,#\n]+),", listing))
+    defaults = {
+        name: parameter.default
+        for name, parameter in inspect.signature(dwcp.Manager).parameters.items()
+    }
+    assert {"health_interval", "delivery_timeout", "fail_fast", "consensus"} <= set(shown)
+    for name, text in shown.items():
+        assert name in defaults, name
+        default = (
+            {} if name in ("layers", "recovery") and defaults[name] is None else defaults[name]
+        )
+        assert eval(text) == default, (name, text, defaults[name])
+
+
 def test_readme_test_command_is_what_ci_runs() -> None:
     commands = re.findall(r"```sh\n(.*?)\n```", README.split("## Set up", 1)[1].split("##")[0])
     assert len(commands) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -204,3 +205,34 @@ def test_version_is_the_packages() -> None:
     assert re.fullmatch(r"\d+\.\d+\.\d+(\.dev\d+|a\d+|b\d+|rc\d+)?", dwcp.__version__)
     setup_cfg = (ROOT / "setup.cfg").read_text()
     assert "version = attr: dwcp._version.__version__" in setup_cfg
+
+
+def test_forward_to_logging_picks_a_logger_and_a_minimum_level_and_its_id_stops_it() -> None:
+    """README.md, "Watching it": "It also enables dwcp's logs;
+    `forward_to_logging(logger_name="myapp.dwcp", level="WARNING")` picks another logger and a
+    minimum level, and `logger.remove(handler_id)` with the id it returns stops it." """
+    from loguru import logger
+
+    handler = _Records()
+    target = logging.getLogger("myapp.warnings")
+    target.addHandler(handler)
+    target.setLevel(logging.DEBUG)
+    target.propagate = False
+    code = "from loguru import logger\nlogger.info('Quiet: {}', 1)\nlogger.warning('Loud: {}', 2)\n"
+    emit = compile(code, "dwcp/fake.py", "exec")
+    logger.disable("dwcp")
+    sink = dwcp.forward_to_logging(logger_name="myapp.warnings", level="WARNING")
+    try:
+        exec(emit, {"__name__": "dwcp.fake"})  # noqa: S102
+        assert [(r.name, r.getMessage()) for r in handler.records] == [
+            ("myapp.warnings.fake", "Loud: 2")
+        ]  # enabled although dwcp was disabled; the INFO record is below the level
+        logger.remove(sink)
+        exec(emit, {"__name__": "dwcp.fake"})  # noqa: S102
+        assert len(handler.records) == 1  # stopped
+    finally:
+        with contextlib.suppress(ValueError):
+            logger.remove(sink)
+        logger.disable("dwcp")
+        target.removeHandler(handler)
+        target.propagate = True
