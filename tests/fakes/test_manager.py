@@ -252,6 +252,23 @@ def test_fifth_failure_raises_its_own_error_sixth_is_rejected(make_manager: Make
     assert metrics.send_errors == 5 and metrics.breaker_rejections == 1
 
 
+@pytest.mark.parametrize("code", ["NOT_STARTED", "BACKPRESSURE", "WINDOW_FULL"])
+def test_send_errors_count_every_failed_send_also_those_the_breaker_does_not(
+    make_manager: MakeManager, code: str
+) -> None:
+    """docs/observability.md: ``dwcp_send_errors_total`` counts every admitted send that
+    failed, those that do not count against the breaker too."""
+    transport = FakeTransport()
+    manager = make_manager(transport, max_failures=1)
+    manager.start()
+    transport.fail_sends = dwcp.TransportError("not now", code=code)
+    for _ in range(3):
+        with pytest.raises(dwcp.TransportError):
+            manager.send_with_circuit_breaker(b"x")
+    assert manager.circuit_breaker_state == "closed"
+    assert (manager.metrics().send_errors, manager.metrics().sends) == (3, 0)
+
+
 def test_caller_errors_and_interrupts_never_count(make_manager: MakeManager) -> None:
     transport = FakeTransport()
     manager = make_manager(transport, max_failures=1)
