@@ -543,6 +543,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=0.0, help="per row (default by mode)")
     parser.add_argument("--cap", type=float, default=0.0, help="longest row, seconds")
     parser.add_argument("--min-messages", type=int, default=3)
+    parser.add_argument(
+        "--kinds", nargs="*", choices=["raw", "zmq", "dwcp"], help="only these rows (default: all)"
+    )
+    parser.add_argument(
+        "--streams", type=int, nargs="*", help="only dwcp rows with these stream counts"
+    )
     parser.add_argument("--iperf-seconds", type=float, default=0.0)
     parser.add_argument("--default-cc", default="cubic", help="the namespaces' default")
     parser.add_argument("--no-realtime", action="store_true", help="delay line not SCHED_FIFO")
@@ -564,6 +570,10 @@ def main() -> None:
     bdp = int(args.rate * 1e6 / 8 * args.rtt)
     queue = args.queue or bdp
     rows = rows_for(quick, [s * MiB for s in args.sizes])
+    if args.kinds:
+        rows = [row for row in rows if row.kind in args.kinds]
+    if args.streams:
+        rows = [row for row in rows if row.kind != "dwcp" or row.streams in args.streams]
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _on_signal)
     everything: dict[str, Any] = {"args": vars(args), "levels": []}
