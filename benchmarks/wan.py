@@ -268,18 +268,38 @@ def mathis_mbit(rtt: float, loss: float) -> float:
     return math.inf if loss <= 0 else MSS * 8 / rtt * 1.22 / math.sqrt(loss) / 1e6
 
 
+# iperf3's server runs one test at a time and answers "the server is busy running a test"
+# while it still winds up the previous one (seen once under load, which ended that run).
+IPERF_BUSY_RETRIES = 5
+IPERF_BUSY_PAUSE = 2.0
+
+
+def _is_busy(error: str) -> bool:
+    return "busy" in error.lower()
+
+
 def iperf(path: Path, cc: str, parallel: int, seconds: float) -> dict[str, float]:
-    """iperf3 from A to B: received Mbit/s and the sender's retransmissions."""
+    """iperf3 from A to B: received Mbit/s and the sender's retransmissions.
+
+    A server that answers "busy" is asked again, at most ``IPERF_BUSY_RETRIES`` more times,
+    ``IPERF_BUSY_PAUSE`` s apart; each retry prints a line."""
     command = ["iperf3", "-c", ADDR_B, "-p", str(IPERF_PORT), "-t", str(seconds), "-J"]
     command += ["-C", cc, "-P", str(parallel)]
-    child = path.spawn(NS_A, command, pump=False)
-    try:
-        out, _ = child.communicate(timeout=seconds + 60)
-    except subprocess.TimeoutExpired as exc:
-        raise BenchmarkError(f"iperf3 {cc} x{parallel} did not finish") from exc
-    result = json.loads(out)
-    if "error" in result:
-        raise BenchmarkError(f"iperf3 {cc} x{parallel}: {result['error']}")
+    for attempt in range(IPERF_BUSY_RETRIES + 1):
+        child = path.spawn(NS_A, command, pump=False)
+        try:
+            out, _ = child.communicate(timeout=seconds + 60)
+        except subprocess.TimeoutExpired as exc:
+            raise BenchmarkError(f"iperf3 {cc} x{parallel} did not finish") from exc
+        result = json.loads(out)
+        error = str(result.get("error", ""))
+        if not error:
+            break
+        if not _is_busy(error) or attempt == IPERF_BUSY_RETRIES:
+            raise BenchmarkError(f"iperf3 {cc} x{parallel}: {error}")
+        print(f"(iperf3 {cc} x{parallel}: server busy ({error}); retry {attempt + 1} of "
+              f"{IPERF_BUSY_RETRIES} in {IPERF_BUSY_PAUSE:g} s)", flush=True)  # fmt: skip
+        time.sleep(IPERF_BUSY_PAUSE)  # the server finishes its previous test meanwhile
     end = result["end"]
     return {
         "mbit": end["sum_received"]["bits_per_second"] / 1e6,
@@ -523,6 +543,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=0.0, help="per row (default by mode)")
     parser.add_argument("--cap", type=float, default=0.0, help="longest row, seconds")
     parser.add_argument("--min-messages", type=int, default=3)
+    parser.add_argument(
+        "--kinds", nargs="*", choices=["raw", "zmq", "dwcp"], help="only these rows (default: all)"
+    )
+    parser.add_argument(
+        "--streams", type=int, nargs="*", help="only dwcp rows with these stream counts"
+    )
     parser.add_argument("--iperf-seconds", type=float, default=0.0)
     parser.add_argument("--default-cc", default="cubic", help="the namespaces' default")
     parser.add_argument("--no-realtime", action="store_true", help="delay line not SCHED_FIFO")
@@ -544,6 +570,10 @@ def main() -> None:
     bdp = int(args.rate * 1e6 / 8 * args.rtt)
     queue = args.queue or bdp
     rows = rows_for(quick, [s * MiB for s in args.sizes])
+    if args.kinds:
+        rows = [row for row in rows if row.kind in args.kinds]
+    if args.streams:
+        rows = [row for row in rows if row.kind != "dwcp" or row.streams in args.streams]
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _on_signal)
     everything: dict[str, Any] = {"args": vars(args), "levels": []}

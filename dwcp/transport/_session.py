@@ -455,16 +455,30 @@ class Session(Draining):
         return message_id
 
     def replay(self, messages: list[tuple[int, bytes]], chunk_size: int) -> None:
-        """Resend the window's messages first, under their own ids (``start()``, before any
-        new send can take an id); TransportError when the new session fails meanwhile."""
-        for message_id, data in messages:
-            size = len(data)
-            if size <= chunk_size:
-                sent = self.send_small(data, size)
-            else:
-                sent = self.send_large(data, size, chunk_size, track=False)
-            assert sent == message_id, (sent, message_id)
-        if not self.flush(self.send_timeout):
-            if self.broken is not None:
+        """Queue the window's messages first, under their own ids (``start()``, before any
+        new send can take an id), and return without waiting for them to be written.
+
+        They are queued whole, past the outbox limit: each is already held by the window, so
+        queuing costs no memory, and on a slow path their writes take as long as the path
+        needs (a 64 MiB window at 3 Mbit/s: three minutes). Waiting for them here would keep
+        the transport not started, and ``close()`` waiting on ``start()``, for that long.
+        The writers watch them like any write: a stall breaks the session, whose next
+        ``start()`` resends them again. New sends queue behind them, waiting for room."""
+        flags, checksum, count = self.flags, self.checksum, self.count
+        with self._order:
+            if self.broken is not None or self.closing:
                 self.raise_broken()
-            raise TransportError("resent messages not written within send_timeout")
+            for message_id, data in messages:
+                assert message_id == self.next_id, (message_id, self.next_id)
+                size = len(data)
+                view = memoryview(data).cast("B")
+                chunks = max(1, -(-size // chunk_size))
+                payloads = [view[i * chunk_size : (i + 1) * chunk_size] for i in range(chunks)]
+                for index, indexes in stripes(message_id, chunks, count):
+                    parts = [
+                        Lazy(flags, message_id, i, chunks, size, payloads[i], checksum)
+                        for i in indexes
+                    ]
+                    queued = sum(HEADER_SIZE + len(payloads[i]) for i in indexes)
+                    self.streams[index].put(parts, queued, None, lazy=True)
+                self.next_id = message_id + 1

@@ -218,10 +218,13 @@ class MultiStreamTCPTransport:
 
         With ``acknowledged``, the messages still unacknowledged from earlier sessions are
         resent first, in order, under their own ids (the receiver drops those it already
-        delivered), and ``start`` returns once they are written. A started transport, even a
+        delivered): ``start`` returns once they are queued, ahead of any new send, not once
+        they are written, which on a slow path can take minutes; new sends wait for room
+        behind them (``BACKPRESSURE``, ``WINDOW_FULL``). A started transport, even a
         broken one, raises DWCPError (code ``ALREADY_STARTED``): ``close()`` first (as the
-        manager's recovery does). Raises TransportError when any connection, handshake or
-        resend fails, after closing the connections it did open.
+        manager's recovery does). Raises TransportError when any connection or handshake
+        fails, after closing the connections it did open; a resend that fails later breaks
+        the session like any write.
         """
         with self._lifecycle:
             while self._retiring is not None:  # bounded: shutdown() is

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import pytest
 
+import dwcp
 from dwcp import TransportError
 from tests.conftest import ReceiverFactory, TransportFactory, healthy, wait_until
 from tests.faultproxy import FaultProxy, fault_proxy_fixture  # noqa: F401 - "fault_proxy"
@@ -24,6 +25,8 @@ RATE = 100_000  # bytes per second through the proxy
 # keepalive_interval, keepalive_timeout. On loopback (MSS 64 KiB) the proxy's kernel opens its
 # window, and the sender's bytes move, in 64 KiB steps: 0.65 s apart at RATE.
 INTERVAL, TIMEOUT = 0.5, 2.0
+# A window of this many 1 MiB messages resent at SLOW_RATE bytes per second: over 5 minutes.
+WINDOW_MIB, SLOW_RATE = 12, 20_000
 
 
 @pytest.mark.timeout(90)
@@ -138,3 +141,50 @@ def test_an_acknowledged_message_slower_than_the_ack_bound_is_confirmed_not_time
     transport.flush(60.0)  # confirmed: the session never broke
     assert inbox.messages == [message]
     assert healthy(transport)
+
+
+@pytest.mark.timeout(150)
+def test_recovery_reopens_the_session_while_the_resent_window_still_crosses_a_slow_link(
+    receiver_factory: ReceiverFactory,
+    fault_proxy: ProxyFactory,
+    transport_factory: TransportFactory,
+    make_manager: Callable[..., dwcp.Manager],
+) -> None:
+    # Issue 24: after an acknowledged session broke on a slow path (16 MiB messages, about
+    # 3 Mbit/s), the manager showed no new session for the rest of the run and sends gave
+    # NOT_STARTED: start() resent the window and returned only once all of it was written,
+    # minutes on that path, with the transport not started and close() waiting meanwhile.
+    receiver, inbox = receiver_factory()
+    proxy = fault_proxy(receiver.address)
+    transport = transport_factory(
+        proxy.address,
+        streams=1,
+        acknowledged=True,
+        chunk_size=1 << 20,
+        send_timeout=5.0,
+        connect_timeout=2.0,
+    )
+    manager = make_manager(transport, health_interval=0.2)
+    manager.start()
+    assert transport.started
+    proxy.blackhole("down")  # the receiver's ACKs are lost: everything stays in the window
+    messages = [os.urandom(1 << 20) for _ in range(WINDOW_MIB)]
+    for message in messages:
+        transport.send(message)
+    assert receiver.wait_delivered(WINDOW_MIB, 60.0)
+    assert transport.unacknowledged == WINDOW_MIB
+    first = transport._session
+    proxy.kill_all("rst")  # before the ACKs may flow again: none of this session's arrives
+    wait_until(lambda: transport._session is not first, 30.0)  # recovery closed it
+    # Resent at SLOW_RATE, the window takes minutes to cross (the kernel's buffers take a
+    # few MiB of it at once): recovery must not wait for that to open the next session.
+    # (An attempt begun before this switch fails its handshake, its WELCOME discarded.)
+    proxy.rate(SLOW_RATE)
+    wait_until(lambda: transport._session is not None, 60.0)
+    assert transport.started
+    assert transport.unacknowledged == WINDOW_MIB  # resent, not yet confirmed
+    proxy.passthrough()
+    transport.flush(60.0)
+    assert inbox.messages == messages  # the resent copies were dropped: exactly once
+    manager.stop()  # bounded: no start() holds the transport's lifecycle any more
+    assert not transport.started
