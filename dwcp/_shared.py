@@ -484,10 +484,14 @@ class FailoverStorage(pybreaker.CircuitBreakerStorage):
         state = str(local.state)
         opened = ""
         if state != pybreaker.STATE_CLOSED:
-            # Whether the local open period's trial already ran (alone, or in a Redis that
-            # lost it) is unknown to the others: an open written back starts a new period now,
-            # so that no period gets a second trial.
-            opened = str(_now_ms())
+            # An open this process decided alone (its own trial failed while Redis was down)
+            # keeps its period: that period never reached Redis, so no other process can have
+            # claimed its trial, and a half-open process adopting a period that has already
+            # timed out stays half-open instead of re-opening.  An open read from Redis before
+            # it lost it starts a new period now: whether that period's trial already ran (its
+            # claim went with Redis) is unknown, and no period may get a second trial.
+            period = local.opened_at if self._unshared else None
+            opened = str(epoch_ms(period) if period is not None else _now_ms())
         fields = ("state", "decided_at_ms", "opened_at", "opened_at_ms", "fail_counter")
         keys = [self._key(f) for f in (*fields, "success_counter", "changes")]
         args = (state, self._decided_ms, opened, local.counter, local.success_counter)
