@@ -568,11 +568,15 @@ class Breaker:
                     and opened_at > mirror.opened_at
                 ):
                     return  # the same open period, timed out here: not a fresh trip
-                if _utcnow() >= opened_at + timedelta(seconds=self._cb.reset_timeout):
+                if not self._trial_in_flight and _utcnow() >= opened_at + timedelta(
+                    seconds=self._cb.reset_timeout
+                ):
                     # A later period that has timed out too (another process's open decided
                     # alone during an outage, written back): half-open stays right, and the
                     # next trial is that period's.  Re-opening would reject calls and alert
-                    # for nothing, and a newer close may be about to be written back.
+                    # for nothing, and a newer close may be about to be written back.  (With
+                    # our trial in flight, its claim is the older period's: re-open, so that
+                    # its result is ignored and the new period gets one trial in total.)
                     mirror.adopt(HALF_OPEN, opened_at, counter)
                     return
             if counter:
