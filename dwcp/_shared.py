@@ -145,14 +145,24 @@ return 1
 # A process that decided while Redis was unreachable, or that finds the state missing (Redis
 # restarted empty), writes its local state back: only where Redis has none, or holds another
 # state decided earlier than ours.  The same state is left as Redis has it (an open keeps the
-# shared period, whose trial may be running).  KEYS: state, decided_at_ms, opened_at (s),
-# opened_at_ms, fail_counter, success_counter, changes.  ARGV: state, decided (ms), opened_at
-# (ms, or '' to leave it), fail count, success count, origin.  Returns {state, decided, 1 if
-# ours was written}.
+# shared period, whose trial may be running), but its stamp is raised to ours if ours is
+# later, so that a close decided between the two does not win over our newer open.
+# KEYS: state, decided_at_ms, opened_at (s), opened_at_ms, fail_counter, success_counter,
+# changes.  ARGV: state, decided (ms), opened_at (ms, or '' to leave it), fail count, success
+# count, origin.  Returns {state, decided, 1 if ours was written}.
 _WRITE_BACK = """
 local state = redis.call('get', KEYS[1])
 local held = tonumber(redis.call('get', KEYS[2]) or '0')
-if state and (state == ARGV[1] or tonumber(ARGV[2]) <= held) then
+if state and state == ARGV[1] then
+  -- The same state decided again, later (a trial that failed alone re-confirms an open):
+  -- the stored stamp becomes ours, or an older other decision could still win over it.
+  if tonumber(ARGV[2]) > held then
+    redis.call('set', KEYS[2], ARGV[2])
+    held = tonumber(ARGV[2])
+  end
+  return {state, tostring(held), 0}
+end
+if state and tonumber(ARGV[2]) <= held then
   return {state, tostring(held), 0}
 end
 redis.call('set', KEYS[1], ARGV[1])

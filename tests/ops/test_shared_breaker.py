@@ -1041,6 +1041,50 @@ def test_processes_half_open_after_failing_alone_adopt_a_newer_close_without_re_
         breaker.close()
 
 
+def test_a_newer_open_written_back_onto_an_older_open_keeps_its_stamp_against_a_close(
+    redis_server: RedisServer,
+) -> None:
+    """While Redis is down ``early`` fails its own trial, then ``closer`` closes alone, then
+    ``late`` fails its own trial: the newest decision is ``late``'s open.  Redis restarts
+    empty; ``early`` writes its (oldest) open back first, ``late`` finds the same state there
+    (left as it is), then ``closer`` returns.  Its close must not win: ``late``'s later open
+    is the stored decision (before, the stamp stayed ``early``'s, the close was written over
+    it, and every process adopted closed: the outside test's closed -> open flip)."""
+    import redis
+
+    name = "same-state-stamp"
+    reset = 0.3
+    closer, early = _outage_pair(redis_server.url, name, reset=reset)
+    late, spare = _outage_pair(redis_server.url, name, reset=reset)
+    spare.close()
+    early.record_failure(early.admit())  # open, shared
+    assert closer.state == "open" and late.state == "open"
+    redis_server.kill()
+    wait_until(functools.partial(_alone_until, early, "half-open"), timeout=30)
+    early.record_failure(early.admit())
+    wait_until(functools.partial(_alone_until, closer, "half-open"), timeout=30)
+    closer.record_success(closer.admit())
+    assert closer.state == "closed"
+    closed_at = time.time()
+    wait_until(lambda: _alone_until(late, "half-open") and time.time() > closed_at + 0.01)
+    late.record_failure(late.admit())  # the newest decision
+    assert late.state == "open"
+    redis_server.start()  # empty
+    client = redis.Redis.from_url(redis_server.url, socket_timeout=2)
+    try:
+        key = f"{name}:pybreaker:state"
+        wait_until(lambda: early.storage_mode == "shared" or early.state == "closed")
+        wait_until(lambda: late.storage_mode == "shared" or late.state == "closed")
+        assert client.get(key) == b"open"
+        wait_until(lambda: closer.storage_mode == "shared" or closer.state != "closed")
+        assert client.get(key) == b"open"  # before: b"closed" (the older close won)
+        wait_until(lambda: closer.state != "closed")
+    finally:
+        client.close()
+    for breaker in (closer, early, late):
+        breaker.close()
+
+
 def test_every_state_change_records_when_it_was_decided(redis_server: RedisServer) -> None:
     """Plain writes and the trial script's re-open stamp ``decided_at_ms``; a write older
     than the stored stamp is refused."""
