@@ -561,16 +561,24 @@ class Breaker:
                 return
             if state not in (CLOSED, OPEN, HALF_OPEN):
                 return
-            if (
-                state == OPEN
-                and self._state == HALF_OPEN
-                and not (
+            if state == OPEN and self._state == HALF_OPEN:
+                if not (
                     opened_at is not None
                     and mirror.opened_at is not None
                     and opened_at > mirror.opened_at
-                )
-            ):
-                return  # the same open period, timed out here: not a fresh trip
+                ):
+                    return  # the same open period, timed out here: not a fresh trip
+                if not self._trial_in_flight and _utcnow() >= opened_at + timedelta(
+                    seconds=self._cb.reset_timeout
+                ):
+                    # A later period that has timed out too (another process's open decided
+                    # alone during an outage, written back): half-open stays right, and the
+                    # next trial is that period's.  Re-opening would reject calls and alert
+                    # for nothing, and a newer close may be about to be written back.  (With
+                    # our trial in flight, its claim is the older period's: re-open, so that
+                    # its result is ignored and the new period gets one trial in total.)
+                    mirror.adopt(HALF_OPEN, opened_at, counter)
+                    return
             if counter:
                 self._counted = True
             mirror.adopting = True

@@ -134,8 +134,9 @@ class ClusterMember(StartStop):
     node is declared lost.  Once it answers again, or when it lost its data (restarted
     empty: an epoch key that every publish writes if missing, stamped with Redis's time,
     tells), the deadline of every node that was alive moves by the time nobody could
-    publish, and by no more: from this watcher's last read before the gap to its first read
-    after it, or to the first publish into the emptied Redis when that came earlier.  A node
+    publish, and by no more: from this watcher's last read before the gap (or the node's
+    last heartbeat, if that came later) to its first read after it, or to the first publish
+    into the emptied Redis when that came earlier.  A node
     killed before a restart that left Redis unreachable for ``d`` seconds is lost about
     ``d`` after its own deadline (up to one read interval on each side later); after a quick
     restart, at its own deadline plus at most one read interval.  A node lost before stays
@@ -595,8 +596,9 @@ class ClusterMember(StartStop):
         heartbeat, as for ``cluster_health()``, the first read included: a node already dead
         then is lost at once.  After a failure (ours or Redis's), or when the epoch says Redis
         lost its data (restarted empty), the silence of each node alive before is excused by
-        the time nobody could publish: from our last read to this one, or to the first publish
-        into the emptied Redis if that came earlier; a node lost before stays lost.  A node
+        the time nobody could publish: from our last read (or the node's heartbeat this read
+        brings, if later) to this one, or to the first publish into the emptied Redis if that
+        came earlier; a node lost before stays lost.  A node
         Redis no longer has (expired after ``retention``, or not republished after an empty
         restart by its excused deadline) is listed no more, as ``cluster_health()`` lists it
         no more.
@@ -605,6 +607,7 @@ class ClusterMember(StartStop):
         restarted = self._epoch is not None and raw.epoch != self._epoch
         if raw.epoch is not None or restarted:
             self._epoch = raw.epoch
+        window: tuple[int, int] | None = None
         if (self._gap or restarted) and self._read_ms is not None:
             # Silence while nobody could publish says nothing about a node that was alive:
             # its deadline moves by that time, and by no more.  We cannot see when Redis went
@@ -617,21 +620,29 @@ class ClusterMember(StartStop):
             end = now
             if restarted:
                 end = min(end, _epoch_ms(raw.epoch, default=now))
-            gap = max(0, end - self._read_ms)
-            for node_id, state in self._states.items():
-                known = self._known.get(node_id)
-                if state != "alive" or known is None:
-                    continue
-                beat, excused = self._excused.get(node_id, (known[0], 0))
-                if beat != known[0]:
-                    excused = 0
-                self._excused[node_id] = (known[0], excused + gap)
+            window = (self._read_ms, end)
+        alive_before = [n for n, state in self._states.items() if state == "alive"]
         self._gap = False
         self._read_ms = now
         for node_id, entry in raw.nodes.items():
             known = self._known.get(node_id)
             if known is None or entry[0] >= known[0]:
                 self._known[node_id] = entry
+        if window is not None:
+            start, end = window
+            for node_id in alive_before:
+                known = self._known.get(node_id)
+                if known is None:
+                    continue
+                # A heartbeat this read brings that was published inside the span (after our
+                # last read, before Redis went away) is news, but the outage still follows
+                # it: its silence from that heartbeat to the span's end is excused too.  The
+                # span starts at the later of our last read and the node's last heartbeat.
+                beat, excused = self._excused.get(node_id, (known[0], 0))
+                if beat != known[0]:
+                    excused = 0  # heard from since: earlier excuses are spent
+                gap = max(0, end - max(start, known[0]))
+                self._excused[node_id] = (known[0], excused + gap)
         nodes: dict[str, NodeHealth] = {}
         dropped: dict[str, NodeHealth] = {}
         for node_id, (beat, record) in list(self._known.items()):

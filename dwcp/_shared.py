@@ -145,14 +145,24 @@ return 1
 # A process that decided while Redis was unreachable, or that finds the state missing (Redis
 # restarted empty), writes its local state back: only where Redis has none, or holds another
 # state decided earlier than ours.  The same state is left as Redis has it (an open keeps the
-# shared period, whose trial may be running).  KEYS: state, decided_at_ms, opened_at (s),
-# opened_at_ms, fail_counter, success_counter, changes.  ARGV: state, decided (ms), opened_at
-# (ms, or '' to leave it), fail count, success count, origin.  Returns {state, decided, 1 if
-# ours was written}.
+# shared period, whose trial may be running), but its stamp is raised to ours if ours is
+# later, so that a close decided between the two does not win over our newer open.
+# KEYS: state, decided_at_ms, opened_at (s), opened_at_ms, fail_counter, success_counter,
+# changes.  ARGV: state, decided (ms), opened_at (ms, or '' to leave it), fail count, success
+# count, origin.  Returns {state, decided, 1 if ours was written}.
 _WRITE_BACK = """
 local state = redis.call('get', KEYS[1])
 local held = tonumber(redis.call('get', KEYS[2]) or '0')
-if state and (state == ARGV[1] or tonumber(ARGV[2]) <= held) then
+if state and state == ARGV[1] then
+  -- The same state decided again, later (a trial that failed alone re-confirms an open):
+  -- the stored stamp becomes ours, or an older other decision could still win over it.
+  if tonumber(ARGV[2]) > held then
+    redis.call('set', KEYS[2], ARGV[2])
+    held = tonumber(ARGV[2])
+  end
+  return {state, tostring(held), 0}
+end
+if state and tonumber(ARGV[2]) <= held then
   return {state, tostring(held), 0}
 end
 redis.call('set', KEYS[1], ARGV[1])
@@ -484,10 +494,14 @@ class FailoverStorage(pybreaker.CircuitBreakerStorage):
         state = str(local.state)
         opened = ""
         if state != pybreaker.STATE_CLOSED:
-            # Whether the local open period's trial already ran (alone, or in a Redis that
-            # lost it) is unknown to the others: an open written back starts a new period now,
-            # so that no period gets a second trial.
-            opened = str(_now_ms())
+            # An open this process decided alone (its own trial failed while Redis was down)
+            # keeps its period: that period never reached Redis, so no other process can have
+            # claimed its trial, and a half-open process adopting a period that has already
+            # timed out stays half-open instead of re-opening.  An open read from Redis before
+            # it lost it starts a new period now: whether that period's trial already ran (its
+            # claim went with Redis) is unknown, and no period may get a second trial.
+            period = local.opened_at if self._unshared else None
+            opened = str(epoch_ms(period) if period is not None else _now_ms())
         fields = ("state", "decided_at_ms", "opened_at", "opened_at_ms", "fail_counter")
         keys = [self._key(f) for f in (*fields, "success_counter", "changes")]
         args = (state, self._decided_ms, opened, local.counter, local.success_counter)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import multiprocessing
 import os
@@ -986,6 +987,102 @@ def test_an_open_decided_alone_after_anothers_close_wins_over_that_close(
     assert opener.transition_counts.get(("open", "closed"), 0) == closes
     closer.close()
     opener.close()
+
+
+def test_processes_half_open_after_failing_alone_adopt_a_newer_close_without_re_opening(
+    redis_server: RedisServer,
+) -> None:
+    """The outside test's re-open after an empty restart (15 of 21 runs), made deterministic:
+    while Redis is down ``early`` and then ``late`` fail their own trials and go half-open on
+    their own timers (idle); then ``closer``'s own trial succeeds: the newest decision.  Redis
+    restarts empty; ``late`` reaches it first and writes its older open back, then ``early``
+    (an even older period) reads it, then ``closer`` writes its close.  Neither half-open
+    process passes through open on the way to closed (before: ``late`` went half-open -> open
+    when its own write-back started a new period at Redis's return, as did ``early`` adopting
+    it), so no call is rejected and no ``breaker_opened`` alert is raised."""
+    import redis
+
+    name = "half-open-adopt-close"
+    reset = 0.3
+    closer, early = _outage_pair(redis_server.url, name, reset=reset)
+    late, spare = _outage_pair(redis_server.url, name, reset=reset)
+    spare.close()
+    early.record_failure(early.admit())  # open, shared
+    assert closer.state == "open" and late.state == "open"
+    redis_server.kill()
+    for breaker in (early, late):  # each fails its own trial alone, one after the other
+        wait_until(functools.partial(_alone_until, breaker, "half-open"), timeout=30)
+        breaker.record_failure(breaker.admit())
+        assert breaker.state == "open"
+    for breaker in (early, late):  # idle: half-open on their own timers
+        wait_until(functools.partial(_alone_until, breaker, "half-open"), timeout=30)
+    wait_until(lambda: _alone_until(closer, "half-open"), timeout=30)
+    closer.record_success(closer.admit())  # the newest decision, taken alone
+    assert closer.state == "closed"
+    reopens = {b: b.transition_counts.get(("half-open", "open"), 0) for b in (early, late)}
+    redis_server.start()  # empty
+    client = redis.Redis.from_url(redis_server.url, socket_timeout=2)
+    try:
+        key = f"{name}:pybreaker:state"
+        wait_until(lambda: late.storage_mode == "shared" or late.state != "half-open")
+        assert client.get(key) == b"open"  # late's older open, written back first
+        assert late.state == "half-open"  # before: "open" (a new period from Redis's return)
+        assert early.state == "half-open"  # adopts late's period, timed out too
+        assert early.storage_mode == "shared"
+        wait_until(lambda: closer.state == "closed" and closer.storage_mode == "shared")
+        assert client.get(key) == b"closed"  # the newer close wins
+        wait_until(lambda: early.state == "closed" and late.state == "closed")
+    finally:
+        client.close()
+    for breaker in (early, late):
+        assert breaker.transition_counts.get(("half-open", "open"), 0) == reopens[breaker]
+        assert breaker.transition_counts.get(("open", "closed"), 0) == 0
+    for breaker in (closer, early, late):
+        breaker.close()
+
+
+def test_a_newer_open_written_back_onto_an_older_open_keeps_its_stamp_against_a_close(
+    redis_server: RedisServer,
+) -> None:
+    """While Redis is down ``early`` fails its own trial, then ``closer`` closes alone, then
+    ``late`` fails its own trial: the newest decision is ``late``'s open.  Redis restarts
+    empty; ``early`` writes its (oldest) open back first, ``late`` finds the same state there
+    (left as it is), then ``closer`` returns.  Its close must not win: ``late``'s later open
+    is the stored decision (before, the stamp stayed ``early``'s, the close was written over
+    it, and every process adopted closed: the outside test's closed -> open flip)."""
+    import redis
+
+    name = "same-state-stamp"
+    reset = 0.3
+    closer, early = _outage_pair(redis_server.url, name, reset=reset)
+    late, spare = _outage_pair(redis_server.url, name, reset=reset)
+    spare.close()
+    early.record_failure(early.admit())  # open, shared
+    assert closer.state == "open" and late.state == "open"
+    redis_server.kill()
+    wait_until(functools.partial(_alone_until, early, "half-open"), timeout=30)
+    early.record_failure(early.admit())
+    wait_until(functools.partial(_alone_until, closer, "half-open"), timeout=30)
+    closer.record_success(closer.admit())
+    assert closer.state == "closed"
+    closed_at = time.time()
+    wait_until(lambda: _alone_until(late, "half-open") and time.time() > closed_at + 0.01)
+    late.record_failure(late.admit())  # the newest decision
+    assert late.state == "open"
+    redis_server.start()  # empty
+    client = redis.Redis.from_url(redis_server.url, socket_timeout=2)
+    try:
+        key = f"{name}:pybreaker:state"
+        wait_until(lambda: early.storage_mode == "shared" or early.state == "closed")
+        wait_until(lambda: late.storage_mode == "shared" or late.state == "closed")
+        assert client.get(key) == b"open"
+        wait_until(lambda: closer.storage_mode == "shared" or closer.state != "closed")
+        assert client.get(key) == b"open"  # before: b"closed" (the older close won)
+        wait_until(lambda: closer.state != "closed")
+    finally:
+        client.close()
+    for breaker in (closer, early, late):
+        breaker.close()
 
 
 def test_every_state_change_records_when_it_was_decided(redis_server: RedisServer) -> None:

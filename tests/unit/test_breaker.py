@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import threading
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
+import pybreaker
 import pytest
 from freezegun import freeze_time
 
@@ -355,3 +356,42 @@ def test_not_started_failures_never_count() -> None:
     assert breaker.state == HALF_OPEN
     breaker.record_success(breaker.admit())  # the slot was free for the next trial
     assert breaker.state == CLOSED
+
+
+def _shared_pair() -> tuple[Breaker, pybreaker.CircuitMemoryStorage]:
+    remote = pybreaker.CircuitMemoryStorage(CLOSED)  # what other processes write
+    return Breaker(max_failures=1, reset_timeout=1.0, storage=remote, sync_interval=0), remote
+
+
+def test_half_open_adopts_a_later_period_that_has_timed_out_too_without_re_opening() -> None:
+    """Another process's open, decided alone during a Redis outage and written back with its
+    own (later) period, which has timed out as well: this half-open breaker takes that period
+    and stays half-open (no open -> rejected calls and breaker_opened alert for nothing)."""
+    with freeze_time("2026-01-01 00:00:00") as clock:
+        breaker, remote = _shared_pair()
+        breaker.record_failure(breaker.admit())
+        clock.tick(2.0)
+        assert breaker.state == HALF_OPEN
+        remote.opened_at = datetime(2026, 1, 1, 0, 0, 0, 500_000, tzinfo=timezone.utc)
+        remote.state = OPEN
+        assert breaker.state == HALF_OPEN
+        assert breaker.transition_counts.get((HALF_OPEN, OPEN), 0) == 0  # before: 1
+        breaker.record_success(breaker.admit())  # that period's trial
+        assert breaker.state == CLOSED
+
+
+def test_half_open_with_its_trial_in_flight_re_opens_for_a_later_period() -> None:
+    """The trial in flight holds the older period's claim: a later period re-opens the
+    breaker as before, so the trial's late result is ignored and the new period gets one
+    trial in total."""
+    with freeze_time("2026-01-01 00:00:00") as clock:
+        breaker, remote = _shared_pair()
+        breaker.record_failure(breaker.admit())
+        clock.tick(2.0)
+        ticket = breaker.admit()  # the old period's trial, in flight
+        remote.opened_at = datetime(2026, 1, 1, 0, 0, 0, 500_000, tzinfo=timezone.utc)
+        remote.state = OPEN
+        assert breaker.state == HALF_OPEN  # re-opened, and that period has timed out too
+        assert breaker.transition_counts.get((HALF_OPEN, OPEN), 0) == 1
+        breaker.record_success(ticket)  # stale: ignored
+        assert breaker.state == HALF_OPEN
