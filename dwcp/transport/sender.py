@@ -411,8 +411,9 @@ class MultiStreamTCPTransport:
         quick as ``send(wait=True)``, after a burst as well.
 
         ``timeout`` defaults to ``send_timeout``. Raises TransportError when not started,
-        when the session broke, or when the timeout passed first (code ``UNCONFIRMED`` when
-        only acknowledgements are missing); unacknowledged messages stay in the window.
+        when the session broke, or when the timeout passed first (with ``acknowledged``, code
+        ``UNCONFIRMED``, also while messages are still being written); unacknowledged
+        messages stay in the window.
         """
         session = self._session
         if session is None:
@@ -425,6 +426,13 @@ class MultiStreamTCPTransport:
         if not session.flush(wait):
             if session.broken is not None:
                 session.raise_broken()
+            if window is not None:
+                # Still being written, on a session that lives (a slow path, a resend): they
+                # are in the window, unconfirmed, as when only their ACKs are missing.
+                raise TransportError(
+                    f"flush: messages still being written after {wait:g} s, not confirmed",
+                    code="UNCONFIRMED",
+                )
             raise TransportError(f"flush did not complete within {wait:g} s")
         if window is not None and window.last >= 0:
             session.wait_acked(window.last, deadline)

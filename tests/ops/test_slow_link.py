@@ -9,6 +9,7 @@ the kernel still sees acknowledged is alive; one whose bytes stop moving is not.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 
@@ -188,3 +189,83 @@ def test_recovery_reopens_the_session_while_the_resent_window_still_crosses_a_sl
     assert inbox.messages == messages  # the resent copies were dropped: exactly once
     manager.stop()  # bounded: no start() holds the transport's lifecycle any more
     assert not transport.started
+
+
+@pytest.mark.timeout(150)
+def test_send_timeout_bounds_waiting_for_room_not_how_long_a_large_message_takes_to_write(
+    receiver_factory: ReceiverFactory,
+    fault_proxy: ProxyFactory,
+    transport_factory: TransportFactory,
+) -> None:
+    """README, "Sending across a WAN": ``send_timeout`` bounds how long a send waits for
+    room, not how long writing a message takes: a message over 16 KiB in a mutable buffer
+    is in the kernel when ``send()`` returns, as long as the path needs while its bytes keep
+    moving; a large send behind it waits its turn, and takes longer too."""
+    receiver, inbox = receiver_factory()
+    proxy = fault_proxy(receiver.address)
+    rate = 30 * RATE
+    proxy.rate(rate)
+    transport = transport_factory(proxy.address, streams=1, send_timeout=1.0)
+    transport.start()
+    # The kernels' buffers (ours and the proxy's) can take up to their maximum sizes at once;
+    # the 2 * rate bytes beyond them take at least 2 s to cross.
+    first = bytearray(
+        os.urandom(_largest_buffer("tcp_wmem") + _largest_buffer("tcp_rmem") + 2 * rate)
+    )
+    second = bytearray(os.urandom(400_000))
+    outcome: dict[str, tuple[str, float]] = {}
+
+    def send(name: str, data: bytearray) -> None:
+        began = time.monotonic()
+        try:
+            transport.send(data)
+            outcome[name] = ("ok", time.monotonic() - began)
+        except TransportError as exc:
+            outcome[name] = (exc.code, time.monotonic() - began)
+
+    senders = [threading.Thread(target=send, args=("first", first), name="test-first-send")]
+    senders[0].start()
+    proxy.wait_for(lambda stats: stats["bytes_up"] > 100_000, 30.0)  # under way
+    senders.append(threading.Thread(target=send, args=("second", second), name="test-second"))
+    senders[1].start()
+    for sender in senders:
+        sender.join(120.0)
+    assert {name: code for name, (code, _) in outcome.items()} == {"first": "ok", "second": "ok"}
+    # Both longer than send_timeout: their bytes kept moving (lower bounds only).
+    assert outcome["first"][1] > 1.0 and outcome["second"][1] > 1.0
+    assert receiver.wait_delivered(2, 60.0)
+    assert inbox.messages == [bytes(first), bytes(second)]
+    assert healthy(transport)
+
+
+@pytest.mark.timeout(150)
+def test_a_flush_that_times_out_while_a_slow_path_still_moves_the_bytes_is_unconfirmed(
+    receiver_factory: ReceiverFactory,
+    fault_proxy: ProxyFactory,
+    transport_factory: TransportFactory,
+) -> None:
+    """README's error table: ``UNCONFIRMED`` is ``flush()``'s "sent, but not confirmed in
+    time"; so it is while the messages are still being written on a slow, live path (an
+    outside test got ``TRANSPORT_ERROR``, which counts against the breaker)."""
+    receiver, inbox = receiver_factory()
+    proxy = fault_proxy(receiver.address)
+    rate = 30 * RATE
+    proxy.rate(rate)
+    transport = transport_factory(proxy.address, streams=1, acknowledged=True, send_timeout=60.0)
+    transport.start()
+    # More than the kernels' buffers can hold: the last of them wait in our queue for seconds.
+    buffered = _largest_buffer("tcp_wmem") + _largest_buffer("tcp_rmem") + 2 * rate
+    messages = [os.urandom(1 << 20) for _ in range(buffered // (1 << 20) + 1)]
+    for message in messages:
+        transport.send(message)
+    with pytest.raises(TransportError) as info:
+        transport.flush(0.2)
+    assert info.value.code == "UNCONFIRMED"
+    transport.flush(120.0)  # the session lived
+    assert inbox.messages == messages
+
+
+def _largest_buffer(name: str) -> int:
+    """The kernel's largest TCP buffer of that kind (the third of min, default, max)."""
+    with open(f"/proc/sys/net/ipv4/{name}") as sysctl:
+        return int(sysctl.read().split()[2])
