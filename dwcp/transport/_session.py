@@ -385,11 +385,10 @@ class Session(Draining):
         window = self.window if track else None
         if not deadline:
             deadline = _monotonic() + self.send_timeout
-        view = memoryview(data).cast("B")
-        chunks = -(-size // chunk_size)
+        payloads = _cut(data, size, chunk_size)
+        chunks = len(payloads)
         shares = min(chunks, self.count)
-        flags, checksum = self.flags | (wire.FLAG_ACK_NOW if urgent else 0), self.checksum
-        payloads = [view[i * chunk_size : (i + 1) * chunk_size] for i in range(chunks)]
+        flags = self.flags | (wire.FLAG_ACK_NOW if urgent else 0)
         early = type(data) is bytes and size <= _OUTBOX_LIMIT
         batch = Batch(shares)
         order = self._order
@@ -420,15 +419,7 @@ class Session(Draining):
                                     flags |= wire.FLAG_ACK_NOW
                                     self.asked = message_id
                                 window.add(message_id, data)  # type: ignore[arg-type]
-                            for (_, indexes), lane in zip(plan, lanes):
-                                # Each stream's writer computes its chunks' CRCs: in parallel,
-                                # and off the caller's thread.
-                                parts = [
-                                    Lazy(flags, message_id, i, chunks, size, payloads[i], checksum)
-                                    for i in indexes
-                                ]
-                                queued = sum(_HEADER_SIZE + len(payloads[i]) for i in indexes)
-                                lane.put(parts, queued, batch, lazy=True)
+                            self._queue_chunks(message_id, payloads, size, flags, plan, batch)
                             break
                     if me is None:
                         me = self.enqueue()
@@ -464,21 +455,43 @@ class Session(Draining):
         the transport not started, and ``close()`` waiting on ``start()``, for that long.
         The writers watch them like any write: a stall breaks the session, whose next
         ``start()`` resends them again. New sends queue behind them, waiting for room."""
-        flags, checksum, count = self.flags, self.checksum, self.count
+        flags, count = self.flags, self.count
         with self._order:
             if self.broken is not None or self.closing:
                 self.raise_broken()
             for message_id, data in messages:
                 assert message_id == self.next_id, (message_id, self.next_id)
                 size = len(data)
-                view = memoryview(data).cast("B")
-                chunks = max(1, -(-size // chunk_size))
-                payloads = [view[i * chunk_size : (i + 1) * chunk_size] for i in range(chunks)]
-                for index, indexes in stripes(message_id, chunks, count):
-                    parts = [
-                        Lazy(flags, message_id, i, chunks, size, payloads[i], checksum)
-                        for i in indexes
-                    ]
-                    queued = sum(HEADER_SIZE + len(payloads[i]) for i in indexes)
-                    self.streams[index].put(parts, queued, None, lazy=True)
+                payloads = _cut(data, size, chunk_size)
+                plan = stripes(message_id, len(payloads), count)
+                self._queue_chunks(message_id, payloads, size, flags, plan, None)
                 self.next_id = message_id + 1
+
+    def _queue_chunks(
+        self,
+        message_id: int,
+        payloads: list[memoryview],
+        size: int,
+        flags: int,
+        plan: list[tuple[int, range]],
+        batch: Batch | None,
+    ) -> None:
+        """Queue every chunk of message ``message_id`` on the lanes ``plan`` names (see
+        ``stripes``), ``batch`` to complete once each lane wrote its share; the caller holds
+        the order lock, so the message is queued whole, in id order on every lane."""
+        chunks, checksum = len(payloads), self.checksum
+        for index, indexes in plan:
+            # Each stream's writer computes its chunks' CRCs: in parallel, and off the
+            # caller's thread.
+            parts = [
+                Lazy(flags, message_id, i, chunks, size, payloads[i], checksum) for i in indexes
+            ]
+            queued = sum(_HEADER_SIZE + len(payloads[i]) for i in indexes)
+            self.streams[index].put(parts, queued, batch, lazy=True)
+
+
+def _cut(data: Buffer, size: int, chunk_size: int) -> list[memoryview]:
+    """``data`` (``size`` bytes) cut into its chunks of ``chunk_size`` bytes, the last one
+    shorter; one empty chunk for an empty message (docs/wire-format.md, DATA)."""
+    view = memoryview(data).cast("B")
+    return [view[i : i + chunk_size] for i in range(0, size, chunk_size)] or [view]
