@@ -411,9 +411,10 @@ class MultiStreamTCPTransport:
         quick as ``send(wait=True)``, after a burst as well.
 
         ``timeout`` defaults to ``send_timeout``. Raises TransportError when not started,
-        when the session broke, or when the timeout passed first (with ``acknowledged``, code
-        ``UNCONFIRMED``, also while messages are still being written); unacknowledged
-        messages stay in the window.
+        when the session broke, or when the timeout passed first: with ``acknowledged``, code
+        ``UNCONFIRMED`` (also while messages are still being written), and the messages stay
+        in the window; without, code ``BACKPRESSURE`` (messages still being written on a
+        session that goes on).
         """
         session = self._session
         if session is None:
@@ -433,7 +434,12 @@ class MultiStreamTCPTransport:
                     f"flush: messages still being written after {wait:g} s, not confirmed",
                     code="UNCONFIRMED",
                 )
-            raise TransportError(f"flush did not complete within {wait:g} s")
+            # Unacknowledged, on a session that lives: a slow path or receiver, not a fault.
+            raise TransportError(
+                f"flush: messages still being written after {wait:g} s; the session goes on "
+                "and keeps writing them",
+                code="BACKPRESSURE",
+            )
         if window is not None and window.last >= 0:
             session.wait_acked(window.last, deadline)
 

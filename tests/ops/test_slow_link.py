@@ -263,6 +263,36 @@ def test_a_flush_that_times_out_while_a_slow_path_still_moves_the_bytes_is_uncon
     assert inbox.messages == messages
 
 
+
+@pytest.mark.timeout(150)
+def test_an_unacknowledged_flush_that_times_out_while_the_bytes_still_move_is_backpressure(
+    receiver_factory: ReceiverFactory,
+    fault_proxy: ProxyFactory,
+    transport_factory: TransportFactory,
+) -> None:
+    """README's error table: ``BACKPRESSURE`` is a slow receiver, "the session goes on"; so
+    is ``flush()`` of an unacknowledged transport that times out while its messages are still
+    being written on a slow, live path (it raised a plain ``TRANSPORT_ERROR``, "the peer or
+    network failed", before), and every message still arrives."""
+    receiver, inbox = receiver_factory()
+    proxy = fault_proxy(receiver.address)
+    rate = 30 * RATE
+    proxy.rate(rate)
+    transport = transport_factory(proxy.address, streams=1, send_timeout=60.0)
+    transport.start()
+    # More than the kernels' buffers can hold: the last of them wait in our queue for seconds.
+    buffered = _kernel_buffers() + 2 * rate
+    messages = [os.urandom(1 << 20) for _ in range(buffered // (1 << 20) + 1)]
+    for message in messages:
+        transport.send(message)
+    with pytest.raises(TransportError) as info:
+        transport.flush(0.2)
+    assert info.value.code == "BACKPRESSURE"
+    assert "still being written" in str(info.value)
+    transport.flush(120.0)  # the session lived
+    wait_until(lambda: len(inbox.messages) == len(messages), 60.0)
+    assert inbox.messages == messages
+
 def _kernel_buffers() -> int:
     """The most the kernel's TCP buffers can hold on the sender's and the proxy's side
     (``tcp_wmem`` and ``tcp_rmem`` maxima); the test is skipped where that is over 48 MiB,
