@@ -263,7 +263,6 @@ def test_a_flush_that_times_out_while_a_slow_path_still_moves_the_bytes_is_uncon
     assert inbox.messages == messages
 
 
-
 @pytest.mark.timeout(150)
 def test_an_unacknowledged_flush_that_times_out_while_the_bytes_still_move_is_backpressure(
     receiver_factory: ReceiverFactory,
@@ -292,6 +291,7 @@ def test_an_unacknowledged_flush_that_times_out_while_the_bytes_still_move_is_ba
     transport.flush(120.0)  # the session lived
     wait_until(lambda: len(inbox.messages) == len(messages), 60.0)
     assert inbox.messages == messages
+
 
 def _kernel_buffers() -> int:
     """The most the kernel's TCP buffers can hold on the sender's and the proxy's side
