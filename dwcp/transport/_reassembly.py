@@ -126,10 +126,14 @@ class Reassembly:
             # else reads them (the slow path, or the end); what it tests against is
             # hoisted, and looked up again after the slow path changed it.
             next_id, gained = self.next_id, 0
+            # Bytes of whole messages stored ahead of next_id by the second fast path below,
+            # not yet added to ``buffered``.
+            stored = 0
             floor = last[stream]
             room = budget - self.buffered
             idle = not self.delivering
             entries = bool(partial or complete)
+            window = ID_WINDOW
             try:
                 for frame in frames:
                     mid = frame[0]
@@ -141,7 +145,7 @@ class Reassembly:
                         and frame[3] == frame[5]
                         and mid >= floor
                         and not (entries and (mid in partial or mid in complete))
-                        and (gained + frame[5] + overhead <= room or (idle and not gained))
+                        and (gained + stored + frame[5] + overhead <= room or (idle and not gained))
                     ):
                         cost = frame[5] + overhead
                         gained += cost
@@ -149,8 +153,31 @@ class Reassembly:
                         next_id = mid + 1
                         taken += 1
                         continue
+                    # The common case with several streams: a later message, whole in one
+                    # frame, nothing of it seen before, within the id window and the budget
+                    # (_admit's rules and _store's bookkeeping, inlined): it waits, complete,
+                    # for the messages before it from the other streams.
+                    if (
+                        mid > next_id
+                        and frame[2] == 1
+                        and frame[3] == frame[5]
+                        and mid > floor
+                        and mid - next_id < window
+                        and not (entries and (mid in partial or mid in complete))
+                        and gained + stored + frame[5] + overhead <= room
+                    ):
+                        cost = frame[5] + overhead
+                        stored += cost
+                        complete[mid] = (mid, frame[4], cost, stream)
+                        last[stream] = floor = mid
+                        entries = True
+                        taken += 1
+                        continue
                     if gained:
                         last[stream] = max(last[stream], next_id - 1)
+                    if stored:
+                        self._stored(stored)
+                        stored = 0
                     next_id = self._settle(next_id, gained, taken)
                     gained = 0
                     message = self._admit(stream, frame)
@@ -166,10 +193,19 @@ class Reassembly:
             finally:
                 if gained:
                     last[stream] = max(last[stream], next_id - 1)
+                if stored:
+                    self._stored(stored)
+                if gained:
                     self._settle(next_id, gained, taken)
                 if len(ready) != before:
                     self._announce_some()
         return taken
+
+    def _stored(self, cost: int) -> None:
+        """Charge the messages the fast path stored ahead of ``next_id`` (``cost`` bytes)."""
+        self.buffered += cost
+        self.peak = max(self.peak, self.buffered)
+        self.progress += 1
 
     def _settle(self, next_id: int, gained: int, count: int) -> int:
         """Write the fast path's counters back; return the (possibly advanced) next id."""

@@ -833,3 +833,23 @@ def test_last_id_is_the_highest_message_id_read_on_a_stream() -> None:
     assert reassembly.push(0, [whole(5), whole(7)]) == 2
     assert reassembly.push(1, [whole(6)]) == 1
     assert (reassembly.last_id(0), reassembly.last_id(1)) == (7, 6)
+
+
+def test_whole_messages_ahead_of_the_next_one_are_charged_and_released_in_order() -> None:
+    # Four streams, round robin, as a sender stripes one-chunk messages: every stream but
+    # the one carrying the next id stores whole messages ahead of it. They are charged to
+    # the budget (and the peak) while they wait, and released in id order once the gap fills.
+    reassembly = roomy(4)
+    for stream in (3, 2, 1):
+        assert reassembly.push(stream, [whole(mid) for mid in range(stream, 40, 4)]) == 10
+    assert reassembly.take(0) == []  # message 0 has not come
+    waiting = 30 * (3 + FRAME_OVERHEAD)
+    assert reassembly.buffered == reassembly.peak == waiting
+    assert reassembly.push(0, [whole(mid) for mid in range(0, 40, 4)]) == 10
+    batch = reassembly.take(0)
+    assert batch is not None
+    assert ids(batch) == list(range(40))
+    assert reassembly.buffered == reassembly.peak == 40 * (3 + FRAME_OVERHEAD)
+    reassembly.done(cost(batch))
+    assert reassembly.buffered == 0
+    assert [reassembly.last_id(stream) for stream in range(4)] == [36, 37, 38, 39]
