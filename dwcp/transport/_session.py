@@ -251,9 +251,11 @@ class Session(Draining):
             self.raise_broken()
         window = self.window if track else None
         flags = self.urgent_flags if urgent else self.flags
-        if size <= _COPY_LIMIT:
+        if size <= _COPY_LIMIT and not urgent:
             # The common case, inlined: one frame copied into a stream's outbox with room,
-            # and, tracked, into a window with room (Window.fits and Window.add, inlined).
+            # and, tracked, into a window with room but not empty (Window.fits and
+            # Window.add, inlined). Into an empty window the message asks for its ACK (see
+            # ACK_NOW_EMPTY) and is someone's wait: the path below writes it directly.
             crc = _checksum(data) if self.checksum else 0
             order = self._order
             if not order.acquire(False):
@@ -265,16 +267,14 @@ class Session(Draining):
                 stream = self.streams[message_id % self.count]
                 if (not self.waiters and stream.queued < _OUTBOX_LIMIT) and (
                     window is None
-                    or (message_id < window.id_limit and window.added + size <= window.byte_limit)
-                    or window.last == window.acked
+                    or (
+                        message_id < window.id_limit
+                        and window.added + size <= window.byte_limit
+                        and window.last != window.acked
+                    )
                 ):
                     self.next_id = message_id + 1
                     if window is not None:
-                        if window.last == window.acked:
-                            window.since = _monotonic()
-                            # Into an empty window: ask for an ACK at once (see ACK_NOW_EMPTY).
-                            flags = self.urgent_flags
-                            self.asked = message_id
                         window.entries.append(data)  # type: ignore[arg-type]
                         window.last = message_id
                         window.added += size
@@ -304,8 +304,10 @@ class Session(Draining):
         crc = _checksum(data) if self.checksum else 0
         # A frame of 256 KiB or more gains nothing from batching: when its stream is idle
         # the caller writes it itself, saving the writer thread's hand-off (and it is in the
-        # kernel when send returns). Smaller ones share the writer's writev.
-        wants_direct = size >= DIRECT_MIN
+        # kernel when send returns). Smaller ones share the writer's writev, unless someone
+        # waits for their ACK (urgent, or into an empty window: see ACK_NOW_EMPTY), where the
+        # hand-off would be a tenth of the round trip.
+        wants_direct = size >= DIRECT_MIN or urgent
         order = self._order
         me: object | None = None  # our place among the waiters, once we wait (see enqueue)
         try:
@@ -326,6 +328,7 @@ class Session(Draining):
                                 if window.last == window.acked:  # see ACK_NOW_EMPTY
                                     flags = self.urgent_flags
                                     self.asked = message_id
+                                    wants_direct = True
                                 window.add(message_id, data)  # type: ignore[arg-type]
                             head = _pack_head(
                                 _MAGIC, _VERSION, _DATA, flags, message_id, 0, 1, size, size,
