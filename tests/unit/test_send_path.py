@@ -381,3 +381,42 @@ def test_flush_asks_for_an_ack_with_a_ping_behind_the_last_message_unless_it_ask
         for pair in pairs:
             for sock in pair:
                 sock.close()
+
+
+def test_a_small_message_someone_waits_for_is_written_by_the_sending_thread_when_idle() -> None:
+    """README: a message whose confirmation someone waits for (``send(wait=True)``) is
+    written by the sending thread itself when its stream is idle; otherwise it is queued for
+    the stream's writer (no writer thread runs here, so the outbox shows which happened)."""
+    ours, theirs = socket.socketpair()
+    window = Window(16, 1 << 20)
+    session = _Session(
+        ("127.0.0.1", 9),
+        [(ours, None)],
+        session_id=bytes(16),
+        send_timeout=5.0,
+        acknowledged=True,
+        checksum=True,
+        keepalive_interval=None,
+        keepalive_timeout=5.0,
+        window=window,
+    )
+    (stream,) = session.streams
+    try:
+        assert session.send_small(b"a", 1, True) == 0  # into an empty window: written at once
+        assert not stream.outbox
+        theirs.recv(64)
+        assert session.send_small(b"b", 1, True) == 1  # behind "a", nobody waits: queued
+        assert len(stream.outbox) == 1
+        # With wait=True, but its stream is not idle ("b" waits for the writer): queued too.
+        assert session.send_small(b"c", 1, True, True, time.monotonic() + 5.0) == 2
+        assert len(stream.outbox) == 2
+        stream.outbox.clear()
+        stream.queued = 0
+        # With wait=True on an idle stream, the window not empty: the sending thread writes it.
+        assert session.send_small(b"d", 1, True, True, time.monotonic() + 5.0) == 3
+        assert not stream.outbox
+        written = theirs.recv(64)
+        assert wire.parse_prefix(written[:8])[1] & wire.FLAG_ACK_NOW
+    finally:
+        ours.close()
+        theirs.close()
