@@ -45,16 +45,7 @@ class _DrainedAfterOneLook(_Stream):
 @pytest.fixture
 def session() -> Iterator[_Session]:
     pairs = [socket.socketpair() for _ in range(2)]
-    made = _Session(
-        ("127.0.0.1", 9),
-        [(ours, None) for ours, _ in pairs],
-        session_id=bytes(16),
-        send_timeout=5.0,
-        acknowledged=False,
-        checksum=True,
-        keepalive_interval=None,
-        keepalive_timeout=5.0,
-    )
+    made = _threadless_session([ours for ours, _ in pairs])
     try:
         yield made
     finally:
@@ -349,17 +340,7 @@ def _pings(stream: _Stream) -> list[int]:
 def test_flush_asks_for_an_ack_with_a_ping_behind_the_last_message_unless_it_asked() -> None:
     pairs = [socket.socketpair() for _ in range(2)]
     window = Window(16, 1 << 20)
-    session = _Session(
-        ("127.0.0.1", 9),
-        [(ours, None) for ours, _ in pairs],
-        session_id=bytes(16),
-        send_timeout=5.0,
-        acknowledged=True,
-        checksum=True,
-        keepalive_interval=None,
-        keepalive_timeout=5.0,
-        window=window,
-    )
+    session = _threadless_session([ours for ours, _ in pairs], window)
     first, second = session.streams
     try:
         # Into an empty window: it asks itself, and someone may wait for that ACK, so the
@@ -388,18 +369,7 @@ def test_a_small_message_someone_waits_for_is_written_by_the_sending_thread_when
     written by the sending thread itself when its stream is idle; otherwise it is queued for
     the stream's writer (no writer thread runs here, so the outbox shows which happened)."""
     ours, theirs = socket.socketpair()
-    window = Window(16, 1 << 20)
-    session = _Session(
-        ("127.0.0.1", 9),
-        [(ours, None)],
-        session_id=bytes(16),
-        send_timeout=5.0,
-        acknowledged=True,
-        checksum=True,
-        keepalive_interval=None,
-        keepalive_timeout=5.0,
-        window=window,
-    )
+    session = _threadless_session([ours], Window(16, 1 << 20))
     (stream,) = session.streams
     try:
         assert session.send_small(b"a", 1, True) == 0  # into an empty window: written at once
@@ -420,3 +390,19 @@ def test_a_small_message_someone_waits_for_is_written_by_the_sending_thread_when
     finally:
         ours.close()
         theirs.close()
+
+
+def _threadless_session(socks: list[socket.socket], window: Window | None = None) -> _Session:
+    """A session over ``socks`` with no threads running (acknowledged with a ``window``):
+    what it writes itself arrives at their peers, what it queues stays in the outboxes."""
+    return _Session(
+        ("127.0.0.1", 9),
+        [(sock, None) for sock in socks],
+        session_id=bytes(16),
+        send_timeout=5.0,
+        acknowledged=window is not None,
+        checksum=True,
+        keepalive_interval=None,
+        keepalive_timeout=5.0,
+        window=window,
+    )
