@@ -92,8 +92,13 @@ class Variant:
     def settings(self) -> str:
         return (
             f"Manager() defaults, send_with_circuit_breaker; streams={self.streams}, "
-            f"checksum={self.checksum}; defaults: chunk_size 262144, unacknowledged"
+            f"checksum={self.checksum}; defaults: chunk_size {self.chunking}, unacknowledged"
         )
+
+    @property
+    def chunking(self) -> str:
+        """What the default ``chunk_size`` does with this many streams."""
+        return "262144" if self.streams > 1 else "None (one stream: each message whole)"
 
 
 VARIANTS = (Variant(1, True), Variant(1, False), Variant(4, True), Variant(4, False))

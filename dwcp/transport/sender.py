@@ -37,6 +37,10 @@ __all__ = ["ACK_TIMEOUT_REASON", "MultiStreamTCPTransport"]
 _Session = Session
 _Stream = Stream
 _OUTBOX_LIMIT = OUTBOX_LIMIT
+# What a message is cut into over several streams when chunk_size is not given: small
+# enough that the streams share a message's bytes, large enough that each chunk's header and
+# hand-offs cost little beside its bytes.
+DEFAULT_CHUNK_SIZE = 262144
 _YIELDS = YIELDS
 _take_contended = take_contended
 _monotonic = time.monotonic
@@ -46,7 +50,8 @@ class MultiStreamTCPTransport:
     """Sends messages to one ``MultiStreamReceiver`` over ``streams`` parallel TCP connections.
 
     Small messages go whole on one stream (round robin); larger ones are cut into
-    ``chunk_size`` chunks written in parallel on all streams. Message ids order delivery, so
+    ``chunk_size`` chunks written in parallel on all streams (with one stream, by default,
+    every message goes whole). Message ids order delivery, so
     the receiver hands messages to the application in the order ``send`` allocated them.
     ``send`` is thread-safe. Any stream failure breaks the transport until ``close()`` and
     ``start()`` (what recovery does) open a fresh session.
@@ -59,7 +64,10 @@ class MultiStreamTCPTransport:
     Parameters:
         address: the receiver's (host, port); IPv4 or IPv6.
         streams: TCP connections per session (1..32).
-        chunk_size: messages longer than this are cut into chunks of this size (>= 1024).
+        chunk_size: messages longer than this are cut into chunks of this size (>= 1024),
+            striped over the streams. Default (None): 262144 with several streams; with one,
+            no cutting (each message one chunk: nothing to stripe, and the receiver need not
+            join the pieces).
         connect_timeout: bound on opening every stream and its handshake.
         send_timeout: how long a ``send`` waits for room (in the streams' queues and, with
             ``acknowledged``, the window; then it fails alone, code ``BACKPRESSURE`` or
@@ -99,7 +107,7 @@ class MultiStreamTCPTransport:
         address: tuple[str, int],
         *,
         streams: int = 4,
-        chunk_size: int = 262144,
+        chunk_size: int | None = None,
         connect_timeout: float | timedelta = 5.0,
         send_timeout: float | timedelta = 10.0,
         max_message_size: int = wire.DEFAULT_MAX_MESSAGE_SIZE,
@@ -121,6 +129,8 @@ class MultiStreamTCPTransport:
         )
         self._address = address
         self._streams = _bounded_int("streams", streams, 1, wire.MAX_STREAMS)
+        if chunk_size is None:
+            chunk_size = DEFAULT_CHUNK_SIZE if self._streams > 1 else wire.MAX_TOTAL_LENGTH
         self._chunk_size = _bounded_int(
             "chunk_size", chunk_size, wire.MIN_CHUNK_SIZE, wire.MAX_TOTAL_LENGTH
         )

@@ -670,6 +670,42 @@ def test_the_sender_flags_every_chunk_of_a_wait_true_message_ack_now() -> None:
     assert flags == [wire.FLAG_ACK_NOW] * 3
 
 
+@pytest.mark.parametrize(
+    ("streams", "chunk_size", "size", "chunks"),
+    [
+        (1, None, 3 << 20, [(0, 3 << 20)]),  # one stream, the default: whole
+        (1, 1 << 20, 3 << 20, [(0, 1 << 20)] * 3),  # one stream, a chunk_size given: cut
+        (2, None, 600 << 10, [(0, 256 << 10), (1, 256 << 10), (0, 88 << 10)]),  # 256 KiB
+    ],
+)
+def test_chunk_size_by_default_cuts_messages_over_several_streams_and_none_on_one(
+    streams: int, chunk_size: int | None, size: int, chunks: list[tuple[int, int]]
+) -> None:
+    """README (``chunk_size``): the default is 256 KiB over several streams; with one stream
+    the default sends each message whole, as one chunk. ``chunks``: (stream, payload length)
+    of each chunk in index order."""
+    peer = ScriptedReceiver([lambda conn: None] * streams)  # welcomed; read below
+    transport = MultiStreamTCPTransport(peer.address, streams=streams, chunk_size=chunk_size)
+    try:
+        transport.start()
+        transport.send(bytes(size))
+        seen: list[tuple[int, int, int]] = []  # (index, stream, payload length)
+        for stream, conn in enumerate(peer.connections):
+            for _ in range(sum(1 for on, _ in chunks if on == stream)):
+                header = wire.parse_data_header(conn.recv(HEADER, socket.MSG_WAITALL), LIMIT)
+                assert (header.chunk_count, header.total_length) == (len(chunks), size)
+                left = header.payload_length
+                while left:  # a socket with a timeout returns what is there, WAITALL or not
+                    got = len(conn.recv(min(left, 1 << 20)))
+                    assert got, "connection closed inside a payload"
+                    left -= got
+                seen.append((header.chunk_index, stream, header.payload_length))
+        assert [(on, length) for _, on, length in sorted(seen)] == chunks
+    finally:
+        transport.close()
+        peer.close()
+
+
 def test_the_receiver_acts_on_ack_now_in_any_chunk(
     raw_receiver: RawReceiver, raw_connections: Connect, monkeypatch: pytest.MonkeyPatch
 ) -> None:
