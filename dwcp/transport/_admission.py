@@ -63,6 +63,8 @@ class Admission:
     broken: str | None
     broken_code: str
     closing: bool
+    sealed: bool
+    broken_cause: BaseException | None
 
     def __init__(self) -> None:
         # Senders that found no room, first come first served. Joined under the order lock;
@@ -77,15 +79,27 @@ class Admission:
         """Whether the session broke or is closing (its acknowledgements will not come)."""
         return self.broken is not None or self.closing
 
+    def refusing(self) -> bool:
+        """Whether a send is refused: the session broke, or ``close()`` began (sealed)."""
+        return self.broken is not None or self.sealed
+
     def raise_broken_from(self, exc: BaseException | None) -> NoReturn:
-        raise TransportError(
-            f"transport broken: {self.broken or 'closed'}; restart it", code=self.broken_code
-        ) from exc
+        """``raise_broken``, chained to ``exc`` (what this caller saw) where given."""
+        if self.broken is None:
+            raise TransportError("transport closed; start() it again", code="NOT_STARTED")
+        error = TransportError(
+            f"transport broken: {self.broken}; restart it", code=self.broken_code
+        )
+        cause = exc if exc is not None else self.broken_cause
+        if cause is None:
+            raise error
+        raise error from cause
 
     def raise_broken(self) -> NoReturn:
-        raise TransportError(
-            f"transport broken: {self.broken or 'closed'}; restart it", code=self.broken_code
-        )
+        """Raise the session's fault, chained to the socket error that caused it (if a
+        socket call failed); or, not broken but closed (``close()`` began), the error of a
+        transport not started (README: sends after ``close()``)."""
+        self.raise_broken_from(None)
 
     def wake_waiters(self) -> None:
         """Wake every send waiting for its turn (the session ended)."""
@@ -118,12 +132,12 @@ class Admission:
         with self._queue_lock:
             while self._queue[0] is not me:
                 left = deadline - _monotonic()
-                if left <= 0 or self.ended():
+                if left <= 0 or self.refusing():
                     break
                 self._turn.wait(left)
             else:
                 return
-        if self.ended():
+        if self.refusing():
             self.raise_broken()
         window = self.window
         if window is not None and not window.fits(size):
@@ -150,7 +164,7 @@ class Admission:
             stream.waiting += 1
             try:
                 while stream.queued >= OUTBOX_LIMIT:
-                    if self.broken is not None or self.closing:
+                    if self.broken is not None or self.sealed:
                         self.raise_broken()
                     left = deadline - _monotonic()
                     if left <= 0:
@@ -184,7 +198,7 @@ class Admission:
         """
         window = self.window
         assert window is not None
-        if window.wait_room(size, deadline, self.ended):
+        if window.wait_room(size, deadline, self.refusing):
             return
         self.window_error(size)
 
@@ -193,11 +207,11 @@ class Admission:
         ``wait_for_window``)."""
         window = self.window
         assert window is not None
-        if not self.ended() and self.ack_overdue():
+        if not self.refusing() and self.ack_overdue():
             # Bounded: the keepalive thread ticks every send_timeout / 4 at most; a loaded
             # machine may run it late, hence the whole send_timeout.
-            window.wait_room(size, _monotonic() + self.send_timeout, self.ended)
-        if self.ended():
+            window.wait_room(size, _monotonic() + self.send_timeout, self.refusing)
+        if self.refusing():
             self.raise_broken()
         if self.ack_overdue():  # the keepalive thread is late: same fault, same code
             raise TransportError(

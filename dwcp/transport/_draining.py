@@ -64,7 +64,9 @@ class Draining(Admission):
         # behind them.
         with self._order:
             last = window.last
-            if last == window.acked or last == self.asked:
+            # Closing: close() itself waits for the acknowledgements (and a PING written
+            # after its FIN would break the session).
+            if last == window.acked or last == self.asked or self.sealed:
                 return
             ping = wire.pack_ping(int(_monotonic() * 1000))
             self.streams[last % self.count].put((ping,), ANSWER_SIZE, None)

@@ -137,7 +137,7 @@ def reader_loop(session: Session, stream: Stream) -> None:
                 window.ack(through)
     except OSError as exc:
         if not (session.closing or session.finishing):
-            session.break_(f"stream {stream.index}: receive failed ({exc})")
+            session.break_(f"stream {stream.index}: receive failed ({exc})", cause=exc)
     except Exception as exc:  # noqa: BLE001 - never die silently
         session.log.opt(exception=exc).error("Transport reader failed")
         session.break_(f"stream {stream.index}: reader error {exc!r}")

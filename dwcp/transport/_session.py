@@ -123,7 +123,12 @@ class Session(Draining):
         # The TransportError code of the fault that broke the session, set with ``broken``:
         # every send that finds the session broken raises with it, whichever thread noticed.
         self.broken_code = "TRANSPORT_ERROR"
+        self.broken_cause: BaseException | None = None
         self.closing = False
+        # close() began: every send is refused from here on (set under the order lock, which
+        # every send takes its id under), so what close() writes is everything a send
+        # returned for. ``closing`` comes once that is written (or given up on).
+        self.sealed = False
         # close() wrote everything and sent FIN: a receiver that ends its side is expected.
         self.finishing = False
         self.writers_stop = False
@@ -163,6 +168,14 @@ class Session(Draining):
         progress, see ``linger``), then stop every stream and join the session's threads
         (``close()``). What is still unacknowledged stays in the window for the next session;
         unacknowledged, what is still queued then is dropped."""
+        with self._order:
+            self.sealed = True
+        # Sends waiting for room, their turn or the window give up now (NOT_STARTED).
+        self.wake_waiters()
+        for stream in self.streams:
+            stream.wake()
+        if self.window is not None:
+            self.window.wake()
         if self.broken is None and self.linger():
             self.finish()
         # Under the order lock, which every send re-checks it under before it takes an id:
@@ -199,14 +212,17 @@ class Session(Draining):
         except OSError:
             pass
 
-    def break_(self, reason: str, code: str = "TRANSPORT_ERROR") -> None:
-        """Mark the session broken (the first reason and its error ``code`` win) and abort
-        every stream."""
+    def break_(
+        self, reason: str, code: str = "TRANSPORT_ERROR", cause: BaseException | None = None
+    ) -> None:
+        """Mark the session broken (the first reason, its error ``code`` and the socket
+        error that ``cause``d it, if any, win) and abort every stream."""
         with self._state_lock:
             if self.broken is not None or self.closing:
                 return
             self.broken_code = code
             self.broken = reason
+            self.broken_cause = cause
         self.log.bind(reason=reason).warning(f"Transport stream failed: {reason}")
         self.stopped.set()
         for stream in self.streams:
@@ -218,7 +234,7 @@ class Session(Draining):
 
     def fail(self, stream: Stream, what: str, exc: BaseException | None) -> NoReturn:
         reason = f"stream {stream.index}: {what}" + (f" ({exc})" if exc is not None else "")
-        self.break_(reason)
+        self.break_(reason, cause=exc)
         if self.broken is not None and self.broken != reason:
             # Another fault broke the session first (this one is likely its consequence):
             # report that one, as every other send does.
@@ -247,7 +263,7 @@ class Session(Draining):
         sender waiting on it. ``deadline``: when waiting for room must end (0: send_timeout
         from the first wait).
         """
-        if self.broken is not None or self.closing:
+        if self.broken is not None or self.sealed:
             self.raise_broken()
         window = self.window if track else None
         flags = self.urgent_flags if urgent else self.flags
@@ -261,7 +277,7 @@ class Session(Draining):
             if not order.acquire(False):
                 take_contended(order)
             try:
-                if self.closing:
+                if self.sealed:
                     self.raise_broken()
                 message_id = self.next_id
                 stream = self.streams[message_id % self.count]
@@ -315,7 +331,7 @@ class Session(Draining):
                 if not order.acquire(False):
                     take_contended(order)
                 try:
-                    if self.broken is not None or self.closing:
+                    if self.broken is not None or self.sealed:
                         self.raise_broken()
                     turn = not self.waiters if me is None else self.heads(me)
                     if turn:
@@ -383,7 +399,7 @@ class Session(Draining):
     ) -> int:
         """Cut a message into chunks striped over the streams, queued on each in id order;
         return its message id (``track``, ``urgent`` and ``deadline`` as for ``send_small``)."""
-        if self.broken is not None or self.closing:
+        if self.broken is not None or self.sealed:
             self.raise_broken()
         window = self.window if track else None
         if not deadline:
@@ -401,7 +417,7 @@ class Session(Draining):
                 if not order.acquire(False):
                     take_contended(order)
                 try:
-                    if self.broken is not None or self.closing:
+                    if self.broken is not None or self.sealed:
                         self.raise_broken()
                     turn = not self.waiters if me is None else self.heads(me)
                     if turn:
@@ -460,7 +476,7 @@ class Session(Draining):
         ``start()`` resends them again. New sends queue behind them, waiting for room."""
         flags, count = self.flags, self.count
         with self._order:
-            if self.broken is not None or self.closing:
+            if self.broken is not None or self.sealed:
                 self.raise_broken()
             for message_id, data in messages:
                 assert message_id == self.next_id, (message_id, self.next_id)

@@ -406,3 +406,56 @@ def _threadless_session(socks: list[socket.socket], window: Window | None = None
         keepalive_timeout=5.0,
         window=window,
     )
+
+
+def test_a_send_that_comes_while_close_writes_the_queue_is_refused_not_lost() -> None:
+    """README: ``close()`` writes what is queued, and sends after ``close()`` raise
+    ``NOT_STARTED``. A send that came while close() was writing the queue (after its last
+    write, before the streams closed) was queued and never written: its send returned, and
+    the message was lost (an outside test: 1-15 messages per run, 11 of 11 runs)."""
+    ours, theirs = socket.socketpair()
+    session = _threadless_session([ours])
+    late: list[str] = []
+    linger = session.linger
+
+    def linger_then_send() -> bool:
+        written = linger()
+        try:
+            session.send_small(b"late", 4)
+        except TransportError as exc:
+            late.append(exc.code)
+        else:
+            late.append("queued, never written")
+        return written
+
+    session.linger = linger_then_send  # type: ignore[method-assign]
+    try:
+        session.send_small(b"early", 5)
+        session.streams[0].outbox.clear()  # no writer thread here: as if it wrote "early"
+        session.streams[0].queued = 0
+        session.shutdown()
+        assert late == ["NOT_STARTED"]
+        with pytest.raises(TransportError) as after:
+            session.send_small(b"after", 5)
+        assert after.value.code == "NOT_STARTED"
+    finally:
+        theirs.close()
+
+
+def test_every_send_that_finds_the_session_broken_by_a_socket_error_has_it_as_cause() -> None:
+    """README's error table: ``TRANSPORT_ERROR``, "the socket error is ``__cause__``", for
+    the sends that find the session broken as for the one whose write failed (an outside
+    test got a broken pipe reported with no ``__cause__``)."""
+    ours, theirs = socket.socketpair()
+    session = _threadless_session([ours])
+    pipe = BrokenPipeError(32, "Broken pipe")
+    try:
+        with pytest.raises(TransportError) as first:
+            session.fail(session.streams[0], "send failed", pipe)
+        with pytest.raises(TransportError) as later:
+            session.send_small(b"later", 5)
+        assert first.value.__cause__ is pipe and later.value.__cause__ is pipe
+        assert later.value.code == "TRANSPORT_ERROR" and "Broken pipe" in str(later.value)
+    finally:
+        theirs.close()
+        ours.close()
