@@ -459,3 +459,22 @@ def test_every_send_that_finds_the_session_broken_by_a_socket_error_has_it_as_ca
     finally:
         theirs.close()
         ours.close()
+
+
+def test_sends_waiting_for_room_when_close_begins_give_up_with_not_started(
+    session: _Session,
+) -> None:
+    """README: ``close()`` refuses new sends from its first moment (``NOT_STARTED``, nothing
+    of them sent), also for sends still waiting for room."""
+    stream = session.streams[0]
+    _fill(stream)
+    a, a_out = _in_thread(lambda: session.send_small(b"A", 1))  # waits for room
+    wait_until(lambda: session.waiters == 1 and stream.waiting == 1)
+    b, b_out = _in_thread(lambda: session.send_small(b"B", 1))  # waits for its turn behind A
+    wait_until(lambda: session.waiters == 2)
+    session.shutdown()
+    a.join(FAR)
+    b.join(FAR)
+    assert [type(out[0]) for out in (a_out, b_out)] == [TransportError] * 2
+    assert [out[0].code for out in (a_out, b_out)] == ["NOT_STARTED"] * 2  # type: ignore[attr-defined]
+    assert session.next_id == 0 and not stream.outbox  # nothing of them was queued
