@@ -245,10 +245,13 @@ class GuardedCalls:
         if transport is None:
             raise self._not_sending()
         if not isinstance(data, _BYTES_LIKE):
-            raise TypeError(
-                f"data must be bytes, bytearray or memoryview, got {type(data).__name__} "
-                "(wrap other buffers in memoryview())"
-            )
+            try:
+                data = memoryview(data)  # another bytes-like object: an array, say
+            except TypeError:
+                raise TypeError(
+                    f"data must be bytes-like (bytes, bytearray, memoryview or another object "
+                    f"exporting a buffer), got {type(data).__name__}"
+                ) from None
         # Admit, send with no lock held, record, tally.  Each thread's tally has a single
         # writer, so no lock.  A send is timed into the histogram when the thread's success
         # count is a multiple of SEND_SAMPLE: a steady sample gives the distribution, where

@@ -46,6 +46,16 @@ _take_contended = take_contended
 _monotonic = time.monotonic
 
 
+def _as_bytes_view(data: object) -> memoryview:
+    """Any other bytes-like object (a memoryview, an ``array.array``, a NumPy array...) as
+    a view of its bytes (a copy when they are not contiguous); TypeError for anything else."""
+    try:
+        view = data if type(data) is memoryview else memoryview(data)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"send() needs a bytes-like object, not {type(data).__name__}") from None
+    return view.cast("B") if view.c_contiguous else memoryview(view.tobytes())
+
+
 class MultiStreamTCPTransport:
     """Sends messages to one ``MultiStreamReceiver`` over ``streams`` parallel TCP connections.
 
@@ -370,11 +380,8 @@ class MultiStreamTCPTransport:
         if wait is not False and wait is not True:  # "yes" or 1 would be read as True
             raise TypeError(f"wait must be a bool, got {type(wait).__name__}")
         kind = type(data)
-        if kind is not bytes and kind is not bytearray:
-            if isinstance(data, memoryview):
-                data = data.cast("B") if data.c_contiguous else data.tobytes()
-            elif not isinstance(data, (bytes, bytearray)):
-                raise TypeError(f"send() needs a bytes-like object, not {kind.__name__}")
+        if kind is not bytes and kind is not bytearray and not isinstance(data, (bytes, bytearray)):
+            data = _as_bytes_view(data)
         size = len(data)
         if size > self._max_message_size:
             raise ValueError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import contextlib
 import os
 import re
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 
+import dwcp
 from dwcp import DWCPError, TransportError
 from dwcp.transport import MultiStreamReceiver, MultiStreamTCPTransport, wire
 from tests.conftest import Inbox, RawPeer, ReceiverFactory, TransportFactory
@@ -647,3 +649,29 @@ def test_health_check_cases(
     transport.close()
     with pytest.raises(TransportError, match="not started"):
         transport.health_check()
+
+
+def test_any_bytes_like_object_is_sent_as_its_bytes(
+    receiver_factory: ReceiverFactory,
+    transport_factory: TransportFactory,
+    make_manager: Callable[..., dwcp.Manager],
+) -> None:
+    """README's error table: ``TypeError`` is for what is not bytes-like; an
+    ``array.array`` is bytes-like (an outside test got TypeError for one), and so is a
+    view that is not contiguous (sent as a copy of its bytes)."""
+    receiver, inbox = receiver_factory(address=("127.0.0.1", 0))
+    transport = transport_factory(receiver.address, streams=2)
+    manager = make_manager(transport)
+    manager.start()
+    numbers = array.array("d", range(1000))
+    every_other = memoryview(numbers)[::2]
+    manager.send_with_circuit_breaker(numbers)  # type: ignore[arg-type]
+    transport.send(numbers)  # type: ignore[arg-type]
+    transport.send(every_other)
+    for send in (manager.send_with_circuit_breaker, transport.send):
+        with pytest.raises(TypeError, match="bytes-like"):
+            send("text")  # type: ignore[arg-type]
+    assert receiver.wait_delivered(3, 30.0)
+    assert inbox.messages == [numbers.tobytes(), numbers.tobytes(), every_other.tobytes()]
+    metrics = manager.metrics()
+    assert (metrics.sends, metrics.sent_bytes) == (1, numbers.itemsize * len(numbers))

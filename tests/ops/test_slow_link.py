@@ -236,6 +236,57 @@ def test_send_timeout_bounds_waiting_for_room_not_how_long_a_large_message_takes
     assert healthy(transport)
 
 
+@pytest.mark.timeout(120)
+def test_a_large_send_waits_as_long_as_a_live_receiver_takes_no_bytes(
+    receiver_factory: ReceiverFactory, transport_factory: TransportFactory
+) -> None:
+    """README, "Sending across a WAN": a large send is in the kernel when ``send()``
+    returns, which takes as long as a receiver that says it is alive takes no bytes (a
+    stalled consumer), past ``send_timeout``; the session is not broken for it."""
+    gate = threading.Event()
+    delivered: list[bytes] = []
+
+    def stalled_consumer(message: bytes) -> None:
+        gate.wait(60.0)
+        delivered.append(message)
+
+    receiver, _ = receiver_factory(
+        address=("127.0.0.1", 0), on_message=stalled_consumer, max_buffered_bytes=1 << 20
+    )
+    transport = transport_factory(
+        receiver.address,
+        streams=1,
+        chunk_size=None,
+        send_timeout=1.0,
+        keepalive_interval=0.5,
+        keepalive_timeout=1.0,
+    )
+    transport.start()
+    # More than the kernels' buffers and the receiver's budget hold: the last send blocks.
+    messages = [bytearray(os.urandom(2 << 20)) for _ in range(_kernel_buffers() // (2 << 20) + 3)]
+    outcome: list[object] = []
+
+    def send_all() -> None:
+        try:
+            for message in messages:
+                transport.send(message)
+            outcome.append("ok")
+        except TransportError as exc:
+            outcome.append(exc.code)
+
+    sending = threading.Thread(target=send_all, name="test-large-sends")
+    sending.start()
+    # Three send_timeouts and twice the keepalive bound: still blocked, nothing raised.
+    sending.join(3.0)
+    assert sending.is_alive() and outcome == []
+    assert healthy(transport)
+    gate.set()
+    sending.join(60.0)
+    assert outcome == ["ok"]
+    assert receiver.wait_delivered(len(messages), 60.0)
+    assert delivered == [bytes(message) for message in messages]
+
+
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize(("acknowledged", "code"), [(True, "UNCONFIRMED"), (False, "BACKPRESSURE")])
 def test_a_flush_that_times_out_while_a_slow_path_still_moves_the_bytes_says_so(
