@@ -114,17 +114,24 @@ def test_a_chunk_that_takes_several_frame_timeouts_to_cross_is_delivered(
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.parametrize(
+    ("streams", "shared"), [(1, False), (4, True)], ids=["one-stream", "four-sharing-the-link"]
+)
 def test_a_peer_that_stops_reading_mid_transfer_is_still_detected_in_time(
     receiver_factory: ReceiverFactory,
     fault_proxy: ProxyFactory,
     transport_factory: TransportFactory,
+    streams: int,
+    shared: bool,
 ) -> None:
+    # Four streams sharing the link: the receiver's PONGs while bytes arrive (issue 24)
+    # stop with the bytes, so they cannot keep a stalled session alive.
     receiver, _ = receiver_factory()
     proxy = fault_proxy(receiver.address)
-    proxy.rate(RATE)
+    proxy.rate(RATE, shared=shared)
     transport = transport_factory(
         proxy.address,
-        streams=1,
+        streams=streams,
         chunk_size=64 * 1024,
         keepalive_interval=INTERVAL,
         keepalive_timeout=TIMEOUT,
