@@ -2,7 +2,8 @@
 
 ``StreamParser`` turns the bytes of one session stream into DATA frames and PING tokens;
 ``AckPolicy`` says when an acknowledged session's delivery writes its cumulative ACK;
-``alive_due`` when a reader whose bytes keep arriving says it is alive unprompted. No
+``alive_due`` when a reader whose bytes keep arriving says it is alive unprompted, and
+``read_tick`` how long one of its blocking reads waits. No
 sockets, threads or clocks here: the receiver (``receiver.py``) reads, writes and keeps the
 time, and these are tested by feeding them bytes (``tests/unit/test_receiving.py``).
 """
