@@ -103,9 +103,10 @@ class FaultProxy(ChildProcess):
         """Forward in pieces of 1..max_piece bytes, pausing ``delay`` s every ``every``."""
         return self.set_mode("partial", max_piece=max_piece, delay=delay, every=every)
 
-    def rate(self, bytes_per_second: int) -> dict[str, Any]:
-        """Limit every connection, each direction, to ``bytes_per_second``."""
-        return self.set_mode("rate", bytes_per_second=bytes_per_second)
+    def rate(self, bytes_per_second: int, *, shared: bool = False) -> dict[str, Any]:
+        """Limit every connection, each direction, to ``bytes_per_second``; ``shared``: all
+        connections together, per direction (one slow link that every stream shares)."""
+        return self.set_mode("rate", bytes_per_second=bytes_per_second, shared=shared)
 
     def blackhole(self, direction: str = "down") -> dict[str, Any]:
         """Discard every byte flowing ``direction`` (default "down": the receiver's ACKs)."""

@@ -105,6 +105,9 @@ class Proxy:
         self._connect_failed = 0
         self._bytes = {"up": 0, "down": 0}
         self._fired: list[dict[str, Any]] = []
+        # mode "rate", shared: per direction, when the shared link is free again.
+        self._pace_lock = threading.Lock()
+        self._link_free = {"up": 0.0, "down": 0.0}
         self._stopping = False
         self._accept_thread = threading.Thread(target=self._accept_loop, name="proxy-accept")
         self._accept_thread.start()
@@ -119,7 +122,8 @@ class Proxy:
         that vanished silently); another mode resumes. ``partial`` (``max_piece``=7,
         ``delay``=0.0005, ``every``=8, ``seed``=0): forward in pieces of 1..max_piece bytes,
         pausing ``delay`` s after every ``every`` pieces. ``rate`` (``bytes_per_second``):
-        limit each connection and direction. ``blackhole`` (``direction``="down"): read and
+        limit each connection and direction; with ``shared``=True, one limit per direction
+        for all connections together (one slow link that every stream shares). ``blackhole`` (``direction``="down"): read and
         discard what flows that way (the other way is forwarded): lost ACKs. Counted faults, one-shot, after ``after``
         (default 0) more bytes in ``direction`` ("up" default, or "down") counted over all
         connections, or only over connection number ``conn``: ``close`` (forward exactly
@@ -341,7 +345,7 @@ class Proxy:
                 data, fire, pacing = self._filter(pair, direction, bytearray(chunk))
                 if data is None:
                     break
-                if not self._forward(pair, dst, data, pacing, rng, rate_state):
+                if not self._forward(pair, direction, dst, data, pacing, rng, rate_state):
                     pair.kill("rst")
                     break
                 if fire is not None:
@@ -355,6 +359,7 @@ class Proxy:
     def _forward(
         self,
         pair: _Pair,
+        direction: str,
         dst: socket.socket,
         data: bytearray,
         pacing: tuple[str, dict[str, Any], int] | None,
@@ -381,6 +386,16 @@ class Proxy:
                     return True  # killed
             return True
         rate = float(params["bytes_per_second"])
+        if params.get("shared"):
+            # One link for every connection: each piece takes the next slot on it, in the
+            # order the pumps come (an idle link saves no credit for a burst).
+            with self._pace_lock:
+                start = max(self._link_free[direction], time.monotonic())
+                self._link_free[direction] = start + len(view) / rate
+            due = start - time.monotonic()
+            if due > 0 and pair.wake.wait(due):
+                return True  # killed
+            return self._send(pair, dst, view)
         if rate_state[0] != generation:
             rate_state[:] = [generation, time.monotonic(), 0]
         if not self._send(pair, dst, view):

@@ -40,7 +40,8 @@ def keepalive_loop(session: Session) -> None:
     acknowledged, when messages await an ACK and none came for send_timeout.
 
     A busy stream is not pinged: its writes are bounded by send_timeout already. A
-    receiver that is alive but not reading (backpressure) answers unprompted. The PING's
+    receiver that is alive but not reading (backpressure), or still reading the bytes ahead
+    of a PING (a slow or shared link), answers unprompted. The PING's
     timeout measures a stall, not a duration (see ``Keepalive``), and so does the ACK's:
     bytes the receiver's host keeps acknowledging count as hearing from it.
     """

@@ -22,7 +22,7 @@ from dwcp.transport import wire
 from dwcp.transport._io import TLSChannel, set_kernel_timeout
 from dwcp.transport._progress import peer_finished
 from dwcp.transport._reassembly import FrameTuple
-from dwcp.transport._receiving import StreamParser
+from dwcp.transport._receiving import StreamParser, alive_due, read_tick
 
 if TYPE_CHECKING:
     from dwcp.transport._sessions import Session
@@ -38,6 +38,7 @@ _MSG_WAITALL = getattr(socket, "MSG_WAITALL", 0)
 _MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _HEADER = wire.DATA_HEADER.size
 _STALLED = "no byte of a begun frame arrived within frame_timeout ({:g} s)"
+_ALIVE = wire.pack_pong(0)  # an unprompted PONG: "alive", answering every PING before it
 
 
 class Connection:
@@ -49,6 +50,7 @@ class Connection:
         "index",
         "peer",
         "recv_timeout",
+        "said",
         "session",
         "sock",
         "thread",
@@ -67,6 +69,7 @@ class Connection:
         self.recv_timeout: float | None = None
         self.holders = 1  # the reader; see MultiStreamReceiver._release
         self.deaf = False  # a PONG could not be written: the sender has closed (see answer)
+        self.said = time.monotonic()  # when the last PONG went out (see alive_due)
 
     def shutdown(self) -> None:
         try:
@@ -90,6 +93,7 @@ class Connection:
         if self.deaf or peer_finished(self.sock):
             self.deaf = True
             return
+        self.said = time.monotonic()
         try:
             self.write(pong)
         except OSError:
@@ -165,6 +169,7 @@ class StreamReader:
         parse, pings = parser.parse, parser.pings
         monotonic = time.monotonic
         idle, frame_timeout = self.idle_timeout, self.frame_timeout
+        heartbeat = session.heartbeat
         batch: list[FrameTuple] = []
         header_size = _HEADER
         exact = False  # read the next header alone: a large frame may follow
@@ -173,7 +178,7 @@ class StreamReader:
         moved = monotonic()
         # One kernel timeout for the whole session, a fraction of the shortest bound; the
         # bounds themselves are kept here, so no recv() needs a setsockopt() first.
-        tick = min(frame_timeout, idle or frame_timeout) / 4
+        tick = read_tick(frame_timeout, idle, heartbeat)
         silent = 0  # ticks without a byte
         conn.set_recv_timeout(tick)
         while True:
@@ -248,6 +253,8 @@ class StreamReader:
             silent = 0
             moved = monotonic()
             end += got
+            if alive_due(moved, conn.said, heartbeat):
+                conn.answer(_ALIVE)
 
     def push(self, conn: Connection, session: Session, batch: list[FrameTuple]) -> None:
         """Hand a batch to reassembly, waiting (and saying "alive") while it has no room."""
@@ -305,9 +312,12 @@ class StreamReader:
             value = crc(first)
         mid, index, _, _, _, length = frame
         left = length - len(head)
+        heartbeat = session.heartbeat
         while left:
             piece = self.recv_piece(conn, session, min(left, _PIECE), moved)
             moved = time.monotonic()
+            if alive_due(moved, conn.said, heartbeat):
+                conn.answer(_ALIVE)
             # Each piece's CRC right after it arrived, while it is in the cache; the readers
             # of a session's streams do this in parallel (the GIL is released for it).
             if checked:
@@ -344,6 +354,8 @@ class StreamReader:
                     # (A tick's read returns what came during the tick, so the byte may be
                     # up to a tick older than this: a stall is seen up to a tick late.)
                     moved = time.monotonic()
+                    if alive_due(moved, conn.said, session.heartbeat):
+                        conn.answer(_ALIVE)
                 elif time.monotonic() - moved >= stall:
                     raise wire.ProtocolError(_STALLED.format(stall))
         session.reassembly.announce()  # TLS cannot tell whether the read would block
@@ -360,6 +372,8 @@ class StreamReader:
                 if part_size > 0:
                     got += part_size
                     moved = time.monotonic()
+                    if alive_due(moved, conn.said, session.heartbeat):
+                        conn.answer(_ALIVE)
                 elif time.monotonic() - moved >= stall:
                     raise wire.ProtocolError(_STALLED.format(stall))
         return buf

@@ -1,7 +1,9 @@
 """The receiver's protocol decisions, with no I/O: fed bytes and events, returning decisions.
 
 ``StreamParser`` turns the bytes of one session stream into DATA frames and PING tokens;
-``AckPolicy`` says when an acknowledged session's delivery writes its cumulative ACK. No
+``AckPolicy`` says when an acknowledged session's delivery writes its cumulative ACK;
+``alive_due`` when a reader whose bytes keep arriving says it is alive unprompted, and
+``read_tick`` how long one of its blocking reads waits. No
 sockets, threads or clocks here: the receiver (``receiver.py``) reads, writes and keeps the
 time, and these are tested by feeding them bytes (``tests/unit/test_receiving.py``).
 """
@@ -14,7 +16,16 @@ from typing import NamedTuple
 from dwcp.transport import wire
 from dwcp.transport._reassembly import FrameTuple
 
-__all__ = ["ACK_DELAY", "ACK_EVERY", "LARGE", "AckPolicy", "LargeFrame", "StreamParser"]
+__all__ = [
+    "ACK_DELAY",
+    "ACK_EVERY",
+    "LARGE",
+    "AckPolicy",
+    "LargeFrame",
+    "StreamParser",
+    "alive_due",
+    "read_tick",
+]
 
 # A payload at least this large is read straight into its own bytes, not via a buffer.
 LARGE = 32 * 1024
@@ -181,3 +192,25 @@ class AckPolicy:
     def acked(self) -> None:
         """The ACK through ``through`` was written (or given up on)."""
         self.unacked = 0
+
+
+def alive_due(now: float, said: float, heartbeat: float | None) -> bool:
+    """Whether a reader that just got bytes on its stream writes an unprompted PONG at
+    ``now``: the sender pings every ``heartbeat`` seconds (None: it keeps no keepalive) and
+    the stream's last PONG went at ``said``.
+
+    Twice per interval: a PING waits behind the stream's earlier bytes wherever they still
+    are (the sender's kernel, a proxy's buffers, its share of a link shared with the other
+    streams) and is read only after them; while they keep arriving, the stream is moving and
+    these PONGs answer it (any PONG answers every PING sent before it on its stream)."""
+    return heartbeat is not None and now - said >= heartbeat / 2
+
+
+def read_tick(frame_timeout: float, idle_timeout: float | None, heartbeat: float | None) -> float:
+    """How long one blocking read of a session stream waits at most: a quarter of the
+    shortest bound it watches, the keepalive interval among them (so a large frame read in
+    one call still lets ``alive_due`` be asked while its bytes trickle in)."""
+    bounds = [frame_timeout, idle_timeout or frame_timeout]
+    if heartbeat is not None:
+        bounds.append(heartbeat)
+    return min(bounds) / 4

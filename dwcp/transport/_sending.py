@@ -209,7 +209,9 @@ class Keepalive:
     stall, not a duration: a PING can wait behind megabytes the kernel still holds for a slow
     link. While the kernel's progress readings (``(acknowledged, outstanding)`` bytes, see
     ``tcp_progress``) show the bytes written before the PING being acknowledged, the stream
-    is moving, and the timeout runs from the last such progress.
+    is moving, and the timeout runs from the last such progress. (The kernel sees that
+    progress in steps of the peer's window, and not past a proxy's buffers: the receiver's
+    unprompted PONGs while the stream's bytes arrive cover the rest, see ``_receiving``.)
     """
 
     __slots__ = ("acked", "ahead_until", "idle_since", "interval", "moved", "seen", "timeout")

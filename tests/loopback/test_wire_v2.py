@@ -536,6 +536,46 @@ def test_the_receiver_answers_ping_and_closes_on_a_damaged_one(
         assert closed_by_peer(sock, 3.0), f"bit {bit}"
 
 
+@pytest.mark.parametrize("shape", ["one-large-frame", "small-frames"])
+def test_while_a_streams_bytes_keep_arriving_its_reader_says_it_is_alive_unprompted(
+    raw_receiver: RawReceiver, raw_connections: Connect, shape: str
+) -> None:
+    """wire-format.md, Keepalive: while a stream's bytes keep arriving, its reader writes an
+    unprompted PONG (token 0) on it twice per keepalive interval, so a PING waiting behind
+    them on a slow link is answered before it is read."""
+    receiver, inbox = raw_receiver
+    interval = 0.4  # the sender's keepalive, from its HELLO: a PONG per 0.2 s of arrivals
+    sock = raw_connections(receiver.address)
+    sock.settimeout(10.0)
+    sock.sendall(
+        wire.pack_handshake(
+            os.urandom(16), 0, 1, acknowledged=False, keepalive_ms=int(interval * 1000)
+        )
+    )
+    assert wire.parse_welcome(sock.recv(wire.WELCOME.size, socket.MSG_WAITALL)) == 0
+    pace = threading.Event()  # never set: its wait paces the trickle, a slow link
+    if shape == "one-large-frame":  # read straight into its payload (the large path)
+        payload = os.urandom(64 * 1024)
+        sock.sendall(wire.pack_data_header(0, 0, 1, len(payload), payload))
+        pieces = [payload[i : i + 1024] for i in range(0, len(payload), 1024)]
+    else:
+        pieces = [
+            wire.pack_data_header(mid, 0, 1, 100, b"%0100d" % mid) + b"%0100d" % mid
+            for mid in range(40)
+        ]
+    for piece in pieces:  # 2-3 s of trickle: about 5 intervals, and no PING at all
+        sock.sendall(piece)
+        pace.wait(0.05)
+    assert receiver.wait_delivered(1 if shape == "one-large-frame" else 40, 10.0)
+    pongs: list[int] = []
+    while len(pongs) < 3:  # bounded: each recv returns or times out (10 s)
+        answer = sock.recv(wire.PING.size, socket.MSG_WAITALL)
+        assert len(answer) == wire.PING.size, f"connection closed after {len(pongs)} PONGs"
+        pongs.append(wire.parse_ping(answer, wire.FRAME_PONG))
+    assert pongs == [0, 0, 0]
+    assert len(inbox.messages) == (1 if shape == "one-large-frame" else 40)
+
+
 def test_the_receiver_refuses_a_single_chunk_frame_with_a_nonzero_index(
     raw_receiver: RawReceiver, raw_connections: Connect
 ) -> None:

@@ -56,6 +56,39 @@ def test_a_ping_queued_behind_bytes_still_moving_does_not_break_the_session(
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.parametrize("acknowledged", [False, True], ids=["unacknowledged", "acknowledged"])
+def test_streams_sharing_one_slow_link_are_not_taken_for_dead(
+    receiver_factory: ReceiverFactory,
+    fault_proxy: ProxyFactory,
+    transport_factory: TransportFactory,
+    acknowledged: bool,
+) -> None:
+    # Issue 24: four streams through one rate limit for all of them (one throttling proxy)
+    # broke with "no keepalive answer": each stream gets a quarter of the rate, so its
+    # kernel sees its bytes acknowledged in 64 KiB steps over 2.6 s apart, and its last
+    # ones wait in the proxy's buffers, past what the kernel can see, for as long. The
+    # receiver, reading each stream's bytes as they come, says it is alive on each.
+    receiver, inbox = receiver_factory()
+    proxy = fault_proxy(receiver.address)
+    proxy.rate(RATE, shared=True)
+    transport = transport_factory(
+        proxy.address,
+        streams=4,
+        acknowledged=acknowledged,
+        chunk_size=64 * 1024,
+        keepalive_interval=INTERVAL,
+        keepalive_timeout=TIMEOUT,
+        send_timeout=60.0,
+    )
+    transport.start()
+    message = os.urandom(1 << 20)  # 256 KiB a stream, about 10 s through the shared link
+    transport.send(message)
+    assert receiver.wait_delivered(1, 60.0), "the session broke while its bytes were moving"
+    assert inbox.messages == [message]
+    transport.health_check()  # raises, naming the fault, had the session broken
+
+
+@pytest.mark.timeout(90)
 def test_a_chunk_that_takes_several_frame_timeouts_to_cross_is_delivered(
     receiver_factory: ReceiverFactory,
     fault_proxy: ProxyFactory,
@@ -81,17 +114,24 @@ def test_a_chunk_that_takes_several_frame_timeouts_to_cross_is_delivered(
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.parametrize(
+    ("streams", "shared"), [(1, False), (4, True)], ids=["one-stream", "four-sharing-the-link"]
+)
 def test_a_peer_that_stops_reading_mid_transfer_is_still_detected_in_time(
     receiver_factory: ReceiverFactory,
     fault_proxy: ProxyFactory,
     transport_factory: TransportFactory,
+    streams: int,
+    shared: bool,
 ) -> None:
+    # Four streams sharing the link: the receiver's PONGs while bytes arrive (issue 24)
+    # stop with the bytes, so they cannot keep a stalled session alive.
     receiver, _ = receiver_factory()
     proxy = fault_proxy(receiver.address)
-    proxy.rate(RATE)
+    proxy.rate(RATE, shared=shared)
     transport = transport_factory(
         proxy.address,
-        streams=1,
+        streams=streams,
         chunk_size=64 * 1024,
         keepalive_interval=INTERVAL,
         keepalive_timeout=TIMEOUT,

@@ -6,7 +6,15 @@ import pytest
 
 from dwcp.transport import wire
 from dwcp.transport._reassembly import FrameTuple, Reassembly
-from dwcp.transport._receiving import ACK_DELAY, ACK_EVERY, LARGE, AckPolicy, StreamParser
+from dwcp.transport._receiving import (
+    ACK_DELAY,
+    ACK_EVERY,
+    LARGE,
+    AckPolicy,
+    StreamParser,
+    alive_due,
+    read_tick,
+)
 from dwcp.transport.wire import ProtocolError
 
 LIMIT = wire.DEFAULT_MAX_MESSAGE_SIZE
@@ -138,3 +146,17 @@ def test_ack_now_is_acknowledged_when_its_message_is_delivered() -> None:
     assert policy.wait(0.0) is None  # nothing unacknowledged: no deadline
     assert not policy.delivered(1, 6, 0, ack_now=5, now=1.0)
     assert policy.wait(1.0) == pytest.approx(ACK_DELAY)
+
+
+def test_a_reader_whose_bytes_keep_arriving_says_alive_twice_per_keepalive_interval() -> None:
+    assert not alive_due(now=10.0, said=9.0, heartbeat=None)  # the sender keeps no keepalive
+    assert not alive_due(now=10.0, said=9.0, heartbeat=5.0)
+    assert alive_due(now=11.5, said=9.0, heartbeat=5.0)  # half an interval since the last PONG
+    assert alive_due(now=10.0, said=9.0, heartbeat=2.0)
+
+
+def test_a_blocking_read_waits_a_quarter_of_the_shortest_bound_the_interval_among_them() -> None:
+    assert read_tick(30.0, 60.0, None) == 7.5
+    assert read_tick(30.0, None, None) == 7.5  # no idle timeout
+    assert read_tick(30.0, 60.0, 1.0) == 0.25  # bytes trickling in: a PONG may be due
+    assert read_tick(0.4, 60.0, 1.0) == 0.1
