@@ -47,7 +47,6 @@ _BREAKER_POLL = 0.05
 #: Pauses after a failed send: the first, doubling up to the last.
 _RETRY_FIRST = 0.05
 _RETRY_MAX = 1.0
-_BYTES_LIKE = (bytes, bytearray, memoryview)
 
 Marks = Callable[[], "tuple[int, int] | None"]
 
@@ -254,11 +253,14 @@ class Outbox:
     ) -> Delivery:
         """Accept ``data``; see ``Manager.deliver``."""
         if type(data) is not bytes:
-            if not isinstance(data, _BYTES_LIKE):
+            try:
+                view = memoryview(data)  # any bytes-like object (not bytes(5): five zeros)
+            except TypeError:
                 raise TypeError(
-                    f"data must be bytes, bytearray or memoryview, got {type(data).__name__}"
-                )
-            data = bytes(data)  # a copy: the caller may reuse its buffer at once
+                    f"data must be bytes-like (bytes, bytearray, memoryview or another object "
+                    f"exporting a buffer), got {type(data).__name__}"
+                ) from None
+            data = view.tobytes()  # a copy: the caller may reuse its buffer at once
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable, got {type(callback).__name__}")
         size = len(data)

@@ -5,6 +5,7 @@ and each message's deadline, settled by ``stop()``; and the receiver's ``with_id
 
 from __future__ import annotations
 
+import array
 import threading
 import time
 from collections.abc import Callable
@@ -291,7 +292,7 @@ def test_deliver_refuses_bad_arguments_before_queueing(
     transport_factory: TransportFactory,
     make_manager: Callable[..., dwcp.Manager],
 ) -> None:
-    receiver, _ = receiver_factory()
+    receiver, inbox = receiver_factory()
     manager = make_manager(transport_factory(receiver.address, acknowledged=True))
     manager.start()
     with pytest.raises(TypeError, match="data"):
@@ -304,6 +305,13 @@ def test_deliver_refuses_bad_arguments_before_queueing(
     handle = manager.deliver(buffer)
     buffer[:] = b"xyz"  # copied at deliver(): the caller may reuse its buffer
     handle.result(timeout=TIMEOUT)
+    with pytest.raises(TypeError, match="bytes-like"):
+        manager.deliver(5)  # type: ignore[arg-type]  # not five zero bytes
+    # Any other bytes-like object goes as its bytes (README: TypeError is for what is not).
+    numbers = array.array("i", range(100))
+    for data in (numbers, memoryview(numbers)[::3]):
+        manager.deliver(data).result(timeout=TIMEOUT)  # type: ignore[arg-type]
+    assert inbox.messages[-2:] == [numbers.tobytes(), memoryview(numbers)[::3].tobytes()]
 
 
 def test_a_message_the_transport_refuses_fails_alone(
