@@ -164,10 +164,13 @@ class Session(Draining):
             self._keepalive.start()
 
     def shutdown(self) -> None:
-        """Write what is queued and, acknowledged, wait for the acknowledgements (while they
-        progress, see ``linger``), then stop every stream and join the session's threads
-        (``close()``). What is still unacknowledged stays in the window for the next session;
-        unacknowledged, what is still queued then is dropped."""
+        """Refuse every new send, write what is queued and, acknowledged, wait for the
+        acknowledgements (while they progress, see ``linger``), then stop every stream and
+        join the session's threads (``close()``). What is still unacknowledged stays in the
+        window for the next session; unacknowledged, what is still queued then is dropped."""
+        # Under the order lock, which every send checks it under before it takes an id:
+        # nothing is queued (nor joins the window) once close() began, so what linger()
+        # writes is everything a send returned for (start() snapshots the window next).
         with self._order:
             self.sealed = True
         # Sends waiting for room, their turn or the window give up now (NOT_STARTED).
@@ -178,8 +181,6 @@ class Session(Draining):
             self.window.wake()
         if self.broken is None and self.linger():
             self.finish()
-        # Under the order lock, which every send re-checks it under before it takes an id:
-        # nothing joins the window once this session is closing (start() snapshots it next).
         with self._order:
             self.closing = True
         self.writers_stop = True
