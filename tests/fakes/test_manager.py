@@ -277,7 +277,7 @@ def test_caller_errors_and_interrupts_never_count(make_manager: MakeManager) -> 
     assert not_started.value.code == "NOT_STARTED"
     manager.start()
     for bad in ("text", 42, None, [1, 2]):
-        with pytest.raises(TypeError, match="bytes, bytearray or memoryview"):
+        with pytest.raises(TypeError, match="bytes-like"):
             manager.send_with_circuit_breaker(bad)  # type: ignore[arg-type]
     transport.fail_sends = KeyboardInterrupt()
     with pytest.raises(KeyboardInterrupt):
