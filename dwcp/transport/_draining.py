@@ -31,6 +31,8 @@ class Draining(Admission):
     close_timeout: float
     count: int
     finishing: bool
+    # When the session's streams were made: a ``heard`` later than this is an answer.
+    born: float
     keepalive_interval: float | None
     keepalive_timeout: float
     asked: int
@@ -100,25 +102,36 @@ class Draining(Admission):
         writes or acknowledgements progress: give up once none came for ``close_timeout``.
         True when everything was written (and confirmed), False when it gave up.
 
-        A slow receiver still gets everything; a silent one holds ``close()`` for
+        A slow receiver still gets everything, and so does one that stalls while it says it
+        is alive (a consumer pausing: it PONGs once per keepalive interval while it waits):
+        once the receiver has answered on this session, it is waited for until the keepalive
+        bound (``keepalive_interval + keepalive_timeout``) passed since it last did, as
+        ``finish`` does. A silent one, that never answered, holds ``close()`` for
         ``close_timeout``, not ``send_timeout``. A writer that has not yet begun what is
         queued (a busy machine runs it late) is waited for, up to ``send_timeout``.
         """
         window = self.window
         wait = self.close_timeout
+        life = self.life
         began = _monotonic()
         latest = began + max(self.send_timeout, wait)
 
-        def last_progress() -> float:
-            # When a write or an acknowledgement last made progress (or close() began).
+        def due() -> float:
+            # close_timeout after a write or an acknowledgement last made progress (or
+            # close() began); or the keepalive bound after the receiver last said it is alive,
+            # if it ever did on this session (a PONG or an ACK: ``heard`` moved past ``born``).
             moved = max(s.progress for s in self.streams)
             if window is not None:
                 moved = max(moved, window.since)
-            return max(moved, began)
+            at = max(moved, began) + wait
+            heard = max(s.heard for s in self.streams)
+            if life is not None and heard > self.born:
+                at = max(at, heard + life)
+            return at
 
-        while True:  # bounded: each round ends at a deadline only progress moves
+        while True:  # bounded: each round ends at a deadline only progress or life moves
             now = _monotonic()
-            deadline = last_progress() + wait
+            deadline = due()
             if now >= deadline:
                 late = any(s.outbox and not s.busy for s in self.streams)
                 if not late or now >= latest:

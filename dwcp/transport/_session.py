@@ -102,6 +102,7 @@ class Session(Draining):
         # progress (see _sending.stalled); None: no keepalive, so nothing to hear from it.
         self.life = None if keepalive_interval is None else keepalive_interval + keepalive_timeout
         self.streams = [Stream(i, sock, tls) for i, (sock, tls) in enumerate(connections)]
+        self.born = max(stream.heard for stream in self.streams)
         for stream in self.streams:
             # Every syscall returns within an eighth of send_timeout; write counts how long
             # nothing could be written from that (the only write deadline).

@@ -102,10 +102,12 @@ class MultiStreamTCPTransport:
             ``keepalive_interval + keepalive_timeout``: a receiver waiting for a slow
             consumer says it is alive every ``keepalive_interval``.
         close_timeout: ``close()`` (and so ``Manager.stop()``) waits for queued messages
-            to be written and, with ``acknowledged``, confirmed while that progresses, and
-            closes the connections anyway once neither a write nor an acknowledgement
-            completed for this long; separate from ``send_timeout`` so that a silent peer
-            holds up a shutdown for ``close_timeout`` only.
+            to be written and, with ``acknowledged``, confirmed while that progresses or the
+            receiver says it is alive (within ``keepalive_interval + keepalive_timeout`` of
+            its last answer), and closes the connections anyway once neither a write nor an
+            acknowledgement completed for this long and the receiver is not answering;
+            separate from ``send_timeout`` so that a silent peer holds up a shutdown for
+            ``close_timeout`` only.
         congestion_control: the TCP congestion control algorithm of every stream (Linux
             ``TCP_CONGESTION``, e.g. ``"bbr"`` or ``"cubic"``); None keeps the kernel's
             default. A name this process cannot set raises ValueError listing the ones
@@ -315,9 +317,11 @@ class MultiStreamTCPTransport:
         ).info("Transport started")
 
     def close(self) -> None:
-        """Write what is queued and, with ``acknowledged``, wait for its acknowledgements,
-        for as long as writes or acknowledgements progress (unless the session is broken):
-        once neither came for ``close_timeout``, close every connection anyway. Then join
+        """Refuse new sends (``NOT_STARTED``), write what is queued and, with
+        ``acknowledged``, wait for its acknowledgements, for as long as writes or
+        acknowledgements progress or the receiver says it is alive (unless the session is
+        broken): once neither came for ``close_timeout`` and the receiver has not answered
+        for the keepalive bound, close every connection anyway. Then join
         the transport's threads; idempotent. Messages still unacknowledged are kept for the
         next ``start()``; unacknowledged, messages not written by then are dropped."""
         with self._lifecycle:
