@@ -147,7 +147,11 @@ def test_nothing_queued_touches_the_transport_while_the_breaker_is_open(
 ) -> None:
     receiver, inbox = receiver_factory()
     transport = Recording(receiver.address, acknowledged=True, send_timeout=5.0)
-    manager = make_manager(transport, max_failures=2, reset_timeout=0.2, **FAST)
+    # The breaker opens on the sends that find the session broken; a recovery that closed
+    # the transport first would leave them NOT_STARTED, which never counts (README), so the
+    # health pass comes a second later here, not 50 ms.
+    slower = {**FAST, "health_interval": 1.0}
+    manager = make_manager(transport, max_failures=2, reset_timeout=0.2, **slower)
     transport.manager = manager
     manager.start()
     receiver.stop()
