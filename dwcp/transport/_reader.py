@@ -12,6 +12,7 @@ try:  # POSIX: how many bytes a socket holds, to tell whether a read would block
     import termios
 except ImportError:  # pragma: no cover - Windows
     pass
+import math
 import socket
 import struct
 import threading
@@ -22,7 +23,7 @@ from dwcp.transport import wire
 from dwcp.transport._io import TLSChannel, set_kernel_timeout
 from dwcp.transport._progress import peer_finished
 from dwcp.transport._reassembly import FrameTuple
-from dwcp.transport._receiving import StreamParser, alive_due, read_tick
+from dwcp.transport._receiving import StreamParser, alive_due, read_tick, stall_due
 
 if TYPE_CHECKING:
     from dwcp.transport._sessions import Session
@@ -69,7 +70,7 @@ class Connection:
         self.recv_timeout: float | None = None
         self.holders = 1  # the reader; see MultiStreamReceiver._release
         self.deaf = False  # a PONG could not be written: the sender has closed (see answer)
-        self.said = time.monotonic()  # when the last PONG went out (see alive_due)
+        self.said = -math.inf  # when the last PONG went out (none yet: the first is due at once)
 
     def shutdown(self) -> None:
         try:
@@ -274,6 +275,8 @@ class StreamReader:
         reassembly = session.reassembly
         step = session.heartbeat or self.idle_timeout
         progress, since = reassembly.progress, time.monotonic()
+        if stall_due(since, conn.said, session.heartbeat):
+            conn.answer(_ALIVE)  # at once: a sender closing now waits for the consumer
         while not reassembly.wait_for_room(frame, step):
             if reassembly.progress != progress:
                 progress, since = reassembly.progress, time.monotonic()

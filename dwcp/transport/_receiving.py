@@ -2,7 +2,8 @@
 
 ``StreamParser`` turns the bytes of one session stream into DATA frames and PING tokens;
 ``AckPolicy`` says when an acknowledged session's delivery writes its cumulative ACK;
-``alive_due`` when a reader whose bytes keep arriving says it is alive unprompted, and
+``alive_due`` and ``stall_due`` when a reader says it is alive unprompted (its bytes keep
+arriving; its consumer is behind), and
 ``read_tick`` how long one of its blocking reads waits. No
 sockets, threads or clocks here: the receiver (``receiver.py``) reads, writes and keeps the
 time, and these are tested by feeding them bytes (``tests/unit/test_receiving.py``).
@@ -25,6 +26,7 @@ __all__ = [
     "StreamParser",
     "alive_due",
     "read_tick",
+    "stall_due",
 ]
 
 # A payload at least this large is read straight into its own bytes, not via a buffer.
@@ -204,6 +206,15 @@ def alive_due(now: float, said: float, heartbeat: float | None) -> bool:
     streams) and is read only after them; while they keep arriving, the stream is moving and
     these PONGs answer it (any PONG answers every PING sent before it on its stream)."""
     return heartbeat is not None and now - said >= heartbeat / 2
+
+
+def stall_due(now: float, said: float, heartbeat: float | None) -> bool:
+    """Whether a reader that starts waiting for budget room (its consumer is behind) writes
+    an unprompted PONG at ``now`` (the stream's last PONG went at ``said``): so a sender
+    that is closing learns at once that the receiver is alive and waits for it, instead of
+    a keepalive interval later. At most eight a keepalive interval, however often the
+    budget fills."""
+    return heartbeat is not None and now - said >= heartbeat / 8
 
 
 def read_tick(frame_timeout: float, idle_timeout: float | None, heartbeat: float | None) -> float:

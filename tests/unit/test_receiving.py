@@ -14,6 +14,7 @@ from dwcp.transport._receiving import (
     StreamParser,
     alive_due,
     read_tick,
+    stall_due,
 )
 from dwcp.transport.wire import ProtocolError
 
@@ -160,3 +161,13 @@ def test_a_blocking_read_waits_a_quarter_of_the_shortest_bound_the_interval_amon
     assert read_tick(30.0, None, None) == 7.5  # no idle timeout
     assert read_tick(30.0, 60.0, 1.0) == 0.25  # bytes trickling in: a PONG may be due
     assert read_tick(0.4, 60.0, 1.0) == 0.1
+
+
+def test_a_reader_whose_consumer_falls_behind_says_it_is_alive_at_once() -> None:
+    """A reader that starts waiting for budget room PONGs at once (a sender closing meanwhile
+    waits for the consumer), but not more than eight times a keepalive interval however often
+    the budget fills; never without a sender keepalive."""
+    assert stall_due(10.0, float("-inf"), 5.0)  # no PONG yet on the stream: at once
+    assert not stall_due(10.0, 9.5, 5.0)  # one went 0.5 s ago: under 5 / 8
+    assert stall_due(10.0, 10.0 - 5.0 / 8, 5.0)
+    assert not stall_due(10.0, float("-inf"), None)
