@@ -18,6 +18,7 @@ from dwcp.transport import wire
 from dwcp.transport._admission import Admission
 from dwcp.transport._progress import tcp_progress
 from dwcp.transport._sending import ANSWER_SIZE, bytes_moved
+from dwcp.transport._writer import Stream
 
 __all__ = ["Draining"]
 
@@ -103,10 +104,13 @@ class Draining(Admission):
         True when everything was written (and confirmed), False when it gave up.
 
         A slow receiver still gets everything, and so does one that stalls while it says it
-        is alive (a consumer pausing: it PONGs once per keepalive interval while it waits):
-        once the receiver has answered on this session, it is waited for until the keepalive
-        bound (``keepalive_interval + keepalive_timeout``) passed since it last did, as
-        ``finish`` does. A silent one, that never answered, holds ``close()`` for
+        is alive (a consumer pausing: it PONGs as it begins to wait for it, then once per
+        keepalive interval): while bytes of ours still wait (queued, or in our kernel) and the
+        receiver has answered on this session, it is waited for until the keepalive bound
+        (``keepalive_interval + keepalive_timeout``) passed since it last did, as ``finish``
+        does. (Bounded: a receiver whose consumer makes no progress for its ``idle_timeout``
+        closes the session.) With everything written, only acknowledgements are waited for,
+        ``close_timeout`` after the last one. A silent one, that never answered, holds ``close()`` for
         ``close_timeout``, not ``send_timeout``. A writer that has not yet begun what is
         queued (a busy machine runs it late) is waited for, up to ``send_timeout``.
         """
@@ -125,7 +129,7 @@ class Draining(Admission):
                 moved = max(moved, window.since)
             at = max(moved, began) + wait
             heard = max(s.heard for s in self.streams)
-            if life is not None and heard > self.born:
+            if life is not None and heard > self.born and _ours_waiting(self.streams):
                 at = max(at, heard + life)
             return at
 
@@ -189,3 +193,15 @@ class Draining(Admission):
                 return
             # A reader still running: joining one that already ended would not wait at all.
             alive[0].join(_FINISH_POLL)
+
+
+def _ours_waiting(streams: list[Stream]) -> bool:
+    """Whether bytes of ours still wait on any stream: queued, being written, or in our
+    kernel unacknowledged by the receiver's (where the kernel can tell)."""
+    for stream in streams:
+        if stream.outbox or stream.busy:
+            return True
+        progress = tcp_progress(stream.sock)
+        if progress is not None and progress[1] > 0:
+            return True
+    return False
