@@ -50,6 +50,14 @@ def take_contended(order: threading.Lock) -> None:
     order.acquire()
 
 
+def _root(exc: BaseException | None) -> BaseException | None:
+    """The socket error under ``exc``: a writer's ``TransportError`` reaches a waiting
+    sender wrapped, and README promises the socket error itself as ``__cause__``."""
+    while isinstance(exc, TransportError) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
+
+
 class Admission:
     """The waiters' queue of a session and the waits of its sends, with the errors they end
     in; ``Session`` sets the attributes annotated here."""
@@ -90,7 +98,7 @@ class Admission:
         error = TransportError(
             f"transport broken: {self.broken}; restart it", code=self.broken_code
         )
-        cause = exc if exc is not None else self.broken_cause
+        cause = _root(exc if exc is not None else self.broken_cause)
         if cause is None:
             raise error
         raise error from cause
@@ -247,4 +255,4 @@ class Admission:
             # The session's fault, not what it did to this write (a broken pipe, say).
             self.raise_broken_from(batch.error)
         if batch.error is not None:
-            raise TransportError(f"transport broken: {batch.error}") from batch.error
+            raise TransportError(f"transport broken: {batch.error}") from _root(batch.error)

@@ -140,7 +140,10 @@ class Draining(Admission):
                 late = any(s.outbox and not s.busy for s in self.streams)
                 if not late or now >= latest:
                     return False
-                deadline = min(now + wait, latest)
+            # Look again after close_timeout at most: the keepalive bound holds only while
+            # bytes of ours wait, and once they are written the rest is close_timeout after
+            # the last acknowledgement (a round to that bound kept close() waiting for it).
+            deadline = min(deadline, now + wait) if now < deadline else min(now + wait, latest)
             if self.flush(deadline - now) and (
                 window is None or window.wait_acked(window.last, deadline, self.ended)
             ):

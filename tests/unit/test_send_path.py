@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from dwcp import TransportError
-from dwcp.transport import _admission, sender, wire
+from dwcp.transport import _admission, _writer, sender, wire
 from dwcp.transport._window import Window
 from dwcp.transport.sender import _Session, _Stream
 from tests.conftest import wait_until
@@ -456,6 +456,62 @@ def test_every_send_that_finds_the_session_broken_by_a_socket_error_has_it_as_ca
             session.send_small(b"later", 5)
         assert first.value.__cause__ is pipe and later.value.__cause__ is pipe
         assert later.value.code == "TRANSPORT_ERROR" and "Broken pipe" in str(later.value)
+    finally:
+        theirs.close()
+        ours.close()
+
+
+def test_a_large_send_being_written_when_the_socket_fails_has_the_socket_error_as_cause() -> None:
+    """README's error table: the socket error is ``__cause__`` of ``TRANSPORT_ERROR``, also
+    for a large send that was being written by the writers then (it was the cause of a
+    ``TransportError`` that was the cause), whether the session broke or not."""
+    ours, theirs = socket.socketpair()
+    session = _threadless_session([ours])
+    pipe = BrokenPipeError(32, "Broken pipe")
+    try:
+        written = _writer.Batch(1)
+        with pytest.raises(TransportError) as unbroken:
+            raise TransportError("stream 0: send failed") from pipe
+        written.finish(unbroken.value)  # as the writer does with what write() raised
+        with pytest.raises(TransportError) as alone:
+            session.await_written(written)
+        assert alone.value.__cause__ is pipe
+        with pytest.raises(TransportError):
+            session.fail(session.streams[0], "send failed", pipe)
+        with pytest.raises(TransportError) as broken:
+            session.await_written(written)
+        assert broken.value.__cause__ is pipe and broken.value.code == "TRANSPORT_ERROR"
+    finally:
+        theirs.close()
+        ours.close()
+
+
+def test_close_waits_close_timeout_for_acks_once_what_was_queued_at_its_start_is_written() -> None:
+    """The transport's ``close_timeout``: a live receiver is waited for while bytes of ours
+    still wait; "with everything written, only acknowledgements are waited for,
+    ``close_timeout`` after the last one". A ``close()`` that began while messages were still
+    queued waited out the whole keepalive bound after they were written (a paused consumer,
+    close_timeout 0.3 s: close() took 30 s, the bound, in 1 of 3 runs)."""
+    ours, theirs = socket.socketpair()
+    session = _threadless_session([ours], Window(100, 1 << 20))
+    session.close_timeout = 0.2
+    session.life = 120.0  # the keepalive bound: two minutes
+    stream = session.streams[0]
+    try:
+        session.send_small(b"first", 5, True)  # into an empty window: written directly
+        session.send_small(b"queued", 6, True)  # no writer thread here: it stays queued
+        assert stream.outbox
+        stream.heard = time.monotonic()  # the receiver said it is alive (a PONG)
+
+        def written(timeout: float | None = None) -> bool:  # as if the writer wrote it now
+            stream.outbox.clear()
+            stream.queued = 0
+            return True
+
+        session.flush = written  # type: ignore[method-assign]
+        began = time.monotonic()
+        assert session.linger() is False  # never confirmed: it gave up
+        assert time.monotonic() - began < 60.0  # not the bound; only catches the old wait
     finally:
         theirs.close()
         ours.close()
