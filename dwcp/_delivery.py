@@ -21,7 +21,7 @@ import collections
 import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 from loguru import logger
@@ -36,7 +36,7 @@ __all__ = ["Delivery", "DeliveryError", "Outbox"]
 
 _monotonic = time.monotonic
 #: Messages the thread sends per look at the queue (one lock round trip per batch).
-_BATCH = 64
+_BATCH = 256
 #: While confirmations are awaited, the thread reads the window's confirmation mark every
 #: _POLL_MAX; while someone also waits for them (flush(), result(), room in the budget),
 #: after 1 ms, doubling up to _POLL_MAX. The window offers no wake-up for its ACKs.
@@ -144,10 +144,13 @@ class Outbox:
     """The accepted, unconfirmed messages of one manager, and the thread that delivers them.
 
     One sender at a time holds the send path (``_busy``), so messages go out in the order
-    they were accepted: ``deliver()`` sends on its caller's thread when nothing is queued
-    and nothing stands in the way (no other send in progress, breaker not seen open, no
-    retry pause), which spares a thread hand-off per message; otherwise it queues and the
-    thread sends. Either way a sent message joins ``_unstamped``; the thread stamps those
+    they were accepted: ``deliver()`` sends on its caller's thread when nothing is queued,
+    the transport's window is empty and nothing stands in the way (no other send in
+    progress, breaker not seen open, no retry pause), which spares a lone message a thread
+    hand-off; otherwise it queues and the thread sends. The thread sends a run of queued
+    messages as one call through the breaker (``send_run``: one lock section of the
+    transport for the run, where a send takes one per message), one at a time after a
+    failure or rejection until one goes through. Either way a sent message joins ``_unstamped``; the thread stamps those
     with the window's highest id (read after they were sent, so at or past theirs) and
     settles each stamped group once the window's confirmation mark reaches its stamp.
 
@@ -159,6 +162,8 @@ class Outbox:
         timeout: the default delivery deadline, seconds after ``deliver()``.
         max_block: how long ``deliver()`` waits for room in the budget.
         name: the manager's name, for logs.
+        send_run: the manager's guarded run (admit, queue the first messages the transport
+            takes at once, record; returns how many), or None: one send per message.
     """
 
     def __init__(
@@ -167,12 +172,14 @@ class Outbox:
         breaker_state: Callable[[], str],
         transport: Transport | None,
         *,
+        send_run: Callable[[Sequence[bytes]], int] | None = None,
         budget: int,
         timeout: float,
         max_block: float,
         name: str,
     ) -> None:
         self._send = send
+        self._send_run = send_run
         self._breaker_state = breaker_state
         marks = getattr(transport, "_delivery_marks", None)
         self._marks: Marks | None = marks if callable(marks) else None
@@ -193,6 +200,7 @@ class Outbox:
         self._busy = False  # a send is in progress (the thread's or a caller's)
         self._inline: Delivery | None = None  # the message a caller is sending itself
         self._breaker_open = False  # a send was rejected: look at the breaker first
+        self._probing = False  # a send failed or was rejected: one at a time until one goes
         self._pause_until = 0.0  # after a failed send: no send before this
         self._retry = _RETRY_FIRST  # the next pause
         self._used = 0
@@ -288,7 +296,15 @@ class Outbox:
                 self._thread = threading.Thread(target=self._run, name="dwcp-delivery", daemon=True)
                 self._started.append(self._thread)
                 self._thread.start()
-            if self._busy or self._queue or self._breaker_open or now < self._pause_until:
+            if (
+                self._busy
+                or self._queue
+                or self._breaker_open
+                or now < self._pause_until
+                or (self._send_run is not None and self._awaiting())
+            ):
+                # In a stream of messages the window seldom empties: they queue, and the
+                # thread sends them in runs.
                 self._queue.append(handle)
                 if self._idle:
                     self._work.notify()
@@ -325,7 +341,7 @@ class Outbox:
                 # _released(), inlined.
                 self._busy = False
                 self._inline = None
-                self._retry = _RETRY_FIRST
+                self._retry, self._probing = _RETRY_FIRST, False
                 handle.sent = True
                 if not handle.done_:  # (its deadline may have passed during the send)
                     if deadline < self._next_expiry:  # noqa: PLR1730 - min() costs more
@@ -339,6 +355,11 @@ class Outbox:
             finally:
                 lock.release()
         return handle
+
+    def _awaiting(self) -> bool:
+        """Whether messages in the transport's window await confirmation."""
+        marks = self._marks() if self._marks is not None else None
+        return marks is not None and marks[0] != marks[1]
 
     def _refuse(self) -> NoReturn:
         # Caller holds the lock.
@@ -460,6 +481,7 @@ class Outbox:
                     ):
                         self._busy = True
                         batch = list(itertools.islice(self._queue, _BATCH))
+                        one_by_one = self._probing
                     elif not progressed:
                         wait = self._next_expiry - now
                         if self._breaker_open:
@@ -479,7 +501,7 @@ class Outbox:
                 poll = _POLL_MIN
                 self._finish(settled)
                 if batch:
-                    self._send_batch(batch)
+                    self._send_batch(batch, one_by_one)
             except Exception as exc:  # noqa: BLE001 - never die silently; keep delivering
                 log.opt(exception=exc).error("Delivery thread failed; going on")
                 with self._lock:
@@ -489,27 +511,35 @@ class Outbox:
             if self._thread is threading.current_thread():
                 self._thread = None
 
-    def _send_batch(self, batch: list[Delivery]) -> None:
+    def _send_batch(self, batch: list[Delivery], one_by_one: bool) -> None:
         """Send ``batch`` (the queue's head) in order, with no lock held, until one fails;
         then record what went, and the failure. Called holding the send path (``_busy``)."""
         try:
-            self._send_some(batch)
+            self._send_some(batch, one_by_one)
         finally:
             with self._lock:
                 self._busy = False
 
-    def _send_some(self, batch: list[Delivery]) -> None:
+    def _send_some(self, batch: list[Delivery], one_by_one: bool) -> None:
         send = self._send
+        send_run = None if one_by_one else self._send_run
+        messages = [handle.data for handle in batch]
+        count = len(batch)
         done = 0
         refused: list[tuple[Delivery, BaseException]] = []
         failure: DWCPError | None = None
-        for handle in batch:
-            data = handle.data
-            assert data is not None
+        while done < count:  # each pass sends at least one message, or ends
             try:
-                send(data)
+                if send_run is not None:
+                    queued = send_run(messages[done:])  # type: ignore[arg-type]
+                    if queued:
+                        done += queued
+                        continue
+                data = messages[done]
+                assert data is not None
+                send(data)  # too large for a run, or it must wait for room: on its own
             except (TypeError, ValueError) as exc:  # this message, never any other
-                refused.append((handle, exc))
+                refused.append((batch[done], exc))
             except DWCPError as exc:  # failed or rejected (or the manager is stopping)
                 failure = exc
                 break
@@ -527,7 +557,7 @@ class Outbox:
             if failure is not None:
                 self._failed(failure)
             elif done:
-                self._retry = _RETRY_FIRST
+                self._retry, self._probing = _RETRY_FIRST, False
             if settled:
                 self._settled.notify_all()
         self._finish(settled)
@@ -536,6 +566,7 @@ class Outbox:
 
     def _failed(self, failure: DWCPError) -> None:
         # Caller holds the lock: wait for the breaker, or pause before the next try.
+        self._probing = True
         if isinstance(failure, CircuitOpenError):
             self._breaker_open = True
         else:

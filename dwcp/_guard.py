@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import wraps
 from time import perf_counter
 from types import AsyncGeneratorType, CoroutineType, GeneratorType
@@ -284,6 +284,43 @@ class GuardedCalls:
             self._guard.send_timed(tally, perf_counter() - began)
         tally[0] += 1
         tally[1] += data.nbytes if type(data) is memoryview else len(data)
+
+    def _send_run(self, messages: Sequence[bytes]) -> int:
+        """For ``deliver()``'s thread: queue the first of ``messages`` that the transport
+        takes at once (``MultiStreamTCPTransport._queue_for_delivery``) as one call through
+        the breaker, and return how many; each counts as a send. 0: nothing was queued, and
+        the call was released uncounted (the next message needs a send of its own).
+        Raises as ``send_with_circuit_breaker`` does."""
+        transport = self._sending
+        if transport is None:
+            raise self._not_sending()
+        breaker = self._breaker
+        try:
+            ticket = breaker.admit()
+        except DWCPError:
+            self._guard.rejected()
+            raise
+        try:
+            tally = self._tally.value
+        except AttributeError:
+            tally = self._guard.tallies.new_tally()
+        try:
+            queued: int = transport._queue_for_delivery(messages)  # type: ignore[attr-defined]
+        except PEER_FAILURES as exc:
+            self._guard.send_failed(ticket, exc, tally, None)
+            if isinstance(exc, TransportError):
+                raise
+            raise TransportError(f"send failed: {describe(exc)}") from exc
+        except BaseException:
+            breaker.release(ticket)
+            raise
+        if not queued:
+            breaker.release(ticket)  # nothing was tried: no evidence either way
+            return 0
+        breaker.record_success(ticket)
+        tally[0] += queued
+        tally[1] += sum(map(len, messages[:queued]))
+        return queued
 
     def _not_sending(self) -> DWCPError:
         if not self._started:

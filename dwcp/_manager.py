@@ -179,6 +179,8 @@ class Manager(GuardedCalls, DeliveryCalls, StartStop):
             self.send_with_circuit_breaker,
             lambda: self._breaker.state,
             transport,
+            # Runs of queued messages in one call, where the transport can take them.
+            send_run=self._send_run if hasattr(transport, "_queue_for_delivery") else None,
             budget=check.count("delivery_buffer_bytes", delivery_buffer_bytes),
             timeout=check.seconds("delivery_timeout", delivery_timeout, maximum=check.WEEK),
             max_block=check.seconds(

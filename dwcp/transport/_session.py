@@ -20,6 +20,7 @@ from loguru import logger
 from dwcp._errors import TransportError
 from dwcp.transport import wire
 from dwcp.transport._admission import take_contended
+from dwcp.transport._batching import queue_tracked
 from dwcp.transport._draining import Draining
 from dwcp.transport._io import Buffer, TLSChannel, _close_quietly, _set_send_timeout
 from dwcp.transport._keepalive import keepalive_loop, reader_loop
@@ -388,6 +389,10 @@ class Session(Draining):
             if window is None:
                 raise
         return message_id
+
+    def queue_tracked(self, messages: Sequence[bytes], limit: int) -> int:
+        """Queue the first of ``messages`` that fit now, without waiting; see ``_batching``."""
+        return queue_tracked(self, messages, limit)
 
     def send_large(
         self,

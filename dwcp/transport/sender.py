@@ -29,6 +29,8 @@ from dwcp.transport._window import Window
 from dwcp.transport._writer import Stream
 
 if TYPE_CHECKING:  # typing.Self is 3.11+ and setup.cfg still allows 3.10
+    from collections.abc import Sequence
+
     from typing_extensions import Self
 
 __all__ = ["ACK_TIMEOUT_REASON", "MultiStreamTCPTransport"]
@@ -422,6 +424,17 @@ class MultiStreamTCPTransport:
                 data, size, self._chunk_size, track=True, urgent=True, deadline=deadline
             )
         session.wait_acked(message_id, deadline)
+
+    def _queue_for_delivery(self, messages: Sequence[bytes]) -> int:
+        """For ``Manager.deliver()``'s thread: queue, in order, the first of ``messages``
+        (``bytes``; the transport is acknowledged) that ``send`` would queue at once, in one
+        lock section, and return how many. The next one (if any) needs ``send``: it is too
+        large to take this path, or must wait for room. Raises ``TransportError`` as
+        ``send`` does when not started, broken or closing; then nothing was queued."""
+        session = self._session
+        if session is None:
+            raise TransportError("transport not started", code="NOT_STARTED")
+        return session.queue_tracked(messages, min(self._chunk_size, self._max_message_size))
 
     def flush(self, timeout: float | timedelta | None = None) -> None:
         """Wait until every message sent so far is written to the kernel and, with

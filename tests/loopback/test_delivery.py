@@ -135,11 +135,21 @@ class Recording(MultiStreamTCPTransport):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.seen: list[tuple[str, int]] = []
+        self.runs: list[tuple[str, int]] = []  # the breaker's state at each run, its size
 
     def send(self, data: Any, *, wait: bool = False) -> None:
         breaker = self.manager._breaker
         self.seen.append((breaker.state, breaker._generation))
         super().send(data, wait=wait)
+
+    def _queue_for_delivery(self, messages: Any) -> int:
+        # A run (see Held): its state counts as each of its messages' sends.
+        breaker = self.manager._breaker
+        state = (breaker.state, breaker._generation)
+        queued = super()._queue_for_delivery(messages)
+        self.seen += [state] * queued
+        self.runs.append((state[0], queued))
+        return queued
 
 
 def test_nothing_queued_touches_the_transport_while_the_breaker_is_open(
@@ -167,6 +177,9 @@ def test_nothing_queued_touches_the_transport_while_the_breaker_is_open(
     assert inbox.messages == numbered(50)
     states = [state for state, _ in transport.seen]
     assert "open" not in states  # nothing queued touched the transport while it was open
+    # README: the half-open trial is one send of one message (after a failure or a
+    # rejection the thread sends one at a time until one goes through): never a run.
+    assert not [run for run in transport.runs if run[0] != "closed" and run[1]]
 
 
 def test_a_full_budget_blocks_deliver_then_raises_buffer_full(
@@ -245,6 +258,9 @@ def test_stop_fails_what_is_not_confirmed_and_ends_the_thread(
     manager.start()
     handles = [manager.deliver(message) for message in numbered(5)]
     assert gate.waiting.wait(TIMEOUT)
+    transport = manager._transport
+    assert isinstance(transport, MultiStreamTCPTransport)
+    wait_until(lambda: transport.unacknowledged == 5)  # all sent (the thread sends the last 4)
     manager.stop()
     errors = [h.exception(timeout=TIMEOUT) for h in handles]
     assert {(e.code, e.sent) for e in errors if e is not None} == {("STOPPED", True)}
@@ -563,24 +579,35 @@ class Held(MultiStreamTCPTransport):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.senders: list[tuple[bytes, str]] = []
+        self.calls = 0  # of send() and of _queue_for_delivery() (a run of queued messages)
+        self.runs: list[int] = []  # how many messages each run queued
         self.holding = threading.Event()
         self.release = threading.Event()
 
     def send(self, data: Any, *, wait: bool = False) -> None:
+        self.calls += 1
         self.senders.append((bytes(data), threading.current_thread().name))
         if bytes(data) == b"held":
             self.holding.set()
             assert self.release.wait(TIMEOUT), "the test never released the send"
         super().send(data, wait=wait)
 
+    def _queue_for_delivery(self, messages: Any) -> int:
+        self.calls += 1
+        queued = super()._queue_for_delivery(messages)
+        self.runs.append(queued)
+        name = threading.current_thread().name
+        self.senders += [(bytes(message), name) for message in messages[:queued]]
+        return queued
+
 
 def test_deliver_sends_on_the_calling_thread_when_nothing_is_queued_else_on_dwcp_delivery(
     receiver_factory: ReceiverFactory, make_manager: Callable[..., dwcp.Manager]
 ) -> None:
     """README.md, "Delivery through outages: manager.deliver()", **Order.**: "one send at a
-    time: by the calling thread itself when nothing is queued and nothing stands in the way,
-    otherwise by the manager's `dwcp-delivery` thread, which starts with the first
-    `deliver()` and is joined by `stop()`." """
+    time: by the calling thread itself when nothing is queued, nothing awaits confirmation
+    and nothing stands in the way, otherwise by the manager's `dwcp-delivery` thread, which
+    starts with the first `deliver()` and is joined by `stop()`." """
     receiver, inbox = receiver_factory()
     transport = Held(receiver.address, acknowledged=True)
     manager = make_manager(transport)
@@ -607,6 +634,44 @@ def test_deliver_sends_on_the_calling_thread_when_nothing_is_queued_else_on_dwcp
     assert inbox.messages == [b"first", b"held", b"queued"]
     manager.stop()
     assert delivery_threads() == 0
+
+
+def test_a_stream_of_messages_goes_out_in_runs_each_one_call_through_the_breaker(
+    receiver_factory: ReceiverFactory, make_manager: Callable[..., dwcp.Manager]
+) -> None:
+    """README.md, **Order.**: "a lone message goes out at once, and a stream of them queues:
+    the thread sends what queued in runs of up to 256 messages, each run one call through the
+    breaker"; **Retries and the breaker.**: "a run counts as one call (one success, or one
+    failure), and each of its messages as a send in `metrics().sends`"."""
+    gate = Gate()
+    gate.open.clear()
+    receiver, _ = receiver_factory(on_message=gate)
+    transport = Held(receiver.address, acknowledged=True)
+    manager = make_manager(transport)
+    manager.start()
+    admitted = [0]
+    admit = manager._breaker.admit
+
+    def counting_admit(*args: Any) -> int:
+        admitted[0] += 1
+        return admit(*args)
+
+    manager._breaker.admit = counting_admit  # type: ignore[method-assign]
+    manager.deliver(b"first")  # a lone message: sent by this thread at once
+    assert transport.senders == [(b"first", threading.current_thread().name)]
+    assert gate.waiting.wait(TIMEOUT)  # the receiver holds it: it awaits confirmation
+    handles = [manager.deliver(message) for message in numbered(300)]
+    wait_until(lambda: len(transport.senders) == 301)
+    assert [data for data, _ in transport.senders] == [b"first", *numbered(300)]
+    assert {thread for _, thread in transport.senders[1:]} == {"dwcp-delivery"}
+    runs = [queued for queued in transport.runs if queued]
+    assert sum(runs) >= 300 - 10 and max(runs) <= 256 and len(runs) < 300
+    assert admitted[0] == transport.calls  # one admission per run, as per send
+    assert manager.metrics().sends == 301
+    gate.open.set()
+    manager.flush(timeout=TIMEOUT)
+    assert [handle.exception() for handle in handles] == [None] * 300
+    assert gate.messages == [b"first", *numbered(300)]
 
 
 def test_the_managers_delivery_timeout_is_each_messages_default_deadline(
