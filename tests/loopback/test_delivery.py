@@ -502,12 +502,12 @@ def test_messages_stopped_after_they_were_sent_are_resent_by_a_restarted_manager
     gate = Gate()
     gate.open.clear()
     receiver, _ = receiver_factory(on_message=gate)
-    manager = make_manager(
-        transport_factory(receiver.address, acknowledged=True, close_timeout=0.2)
-    )
+    transport = transport_factory(receiver.address, acknowledged=True, close_timeout=0.2)
+    manager = make_manager(transport)
     manager.start()
     handles = [manager.deliver(message) for message in numbered(5)]
     assert gate.waiting.wait(TIMEOUT)  # the first is in on_message: none can be confirmed
+    wait_until(lambda: transport.unacknowledged == 5)  # all sent (the thread sends the last 4)
     manager.stop()
     errors = [h.exception(timeout=TIMEOUT) for h in handles]
     assert [(e.code, e.sent) if e is not None else None for e in errors] == [("STOPPED", True)] * 5
