@@ -299,6 +299,13 @@ class Breaker:
             self._claim_shared_trial(ticket, period, deadline)
         return ticket
 
+    @property
+    def closed(self) -> bool:
+        """Whether the breaker reads closed here, now, without asking shared storage: after
+        ``admit()``, False means the ticket is a half-open trial (or the breaker just
+        opened)."""
+        return self._state == CLOSED
+
     def record_success(self, ticket: int) -> None:
         """Account a call that succeeded; pybreaker closes a half-open breaker after its trial."""
         # Racy read on purpose: in the common case (closed, no failures counted) pybreaker

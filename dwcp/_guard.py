@@ -289,8 +289,9 @@ class GuardedCalls:
         """For ``deliver()``'s thread: queue the first of ``messages`` that the transport
         takes at once (``MultiStreamTCPTransport._queue_for_delivery``) as one call through
         the breaker, and return how many; each counts as a send. 0: nothing was queued, and
-        the call was released uncounted (the next message needs a send of its own).
-        Raises as ``send_with_circuit_breaker`` does."""
+        the call was released uncounted (the next message needs a send of its own). Admitted
+        as a half-open trial, it queues one message at most. Raises as
+        ``send_with_circuit_breaker`` does."""
         transport = self._sending
         if transport is None:
             raise self._not_sending()
@@ -300,6 +301,8 @@ class GuardedCalls:
         except DWCPError:
             self._guard.rejected()
             raise
+        if not breaker.closed:
+            messages = messages[:1]  # a half-open trial: one message, as one send
         try:
             tally = self._tally.value
         except AttributeError:

@@ -182,6 +182,42 @@ def test_nothing_queued_touches_the_transport_while_the_breaker_is_open(
     assert not [run for run in transport.runs if run[0] != "closed" and run[1]]
 
 
+def test_a_half_open_trial_is_one_message_even_when_the_breaker_opened_on_other_calls(
+    receiver_factory: ReceiverFactory, make_manager: Callable[..., dwcp.Manager]
+) -> None:
+    """README.md, **Retries and the breaker.**: "the thread waits until the breaker reads
+    half-open, and its next send, of one message, is the one trial", also when the breaker
+    opened on the application's guarded calls while messages waited for confirmation (the
+    delivery thread saw no rejection: its next run was admitted as the trial)."""
+    gate = Gate()
+    gate.open.clear()
+    receiver, _ = receiver_factory(on_message=gate)
+    transport = Recording(receiver.address, acknowledged=True)
+    manager = make_manager(transport, max_failures=2, reset_timeout=0.3)
+    transport.manager = manager
+    manager.start()
+    manager.deliver(b"first")
+    assert gate.waiting.wait(TIMEOUT)  # held: the window stays non-empty, so the rest queue
+
+    def flaky() -> None:
+        raise ConnectionResetError("the application's own peer failed")
+
+    for _ in range(2):
+        with pytest.raises(ConnectionResetError):
+            manager.call(flaky)
+    assert manager.circuit_breaker_state == "open"
+    wait_until(lambda: manager.circuit_breaker_state == "half-open", TIMEOUT)
+    handles = [manager.deliver(message) for message in numbered(50)]
+    wait_until(lambda: transport.unacknowledged == 51, TIMEOUT)
+    trial = [run for run in transport.runs if run[0] != "closed"]
+    assert trial == [("half-open", 1)]  # one message, then closed again: runs
+    assert manager.circuit_breaker_state == "closed"
+    gate.open.set()
+    manager.flush(timeout=TIMEOUT)
+    assert [handle.exception() for handle in handles] == [None] * 50
+    assert gate.messages == [b"first", *numbered(50)]
+
+
 def test_a_full_budget_blocks_deliver_then_raises_buffer_full(
     receiver_factory: ReceiverFactory,
     transport_factory: TransportFactory,
@@ -656,7 +692,7 @@ def test_a_stream_of_messages_goes_out_in_runs_each_one_call_through_the_breaker
         admitted[0] += 1
         return admit(*args)
 
-    manager._breaker.admit = counting_admit  # type: ignore[method-assign]
+    manager._breaker.admit = counting_admit  # type: ignore[method-assign,assignment]
     manager.deliver(b"first")  # a lone message: sent by this thread at once
     assert transport.senders == [(b"first", threading.current_thread().name)]
     assert gate.waiting.wait(TIMEOUT)  # the receiver holds it: it awaits confirmation
