@@ -183,6 +183,10 @@ class Outbox:
         self._breaker_state = breaker_state
         marks = getattr(transport, "_delivery_marks", None)
         self._marks: Marks | None = marks if callable(marks) else None
+        room = getattr(transport, "_room_for_delivery", None)
+        # Whether a send would find room at once: the thread waits for room itself,
+        # settling meanwhile, instead of blocking in a send while deadlines pass.
+        self._room: Callable[[int], bool] | None = room if callable(room) else None
         self._has_transport = transport is not None
         # Confirmations are read from an acknowledged MultiStreamTCPTransport's window.
         self.acknowledged = self._marks is not None and self._marks() is not None
@@ -203,6 +207,10 @@ class Outbox:
         self._probing = False  # a send failed or was rejected: one at a time until one goes
         self._pause_until = 0.0  # after a failed send: no send before this
         self._retry = _RETRY_FIRST  # the next pause
+        self._room_poll = _POLL_MIN  # the next look for room in the transport
+        self._sending = False  # the thread is inside a send: waiters settle for it
+        self._batch_len = 0  # the queue's head the thread is sending: waiters leave it be
+        self._current: Delivery | None = None  # the one the thread sends on its own
         self._used = 0
         self._open = False
         self._accepting = False  # open and acknowledged: deliver() reads one flag
@@ -385,16 +393,36 @@ class Outbox:
     def _wait_settled(self, timeout: float | None) -> None:
         # Caller holds the lock. While someone waits, the thread reads the confirmations
         # often (from 1 ms); otherwise every _POLL_MAX, which keeps it off the sender's CPU.
+        # While the thread is inside a send (a large message being written), the waiter
+        # settles itself every _POLL_MAX: confirmations and deadlines do not wait for the
+        # write; the callbacks of what it settles run on the thread afterwards.
         self._waiters += 1
         if self._idle:
             self._work.notify()  # settle what was confirmed now, not at the next poll
         try:
-            self._settled.wait(timeout)
+            if self._sending:
+                self._settled.wait(_POLL_MAX if timeout is None else min(timeout, _POLL_MAX))
+            else:
+                self._settled.wait(timeout)
+            if self._sending:
+                self._due = self._settle(_monotonic(), self._batch_len)
         finally:
             self._waiters -= 1
 
     def _wait_for_room(self, size: int, deadline: float) -> None:
         # Caller holds the lock; bounded by deadline.
+        if threading.current_thread() is self._thread:
+            # deliver() from a done callback: only this thread sends and settles, so no
+            # room can come while it waits. Settle what is due, then take it or refuse.
+            self._due = self._settle(_monotonic())
+            if self._used + size > self.budget:
+                raise DeliveryError(
+                    f"no room for {size} bytes in delivery_buffer_bytes ({self.budget}), and "
+                    "deliver() from a delivery callback cannot wait for it (only the "
+                    "dwcp-delivery thread frees room)",
+                    code="BUFFER_FULL",
+                )
+            return
         while self._used + size > self.budget:
             left = deadline - _monotonic()
             if left <= 0:
@@ -512,22 +540,25 @@ class Outbox:
                 self._thread = None
 
     def _send_batch(self, batch: list[Delivery], one_by_one: bool) -> None:
-        """Send ``batch`` (the queue's head) in order, with no lock held, until one fails;
-        then record what went, and the failure. Called holding the send path (``_busy``)."""
+        """Send ``batch`` (the queue's head) in order, with no lock held, until one fails or
+        finds no room; then record what went, and the failure. Called holding the send path
+        (``_busy``)."""
         try:
             self._send_some(batch, one_by_one)
         finally:
             with self._lock:
-                self._busy = False
+                self._busy = self._sending = False
+                self._batch_len, self._current = 0, None
 
     def _send_some(self, batch: list[Delivery], one_by_one: bool) -> None:
-        send = self._send
+        send, room = self._send, self._room
         send_run = None if one_by_one else self._send_run
         messages = [handle.data for handle in batch]
         count = len(batch)
         done = 0
         refused: list[tuple[Delivery, BaseException]] = []
         failure: DWCPError | None = None
+        full = False  # the transport had no room for the next one
         while done < count:  # each pass sends at least one message, or ends
             try:
                 if send_run is not None:
@@ -537,27 +568,52 @@ class Outbox:
                         continue
                 data = messages[done]
                 assert data is not None
-                send(data)  # too large for a run, or it must wait for room: on its own
+                if room is not None and not room(len(data)):
+                    # A send would wait for room (a full window, say) with nothing settling
+                    # meanwhile: look again shortly instead, settling in between.
+                    full = True
+                    break
+                # On its own (too large for a run, or the first into an empty window), it
+                # can take as long as the receiver takes to read it: waiters settle the
+                # rest meanwhile (see _wait_settled), all but the head sent so far and it.
+                with self._lock:
+                    self._sending, self._current, self._batch_len = True, batch[done], done + 1
+                    if self._waiters:
+                        self._settled.notify_all()  # to wait in steps, settling (see above)
+                send(data)
             except (TypeError, ValueError) as exc:  # this message, never any other
                 refused.append((batch[done], exc))
             except DWCPError as exc:  # failed or rejected (or the manager is stopping)
                 failure = exc
                 break
             done += 1
+            if self._current is not None:
+                break  # the rest of the batch may have settled meanwhile: take it afresh
         settled: list[Delivery] = []
         with self._lock:
+            # From here on waiters leave settling to the thread again (see _wait_settled).
+            self._sending, self._current, self._batch_len = False, None, 0
             queue, unstamped = self._queue, self._unstamped
             for _ in range(done):
                 handle = queue.popleft()
+                # A waiter may have failed it at its deadline meanwhile (see _wait_settled).
                 if refused and refused[0][0] is handle:
-                    self._refused(handle, refused.pop(0)[1], settled)
+                    why = refused.pop(0)[1]
+                    if not handle.done_:
+                        self._refused(handle, why, settled)
                     continue
                 handle.sent, handle.data = True, None
-                unstamped.append(handle)
+                if not handle.done_:
+                    unstamped.append(handle)
             if failure is not None:
                 self._failed(failure)
             elif done:
                 self._retry, self._probing = _RETRY_FIRST, False
+            if full:
+                self._pause_until = _monotonic() + self._room_poll
+                self._room_poll = min(self._room_poll * 2, _POLL_MAX)
+            elif done:
+                self._room_poll = _POLL_MIN
             if settled:
                 self._settled.notify_all()
         self._finish(settled)
@@ -579,9 +635,10 @@ class Outbox:
         error.__cause__ = why
         self._fail(handle, error, settled)
 
-    def _settle(self, now: float) -> list[Delivery]:
+    def _settle(self, now: float, skip: int = 0) -> list[Delivery]:
         """Stamp what was sent, confirm what the receiver confirmed, fail what is past its
-        deadline; return the handles with callbacks to run. Caller holds the lock."""
+        deadline (but the first ``skip`` queued, which the thread is sending: see
+        ``_expire``); return the handles with callbacks to run. Caller holds the lock."""
         settled, self._due = self._due, []
         inflight = self._inflight
         if (inflight or self._unstamped) and self._marks is not None:
@@ -596,6 +653,8 @@ class Outbox:
                 while inflight and inflight[0][0] <= acked:
                     self._confirmed += 1
                     for handle in inflight.popleft()[1]:
+                        if handle.done_:
+                            continue  # (failed at its deadline already: counted then)
                         handle.done_ = True
                         used -= handle.size
                         if handle._callbacks:
@@ -603,35 +662,44 @@ class Outbox:
                 self._used = used
                 self._settled.notify_all()
         if now >= self._next_expiry:
-            self._expire(now, settled)
+            self._expire(now, settled, skip)
         return settled
 
-    def _expire(self, now: float, settled: list[Delivery]) -> None:
+    def _expire(self, now: float, settled: list[Delivery], skip: int = 0) -> None:
         # Caller holds the lock. O(pending), run only when the earliest deadline passed.
+        # A waiter settling while the thread sends leaves the queue's first ``skip`` alone:
+        # the thread removes them from the head once sent, and any of them may be on its
+        # way; but the one it sends on its own fails at its deadline, as sent.
         nearest = float("inf")
-        if any(handle.deadline <= now for handle in self._queue):
-            queued: collections.deque[Delivery] = collections.deque()
-            for handle in self._queue:
+        queue = self._queue
+        if any(handle.deadline <= now for handle in itertools.islice(queue, skip, None)):
+            queued = collections.deque(itertools.islice(queue, skip))
+            for handle in itertools.islice(queue, skip, None):
                 if handle.deadline <= now:
                     self._expired(handle, settled)
                 else:
                     queued.append(handle)
             self._queue = queued
+        current = self._current
+        if skip and current is not None and not current.done_ and current.deadline <= now:
+            current.sent = True
+            self._expired(current, settled)
         groups = [(mark, group) for mark, group in self._inflight]
         groups.append((-1, self._unstamped))
         for index, (mark, group) in enumerate(groups):
             if any(handle.deadline <= now for handle in group):
                 kept = []
                 for handle in group:
-                    if handle.deadline <= now:
-                        self._expired(handle, settled)
-                    else:
+                    if handle.deadline > now:
                         kept.append(handle)
+                    elif not handle.done_:
+                        self._expired(handle, settled)
                 groups[index] = (mark, kept)
         self._unstamped = groups.pop()[1]
         self._inflight = collections.deque(g for g in groups if g[1])
         for handle in itertools.chain(self._queue, self._unstamped, *(g for _, g in groups)):
-            nearest = min(nearest, handle.deadline)
+            if not handle.done_:  # (the thread's own, failed above, stays queued till it ends)
+                nearest = min(nearest, handle.deadline)
         inline = self._inline
         if inline is not None and not inline.done_:
             # A message its caller is still sending fails at its deadline too, not when the

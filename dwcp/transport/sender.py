@@ -104,12 +104,16 @@ class MultiStreamTCPTransport:
             ``keepalive_interval + keepalive_timeout``: a receiver waiting for a slow
             consumer says it is alive every ``keepalive_interval``.
         close_timeout: ``close()`` (and so ``Manager.stop()``) waits for queued messages
-            to be written and, with ``acknowledged``, confirmed while that progresses or the
-            receiver says it is alive (within ``keepalive_interval + keepalive_timeout`` of
-            its last answer), and closes the connections anyway once neither a write nor an
-            acknowledgement completed for this long and the receiver is not answering;
-            separate from ``send_timeout`` so that a silent peer holds up a shutdown for
-            ``close_timeout`` only.
+            to be written and, with ``acknowledged``, confirmed while that progresses, and
+            closes the connections anyway once neither a write nor an acknowledgement
+            completed for this long; while bytes of ours still wait (queued, or in our
+            kernel), also while the receiver says it is alive (within
+            ``keepalive_interval + keepalive_timeout`` of its last answer). With everything
+            written and only confirmations missing (a consumer paused on them), it gives up
+            ``close_timeout`` after the last one, whether the receiver answers or not; the
+            unconfirmed messages stay in the window for the next ``start()``. Separate from
+            ``send_timeout`` so that a silent peer holds up a shutdown for ``close_timeout``
+            only.
         congestion_control: the TCP congestion control algorithm of every stream (Linux
             ``TCP_CONGESTION``, e.g. ``"bbr"`` or ``"cubic"``); None keeps the kernel's
             default. A name this process cannot set raises ValueError listing the ones
@@ -424,6 +428,20 @@ class MultiStreamTCPTransport:
                 data, size, self._chunk_size, track=True, urgent=True, deadline=deadline
             )
         session.wait_acked(message_id, deadline)
+
+    def _room_for_delivery(self, size: int) -> bool:
+        """For ``Manager.deliver()``'s thread: whether a send of ``size`` bytes would find
+        room at once (in the window, in its stream's outbox, and no sender waiting for room
+        before it). The thread waits for room itself, settling handles meanwhile, instead of
+        blocking in ``send`` while their deadlines pass. A racy look: at worst the send
+        waits a little."""
+        session = self._session
+        if session is None:
+            return True  # the send raises at once
+        window = self._window
+        if session.waiters or (window is not None and not window.fits(size)):
+            return False
+        return session.streams[session.next_id % session.count].queued < OUTBOX_LIMIT
 
     def _queue_for_delivery(self, messages: Sequence[bytes]) -> int:
         """For ``Manager.deliver()``'s thread: queue, in order, the first of ``messages``

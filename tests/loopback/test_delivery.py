@@ -272,6 +272,65 @@ def test_a_message_past_its_deadline_fails_with_a_typed_error(
     manager.flush(timeout=TIMEOUT)  # nothing left unsettled
 
 
+def test_messages_waiting_behind_a_full_window_fail_at_their_deadline_not_after_send_timeout(
+    receiver_factory: ReceiverFactory,
+    transport_factory: TransportFactory,
+    make_manager: Callable[..., dwcp.Manager],
+) -> None:
+    """README.md, **Deadline.**: "A message not confirmed by then fails with `DeliveryError`
+    (code `DELIVERY_TIMEOUT`)", also while the transport's window is full (a slow consumer):
+    the delivery thread sat in a send waiting for room, and no handle settled until
+    send_timeout (an outside test: 6.5-15 s past 1-1.5 s deadlines, 7 of 7 runs)."""
+    gate = Gate()
+    gate.open.clear()
+    receiver, _ = receiver_factory(on_message=gate)
+    transport = transport_factory(
+        receiver.address, acknowledged=True, max_in_flight=4, send_timeout=120.0
+    )
+    manager = make_manager(transport)
+    manager.start()
+    began = time.monotonic()
+    handles = [manager.deliver(message, timeout=1.0) for message in numbered(12)]
+    wait_until(lambda: all(handle.done() for handle in handles), timeout=30.0)  # not 120 s
+    assert time.monotonic() - began < 30.0
+    errors = [handle.exception() for handle in handles]
+    assert {error.code for error in errors if error is not None} == {"DELIVERY_TIMEOUT"}
+    sent = [error.sent for error in errors if error is not None]
+    assert sent == sorted(sent, reverse=True) and not sent[-1]  # the window's four, then never
+    gate.open.set()
+    manager.flush(timeout=TIMEOUT)
+
+
+def test_a_waiter_settles_the_others_while_the_thread_writes_a_large_message(
+    receiver_factory: ReceiverFactory,
+    transport_factory: TransportFactory,
+    make_manager: Callable[..., dwcp.Manager],
+) -> None:
+    """README.md, **Deadline.**: while the delivery thread writes a message on its own, the
+    others still fail at their deadline when something waits on them (before, not until
+    that write ended: a receiver that stopped reading held them all)."""
+    gate = Gate()
+    gate.open.clear()
+    receiver, _ = receiver_factory(on_message=gate, max_buffered_bytes=2**20)
+    transport = transport_factory(
+        receiver.address, acknowledged=True, streams=1, chunk_size=2**20, send_timeout=120.0
+    )
+    manager = make_manager(transport)
+    manager.start()
+    manager.deliver(b"first")
+    assert gate.waiting.wait(TIMEOUT)  # held in on_message
+    manager.deliver(b"second")  # waits for on_message: the receiver reads within its budget
+    large = manager.deliver(bytes(24 * 2**20), timeout=600.0)  # written, never read whole
+    wait_until(lambda: manager._outbox._sending, timeout=TIMEOUT)  # the thread writes it
+    late = manager.deliver(b"late", timeout=0.5)
+    error = late.exception(timeout=30.0)  # not until the large write ends (never, here)
+    assert error is not None and (error.code, error.sent) == ("DELIVERY_TIMEOUT", False)
+    assert not large.done()
+    gate.open.set()
+    manager.flush(timeout=60.0)
+    assert large.exception() is None
+
+
 def transport_started(manager: dwcp.Manager) -> bool:
     transport = manager._transport
     assert isinstance(transport, MultiStreamTCPTransport)

@@ -6,8 +6,9 @@ import itertools
 import threading
 import time
 
-from dwcp._delivery import Delivery, Outbox
+from dwcp._delivery import Delivery, DeliveryError, Outbox
 from dwcp._errors import TransportError
+from tests.conftest import wait_until
 
 
 class Window:
@@ -109,5 +110,59 @@ def test_a_deadline_that_passes_while_its_caller_sends_fails_the_message_at_its_
     finally:
         release.set()
         caller.join(30.0)
+        outbox.close()
+        outbox.join(time.monotonic() + 10.0)
+
+
+class Confirming:
+    """A window that confirms what the test says (``acked``)."""
+
+    def __init__(self) -> None:
+        self.last = -1
+        self.acked = -1
+
+    def _delivery_marks(self) -> tuple[int, int]:
+        return (self.last, self.acked)
+
+
+def test_deliver_from_a_done_callback_with_no_room_raises_buffer_full_at_once() -> None:
+    # Outside attack on #23: a deliver() in a done callback waited for room in the budget
+    # that only the dwcp-delivery thread (running that callback) frees: every handle stopped
+    # settling for delivery_max_block (60 s by default).
+    window = Confirming()
+    outcome: list[tuple[str, float]] = []
+
+    def send(data: bytes) -> None:
+        window.last += 1
+
+    def again(handle: Delivery) -> None:
+        began = time.monotonic()
+        try:
+            outbox.deliver(bytes(250), None, None)
+        except DeliveryError as exc:
+            outcome.append((exc.code, time.monotonic() - began))
+        else:
+            outcome.append(("accepted", time.monotonic() - began))
+
+    outbox = Outbox(
+        send,
+        lambda: "closed",
+        window,  # type: ignore[arg-type]
+        budget=300,
+        timeout=600.0,
+        max_block=600.0,
+        name="test",
+    )
+    outbox.open()
+    try:
+        outbox.deliver(bytes(100), None, again)  # id 0, confirmed below
+        wait_until(lambda: bool(outbox._inflight))  # marked with id 0 alone
+        outbox.deliver(bytes(100), None, None)  # id 1, never confirmed: 100 of 300 held
+        wait_until(lambda: window.last == 1)
+        window.acked = 0
+        wait_until(lambda: bool(outcome), timeout=60.0)
+        code, waited = outcome[0]
+        assert code == "BUFFER_FULL" and waited < 30.0  # 100 + 250 > 300: no waiting
+    finally:
         outbox.close()
         outbox.join(time.monotonic() + 10.0)
