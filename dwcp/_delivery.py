@@ -136,7 +136,9 @@ class Delivery:
 def _run_callback(fn: Callable[[Delivery], object], handle: Delivery) -> None:
     try:
         fn(handle)
-    except Exception as exc:  # noqa: BLE001 - the application's bug must not stop delivery
+    except BaseException as exc:  # noqa: BLE001 - the application's bug must not stop delivery
+        # SystemExit too (sys.exit() in a callback): it would end the dwcp-delivery thread,
+        # and with it every handle's settling, with no one to see it.
         logger.opt(exception=exc).error("Delivery callback failed")
 
 
@@ -216,6 +218,7 @@ class Outbox:
         self._accepting = False  # open and acknowledged: deliver() reads one flag
         self._closing = False
         self._idle = False  # the thread waits for work (a producer notifies only then)
+        self._wake_at = float("inf")  # ...until then at the latest
         self._asleep = False  # ...and is not polling for confirmations either
         self._due: list[Delivery] = []  # settled by a caller; callbacks for the thread to run
         self._thread: threading.Thread | None = None  # the running thread, until it ends
@@ -295,7 +298,8 @@ class Outbox:
             if not self._accepting:
                 self._refuse()
             if self._used + size > self.budget:
-                self._wait_for_room(size, now + self.max_block)
+                # Not past the message's own deadline either: it would fail at once.
+                self._wait_for_room(size, min(deadline, now + self.max_block))
                 now = _monotonic()
             self._used += size
             if deadline < self._next_expiry:  # noqa: PLR1730 - see above: min() costs more
@@ -319,6 +323,10 @@ class Outbox:
                 return handle
             self._busy = True
             self._inline = handle
+            if self._idle and deadline < self._wake_at:
+                # The thread fails this message at its deadline even while we still send
+                # it (see _expire): it must not sleep past it.
+                self._work.notify()
         finally:
             lock.release()
         # Nothing queued, nothing in the way: send it here, as the thread would.
@@ -428,7 +436,8 @@ class Outbox:
             if left <= 0:
                 raise DeliveryError(
                     f"no room for {size} bytes in delivery_buffer_bytes ({self.budget}) "
-                    f"within delivery_max_block ({self.max_block:g} s)",
+                    f"within delivery_max_block ({self.max_block:g} s) or the message's "
+                    "timeout, whichever came first",
                     code="BUFFER_FULL",
                 )
             self._wait_settled(left)
@@ -523,6 +532,7 @@ class Outbox:
                         elif polling:
                             wait = min(wait, _POLL_MAX)
                         self._idle, self._asleep = True, not polling
+                        self._wake_at = now + wait
                         self._work.wait(None if wait == float("inf") else max(wait, 0.0))
                         self._idle = self._asleep = False
                         continue

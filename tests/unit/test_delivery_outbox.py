@@ -166,3 +166,110 @@ def test_deliver_from_a_done_callback_with_no_room_raises_buffer_full_at_once() 
     finally:
         outbox.close()
         outbox.join(time.monotonic() + 10.0)
+
+
+def test_a_callback_that_raises_system_exit_does_not_stop_the_delivery_thread() -> None:
+    # Outside attack on #23: sys.exit() in a done callback ended dwcp-delivery: no handle
+    # settled after it, and flush() without a timeout would never return.
+    window = Confirming()
+
+    def send(data: bytes) -> None:
+        window.last += 1
+        window.acked = window.last  # confirmed at once
+
+    def leave(handle: Delivery) -> None:
+        raise SystemExit(1)
+
+    outbox = Outbox(
+        send,
+        lambda: "closed",
+        window,  # type: ignore[arg-type]
+        budget=1 << 20,
+        timeout=600.0,
+        max_block=1.0,
+        name="test",
+    )
+    outbox.open()
+    try:
+        handles = [outbox.deliver(b"x", None, leave if n % 2 else None) for n in range(20)]
+        outbox.flush(30.0)
+        later = [outbox.deliver(b"y", None, None) for _ in range(5)]
+        outbox.flush(30.0)
+        assert all(handle.done() for handle in handles + later)
+    finally:
+        outbox.close()
+        outbox.join(time.monotonic() + 10.0)
+
+
+def test_a_lone_message_its_caller_still_sends_fails_at_its_deadline_after_the_thread_slept() -> None:
+    # Outside attack on #23: the thread, asleep with nothing to do, was not told of a lone
+    # message's deadline; a 30 MB deliver(timeout=0.5) to a paused receiver settled 4.5 s
+    # late, when something else woke the thread.
+    window = Confirming()
+    release = threading.Event()
+    settled = threading.Event()
+
+    def send(data: bytes) -> None:
+        if data == b"held":
+            assert release.wait(60.0)
+        window.last += 1
+        window.acked = window.last
+
+    outbox = Outbox(
+        send,
+        lambda: "closed",
+        window,  # type: ignore[arg-type]
+        budget=1 << 20,
+        timeout=600.0,
+        max_block=1.0,
+        name="test",
+    )
+    outbox.open()
+    caller = threading.Thread(
+        target=outbox.deliver, args=(b"held", 0.2, lambda handle: settled.set())
+    )
+    try:
+        outbox.deliver(b"first", None, None).result(timeout=30.0)
+        wait_until(lambda: outbox._asleep, timeout=30.0)  # nothing left to poll for
+        began = time.monotonic()
+        caller.start()
+        assert settled.wait(30.0)  # at its deadline, not when the send returns
+        assert time.monotonic() - began < 20.0
+    finally:
+        release.set()
+        caller.join(30.0)
+        outbox.close()
+        outbox.join(time.monotonic() + 10.0)
+
+
+def test_deliver_waits_for_room_no_longer_than_the_messages_own_timeout() -> None:
+    # Outside attack on #23: deliver(timeout=0.5) blocked for room until delivery_max_block
+    # (or until room came, 2.5 s past its deadline) and returned a handle already failed.
+    window = Unconfirmed()
+
+    def send(data: bytes) -> None:
+        window.last += 1
+
+    outbox = Outbox(
+        send,
+        lambda: "closed",
+        window,  # type: ignore[arg-type]
+        budget=100,
+        timeout=600.0,
+        max_block=600.0,
+        name="test",
+    )
+    outbox.open()
+    try:
+        outbox.deliver(bytes(100), None, None)  # the budget is full, never confirmed
+        began = time.monotonic()
+        try:
+            outbox.deliver(bytes(50), 0.3, None)
+        except DeliveryError as exc:
+            assert exc.code == "BUFFER_FULL"
+        else:
+            raise AssertionError("deliver() took a message that had no room by its deadline")
+        assert time.monotonic() - began < 30.0  # its timeout, not delivery_max_block
+    finally:
+        outbox.close()
+        outbox.join(time.monotonic() + 10.0)
