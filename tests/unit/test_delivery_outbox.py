@@ -201,7 +201,9 @@ def test_a_callback_that_raises_system_exit_does_not_stop_the_delivery_thread() 
         outbox.join(time.monotonic() + 10.0)
 
 
-def test_a_lone_message_its_caller_still_sends_fails_at_its_deadline_after_the_thread_slept() -> None:
+def test_a_lone_message_its_caller_still_sends_fails_at_its_deadline_after_the_thread_slept() -> (
+    None
+):
     # Outside attack on #23: the thread, asleep with nothing to do, was not told of a lone
     # message's deadline; a 30 MB deliver(timeout=0.5) to a paused receiver settled 4.5 s
     # late, when something else woke the thread.
