@@ -37,6 +37,10 @@ __all__ = ["Delivery", "DeliveryError", "Outbox"]
 _monotonic = time.monotonic
 #: Messages the thread sends per look at the queue (one lock round trip per batch).
 _BATCH = 256
+_IN_CALLBACK = (
+    " (called in a delivery callback, on the dwcp-delivery thread, which alone settles "
+    "messages: it does not wait there)"
+)
 #: While confirmations are awaited, the thread reads the window's confirmation mark every
 #: _POLL_MAX; while someone also waits for them (flush(), result(), room in the budget),
 #: after 1 ms, doubling up to _POLL_MAX. The window offers no wake-up for its ACKs.
@@ -235,6 +239,13 @@ class Outbox:
             self._open, self._closing = True, False
             self._accepting = self.acknowledged
             self._breaker_open, self._pause_until, self._retry = False, 0.0, _RETRY_FIRST
+
+    def refuse(self) -> None:
+        """The manager began to stop: refuse new messages (``NOT_STARTED``), also those
+        waiting for room; the thread goes on settling until ``close()``."""
+        with self._lock:
+            self._open = self._accepting = False
+            self._settled.notify_all()
 
     def close(self) -> None:
         """The manager is stopping: refuse new messages; the thread fails what is left
@@ -447,8 +458,13 @@ class Outbox:
     def flush(self, timeout: float | None) -> None:
         """Wait until every message accepted before the call has settled."""
         limit = None if timeout is None else check.seconds("timeout", timeout, allow_zero=True)
+        in_callback = threading.current_thread() is self._thread
+        if in_callback:
+            limit = 0.0  # only this thread settles, so waiting cannot end
         deadline = None if limit is None else _monotonic() + limit
         with self._lock:
+            if in_callback:
+                self._due = self._settle(_monotonic())
             waiting = [handle for _, group in self._inflight for handle in group]
             waiting += self._unstamped
             if self._inline is not None:
@@ -460,7 +476,8 @@ class Outbox:
                     if left is not None and left <= 0:
                         unsettled = sum(not h.done_ for h in waiting)
                         raise DeliveryError(
-                            f"{unsettled} message(s) not settled within {limit:g} s",
+                            f"{unsettled} message(s) not settled within {limit:g} s"
+                            + (_IN_CALLBACK if in_callback else ""),
                             code="FLUSH_TIMEOUT",
                         )
                     self._wait_settled(left)
@@ -470,12 +487,20 @@ class Outbox:
         if handle.done_:
             return
         limit = None if timeout is None else check.seconds("timeout", timeout, allow_zero=True)
+        in_callback = threading.current_thread() is self._thread
+        if in_callback:
+            limit = 0.0  # only this thread settles, so waiting cannot end
         deadline = None if limit is None else _monotonic() + limit
         with self._lock:
+            if in_callback:
+                self._due = self._settle(_monotonic())
             while not handle.done_:
                 left = None if deadline is None else deadline - _monotonic()
                 if left is not None and left <= 0:
-                    raise TimeoutError(f"delivery not settled within {limit:g} s")
+                    raise TimeoutError(
+                        f"delivery not settled within {limit:g} s"
+                        + (_IN_CALLBACK if in_callback else "")
+                    )
                 self._wait_settled(left)
 
     def add_callback(self, handle: Delivery, fn: Callable[[Delivery], object]) -> bool:
@@ -515,6 +540,9 @@ class Outbox:
                         and not self._closing
                         and not self._breaker_open
                         and now >= self._pause_until
+                        # Callbacks first, with no batch taken: one that calls deliver(),
+                        # flush() or result() settles here itself (see _wait_for_room).
+                        and not settled
                     ):
                         self._busy = True
                         batch = list(itertools.islice(self._queue, _BATCH))

@@ -353,6 +353,7 @@ class Manager(GuardedCalls, DeliveryCalls, StartStop):
             stopped.wait()
         if phase != "started":
             return
+        self._outbox.refuse()  # from stop()'s first moment, also deliver()s waiting for room
         # Whatever fails below, the manager ends idle: a stop never leaves it "stopping".
         try:
             # Joined without the lock: these threads take it on their way out.

@@ -348,12 +348,17 @@ def test_a_flush_that_times_out_while_a_slow_path_still_moves_the_bytes_says_so(
     transport = transport_factory(
         proxy.address, streams=1, acknowledged=acknowledged, send_timeout=60.0
     )
+    began = time.monotonic()  # the proxy paces from the handshake on
     transport.start()
-    # More than the kernels' buffers can hold: the last of them wait in our queue for seconds.
-    buffered = _kernel_buffers() + 2 * rate
-    messages = [os.urandom(1 << 20) for _ in range(buffered // (1 << 20) + 1)]
-    for message in messages:
-        transport.send(message)
+    # More than the kernels' buffers hold, plus what the proxy forwarded since it began and
+    # 2 s more: the last of them still wait in our queue at flush(). Counted from the clock,
+    # so a busy machine that sends slowly sends more (a fixed count was all forwarded once).
+    messages: list[bytes] = []
+    while len(messages) < 48 and len(messages) << 20 <= _kernel_buffers() + rate * (
+        time.monotonic() - began + 2
+    ):
+        messages.append(os.urandom(1 << 20))
+        transport.send(messages[-1])
     with pytest.raises(TransportError) as info:
         transport.flush(0.2)
     assert info.value.code == code

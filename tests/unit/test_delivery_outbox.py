@@ -7,7 +7,7 @@ import threading
 import time
 
 from dwcp._delivery import Delivery, DeliveryError, Outbox
-from dwcp._errors import TransportError
+from dwcp._errors import DWCPError, TransportError
 from tests.conftest import wait_until
 
 
@@ -274,4 +274,92 @@ def test_deliver_waits_for_room_no_longer_than_the_messages_own_timeout() -> Non
         assert time.monotonic() - began < 30.0  # its timeout, not delivery_max_block
     finally:
         outbox.close()
+        outbox.join(time.monotonic() + 10.0)
+
+
+def test_flush_and_result_in_a_done_callback_do_not_wait_for_the_thread_running_it() -> None:
+    # Outside attack on #23: flush() (no timeout) or a later handle's result() in a done
+    # callback waited for the dwcp-delivery thread, which was running that callback: it hung
+    # for good, and no handle settled again, not even at stop().
+    window = Confirming()
+    seen: list[str] = []
+    later: list[Delivery] = []
+
+    def send(data: bytes) -> None:
+        window.last += 1
+
+    def wait_in_callback(handle: Delivery) -> None:
+        try:
+            outbox.flush(None)
+        except DeliveryError as exc:
+            seen.append(exc.code)
+        try:
+            later[0].result(None)
+        except TimeoutError:
+            seen.append("TimeoutError")
+
+    outbox = Outbox(
+        send,
+        lambda: "closed",
+        window,  # type: ignore[arg-type]
+        budget=1 << 20,
+        timeout=600.0,
+        max_block=1.0,
+        name="test",
+    )
+    outbox.open()
+    try:
+        first = outbox.deliver(b"first", None, wait_in_callback)
+        wait_until(lambda: bool(outbox._inflight), timeout=30.0)  # marked with id 0 alone
+        later.append(outbox.deliver(b"second", None, None))  # never confirmed
+        wait_until(lambda: window.last == 1, timeout=30.0)
+        window.acked = 0  # the first is confirmed: its callback runs
+        wait_until(lambda: len(seen) == 2, timeout=30.0)
+        assert seen == ["FLUSH_TIMEOUT", "TimeoutError"]
+        assert first.exception(timeout=30.0) is None
+        assert not later[0].done()
+    finally:
+        outbox.close()
+        outbox.join(time.monotonic() + 10.0)
+    error = later[0].exception(timeout=30.0)  # the thread went on, and failed it at stop
+    assert error is not None and error.code == "STOPPED"
+
+
+def test_a_deliver_waiting_for_room_is_refused_as_soon_as_the_manager_begins_to_stop() -> None:
+    # Outside attack on #23: a deliver() blocked on the budget waited while stop() closed the
+    # transport (up to the keepalive bound, 14.5 s) before it was refused.
+    window = Unconfirmed()
+
+    def send(data: bytes) -> None:
+        window.last += 1
+
+    outbox = Outbox(
+        send,
+        lambda: "closed",
+        window,  # type: ignore[arg-type]
+        budget=100,
+        timeout=600.0,
+        max_block=600.0,
+        name="test",
+    )
+    outbox.open()
+    outcome: list[str] = []
+
+    def blocked() -> None:
+        try:
+            outbox.deliver(bytes(50), None, None)
+        except DWCPError as exc:
+            outcome.append(exc.code)
+
+    outbox.deliver(bytes(100), None, None)  # the budget is full, never confirmed
+    waiter = threading.Thread(target=blocked)
+    waiter.start()
+    try:
+        wait_until(lambda: outbox._waiters == 1, timeout=30.0)
+        outbox.refuse()  # Manager.stop()'s first step
+        waiter.join(30.0)
+        assert outcome == ["NOT_STARTED"]
+    finally:
+        outbox.close()
+        waiter.join(30.0)
         outbox.join(time.monotonic() + 10.0)
