@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from functools import wraps
 from time import perf_counter
 from types import AsyncGeneratorType, CoroutineType, GeneratorType
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 from dwcp._breaker import NOT_EVIDENCE, Breaker
 from dwcp._components import Transport
@@ -270,12 +270,7 @@ class GuardedCalls:
         try:
             transport.send(data)
         except PEER_FAILURES as exc:
-            # The breaker decides what counts: a transport that recovery closed and has not
-            # restarted yet fails with NOT_STARTED, which it releases without counting.
-            self._guard.send_failed(ticket, exc, tally, began)
-            if isinstance(exc, TransportError):
-                raise
-            raise TransportError(f"send failed: {describe(exc)}") from exc
+            self._raise_send_failure(ticket, exc, tally, began)
         except BaseException:
             breaker.release(ticket)
             raise
@@ -310,10 +305,7 @@ class GuardedCalls:
         try:
             queued: int = transport._queue_for_delivery(messages)  # type: ignore[attr-defined]
         except PEER_FAILURES as exc:
-            self._guard.send_failed(ticket, exc, tally, None)
-            if isinstance(exc, TransportError):
-                raise
-            raise TransportError(f"send failed: {describe(exc)}") from exc
+            self._raise_send_failure(ticket, exc, tally, None)
         except BaseException:
             breaker.release(ticket)
             raise
@@ -324,6 +316,19 @@ class GuardedCalls:
         tally[0] += queued
         tally[1] += sum(map(len, messages[:queued]))
         return queued
+
+    def _raise_send_failure(
+        self, ticket: int, exc: BaseException, tally: list[float], began: float | None
+    ) -> NoReturn:
+        """Account a send (or run) the peer failed and raise it as a ``TransportError``.
+
+        The breaker decides what counts: a transport that recovery closed and has not
+        restarted yet fails with NOT_STARTED, which it releases without counting.
+        """
+        self._guard.send_failed(ticket, exc, tally, began)
+        if isinstance(exc, TransportError):
+            raise exc
+        raise TransportError(f"send failed: {describe(exc)}") from exc
 
     def _not_sending(self) -> DWCPError:
         if not self._started:

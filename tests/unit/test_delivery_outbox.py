@@ -5,10 +5,33 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections.abc import Callable
 
 from dwcp._delivery import Delivery, DeliveryError, Outbox
 from dwcp._errors import DWCPError, TransportError
 from tests.conftest import wait_until
+
+
+def _opened(
+    send: Callable[[bytes], None],
+    window: object,
+    *,
+    budget: int,
+    timeout: float,
+    max_block: float,
+) -> Outbox:
+    """An open outbox over ``send`` reading ``window``'s marks (a closed breaker)."""
+    outbox = Outbox(
+        send,
+        lambda: "closed",
+        window,  # type: ignore[arg-type]
+        budget=budget,
+        timeout=timeout,
+        max_block=max_block,
+        name="test",
+    )
+    outbox.open()
+    return outbox
 
 
 class Window:
@@ -38,16 +61,7 @@ def test_a_failed_send_is_retried_after_a_pause_doubling_from_50_ms_to_1_s() -> 
             enough.set()
         raise TransportError("peer down")
 
-    outbox = Outbox(
-        send,
-        lambda: "closed",
-        Window(),  # type: ignore[arg-type]
-        budget=1024,
-        timeout=60.0,
-        max_block=1.0,
-        name="test",
-    )
-    outbox.open()
+    outbox = _opened(send, Window(), budget=1024, timeout=60.0, max_block=1.0)
     handle = outbox.deliver(b"x", None, None)
     try:
         assert enough.wait(30.0)
@@ -82,16 +96,7 @@ def test_a_deadline_that_passes_while_its_caller_sends_fails_the_message_at_its_
         seen.append(handle)
         settled.set()
 
-    outbox = Outbox(
-        send,
-        lambda: "closed",
-        window,  # type: ignore[arg-type]
-        budget=1024,
-        timeout=60.0,
-        max_block=1.0,
-        name="test",
-    )
-    outbox.open()
+    outbox = _opened(send, window, budget=1024, timeout=60.0, max_block=1.0)
     handles = []
     caller = threading.Thread(target=lambda: handles.append(outbox.deliver(b"x", 0.05, on_settled)))
     caller.start()
@@ -144,16 +149,7 @@ def test_deliver_from_a_done_callback_with_no_room_raises_buffer_full_at_once() 
         else:
             outcome.append(("accepted", time.monotonic() - began))
 
-    outbox = Outbox(
-        send,
-        lambda: "closed",
-        window,  # type: ignore[arg-type]
-        budget=300,
-        timeout=600.0,
-        max_block=600.0,
-        name="test",
-    )
-    outbox.open()
+    outbox = _opened(send, window, budget=300, timeout=600.0, max_block=600.0)
     try:
         outbox.deliver(bytes(100), None, again)  # id 0, confirmed below
         wait_until(lambda: bool(outbox._inflight))  # marked with id 0 alone
@@ -180,16 +176,7 @@ def test_a_callback_that_raises_system_exit_does_not_stop_the_delivery_thread() 
     def leave(handle: Delivery) -> None:
         raise SystemExit(1)
 
-    outbox = Outbox(
-        send,
-        lambda: "closed",
-        window,  # type: ignore[arg-type]
-        budget=1 << 20,
-        timeout=600.0,
-        max_block=1.0,
-        name="test",
-    )
-    outbox.open()
+    outbox = _opened(send, window, budget=1 << 20, timeout=600.0, max_block=1.0)
     try:
         handles = [outbox.deliver(b"x", None, leave if n % 2 else None) for n in range(20)]
         outbox.flush(30.0)
@@ -217,16 +204,7 @@ def test_a_lone_message_its_caller_still_sends_fails_at_its_deadline_after_the_t
         window.last += 1
         window.acked = window.last
 
-    outbox = Outbox(
-        send,
-        lambda: "closed",
-        window,  # type: ignore[arg-type]
-        budget=1 << 20,
-        timeout=600.0,
-        max_block=1.0,
-        name="test",
-    )
-    outbox.open()
+    outbox = _opened(send, window, budget=1 << 20, timeout=600.0, max_block=1.0)
     caller = threading.Thread(
         target=outbox.deliver, args=(b"held", 0.2, lambda handle: settled.set())
     )
@@ -252,16 +230,7 @@ def test_deliver_waits_for_room_no_longer_than_the_messages_own_timeout() -> Non
     def send(data: bytes) -> None:
         window.last += 1
 
-    outbox = Outbox(
-        send,
-        lambda: "closed",
-        window,  # type: ignore[arg-type]
-        budget=100,
-        timeout=600.0,
-        max_block=600.0,
-        name="test",
-    )
-    outbox.open()
+    outbox = _opened(send, window, budget=100, timeout=600.0, max_block=600.0)
     try:
         outbox.deliver(bytes(100), None, None)  # the budget is full, never confirmed
         began = time.monotonic()
@@ -298,16 +267,7 @@ def test_flush_and_result_in_a_done_callback_do_not_wait_for_the_thread_running_
         except TimeoutError:
             seen.append("TimeoutError")
 
-    outbox = Outbox(
-        send,
-        lambda: "closed",
-        window,  # type: ignore[arg-type]
-        budget=1 << 20,
-        timeout=600.0,
-        max_block=1.0,
-        name="test",
-    )
-    outbox.open()
+    outbox = _opened(send, window, budget=1 << 20, timeout=600.0, max_block=1.0)
     try:
         first = outbox.deliver(b"first", None, wait_in_callback)
         wait_until(lambda: bool(outbox._inflight), timeout=30.0)  # marked with id 0 alone
@@ -333,16 +293,7 @@ def test_a_deliver_waiting_for_room_is_refused_as_soon_as_the_manager_begins_to_
     def send(data: bytes) -> None:
         window.last += 1
 
-    outbox = Outbox(
-        send,
-        lambda: "closed",
-        window,  # type: ignore[arg-type]
-        budget=100,
-        timeout=600.0,
-        max_block=600.0,
-        name="test",
-    )
-    outbox.open()
+    outbox = _opened(send, window, budget=100, timeout=600.0, max_block=600.0)
     outcome: list[str] = []
 
     def blocked() -> None:
