@@ -191,8 +191,11 @@ class Outbox:
         self._marks: Marks | None = marks if callable(marks) else None
         room = getattr(transport, "_room_for_delivery", None)
         # Whether a send would find room at once: the thread waits for room itself,
-        # settling meanwhile, instead of blocking in a send while deadlines pass.
-        self._room: Callable[[int], bool] | None = room if callable(room) else None
+        # settling meanwhile, instead of blocking in a send while deadlines pass; an ACK
+        # that frees room in a full window wakes it (_room_freed).
+        self._room: Callable[[int, Callable[[], None]], bool] | None = (
+            room if callable(room) else None
+        )
         self._has_transport = transport is not None
         # Confirmations are read from an acknowledged MultiStreamTCPTransport's window.
         self.acknowledged = self._marks is not None and self._marks() is not None
@@ -214,6 +217,7 @@ class Outbox:
         self._pause_until = 0.0  # after a failed send: no send before this
         self._retry = _RETRY_FIRST  # the next pause
         self._room_poll = _POLL_MIN  # the next look for room in the transport
+        self._room_wait = False  # the pause is for room (which an ACK may end early)
         self._sending = False  # the thread is inside a send: waiters settle for it
         self._batch_len = 0  # the queue's head the thread is sending: waiters leave it be
         self._current: Delivery | None = None  # the one the thread sends on its own
@@ -606,7 +610,7 @@ class Outbox:
                         continue
                 data = messages[done]
                 assert data is not None
-                if room is not None and not room(len(data)):
+                if room is not None and not room(len(data), self._room_freed):
                     # A send would wait for room (a full window, say) with nothing settling
                     # meanwhile: look again shortly instead, settling in between.
                     full = True
@@ -650,6 +654,7 @@ class Outbox:
             if full:
                 self._pause_until = _monotonic() + self._room_poll
                 self._room_poll = min(self._room_poll * 2, _POLL_MAX)
+                self._room_wait = True
             elif done:
                 self._room_poll = _POLL_MIN
             if settled:
@@ -658,9 +663,23 @@ class Outbox:
         if failure is not None:
             logger.bind(manager=self._name, error=str(failure)).debug("Delivery send failed")
 
+    def _room_freed(self) -> None:
+        # Called by the transport's reader thread, holding none of its locks, when an ACK
+        # freed room in the window the thread found full: the pause ends now, not after
+        # _room_poll (which alone covers the other cases of no room: a full stream outbox,
+        # senders waiting). Up to _POLL_MAX of idle link per full window otherwise: a
+        # stream of 1 KiB messages filled 4096 of them 9-69 times in 20,000, and the thread
+        # had paused for 7-40 % of the time it took.
+        with self._lock:
+            if self._room_wait:
+                self._room_wait = False
+                self._pause_until = 0.0
+                if self._idle:
+                    self._work.notify()
+
     def _failed(self, failure: DWCPError) -> None:
         # Caller holds the lock: wait for the breaker, or pause before the next try.
-        self._probing = True
+        self._probing, self._room_wait = True, False
         if isinstance(failure, CircuitOpenError):
             self._breaker_open = True
         else:

@@ -63,6 +63,8 @@ class Window:
         self.since = 0.0
         self._room_waiting = 0  # threads in wait_room(): notified only when some wait
         self._ack_waiting = 0  # threads in wait_acked()
+        #: Called once by the next ACK (see ``call_on_room``); None: nobody asked.
+        self._room_hook: Callable[[], None] | None = None
 
     def fits(self, size: int) -> bool:
         """Whether the next message, of ``size`` bytes, has room now (exact under the order
@@ -104,8 +106,25 @@ class Window:
                 self._room_waiting -= 1
             return True
 
+    def call_on_room(self, hook: Callable[[], None]) -> None:
+        """Have the next ACK that frees room call ``hook`` once, on the reader's thread and
+        holding no lock of the window: for a sender that waits for room without blocking in
+        ``wait_room`` (``Manager.deliver()``'s thread, which settles messages meanwhile). The
+        caller looks at ``fits`` again after this: room freed just before it calls no hook."""
+        with self.lock:
+            self._room_hook = hook
+
     def ack(self, through: int) -> int:
         """Every message up to ``through`` was delivered: drop them; return how many."""
+        freed = self._ack(through)
+        if freed and self._room_hook is not None:  # unlocked peek: one attribute read per ACK
+            with self.lock:
+                hook, self._room_hook = self._room_hook, None
+            if hook is not None:
+                hook()
+        return freed
+
+    def _ack(self, through: int) -> int:
         with self.lock:
             freed = min(through - self.acked, len(self.entries))
             if freed <= 0:

@@ -29,7 +29,7 @@ from dwcp.transport._window import Window
 from dwcp.transport._writer import Stream
 
 if TYPE_CHECKING:  # typing.Self is 3.11+ and setup.cfg still allows 3.10
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from typing_extensions import Self
 
@@ -429,18 +429,26 @@ class MultiStreamTCPTransport:
             )
         session.wait_acked(message_id, deadline)
 
-    def _room_for_delivery(self, size: int) -> bool:
+    def _room_for_delivery(self, size: int, wake: Callable[[], None] | None = None) -> bool:
         """For ``Manager.deliver()``'s thread: whether a send of ``size`` bytes would find
         room at once (in the window, in its stream's outbox, and no sender waiting for room
         before it). The thread waits for room itself, settling handles meanwhile, instead of
         blocking in ``send`` while their deadlines pass. A racy look: at worst the send
-        waits a little."""
+        waits a little. When the window is full, ``wake`` (if given) is called once by the
+        next acknowledgement that frees room, on a reader thread (see ``Window.call_on_room``).
+        """
         session = self._session
         if session is None:
             return True  # the send raises at once
-        window = self._window
-        if session.waiters or (window is not None and not window.fits(size)):
+        if session.waiters:
             return False
+        window = self._window
+        if window is not None and not window.fits(size):
+            if wake is None:
+                return False
+            window.call_on_room(wake)
+            if not window.fits(size):  # room freed before the hook was set calls no hook
+                return False
         return session.streams[session.next_id % session.count].queued < OUTBOX_LIMIT
 
     def _queue_for_delivery(self, messages: Sequence[bytes]) -> int:

@@ -314,3 +314,59 @@ def test_a_deliver_waiting_for_room_is_refused_as_soon_as_the_manager_begins_to_
         outbox.close()
         waiter.join(30.0)
         outbox.join(time.monotonic() + 10.0)
+
+
+class FullWindow:
+    """A transport whose window is full until an acknowledgement frees it (the test calls
+    the hook the outbox left, as a reader thread does), and confirms what is sent."""
+
+    def __init__(self) -> None:
+        self.last = -1
+        self.hooks: list[Callable[[], None]] = []
+        self.full = True
+
+    def _delivery_marks(self) -> tuple[int, int]:
+        # While full, one more is in flight (so messages queue); after, all are confirmed.
+        return (self.last + self.full, self.last)
+
+    def _room_for_delivery(self, size: int, wake: Callable[[], None] | None = None) -> bool:
+        if self.full and wake is not None:
+            self.hooks.append(wake)
+        return not self.full
+
+
+def test_the_thread_sends_as_soon_as_an_acknowledgement_frees_room_in_a_full_window() -> None:
+    # It polled for room instead, from 1 ms doubling to 50 ms per full window: a stream of
+    # 1 KiB messages filled the window 9-69 times in 20,000 and the link idled meanwhile.
+    # The poll here is an hour: only the acknowledgement's hook can end the pause in time.
+    window = FullWindow()
+    sent = threading.Event()
+
+    def send(data: bytes) -> None:
+        window.last += 1
+        sent.set()
+
+    # A run takes none of them: each goes on its own, after a look for room.
+    outbox = Outbox(
+        send,
+        lambda: "closed",
+        window,  # type: ignore[arg-type]
+        send_run=lambda messages: 0,
+        budget=1024,
+        timeout=600.0,
+        max_block=1.0,
+        name="test",
+    )
+    outbox.open()
+    outbox._room_poll = 3600.0
+    try:
+        handle = outbox.deliver(b"x", None, None)
+        wait_until(lambda: bool(window.hooks), timeout=30.0)  # it found no room
+        assert not sent.is_set()
+        window.full = False
+        window.hooks[0]()  # the acknowledgement that frees room
+        assert sent.wait(30.0), "the thread slept out its poll after room was freed"
+        assert handle.exception(timeout=30.0) is None
+    finally:
+        outbox.close()
+        outbox.join(time.monotonic() + 10.0)

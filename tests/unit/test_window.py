@@ -143,3 +143,18 @@ def test_room_too_small_for_the_first_waiter_still_reaches_a_smaller_one() -> No
     window.ack(1)
     large.join(FAR)
     assert large_outcome == [True]
+
+
+def test_the_next_acknowledgement_that_frees_room_calls_the_room_hook_once() -> None:
+    # For Manager.deliver()'s thread, which waits for room without blocking in wait_room:
+    # it pauses, and the ACK ends the pause (it had waited up to 50 ms past the room).
+    window = Window(4, 1 << 20)
+    fill(window, [10] * 4)
+    calls: list[int] = []
+    window.call_on_room(lambda: calls.append(window.pending))
+    assert window.ack(-1) == 0  # cumulative, below any message: frees nothing, no call
+    assert calls == []
+    assert window.ack(0) == 1
+    assert calls == [3]  # called after the room was freed, the lock released
+    assert window.ack(2) == 2
+    assert calls == [3]  # once: the next wait registers again
