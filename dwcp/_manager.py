@@ -15,7 +15,7 @@ from dwcp._breaker import Breaker
 from dwcp._clock import Clock, SystemClock
 from dwcp._cluster import ClusterView, cluster_member
 from dwcp._components import Layer, Transport
-from dwcp._delivery import DeliveryCalls, Outbox
+from dwcp._delivery import DeliveryCalls
 from dwcp._errors import DWCPError
 from dwcp._events import Listener, _Dispatcher, peer_of
 from dwcp._guard import CallFailures, Guard, GuardedCalls, failure_test
@@ -23,6 +23,7 @@ from dwcp._health import ComponentHealth, HealthSnapshot, MetricsSnapshot
 from dwcp._latency import LatencyRecorder
 from dwcp._lifecycle import StartStop
 from dwcp._monitor import Monitor
+from dwcp._outbox import Outbox
 from dwcp._recovery import RecoveryPolicy, RestartSupervisor
 from dwcp._slots import build_slots, policies, start_slots
 from dwcp._status import ComponentState, Counters, health_snapshot, metrics_snapshot

@@ -3,7 +3,7 @@
 This module is the receiver's lifecycle and its thin I/O shell; the decisions live in
 modules without I/O: ``wire`` (the frame codec), ``_receiving`` (a stream's frames, the
 ACK policy), ``_sessions`` (what a HELLO gets, when a session is over) and ``_reassembly``
-(admission, ordering, the memory budget). ``_reader`` reads streams, ``_delivery`` runs
+(admission, ordering, the memory budget). ``_reader`` reads streams, ``_handing`` runs
 the delivery threads, ``_accept`` the listener.
 """
 

@@ -7,8 +7,9 @@ import threading
 import time
 from collections.abc import Callable
 
-from dwcp._delivery import Delivery, DeliveryError, Outbox
+from dwcp._delivery import Delivery, DeliveryError
 from dwcp._errors import DWCPError, TransportError
+from dwcp._outbox import Outbox
 from tests.conftest import wait_until
 
 
