@@ -369,12 +369,17 @@ class Outbox:
             if not self._open:
                 self._refuse()
 
-    def flush(self, timeout: float | None) -> None:
-        """Wait until every message accepted before the call has settled."""
+    def _limit(self, timeout: float | None) -> tuple[float | None, bool]:
+        """A wait's limit in seconds (None: none), and whether it waits in a done callback."""
         limit = None if timeout is None else check.seconds("timeout", timeout, allow_zero=True)
         in_callback = threading.current_thread() is self._thread
         if in_callback:
             limit = 0.0  # only this thread settles, so waiting cannot end
+        return limit, in_callback
+
+    def flush(self, timeout: float | None) -> None:
+        """Wait until every message accepted before the call has settled."""
+        limit, in_callback = self._limit(timeout)
         deadline = None if limit is None else _monotonic() + limit
         with self._lock:
             if in_callback:
@@ -400,10 +405,7 @@ class Outbox:
         """Wait until ``handle`` settles; ``TimeoutError`` if ``timeout`` passes first."""
         if handle.done_:
             return
-        limit = None if timeout is None else check.seconds("timeout", timeout, allow_zero=True)
-        in_callback = threading.current_thread() is self._thread
-        if in_callback:
-            limit = 0.0  # only this thread settles, so waiting cannot end
+        limit, in_callback = self._limit(timeout)
         deadline = None if limit is None else _monotonic() + limit
         with self._lock:
             if in_callback:
