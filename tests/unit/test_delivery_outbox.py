@@ -371,3 +371,25 @@ def test_the_thread_sends_as_soon_as_an_acknowledgement_frees_room_in_a_full_win
     finally:
         outbox.close()
         outbox.join(time.monotonic() + 10.0)
+
+
+def test_a_message_queued_behind_a_long_retry_pause_still_fails_at_its_deadline() -> None:
+    # deliver() wakes the idle thread only when the queue was empty or the new deadline
+    # comes before the thread would wake: the second case is this one.
+    def send(data: bytes) -> None:
+        raise TransportError("peer down")
+
+    outbox = _opened(send, Window(), budget=1024, timeout=600.0, max_block=1.0)
+    outbox._retry = 30.0  # the first failure pauses the thread for 30 s
+    try:
+        first = outbox.deliver(b"x", None, None)  # sent inline, failed: queued, pausing
+        wait_until(lambda: outbox._idle and outbox._wake_at > time.monotonic() + 10.0)
+        failed = threading.Event()  # (waiting on the handle would wake the thread itself)
+        late = outbox.deliver(b"y", 0.05, lambda handle: failed.set())
+        assert failed.wait(10.0), "it failed only after the 30 s pause"
+        error = late.exception(timeout=0)
+        assert error is not None and (error.code, error.sent) == ("DELIVERY_TIMEOUT", False)
+        assert not first.done()
+    finally:
+        outbox.close()
+        outbox.join(time.monotonic() + 10.0)
