@@ -13,6 +13,7 @@ tested by feeding them frames and times (``tests/unit/test_sending_core.py``).
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
 from dwcp.transport import wire
 from dwcp.transport._io import Buffer
@@ -36,6 +37,7 @@ __all__ = [
     "read_answer",
     "stalled",
     "stripes",
+    "stripes_by_load",
 ]
 
 checksum_of = wire.checksum_of
@@ -115,6 +117,35 @@ def stripes(message_id: int, chunks: int, count: int) -> list[tuple[int, range]]
     lanes = min(chunks, count)
     first = message_id % count
     return [((first + share) % count, range(share, chunks, lanes)) for share in range(lanes)]
+
+
+def stripes_by_load(
+    message_id: int, sizes: Sequence[int], loads: Sequence[int]
+) -> list[tuple[int, list[int]]]:
+    """Like ``stripes``, for streams that do not move at one speed: each chunk (``sizes``,
+    in order) goes on the stream with the fewest bytes waiting (``loads``, one per stream,
+    plus the chunks given to it here). Ties go round the streams from ``message_id %
+    count``, so with equal loads the plan is ``stripes``'s.
+
+    On a lossy path each TCP stream has its own rate, and a message is whole only once its
+    last chunk arrived: with fixed striping every stream carries an equal share, so all of
+    them move at the slowest one's pace. The ordering rule holds whatever the plan: a stream
+    may skip ids, and every chunk is queued under the order lock in id order.
+    """
+    count = len(loads)
+    first = message_id % count
+    rotation = [(first + step) % count for step in range(count)]
+    pending = list(loads)
+    shares: dict[int, list[int]] = {}
+    for chunk, size in enumerate(sizes):
+        lane = min(rotation, key=pending.__getitem__)  # the first least loaded, in rotation
+        pending[lane] += size
+        share = shares.get(lane)
+        if share is None:
+            shares[lane] = [chunk]
+        else:
+            share.append(chunk)
+    return list(shares.items())
 
 
 def read_answer(frame: bytes, *, acknowledged: bool, first_id: int, next_id: int) -> int | None:

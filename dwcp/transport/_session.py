@@ -33,6 +33,7 @@ from dwcp.transport._sending import (
     pack_head,
     pack_u32,
     stripes,
+    stripes_by_load,
 )
 from dwcp.transport._window import Window
 from dwcp.transport._writer import Batch, Stream, write, writer_loop
@@ -412,11 +413,11 @@ class Session(Draining):
         if not deadline:
             deadline = _monotonic() + self.send_timeout
         payloads = _cut(data, size, chunk_size)
-        chunks = len(payloads)
-        shares = min(chunks, self.count)
+        sizes = [len(payload) for payload in payloads]
+        streams = self.streams
         flags = self.flags | (wire.FLAG_ACK_NOW if urgent else 0)
         early = type(data) is bytes and size <= _OUTBOX_LIMIT
-        batch = Batch(shares)
+        batch: Batch | None = None
         order = self._order
         me: object | None = None  # our place among the waiters, once we wait (see enqueue)
         try:
@@ -429,8 +430,10 @@ class Session(Draining):
                     turn = not self.waiters if me is None else self.heads(me)
                     if turn:
                         message_id = self.next_id
-                        plan = stripes(message_id, chunks, self.count)
-                        lanes = [self.streams[index] for index, _ in plan]
+                        plan = stripes_by_load(
+                            message_id, sizes, [stream.queued for stream in streams]
+                        )
+                        lanes = [streams[index] for index, _ in plan]
                         # One look at each lane: a lane seen full is the one waited for
                         # below, even if its writer drained it since (_wait_for_room looks
                         # again, under its lock).
@@ -445,6 +448,7 @@ class Session(Draining):
                                     flags |= wire.FLAG_ACK_NOW
                                     self.asked = message_id
                                 window.add(message_id, data)  # type: ignore[arg-type]
+                            batch = Batch(len(plan))
                             self._queue_chunks(message_id, payloads, size, flags, plan, batch)
                             break
                     if me is None:
@@ -461,6 +465,7 @@ class Session(Draining):
         finally:
             if me is not None:
                 self.leave(me)
+        assert batch is not None  # the loop ends having queued the message, or raises
         try:
             if not early:
                 self.await_written(batch)
@@ -499,7 +504,7 @@ class Session(Draining):
         payloads: list[memoryview],
         size: int,
         flags: int,
-        plan: list[tuple[int, range]],
+        plan: Sequence[tuple[int, Sequence[int]]],
         batch: Batch | None,
     ) -> None:
         """Queue every chunk of message ``message_id`` on the lanes ``plan`` names (see

@@ -59,9 +59,12 @@ def test_a_striped_send_waits_for_the_lane_it_saw_full_even_once_it_drained(
 ) -> None:
     # The lane was full when the send looked under the order lock, and drained before the
     # send went looking for it again: it used to find no full lane (StopIteration out of
-    # send()); now it waits for the lane it saw, finds room, and queues the message.
-    _DrainedAfterOneLook.looks_full = 1
-    session.streams[0].__class__ = _DrainedAfterOneLook
+    # send()); now it waits for the lane it saw, finds room, and queues the message. Both
+    # lanes look full to the plan (two looks; one lane full would be gone around) and the
+    # first once more to the check for a full lane.
+    _DrainedAfterOneLook.looks_full = 3
+    for stream in session.streams:
+        stream.__class__ = _DrainedAfterOneLook
     data = bytes(4 * 1024)
     assert session.send_large(data, len(data), 1024, track=False) == 0
     assert _DrainedAfterOneLook.looks_full == 0
@@ -286,13 +289,29 @@ def test_a_send_that_gets_no_room_by_its_deadline_fails_alone_and_the_session_li
 
 
 def test_a_striped_message_that_gets_no_room_queues_no_chunk_at_all(session: _Session) -> None:
-    _fill(session.streams[1])  # one of the two lanes of a 4-chunk message
+    for stream in session.streams:
+        _fill(stream)
+    _drain(session.streams[0])
+    session.streams[0].put([b"x"], sender._OUTBOX_LIMIT - 1, None)  # one byte short of full
     data = bytes(4 * 1024)
     with pytest.raises(TransportError) as raised:
         session.send_large(data, len(data), 1024, track=False, deadline=time.monotonic() + 0.05)
     assert raised.value.code == "BACKPRESSURE"
-    assert [len(s.outbox) for s in session.streams] == [0, 0]  # not even on the free lane
+    assert [len(s.outbox) for s in session.streams] == [1, 0]  # not even where one chunk fit
     assert session.broken is None and session.next_id == 0
+
+
+def test_a_striped_message_goes_around_a_stream_with_bytes_still_waiting(
+    session: _Session,
+) -> None:
+    # Issue 24: each chunk goes on the stream with the fewest bytes waiting, so a stream
+    # slowed by loss carries less; the chunks were striped on every stream in turn, and
+    # all of them moved at the slowest one's pace.
+    _fill(session.streams[1])  # one of the two lanes a 4-chunk message was striped over
+    data = bytes(4 * 1024)
+    assert session.send_large(data, len(data), 1024, track=False) == 0
+    assert [len(s.outbox) for s in session.streams] == [4, 0]  # every chunk on stream 0
+    assert session.broken is None and session.next_id == 1
 
 
 def test_room_is_granted_in_arrival_order(session: _Session) -> None:
