@@ -136,7 +136,14 @@ class Delivery:
         expected = None if sender is None else sender.next_id
         delivered = duplicates = 0
         sender_id = session.sender_id.hex() if self.with_ids else None
+        reassembly = session.reassembly
         for mid, pieces, price, _ in batch:
+            if reassembly.dropped:
+                # stop() (or the sender's reconnect) dropped what was not yet handed on,
+                # also what this thread holds: a take() can hold thousands of messages.
+                cost += sum(ready[2] for ready in batch[handled:])
+                handled = len(batch)
+                break
             cost += price
             handled += 1
             if expected is not None:
@@ -168,7 +175,7 @@ class Delivery:
             self.delivered += delivered
             self.duplicates += duplicates
             self._cond.notify_all()
-        session.reassembly.done(cost)
+        reassembly.done(cost)
         return handled
 
     def _acknowledge(self, session: Session, through: int, stream: int) -> None:

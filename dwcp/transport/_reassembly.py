@@ -103,6 +103,9 @@ class Reassembly:
         self.peak = 0
         self.closed = False
         self.ended = False
+        #: Closed without ``drain`` (the receiver's ``stop()``, a replaced session): what
+        #: the delivery thread took but has not yet handed on is dropped too.
+        self.dropped = False
 
     # -- the readers' side --------------------------------------------------------------
 
@@ -455,6 +458,7 @@ class Reassembly:
             self._complete.clear()
             if not drain:
                 self._ready.clear()
+                self.dropped = True
             # What stays charged: the ready messages kept, and a batch being delivered
             # (its done() is still to come).
             kept = self.delivering if drain else self._taken

@@ -675,3 +675,40 @@ def test_any_bytes_like_object_is_sent_as_its_bytes(
     assert inbox.messages == [numbers.tobytes(), numbers.tobytes(), every_other.tobytes()]
     metrics = manager.metrics()
     assert (metrics.sends, metrics.sent_bytes) == (1, numbers.itemsize * len(numbers))
+
+
+def test_close_during_a_start_waits_for_that_start_to_fail_and_the_transport_stays_closed() -> None:
+    """README: a close() during a start() on another thread waits for that start to finish
+    or fail (within connect_timeout), then closes; nothing is left started. (Outside attack
+    on #22: what close() did then was not documented.)"""
+    silent = socket.socket()  # accepts (the kernel does) and never answers a HELLO
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    transport = MultiStreamTCPTransport(silent.getsockname(), streams=2, connect_timeout=1.0)
+    outcome: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            transport.start()
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            outcome.append(exc)
+
+    starter = threading.Thread(target=start, name="test-start")
+    accepted: list[socket.socket] = []
+    try:
+        starter.start()
+        silent.settimeout(30.0)
+        for _ in range(2):  # both streams connected: start() now waits for WELCOMEs
+            accepted.append(silent.accept()[0])
+        transport.close()
+        starter.join(30.0)
+        assert len(outcome) == 1 and isinstance(outcome[0], TransportError), outcome
+        assert "no WELCOME" in str(outcome[0])
+        with pytest.raises(TransportError) as raised:
+            transport.send(b"x")
+        assert raised.value.code == "NOT_STARTED"
+    finally:
+        transport.close()
+        starter.join(30.0)
+        for sock in [*accepted, silent]:
+            sock.close()
