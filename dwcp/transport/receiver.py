@@ -261,8 +261,10 @@ class MultiStreamReceiver(StartStop):
     def stop(self) -> None:
         """Close the listener and every connection, and join every thread; idempotent.
 
-        Messages not yet handed to ``on_message`` are dropped; every thread is joined within
-        one deadline (only an ``on_message`` that does not return can hold one past it).
+        Messages not yet handed to ``on_message`` are dropped, also those a delivery thread
+        has taken: only the call in progress finishes. Every thread is joined within one
+        deadline of 5 s (an ``on_message`` still running then holds its thread past it;
+        ``stop()`` returns anyway and logs a warning).
         A ``stop()`` during a ``start()`` waits for that start, then stops; one during another
         ``stop()`` returns when that stop has finished. It may be called from
         ``on_message``: it then joins every other thread, and the calling delivery thread

@@ -484,6 +484,40 @@ def test_stop_drops_the_messages_not_yet_handed_on_also_those_its_thread_took(
         receiver.stop()
 
 
+def test_stop_returns_at_its_deadline_while_an_on_message_still_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """stop()'s docstring: every thread is joined within one deadline; an on_message still
+    running then holds its thread past it, and stop() returns anyway."""
+    from dwcp.transport import receiver as receiver_module
+
+    monkeypatch.setattr(receiver_module, "_STOP_JOIN_TIMEOUT", 0.2)
+    inside, release = threading.Event(), threading.Event()
+
+    def on_message(data: bytes) -> None:
+        inside.set()
+        assert release.wait(TIMEOUT)
+
+    receiver = MultiStreamReceiver(on_message=on_message)
+    receiver.start()
+    transport = MultiStreamTCPTransport(receiver.address, streams=1, close_timeout=0.1)
+    try:
+        transport.start()
+        transport.send(b"slow")
+        assert inside.wait(TIMEOUT)
+        receiver.stop()  # returns with on_message still inside
+        assert not release.is_set()
+        held = [t for t in threading.enumerate() if t.name.startswith("dwcp-receiver-deliver")]
+        assert len(held) == 1
+        release.set()
+        held[0].join(TIMEOUT)
+        assert not held[0].is_alive()
+    finally:
+        release.set()
+        transport.close()
+        receiver.stop()
+
+
 def test_stop_from_on_message_stops_the_receiver_and_its_thread_ends_on_return() -> None:
     """stop() may be called from on_message: it joins every other thread, and the calling
     delivery thread ends when on_message returns (it used to raise RuntimeError, "cannot
