@@ -454,6 +454,9 @@ class Outbox:
                     progressed = settled or self._confirmed != confirmed
                     batch: list[Delivery] = []
                     if self._closing and not self._busy:
+                        # Confirmed by the transport's close: their callbacks run below,
+                        # with _fail_all()'s (it takes what is due first).
+                        self._due = settled
                         break
                     if (
                         self._queue

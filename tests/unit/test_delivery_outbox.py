@@ -393,3 +393,32 @@ def test_a_message_queued_behind_a_long_retry_pause_still_fails_at_its_deadline(
     finally:
         outbox.close()
         outbox.join(time.monotonic() + 10.0)
+
+
+def test_messages_confirmed_as_the_outbox_closes_still_run_their_callbacks_once() -> None:
+    # Outside attack on #23: the messages Manager.stop()'s transport close confirmed were
+    # settled by the thread's last look, which then ended without running their callbacks
+    # (done() and confirmed, callback never called: 3 of 100, 5 of 5 runs).
+    class ConfirmedAtClose(Confirming):
+        """Confirms everything sent, seen only once the outbox is closing (as a transport
+        whose close waited for the last confirmations)."""
+
+        def _delivery_marks(self) -> tuple[int, int]:
+            closing = bool(opened) and opened[0]._closing
+            return (self.last, self.last if closing else -1)
+
+    window = ConfirmedAtClose()
+    opened: list[Outbox] = []
+    ran: list[Delivery] = []
+
+    def send(data: bytes) -> None:
+        window.last += 1
+
+    outbox = _opened(send, window, budget=1024, timeout=600.0, max_block=1.0)
+    opened.append(outbox)
+    handles = [outbox.deliver(b"x", None, ran.append) for _ in range(3)]
+    wait_until(lambda: window.last == 2 and not outbox._queue and outbox._inline is None)
+    outbox.close()
+    outbox.join(time.monotonic() + 10.0)
+    assert all(handle.done() and handle.exception(timeout=0) is None for handle in handles)
+    assert sorted(map(id, ran)) == sorted(map(id, handles))  # each callback once
