@@ -139,8 +139,8 @@ class Delivery:
         reassembly = session.reassembly
         for mid, pieces, price, _ in batch:
             if reassembly.dropped:
-                # stop() (or the sender's reconnect) dropped what was not yet handed on,
-                # also what this thread holds: a take() can hold thousands of messages.
+                # The receiver's stop() dropped what was not yet handed on, also what
+                # this thread holds: a take() can hold thousands of messages.
                 cost += sum(ready[2] for ready in batch[handled:])
                 handled = len(batch)
                 break

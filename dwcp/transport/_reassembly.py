@@ -103,8 +103,8 @@ class Reassembly:
         self.peak = 0
         self.closed = False
         self.ended = False
-        #: Closed without ``drain`` (the receiver's ``stop()``, a replaced session): what
-        #: the delivery thread took but has not yet handed on is dropped too.
+        #: Closed without ``drain`` (only the receiver's ``stop()`` does): what the
+        #: delivery thread took but has not yet handed on is dropped too.
         self.dropped = False
 
     # -- the readers' side --------------------------------------------------------------
