@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from dwcp._delivery import Delivery, DeliveryError
 from dwcp._errors import DWCPError, TransportError
@@ -20,12 +20,15 @@ def _opened(
     budget: int,
     timeout: float,
     max_block: float,
+    send_run: Callable[[Sequence[bytes]], int] | None = None,
 ) -> Outbox:
-    """An open outbox over ``send`` reading ``window``'s marks (a closed breaker)."""
+    """An open outbox over ``send`` (and ``send_run``, if given) reading ``window``'s marks
+    (a closed breaker)."""
     outbox = Outbox(
         send,
         lambda: "closed",
         window,  # type: ignore[arg-type]
+        send_run=send_run,
         budget=budget,
         timeout=timeout,
         max_block=max_block,
@@ -348,17 +351,9 @@ def test_the_thread_sends_as_soon_as_an_acknowledgement_frees_room_in_a_full_win
         sent.set()
 
     # A run takes none of them: each goes on its own, after a look for room.
-    outbox = Outbox(
-        send,
-        lambda: "closed",
-        window,  # type: ignore[arg-type]
-        send_run=lambda messages: 0,
-        budget=1024,
-        timeout=600.0,
-        max_block=1.0,
-        name="test",
+    outbox = _opened(
+        send, window, budget=1024, timeout=600.0, max_block=1.0, send_run=lambda messages: 0
     )
-    outbox.open()
     outbox._room_poll = 3600.0
     try:
         handle = outbox.deliver(b"x", None, None)
